@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs everything pve-backup-provider needs on Debian 12 (as root): the QEMU tools, libnbd's
+# tools, nbdkit, GNU tar/rsync/acl/attr, then the npm dependencies and the native build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(
+  qemu-utils            # qemu-img, qemu-io, qemu-nbd
+  qemu-system-common    # qemu-storage-daemon
+  qemu-system-x86       # qemu-system-x86_64 (TCG, for VM tests)
+  libnbd-bin            # nbdinfo, nbdcopy (peer tools in tests and benchmarks)
+  python3-libnbd        # the seed's baseline algorithm in benchmarks
+  nbdkit                # memory, sparse-random, data plugins; error and delay filters
+  tar rsync acl attr    # container backup and restore
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: missing Debian packages: ${missing[*]}; run as root or: apt-get install ${missing[*]}" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+if ! command -v cargo >/dev/null; then
+  echo "setup: cargo not found; install Rust (rustup) first" >&2
+  exit 1
+fi
+
+npm ci --no-audit --no-fund
+npm run build
