@@ -1,0 +1,34 @@
+//! Where copied data goes. One small trait, one file per backend (as libnbd's copy/ does);
+//! all policy (extent walking, zero detection, concurrency, discard) lives in the engine.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::error::Result;
+
+/// A destination for the extents of one export.
+///
+/// The engine calls these methods from one task, one at a time, in ascending offset order, with
+/// ranges that never overlap. A range is "taken" when the call returns `Ok`: only then may the
+/// engine discard it on the source export, so a sink must not return before it can guarantee
+/// the data is its own (written to its file, handed to its consumer).
+#[async_trait]
+pub trait Sink: Send {
+    /// Store `data` at `offset`. `data` is never empty and never all zero when zero detection is on.
+    async fn write_at(&mut self, offset: u64, data: Bytes) -> Result<()>;
+
+    /// The range reads as zeros. A sink writing into an existing image (an incremental run over
+    /// a copy of the previous full image) must overwrite or punch the old content; a sink
+    /// writing a fresh sparse target may leave a hole.
+    async fn zero(&mut self, offset: u64, length: u64) -> Result<()>;
+
+    /// Make everything taken so far durable (fsync, upload commit). May be a no-op.
+    async fn flush(&mut self) -> Result<()>;
+
+    /// Called once after the last range on success; flushes and closes. Not called on failure.
+    async fn finish(&mut self) -> Result<()>;
+
+    /// Called once instead of `finish` when the copy fails or is cancelled, with the reason.
+    /// Removes temporary state; must not make a partial target look complete.
+    async fn abort(&mut self, _reason: &str) {}
+}
