@@ -1,0 +1,135 @@
+/**
+ * The `pve-backup-provider` command line. Each command prints one clear line on failure (never a
+ * stack trace) and exits with a documented code: 0 ok, 1 failed, 2 bad usage, 130 cancelled.
+ */
+import { Command, CommanderError, InvalidArgumentError } from 'commander';
+
+import { PveBackupError } from '../errors.js';
+import { NbdClient, listBitmaps } from '../nbd/client.js';
+import { copyExtents } from '../nbd/copy.js';
+import { EXIT, formatBytes, printTable, progressView } from './output.js';
+
+function parseSize(value: string): number {
+  const m = /^(\d+(?:\.\d+)?)([KMGT]i?)?B?(?:\/s)?$/i.exec(value.trim());
+  if (!m) throw new InvalidArgumentError(`not a size: ${value} (e.g. 1048576, 64K, 100M)`);
+  const scale = { K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 }[(m[2] ?? '').charAt(0).toUpperCase()] ?? 1;
+  return Math.round(Number(m[1]) * scale);
+}
+
+function parseCount(value: string): number {
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 1) throw new InvalidArgumentError(`not a positive whole number: ${value}`);
+  return n;
+}
+
+/** Ctrl-C cancels the running operation instead of killing the process mid-write. */
+function interruptSignal(): AbortSignal {
+  const controller = new AbortController();
+  const onSignal = (): void => controller.abort();
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
+  return controller.signal;
+}
+
+export function buildProgram(): Command {
+  const program = new Command()
+    .name('pve-backup-provider')
+    .description('Proxmox VE backup provider toolkit: NBD backup access, copies, a directory backup store')
+    .showHelpAfterError();
+
+  program
+    .command('info')
+    .description('show an NBD export: size, flags, block sizes, meta contexts, dirty bitmaps')
+    .argument('<uri>', 'NBD URI, e.g. nbd+unix:///drive0?socket=/run/qsd.sock')
+    .option('--json', 'print JSON')
+    .action(async (uri: string, opts: { json?: boolean }) => {
+      const [contexts, bitmaps] = await Promise.all([NbdClient.listMetaContexts(uri, []).catch(() => []), listBitmaps(uri).catch(() => [])]);
+      const client = await NbdClient.connect(uri);
+      const info = client.info;
+      await client.close();
+      if (opts.json) {
+        console.log(JSON.stringify({ ...info, availableMetaContexts: contexts, bitmaps }, null, 2));
+        return;
+      }
+      const flags = ['readOnly', 'canFlush', 'canTrim', 'canWriteZeroes', 'canFastZero', 'canMultiConn', 'structuredReplies', 'extendedHeaders'] as const;
+      printTable([
+        ['export', info.name || '(default)'],
+        ['size', `${info.size} (${formatBytes(info.size)})`],
+        ['flags', flags.filter((f) => info[f]).join(' ') || '-'],
+        ['block sizes', `min ${info.blockSizes.minimum}, preferred ${info.blockSizes.preferred}, max ${info.blockSizes.maximum}`],
+        ['meta contexts', contexts.join(' ') || '-'],
+        ['dirty bitmaps', bitmaps.join(' ') || '-'],
+      ]);
+    });
+
+  program
+    .command('copy')
+    .description("copy an export's dirty extents (or the whole disk) to a sparse raw image")
+    .argument('<uri>', 'NBD URI of the export')
+    .argument('<target>', "raw image to write ('-' or /dev/null: read and discard)")
+    .option('--bitmap <name>', 'read only the dirty extents of this bitmap')
+    .option('--existing', 'write into an existing image at the same offsets (incremental)')
+    .option('--discard', 'TRIM each range on the export once written (default when it allows TRIM)')
+    .option('--no-discard', 'never TRIM the export')
+    .option('--bwlimit <bytes>', 'bandwidth limit in bytes/s (K, M, G suffixes)', parseSize)
+    .option('--connections <n>', 'connections when the server allows several', parseCount)
+    .option('--requests <n>', 'requests in flight', parseCount)
+    .option('--max-request <bytes>', 'largest single read', parseSize)
+    .option('--cluster-size <bytes>', 'copy-before-write cluster size for alignment', parseSize)
+    .option('--json', 'print the summary as JSON, no progress bar')
+    .action(async (uri: string, target: string, opts: Record<string, unknown>) => {
+      const json = opts.json === true;
+      const view = progressView('copy', !json);
+      const toNull = target === '-' || target === '/dev/null';
+      const summary = await copyExtents({
+        uri,
+        target: toNull ? 'null' : 'raw',
+        path: toNull ? undefined : target,
+        existing: opts.existing === true,
+        bitmap: opts.bitmap as string | undefined,
+        discard: opts.discard as boolean | undefined,
+        bandwidthLimit: opts.bwlimit as number | undefined,
+        connections: opts.connections as number | undefined,
+        requests: opts.requests as number | undefined,
+        maxRequest: opts.maxRequest as number | undefined,
+        clusterSize: opts.clusterSize as number | undefined,
+        onProgress: (p) => view.update(p.done, p.total, p.bytesPerSecond),
+        signal: interruptSignal(),
+      }).finally(() => view.stop());
+      if (json) {
+        console.log(JSON.stringify(summary));
+        return;
+      }
+      const rate = summary.seconds > 0 ? summary.bytesRead / summary.seconds : 0;
+      console.log(
+        `copied ${formatBytes(summary.bytesRead)} of ${formatBytes(summary.bytesTotal)} in ${summary.seconds.toFixed(2)} s ` +
+          `(${formatBytes(rate)}/s): ${summary.extents} extents, ${formatBytes(summary.bytesZero)} zero, ` +
+          `${formatBytes(summary.bytesSkipped)} skipped, ${formatBytes(summary.bytesTrimmed)} discarded`,
+      );
+    });
+
+  return program;
+}
+
+/** Runs the command line; resolves to the exit code. */
+export async function main(argv: string[]): Promise<number> {
+  const program = buildProgram();
+  program.exitOverride();
+  try {
+    await program.parseAsync(argv);
+    return EXIT.ok;
+  } catch (err) {
+    if (err instanceof CommanderError) {
+      // commander already printed the problem (or the help text)
+      return err.exitCode === 0 ? EXIT.ok : EXIT.usage;
+    }
+    const code = err instanceof PveBackupError ? err.code : undefined;
+    if (code === 'ERR_CANCELLED') {
+      console.error('pve-backup-provider: cancelled');
+      return EXIT.cancelled;
+    }
+    const message = err instanceof Error ? err.message : String(err);
+    console.error(`pve-backup-provider: ${message}${code ? ` [${code}]` : ''}`);
+    return EXIT.failed;
+  }
+}

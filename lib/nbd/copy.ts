@@ -1,0 +1,169 @@
+import { native, type Binding } from '../native.js';
+import { NbdError, callNative, fromNative } from './errors.js';
+
+/** What to read from an export and how. */
+export interface ExtentReadOptions {
+  /** The export, e.g. `nbd+unix:///drive-scsi0?socket=/run/backup.sock`. */
+  uri: string;
+  /** Dirty bitmap to read (incremental): only its dirty extents are read. Absent: the whole disk. */
+  bitmap?: string;
+  /** Intersect with `base:allocation` so holes stay holes; default true (falls back when refused). */
+  useAllocation?: boolean;
+  /** Largest single read in bytes; default 4 MiB, clamped to the server's maximum. */
+  maxRequest?: number;
+  /** Requests in flight across all connections; default 16. */
+  requests?: number;
+  /** Connections to open when the server allows several (CAN_MULTI_CONN); default 1. */
+  connections?: number;
+  /** Copy-before-write cluster size that reads and discards align to; default 64 KiB. */
+  clusterSize?: number;
+  /** TRIM what the target has taken; default on when the export allows TRIM. */
+  discard?: boolean;
+  /** Bandwidth limit in bytes per second; absent or 0 = unlimited. */
+  bandwidthLimit?: number;
+  /** Write all-zero blocks as holes; default true. */
+  detectZeroes?: boolean;
+  /** Called at most about 10 times a second. */
+  onProgress?: (progress: CopyProgress) => void;
+  /** Cancels the copy: it then rejects with an `NbdError` of code `ERR_CANCELLED`. */
+  signal?: AbortSignal;
+}
+
+/** Options of {@link copyExtents}. */
+export interface CopyExtentsOptions extends ExtentReadOptions {
+  /** `raw`: a sparse raw image at `path`; `null`: read and discard (verification, benchmarks). Default `raw`. */
+  target?: 'raw' | 'null';
+  /** Path of the raw image. */
+  path?: string;
+  /** Write into an existing image at the same offsets (incremental over a copy of the last full image). */
+  existing?: boolean;
+}
+
+export interface CopyProgress {
+  done: number;
+  total: number;
+  bytesPerSecond: number;
+}
+
+/** What a copy did. */
+export interface CopySummary {
+  /** Export size. */
+  bytesTotal: number;
+  /** Bytes read over NBD. */
+  bytesRead: number;
+  /** Bytes that were zero (by block status or by content) and written as holes. */
+  bytesZero: number;
+  /** Bytes not needed (clean in the bitmap). */
+  bytesSkipped: number;
+  /** Bytes discarded on the export after the target took them. */
+  bytesTrimmed: number;
+  /** Dirty (or allocated) extents handled. */
+  extents: number;
+  seconds: number;
+  connections: number;
+}
+
+/** A chunk of a {@link readChunks} stream: data, or a range that reads as zeros. */
+export interface Chunk {
+  offset: number;
+  length: number;
+  data?: Buffer;
+  zero: boolean;
+}
+
+function toNative(o: CopyExtentsOptions): Binding.NativeCopyOptions {
+  return {
+    uri: o.uri,
+    target: o.target,
+    path: o.path,
+    existing: o.existing,
+    bitmap: o.bitmap,
+    useAllocation: o.useAllocation,
+    maxRequest: o.maxRequest,
+    requests: o.requests,
+    connections: o.connections,
+    clusterSize: o.clusterSize,
+    discard: o.discard,
+    bandwidthLimit: o.bandwidthLimit,
+    detectZeroes: o.detectZeroes,
+  };
+}
+
+/** Cancels `job` when `signal` fires; returns the function that stops listening. */
+function linkSignal(job: Binding.NativeCopyJob, signal: AbortSignal | undefined): () => void {
+  if (!signal) return () => {};
+  const onAbort = (): void => job.cancel();
+  if (signal.aborted) job.cancel();
+  signal.addEventListener('abort', onAbort, { once: true });
+  return () => signal.removeEventListener('abort', onAbort);
+}
+
+/**
+ * Copies an export's dirty extents (or the whole disk) to a sparse raw image, pipelined, with
+ * discard on the export after each range is written.
+ */
+export async function copyExtents(options: CopyExtentsOptions): Promise<CopySummary> {
+  const job = (() => {
+    try {
+      return native.startCopy(toNative(options), options.onProgress);
+    } catch (err) {
+      throw fromNative(err);
+    }
+  })();
+  const unlink = linkSignal(job, options.signal);
+  try {
+    return await callNative(() => job.wait());
+  } finally {
+    unlink();
+  }
+}
+
+/**
+ * An export's extents as an async iterator of {@link Chunk}s, in ascending offset order, with
+ * backpressure. A chunk's range is discarded on the export only once the consumer asks for the
+ * next chunk (or the iteration ends), so data a consumer has not stored is never lost.
+ * `summary` resolves when the stream has ended.
+ */
+export interface ChunkStream extends AsyncIterable<Chunk> {
+  readonly summary: Promise<CopySummary>;
+  /** Stops the stream; pending reads end with `ERR_CANCELLED`. */
+  cancel(): void;
+}
+
+/** Streams an export's extents to JavaScript; see {@link ChunkStream}. */
+export function readChunks(options: ExtentReadOptions): ChunkStream {
+  let job: Binding.NativeCopyJob;
+  try {
+    job = native.startChunkStream(toNative(options), options.onProgress);
+  } catch (err) {
+    throw fromNative(err);
+  }
+  const unlink = linkSignal(job, options.signal);
+  const summary = callNative(() => job.wait()).finally(unlink);
+  // A consumer that never awaits `summary` must not see an unhandled rejection; errors also
+  // surface through the iterator.
+  summary.catch(() => {});
+  return {
+    summary,
+    cancel: () => job.cancel(),
+    async *[Symbol.asyncIterator](): AsyncIterator<Chunk> {
+      let finished = false;
+      try {
+        for (;;) {
+          const chunk = await callNative(() => job.next());
+          if (chunk === null || chunk === undefined) {
+            finished = true;
+            await summary; // the copy's own error, if any, wins over a clean end
+            return;
+          }
+          yield { offset: chunk.offset, length: chunk.length, data: chunk.data ?? undefined, zero: chunk.zero };
+        }
+      } finally {
+        // A consumer leaving the loop early (break, throw) must not leave the copy running.
+        if (!finished) job.cancel();
+      }
+    },
+  };
+}
+
+export { NbdError };

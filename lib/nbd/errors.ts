@@ -1,0 +1,79 @@
+import { PveBackupError } from '../errors.js';
+
+/** Stable codes of errors raised by the native NBD core. */
+export type NbdErrorCode =
+  | 'ERR_NBD_IO'
+  | 'ERR_NBD_PROTOCOL'
+  | 'ERR_NBD_SERVER'
+  | 'ERR_NBD_CLOSED'
+  | 'ERR_NBD_UNSUPPORTED'
+  | 'ERR_CANCELLED'
+  | 'ERR_INVALID_ARGUMENT'
+  | 'ERR_SINK';
+
+/**
+ * An error from the NBD client or the copy engine.
+ *
+ * `code` tells what kind of failure it is; a server error (`ERR_NBD_SERVER`) also carries the
+ * errno name the server sent (`EIO`, `EINVAL`, ...), the command, and the offset and length of
+ * the failing request.
+ */
+export class NbdError extends PveBackupError {
+  declare readonly code: NbdErrorCode;
+  /** Errno name from the server, e.g. `EIO` (server errors only). */
+  readonly errno?: string;
+  /** The NBD command that failed, e.g. `READ` (server errors only). */
+  readonly command?: string;
+  /** Offset of the failing request or the offset the server named. */
+  readonly offset?: number;
+  /** Length of the failing request. */
+  readonly length?: number;
+
+  constructor(
+    message: string,
+    details: { code: NbdErrorCode; errno?: string; command?: string; offset?: number; length?: number; cause?: unknown },
+  ) {
+    super(message, { code: details.code, cause: details.cause });
+    this.name = details.code === 'ERR_CANCELLED' ? 'AbortError' : 'NbdError';
+    this.errno = details.errno;
+    this.command = details.command;
+    this.offset = details.offset;
+    this.length = details.length;
+  }
+}
+
+interface NativeErrorDetails {
+  code: NbdErrorCode;
+  message: string;
+  errno?: string;
+  command?: string;
+  offset?: number;
+  length?: number;
+}
+
+/**
+ * Turns an error thrown by the native binding into an {@link NbdError}. The binding puts a JSON
+ * object with the stable code and details into the message (see native/src/napi/error.rs).
+ * @internal
+ */
+export function fromNative(err: unknown): unknown {
+  if (!(err instanceof Error)) return err;
+  let details: NativeErrorDetails;
+  try {
+    details = JSON.parse(err.message) as NativeErrorDetails;
+  } catch {
+    return err; // not ours (e.g. a type conversion error from napi itself)
+  }
+  if (typeof details?.code !== 'string' || typeof details.message !== 'string') return err;
+  const { code, message, ...rest } = details;
+  return new NbdError(message, { code, ...rest });
+}
+
+/** Runs a native call and translates its errors. @internal */
+export async function callNative<T>(fn: () => Promise<T>): Promise<T> {
+  try {
+    return await fn();
+  } catch (err) {
+    throw fromNative(err);
+  }
+}

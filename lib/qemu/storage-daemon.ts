@@ -1,0 +1,107 @@
+/**
+ * Runs qemu-storage-daemon on disk images: the QEMU that backs up a disk when no VM runs it (a
+ * stopped guest, the demo, benchmarks). Each disk becomes a node stack `<id>-file` -> `<id>-fmt`
+ * -> `<id>` (raw on top, the node to back up); QMP and an NBD server listen on private sockets.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { open, readFile, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+
+import { PveBackupError } from '../errors.js';
+import { QmpClient } from '../qmp/client.js';
+import { requireTool } from '../tools.js';
+
+/** One disk image served by the daemon. */
+export interface StorageDaemonDisk {
+  /** Node name of the disk's top node; `[A-Za-z][A-Za-z0-9_-]*`. */
+  id: string;
+  file: string;
+  format: 'qcow2' | 'raw';
+}
+
+export interface StorageDaemonOptions {
+  /** Folder for the sockets and the log; must exist. */
+  dir: string;
+  disks: StorageDaemonDisk[];
+  /** Export each disk writable over NBD as `live-<id>` (to write "guest" data); default false. */
+  liveExports?: boolean;
+}
+
+/** A running qemu-storage-daemon. */
+export interface StorageDaemon {
+  qmp: QmpClient;
+  qmpSocket: string;
+  /** The daemon's NBD server socket (backup access adds its exports to this server). */
+  nbdSocket: string;
+  /** URI of a disk's writable live export (with `liveExports`). */
+  liveUri(id: string): string;
+  /** Quits the daemon (QMP `quit`, then SIGKILL after 5 s). */
+  stop(): Promise<void>;
+}
+
+const ID_RE = /^[A-Za-z][A-Za-z0-9_-]{0,30}$/;
+
+async function waitForSocket(path: string, child: ChildProcess, log: string): Promise<void> {
+  for (let i = 0; i < 800; i++) {
+    if (child.exitCode !== null || child.signalCode !== null) {
+      const text = await readFile(log, 'utf8').catch(() => '');
+      throw new PveBackupError(`qemu-storage-daemon exited early: ${text.trim()}`, { code: 'ERR_QEMU_START' });
+    }
+    if (await stat(path).then((s) => s.isSocket(), () => false)) return;
+    await sleep(25);
+  }
+  throw new PveBackupError(`qemu-storage-daemon did not open ${path} within 20 s`, { code: 'ERR_QEMU_START' });
+}
+
+/** Starts qemu-storage-daemon with QMP and an NBD server on unix sockets in `dir`. */
+export async function startStorageDaemon(options: StorageDaemonOptions): Promise<StorageDaemon> {
+  const binary = requireTool('qemu-storage-daemon', 'qemu-system-common');
+  const qmpSocket = join(options.dir, 'qmp.sock');
+  const nbdSocket = join(options.dir, 'nbd.sock');
+  const args: string[] = [];
+  for (const disk of options.disks) {
+    if (!ID_RE.test(disk.id)) throw new PveBackupError(`invalid disk id ${JSON.stringify(disk.id)}`, { code: 'ERR_INVALID_ARGUMENT' });
+    // QEMU's option syntax separates keys with commas: a comma in a path is written twice
+    const filename = disk.file.replaceAll(',', ',,');
+    args.push('--blockdev', `driver=file,filename=${filename},node-name=${disk.id}-file,aio=threads`);
+    args.push('--blockdev', `driver=${disk.format},file=${disk.id}-file,node-name=${disk.id}-fmt`);
+    args.push('--blockdev', `driver=raw,file=${disk.id}-fmt,node-name=${disk.id}`);
+  }
+  args.push('--chardev', `socket,path=${qmpSocket},server=on,wait=off,id=qmp0`, '--monitor', 'chardev=qmp0');
+  args.push('--nbd-server', `addr.type=unix,addr.path=${nbdSocket},max-connections=0`);
+  if (options.liveExports) {
+    for (const disk of options.disks) {
+      args.push('--export', `type=nbd,id=live-${disk.id},node-name=${disk.id},name=live-${disk.id},writable=on`);
+    }
+  }
+  const log = join(options.dir, 'qemu-storage-daemon.log');
+  const out = await open(log, 'w');
+  const child = spawn(binary, args, { stdio: ['ignore', out.fd, out.fd] });
+  await out.close();
+  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+  const kill = async (): Promise<void> => {
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+    await exited;
+  };
+  try {
+    await waitForSocket(qmpSocket, child, log);
+    const qmp = await QmpClient.connect(qmpSocket);
+    return {
+      qmp,
+      qmpSocket,
+      nbdSocket,
+      liveUri: (id) => `nbd+unix:///live-${id}?socket=${nbdSocket}`,
+      stop: async () => {
+        await qmp.execute('quit').catch(() => undefined);
+        await qmp.close().catch(() => undefined);
+        const timer = setTimeout(() => void kill(), 5000);
+        await exited;
+        clearTimeout(timer);
+      },
+    };
+  } catch (err) {
+    await kill();
+    throw err;
+  }
+}

@@ -1,0 +1,35 @@
+/** External programs the library runs, found on PATH or reported missing with how to install them. */
+import { execFileSync } from 'node:child_process';
+
+import { PveBackupError } from './errors.js';
+
+/** A program the library needs is not installed. */
+export class ToolMissingError extends PveBackupError {
+  /** The executable that was looked for. */
+  readonly tool: string;
+  /** The Debian package that provides it. */
+  readonly debianPackage: string;
+  constructor(tool: string, debianPackage: string) {
+    super(`${tool} not found: apt-get install ${debianPackage}`, { code: 'ERR_TOOL_MISSING' });
+    this.name = 'ToolMissingError';
+    this.tool = tool;
+    this.debianPackage = debianPackage;
+  }
+}
+
+const found = new Map<string, string>();
+
+/** Path of `name` on PATH, or a {@link ToolMissingError} naming the Debian package to install. */
+export function requireTool(name: string, debianPackage: string): string {
+  const hit = found.get(name);
+  if (hit) return hit;
+  let path = '';
+  try {
+    path = execFileSync('sh', ['-c', 'command -v "$1"', 'sh', name], { encoding: 'utf8' }).trim();
+  } catch {
+    path = '';
+  }
+  if (!path) throw new ToolMissingError(name, debianPackage);
+  found.set(name, path);
+  return path;
+}

@@ -1,0 +1,198 @@
+//! Binding of a copy run (`job::run`): options in, progress out through a weak threadsafe
+//! function (it never keeps the event loop alive), cancellation through `cancel()`.
+
+use std::sync::Arc;
+
+use napi::bindgen_prelude::Buffer;
+use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
+use napi::Status;
+use napi_derive::napi;
+use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::error::{to_napi, IntoNapi};
+use super::{to_js, to_u64};
+use crate::engine::{CopyOptions, Progress, Summary};
+use crate::error::{Error, Result};
+use crate::job::{self, JobOptions, Target};
+use crate::sink::js::{ChannelSink, ChunkReceiver};
+
+#[napi(object)]
+pub struct NativeCopyOptions {
+    pub uri: String,
+    /// `raw` (a sparse raw file at `path`) or `null`; ignored by the chunk stream.
+    pub target: Option<String>,
+    pub path: Option<String>,
+    /// Write into an existing image (a copy of the previous full backup).
+    pub existing: Option<bool>,
+    pub bitmap: Option<String>,
+    pub use_allocation: Option<bool>,
+    pub max_request: Option<u32>,
+    pub requests: Option<u32>,
+    pub connections: Option<u32>,
+    pub cluster_size: Option<i64>,
+    pub discard: Option<bool>,
+    pub bandwidth_limit: Option<i64>,
+    pub detect_zeroes: Option<bool>,
+}
+
+#[napi(object)]
+pub struct NativeProgress {
+    pub done: i64,
+    pub total: i64,
+    pub bytes_per_second: f64,
+}
+
+#[napi(object)]
+pub struct NativeSummary {
+    pub bytes_total: i64,
+    pub bytes_read: i64,
+    pub bytes_zero: i64,
+    pub bytes_skipped: i64,
+    pub bytes_trimmed: i64,
+    pub extents: i64,
+    pub seconds: f64,
+    pub connections: u32,
+}
+
+#[napi(object)]
+pub struct NativeChunk {
+    pub offset: i64,
+    pub length: i64,
+    pub data: Option<Buffer>,
+    pub zero: bool,
+}
+
+type ProgressFn = ThreadsafeFunction<NativeProgress, (), NativeProgress, Status, false, true>;
+
+fn job_options(o: &NativeCopyOptions) -> napi::Result<JobOptions> {
+    let mut copy = CopyOptions::default();
+    copy.bitmap = o.bitmap.clone();
+    if let Some(v) = o.use_allocation {
+        copy.use_allocation = v;
+    }
+    if let Some(v) = o.max_request {
+        copy.max_request = v;
+    }
+    if let Some(v) = o.requests {
+        copy.requests_in_flight = v.max(1) as usize;
+    }
+    if let Some(v) = o.cluster_size {
+        copy.cluster_size = to_u64(v, "clusterSize")?;
+    }
+    copy.discard = o.discard;
+    if let Some(v) = o.bandwidth_limit {
+        copy.bandwidth_limit = Some(to_u64(v, "bandwidthLimit")?).filter(|&b| b > 0);
+    }
+    if let Some(v) = o.detect_zeroes {
+        copy.detect_zeroes = v;
+    }
+    Ok(JobOptions { uri: o.uri.clone(), connections: o.connections.unwrap_or(1).max(1) as usize, copy })
+}
+
+fn file_target(o: &NativeCopyOptions) -> Result<Target> {
+    match o.target.as_deref().unwrap_or("raw") {
+        "null" => Ok(Target::Null),
+        "raw" => {
+            let path = o.path.as_ref().ok_or_else(|| Error::invalid_argument("a raw target needs a path"))?;
+            Ok(Target::RawFile { path: path.into(), existing: o.existing.unwrap_or(false) })
+        }
+        other => Err(Error::invalid_argument(format!("unknown target kind {other:?} (raw or null)"))),
+    }
+}
+
+fn summary_to_js(s: Summary) -> NativeSummary {
+    NativeSummary {
+        bytes_total: to_js(s.bytes_total),
+        bytes_read: to_js(s.bytes_read),
+        bytes_zero: to_js(s.bytes_zero),
+        bytes_skipped: to_js(s.bytes_skipped),
+        bytes_trimmed: to_js(s.bytes_trimmed),
+        extents: to_js(s.extents),
+        seconds: s.seconds,
+        connections: s.connections as u32,
+    }
+}
+
+/// A running copy: `wait()` resolves with the summary, `cancel()` stops it.
+#[napi]
+pub struct NativeCopyJob {
+    cancel: CancellationToken,
+    handle: Mutex<Option<JoinHandle<Result<Summary>>>>,
+    chunks: Option<Arc<Mutex<ChunkReceiver>>>,
+}
+
+fn spawn_job(options: JobOptions, target: Target, on_progress: Option<ProgressFn>, cancel: CancellationToken) -> JoinHandle<Result<Summary>> {
+    napi::bindgen_prelude::spawn(async move {
+        let report = move |p: Progress| {
+            if let Some(f) = &on_progress {
+                let value = NativeProgress { done: to_js(p.done), total: to_js(p.total), bytes_per_second: p.bytes_per_second };
+                f.call(value, ThreadsafeFunctionCallMode::NonBlocking);
+            }
+        };
+        job::run(options, target, &report, &cancel).await
+    })
+}
+
+/// Starts copying an export to a raw file or to nowhere (`null`).
+#[napi]
+pub fn start_copy(options: NativeCopyOptions, on_progress: Option<ProgressFn>) -> napi::Result<NativeCopyJob> {
+    let job = job_options(&options)?;
+    let target = file_target(&options).napi()?;
+    let cancel = CancellationToken::new();
+    let handle = spawn_job(job, target, on_progress, cancel.clone());
+    Ok(NativeCopyJob { cancel, handle: Mutex::new(Some(handle)), chunks: None })
+}
+
+/// Starts streaming an export's extents to JavaScript: pull them with `next()`.
+#[napi]
+pub fn start_chunk_stream(options: NativeCopyOptions, on_progress: Option<ProgressFn>) -> napi::Result<NativeCopyJob> {
+    let job = job_options(&options)?;
+    let (sink, receiver) = ChannelSink::new();
+    let cancel = CancellationToken::new();
+    let handle = spawn_job(job, Target::Custom(Box::new(sink)), on_progress, cancel.clone());
+    Ok(NativeCopyJob { cancel, handle: Mutex::new(Some(handle)), chunks: Some(Arc::new(Mutex::new(receiver))) })
+}
+
+#[napi]
+impl NativeCopyJob {
+    /// Stops the copy; `wait()` then rejects with `ERR_CANCELLED`.
+    #[napi]
+    pub fn cancel(&self) {
+        self.cancel.cancel();
+    }
+
+    /// The summary once the copy has finished; rejects with the copy's error.
+    #[napi]
+    pub async fn wait(&self) -> napi::Result<NativeSummary> {
+        let handle = self.handle.lock().await.take();
+        let Some(handle) = handle else {
+            return Err(to_napi(Error::invalid_argument("wait() was already called")));
+        };
+        match handle.await {
+            Ok(result) => result.map(summary_to_js).napi(),
+            Err(join) => Err(to_napi(Error::sink(format!("copy task failed: {join}")))),
+        }
+    }
+
+    /// The next chunk of a chunk stream, or null at the end. Asking for it tells the core that
+    /// the previous chunk was taken, so its range may now be discarded on the export.
+    #[napi]
+    pub async fn next(&self) -> napi::Result<Option<NativeChunk>> {
+        let Some(chunks) = &self.chunks else {
+            return Err(to_napi(Error::invalid_argument("next() is only for chunk streams")));
+        };
+        let mut receiver = chunks.lock().await;
+        match receiver.next().await {
+            None => Ok(None),
+            Some(Err(e)) => Err(to_napi(e)),
+            Some(Ok(chunk)) => Ok(Some(NativeChunk {
+                offset: to_js(chunk.offset),
+                length: to_js(chunk.length),
+                data: chunk.data.map(|d| Buffer::from(Vec::from(d))),
+                zero: chunk.zero,
+            })),
+        }
+    }
+}

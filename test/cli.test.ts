@@ -1,0 +1,65 @@
+import { spawnSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+
+import { afterEach, describe, expect, it } from 'vitest';
+
+import { startNbdkit, tempDir, type NbdServer } from './helpers/nbd-servers.js';
+
+const CLI = join(import.meta.dirname, '..', 'dist', 'cli', 'main.js');
+const cleanups: Array<() => Promise<void> | void> = [];
+afterEach(async () => {
+  while (cleanups.length) await cleanups.pop()!();
+});
+function track(server: NbdServer): NbdServer {
+  cleanups.push(() => server.stop());
+  return server;
+}
+
+function cli(...args: string[]): { status: number | null; stdout: string; stderr: string } {
+  const r = spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8' });
+  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+describe('pve-backup-provider info / copy', () => {
+  it('info --json describes an export', async () => {
+    const server = track(await startNbdkit(['memory', 'size=1M']));
+    const r = cli('info', server.uri, '--json');
+    expect(r.status).toBe(0);
+    const info = JSON.parse(r.stdout);
+    expect(info).toMatchObject({ size: 1048576, canTrim: true, bitmaps: [] });
+    expect(info.availableMetaContexts).toContain('base:allocation');
+  });
+
+  it('info prints a table for a person', async () => {
+    const server = track(await startNbdkit(['memory', 'size=1M']));
+    const r = cli('info', server.uri);
+    expect(r.status).toBe(0);
+    expect(r.stdout).toMatch(/size\s+1048576 \(1\.0 MiB\)/);
+  });
+
+  it('copy --json writes the target and prints the summary', async () => {
+    const server = track(await startNbdkit(['sparse-random', 'size=8M', 'seed=1']));
+    const { dir, remove } = tempDir();
+    cleanups.push(remove);
+    const target = join(dir, 'out.raw');
+    const r = cli('copy', server.uri, target, '--json', '--requests', '4');
+    expect(r.status).toBe(0);
+    const summary = JSON.parse(r.stdout);
+    expect(summary.bytesTotal).toBe(8 * 2 ** 20);
+    expect(readFileSync(target).length).toBe(8 * 2 ** 20);
+  });
+
+  it('bad input gets one clear line and a non-zero exit, never a stack trace', () => {
+    const r = cli('copy', 'nbd+unix:///disk', '/tmp/x.raw');
+    expect(r.status).toBe(1);
+    expect(r.stderr.trim().split('\n')).toHaveLength(1);
+    expect(r.stderr).toMatch(/^pve-backup-provider: .*socket.*\[ERR_INVALID_ARGUMENT\]$/m);
+    expect(r.stderr).not.toMatch(/\n\s+at /);
+  });
+
+  it('bad usage exits with 2', () => {
+    expect(cli('copy').status).toBe(2);
+    expect(cli('copy', 'nbd://h/e', 'x', '--connections', 'zero').status).toBe(2);
+  });
+});

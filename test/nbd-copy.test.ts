@@ -1,0 +1,192 @@
+import { copyFileSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+
+import { afterEach, describe, expect, it } from 'vitest';
+
+import { NbdClient, NbdError, copyExtents, readChunks, type Chunk } from '../lib/index.js';
+import { allocatedBytes, createImage, expectSameBytes, qemuIo, run } from './helpers/images.js';
+import { startNbdkit, startQemuNbd, tempDir, type NbdServer } from './helpers/nbd-servers.js';
+import { requireTool } from './helpers/tools.js';
+
+const MiB = 2 ** 20;
+const cleanups: Array<() => Promise<void> | void> = [];
+afterEach(async () => {
+  while (cleanups.length) await cleanups.pop()!();
+});
+function track(server: NbdServer): NbdServer {
+  cleanups.push(() => server.stop());
+  return server;
+}
+function scratch(): string {
+  const { dir, remove } = tempDir();
+  cleanups.push(remove);
+  return dir;
+}
+
+/** What `nbdcopy` (libnbd's tool) reads from the same export: the reference content. */
+function nbdcopyReference(uri: string, dir: string): Buffer {
+  requireTool('nbdcopy', 'libnbd-bin');
+  const out = join(dir, 'reference.raw');
+  run('nbdcopy', [uri, out]);
+  return readFileSync(out);
+}
+
+describe('copyExtents', () => {
+  it('copies a sparse qcow2 export to a sparse raw file equal to what nbdcopy reads', async () => {
+    const dir = scratch();
+    const image = join(dir, 'disk.qcow2');
+    createImage(image, '32M', 'qcow2');
+    qemuIo(image, 'qcow2', ['write -P 0x11 0 3M', 'write -P 0x22 10M 1M', 'write -z 12M 2M', 'write -P 0x33 31M 1M']);
+    const server = track(await startQemuNbd(image, { format: 'qcow2', readOnly: true }));
+    const target = join(dir, 'copy.raw');
+    const summary = await copyExtents({ uri: server.uri, path: target });
+    expectSameBytes(readFileSync(target), nbdcopyReference(server.uri, dir));
+    expect(summary).toMatchObject({ bytesTotal: 32 * MiB, bytesRead: 5 * MiB, connections: 1 });
+    expect(summary.bytesZero).toBe(27 * MiB);
+    expect(allocatedBytes(target)).toBeLessThanOrEqual(5 * MiB + 65536);
+  });
+
+  it('copies nbdkit sparse-random data exactly, over several connections', async () => {
+    const dir = scratch();
+    const server = track(await startNbdkit(['sparse-random', 'size=64M', 'seed=7', 'percent=40']));
+    const target = join(dir, 'copy.raw');
+    const summary = await copyExtents({ uri: server.uri, path: target, connections: 3, requests: 24 });
+    expectSameBytes(readFileSync(target), nbdcopyReference(server.uri, dir));
+    expect(summary.connections).toBe(3);
+    expect(summary.bytesRead + summary.bytesZero).toBe(64 * MiB);
+  });
+
+  it('clamps reads to a server maximum smaller than the request size', async () => {
+    const dir = scratch();
+    const server = track(
+      await startNbdkit(['--filter=blocksize-policy', 'sparse-random', 'size=8M', 'seed=3', 'blocksize-maximum=65536', 'blocksize-error-policy=error']),
+    );
+    const target = join(dir, 'copy.raw');
+    await copyExtents({ uri: server.uri, path: target, maxRequest: 4 * MiB });
+    expectSameBytes(readFileSync(target), nbdcopyReference(server.uri, dir));
+  });
+
+  it('handles export sizes that are not a multiple of 512 or of the cluster size', async () => {
+    const dir = scratch();
+    const server = track(await startNbdkit(['memory', 'size=1000001']));
+    const nbd = await NbdClient.connect(server.uri);
+    await nbd.write(0, Buffer.alloc(70000, 0x5a));
+    await nbd.write(999_000, Buffer.alloc(1001, 0xa5));
+    await nbd.close();
+    const target = join(dir, 'copy.raw');
+    const summary = await copyExtents({ uri: server.uri, path: target });
+    expect(summary.bytesTotal).toBe(1000001);
+    expectSameBytes(readFileSync(target), nbdcopyReference(server.uri, dir));
+  });
+
+  it('surfaces an injected EIO as an NbdError naming the offset, and removes the partial target', async () => {
+    const dir = scratch();
+    const server = track(await startNbdkit(['--filter=error', 'pattern', 'size=16M', 'error-pread=EIO', 'error-pread-rate=1']));
+    const target = join(dir, 'copy.raw');
+    const err = await copyExtents({ uri: server.uri, path: target }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(NbdError);
+    expect(err).toMatchObject({ code: 'ERR_NBD_SERVER', errno: 'EIO', command: 'READ' });
+    expect(typeof (err as NbdError).offset).toBe('number');
+    expect((err as Error).message).toMatch(/EIO on READ at offset \d+/);
+  });
+
+  it('stops within a second of an abort and never reports success', async () => {
+    const dir = scratch();
+    const server = track(await startNbdkit(['--filter=delay', 'pattern', 'size=256M', 'delay-read=200ms']));
+    const controller = new AbortController();
+    const started = Date.now();
+    const copy = copyExtents({ uri: server.uri, path: join(dir, 'copy.raw'), signal: controller.signal });
+    setTimeout(() => controller.abort(), 500);
+    const err = await copy.catch((e: unknown) => e);
+    expect(err).toMatchObject({ code: 'ERR_CANCELLED', name: 'AbortError' });
+    expect(Date.now() - started).toBeLessThan(1500);
+  });
+
+  it('keeps to the bandwidth limit', async () => {
+    const server = track(await startNbdkit(['pattern', 'size=12M']));
+    const limit = 4 * MiB;
+    const summary = await copyExtents({ uri: server.uri, target: 'null', bandwidthLimit: limit });
+    const rate = summary.bytesRead / summary.seconds;
+    expect(summary.bytesRead).toBe(12 * MiB);
+    expect(rate).toBeLessThanOrEqual(limit * 1.05);
+    expect(rate).toBeGreaterThan(limit * 0.7);
+  });
+
+  it('reports progress, ending at the total', async () => {
+    const server = track(await startNbdkit(['pattern', 'size=16M']));
+    const seen: number[] = [];
+    await copyExtents({ uri: server.uri, target: 'null', bandwidthLimit: 32 * MiB, onProgress: (p) => seen.push(p.done) });
+    await new Promise((r) => setTimeout(r, 50)); // progress calls are queued to the event loop
+    expect(seen.length).toBeGreaterThan(1);
+    expect(seen.at(-1)).toBe(16 * MiB);
+  });
+
+  it('writes an incremental run into a copy of the previous full image', async () => {
+    const dir = scratch();
+    const image = join(dir, 'disk.qcow2');
+    createImage(image, '16M', 'qcow2');
+    qemuIo(image, 'qcow2', ['write -P 0x11 0 8M']);
+    run('qemu-img', ['bitmap', '--add', image, 'inc']);
+    const full = join(dir, 'full.raw');
+    {
+      const server = track(await startQemuNbd(image, { format: 'qcow2', readOnly: true }));
+      await copyExtents({ uri: server.uri, path: full });
+      await server.stop();
+    }
+    // changes after the bitmap was added: new data, overwritten data, zeroed data
+    qemuIo(image, 'qcow2', ['write -P 0x22 1M 512k', 'write -P 0x33 12M 64k', 'write -z 4M 1M']);
+    const server = track(await startQemuNbd(image, { format: 'qcow2', readOnly: true, extra: ['--bitmap=inc'] }));
+    const incremental = join(dir, 'incremental.raw');
+    copyFileSync(full, incremental);
+    const summary = await copyExtents({ uri: server.uri, path: incremental, existing: true, bitmap: 'inc' });
+    expectSameBytes(readFileSync(incremental), nbdcopyReference(server.uri, dir));
+    expect(summary.bytesRead).toBe(512 * 1024 + 65536);
+    expect(summary.bytesZero).toBe(MiB);
+    expect(summary.bytesSkipped).toBe(16 * MiB - summary.bytesRead - summary.bytesZero);
+  });
+
+  it('fails with a clear error for a bitmap the export does not have', async () => {
+    const dir = scratch();
+    const image = join(dir, 'disk.qcow2');
+    createImage(image, '1M', 'qcow2');
+    const server = track(await startQemuNbd(image, { format: 'qcow2', readOnly: true }));
+    await expect(copyExtents({ uri: server.uri, target: 'null', bitmap: 'nope' })).rejects.toMatchObject({
+      code: 'ERR_NBD_UNSUPPORTED',
+      message: expect.stringMatching(/no dirty bitmap "nope"/),
+    });
+  });
+});
+
+describe('readChunks', () => {
+  it('streams chunks in order and discards a range only after the consumer asks for the next one', async () => {
+    const server = track(await startNbdkit(['memory', 'size=16M']));
+    const writer = await NbdClient.connect(server.uri);
+    for (let i = 0; i < 16; i++) await writer.write(i * MiB, Buffer.alloc(MiB, i + 1));
+    const chunks: Chunk[] = [];
+    const stream = readChunks({ uri: server.uri, maxRequest: MiB, discard: true, requests: 4 });
+    for await (const chunk of stream) {
+      // the chunk just received is not discarded yet: its data is still on the export
+      const still = await writer.read(chunk.offset, 16);
+      expect(still.equals(Buffer.alloc(16, chunk.offset / MiB + 1))).toBe(true);
+      // the previous chunk has been discarded (nbdkit's memory plugin frees trimmed ranges)
+      const previous = chunks.at(-1);
+      if (previous) expect((await writer.read(previous.offset, 16)).equals(Buffer.alloc(16))).toBe(true);
+      expect(chunk.data?.equals(Buffer.alloc(chunk.length, chunk.offset / MiB + 1))).toBe(true);
+      chunks.push(chunk);
+    }
+    expect(chunks.map((c) => c.offset)).toEqual(Array.from({ length: 16 }, (_, i) => i * MiB));
+    const summary = await stream.summary;
+    expect(summary.bytesTrimmed).toBe(16 * MiB);
+    await writer.close();
+  });
+
+  it('ends the copy when the consumer stops early', async () => {
+    const server = track(await startNbdkit(['pattern', 'size=64M']));
+    const stream = readChunks({ uri: server.uri });
+    for await (const chunk of stream) {
+      expect(chunk.offset).toBe(0);
+      break;
+    }
+    await expect(stream.summary).rejects.toMatchObject({ code: 'ERR_CANCELLED' });
+  });
+});

@@ -1,0 +1,36 @@
+import { execFileSync } from 'node:child_process';
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+
+import { afterAll, describe, expect, it } from 'vitest';
+
+import { tempDir } from './helpers/nbd-servers.js';
+
+const ROOT = join(import.meta.dirname, '..');
+
+describe('npm pack', () => {
+  const { dir, remove } = tempDir('pbp-pack-');
+  afterAll(remove);
+
+  it('gives a tarball that installs into a scratch project and works there', () => {
+    const packed = JSON.parse(execFileSync('npm', ['pack', '--json', '--pack-destination', dir], { cwd: ROOT, encoding: 'utf8' }));
+    const files: string[] = packed[0].files.map((f: { path: string }) => f.path);
+    expect(files).toContain('native/index.cjs');
+    expect(files.some((f) => f.endsWith('.node'))).toBe(true);
+    expect(files).toContain('dist/index.js');
+    expect(files.some((f) => f.startsWith('test/') || f.startsWith('native/src/'))).toBe(false);
+
+    const project = join(dir, 'project');
+    execFileSync('mkdir', ['-p', project]);
+    writeFileSync(join(project, 'package.json'), JSON.stringify({ name: 'scratch', version: '1.0.0', type: 'module' }));
+    execFileSync('npm', ['install', '--no-audit', '--no-fund', join(dir, packed[0].filename)], { cwd: project, stdio: 'pipe' });
+    const out = execFileSync(
+      process.execPath,
+      ['--input-type=module', '-e', "import * as p from 'pve-backup-provider'; console.log(typeof p.copyExtents, typeof p.NbdClient.connect)"],
+      { cwd: project, encoding: 'utf8' },
+    );
+    expect(out.trim()).toBe('function function');
+    const help = execFileSync(join(project, 'node_modules', '.bin', 'pve-backup-provider'), ['--help'], { encoding: 'utf8' });
+    expect(help).toMatch(/Usage: pve-backup-provider/);
+  }, 180_000);
+});
