@@ -3,6 +3,8 @@
 //! Plain Rust modules own the protocol (`nbd`), planning (`plan`), copying (`engine`) and
 //! destinations (`sink`); `napi/` only converts types for JavaScript.
 pub mod error;
+pub mod plan;
 pub mod sink;
+pub mod source;
 
 mod napi;
