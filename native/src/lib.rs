@@ -4,6 +4,7 @@
 //! destinations (`sink`); `napi/` only converts types for JavaScript.
 pub mod error;
 pub mod plan;
+pub mod ratelimit;
 pub mod sink;
 pub mod source;
 
