@@ -142,7 +142,7 @@ fn normalize(ranges: impl IntoIterator<Item = Region>, size: u64) -> Vec<Region>
         .filter_map(|r| {
             let start = r.offset.min(size);
             let end = r.offset.saturating_add(r.length).min(size);
-            (end > start).then_some(Region { offset: start, length: end - start })
+            (end > start).then(|| Region { offset: start, length: end - start })
         })
         .collect();
     v.sort_by_key(|r| r.offset);
