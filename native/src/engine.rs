@@ -158,11 +158,8 @@ async fn make_plan<S: Source>(
                     "dirty bitmap '{name}' is not exported (meta context {context} was not negotiated)"
                 )));
             }
-            let extents = if size == 0 {
-                Vec::new()
-            } else {
-                cancellable(cancel, first.block_status(0, size, &context)).await?
-            };
+            let extents =
+                if size == 0 { Vec::new() } else { cancellable(cancel, first.block_status(0, size, &context)).await? };
             Some(plan::dirty_regions(&extents, size))
         }
         None => None,
@@ -188,12 +185,8 @@ async fn make_plan<S: Source>(
         }
     }
 
-    let plan = plan::plan(
-        size,
-        dirty.as_deref(),
-        &zero,
-        &PlanOptions { cluster_size: options.cluster_size, max_request },
-    )?;
+    let plan =
+        plan::plan(size, dirty.as_deref(), &zero, &PlanOptions { cluster_size: options.cluster_size, max_request })?;
     Ok(Planned { plan, allocation_fallback })
 }
 
@@ -307,9 +300,14 @@ async fn run<S: Source>(
         return Err(Error::invalid_argument("no connection to copy from"));
     };
     if options.max_request == 0 || options.cluster_size == 0 || options.requests_in_flight == 0 {
-        return Err(Error::invalid_argument(
-            "max_request, cluster_size and requests_in_flight must be positive",
-        ));
+        return Err(Error::invalid_argument("max_request, cluster_size and requests_in_flight must be positive"));
+    }
+    if let Some(other) = sources.iter().find(|s| s.size() != first.size()) {
+        return Err(Error::invalid_argument(format!(
+            "connections disagree on the export size ({} and {} bytes)",
+            first.size(),
+            other.size()
+        )));
     }
     let max_request = match first.max_request() {
         0 => options.max_request,

@@ -118,10 +118,7 @@ pub struct Plan {
 
 /// Regions whose extents have any of `flag` set, clipped to `[0, size)`, sorted and merged.
 pub fn regions_with_flag(extents: &[Extent], size: u64, flag: u64) -> Vec<Region> {
-    let ranges = extents.iter().filter(|e| e.flags & flag != 0).map(|e| Region {
-        offset: e.offset,
-        length: e.length,
-    });
+    let ranges = extents.iter().filter(|e| e.flags & flag != 0).map(|e| Region { offset: e.offset, length: e.length });
     normalize(ranges, size)
 }
 
@@ -401,6 +398,7 @@ impl Builder {
 }
 
 #[cfg(test)]
+#[allow(clippy::identity_op)] // `1 * M` reads better next to `3 * M`
 mod tests {
     use super::*;
 

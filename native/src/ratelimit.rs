@@ -85,7 +85,7 @@ mod tests {
         let total = 160 * 64 * 1024;
         let last = grants.iter().cloned().fold(0.0, f64::max);
         // 10 MiB at 1 MiB/s: about 10 s, minus the initial burst.
-        assert!(last >= 9.9 && last <= 10.1, "took {last}");
+        assert!((9.9..=10.1).contains(&last), "took {last}");
         for &t0 in &grants {
             let in_window = grants.iter().filter(|&&t| t >= t0 && t < t0 + 2.0).count() as u64 * 64 * 1024;
             assert!(in_window as f64 <= 2.0 * rate as f64 * 1.05, "window at {t0}: {in_window}");

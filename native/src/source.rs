@@ -69,10 +69,6 @@ pub trait Source: Clone + Send + Sync + 'static {
     /// Extents are ascending, contiguous and may be clipped to the range by the caller.
     /// Fails with `unsupported` when the context was not negotiated; a server may answer EINVAL
     /// (e.g. `base:allocation` on a bitmap-restricted snapshot export).
-    fn block_status(
-        &self,
-        offset: u64,
-        length: u64,
-        context: &str,
-    ) -> impl Future<Output = Result<Vec<Extent>>> + Send;
+    fn block_status(&self, offset: u64, length: u64, context: &str)
+        -> impl Future<Output = Result<Vec<Extent>>> + Send;
 }

@@ -11,7 +11,7 @@ use crate::plan::Region;
 use crate::source::{dirty_bitmap_context, Extent, Source, CONTEXT_ALLOCATION, FLAG_DIRTY, FLAG_HOLE, FLAG_ZERO};
 
 /// Granularity of the simulated `base:allocation` answers.
-pub const ALLOCATION_GRANULARITY: u64 = 4096;
+const ALLOCATION_GRANULARITY: u64 = 4096;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -123,6 +123,11 @@ impl MemorySource {
 
     pub fn trims(&self) -> Vec<(u64, u64)> {
         self.log.lock().unwrap().trims.clone()
+    }
+
+    /// Requests in flight right now.
+    pub fn in_flight(&self) -> usize {
+        self.log.lock().unwrap().in_flight.len()
     }
 
     pub fn overlaps(&self) -> usize {

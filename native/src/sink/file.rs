@@ -43,10 +43,7 @@ pub struct RawFileSink {
 }
 
 /// Run blocking file work off the async threads.
-async fn blocking<T: Send + 'static>(
-    what: &str,
-    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
-) -> Result<T> {
+async fn blocking<T: Send + 'static>(what: &str, f: impl FnOnce() -> std::io::Result<T> + Send + 'static) -> Result<T> {
     match tokio::task::spawn_blocking(f).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(Error::sink_io(what.to_string(), e)),
@@ -128,9 +125,8 @@ fn punch_hole(file: &File, offset: u64, length: u64) -> std::io::Result<bool> {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "range too large"));
     };
     // SAFETY: fallocate on a valid, open file descriptor with plain integer arguments.
-    let rc = unsafe {
-        libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, len)
-    };
+    let rc =
+        unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, len) };
     if rc == 0 {
         return Ok(true);
     }
