@@ -30,6 +30,8 @@ pub struct Config {
     pub fail_read_at: Option<u64>,
     /// Delay of every read: `base + (offset / 4096 % 7) * step`, so reads finish out of order.
     pub delay: Option<(Duration, Duration)>,
+    /// Delay of every trim, to check that the engine waits for them.
+    pub trim_delay: Option<Duration>,
 }
 
 impl Default for Config {
@@ -44,6 +46,7 @@ impl Default for Config {
             cluster: 64 * 1024,
             fail_read_at: None,
             delay: None,
+            trim_delay: None,
         }
     }
 }
@@ -185,7 +188,10 @@ impl Source for MemorySource {
             return Err(einval("TRIM", offset, length));
         }
         let _guard = self.enter(offset, length);
-        tokio::task::yield_now().await;
+        match self.config.trim_delay {
+            Some(d) => tokio::time::sleep(d).await,
+            None => tokio::task::yield_now().await,
+        }
         self.log.lock().unwrap().trims.push((offset, length));
         Ok(())
     }

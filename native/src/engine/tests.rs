@@ -215,6 +215,9 @@ async fn incremental_into_existing_image_reads_and_trims_only_dirty() {
     let s = run(&src, 3, &mut sink, &options).await.unwrap();
 
     assert_eq!(std::fs::read(&path).unwrap(), new, "image must equal the new disk");
+    // The old data under the new 1 MiB of zeros was punched out, not kept allocated.
+    let allocated = std::fs::metadata(&path).unwrap().blocks() * 512;
+    assert!(allocated <= size - 1 * M + 64 * K, "{allocated} bytes allocated");
     let dirty_bytes: u64 = dirty.iter().map(|d| d.length).sum();
     assert_eq!(s.bytes_read + s.bytes_zero, dirty_bytes);
     assert_eq!(s.bytes_zero, 1 * M, "allocation must report the new zeros");
@@ -486,4 +489,17 @@ async fn empty_and_clean_exports_finish_without_reading() {
     let s = run(&src, 1, &mut sink, &options).await.unwrap();
     assert_eq!((s.bytes_skipped, s.bytes_read), (1 * M, 0));
     assert!(src.reads().is_empty() && sink.finished);
+}
+
+#[tokio::test]
+async fn copy_returns_only_after_every_trim_completed() {
+    let size = 4 * M + 100;
+    let config = Config { trim_delay: Some(Duration::from_millis(50)), ..Config::default() };
+    let src = MemorySource::new(content(size, 20, &[]), config);
+    let options = CopyOptions { max_request: 512 * 1024, ..CopyOptions::default() };
+    let s = run(&src, 2, &mut NullSink::new(), &options).await.unwrap();
+    // Trims are recorded when they complete: all of them, before copy returned.
+    assert_eq!(merged(src.trims()), vec![(0, size)]);
+    assert_eq!(s.bytes_trimmed, size);
+    assert_eq!(src.in_flight(), 0);
 }
