@@ -1,6 +1,14 @@
 //! Where copied data goes. One small trait, one file per backend (as libnbd's copy/ does);
 //! all policy (extent walking, zero detection, concurrency, discard) lives in the engine.
 
+pub mod file;
+pub mod js;
+pub mod null;
+
+pub use file::RawFileSink;
+pub use js::{ChannelSink, Chunk, ChunkReceiver};
+pub use null::NullSink;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 

@@ -1,0 +1,497 @@
+//! The copy engine: plans the extents of one export, reads them pipelined over one or more
+//! connections, hands them to a sink strictly in order, and TRIMs on the source what the sink
+//! has taken.
+//!
+//! All policy lives here (as in libnbd's copy/): zero detection, how many reads are in flight,
+//! bandwidth, discard. Sources answer requests and sinks store ranges; neither decides anything.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+use crate::plan::{self, OpKind, Plan, PlanOptions, Region, Unit};
+use crate::ratelimit::RateLimiter;
+use crate::sink::Sink;
+use crate::source::{dirty_bitmap_context, Source, CONTEXT_ALLOCATION};
+
+/// How progress reports are spaced (at most ~10 per second, plus one at the end).
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
+
+/// What to copy and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyOptions {
+    /// Copy only the areas dirty in this bitmap (exported as `qemu:dirty-bitmap:NAME`);
+    /// `None` copies the whole export.
+    pub bitmap: Option<String>,
+    /// Ask `base:allocation` which areas read as zeros, so that they are not read at all.
+    pub use_allocation: bool,
+    /// Largest read; clamped to the server's maximum.
+    pub max_request: u32,
+    /// Reads in flight at once, over all connections.
+    pub requests_in_flight: usize,
+    /// Copy-before-write cluster size of the snapshot (at least 64 KiB with QEMU).
+    pub cluster_size: u64,
+    /// TRIM taken ranges on the source; `None` = when the source accepts TRIM.
+    pub discard: Option<bool>,
+    /// Bytes per second read from the source; `None` = unlimited.
+    pub bandwidth_limit: Option<u64>,
+    /// Hand all-zero data to the sink as zeros instead of writing it.
+    pub detect_zeroes: bool,
+}
+
+impl Default for CopyOptions {
+    fn default() -> Self {
+        CopyOptions {
+            bitmap: None,
+            use_allocation: true,
+            max_request: plan::DEFAULT_MAX_REQUEST,
+            requests_in_flight: 16,
+            cluster_size: plan::DEFAULT_CLUSTER_SIZE,
+            discard: None,
+            bandwidth_limit: None,
+            detect_zeroes: true,
+        }
+    }
+}
+
+/// Reported while copying.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Progress {
+    /// Bytes the sink has taken (data and zeros).
+    pub done: u64,
+    /// Bytes planned to be taken (data and zeros; clean areas excluded).
+    pub total: u64,
+    pub bytes_per_second: f64,
+}
+
+/// The outcome of a successful copy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    /// Size of the export.
+    pub bytes_total: u64,
+    /// Bytes read from the source (including reads that turned out all zero).
+    pub bytes_read: u64,
+    /// Bytes handed to the sink as zeros without reading (allocation said so).
+    pub bytes_zero: u64,
+    /// Bytes read that were all zero and handed to the sink as zeros (with `detect_zeroes`).
+    pub bytes_zero_detected: u64,
+    /// Bytes not copied (clean in the bitmap).
+    pub bytes_skipped: u64,
+    /// Bytes discarded on the source.
+    pub bytes_trimmed: u64,
+    /// Runs of data or zeros handled (dirty regions split by allocation).
+    pub extents: u64,
+    pub seconds: f64,
+    pub connections: usize,
+    /// `base:allocation` was refused by the server, so planning used the bitmap alone.
+    pub allocation_fallback: bool,
+}
+
+/// Copy one export (`sources`: one handle per connection) into `sink`.
+///
+/// On success the sink is finished and every TRIM has completed. On any error or on
+/// cancellation, in-flight requests are abandoned, `sink.abort(reason)` is called and the first
+/// error is returned unchanged (a server error keeps its command, offset and errno).
+pub async fn copy<S: Source>(
+    sources: Vec<S>,
+    sink: &mut dyn Sink,
+    options: &CopyOptions,
+    progress: &(dyn Fn(Progress) + Send + Sync),
+    cancel: &CancellationToken,
+) -> Result<Summary> {
+    let result = run(&sources, sink, options, progress, cancel).await;
+    match result {
+        Ok(summary) => match cancellable(cancel, sink.finish()).await {
+            Ok(()) => Ok(summary),
+            Err(e) if e.is_cancelled() => {
+                sink.abort("cancelled").await;
+                Err(e)
+            }
+            // A failed finish is the sink's own failure: abort is not called after it (the
+            // Sink contract is one or the other).
+            Err(e) => Err(e),
+        },
+        Err(e) => {
+            let reason = if e.is_cancelled() { "cancelled".to_string() } else { e.to_string() };
+            sink.abort(&reason).await;
+            Err(e)
+        }
+    }
+}
+
+/// Await `fut` unless `cancel` fires first.
+async fn cancellable<T>(cancel: &CancellationToken, fut: impl Future<Output = Result<T>>) -> Result<T> {
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => Err(Error::cancelled()),
+        r = fut => r,
+    }
+}
+
+/// What planning learned.
+struct Planned {
+    plan: Plan,
+    allocation_fallback: bool,
+}
+
+/// Ask the source for the dirty bitmap and allocation, then plan.
+async fn make_plan<S: Source>(
+    sources: &[S],
+    options: &CopyOptions,
+    max_request: u32,
+    cancel: &CancellationToken,
+) -> Result<Planned> {
+    let first = &sources[0];
+    let size = first.size();
+    let dirty = match &options.bitmap {
+        Some(name) => {
+            let context = dirty_bitmap_context(name);
+            if !first.has_context(&context) {
+                return Err(Error::unsupported(format!(
+                    "dirty bitmap '{name}' is not exported (meta context {context} was not negotiated)"
+                )));
+            }
+            let extents =
+                if size == 0 { Vec::new() } else { cancellable(cancel, first.block_status(0, size, &context)).await? };
+            Some(plan::dirty_regions(&extents, size))
+        }
+        None => None,
+    };
+
+    let mut allocation_fallback = false;
+    let mut zero = Vec::new();
+    if options.use_allocation && size > 0 && first.has_context(CONTEXT_ALLOCATION) {
+        // Only inside the dirty regions: a bitmap-restricted export refuses the rest.
+        let regions = dirty.clone().unwrap_or_else(|| vec![Region { offset: 0, length: size }]);
+        let parallel = options.requests_in_flight.max(1);
+        let queries = futures::stream::iter(regions.into_iter().enumerate())
+            .map(|(i, r)| {
+                let src = sources[i % sources.len()].clone();
+                async move { src.block_status(r.offset, r.length, CONTEXT_ALLOCATION).await }
+            })
+            .buffered(parallel)
+            .try_concat();
+        match cancellable(cancel, queries).await {
+            Ok(extents) => zero = plan::zero_regions(&extents, size),
+            Err(e) if e.is_server_einval() || e.is_unsupported() => allocation_fallback = true,
+            Err(e) => return Err(e),
+        }
+    }
+
+    let plan =
+        plan::plan(size, dirty.as_deref(), &zero, &PlanOptions { cluster_size: options.cluster_size, max_request })?;
+    Ok(Planned { plan, allocation_fallback })
+}
+
+/// A spawned task that is aborted when dropped, so that an early return (error, cancel)
+/// abandons every request still in flight.
+struct Task<T>(JoinHandle<T>);
+
+impl<T> Drop for Task<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A unit waiting for delivery to the sink, with the task reading its data (if it reads).
+struct Pending {
+    unit: Unit,
+    reads: Option<Task<Result<Vec<Bytes>>>>,
+}
+
+/// Read the unit's ranges one after another: they may share a cluster, and concurrent reads
+/// overlapping after cluster alignment crash QEMU builds without the reqlist patch.
+async fn read_unit<S: Source>(
+    source: S,
+    reads: Vec<(u64, u32)>,
+    limiter: Option<Arc<RateLimiter>>,
+) -> Result<Vec<Bytes>> {
+    let mut out = Vec::with_capacity(reads.len());
+    for (offset, length) in reads {
+        if let Some(limiter) = &limiter {
+            limiter.acquire(u64::from(length)).await;
+        }
+        let data = source.read(offset, length).await?;
+        if data.len() != length as usize {
+            return Err(Error::protocol(format!(
+                "read at offset {offset} length {length} returned {} bytes",
+                data.len()
+            )));
+        }
+        out.push(data);
+    }
+    Ok(out)
+}
+
+/// Zero detection looks at blocks of this size, aligned to export offsets: fine enough to find
+/// the zeros of a fresh or discarded area (needed when `base:allocation` was refused), coarse
+/// enough not to cut the data into many small sink calls.
+const ZERO_BLOCK: u64 = 64 * 1024;
+
+/// A piece of data read, after zero detection.
+#[derive(Debug, PartialEq, Eq)]
+enum Run {
+    Data(u64, Bytes),
+    /// Offset and length of bytes that are all zero.
+    Zero(u64, u64),
+}
+
+/// Cut the data read at `offset` into runs of zero blocks and of data.
+fn zero_runs(offset: u64, data: Bytes) -> Vec<Run> {
+    let mut runs = Vec::new();
+    let mut start = 0usize; // start of the current run in `data`
+    let mut run_zero: Option<bool> = None;
+    let mut pos = 0usize;
+    let close = |runs: &mut Vec<Run>, from: usize, to: usize, zero: bool| {
+        runs.push(if zero {
+            Run::Zero(offset + from as u64, (to - from) as u64)
+        } else {
+            Run::Data(offset + from as u64, data.slice(from..to))
+        })
+    };
+    while pos < data.len() {
+        let abs = offset + pos as u64;
+        let next = ((abs / ZERO_BLOCK + 1) * ZERO_BLOCK - offset).min(data.len() as u64) as usize;
+        let zero = is_zero(&data[pos..next]);
+        if let Some(z) = run_zero.filter(|&z| z != zero) {
+            close(&mut runs, start, pos, z);
+            start = pos;
+        }
+        run_zero = Some(zero);
+        pos = next;
+    }
+    if let Some(z) = run_zero {
+        close(&mut runs, start, data.len(), z);
+    }
+    runs
+}
+
+/// True when every byte is zero. Folds in blocks so that the compiler can vectorize.
+fn is_zero(data: &[u8]) -> bool {
+    let mut chunks = data.chunks_exact(64);
+    for c in &mut chunks {
+        if c.iter().fold(0u8, |a, &b| a | b) != 0 {
+            return false;
+        }
+    }
+    chunks.remainder().iter().all(|&b| b == 0)
+}
+
+fn join_error(what: &str, e: tokio::task::JoinError) -> Error {
+    Error::io(format!("{what} task failed"), std::io::Error::other(e.to_string()))
+}
+
+async fn run<S: Source>(
+    sources: &[S],
+    sink: &mut dyn Sink,
+    options: &CopyOptions,
+    progress: &(dyn Fn(Progress) + Send + Sync),
+    cancel: &CancellationToken,
+) -> Result<Summary> {
+    let started = Instant::now();
+    let Some(first) = sources.first() else {
+        return Err(Error::invalid_argument("no connection to copy from"));
+    };
+    if options.max_request == 0 || options.cluster_size == 0 || options.requests_in_flight == 0 {
+        return Err(Error::invalid_argument("max_request, cluster_size and requests_in_flight must be positive"));
+    }
+    if let Some(other) = sources.iter().find(|s| s.size() != first.size()) {
+        return Err(Error::invalid_argument(format!(
+            "connections disagree on the export size ({} and {} bytes)",
+            first.size(),
+            other.size()
+        )));
+    }
+    let max_request = match first.max_request() {
+        0 => options.max_request,
+        server => options.max_request.min(server),
+    };
+    let discard = match options.discard {
+        None => first.can_trim(),
+        Some(true) if !first.can_trim() => {
+            return Err(Error::unsupported("discard was requested but the export does not accept TRIM"));
+        }
+        Some(d) => d,
+    };
+
+    let Planned { plan, allocation_fallback } = make_plan(sources, options, max_request, cancel).await?;
+    let total = plan.bytes_read + plan.bytes_zero;
+    let limiter = options.bandwidth_limit.map(|b| Arc::new(RateLimiter::new(b)));
+
+    let mut units = plan.units.into_iter();
+    let mut queue: VecDeque<Pending> = VecDeque::new();
+    let mut trims: JoinSet<Result<u64>> = JoinSet::new();
+    let mut next_conn = 0usize;
+    let mut done = 0u64;
+    let mut bytes_trimmed = 0u64;
+    let mut bytes_zero_detected = 0u64;
+    let mut last_report = started;
+    let report = |done: u64, started: Instant| Progress {
+        done,
+        total,
+        bytes_per_second: done as f64 / started.elapsed().as_secs_f64().max(1e-9),
+    };
+
+    loop {
+        // Keep the pipeline full: reads run in spawned tasks while the sink writes.
+        while queue.len() < options.requests_in_flight {
+            let Some(unit) = units.next() else { break };
+            let mut reads = Vec::new();
+            for op in unit.ops.iter().filter(|o| o.kind == OpKind::Read) {
+                let length = u32::try_from(op.length)
+                    .map_err(|_| Error::invalid_argument(format!("read of {} bytes planned", op.length)))?;
+                reads.push((op.offset, length));
+            }
+            let reads = if reads.is_empty() {
+                None
+            } else {
+                let source = sources[next_conn % sources.len()].clone();
+                next_conn = next_conn.wrapping_add(1);
+                Some(Task(tokio::spawn(read_unit(source, reads, limiter.clone()))))
+            };
+            queue.push_back(Pending { unit, reads });
+        }
+        let Some(mut pending) = queue.pop_front() else { break };
+
+        // Wait for the oldest unit, draining finished TRIMs meanwhile.
+        let data = match pending.reads.as_mut() {
+            None => Vec::new(),
+            Some(task) => loop {
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => return Err(Error::cancelled()),
+                    r = &mut task.0 => break r.map_err(|e| join_error("read", e))??,
+                    Some(t) = trims.join_next(), if !trims.is_empty() => {
+                        bytes_trimmed += t.map_err(|e| join_error("trim", e))??;
+                    }
+                }
+            },
+        };
+
+        // Deliver strictly in order.
+        let mut data = data.into_iter();
+        for op in &pending.unit.ops {
+            match op.kind {
+                OpKind::Zero => cancellable(cancel, sink.zero(op.offset, op.length)).await?,
+                OpKind::Read => {
+                    let Some(bytes) = data.next() else {
+                        return Err(Error::protocol(format!("missing data for offset {}", op.offset)));
+                    };
+                    if !options.detect_zeroes {
+                        cancellable(cancel, sink.write_at(op.offset, bytes)).await?;
+                        continue;
+                    }
+                    for run in zero_runs(op.offset, bytes) {
+                        match run {
+                            Run::Data(offset, data) => cancellable(cancel, sink.write_at(offset, data)).await?,
+                            Run::Zero(offset, length) => {
+                                bytes_zero_detected += length;
+                                cancellable(cancel, sink.zero(offset, length)).await?;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        done += pending.unit.read_bytes() + pending.unit.zero_bytes();
+
+        // The sink has taken the whole unit: its clusters may go.
+        if discard {
+            for d in &pending.unit.discard {
+                while trims.len() >= options.requests_in_flight {
+                    let t = tokio::select! {
+                        biased;
+                        _ = cancel.cancelled() => return Err(Error::cancelled()),
+                        Some(t) = trims.join_next() => t,
+                    };
+                    bytes_trimmed += t.map_err(|e| join_error("trim", e))??;
+                }
+                let source = sources[next_conn % sources.len()].clone();
+                next_conn = next_conn.wrapping_add(1);
+                let (offset, length) = (d.offset, d.length);
+                trims.spawn(async move { source.trim(offset, length).await.map(|()| length) });
+            }
+        }
+        while let Some(t) = trims.try_join_next() {
+            bytes_trimmed += t.map_err(|e| join_error("trim", e))??;
+        }
+
+        if last_report.elapsed() >= PROGRESS_INTERVAL {
+            last_report = Instant::now();
+            progress(report(done, started));
+        }
+    }
+
+    // Every TRIM must have completed before the copy counts as done.
+    while !trims.is_empty() {
+        let t = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Err(Error::cancelled()),
+            Some(t) = trims.join_next() => t,
+        };
+        bytes_trimmed += t.map_err(|e| join_error("trim", e))??;
+    }
+    progress(report(done, started));
+
+    Ok(Summary {
+        bytes_total: plan.size,
+        bytes_read: plan.bytes_read,
+        bytes_zero: plan.bytes_zero,
+        bytes_zero_detected,
+        bytes_skipped: plan.bytes_skipped,
+        bytes_trimmed,
+        extents: plan.extents,
+        seconds: started.elapsed().as_secs_f64(),
+        connections: sources.len(),
+        allocation_fallback,
+    })
+}
+
+#[cfg(test)]
+mod unit_tests {
+    use super::*;
+
+    #[test]
+    fn zero_runs_split_on_aligned_blocks() {
+        let b = ZERO_BLOCK as usize;
+        // Read starting mid-block: [1000, b) data, [b, 3b) zero, [3b, 3b+10) data.
+        let mut v = vec![0u8; 3 * b + 10 - 1000];
+        v[0] = 1;
+        v[3 * b - 1000] = 2;
+        let runs = zero_runs(1000, Bytes::from(v.clone()));
+        assert_eq!(
+            runs,
+            vec![
+                Run::Data(1000, Bytes::copy_from_slice(&v[..b - 1000])),
+                Run::Zero(ZERO_BLOCK, 2 * ZERO_BLOCK),
+                Run::Data(3 * ZERO_BLOCK, Bytes::copy_from_slice(&v[3 * b - 1000..])),
+            ]
+        );
+        assert_eq!(zero_runs(5, Bytes::from(vec![0u8; 7])), vec![Run::Zero(5, 7)]);
+        assert_eq!(zero_runs(0, Bytes::from(vec![9u8; 3])), vec![Run::Data(0, Bytes::from(vec![9u8; 3]))]);
+        assert!(zero_runs(0, Bytes::new()).is_empty());
+    }
+
+    #[test]
+    fn is_zero_checks_every_byte() {
+        let mut v = vec![0u8; 200];
+        assert!(is_zero(&v));
+        v[199] = 1;
+        assert!(!is_zero(&v));
+        v[199] = 0;
+        v[3] = 1;
+        assert!(!is_zero(&v));
+    }
+}
+
+#[cfg(test)]
+mod memory;
+#[cfg(test)]
+mod tests;
