@@ -7,6 +7,7 @@ use crate::engine::{self, CopyOptions, Progress, Summary};
 use crate::error::{Error, Result};
 use crate::nbd::{self, ConnectOptions, NbdClient, NbdUri};
 use crate::sink::Sink;
+use crate::source::{dirty_bitmap_context, CONTEXT_ALLOCATION};
 
 /// Where the data goes; the file sinks need the export size, known only after connecting.
 pub enum Target {
@@ -25,21 +26,16 @@ pub struct JobOptions {
     pub copy: CopyOptions,
 }
 
-/// Meta context name of a QEMU dirty bitmap.
-pub fn bitmap_context(name: &str) -> String {
-    format!("qemu:dirty-bitmap:{name}")
-}
-
 async fn open_connections(opts: &JobOptions) -> Result<Vec<NbdClient>> {
     let uri = NbdUri::parse(&opts.uri)?;
     let mut connect = ConnectOptions::new(uri.clone());
-    connect.meta_contexts = vec!["base:allocation".to_string()];
+    connect.meta_contexts = vec![CONTEXT_ALLOCATION.to_string()];
     if let Some(bitmap) = &opts.copy.bitmap {
-        connect.meta_contexts.push(bitmap_context(bitmap));
+        connect.meta_contexts.push(dirty_bitmap_context(bitmap));
     }
     let first = NbdClient::connect(&connect).await?;
     if let Some(bitmap) = &opts.copy.bitmap {
-        if first.info().context_id(&bitmap_context(bitmap)).is_none() {
+        if first.info().context_id(&dirty_bitmap_context(bitmap)).is_none() {
             let known = nbd::list_meta_contexts(&uri, &["qemu:dirty-bitmap:".to_string()]).await.unwrap_or_default();
             let _ = first.disconnect().await;
             return Err(Error::unsupported(format!(
@@ -71,9 +67,9 @@ pub async fn run(
     let size = clients[0].info().size;
     let result = async {
         let mut sink: Box<dyn Sink> = match target {
-            Target::RawFile { path, existing: false } => Box::new(crate::sink::file::RawFileSink::create(&path, size)?),
-            Target::RawFile { path, existing: true } => Box::new(crate::sink::file::RawFileSink::open_existing(&path, size)?),
-            Target::Null => Box::new(crate::sink::null::NullSink::default()),
+            Target::RawFile { path, existing: false } => Box::new(crate::sink::file::RawFileSink::create(&path, size).await?),
+            Target::RawFile { path, existing: true } => Box::new(crate::sink::file::RawFileSink::open_existing(&path, size).await?),
+            Target::Null => Box::new(crate::sink::null::NullSink::new()),
             Target::Custom(sink) => sink,
         };
         let mut summary = engine::copy(clients.clone(), sink.as_mut(), &opts.copy, progress, cancel).await?;

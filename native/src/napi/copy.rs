@@ -16,7 +16,7 @@ use super::{to_js, to_u64};
 use crate::engine::{CopyOptions, Progress, Summary};
 use crate::error::{Error, Result};
 use crate::job::{self, JobOptions, Target};
-use crate::sink::js::{ChannelSink, ChunkReceiver};
+use crate::sink::js::{self, ChunkReceiver};
 
 #[napi(object)]
 pub struct NativeCopyOptions {
@@ -149,7 +149,7 @@ pub fn start_copy(options: NativeCopyOptions, on_progress: Option<ProgressFn>) -
 #[napi]
 pub fn start_chunk_stream(options: NativeCopyOptions, on_progress: Option<ProgressFn>) -> napi::Result<NativeCopyJob> {
     let job = job_options(&options)?;
-    let (sink, receiver) = ChannelSink::new();
+    let (sink, receiver) = js::channel();
     let cancel = CancellationToken::new();
     let handle = spawn_job(job, Target::Custom(Box::new(sink)), on_progress, cancel.clone());
     Ok(NativeCopyJob { cancel, handle: Mutex::new(Some(handle)), chunks: Some(Arc::new(Mutex::new(receiver))) })
