@@ -4,6 +4,8 @@
 //! destinations (`sink`); `napi/` only converts types for JavaScript.
 pub mod engine;
 pub mod error;
+pub mod job;
+pub mod nbd;
 pub mod plan;
 pub mod ratelimit;
 pub mod sink;

@@ -8,7 +8,7 @@ use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::Status;
 use napi_derive::napi;
 use tokio::sync::Mutex;
-use tokio::task::JoinHandle;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::error::{to_napi, IntoNapi};
@@ -119,11 +119,13 @@ fn summary_to_js(s: Summary) -> NativeSummary {
 #[napi]
 pub struct NativeCopyJob {
     cancel: CancellationToken,
-    handle: Mutex<Option<JoinHandle<Result<Summary>>>>,
+    handle: Mutex<Option<oneshot::Receiver<Result<Summary>>>>,
     chunks: Option<Arc<Mutex<ChunkReceiver>>>,
 }
 
-fn spawn_job(options: JobOptions, target: Target, on_progress: Option<ProgressFn>, cancel: CancellationToken) -> JoinHandle<Result<Summary>> {
+/// Runs the copy on napi's tokio runtime; the result arrives on the returned channel.
+fn spawn_job(options: JobOptions, target: Target, on_progress: Option<ProgressFn>, cancel: CancellationToken) -> oneshot::Receiver<Result<Summary>> {
+    let (done, result) = oneshot::channel();
     napi::bindgen_prelude::spawn(async move {
         let report = move |p: Progress| {
             if let Some(f) = &on_progress {
@@ -131,8 +133,10 @@ fn spawn_job(options: JobOptions, target: Target, on_progress: Option<ProgressFn
                 f.call(value, ThreadsafeFunctionCallMode::NonBlocking);
             }
         };
-        job::run(options, target, &report, &cancel).await
-    })
+        // the receiver is gone only when the JS object was collected: nobody wants the result
+        let _ = done.send(job::run(options, target, &report, &cancel).await);
+    });
+    result
 }
 
 /// Starts copying an export to a raw file or to nowhere (`null`).
@@ -172,7 +176,7 @@ impl NativeCopyJob {
         };
         match handle.await {
             Ok(result) => result.map(summary_to_js).napi(),
-            Err(join) => Err(to_napi(Error::sink(format!("copy task failed: {join}")))),
+            Err(_) => Err(to_napi(Error::sink("copy task ended without a result"))),
         }
     }
 

@@ -1,0 +1,18 @@
+//! The project's own NBD client (fixed newstyle, structured replies, extended headers, meta
+//! contexts), split as tokio-postgres is: `codec` encodes and decodes frames with no I/O,
+//! `handshake` negotiates, `connection` owns the socket and routes replies by cookie, and
+//! `client` is the cheap handle callers use.
+
+pub mod codec;
+mod client;
+mod connection;
+mod handshake;
+mod info;
+mod uri;
+
+#[cfg(test)]
+mod tests;
+
+pub use client::{list_meta_contexts, ConnectOptions, Extent, NbdClient, DEFAULT_MAX_IN_FLIGHT};
+pub use info::{BlockSizes, ExportInfo, MetaContext};
+pub use uri::{NbdAddress, NbdUri, DEFAULT_PORT};
