@@ -128,7 +128,8 @@ export async function setupProxmox(qmp: QmpClient, input: UpstreamSetupInput): P
     backend: 'proxmox',
     qemuTargetId,
     socketPath: input.socket.socketPath,
-    ownNbd: input.socket.ownNbd,
+    // Set once the server is started, so a rollback never stops a server it did not start.
+    ownNbd: false,
     devices: devStates,
   };
   if (input.socket.ownNbd) state.socketDir = input.socket.socketDir;
@@ -187,7 +188,11 @@ export async function setupProxmox(qmp: QmpClient, input: UpstreamSetupInput): P
       throw err;
     }
     // The exports exist only once the setup has succeeded.
-    if (input.socket.ownNbd) await startNbdServer(qmp, input.socket.socketPath);
+    if (input.socket.ownNbd) {
+      await startNbdServer(qmp, input.socket.socketPath);
+      state.ownNbd = true;
+      await writeState(qmp, state);
+    }
     for (const [i, d] of devStates.entries()) {
       const info = infos.find((x) => x.device === d.device) ?? infos[i];
       if (!info) throw new BackupAccessError(`${d.device}: backup-access-setup returned no entry for the device`, { device: d.device });

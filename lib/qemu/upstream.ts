@@ -219,7 +219,8 @@ export async function setupUpstream(qmp: QmpClient, input: UpstreamSetupInput): 
     targetId: input.targetId,
     backend: 'upstream',
     socketPath: input.socket.socketPath,
-    ownNbd: input.socket.ownNbd,
+    // Set once the server is started, so a rollback never stops a server it did not start.
+    ownNbd: false,
     devices: devStates,
   };
   if (input.socket.ownNbd) state.socketDir = input.socket.socketDir;
@@ -253,7 +254,11 @@ export async function setupUpstream(qmp: QmpClient, input: UpstreamSetupInput): 
         throw deviceError(d.device, 'adding the snapshot-access node', err);
       }
     }
-    if (input.socket.ownNbd) await startNbdServer(qmp, input.socket.socketPath);
+    if (input.socket.ownNbd) {
+      await startNbdServer(qmp, input.socket.socketPath);
+      state.ownNbd = true;
+      await writeState(qmp, state);
+    }
     for (const d of devStates) {
       const bitmap = d.bitmap && d.bitmapKind === 'incr' ? { node: d.source, name: d.bitmap } : undefined;
       await addExport(qmp, d.device, {
