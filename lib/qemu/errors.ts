@@ -1,0 +1,61 @@
+/**
+ * Errors of backup access.
+ *
+ * @packageDocumentation
+ */
+import { PveBackupError } from '../errors.js';
+import { QmpError } from '../qmp/errors.js';
+
+/**
+ * Setting up or tearing down backup access failed (code `ERR_BACKUP_ACCESS`). The message names
+ * the device and, when QEMU refused, the QMP command; `cause` is the underlying error.
+ */
+export class BackupAccessError extends PveBackupError {
+  /** Device concerned, when the failure concerns one. */
+  readonly device: string | undefined;
+  /** QMP command that failed, when QEMU refused. */
+  readonly command: string | undefined;
+
+  /**
+   * @param message - What failed.
+   * @param options - Device, command and cause.
+   */
+  constructor(message: string, options: { device?: string; command?: string; cause?: unknown } = {}) {
+    const cmd = options.command ?? (options.cause instanceof QmpError ? options.cause.command : undefined);
+    super(message, { code: 'ERR_BACKUP_ACCESS', cause: options.cause });
+    this.device = options.device;
+    this.command = cmd;
+  }
+}
+
+/** Another backup access is active on this QEMU process (code `ERR_BACKUP_ACCESS_ACTIVE`). */
+export class BackupAccessActiveError extends PveBackupError {
+  /** Target id of the active access (`undefined` when only leftovers without a record were found). */
+  readonly activeTargetId: string | undefined;
+
+  /**
+   * @param activeTargetId - Target id of the access already active.
+   * @param detail - What was found.
+   */
+  constructor(activeTargetId: string | undefined, detail = '') {
+    const who = activeTargetId === undefined ? 'an unknown target' : `target '${activeTargetId}'`;
+    super(`a backup access for ${who} is already active${detail ? ` (${detail})` : ''}; tear it down or recover first`, {
+      code: 'ERR_BACKUP_ACCESS_ACTIVE',
+    });
+    this.activeTargetId = activeTargetId;
+  }
+}
+
+/**
+ * Wraps an error of a step concerning `device` into a {@link BackupAccessError} whose message
+ * names the device and the QMP command.
+ */
+export function deviceError(device: string, what: string, err: unknown): BackupAccessError {
+  const cmd = err instanceof QmpError ? err.command : undefined;
+  const reason = err instanceof QmpError ? err.desc : err instanceof Error ? err.message : String(err);
+  return new BackupAccessError(`${device}: ${what} failed${cmd ? ` (QMP ${cmd})` : ''}: ${reason}`, {
+    device,
+    ...(cmd ? { command: cmd } : {}),
+    cause: err,
+  });
+}

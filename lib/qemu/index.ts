@@ -1,0 +1,9 @@
+/**
+ * Backup access for QEMU.
+ *
+ * @packageDocumentation
+ */
+export { bitmapModeFor, recoverBackupAccess, setupBackupAccess, teardownBackupAccess } from './backup-access.js';
+export type { BackupAccess, BackupAccessDevice, BitmapAction, BitmapMode, SetupBackupAccessOptions } from './types.js';
+export { BackupAccessActiveError, BackupAccessError } from './errors.js';
+export { BITMAP_ID_RE, DEVICE_RE, TARGET_ID_RE } from './names.js';

@@ -1,0 +1,261 @@
+/**
+ * Backup access on Proxmox QEMU through `backup-access-setup` / `backup-access-teardown`, in
+ * both forms: the seed's (`target-id`, `devlist`, `bitmap-name`) and the later landed one
+ * (`target-id`, `devices: [{ device, bitmap-mode }]`). The `<device>-fleecing` images are
+ * attached as Proxmox's code expects; the NBD server and exports are set up here.
+ *
+ * @packageDocumentation
+ */
+import { randomBytes } from 'node:crypto';
+import type { QmpClient } from '../qmp/client.js';
+import { queryBlock, queryNamedBlockNodes, type QmpBlockNodeInfo } from '../qmp/commands.js';
+import { QmpError } from '../qmp/errors.js';
+import { withFrozenFilesystems } from '../qmp/guest-agent.js';
+import { InvalidArgumentError } from '../errors.js';
+import { StepRunner, addExport, addFleecingNodes, createFleecingImage, deleteExports, removeLocalFiles, startNbdServer } from './common.js';
+import { BackupAccessActiveError, BackupAccessError, deviceError } from './errors.js';
+import { anchorBitmapName, fleecingPath, slotNames } from './names.js';
+import { deleteState, readState, writeState, type AccessState, type DeviceState } from './state.js';
+import type { BitmapAction } from './types.js';
+import type { UpstreamSetupInput } from './upstream.js';
+
+/** Result per device of {@link setupProxmox}. */
+export interface ProxmoxDeviceResult {
+  device: string;
+  nodeName: string;
+  size: number;
+  exportName: string;
+  bitmapName: string | undefined;
+  action: BitmapAction;
+}
+
+/** One entry of `backup-access-setup`'s answer. */
+interface BackupAccessInfo {
+  'node-name': string;
+  device: string;
+  size: number;
+  'bitmap-node-name'?: string;
+  'bitmap-name'?: string;
+  'bitmap-action'?: string;
+}
+
+/** True when QEMU offers Proxmox's backup access API (`query-proxmox-support`). */
+export async function detectProxmox(qmp: QmpClient): Promise<boolean> {
+  try {
+    const r = await qmp.execute<Record<string, unknown>>('query-proxmox-support');
+    return r['backup-access-api'] === true;
+  } catch (err) {
+    if (err instanceof QmpError) return false;
+    throw err;
+  }
+}
+
+/** Which form of `backup-access-setup` QEMU has, from `query-qmp-schema` (default: the landed one). */
+async function detectForm(qmp: QmpClient): Promise<'devices' | 'devlist'> {
+  try {
+    const schema = await qmp.execute<Array<Record<string, unknown>>>('query-qmp-schema');
+    const cmd = schema.find((e) => e['meta-type'] === 'command' && e.name === 'backup-access-setup');
+    const argType = cmd?.['arg-type'];
+    const obj = schema.find((e) => e.name === argType);
+    const members = Array.isArray(obj?.members) ? (obj.members as Array<{ name?: string }>).map((m) => m.name) : [];
+    if (members.includes('devlist')) return 'devlist';
+  } catch (err) {
+    if (!(err instanceof QmpError)) throw err;
+  }
+  return 'devices';
+}
+
+function mapAction(raw: string | undefined, anchorExisted: boolean): BitmapAction {
+  switch (raw) {
+    case undefined:
+    case 'not-used':
+      return 'not-used';
+    case 'not-used-removed':
+      return 'not-used-removed';
+    case 'new':
+      return 'new';
+    case 'used':
+      return 'used';
+    case 'missing-recreated':
+      return anchorExisted ? 'invalid' : 'new';
+    default:
+      return 'invalid';
+  }
+}
+
+/** The device named in a QEMU error message, if one of ours is. */
+function deviceIn(desc: string, devices: string[]): string | undefined {
+  return [...devices].sort((a, b) => b.length - a.length).find((d) => desc.includes(d));
+}
+
+/** Sets up backup access with Proxmox's QMP command. On failure everything done is undone. */
+export async function setupProxmox(qmp: QmpClient, input: UpstreamSetupInput): Promise<{ state: AccessState; devices: ProxmoxDeviceResult[] }> {
+  const existing = await readState(qmp);
+  if (existing) throw new BackupAccessActiveError(existing.targetId);
+  for (const d of input.devices) {
+    if (`${d}-fleecing`.length > 31) throw new InvalidArgumentError(`device name ${d} is too long for a fleecing node name`);
+  }
+  const form = await detectForm(qmp);
+  const blocks = await queryBlock(qmp).catch((err: unknown) => {
+    if (err instanceof QmpError) return [];
+    throw err;
+  });
+  let nodes = await queryNamedBlockNodes(qmp);
+  const sizes = input.devices.map((device) => {
+    const node: QmpBlockNodeInfo | undefined =
+      blocks.find((b) => b.device === device)?.inserted ?? nodes.find((n) => n['node-name'] === device);
+    const size = node?.image?.['virtual-size'];
+    if (!node) throw new InvalidArgumentError(`device ${device} not found in QEMU (query-block / query-named-block-nodes)`);
+    if (typeof size !== 'number' || size <= 0) throw new BackupAccessError(`${device}: QEMU reports no size`, { device });
+    return size;
+  });
+  const token = randomBytes(4).toString('hex');
+  const qemuTargetId = form === 'devices' && input.bitmap !== undefined ? `${input.targetId}/${input.bitmap}` : input.targetId;
+  const devStates: DeviceState[] = input.devices.map((device, slot) => ({
+    device,
+    slot,
+    source: device,
+    fleecingPath: fleecingPath(input.fleecingDir, token, device, input.fleecingFormat),
+    fleecingFormat: input.fleecingFormat,
+    fleecingNode: `${device}-fleecing`,
+    fleecingFileNode: slotNames(slot).fleecingFile,
+    exportId: slotNames(slot).exportId,
+    exportName: device,
+  }));
+  const state: AccessState = {
+    v: 1,
+    targetId: input.targetId,
+    backend: 'proxmox',
+    qemuTargetId,
+    socketPath: input.socket.socketPath,
+    // Set once the server is started, so a rollback never stops a server it did not start.
+    ownNbd: false,
+    devices: devStates,
+  };
+  if (input.socket.ownNbd) state.socketDir = input.socket.socketDir;
+
+  await writeState(qmp, state);
+  const results: ProxmoxDeviceResult[] = [];
+  try {
+    for (const [i, d] of devStates.entries()) await createFleecingImage(d.device, d.fleecingPath, d.fleecingFormat, sizes[i]!);
+    for (const d of devStates) await addFleecingNodes(qmp, d.device, d);
+
+    // One bitmap per target: bitmaps of this target under another bitmap id are obsolete.
+    const removedStale = new Set<string>();
+    const anchors = new Map<string, string>(); // anchor name -> node
+    if (form === 'devices') {
+      nodes = await queryNamedBlockNodes(qmp);
+      for (const n of nodes) {
+        for (const b of n['dirty-bitmaps'] ?? []) {
+          const ours = b.name === input.targetId || b.name.startsWith(`${input.targetId}/`);
+          if (!ours) continue;
+          const current = input.bitmap !== undefined && (b.name === qemuTargetId || b.name === anchorBitmapName(input.targetId, input.bitmap));
+          if (current) {
+            if (b.name !== qemuTargetId) anchors.set(b.name, n['node-name']);
+            continue;
+          }
+          if (b.name === qemuTargetId) continue;
+          await qmp.execute('block-dirty-bitmap-remove', { node: n['node-name'], name: b.name }, { device: n['node-name'] });
+          if (!b.name.includes('//')) removedStale.add(n['node-name']);
+        }
+      }
+    }
+
+    const args: Record<string, unknown> =
+      form === 'devices'
+        ? {
+            'target-id': qemuTargetId,
+            devices: input.devices.map((device) => ({ device, 'bitmap-mode': input.bitmap === undefined ? 'none' : 'use' })),
+          }
+        : {
+            'target-id': qemuTargetId,
+            devlist: input.devices.join(','),
+            ...(input.bitmap !== undefined ? { 'bitmap-name': input.bitmap } : {}),
+          };
+    let infos: BackupAccessInfo[];
+    try {
+      infos = await withFrozenFilesystems(input.qga, () =>
+        qmp.execute<BackupAccessInfo[]>('backup-access-setup', args, { timeoutMs: 120_000 }),
+      );
+    } catch (err) {
+      if (err instanceof QmpError) {
+        const m = /previous backup for target '([^']*)' not finished/.exec(err.desc);
+        if (m) throw new BackupAccessActiveError(m[1], err.desc);
+        const dev = deviceIn(err.desc, input.devices);
+        if (dev) throw deviceError(dev, 'backup-access-setup', err);
+        throw new BackupAccessError(`backup-access-setup failed for ${input.devices.join(', ')}: ${err.desc}`, { cause: err });
+      }
+      throw err;
+    }
+    // The exports exist only once the setup has succeeded.
+    if (input.socket.ownNbd) {
+      await startNbdServer(qmp, input.socket.socketPath);
+      state.ownNbd = true;
+      await writeState(qmp, state);
+    }
+    for (const [i, d] of devStates.entries()) {
+      const info = infos.find((x) => x.device === d.device) ?? infos[i];
+      if (!info) throw new BackupAccessError(`${d.device}: backup-access-setup returned no entry for the device`, { device: d.device });
+      const bitmapNode = info['bitmap-node-name'] ?? blocks.find((b) => b.device === d.device)?.inserted?.['node-name'] ?? d.device;
+      const bitmapName = info['bitmap-name'];
+      await addExport(qmp, d.device, {
+        exportId: d.exportId,
+        exportName: d.exportName,
+        node: info['node-name'],
+        ...(bitmapName ? { bitmap: { node: bitmapNode, name: bitmapName } } : {}),
+      });
+      let anchorExisted = false;
+      if (form === 'devices' && input.bitmap !== undefined && bitmapName) {
+        const anchor = anchorBitmapName(input.targetId, input.bitmap);
+        anchorExisted = anchors.get(anchor) === bitmapNode;
+        if (!anchorExisted) {
+          await qmp.execute(
+            'block-dirty-bitmap-add',
+            { node: bitmapNode, name: anchor, disabled: true, granularity: 2 ** 31 },
+            { device: d.device },
+          ).catch(() => undefined);
+        }
+      }
+      let action = mapAction(info['bitmap-action'], anchorExisted);
+      if (action === 'not-used' && removedStale.size > 0 && input.bitmap === undefined) action = 'not-used-removed';
+      results.push({ device: d.device, nodeName: info['node-name'], size: info.size, exportName: d.exportName, bitmapName, action });
+    }
+  } catch (err) {
+    await teardownProxmox(qmp, state, false).catch(() => undefined);
+    throw err;
+  }
+  return { state, devices: results };
+}
+
+/** Undoes a Proxmox access: exports, NBD server, `backup-access-teardown`, fleecing nodes and files. */
+export async function teardownProxmox(qmp: QmpClient, state: AccessState, success: boolean): Promise<void> {
+  const run = new StepRunner(qmp);
+  await run.qmpStep('removing NBD exports', () => deleteExports(qmp, state.devices.map((d) => d.exportId)));
+  if (state.ownNbd) {
+    await run.qmpStep('stopping the NBD server', () => qmp.execute('nbd-server-stop').catch((err: unknown) => {
+      if (!(err instanceof QmpError)) throw err;
+    }));
+  }
+  await run.qmpStep('backup-access-teardown', async () => {
+    try {
+      await qmp.execute('backup-access-teardown', { 'target-id': state.qemuTargetId ?? state.targetId, success }, { timeoutMs: 120_000 });
+    } catch (err) {
+      throw new BackupAccessError(`backup-access-teardown for target '${state.targetId}' failed: ${(err as Error).message}`, { cause: err });
+    }
+  });
+  for (const d of [...state.devices].reverse()) {
+    for (const name of [d.fleecingNode, d.fleecingFileNode]) {
+      await run.qmpStep(`${d.device}: removing node ${name}`, async () => {
+        if (!(await queryNamedBlockNodes(qmp)).some((n) => n['node-name'] === name)) return;
+        try {
+          await qmp.execute('blockdev-del', { 'node-name': name }, { device: d.device });
+        } catch (err) {
+          throw deviceError(d.device, `removing node ${name}`, err);
+        }
+      });
+    }
+  }
+  await removeLocalFiles(run, state);
+  await run.qmpStep('removing the access record', () => deleteState(qmp));
+  run.throwIfFailed(`teardown of backup access for target '${state.targetId}'`);
+}

@@ -1,0 +1,98 @@
+/**
+ * The record of an active backup access, kept inside QEMU (a QOM `secret` object whose `data`
+ * is JSON) so that teardown and recovery work after the orchestrating process restarted.
+ *
+ * @packageDocumentation
+ */
+import type { QmpClient } from '../qmp/client.js';
+import { QmpClosedError, QmpError } from '../qmp/errors.js';
+import { STATE_OBJECT_ID } from './names.js';
+
+/** How the copy-before-write filter is put above the disk. */
+export type ParentRef = { kind: 'qdev'; path: string } | { kind: 'node'; node: string; driver: string };
+
+/** One device of an access. */
+export interface DeviceState {
+  /** Device name as the caller gave it. */
+  device: string;
+  /** Device number inside the access (names the nodes). */
+  slot: number;
+  /** Node whose content is snapshotted (and carries the bitmaps). */
+  source: string;
+  /** Where the filter is inserted (upstream only). */
+  parent?: ParentRef;
+  /** Fleecing image path. */
+  fleecingPath: string;
+  /** Fleecing image format. */
+  fleecingFormat: 'qcow2' | 'raw';
+  /** Fleecing format node name. */
+  fleecingNode: string;
+  /** Fleecing file node name. */
+  fleecingFileNode: string;
+  /** Export id. */
+  exportId: string;
+  /** NBD export name. */
+  exportName: string;
+  /** Main bitmap name, when incremental. */
+  bitmap?: string;
+  /** Anchor bitmap name, when incremental. */
+  anchor?: string;
+  /** Whether this access created the anchor (so a failed first run forgets it again). */
+  createdAnchor?: boolean;
+  /** `incr`: the main bitmap existed and is used; `full`: it was created empty at setup. */
+  bitmapKind?: 'incr' | 'full';
+}
+
+/** The whole access. */
+export interface AccessState {
+  /** Format version. */
+  v: 1;
+  /** Target id of the caller. */
+  targetId: string;
+  /** Backend used. */
+  backend: 'proxmox' | 'upstream';
+  /** Target id passed to Proxmox's `backup-access-setup`. */
+  qemuTargetId?: string;
+  /** Unix socket of the NBD server. */
+  socketPath: string;
+  /** Whether this access started the NBD server (and so stops it). */
+  ownNbd: boolean;
+  /** Private directory holding the socket, when this access created it. */
+  socketDir?: string;
+  /** Devices. */
+  devices: DeviceState[];
+}
+
+/** Reads the record, or `undefined` when there is none. */
+export async function readState(qmp: QmpClient): Promise<AccessState | undefined> {
+  let data: unknown;
+  try {
+    data = await qmp.execute('qom-get', { path: `/objects/${STATE_OBJECT_ID}`, property: 'data' });
+  } catch (err) {
+    if (err instanceof QmpError) return undefined;
+    throw err;
+  }
+  if (typeof data !== 'string') return undefined;
+  try {
+    const parsed = JSON.parse(data) as AccessState;
+    return parsed && parsed.v === 1 && Array.isArray(parsed.devices) ? parsed : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Writes (replaces) the record. */
+export async function writeState(qmp: QmpClient, state: AccessState): Promise<void> {
+  await deleteState(qmp);
+  await qmp.execute('object-add', { 'qom-type': 'secret', id: STATE_OBJECT_ID, format: 'raw', data: JSON.stringify(state) });
+}
+
+/** Removes the record; no error when it does not exist. */
+export async function deleteState(qmp: QmpClient): Promise<void> {
+  try {
+    await qmp.execute('object-del', { id: STATE_OBJECT_ID });
+  } catch (err) {
+    if (err instanceof QmpClosedError) throw err;
+    if (!(err instanceof QmpError)) throw err;
+  }
+}

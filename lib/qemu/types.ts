@@ -1,0 +1,81 @@
+/**
+ * Public types of backup access.
+ *
+ * @packageDocumentation
+ */
+import type { GuestAgentClient } from '../qmp/guest-agent.js';
+
+/**
+ * What happened to the target's dirty bitmap at setup, as Proxmox's `backup-access-setup` reports it:
+ * - `not-used`: no bitmap requested and none existed;
+ * - `not-used-removed`: no bitmap requested; the target's old bitmap was removed;
+ * - `new`: a new bitmap was created (first run, or the bitmap id changed);
+ * - `used`: the bitmap from the last successful backup is used (incremental);
+ * - `invalid`: a bitmap was expected but is gone or unusable; a new one was created.
+ */
+export type BitmapAction = 'not-used' | 'not-used-removed' | 'new' | 'used' | 'invalid';
+
+/** The provider-facing mode: `none` (no bitmap), `new` (read everything, bitmap starts now), `reuse` (read the dirty parts). */
+export type BitmapMode = 'none' | 'new' | 'reuse';
+
+/** One device of an active backup access. */
+export interface BackupAccessDevice {
+  /** Device name as passed to {@link SetupBackupAccessOptions.devices}. */
+  device: string;
+  /** The exported snapshot-access node. */
+  nodeName: string;
+  /** Size in bytes. */
+  size: number;
+  /** NBD export name. */
+  exportName: string;
+  /** `nbd+unix:///EXPORT?socket=PATH`. */
+  nbdUri: string;
+  /**
+   * Dirty bitmap exported with the snapshot (NBD meta context `qemu:dirty-bitmap:<bitmapName>`),
+   * present when the export carries one. Always present in mode `reuse`. In mode `new` it is
+   * present on Proxmox QEMU (all dirty) and absent on upstream QEMU (read everything).
+   */
+  bitmapName?: string;
+  /** Raw action. */
+  bitmapAction: BitmapAction;
+  /** Provider-facing mode ({@link bitmapModeFor} of the action). */
+  bitmapMode: BitmapMode;
+}
+
+/** An active backup access. */
+export interface BackupAccess {
+  /** Target id it was set up for. */
+  targetId: string;
+  /** Backend used: Proxmox's `backup-access-setup` or standard QMP commands. */
+  backend: 'proxmox' | 'upstream';
+  /** Unix socket of the NBD server. */
+  socketPath: string;
+  /** Devices in the order requested. */
+  devices: BackupAccessDevice[];
+}
+
+/** Options of {@link setupBackupAccess}. */
+export interface SetupBackupAccessOptions {
+  /** Target id, e.g. `snapshot-access:store1` (`[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}`). Names the bitmap. */
+  targetId: string;
+  /**
+   * Devices. VM: BlockBackend names (`drive-scsi0`) or qdev ids (`virtio0`); qemu-storage-daemon:
+   * the top node name (a `raw` node over the disk; the filter goes below it).
+   */
+  devices: string[];
+  /** Bitmap id (`[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}`); absent: no incremental tracking. */
+  bitmap?: string;
+  /** Fleecing images: directory (absolute, writable) and format (default `qcow2`). */
+  fleecing: { dir: string; format?: 'qcow2' | 'raw' };
+  /** Guest agent: filesystems are frozen around the point in time. */
+  qga?: GuestAgentClient;
+  /**
+   * NBD server already running in QEMU (QEMU allows one): its unix socket. Exports are added to
+   * it. Absent: a server is started on a private socket and stopped at teardown.
+   */
+  nbdServer?: { path: string };
+  /** Directory in which the private NBD socket directory is created (default: the OS temp dir). */
+  socketDir?: string;
+  /** Backend: detected from `query-proxmox-support` / `query-commands` by default. */
+  backend?: 'auto' | 'proxmox' | 'upstream';
+}

@@ -1,0 +1,455 @@
+/**
+ * Backup access on stock QEMU (7.2 and newer) with standard QMP commands: fleecing image,
+ * copy-before-write filter, snapshot-access node, dirty bitmap frozen with a background bitmap,
+ * NBD export.
+ *
+ * @packageDocumentation
+ */
+import { randomBytes } from 'node:crypto';
+import type { QmpClient } from '../qmp/client.js';
+import {
+  queryBlock,
+  queryCommands,
+  queryNamedBlockNodes,
+  type QmpBlockInfo,
+  type QmpBlockNodeInfo,
+  type QmpDirtyBitmapInfo,
+} from '../qmp/commands.js';
+import { QmpError } from '../qmp/errors.js';
+import { withFrozenFilesystems, type GuestAgentClient } from '../qmp/guest-agent.js';
+import { InvalidArgumentError } from '../errors.js';
+import {
+  StepRunner,
+  addExport,
+  addFleecingNodes,
+  createFleecingImage,
+  deleteExports,
+  removeLocalFiles,
+  startNbdServer,
+} from './common.js';
+import { BackupAccessActiveError, BackupAccessError, deviceError } from './errors.js';
+import {
+  BACKGROUND_SUFFIX,
+  NAME_PREFIX,
+  anchorBitmapName,
+  backgroundBitmapName,
+  fleecingPath,
+  mainBitmapName,
+  slotNames,
+} from './names.js';
+import { deleteState, readState, writeState, type AccessState, type DeviceState, type ParentRef } from './state.js';
+import type { BitmapAction } from './types.js';
+
+/** Validated input of {@link setupUpstream}. */
+export interface UpstreamSetupInput {
+  targetId: string;
+  devices: string[];
+  bitmap: string | undefined;
+  fleecingDir: string;
+  fleecingFormat: 'qcow2' | 'raw';
+  qga: GuestAgentClient | undefined;
+  socket: { ownNbd: true; socketPath: string; socketDir: string } | { ownNbd: false; socketPath: string };
+}
+
+/** Result per device of {@link setupUpstream}. */
+export interface UpstreamDeviceResult {
+  state: DeviceState;
+  size: number;
+  action: BitmapAction;
+  /** Bitmap attached to the export, if any. */
+  exportedBitmap: string | undefined;
+}
+
+const ANCHOR_GRANULARITY = 2 ** 31;
+
+interface Resolved {
+  device: string;
+  source: string;
+  sourceNode: QmpBlockNodeInfo;
+  parent: ParentRef;
+  size: number;
+}
+
+function qdevPathOf(b: QmpBlockInfo): string | undefined {
+  if (!b.qdev) return undefined;
+  return b.qdev.replace(/\/virtio-backend$/, '');
+}
+
+/** Finds the node whose content a caller's device name stands for, and where to insert the filter. */
+async function resolveDevices(qmp: QmpClient, devices: string[], nodes: QmpBlockNodeInfo[]): Promise<Resolved[]> {
+  let blocks: QmpBlockInfo[] = [];
+  try {
+    blocks = await queryBlock(qmp);
+  } catch (err) {
+    if (!(err instanceof QmpError)) throw err;
+  }
+  const byNode = new Map(nodes.map((n) => [n['node-name'], n]));
+  type Graph = { nodes: Array<{ id: number; name: string }>; edges: Array<{ parent: number; child: number; name: string }> };
+  let graph: Graph | undefined;
+  const out: Resolved[] = [];
+  for (const device of devices) {
+    const block = blocks.find((b) => {
+      if (!b.inserted) return false;
+      if (b.device !== '' && b.device === device) return true;
+      const q = qdevPathOf(b);
+      return q !== undefined && (q === `/machine/peripheral/${device}` || q === device);
+    });
+    if (block?.inserted) {
+      const qdev = qdevPathOf(block);
+      if (!qdev) throw new BackupAccessError(`${device}: block backend is not attached to a guest device`, { device });
+      const source = block.inserted['node-name'];
+      const sourceNode = byNode.get(source) ?? block.inserted;
+      out.push({ device, source, sourceNode, parent: { kind: 'qdev', path: qdev }, size: sizeOf(device, sourceNode) });
+      continue;
+    }
+    const top = byNode.get(device);
+    if (!top) {
+      throw new InvalidArgumentError(`device ${device} not found in QEMU (neither a block device, a qdev id nor a node name)`);
+    }
+    if (top.drv !== 'raw') {
+      throw new BackupAccessError(
+        `${device}: node has driver ${top.drv}; without a guest device the filter is inserted below a raw node, so pass a raw node over the disk`,
+        { device },
+      );
+    }
+    const g: Graph = graph ?? (await qmp.execute<Graph>('x-debug-query-block-graph'));
+    graph = g;
+    const topId = g.nodes.find((n) => n.name === device)?.id;
+    const edge = g.edges.find((e) => e.parent === topId && e.name === 'file');
+    const child = edge ? g.nodes.find((n) => n.id === edge.child)?.name : undefined;
+    const sourceNode = child ? byNode.get(child) : undefined;
+    if (!child || !sourceNode) throw new BackupAccessError(`${device}: raw node has no named file child`, { device });
+    out.push({ device, source: child, sourceNode, parent: { kind: 'node', node: device, driver: 'raw' }, size: sizeOf(device, sourceNode) });
+  }
+  const seen = new Set<string>();
+  for (const r of out) {
+    if (seen.has(r.source)) throw new InvalidArgumentError(`device ${r.device} is given twice (node ${r.source})`);
+    seen.add(r.source);
+  }
+  return out;
+}
+
+function sizeOf(device: string, node: QmpBlockNodeInfo): number {
+  const size = node.image?.['virtual-size'];
+  if (typeof size !== 'number' || size <= 0) throw new BackupAccessError(`${device}: QEMU reports no size for node ${node['node-name']}`, { device });
+  return size;
+}
+
+/** Throws {@link BackupAccessActiveError} when an access (or its leftovers) is present. */
+export async function assertNoActiveAccess(qmp: QmpClient, nodes: QmpBlockNodeInfo[]): Promise<void> {
+  const state = await readState(qmp);
+  if (state) throw new BackupAccessActiveError(state.targetId);
+  const leftover = nodes.find((n) => n['node-name'].startsWith(`${NAME_PREFIX}-`));
+  if (leftover) throw new BackupAccessActiveError(undefined, `node ${leftover['node-name']} exists`);
+  for (const n of nodes) {
+    const bg = (n['dirty-bitmaps'] ?? []).find((b) => b.name.endsWith(BACKGROUND_SUFFIX));
+    if (bg) throw new BackupAccessActiveError(bg.name.slice(0, -BACKGROUND_SUFFIX.length), `bitmap ${bg.name} on ${n['node-name']}`);
+  }
+}
+
+interface BitmapPlan {
+  action: BitmapAction;
+  kind: 'incr' | 'full' | undefined;
+  remove: string[];
+  createAnchor: boolean;
+  main: string | undefined;
+  anchor: string | undefined;
+}
+
+/** Decides the bitmap action for one device from the bitmaps QEMU has (see the module docs). */
+function planBitmap(targetId: string, bitmapId: string | undefined, bitmaps: QmpDirtyBitmapInfo[]): BitmapPlan {
+  const ours = bitmaps.filter((b) => b.name.startsWith(`${targetId}/`) && !b.name.endsWith(BACKGROUND_SUFFIX));
+  if (bitmapId === undefined) {
+    return {
+      action: ours.length > 0 ? 'not-used-removed' : 'not-used',
+      kind: undefined,
+      remove: ours.map((b) => b.name),
+      createAnchor: false,
+      main: undefined,
+      anchor: undefined,
+    };
+  }
+  const main = mainBitmapName(targetId, bitmapId);
+  const anchor = anchorBitmapName(targetId, bitmapId);
+  const existing = ours.find((b) => b.name === main);
+  const hasAnchor = ours.some((b) => b.name === anchor);
+  const others = ours.filter((b) => b.name !== main && b.name !== anchor).map((b) => b.name);
+  // A bitmap that does not record (left disabled by a crash) or is inconsistent cannot be trusted.
+  const usable = existing && existing.recording !== false && existing.inconsistent !== true && existing.busy !== true;
+  if (usable) {
+    return { action: 'used', kind: 'incr', remove: others, createAnchor: !hasAnchor, main, anchor };
+  }
+  const remove = existing ? [...others, main] : others;
+  return { action: hasAnchor || existing ? 'invalid' : 'new', kind: 'full', remove, createAnchor: !hasAnchor, main, anchor };
+}
+
+/** Sets up backup access with standard QMP commands. On failure everything done is undone. */
+export async function setupUpstream(qmp: QmpClient, input: UpstreamSetupInput): Promise<{ state: AccessState; devices: UpstreamDeviceResult[] }> {
+  const nodes = await queryNamedBlockNodes(qmp);
+  await assertNoActiveAccess(qmp, nodes);
+  const resolved = await resolveDevices(qmp, input.devices, nodes);
+  const token = randomBytes(4).toString('hex');
+  const plans: BitmapPlan[] = [];
+  const devStates: DeviceState[] = resolved.map((r, slot) => {
+    const n = slotNames(slot);
+    const plan = planBitmap(input.targetId, input.bitmap, r.sourceNode['dirty-bitmaps'] ?? []);
+    plans.push(plan);
+    const d: DeviceState = {
+      device: r.device,
+      slot,
+      source: r.source,
+      parent: r.parent,
+      fleecingPath: fleecingPath(input.fleecingDir, token, r.device, input.fleecingFormat),
+      fleecingFormat: input.fleecingFormat,
+      fleecingNode: n.fleecing,
+      fleecingFileNode: n.fleecingFile,
+      exportId: n.exportId,
+      exportName: r.device,
+    };
+    if (plan.main && plan.anchor && plan.kind) {
+      d.bitmap = plan.main;
+      d.anchor = plan.anchor;
+      d.bitmapKind = plan.kind;
+      d.createdAnchor = plan.createAnchor;
+    }
+    return d;
+  });
+  const state: AccessState = {
+    v: 1,
+    targetId: input.targetId,
+    backend: 'upstream',
+    socketPath: input.socket.socketPath,
+    // Set once the server is started, so a rollback never stops a server it did not start.
+    ownNbd: false,
+    devices: devStates,
+  };
+  if (input.socket.ownNbd) state.socketDir = input.socket.socketDir;
+
+  await writeState(qmp, state);
+  try {
+    for (const [i, d] of devStates.entries()) {
+      await createFleecingImage(d.device, d.fleecingPath, d.fleecingFormat, resolved[i]!.size);
+    }
+    for (const d of devStates) await addFleecingNodes(qmp, d.device, d);
+    // Old bitmaps of this target that are not to be used any more.
+    for (const [i, d] of devStates.entries()) {
+      for (const name of plans[i]!.remove) {
+        try {
+          await qmp.execute('block-dirty-bitmap-remove', { node: d.source, name }, { device: d.device });
+        } catch (err) {
+          throw deviceError(d.device, `removing old bitmap ${name}`, err);
+        }
+      }
+    }
+    const commands = await queryCommands(qmp);
+    await withFrozenFilesystems(input.qga, () => freezePoint(qmp, commands, input.targetId, devStates, plans));
+    for (const d of devStates) {
+      try {
+        await qmp.execute(
+          'blockdev-add',
+          { driver: 'snapshot-access', 'node-name': slotNames(d.slot).snapshot, file: slotNames(d.slot).cbw },
+          { device: d.device },
+        );
+      } catch (err) {
+        throw deviceError(d.device, 'adding the snapshot-access node', err);
+      }
+    }
+    if (input.socket.ownNbd) {
+      await startNbdServer(qmp, input.socket.socketPath);
+      state.ownNbd = true;
+      await writeState(qmp, state);
+    }
+    for (const d of devStates) {
+      const bitmap = d.bitmap && d.bitmapKind === 'incr' ? { node: d.source, name: d.bitmap } : undefined;
+      await addExport(qmp, d.device, {
+        exportId: d.exportId,
+        exportName: d.exportName,
+        node: slotNames(d.slot).snapshot,
+        ...(bitmap ? { bitmap } : {}),
+      });
+    }
+  } catch (err) {
+    await teardownUpstream(qmp, state, false).catch(() => undefined);
+    throw err;
+  }
+  return {
+    state,
+    devices: devStates.map((d, i) => ({
+      state: d,
+      size: resolved[i]!.size,
+      action: plans[i]!.action,
+      exportedBitmap: d.bitmap && d.bitmapKind === 'incr' ? d.bitmap : undefined,
+    })),
+  };
+}
+
+/**
+ * The point in time: with the guest paused (when it runs) and its filesystems frozen (when an
+ * agent is given), freeze the bitmaps, start the background bitmaps and insert the filters.
+ */
+async function freezePoint(qmp: QmpClient, commands: Set<string>, targetId: string, devs: DeviceState[], plans: BitmapPlan[]): Promise<void> {
+  let resume = false;
+  if (commands.has('query-status') && commands.has('stop')) {
+    const st = await qmp.execute<{ running?: boolean }>('query-status');
+    if (st.running) {
+      await qmp.execute('stop');
+      resume = true;
+    }
+  }
+  try {
+    const actions: Array<Record<string, unknown>> = [];
+    for (const [i, d] of devs.entries()) {
+      const plan = plans[i]!;
+      actions.push({ type: 'block-dirty-bitmap-add', data: { node: d.source, name: backgroundBitmapName(targetId) } });
+      if (d.bitmap && d.anchor) {
+        const persistent = await isPersistable(qmp, d.source);
+        if (plan.kind === 'full') {
+          actions.push({ type: 'block-dirty-bitmap-add', data: { node: d.source, name: d.bitmap, persistent, disabled: true } });
+        } else {
+          actions.push({ type: 'block-dirty-bitmap-disable', data: { node: d.source, name: d.bitmap } });
+        }
+        if (plan.createAnchor) {
+          actions.push({
+            type: 'block-dirty-bitmap-add',
+            data: { node: d.source, name: d.anchor, persistent, disabled: true, granularity: ANCHOR_GRANULARITY },
+          });
+        }
+      }
+    }
+    try {
+      await qmp.execute('transaction', { actions });
+    } catch (err) {
+      throw new BackupAccessError(`freezing the dirty bitmaps failed (QMP transaction): ${(err as Error).message}`, { cause: err });
+    }
+    for (const d of devs) {
+      await addCbw(qmp, d);
+      await insertFilter(qmp, d, slotNames(d.slot).cbw);
+    }
+  } finally {
+    if (resume) await qmp.execute('cont');
+  }
+}
+
+async function isPersistable(qmp: QmpClient, node: string): Promise<boolean> {
+  const n = (await queryNamedBlockNodes(qmp)).find((x) => x['node-name'] === node);
+  return n?.drv === 'qcow2' && !n.ro;
+}
+
+async function addCbw(qmp: QmpClient, d: DeviceState): Promise<void> {
+  const names = slotNames(d.slot);
+  const args: Record<string, unknown> = {
+    driver: 'copy-before-write',
+    'node-name': names.cbw,
+    file: d.source,
+    target: names.fleecing,
+    'on-cbw-error': 'break-snapshot',
+    'cbw-timeout': 45,
+  };
+  if (d.bitmap && d.bitmapKind === 'incr') args.bitmap = { node: d.source, name: d.bitmap };
+  try {
+    await qmp.execute('blockdev-add', args, { device: d.device });
+  } catch (err) {
+    // Older QEMU without the error policy options.
+    if (err instanceof QmpError && /cbw-timeout|on-cbw-error/.test(err.desc)) {
+      delete args['on-cbw-error'];
+      delete args['cbw-timeout'];
+      try {
+        await qmp.execute('blockdev-add', args, { device: d.device });
+        return;
+      } catch (err2) {
+        throw deviceError(d.device, 'adding the copy-before-write filter', err2);
+      }
+    }
+    throw deviceError(d.device, 'adding the copy-before-write filter', err);
+  }
+}
+
+/** Points the device (or the raw parent node) at `node`, unless it already is. */
+async function insertFilter(qmp: QmpClient, d: DeviceState, node: string): Promise<void> {
+  const parent = d.parent;
+  if (!parent) return;
+  try {
+    if (parent.kind === 'qdev') {
+      // Setting the drive to the node it already has trips an assertion in QEMU 7.2: check first.
+      const current = (await queryBlock(qmp)).find((b) => qdevPathOf(b) === parent.path)?.inserted?.['node-name'];
+      if (current === node) return;
+      await qmp.execute('qom-set', { path: parent.path, property: 'drive', value: node }, { device: d.device });
+    } else {
+      await qmp.execute('blockdev-reopen', { options: [{ driver: parent.driver, 'node-name': parent.node, file: node }] }, { device: d.device });
+    }
+  } catch (err) {
+    throw deviceError(d.device, node === d.source ? 'removing the filter from the device' : 'inserting the filter above the device', err);
+  }
+}
+
+/**
+ * Undoes an access (or what exists of it), continuing after errors. With `success` the bitmap is
+ * cleared and the background bitmap merged into it; otherwise the background is merged in (or a
+ * bitmap created by this access is dropped again). Closed connection: only local files go.
+ */
+export async function teardownUpstream(qmp: QmpClient, state: AccessState, success: boolean): Promise<void> {
+  const run = new StepRunner(qmp);
+  await run.qmpStep('removing NBD exports', () => deleteExports(qmp, state.devices.map((d) => d.exportId)));
+  if (state.ownNbd) {
+    await run.qmpStep('stopping the NBD server', async () => {
+      try {
+        await qmp.execute('nbd-server-stop');
+      } catch (err) {
+        if (!(err instanceof QmpError)) throw err;
+      }
+    });
+  }
+  const exists = async (name: string): Promise<boolean> =>
+    (await queryNamedBlockNodes(qmp)).some((n) => n['node-name'] === name);
+  const del = async (d: DeviceState, name: string): Promise<void> => {
+    if (!(await exists(name))) return;
+    try {
+      await qmp.execute('blockdev-del', { 'node-name': name }, { device: d.device });
+    } catch (err) {
+      throw deviceError(d.device, `removing node ${name}`, err);
+    }
+  };
+  for (const d of [...state.devices].reverse()) {
+    const names = slotNames(d.slot);
+    await run.qmpStep(`${d.device}: removing the snapshot node`, () => del(d, names.snapshot));
+    await run.qmpStep(`${d.device}: removing the filter`, async () => {
+      if (await exists(names.cbw)) await insertFilter(qmp, d, d.source);
+    });
+    await run.qmpStep(`${d.device}: removing the filter node`, () => del(d, names.cbw));
+    await run.qmpStep(`${d.device}: removing the fleecing node`, () => del(d, d.fleecingNode));
+    await run.qmpStep(`${d.device}: removing the fleecing file node`, () => del(d, d.fleecingFileNode));
+  }
+  await run.qmpStep('merging the dirty bitmaps', () => settleBitmaps(qmp, state, success));
+  await removeLocalFiles(run, state);
+  await run.qmpStep('removing the access record', () => deleteState(qmp));
+  run.throwIfFailed(`teardown of backup access for target '${state.targetId}'`);
+}
+
+async function settleBitmaps(qmp: QmpClient, state: AccessState, success: boolean): Promise<void> {
+  const nodes = await queryNamedBlockNodes(qmp);
+  const bg = backgroundBitmapName(state.targetId);
+  for (const d of state.devices) {
+    const have = new Set((nodes.find((n) => n['node-name'] === d.source)?.['dirty-bitmaps'] ?? []).map((b) => b.name));
+    if (!have.has(bg)) continue;
+    const actions: Array<Record<string, unknown>> = [];
+    if (d.bitmap && have.has(d.bitmap)) {
+      if (d.bitmapKind === 'full' && !success) {
+        // The bitmap was created empty by this access: it does not cover what the failed backup missed.
+        actions.push({ type: 'block-dirty-bitmap-remove', data: { node: d.source, name: d.bitmap } });
+        if (d.createdAnchor && d.anchor && have.has(d.anchor)) {
+          actions.push({ type: 'block-dirty-bitmap-remove', data: { node: d.source, name: d.anchor } });
+        }
+      } else {
+        actions.push({ type: 'block-dirty-bitmap-enable', data: { node: d.source, name: d.bitmap } });
+        if (success) actions.push({ type: 'block-dirty-bitmap-clear', data: { node: d.source, name: d.bitmap } });
+        actions.push({ type: 'block-dirty-bitmap-merge', data: { node: d.source, target: d.bitmap, bitmaps: [bg] } });
+      }
+    }
+    actions.push({ type: 'block-dirty-bitmap-remove', data: { node: d.source, name: bg } });
+    try {
+      await qmp.execute('transaction', { actions }, { device: d.device });
+    } catch (err) {
+      throw deviceError(d.device, success ? 'merging the bitmaps after success' : 'merging the bitmaps after failure', err);
+    }
+  }
+}
