@@ -35,7 +35,9 @@ export function buildProgram(): Command {
   const program = new Command()
     .name('pve-backup-provider')
     .description('Proxmox VE backup provider toolkit: NBD backup access, copies, a directory backup store')
-    .showHelpAfterError();
+    .showHelpAfterError()
+    // set before the subcommands are added so that they inherit it
+    .exitOverride();
 
   program
     .command('info')
@@ -114,7 +116,6 @@ export function buildProgram(): Command {
 /** Runs the command line; resolves to the exit code. */
 export async function main(argv: string[]): Promise<number> {
   const program = buildProgram();
-  program.exitOverride();
   try {
     await program.parseAsync(argv);
     return EXIT.ok;
