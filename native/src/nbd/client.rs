@@ -34,7 +34,12 @@ pub struct ConnectOptions {
 
 impl ConnectOptions {
     pub fn new(uri: NbdUri) -> Self {
-        ConnectOptions { uri, meta_contexts: Vec::new(), extended_headers: true, max_in_flight: DEFAULT_MAX_IN_FLIGHT }
+        ConnectOptions {
+            uri,
+            meta_contexts: Vec::new(),
+            extended_headers: true,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+        }
     }
 }
 
@@ -61,7 +66,9 @@ pub struct NbdClient {
 
 impl std::fmt::Debug for NbdClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NbdClient").field("info", &self.inner.info).finish()
+        f.debug_struct("NbdClient")
+            .field("info", &self.inner.info)
+            .finish()
     }
 }
 
@@ -74,13 +81,17 @@ impl NbdClient {
     pub async fn connect(opts: &ConnectOptions) -> Result<NbdClient> {
         match &opts.uri.address {
             NbdAddress::Tcp { host, port } => {
-                let s = TcpStream::connect((host.as_str(), *port)).await.map_err(|e| connect_error(&opts.uri, e))?;
+                let s = TcpStream::connect((host.as_str(), *port))
+                    .await
+                    .map_err(|e| connect_error(&opts.uri, e))?;
                 // Request headers are small and latency matters more than packet count.
                 let _ = s.set_nodelay(true);
                 Self::connect_stream(s, opts).await
             }
             NbdAddress::Unix { path } => {
-                let s = UnixStream::connect(path).await.map_err(|e| connect_error(&opts.uri, e))?;
+                let s = UnixStream::connect(path)
+                    .await
+                    .map_err(|e| connect_error(&opts.uri, e))?;
                 Self::connect_stream(s, opts).await
             }
         }
@@ -94,15 +105,22 @@ impl NbdClient {
         if opts.max_in_flight == 0 {
             return Err(Error::invalid_argument("max_in_flight must be at least 1"));
         }
-        let info =
-            handshake::negotiate(&mut stream, &opts.uri.export, &opts.meta_contexts, opts.extended_headers).await?;
+        let info = handshake::negotiate(
+            &mut stream,
+            &opts.uri.export,
+            &opts.meta_contexts,
+            opts.extended_headers,
+        )
+        .await?;
         let mode = Mode {
             structured: info.structured_replies,
             extended: info.extended_headers,
             contexts: info.meta_contexts.iter().map(|c| c.id).collect(),
         };
         let conn = Connection::start(stream, mode, opts.max_in_flight);
-        Ok(NbdClient { inner: Arc::new(Inner { conn, info }) })
+        Ok(NbdClient {
+            inner: Arc::new(Inner { conn, info }),
+        })
     }
 
     pub fn info(&self) -> &ExportInfo {
@@ -112,7 +130,9 @@ impl NbdClient {
     fn check_range(&self, command: &str, offset: u64, length: u64) -> Result<()> {
         let info = &self.inner.info;
         if length == 0 {
-            return Err(Error::invalid_argument(format!("{command} of length 0 at offset {offset}")));
+            return Err(Error::invalid_argument(format!(
+                "{command} of length 0 at offset {offset}"
+            )));
         }
         match offset.checked_add(length) {
             Some(end) if end <= info.size => Ok(()),
@@ -146,7 +166,10 @@ impl NbdClient {
 
     fn check_writable(&self, command: &str) -> Result<()> {
         if self.inner.info.read_only() {
-            return Err(Error::unsupported(format!("{command} on read-only export {:?}", self.inner.info.name)));
+            return Err(Error::unsupported(format!(
+                "{command} on read-only export {:?}",
+                self.inner.info.name
+            )));
         }
         Ok(())
     }
@@ -161,11 +184,28 @@ impl NbdClient {
         Ok(())
     }
 
-    async fn simple(&self, command: u16, flags: u16, offset: u64, length: u64, payload: Option<Bytes>) -> Result<()> {
-        let cmd = Command { command, flags, offset, length, payload, expect: Expect::Nothing };
+    async fn simple(
+        &self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        length: u64,
+        payload: Option<Bytes>,
+    ) -> Result<()> {
+        let cmd = Command {
+            command,
+            flags,
+            offset,
+            length,
+            payload,
+            expect: Expect::Nothing,
+        };
         match self.inner.conn.submit(cmd).await? {
             Reply::Done => Ok(()),
-            other => Err(Error::protocol(format!("unexpected reply {other:?} to {}", command_name(command)))),
+            other => Err(Error::protocol(format!(
+                "unexpected reply {other:?} to {}",
+                command_name(command)
+            ))),
         }
     }
 
@@ -174,10 +214,19 @@ impl NbdClient {
         let length = u64::from(length);
         self.check_range("READ", offset, length)?;
         self.check_payload("READ", length)?;
-        let cmd = Command { command: CMD_READ, flags: 0, offset, length, payload: None, expect: Expect::Data };
+        let cmd = Command {
+            command: CMD_READ,
+            flags: 0,
+            offset,
+            length,
+            payload: None,
+            expect: Expect::Data,
+        };
         match self.inner.conn.submit(cmd).await? {
             Reply::Data(b) => Ok(b),
-            other => Err(Error::protocol(format!("unexpected reply {other:?} to READ"))),
+            other => Err(Error::protocol(format!(
+                "unexpected reply {other:?} to READ"
+            ))),
         }
     }
 
@@ -191,7 +240,8 @@ impl NbdClient {
         self.check_range("WRITE", offset, length)?;
         self.check_payload("WRITE", length)?;
         let flags = if fua { CMD_FLAG_FUA } else { 0 };
-        self.simple(CMD_WRITE, flags, offset, length, Some(data)).await
+        self.simple(CMD_WRITE, flags, offset, length, Some(data))
+            .await
     }
 
     /// Makes the range read as zeros; with `may_trim` the server may punch a hole instead of
@@ -202,7 +252,8 @@ impl NbdClient {
         self.check_range("WRITE_ZEROES", offset, length)?;
         self.check_len32("WRITE_ZEROES", length)?;
         let flags = if may_trim { 0 } else { CMD_FLAG_NO_HOLE };
-        self.simple(CMD_WRITE_ZEROES, flags, offset, length, None).await
+        self.simple(CMD_WRITE_ZEROES, flags, offset, length, None)
+            .await
     }
 
     /// Discards the range (contents become unspecified).
@@ -223,10 +274,18 @@ impl NbdClient {
     /// One BLOCK_STATUS request for one context, normalised: extents are contiguous, start at
     /// `offset`, are clipped to offset+length, at least one extent; a shorter answer is fine
     /// (the caller loops, or uses [`NbdClient::block_status_all`]).
-    pub async fn block_status(&self, offset: u64, length: u64, context: &str) -> Result<Vec<Extent>> {
+    pub async fn block_status(
+        &self,
+        offset: u64,
+        length: u64,
+        context: &str,
+    ) -> Result<Vec<Extent>> {
         let info = &self.inner.info;
         let context_id = info.context_id(context).ok_or_else(|| {
-            Error::unsupported(format!("meta context {context:?} was not negotiated with export {:?}", info.name))
+            Error::unsupported(format!(
+                "meta context {context:?} was not negotiated with export {:?}",
+                info.name
+            ))
         })?;
         self.check_range("BLOCK_STATUS", offset, length)?;
         // A shorter request is allowed to get a shorter answer, so clamp instead of failing;
@@ -246,13 +305,20 @@ impl NbdClient {
         };
         match self.inner.conn.submit(cmd).await? {
             Reply::Extents(descriptors) => Ok(normalise(offset, length, &descriptors)),
-            other => Err(Error::protocol(format!("unexpected reply {other:?} to BLOCK_STATUS"))),
+            other => Err(Error::protocol(format!(
+                "unexpected reply {other:?} to BLOCK_STATUS"
+            ))),
         }
     }
 
     /// Loops [`NbdClient::block_status`] until [offset, offset+length) is covered; merges
     /// adjacent extents with equal flags.
-    pub async fn block_status_all(&self, offset: u64, length: u64, context: &str) -> Result<Vec<Extent>> {
+    pub async fn block_status_all(
+        &self,
+        offset: u64,
+        length: u64,
+        context: &str,
+    ) -> Result<Vec<Extent>> {
         self.check_range("BLOCK_STATUS", offset, length)?;
         let end = offset + length;
         let mut out: Vec<Extent> = Vec::new();
@@ -288,7 +354,11 @@ fn normalise(offset: u64, length: u64, descriptors: &[BlockDescriptor]) -> Vec<E
             break;
         }
         let len = d.length.min(end - pos);
-        out.push(Extent { offset: pos, length: len, flags: d.flags });
+        out.push(Extent {
+            offset: pos,
+            length: len,
+            flags: d.flags,
+        });
         pos += len;
     }
     out
@@ -299,11 +369,15 @@ fn normalise(offset: u64, length: u64, descriptors: &[BlockDescriptor]) -> Vec<E
 pub async fn list_meta_contexts(uri: &NbdUri, queries: &[String]) -> Result<Vec<String>> {
     match &uri.address {
         NbdAddress::Tcp { host, port } => {
-            let mut s = TcpStream::connect((host.as_str(), *port)).await.map_err(|e| connect_error(uri, e))?;
+            let mut s = TcpStream::connect((host.as_str(), *port))
+                .await
+                .map_err(|e| connect_error(uri, e))?;
             handshake::list_meta_contexts(&mut s, &uri.export, queries).await
         }
         NbdAddress::Unix { path } => {
-            let mut s = UnixStream::connect(path).await.map_err(|e| connect_error(uri, e))?;
+            let mut s = UnixStream::connect(path)
+                .await
+                .map_err(|e| connect_error(uri, e))?;
             handshake::list_meta_contexts(&mut s, &uri.export, queries).await
         }
     }
@@ -318,8 +392,26 @@ mod tests {
         let d = |length, flags| BlockDescriptor { length, flags };
         assert_eq!(
             normalise(100, 1000, &[d(400, 0), d(10_000, 3), d(5, 1)]),
-            vec![Extent { offset: 100, length: 400, flags: 0 }, Extent { offset: 500, length: 600, flags: 3 }]
+            vec![
+                Extent {
+                    offset: 100,
+                    length: 400,
+                    flags: 0
+                },
+                Extent {
+                    offset: 500,
+                    length: 600,
+                    flags: 3
+                }
+            ]
         );
-        assert_eq!(normalise(0, 4096, &[d(512, 1)]), vec![Extent { offset: 0, length: 512, flags: 1 }]);
+        assert_eq!(
+            normalise(0, 4096, &[d(512, 1)]),
+            vec![Extent {
+                offset: 0,
+                length: 512,
+                flags: 1
+            }]
+        );
     }
 }

@@ -18,7 +18,7 @@ pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 /// `IHAVEOPT`: newstyle negotiation (also prefixes every client option).
 pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 /// Oldstyle negotiation magic; we refuse oldstyle servers.
-pub const CLISERV_MAGIC: u64 = 0x0042_0281_8612_53;
+pub const CLISERV_MAGIC: u64 = 0x0000_4202_8186_1253;
 /// Magic of every option reply.
 pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 
@@ -268,10 +268,14 @@ pub fn decode_greeting(mut buf: &[u8]) -> Result<Greeting> {
     match buf.get_u64() {
         IHAVEOPT => {
             need(buf, 2, "server greeting")?;
-            Ok(Greeting::Newstyle { flags: buf.get_u16() })
+            Ok(Greeting::Newstyle {
+                flags: buf.get_u16(),
+            })
         }
         CLISERV_MAGIC => Ok(Greeting::Oldstyle),
-        other => Err(Error::protocol(format!("unknown NBD negotiation magic 0x{other:016x}"))),
+        other => Err(Error::protocol(format!(
+            "unknown NBD negotiation magic 0x{other:016x}"
+        ))),
     }
 }
 
@@ -287,9 +291,15 @@ pub fn decode_option_reply_header(mut buf: &[u8]) -> Result<OptionReplyHeader> {
     need(buf, OPTION_REPLY_HEADER_LEN, "option reply header")?;
     let magic = buf.get_u64();
     if magic != OPTION_REPLY_MAGIC {
-        return Err(Error::protocol(format!("bad option reply magic 0x{magic:016x}")));
+        return Err(Error::protocol(format!(
+            "bad option reply magic 0x{magic:016x}"
+        )));
     }
-    Ok(OptionReplyHeader { option: buf.get_u32(), reply_type: buf.get_u32(), length: buf.get_u32() })
+    Ok(OptionReplyHeader {
+        option: buf.get_u32(),
+        reply_type: buf.get_u32(),
+        length: buf.get_u32(),
+    })
 }
 
 pub fn encode_option_reply(option: u32, reply_type: u32, data: &[u8], dst: &mut BytesMut) {
@@ -303,8 +313,15 @@ pub fn encode_option_reply(option: u32, reply_type: u32, data: &[u8], dst: &mut 
 /// Payload of an `NBD_REP_INFO` reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Info {
-    Export { size: u64, flags: u16 },
-    BlockSize { minimum: u32, preferred: u32, maximum: u32 },
+    Export {
+        size: u64,
+        flags: u16,
+    },
+    BlockSize {
+        minimum: u32,
+        preferred: u32,
+        maximum: u32,
+    },
     /// Name, description or a type this client does not know: ignored.
     Other(u16),
 }
@@ -320,7 +337,10 @@ pub fn decode_info(mut buf: &[u8]) -> Result<Info> {
                     buf.len() + 2
                 )));
             }
-            Ok(Info::Export { size: buf.get_u64(), flags: buf.get_u16() })
+            Ok(Info::Export {
+                size: buf.get_u64(),
+                flags: buf.get_u16(),
+            })
         }
         INFO_BLOCK_SIZE => {
             if buf.len() != 12 {
@@ -329,7 +349,11 @@ pub fn decode_info(mut buf: &[u8]) -> Result<Info> {
                     buf.len() + 2
                 )));
             }
-            Ok(Info::BlockSize { minimum: buf.get_u32(), preferred: buf.get_u32(), maximum: buf.get_u32() })
+            Ok(Info::BlockSize {
+                minimum: buf.get_u32(),
+                preferred: buf.get_u32(),
+                maximum: buf.get_u32(),
+            })
         }
         other => Ok(Info::Other(other)),
     }
@@ -342,7 +366,11 @@ pub fn encode_info(info: &Info, dst: &mut BytesMut) {
             dst.put_u64(size);
             dst.put_u16(flags);
         }
-        Info::BlockSize { minimum, preferred, maximum } => {
+        Info::BlockSize {
+            minimum,
+            preferred,
+            maximum,
+        } => {
             dst.put_u16(INFO_BLOCK_SIZE);
             dst.put_u32(minimum);
             dst.put_u32(preferred);
@@ -425,8 +453,21 @@ pub fn decode_request(mut buf: &[u8]) -> Result<(Request, bool)> {
     let cookie = buf.get_u64();
     let offset = buf.get_u64();
     let extended = magic == EXTENDED_REQUEST_MAGIC;
-    let length = if extended { buf.get_u64() } else { u64::from(buf.get_u32()) };
-    Ok((Request { flags, command, cookie, offset, length }, extended))
+    let length = if extended {
+        buf.get_u64()
+    } else {
+        u64::from(buf.get_u32())
+    };
+    Ok((
+        Request {
+            flags,
+            command,
+            cookie,
+            offset,
+            length,
+        },
+        extended,
+    ))
 }
 
 // ---- Replies ---------------------------------------------------------------------------------
@@ -450,9 +491,15 @@ impl ChunkHeader {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplyHeader {
-    Simple { error: u32, cookie: u64 },
+    Simple {
+        error: u32,
+        cookie: u64,
+    },
     /// `extended` tells which magic it came with.
-    Chunk { header: ChunkHeader, extended: bool },
+    Chunk {
+        header: ChunkHeader,
+        extended: bool,
+    },
 }
 
 impl ReplyHeader {
@@ -471,7 +518,9 @@ pub fn reply_header_len(magic: u32) -> Result<usize> {
         SIMPLE_REPLY_MAGIC => Ok(SIMPLE_REPLY_LEN),
         STRUCTURED_REPLY_MAGIC => Ok(STRUCTURED_REPLY_LEN),
         EXTENDED_REPLY_MAGIC => Ok(EXTENDED_REPLY_LEN),
-        m => Err(Error::protocol(format!("server sent a reply with bad magic 0x{m:08x}"))),
+        m => Err(Error::protocol(format!(
+            "server sent a reply with bad magic 0x{m:08x}"
+        ))),
     }
 }
 
@@ -481,14 +530,23 @@ pub fn decode_reply_header(mut buf: &[u8]) -> Result<ReplyHeader> {
     let len = reply_header_len(magic)?;
     need(buf, len - 4, "reply header")?;
     Ok(match magic {
-        SIMPLE_REPLY_MAGIC => ReplyHeader::Simple { error: buf.get_u32(), cookie: buf.get_u64() },
+        SIMPLE_REPLY_MAGIC => ReplyHeader::Simple {
+            error: buf.get_u32(),
+            cookie: buf.get_u64(),
+        },
         STRUCTURED_REPLY_MAGIC => {
             let flags = buf.get_u16();
             let chunk_type = buf.get_u16();
             let cookie = buf.get_u64();
             let length = u64::from(buf.get_u32());
             ReplyHeader::Chunk {
-                header: ChunkHeader { flags, chunk_type, cookie, offset: None, length },
+                header: ChunkHeader {
+                    flags,
+                    chunk_type,
+                    cookie,
+                    offset: None,
+                    length,
+                },
                 extended: false,
             }
         }
@@ -499,7 +557,13 @@ pub fn decode_reply_header(mut buf: &[u8]) -> Result<ReplyHeader> {
             let offset = buf.get_u64();
             let length = buf.get_u64();
             ReplyHeader::Chunk {
-                header: ChunkHeader { flags, chunk_type, cookie, offset: Some(offset), length },
+                header: ChunkHeader {
+                    flags,
+                    chunk_type,
+                    cookie,
+                    offset: Some(offset),
+                    length,
+                },
                 extended: true,
             }
         }
@@ -533,10 +597,19 @@ pub struct ErrorChunk {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Chunk {
     None,
-    OffsetData { offset: u64, data: Bytes },
-    OffsetHole { offset: u64, length: u32 },
+    OffsetData {
+        offset: u64,
+        data: Bytes,
+    },
+    OffsetHole {
+        offset: u64,
+        length: u32,
+    },
     /// `BLOCK_STATUS` (compact, 32-bit lengths and flags) or `BLOCK_STATUS_EXT`.
-    BlockStatus { context_id: u32, extents: Vec<BlockDescriptor> },
+    BlockStatus {
+        context_id: u32,
+        extents: Vec<BlockDescriptor>,
+    },
     Error(ErrorChunk),
 }
 
@@ -546,14 +619,20 @@ pub fn decode_chunk(chunk_type: u16, mut buf: &[u8]) -> Result<Chunk> {
     match chunk_type {
         REPLY_TYPE_NONE => {
             if !buf.is_empty() {
-                return Err(Error::protocol(format!("NONE chunk with a {} byte payload", buf.len())));
+                return Err(Error::protocol(format!(
+                    "NONE chunk with a {} byte payload",
+                    buf.len()
+                )));
             }
             Ok(Chunk::None)
         }
         REPLY_TYPE_OFFSET_DATA => {
             need(buf, 8, "OFFSET_DATA chunk")?;
             let offset = buf.get_u64();
-            Ok(Chunk::OffsetData { offset, data: Bytes::copy_from_slice(buf) })
+            Ok(Chunk::OffsetData {
+                offset,
+                data: Bytes::copy_from_slice(buf),
+            })
         }
         REPLY_TYPE_OFFSET_HOLE => {
             if buf.len() != 12 {
@@ -571,7 +650,7 @@ pub fn decode_chunk(chunk_type: u16, mut buf: &[u8]) -> Result<Chunk> {
         }
         REPLY_TYPE_BLOCK_STATUS => {
             // context id, then (length u32, flags u32) pairs; at least one.
-            if buf.len() < 12 || (buf.len() - 4) % 8 != 0 {
+            if buf.len() < 12 || !(buf.len() - 4).is_multiple_of(8) {
                 return Err(Error::protocol(format!(
                     "BLOCK_STATUS chunk has a malformed length of {} bytes",
                     buf.len()
@@ -584,14 +663,17 @@ pub fn decode_chunk(chunk_type: u16, mut buf: &[u8]) -> Result<Chunk> {
                 let flags = u64::from(buf.get_u32());
                 extents.push(BlockDescriptor { length, flags });
             }
-            Ok(Chunk::BlockStatus { context_id, extents })
+            Ok(Chunk::BlockStatus {
+                context_id,
+                extents,
+            })
         }
         REPLY_TYPE_BLOCK_STATUS_EXT => {
             // context id, descriptor count, then (length u64, flags u64) pairs.
             need(buf, 8, "BLOCK_STATUS_EXT chunk")?;
             let context_id = buf.get_u32();
             let count = buf.get_u32() as usize;
-            if count == 0 || buf.len() % 16 != 0 || buf.len() / 16 != count {
+            if count == 0 || !buf.len().is_multiple_of(16) || buf.len() / 16 != count {
                 return Err(Error::protocol(format!(
                     "BLOCK_STATUS_EXT chunk announces {count} descriptors but carries {} bytes",
                     buf.len()
@@ -599,9 +681,15 @@ pub fn decode_chunk(chunk_type: u16, mut buf: &[u8]) -> Result<Chunk> {
             }
             let mut extents = Vec::with_capacity(count);
             while buf.has_remaining() {
-                extents.push(BlockDescriptor { length: buf.get_u64(), flags: buf.get_u64() });
+                extents.push(BlockDescriptor {
+                    length: buf.get_u64(),
+                    flags: buf.get_u64(),
+                });
             }
-            Ok(Chunk::BlockStatus { context_id, extents })
+            Ok(Chunk::BlockStatus {
+                context_id,
+                extents,
+            })
         }
         t if t & REPLY_TYPE_FLAG_ERROR != 0 => {
             // Every error chunk, known or not, starts with error(4) and message length(2), so
@@ -630,11 +718,21 @@ pub fn decode_chunk(chunk_type: u16, mut buf: &[u8]) -> Result<Chunk> {
                 None
             };
             if error == 0 {
-                return Err(Error::protocol(format!("{} chunk with error value 0", chunk_type_name(t))));
+                return Err(Error::protocol(format!(
+                    "{} chunk with error value 0",
+                    chunk_type_name(t)
+                )));
             }
-            Ok(Chunk::Error(ErrorChunk { chunk_type: t, error, message, offset }))
+            Ok(Chunk::Error(ErrorChunk {
+                chunk_type: t,
+                error,
+                message,
+                offset,
+            }))
         }
-        t => Err(Error::protocol(format!("server sent unknown reply chunk type {t}"))),
+        t => Err(Error::protocol(format!(
+            "server sent unknown reply chunk type {t}"
+        ))),
     }
 }
 
@@ -661,7 +759,10 @@ pub fn encode_chunk(
             payload.put_u32(*length);
             REPLY_TYPE_OFFSET_HOLE
         }
-        Chunk::BlockStatus { context_id, extents } => {
+        Chunk::BlockStatus {
+            context_id,
+            extents,
+        } => {
             payload.put_u32(*context_id);
             if extended {
                 payload.put_u32(extents.len() as u32);
@@ -688,7 +789,15 @@ pub fn encode_chunk(
             e.chunk_type
         }
     };
-    encode_chunk_header(cookie, flags, chunk_type, payload.len() as u64, extended, request_offset, dst);
+    encode_chunk_header(
+        cookie,
+        flags,
+        chunk_type,
+        payload.len() as u64,
+        extended,
+        request_offset,
+        dst,
+    );
     dst.put_slice(&payload);
 }
 
@@ -728,34 +837,69 @@ mod tests {
         let magic = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
         let hlen = reply_header_len(magic).unwrap();
         let header = decode_reply_header(&buf[..hlen]).unwrap();
-        let ReplyHeader::Chunk { header, extended: ext } = header else { panic!("not a chunk") };
+        let ReplyHeader::Chunk {
+            header,
+            extended: ext,
+        } = header
+        else {
+            panic!("not a chunk")
+        };
         assert_eq!(ext, extended);
         assert_eq!(header.cookie, 42);
         assert!(header.is_done());
         assert_eq!(header.offset, extended.then_some(4096));
         assert_eq!(header.length as usize, buf.len() - hlen);
-        assert_eq!(decode_chunk(header.chunk_type, &buf[hlen..]).unwrap(), chunk);
+        assert_eq!(
+            decode_chunk(header.chunk_type, &buf[hlen..]).unwrap(),
+            chunk
+        );
     }
 
     #[test]
     fn every_chunk_type_round_trips_compact_and_extended() {
         for extended in [false, true] {
             chunk_round_trip(Chunk::None, extended);
-            chunk_round_trip(Chunk::OffsetData { offset: 8192, data: Bytes::from_static(b"abc") }, extended);
-            chunk_round_trip(Chunk::OffsetHole { offset: 512, length: 1024 }, extended);
+            chunk_round_trip(
+                Chunk::OffsetData {
+                    offset: 8192,
+                    data: Bytes::from_static(b"abc"),
+                },
+                extended,
+            );
+            chunk_round_trip(
+                Chunk::OffsetHole {
+                    offset: 512,
+                    length: 1024,
+                },
+                extended,
+            );
             chunk_round_trip(
                 Chunk::BlockStatus {
                     context_id: 7,
                     extents: vec![
-                        BlockDescriptor { length: 4096, flags: 3 },
-                        BlockDescriptor { length: 512, flags: 0 },
+                        BlockDescriptor {
+                            length: 4096,
+                            flags: 3,
+                        },
+                        BlockDescriptor {
+                            length: 512,
+                            flags: 0,
+                        },
                     ],
                 },
                 extended,
             );
-            for (t, offset) in [(REPLY_TYPE_ERROR, None), (REPLY_TYPE_ERROR_OFFSET, Some(1234))] {
+            for (t, offset) in [
+                (REPLY_TYPE_ERROR, None),
+                (REPLY_TYPE_ERROR_OFFSET, Some(1234)),
+            ] {
                 chunk_round_trip(
-                    Chunk::Error(ErrorChunk { chunk_type: t, error: 5, message: "bad".into(), offset }),
+                    Chunk::Error(ErrorChunk {
+                        chunk_type: t,
+                        error: 5,
+                        message: "bad".into(),
+                        offset,
+                    }),
                     extended,
                 );
             }
@@ -764,11 +908,33 @@ mod tests {
 
     #[test]
     fn extended_block_status_carries_64_bit_lengths() {
-        let big = BlockDescriptor { length: 1 << 40, flags: 1 << 33 };
-        chunk_round_trip(Chunk::BlockStatus { context_id: 1, extents: vec![big] }, true);
+        let big = BlockDescriptor {
+            length: 1 << 40,
+            flags: 1 << 33,
+        };
+        chunk_round_trip(
+            Chunk::BlockStatus {
+                context_id: 1,
+                extents: vec![big],
+            },
+            true,
+        );
         let mut buf = BytesMut::new();
-        encode_chunk(1, 0, &Chunk::BlockStatus { context_id: 1, extents: vec![big] }, true, 0, &mut buf);
-        assert_eq!(u16::from_be_bytes([buf[6], buf[7]]), REPLY_TYPE_BLOCK_STATUS_EXT);
+        encode_chunk(
+            1,
+            0,
+            &Chunk::BlockStatus {
+                context_id: 1,
+                extents: vec![big],
+            },
+            true,
+            0,
+            &mut buf,
+        );
+        assert_eq!(
+            u16::from_be_bytes([buf[6], buf[7]]),
+            REPLY_TYPE_BLOCK_STATUS_EXT
+        );
     }
 
     #[test]
@@ -794,15 +960,35 @@ mod tests {
     fn malformed_chunks_are_protocol_errors() {
         let cases: Vec<(u16, Vec<u8>, &str)> = vec![
             (REPLY_TYPE_NONE, vec![0], "NONE chunk"),
-            (REPLY_TYPE_OFFSET_DATA, vec![0; 7], "OFFSET_DATA chunk is truncated"),
-            (REPLY_TYPE_OFFSET_HOLE, vec![0; 11], "OFFSET_HOLE chunk has 11"),
+            (
+                REPLY_TYPE_OFFSET_DATA,
+                vec![0; 7],
+                "OFFSET_DATA chunk is truncated",
+            ),
+            (
+                REPLY_TYPE_OFFSET_HOLE,
+                vec![0; 11],
+                "OFFSET_HOLE chunk has 11",
+            ),
             (REPLY_TYPE_OFFSET_HOLE, vec![0; 12], "zero length"),
             (REPLY_TYPE_BLOCK_STATUS, vec![0; 4], "malformed length"),
             (REPLY_TYPE_BLOCK_STATUS, vec![0; 13], "malformed length"),
-            (REPLY_TYPE_BLOCK_STATUS_EXT, vec![0, 0, 0, 1, 0, 0, 0, 2, 0, 0], "announces 2"),
-            (REPLY_TYPE_ERROR, vec![0, 0, 0, 5, 0, 9, b'x'], "message is truncated"),
+            (
+                REPLY_TYPE_BLOCK_STATUS_EXT,
+                vec![0, 0, 0, 1, 0, 0, 0, 2, 0, 0],
+                "announces 2",
+            ),
+            (
+                REPLY_TYPE_ERROR,
+                vec![0, 0, 0, 5, 0, 9, b'x'],
+                "message is truncated",
+            ),
             (REPLY_TYPE_ERROR, vec![0, 0, 0, 0, 0, 0], "error value 0"),
-            (REPLY_TYPE_ERROR_OFFSET, vec![0, 0, 0, 5, 0, 0, 1], "instead of 8"),
+            (
+                REPLY_TYPE_ERROR_OFFSET,
+                vec![0, 0, 0, 5, 0, 0, 1],
+                "instead of 8",
+            ),
             (77, vec![], "unknown reply chunk type 77"),
         ];
         for (t, payload, want) in cases {
@@ -814,14 +1000,31 @@ mod tests {
 
     #[test]
     fn requests_round_trip_and_compact_rejects_64_bit_lengths() {
-        let req = Request { flags: CMD_FLAG_FUA, command: CMD_WRITE, cookie: 9, offset: 1 << 33, length: 65536 };
+        let req = Request {
+            flags: CMD_FLAG_FUA,
+            command: CMD_WRITE,
+            cookie: 9,
+            offset: 1 << 33,
+            length: 65536,
+        };
         for extended in [false, true] {
             let mut buf = BytesMut::new();
             encode_request(&req, extended, &mut buf).unwrap();
-            assert_eq!(buf.len(), if extended { EXTENDED_REQUEST_LEN } else { COMPACT_REQUEST_LEN });
+            assert_eq!(
+                buf.len(),
+                if extended {
+                    EXTENDED_REQUEST_LEN
+                } else {
+                    COMPACT_REQUEST_LEN
+                }
+            );
             assert_eq!(decode_request(&buf).unwrap(), (req, extended));
         }
-        let big = Request { length: 1 << 32, command: CMD_TRIM, ..req };
+        let big = Request {
+            length: 1 << 32,
+            command: CMD_TRIM,
+            ..req
+        };
         let mut buf = BytesMut::new();
         let e = encode_request(&big, false, &mut buf).unwrap_err();
         assert!(e.to_string().contains("TRIM length 4294967296"), "{e}");
@@ -833,11 +1036,20 @@ mod tests {
     fn simple_reply_and_bad_magic() {
         let mut buf = BytesMut::new();
         encode_simple_reply(22, 77, &mut buf);
-        assert_eq!(decode_reply_header(&buf).unwrap(), ReplyHeader::Simple { error: 22, cookie: 77 });
+        assert_eq!(
+            decode_reply_header(&buf).unwrap(),
+            ReplyHeader::Simple {
+                error: 22,
+                cookie: 77
+            }
+        );
         let e = reply_header_len(0xdead_beef).unwrap_err();
         assert!(e.is_protocol());
         assert!(e.to_string().contains("bad magic 0xdeadbeef"), "{e}");
-        assert!(decode_reply_header(&buf[..10]).unwrap_err().to_string().contains("truncated"));
+        assert!(decode_reply_header(&buf[..10])
+            .unwrap_err()
+            .to_string()
+            .contains("truncated"));
     }
 
     #[test]
@@ -846,33 +1058,59 @@ mod tests {
         g.put_u64(NBDMAGIC);
         g.put_u64(IHAVEOPT);
         g.put_u16(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
-        assert_eq!(decode_greeting(&g).unwrap(), Greeting::Newstyle { flags: 3 });
+        assert_eq!(
+            decode_greeting(&g).unwrap(),
+            Greeting::Newstyle { flags: 3 }
+        );
         let mut old = BytesMut::new();
         old.put_u64(NBDMAGIC);
         old.put_u64(CLISERV_MAGIC);
         assert_eq!(decode_greeting(&old).unwrap(), Greeting::Oldstyle);
-        assert!(decode_greeting(&[0; 18]).unwrap_err().to_string().contains("not an NBD server"));
+        assert!(decode_greeting(&[0; 18])
+            .unwrap_err()
+            .to_string()
+            .contains("not an NBD server"));
 
         let mut r = BytesMut::new();
         encode_option_reply(OPT_GO, REP_ERR_UNKNOWN, b"no", &mut r);
         let h = decode_option_reply_header(&r).unwrap();
-        assert_eq!(h, OptionReplyHeader { option: OPT_GO, reply_type: REP_ERR_UNKNOWN, length: 2 });
+        assert_eq!(
+            h,
+            OptionReplyHeader {
+                option: OPT_GO,
+                reply_type: REP_ERR_UNKNOWN,
+                length: 2
+            }
+        );
         assert_eq!(reply_type_name(h.reply_type), "NBD_REP_ERR_UNKNOWN");
 
         for info in [
-            Info::Export { size: 1_000_001, flags: FLAG_HAS_FLAGS | FLAG_SEND_TRIM },
-            Info::BlockSize { minimum: 1, preferred: 4096, maximum: 1 << 25 },
+            Info::Export {
+                size: 1_000_001,
+                flags: FLAG_HAS_FLAGS | FLAG_SEND_TRIM,
+            },
+            Info::BlockSize {
+                minimum: 1,
+                preferred: 4096,
+                maximum: 1 << 25,
+            },
             Info::Other(INFO_NAME),
         ] {
             let mut b = BytesMut::new();
             encode_info(&info, &mut b);
             assert_eq!(decode_info(&b).unwrap(), info);
         }
-        assert!(decode_info(&[0, 0, 1]).unwrap_err().to_string().contains("NBD_INFO_EXPORT"));
+        assert!(decode_info(&[0, 0, 1])
+            .unwrap_err()
+            .to_string()
+            .contains("NBD_INFO_EXPORT"));
 
         let mut m = BytesMut::new();
         encode_meta_context(3, "base:allocation", &mut m);
-        assert_eq!(decode_meta_context(&m).unwrap(), (3, "base:allocation".to_string()));
+        assert_eq!(
+            decode_meta_context(&m).unwrap(),
+            (3, "base:allocation".to_string())
+        );
         assert!(decode_meta_context(&[0, 0, 0, 1, 0xff]).is_err());
 
         let mut o = BytesMut::new();

@@ -47,7 +47,9 @@ pub(crate) enum Expect {
     /// READ: `length` bytes.
     Data,
     /// BLOCK_STATUS: the extents of this context (chunks for other contexts are dropped).
-    BlockStatus { context_id: u32 },
+    BlockStatus {
+        context_id: u32,
+    },
 }
 
 pub(crate) struct Command {
@@ -92,7 +94,9 @@ impl Failure {
     fn error(&self) -> Error {
         match self {
             Failure::Protocol(m) => Error::protocol(m.clone()),
-            Failure::Io(what, kind, m) => Error::io(what.clone(), std::io::Error::new(*kind, m.clone())),
+            Failure::Io(what, kind, m) => {
+                Error::io(what.clone(), std::io::Error::new(*kind, m.clone()))
+            }
             Failure::Closed(m) => Error::closed(m.clone()),
         }
     }
@@ -108,8 +112,14 @@ enum Body {
     Nothing,
     /// `covered` holds (start, length) relative to the request, to prove on DONE that the
     /// chunks covered the whole range exactly once.
-    Data { buf: Vec<u8>, covered: Vec<(u64, u64)> },
-    BlockStatus { context_id: u32, extents: Option<Vec<BlockDescriptor>> },
+    Data {
+        buf: Vec<u8>,
+        covered: Vec<(u64, u64)>,
+    },
+    BlockStatus {
+        context_id: u32,
+        extents: Option<Vec<BlockDescriptor>>,
+    },
 }
 
 struct Pending {
@@ -178,12 +188,19 @@ impl Pending {
             Some(e) => (Err(Error::server(e)), None),
             None => match self.body {
                 Body::Nothing => (Ok(Reply::Done), None),
-                Body::Data { buf, mut covered } => match check_coverage(&mut covered, self.offset, self.length) {
-                    Ok(()) => (Ok(Reply::Data(Bytes::from(buf))), None),
-                    Err(m) => (Err(Error::protocol(m.clone())), Some(Failure::Protocol(m))),
-                },
-                Body::BlockStatus { extents: Some(e), .. } => (Ok(Reply::Extents(e)), None),
-                Body::BlockStatus { extents: None, context_id } => {
+                Body::Data { buf, mut covered } => {
+                    match check_coverage(&mut covered, self.offset, self.length) {
+                        Ok(()) => (Ok(Reply::Data(Bytes::from(buf))), None),
+                        Err(m) => (Err(Error::protocol(m.clone())), Some(Failure::Protocol(m))),
+                    }
+                }
+                Body::BlockStatus {
+                    extents: Some(e), ..
+                } => (Ok(Reply::Extents(e)), None),
+                Body::BlockStatus {
+                    extents: None,
+                    context_id,
+                } => {
                     let m = format!("server finished BLOCK_STATUS without extents for meta context id {context_id}");
                     (Err(Error::protocol(m.clone())), Some(Failure::Protocol(m)))
                 }
@@ -195,12 +212,19 @@ impl Pending {
     }
 }
 
-fn check_coverage(covered: &mut [(u64, u64)], offset: u64, length: u64) -> std::result::Result<(), String> {
+fn check_coverage(
+    covered: &mut [(u64, u64)],
+    offset: u64,
+    length: u64,
+) -> std::result::Result<(), String> {
     covered.sort_unstable();
     let mut pos = 0u64;
     for &(start, len) in covered.iter() {
         if start < pos {
-            return Err(format!("server sent overlapping READ chunks at offset {}", offset + start));
+            return Err(format!(
+                "server sent overlapping READ chunks at offset {}",
+                offset + start
+            ));
         }
         if start > pos {
             break;
@@ -211,7 +235,11 @@ fn check_coverage(covered: &mut [(u64, u64)], offset: u64, length: u64) -> std::
         return Err(format!(
             "server's READ reply left [{}, {}) of the request [{offset}, {}) without data",
             offset + pos,
-            covered.iter().map(|&(s, _)| s).find(|&s| s > pos).map_or(offset + length, |s| offset + s),
+            covered
+                .iter()
+                .map(|&(s, _)| s)
+                .find(|&s| s > pos)
+                .map_or(offset + length, |s| offset + s),
             offset + length
         ));
     }
@@ -264,7 +292,10 @@ impl Shared {
     fn put_back(&self, cookie: u64, p: Pending) {
         let mut inner = self.lock();
         if inner.dead {
-            let err = inner.closed.as_ref().map_or_else(|| Error::closed("NBD connection is closed"), Failure::later);
+            let err = inner
+                .closed
+                .as_ref()
+                .map_or_else(|| Error::closed("NBD connection is closed"), Failure::later);
             drop(inner);
             let _ = p.tx.send(Err(err));
         } else {
@@ -273,12 +304,18 @@ impl Shared {
     }
 
     fn closed_error(&self) -> Error {
-        self.lock().closed.as_ref().map_or_else(|| Error::closed("NBD connection is closed"), Failure::later)
+        self.lock()
+            .closed
+            .as_ref()
+            .map_or_else(|| Error::closed("NBD connection is closed"), Failure::later)
     }
 }
 
 enum Outgoing {
-    Request { header: BytesMut, payload: Option<Bytes> },
+    Request {
+        header: BytesMut,
+        payload: Option<Bytes>,
+    },
     /// NBD_CMD_DISC: write it, then shut the write side down.
     Disconnect { header: BytesMut },
 }
@@ -298,35 +335,76 @@ impl Connection {
     {
         let (r, w) = tokio::io::split(stream);
         let shared = Arc::new(Shared {
-            inner: Mutex::new(Inner { pending: HashMap::new(), closed: None, dead: false }),
+            inner: Mutex::new(Inner {
+                pending: HashMap::new(),
+                closed: None,
+                dead: false,
+            }),
             shutdown: CancellationToken::new(),
             permits: Arc::new(Semaphore::new(max_in_flight)),
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let extended = mode.extended;
-        let reader = Reader { r: BufReader::with_capacity(64 * 1024, r), shared: shared.clone(), mode };
+        let reader = Reader {
+            r: BufReader::with_capacity(64 * 1024, r),
+            shared: shared.clone(),
+            mode,
+        };
         tokio::spawn(reader.run());
         tokio::spawn(write_loop(w, rx, shared.clone()));
-        Connection { shared, tx, next_cookie: AtomicU64::new(1), extended }
+        Connection {
+            shared,
+            tx,
+            next_cookie: AtomicU64::new(1),
+            extended,
+        }
     }
 
     /// Encodes a request header under a fresh cookie.
-    fn encode(&self, command: u16, flags: u16, offset: u64, length: u64) -> Result<(u64, BytesMut)> {
+    fn encode(
+        &self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        length: u64,
+    ) -> Result<(u64, BytesMut)> {
         let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
         let mut header = BytesMut::new();
-        encode_request(&Request { flags, command, cookie, offset, length }, self.extended, &mut header)?;
+        encode_request(
+            &Request {
+                flags,
+                command,
+                cookie,
+                offset,
+                length,
+            },
+            self.extended,
+            &mut header,
+        )?;
         Ok((cookie, header))
     }
 
     /// Sends one request and waits for its complete reply.
     pub(crate) async fn submit(&self, cmd: Command) -> Result<Reply> {
-        let permit = self.shared.permits.clone().acquire_owned().await.map_err(|_| self.shared.closed_error())?;
+        let permit = self
+            .shared
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| self.shared.closed_error())?;
         let (cookie, header) = self.encode(cmd.command, cmd.flags, cmd.offset, cmd.length)?;
         let body = match cmd.expect {
             Expect::Nothing => Body::Nothing,
             // Zero-filled: holes are simply never written.
-            Expect::Data => Body::Data { buf: vec![0; cmd.length as usize], covered: Vec::new() },
-            Expect::BlockStatus { context_id } => Body::BlockStatus { context_id, extents: None },
+            Expect::Data => Body::Data {
+                buf: vec![0; cmd.length as usize],
+                covered: Vec::new(),
+            },
+            Expect::BlockStatus { context_id } => Body::BlockStatus {
+                context_id,
+                extents: None,
+            },
         };
         let (tx, rx) = oneshot::channel();
         let pending = Pending {
@@ -346,7 +424,14 @@ impl Connection {
                 return Err(f.later());
             }
             inner.pending.insert(cookie, pending);
-            if self.tx.send(Outgoing::Request { header, payload: cmd.payload }).is_err() {
+            if self
+                .tx
+                .send(Outgoing::Request {
+                    header,
+                    payload: cmd.payload,
+                })
+                .is_err()
+            {
                 inner.pending.remove(&cookie);
                 return Err(Error::closed("NBD connection is closed: writer stopped"));
             }
@@ -366,16 +451,19 @@ impl Connection {
             inner.closed = Some(Failure::Closed("the client disconnected".into()));
         }
         if self.tx.send(Outgoing::Disconnect { header }).is_ok() {
-            let _ = tokio::time::timeout(DISCONNECT_TIMEOUT, self.shared.shutdown.cancelled()).await;
+            let _ =
+                tokio::time::timeout(DISCONNECT_TIMEOUT, self.shared.shutdown.cancelled()).await;
         }
-        self.shared.fail(Failure::Closed("the client disconnected".into()));
+        self.shared
+            .fail(Failure::Closed("the client disconnected".into()));
         Ok(())
     }
 }
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        self.shared.fail(Failure::Closed("the client was dropped".into()));
+        self.shared
+            .fail(Failure::Closed("the client was dropped".into()));
     }
 }
 
@@ -436,7 +524,11 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     }
 
     async fn read_exact(&mut self, buf: &mut [u8], what: &str) -> std::result::Result<(), Failure> {
-        self.r.read_exact(buf).await.map(drop).map_err(|e| Failure::io(what, &e))
+        self.r
+            .read_exact(buf)
+            .await
+            .map(drop)
+            .map_err(|e| Failure::io(what, &e))
     }
 
     /// Reads one simple reply or one chunk and routes it.
@@ -450,19 +542,23 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             }
             Err(e) => return Err(Failure::io("reading a reply header", &e)),
         }
-        let len = reply_header_len(u32::from_be_bytes([hdr[0], hdr[1], hdr[2], hdr[3]])).map_err(Failure::protocol)?;
-        self.read_exact(&mut hdr[4..len], "reading a reply header").await?;
+        let len = reply_header_len(u32::from_be_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]))
+            .map_err(Failure::protocol)?;
+        self.read_exact(&mut hdr[4..len], "reading a reply header")
+            .await?;
         let header = decode_reply_header(&hdr[..len]).map_err(Failure::protocol)?;
         let cookie = header.cookie();
-        let mut pending = self
-            .shared
-            .take(cookie)
-            .ok_or_else(|| Failure::Protocol(format!("server replied to unknown cookie {cookie}")))?;
+        let mut pending = self.shared.take(cookie).ok_or_else(|| {
+            Failure::Protocol(format!("server replied to unknown cookie {cookie}"))
+        })?;
         let result = match header {
-            ReplyHeader::Simple { error, .. } => self.simple(&mut pending, error).await.map(|()| true),
-            ReplyHeader::Chunk { header, extended } => {
-                self.chunk(&mut pending, &header, extended).await.map(|()| header.is_done())
+            ReplyHeader::Simple { error, .. } => {
+                self.simple(&mut pending, error).await.map(|()| true)
             }
+            ReplyHeader::Chunk { header, extended } => self
+                .chunk(&mut pending, &header, extended)
+                .await
+                .map(|()| header.is_done()),
         };
         match result {
             Ok(true) => match pending.finish() {
@@ -496,11 +592,15 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         match &mut p.body {
             Body::Nothing => Ok(()),
             Body::Data { .. } if structured => Err(Failure::Protocol(
-                "server sent a simple reply to READ although structured replies were negotiated".into(),
+                "server sent a simple reply to READ although structured replies were negotiated"
+                    .into(),
             )),
             Body::Data { buf, covered } => {
                 let len = buf.len() as u64;
-                self.r.read_exact(buf).await.map_err(|e| Failure::io("reading READ data", &e))?;
+                self.r
+                    .read_exact(buf)
+                    .await
+                    .map_err(|e| Failure::io("reading READ data", &e))?;
                 covered.push((0, len));
                 Ok(())
             }
@@ -510,7 +610,12 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         }
     }
 
-    async fn chunk(&mut self, p: &mut Pending, h: &ChunkHeader, extended: bool) -> std::result::Result<(), Failure> {
+    async fn chunk(
+        &mut self,
+        p: &mut Pending,
+        h: &ChunkHeader,
+        extended: bool,
+    ) -> std::result::Result<(), Failure> {
         if !self.mode.structured {
             return Err(Failure::Protocol(
                 "server sent a structured reply chunk although structured replies were not negotiated".into(),
@@ -518,7 +623,8 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         }
         if extended != self.mode.extended {
             return Err(Failure::Protocol(if extended {
-                "server sent an extended reply header although extended headers were not negotiated".into()
+                "server sent an extended reply header although extended headers were not negotiated"
+                    .into()
             } else {
                 "server sent a compact reply chunk although extended headers were negotiated".into()
             }));
@@ -530,7 +636,11 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             REPLY_TYPE_OFFSET_HOLE => 12,
             REPLY_TYPE_BLOCK_STATUS | REPLY_TYPE_BLOCK_STATUS_EXT => MAX_BLOCK_STATUS_PAYLOAD,
             t if t & REPLY_TYPE_FLAG_ERROR != 0 => MAX_ERROR_PAYLOAD,
-            t => return Err(Failure::Protocol(format!("server sent unknown reply chunk type {t}"))),
+            t => {
+                return Err(Failure::Protocol(format!(
+                    "server sent unknown reply chunk type {t}"
+                )))
+            }
         };
         if h.length > limit {
             return Err(Failure::Protocol(format!(
@@ -547,11 +657,14 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             return self.offset_data(p, h.length).await;
         }
         let mut payload = vec![0u8; h.length as usize];
-        self.read_exact(&mut payload, "reading a reply chunk").await?;
+        self.read_exact(&mut payload, "reading a reply chunk")
+            .await?;
         match decode_chunk(t, &payload).map_err(Failure::protocol)? {
             Chunk::None => {
                 if !h.is_done() {
-                    return Err(Failure::Protocol("server sent a NONE chunk without the DONE flag".into()));
+                    return Err(Failure::Protocol(
+                        "server sent a NONE chunk without the DONE flag".into(),
+                    ));
                 }
                 Ok(())
             }
@@ -564,7 +677,10 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 }
                 Ok(())
             }
-            Chunk::BlockStatus { context_id, extents } => {
+            Chunk::BlockStatus {
+                context_id,
+                extents,
+            } => {
                 if (t == REPLY_TYPE_BLOCK_STATUS_EXT) != self.mode.extended {
                     return Err(Failure::Protocol(format!(
                         "server sent a {} chunk although extended headers were {}negotiated",
@@ -578,10 +694,16 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                     )));
                 }
                 if extents.iter().any(|e| e.length == 0) {
-                    return Err(Failure::Protocol("server sent a block status extent of length 0".into()));
+                    return Err(Failure::Protocol(
+                        "server sent a block status extent of length 0".into(),
+                    ));
                 }
                 let command = p.command;
-                let Body::BlockStatus { context_id: wanted, extents: slot } = &mut p.body else {
+                let Body::BlockStatus {
+                    context_id: wanted,
+                    extents: slot,
+                } = &mut p.body
+                else {
                     return Err(p.wrong_chunk(t));
                 };
                 // Servers answer for every negotiated context; keep only the one asked for.
@@ -608,12 +730,18 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     }
 
     /// OFFSET_DATA: 8-byte offset, then data read straight into the request's buffer.
-    async fn offset_data(&mut self, p: &mut Pending, length: u64) -> std::result::Result<(), Failure> {
+    async fn offset_data(
+        &mut self,
+        p: &mut Pending,
+        length: u64,
+    ) -> std::result::Result<(), Failure> {
         if !matches!(p.body, Body::Data { .. }) {
             return Err(p.wrong_chunk(REPLY_TYPE_OFFSET_DATA));
         }
         if length < 8 {
-            return Err(Failure::Protocol(format!("server sent an OFFSET_DATA chunk of only {length} bytes")));
+            return Err(Failure::Protocol(format!(
+                "server sent an OFFSET_DATA chunk of only {length} bytes"
+            )));
         }
         let mut off = [0u8; 8];
         self.read_exact(&mut off, "reading READ data").await?;
@@ -623,7 +751,10 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         if let Body::Data { buf, covered } = &mut p.body {
             // In range per `relative`, and the buffer is exactly the request's length.
             let dst = &mut buf[start as usize..(start + n) as usize];
-            self.r.read_exact(dst).await.map_err(|e| Failure::io("reading READ data", &e))?;
+            self.r
+                .read_exact(dst)
+                .await
+                .map_err(|e| Failure::io("reading READ data", &e))?;
             covered.push((start, n));
         }
         Ok(())

@@ -25,7 +25,10 @@ fn io_error(what: &str, e: std::io::Error) -> Error {
 }
 
 async fn read_exact<S: AsyncRead + Unpin>(s: &mut S, buf: &mut [u8], what: &str) -> Result<()> {
-    s.read_exact(buf).await.map(drop).map_err(|e| io_error(what, e))
+    s.read_exact(buf)
+        .await
+        .map(drop)
+        .map_err(|e| io_error(what, e))
 }
 
 async fn send_option<S: AsyncWrite + Unpin>(s: &mut S, option: u32, data: &[u8]) -> Result<()> {
@@ -72,11 +75,23 @@ fn option_error(option: u32, reply: u32, payload: &[u8], export: &str) -> Error 
         ));
     }
     let msg = String::from_utf8_lossy(payload);
-    let detail = if msg.is_empty() { String::new() } else { format!(": {msg}") };
-    let what = format!("server refused {} with {}{detail}", option_name(option), reply_type_name(reply));
+    let detail = if msg.is_empty() {
+        String::new()
+    } else {
+        format!(": {msg}")
+    };
+    let what = format!(
+        "server refused {} with {}{detail}",
+        option_name(option),
+        reply_type_name(reply)
+    );
     match reply {
-        REP_ERR_UNKNOWN => Error::invalid_argument(format!("export {export:?} does not exist on the server ({what})")),
-        REP_ERR_TLS_REQD => Error::unsupported(format!("server requires TLS, which is not supported ({what})")),
+        REP_ERR_UNKNOWN => Error::invalid_argument(format!(
+            "export {export:?} does not exist on the server ({what})"
+        )),
+        REP_ERR_TLS_REQD => Error::unsupported(format!(
+            "server requires TLS, which is not supported ({what})"
+        )),
         REP_ERR_SHUTDOWN => Error::closed(format!("server is shutting down ({what})")),
         REP_ERR_INVALID | REP_ERR_TOO_BIG => Error::invalid_argument(what),
         _ => Error::unsupported(what),
@@ -89,22 +104,33 @@ async fn start<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<u16> {
     let mut greeting = [0u8; GREETING_LEN];
     read_exact(s, &mut greeting, "reading the server greeting").await?;
     let flags = match decode_greeting(&greeting)? {
-        Greeting::Oldstyle => return Err(Error::unsupported("server uses oldstyle negotiation, which is not supported")),
+        Greeting::Oldstyle => {
+            return Err(Error::unsupported(
+                "server uses oldstyle negotiation, which is not supported",
+            ))
+        }
         Greeting::Newstyle { flags } => flags,
     };
     if flags & FLAG_FIXED_NEWSTYLE == 0 {
-        return Err(Error::unsupported("server does not offer fixed newstyle negotiation"));
+        return Err(Error::unsupported(
+            "server does not offer fixed newstyle negotiation",
+        ));
     }
     let mut client = FLAG_C_FIXED_NEWSTYLE;
     if flags & FLAG_NO_ZEROES != 0 {
         client |= FLAG_C_NO_ZEROES;
     }
-    s.write_all(&client.to_be_bytes()).await.map_err(|e| io_error("sending client flags", e))?;
+    s.write_all(&client.to_be_bytes())
+        .await
+        .map_err(|e| io_error("sending client flags", e))?;
     Ok(flags)
 }
 
 /// Sends an option without data that the server either ACKs or refuses.
-async fn try_simple_option<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, option: u32) -> Result<bool> {
+async fn try_simple_option<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    option: u32,
+) -> Result<bool> {
     send_option(s, option, &[]).await?;
     let (reply, payload) = read_reply(s, option).await?;
     match reply {
@@ -127,7 +153,11 @@ fn check_block_sizes(minimum: u32, preferred: u32, maximum: u32) -> Result<Block
             "server sent inconsistent block sizes: minimum {minimum}, preferred {preferred}, maximum {maximum}"
         )));
     }
-    Ok(BlockSizes { minimum, preferred, maximum })
+    Ok(BlockSizes {
+        minimum,
+        preferred,
+        maximum,
+    })
 }
 
 /// Negotiates `export` and enters transmission. `meta_contexts` are requested with
@@ -150,7 +180,12 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
     let mut contexts = Vec::new();
     // Without structured replies there is no way to receive block status, so don't ask.
     if structured && !meta_contexts.is_empty() {
-        send_option(s, OPT_SET_META_CONTEXT, &encode_meta_context_data(export, meta_contexts)).await?;
+        send_option(
+            s,
+            OPT_SET_META_CONTEXT,
+            &encode_meta_context_data(export, meta_contexts),
+        )
+        .await?;
         loop {
             let (reply, payload) = read_reply(s, OPT_SET_META_CONTEXT).await?;
             match reply {
@@ -159,7 +194,9 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
                     contexts.push(MetaContext { id, name });
                 }
                 REP_ACK => break,
-                REP_ERR_SHUTDOWN => return Err(option_error(OPT_SET_META_CONTEXT, reply, &payload, export)),
+                REP_ERR_SHUTDOWN => {
+                    return Err(option_error(OPT_SET_META_CONTEXT, reply, &payload, export))
+                }
                 // A refusal (no such export, contexts unsupported) leaves no contexts; an
                 // unknown export is reported by GO right after, with a clearer message.
                 r if r & REP_FLAG_ERROR != 0 => {
@@ -179,9 +216,11 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
         match reply {
             REP_INFO => match decode_info(&payload)? {
                 Info::Export { size, flags } => size_flags = Some((size, flags)),
-                Info::BlockSize { minimum, preferred, maximum } => {
-                    block_sizes = check_block_sizes(minimum, preferred, maximum)?
-                }
+                Info::BlockSize {
+                    minimum,
+                    preferred,
+                    maximum,
+                } => block_sizes = check_block_sizes(minimum, preferred, maximum)?,
                 Info::Other(_) => {}
             },
             REP_ACK => break,
@@ -193,9 +232,12 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
             r => return Err(option_error(OPT_GO, r, &payload, export)),
         }
     }
-    let (size, flags) = size_flags
-        .ok_or_else(|| Error::protocol("server ended NBD_OPT_GO without sending NBD_INFO_EXPORT"))?;
-    s.flush().await.map_err(|e| io_error("finishing the handshake", e))?;
+    let (size, flags) = size_flags.ok_or_else(|| {
+        Error::protocol("server ended NBD_OPT_GO without sending NBD_INFO_EXPORT")
+    })?;
+    s.flush()
+        .await
+        .map_err(|e| io_error("finishing the handshake", e))?;
     Ok(ExportInfo {
         name: export.to_string(),
         size,
@@ -208,12 +250,19 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// `NBD_OPT_EXPORT_NAME`: no reply header; the server sends size and flags or hangs up.
-async fn export_name<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, export: &str, server_flags: u16) -> Result<(u64, u16)> {
+async fn export_name<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    export: &str,
+    server_flags: u16,
+) -> Result<(u64, u16)> {
     send_option(s, OPT_EXPORT_NAME, export.as_bytes()).await?;
-    let what = format!("reading the reply to NBD_OPT_EXPORT_NAME {export:?} (does the export exist?)");
+    let what =
+        format!("reading the reply to NBD_OPT_EXPORT_NAME {export:?} (does the export exist?)");
     let mut buf = [0u8; 10];
     read_exact(s, &mut buf, &what).await?;
-    let size = u64::from_be_bytes([buf[0], buf[1], buf[2], buf[3], buf[4], buf[5], buf[6], buf[7]]);
+    let size = u64::from_be_bytes([
+        buf[0], buf[1], buf[2], buf[3], buf[4], buf[5], buf[6], buf[7],
+    ]);
     let flags = u16::from_be_bytes([buf[8], buf[9]]);
     if server_flags & FLAG_NO_ZEROES == 0 {
         let mut zeroes = [0u8; 124];
@@ -232,7 +281,12 @@ pub(crate) async fn list_meta_contexts<S: AsyncRead + AsyncWrite + Unpin>(
     start(s).await?;
     // Servers (QEMU among them) only answer meta context options after structured replies.
     try_simple_option(s, OPT_STRUCTURED_REPLY).await?;
-    send_option(s, OPT_LIST_META_CONTEXT, &encode_meta_context_data(export, queries)).await?;
+    send_option(
+        s,
+        OPT_LIST_META_CONTEXT,
+        &encode_meta_context_data(export, queries),
+    )
+    .await?;
     let mut names = Vec::new();
     loop {
         let (reply, payload) = read_reply(s, OPT_LIST_META_CONTEXT).await?;

@@ -15,7 +15,11 @@ pub struct BlockSizes {
 impl Default for BlockSizes {
     /// What the spec lets a client assume when the server sends no block size information.
     fn default() -> Self {
-        BlockSizes { minimum: 1, preferred: 4096, maximum: 32 * 1024 * 1024 }
+        BlockSizes {
+            minimum: 1,
+            preferred: 4096,
+            maximum: 32 * 1024 * 1024,
+        }
     }
 }
 
@@ -69,6 +73,9 @@ impl ExportInfo {
     }
     /// Id of a negotiated meta context.
     pub fn context_id(&self, name: &str) -> Option<u32> {
-        self.meta_contexts.iter().find(|c| c.name == name).map(|c| c.id)
+        self.meta_contexts
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| c.id)
     }
 }

@@ -3,8 +3,8 @@
 //! `handshake` negotiates, `connection` owns the socket and routes replies by cookie, and
 //! `client` is the cheap handle callers use.
 
-pub mod codec;
 mod client;
+pub mod codec;
 mod connection;
 mod handshake;
 mod info;

@@ -14,8 +14,13 @@ pub const DEFAULT_PORT: u16 = 10809;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NbdAddress {
     /// `host` is a name or an IP address; IPv6 without brackets.
-    Tcp { host: String, port: u16 },
-    Unix { path: PathBuf },
+    Tcp {
+        host: String,
+        port: u16,
+    },
+    Unix {
+        path: PathBuf,
+    },
 }
 
 /// A parsed NBD URI.
@@ -36,7 +41,9 @@ fn percent_decode(s: &str, uri: &str, what: &str) -> Result<String> {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
-            let hex = b.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+            let hex = b
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok());
             let v = hex.and_then(|h| u8::from_str_radix(h, 16).ok());
             match v {
                 Some(v) => out.push(v),
@@ -66,23 +73,42 @@ fn percent_encode(s: &str, keep: &[u8]) -> String {
 
 impl NbdUri {
     pub fn unix(path: impl Into<PathBuf>, export: impl Into<String>) -> Self {
-        NbdUri { address: NbdAddress::Unix { path: path.into() }, export: export.into() }
+        NbdUri {
+            address: NbdAddress::Unix { path: path.into() },
+            export: export.into(),
+        }
     }
 
     pub fn tcp(host: impl Into<String>, port: u16, export: impl Into<String>) -> Self {
-        NbdUri { address: NbdAddress::Tcp { host: host.into(), port }, export: export.into() }
+        NbdUri {
+            address: NbdAddress::Tcp {
+                host: host.into(),
+                port,
+            },
+            export: export.into(),
+        }
     }
 
     pub fn parse(uri: &str) -> Result<NbdUri> {
-        let (scheme, rest) = uri.split_once("://").ok_or_else(|| bad(uri, "missing \"scheme://\""))?;
+        let (scheme, rest) = uri
+            .split_once("://")
+            .ok_or_else(|| bad(uri, "missing \"scheme://\""))?;
         let unix = match scheme.to_ascii_lowercase().as_str() {
             "nbd" | "nbd+tcp" => false,
             "nbd+unix" => true,
             "nbds" | "nbds+tcp" | "nbds+unix" | "nbds+vsock" => {
-                return Err(bad(uri, format_args!("scheme {scheme:?} needs TLS, which is not supported")))
+                return Err(bad(
+                    uri,
+                    format_args!("scheme {scheme:?} needs TLS, which is not supported"),
+                ))
             }
             "nbd+vsock" => return Err(bad(uri, "vsock transport is not supported")),
-            _ => return Err(bad(uri, format_args!("unknown scheme {scheme:?}, expected nbd or nbd+unix"))),
+            _ => {
+                return Err(bad(
+                    uri,
+                    format_args!("unknown scheme {scheme:?}, expected nbd or nbd+unix"),
+                ))
+            }
         };
         if rest.contains('#') {
             return Err(bad(uri, "fragments (#) are not allowed"));
@@ -98,13 +124,20 @@ impl NbdUri {
         let export = percent_decode(path, uri, "export name")?;
 
         let mut socket = None;
-        for pair in query.into_iter().flat_map(|q| q.split('&')).filter(|p| !p.is_empty()) {
+        for pair in query
+            .into_iter()
+            .flat_map(|q| q.split('&'))
+            .filter(|p| !p.is_empty())
+        {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             match key {
                 "socket" if unix => socket = Some(percent_decode(value, uri, "socket path")?),
                 "socket" => return Err(bad(uri, "socket= is only valid with nbd+unix")),
                 k if k.starts_with("tls") => {
-                    return Err(bad(uri, format_args!("query parameter {k:?} needs TLS, which is not supported")))
+                    return Err(bad(
+                        uri,
+                        format_args!("query parameter {k:?} needs TLS, which is not supported"),
+                    ))
                 }
                 k => return Err(bad(uri, format_args!("unknown query parameter {k:?}"))),
             }
@@ -112,7 +145,10 @@ impl NbdUri {
 
         if unix {
             if !authority.is_empty() {
-                return Err(bad(uri, "nbd+unix takes no host: write nbd+unix:///EXPORT?socket=PATH"));
+                return Err(bad(
+                    uri,
+                    "nbd+unix takes no host: write nbd+unix:///EXPORT?socket=PATH",
+                ));
             }
             let path = socket.ok_or_else(|| bad(uri, "nbd+unix needs ?socket=PATH"))?;
             if path.is_empty() {
@@ -125,10 +161,18 @@ impl NbdUri {
             return Err(bad(uri, "user information (user@) is not supported"));
         }
         let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-            let (host, after) = v6.split_once(']').ok_or_else(|| bad(uri, "unterminated [IPv6] host"))?;
+            let (host, after) = v6
+                .split_once(']')
+                .ok_or_else(|| bad(uri, "unterminated [IPv6] host"))?;
             match after {
                 "" => (host, None),
-                p => (host, Some(p.strip_prefix(':').ok_or_else(|| bad(uri, "garbage after [IPv6] host"))?)),
+                p => (
+                    host,
+                    Some(
+                        p.strip_prefix(':')
+                            .ok_or_else(|| bad(uri, "garbage after [IPv6] host"))?,
+                    ),
+                ),
             }
         } else {
             match authority.split_once(':') {
@@ -188,11 +232,26 @@ mod tests {
 
     #[test]
     fn parses_tcp_forms() {
-        assert_eq!(NbdUri::parse("nbd://example.com/disk0").unwrap(), NbdUri::tcp("example.com", 10809, "disk0"));
-        assert_eq!(NbdUri::parse("nbd://h:1234").unwrap(), NbdUri::tcp("h", 1234, ""));
-        assert_eq!(NbdUri::parse("nbd://[::1]:5000/a%20b").unwrap(), NbdUri::tcp("::1", 5000, "a b"));
-        assert_eq!(NbdUri::parse("nbd://[fe80::1]/x").unwrap(), NbdUri::tcp("fe80::1", 10809, "x"));
-        assert_eq!(NbdUri::parse("NBD://h/dir/name").unwrap(), NbdUri::tcp("h", 10809, "dir/name"));
+        assert_eq!(
+            NbdUri::parse("nbd://example.com/disk0").unwrap(),
+            NbdUri::tcp("example.com", 10809, "disk0")
+        );
+        assert_eq!(
+            NbdUri::parse("nbd://h:1234").unwrap(),
+            NbdUri::tcp("h", 1234, "")
+        );
+        assert_eq!(
+            NbdUri::parse("nbd://[::1]:5000/a%20b").unwrap(),
+            NbdUri::tcp("::1", 5000, "a b")
+        );
+        assert_eq!(
+            NbdUri::parse("nbd://[fe80::1]/x").unwrap(),
+            NbdUri::tcp("fe80::1", 10809, "x")
+        );
+        assert_eq!(
+            NbdUri::parse("NBD://h/dir/name").unwrap(),
+            NbdUri::tcp("h", 10809, "dir/name")
+        );
     }
 
     #[test]
@@ -201,7 +260,10 @@ mod tests {
             NbdUri::parse("nbd+unix:///drive-scsi0?socket=/run/qemu/nbd%20x.sock").unwrap(),
             NbdUri::unix("/run/qemu/nbd x.sock", "drive-scsi0")
         );
-        assert_eq!(NbdUri::parse("nbd+unix://?socket=/s").unwrap(), NbdUri::unix("/s", ""));
+        assert_eq!(
+            NbdUri::parse("nbd+unix://?socket=/s").unwrap(),
+            NbdUri::unix("/s", "")
+        );
     }
 
     #[test]
@@ -209,7 +271,10 @@ mod tests {
         let cases = [
             ("nbd://h:10809/e", "nbd://h/e"),
             ("nbd://[::1]:99/x%2fy", "nbd://[::1]:99/x/y"),
-            ("nbd+unix:///a%20b?socket=/tmp/s%3f", "nbd+unix:///a%20b?socket=/tmp/s%3F"),
+            (
+                "nbd+unix:///a%20b?socket=/tmp/s%3f",
+                "nbd+unix:///a%20b?socket=/tmp/s%3F",
+            ),
             ("nbd://h", "nbd://h/"),
         ];
         for (input, canonical) in cases {
