@@ -58,6 +58,18 @@ describe('pve-backup-provider info / copy', () => {
     expect(r.stderr).not.toMatch(/\n\s+at /);
   });
 
+  it('demo backs up a disk while a guest writes and checks both points in time', () => {
+    const r = cli('demo', '--size', '64M', '--json');
+    expect(r.status, r.stderr).toBe(0);
+    const phases = JSON.parse(r.stdout);
+    expect(phases.map((p: { phase: string; bitmapMode: string; verified: boolean }) => [p.phase, p.bitmapMode, p.verified])).toEqual([
+      ['full', 'new', true],
+      ['incremental', 'reuse', true],
+    ]);
+    // discard freed what copy-before-write had put into the fleecing image
+    for (const p of phases) expect(p.fleecingAfter).toBeLessThan(p.fleecingBefore);
+  });
+
   it('bad usage exits with 2', () => {
     expect(cli('copy').status).toBe(2);
     expect(cli('copy', 'nbd://h/e', 'x', '--connections', 'zero').status).toBe(2);

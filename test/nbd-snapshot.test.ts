@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 
 import { NbdClient, copyExtents, readChunks } from '../lib/index.js';
+import { startGuestWriter } from '../lib/cli/demo.js';
 import { setupBackupAccess, teardownBackupAccess } from '../lib/qemu/backup-access.js';
 import { startStorageDaemon, type StorageDaemon } from '../lib/qemu/storage-daemon.js';
 import { allocatedBytes, createImage, expectSameBytes, qemuIo } from './helpers/images.js';
@@ -44,31 +45,6 @@ async function rig(): Promise<Rig> {
   const fleecingDir = join(dir, 'fleecing');
   mkdirSync(fleecingDir);
   return { dir, qsd, live, fleecingDir };
-}
-
-/** Keeps writing 64 KiB blocks at pseudo-random offsets until stopped: the guest. */
-function startGuestWriter(live: NbdClient, blocks = new Set<number>()): { stop: () => Promise<number>; blocks: Set<number> } {
-  let running = true;
-  let seed = 12345 + blocks.size;
-  let written = 0;
-  const loop = (async () => {
-    while (running) {
-      seed = (seed * 1103515245 + 12345) % 2 ** 31;
-      const offset = (seed % (SIZE / 65536)) * 65536;
-      await live.write(offset, Buffer.alloc(65536, 0xee));
-      blocks.add(offset);
-      written += 65536;
-      await new Promise((r) => setImmediate(r));
-    }
-  })();
-  return {
-    blocks,
-    stop: async () => {
-      running = false;
-      await loop;
-      return written;
-    },
-  };
 }
 
 function fleecingAllocated(dir: string): number {

@@ -7,6 +7,7 @@ import { Command, CommanderError, InvalidArgumentError } from 'commander';
 import { PveBackupError } from '../errors.js';
 import { NbdClient, listBitmaps } from '../nbd/client.js';
 import { copyExtents } from '../nbd/copy.js';
+import { printDemo, runDemo } from './demo.js';
 import { EXIT, formatBytes, printTable, progressView } from './output.js';
 
 function parseSize(value: string): number {
@@ -108,6 +109,18 @@ export function buildProgram(): Command {
           `(${formatBytes(rate)}/s): ${summary.extents} extents, ${formatBytes(summary.bytesZero)} zero, ` +
           `${formatBytes(summary.bytesSkipped)} skipped, ${formatBytes(summary.bytesTrimmed)} discarded`,
       );
+    });
+
+  program
+    .command('demo')
+    .description('back up a qemu-storage-daemon disk while a guest writes: full, then incremental, each checked byte for byte')
+    .option('--size <bytes>', 'disk size (K, M, G suffixes)', parseSize, 512 * 2 ** 20)
+    .option('--keep', "keep the demo's folder")
+    .option('--json', 'print JSON, no progress bars')
+    .action(async (opts: { size: number; keep?: boolean; json?: boolean }) => {
+      const phases = await runDemo({ size: opts.size, keep: opts.keep, json: opts.json });
+      if (opts.json) console.log(JSON.stringify(phases, null, 2));
+      else printDemo(phases);
     });
 
   return program;
