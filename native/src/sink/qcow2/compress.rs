@@ -66,15 +66,15 @@ impl Compressor {
                 Engine::Zlib(Compress::new_with_window_bits(flate2::Compression::default(), false, ZLIB_WINDOW_BITS))
             }
         };
-        // Anything of a cluster or more is stored uncompressed: never produce more.
-        Ok(Some(Compressor { engine, out: vec![0u8; cluster_size - 1] }))
+        // Room for the worst case (more than the input): zlib-rs panics when a tiny output
+        // buffer fills up mid-stream (seen with 512-byte clusters), so never let it fill.
+        Ok(Some(Compressor { engine, out: vec![0u8; 2 * cluster_size + 1024] }))
     }
 
     /// The compressed form of `cluster` (exactly one cluster of data), or `None` when it would
     /// not be smaller than the cluster.
     pub fn compress(&mut self, cluster: &[u8]) -> Option<&[u8]> {
-        let limit = cluster.len().saturating_sub(1).min(self.out.len());
-        let out = &mut self.out[..limit];
+        let out = &mut self.out[..];
         let n = match &mut self.engine {
             // A too-small destination is reported as an error: store the cluster as it is.
             Engine::Zstd(c) => c.compress_to_buffer(cluster, out).ok()?,

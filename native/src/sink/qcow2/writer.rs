@@ -125,7 +125,7 @@ impl Writer {
         let cs = 1u64 << cfg.cluster_bits;
         let l2_entries = cs / 8;
         let rc_entries = cs / 2;
-        let guest_clusters = div_ceil(cfg.size, cs);
+        let guest_clusters = div_ceil(cfg.size.next_multiple_of(SECTOR), cs);
         let l2_tables = div_ceil(guest_clusters, l2_entries);
         if l2_tables * 8 > MAX_L1_BYTES {
             return Err(Error::invalid_argument(format!(
@@ -165,7 +165,9 @@ impl Writer {
         let mut h = Header {
             version: 3,
             cluster_bits: cfg.cluster_bits,
-            size: cfg.size,
+            // QEMU counts whole 512-byte sectors and truncates a header size that is not a
+            // multiple; round up as `qemu-img create` does (the tail reads as zeros).
+            size: cfg.size.next_multiple_of(SECTOR),
             l1_size: l2_tables as u32,
             l1_table_offset: l1_offset,
             refcount_table_offset: reftable_offset,
