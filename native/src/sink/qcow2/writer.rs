@@ -50,6 +50,13 @@ pub struct WriterConfig {
     pub compression: Compression,
 }
 
+/// What to do with a whole cluster, decided by a compression worker.
+enum Pre {
+    Zero,
+    Packed(Vec<u8>),
+    Raw,
+}
+
 struct RefBlock {
     index: u64,
     counts: Vec<u16>,
@@ -84,6 +91,9 @@ pub struct Writer {
     has_backing: bool,
     backing: Option<Image>,
     compressor: Option<Compressor>,
+    compression: Compression,
+    /// One compressor per extra worker thread (created on first use).
+    workers: Vec<Compressor>,
     /// Next free host byte.
     end: u64,
     l1: Vec<u64>,
@@ -220,6 +230,8 @@ impl Writer {
             has_backing: cfg.backing_name.is_some(),
             backing: cfg.backing,
             compressor,
+            compression: cfg.compression,
+            workers: Vec::new(),
             end: 0,
             l1: vec![0; l2_tables as usize],
             l1_offset,
@@ -388,27 +400,35 @@ impl Writer {
         Ok(())
     }
 
-    /// A whole cluster of `data[range]`, from the current `write_at`.
-    fn store_from_call(&mut self, index: u64, data: &Bytes, range: Range<usize>) -> Result<()> {
-        let slice = &data[range.clone()];
-        if is_zero(slice) {
-            return self.zero_cluster(index);
-        }
-        if self.compressor.is_some() {
-            let stored = if slice.len() as u64 == self.cs {
-                self.store_compressed(index, slice)?
-            } else {
-                // The last cluster of an image whose size is not a multiple of the cluster.
-                let mut buf = std::mem::take(&mut self.scratch);
-                buf.clear();
-                buf.extend_from_slice(slice);
-                buf.resize(self.cs as usize, 0);
-                let r = self.store_compressed(index, &buf);
-                self.scratch = buf;
-                r?
-            };
-            if stored {
-                return Ok(());
+    /// A whole cluster of `data[range]`, from the current `write_at`; `pre` is the outcome of
+    /// [`Writer::precompress`] for it, if it ran.
+    fn store_from_call(&mut self, index: u64, data: &Bytes, range: Range<usize>, pre: Option<Pre>) -> Result<()> {
+        match pre {
+            Some(Pre::Zero) => return self.zero_cluster(index),
+            Some(Pre::Packed(packed)) => return self.append_compressed(index, &packed),
+            Some(Pre::Raw) => {}
+            None => {
+                let slice = &data[range.clone()];
+                if is_zero(slice) {
+                    return self.zero_cluster(index);
+                }
+                if self.compressor.is_some() {
+                    let stored = if slice.len() as u64 == self.cs {
+                        self.store_compressed(index, slice)?
+                    } else {
+                        // The last cluster of an image whose size is not a multiple of the cluster.
+                        let mut buf = std::mem::take(&mut self.scratch);
+                        buf.clear();
+                        buf.extend_from_slice(slice);
+                        buf.resize(self.cs as usize, 0);
+                        let r = self.store_compressed(index, &buf);
+                        self.scratch = buf;
+                        r?
+                    };
+                    if stored {
+                        return Ok(());
+                    }
+                }
             }
         }
         let host = self.alloc(1)?;
@@ -518,6 +538,7 @@ impl Writer {
     }
 
     fn write_ranges(&mut self, offset: u64, data: &Bytes) -> Result<()> {
+        let mut pre = self.precompress(offset, data)?.into_iter();
         let mut at = 0usize;
         while at < data.len() {
             let pos = offset + at as u64;
@@ -529,13 +550,63 @@ impl Writer {
                 if self.partial.is_some() {
                     self.complete_partial()?;
                 }
-                self.store_from_call(index, data, at..at + n)?;
+                let p = if n as u64 == self.cs { pre.next() } else { None };
+                self.store_from_call(index, data, at..at + n, p)?;
             } else {
                 self.put_partial(index, within, n, Some(&data[at..at + n]))?;
             }
             at += n;
         }
         Ok(())
+    }
+
+    /// Compress the whole clusters of a `write_at` on all cores (one compressor per thread),
+    /// in order. Empty without compression or with too few clusters to share out.
+    fn precompress(&mut self, offset: u64, data: &Bytes) -> Result<Vec<Pre>> {
+        let cs = self.cs as usize;
+        let first = (offset.next_multiple_of(self.cs) - offset) as usize;
+        let whole: Vec<&[u8]> = data.get(first..).unwrap_or_default().chunks_exact(cs).collect();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(whole.len() / 4);
+        if self.compressor.is_none() || threads < 2 {
+            return Ok(Vec::new());
+        }
+        while self.workers.len() < threads - 1 {
+            match Compressor::new(self.compression, cs) {
+                Ok(Some(c)) => self.workers.push(c),
+                Ok(None) => return Ok(Vec::new()),
+                Err(e) => return Err(Error::sink_io("setting up compression", e)),
+            }
+        }
+        let per = whole.len().div_ceil(threads);
+        let Some(main) = self.compressor.as_mut() else {
+            return Ok(Vec::new());
+        };
+        let work = |c: &mut Compressor, part: &[&[u8]]| -> Vec<Pre> {
+            part.iter()
+                .map(|cluster| {
+                    if is_zero(cluster) {
+                        Pre::Zero
+                    } else {
+                        c.compress(cluster).map_or(Pre::Raw, |p| Pre::Packed(p.to_vec()))
+                    }
+                })
+                .collect()
+        };
+        let mut parts = whole.chunks(per);
+        let mine = parts.next().unwrap_or_default();
+        let results: Vec<Vec<Pre>> = std::thread::scope(|scope| {
+            let handles: Vec<_> =
+                parts.zip(self.workers.iter_mut()).map(|(part, c)| scope.spawn(move || work(c, part))).collect();
+            let mut all = vec![work(main, mine)];
+            // A panicking worker leaves its clusters to be compressed on this thread.
+            all.extend(handles.into_iter().map(|h| h.join().unwrap_or_default()));
+            all
+        });
+        let out: Vec<Pre> = results.into_iter().flatten().collect();
+        if out.len() != whole.len() {
+            return Ok(Vec::new());
+        }
+        Ok(out)
     }
 
     pub fn zero(&mut self, offset: u64, length: u64) -> Result<()> {
