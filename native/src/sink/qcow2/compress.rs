@@ -100,9 +100,7 @@ pub struct Decompressor {
 impl Decompressor {
     pub fn new(compression_type: u8) -> Result<Decompressor, String> {
         match compression_type {
-            COMPRESSION_ZLIB | COMPRESSION_ZSTD => {
-                Ok(Decompressor { kind: compression_type, zlib: None, zstd: None })
-            }
+            COMPRESSION_ZLIB | COMPRESSION_ZSTD => Ok(Decompressor { kind: compression_type, zlib: None, zstd: None }),
             t => Err(format!("unknown qcow2 compression type {t}")),
         }
     }

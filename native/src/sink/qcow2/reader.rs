@@ -76,7 +76,8 @@ impl Image {
         if depth > MAX_DEPTH {
             return Err(Error::sink(format!("backing chain deeper than {MAX_DEPTH} at {}", path.display())));
         }
-        let file = File::open(path).map_err(|e| Error::sink_io(format!("opening backing image {}", path.display()), e))?;
+        let file =
+            File::open(path).map_err(|e| Error::sink_io(format!("opening backing image {}", path.display()), e))?;
         let format = match format {
             Some(f) => f.to_string(),
             None => {

@@ -284,9 +284,8 @@ impl Writer {
             self.rc_pending.push(old);
         }
         let slot = &mut self.rc.counts[(cluster % self.rc_entries) as usize];
-        *slot = slot
-            .checked_add(1)
-            .ok_or_else(|| Error::sink(format!("refcount overflow on host cluster {cluster}")))?;
+        *slot =
+            slot.checked_add(1).ok_or_else(|| Error::sink(format!("refcount overflow on host cluster {cluster}")))?;
         Ok(())
     }
 
@@ -301,9 +300,10 @@ impl Writer {
     }
 
     fn write_refblock(&mut self, block: &RefBlock, host: u64) -> Result<()> {
-        let slot = self.reftable.get_mut(block.index as usize).ok_or_else(|| {
-            Error::sink(format!("refcount table too small for refcount block {}", block.index))
-        })?;
+        let slot = self
+            .reftable
+            .get_mut(block.index as usize)
+            .ok_or_else(|| Error::sink(format!("refcount table too small for refcount block {}", block.index)))?;
         *slot = host;
         let raw: Vec<u8> = block.counts.iter().flat_map(|c| c.to_be_bytes()).collect();
         self.file.write_all_at(&raw, host).map_err(io(format!("writing a refcount block to {}", self.path.display())))
@@ -384,7 +384,7 @@ impl Writer {
     fn append_compressed(&mut self, index: u64, packed: &[u8]) -> Result<()> {
         let mut start = self.end;
         // A host cluster shared by many tiny compressed clusters must not overflow its refcount.
-        if start % self.cs != 0 && self.rc.counts[((start / self.cs) % self.rc_entries) as usize] == u16::MAX {
+        if !start.is_multiple_of(self.cs) && self.rc.counts[((start / self.cs) % self.rc_entries) as usize] == u16::MAX {
             start = start.next_multiple_of(self.cs);
         }
         let len = packed.len() as u64;
@@ -661,12 +661,16 @@ impl Writer {
             self.write_refblock(&block, host)?;
         }
         let l1: Vec<u8> = self.l1.iter().flat_map(|e| e.to_be_bytes()).collect();
-        self.file.write_all_at(&l1, self.l1_offset).map_err(io(format!("writing the L1 table of {}", self.path.display())))?;
+        self.file
+            .write_all_at(&l1, self.l1_offset)
+            .map_err(io(format!("writing the L1 table of {}", self.path.display())))?;
         let rt: Vec<u8> = self.reftable.iter().flat_map(|e| e.to_be_bytes()).collect();
         self.file
             .write_all_at(&rt, self.reftable_offset)
             .map_err(io(format!("writing the refcount table of {}", self.path.display())))?;
-        self.file.write_all_at(&self.header, 0).map_err(io(format!("writing the header of {}", self.path.display())))?;
+        self.file
+            .write_all_at(&self.header, 0)
+            .map_err(io(format!("writing the header of {}", self.path.display())))?;
         let len = self.end.next_multiple_of(self.cs);
         self.file.set_len(len).map_err(io(format!("setting the length of {}", self.path.display())))?;
         self.file.sync_all().map_err(io(format!("syncing {}", self.path.display())))?;
