@@ -416,6 +416,15 @@ async fn finish_is_atomic_and_abort_leaves_nothing() {
     sink.abort("test").await;
     assert!(!path.exists() && !part.exists(), "abort removes the partial image");
 
+    // A crash (the process dies: no abort, no drop) leaves only the .part file, which does
+    // not open as an image; the next run replaces it.
+    let mut sink = Qcow2Sink::create(&path, 4 * MIB, Qcow2Options::default()).await.unwrap();
+    sink.write_at(0, Bytes::from(vec![9u8; MIB as usize])).await.unwrap();
+    sink.flush().await.unwrap();
+    std::mem::forget(sink);
+    assert!(!path.exists() && part.exists());
+    assert!(!qemu_img(&["info", "-f", "qcow2", part.to_str().unwrap()]).status.success());
+
     // Dropping an unfinished sink cleans up too.
     let mut sink = Qcow2Sink::create(&path, 4 * MIB, Qcow2Options::default()).await.unwrap();
     sink.write_at(0, Bytes::from(vec![9u8; 4096])).await.unwrap();
