@@ -24,9 +24,10 @@
 //! # Why not a crate
 //! Evaluated `imago` 0.2.6 (Hanna Czenczek, QEMU block layer) and `qcow2-rs` 0.1.6 (ublk):
 //! both are random-access read/write drivers. imago creates v3 images with a backing file and
-//! does copy-on-write from it, but it only *reads* compressed clusters (miniz_oxide inflate;
-//! no deflate or zstd writer, zstd images are refused as an unknown incompatible feature) and
-//! updates L2/refcount metadata per allocation through its caches. qcow2-rs offers a
+//! does copy-on-write from it, but it only *reads* compressed clusters (miniz_oxide inflate, no
+//! compressed write path), refuses to open any image with an incompatible feature other than an
+//! external data file (`qcow2/metadata.rs`: "Unrecognized incompatible feature(s)"), so not even
+//! a zstd image (bit 3), and updates L2/refcount metadata per allocation through its caches. qcow2-rs offers a
 //! block-device interface for ublk (aligned I/O), also reads but does not write compressed
 //! clusters and has no zstd. Neither writes compressed images, which the provider needs, and
 //! neither is built for a one-pass sequential stream. This writer is: metadata is appended
