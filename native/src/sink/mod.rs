@@ -4,10 +4,12 @@
 pub mod file;
 pub mod js;
 pub mod null;
+pub mod qcow2;
 
 pub use file::RawFileSink;
 pub use js::{ChannelSink, Chunk, ChunkReceiver};
 pub use null::NullSink;
+pub use qcow2::Qcow2Sink;
 
 use async_trait::async_trait;
 use bytes::Bytes;
