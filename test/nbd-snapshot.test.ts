@@ -12,7 +12,7 @@ import { NbdClient, copyExtents, readChunks } from '../lib/index.js';
 import { startGuestWriter } from '../lib/cli/demo.js';
 import { setupBackupAccess, teardownBackupAccess } from '../lib/qemu/backup-access.js';
 import { startStorageDaemon, type StorageDaemon } from '../lib/qemu/storage-daemon.js';
-import { allocatedBytes, createImage, expectSameBytes, qemuIo } from './helpers/images.js';
+import { allocatedBytes, createImage, expectSameBytes, qemuIo, rawContent, run } from './helpers/images.js';
 import { tempDir } from './helpers/nbd-servers.js';
 
 const MiB = 2 ** 20;
@@ -128,3 +128,38 @@ async function readWhole(nbd: NbdClient): Promise<Buffer> {
   for (let off = 0; off < nbd.size; off += 4 * MiB) parts.push(await nbd.read(off, Math.min(4 * MiB, nbd.size - off)));
   return Buffer.concat(parts);
 }
+
+describe('qcow2 target', () => {
+  it('writes a full image and an incremental over it that pass qemu-img check and equal each point in time', async () => {
+    const { dir, qsd, live, fleecingDir } = await rig();
+    const access = { targetId: 'q', devices: ['disk0'], bitmap: 'b', fleecing: { dir: fleecingDir }, nbdServer: { path: qsd.nbdSocket } };
+    const images: Array<{ path: string; expected: Buffer }> = [];
+    for (const [i, compression] of (['none', 'zstd'] as const).entries()) {
+      if (i > 0) {
+        await live.write(7 * MiB + 4096, Buffer.alloc(8192, 0x77)); // smaller than a cluster: the rest comes from the backing image
+        await live.writeZeroes(10 * MiB, MiB);
+      }
+      const expected = await readWhole(live);
+      const a = await setupBackupAccess(qsd.qmp, access);
+      const dev = a.devices[0]!;
+      const guest = startGuestWriter(live, { seed: 5 + i });
+      const path = join(dir, `b${i}.qcow2`);
+      await copyExtents({
+        uri: dev.nbdUri,
+        target: 'qcow2',
+        path,
+        bitmap: dev.bitmapName,
+        backingFile: i > 0 ? `b${i - 1}.qcow2` : undefined,
+        compression,
+      });
+      await guest.stop();
+      await teardownBackupAccess(qsd.qmp, { targetId: 'q', success: true });
+      images.push({ path, expected });
+    }
+    for (const { path, expected } of images) {
+      run('qemu-img', ['check', '-q', path]);
+      expectSameBytes(rawContent(path, 'qcow2', `${path}.raw`), expected, path);
+    }
+    expect(run('qemu-img', ['info', '--output=json', images[1]!.path])).toMatch(/"backing-filename": "b0.qcow2"/);
+  });
+});

@@ -31,10 +31,22 @@ export interface ExtentReadOptions {
 
 /** Options of {@link copyExtents}. */
 export interface CopyExtentsOptions extends ExtentReadOptions {
-  /** `raw`: a sparse raw image at `path`; `null`: read and discard (verification, benchmarks). Default `raw`. */
-  target?: 'raw' | 'null';
-  /** Path of the raw image. */
+  /**
+   * `raw`: a sparse raw image at `path`; `qcow2`: a qcow2 v3 image at `path`, written under
+   * `<path>.part` and renamed into place only on success; `null`: read and discard
+   * (verification, benchmarks). Default `raw`.
+   */
+  target?: 'raw' | 'qcow2' | 'null';
+  /** Path of the image. */
   path?: string;
+  /** qcow2: the previous backup this image is an increment of (stored as given, relative to the image's folder). */
+  backingFile?: string;
+  /** qcow2: format of the backing file; default `qcow2`. */
+  backingFormat?: 'qcow2' | 'raw';
+  /** qcow2: compress clusters; default `none`. `zstd` is fast; `zlib` is for old readers. */
+  compression?: 'none' | 'zstd' | 'zlib';
+  /** qcow2: cluster size in bytes; default 64 KiB. */
+  qcow2ClusterSize?: number;
   /** Write into an existing image at the same offsets (incremental over a copy of the last full image). */
   existing?: boolean;
 }
@@ -77,6 +89,10 @@ function toNative(o: CopyExtentsOptions): Binding.NativeCopyOptions {
     target: o.target,
     path: o.path,
     existing: o.existing,
+    backingFile: o.backingFile,
+    backingFormat: o.backingFormat,
+    compression: o.compression,
+    qcow2ClusterSize: o.qcow2ClusterSize,
     bitmap: o.bitmap,
     useAllocation: o.useAllocation,
     maxRequest: o.maxRequest,
@@ -99,8 +115,8 @@ function linkSignal(job: Binding.NativeCopyJob, signal: AbortSignal | undefined)
 }
 
 /**
- * Copies an export's dirty extents (or the whole disk) to a sparse raw image, pipelined, with
- * discard on the export after each range is written.
+ * Copies an export's dirty extents (or the whole disk) to a sparse raw or qcow2 image,
+ * pipelined, with discard on the export after each range is written.
  */
 export async function copyExtents(options: CopyExtentsOptions): Promise<CopySummary> {
   const job = (() => {

@@ -14,6 +14,9 @@ use crate::source::{dirty_bitmap_context, CONTEXT_ALLOCATION};
 pub enum Target {
     /// A sparse raw image; `existing` writes into a copy of the previous full image.
     RawFile { path: std::path::PathBuf, existing: bool },
+    /// A qcow2 image (full, or incremental over a backing image), written under a temporary
+    /// name and renamed into place only on success.
+    Qcow2 { path: std::path::PathBuf, options: crate::sink::qcow2::Qcow2Options },
     /// Discards everything (verification, benchmarks).
     Null,
     /// A sink built by the caller (the JS consumer).
@@ -89,6 +92,7 @@ pub async fn run(
         let mut sink: Box<dyn Sink> = match target {
             Target::RawFile { path, existing: false } => Box::new(crate::sink::file::RawFileSink::create(&path, size).await?),
             Target::RawFile { path, existing: true } => Box::new(crate::sink::file::RawFileSink::open_existing(&path, size).await?),
+            Target::Qcow2 { path, options } => Box::new(crate::sink::qcow2::Qcow2Sink::create(&path, size, options).await?),
             Target::Null => Box::new(crate::sink::null::NullSink::new()),
             Target::Custom(sink) => sink,
         };

@@ -17,13 +17,22 @@ use crate::engine::{CopyOptions, Progress, Summary};
 use crate::error::{Error, Result};
 use crate::job::{self, JobOptions, Target};
 use crate::sink::js::{self, ChunkReceiver};
+use crate::sink::qcow2::{Backing, Qcow2Options};
 
 #[napi(object)]
 pub struct NativeCopyOptions {
     pub uri: String,
-    /// `raw` (a sparse raw file at `path`) or `null`; ignored by the chunk stream.
+    /// `raw` (a sparse raw file at `path`), `qcow2` or `null`; ignored by the chunk stream.
     pub target: Option<String>,
     pub path: Option<String>,
+    /// qcow2: the previous backup this image is an increment of (stored in the image as given).
+    pub backing_file: Option<String>,
+    /// qcow2: `qcow2` (default) or `raw`.
+    pub backing_format: Option<String>,
+    /// qcow2: `none` (default), `zstd` or `zlib`.
+    pub compression: Option<String>,
+    /// qcow2: cluster size in bytes (default 64 KiB).
+    pub qcow2_cluster_size: Option<u32>,
     /// Write into an existing image (a copy of the previous full backup).
     pub existing: Option<bool>,
     pub bitmap: Option<String>,
@@ -98,7 +107,22 @@ fn file_target(o: &NativeCopyOptions) -> Result<Target> {
             let path = o.path.as_ref().ok_or_else(|| Error::invalid_argument("a raw target needs a path"))?;
             Ok(Target::RawFile { path: path.into(), existing: o.existing.unwrap_or(false) })
         }
-        other => Err(Error::invalid_argument(format!("unknown target kind {other:?} (raw or null)"))),
+        "qcow2" => {
+            let path = o.path.as_ref().ok_or_else(|| Error::invalid_argument("a qcow2 target needs a path"))?;
+            let mut options = Qcow2Options::default();
+            if let Some(size) = o.qcow2_cluster_size {
+                options.cluster_size = size;
+            }
+            if let Some(c) = &o.compression {
+                options.compression = c.parse().map_err(Error::invalid_argument)?;
+            }
+            if let Some(file) = &o.backing_file {
+                let format = o.backing_format.as_deref().unwrap_or("qcow2").parse().map_err(Error::invalid_argument)?;
+                options.backing = Some(Backing { file: file.clone(), format });
+            }
+            Ok(Target::Qcow2 { path: path.into(), options })
+        }
+        other => Err(Error::invalid_argument(format!("unknown target kind {other:?} (raw, qcow2 or null)"))),
     }
 }
 
