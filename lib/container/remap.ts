@@ -51,7 +51,7 @@ function unquoteGetfattr(name: string): string {
       bytes.push(0x5c);
       i += 1;
     } else {
-      for (const b of Buffer.from(name[i]!, 'utf8')) bytes.push(b);
+      bytes.push(name.charCodeAt(i) & 0xff);
     }
   }
   return printableName(Buffer.from(bytes));

@@ -15,8 +15,9 @@
  * user namespace does.
  *
  * Extract (pve-container `PVE::LXC::Create::restore_tar_archive`): `tar -x -f - --totals`, the same
- * common flags, `-C ROOTDIR --skip-old-files --anchored --exclude ./dev/*` (the container's `/dev`
- * is populated at start). With an id map the archive stream passes through
+ * common flags, `-C ROOTDIR --anchored --exclude ./dev/*` (the container's `/dev` is populated at
+ * start); `--skip-old-files` as Proxmox passes it only with `allowNonEmpty`, because it also keeps
+ * tar from giving the root directory (and any other directory already there) its owner and mode. With an id map the archive stream passes through
  * {@link TarIdRewriter} first, which turns every owner and ACL qualifier into its host id (an id
  * the map does not cover: error naming the member) — so tar creates each file with its final
  * owner: nothing is chowned afterwards, which would clear setuid/setgid bits and file
@@ -264,7 +265,12 @@ export async function extractTarArchive(o: ExtractTarArchiveOptions): Promise<vo
 
   const args = ['-x', '-f', '-', '--totals', ...COMMON_TAR_FLAGS];
   if (compression && !gunzipInNode) args.push(compression);
-  args.push('-C', o.rootdir, '--skip-old-files', '--anchored', '--exclude', './dev/*');
+  // pve-container passes --skip-old-files; it also keeps tar from setting the owner and mode of
+  // directories that exist already, the root first. A target checked empty gets them from the
+  // archive instead; one restored into with allowNonEmpty keeps Proxmox's behaviour.
+  args.push('-C', o.rootdir);
+  if (o.allowNonEmpty) args.push('--skip-old-files');
+  args.push('--anchored', '--exclude', './dev/*');
   const tar = startTool({ tool: 'tar', code: 'ERR_TAR', what, args, stdio: ['pipe', 'ignore', 'pipe'], signal: o.signal });
   const stages: (Readable | Writable)[] = [createReadStream(o.archive), new ThrottleStream(limit)];
   if (gunzipInNode) stages.push(createGunzip());
