@@ -180,6 +180,8 @@ export class TarIdRewriter extends Transform {
   private pendingPax: { block: Buffer; records: PaxRecord[] } | undefined;
   private longName: Buffer | undefined;
   private offset = 0;
+  /** Stream offset of the header being read, for messages. */
+  private headerAt = 0;
   /** Members seen (headers of files, directories, links...). */
   members = 0;
 
@@ -211,7 +213,7 @@ export class TarIdRewriter extends Transform {
   private wrapError(err: unknown): Error {
     if (err instanceof IdMapError || err instanceof ContainerToolError) return err;
     const msg = err instanceof Error ? err.message : String(err);
-    return new ContainerToolError(`not a valid tar stream at byte ${this.offset}: ${msg}`, { code: 'ERR_TAR', tool: 'tar', cause: err });
+    return new ContainerToolError(`not a valid tar stream at byte ${this.headerAt}: ${msg}`, { code: 'ERR_TAR', tool: 'tar', cause: err });
   }
 
   private takeBytes(n: number): Buffer {
@@ -252,6 +254,7 @@ export class TarIdRewriter extends Transform {
         if (ext[504] === 0) this.state = { kind: 'data', remaining: this.afterSparse };
         continue;
       }
+      this.headerAt = this.offset;
       this.header(Buffer.from(this.takeBytes(BLOCK)));
     }
   }
