@@ -278,13 +278,18 @@ export async function extractTarArchive(o: ExtractTarArchiveOptions): Promise<vo
     stages.push(new TarIdRewriter({ mapOwner: containerToHost(idMap, 'owner'), mapAcl: containerToHost(idMap, 'ACL entry') }));
   }
   stages.push(tar.child.stdin!);
+  // tar stops reading at the end-of-archive blocks and exits; what follows (record padding) then
+  // meets a closed pipe. That is no error of its own: tar's exit status decides.
+  const closedPipe = (err: unknown): boolean => {
+    const code = (err as NodeJS.ErrnoException | undefined)?.code;
+    return code === 'EPIPE' || code === 'ERR_STREAM_PREMATURE_CLOSE' || code === 'ERR_STREAM_DESTROYED';
+  };
   const piped = pipeline(stages as unknown as [Readable, Writable]).catch((err: unknown) => {
+    if (closedPipe(err)) return;
     tar.kill();
     throw err;
   });
   const [pipeErr, tarErr] = await Promise.all([settle(piped), settle(tar.done)]);
   if (pipeErr === undefined && tarErr === undefined) return;
-  // tar failing first makes the pipe break (EPIPE); report tar's own error then.
-  const pipeIsEpipe = (pipeErr as NodeJS.ErrnoException | undefined)?.code === 'EPIPE';
-  throw pickError(o.signal, what, pipeIsEpipe && tarErr !== undefined ? [tarErr] : [pipeErr, tarErr]);
+  throw pickError(o.signal, what, [pipeErr, tarErr]);
 }
