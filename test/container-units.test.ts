@@ -186,6 +186,20 @@ describe('TarIdRewriter', () => {
       const acl = execFileSync('getfacl', ['-n', '-c', join(d, 'x', 'f')], { encoding: 'utf8' });
       expect(acl).toContain('user:100007:r--');
       expect(acl).toContain('group:100008:r--');
+      // Ids too large for the octal header field are written base-256, which tar reads.
+      const big: Buffer[] = [];
+      await pipeline(
+        Readable.from([archive]),
+        new TarIdRewriter({ mapOwner: (_t, id) => id + 3_000_000 }),
+        new Writable({
+          write(c: Buffer, _e, cb) {
+            big.push(c);
+            cb();
+          },
+        }),
+      );
+      writeFileSync(join(d, 'big.tar'), Buffer.concat(big));
+      expect(execFileSync('tar', ['-tvv', '--numeric-owner', '-f', join(d, 'big.tar')], { encoding: 'utf8' })).toMatch(/ 3000005\/3000006 .* \.\/f\n/);
     } finally {
       rmSync(d, { recursive: true, force: true });
     }

@@ -128,13 +128,11 @@ describe('tar round trips', () => {
 
   test('sources: only the listed mount point paths', async () => {
     const src = sourceTree(0);
-    const before = snapshotTree(src);
     const archive = join(dir, 'ct.tar');
     await createTarArchive({ source: src, archive, sources: ['./srv', '/home/user'] });
     const names = execFileSync('tar', ['-tf', archive], { encoding: 'latin1' }).trim().split('\n').sort();
     expect(names).toEqual(['./home/user/', './home/user/notes.txt', './srv/', './srv/data.bin']);
     await expect(createTarArchive({ source: src, archive, sources: ['../etc'] })).rejects.toMatchObject({ code: 'ERR_INVALID_ARGUMENT' });
-    void before;
   });
 });
 
@@ -392,7 +390,7 @@ with tarfile.open(sys.argv[1] + '/symlink.tar', 'w', format=tarfile.GNU_FORMAT) 
         () => undefined,
         (e: Error & { code?: string }) => e,
       );
-      if (name !== 'abs.tar') expect(err, name).toMatchObject({ code: mapped && name === 'dotdot.tar' ? 'ERR_TAR' : 'ERR_TAR' });
+      if (name !== 'abs.tar') expect(err, name).toMatchObject({ code: 'ERR_TAR' });
       for (const leaked of ['escaped-dotdot', 'escaped-dotdot2', 'escaped-abs', 'escaped-symlink', 'escaped-rel']) {
         expect(existsSync(join(dir, leaked)), `${name}: ${leaked}`).toBe(false);
       }
