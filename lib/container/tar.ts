@@ -1,0 +1,295 @@
+/**
+ * Container archives with GNU tar, as Proxmox's vzdump writes them and pve-container restores them,
+ * with owners shifted by the container's id map and no user namespace.
+ *
+ * Create (vzdump `PVE::VZDump::LXC::archive`): `tar -c -f - --totals` with Proxmox's common flags
+ * (`--one-file-system -p --sparse --numeric-owner --acls --xattrs --xattrs-include=user.*
+ * --xattrs-include=security.capability --warning=no-file-ignored --warning=no-xattr-write`),
+ * `--directory=SOURCE`, the exclusions (see `exclude.ts`) and the sources (`.` or `./mnt/...`).
+ * With an id map, GNU tar (>= 1.29) rewrites owners itself: `--owner-map`/`--group-map` files list
+ * every mapped host id with its container id, and `--owner`/`--group` give every other id a
+ * sentinel that can never be a container id. The archive stream then passes through
+ * {@link TarIdRewriter}, which refuses a member carrying the sentinel (a file whose owner the map
+ * does not cover: error naming the file) and maps the ids named in ACL entries, which tar copies
+ * verbatim. So the archive holds container ids only, as one made by vzdump inside the container's
+ * user namespace does.
+ *
+ * Extract (pve-container `PVE::LXC::Create::restore_tar_archive`): `tar -x -f - --totals`, the same
+ * common flags, `-C ROOTDIR --anchored --exclude ./dev/*` (the container's `/dev` is populated at
+ * start); `--skip-old-files` as Proxmox passes it only with `allowNonEmpty`, because it also keeps
+ * tar from giving the root directory (and any other directory already there) its owner and mode. With an id map the archive stream passes through
+ * {@link TarIdRewriter} first, which turns every owner and ACL qualifier into its host id (an id
+ * the map does not cover: error naming the member) — so tar creates each file with its final
+ * owner: nothing is chowned afterwards, which would clear setuid/setgid bits and file
+ * capabilities.
+ *
+ * Safety: member names are never taken as absolute and `..` members are refused: GNU tar strips
+ * a leading `/` and refuses names with `..` by default, and `--absolute-names` is never passed;
+ * symlinks to outside are created after the files (tar's own delayed symlink handling). A restore
+ * target must be empty (but for `lost+found` and empty directories) unless `allowNonEmpty`.
+ *
+ * Bandwidth: the archive bytes pass through a {@link ThrottleStream} (vzdump uses `cstream -t`).
+ *
+ * @packageDocumentation
+ */
+import { createReadStream, createWriteStream } from 'node:fs';
+import { lstat, mkdtemp, rm, stat, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { pipeline } from 'node:stream/promises';
+import { createGunzip } from 'node:zlib';
+import type { Readable, Writable } from 'node:stream';
+
+import { InvalidArgumentError } from '../errors.js';
+import {
+  COMMON_TAR_FLAGS,
+  checkAborted,
+  checkBandwidth,
+  checkIdMap,
+  checkRestoreTarget,
+  containerToHost,
+  hostToContainer,
+  normaliseSources,
+} from './common.js';
+import { ContainerAbortError, ContainerToolError, IdMapError } from './errors.js';
+import { tarExcludeArgs } from './exclude.js';
+import { MAX_ID, isIdentityMap, type IdMapEntry } from './idmap.js';
+import { startTool } from './proc.js';
+import { TarIdRewriter } from './tarstream.js';
+import { ThrottleStream } from './throttle.js';
+
+/** Options of {@link createTarArchive}. */
+export interface CreateTarArchiveOptions {
+  /** Directory to archive: the container's root file system (mount points below it, mounted). */
+  source: string;
+  /** Archive file to write (created or truncated; removed again on failure). Uncompressed tar. */
+  archive: string;
+  /** The container's id map; owners on disk are host ids and are stored as container ids. Empty/absent: ids unchanged. */
+  idMap?: IdMapEntry[];
+  /** rsync-style exclusion patterns (see `exclude.ts`), e.g. `/tmp/?*`, `*.log`, `cache/`. */
+  excludePaths?: string[];
+  /** What to archive, relative to `source`: `.` (default) or mount point paths `./mnt/data`, each on its own file system. */
+  sources?: string[];
+  /** Bytes per second written to the archive; 0/absent: unlimited. */
+  bandwidthLimit?: number;
+  /** Cancels: kills tar, removes the partial archive, rejects with `ERR_CANCELLED`. */
+  signal?: AbortSignal;
+}
+
+/** Options of {@link extractTarArchive}. */
+export interface ExtractTarArchiveOptions {
+  /** Archive to extract (`.tar`, or `.tar.gz`/`.tgz`; other compressions only without an id map: `.tar.zst`, `.tar.bz2`, `.tar.xz`, `.tar.lzo`). */
+  archive: string;
+  /** Target directory (the container's mounted root file system). */
+  rootdir: string;
+  /** The container's id map; the archive's container ids become host ids. Empty/absent: ids unchanged. */
+  idMap?: IdMapEntry[];
+  /** Bytes per second read from the archive; 0/absent: unlimited. */
+  bandwidthLimit?: number;
+  /** Cancels: kills tar, rejects with `ERR_CANCELLED` (what was extracted stays). */
+  signal?: AbortSignal;
+  /** Restore into a `rootdir` that already has content (existing files are kept: `--skip-old-files`). */
+  allowNonEmpty?: boolean;
+}
+
+/** Largest number of ids per type written into a `--owner-map`/`--group-map` file. */
+const MAX_MAPPED_IDS = 1 << 24;
+
+/** A container id no range of `type` covers, stored for host ids outside the map. */
+function sentinelFor(map: IdMapEntry[], type: 'u' | 'g'): number {
+  let candidate = MAX_ID;
+  for (;;) {
+    const hit = map.find((e) => e.type === type && candidate >= e.container && candidate < e.container + e.length);
+    if (!hit) return candidate;
+    candidate = hit.container - 1;
+    if (candidate < 0) throw new IdMapError(`the id map covers every ${type === 'u' ? 'uid' : 'gid'}; nothing is left to mark unmapped owners`);
+  }
+}
+
+async function writeMapFile(path: string, map: IdMapEntry[], type: 'u' | 'g'): Promise<void> {
+  const ranges = map.filter((e) => e.type === type);
+  const total = ranges.reduce((n, e) => n + e.length, 0);
+  if (total > MAX_MAPPED_IDS) {
+    throw new IdMapError(`the id map has ${total} ${type === 'u' ? 'uids' : 'gids'}; at most ${MAX_MAPPED_IDS} are supported for tar archives`);
+  }
+  const lines: string[] = [];
+  for (const e of ranges) for (let i = 0; i < e.length; i++) lines.push(`+${e.host + i} +${e.container + i}\n`);
+  await writeFile(path, lines.join(''), { mode: 0o600 });
+}
+
+/** Prefers the most telling of several errors: cancellation, then id map, then tool, then others. */
+function pickError(signal: AbortSignal | undefined, what: string, errors: unknown[]): unknown {
+  if (signal?.aborted) return new ContainerAbortError(what, signal.reason);
+  const real = errors.filter((e) => e !== undefined);
+  return (
+    real.find((e) => e instanceof ContainerAbortError) ??
+    real.find((e) => e instanceof IdMapError) ??
+    real.find((e) => e instanceof ContainerToolError && e.exitCode !== null) ??
+    real.find((e) => e instanceof ContainerToolError) ??
+    real[0]
+  );
+}
+
+async function settle(p: Promise<unknown>): Promise<unknown> {
+  try {
+    await p;
+    return undefined;
+  } catch (err) {
+    return err ?? new Error('unknown failure');
+  }
+}
+
+/**
+ * Writes a container archive of `source` to `archive` (see the module documentation for the exact
+ * tar command). Returns the archive's size in bytes.
+ *
+ * @throws `ERR_INVALID_ARGUMENT` for bad options; `ERR_IDMAP` for a bad map or an owner or ACL
+ * entry the map does not cover (naming the file); `ERR_TAR` with tar's stderr; `ERR_CANCELLED`;
+ * `ERR_TOOL_MISSING` when tar is not installed.
+ */
+export async function createTarArchive(o: CreateTarArchiveOptions): Promise<{ bytes: number }> {
+  const what = `tar archive of ${o.source}`;
+  checkAborted(o.signal, what);
+  if (typeof o.archive !== 'string' || o.archive === '') throw new InvalidArgumentError('archive must be a file path');
+  const idMap = checkIdMap(o.idMap);
+  const limit = checkBandwidth(o.bandwidthLimit);
+  const sources = normaliseSources(o.sources);
+  const mapped = !isIdentityMap(idMap);
+  const excludes = tarExcludeArgs(o.excludePaths ?? [], { skipLostAndFound: mapped });
+  const st = await stat(o.source).catch(() => undefined);
+  if (!st?.isDirectory()) throw new InvalidArgumentError(`backup source ${o.source} is not a directory`);
+
+  let mapDir: string | undefined;
+  const mapArgs: string[] = [];
+  const sentinel = { u: 0, g: 0 };
+  try {
+    if (mapped) {
+      mapDir = await mkdtemp(join(tmpdir(), 'pve-tar-map-'));
+      await writeMapFile(join(mapDir, 'owner-map'), idMap, 'u');
+      await writeMapFile(join(mapDir, 'group-map'), idMap, 'g');
+      sentinel.u = sentinelFor(idMap, 'u');
+      sentinel.g = sentinelFor(idMap, 'g');
+      // `--owner=N` (not `+N`: tar 1.34 ignores the `+` form here) is tar's fallback for ids
+      // missing from the map file.
+      mapArgs.push(
+        `--owner-map=${join(mapDir, 'owner-map')}`,
+        `--group-map=${join(mapDir, 'group-map')}`,
+        `--owner=${sentinel.u}`,
+        `--group=${sentinel.g}`,
+      );
+    }
+    const args = ['-c', '-f', '-', '--totals', ...COMMON_TAR_FLAGS, ...mapArgs, `--directory=${o.source}`, ...excludes, '--', ...sources];
+    const tar = startTool({ tool: 'tar', code: 'ERR_TAR', what, args, stdio: ['ignore', 'pipe', 'pipe'], signal: o.signal });
+    const throttle = new ThrottleStream(limit);
+    const stages: (Readable | Writable)[] = [tar.child.stdout!];
+    if (mapped) {
+      const toContainer = hostToContainer(idMap, 'ACL entry');
+      stages.push(
+        new TarIdRewriter({
+          mapOwner: (type, id, path) => {
+            if (id !== sentinel[type]) return id;
+            throw new IdMapError(`${path}: owner ${type === 'u' ? 'uid' : 'gid'} is not covered by the id map`, { idType: type, path });
+          },
+          mapAcl: toContainer,
+        }),
+      );
+    }
+    stages.push(throttle, createWriteStream(o.archive));
+    const piped = pipeline(stages as unknown as [Readable, Writable]).catch((err: unknown) => {
+      tar.kill();
+      throw err;
+    });
+    const [pipeErr, tarErr] = await Promise.all([settle(piped), settle(tar.done)]);
+    if (pipeErr !== undefined || tarErr !== undefined) {
+      const err = pickError(o.signal, what, [pipeErr, tarErr]);
+      await rm(o.archive, { force: true });
+      throw await withHostId(err, o.source);
+    }
+    return { bytes: throttle.bytes };
+  } finally {
+    if (mapDir) await rm(mapDir, { recursive: true, force: true });
+  }
+}
+
+/** Adds the actual host id to an "owner not covered" error, looking the file up (best effort). */
+async function withHostId(err: unknown, source: string): Promise<unknown> {
+  if (!(err instanceof IdMapError) || err.path === undefined || err.id !== undefined || err.idType === undefined) return err;
+  if (/\\/.test(err.path)) return err; // escaped name: cannot look it up reliably
+  const st = await lstat(join(source, err.path)).catch(() => undefined);
+  if (!st) return err;
+  const id = err.idType === 'u' ? st.uid : st.gid;
+  return new IdMapError(`${err.path}: owner host ${err.idType === 'u' ? 'uid' : 'gid'} ${id} is not covered by the id map`, {
+    idType: err.idType,
+    id,
+    path: err.path,
+  });
+}
+
+const COMPRESSION: Record<string, string> = {
+  '.gz': '-z',
+  '.tgz': '-z',
+  '.bz2': '-j',
+  '.xz': '-J',
+  '.lzo': '--lzop',
+  '.zst': '--zstd',
+};
+
+/**
+ * Extracts a container archive into `rootdir` (see the module documentation for the exact tar
+ * command), turning container ids into host ids with `idMap`.
+ *
+ * @throws `ERR_INVALID_ARGUMENT`; `ERR_ROOTDIR_NOT_EMPTY`; `ERR_IDMAP` (bad map, or an owner or ACL
+ * entry outside it, naming the member); `ERR_TAR` with tar's stderr (also for `..` members);
+ * `ERR_CANCELLED`; `ERR_TOOL_MISSING`.
+ */
+export async function extractTarArchive(o: ExtractTarArchiveOptions): Promise<void> {
+  const what = `tar extract of ${o.archive}`;
+  checkAborted(o.signal, what);
+  const idMap = checkIdMap(o.idMap);
+  const limit = checkBandwidth(o.bandwidthLimit);
+  const mapped = !isIdentityMap(idMap);
+  const ast = await stat(o.archive).catch(() => undefined);
+  if (!ast?.isFile()) throw new InvalidArgumentError(`archive ${o.archive} is not a file`);
+  await checkRestoreTarget(o.rootdir, o.allowNonEmpty);
+
+  const ext = /(\.tgz|\.tar\.([^./]+))$/.exec(o.archive);
+  const suffix = ext ? (ext[1] === '.tgz' ? '.tgz' : `.${ext[2]!}`) : '';
+  if (suffix !== '' && suffix !== '.tar' && COMPRESSION[suffix] === undefined) {
+    throw new InvalidArgumentError(`archive ${o.archive}: unknown compression '${suffix}'`);
+  }
+  const compression = suffix === '' ? undefined : COMPRESSION[suffix];
+  const gunzipInNode = mapped && compression === '-z';
+  if (mapped && compression !== undefined && !gunzipInNode) {
+    throw new InvalidArgumentError(`archive ${o.archive}: with an id map only uncompressed or gzip archives can be restored`);
+  }
+
+  const args = ['-x', '-f', '-', '--totals', ...COMMON_TAR_FLAGS];
+  if (compression && !gunzipInNode) args.push(compression);
+  // pve-container passes --skip-old-files; it also keeps tar from setting the owner and mode of
+  // directories that exist already, the root first. A target checked empty gets them from the
+  // archive instead; one restored into with allowNonEmpty keeps Proxmox's behaviour.
+  args.push('-C', o.rootdir);
+  if (o.allowNonEmpty) args.push('--skip-old-files');
+  args.push('--anchored', '--exclude', './dev/*');
+  const tar = startTool({ tool: 'tar', code: 'ERR_TAR', what, args, stdio: ['pipe', 'ignore', 'pipe'], signal: o.signal });
+  const stages: (Readable | Writable)[] = [createReadStream(o.archive), new ThrottleStream(limit)];
+  if (gunzipInNode) stages.push(createGunzip());
+  if (mapped) {
+    stages.push(new TarIdRewriter({ mapOwner: containerToHost(idMap, 'owner'), mapAcl: containerToHost(idMap, 'ACL entry') }));
+  }
+  stages.push(tar.child.stdin!);
+  // tar stops reading at the end-of-archive blocks and exits; what follows (record padding) then
+  // meets a closed pipe. That is no error of its own: tar's exit status decides.
+  const closedPipe = (err: unknown): boolean => {
+    const code = (err as NodeJS.ErrnoException | undefined)?.code;
+    return code === 'EPIPE' || code === 'ERR_STREAM_PREMATURE_CLOSE' || code === 'ERR_STREAM_DESTROYED';
+  };
+  const piped = pipeline(stages as unknown as [Readable, Writable]).catch((err: unknown) => {
+    if (closedPipe(err)) return;
+    tar.kill();
+    throw err;
+  });
+  const [pipeErr, tarErr] = await Promise.all([settle(piped), settle(tar.done)]);
+  if (pipeErr === undefined && tarErr === undefined) return;
+  throw pickError(o.signal, what, [pipeErr, tarErr]);
+}
