@@ -69,7 +69,7 @@ export interface RecordingOptions {
 export function simplify(v: unknown): unknown {
   if (typeof v === 'string') {
     if (v.startsWith('nbd+unix:///')) return `nbd:${decodeURIComponent(v.slice(12).split('?')[0]!)}`;
-    if (v.startsWith('/')) return `<${path.basename(v)}>`;
+    if (v.startsWith('/') && !v.includes('*')) return `<${path.basename(v)}>`;
     return v;
   }
   if (v instanceof Error) return `Error(${v.message})`;
