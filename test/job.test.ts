@@ -8,7 +8,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 
 import { afterEach, describe, expect, it } from 'vitest';
 
-import { JobAbortedError, runBackupJob, type BackupJobResult, type Guest, type LogLevel } from '../lib/index.js';
+import { JobAbortedError, runBackupJob, type BackupJobResult, type Guest, type LogLevel, type ProviderContext } from '../lib/index.js';
 import { createImage } from './helpers/images.js';
 import { stopAll, tempDir } from './helpers/qemu.js';
 import { RecordingProviderV1, RecordingProviderV2, type RecordingOptions } from './helpers/recording-provider.js';
@@ -171,7 +171,7 @@ describe('job runner, seed-generation provider (V1)', () => {
 
     let made: RecordingProviderV1 | undefined;
     class Made extends RecordingProviderV1 {
-      constructor(c: typeof ctx) {
+      constructor(c: ProviderContext) {
         super(c);
         made = this;
       }

@@ -33,8 +33,12 @@ function qdevId(b: QmpBlockInfo): string | undefined {
 
 /** Connects to (or, for a stopped VM, starts) the QEMU holding the guest's disks. */
 export async function openQemuTarget(guest: VmGuest, dir: string): Promise<QemuTarget> {
-  if (typeof guest.qmp === 'string') {
-    const qmp = await QmpClient.connect(guest.qmp);
+  if (typeof guest.qmp === 'string' || guest.qmp instanceof QmpClient) {
+    const own = typeof guest.qmp === 'string';
+    const qmp = typeof guest.qmp === 'string' ? await QmpClient.connect(guest.qmp) : guest.qmp;
+    const close = async (): Promise<void> => {
+      if (own) await qmp.close().catch(() => undefined);
+    };
     try {
       let devices = guest.devices;
       if (!devices) {
@@ -44,13 +48,13 @@ export async function openQemuTarget(guest: VmGuest, dir: string): Promise<QemuT
           .filter((d): d is string => typeof d === 'string');
       }
       if (devices.length === 0) throw new InvalidArgumentError(`VM ${guest.vmid}: no devices to back up (pass devices)`);
-      return { qmp, nbdServer: undefined, devices, started: false, close: () => qmp.close().catch(() => undefined) };
+      return { qmp, nbdServer: guest.nbdServer ? { path: guest.nbdServer } : undefined, devices, started: false, close };
     } catch (err) {
-      await qmp.close().catch(() => undefined);
+      await close();
       throw err;
     }
   }
-  const disks = guest.qmp?.disks;
+  const disks = (guest.qmp as { disks?: Array<{ device: string; file: string; format: 'raw' | 'qcow2' }> })?.disks;
   if (!Array.isArray(disks) || disks.length === 0) throw new InvalidArgumentError(`VM ${guest.vmid}: qmp must be a socket path or { disks: [...] }`);
   const qsd = await startStorageDaemon({ dir, disks: disks.map((d) => ({ id: d.device, file: d.file, format: d.format })) });
   const all = disks.map((d) => d.device);

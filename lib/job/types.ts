@@ -3,6 +3,7 @@
  *
  * @packageDocumentation
  */
+import type { QmpClient } from '../qmp/client.js';
 import type { BackupProvider, GuestType, IdMapEntry, LogFunction, ProviderFactory, PruneOptions } from '../provider/api.js';
 
 /** A VM to back up. */
@@ -10,10 +11,12 @@ export interface VmGuest {
   vmid: number;
   type: 'qemu';
   /**
-   * A running QEMU: its QMP unix socket. A stopped VM: its disk images, on which the runner starts
-   * qemu-storage-daemon for the backup (device names must match `[A-Za-z][A-Za-z0-9_-]{0,30}`).
+   * A running QEMU: its QMP unix socket (connected for the backup, then closed), or a connected
+   * {@link QmpClient} (used, left open; QEMU's monitor socket serves one client at a time). A
+   * stopped VM: its disk images, on which the runner starts qemu-storage-daemon for the backup
+   * (device names must match `[A-Za-z][A-Za-z0-9_-]{0,30}`).
    */
-  qmp: string | { disks: Array<{ device: string; file: string; format: 'raw' | 'qcow2' }> };
+  qmp: string | QmpClient | { disks: Array<{ device: string; file: string; format: 'raw' | 'qcow2' }> };
   /** Raw guest configuration (the content of `qemu-server/<vmid>.conf`). */
   config: string;
   /** Raw firewall configuration, if the guest has one. */
@@ -26,6 +29,12 @@ export interface VmGuest {
   devices?: string[];
   /** Guest agent socket: file systems are frozen around the point in time. */
   qga?: string;
+  /**
+   * Unix socket of an NBD server the QEMU process already runs (QEMU allows one per process, e.g.
+   * qemu-storage-daemon started with `--nbd-server`): the backup exports are added to it. Absent:
+   * backup access starts a server on a private socket and stops it afterwards.
+   */
+  nbdServer?: string;
 }
 
 /** A container to back up. */
