@@ -209,12 +209,11 @@ export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
       for (const d of devices) {
         log.info(`restoring device ${d.device} (${d.size} bytes) to ${d.target}`);
         o.signal?.throwIfAborted();
-        const source = await driver.vmVolumeInit(volname, storeid, d.device).catch((err: unknown) => {
-          throw restoreError(volname, err, d.device);
-        });
+        // restoreQemuImgCleanup follows restoreQemuImgInit whatever happened (also when init failed).
         await withCleanup(
-          () =>
-            qemuImgConvert({
+          async () => {
+            const source = await driver.vmVolumeInit(volname, storeid, d.device);
+            await qemuImgConvert({
               source,
               target: d.target,
               device: d.device,
@@ -222,13 +221,14 @@ export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
               ...(o.bandwidthLimit ? { bandwidthLimit: o.bandwidthLimit } : {}),
               ...(o.onProgress ? { onProgress: o.onProgress } : {}),
               ...(o.signal ? { signal: o.signal } : {}),
-            }).catch((err: unknown) => {
-              throw restoreError(volname, err, d.device);
-            }),
+            });
+          },
           () => driver.vmVolumeCleanup(volname, storeid, d.device),
           log,
           `cleanup of device ${d.device}`,
-        );
+        ).catch((err: unknown) => {
+          throw restoreError(volname, err, d.device);
+        });
       }
       return { devices, config, ...(firewallConfig !== undefined ? { firewallConfig } : {}), ...files };
     };
@@ -262,9 +262,10 @@ export async function restoreContainer(o: RestoreContainerOptions): Promise<Rest
     const config = await driver.guestConfig(volname, storeid);
     const firewallConfig = await driver.firewallConfig(volname, storeid);
     const files = await writeConfigs(o.configDir, 'pct', config, firewallConfig);
-    const source = await driver.containerInit(volname, storeid, mechanism);
+    // the cleanup follows the init whatever happened (also when init failed)
     await withCleanup(
       async () => {
+        const source = await driver.containerInit(volname, storeid, mechanism);
         const common = {
           rootdir: o.rootdir,
           ...(idMap ? { idMap } : {}),

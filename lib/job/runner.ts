@@ -393,6 +393,7 @@ async function backupVmGuest(
     tlog.info(`started backup access (${access.backend} QEMU), NBD socket ${access.socketPath}`);
     let success = false;
     const clients: NbdClient[] = [];
+    const iterators: Array<AsyncGenerator<[number, number]>> = [];
     try {
       const volumes: DriverVolume[] = [];
       for (const d of access.devices) {
@@ -416,6 +417,7 @@ async function backupVmGuest(
           clients.push(nbd);
           v.fileHandle = { size: nbd.size, read: (o, l) => nbd.read(o, l), discard: (o, l) => nbd.trim(o, l) };
           const it = dirtyRegions(d.nbdUri, v.bitmapName);
+          iterators.push(it);
           v.nextDirtyRegion = async () => {
             const n = await it.next();
             return n.done ? undefined : n.value;
@@ -437,6 +439,8 @@ async function backupVmGuest(
       );
       success = true;
     } finally {
+      // close what the provider did not finish (file-handle): region iterators and connections
+      for (const it of iterators) await it.return(undefined).catch(() => undefined);
       for (const c of clients) await c.close().catch(() => undefined);
       try {
         await teardownBackupAccess(target.qmp, { targetId, success });

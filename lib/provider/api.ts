@@ -278,15 +278,15 @@ export interface BackupProviderV1 extends ProviderCommon {
   restoreQemuGetDeviceInfo(volname: string, storeid: string): Awaitable<Record<string, VolumeSize>>;
   /** Make a device's data available: a path or URI `qemu-img` reads as raw. Perl: `restore_qemu_img_init($volname, $storeid, $devicename)`. */
   restoreQemuImgInit(volname: string, storeid: string, deviceName: string): Awaitable<string>;
-  /** Always called after `restoreQemuImgInit` was called. Perl: `restore_qemu_img_cleanup($volname, $storeid, $devicename)`. */
+  /** Always called after `restoreQemuImgInit` was called (also when it or the copy failed). Perl: `restore_qemu_img_cleanup($volname, $storeid, $devicename)`. */
   restoreQemuImgCleanup(volname: string, storeid: string, deviceName: string): Awaitable<void>;
   /** Path of a (possibly compressed) tar archive of the container's tree. Perl: `restore_tar_init($volname, $storeid)`. */
   restoreTarInit(volname: string, storeid: string): Awaitable<string>;
-  /** Always called after `restoreTarInit` was called. Perl: `restore_tar_cleanup($volname, $storeid)`. */
+  /** Always called after `restoreTarInit` was called (also when it or the extraction failed). Perl: `restore_tar_cleanup($volname, $storeid)`. */
   restoreTarCleanup(volname: string, storeid: string): Awaitable<void>;
   /** Path of a directory holding the container's tree. Perl: `restore_directory_init($volname, $storeid)`. */
   restoreDirectoryInit(volname: string, storeid: string): Awaitable<string>;
-  /** Always called after `restoreDirectoryInit` was called. Perl: `restore_directory_cleanup($volname, $storeid)`. */
+  /** Always called after `restoreDirectoryInit` was called (also when it or the copy failed). Perl: `restore_directory_cleanup($volname, $storeid)`. */
   restoreDirectoryCleanup(volname: string, storeid: string): Awaitable<void>;
 }
 
@@ -444,15 +444,15 @@ export interface BackupProviderV2 extends ProviderCommon {
   archiveGetFirewallConfig(volname: string): Awaitable<string | undefined>;
   /** Prepare a VM archive: its devices and sizes. Perl: `restore_vm_init($volname)`. */
   restoreVmInit(volname: string): Awaitable<Record<string, VolumeSize>>;
-  /** Always called after `restoreVmInit` was called. Perl: `restore_vm_cleanup($volname)`. */
+  /** Always called after `restoreVmInit` was called (also when anything after it failed). Perl: `restore_vm_cleanup($volname)`. */
   restoreVmCleanup(volname: string): Awaitable<void>;
   /** Prepare one volume: a path `qemu-img` reads as raw. Perl: `restore_vm_volume_init($volname, $device_name, $info)`. */
   restoreVmVolumeInit(volname: string, deviceName: string, info: Record<string, never>): Awaitable<RestoreVmVolumeInitResult>;
-  /** Always called after `restoreVmVolumeInit` was called. Perl: `restore_vm_volume_cleanup($volname, $device_name, $info)`. */
+  /** Always called after `restoreVmVolumeInit` was called (also when it or the copy failed). Perl: `restore_vm_volume_cleanup($volname, $device_name, $info)`. */
   restoreVmVolumeCleanup(volname: string, deviceName: string, info: Record<string, never>): Awaitable<void>;
   /** Prepare a container archive: a tar path or a directory. Perl: `restore_container_init($volname, $info)`. */
   restoreContainerInit(volname: string, info: Record<string, never>): Awaitable<RestoreContainerInitResult>;
-  /** Always called after `restoreContainerInit` was called. Perl: `restore_container_cleanup($volname, $info)`. */
+  /** Always called after `restoreContainerInit` was called (also when it or the extraction failed). Perl: `restore_container_cleanup($volname, $info)`. */
   restoreContainerCleanup(volname: string, info: Record<string, never>): Awaitable<void>;
 }
 
