@@ -5,12 +5,13 @@
  * with the point-in-time content. On qemu-storage-daemon (V1 provider, nbd) and on a paused
  * `qemu-system-x86_64 -S` (V2 provider, nbd and file-handle).
  */
-import { readFileSync } from 'node:fs';
+import { readFileSync, readdirSync } from 'node:fs';
+import { setTimeout as sleep } from 'node:timers/promises';
 import path from 'node:path';
 
 import { afterEach, describe, expect, it } from 'vitest';
 
-import { restoreVm, runBackupJob, type VmGuest } from '../lib/index.js';
+import { JobAbortedError, restoreVm, runBackupJob, type BackupJobResult, type VmGuest } from '../lib/index.js';
 import { expectSameBytes } from './helpers/images.js';
 import { nbdWrite, startStorageDaemon, startVm, stopAll, tempDir, vmWrite } from './helpers/qemu.js';
 import { RecordingProviderV1, RecordingProviderV2 } from './helpers/recording-provider.js';
@@ -164,5 +165,43 @@ describe('end to end on qemu-system-x86_64 -S, Proxmox VE 8.4 provider', () => {
     expect(await q.qmp.execute('query-block-exports')).toEqual([]);
     const nodes = await q.qmp.execute<Array<{ 'node-name': string }>>('query-named-block-nodes', { flat: true });
     expect(nodes.filter((n) => n['node-name'].startsWith('pvebp'))).toEqual([]);
+  });
+});
+
+describe('abort on a running VM', () => {
+  it('SIGTERM during backupVm tears backup access down: no export, node, background bitmap or fleecing file is left', async () => {
+    const q = await startVm({ size: 8 * MiB });
+    const store = await tempDir();
+    const fleecing = await tempDir();
+    await vmWrite(q, 'virtio0', 0x11, 0, MiB);
+    const p = new RecordingProviderV2(
+      { storeid: 'store1', scfg: {}, log: () => {} },
+      {
+        onCall: async (m) => {
+          if (m !== 'backupVm') return;
+          expect(readdirSync(fleecing).length).toBe(2); // the access is up while the provider reads
+          process.kill(process.pid, 'SIGTERM');
+          await sleep(300);
+        },
+      },
+    );
+    const guest: VmGuest = { vmid: 100, type: 'qemu', qmp: q.qmp, devices: ['virtio0', 'drive-efidisk0'], config: 'name: vm\n', qga: '/nonexistent/qga.sock' };
+    const err = (await runBackupJob({ provider: p, storeid: 'store1', guests: [guest], tmpdir: store, fleecing: { dir: fleecing }, handleSignals: true }).catch((e: unknown) => e)) as JobAbortedError;
+    expect(err).toBeInstanceOf(JobAbortedError);
+    expect(err.message).toBe('interrupted by signal SIGTERM');
+    expect(p.calls.slice(-3)).toEqual([
+      ['backupCleanup', 100, 'qemu', false, { error: 'interrupted by signal SIGTERM' }],
+      ['backupHandleLogFile', 100, '<task.log>'],
+      ['jobCleanup'],
+    ]);
+    const outcome = (err.result as BackupJobResult).guests[0]!;
+    expect(outcome.warnings[0]).toMatch(/^skipping guest-agent 'fs-freeze', agent configured but not running\?/);
+    expect(outcome.log.join('\n')).toMatch(/ERROR: Backup of VM 100 failed - interrupted by signal SIGTERM/);
+    expect(await q.qmp.execute('query-block-exports')).toEqual([]);
+    const nodes = await q.qmp.execute<Array<{ 'node-name': string; 'dirty-bitmaps'?: Array<{ name: string }> }>>('query-named-block-nodes', { flat: true });
+    expect(nodes.filter((n) => n['node-name'].startsWith('pvebp'))).toEqual([]);
+    expect(nodes.flatMap((n) => (n['dirty-bitmaps'] ?? []).map((b) => b.name)).filter((b) => b.endsWith('//background'))).toEqual([]);
+    expect(readdirSync(fleecing)).toEqual([]);
+    expect(readdirSync(store)).toEqual([]);
   });
 });
