@@ -24,3 +24,62 @@ export {
   type Chunk,
   type ChunkStream,
 } from './nbd/copy.js';
+
+// Provider API (lib/provider) and job runner (lib/job)
+export {
+  PROVIDER_API_VERSION,
+  PROVIDER_API_AGE,
+  type BackupProvider,
+  type BackupProviderV1,
+  type BackupProviderV2,
+  type ProviderCommon,
+  type ProviderContext,
+  type ProviderFactory,
+  type ProviderStorage,
+  type PruneOptions,
+  type RestoreHookInfo,
+  type GuestType,
+  type LogLevel,
+  type LogFunction,
+  type BitmapAction,
+  type BitmapMode,
+  type BackupMechanism,
+  type RestoreMechanism,
+  type RestoreMechanismInfo,
+  type BackupMechanismInfoV1,
+  type NbdBackupExtra,
+  type BackupInitResult,
+  type BackupCleanupResult,
+  type IncrementalRequest,
+  type VolumeHandle,
+  type VolumeSize,
+  type BackupVmVolume,
+  type BackupVmInfo,
+  type ContainerBackupInfo,
+  type RestoreVmVolumeInitResult,
+  type RestoreContainerInitResult,
+  type Awaitable,
+} from './provider/api.js';
+export { BackupProviderBase, BackupProviderBaseV1 } from './provider/base.js';
+export { adaptProvider, checkApiVersion } from './provider/adapter.js';
+export {
+  createLogger,
+  BandwidthLimiter,
+  backupNbdToFile,
+  nbdUriFor,
+  dirtyRegions,
+  dirtyBytes,
+  type ProviderLogger,
+  type BackupNbdToFileOptions,
+} from './provider/helpers.js';
+export {
+  ProviderApiVersionError,
+  NotImplementedError,
+  MechanismError,
+  ProviderResultError,
+  JobAbortedError,
+  RestoreError,
+} from './provider/errors.js';
+export { runBackupJob, expandNotesTemplate } from './job/runner.js';
+export { restoreVm, restoreContainer, extractConfig, type RestoreVmOptions, type RestoreVmResult, type RestoreContainerOptions, type RestoreContainerResult, type ConvertProgress } from './job/restore.js';
+export type { RunBackupJobOptions, BackupJobResult, GuestOutcome, Guest, VmGuest, ContainerGuest } from './job/types.js';

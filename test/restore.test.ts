@@ -1,0 +1,218 @@
+/**
+ * VM restore through providers of both generations: call order, error precedence (first error
+ * wins, cleanup always), early failure on a missing size, wrong guest type, and real
+ * `qemu-img convert` into new and existing targets.
+ */
+import { readFileSync, writeFileSync } from 'node:fs';
+import path from 'node:path';
+
+import { afterEach, describe, expect, it } from 'vitest';
+
+import { RestoreError, restoreVm, runBackupJob, type LogLevel } from '../lib/index.js';
+import { createImage, expectSameBytes, qemuIo } from './helpers/images.js';
+import { stopAll, tempDir } from './helpers/qemu.js';
+import { RecordingProviderV1, RecordingProviderV2 } from './helpers/recording-provider.js';
+
+const MiB = 2 ** 20;
+const KiB = 1024;
+const ctx = { storeid: 'store1', scfg: {}, log: () => {} };
+const VOL = 'backup/qemu-100-1';
+const INFO = { storeid: 'store1', vmtype: 'qemu', mechanism: 'qemu-img' };
+
+afterEach(async () => {
+  await stopAll();
+});
+
+/** Backs up a stopped VM with two disks of known content; returns the provider and the content. */
+async function fixture<P extends RecordingProviderV1 | RecordingProviderV2>(make: (storeDir: string) => P): Promise<{ p: P; dir: string; disks: { disk0: Buffer; disk1: Buffer } }> {
+  const dir = await tempDir();
+  const d0 = path.join(dir, 'disk0.qcow2');
+  const d1 = path.join(dir, 'disk1.raw');
+  createImage(d0, MiB, 'qcow2');
+  createImage(d1, 256 * KiB, 'raw');
+  qemuIo(d0, 'qcow2', ['write -P 0x5a 0 64k', 'write -P 0x5b 512k 128k']);
+  qemuIo(d1, 'raw', ['write -P 0x6c 4k 8k']);
+  const disks = { disk0: Buffer.alloc(MiB), disk1: Buffer.alloc(256 * KiB) };
+  disks.disk0.fill(0x5a, 0, 64 * KiB).fill(0x5b, 512 * KiB, 640 * KiB);
+  disks.disk1.fill(0x6c, 4 * KiB, 12 * KiB);
+  const p = make(path.join(dir, 'store'));
+  const res = await runBackupJob({
+    provider: p,
+    storeid: 'store1',
+    tmpdir: dir,
+    guests: [
+      {
+        vmid: 100,
+        type: 'qemu',
+        qmp: {
+          disks: [
+            { device: 'disk0', file: d0, format: 'qcow2' },
+            { device: 'disk1', file: d1, format: 'raw' },
+          ],
+        },
+        config: 'name: restored\n',
+        firewallConfig: '[OPTIONS]\nenable: 1\n',
+      },
+    ],
+  });
+  expect(res.ok).toBe(true);
+  p.calls.length = 0;
+  return { p, dir, disks };
+}
+
+const v1Device = (d: string): unknown[][] => [
+  ['restoreQemuImgInit', VOL, 'store1', d],
+  ['restoreQemuImgCleanup', VOL, 'store1', d],
+];
+
+describe('restoreVm, seed-generation provider (V1)', () => {
+  it('success: exact call order, configs written, bytes equal', async () => {
+    const { p, dir, disks } = await fixture((s) => new RecordingProviderV1(ctx, { storeDir: s }));
+    const res = await restoreVm({ provider: p, volname: VOL, storeid: 'store1', targets: (d) => path.join(dir, `r-${d}.raw`), configDir: dir });
+    expect(p.calls).toEqual([
+      ['restoreGetMechanism', VOL, 'store1'],
+      ['restoreStart', VOL, INFO],
+      ['extractGuestConfig', VOL, 'store1'],
+      ['extractFirewallConfig', VOL, 'store1'],
+      ['restoreQemuGetDeviceInfo', VOL, 'store1'],
+      ...v1Device('disk0'),
+      ...v1Device('disk1'),
+      ['restoreEnd', VOL, INFO],
+    ]);
+    expect(res).toMatchObject({ config: 'name: restored\n', firewallConfig: '[OPTIONS]\nenable: 1\n', configFile: path.join(dir, 'qemu-server.conf'), firewallFile: path.join(dir, 'qemu-server.fw') });
+    expect(readFileSync(path.join(dir, 'qemu-server.fw'), 'utf8')).toBe('[OPTIONS]\nenable: 1\n');
+    expectSameBytes(readFileSync(path.join(dir, 'r-disk0.raw')), disks.disk0, 'disk0');
+    expectSameBytes(readFileSync(path.join(dir, 'r-disk1.raw')), disks.disk1, 'disk1');
+  });
+
+  it('writes into existing targets (qemu-img -n), zeroing what the backup has as zeros', async () => {
+    const { p, dir, disks } = await fixture((s) => new RecordingProviderV1(ctx, { storeDir: s }));
+    const targets = { disk0: path.join(dir, 't0.raw'), disk1: path.join(dir, 't1.raw') };
+    writeFileSync(targets.disk0, Buffer.alloc(MiB, 0xff));
+    writeFileSync(targets.disk1, Buffer.alloc(256 * KiB, 0xee));
+    await restoreVm({ provider: p, volname: VOL, storeid: 'store1', targets });
+    expectSameBytes(readFileSync(targets.disk0), disks.disk0, 'disk0');
+    expectSameBytes(readFileSync(targets.disk1), disks.disk1, 'disk1');
+  });
+
+  it('a failing convert: cleanup still runs, the rest is not attempted, restoreAbort names the device', async () => {
+    const { p, dir } = await fixture((s) => new RecordingProviderV1(ctx, { storeDir: s }));
+    const orig = p.restoreQemuImgInit.bind(p);
+    p.restoreQemuImgInit = async (v, s, d) => (d === 'disk0' ? path.join(dir, 'missing.raw') : orig(v, s, d));
+    const err = (await restoreVm({ provider: p, volname: VOL, storeid: 'store1', targets: (d) => path.join(dir, `r-${d}.raw`) }).catch((e: unknown) => e)) as RestoreError;
+    expect(err).toBeInstanceOf(RestoreError);
+    expect(err).toMatchObject({ code: 'ERR_RESTORE', device: 'disk0' });
+    expect(err.message).toMatch(/^restore of 'backup\/qemu-100-1' failed \(device disk0\): qemu-img convert of disk0 failed \(exit code 1\): .*missing\.raw/);
+    expect(p.calls.map((c) => c[0])).toEqual([
+      'restoreGetMechanism',
+      'restoreStart',
+      'extractGuestConfig',
+      'extractFirewallConfig',
+      'restoreQemuGetDeviceInfo',
+      'restoreQemuImgCleanup',
+      'restoreAbort',
+    ]);
+    expect(p.calls.at(-1)).toEqual(['restoreAbort', VOL, `Error(${err.message})`, INFO]);
+  });
+
+  it('a failing cleanup is the error when nothing failed before; later devices are not attempted', async () => {
+    const { p, dir } = await fixture((s) => new RecordingProviderV1(ctx, { storeDir: s }));
+    p.store.opts.fail = { restoreQemuImgCleanup: { message: 'cleanup broke', when: (_v, _s, d) => d === 'disk0' } };
+    const err = (await restoreVm({ provider: p, volname: VOL, storeid: 'store1', targets: (d) => path.join(dir, `r-${d}.raw`) }).catch((e: unknown) => e)) as RestoreError;
+    expect(err).toMatchObject({ code: 'ERR_RESTORE', device: 'disk0', message: "restore of 'backup/qemu-100-1' failed (device disk0): cleanup broke" });
+    expect(p.calls.slice(5).map((c) => c.slice(0, 4))).toEqual([...v1Device('disk0'), ['restoreAbort', VOL, `Error(${err.message})`, INFO]]);
+  });
+
+  it('when both fail the first error wins and the cleanup error is logged', async () => {
+    const { p, dir } = await fixture((s) => new RecordingProviderV1(ctx, { storeDir: s }));
+    p.store.opts.fail = { restoreQemuImgInit: { message: 'no such archive part' }, restoreQemuImgCleanup: { message: 'cleanup broke' } };
+    const lines: Array<[LogLevel, string]> = [];
+    const err = (await restoreVm({ provider: p, volname: VOL, storeid: 'store1', targets: (d) => path.join(dir, `r-${d}.raw`), log: (l, m) => lines.push([l, m]) }).catch((e: unknown) => e)) as RestoreError;
+    expect(err.message).toBe("restore of 'backup/qemu-100-1' failed (device disk0): no such archive part");
+    expect(lines).toContainEqual(['warn', 'cleanup of device disk0 failed: cleanup broke']);
+    expect(p.calls.slice(5).map((c) => c[0])).toEqual(['restoreQemuImgInit', 'restoreQemuImgCleanup', 'restoreAbort']);
+  });
+
+  it('a device without a size fails before anything is written, naming the device', async () => {
+    const { p, dir } = await fixture((s) => new RecordingProviderV1(ctx, { storeDir: s }));
+    p.restoreQemuGetDeviceInfo = async () => ({ disk0: { size: MiB }, disk1: {} as { size: number } });
+    const err = (await restoreVm({ provider: p, volname: VOL, storeid: 'store1', targets: (d) => path.join(dir, `r-${d}.raw`) }).catch((e: unknown) => e)) as RestoreError;
+    expect(err).toMatchObject({ code: 'ERR_RESTORE' });
+    expect(err.message).toMatch(/missing or invalid size for device 'disk1'/);
+    expect((err.cause as { code: string }).code).toBe('ERR_PROVIDER_RESULT');
+    expect(p.calls.map((c) => c[0])).not.toContain('restoreQemuImgInit');
+    expect(p.calls.at(-1)![0]).toBe('restoreAbort');
+  });
+
+  it('a container archive is refused as a VM restore, before any hook', async () => {
+    const p = new RecordingProviderV1(ctx);
+    const err = await restoreVm({ provider: p, volname: 'backup/lxc-200-1', storeid: 'store1', targets: {} }).catch((e: unknown) => e);
+    expect(err).toMatchObject({ code: 'ERR_RESTORE', message: "restore of 'backup/lxc-200-1' failed: cannot restore a guest of type 'lxc' as a VM" });
+    expect(((err as RestoreError).cause as { code: string }).code).toBe('ERR_MECHANISM');
+    expect(p.calls).toEqual([['restoreGetMechanism', 'backup/lxc-200-1', 'store1']]);
+  });
+
+  it('honours the bandwidth limit (qemu-img -r) and reports progress', async () => {
+    const { p, dir, disks } = await fixture((s) => new RecordingProviderV1(ctx, { storeDir: s }));
+    p.restoreQemuGetDeviceInfo = async () => ({ disk0: { size: MiB } });
+    const t0 = Date.now();
+    const progress: number[] = [];
+    await restoreVm({ provider: p, volname: VOL, storeid: 'store1', targets: { disk0: path.join(dir, 'slow.raw') }, bandwidthLimit: 64 * KiB, onProgress: (e) => progress.push(e.percent) });
+    // 192 KiB of data (zeros are not copied) at 64 KiB/s: QEMU lets the first request through at once
+    expect(Date.now() - t0).toBeGreaterThan(600);
+    expect(progress.at(-1)).toBe(100);
+    expectSameBytes(readFileSync(path.join(dir, 'slow.raw')), disks.disk0, 'disk0');
+  });
+});
+
+describe('restoreVm, Proxmox VE 8.4 provider (V2) through the adapter', () => {
+  it('success: exact call order, bytes equal', async () => {
+    const { p, dir, disks } = await fixture((s) => new RecordingProviderV2(ctx, { storeDir: s }));
+    await restoreVm({ provider: p, volname: VOL, storeid: 'store1', targets: (d) => path.join(dir, `r-${d}.raw`) });
+    expect(p.calls).toEqual([
+      ['restoreGetMechanism', VOL],
+      ['restoreStart', VOL, INFO],
+      ['archiveGetGuestConfig', VOL],
+      ['archiveGetFirewallConfig', VOL],
+      ['restoreVmInit', VOL],
+      ['restoreVmVolumeInit', VOL, 'disk0', {}],
+      ['restoreVmVolumeCleanup', VOL, 'disk0', {}],
+      ['restoreVmVolumeInit', VOL, 'disk1', {}],
+      ['restoreVmVolumeCleanup', VOL, 'disk1', {}],
+      ['restoreVmCleanup', VOL],
+      ['restoreEnd', VOL, INFO],
+    ]);
+    expectSameBytes(readFileSync(path.join(dir, 'r-disk0.raw')), disks.disk0, 'disk0');
+    expectSameBytes(readFileSync(path.join(dir, 'r-disk1.raw')), disks.disk1, 'disk1');
+  });
+
+  it('failure: volume cleanup and restoreVmCleanup still run, then restoreAbort', async () => {
+    const { p, dir } = await fixture((s) => new RecordingProviderV2(ctx, { storeDir: s }));
+    p.store.opts.fail = { restoreVmVolumeInit: { message: 'offline', when: (_v, d) => d === 'disk1' } };
+    const err = await restoreVm({ provider: p, volname: VOL, storeid: 'store1', targets: (d) => path.join(dir, `r-${d}.raw`) }).catch((e: unknown) => e);
+    expect(err).toMatchObject({ code: 'ERR_RESTORE', device: 'disk1', message: "restore of 'backup/qemu-100-1' failed (device disk1): offline" });
+    expect(p.calls.slice(4).map((c) => c.slice(0, 3))).toEqual([
+      ['restoreVmInit', VOL],
+      ['restoreVmVolumeInit', VOL, 'disk0'],
+      ['restoreVmVolumeCleanup', VOL, 'disk0'],
+      ['restoreVmVolumeInit', VOL, 'disk1'],
+      ['restoreVmVolumeCleanup', VOL, 'disk1'],
+      ['restoreVmCleanup', VOL],
+      ['restoreAbort', VOL, `Error(${(err as Error).message})`],
+    ]);
+  });
+
+  it('restoreVmCleanup failing after success is the error; failing after an error is logged', async () => {
+    const { p, dir } = await fixture((s) => new RecordingProviderV2(ctx, { storeDir: s }));
+    p.store.opts.fail = { restoreVmCleanup: { message: 'session lost' } };
+    const err = await restoreVm({ provider: p, volname: VOL, storeid: 'store1', targets: (d) => path.join(dir, `r-${d}.raw`) }).catch((e: unknown) => e);
+    expect(err).toMatchObject({ code: 'ERR_RESTORE', message: "restore of 'backup/qemu-100-1' failed: session lost" });
+    p.calls.length = 0;
+    p.store.opts.fail = { restoreVmCleanup: { message: 'session lost' }, restoreVmInit: { message: 'archive corrupt' } };
+    const lines: string[] = [];
+    const err2 = await restoreVm({ provider: p, volname: VOL, storeid: 'store1', targets: {}, log: (_l, m) => lines.push(m) }).catch((e: unknown) => e);
+    expect(err2).toMatchObject({ message: "restore of 'backup/qemu-100-1' failed: archive corrupt" });
+    expect(lines).toContain('restore cleanup failed: session lost');
+    expect(p.calls.map((c) => c[0])).toEqual(['restoreGetMechanism', 'restoreStart', 'archiveGetGuestConfig', 'archiveGetFirewallConfig', 'restoreVmInit', 'restoreVmCleanup', 'restoreAbort']);
+  });
+});
