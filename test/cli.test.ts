@@ -2,19 +2,12 @@ import { spawnSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 
-import { startNbdkit, tempDir, type NbdServer } from './helpers/nbd-servers.js';
+import { startNbdkit, useCleanups } from './helpers/nbd-servers.js';
 
 const CLI = join(import.meta.dirname, '..', 'dist', 'cli', 'main.js');
-const cleanups: Array<() => Promise<void> | void> = [];
-afterEach(async () => {
-  while (cleanups.length) await cleanups.pop()!();
-});
-function track(server: NbdServer): NbdServer {
-  cleanups.push(() => server.stop());
-  return server;
-}
+const { defer, track, scratch } = useCleanups();
 
 function cli(...args: string[]): { status: number | null; stdout: string; stderr: string } {
   const r = spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8' });
@@ -40,8 +33,7 @@ describe('pve-backup-provider info / copy', () => {
 
   it('copy --json writes the target and prints the summary', async () => {
     const server = track(await startNbdkit(['sparse-random', 'size=8M', 'seed=1']));
-    const { dir, remove } = tempDir();
-    cleanups.push(remove);
+    const dir = scratch();
     const target = join(dir, 'out.raw');
     const r = cli('copy', server.uri, target, '--json', '--requests', '4');
     expect(r.status).toBe(0);

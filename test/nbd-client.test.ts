@@ -1,20 +1,13 @@
 import { createServer } from 'node:net';
 import { join } from 'node:path';
 
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 
 import { NbdClient, NbdError, listBitmaps, NBD_STATE_HOLE, NBD_STATE_ZERO } from '../lib/index.js';
 import { createImage, qemuIo, run } from './helpers/images.js';
-import { startNbdkit, startQemuNbd, tempDir, type NbdServer } from './helpers/nbd-servers.js';
+import { startNbdkit, startQemuNbd, useCleanups } from './helpers/nbd-servers.js';
 
-const cleanups: Array<() => Promise<void> | void> = [];
-afterEach(async () => {
-  while (cleanups.length) await cleanups.pop()!();
-});
-function track(server: NbdServer): NbdServer {
-  cleanups.push(() => server.stop());
-  return server;
-}
+const { defer, track, scratch } = useCleanups();
 
 describe('NbdClient against nbdkit', () => {
   it('reads, writes, trims and flushes, with pipelined requests', async () => {
@@ -67,8 +60,7 @@ describe('NbdClient against nbdkit', () => {
 
 describe('NbdClient against qemu-nbd', () => {
   it('reports holes and zeros through base:allocation', async () => {
-    const { dir, remove } = tempDir();
-    cleanups.push(remove);
+    const dir = scratch();
     const image = join(dir, 'disk.qcow2');
     createImage(image, '4M', 'qcow2');
     qemuIo(image, 'qcow2', ['write -P 0x11 0 1M', 'write -z 2M 1M']);
@@ -85,8 +77,7 @@ describe('NbdClient against qemu-nbd', () => {
   });
 
   it('lists the dirty bitmaps an export offers', async () => {
-    const { dir, remove } = tempDir();
-    cleanups.push(remove);
+    const dir = scratch();
     const image = join(dir, 'disk.qcow2');
     createImage(image, '4M', 'qcow2');
     // qemu-img bitmap needs QEMU >= 5.1; Debian 12 has 7.2
@@ -104,15 +95,14 @@ describe('bad input', () => {
   });
 
   it('fails cleanly on a socket that does not speak NBD', async () => {
-    const { dir, remove } = tempDir();
-    cleanups.push(remove);
+    const dir = scratch();
     const socket = join(dir, 'not-nbd.sock');
     const server = createServer((c) => {
       c.on('error', () => {}); // the client hangs up on what it cannot parse
       c.end('HTTP/1.1 400 Bad Request\r\n\r\n');
     });
     await new Promise<void>((r) => server.listen(socket, r));
-    cleanups.push(() => new Promise<void>((r) => server.close(() => r())));
+    defer(() => new Promise<void>((r) => server.close(() => r())));
     const err = await NbdClient.connect(`nbd+unix:///x?socket=${socket}`).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(NbdError);
     expect((err as NbdError).code).toMatch(/ERR_NBD_(PROTOCOL|CLOSED)/);

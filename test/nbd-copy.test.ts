@@ -1,27 +1,15 @@
 import { copyFileSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 
 import { NbdClient, NbdError, copyExtents, readChunks, type Chunk } from '../lib/index.js';
 import { allocatedBytes, createImage, expectSameBytes, qemuIo, run } from './helpers/images.js';
-import { startNbdkit, startQemuNbd, tempDir, type NbdServer } from './helpers/nbd-servers.js';
+import { startNbdkit, startQemuNbd, useCleanups } from './helpers/nbd-servers.js';
 import { requireTool } from './helpers/tools.js';
 
 const MiB = 2 ** 20;
-const cleanups: Array<() => Promise<void> | void> = [];
-afterEach(async () => {
-  while (cleanups.length) await cleanups.pop()!();
-});
-function track(server: NbdServer): NbdServer {
-  cleanups.push(() => server.stop());
-  return server;
-}
-function scratch(): string {
-  const { dir, remove } = tempDir();
-  cleanups.push(remove);
-  return dir;
-}
+const { defer, track, scratch } = useCleanups();
 
 /** What `nbdcopy` (libnbd's tool) reads from the same export: the reference content. */
 function nbdcopyReference(uri: string, dir: string): Buffer {

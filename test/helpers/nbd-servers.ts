@@ -9,6 +9,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 
+import { afterEach } from 'vitest';
+
 import { requireTool } from './tools.js';
 
 export interface NbdServer {
@@ -17,6 +19,29 @@ export interface NbdServer {
   socket: string;
   dir: string;
   stop(): Promise<void>;
+}
+
+/**
+ * Cleanups run after each test of the calling file, last registered first: `defer` any function,
+ * `track` a server to stop it, `scratch` a temporary folder to remove it.
+ */
+export function useCleanups(): { defer: (fn: () => Promise<void> | void) => void; track: (server: NbdServer) => NbdServer; scratch: () => string } {
+  const cleanups: Array<() => Promise<void> | void> = [];
+  afterEach(async () => {
+    while (cleanups.length) await cleanups.pop()!();
+  });
+  return {
+    defer: (fn) => void cleanups.push(fn),
+    track: (server) => {
+      cleanups.push(() => server.stop());
+      return server;
+    },
+    scratch: () => {
+      const { dir, remove } = tempDir();
+      cleanups.push(remove);
+      return dir;
+    },
+  };
 }
 
 /** A fresh temporary folder, removed by the returned function. */

@@ -7,7 +7,7 @@
  */
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { chmodSync, lchownSync, linkSync, lstatSync, mkdirSync, readFileSync, readdirSync, readlinkSync, symlinkSync, writeFileSync, openSync, writeSync, closeSync, ftruncateSync } from 'node:fs';
+import { chmodSync, lchownSync, linkSync, lstatSync, mkdirSync, readFileSync, readdirSync, readlinkSync, symlinkSync, writeFileSync, openSync, writeSync, closeSync, ftruncateSync, type Stats } from 'node:fs';
 import { join } from 'node:path';
 
 import { printableName } from '../../lib/container/tarstream.js';
@@ -178,7 +178,7 @@ export interface TreeEntry {
   xattrs?: Record<string, string>;
 }
 
-function typeOf(st: ReturnType<typeof lstatSync>): TreeEntry['type'] {
+function typeOf(st: Stats): TreeEntry['type'] {
   if (st.isFile()) return 'file';
   if (st.isDirectory()) return 'dir';
   if (st.isSymbolicLink()) return 'symlink';
