@@ -22,6 +22,7 @@ import type {
 
   IncrementalRequest,
   NbdBackupExtra,
+  ProviderCommon,
   ProviderContext,
   ProviderStorage,
   RestoreContainerInitResult,
@@ -237,6 +238,16 @@ class Store {
     return this.opts.storeDir ? path.join(this.dir(volname), `${device}.raw`) : '/nonexistent.raw';
   }
 
+  /** The optional restore hooks, recorded (none with `restoreHooks: false`). */
+  restoreHooks(): Pick<ProviderCommon, 'restoreStart' | 'restoreEnd' | 'restoreAbort'> {
+    if (this.opts.restoreHooks === false) return {};
+    return {
+      restoreStart: (v, i) => this.rec('restoreStart', [v, i]),
+      restoreEnd: (v, i) => this.rec('restoreEnd', [v, i]),
+      restoreAbort: (v, e, i) => this.rec('restoreAbort', [v, e, i]),
+    };
+  }
+
   storageHooks(): ProviderStorage | undefined {
     if (this.opts.storage === false) return undefined;
     return {
@@ -268,11 +279,7 @@ export class RecordingProviderV1 extends BackupProviderBaseV1 {
     super(context);
     this.store = new Store(opts);
     this.storage = this.store.storageHooks();
-    if (opts.restoreHooks !== false) {
-      this.restoreStart = (v, i) => this.store.rec('restoreStart', [v, i]);
-      this.restoreEnd = (v, i) => this.store.rec('restoreEnd', [v, i]);
-      this.restoreAbort = (v, e, i) => this.store.rec('restoreAbort', [v, e, i]);
-    }
+    Object.assign(this, this.store.restoreHooks());
   }
 
   get calls(): Call[] {
@@ -395,11 +402,7 @@ export class RecordingProviderV2 extends BackupProviderBase {
     super(context);
     this.store = new Store(opts);
     this.storage = this.store.storageHooks();
-    if (opts.restoreHooks !== false) {
-      this.restoreStart = (v, i) => this.store.rec('restoreStart', [v, i]);
-      this.restoreEnd = (v, i) => this.store.rec('restoreEnd', [v, i]);
-      this.restoreAbort = (v, e, i) => this.store.rec('restoreAbort', [v, e, i]);
-    }
+    Object.assign(this, this.store.restoreHooks());
   }
 
   get calls(): Call[] {
