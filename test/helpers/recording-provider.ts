@@ -4,7 +4,6 @@
  * a directory (raw images via the native core, configs, logs), so it can be restored from.
  * Failures are injected per method.
  */
-import { execFileSync } from 'node:child_process';
 import { copyFileSync, existsSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { open } from 'node:fs/promises';
 import path from 'node:path';
@@ -23,6 +22,7 @@ import type {
 
   IncrementalRequest,
   NbdBackupExtra,
+  ProviderCommon,
   ProviderContext,
   ProviderStorage,
   RestoreContainerInitResult,
@@ -191,15 +191,21 @@ class Store {
     if (this.opts.storeDir) writeFileSync(path.join(this.dir(this.archiveOf(vmid)), as), text);
   }
 
-  storeTree(vmid: number, directory: string, sources: string[], excludes: string[]): void {
+  /**
+   * Stores a container tree both ways, as a tar archive and as a directory copy, with the
+   * container tools of `lib/container` (loaded lazily: they are merged separately). Owners are
+   * stored as container ids.
+   */
+  async storeTree(vmid: number, directory: string, sources: string[], excludes: string[], idMap: IdMapEntry[]): Promise<void> {
     if (!this.opts.storeDir) return;
-    const tar = path.join(this.dir(this.archiveOf(vmid)), 'root.tar');
-    const args = ['--create', '--file', tar, '--numeric-owner', '--xattrs', '--acls', '--sparse', '-C', directory];
-    for (const e of excludes) args.push(`--exclude=${e.startsWith('/') ? `.${e}` : e}`);
-    execFileSync('tar', [...args, ...sources]);
-    const dir = path.join(this.dir(this.archiveOf(vmid)), 'root');
-    mkdirSync(dir);
-    execFileSync('rsync', ['-aHAX', '--numeric-ids', `${directory}/`, `${dir}/`]);
+    const tarModule = '../../lib/container/tar.js';
+    const dirModule = '../../lib/container/directory.js';
+    const { createTarArchive } = (await import(tarModule)) as { createTarArchive: (o: Record<string, unknown>) => Promise<unknown> };
+    const { backupDirectoryTree } = (await import(dirModule)) as { backupDirectoryTree: (o: Record<string, unknown>) => Promise<unknown> };
+    const base = this.dir(this.archiveOf(vmid));
+    const common = { idMap, excludePaths: excludes, sources };
+    await createTarArchive({ source: directory, archive: path.join(base, 'root.tar'), ...common });
+    await backupDirectoryTree({ source: directory, target: path.join(base, 'root'), ...common });
   }
 
   size(vmid: number): number {
@@ -230,6 +236,16 @@ class Store {
 
   imagePath(volname: string, device: string): string {
     return this.opts.storeDir ? path.join(this.dir(volname), `${device}.raw`) : '/nonexistent.raw';
+  }
+
+  /** The optional restore hooks, recorded (none with `restoreHooks: false`). */
+  restoreHooks(): Pick<ProviderCommon, 'restoreStart' | 'restoreEnd' | 'restoreAbort'> {
+    if (this.opts.restoreHooks === false) return {};
+    return {
+      restoreStart: (v, i) => this.rec('restoreStart', [v, i]),
+      restoreEnd: (v, i) => this.rec('restoreEnd', [v, i]),
+      restoreAbort: (v, e, i) => this.rec('restoreAbort', [v, e, i]),
+    };
   }
 
   storageHooks(): ProviderStorage | undefined {
@@ -263,11 +279,7 @@ export class RecordingProviderV1 extends BackupProviderBaseV1 {
     super(context);
     this.store = new Store(opts);
     this.storage = this.store.storageHooks();
-    if (opts.restoreHooks !== false) {
-      this.restoreStart = (v, i) => this.store.rec('restoreStart', [v, i]);
-      this.restoreEnd = (v, i) => this.store.rec('restoreEnd', [v, i]);
-      this.restoreAbort = (v, e, i) => this.store.rec('restoreAbort', [v, e, i]);
-    }
+    Object.assign(this, this.store.restoreHooks());
   }
 
   get calls(): Call[] {
@@ -322,7 +334,7 @@ export class RecordingProviderV1 extends BackupProviderBaseV1 {
   }
   override async backupDirectory(vmid: number, directory: string, idMap: IdMapEntry[], excludePaths: string[], sources: string[], bandwidthLimit: number): Promise<void> {
     await this.store.rec('backupDirectory', [vmid, directory, idMap, excludePaths, sources, bandwidthLimit]);
-    this.store.storeTree(vmid, directory, sources, excludePaths);
+    await this.store.storeTree(vmid, directory, sources, excludePaths, idMap);
   }
   override async backupGetTaskSize(vmid: number): Promise<number | undefined> {
     await this.store.rec('backupGetTaskSize', [vmid]);
@@ -390,11 +402,7 @@ export class RecordingProviderV2 extends BackupProviderBase {
     super(context);
     this.store = new Store(opts);
     this.storage = this.store.storageHooks();
-    if (opts.restoreHooks !== false) {
-      this.restoreStart = (v, i) => this.store.rec('restoreStart', [v, i]);
-      this.restoreEnd = (v, i) => this.store.rec('restoreEnd', [v, i]);
-      this.restoreAbort = (v, e, i) => this.store.rec('restoreAbort', [v, e, i]);
-    }
+    Object.assign(this, this.store.restoreHooks());
   }
 
   get calls(): Call[] {
@@ -452,7 +460,8 @@ export class RecordingProviderV2 extends BackupProviderBase {
   override async backupContainer(vmid: number, guestConfig: string, excludePatterns: string[], info: ContainerBackupInfo): Promise<void> {
     await this.store.rec('backupContainer', [vmid, guestConfig, excludePatterns, info]);
     this.store.saveText(vmid, guestConfig, 'guest.conf');
-    this.store.storeTree(vmid, info.directory, info.sources, excludePatterns);
+    if (info.firewallConfig !== undefined) this.store.saveText(vmid, info.firewallConfig, 'firewall.fw');
+    await this.store.storeTree(vmid, info.directory, info.sources, excludePatterns, info.idMap);
   }
   override async restoreGetMechanism(volname: string): Promise<RestoreMechanismInfo> {
     await this.store.rec('restoreGetMechanism', [volname]);
