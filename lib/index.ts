@@ -2,7 +2,8 @@
  * pve-backup-provider: the Proxmox VE backup provider API for Node.
  * @packageDocumentation
  */
-export { PveBackupError } from './errors.js';
+export { PveBackupError, InvalidArgumentError } from './errors.js';
+export { requireTool, ToolMissingError } from './tools.js';
 export { NbdError, type NbdErrorCode } from './nbd/errors.js';
 export {
   NbdClient,
@@ -83,3 +84,11 @@ export {
 export { runBackupJob, expandNotesTemplate } from './job/runner.js';
 export { restoreVm, restoreContainer, extractConfig, type RestoreVmOptions, type RestoreVmResult, type RestoreContainerOptions, type RestoreContainerResult, type ConvertProgress } from './job/restore.js';
 export type { RunBackupJobOptions, BackupJobResult, GuestOutcome, Guest, VmGuest, ContainerGuest } from './job/types.js';
+
+// QMP and guest agent clients (lib/qmp), backup access on any QEMU (lib/qemu)
+export * from './qmp/index.js';
+export * from './qemu/index.js';
+export { startStorageDaemon, type StorageDaemon, type StorageDaemonDisk, type StorageDaemonOptions } from './qemu/storage-daemon.js';
+
+// Container tools (lib/container)
+export * from './container/index.js';

@@ -16,7 +16,9 @@ import { adaptProvider, type ProviderDriver } from '../provider/adapter.js';
 import type { BackupProvider, GuestType, IdMapEntry, LogFunction, RestoreHookInfo } from '../provider/api.js';
 import { MechanismError, RestoreError } from '../provider/errors.js';
 import { createLogger, type ProviderLogger } from '../provider/helpers.js';
-import { loadContainerTools } from './container-tools.js';
+import { restoreDirectoryTree } from '../container/directory.js';
+import { parseIdMap } from '../container/idmap.js';
+import { extractTarArchive } from '../container/tar.js';
 import { qemuImgConvert, type ConvertProgress } from './qemu-img.js';
 
 export type { ConvertProgress } from './qemu-img.js';
@@ -253,11 +255,8 @@ export async function restoreContainer(o: RestoreContainerOptions): Promise<Rest
   const { volname, storeid } = o;
   const info = await restoreMechanism(driver, volname, storeid, 'lxc');
   const mechanism = info.mechanism as 'tar' | 'directory';
-  const tools = await loadContainerTools().catch((err: unknown) => {
-    throw restoreError(volname, err);
-  });
   let idMap: IdMapEntry[] | undefined;
-  if (o.idMap && o.idMap.length > 0) idMap = typeof o.idMap[0] === 'string' ? tools.parseIdMap(o.idMap as string[]) : (o.idMap as IdMapEntry[]);
+  if (o.idMap && o.idMap.length > 0) idMap = typeof o.idMap[0] === 'string' ? parseIdMap(o.idMap as string[]) : (o.idMap as IdMapEntry[]);
   return withRestoreHooks(driver, volname, info, log, async () => {
     const config = await driver.guestConfig(volname, storeid);
     const firewallConfig = await driver.firewallConfig(volname, storeid);
@@ -273,8 +272,8 @@ export async function restoreContainer(o: RestoreContainerOptions): Promise<Rest
           ...(o.signal ? { signal: o.signal } : {}),
         };
         log.info(`restoring ${mechanism === 'tar' ? `archive ${source}` : `directory ${source}`} into ${o.rootdir}`);
-        if (mechanism === 'tar') await tools.extractTarArchive({ archive: source, ...common });
-        else await tools.restoreDirectoryTree({ source, ...common });
+        if (mechanism === 'tar') await extractTarArchive({ archive: source, ...common });
+        else await restoreDirectoryTree({ source, ...common });
       },
       () => driver.containerCleanup(volname, storeid, mechanism),
       log,

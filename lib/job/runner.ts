@@ -18,7 +18,7 @@ import { adaptProvider, type DriverVolume, type ProviderDriver } from '../provid
 import type { BackupProvider, GuestType, IdMapEntry, LogFunction, LogLevel, ProviderContext } from '../provider/api.js';
 import { JobAbortedError } from '../provider/errors.js';
 import { createLogger, dirtyBytes, dirtyRegions } from '../provider/helpers.js';
-import { loadContainerTools } from './container-tools.js';
+import { parseIdMap } from '../container/idmap.js';
 import { dropDeviceBitmap, openQemuTarget, resolveDeviceSources } from './qemu-target.js';
 import { TaskLog } from './task-log.js';
 import type { BackupJobResult, ContainerGuest, Guest, GuestOutcome, RunBackupJobOptions, VmGuest } from './types.js';
@@ -465,7 +465,7 @@ export function backupUserId(idMap: IdMapEntry[]): number {
 async function backupContainerGuest(ctx: JobContext, guest: ContainerGuest, tlog: TaskLog, archiveName: string): Promise<void> {
   let idMap: IdMapEntry[] = [];
   if (guest.idMap && guest.idMap.length > 0) {
-    idMap = typeof guest.idMap[0] === 'string' ? (await loadContainerTools()).parseIdMap(guest.idMap as string[]) : (guest.idMap as IdMapEntry[]);
+    idMap = typeof guest.idMap[0] === 'string' ? parseIdMap(guest.idMap as string[]) : (guest.idMap as IdMapEntry[]);
   }
   const sources = guest.sources ?? ['.'];
   const excludePaths = guest.excludePaths ?? [];

@@ -41,17 +41,9 @@ export type LogLevel = 'info' | 'warn' | 'err';
  */
 export type LogFunction = (level: LogLevel, message: string) => void;
 
-/**
- * One entry of a container's id map (`lxc.idmap = u 0 100000 65536`): container ids
- * `container .. container+length-1` are host ids `host .. host+length-1`. Same shape as
- * `IdMapEntry` of `lib/container/idmap.ts`.
- */
-export interface IdMapEntry {
-  type: 'u' | 'g';
-  container: number;
-  host: number;
-  length: number;
-}
+/** One entry of a container's id map (`lxc.idmap = u 0 100000 65536`). */
+export type { IdMapEntry } from '../container/idmap.js';
+import type { IdMapEntry } from '../container/idmap.js';
 
 /**
  * What a provider is constructed with. Perl: the arguments of

@@ -10,6 +10,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 
 import { PveBackupError } from '../errors.js';
 import { QmpClient } from '../qmp/client.js';
+import { QmpClosedError } from '../qmp/errors.js';
 import { requireTool } from '../tools.js';
 
 /** One disk image served by the daemon. */
@@ -42,16 +43,28 @@ export interface StorageDaemon {
 
 const ID_RE = /^[A-Za-z][A-Za-z0-9_-]{0,30}$/;
 
-async function waitForSocket(path: string, child: ChildProcess, log: string): Promise<void> {
-  for (let i = 0; i < 800; i++) {
+/**
+ * Connects to the QMP socket of a QEMU process that is starting: waits for the socket to appear
+ * and to accept (QEMU binds it before it listens, so a connect in between is refused), failing
+ * with QEMU's log when the process exits first.
+ */
+export async function connectStartingQemu(path: string, child: ChildProcess, log: string, what = 'qemu-storage-daemon'): Promise<QmpClient> {
+  const deadline = Date.now() + 20_000;
+  for (;;) {
     if (child.exitCode !== null || child.signalCode !== null) {
       const text = await readFile(log, 'utf8').catch(() => '');
-      throw new PveBackupError(`qemu-storage-daemon exited early: ${text.trim()}`, { code: 'ERR_QEMU_START' });
+      throw new PveBackupError(`${what} exited early: ${text.trim()}`, { code: 'ERR_QEMU_START' });
     }
-    if (await stat(path).then((s) => s.isSocket(), () => false)) return;
+    if (await stat(path).then((s) => s.isSocket(), () => false)) {
+      try {
+        return await QmpClient.connect(path);
+      } catch (err) {
+        if (!(err instanceof QmpClosedError) || Date.now() > deadline) throw err;
+      }
+    }
+    if (Date.now() > deadline) throw new PveBackupError(`${what} did not open ${path} within 20 s`, { code: 'ERR_QEMU_START' });
     await sleep(25);
   }
-  throw new PveBackupError(`qemu-storage-daemon did not open ${path} within 20 s`, { code: 'ERR_QEMU_START' });
 }
 
 /** Starts qemu-storage-daemon with QMP and an NBD server on unix sockets in `dir`. */
@@ -85,8 +98,7 @@ export async function startStorageDaemon(options: StorageDaemonOptions): Promise
     await exited;
   };
   try {
-    await waitForSocket(qmpSocket, child, log);
-    const qmp = await QmpClient.connect(qmpSocket);
+    const qmp = await connectStartingQemu(qmpSocket, child, log);
     return {
       qmp,
       qmpSocket,

@@ -8,6 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { QmpClient } from '../../lib/qmp/client.js';
+import { connectStartingQemu } from '../../lib/qemu/storage-daemon.js';
 import { requireTool } from './tools.js';
 
 export const execFileP = promisify(execFile);
@@ -40,23 +41,6 @@ export async function tempDir(prefix = 'pvebp-test-'): Promise<string> {
   return d;
 }
 
-async function waitForSocket(p: string, proc: ChildProcess, log: string, timeoutMs = 20_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    if (proc.exitCode !== null || proc.signalCode !== null) {
-      throw new Error(`QEMU exited early: ${await fs.readFile(log, 'utf8').catch(() => '')}`);
-    }
-    try {
-      const st = await fs.stat(p);
-      if (st.isSocket()) return;
-    } catch {
-      /* not yet */
-    }
-    if (Date.now() > deadline) throw new Error(`QEMU socket ${p} did not appear`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-}
-
 async function launch(cmd: string, args: string[], dir: string, images: Record<string, string>, nbdPath?: string): Promise<QemuInstance> {
   const qmpPath = path.join(dir, 'qmp.sock');
   const log = path.join(dir, 'qemu.log');
@@ -69,8 +53,7 @@ async function launch(cmd: string, args: string[], dir: string, images: Record<s
     await exited;
   };
   try {
-    await waitForSocket(qmpPath, proc, log);
-    const qmp = await QmpClient.connect(qmpPath, { timeoutMs: 20_000 });
+    const qmp = await connectStartingQemu(qmpPath, proc, log, cmd);
     const inst: QemuInstance = { dir, qmpPath, qmp, proc, images, kill, ...(nbdPath ? { nbdPath } : {}) };
     started.push(inst);
     return inst;
