@@ -12,6 +12,15 @@ import { startStorageDaemon, stopAll, tempDir } from './helpers/qemu.js';
 type Handler = (msg: Record<string, unknown>, send: (m: Record<string, unknown>) => void, sock: net.Socket) => void;
 
 const servers: net.Server[] = [];
+const sockets = new Set<net.Socket>();
+
+function track(server: net.Server): net.Server {
+  server.on('connection', (sock: net.Socket) => {
+    sockets.add(sock);
+    sock.on('close', () => sockets.delete(sock));
+  });
+  return server;
+}
 
 /** A scripted QMP peer on a unix socket: greeting, then `handler` for each command. */
 async function fakeQmp(handler: Handler, greeting: string | null = null): Promise<string> {
@@ -32,12 +41,13 @@ async function fakeQmp(handler: Handler, greeting: string | null = null): Promis
     });
     sock.on('error', () => undefined);
   });
-  servers.push(server);
+  servers.push(track(server));
   await new Promise<void>((r) => server.listen(p, r));
   return p;
 }
 
 afterEach(async () => {
+  for (const s of sockets) s.destroy();
   for (const s of servers.splice(0)) await new Promise((r) => s.close(() => r(undefined)));
   await stopAll();
 });
@@ -180,7 +190,7 @@ describe('QmpClient against a scripted peer', () => {
         for (const m of dec.push(c)) if (m.ok) sock.write(encodeMessage({ return: {}, id: m.value.id }));
       });
     });
-    servers.push(server);
+    servers.push(track(server));
     await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
     const port = (server.address() as net.AddressInfo).port;
     const q = await QmpClient.connect({ host: '127.0.0.1', port });
@@ -231,7 +241,7 @@ describe('GuestAgentClient against a scripted agent', () => {
         }
       });
     });
-    servers.push(server);
+    servers.push(track(server));
     await new Promise<void>((r) => server.listen(p, r));
     return { path: p, calls };
   }

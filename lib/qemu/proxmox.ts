@@ -142,7 +142,7 @@ export async function setupProxmox(qmp: QmpClient, input: UpstreamSetupInput): P
 
     // One bitmap per target: bitmaps of this target under another bitmap id are obsolete.
     const removedStale = new Set<string>();
-    const anchors = new Map<string, string>(); // anchor name -> node
+    const anchors = new Set<string>(); // `${node}\n${anchor name}`
     if (form === 'devices') {
       nodes = await queryNamedBlockNodes(qmp);
       for (const n of nodes) {
@@ -151,7 +151,7 @@ export async function setupProxmox(qmp: QmpClient, input: UpstreamSetupInput): P
           if (!ours) continue;
           const current = input.bitmap !== undefined && (b.name === qemuTargetId || b.name === anchorBitmapName(input.targetId, input.bitmap));
           if (current) {
-            if (b.name !== qemuTargetId) anchors.set(b.name, n['node-name']);
+            if (b.name !== qemuTargetId) anchors.add(`${n['node-name']}\n${b.name}`);
             continue;
           }
           if (b.name === qemuTargetId) continue;
@@ -207,7 +207,7 @@ export async function setupProxmox(qmp: QmpClient, input: UpstreamSetupInput): P
       let anchorExisted = false;
       if (form === 'devices' && input.bitmap !== undefined && bitmapName) {
         const anchor = anchorBitmapName(input.targetId, input.bitmap);
-        anchorExisted = anchors.get(anchor) === bitmapNode;
+        anchorExisted = anchors.has(`${bitmapNode}\n${anchor}`);
         if (!anchorExisted) {
           await qmp.execute(
             'block-dirty-bitmap-add',

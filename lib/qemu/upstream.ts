@@ -247,7 +247,8 @@ export async function setupUpstream(qmp: QmpClient, input: UpstreamSetupInput): 
       try {
         await qmp.execute(
           'blockdev-add',
-          { driver: 'snapshot-access', 'node-name': slotNames(d.slot).snapshot, file: slotNames(d.slot).cbw },
+          // discard=unmap: without it QEMU ignores the provider's TRIM and the fleecing image never shrinks
+          { driver: 'snapshot-access', 'node-name': slotNames(d.slot).snapshot, file: slotNames(d.slot).cbw, discard: 'unmap' },
           { device: d.device },
         );
       } catch (err) {

@@ -30,6 +30,9 @@ pub struct CopyOptions {
     /// Copy only the areas dirty in this bitmap (exported as `qemu:dirty-bitmap:NAME`);
     /// `None` copies the whole export.
     pub bitmap: Option<String>,
+    /// The bitmap's dirty regions, already mapped (see [`map_dirty`]); the engine then does not
+    /// ask the source for the bitmap.
+    pub dirty: Option<Vec<Region>>,
     /// Ask `base:allocation` which areas read as zeros, so that they are not read at all.
     pub use_allocation: bool,
     /// Largest read; clamped to the server's maximum.
@@ -50,6 +53,7 @@ impl Default for CopyOptions {
     fn default() -> Self {
         CopyOptions {
             bitmap: None,
+            dirty: None,
             use_allocation: true,
             max_request: plan::DEFAULT_MAX_REQUEST,
             requests_in_flight: 16,
@@ -141,7 +145,24 @@ struct Planned {
     allocation_fallback: bool,
 }
 
-/// Ask the source for the dirty bitmap and allocation, then plan.
+/// The dirty regions of bitmap `name`, from block status over the whole export.
+///
+/// QEMU computes every negotiated meta context for each BLOCK_STATUS request, and a
+/// bitmap-restricted snapshot refuses `base:allocation` outside its dirty areas: ask on a
+/// connection that negotiated the bitmap alone.
+pub async fn map_dirty<S: Source>(source: &S, name: &str, cancel: &CancellationToken) -> Result<Vec<Region>> {
+    let context = dirty_bitmap_context(name);
+    if !source.has_context(&context) {
+        return Err(Error::unsupported(format!(
+            "dirty bitmap '{name}' is not exported (meta context {context} was not negotiated)"
+        )));
+    }
+    let size = source.size();
+    let extents = if size == 0 { Vec::new() } else { cancellable(cancel, source.block_status(0, size, &context)).await? };
+    Ok(plan::dirty_regions(&extents, size))
+}
+
+/// Ask the source for the dirty bitmap (unless already mapped) and allocation, then plan.
 async fn make_plan<S: Source>(
     sources: &[S],
     options: &CopyOptions,
@@ -150,19 +171,10 @@ async fn make_plan<S: Source>(
 ) -> Result<Planned> {
     let first = &sources[0];
     let size = first.size();
-    let dirty = match &options.bitmap {
-        Some(name) => {
-            let context = dirty_bitmap_context(name);
-            if !first.has_context(&context) {
-                return Err(Error::unsupported(format!(
-                    "dirty bitmap '{name}' is not exported (meta context {context} was not negotiated)"
-                )));
-            }
-            let extents =
-                if size == 0 { Vec::new() } else { cancellable(cancel, first.block_status(0, size, &context)).await? };
-            Some(plan::dirty_regions(&extents, size))
-        }
-        None => None,
+    let dirty = match (&options.dirty, &options.bitmap) {
+        (Some(regions), _) => Some(regions.clone()),
+        (None, Some(name)) => Some(map_dirty(first, name, cancel).await?),
+        (None, None) => None,
     };
 
     let mut allocation_fallback = false;

@@ -6,6 +6,7 @@ use tokio_util::sync::CancellationToken;
 use crate::engine::{self, CopyOptions, Progress, Summary};
 use crate::error::{Error, Result};
 use crate::nbd::{self, ConnectOptions, NbdClient, NbdUri};
+use crate::plan::Region;
 use crate::sink::Sink;
 use crate::source::{dirty_bitmap_context, CONTEXT_ALLOCATION};
 
@@ -26,25 +27,36 @@ pub struct JobOptions {
     pub copy: CopyOptions,
 }
 
-async fn open_connections(opts: &JobOptions) -> Result<Vec<NbdClient>> {
-    let uri = NbdUri::parse(&opts.uri)?;
+fn connect_options(uri: &NbdUri, contexts: Vec<String>) -> ConnectOptions {
     let mut connect = ConnectOptions::new(uri.clone());
-    connect.meta_contexts = vec![CONTEXT_ALLOCATION.to_string()];
-    if let Some(bitmap) = &opts.copy.bitmap {
-        connect.meta_contexts.push(dirty_bitmap_context(bitmap));
+    connect.meta_contexts = contexts;
+    connect
+}
+
+/// Maps the dirty bitmap on a connection of its own, closed before the read connections open
+/// (so a server that takes one client at a time works too). QEMU computes every negotiated
+/// context for each block status request, and a bitmap-restricted snapshot refuses
+/// `base:allocation` outside its dirty areas.
+async fn map_bitmap(uri: &NbdUri, bitmap: &str, cancel: &CancellationToken) -> Result<Vec<Region>> {
+    let client = NbdClient::connect(&connect_options(uri, vec![dirty_bitmap_context(bitmap)])).await?;
+    if client.info().context_id(&dirty_bitmap_context(bitmap)).is_none() {
+        let _ = client.disconnect().await;
+        let known = nbd::list_meta_contexts(uri, &["qemu:dirty-bitmap:".to_string()]).await.unwrap_or_default();
+        let names: Vec<&str> = known.iter().filter_map(|c| c.strip_prefix("qemu:dirty-bitmap:")).collect();
+        return Err(Error::unsupported(format!(
+            "export {uri} has no dirty bitmap {bitmap:?} (bitmaps: {})",
+            if names.is_empty() { "none".to_string() } else { names.join(", ") }
+        )));
     }
+    let dirty = engine::map_dirty(&client, bitmap, cancel).await;
+    let _ = client.disconnect().await;
+    dirty
+}
+
+async fn open_connections(uri: &NbdUri, opts: &JobOptions) -> Result<Vec<NbdClient>> {
+    let contexts = if opts.copy.use_allocation { vec![CONTEXT_ALLOCATION.to_string()] } else { Vec::new() };
+    let connect = connect_options(uri, contexts);
     let first = NbdClient::connect(&connect).await?;
-    if let Some(bitmap) = &opts.copy.bitmap {
-        if first.info().context_id(&dirty_bitmap_context(bitmap)).is_none() {
-            let known = nbd::list_meta_contexts(&uri, &["qemu:dirty-bitmap:".to_string()]).await.unwrap_or_default();
-            let _ = first.disconnect().await;
-            return Err(Error::unsupported(format!(
-                "export {} has no dirty bitmap {bitmap:?} (bitmaps: {})",
-                uri,
-                if known.is_empty() { "none".to_string() } else { known.join(", ") }
-            )));
-        }
-    }
     let wanted = if first.info().can_multi_conn() { opts.connections.max(1) } else { 1 };
     let mut clients = vec![first];
     for _ in 1..wanted {
@@ -60,8 +72,16 @@ pub async fn run(
     progress: &(dyn Fn(Progress) + Send + Sync),
     cancel: &CancellationToken,
 ) -> Result<Summary> {
+    let uri = NbdUri::parse(&opts.uri)?;
+    let mut opts = opts;
+    let prepared = async {
+        if let Some(bitmap) = &opts.copy.bitmap {
+            opts.copy.dirty = Some(map_bitmap(&uri, bitmap, cancel).await?);
+        }
+        open_connections(&uri, &opts).await
+    };
     let clients = tokio::select! {
-        c = open_connections(&opts) => c?,
+        c = prepared => c?,
         _ = cancel.cancelled() => return Err(Error::cancelled()),
     };
     let size = clients[0].info().size;
