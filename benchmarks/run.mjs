@@ -54,6 +54,11 @@ const USAGE = `usage: node benchmarks/run.mjs [options]
   --no-verify           skip the byte comparison of round 1's outputs with the disk
   --results PATH        where to write the report (default benchmarks/RESULTS.md; --quick: benchmarks/work/RESULTS-quick.md)
   --work DIR            scratch folder (default benchmarks/work, git-ignored); images are cached there
+  --cache LIST          how qemu-storage-daemon opens the disk: writeback (page cache, as startStorageDaemon does)
+                        and/or none (O_DIRECT, Proxmox's default); each benchmark runs once per mode (default both;
+                        --quick: writeback)
+  --candidate DIR       also run the CLI of another checkout (DIR/dist/cli/main.js, built) as contender
+                        "candidate", to A/B a change of the core against this tree
   --clean               also remove the cached disk images at the end`;
 
 function parseArgs(argv) {
@@ -70,6 +75,8 @@ function parseArgs(argv) {
     results: undefined,
     work: path.join(here, 'work'),
     clean: false,
+    caches: ['writeback', 'none'],
+    candidate: undefined,
   };
   const explicit = new Set();
   for (let i = 0; i < argv.length; i++) {
@@ -91,6 +98,8 @@ function parseArgs(argv) {
       case '--results': o.results = path.resolve(val()); break;
       case '--work': o.work = path.resolve(val()); break;
       case '--clean': o.clean = true; break;
+      case '--candidate': o.candidate = path.resolve(val()); break;
+      case '--cache': o.caches = val().split(',').map((x) => x.trim()).filter(Boolean); explicit.add('caches'); break;
       case '-h': case '--help': console.log(USAGE); process.exit(0); break;
       default: throw new Error(`unknown option ${a}\n${USAGE}`);
     }
@@ -100,10 +109,13 @@ function parseArgs(argv) {
     if (!explicit.has('fullSize')) o.fullSize = 256 * MiB;
     if (!explicit.has('incSize')) o.incSize = 512 * MiB;
     if (!explicit.has('settings')) o.settings = ['2x16'];
+    if (!explicit.has('caches')) o.caches = ['writeback'];
   }
   for (const b of o.only) if (!['full', 'incremental'].includes(b)) throw new Error(`unknown benchmark ${b}`);
+  for (const c of o.caches) if (!['writeback', 'none'].includes(c)) throw new Error(`unknown cache mode ${c} (writeback or none)`);
   for (const s of o.settings) if (!/^\d+x\d+$/.test(s)) throw new Error(`setting ${s}: expected CONNECTIONSxREQUESTS, e.g. 2x16`);
   if (!Number.isInteger(o.rounds) || o.rounds < 1) throw new Error('--rounds must be a positive integer');
+  if (o.candidate && !existsSync(path.join(o.candidate, 'dist', 'cli', 'main.js'))) throw new Error(`--candidate ${o.candidate}: no dist/cli/main.js (build it first)`);
   o.results ??= o.quick ? path.join(o.work, 'RESULTS-quick.md') : path.join(here, 'RESULTS.md');
   return o;
 }
@@ -243,12 +255,18 @@ async function makeDisk(dir, size, percent, seed) {
   return file;
 }
 
-/** One qemu-storage-daemon serving `file` as node `disk0`; stopped by `stop()` (and on exit). */
+/**
+ * One qemu-storage-daemon serving `file` as node `disk0`; stopped by `stop()` (and on exit).
+ * `direct`: the disk is opened with O_DIRECT (`cache.direct=on`, as Proxmox's default cache=none),
+ * so reads hit the storage instead of the page cache; startStorageDaemon has no such option, so
+ * the same node stack (disk0-file -> disk0-fmt -> disk0) is started here.
+ */
 const daemons = new Set();
-async function startDaemon(dir, file, liveExports = false) {
+async function startDaemon(dir, file, { liveExports = false, direct = false } = {}) {
   await rmf(dir);
   await fs.mkdir(dir, { recursive: true });
-  const d = await startStorageDaemon({ dir, disks: [{ id: 'disk0', file, format: 'qcow2' }], liveExports });
+  const d = direct ? await startDirectDaemon(dir, file, liveExports) : await startStorageDaemon({ dir, disks: [{ id: 'disk0', file, format: 'qcow2' }], liveExports });
+  d.dir = dir;
   daemons.add(d);
   const stop = d.stop;
   d.stop = async () => {
@@ -258,8 +276,76 @@ async function startDaemon(dir, file, liveExports = false) {
   return d;
 }
 
+async function startDirectDaemon(dir, file, liveExports) {
+  const { QmpClient } = await import(dist('qmp/client.js'));
+  const qmpSocket = path.join(dir, 'qmp.sock');
+  const nbdSocket = path.join(dir, 'nbd.sock');
+  const args = [
+    '--blockdev', `driver=file,filename=${file.replaceAll(',', ',,')},node-name=disk0-file,aio=threads,cache.direct=on`,
+    '--blockdev', 'driver=qcow2,file=disk0-file,node-name=disk0-fmt',
+    '--blockdev', 'driver=raw,file=disk0-fmt,node-name=disk0',
+    '--chardev', `socket,path=${qmpSocket},server=on,wait=off,id=qmp0`, '--monitor', 'chardev=qmp0',
+    '--nbd-server', `addr.type=unix,addr.path=${nbdSocket},max-connections=0`,
+    ...(liveExports ? ['--export', 'type=nbd,id=live-disk0,node-name=disk0,name=live-disk0,writable=on'] : []),
+  ];
+  const out = await fs.open(path.join(dir, 'qemu-storage-daemon.log'), 'w');
+  const child = spawn(tool('qemu-storage-daemon', 'qemu-system-common'), args, { stdio: ['ignore', out.fd, out.fd] });
+  await out.close();
+  const exited = new Promise((resolve) => child.once('exit', resolve));
+  const kill = async () => {
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+    await exited;
+  };
+  try {
+    for (let i = 0; !existsSync(qmpSocket); i++) {
+      if (child.exitCode !== null || i > 800) throw new Error(`qemu-storage-daemon did not start: ${await fs.readFile(path.join(dir, 'qemu-storage-daemon.log'), 'utf8')}`);
+      await new Promise((r) => setTimeout(r, 25));
+    }
+    const qmp = await QmpClient.connect(qmpSocket);
+    return {
+      qmp,
+      nbdSocket,
+      pid: child.pid,
+      liveUri: (id) => `nbd+unix:///live-${id}?socket=${nbdSocket}`,
+      stop: async () => {
+        await qmp.execute('quit').catch(() => undefined);
+        await qmp.close().catch(() => undefined);
+        const timer = setTimeout(() => void kill(), 5000);
+        await exited;
+        clearTimeout(timer);
+      },
+    };
+  } catch (e) {
+    await kill();
+    throw e;
+  }
+}
+
+/** Pids of qemu-storage-daemon processes serving from `dir` (ours: the folder is private to this run). */
+async function daemonPids(dir) {
+  const pids = [];
+  for (const p of await fs.readdir('/proc').catch(() => [])) {
+    if (!/^\d+$/.test(p)) continue;
+    const cmd = await fs.readFile(`/proc/${p}/cmdline`, 'utf8').catch(() => '');
+    if (cmd.startsWith(tool('qemu-storage-daemon', 'qemu-system-common')) && cmd.includes(`${dir}/qmp.sock`)) pids.push(Number(p));
+  }
+  return pids;
+}
+
+async function stopDaemon(d) {
+  await d.stop().catch(() => undefined);
+  // belt and braces: a daemon that survived quit is killed by its pid
+  for (const pid of await daemonPids(d.dir)) {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      /* gone */
+    }
+  }
+}
+
 async function stopDaemons() {
-  for (const d of [...daemons]) await d.stop().catch(() => undefined);
+  for (const d of [...daemons]) await stopDaemon(d);
 }
 
 for (const sig of ['SIGINT', 'SIGTERM']) {
@@ -306,19 +392,37 @@ async function verify(out, disk) {
 const NODE = process.execPath;
 const CLI = dist('cli/main.js');
 
-function oursFull(name, extra) {
+/** Our CLI from this checkout, or from `--candidate DIR` (another checkout with dist/ built). */
+function cliOf(checkout) {
+  return checkout ? path.join(checkout, 'dist', 'cli', 'main.js') : CLI;
+}
+
+function oursFull(name, extra, checkout) {
   return {
     name,
-    command: (uri, out) => [NODE, [CLI, 'copy', uri, out, '--json', '--no-discard', ...extra]],
-    durableInside: true,
+    command: (uri, out) => [NODE, [cliOf(checkout), 'copy', uri, out, '--json', '--no-discard', ...extra]],
+    json: true,
   };
+}
+
+/** Runs one contender against a fresh access and measures it; returns the row. */
+async function measure(c, run, round, position, dev, out, extraArgs) {
+  const [cmd, args] = c.command(dev.nbdUri, out, extraArgs);
+  const res = await timed(cmd, args, path.join(run, 'time.txt'));
+  const t0 = process.hrtime.bigint();
+  await fsyncFile(out);
+  const syncSeconds = Number(process.hrtime.bigint() - t0) / 1e9;
+  const last = res.stdout.trim().split('\n').pop() ?? '';
+  const summary = c.json ? JSON.parse(last) : c.bytesOnStdout ? { bytesRead: Number(last) } : undefined;
+  delete res.stdout;
+  return { round, position, name: c.name, ...res, syncSeconds, total: res.seconds + syncSeconds, summary };
 }
 
 // ---------------------------------------------------------------------------------------------
 // Full backup
 
-async function benchFull(opts, report) {
-  log(`\n== full: ${fmtSize(opts.fullSize)} disk, ${opts.dataPercent}% data, ${opts.rounds} rounds`);
+async function benchFull(opts, report, cache) {
+  log(`\n== full (cache=${cache}): ${fmtSize(opts.fullSize)} disk, ${opts.dataPercent}% data, ${opts.rounds} rounds`);
   const images = path.join(opts.work, 'images');
   await fs.mkdir(images, { recursive: true });
   const disk = await makeDisk(images, opts.fullSize, opts.dataPercent, 1);
@@ -335,32 +439,25 @@ async function benchFull(opts, report) {
       const [c, r] = s.split('x');
       return oursFull(`ours ${s}`, ['--connections', c, '--requests', r]);
     }),
+    ...(opts.candidate ? [oursFull('candidate', [], opts.candidate)] : []),
   ];
-  const daemon = await startDaemon(path.join(run, 'qsd'), disk);
+  const daemon = await startDaemon(path.join(run, 'qsd'), disk, { direct: cache === 'none' });
   const rows = [];
+  const size = opts.fullSize;
   try {
-    await warm(disk);
+    if (cache !== 'none') await warm(disk);
     for (let r = 0; r < opts.rounds; r++) {
       const order = rotate(contenders, r);
-      for (const c of order) {
+      for (const [i, c] of order.entries()) {
         const out = path.join(run, 'out.raw');
         await rmf(out);
         await syncAll();
-        const row = await withAccess(daemon, path.join(run, 'fleece'), undefined, async (dev) => {
-          const [cmd, args] = c.command(dev.nbdUri, out);
-          const res = await timed(cmd, args, path.join(run, 'time.txt'));
-          const t0 = process.hrtime.bigint();
-          await fsyncFile(out);
-          const syncSeconds = Number(process.hrtime.bigint() - t0) / 1e9;
-          const summary = c.durableInside ? JSON.parse(res.stdout.trim().split('\n').pop()) : undefined;
-          return { round: r + 1, name: c.name, ...res, syncSeconds, total: res.seconds + syncSeconds, summary, size: dev.size };
-        });
+        const row = await withAccess(daemon, path.join(run, 'fleece'), undefined, (dev) => measure(c, run, r + 1, i + 1, dev, out));
         row.allocated = allocated(out);
         if (opts.verify && r === 0) row.verify = await verify(out, disk);
-        delete row.stdout;
         rows.push(row);
         log(
-          `  round ${row.round} ${c.name.padEnd(10)} ${row.total.toFixed(2)} s (${(row.size / MiB / row.total).toFixed(0)} MiB/s)` +
+          `  round ${row.round} ${c.name.padEnd(10)} ${row.total.toFixed(2)} s (${(size / MiB / row.total).toFixed(0)} MiB/s)` +
             ` rss ${(row.rssKiB / 1024).toFixed(0)} MiB cpu ${(row.user + row.sys).toFixed(2)} s` +
             (row.summary ? ` [engine ${row.summary.seconds.toFixed(2)} s, ${row.summary.connections} conn]` : '') +
             (row.verify ? ` ${row.verify}` : ''),
@@ -369,10 +466,10 @@ async function benchFull(opts, report) {
       }
     }
   } finally {
-    await daemon.stop();
+    await stopDaemon(daemon);
   }
   await rmf(run);
-  report.full = { disk, size: opts.fullSize, rows, contenders: contenders.map((c) => c.name) };
+  (report.full ??= {})[cache] = { size, rows, contenders: contenders.map((c) => c.name) };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -400,8 +497,8 @@ function dirtyRuns(size, percent, seed) {
   return { runs, total };
 }
 
-async function benchIncremental(opts, report) {
-  log(`\n== incremental: ${fmtSize(opts.incSize)} disk, ${opts.dirtyPercent}% dirty, ${opts.rounds} rounds`);
+async function benchIncremental(opts, report, cache) {
+  log(`\n== incremental (cache=${cache}): ${fmtSize(opts.incSize)} disk, ${opts.dirtyPercent}% dirty, ${opts.rounds} rounds`);
   const images = path.join(opts.work, 'images');
   await fs.mkdir(images, { recursive: true });
   const base = await makeDisk(images, opts.incSize, opts.dataPercent, 2);
@@ -414,15 +511,17 @@ async function benchIncremental(opts, report) {
   const python = existsSync('/usr/bin/python3') ? '/usr/bin/python3' : tool('python3', 'python3');
   const bitmap = 'bench-inc';
   const { runs, total: dirtyWritten } = dirtyRuns(opts.incSize, opts.dirtyPercent, 42);
+  const oursInc = (name, checkout) => ({
+    name,
+    command: (uri, out, bm) => [NODE, [cliOf(checkout), 'copy', uri, out, '--json', '--bitmap', bm, '--existing', '--discard']],
+    json: true,
+  });
   const contenders = [
-    {
-      name: 'ours',
-      command: (uri, out, bm) => [NODE, [CLI, 'copy', uri, out, '--json', '--bitmap', bm, '--existing', '--discard']],
-      json: true,
-    },
-    { name: 'seed', command: (uri, out, bm) => [python, [path.join(here, 'seed_baseline.py'), uri, out, bm]] },
+    oursInc('ours'),
+    { name: 'seed', command: (uri, out, bm) => [python, [path.join(here, 'seed_baseline.py'), uri, out, bm]], bytesOnStdout: true },
+    ...(opts.candidate ? [oursInc('candidate', opts.candidate)] : []),
   ];
-  const daemon = await startDaemon(path.join(run, 'qsd'), disk, true);
+  const daemon = await startDaemon(path.join(run, 'qsd'), disk, { liveExports: true, direct: cache === 'none' });
   const rows = [];
   let dirtyBytes = NaN;
   let firstAction;
@@ -471,11 +570,10 @@ async function benchIncremental(opts, report) {
       false,
     );
     log(`  bitmap (${nextAction}): ${fmtMiB(dirtyBytes)} dirty`);
-    await warm(disk);
-    await warm(full);
+    if (cache !== 'none') await warm(disk);
     // 4. rounds: each contender writes into a fresh copy of the full image
     for (let r = 0; r < opts.rounds; r++) {
-      for (const c of rotate(contenders, r)) {
+      for (const [i, c] of rotate(contenders, r).entries()) {
         const out = path.join(run, 'target.raw');
         await rmf(out);
         await execFileP('cp', ['--sparse=always', full, out]);
@@ -486,33 +584,26 @@ async function benchIncremental(opts, report) {
           bitmap,
           async (dev) => {
             if (dev.bitmapAction !== 'used' || !dev.bitmapName) throw new Error(`expected an incremental access, got bitmap action ${dev.bitmapAction}`);
-            const [cmd, args] = c.command(dev.nbdUri, out, dev.bitmapName);
-            const res = await timed(cmd, args, path.join(run, 'time.txt'));
-            const t1 = process.hrtime.bigint();
-            await fsyncFile(out);
-            const syncSeconds = Number(process.hrtime.bigint() - t1) / 1e9;
-            const summary = c.json ? JSON.parse(res.stdout.trim().split('\n').pop()) : { bytesRead: Number(res.stdout.trim()) };
-            return { round: r + 1, name: c.name, ...res, syncSeconds, total: res.seconds + syncSeconds, summary };
+            return measure(c, run, r + 1, i + 1, dev, out, dev.bitmapName);
           },
           false, // keep the dirty bits for the next contender
         );
         if (opts.verify && r === 0) row.verify = await verify(out, disk);
-        delete row.stdout;
         rows.push(row);
         log(
-          `  round ${row.round} ${c.name.padEnd(6)} ${row.total.toFixed(2)} s (${(dirtyBytes / MiB / row.total).toFixed(0)} MiB/s)` +
+          `  round ${row.round} ${c.name.padEnd(9)} ${row.total.toFixed(2)} s (${(dirtyBytes / MiB / row.total).toFixed(0)} MiB/s)` +
             ` rss ${(row.rssKiB / 1024).toFixed(0)} MiB cpu ${(row.user + row.sys).toFixed(2)} s read ${fmtMiB(row.summary.bytesRead)}` +
-            (row.summary.bytesTrimmed !== undefined ? ` trimmed ${fmtMiB(row.summary.bytesTrimmed)}` : '') +
+            (row.summary.bytesTrimmed !== undefined ? ` trimmed ${fmtMiB(row.summary.bytesTrimmed)} [engine ${row.summary.seconds.toFixed(2)} s]` : '') +
             (row.verify ? ` ${row.verify}` : ''),
         );
         await rmf(out);
       }
     }
   } finally {
-    await daemon.stop();
+    await stopDaemon(daemon);
   }
   await rmf(run);
-  report.incremental = { size: opts.incSize, runs: runs.length, dirtyWritten, dirtyBytes, firstAction, nextAction, rows, contenders: contenders.map((c) => c.name) };
+  (report.incremental ??= {})[cache] = { size: opts.incSize, runs: runs.length, dirtyWritten, dirtyBytes, firstAction, nextAction, rows, contenders: contenders.map((c) => c.name) };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -555,138 +646,181 @@ function pairedRatio(rows, a, b, value) {
   return median(ratios);
 }
 
+const f2 = (x) => (Number.isFinite(x) ? x.toFixed(2) : '-');
+const f0 = (x) => (Number.isFinite(x) ? x.toFixed(0) : '-');
+const CACHE_TITLE = {
+  writeback: 'disk in the page cache (qemu-storage-daemon default, as startStorageDaemon starts it)',
+  none: 'disk opened with O_DIRECT (cache.direct=on, like Proxmox\'s default cache=none)',
+};
+const MEMORY_LIMIT_MIB = 64 + 16 * 4;
+
+function roundTable(L, rows, contenders) {
+  L.push(`| round | order | ${contenders.join(' | ')} |`, `|---|---|${contenders.map(() => '---').join('|')}|`);
+  for (const n of [...new Set(rows.map((r) => r.round))]) {
+    const inRound = rows.filter((x) => x.round === n).sort((a, b) => a.position - b.position);
+    const cells = contenders.map((c) => f2(inRound.find((x) => x.name === c)?.total));
+    L.push(`| ${n} | ${inRound.map((x) => x.name).join(' → ')} | ${cells.join(' | ')} |`);
+  }
+  L.push('');
+}
+
+function fullFacts(F) {
+  const t = (c) => stats(F.rows, c, (r) => r.total).median;
+  const ratio = t('nbdcopy') / t('ours');
+  return { ratio, paired: pairedRatio(F.rows, 'nbdcopy', 'ours', (r) => r.total), ours: F.size / MiB / t('ours'), nbdcopy: F.size / MiB / t('nbdcopy') };
+}
+
+function incFacts(I) {
+  const t = (c) => stats(I.rows, c, (r) => r.total).median;
+  return { ratio: t('seed') / t('ours'), paired: pairedRatio(I.rows, 'seed', 'ours', (r) => r.total), ours: I.dirtyBytes / MiB / t('ours'), seed: I.dirtyBytes / MiB / t('seed') };
+}
+
 function render(opts, m, report, loadAfter, commandLine) {
   const L = [];
-  const f2 = (x) => (Number.isFinite(x) ? x.toFixed(2) : '-');
-  const f0 = (x) => (Number.isFinite(x) ? x.toFixed(0) : '-');
   L.push('# Benchmark results', '');
-  L.push(`Written by \`benchmarks/run.mjs\` (\`${commandLine}\`). See the bottom for how to run it.`, '');
+  L.push(`Generated by \`benchmarks/run.mjs\` on ${m.date}: \`${commandLine}\`. Raw data: the \`.json\` file next to this one. Analysis and findings: [README.md](README.md).`, '');
+
+  L.push('## Summary', '');
+  L.push('| benchmark | source disk | ours | reference | ratio (medians) | per-round ratio (median) | goal | met |', '|---|---|---|---|---|---|---|---|');
+  for (const [cache, F] of Object.entries(report.full ?? {})) {
+    const x = fullFacts(F);
+    L.push(`| 1. full ${fmtSize(F.size)} | ${cache} | ${f0(x.ours)} MiB/s | nbdcopy ${f0(x.nbdcopy)} MiB/s | ${f2(x.ratio)}x | ${f2(x.paired)}x | >= 1.2x | ${x.ratio >= 1.2 ? 'yes' : '**no**'} |`);
+  }
+  for (const [cache, I] of Object.entries(report.incremental ?? {})) {
+    const x = incFacts(I);
+    L.push(`| 2. incremental ${fmtSize(I.size)}, ${opts.dirtyPercent}% dirty | ${cache} | ${f0(x.ours)} MiB/s | seed ${f0(x.seed)} MiB/s | ${f2(x.ratio)}x | ${f2(x.paired)}x | >= 5x | ${x.ratio >= 5 ? 'yes' : '**no**'} |`);
+  }
+  for (const [cache, F] of Object.entries(report.full ?? {})) {
+    const rss = stats(F.rows, 'ours', (r) => r.rssKiB / 1024);
+    L.push(`| 3. memory (peak RSS, full copy) | ${cache} | max ${f0(rss.max)} MiB | limit ${MEMORY_LIMIT_MIB} MiB | | | < ${MEMORY_LIMIT_MIB} MiB | ${rss.max < MEMORY_LIMIT_MIB ? 'yes' : '**no**'} |`);
+  }
+  L.push('');
+
   L.push('## Machine', '');
   L.push('| | |', '|---|---|');
   L.push(`| date | ${m.date} |`, `| nproc | ${m.nproc} |`, `| CPU | ${m.cpu} |`, `| memory | ${m.memory} |`, `| kernel | ${m.kernel} |`);
   L.push(`| file system (outputs, images) | ${m.fs} |`);
   L.push(`| QEMU | ${m.qemu} |`, `| qemu-img | ${m.qemuImg} |`, `| nbdkit | ${m.nbdkit} |`, `| nbdcopy / libnbd | ${m.nbdcopy} |`);
   L.push(`| node | ${m.node} |`, `| python (seed baseline) | ${m.python} |`);
-  L.push(`| load average before / after | ${m.load} / ${loadAfter} |`, '');
+  L.push(`| load average (1, 5, 15 min) before / after | ${m.load} / ${loadAfter} |`, '');
+
+  L.push('## Method', '');
   L.push(
-    'Shared machine (2 cores, other engineers compile on it): each contender runs in its own child process, the order of contenders rotates every round, and medians are reported. ' +
-      'Times are wall-clock from spawn to exit plus an fsync of the output done by the harness (ours and the seed script fsync themselves; nbdcopy does not, qemu-img flushes on close), so every number is "time to a durable copy". ' +
-      'Every run gets a fresh snapshot-access export (copy-before-write + qcow2 fleecing) from `setupBackupAccess`; setup and teardown are not timed.',
+    '- One machine, one run. The machine is shared (2 cores; other engineers compile and run tests on it), so the numbers are noisy: ' +
+      'the order of contenders rotates every round, every contender runs in its own child process, and medians are compared. The per-round tables show the spread.',
+    '- Time = wall clock from spawn to exit of the contender, plus an fsync of the output by the harness: "time to a durable copy". ' +
+      'Ours and the seed script fsync themselves (the harness fsync then costs ~0); nbdcopy does not flush; qemu-img flushes on close.',
+    '- Every run gets a fresh snapshot-access export (`setupBackupAccess`: copy-before-write filter, qcow2 fleecing image, NBD export on the daemon\'s server); setup and teardown are not timed. Outputs are deleted and `sync` is run before every run.',
+    '- CPU = user + system seconds of the contender process, max RSS = `/usr/bin/time -f %M` of it (for ours: node + the native core).',
+    `- Round 1's outputs are compared byte for byte with the disk (\`qemu-img compare -U\`)${opts.verify ? '' : ' (skipped in this run: --no-verify)'}.`,
     '',
   );
 
   if (report.full) {
-    const F = report.full;
-    const size = F.size;
-    L.push(`## 1. Full backup: ${fmtSize(size)} disk, ${opts.dataPercent}% data`, '');
+    L.push('## 1. Full backup', '');
+    const any = Object.values(report.full)[0];
     L.push(
-      `Disk: qcow2 filled from \`nbdkit sparse-random size=${size} percent=${opts.dataPercent} seed=1 runlength=1M random-content=true\` with \`qemu-img convert -O qcow2\`, ` +
-        'served by qemu-storage-daemon (node `disk0`); each contender copies the snapshot-access export to a new sparse raw file. Throughput = disk size / time.',
+      `Disk: ${fmtSize(any.size)} qcow2 filled from \`nbdkit sparse-random size=${any.size} percent=${opts.dataPercent} seed=1 runlength=1048576 random-content=true\` with \`qemu-img convert -O qcow2\` ` +
+        `(${opts.dataPercent}% random data in runs of ~1 MiB, holes elsewhere), served by qemu-storage-daemon as node \`disk0\`. Each contender copies the snapshot-access export to a new sparse raw file. Throughput = disk size / time.`,
       '',
     );
-    L.push('Commands (URI = the fresh export, OUT = the output file):', '');
     L.push('```');
     L.push('ours:        node dist/cli/main.js copy URI OUT --json --no-discard        # defaults: 1 connection x 16 requests, 4 MiB reads');
     L.push('ours CxR:    node dist/cli/main.js copy URI OUT --json --no-discard --connections C --requests R');
-    L.push('nbdcopy:     nbdcopy URI OUT');
+    if (opts.candidate) L.push(`candidate:   node ${path.join(opts.candidate, 'dist/cli/main.js')} copy URI OUT --json --no-discard`);
+    L.push('nbdcopy:     nbdcopy URI OUT                                             # defaults: 4 connections (multi-conn), 64 requests x 256 KiB');
     L.push('qemu-img:    qemu-img convert -f raw -O raw URI OUT');
     L.push('```', '');
-    L.push('Per round (seconds to a durable copy; order rotated each round):', '');
-    L.push(`| round | ${F.contenders.join(' | ')} |`, `|---|${F.contenders.map(() => '---').join('|')}|`);
-    for (const n of [...new Set(F.rows.map((r) => r.round))]) {
-      const cells = F.contenders.map((c) => {
-        const r = F.rows.find((x) => x.round === n && x.name === c);
-        return r ? f2(r.total) : '-';
-      });
-      const order = F.rows.filter((x) => x.round === n).map((x) => x.name).join(' → ');
-      L.push(`| ${n} | ${cells.join(' | ')} |`);
-      void order;
+    for (const [cache, F] of Object.entries(report.full)) {
+      L.push(`### 1${cache === 'none' ? 'b' : 'a'}. ${CACHE_TITLE[cache]}`, '');
+      L.push('Seconds to a durable copy, per round:', '');
+      roundTable(L, F.rows, F.contenders);
+      L.push('| contender | median s | min–max s | median MiB/s | in engine (median s) | median CPU s | median max RSS | output allocated | round-1 check |');
+      L.push('|---|---|---|---|---|---|---|---|---|');
+      for (const c of F.contenders) {
+        const t = stats(F.rows, c, (r) => r.total);
+        const first = F.rows.find((r) => r.name === c);
+        L.push(
+          `| ${c} | ${f2(t.median)} | ${f2(t.min)}–${f2(t.max)} | ${f0(F.size / MiB / t.median)} | ${first.summary ? f2(stats(F.rows, c, (r) => r.summary.seconds).median) : ''} | ` +
+            `${f2(stats(F.rows, c, (r) => r.user + r.sys).median)} | ${f0(stats(F.rows, c, (r) => r.rssKiB / 1024).median)} MiB | ${fmtMiB(first.allocated)} | ${first.verify ?? 'not checked'} |`,
+        );
+      }
+      L.push('');
+      const x = fullFacts(F);
+      L.push(`- ours vs nbdcopy: **${f2(x.ratio)}x** nbdcopy's throughput (median of per-round ratios ${f2(x.paired)}x). Goal >= 1.2x: **${x.ratio >= 1.2 ? 'met' : 'not met'}**.`);
+      L.push(`- ours vs qemu-img convert: ${f2(stats(F.rows, 'qemu-img', (r) => r.total).median / stats(F.rows, 'ours', (r) => r.total).median)}x (per-round ${f2(pairedRatio(F.rows, 'qemu-img', 'ours', (r) => r.total))}x).`);
+      const settings = F.contenders.filter((c) => c.startsWith('ours'));
+      const best = settings.map((c) => [c, stats(F.rows, c, (r) => r.total).median]).sort((a, b) => a[1] - b[1]);
+      L.push(`- our connections x requests, fastest first (median s): ${best.map(([c, t]) => `${c === 'ours' ? '1x16 (default)' : c.slice(5)} ${f2(t)}`).join(', ')}.`);
+      if (opts.candidate) L.push(`- candidate vs ours: ${f2(stats(F.rows, 'ours', (r) => r.total).median / stats(F.rows, 'candidate', (r) => r.total).median)}x (per-round ${f2(pairedRatio(F.rows, 'ours', 'candidate', (r) => r.total))}x).`);
+      L.push('- "in engine" is the copy as the core measures it (`summary.seconds`); the rest of our time is node start-up, connecting, and the final fsync of the raw file (`sink.finish`).');
+      L.push('');
     }
-    L.push('');
-    L.push('| contender | median s | min–max s | median MiB/s | median CPU s (user+sys) | median max RSS | output allocated | round-1 check |');
-    L.push('|---|---|---|---|---|---|---|---|');
-    for (const c of F.contenders) {
-      const t = stats(F.rows, c, (r) => r.total);
-      const cpu = stats(F.rows, c, (r) => r.user + r.sys);
-      const rss = stats(F.rows, c, (r) => r.rssKiB / 1024);
-      const first = F.rows.find((r) => r.name === c);
-      L.push(
-        `| ${c} | ${f2(t.median)} | ${f2(t.min)}–${f2(t.max)} | ${f0(size / MiB / t.median)} | ${f2(cpu.median)} | ${f0(rss.median)} MiB | ${fmtMiB(first.allocated)} | ${first.verify ?? 'not checked'} |`,
-      );
-    }
-    L.push('');
-    const ours = stats(F.rows, 'ours', (r) => r.total).median;
-    const nbd = stats(F.rows, 'nbdcopy', (r) => r.total).median;
-    const qi = stats(F.rows, 'qemu-img', (r) => r.total).median;
-    const ratioNbd = nbd / ours;
-    const ratioQi = qi / ours;
-    const paired = pairedRatio(F.rows, 'nbdcopy', 'ours', (r) => r.total);
-    L.push(`- ours vs nbdcopy: **${f2(ratioNbd)}x** nbdcopy's throughput (ratio of medians; median of per-round ratios ${f2(paired)}x). Goal >= 1.2x: **${ratioNbd >= 1.2 ? 'met' : 'not met'}**.`);
-    L.push(`- ours vs qemu-img convert: ${f2(ratioQi)}x (median of per-round ratios ${f2(pairedRatio(F.rows, 'qemu-img', 'ours', (r) => r.total))}x).`);
-    const settings = F.contenders.filter((c) => c.startsWith('ours'));
-    const best = settings.map((c) => [c, stats(F.rows, c, (r) => r.total).median]).sort((a, b) => a[1] - b[1]);
-    L.push(`- connections x requests of ours, fastest first (median s): ${best.map(([c, t]) => `${c === 'ours' ? 'default 1x16' : c.slice(5)} ${f2(t)}`).join(', ')}.`);
-    const engine = settings.map((c) => `${c === 'ours' ? 'default' : c.slice(5)} ${f2(stats(F.rows, c, (r) => r.summary?.seconds).median)} s`);
-    L.push(`- time inside the engine (summary.seconds, median): ${engine.join(', ')}; the rest is node start-up, connecting, and the final fsync.`);
-    L.push('');
-
-    L.push('## 3. Memory: peak RSS of our full copy', '');
-    const rss = stats(F.rows, 'ours', (r) => r.rssKiB / 1024);
-    const limit = 64 + 16 * 4;
-    L.push(
-      `Max RSS of the child process (\`/usr/bin/time -f %M\`) running \`node dist/cli/main.js copy\` of the ${fmtSize(size)} disk, default settings (16 requests x 4 MiB in flight): ` +
-        `median ${f0(rss.median)} MiB, max ${f0(rss.max)} MiB over ${rss.values.length} rounds (${rss.values.map(f0).join(', ')}).`,
-    );
-    L.push(`Node itself with the package loaded and no copy: ${f0(report.nodeBaseline)} MiB.`);
-    L.push(`Limit: 64 MiB + in-flight buffers (16 x 4 MiB) = ${limit} MiB. Goal: **${rss.max < limit ? 'met' : 'not met'}**.`);
-    const other = settings.filter((c) => c !== 'ours').map((c) => `${c.slice(5)} ${f0(stats(F.rows, c, (r) => r.rssKiB / 1024).max)} MiB`);
-    if (other.length) L.push(`Other settings (max): ${other.join(', ')}. For comparison nbdcopy ${f0(stats(F.rows, 'nbdcopy', (r) => r.rssKiB / 1024).max)} MiB, qemu-img ${f0(stats(F.rows, 'qemu-img', (r) => r.rssKiB / 1024).max)} MiB.`);
-    L.push('');
   }
 
   if (report.incremental) {
-    const I = report.incremental;
-    L.push(`## 2. Incremental backup: ${fmtSize(I.size)} disk, ${opts.dirtyPercent}% dirty`, '');
+    L.push('## 2. Incremental backup', '');
+    const I0 = Object.values(report.incremental)[0];
     L.push(
-      `Disk: qcow2 from \`nbdkit sparse-random size=${I.size} percent=${opts.dataPercent} seed=2 runlength=1M random-content=true\`. ` +
-        `A first backup access with bitmap id \`bench-inc\` (action \`${I.firstAction}\`) takes the full image with ours; then ${I.runs} runs of 64 KiB – 4 MiB ` +
-        `(log-uniform lengths, random 4 KiB-aligned offsets, non-overlapping, PRNG seed 42), ${fmtMiB(I.dirtyWritten)} in total, are written through a live NBD export of the disk. ` +
-        `The bitmap then holds ${fmtMiB(I.dirtyBytes)} dirty (64 KiB granularity). Each run: a fresh copy of the full image, backup access (action \`${I.nextAction}\`), the contender, ` +
-        'teardown with success=false (keeps the dirty bits for the next run). Both contenders TRIM what they copied. Throughput = dirty bytes / time.',
+      `Disk: ${fmtSize(I0.size)} qcow2 from \`nbdkit sparse-random size=${I0.size} percent=${opts.dataPercent} seed=2 runlength=1048576 random-content=true\`. ` +
+        `A first backup access with bitmap id \`bench-inc\` (action \`${I0.firstAction}\`) takes the full image with ours; then ${I0.runs} runs of 64 KiB – 4 MiB ` +
+        `(log-uniform lengths, random 4 KiB-aligned offsets, non-overlapping, PRNG seed 42), ${fmtMiB(I0.dirtyWritten)} in total, are written through a live NBD export of the disk; ` +
+        `the bitmap then holds ${fmtMiB(I0.dirtyBytes)} dirty (64 KiB granularity). Each run: \`cp --sparse=always\` of the full image, a fresh backup access (action \`${I0.nextAction}\`), the contender, ` +
+        'teardown with success=false (the dirty bits stay for the next run). Both contenders TRIM what they copied. Throughput = dirty bytes / time.',
       '',
     );
     L.push('```');
     L.push('ours:  node dist/cli/main.js copy URI OUT --json --bitmap BITMAP --existing --discard');
-    L.push('seed:  /usr/bin/python3 benchmarks/seed_baseline.py URI OUT BITMAP      # 4 MiB synchronous reads, write, trim');
+    if (opts.candidate) L.push(`candidate: node ${path.join(opts.candidate, 'dist/cli/main.js')} copy URI OUT --json --bitmap BITMAP --existing --discard`);
+    L.push('seed:  /usr/bin/python3 benchmarks/seed_baseline.py URI OUT BITMAP      # map the bitmap, then synchronous 4 MiB reads, write, trim');
     L.push('```', '');
-    L.push(`| round | ${I.contenders.join(' | ')} |`, `|---|${I.contenders.map(() => '---').join('|')}|`);
-    for (const n of [...new Set(I.rows.map((r) => r.round))]) {
-      L.push(`| ${n} | ${I.contenders.map((c) => f2(I.rows.find((x) => x.round === n && x.name === c)?.total)).join(' | ')} |`);
+    for (const [cache, I] of Object.entries(report.incremental)) {
+      L.push(`### 2${cache === 'none' ? 'b' : 'a'}. ${CACHE_TITLE[cache]}`, '');
+      L.push('Seconds to a durable image, per round:', '');
+      roundTable(L, I.rows, I.contenders);
+      L.push('| contender | median s | min–max s | median MiB/s (dirty) | in engine (median s) | median CPU s | median max RSS | bytes read | round-1 check |');
+      L.push('|---|---|---|---|---|---|---|---|---|');
+      for (const c of I.contenders) {
+        const t = stats(I.rows, c, (r) => r.total);
+        const first = I.rows.find((r) => r.name === c);
+        L.push(
+          `| ${c} | ${f2(t.median)} | ${f2(t.min)}–${f2(t.max)} | ${f0(I.dirtyBytes / MiB / t.median)} | ${first.summary?.seconds !== undefined ? f2(stats(I.rows, c, (r) => r.summary.seconds).median) : ''} | ` +
+            `${f2(stats(I.rows, c, (r) => r.user + r.sys).median)} | ${f0(stats(I.rows, c, (r) => r.rssKiB / 1024).median)} MiB | ${fmtMiB(first.summary.bytesRead)} | ${first.verify ?? 'not checked'} |`,
+        );
+      }
+      L.push('');
+      const x = incFacts(I);
+      L.push(`- ours vs the seed's algorithm: **${f2(x.ratio)}x** (median of per-round ratios ${f2(x.paired)}x). Goal >= 5x: **${x.ratio >= 5 ? 'met' : 'not met'}**.`);
+      if (opts.candidate) L.push(`- candidate vs the seed: ${f2(stats(I.rows, 'seed', (r) => r.total).median / stats(I.rows, 'candidate', (r) => r.total).median)}x.`);
+      L.push('');
     }
-    L.push('');
-    L.push('| contender | median s | min–max s | median MiB/s (dirty) | median CPU s | median max RSS | bytes read | round-1 check |');
-    L.push('|---|---|---|---|---|---|---|---|');
-    for (const c of I.contenders) {
-      const t = stats(I.rows, c, (r) => r.total);
-      const cpu = stats(I.rows, c, (r) => r.user + r.sys);
-      const rss = stats(I.rows, c, (r) => r.rssKiB / 1024);
-      const first = I.rows.find((r) => r.name === c);
-      L.push(
-        `| ${c} | ${f2(t.median)} | ${f2(t.min)}–${f2(t.max)} | ${f0(I.dirtyBytes / MiB / t.median)} | ${f2(cpu.median)} | ${f0(rss.median)} MiB | ${fmtMiB(first.summary.bytesRead)} | ${first.verify ?? 'not checked'} |`,
-      );
+  }
+
+  if (report.full) {
+    L.push('## 3. Memory: peak RSS of our full copy', '');
+    L.push(
+      `Max RSS of the child process (\`/usr/bin/time -f %M\`) running \`node dist/cli/main.js copy\` of the ${fmtSize(Object.values(report.full)[0].size)} disk. ` +
+        `Limit: 64 MiB + in-flight buffers (16 x 4 MiB) = ${MEMORY_LIMIT_MIB} MiB. Node alone with the package loaded and nothing copied: ${f0(report.nodeBaseline)} MiB.`,
+      '',
+    );
+    L.push('| source disk | contender | per round (MiB) | median | max | goal met |', '|---|---|---|---|---|---|');
+    for (const [cache, F] of Object.entries(report.full)) {
+      for (const c of F.contenders) {
+        const rss = stats(F.rows, c, (r) => r.rssKiB / 1024);
+        const ours = c === 'ours' || c.startsWith('ours ') || c === 'candidate';
+        L.push(`| ${cache} | ${c} | ${rss.values.map(f0).join(', ')} | ${f0(rss.median)} | ${f0(rss.max)} | ${ours ? (rss.max < MEMORY_LIMIT_MIB ? 'yes' : '**no**') : '(reference)'} |`);
+      }
     }
-    L.push('');
-    const ratio = stats(I.rows, 'seed', (r) => r.total).median / stats(I.rows, 'ours', (r) => r.total).median;
-    L.push(`- ours vs the seed's algorithm: **${f2(ratio)}x** (ratio of medians; median of per-round ratios ${f2(pairedRatio(I.rows, 'seed', 'ours', (r) => r.total))}x). Goal >= 5x: **${ratio >= 5 ? 'met' : 'not met'}**.`);
     L.push('');
   }
 
   L.push('## How to run', '');
   L.push('```');
   L.push('npm run build                         # native addon + dist/');
-  L.push('npm run bench                         # everything at full size (2 GiB / 4 GiB, 5 rounds), writes benchmarks/RESULTS.md');
+  L.push('npm run bench                         # everything at full size (2 GiB / 4 GiB, 5 rounds, both cache modes), writes benchmarks/RESULTS.md');
   L.push('npm run bench -- --quick              # smoke run, < 1 min, writes benchmarks/work/RESULTS-quick.md');
-  L.push('npm run bench -- --only full --rounds 7 --settings 1x8,2x16,4x8');
+  L.push('npm run bench -- --only full --cache writeback --rounds 7 --settings 1x8,2x16,4x8');
+  L.push('npm run bench -- --candidate ../other-checkout   # A/B another build of the core');
   L.push('node benchmarks/run.mjs --help');
   L.push('```', '');
   L.push('Needs qemu-storage-daemon (qemu-system-common), qemu-img (qemu-utils), nbdkit, nbdcopy (libnbd-bin), python3-libnbd and /usr/bin/time (package `time`). Scratch files and cached disk images live in `benchmarks/work/` (git-ignored; `--clean` removes the images too).');
@@ -715,8 +849,10 @@ async function main() {
       const { stderr } = await execFileP(TIME, ['-f', '%M', NODE, '-e', `await import(${JSON.stringify(dist('index.js'))})`, '--input-type=module']);
       report.nodeBaseline = Number(stderr.trim().split('\n').pop()) / 1024;
     }
-    if (opts.only.includes('full')) await benchFull(opts, report);
-    if (opts.only.includes('incremental')) await benchIncremental(opts, report);
+    for (const cache of opts.caches) {
+      if (opts.only.includes('full')) await benchFull(opts, report, cache);
+      if (opts.only.includes('incremental')) await benchIncremental(opts, report, cache);
+    }
   } finally {
     await stopDaemons();
     if (opts.clean) await rmf(path.join(opts.work, 'images'));
