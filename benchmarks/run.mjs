@@ -54,9 +54,12 @@ const USAGE = `usage: node benchmarks/run.mjs [options]
   --no-verify           skip the byte comparison of round 1's outputs with the disk
   --results PATH        where to write the report (default benchmarks/RESULTS.md; --quick: benchmarks/work/RESULTS-quick.md)
   --work DIR            scratch folder (default benchmarks/work, git-ignored); images are cached there
-  --cache LIST          how qemu-storage-daemon opens the disk: writeback (page cache, as startStorageDaemon does)
-                        and/or none (O_DIRECT, Proxmox's default); each benchmark runs once per mode (default both;
-                        --quick: writeback)
+  --storage LIST        where the disk image lives, comma list (default cached,direct,remote; --quick: cached):
+                          cached  read through the page cache (startStorageDaemon as is)
+                          direct  opened with O_DIRECT (cache.direct=on, like Proxmox's default cache=none)
+                          remote  over NBD from nbdkit with a delay filter, like network storage
+                        each benchmark runs once per storage
+  --remote-latency LIST per-request latencies of the remote storage, each a storage setup of its own (default 1ms,5ms)
   --candidate DIR       also run the CLI of another checkout (DIR/dist/cli/main.js, built) as contender
                         "candidate", to A/B a change of the core against this tree
   --clean               also remove the cached disk images at the end`;
@@ -75,7 +78,8 @@ function parseArgs(argv) {
     results: undefined,
     work: path.join(here, 'work'),
     clean: false,
-    caches: ['writeback', 'none'],
+    caches: ['cached', 'direct', 'remote'],
+    latencies: ['1ms', '5ms'],
     candidate: undefined,
   };
   const explicit = new Set();
@@ -99,7 +103,8 @@ function parseArgs(argv) {
       case '--work': o.work = path.resolve(val()); break;
       case '--clean': o.clean = true; break;
       case '--candidate': o.candidate = path.resolve(val()); break;
-      case '--cache': o.caches = val().split(',').map((x) => x.trim()).filter(Boolean); explicit.add('caches'); break;
+      case '--storage': o.caches = val().split(',').map((x) => x.trim()).filter(Boolean); explicit.add('caches'); break;
+      case '--remote-latency': o.latencies = val().split(',').map((x) => x.trim()).filter(Boolean); break;
       case '-h': case '--help': console.log(USAGE); process.exit(0); break;
       default: throw new Error(`unknown option ${a}\n${USAGE}`);
     }
@@ -109,10 +114,13 @@ function parseArgs(argv) {
     if (!explicit.has('fullSize')) o.fullSize = 256 * MiB;
     if (!explicit.has('incSize')) o.incSize = 512 * MiB;
     if (!explicit.has('settings')) o.settings = ['2x16'];
-    if (!explicit.has('caches')) o.caches = ['writeback'];
+    if (!explicit.has('caches')) o.caches = ['cached'];
   }
   for (const b of o.only) if (!['full', 'incremental'].includes(b)) throw new Error(`unknown benchmark ${b}`);
-  for (const c of o.caches) if (!['writeback', 'none'].includes(c)) throw new Error(`unknown cache mode ${c} (writeback or none)`);
+  for (const c of o.caches) if (!['cached', 'direct', 'remote'].includes(c)) throw new Error(`unknown storage ${c} (cached, direct or remote)`);
+  for (const l of o.latencies) if (!/^\d+(ms)?$/.test(l)) throw new Error(`--remote-latency ${l}: expected e.g. 1ms`);
+  // one storage setup per mode, and per latency for remote
+  o.storages = o.caches.flatMap((c) => (c === 'remote' ? o.latencies.map((l) => ({ key: `remote ${l}`, storage: c, latency: l })) : [{ key: c, storage: c }]));
   for (const s of o.settings) if (!/^\d+x\d+$/.test(s)) throw new Error(`setting ${s}: expected CONNECTIONSxREQUESTS, e.g. 2x16`);
   if (!Number.isInteger(o.rounds) || o.rounds < 1) throw new Error('--rounds must be a positive integer');
   if (o.candidate && !existsSync(path.join(o.candidate, 'dist', 'cli', 'main.js'))) throw new Error(`--candidate ${o.candidate}: no dist/cli/main.js (build it first)`);
@@ -257,15 +265,23 @@ async function makeDisk(dir, size, percent, seed) {
 
 /**
  * One qemu-storage-daemon serving `file` as node `disk0`; stopped by `stop()` (and on exit).
- * `direct`: the disk is opened with O_DIRECT (`cache.direct=on`, as Proxmox's default cache=none),
- * so reads hit the storage instead of the page cache; startStorageDaemon has no such option, so
- * the same node stack (disk0-file -> disk0-fmt -> disk0) is started here.
+ * Storage modes:
+ * - `cached`: startStorageDaemon as is (the image is read through the host page cache);
+ * - `direct`: the image is opened with O_DIRECT (`cache.direct=on`, like Proxmox's default
+ *   cache=none), so reads hit the disk;
+ * - `remote`: the image is reached over NBD from nbdkit's file plugin behind the delay filter
+ *   (`--remote-latency` per request), like network storage (Ceph, iSCSI, NFS).
+ * startStorageDaemon has no options for the last two, so the same node stack
+ * (disk0-file -> disk0-fmt -> disk0) is started here.
  */
 const daemons = new Set();
-async function startDaemon(dir, file, { liveExports = false, direct = false } = {}) {
+async function startDaemon(dir, file, { liveExports = false, storage = 'cached', latency = '1ms' } = {}) {
   await rmf(dir);
   await fs.mkdir(dir, { recursive: true });
-  const d = direct ? await startDirectDaemon(dir, file, liveExports) : await startStorageDaemon({ dir, disks: [{ id: 'disk0', file, format: 'qcow2' }], liveExports });
+  const d =
+    storage === 'cached'
+      ? await startStorageDaemon({ dir, disks: [{ id: 'disk0', file, format: 'qcow2' }], liveExports })
+      : await startOwnDaemon(dir, file, liveExports, storage, latency);
   d.dir = dir;
   daemons.add(d);
   const stop = d.stop;
@@ -276,31 +292,57 @@ async function startDaemon(dir, file, { liveExports = false, direct = false } = 
   return d;
 }
 
-async function startDirectDaemon(dir, file, liveExports) {
+/** Waits until `p` exists, failing early when `child` exits. */
+async function waitForPath(p, child, what, log) {
+  for (let i = 0; !existsSync(p); i++) {
+    if (child.exitCode !== null || child.signalCode !== null || i > 800) {
+      throw new Error(`${what} did not start: ${await fs.readFile(log, 'utf8').catch(() => '')}`);
+    }
+    await new Promise((r) => setTimeout(r, 25));
+  }
+}
+
+async function startOwnDaemon(dir, file, liveExports, storage, latency) {
   const { QmpClient } = await import(dist('qmp/client.js'));
   const qmpSocket = path.join(dir, 'qmp.sock');
   const nbdSocket = path.join(dir, 'nbd.sock');
+  let fileNode = `driver=file,filename=${file.replaceAll(',', ',,')},node-name=disk0-file,aio=threads,cache.direct=on`;
+  let nbdkit;
+  if (storage === 'remote') {
+    const sock = path.join(dir, 'storage.sock');
+    const log = path.join(dir, 'nbdkit.log');
+    const out = await fs.open(log, 'w');
+    nbdkit = spawn(
+      tool('nbdkit', 'nbdkit'),
+      ['-f', '--exit-with-parent', '-U', sock, '--filter=delay', 'file', `file=${file}`, `delay-read=${latency}`, `delay-write=${latency}`],
+      { stdio: ['ignore', out.fd, out.fd] },
+    );
+    await out.close();
+    await waitForPath(sock, nbdkit, 'nbdkit', log);
+    fileNode = `driver=nbd,server.type=unix,server.path=${sock},node-name=disk0-file`;
+  }
   const args = [
-    '--blockdev', `driver=file,filename=${file.replaceAll(',', ',,')},node-name=disk0-file,aio=threads,cache.direct=on`,
+    '--blockdev', fileNode,
     '--blockdev', 'driver=qcow2,file=disk0-file,node-name=disk0-fmt',
     '--blockdev', 'driver=raw,file=disk0-fmt,node-name=disk0',
     '--chardev', `socket,path=${qmpSocket},server=on,wait=off,id=qmp0`, '--monitor', 'chardev=qmp0',
     '--nbd-server', `addr.type=unix,addr.path=${nbdSocket},max-connections=0`,
     ...(liveExports ? ['--export', 'type=nbd,id=live-disk0,node-name=disk0,name=live-disk0,writable=on'] : []),
   ];
-  const out = await fs.open(path.join(dir, 'qemu-storage-daemon.log'), 'w');
+  const log = path.join(dir, 'qemu-storage-daemon.log');
+  const out = await fs.open(log, 'w');
   const child = spawn(tool('qemu-storage-daemon', 'qemu-system-common'), args, { stdio: ['ignore', out.fd, out.fd] });
   await out.close();
   const exited = new Promise((resolve) => child.once('exit', resolve));
+  const nbdkitExited = nbdkit ? new Promise((resolve) => (nbdkit.exitCode !== null ? resolve() : nbdkit.once('exit', resolve))) : Promise.resolve();
   const kill = async () => {
     if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
     await exited;
+    if (nbdkit && nbdkit.exitCode === null && nbdkit.signalCode === null) nbdkit.kill('SIGTERM');
+    await nbdkitExited;
   };
   try {
-    for (let i = 0; !existsSync(qmpSocket); i++) {
-      if (child.exitCode !== null || i > 800) throw new Error(`qemu-storage-daemon did not start: ${await fs.readFile(path.join(dir, 'qemu-storage-daemon.log'), 'utf8')}`);
-      await new Promise((r) => setTimeout(r, 25));
-    }
+    await waitForPath(qmpSocket, child, 'qemu-storage-daemon', log);
     const qmp = await QmpClient.connect(qmpSocket);
     return {
       qmp,
@@ -313,6 +355,7 @@ async function startDirectDaemon(dir, file, liveExports) {
         const timer = setTimeout(() => void kill(), 5000);
         await exited;
         clearTimeout(timer);
+        await kill(); // nbdkit, if any
       },
     };
   } catch (e) {
@@ -421,8 +464,9 @@ async function measure(c, run, round, position, dev, out, extraArgs) {
 // ---------------------------------------------------------------------------------------------
 // Full backup
 
-async function benchFull(opts, report, cache) {
-  log(`\n== full (cache=${cache}): ${fmtSize(opts.fullSize)} disk, ${opts.dataPercent}% data, ${opts.rounds} rounds`);
+async function benchFull(opts, report, st) {
+  const cache = st.key;
+  log(`\n== full (storage=${cache}): ${fmtSize(opts.fullSize)} disk, ${opts.dataPercent}% data, ${opts.rounds} round${opts.rounds === 1 ? "" : "s"}`);
   const images = path.join(opts.work, 'images');
   await fs.mkdir(images, { recursive: true });
   const disk = await makeDisk(images, opts.fullSize, opts.dataPercent, 1);
@@ -441,11 +485,11 @@ async function benchFull(opts, report, cache) {
     }),
     ...(opts.candidate ? [oursFull('candidate', [], opts.candidate)] : []),
   ];
-  const daemon = await startDaemon(path.join(run, 'qsd'), disk, { direct: cache === 'none' });
+  const daemon = await startDaemon(path.join(run, 'qsd'), disk, { storage: st.storage, latency: st.latency });
   const rows = [];
   const size = opts.fullSize;
   try {
-    if (cache !== 'none') await warm(disk);
+    await warm(disk);
     for (let r = 0; r < opts.rounds; r++) {
       const order = rotate(contenders, r);
       for (const [i, c] of order.entries()) {
@@ -469,7 +513,7 @@ async function benchFull(opts, report, cache) {
     await stopDaemon(daemon);
   }
   await rmf(run);
-  (report.full ??= {})[cache] = { size, rows, contenders: contenders.map((c) => c.name) };
+  (report.full ??= {})[cache] = { storage: st, size, rows, contenders: contenders.map((c) => c.name) };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -497,8 +541,9 @@ function dirtyRuns(size, percent, seed) {
   return { runs, total };
 }
 
-async function benchIncremental(opts, report, cache) {
-  log(`\n== incremental (cache=${cache}): ${fmtSize(opts.incSize)} disk, ${opts.dirtyPercent}% dirty, ${opts.rounds} rounds`);
+async function benchIncremental(opts, report, st) {
+  const cache = st.key;
+  log(`\n== incremental (storage=${cache}): ${fmtSize(opts.incSize)} disk, ${opts.dirtyPercent}% dirty, ${opts.rounds} round${opts.rounds === 1 ? "" : "s"}`);
   const images = path.join(opts.work, 'images');
   await fs.mkdir(images, { recursive: true });
   const base = await makeDisk(images, opts.incSize, opts.dataPercent, 2);
@@ -507,6 +552,10 @@ async function benchIncremental(opts, report, cache) {
   await fs.mkdir(path.join(run, 'fleece'), { recursive: true });
   const disk = path.join(run, 'disk.qcow2');
   await execFileP('cp', ['--sparse=always', base, disk]);
+  if (st.storage === 'remote') {
+    // Over NBD the image file cannot grow: leave sparse room for the clusters the guest writes allocate.
+    await fs.truncate(disk, statSync(disk).size + opts.incSize);
+  }
   const full = path.join(run, 'full.raw');
   const python = existsSync('/usr/bin/python3') ? '/usr/bin/python3' : tool('python3', 'python3');
   const bitmap = 'bench-inc';
@@ -521,7 +570,7 @@ async function benchIncremental(opts, report, cache) {
     { name: 'seed', command: (uri, out, bm) => [python, [path.join(here, 'seed_baseline.py'), uri, out, bm]], bytesOnStdout: true },
     ...(opts.candidate ? [oursInc('candidate', opts.candidate)] : []),
   ];
-  const daemon = await startDaemon(path.join(run, 'qsd'), disk, { liveExports: true, direct: cache === 'none' });
+  const daemon = await startDaemon(path.join(run, 'qsd'), disk, { liveExports: true, storage: st.storage, latency: st.latency });
   const rows = [];
   let dirtyBytes = NaN;
   let firstAction;
@@ -570,7 +619,7 @@ async function benchIncremental(opts, report, cache) {
       false,
     );
     log(`  bitmap (${nextAction}): ${fmtMiB(dirtyBytes)} dirty`);
-    if (cache !== 'none') await warm(disk);
+    await warm(disk);
     // 4. rounds: each contender writes into a fresh copy of the full image
     for (let r = 0; r < opts.rounds; r++) {
       for (const [i, c] of rotate(contenders, r).entries()) {
@@ -603,7 +652,7 @@ async function benchIncremental(opts, report, cache) {
     await stopDaemon(daemon);
   }
   await rmf(run);
-  (report.incremental ??= {})[cache] = { size: opts.incSize, runs: runs.length, dirtyWritten, dirtyBytes, firstAction, nextAction, rows, contenders: contenders.map((c) => c.name) };
+  (report.incremental ??= {})[cache] = { storage: st, size: opts.incSize, runs: runs.length, dirtyWritten, dirtyBytes, firstAction, nextAction, rows, contenders: contenders.map((c) => c.name) };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -649,9 +698,14 @@ function pairedRatio(rows, a, b, value) {
 const f2 = (x) => (Number.isFinite(x) ? x.toFixed(2) : '-');
 const f0 = (x) => (Number.isFinite(x) ? x.toFixed(0) : '-');
 const CACHE_TITLE = {
-  writeback: 'disk in the page cache (qemu-storage-daemon default, as startStorageDaemon starts it)',
-  none: 'disk opened with O_DIRECT (cache.direct=on, like Proxmox\'s default cache=none)',
+  cached: 'storage "cached": image read through the page cache (startStorageDaemon as is)',
+  direct: 'storage "direct": image opened with O_DIRECT (cache.direct=on, like Proxmox\'s default cache=none)',
+  remote: 'storage "remote": image over NBD from nbdkit with the delay filter, like network storage',
 };
+/** Heading of a storage setup's section. */
+function storageTitle(number, index, st) {
+  return `### ${number}${'abcdefgh'[index]}. ${CACHE_TITLE[st.storage]}${st.latency ? ` (${st.latency} per read and write)` : ''}`;
+}
 const MEMORY_LIMIT_MIB = 64 + 16 * 4;
 
 function roundTable(L, rows, contenders) {
@@ -681,7 +735,7 @@ function render(opts, m, report, loadAfter, commandLine) {
   L.push(`Generated by \`benchmarks/run.mjs\` on ${m.date}: \`${commandLine}\`. Raw data: the \`.json\` file next to this one. Analysis and findings: [README.md](README.md).`, '');
 
   L.push('## Summary', '');
-  L.push('| benchmark | source disk | ours | reference | ratio (medians) | per-round ratio (median) | goal | met |', '|---|---|---|---|---|---|---|---|');
+  L.push('| benchmark | storage | ours | reference | ratio (medians) | per-round ratio (median) | goal | met |', '|---|---|---|---|---|---|---|---|');
   for (const [cache, F] of Object.entries(report.full ?? {})) {
     const x = fullFacts(F);
     L.push(`| 1. full ${fmtSize(F.size)} | ${cache} | ${f0(x.ours)} MiB/s | nbdcopy ${f0(x.nbdcopy)} MiB/s | ${f2(x.ratio)}x | ${f2(x.paired)}x | >= 1.2x | ${x.ratio >= 1.2 ? 'yes' : '**no**'} |`);
@@ -731,8 +785,8 @@ function render(opts, m, report, loadAfter, commandLine) {
     L.push('nbdcopy:     nbdcopy URI OUT                                             # defaults: 4 connections (multi-conn), 64 requests x 256 KiB');
     L.push('qemu-img:    qemu-img convert -f raw -O raw URI OUT');
     L.push('```', '');
-    for (const [cache, F] of Object.entries(report.full)) {
-      L.push(`### 1${cache === 'none' ? 'b' : 'a'}. ${CACHE_TITLE[cache]}`, '');
+    for (const [index, F] of Object.values(report.full).entries()) {
+      L.push(storageTitle(1, index, F.storage), '');
       L.push('Seconds to a durable copy, per round:', '');
       roundTable(L, F.rows, F.contenders);
       L.push('| contender | median s | min–max s | median MiB/s | in engine (median s) | median CPU s | median max RSS | output allocated | round-1 check |');
@@ -774,8 +828,8 @@ function render(opts, m, report, loadAfter, commandLine) {
     if (opts.candidate) L.push(`candidate: node ${path.join(opts.candidate, 'dist/cli/main.js')} copy URI OUT --json --bitmap BITMAP --existing --discard`);
     L.push('seed:  /usr/bin/python3 benchmarks/seed_baseline.py URI OUT BITMAP      # map the bitmap, then synchronous 4 MiB reads, write, trim');
     L.push('```', '');
-    for (const [cache, I] of Object.entries(report.incremental)) {
-      L.push(`### 2${cache === 'none' ? 'b' : 'a'}. ${CACHE_TITLE[cache]}`, '');
+    for (const [index, I] of Object.values(report.incremental).entries()) {
+      L.push(storageTitle(2, index, I.storage), '');
       L.push('Seconds to a durable image, per round:', '');
       roundTable(L, I.rows, I.contenders);
       L.push('| contender | median s | min–max s | median MiB/s (dirty) | in engine (median s) | median CPU s | median max RSS | bytes read | round-1 check |');
@@ -803,7 +857,7 @@ function render(opts, m, report, loadAfter, commandLine) {
         `Limit: 64 MiB + in-flight buffers (16 x 4 MiB) = ${MEMORY_LIMIT_MIB} MiB. Node alone with the package loaded and nothing copied: ${f0(report.nodeBaseline)} MiB.`,
       '',
     );
-    L.push('| source disk | contender | per round (MiB) | median | max | goal met |', '|---|---|---|---|---|---|');
+    L.push('| storage | contender | per round (MiB) | median | max | goal met |', '|---|---|---|---|---|---|');
     for (const [cache, F] of Object.entries(report.full)) {
       for (const c of F.contenders) {
         const rss = stats(F.rows, c, (r) => r.rssKiB / 1024);
@@ -817,9 +871,9 @@ function render(opts, m, report, loadAfter, commandLine) {
   L.push('## How to run', '');
   L.push('```');
   L.push('npm run build                         # native addon + dist/');
-  L.push('npm run bench                         # everything at full size (2 GiB / 4 GiB, 5 rounds, both cache modes), writes benchmarks/RESULTS.md');
+  L.push('npm run bench                         # everything at full size (2 GiB / 4 GiB, 5 rounds, storages cached, direct, remote 1ms and 5ms), writes benchmarks/RESULTS.md');
   L.push('npm run bench -- --quick              # smoke run, < 1 min, writes benchmarks/work/RESULTS-quick.md');
-  L.push('npm run bench -- --only full --cache writeback --rounds 7 --settings 1x8,2x16,4x8');
+  L.push('npm run bench -- --only full --storage cached --rounds 7 --settings 1x8,2x16,4x8');
   L.push('npm run bench -- --candidate ../other-checkout   # A/B another build of the core');
   L.push('node benchmarks/run.mjs --help');
   L.push('```', '');
@@ -849,9 +903,9 @@ async function main() {
       const { stderr } = await execFileP(TIME, ['-f', '%M', NODE, '-e', `await import(${JSON.stringify(dist('index.js'))})`, '--input-type=module']);
       report.nodeBaseline = Number(stderr.trim().split('\n').pop()) / 1024;
     }
-    for (const cache of opts.caches) {
-      if (opts.only.includes('full')) await benchFull(opts, report, cache);
-      if (opts.only.includes('incremental')) await benchIncremental(opts, report, cache);
+    for (const st of opts.storages) {
+      if (opts.only.includes('full')) await benchFull(opts, report, st);
+      if (opts.only.includes('incremental')) await benchIncremental(opts, report, st);
     }
   } finally {
     await stopDaemons();
