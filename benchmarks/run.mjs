@@ -62,6 +62,7 @@ const USAGE = `usage: node benchmarks/run.mjs [options]
   --remote-latency LIST per-request latencies of the remote storage, each a storage setup of its own (default 1ms,5ms)
   --candidate DIR       also run the CLI of another checkout (DIR/dist/cli/main.js, built) as contender
                         "candidate", to A/B a change of the core against this tree
+  --candidate-note TEXT what the candidate is, for the report
   --clean               also remove the cached disk images at the end`;
 
 function parseArgs(argv) {
@@ -103,6 +104,7 @@ function parseArgs(argv) {
       case '--work': o.work = path.resolve(val()); break;
       case '--clean': o.clean = true; break;
       case '--candidate': o.candidate = path.resolve(val()); break;
+      case '--candidate-note': o.candidateNote = val(); break;
       case '--storage': o.caches = val().split(',').map((x) => x.trim()).filter(Boolean); explicit.add('caches'); break;
       case '--remote-latency': o.latencies = val().split(',').map((x) => x.trim()).filter(Boolean); break;
       case '-h': case '--help': console.log(USAGE); process.exit(0); break;
@@ -758,6 +760,7 @@ function render(opts, m, report, loadAfter, commandLine) {
   L.push(`| node | ${m.node} |`, `| python (seed baseline) | ${m.python} |`);
   L.push(`| load average (1, 5, 15 min) before / after | ${m.load} / ${loadAfter} |`, '');
 
+  if (opts.candidate) L.push(`Candidate: \`${opts.candidate}\`${opts.candidateNote ? ` — ${opts.candidateNote}` : ''}.`, '');
   L.push('## Method', '');
   L.push(
     '- One machine, one run. The machine is shared (2 cores; other engineers compile and run tests on it), so the numbers are noisy: ' +
