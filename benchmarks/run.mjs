@@ -63,7 +63,8 @@ const USAGE = `usage: node benchmarks/run.mjs [options]
   --candidate DIR       also run the CLI of another checkout (DIR/dist/cli/main.js, built) as contender
                         "candidate", to A/B a change of the core against this tree
   --candidate-note TEXT what the candidate is, for the report
-  --clean               also remove the cached disk images at the end`;
+  --clean               also remove the cached disk images at the end
+  --render JSON         only write the report again from a run's saved .json (with --results PATH)`;
 
 function parseArgs(argv) {
   const o = {
@@ -783,7 +784,7 @@ function render(opts, m, report, loadAfter, commandLine) {
     );
     L.push('```');
     L.push('ours:        node dist/cli/main.js copy URI OUT --json --no-discard        # defaults: 1 connection x 16 requests, 4 MiB reads');
-    L.push('ours CxR:    node dist/cli/main.js copy URI OUT --json --no-discard --connections C --requests R');
+    L.push('ours CxR:    node dist/cli/main.js copy URI OUT --json --no-discard --connections C --requests R   # R = requests in flight over all C connections');
     if (opts.candidate) L.push(`candidate:   node ${path.join(opts.candidate, 'dist/cli/main.js')} copy URI OUT --json --no-discard`);
     L.push('nbdcopy:     nbdcopy URI OUT                                             # defaults: 4 connections (multi-conn), 64 requests x 256 KiB');
     L.push('qemu-img:    qemu-img convert -f raw -O raw URI OUT');
@@ -886,7 +887,19 @@ function render(opts, m, report, loadAfter, commandLine) {
 
 // ---------------------------------------------------------------------------------------------
 
+/** `--render JSON [--results PATH]`: writes the report again from a run's saved data. */
+async function renderOnly(argv) {
+  const file = argv[argv.indexOf('--render') + 1];
+  const saved = JSON.parse(await fs.readFile(file, 'utf8'));
+  const i = argv.indexOf('--results');
+  const out = i >= 0 ? path.resolve(argv[i + 1]) : file.replace(/\.json$/, '.md');
+  await fs.writeFile(out, render(saved.opts, saved.machine, saved.report, saved.loadAfter, saved.commandLine));
+  log(`bench: wrote ${out}`);
+  return 0;
+}
+
 async function main() {
+  if (process.argv.includes('--render')) return renderOnly(process.argv);
   let opts;
   try {
     opts = parseArgs(process.argv.slice(2));
@@ -914,11 +927,12 @@ async function main() {
     await stopDaemons();
     if (opts.clean) await rmf(path.join(opts.work, 'images'));
   }
-  const commandLine = ['node benchmarks/run.mjs', ...process.argv.slice(2)].join(' ');
-  const text = render(opts, m, report, os.loadavg().map((x) => x.toFixed(2)).join(' '), commandLine);
+  const commandLine = ['node benchmarks/run.mjs', ...process.argv.slice(2).map((a) => (/[\s"'$]/.test(a) ? JSON.stringify(a) : a))].join(' ');
+  const loadAfter = os.loadavg().map((x) => x.toFixed(2)).join(' ');
+  const text = render(opts, m, report, loadAfter, commandLine);
   await fs.mkdir(path.dirname(opts.results), { recursive: true });
   await fs.writeFile(opts.results, text);
-  await fs.writeFile(opts.results.replace(/\.md$/, '') + '.json', JSON.stringify({ opts, machine: m, report }, null, 1));
+  await fs.writeFile(opts.results.replace(/\.md$/, '') + '.json', JSON.stringify({ opts, machine: m, report, loadAfter, commandLine }, null, 1));
   log(`\nbench: done in ${((Date.now() - started) / 1000).toFixed(0)} s; wrote ${path.relative(process.cwd(), opts.results)}`);
   return 0;
 }
