@@ -11,6 +11,7 @@ packages=(
   libnbd-bin            # nbdinfo, nbdcopy (peer tools in tests and benchmarks)
   python3-libnbd        # the seed's baseline algorithm in benchmarks
   nbdkit                # memory, sparse-random, data plugins; error and delay filters
+  time                  # /usr/bin/time: peak RSS and CPU of benchmark runs
   tar rsync acl attr    # container backup and restore
 )
 missing=()
