@@ -83,3 +83,25 @@ export {
 export { runBackupJob, expandNotesTemplate } from './job/runner.js';
 export { restoreVm, restoreContainer, extractConfig, type RestoreVmOptions, type RestoreVmResult, type RestoreContainerOptions, type RestoreContainerResult, type ConvertProgress } from './job/restore.js';
 export type { RunBackupJobOptions, BackupJobResult, GuestOutcome, Guest, VmGuest, ContainerGuest } from './job/types.js';
+
+// The reference provider (lib/providers/directory)
+export {
+  DirectoryProvider,
+  DirectoryProviderV1,
+  DirectoryStore,
+  DirectoryStoreError,
+  markBackups,
+  parseVolname,
+  type DirectoryProviderOptions,
+  type DeviceProgress,
+  type BackupInfo,
+  type VerifyResult,
+  type PruneResultEntry,
+  type PreviousInfo,
+  type DirectoryStoreErrorCode,
+  type PruneEntry,
+  type PruneMark,
+  type Manifest,
+  type ManifestDevice,
+  type ParsedVolname,
+} from './providers/directory/index.js';
