@@ -87,11 +87,13 @@ export function markBackups(entries: PruneEntry[], keep: PruneOptions): PruneMar
   const byName = new Map(list.map((e) => [e.volname, e]));
   for (const e of list) {
     if (marks.get(e.volname)!.mark === 'remove') continue;
-    for (let parent = e.parent; parent; parent = byName.get(parent)?.parent) {
-      const m = marks.get(parent);
-      if (!m || m.mark !== 'remove') break;
+    for (let child = e; child.parent; ) {
+      const m = marks.get(child.parent);
+      const parent = byName.get(child.parent);
+      if (!m || !parent || m.mark !== 'remove') break;
       m.mark = 'keep';
-      m.neededBy = e.volname;
+      m.neededBy = child.volname;
+      child = parent;
     }
   }
   return list.map((e) => marks.get(e.volname)!);

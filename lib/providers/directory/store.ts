@@ -56,8 +56,11 @@ export interface BackupInfo {
   format?: 'qcow2' | 'tar' | 'directory';
   /** Volume id of the backup this one builds on (incremental VM backups). */
   parent?: string;
-  /** `ok`; `incomplete` (no manifest: interrupted); `in-progress` (no manifest, its writer is alive). */
-  status: 'ok' | 'incomplete' | 'in-progress';
+  /**
+   * `ok`; `incomplete` (no manifest: interrupted; prune removes it); `in-progress` (no manifest,
+   * its writer is alive); `corrupt` (the manifest does not match its checksum; left for an operator).
+   */
+  status: 'ok' | 'incomplete' | 'in-progress' | 'corrupt';
   protected: boolean;
   notes?: string;
 }
@@ -301,11 +304,13 @@ export class DirectoryStore {
       const size = Object.values(m.files).reduce((n, f) => n + f.size, 0);
       const format = m.vmtype === 'qemu' ? 'qcow2' : (m.mode as 'tar' | 'directory');
       return { ...base, ctime: m.ctime, size, format, ...(m.parent ? { parent: this.volid(m.parent) } : {}), status: 'ok' };
-    } catch {
-      const st = await stat(dir);
+    } catch (err) {
+      if (err instanceof DirectoryStoreError && err.code === 'ERR_BACKUP_CORRUPT') {
+        return { ...base, ctime: ctimeOf(p.backupId), size: await duBytes(dir), status: 'corrupt' };
+      }
       const lock = Number((await readFile(path.join(dir, LOCK), 'utf8').catch(() => '')).trim());
       const alive = Number.isInteger(lock) && lock > 0 && pidAlive(lock);
-      return { ...base, ctime: Math.floor(st.mtimeMs / 1000), size: await duBytes(dir), status: alive ? 'in-progress' : 'incomplete' };
+      return { ...base, ctime: ctimeOf(p.backupId), size: await duBytes(dir), status: alive ? 'in-progress' : 'incomplete' };
     }
   }
 
@@ -462,7 +467,7 @@ export class DirectoryStore {
     const out: PruneResultEntry[] = [];
     const groups = new Map<string, BackupInfo[]>();
     for (const b of all) {
-      if (b.status === 'in-progress') continue;
+      if (b.status === 'in-progress' || b.status === 'corrupt') continue;
       if (b.status === 'incomplete') {
         out.push({ volid: b.volid, volname: b.volname, vmid: b.vmid, subtype: b.subtype, ctime: b.ctime, mark: 'remove' });
         continue;
@@ -557,6 +562,12 @@ export class DirectoryStore {
     const { checksum: _old, ...rest } = c;
     await this.commitManifest({ ...rest, devices, files, mode: parent ? 'incremental' : 'full', ...(parent ? { parent } : { parent: undefined }) });
   }
+}
+
+/** Unix time of a backup id (`YYYY_MM_DD-HH_MM_SS`, UTC): the ctime of a backup without manifest. */
+function ctimeOf(backupId: string): number {
+  const [y, mo, d, h, mi, s] = backupId.split(/[_-]/).map(Number) as [number, number, number, number, number, number];
+  return Date.UTC(y, mo - 1, d, h, mi, s) / 1000;
 }
 
 /** Bytes the files under `dir` take (apparent sizes). */
