@@ -126,7 +126,7 @@ export function manifestChecksum(m: Omit<Manifest, 'checksum'> & { checksum?: st
 }
 
 /** SHA-256 and size of a file. */
-export async function hashFile(file: string): Promise<{ size: number; sha256: string }> {
+export async function hashFile(file: string | Buffer): Promise<{ size: number; sha256: string }> {
   const h = createHash('sha256');
   let size = 0;
   for await (const chunk of createReadStream(file, { highWaterMark: 4 << 20 })) {
@@ -143,20 +143,21 @@ export async function hashFile(file: string): Promise<{ size: number; sha256: st
 export async function hashTree(root: string): Promise<{ size: number; sha256: string }> {
   const h = createHash('sha256');
   let size = 0;
-  const walk = async (rel: string): Promise<void> => {
-    const abs = path.join(root, rel);
+  // names as bytes: a container's file names need not be UTF-8
+  const walk = async (abs: Buffer, rel: Buffer): Promise<void> => {
     const st = await lstat(abs);
-    h.update(`${rel}\0${st.mode}\0${st.uid}\0${st.gid}\0`);
-    if (st.isSymbolicLink()) h.update(`${await readlink(abs)}\0`);
+    h.update(Buffer.concat([rel, Buffer.from(`\0${st.mode}\0${st.uid}\0${st.gid}\0`)]));
+    if (st.isSymbolicLink()) h.update(Buffer.concat([await readlink(abs, { encoding: 'buffer' }), Buffer.from('\0')]));
     else if (st.isFile()) {
       const f = await hashFile(abs);
       size += f.size;
       h.update(`${f.size}\0${f.sha256}\0`);
     } else if (st.isDirectory()) {
-      for (const name of (await readdir(abs)).sort()) await walk(rel === '' ? name : `${rel}/${name}`);
+      const names = (await readdir(abs, { encoding: 'buffer' })).sort(Buffer.compare);
+      for (const name of names) await walk(Buffer.concat([abs, Buffer.from('/'), name]), rel.length === 0 ? name : Buffer.concat([rel, Buffer.from('/'), name]));
     }
   };
-  await walk('');
+  await walk(Buffer.from(root), Buffer.alloc(0));
   return { size, sha256: h.digest('hex') };
 }
 
