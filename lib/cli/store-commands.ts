@@ -180,17 +180,22 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
       const inner = new DirectoryProvider(context, { onProgress: progress.onProgress });
       const provider: BackupProvider = o.api === '1' ? new DirectoryProviderV1(context, {}, inner) : inner;
       let result;
+      const signal = parse.signal();
       try {
         result = await runBackupJob({
           provider,
           storeid: store.storeid,
           guests: [guest],
           log,
-          signal: parse.signal(),
+          signal,
           ...(o.bwlimit ? { bandwidthLimit: o.bwlimit as number } : {}),
           ...(o.notes ? { notesTemplate: o.notes as string } : {}),
           ...(o.protected ? { protected: true } : {}),
         });
+      } catch (err) {
+        // Ctrl-C / SIGTERM: the runner took the abort path (partial backup removed); exit 130
+        if (signal.aborted) throw new PveBackupError('backup cancelled', { code: 'ERR_CANCELLED', cause: err });
+        throw err;
       } finally {
         progress.stop();
         await qmp?.close().catch(() => undefined);

@@ -427,7 +427,7 @@ export class DirectoryProvider extends BackupProviderBase {
   bitmapIdFor(vmid: number): string | undefined {
     const g = this.guest(vmid);
     if (g.vmtype !== 'qemu' || this.vmBackupMode === 'full') return undefined;
-    g.bitmapId = g.previous?.bitmapId ?? `dir-${g.ctime.toString(36)}`;
+    g.bitmapId = g.previous?.bitmapId ?? `dir-${parseVolname(g.volname).backupId}`; // unique: a new chain
     return g.bitmapId;
   }
 

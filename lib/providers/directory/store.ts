@@ -394,7 +394,8 @@ export class DirectoryStore {
    * @throws {@link DirectoryStoreError} `ERR_BACKUP_CORRUPT` naming the file, `ERR_CHAIN_BROKEN`, ...
    */
   async assertRestorable(volname: string, what: 'vm' | 'container' | 'configs' = 'vm'): Promise<Manifest> {
-    const chain = await this.chain(volname);
+    // the configuration files need only this backup; disks need the whole chain
+    const chain = what === 'vm' ? await this.chain(volname) : [await this.readManifest(volname)];
     const own = chain[0]!;
     const dataFiles = what === 'configs' ? ['guest.conf', 'firewall.conf'] : Object.keys(own.files).filter((f) => f !== 'backup.log');
     const problems = await this.checkFiles(own, dataFiles);
