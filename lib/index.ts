@@ -92,3 +92,25 @@ export { startStorageDaemon, type StorageDaemon, type StorageDaemonDisk, type St
 
 // Container tools (lib/container)
 export * from './container/index.js';
+
+// The reference provider (lib/providers/directory)
+export {
+  DirectoryProvider,
+  DirectoryProviderV1,
+  DirectoryStore,
+  DirectoryStoreError,
+  markBackups,
+  parseVolname,
+  type DirectoryProviderOptions,
+  type DeviceProgress,
+  type BackupInfo,
+  type VerifyResult,
+  type PruneResultEntry,
+  type PreviousInfo,
+  type DirectoryStoreErrorCode,
+  type PruneEntry,
+  type PruneMark,
+  type Manifest,
+  type ManifestDevice,
+  type ParsedVolname,
+} from './providers/directory/index.js';

@@ -50,10 +50,13 @@ describe('pve-backup-provider info / copy', () => {
     expect(r.stderr).not.toMatch(/\n\s+at /);
   });
 
-  it('demo backs up a disk while a guest writes and checks both points in time', () => {
+  it('demo backs up a disk into a directory store while a guest writes, restores and checks both points in time', () => {
     const r = cli('demo', '--size', '64M', '--json');
     expect(r.status, r.stderr).toBe(0);
     const phases = JSON.parse(r.stdout);
+    expect(phases.map((p: { volid: string }) => p.volid)).toEqual([expect.stringMatching(/^demo:backup\/100\/qemu-/), expect.stringMatching(/^demo:backup\/100\/qemu-/)]);
+    // the incremental image holds what changed, not the disk
+    expect(phases[1].stored).toBeLessThan(phases[0].stored);
     expect(phases.map((p: { phase: string; bitmapMode: string; verified: boolean }) => [p.phase, p.bitmapMode, p.verified])).toEqual([
       ['full', 'new', true],
       ['incremental', 'reuse', true],

@@ -8,6 +8,7 @@ import { PveBackupError } from '../errors.js';
 import { NbdClient, listBitmaps } from '../nbd/client.js';
 import { copyExtents } from '../nbd/copy.js';
 import { printDemo, runDemo } from './demo.js';
+import { addStoreCommands } from './store-commands.js';
 import { EXIT, formatBytes, printTable, progressView } from './output.js';
 
 function parseSize(value: string): number {
@@ -111,6 +112,8 @@ export function buildProgram(): Command {
       );
     });
 
+  addStoreCommands(program, { size: parseSize, count: parseCount, signal: interruptSignal });
+
   program
     .command('demo')
     .description('back up a qemu-storage-daemon disk while a guest writes: full, then incremental, each checked byte for byte')
@@ -138,6 +141,10 @@ export async function main(argv: string[]): Promise<number> {
       return err.exitCode === 0 ? EXIT.ok : EXIT.usage;
     }
     const code = err instanceof PveBackupError ? err.code : undefined;
+    if (code === 'ERR_USAGE') {
+      console.error(`pve-backup-provider: ${(err as Error).message}`);
+      return EXIT.usage;
+    }
     if (code === 'ERR_CANCELLED') {
       console.error('pve-backup-provider: cancelled');
       return EXIT.cancelled;

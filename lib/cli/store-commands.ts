@@ -1,0 +1,393 @@
+/**
+ * The directory store commands: `backup`, `restore`, `list`, `prune`, `delete`, `verify`,
+ * `protect`, `notes`. Each prints a table or lines for a person, JSON with `--json`, progress
+ * bars on a TTY only, and fails with one line (see `main` in program.ts).
+ */
+import { execFile } from 'node:child_process';
+import { mkdir, readFile } from 'node:fs/promises';
+import path from 'node:path';
+import { promisify } from 'node:util';
+
+import { Command, InvalidArgumentError } from 'commander';
+
+import { PveBackupError } from '../errors.js';
+import { restoreContainer, restoreVm } from '../job/restore.js';
+import { runBackupJob } from '../job/runner.js';
+import type { Guest } from '../job/types.js';
+import type { BackupProvider, LogFunction, PruneOptions } from '../provider/api.js';
+import { DirectoryProvider, DirectoryProviderV1 } from '../providers/directory/provider.js';
+import { DirectoryStore } from '../providers/directory/store.js';
+import { QmpClient } from '../qmp/client.js';
+import { requireTool } from '../tools.js';
+import { formatBytes, printTable, progressView, type ProgressView } from './output.js';
+
+const execFileP = promisify(execFile);
+
+/** Option parsers shared with program.ts. */
+export interface Parsers {
+  size: (v: string) => number;
+  count: (v: string) => number;
+  signal: () => AbortSignal;
+}
+
+/** Bad usage found inside an action: one line, exit code 2 (see `main`). */
+export const usage = (message: string): PveBackupError => new PveBackupError(message, { code: 'ERR_USAGE' });
+
+const collect = (v: string, prev: string[] = []): string[] => [...prev, v];
+const vmidArg = (v: string): number => {
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 1 || n > 999_999_999) throw new InvalidArgumentError(`not a guest id: ${v}`);
+  return n;
+};
+const keepArg = (v: string): number => {
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 0) throw new InvalidArgumentError(`not a whole number >= 0: ${v}`);
+  return n;
+};
+const choice =
+  (...allowed: string[]) =>
+  (v: string): string => {
+    if (!allowed.includes(v)) throw new InvalidArgumentError(`expected one of ${allowed.join(', ')}`);
+    return v;
+  };
+const date = (t: number): string => new Date(t * 1000).toISOString().replace('T', ' ').replace(/\.\d+Z$/, 'Z');
+
+/** Task log lines on stderr for a person; nothing with `--json`. */
+function logTo(json: boolean): LogFunction {
+  return (level, message) => {
+    if (!json) process.stderr.write(`${level === 'info' ? 'INFO' : level === 'warn' ? 'WARN' : 'ERROR'}: ${message}\n`);
+  };
+}
+
+/** A device name for a disk image path: `NAME=PATH`, or the file's base name. */
+function diskSpec(spec: string): { device: string; file: string } {
+  const m = /^([A-Za-z][A-Za-z0-9_-]{0,30})=(.+)$/.exec(spec);
+  if (m) return { device: m[1]!, file: path.resolve(m[2]!) };
+  let device = path.basename(spec).replace(/\.[^.]*$/, '').replace(/[^A-Za-z0-9_-]/g, '-').slice(0, 31);
+  if (!/^[A-Za-z]/.test(device)) device = `d${device}`.slice(0, 31);
+  return { device, file: path.resolve(spec) };
+}
+
+async function imageFormat(file: string): Promise<'raw' | 'qcow2'> {
+  const qemuImg = requireTool('qemu-img', 'qemu-utils');
+  let format: string;
+  try {
+    format = (JSON.parse((await execFileP(qemuImg, ['info', '-U', '--output=json', file])).stdout) as { format: string }).format;
+  } catch (err) {
+    const e = err as { stderr?: string; message: string };
+    throw new PveBackupError(`cannot read disk image ${file}: ${(e.stderr || e.message).trim().split('\n')[0]}`, { code: 'ERR_INVALID_ARGUMENT' });
+  }
+  if (format !== 'raw' && format !== 'qcow2') throw new PveBackupError(`disk image ${file} is ${format}; raw and qcow2 are supported`, { code: 'ERR_INVALID_ARGUMENT' });
+  return format;
+}
+
+/** Progress bars of a backup, one per disk, on a TTY. */
+function diskProgress(enabled: boolean): { onProgress: (p: { device: string; done: number; total: number; bytesPerSecond: number }) => void; stop: () => void } {
+  const views = new Map<string, ProgressView>();
+  return {
+    onProgress: (p) => {
+      let v = views.get(p.device);
+      if (!v) {
+        for (const other of views.values()) other.stop();
+        v = progressView(p.device.padEnd(10), enabled);
+        views.set(p.device, v);
+      }
+      v.update(p.done, p.total, p.bytesPerSecond);
+    },
+    stop: () => {
+      for (const v of views.values()) v.stop();
+    },
+  };
+}
+
+export function addStoreCommands(program: Command, parse: Parsers): void {
+  program
+    .command('backup')
+    .description('back up a VM (by its QMP socket, or disk images through qemu-storage-daemon) or a container directory into a directory store')
+    .requiredOption('--store <dir>', 'the store (created when missing or empty)')
+    .requiredOption('--vmid <n>', 'guest id', vmidArg)
+    .option('--qmp <socket>', "a running VM's (or qemu-storage-daemon's) QMP socket")
+    .option('--devices <list>', 'with --qmp: devices to back up, comma-separated (default: every writable disk)')
+    .option('--nbd-server <socket>', "with --qmp: the NBD server socket the QEMU process already runs, if any")
+    .option('--disk <[name=]path>', 'a disk image of a stopped VM (repeatable); served by qemu-storage-daemon for the backup', collect)
+    .option('--rootdir <dir>', "a container's root file system")
+    .option('--idmap <entry>', "with --rootdir: an id map entry like 'u 0 100000 65536' (repeatable)", collect)
+    .option('--exclude <pattern>', 'with --rootdir: rsync-style exclusion (repeatable)', collect)
+    .option('--config <file>', "the guest's configuration file (default: a minimal one)")
+    .option('--firewall <file>', "the guest's firewall configuration file")
+    .option('--mode <mode>', 'VM backups: incremental (default) or full', choice('incremental', 'full'))
+    .option('--lxc-mode <mode>', 'container backups: tar (default) or directory', choice('tar', 'directory'))
+    .option('--compression <c>', 'qcow2 cluster compression: none (default), zstd, zlib', choice('none', 'zstd', 'zlib'))
+    .option('--storeid <id>', 'storage id of the store in volume ids (when creating it; default directory)')
+    .option('--bwlimit <bytes>', 'bandwidth limit in bytes/s (K, M, G suffixes)', parse.size)
+    .option('--api <n>', 'provider API generation to run the provider in: 2 (default) or 1', choice('1', '2'))
+    .option('--notes <text>', 'notes for the backup ({{guestname}}, {{vmid}} expanded)')
+    .option('--protected', 'mark the backup protected')
+    .option('--json', 'print the result as JSON; no log lines, no progress bars')
+    .action(async (o: Record<string, unknown>) => {
+      const json = o.json === true;
+      const sources = ['qmp', 'disk', 'rootdir'].filter((k) => o[k] !== undefined);
+      if (sources.length !== 1) throw usage('give exactly one of --qmp, --disk, --rootdir');
+      const vmid = o.vmid as number;
+      const store = await DirectoryStore.create(o.store as string, o.storeid ? { storeid: o.storeid as string } : {});
+      const readText = async (f: unknown): Promise<string | undefined> => (typeof f === 'string' ? readFile(f, 'utf8') : undefined);
+      const firewallConfig = await readText(o.firewall);
+      let guest: Guest;
+      let qmp: QmpClient | undefined;
+      if (o.rootdir !== undefined) {
+        guest = {
+          vmid,
+          type: 'lxc',
+          rootdir: path.resolve(o.rootdir as string),
+          config: (await readText(o.config)) ?? `hostname: ct${vmid}\n`,
+          ...(o.idmap ? { idMap: o.idmap as string[] } : {}),
+          ...(o.exclude ? { excludePaths: o.exclude as string[] } : {}),
+          ...(firewallConfig !== undefined ? { firewallConfig } : {}),
+        };
+      } else {
+        const config = (await readText(o.config)) ?? `name: vm${vmid}\n`;
+        let target: Extract<Guest, { type: 'qemu' }>['qmp'];
+        if (o.qmp !== undefined) {
+          qmp = await QmpClient.connect(o.qmp as string, { timeoutMs: 10_000 }); // a socket that is not QMP fails here, in one line
+          target = qmp;
+        } else {
+          const disks = [];
+          for (const spec of o.disk as string[]) {
+            const d = diskSpec(spec);
+            disks.push({ ...d, format: await imageFormat(d.file) });
+          }
+          target = { disks };
+        }
+        guest = {
+          vmid,
+          type: 'qemu',
+          qmp: target,
+          config,
+          ...(o.devices ? { devices: (o.devices as string).split(',').filter(Boolean) } : {}),
+          ...(o.nbdServer ? { nbdServer: o.nbdServer as string } : {}),
+          ...(firewallConfig !== undefined ? { firewallConfig } : {}),
+        };
+      }
+      const progress = diskProgress(!json);
+      const scfg = {
+        path: store.root,
+        ...(o.mode ? { 'vm-backup-mode': o.mode } : {}),
+        ...(o.lxcMode ? { 'lxc-backup-mode': o.lxcMode } : {}),
+        ...(o.compression ? { compression: o.compression } : {}),
+      };
+      const log = logTo(json);
+      const context = { storeid: store.storeid, scfg, log };
+      const inner = new DirectoryProvider(context, { onProgress: progress.onProgress });
+      const provider: BackupProvider = o.api === '1' ? new DirectoryProviderV1(context, {}, inner) : inner;
+      let result;
+      const signal = parse.signal();
+      try {
+        result = await runBackupJob({
+          provider,
+          storeid: store.storeid,
+          guests: [guest],
+          log,
+          signal,
+          ...(o.bwlimit ? { bandwidthLimit: o.bwlimit as number } : {}),
+          ...(o.notes ? { notesTemplate: o.notes as string } : {}),
+          ...(o.protected ? { protected: true } : {}),
+        });
+      } catch (err) {
+        // Ctrl-C / SIGTERM: the runner took the abort path (partial backup removed); exit 130
+        if (signal.aborted) throw new PveBackupError('backup cancelled', { code: 'ERR_CANCELLED', cause: err });
+        throw err;
+      } finally {
+        progress.stop();
+        await qmp?.close().catch(() => undefined);
+      }
+      const g = result.guests[0]!;
+      if (g.status !== 'ok') {
+        const e = g.error;
+        throw new PveBackupError(`backup of ${guest.type === 'qemu' ? 'VM' : 'CT'} ${vmid} failed: ${e?.message ?? 'unknown error'}`, {
+          code: (e as { code?: string } | undefined)?.code ?? 'ERR_BACKUP_FAILED',
+          cause: e,
+        });
+      }
+      const info = (await store.listBackups(vmid)).find((b) => b.volname === g.archiveName);
+      if (json) console.log(JSON.stringify({ ...info, warnings: g.warnings }, null, 2));
+      else console.log(`${info?.volid}: ${info?.format}, ${formatBytes(info?.size ?? 0)}${info?.parent ? `, incremental over ${info.parent}` : ', full'}`);
+    });
+
+  program
+    .command('restore')
+    .description('restore a backup: VM disks to raw images (or any qemu-img target), a container into a directory')
+    .argument('<volid>', 'the backup, e.g. directory:backup/100/qemu-2024_05_01-10_00_00')
+    .requiredOption('--store <dir>', 'the store')
+    .requiredOption('--to <target>', 'VM: a folder for <device>.raw files, or device=PATH|URI (repeatable); container: the (empty) root directory', collect)
+    .option('--config-dir <dir>', 'write the guest (and firewall) configuration here')
+    .option('--idmap <entry>', "container: id map entry like 'u 0 100000 65536' (repeatable)", collect)
+    .option('--bwlimit <bytes>', 'bandwidth limit in bytes/s (K, M, G suffixes)', parse.size)
+    .option('--json', 'print the result as JSON, no progress bars')
+    .action(async (volid: string, o: Record<string, unknown>) => {
+      const json = o.json === true;
+      const store = await DirectoryStore.open(o.store as string);
+      const volname = store.volnameOf(volid);
+      const manifest = await store.readManifest(volname);
+      // the restore's own error is what main prints: no ERROR line before it
+      const log: LogFunction = (level, message) => level !== 'err' && logTo(json)(level, message);
+      const provider = new DirectoryProvider({ storeid: store.storeid, scfg: { path: store.root }, log });
+      const to = o.to as string[];
+      if (o.configDir) await mkdir(o.configDir as string, { recursive: true });
+      const common = {
+        provider,
+        volname,
+        storeid: store.storeid,
+        signal: parse.signal(),
+        log,
+        ...(o.configDir ? { configDir: o.configDir as string } : {}),
+        ...(o.bwlimit ? { bandwidthLimit: o.bwlimit as number } : {}),
+      };
+      if (manifest.vmtype === 'lxc') {
+        if (to.length !== 1) throw usage('a container is restored into one --to directory');
+        const r = await restoreContainer({ ...common, rootdir: path.resolve(to[0]!), ...(o.idmap ? { idMap: o.idmap as string[] } : {}) });
+        if (json) console.log(JSON.stringify({ volid: store.volid(volname), rootdir: path.resolve(to[0]!), ...r }, null, 2));
+        else console.log(`restored ${store.volid(volname)} (${r.mechanism}) into ${path.resolve(to[0]!)}`);
+        return;
+      }
+      let targets: Record<string, string> | ((device: string) => Promise<string>);
+      if (to.every((t) => /^[A-Za-z][A-Za-z0-9_.-]*=/.test(t))) {
+        targets = Object.fromEntries(to.map((t) => [t.slice(0, t.indexOf('=')), t.slice(t.indexOf('=') + 1)]));
+      } else if (to.length === 1) {
+        const dir = path.resolve(to[0]!);
+        targets = async (device) => {
+          await mkdir(dir, { recursive: true });
+          return path.join(dir, `${device}.raw`);
+        };
+      } else throw usage('--to is one folder, or device=PATH for each device');
+      const views = new Map<string, ProgressView>();
+      try {
+        const r = await restoreVm({
+          ...common,
+          targets,
+          onProgress: (p) => {
+            let v = views.get(p.device);
+            if (!v) views.set(p.device, (v = progressView(p.device.padEnd(10), !json)));
+            v.update(p.bytes, p.total, 0);
+          },
+        });
+        if (json) console.log(JSON.stringify({ volid: store.volid(volname), ...r }, null, 2));
+        else for (const d of r.devices) console.log(`restored ${d.device} (${formatBytes(d.size)}) to ${d.target}`);
+      } finally {
+        for (const v of views.values()) v.stop();
+      }
+    });
+
+  program
+    .command('list')
+    .description("list a store's backups, oldest first")
+    .requiredOption('--store <dir>', 'the store')
+    .option('--vmid <n>', 'only this guest', vmidArg)
+    .option('--json', 'print JSON')
+    .action(async (o: { store: string; vmid?: number; json?: boolean }) => {
+      const store = await DirectoryStore.open(o.store);
+      const list = await store.listBackups(o.vmid);
+      if (o.json) {
+        console.log(JSON.stringify(list, null, 2));
+        return;
+      }
+      const rows = [['volid', 'type', 'created', 'size', 'format', 'parent', 'status', 'protected', 'notes']];
+      for (const b of list) {
+        rows.push([b.volid, b.subtype, date(b.ctime), formatBytes(b.size), b.format ?? '-', b.parent ? (b.parent.split('/').pop() ?? '') : '-', b.status, b.protected ? 'yes' : '', (b.notes ?? '').split('\n')[0]!]);
+      }
+      printTable(rows);
+    });
+
+  const keepOptions = (c: Command): Command =>
+    c
+      .option('--keep-all', 'keep everything')
+      .option('--keep-last <n>', 'keep the last n backups', keepArg)
+      .option('--keep-hourly <n>', 'keep the newest backup of each of the last n hours', keepArg)
+      .option('--keep-daily <n>', 'keep the newest backup of each of the last n days', keepArg)
+      .option('--keep-weekly <n>', 'keep the newest backup of each of the last n weeks', keepArg)
+      .option('--keep-monthly <n>', 'keep the newest backup of each of the last n months', keepArg)
+      .option('--keep-yearly <n>', 'keep the newest backup of each of the last n years', keepArg);
+  keepOptions(
+    program
+      .command('prune')
+      .description('remove backups by retention rules (Proxmox keep-* semantics); bases of kept incremental backups are kept')
+      .requiredOption('--store <dir>', 'the store')
+      .option('--vmid <n>', 'only this guest', vmidArg)
+      .option('--dry-run', 'only show what would be removed'),
+  )
+    .option('--json', 'print JSON')
+    .action(async (o: Record<string, unknown>) => {
+      const keep: PruneOptions = {};
+      for (const k of ['keepAll', 'keepLast', 'keepHourly', 'keepDaily', 'keepWeekly', 'keepMonthly', 'keepYearly'] as const) {
+        if (o[k] !== undefined) (keep as Record<string, unknown>)[k] = o[k];
+      }
+      if (Object.keys(keep).length === 0) throw usage('give at least one --keep-* option');
+      const store = await DirectoryStore.open(o.store as string);
+      const marks = await store.pruneBackups({ keep, ...(o.vmid ? { vmid: o.vmid as number } : {}), dryRun: o.dryRun === true });
+      if (o.json) {
+        console.log(JSON.stringify(marks, null, 2));
+        return;
+      }
+      const rows = [['volid', 'created', o.dryRun ? 'would' : 'done', 'why']];
+      for (const m of marks) rows.push([m.volid, date(m.ctime), m.mark, m.neededBy ? `needed by ${m.neededBy.split('/').pop()}` : '']);
+      printTable(rows);
+    });
+
+  program
+    .command('delete')
+    .description('delete a backup; a backup others build on is merged into its child first')
+    .argument('<volid>', 'the backup')
+    .requiredOption('--store <dir>', 'the store')
+    .option('--force', 'delete even when protected')
+    .option('--json', 'print JSON')
+    .action(async (volid: string, o: { store: string; force?: boolean; json?: boolean }) => {
+      const store = await DirectoryStore.open(o.store);
+      const volname = store.volnameOf(volid);
+      const r = await store.deleteBackup(volname, { force: o.force === true });
+      if (o.json) console.log(JSON.stringify({ volid: store.volid(volname), deleted: true, ...(r.merged ? { mergedInto: store.volid(r.merged) } : {}) }));
+      else console.log(`deleted ${store.volid(volname)}${r.merged ? ` (merged into ${store.volid(r.merged)})` : ''}`);
+    });
+
+  program
+    .command('verify')
+    .description('verify backups: manifest and file checksums, qemu-img check, chain present (exit code 1 when a problem is found)')
+    .argument('[volid]', 'one backup (default: every backup of the store)')
+    .requiredOption('--store <dir>', 'the store')
+    .option('--vmid <n>', 'only this guest', vmidArg)
+    .option('--json', 'print JSON')
+    .action(async (volid: string | undefined, o: { store: string; vmid?: number; json?: boolean }) => {
+      const store = await DirectoryStore.open(o.store);
+      const volnames = volid ? [store.volnameOf(volid)] : (await store.listBackups(o.vmid)).filter((b) => b.status !== 'in-progress').map((b) => b.volname);
+      if (volid) await store.readManifest(volnames[0]!).catch((err: unknown) => {
+        if ((err as { code?: string }).code === 'ERR_UNKNOWN_VOLUME') throw err;
+      });
+      const results = [];
+      for (const v of volnames) results.push(await store.verifyBackup(v));
+      if (o.json) console.log(JSON.stringify(results, null, 2));
+      else for (const r of results) console.log(r.ok ? `${r.volid}: ok` : `${r.volid}: FAILED\n${r.problems.map((p) => `  ${p}`).join('\n')}`);
+      const bad = results.filter((r) => !r.ok).length;
+      if (bad > 0) throw new PveBackupError(`${bad} of ${results.length} backup(s) failed verification`, { code: 'ERR_VERIFY_FAILED' });
+    });
+
+  program
+    .command('protect')
+    .description('protect a backup from prune and delete (or lift that with --off)')
+    .argument('<volid>', 'the backup')
+    .requiredOption('--store <dir>', 'the store')
+    .option('--off', 'remove the protection')
+    .action(async (volid: string, o: { store: string; off?: boolean }) => {
+      const store = await DirectoryStore.open(o.store);
+      await store.setProtected(store.volnameOf(volid), !o.off);
+      console.log(`${store.volid(store.volnameOf(volid))}: ${o.off ? 'not protected' : 'protected'}`);
+    });
+
+  program
+    .command('notes')
+    .description("set a backup's notes (an empty text removes them)")
+    .argument('<volid>', 'the backup')
+    .argument('<text>', 'the notes')
+    .requiredOption('--store <dir>', 'the store')
+    .action(async (volid: string, text: string, o: { store: string }) => {
+      const store = await DirectoryStore.open(o.store);
+      await store.setNotes(store.volnameOf(volid), text);
+    });
+}

@@ -1,0 +1,200 @@
+/**
+ * The on-disk layout of a directory store, and the small file primitives it is built on.
+ *
+ * ```
+ * <root>/pve-backup-store.json                  marks the folder as a store (format, version, storeid)
+ * <root>/<vmid>/previous-info                   last complete VM backup (for incremental backups)
+ * <root>/<vmid>/<vmtype>-<backup-id>/           one backup, e.g. qemu-2024_05_01-10_00_00
+ *     guest.conf  firewall.conf                 the guest's configuration files
+ *     <device>.qcow2                            VM: one image per disk (incremental: backed by the parent's)
+ *     root.tar | root/                          container: tar archive or directory copy
+ *     backup.log                                the task log
+ *     manifest.json                             written last: a backup without one is incomplete
+ *     notes  protected                          mutable attributes (not covered by checksums)
+ *     .lock                                     pid of the process writing the backup
+ * ```
+ *
+ * Volume names are `backup/<vmid>/<vmtype>-<backup-id>`, volume ids `<storeid>:<volname>`.
+ *
+ * @packageDocumentation
+ */
+import { createHash } from 'node:crypto';
+import { createReadStream } from 'node:fs';
+import { lstat, open, readdir, readlink, rename, rm } from 'node:fs/promises';
+import path from 'node:path';
+
+import type { BitmapMode, GuestType } from '../../provider/api.js';
+import { DirectoryStoreError } from './errors.js';
+
+/** File marking a folder as a store. */
+export const STORE_MARKER = 'pve-backup-store.json';
+/** Format name in the marker and in every manifest. */
+export const STORE_FORMAT = 'pve-backup-provider/directory';
+/** Layout version; a store of a newer version is refused. */
+export const STORE_VERSION = 1;
+export const MANIFEST = 'manifest.json';
+export const LOCK = '.lock';
+export const PREVIOUS_INFO = 'previous-info';
+
+/** `<vmtype>-YYYY_MM_DD-HH_MM_SS[-N]`: the folder name of a backup. */
+const BACKUP_DIR_RE = /^(qemu|lxc)-(\d{4}_\d\d_\d\d-\d\d_\d\d_\d\d(?:-\d+)?)$/;
+const VOLNAME_RE = /^backup\/([1-9]\d{0,8})\/((?:qemu|lxc)-\d{4}_\d\d_\d\d-\d\d_\d\d_\d\d(?:-\d+)?)$/;
+
+/** What a volume name says. */
+export interface ParsedVolname {
+  /** Always `backup`. */
+  vtype: 'backup';
+  volname: string;
+  vmid: number;
+  vmtype: GuestType;
+  /** `YYYY_MM_DD-HH_MM_SS[-N]`. */
+  backupId: string;
+  /** Folder name, `<vmtype>-<backupId>`. */
+  dirName: string;
+}
+
+/**
+ * Parses `backup/<vmid>/<vmtype>-<backup-id>`.
+ * @throws {@link DirectoryStoreError} `ERR_INVALID_VOLID`.
+ */
+export function parseVolname(volname: string): ParsedVolname {
+  const m = typeof volname === 'string' ? VOLNAME_RE.exec(volname) : null;
+  if (!m) throw new DirectoryStoreError('ERR_INVALID_VOLID', `invalid backup volume name ${JSON.stringify(volname)}: expected backup/<vmid>/<qemu|lxc>-<YYYY_MM_DD-HH_MM_SS>`);
+  const dirName = m[2]!;
+  const d = BACKUP_DIR_RE.exec(dirName)!;
+  return { vtype: 'backup', volname, vmid: Number(m[1]), vmtype: d[1] as GuestType, backupId: d[2]!, dirName };
+}
+
+/** Whether a folder name is a backup folder. */
+export function isBackupDirName(name: string): boolean {
+  return BACKUP_DIR_RE.test(name);
+}
+
+/** `backup/<vmid>/<dirName>`. */
+export function volnameOf(vmid: number, dirName: string): string {
+  return `backup/${vmid}/${dirName}`;
+}
+
+/** Backup id of a time: `YYYY_MM_DD-HH_MM_SS` in UTC. */
+export function backupIdOf(date: Date): string {
+  const p = (n: number): string => String(n).padStart(2, '0');
+  return `${date.getUTCFullYear()}_${p(date.getUTCMonth() + 1)}_${p(date.getUTCDate())}-${p(date.getUTCHours())}_${p(date.getUTCMinutes())}_${p(date.getUTCSeconds())}`;
+}
+
+/** One disk of a VM backup, as the manifest records it. */
+export interface ManifestDevice {
+  /** Image file in the backup folder, `<device>.qcow2`. */
+  file: string;
+  /** Virtual size in bytes. */
+  size: number;
+  /** How QEMU's bitmap was used: `reuse` means the image holds only what changed since `base`. */
+  bitmapMode: BitmapMode;
+  /** Volume name of the backup whose image backs this one (incremental images only). */
+  base?: string;
+  /** Bytes read from the snapshot. */
+  bytesRead: number;
+}
+
+/** `manifest.json`: what a complete backup holds. Written last, atomically. */
+export interface Manifest {
+  format: typeof STORE_FORMAT;
+  version: number;
+  volname: string;
+  vmid: number;
+  vmtype: GuestType;
+  /** Unix time (s) the backup started. */
+  ctime: number;
+  status: 'ok';
+  /** VM: `full` or `incremental` (some device backed by the parent); container: `tar` or `directory`. */
+  mode: 'full' | 'incremental' | 'tar' | 'directory';
+  /** Volume name of the backup this one builds on (incremental only). */
+  parent?: string;
+  /** The provider's bitmap chain id (seed generation) the images were taken with. */
+  bitmapId?: string;
+  /** VM disks by device name. */
+  devices?: Record<string, ManifestDevice>;
+  /** Every file of the backup (relative path) with its size and SHA-256; `root/` as one tree digest. */
+  files: Record<string, { size: number; sha256: string }>;
+  /** SHA-256 of this manifest's JSON without this field. */
+  checksum: string;
+}
+
+/** SHA-256 of the manifest's canonical JSON without `checksum`. */
+export function manifestChecksum(m: Omit<Manifest, 'checksum'> & { checksum?: string }): string {
+  const { checksum: _ignored, ...rest } = m;
+  return createHash('sha256').update(JSON.stringify(rest)).digest('hex');
+}
+
+/** SHA-256 and size of a file. */
+export async function hashFile(file: string | Buffer): Promise<{ size: number; sha256: string }> {
+  const h = createHash('sha256');
+  let size = 0;
+  for await (const chunk of createReadStream(file, { highWaterMark: 4 << 20 })) {
+    h.update(chunk as Buffer);
+    size += (chunk as Buffer).length;
+  }
+  return { size, sha256: h.digest('hex') };
+}
+
+/**
+ * A digest of a directory tree (the `directory` container mode): every entry's relative path,
+ * type, mode, owner, size and symlink target, and every regular file's content, in sorted order.
+ */
+export async function hashTree(root: string): Promise<{ size: number; sha256: string }> {
+  const h = createHash('sha256');
+  let size = 0;
+  // names as bytes: a container's file names need not be UTF-8
+  const walk = async (abs: Buffer, rel: Buffer): Promise<void> => {
+    const st = await lstat(abs);
+    h.update(Buffer.concat([rel, Buffer.from(`\0${st.mode}\0${st.uid}\0${st.gid}\0`)]));
+    if (st.isSymbolicLink()) h.update(Buffer.concat([await readlink(abs, { encoding: 'buffer' }), Buffer.from('\0')]));
+    else if (st.isFile()) {
+      const f = await hashFile(abs);
+      size += f.size;
+      h.update(`${f.size}\0${f.sha256}\0`);
+    } else if (st.isDirectory()) {
+      const names = (await readdir(abs, { encoding: 'buffer' })).sort(Buffer.compare);
+      for (const name of names) await walk(Buffer.concat([abs, Buffer.from('/'), name]), rel.length === 0 ? name : Buffer.concat([rel, Buffer.from('/'), name]));
+    }
+  };
+  await walk(Buffer.from(root), Buffer.alloc(0));
+  return { size, sha256: h.digest('hex') };
+}
+
+/** Fsyncs a file or directory. */
+async function fsyncPath(p: string): Promise<void> {
+  const fh = await open(p, 'r');
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+/**
+ * Writes `data` to `file` so that a crash leaves either the old or the new content: write to a
+ * temporary name, fsync, rename, fsync the folder.
+ */
+export async function writeFileAtomic(file: string, data: string | Buffer): Promise<void> {
+  const tmp = `${file}.tmp-${process.pid}`;
+  const fh = await open(tmp, 'w', 0o644);
+  try {
+    await fh.writeFile(data);
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+  try {
+    await rename(tmp, file);
+  } catch (err) {
+    await rm(tmp, { force: true });
+    throw err;
+  }
+  await fsyncPath(path.dirname(file));
+}
+
+/** Fsyncs every file given and then their folder (what an image writer left in the page cache). */
+export async function syncFiles(dir: string, files: string[]): Promise<void> {
+  for (const f of files) await fsyncPath(path.join(dir, f));
+  await fsyncPath(dir);
+}

@@ -1,0 +1,558 @@
+/**
+ * `DirectoryProvider`: the reference backup provider. It keeps each backup in a folder of a
+ * {@link DirectoryStore}: VM disks as qcow2 images written by the native core straight from the
+ * NBD export (incremental images backed by the previous backup's), containers as a GNU tar archive
+ * or a directory copy, the guest's configuration files, the task log, and a manifest written last.
+ *
+ * It is written in the Proxmox VE 8.4 shape ({@link BackupProviderV2}); {@link DirectoryProviderV1}
+ * serves the seed's shape by delegating to it. Both are meant to be read and copied: each method
+ * says what Proxmox expects of it and does only that.
+ *
+ * Storage configuration (`scfg`, as Proxmox's storage.cfg has it):
+ * - `path` (required): the store's folder (created when missing or empty);
+ * - `vm-backup-mode`: `incremental` (default; falls back to full when needed) or `full`;
+ * - `lxc-backup-mode`: `tar` (default) or `directory`;
+ * - `compression`: qcow2 cluster compression, `none` (default), `zstd` or `zlib`.
+ *
+ * @packageDocumentation
+ */
+import { copyFile, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import path from 'node:path';
+
+import { createTarArchive } from '../../container/tar.js';
+import { backupDirectoryTree } from '../../container/directory.js';
+import { copyExtents, type CopyProgress, type CopySummary } from '../../nbd/copy.js';
+import type {
+  BackupCleanupResult,
+  BackupInitResult,
+  BackupMechanism,
+  BackupMechanismInfoV1,
+  BackupVmInfo,
+  BackupVmVolume,
+  BitmapMode,
+  ContainerBackupInfo,
+  GuestType,
+  IdMapEntry,
+  IncrementalRequest,
+  NbdBackupExtra,
+  ProviderContext,
+  ProviderStorage,
+  RestoreContainerInitResult,
+  RestoreMechanismInfo,
+  RestoreVmVolumeInitResult,
+  VolumeSize,
+} from '../../provider/api.js';
+import { BackupProviderBase, BackupProviderBaseV1 } from '../../provider/base.js';
+import { nbdUriFor } from '../../provider/helpers.js';
+import { DirectoryStoreError } from './errors.js';
+import { MANIFEST, hashFile, hashTree, parseVolname, syncFiles, type Manifest, type ManifestDevice } from './layout.js';
+import { DirectoryStore, type PreviousInfo } from './store.js';
+
+/** Progress of one disk's copy, for a progress bar. */
+export interface DeviceProgress extends CopyProgress {
+  vmid: number;
+  device: string;
+}
+
+/** Options beyond the storage configuration. */
+export interface DirectoryProviderOptions {
+  /** The clock (tests): names backups and stamps them. Default `() => new Date()`. */
+  now?: () => Date;
+  /** Progress of each disk copy. */
+  onProgress?: (progress: DeviceProgress) => void;
+  /** Called after each disk copy with the native core's summary. */
+  onDeviceDone?: (vmid: number, device: string, summary: CopySummary) => void;
+}
+
+/** What the provider knows about a guest's backup while it runs. */
+interface GuestBackup {
+  vmid: number;
+  vmtype: GuestType;
+  volname: string;
+  dir: string;
+  ctime: number;
+  /** The last complete backup (incremental images build on it). */
+  previous: PreviousInfo | undefined;
+  /** Seed generation: the bitmap chain id handed to QEMU. */
+  bitmapId?: string;
+  devices: Record<string, ManifestDevice>;
+  mode?: 'tar' | 'directory';
+  /** The manifest, once written (the backup is complete). */
+  manifest?: Manifest;
+  /** The disk copy running now, if any (awaited before a partial backup is removed). */
+  copying?: Promise<unknown>;
+  /** A disk copy failed (so QEMU's backup access was torn down as failed). */
+  copyFailed?: boolean;
+}
+
+type VmBackupMode = 'full' | 'incremental';
+type LxcBackupMode = 'tar' | 'directory';
+
+function option<T extends string>(scfg: Record<string, unknown>, key: string, allowed: readonly T[], dflt: T): T {
+  const v = scfg[key];
+  if (v === undefined) return dflt;
+  if (typeof v !== 'string' || !allowed.includes(v as T)) {
+    throw new DirectoryStoreError('ERR_PROVIDER_STATE', `storage option ${key} must be one of ${allowed.join(', ')}, got ${JSON.stringify(v)}`);
+  }
+  return v as T;
+}
+
+/** The reference provider, Proxmox VE 8.4 shape. See the module documentation. */
+export class DirectoryProvider extends BackupProviderBase {
+  /** The store's folder. */
+  readonly root: string;
+  readonly vmBackupMode: VmBackupMode;
+  readonly lxcBackupMode: LxcBackupMode;
+  readonly compression: 'none' | 'zstd' | 'zlib';
+  private readonly options: DirectoryProviderOptions;
+  private store?: DirectoryStore;
+  private readonly running = new Map<number, GuestBackup>();
+
+  /** The storage side: notes, protected flag, retention (called by the job runner after a backup). */
+  readonly storage: ProviderStorage = {
+    setNotes: async (volname, notes) => (await this.openStore()).setNotes(volname, notes),
+    setProtected: async (volname, value) => (await this.openStore()).setProtected(volname, value),
+    prune: async ({ vmid, vmtype, keep }) => {
+      const marks = await (await this.openStore()).pruneBackups({ vmid, vmtype, keep });
+      return { removed: marks.filter((m) => m.mark === 'remove').map((m) => m.volname) };
+    },
+  };
+
+  /**
+   * @param context - Storage id, configuration (`scfg.path` and the options above) and log.
+   * @param options - Clock and progress callbacks.
+   */
+  constructor(context: ProviderContext, options: DirectoryProviderOptions = {}) {
+    super(context);
+    if (typeof this.scfg.path !== 'string' || this.scfg.path === '') {
+      throw new DirectoryStoreError('ERR_NOT_A_STORE', 'the directory provider needs the store folder as storage option path');
+    }
+    this.root = path.resolve(this.scfg.path);
+    this.vmBackupMode = option(this.scfg, 'vm-backup-mode', ['full', 'incremental'] as const, 'incremental');
+    this.lxcBackupMode = option(this.scfg, 'lxc-backup-mode', ['tar', 'directory'] as const, 'tar');
+    this.compression = option(this.scfg, 'compression', ['none', 'zstd', 'zlib'] as const, 'none');
+    this.options = options;
+  }
+
+  override providerName(): string {
+    return 'directory';
+  }
+
+  /** The store (created on first use when the folder is missing or empty). */
+  async openStore(): Promise<DirectoryStore> {
+    this.store ??= await DirectoryStore.create(this.root, { storeid: this.storeid });
+    return this.store;
+  }
+
+  private guest(vmid: number): GuestBackup {
+    const g = this.running.get(vmid);
+    if (!g) throw new DirectoryStoreError('ERR_PROVIDER_STATE', `no backup of guest ${vmid} is running`);
+    return g;
+  }
+
+  // ----- job ----------------------------------------------------------------------------------
+
+  /** The job starts: open (or create) the store, so a wrong path fails before any guest. */
+  override async jobInit(_startTime: number): Promise<void> {
+    await this.openStore();
+  }
+
+  /** The job is over: a guest backup still open here failed without cleanup; remove it. */
+  override async jobCleanup(): Promise<void> {
+    for (const g of [...this.running.values()]) if (!g.manifest) await this.discard(g);
+    this.running.clear();
+  }
+
+  // ----- backup -------------------------------------------------------------------------------
+
+  /** Creates the backup's folder; the archive name is its volume name. */
+  override async backupInit(vmid: number, vmtype: GuestType, _startTime: number): Promise<BackupInitResult> {
+    const store = await this.openStore();
+    const now = this.options.now?.() ?? new Date();
+    const { volname, dir } = await store.createBackupDir(vmid, vmtype, now);
+    const previous = vmtype === 'qemu' && this.vmBackupMode === 'incremental' ? await store.readPreviousInfo(vmid) : undefined;
+    this.running.set(vmid, { vmid, vmtype, volname, dir, ctime: Math.floor(now.getTime() / 1000), previous, devices: {} });
+    this.log.info(`backup folder ${dir}${previous ? `, previous backup ${previous.volname}` : ''}`);
+    return { archiveName: volname };
+  }
+
+  /** `nbd` for VMs (the native core reads the export), `directory` for containers. */
+  override backupGetMechanism(_vmid: number, vmtype: GuestType): Promise<BackupMechanism | undefined> {
+    return Promise.resolve(vmtype === 'qemu' ? 'nbd' : vmtype === 'lxc' ? 'directory' : undefined);
+  }
+
+  /**
+   * Incremental where it can be: `use` the bitmap for each disk the previous backup has (QEMU
+   * still answers `new` when its bitmap is gone or invalid: then a full image is written), `new`
+   * for the others. Nothing in mode `full`.
+   */
+  override async backupVmQueryIncremental(vmid: number, volumes: Record<string, VolumeSize>): Promise<Record<string, IncrementalRequest> | undefined> {
+    if (this.vmBackupMode === 'full') return undefined;
+    const previous = this.guest(vmid).previous;
+    const out: Record<string, IncrementalRequest> = {};
+    for (const device of Object.keys(volumes)) out[device] = previous?.devices.includes(device) ? 'use' : 'new';
+    return out;
+  }
+
+  /** Stores the configuration files and each disk as a qcow2 image. */
+  override async backupVm(vmid: number, guestConfig: string, volumes: Record<string, BackupVmVolume>, info: BackupVmInfo): Promise<void> {
+    const g = this.guest(vmid);
+    await this.saveConfigs(g, guestConfig, info.firewallConfig);
+    if (info.mechanism !== 'nbd') throw new DirectoryStoreError('ERR_PROVIDER_STATE', `mechanism ${info.mechanism} is not used by the directory provider`);
+    for (const [device, v] of Object.entries(volumes)) {
+      await this.backupDisk(g, device, { ...v, nbdUri: v.nbdUri ?? nbdUriFor(device, v.nbdPath!) }, info.bandwidthLimit ?? 0, info.signal);
+    }
+  }
+
+  /**
+   * One disk: a full image (bitmap mode `none` / `new`), or an image holding only the dirty
+   * clusters and backed by the previous backup's image (mode `reuse`). The native core writes
+   * `<device>.qcow2.part` and renames it when complete, and discards what it read on the export.
+   */
+  protected async backupDisk(
+    g: GuestBackup,
+    device: string,
+    v: { size: number; bitmapMode: BitmapMode; bitmapName?: string | undefined; nbdUri: string },
+    bandwidthLimit: number,
+    signal: AbortSignal | undefined,
+  ): Promise<void> {
+    const file = `${device}.qcow2`;
+    const incremental = v.bitmapMode === 'reuse';
+    if (incremental && !g.previous?.devices.includes(device)) {
+      // QEMU tracked changes since a backup this store no longer has a base for: cannot go incremental.
+      throw new DirectoryStoreError('ERR_CHAIN_BROKEN', `disk ${device}: QEMU offers an incremental backup but the previous backup has no image of it; run a full backup (vm-backup-mode full once)`);
+    }
+    const base = incremental ? g.previous!.volname : undefined;
+    this.log.info(`${device}: ${incremental ? `incremental over ${base}` : 'full'} backup to ${file}`);
+    const copy = copyExtents({
+      uri: v.nbdUri,
+      target: 'qcow2',
+      path: path.join(g.dir, file),
+      ...(v.bitmapName ? { bitmap: v.bitmapName } : {}),
+      ...(base ? { backingFile: `../${parseVolname(base).dirName}/${file}`, backingFormat: 'qcow2' as const } : {}),
+      compression: this.compression,
+      discard: true,
+      ...(bandwidthLimit > 0 ? { bandwidthLimit } : {}),
+      ...(this.options.onProgress ? { onProgress: (p: CopyProgress) => this.options.onProgress!({ ...p, vmid: g.vmid, device }) } : {}),
+      ...(signal ? { signal } : {}),
+    });
+    g.copying = copy;
+    const summary = await copy.catch((err: unknown) => {
+      g.copyFailed = true;
+      throw err;
+    });
+    g.copying = undefined;
+    this.log.info(`${device}: read ${summary.bytesRead} bytes (${summary.bytesZero} zero, ${summary.bytesSkipped} unchanged) in ${summary.seconds.toFixed(2)} s`);
+    g.devices[device] = { file, size: v.size, bitmapMode: v.bitmapMode, ...(base ? { base } : {}), bytesRead: summary.bytesRead };
+    this.options.onDeviceDone?.(g.vmid, device, summary);
+  }
+
+  /** Nothing to prepare: the archive is written by the unprivileged tools with ids shifted by the map. */
+  override async backupContainerPrepare(_vmid: number, _info: ContainerBackupInfo): Promise<void> {}
+
+  /** Stores the configuration files and the tree: `root.tar` (mode `tar`) or `root/` (mode `directory`). */
+  override async backupContainer(vmid: number, guestConfig: string | undefined, excludePatterns: string[], info: ContainerBackupInfo): Promise<void> {
+    const g = this.guest(vmid);
+    if (guestConfig !== undefined) await this.saveConfigs(g, guestConfig, info.firewallConfig);
+    g.mode = this.lxcBackupMode;
+    const common = {
+      idMap: info.idMap,
+      excludePaths: excludePatterns,
+      sources: info.sources,
+      ...(info.bandwidthLimit ? { bandwidthLimit: info.bandwidthLimit } : {}),
+      ...(info.signal ? { signal: info.signal } : {}),
+    };
+    if (g.mode === 'tar') await createTarArchive({ source: info.directory, archive: path.join(g.dir, 'root.tar'), ...common });
+    else await backupDirectoryTree({ source: info.directory, target: path.join(g.dir, 'root'), ...common });
+  }
+
+  /**
+   * Success: checksum every file, write the manifest (the backup is complete from then on) and
+   * record it as the previous backup. Failure: remove the partial backup; the previous backup
+   * stays recorded (QEMU keeps its bitmap relative to it), so the next run can still go incremental.
+   */
+  override async backupCleanup(vmid: number, _vmtype: GuestType, success: boolean, info: { error?: string }): Promise<BackupCleanupResult | void> {
+    const g = this.guest(vmid);
+    if (!success) {
+      this.log.warn(`removing the incomplete backup ${g.volname}${info.error ? ` (${info.error})` : ''}`);
+      // Disks all copied but the job failed later: QEMU may have taken the backup as successful,
+      // so its bitmap may not match the previous backup any more; the next backup is full then.
+      const copied = Object.keys(g.devices).length > 0 && !g.copyFailed && !g.copying;
+      await this.discard(g, { forgetPrevious: copied });
+      return;
+    }
+    let m: Manifest;
+    try {
+      m = await this.complete(g);
+    } catch (err) {
+      // QEMU took the backup as successful: its bitmap no longer matches the previous backup.
+      await this.discard(g, { forgetPrevious: true });
+      throw err;
+    }
+    return { stats: { archiveSize: Object.values(m.files).reduce((n, f) => n + f.size, 0) } };
+  }
+
+  /** Keeps the task log as `backup.log` (its checksum is added to the manifest), then forgets the guest. */
+  override async backupHandleLogFile(vmid: number, filename: string): Promise<void> {
+    const g = this.running.get(vmid);
+    if (!g?.manifest) {
+      this.running.delete(vmid);
+      return;
+    }
+    this.running.delete(vmid);
+    await copyFile(filename, path.join(g.dir, 'backup.log'));
+    const { checksum: _old, ...rest } = g.manifest;
+    await (await this.openStore()).commitManifest({ ...rest, files: { ...rest.files, 'backup.log': await hashFile(path.join(g.dir, 'backup.log')) } });
+  }
+
+  private async saveConfigs(g: GuestBackup, config: string, firewall: string | undefined): Promise<void> {
+    await writeFile(path.join(g.dir, 'guest.conf'), config);
+    if (firewall !== undefined) await writeFile(path.join(g.dir, 'firewall.conf'), firewall);
+  }
+
+  /** Writes the manifest of a finished backup and the bookkeeping for the next one. */
+  private async complete(g: GuestBackup): Promise<Manifest> {
+    const store = await this.openStore();
+    const names = ['guest.conf', 'firewall.conf', ...Object.values(g.devices).map((d) => d.file), 'root.tar'];
+    const present: string[] = [];
+    for (const n of names) if (await stat(path.join(g.dir, n)).then((s) => s.isFile(), () => false)) present.push(n);
+    await syncFiles(g.dir, present);
+    const files: Manifest['files'] = {};
+    for (const n of present) files[n] = await hashFile(path.join(g.dir, n));
+    if (g.mode === 'directory') files['root'] = await hashTree(path.join(g.dir, 'root'));
+    const parent = Object.values(g.devices).find((d) => d.base)?.base;
+    g.manifest = await store.commitManifest({
+      format: 'pve-backup-provider/directory',
+      version: 1,
+      volname: g.volname,
+      vmid: g.vmid,
+      vmtype: g.vmtype,
+      ctime: g.ctime,
+      status: 'ok',
+      mode: g.vmtype === 'lxc' ? (g.mode ?? 'tar') : parent ? 'incremental' : 'full',
+      ...(parent ? { parent } : {}),
+      ...(g.bitmapId ? { bitmapId: g.bitmapId } : {}),
+      ...(g.vmtype === 'qemu' ? { devices: g.devices } : {}),
+      files,
+    });
+    if (g.vmtype === 'qemu') {
+      await store.writePreviousInfo(g.vmid, { volname: g.volname, devices: Object.keys(g.devices), ...(g.bitmapId ? { bitmapId: g.bitmapId } : {}) });
+    }
+    this.log.info(`backup ${g.volname} complete (${MANIFEST} written)`);
+    return g.manifest;
+  }
+
+  /** Removes a partial backup (after its running copy settled); `forgetPrevious`: make the next backup full. */
+  private async discard(g: GuestBackup, o: { forgetPrevious?: boolean } = {}): Promise<void> {
+    this.running.delete(g.vmid);
+    await g.copying?.catch(() => undefined);
+    await rm(g.dir, { recursive: true, force: true });
+    if (o.forgetPrevious && g.vmtype === 'qemu') await (await this.openStore()).forgetPreviousInfo(g.vmid);
+  }
+
+  /** Size of the running backup's files so far (seed generation's `backupGetTaskSize`). */
+  async runningSize(vmid: number): Promise<number> {
+    const g = this.guest(vmid);
+    let n = 0;
+    for (const d of Object.values(g.devices)) n += (await stat(path.join(g.dir, d.file))).size;
+    return n;
+  }
+
+  // ----- restore ------------------------------------------------------------------------------
+
+  /** `qemu-img` for VMs; `tar` or `directory` for containers, as the backup was made. */
+  override async restoreGetMechanism(volname: string): Promise<RestoreMechanismInfo> {
+    const m = await (await this.openStore()).readManifest(volname);
+    if (m.vmtype === 'qemu') return { mechanism: 'qemu-img', vmtype: 'qemu' };
+    return { mechanism: m.mode === 'directory' ? 'directory' : 'tar', vmtype: 'lxc' };
+  }
+
+  override async archiveGetGuestConfig(volname: string): Promise<string> {
+    const store = await this.openStore();
+    await store.assertRestorable(volname, 'configs');
+    return readFile(path.join(store.backupDir(volname), 'guest.conf'), 'utf8');
+  }
+
+  override async archiveGetFirewallConfig(volname: string): Promise<string | undefined> {
+    const store = await this.openStore();
+    const m = await store.readManifest(volname);
+    if (!m.files['firewall.conf']) return undefined;
+    return readFile(path.join(store.backupDir(volname), 'firewall.conf'), 'utf8');
+  }
+
+  /**
+   * The disks and their sizes, after checking everything the restore reads: the chain is present
+   * and each image matches its checksum. A corrupted backup is refused here, before any target is written.
+   */
+  override async restoreVmInit(volname: string): Promise<Record<string, VolumeSize>> {
+    const m = await (await this.openStore()).assertRestorable(volname, 'vm');
+    const out: Record<string, VolumeSize> = {};
+    for (const [device, d] of Object.entries(m.devices ?? {})) out[device] = { size: d.size };
+    return out;
+  }
+
+  override async restoreVmCleanup(_volname: string): Promise<void> {}
+
+  /**
+   * The image as `qemu-img` reads it raw: a `json:` filename putting the qcow2 driver under a raw
+   * node, so `qemu-img convert -f raw` follows the backing chain. No NBD device, no extra process.
+   */
+  override async restoreVmVolumeInit(volname: string, deviceName: string, _info: Record<string, never>): Promise<RestoreVmVolumeInitResult> {
+    const store = await this.openStore();
+    const d = (await store.readManifest(volname)).devices?.[deviceName];
+    if (!d) throw new DirectoryStoreError('ERR_UNKNOWN_VOLUME', `backup ${store.volid(volname)} has no disk ${deviceName}`, { volname });
+    const filename = path.join(store.backupDir(volname), d.file);
+    return { qemuImgPath: `json:${JSON.stringify({ driver: 'raw', file: { driver: 'qcow2', file: { driver: 'file', filename } } })}` };
+  }
+
+  override async restoreVmVolumeCleanup(_volname: string, _deviceName: string, _info: Record<string, never>): Promise<void> {}
+
+  /** The tar archive or the directory copy, after checking its checksum. */
+  override async restoreContainerInit(volname: string, _info: Record<string, never>): Promise<RestoreContainerInitResult> {
+    const store = await this.openStore();
+    const m = await store.assertRestorable(volname, 'container');
+    const dir = store.backupDir(volname);
+    return m.mode === 'directory' ? { archiveDirectory: path.join(dir, 'root') } : { tarPath: path.join(dir, 'root.tar') };
+  }
+
+  override async restoreContainerCleanup(_volname: string, _info: Record<string, never>): Promise<void> {}
+
+  // ----- for the seed-generation face ----------------------------------------------------------
+
+  /**
+   * Seed generation: the bitmap id to hand QEMU. The previous backup's chain id while its chain
+   * can be continued; a new id otherwise, which makes QEMU start a new bitmap (a full backup).
+   * `undefined` in mode `full`.
+   */
+  bitmapIdFor(vmid: number): string | undefined {
+    const g = this.guest(vmid);
+    if (g.vmtype !== 'qemu' || this.vmBackupMode === 'full') return undefined;
+    g.bitmapId = g.previous?.bitmapId ?? `dir-${parseVolname(g.volname).backupId}`; // unique: a new chain
+    return g.bitmapId;
+  }
+
+  /** Seed generation: stores a configuration file handed over as a file. */
+  async saveConfigFile(vmid: number, which: 'guest.conf' | 'firewall.conf', filename: string): Promise<void> {
+    await copyFile(filename, path.join(this.guest(vmid).dir, which));
+  }
+
+  /** Seed generation: one disk, from `backupNbd`'s arguments. */
+  async backupNbdDevice(vmid: number, device: string, nbdPath: string, bitmapMode: BitmapMode, bitmapName: string | undefined, bandwidthLimit: number, extra: NbdBackupExtra): Promise<void> {
+    await this.backupDisk(this.guest(vmid), device, { size: extra.size, bitmapMode, bitmapName, nbdUri: extra.nbdUri ?? nbdUriFor(device, nbdPath) }, bandwidthLimit, extra.signal);
+  }
+
+  /** The guest type of a running backup. */
+  guestType(vmid: number): GuestType {
+    return this.guest(vmid).vmtype;
+  }
+}
+
+/**
+ * The same provider in the seed's shape ({@link BackupProviderV1}, `apiVersion` 1): every method
+ * delegates to a {@link DirectoryProvider}. QEMU's bitmap is named by a chain id kept in the
+ * store's bookkeeping (see {@link DirectoryProvider.bitmapIdFor}).
+ */
+export class DirectoryProviderV1 extends BackupProviderBaseV1 {
+  /** The provider doing the work. */
+  readonly inner: DirectoryProvider;
+  private readonly targets = new Map<number, string>();
+
+  /**
+   * @param context - As for {@link DirectoryProvider}.
+   * @param options - As for {@link DirectoryProvider}.
+   * @param inner - The provider to delegate to (default: a new one from `context` and `options`).
+   */
+  constructor(context: ProviderContext, options: DirectoryProviderOptions = {}, inner?: DirectoryProvider) {
+    super(context);
+    this.inner = inner ?? new DirectoryProvider(context, options);
+  }
+
+  get storage(): ProviderStorage {
+    return this.inner.storage;
+  }
+
+  override providerName(): string {
+    return 'directory';
+  }
+  override jobStart(startTime: number): Promise<void> {
+    return this.inner.jobInit(startTime);
+  }
+  override jobEnd(): Promise<void> {
+    return this.inner.jobCleanup();
+  }
+  override jobAbort(_error: Error): Promise<void> {
+    return this.inner.jobCleanup();
+  }
+  override async backupStart(vmid: number, vmtype: GuestType): Promise<void> {
+    this.targets.set(vmid, (await this.inner.backupInit(vmid, vmtype, Math.floor(Date.now() / 1000))).archiveName);
+  }
+  override async backupGetTarget(vmid: number, _vmtype: GuestType): Promise<string> {
+    return this.targets.get(vmid)!;
+  }
+  override async backupGuestConfig(vmid: number, filename: string): Promise<void> {
+    await this.inner.saveConfigFile(vmid, 'guest.conf', filename);
+  }
+  override async backupFirewallConfig(vmid: number, filename: string): Promise<void> {
+    await this.inner.saveConfigFile(vmid, 'firewall.conf', filename);
+  }
+  override async backupGetMechanism(vmid: number, vmtype: GuestType): Promise<BackupMechanismInfoV1 | undefined> {
+    if (vmtype === 'lxc') return { mechanism: 'directory' };
+    const bitmapId = this.inner.bitmapIdFor(vmid);
+    return bitmapId ? { mechanism: 'nbd', bitmapId } : { mechanism: 'nbd' };
+  }
+  override backupNbd(vmid: number, deviceName: string, nbdPath: string, bitmapMode: BitmapMode, bitmapName: string | undefined, bandwidthLimit: number, extra: NbdBackupExtra): Promise<void> {
+    return this.inner.backupNbdDevice(vmid, deviceName, nbdPath, bitmapMode, bitmapName, bandwidthLimit, extra);
+  }
+  override async backupDirectory(vmid: number, directory: string, idMap: IdMapEntry[], excludePaths: string[], sources: string[], bandwidthLimit: number): Promise<void> {
+    await this.inner.backupContainer(vmid, undefined, excludePaths, {
+      directory,
+      sources,
+      idMap,
+      backupUserId: 0,
+      bandwidthLimit,
+      archiveName: this.targets.get(vmid)!,
+      signal: new AbortController().signal,
+    });
+  }
+  override backupGetTaskSize(vmid: number): Promise<number> {
+    return this.inner.runningSize(vmid);
+  }
+  override async backupEnd(vmid: number): Promise<void> {
+    await this.inner.backupCleanup(vmid, this.inner.guestType(vmid), true, {});
+  }
+  override async backupAbort(vmid: number, error: Error): Promise<void> {
+    await this.inner.backupCleanup(vmid, this.inner.guestType(vmid), false, { error: error.message });
+  }
+  override backupHandleLogFile(vmid: number, filename: string): Promise<void> {
+    this.targets.delete(vmid);
+    return this.inner.backupHandleLogFile(vmid, filename);
+  }
+  override restoreGetMechanism(volname: string, _storeid: string): Promise<RestoreMechanismInfo> {
+    return this.inner.restoreGetMechanism(volname);
+  }
+  override extractGuestConfig(volname: string, _storeid: string): Promise<string> {
+    return this.inner.archiveGetGuestConfig(volname);
+  }
+  override extractFirewallConfig(volname: string, _storeid: string): Promise<string | undefined> {
+    return this.inner.archiveGetFirewallConfig(volname);
+  }
+  override restoreQemuGetDeviceInfo(volname: string, _storeid: string): Promise<Record<string, VolumeSize>> {
+    return this.inner.restoreVmInit(volname);
+  }
+  override async restoreQemuImgInit(volname: string, _storeid: string, deviceName: string): Promise<string> {
+    return (await this.inner.restoreVmVolumeInit(volname, deviceName, {})).qemuImgPath;
+  }
+  override async restoreQemuImgCleanup(): Promise<void> {}
+  override async restoreTarInit(volname: string, _storeid: string): Promise<string> {
+    const r = await this.inner.restoreContainerInit(volname, {});
+    if (!r.tarPath) throw new DirectoryStoreError('ERR_PROVIDER_STATE', `backup ${volname} is a directory copy, not a tar archive`, { volname });
+    return r.tarPath;
+  }
+  override async restoreTarCleanup(): Promise<void> {}
+  override async restoreDirectoryInit(volname: string, _storeid: string): Promise<string> {
+    const r = await this.inner.restoreContainerInit(volname, {});
+    if (!r.archiveDirectory) throw new DirectoryStoreError('ERR_PROVIDER_STATE', `backup ${volname} is a tar archive, not a directory copy`, { volname });
+    return r.archiveDirectory;
+  }
+  override async restoreDirectoryCleanup(): Promise<void> {}
+}

@@ -1,0 +1,583 @@
+/**
+ * The storage side of the directory provider: a folder of backups that can be listed, sized,
+ * pruned, deleted, verified, annotated (notes, protected flag), and the bookkeeping the provider
+ * needs for incremental backups. What Proxmox's storage plugin does for a backup storage.
+ *
+ * Invariants the store keeps:
+ * - a backup is complete exactly when its `manifest.json` exists (written last, atomically);
+ * - a kept backup's chain (the backups its images are backed by) is never removed: prune keeps
+ *   the bases of kept backups, delete merges a base into its child first.
+ *
+ * @packageDocumentation
+ */
+import { execFile } from 'node:child_process';
+import { lstat, mkdir, readFile, readdir, rename, rm, stat, writeFile } from 'node:fs/promises';
+import path from 'node:path';
+import { promisify } from 'node:util';
+
+import type { GuestType, PruneOptions } from '../../provider/api.js';
+import { requireTool } from '../../tools.js';
+import { DirectoryStoreError } from './errors.js';
+import {
+  LOCK,
+  MANIFEST,
+  PREVIOUS_INFO,
+  STORE_FORMAT,
+  STORE_MARKER,
+  STORE_VERSION,
+  backupIdOf,
+  hashFile,
+  hashTree,
+  isBackupDirName,
+  manifestChecksum,
+  parseVolname,
+  volnameOf,
+  writeFileAtomic,
+  type Manifest,
+  type ParsedVolname,
+} from './layout.js';
+import { markBackups, type PruneMark } from './prune.js';
+
+const execFileP = promisify(execFile);
+
+/** A backup as {@link DirectoryStore.listBackups} lists it (Proxmox's `list_volumes` fields, plus chain and status). */
+export interface BackupInfo {
+  /** `<storeid>:backup/<vmid>/<vmtype>-<backup-id>`. */
+  volid: string;
+  volname: string;
+  vmid: number;
+  /** Guest type (Proxmox: `subtype`). */
+  subtype: GuestType;
+  /** Unix time (s) the backup started. */
+  ctime: number;
+  /** Bytes the backup's files take. */
+  size: number;
+  /** `qcow2` (VM images), `tar` or `directory` (containers); absent when incomplete. */
+  format?: 'qcow2' | 'tar' | 'directory';
+  /** Volume id of the backup this one builds on (incremental VM backups). */
+  parent?: string;
+  /**
+   * `ok`; `incomplete` (no manifest: interrupted; prune removes it); `in-progress` (no manifest,
+   * its writer is alive); `corrupt` (the manifest does not match its checksum; left for an operator).
+   */
+  status: 'ok' | 'incomplete' | 'in-progress' | 'corrupt';
+  protected: boolean;
+  notes?: string;
+}
+
+/** Result of {@link DirectoryStore.verifyBackup}. */
+export interface VerifyResult {
+  volid: string;
+  ok: boolean;
+  /** One line per problem, each naming the file concerned. */
+  problems: string[];
+}
+
+/** One backup's fate in {@link DirectoryStore.pruneBackups}. */
+export interface PruneResultEntry extends PruneMark {
+  volid: string;
+  vmid: number;
+  subtype: GuestType;
+}
+
+/** Bookkeeping for incremental backups: the last complete VM backup of a guest. Perl: the seed's `previous-info`. */
+export interface PreviousInfo {
+  /** Volume name of the last complete backup. */
+  volname: string;
+  /** Devices it holds. */
+  devices: string[];
+  /** Bitmap chain id it was taken with (seed-generation providers name QEMU's bitmap by it). */
+  bitmapId?: string;
+}
+
+interface StoreMarker {
+  format: string;
+  version: number;
+  storeid: string;
+  created: number;
+}
+
+const pidAlive = (pid: number): boolean => {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+};
+
+/** A directory backup store. Open one with {@link DirectoryStore.open} or {@link DirectoryStore.create}. */
+export class DirectoryStore {
+  /** Absolute path of the store. */
+  readonly root: string;
+  /** Storage id used in volume ids. */
+  readonly storeid: string;
+
+  private constructor(root: string, storeid: string) {
+    this.root = root;
+    this.storeid = storeid;
+  }
+
+  /**
+   * Opens an existing store.
+   * @param root - The store's folder.
+   * @param options - `storeid` to use in volume ids (default: the one recorded at creation).
+   * @throws {@link DirectoryStoreError} `ERR_NOT_A_STORE`.
+   */
+  static async open(root: string, options: { storeid?: string } = {}): Promise<DirectoryStore> {
+    const abs = path.resolve(root);
+    let marker: StoreMarker;
+    try {
+      marker = JSON.parse(await readFile(path.join(abs, STORE_MARKER), 'utf8')) as StoreMarker;
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      const why = code === 'ENOENT' || code === 'ENOTDIR' ? `${STORE_MARKER} is missing` : `${STORE_MARKER} is unreadable (${(err as Error).message})`;
+      throw new DirectoryStoreError('ERR_NOT_A_STORE', `${abs} is not a backup store: ${why}`, { cause: err });
+    }
+    if (marker?.format !== STORE_FORMAT || typeof marker.version !== 'number') {
+      throw new DirectoryStoreError('ERR_NOT_A_STORE', `${abs} is not a backup store: ${STORE_MARKER} is not a ${STORE_FORMAT} marker`);
+    }
+    if (marker.version > STORE_VERSION) {
+      throw new DirectoryStoreError('ERR_NOT_A_STORE', `${abs} is a store of layout version ${marker.version}; this version reads up to ${STORE_VERSION}: upgrade pve-backup-provider`);
+    }
+    return new DirectoryStore(abs, options.storeid ?? marker.storeid);
+  }
+
+  /**
+   * Opens the store at `root`, creating it when the folder is missing or empty.
+   * @throws {@link DirectoryStoreError} `ERR_NOT_A_STORE` when the folder has other content.
+   */
+  static async create(root: string, options: { storeid?: string } = {}): Promise<DirectoryStore> {
+    const abs = path.resolve(root);
+    const st = await stat(abs).catch(() => undefined);
+    if (st && !st.isDirectory()) throw new DirectoryStoreError('ERR_NOT_A_STORE', `${abs} is not a backup store: not a directory`);
+    if (st && (await readdir(abs)).includes(STORE_MARKER)) return DirectoryStore.open(abs, options);
+    if (st && (await readdir(abs)).length > 0) {
+      throw new DirectoryStoreError('ERR_NOT_A_STORE', `${abs} is not a backup store: it has other content (${STORE_MARKER} is missing); use an empty folder`);
+    }
+    await mkdir(abs, { recursive: true });
+    const marker: StoreMarker = { format: STORE_FORMAT, version: STORE_VERSION, storeid: options.storeid ?? 'directory', created: Math.floor(Date.now() / 1000) };
+    await writeFileAtomic(path.join(abs, STORE_MARKER), `${JSON.stringify(marker, null, 2)}\n`);
+    return new DirectoryStore(abs, marker.storeid);
+  }
+
+  // ----- names ---------------------------------------------------------------------------------
+
+  /** `<storeid>:<volname>`. */
+  volid(volname: string): string {
+    return `${this.storeid}:${volname}`;
+  }
+
+  /**
+   * The volume name of a volume id of this store (a bare volume name is accepted too).
+   * @throws {@link DirectoryStoreError} `ERR_INVALID_VOLID`, or `ERR_UNKNOWN_VOLUME` for another store's id.
+   */
+  volnameOf(volid: string): string {
+    const i = volid.indexOf(':');
+    if (i >= 0) {
+      const sid = volid.slice(0, i);
+      if (sid !== this.storeid) throw new DirectoryStoreError('ERR_UNKNOWN_VOLUME', `unknown volume ${volid}: this store is '${this.storeid}', not '${sid}'`);
+      volid = volid.slice(i + 1);
+    }
+    return parseVolname(volid).volname;
+  }
+
+  /** Parses a volume name. Perl: `parse_volname`. */
+  parseVolname(volname: string): ParsedVolname {
+    return parseVolname(volname);
+  }
+
+  /** The folder of a backup. */
+  backupDir(volname: string): string {
+    const p = parseVolname(volname);
+    return path.join(this.root, String(p.vmid), p.dirName);
+  }
+
+  // ----- creating backups (used by the provider) ----------------------------------------------
+
+  /**
+   * Creates the folder of a new backup, named after `date` (a suffix `-N` when that second is
+   * taken), with a lock file naming this process.
+   */
+  async createBackupDir(vmid: number, vmtype: GuestType, date: Date): Promise<{ volname: string; dir: string }> {
+    const parent = path.join(this.root, String(vmid));
+    await mkdir(parent, { recursive: true });
+    const base = `${vmtype}-${backupIdOf(date)}`;
+    for (let n = 0; ; n++) {
+      const dirName = n === 0 ? base : `${base}-${n}`;
+      const dir = path.join(parent, dirName);
+      try {
+        await mkdir(dir);
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === 'EEXIST') continue;
+        throw err;
+      }
+      await writeFile(path.join(dir, LOCK), `${process.pid}\n`);
+      return { volname: volnameOf(vmid, dirName), dir };
+    }
+  }
+
+  /** Writes a backup's manifest (last step: the backup is complete from then on) and drops its lock. */
+  async commitManifest(manifest: Omit<Manifest, 'checksum'>): Promise<Manifest> {
+    const full: Manifest = { ...manifest, checksum: manifestChecksum(manifest) };
+    const dir = this.backupDir(manifest.volname);
+    await writeFileAtomic(path.join(dir, MANIFEST), `${JSON.stringify(full, null, 2)}\n`);
+    await rm(path.join(dir, LOCK), { force: true });
+    return full;
+  }
+
+  /** The last complete VM backup of a guest, if it still exists and is complete. */
+  async readPreviousInfo(vmid: number): Promise<PreviousInfo | undefined> {
+    let info: PreviousInfo;
+    try {
+      info = JSON.parse(await readFile(path.join(this.root, String(vmid), PREVIOUS_INFO), 'utf8')) as PreviousInfo;
+      parseVolname(info.volname);
+    } catch {
+      return undefined;
+    }
+    const ok = await this.readManifest(info.volname).then(() => true, () => false);
+    return ok ? info : undefined;
+  }
+
+  /** Records the last complete VM backup of a guest (atomically). */
+  async writePreviousInfo(vmid: number, info: PreviousInfo): Promise<void> {
+    await writeFileAtomic(path.join(this.root, String(vmid), PREVIOUS_INFO), `${JSON.stringify(info)}\n`);
+  }
+
+  /** Forgets the last complete VM backup of a guest: its next backup is full. */
+  async forgetPreviousInfo(vmid: number): Promise<void> {
+    await rm(path.join(this.root, String(vmid), PREVIOUS_INFO), { force: true });
+  }
+
+  // ----- reading -------------------------------------------------------------------------------
+
+  /**
+   * A backup's manifest, checked against its own checksum.
+   * @throws {@link DirectoryStoreError} `ERR_UNKNOWN_VOLUME`, `ERR_BACKUP_INCOMPLETE`, `ERR_BACKUP_CORRUPT`.
+   */
+  async readManifest(volname: string): Promise<Manifest> {
+    const dir = this.backupDir(volname);
+    const file = path.join(dir, MANIFEST);
+    let text: string;
+    try {
+      text = await readFile(file, 'utf8');
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+      if (!(await stat(dir).then((s) => s.isDirectory(), () => false))) {
+        throw new DirectoryStoreError('ERR_UNKNOWN_VOLUME', `unknown volume ${this.volid(volname)}: no such backup in ${this.root}`, { volname });
+      }
+      throw new DirectoryStoreError('ERR_BACKUP_INCOMPLETE', `backup ${this.volid(volname)} is incomplete (no ${MANIFEST}): it was interrupted or is still being written`, { volname });
+    }
+    let m: Manifest;
+    try {
+      m = JSON.parse(text) as Manifest;
+    } catch {
+      throw new DirectoryStoreError('ERR_BACKUP_CORRUPT', `backup ${this.volid(volname)} is corrupted: ${file} is not valid JSON`, { volname, file });
+    }
+    if (!m || typeof m !== 'object' || m.checksum !== manifestChecksum(m)) {
+      throw new DirectoryStoreError('ERR_BACKUP_CORRUPT', `backup ${this.volid(volname)} is corrupted: ${file} does not match its checksum`, { volname, file });
+    }
+    if (m.volname !== volname) {
+      throw new DirectoryStoreError('ERR_BACKUP_CORRUPT', `backup ${this.volid(volname)} is corrupted: ${file} describes ${m.volname}`, { volname, file });
+    }
+    return m;
+  }
+
+  /** Every backup, or those of `vmid`, oldest first; incomplete ones included (status `incomplete`). Perl: `list_volumes`. */
+  async listBackups(vmid?: number): Promise<BackupInfo[]> {
+    const out: BackupInfo[] = [];
+    const vmids = vmid !== undefined ? [String(vmid)] : (await readdir(this.root).catch(() => [] as string[])).filter((n) => /^[1-9]\d*$/.test(n));
+    for (const v of vmids) {
+      const names = (await readdir(path.join(this.root, v)).catch(() => [] as string[])).filter(isBackupDirName);
+      for (const name of names) out.push(await this.describe(volnameOf(Number(v), name)));
+    }
+    return out.sort((a, b) => a.ctime - b.ctime || (a.volname < b.volname ? -1 : 1));
+  }
+
+  private async describe(volname: string): Promise<BackupInfo> {
+    const p = parseVolname(volname);
+    const dir = this.backupDir(volname);
+    const attrs = await this.attributes(volname);
+    const base = { volid: this.volid(volname), volname, vmid: p.vmid, subtype: p.vmtype, ...attrs };
+    try {
+      const m = await this.readManifest(volname);
+      const size = Object.values(m.files).reduce((n, f) => n + f.size, 0);
+      const format = m.vmtype === 'qemu' ? 'qcow2' : (m.mode as 'tar' | 'directory');
+      return { ...base, ctime: m.ctime, size, format, ...(m.parent ? { parent: this.volid(m.parent) } : {}), status: 'ok' };
+    } catch (err) {
+      if (err instanceof DirectoryStoreError && err.code === 'ERR_BACKUP_CORRUPT') {
+        return { ...base, ctime: ctimeOf(p.backupId), size: await duBytes(dir), status: 'corrupt' };
+      }
+      const lock = Number((await readFile(path.join(dir, LOCK), 'utf8').catch(() => '')).trim());
+      const alive = Number.isInteger(lock) && lock > 0 && pidAlive(lock);
+      return { ...base, ctime: ctimeOf(p.backupId), size: await duBytes(dir), status: alive ? 'in-progress' : 'incomplete' };
+    }
+  }
+
+  /**
+   * Sizes of a backup. Perl: `volume_size_info` (`$size, $format, $used, $parent`).
+   * @returns `size`: sum of the disks' virtual sizes (VM) or bytes stored (container); `used`:
+   *   bytes the backup's own files take; `format`; `parent` volume name.
+   */
+  async volumeSizeInfo(volname: string): Promise<{ size: number; used: number; format: 'qcow2' | 'tar' | 'directory'; parent?: string }> {
+    const m = await this.readManifest(volname);
+    const used = Object.values(m.files).reduce((n, f) => n + f.size, 0);
+    const size = m.devices ? Object.values(m.devices).reduce((n, d) => n + d.size, 0) : used;
+    return { size, used, format: m.vmtype === 'qemu' ? 'qcow2' : (m.mode as 'tar' | 'directory'), ...(m.parent ? { parent: m.parent } : {}) };
+  }
+
+  // ----- attributes ----------------------------------------------------------------------------
+
+  private async attributes(volname: string): Promise<{ protected: boolean; notes?: string }> {
+    const dir = this.backupDir(volname);
+    const prot = await stat(path.join(dir, 'protected')).then(() => true, () => false);
+    const notes = await readFile(path.join(dir, 'notes'), 'utf8').catch(() => undefined);
+    return { protected: prot, ...(notes !== undefined ? { notes } : {}) };
+  }
+
+  /** Sets (or, with an empty string, removes) a backup's notes. Perl: `update_volume_attribute(..., 'notes', ...)`. */
+  async setNotes(volname: string, notes: string): Promise<void> {
+    await this.readManifest(volname);
+    const file = path.join(this.backupDir(volname), 'notes');
+    if (notes === '') await rm(file, { force: true });
+    else await writeFileAtomic(file, notes);
+  }
+
+  /** Sets or clears the protected flag: a protected backup is never pruned, nor deleted without `force`. */
+  async setProtected(volname: string, value: boolean): Promise<void> {
+    await this.readManifest(volname);
+    const file = path.join(this.backupDir(volname), 'protected');
+    if (value) await writeFileAtomic(file, '');
+    else await rm(file, { force: true });
+  }
+
+  // ----- integrity -----------------------------------------------------------------------------
+
+  /**
+   * The manifests a backup's restore needs: its own, then each ancestor's (parent first).
+   * @throws {@link DirectoryStoreError} `ERR_CHAIN_BROKEN` when an ancestor is missing or incomplete.
+   */
+  async chain(volname: string): Promise<Manifest[]> {
+    const out = [await this.readManifest(volname)];
+    for (let parent = out[0]!.parent; parent; parent = out.at(-1)!.parent) {
+      try {
+        out.push(await this.readManifest(parent));
+      } catch (err) {
+        if (err instanceof DirectoryStoreError && err.code === 'ERR_BACKUP_CORRUPT') throw err;
+        throw new DirectoryStoreError('ERR_CHAIN_BROKEN', `backup ${this.volid(volname)} builds on ${this.volid(parent)}, which is ${(err as DirectoryStoreError).code === 'ERR_BACKUP_INCOMPLETE' ? 'incomplete' : 'missing'}`, {
+          volname,
+          cause: err,
+        });
+      }
+      if (out.length > 10_000) throw new DirectoryStoreError('ERR_BACKUP_CORRUPT', `backup ${this.volid(volname)}: its chain loops`, { volname });
+    }
+    return out;
+  }
+
+  /** Problems of one backup's files against its manifest (checksums; `names`: only these files). */
+  private async checkFiles(m: Manifest, names?: string[]): Promise<string[]> {
+    const dir = this.backupDir(m.volname);
+    const problems: string[] = [];
+    for (const [name, want] of Object.entries(m.files)) {
+      if (names && !names.includes(name)) continue;
+      const file = path.join(dir, name);
+      const got = await (name === 'root' ? hashTree(file) : hashFile(file)).catch((err: Error) => err);
+      if (got instanceof Error) problems.push(`${file}: ${(got as NodeJS.ErrnoException).code === 'ENOENT' ? 'missing' : got.message}`);
+      else if (got.sha256 !== want.sha256 || got.size !== want.size) problems.push(`${file}: checksum mismatch (content changed since the backup)`);
+    }
+    return problems;
+  }
+
+  /**
+   * Checks what restoring `volname` reads: every manifest of its chain, and the checksums of the
+   * files it needs (its own data files and the images of each ancestor its disks are backed by).
+   * @throws {@link DirectoryStoreError} `ERR_BACKUP_CORRUPT` naming the file, `ERR_CHAIN_BROKEN`, ...
+   */
+  async assertRestorable(volname: string, what: 'vm' | 'container' | 'configs' = 'vm'): Promise<Manifest> {
+    // the configuration files need only this backup; disks need the whole chain
+    const chain = what === 'vm' ? await this.chain(volname) : [await this.readManifest(volname)];
+    const own = chain[0]!;
+    const dataFiles = what === 'configs' ? ['guest.conf', 'firewall.conf'] : Object.keys(own.files).filter((f) => f !== 'backup.log');
+    const problems = await this.checkFiles(own, dataFiles);
+    if (what === 'vm') {
+      for (const m of chain.slice(1)) problems.push(...(await this.checkFiles(m, Object.values(m.devices ?? {}).map((d) => d.file))));
+    }
+    if (problems.length > 0) {
+      throw new DirectoryStoreError('ERR_BACKUP_CORRUPT', `backup ${this.volid(volname)} is corrupted, refusing to restore it: ${problems.join('; ')}`, {
+        volname,
+        file: problems[0]!.split(': ')[0],
+      });
+    }
+    return own;
+  }
+
+  /**
+   * Verifies a backup: manifest checksum, every file's checksum, `qemu-img check` of each image,
+   * and that the chain it builds on is present and complete with matching backing files.
+   */
+  async verifyBackup(volname: string): Promise<VerifyResult> {
+    const volid = this.volid(volname);
+    let m: Manifest;
+    try {
+      m = await this.readManifest(volname);
+    } catch (err) {
+      return { volid, ok: false, problems: [(err as Error).message] };
+    }
+    const dir = this.backupDir(volname);
+    const problems = await this.checkFiles(m);
+    if (m.devices) {
+      const qemuImg = requireTool('qemu-img', 'qemu-utils');
+      for (const [device, d] of Object.entries(m.devices)) {
+        const file = path.join(dir, d.file);
+        try {
+          await execFileP(qemuImg, ['check', '-q', '-f', 'qcow2', file]);
+        } catch (err) {
+          const e = err as { stderr?: string; stdout?: string; message: string };
+          problems.push(`${file}: qemu-img check failed: ${(e.stderr || e.stdout || e.message).trim().split('\n')[0]}`);
+          continue;
+        }
+        const want = d.base ? `../${parseVolname(d.base).dirName}/${d.file}` : undefined;
+        const info = await execFileP(qemuImg, ['info', '--output=json', '-U', '-f', 'qcow2', file]).then(
+          (r) => JSON.parse(r.stdout) as { 'backing-filename'?: string },
+          () => undefined,
+        );
+        if (info && info['backing-filename'] !== want) problems.push(`${file}: backing file is ${info['backing-filename'] ?? 'none'}, expected ${want ?? 'none'} (device ${device})`);
+      }
+    }
+    try {
+      const chain = await this.chain(volname);
+      for (const [device, d] of Object.entries(m.devices ?? {})) {
+        if (d.base && !chain.some((c) => c.volname === d.base && c.devices?.[device])) problems.push(`${path.join(dir, d.file)}: its base ${this.volid(d.base)} has no disk ${device}`);
+      }
+    } catch (err) {
+      problems.push((err as Error).message);
+    }
+    return { volid, ok: problems.length === 0, problems };
+  }
+
+  // ----- removal -------------------------------------------------------------------------------
+
+  /**
+   * Applies retention to the backups of one guest, or of every guest. Incomplete backups whose
+   * writer is gone are removed too. Perl: `prune_backups($scfg, $storeid, $keep, $vmid, $type, $dryrun)`.
+   *
+   * @returns Every backup considered with its mark; with `dryRun` nothing is removed.
+   */
+  async pruneBackups(o: { keep: PruneOptions; vmid?: number; vmtype?: GuestType; dryRun?: boolean }): Promise<PruneResultEntry[]> {
+    const all = (await this.listBackups(o.vmid)).filter((b) => !o.vmtype || b.subtype === o.vmtype);
+    const out: PruneResultEntry[] = [];
+    const groups = new Map<string, BackupInfo[]>();
+    for (const b of all) {
+      if (b.status === 'in-progress' || b.status === 'corrupt') continue;
+      if (b.status === 'incomplete') {
+        out.push({ volid: b.volid, volname: b.volname, vmid: b.vmid, subtype: b.subtype, ctime: b.ctime, mark: 'remove' });
+        continue;
+      }
+      const key = `${b.vmid}/${b.subtype}`;
+      groups.set(key, [...(groups.get(key) ?? []), b]);
+    }
+    for (const list of groups.values()) {
+      const marks = markBackups(
+        list.map((b) => ({ volname: b.volname, ctime: b.ctime, protected: b.protected, ...(b.parent ? { parent: this.volnameOf(b.parent) } : {}) })),
+        o.keep,
+      );
+      for (const mk of marks) {
+        const b = list.find((x) => x.volname === mk.volname)!;
+        out.push({ ...mk, volid: b.volid, vmid: b.vmid, subtype: b.subtype });
+      }
+    }
+    if (!o.dryRun) {
+      // newest first: a removed backup's children are removed before it
+      for (const e of out.filter((x) => x.mark === 'remove').sort((a, b) => b.ctime - a.ctime)) await rm(this.backupDir(e.volname), { recursive: true, force: true });
+    }
+    return out;
+  }
+
+  /**
+   * Deletes a backup, keeping every other backup restorable: a backup other backups build on is
+   * merged into its child first (`qemu-img rebase` onto its own base), so the child holds what it
+   * needed. Refused for a protected backup without `force`, and when two backups build on it.
+   *
+   * @throws {@link DirectoryStoreError} `ERR_BACKUP_PROTECTED`, `ERR_CHAIN_DELETE`, `ERR_UNKNOWN_VOLUME`.
+   */
+  async deleteBackup(volname: string, options: { force?: boolean } = {}): Promise<{ merged?: string }> {
+    const dir = this.backupDir(volname);
+    if (!(await stat(dir).then((s) => s.isDirectory(), () => false))) {
+      throw new DirectoryStoreError('ERR_UNKNOWN_VOLUME', `unknown volume ${this.volid(volname)}: no such backup in ${this.root}`, { volname });
+    }
+    const attrs = await this.attributes(volname);
+    if (attrs.protected && !options.force) {
+      throw new DirectoryStoreError('ERR_BACKUP_PROTECTED', `backup ${this.volid(volname)} is protected: unprotect it first, or delete with force`, { volname });
+    }
+    const p = parseVolname(volname);
+    const children = (await this.listBackups(p.vmid)).filter((b) => b.parent === this.volid(volname));
+    if (children.length > 1) {
+      throw new DirectoryStoreError('ERR_CHAIN_DELETE', `cannot delete ${this.volid(volname)}: ${children.length} backups build on it (${children.map((c) => c.volid).join(', ')}); delete them first`, { volname });
+    }
+    let merged: string | undefined;
+    if (children.length === 1) {
+      let own: Manifest;
+      try {
+        own = await this.readManifest(volname);
+      } catch (err) {
+        throw new DirectoryStoreError('ERR_CHAIN_DELETE', `cannot delete ${this.volid(volname)}: ${children[0]!.volid} builds on it and it cannot be merged: ${(err as Error).message}`, { volname, cause: err });
+      }
+      merged = children[0]!.volname;
+      await this.mergeInto(own, merged);
+    }
+    await rm(dir, { recursive: true, force: true });
+    return merged ? { merged } : {};
+  }
+
+  /** Rebases each image of `child` backed by `base` onto base's own base, then rewrites child's manifest. */
+  private async mergeInto(base: Manifest, child: string): Promise<void> {
+    const qemuImg = requireTool('qemu-img', 'qemu-utils');
+    const c = await this.readManifest(child);
+    const cdir = this.backupDir(child);
+    const changed: string[] = [];
+    const devices = { ...c.devices };
+    for (const [device, d] of Object.entries(c.devices ?? {})) {
+      if (d.base !== base.volname) continue;
+      const newBase = base.devices?.[device]?.base;
+      const backing = newBase ? `../${parseVolname(newBase).dirName}/${d.file}` : '';
+      const file = path.join(cdir, d.file);
+      const tmp = `${file}.merge`;
+      // work on a copy (same folder, so the relative backing path holds): a crash leaves the child intact
+      await execFileP('cp', ['--reflink=auto', '--sparse=always', '--', file, tmp]);
+      try {
+        await execFileP(qemuImg, ['rebase', '-q', '-f', 'qcow2', '-b', backing, ...(backing ? ['-F', 'qcow2'] : []), tmp]);
+        await execFileP(qemuImg, ['check', '-q', '-f', 'qcow2', tmp]);
+      } catch (err) {
+        await rm(tmp, { force: true });
+        const e = err as { stderr?: string; message: string };
+        throw new DirectoryStoreError('ERR_CHAIN_DELETE', `cannot delete ${this.volid(base.volname)}: merging it into ${file} failed: ${(e.stderr || e.message).trim()}`, { volname: base.volname, cause: err });
+      }
+      changed.push(d.file);
+      devices[device] = { ...d, ...(newBase ? { base: newBase } : {}) };
+      if (!newBase) delete devices[device]!.base;
+    }
+    for (const f of changed) await rename(path.join(cdir, `${f}.merge`), path.join(cdir, f));
+    const files = { ...c.files };
+    for (const f of changed) files[f] = await hashFile(path.join(cdir, f));
+    const parent = Object.values(devices).find((d) => d.base)?.base;
+    const { checksum: _old, ...rest } = c;
+    await this.commitManifest({ ...rest, devices, files, mode: parent ? 'incremental' : 'full', ...(parent ? { parent } : { parent: undefined }) });
+  }
+}
+
+/** Unix time of a backup id (`YYYY_MM_DD-HH_MM_SS`, UTC): the ctime of a backup without manifest. */
+function ctimeOf(backupId: string): number {
+  const [y, mo, d, h, mi, s] = backupId.split(/[_-]/).map(Number) as [number, number, number, number, number, number];
+  return Date.UTC(y, mo - 1, d, h, mi, s) / 1000;
+}
+
+/** Bytes the files under `dir` take (apparent sizes). */
+async function duBytes(dir: string): Promise<number> {
+  let n = 0;
+  for (const name of await readdir(dir).catch(() => [] as string[])) {
+    const p = path.join(dir, name);
+    const st = await lstat(p);
+    n += st.isDirectory() ? await duBytes(p) : st.size;
+  }
+  return n;
+}

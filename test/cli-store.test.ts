@@ -1,0 +1,147 @@
+/**
+ * The store commands of the command line, as a user runs them: backup (disk images through
+ * qemu-storage-daemon, a container directory), list, restore, prune, delete, verify, protect;
+ * JSON output; bad input gets one line and a non-zero exit, never a stack trace.
+ */
+import { spawn, spawnSync } from 'node:child_process';
+import { appendFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+
+import { afterEach, describe, expect, it } from 'vitest';
+
+import { createImage, qemuIo, rawContent } from './helpers/images.js';
+import { stopAll, tempDir } from './helpers/qemu.js';
+
+const CLI = path.join(import.meta.dirname, '..', 'dist', 'cli', 'main.js');
+
+afterEach(async () => {
+  await stopAll();
+});
+
+function cli(...args: string[]): { status: number | null; stdout: string; stderr: string } {
+  const r = spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8' });
+  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+/** Fails unless the command failed with exactly one line on stderr and no stack trace. */
+function expectOneLine(r: { status: number | null; stderr: string }, status: number, pattern: RegExp): void {
+  expect(r.status, r.stderr).toBe(status);
+  expect(r.stderr.trim().split('\n'), r.stderr).toHaveLength(1);
+  expect(r.stderr.trim()).toMatch(pattern);
+  expect(r.stderr).not.toMatch(/\n\s+at /);
+}
+
+describe('pve-backup-provider backup / list / restore / prune / delete / verify', () => {
+  it('a VM from its disk image: full, incremental, restore both, prune, delete, verify', async () => {
+    const dir = await tempDir();
+    const disk = path.join(dir, 'disk0.qcow2');
+    const store = path.join(dir, 'store');
+    createImage(disk, '16M', 'qcow2');
+    qemuIo(disk, 'qcow2', ['write -P 0x11 0 4M']);
+    const first = rawContent(disk, 'qcow2', path.join(dir, 'first.raw'));
+    const b1 = cli('backup', '--store', store, '--vmid', '100', '--disk', `disk0=${disk}`, '--json');
+    expect(b1.status, b1.stderr).toBe(0);
+    expect(JSON.parse(b1.stdout)).toMatchObject({ volid: expect.stringMatching(/^directory:backup\/100\/qemu-/), format: 'qcow2', status: 'ok' });
+    qemuIo(disk, 'qcow2', ['write -P 0x22 1M 512k']);
+    const second = rawContent(disk, 'qcow2', path.join(dir, 'second.raw'));
+    const b2 = cli('backup', '--store', store, '--vmid', '100', '--disk', `disk0=${disk}`, '--notes', 'after the update');
+    expect(b2.status, b2.stderr).toBe(0);
+    expect(b2.stdout).toMatch(/^directory:backup\/100\/qemu-\S+: qcow2, .*, incremental over directory:backup\/100\/qemu-/);
+    expect(b2.stderr).toMatch(/INFO: disk0: dirty-bitmap status: OK/);
+
+    const list = JSON.parse(cli('list', '--store', store, '--json').stdout) as Array<{ volid: string; parent?: string; notes?: string }>;
+    expect(list).toHaveLength(2);
+    expect(list[1]).toMatchObject({ parent: list[0]!.volid, notes: 'after the update' });
+    expect(cli('list', '--store', store).stdout).toMatch(/^volid\s+type\s+created\s+size/);
+
+    for (const [i, expected] of [first, second].entries()) {
+      const out = path.join(dir, `r${i}`);
+      const r = cli('restore', list[i]!.volid, '--store', store, '--to', out, '--config-dir', out);
+      expect(r.status, r.stderr).toBe(0);
+      expect(readFileSync(path.join(out, 'disk0.raw')).equals(expected)).toBe(true);
+      expect(readFileSync(path.join(out, 'qemu-server.conf'), 'utf8')).toBe('name: vm100\n');
+    }
+    // prune: the base is needed by the kept incremental
+    const dry = cli('prune', '--store', store, '--keep-last', '1', '--dry-run', '--json');
+    expect(JSON.parse(dry.stdout).map((m: { mark: string }) => m.mark)).toEqual(['keep', 'keep']);
+    expect(cli('protect', list[1]!.volid, '--store', store).status).toBe(0);
+    expectOneLine(cli('delete', list[1]!.volid, '--store', store), 1, /is protected.*\[ERR_BACKUP_PROTECTED\]$/);
+    // delete the base: merged into the incremental, which still restores
+    const del = cli('delete', list[0]!.volid, '--store', store);
+    expect(del.stdout.trim()).toBe(`deleted ${list[0]!.volid} (merged into ${list[1]!.volid})`);
+    const r = cli('restore', list[1]!.volid, '--store', store, '--to', `disk0=${path.join(dir, 'merged.raw')}`, '--json');
+    expect(r.status, r.stderr).toBe(0);
+    expect(readFileSync(path.join(dir, 'merged.raw')).equals(second)).toBe(true);
+    expect(cli('verify', '--store', store).stdout.trim()).toBe(`${list[1]!.volid}: ok`);
+    // corrupt it: verify exits 1 naming the file, restore refuses naming it
+    const image = path.join(store, '100', list[1]!.volid.split('/').pop()!, 'disk0.qcow2');
+    appendFileSync(image, 'garbage');
+    const v = cli('verify', list[1]!.volid, '--store', store, '--json');
+    expect(v.status).toBe(1);
+    expect(JSON.parse(v.stdout)[0].problems[0]).toContain(image);
+    expectOneLine(cli('restore', list[1]!.volid, '--store', store, '--to', path.join(dir, 'x')), 1, new RegExp(`refusing to restore it: ${image}: checksum mismatch.*\\[ERR_RESTORE\\]$`));
+  });
+
+  it('a container directory, tar and directory modes', async () => {
+    const dir = await tempDir();
+    const root = path.join(dir, 'ct');
+    mkdirSync(path.join(root, 'etc'), { recursive: true });
+    writeFileSync(path.join(root, 'etc', 'hostname'), 'ct200\n');
+    writeFileSync(path.join(root, 'skip.log'), 'x');
+    const store = path.join(dir, 'store');
+    for (const mode of ['tar', 'directory']) {
+      const b = cli('backup', '--store', store, '--vmid', '200', '--rootdir', root, '--lxc-mode', mode, '--exclude', '*.log', '--json');
+      expect(b.status, b.stderr).toBe(0);
+      const { volid, format } = JSON.parse(b.stdout) as { volid: string; format: string };
+      expect(format).toBe(mode);
+      const to = path.join(dir, `restored-${mode}`);
+      mkdirSync(to);
+      const r = cli('restore', volid, '--store', store, '--to', to);
+      expect(r.status, r.stderr).toBe(0);
+      expect(readFileSync(path.join(to, 'etc', 'hostname'), 'utf8')).toBe('ct200\n');
+      expect(() => readFileSync(path.join(to, 'skip.log'))).toThrow();
+    }
+  });
+
+  it('bad input: one line, non-zero exit, never a stack trace', async () => {
+    const dir = await tempDir();
+    writeFileSync(path.join(dir, 'file'), 'x');
+    const store = path.join(dir, 'store');
+    expect(cli('backup', '--store', store, '--vmid', '1', '--rootdir', dir, '--json').status).toBe(0); // makes a store
+    expectOneLine(cli('list', '--store', dir), 1, /^pve-backup-provider: .* is not a backup store: pve-backup-store.json is missing \[ERR_NOT_A_STORE\]$/);
+    expectOneLine(cli('backup', '--store', dir, '--vmid', '1', '--rootdir', dir), 1, /is not a backup store: it has other content.*\[ERR_NOT_A_STORE\]$/);
+    expectOneLine(cli('restore', 'directory:backup/100/qemu-2024_01_01-00_00_00', '--store', store, '--to', dir), 1, /unknown volume .*: no such backup in .*\[ERR_UNKNOWN_VOLUME\]$/);
+    expectOneLine(cli('delete', 'other:backup/100/qemu-2024_01_01-00_00_00', '--store', store), 1, /this store is 'directory', not 'other' \[ERR_UNKNOWN_VOLUME\]$/);
+    expectOneLine(cli('verify', 'directory:backup/1/nonsense', '--store', store), 1, /invalid backup volume name.*\[ERR_INVALID_VOLID\]$/);
+    expectOneLine(cli('backup', '--store', store, '--vmid', '1', '--disk', path.join(dir, 'missing.qcow2')), 1, /cannot read disk image .*missing\.qcow2.*\[ERR_INVALID_ARGUMENT\]$/);
+    // a socket that is not QMP
+    const sock = path.join(dir, 'not-qmp.sock');
+    const server = net.createServer((c) => c.end('hello, this is not QMP\n')).listen(sock);
+    await new Promise((r) => server.once('listening', r));
+    try {
+      const r = await new Promise<{ status: number | null; stderr: string }>((resolve) => {
+        const child = spawn(process.execPath, [CLI, 'backup', '--store', store, '--vmid', '100', '--qmp', sock]);
+        let stderr = '';
+        child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+        child.on('close', (status) => resolve({ status, stderr }));
+      });
+      expectOneLine(r, 1, /is not a QMP socket: expected a QMP greeting.*\[ERR_QMP_NOT_QMP\]$/);
+    } finally {
+      server.close();
+    }
+    expectOneLine(cli('backup', '--store', store, '--vmid', '1', '--qmp', path.join(dir, 'file')), 1, /cannot connect to QMP socket.*\[ERR_QMP_CLOSED\]$/);
+  });
+
+  it('bad usage exits with 2; every command has --help', () => {
+    expectOneLine(cli('backup', '--store', '/tmp/x', '--vmid', '1'), 2, /give exactly one of --qmp, --disk, --rootdir/);
+    expect(cli('backup', '--vmid', 'abc', '--store', 'x').status).toBe(2);
+    expectOneLine(cli('prune', '--store', '/tmp/x'), 2, /give at least one --keep-\* option/);
+    expect(cli('restore').status).toBe(2);
+    for (const c of ['backup', 'restore', 'list', 'prune', 'delete', 'verify', 'protect', 'notes', 'info', 'copy', 'demo']) {
+      const r = cli(c, '--help');
+      expect(r.status, c).toBe(0);
+      expect(r.stdout, c).toMatch(new RegExp(`^Usage: pve-backup-provider ${c}`));
+    }
+  });
+});

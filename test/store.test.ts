@@ -1,0 +1,330 @@
+/**
+ * The directory store's storage side: retention rules (pure), prune and delete keeping every
+ * remaining backup restorable, protected flag and notes, aborts at each stage, corruption found by
+ * verify and refused by restore, and clear errors for bad store paths and volume ids.
+ */
+import { readFileSync, writeFileSync, mkdirSync, existsSync } from 'node:fs';
+import { open, readFile, rm } from 'node:fs/promises';
+import path from 'node:path';
+
+import { afterEach, describe, expect, it } from 'vitest';
+
+import {
+  DirectoryProvider,
+  DirectoryStore,
+  DirectoryStoreError,
+  JobAbortedError,
+  markBackups,
+  restoreVm,
+  runBackupJob,
+  type BackupProvider,
+  type PruneEntry,
+  type VmGuest,
+} from '../lib/index.js';
+import { expectSameBytes } from './helpers/images.js';
+import { nbdWrite, startStorageDaemon, stopAll, tempDir, type QemuInstance } from './helpers/qemu.js';
+
+const MiB = 2 ** 20;
+const KiB = 1024;
+const DAY = 86_400;
+
+afterEach(async () => {
+  await stopAll();
+});
+
+// (the same helpers as in directory.test.ts: a test file cannot import another's without running its tests)
+/** A qemu-storage-daemon disk and what the test knows its content to be. */
+class Disk {
+  readonly content: Buffer;
+  constructor(
+    readonly q: QemuInstance,
+    size: number,
+  ) {
+    this.content = Buffer.alloc(size);
+  }
+  get live(): string {
+    return `nbd+unix:///live0?socket=${this.q.nbdPath!}`;
+  }
+  async write(pattern: number, offset: number, length: number): Promise<void> {
+    await nbdWrite(this.live, pattern, offset, length);
+    this.content.fill(pattern, offset, offset + length);
+  }
+  snapshot(): Buffer {
+    return Buffer.from(this.content);
+  }
+}
+
+async function startDisk(size = 8 * MiB): Promise<Disk> {
+  return new Disk(await startStorageDaemon({ size }), size);
+}
+
+function vmGuest(d: Disk, vmid = 100): VmGuest {
+  return { vmid, type: 'qemu', qmp: d.q.qmp, nbdServer: d.q.nbdPath!, devices: ['disk0'], config: `name: vm${vmid}\n`, firewallConfig: '[OPTIONS]\nenable: 1\n' };
+}
+
+/** Restores `volname` and compares with `expected`. */
+async function expectRestores(provider: BackupProvider, volname: string, expected: Buffer, scratch: string): Promise<void> {
+  const target = path.join(scratch, `${volname.replace(/\//g, '_')}.raw`);
+  await rm(target, { force: true });
+  const r = await restoreVm({ provider, volname, storeid: 'dir1', targets: { disk0: target } });
+  expect(r.devices).toEqual([{ device: 'disk0', size: expected.length, target }]);
+  expectSameBytes(await readFile(target), expected, volname);
+  await rm(target, { force: true });
+}
+
+
+describe('retention rules (markBackups)', () => {
+  const T0 = new Date(2024, 0, 10, 1).getTime() / 1000; // a Wednesday, 1 am local time
+  const entries = (n: number, step: number): PruneEntry[] => Array.from({ length: n }, (_, i) => ({ volname: `b${i}`, ctime: T0 + i * step }));
+  const kept = (marks: ReturnType<typeof markBackups>): string[] => marks.filter((m) => m.mark !== 'remove').map((m) => m.volname);
+
+  it('keep-last keeps the newest; no option keeps everything; keep-all too', () => {
+    expect(kept(markBackups(entries(5, 60), { keepLast: 2 }))).toEqual(['b4', 'b3']);
+    expect(kept(markBackups(entries(3, 60), {}))).toEqual(['b2', 'b1', 'b0']);
+    expect(kept(markBackups(entries(3, 60), { keepAll: true, keepLast: 1 }))).toEqual(['b2', 'b1', 'b0']);
+  });
+
+  it('keep-daily keeps the newest of each day; options add up as in Proxmox', () => {
+    const e = entries(6, DAY / 2); // two a day for three days
+    expect(kept(markBackups(e, { keepDaily: 2 }))).toEqual(['b5', 'b3']);
+    expect(kept(markBackups(e, { keepLast: 1, keepDaily: 2 }))).toEqual(['b5', 'b3', 'b1']); // a day already kept does not count
+    expect(kept(markBackups(entries(30, DAY), { keepWeekly: 2, keepMonthly: 1 })).length).toBe(3);
+    expect(kept(markBackups(entries(3, 366 * DAY), { keepYearly: 5 }))).toEqual(['b2', 'b1', 'b0']);
+  });
+
+  it('protected backups are kept and do not count; the bases of kept backups are kept', () => {
+    const e: PruneEntry[] = [
+      { volname: 'full1', ctime: T0 },
+      { volname: 'inc1', ctime: T0 + 10, parent: 'full1' },
+      { volname: 'inc2', ctime: T0 + 20, parent: 'inc1' },
+      { volname: 'full2', ctime: T0 + 30, protected: true },
+      { volname: 'inc3', ctime: T0 + 40, parent: 'full2' },
+      { volname: 'old', ctime: T0 - 10 },
+    ];
+    const marks = markBackups(e, { keepLast: 2 });
+    expect(marks.map((m) => [m.volname, m.mark, m.neededBy])).toEqual([
+      ['inc3', 'keep', undefined],
+      ['full2', 'protected', undefined],
+      ['inc2', 'keep', undefined],
+      ['inc1', 'keep', 'inc2'],
+      ['full1', 'keep', 'inc1'],
+      ['old', 'remove', undefined],
+    ]);
+  });
+});
+
+/** A store with a provider whose clock the test sets. */
+async function rig(size = 4 * MiB): Promise<{ disk: Disk; root: string; scratch: string; provider: DirectoryProvider; store: () => Promise<DirectoryStore>; clock: { t: number }; backup: (mode?: 'full' | 'new-chain') => Promise<{ volname: string; content: Buffer }> }> {
+  const disk = await startDisk(size);
+  const root = path.join(await tempDir(), 'store');
+  const scratch = await tempDir();
+  const clock = { t: Date.UTC(2024, 0, 1, 10) };
+  const make = (full?: boolean): DirectoryProvider =>
+    new DirectoryProvider({ storeid: 'dir1', scfg: { path: root, ...(full ? { 'vm-backup-mode': 'full' } : {}) }, log: () => {} }, { now: () => new Date(clock.t) });
+  const provider = make();
+  let n = 0;
+  const backup = async (mode?: 'full' | 'new-chain'): Promise<{ volname: string; content: Buffer }> => {
+    n++;
+    if (mode === 'new-chain') await (await DirectoryStore.open(root)).forgetPreviousInfo(100);
+    await disk.write(0x10 + n, ((n * 448 * KiB) % (size - 256 * KiB)) + 4 * KiB, 100 * KiB);
+    const content = disk.snapshot();
+    const r = await runBackupJob({ provider: mode === 'full' ? make(true) : provider, storeid: 'dir1', guests: [vmGuest(disk)], tmpdir: scratch });
+    expect(r.guests[0]!.error).toBeUndefined();
+    clock.t += DAY * 1000;
+    return { volname: r.guests[0]!.archiveName!, content };
+  };
+  return { disk, root, scratch, provider, store: () => DirectoryStore.open(root), clock, backup };
+}
+
+describe('prune and delete keep every remaining backup restorable', () => {
+  it('prune removes whole old chains, keeps the bases of kept incrementals, dry run changes nothing', async () => {
+    const { backup, store, provider, scratch } = await rig();
+    const a = [await backup(), await backup(), await backup()]; // days 1-3: one chain
+    const b = [await backup('new-chain'), await backup()]; // days 4-5: a new chain
+    const s = await store();
+    const dry = await s.pruneBackups({ vmid: 100, keep: { keepLast: 1 }, dryRun: true });
+    expect(dry.map((m) => [m.volname, m.mark, m.neededBy])).toEqual([
+      [b[1]!.volname, 'keep', undefined],
+      [b[0]!.volname, 'keep', b[1]!.volname],
+      [a[2]!.volname, 'remove', undefined],
+      [a[1]!.volname, 'remove', undefined],
+      [a[0]!.volname, 'remove', undefined],
+    ]);
+    expect((await s.listBackups()).length).toBe(5);
+    // keep-daily 3 keeps a[2] (day 3), so its whole chain stays
+    const marks = await s.pruneBackups({ vmid: 100, keep: { keepDaily: 3 } });
+    expect(marks.filter((m) => m.mark === 'remove')).toEqual([]);
+    expect(marks.find((m) => m.volname === a[0]!.volname)).toMatchObject({ mark: 'keep', neededBy: a[1]!.volname });
+    await s.pruneBackups({ vmid: 100, keep: { keepLast: 1 } });
+    expect((await s.listBackups()).map((x) => x.volname)).toEqual(b.map((x) => x.volname));
+    for (const x of b) await expectRestores(provider, x.volname, x.content, scratch);
+    for (const x of b) expect((await s.verifyBackup(x.volname)).ok).toBe(true);
+    // and the next backup still goes incremental on the kept chain
+    const c = await backup();
+    expect((await s.readManifest(c.volname)).parent).toBe(b[1]!.volname);
+  });
+
+  it('delete merges a base into its child (middle and full), refuses protected backups without force', async () => {
+    const { backup, store, provider, scratch } = await rig();
+    const x = [await backup(), await backup(), await backup(), await backup()];
+    const s = await store();
+    // the middle of the chain
+    expect(await s.deleteBackup(x[1]!.volname)).toEqual({ merged: x[2]!.volname });
+    expect((await s.readManifest(x[2]!.volname)).parent).toBe(x[0]!.volname);
+    // the full base: its child becomes a full image
+    await s.setProtected(x[0]!.volname, true);
+    const err = await s.deleteBackup(x[0]!.volname).catch((e: unknown) => e);
+    expect(err).toMatchObject({ code: 'ERR_BACKUP_PROTECTED', message: expect.stringMatching(/is protected/) });
+    expect(await s.deleteBackup(x[0]!.volname, { force: true })).toEqual({ merged: x[2]!.volname });
+    expect(await s.readManifest(x[2]!.volname)).toMatchObject({ mode: 'full' });
+    expect((await s.readManifest(x[2]!.volname)).parent).toBeUndefined();
+    expect((await s.listBackups()).map((b) => b.volname)).toEqual([x[2]!.volname, x[3]!.volname]);
+    for (const b of [x[2]!, x[3]!]) {
+      expect(await s.verifyBackup(b.volname)).toEqual({ volid: `dir1:${b.volname}`, ok: true, problems: [] });
+      await expectRestores(provider, b.volname, b.content, scratch);
+    }
+    // the newest: nothing builds on it; the next backup is full (the bookkeeping points at it)
+    await s.deleteBackup(x[3]!.volname);
+    const y = await backup();
+    expect((await s.readManifest(y.volname)).mode).toBe('full');
+    await expectRestores(provider, y.volname, y.content, scratch);
+  });
+
+  it('notes, the protected flag and retention through the job runner', async () => {
+    const { disk, root, scratch } = await rig();
+    const provider = new DirectoryProvider({ storeid: 'dir1', scfg: { path: root }, log: () => {} });
+    const opts = { provider, storeid: 'dir1', guests: [vmGuest(disk)], tmpdir: scratch };
+    const r1 = await runBackupJob({ ...opts, notesTemplate: '{{guestname}} nightly', protected: true });
+    const r2 = await runBackupJob({ ...opts, prune: { keepLast: 1 } });
+    const r3 = await runBackupJob({ ...opts, prune: { keepLast: 1 } });
+    expect([r1, r2, r3].map((r) => r.guests[0]!.warnings)).toEqual([[], [], []]);
+    const list = await (await DirectoryStore.open(root)).listBackups(100);
+    // the protected full is kept; r2 is needed by r3
+    expect(list.map((b) => [b.volname, b.protected, b.notes])).toEqual([
+      [r1.guests[0]!.archiveName, true, 'vm100 nightly'],
+      [r2.guests[0]!.archiveName, false, undefined],
+      [r3.guests[0]!.archiveName, false, undefined],
+    ]);
+  });
+});
+
+describe('abort at each stage leaves a store that lists, prunes and backs up correctly', () => {
+  const stages = ['backupVmQueryIncremental', 'backupVm', 'during the copy', 'after the copy'] as const;
+  it.each(stages)('abort %s', async (stage) => {
+    const { disk, root, scratch, backup, provider } = await rig();
+    const first = await backup();
+    const controller = new AbortController();
+    class Failing extends DirectoryProvider {
+      override async backupVmQueryIncremental(...a: Parameters<DirectoryProvider['backupVmQueryIncremental']>) {
+        if (stage === 'backupVmQueryIncremental') throw new Error('injected');
+        return super.backupVmQueryIncremental(...a);
+      }
+      override async backupVm(...a: Parameters<DirectoryProvider['backupVm']>) {
+        if (stage === 'backupVm') throw new Error('injected');
+        if (stage === 'during the copy') setTimeout(() => controller.abort(), 5);
+        await super.backupVm(...a);
+        if (stage === 'after the copy') throw new Error('injected');
+      }
+    }
+    const failing = new Failing({ storeid: 'dir1', scfg: { path: root }, log: () => {} }, { onProgress: () => {} });
+    if (stage === 'during the copy') await disk.write(0x77, 0, 3 * MiB); // enough to copy that the abort lands mid-copy
+    const r = await runBackupJob({ provider: failing, storeid: 'dir1', guests: [vmGuest(disk)], tmpdir: scratch, signal: controller.signal }).catch((e: unknown) => e);
+    if (stage === 'during the copy') expect(r).toBeInstanceOf(JobAbortedError);
+    else expect((r as { guests: Array<{ status: string }> }).guests[0]!.status).toBe('failed');
+    const s = await DirectoryStore.open(root);
+    expect((await s.listBackups()).map((b) => [b.volname, b.status])).toEqual([[first.volname, 'ok']]);
+    expect(await s.pruneBackups({ keep: { keepLast: 5 } })).toHaveLength(1);
+    const next = await backup();
+    // the bookkeeping survived: still incremental, unless the disks had all been copied
+    expect((await s.readManifest(next.volname)).mode).toBe(stage === 'after the copy' ? 'full' : 'incremental');
+    await expectRestores(provider, first.volname, first.content, scratch);
+    await expectRestores(provider, next.volname, next.content, scratch);
+  });
+
+  it('a crashed writer leaves an incomplete backup: listed as such, refused by restore, removed by prune', async () => {
+    const { root, backup, provider, scratch } = await rig();
+    const first = await backup();
+    const dir = path.join(root, '100', 'qemu-2023_12_31-23_00_00');
+    mkdirSync(dir);
+    writeFileSync(path.join(dir, '.lock'), '999999999\n');
+    writeFileSync(path.join(dir, 'disk0.qcow2.part'), 'partial');
+    const s = await DirectoryStore.open(root);
+    expect((await s.listBackups()).map((b) => b.status)).toEqual(['incomplete', 'ok']);
+    const err = await restoreVm({ provider, volname: 'backup/100/qemu-2023_12_31-23_00_00', storeid: 'dir1', targets: { disk0: path.join(scratch, 'x.raw') } }).catch((e: unknown) => e);
+    expect((err as Error).message).toMatch(/is incomplete \(no manifest.json\)/);
+    expect(existsSync(path.join(scratch, 'x.raw'))).toBe(false);
+    expect((await s.pruneBackups({ keep: { keepLast: 3 } })).map((m) => m.mark)).toEqual(['remove', 'keep']);
+    expect(existsSync(dir)).toBe(false);
+    const next = await backup();
+    expect((await s.readManifest(next.volname)).parent).toBe(first.volname);
+  });
+});
+
+describe('corruption is found by verify and refused by restore', () => {
+  it('a changed image: verify names it; restoring it or a backup built on it is refused naming it', async () => {
+    const { backup, store, provider, scratch } = await rig();
+    const x = [await backup(), await backup(), await backup()];
+    const s = await store();
+    const image = path.join(s.backupDir(x[1]!.volname), 'disk0.qcow2');
+    const fh = await open(image, 'r+');
+    const { size } = await fh.stat();
+    await fh.write(Buffer.from([0xde, 0xad]), 0, 2, size - 100);
+    await fh.close();
+    const v = await s.verifyBackup(x[1]!.volname);
+    expect(v.ok).toBe(false);
+    expect(v.problems).toEqual([`${image}: checksum mismatch (content changed since the backup)`]);
+    expect((await s.verifyBackup(x[0]!.volname)).ok).toBe(true);
+    for (const b of [x[1]!, x[2]!]) {
+      const err = await restoreVm({ provider, volname: b.volname, storeid: 'dir1', targets: { disk0: path.join(scratch, 'r.raw') } }).catch((e: unknown) => e);
+      expect(err).toMatchObject({ code: 'ERR_RESTORE', cause: { code: 'ERR_BACKUP_CORRUPT', file: image } });
+      expect((err as Error).message).toContain(image);
+    }
+    expect(existsSync(path.join(scratch, 'r.raw'))).toBe(false);
+    await expectRestores(provider, x[0]!.volname, x[0]!.content, scratch);
+  });
+
+  it('a changed or broken manifest: verify and restore name manifest.json', async () => {
+    const { backup, store, provider, scratch } = await rig();
+    const x = [await backup(), await backup()];
+    const s = await store();
+    const manifest = path.join(s.backupDir(x[0]!.volname), 'manifest.json');
+    writeFileSync(manifest, readFileSync(manifest, 'utf8').replace(/"size": 4194304/, '"size": 4194305'));
+    expect(await s.verifyBackup(x[0]!.volname)).toMatchObject({ ok: false, problems: [expect.stringContaining(`${manifest} does not match its checksum`)] });
+    const err = await restoreVm({ provider, volname: x[1]!.volname, storeid: 'dir1', targets: { disk0: path.join(scratch, 'r.raw') } }).catch((e: unknown) => e);
+    expect((err as Error).message).toContain(`${manifest} does not match its checksum`);
+    writeFileSync(manifest, '{"truncated');
+    expect((await s.verifyBackup(x[0]!.volname)).problems).toEqual([`backup dir1:${x[0]!.volname} is corrupted: ${manifest} is not valid JSON`]);
+    expect((await s.listBackups()).map((b) => b.status)).toEqual(['corrupt', 'ok']);
+    expect((await s.pruneBackups({ keep: { keepLast: 1 } })).map((m) => m.volname)).toEqual([x[1]!.volname]); // left alone
+  });
+
+  it('a broken image structure fails qemu-img check', async () => {
+    const { backup, store } = await rig();
+    const x = await backup();
+    const s = await store();
+    const image = path.join(s.backupDir(x.volname), 'disk0.qcow2');
+    const fh = await open(image, 'r+');
+    await fh.write(Buffer.alloc(8, 0xff), 0, 8, 0x30); // the L1 table offset
+    await fh.close();
+    const v = await s.verifyBackup(x.volname);
+    expect(v.problems.some((p) => p.startsWith(`${image}: qemu-img check failed`))).toBe(true);
+  });
+});
+
+describe('bad store paths and volume ids get one clear error with a stable code', () => {
+  it('not a store; unknown, malformed and foreign volume ids', async () => {
+    const dir = await tempDir();
+    writeFileSync(path.join(dir, 'something'), 'x');
+    await expect(DirectoryStore.open(dir)).rejects.toMatchObject({ code: 'ERR_NOT_A_STORE', message: `${dir} is not a backup store: pve-backup-store.json is missing` });
+    await expect(DirectoryStore.create(dir)).rejects.toMatchObject({ code: 'ERR_NOT_A_STORE' });
+    await expect(DirectoryStore.open(path.join(dir, 'something'))).rejects.toBeInstanceOf(DirectoryStoreError);
+    const s = await DirectoryStore.create(path.join(dir, 'store'), { storeid: 'dir1' });
+    expect(await DirectoryStore.create(path.join(dir, 'store'))).toMatchObject({ storeid: 'dir1' });
+    expect(() => s.volnameOf('dir1:backup/100/qemu-x')).toThrow(expect.objectContaining({ code: 'ERR_INVALID_VOLID' }));
+    expect(() => s.volnameOf('other:backup/100/qemu-2024_01_01-00_00_00')).toThrow(expect.objectContaining({ code: 'ERR_UNKNOWN_VOLUME' }));
+    expect(s.volnameOf('dir1:backup/100/qemu-2024_01_01-00_00_00')).toBe('backup/100/qemu-2024_01_01-00_00_00');
+    await expect(s.readManifest('backup/100/qemu-2024_01_01-00_00_00')).rejects.toMatchObject({ code: 'ERR_UNKNOWN_VOLUME' });
+    await expect(s.deleteBackup('backup/100/qemu-2024_01_01-00_00_00')).rejects.toMatchObject({ code: 'ERR_UNKNOWN_VOLUME' });
+    expect(s.parseVolname('backup/100/lxc-2024_01_01-00_00_00-2')).toMatchObject({ vmid: 100, vmtype: 'lxc', backupId: '2024_01_01-00_00_00-2' });
+  });
+});
