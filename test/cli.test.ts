@@ -7,7 +7,7 @@ import { describe, expect, it } from 'vitest';
 import { startNbdkit, useCleanups } from './helpers/nbd-servers.js';
 
 const CLI = join(import.meta.dirname, '..', 'dist', 'cli', 'main.js');
-const { defer, track, scratch } = useCleanups();
+const { track, scratch } = useCleanups();
 
 function cli(...args: string[]): { status: number | null; stdout: string; stderr: string } {
   const r = spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8' });
@@ -28,7 +28,7 @@ describe('pve-backup-provider info / copy', () => {
     const server = track(await startNbdkit(['memory', 'size=1M']));
     const r = cli('info', server.uri);
     expect(r.status).toBe(0);
-    expect(r.stdout).toMatch(/size\s+1048576 \(1\.0 MiB\)/);
+    expect(r.stdout).toMatch(/size\s+1048576 \(1\.00 MiB\)/);
   });
 
   it('copy --json writes the target and prints the summary', async () => {

@@ -4,7 +4,6 @@
  * every point to exactly the content of that point, in both API generations; fallbacks to full.
  */
 import { readFileSync } from 'node:fs';
-import { readFile, rm } from 'node:fs/promises';
 import path from 'node:path';
 
 import { afterEach, describe, expect, it } from 'vitest';
@@ -13,13 +12,11 @@ import {
   DirectoryProvider,
   DirectoryProviderV1,
   DirectoryStore,
-  restoreVm,
   runBackupJob,
   type BackupProvider,
-  type VmGuest,
 } from '../lib/index.js';
-import { expectSameBytes } from './helpers/images.js';
-import { nbdWrite, startStorageDaemon, stopAll, tempDir, type QemuInstance } from './helpers/qemu.js';
+import { expectRestores, startDisk, vmGuest } from './helpers/directory.js';
+import { stopAll, tempDir } from './helpers/qemu.js';
 
 const MiB = 2 ** 20;
 const KiB = 1024;
@@ -28,44 +25,6 @@ afterEach(async () => {
   await stopAll();
 });
 
-/** A qemu-storage-daemon disk and what the test knows its content to be. */
-export class Disk {
-  readonly content: Buffer;
-  constructor(
-    readonly q: QemuInstance,
-    size: number,
-  ) {
-    this.content = Buffer.alloc(size);
-  }
-  get live(): string {
-    return `nbd+unix:///live0?socket=${this.q.nbdPath!}`;
-  }
-  async write(pattern: number, offset: number, length: number): Promise<void> {
-    await nbdWrite(this.live, pattern, offset, length);
-    this.content.fill(pattern, offset, offset + length);
-  }
-  snapshot(): Buffer {
-    return Buffer.from(this.content);
-  }
-}
-
-export async function startDisk(size = 8 * MiB): Promise<Disk> {
-  return new Disk(await startStorageDaemon({ size }), size);
-}
-
-export function vmGuest(d: Disk, vmid = 100): VmGuest {
-  return { vmid, type: 'qemu', qmp: d.q.qmp, nbdServer: d.q.nbdPath!, devices: ['disk0'], config: `name: vm${vmid}\n`, firewallConfig: '[OPTIONS]\nenable: 1\n' };
-}
-
-/** Restores `volname` and compares with `expected`. */
-export async function expectRestores(provider: BackupProvider, volname: string, expected: Buffer, scratch: string): Promise<void> {
-  const target = path.join(scratch, `${volname.replace(/\//g, '_')}.raw`);
-  await rm(target, { force: true });
-  const r = await restoreVm({ provider, volname, storeid: 'dir1', targets: { disk0: target } });
-  expect(r.devices).toEqual([{ device: 'disk0', size: expected.length, target }]);
-  expectSameBytes(await readFile(target), expected, volname);
-  await rm(target, { force: true });
-}
 
 /** A provider that lets the guest write while each disk is copied (after the point in time). */
 function withWritesDuring<T extends typeof DirectoryProvider>(Base: T, during: () => Promise<void>): T {

@@ -9,7 +9,7 @@ import { startNbdkit, startQemuNbd, useCleanups } from './helpers/nbd-servers.js
 import { requireTool } from './helpers/tools.js';
 
 const MiB = 2 ** 20;
-const { defer, track, scratch } = useCleanups();
+const { track, scratch } = useCleanups();
 
 /** What `nbdcopy` (libnbd's tool) reads from the same export: the reference content. */
 function nbdcopyReference(uri: string, dir: string): Buffer {

@@ -1,19 +1,11 @@
 import cliProgress from 'cli-progress';
 
+import { formatBytes } from '../format.js';
+
+export { formatBytes };
+
 /** Exit codes of the command line, documented in the README. */
 export const EXIT = { ok: 0, failed: 1, usage: 2, cancelled: 130 } as const;
-
-/** `1536` -> `1.5 KiB`. */
-export function formatBytes(n: number): string {
-  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
-  let v = n;
-  let i = 0;
-  while (v >= 1024 && i < units.length - 1) {
-    v /= 1024;
-    i++;
-  }
-  return `${i === 0 ? v : v.toFixed(v >= 100 ? 0 : 1)} ${units[i]}`;
-}
 
 /** Progress shown to a person: a bar on a TTY, nothing when piped or with `--json`. */
 export interface ProgressView {

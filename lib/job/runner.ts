@@ -21,22 +21,11 @@ import { createLogger, dirtyBytes, dirtyRegions } from '../provider/helpers.js';
 import { parseIdMap } from '../container/idmap.js';
 import { dropDeviceBitmap, openQemuTarget, resolveDeviceSources } from './qemu-target.js';
 import { TaskLog } from './task-log.js';
+import { formatBytes } from '../format.js';
 import type { BackupJobResult, ContainerGuest, Guest, GuestOutcome, RunBackupJobOptions, VmGuest } from './types.js';
 
 const toError = (e: unknown): Error => (e instanceof Error ? e : new Error(String(e)));
 const unix = (): number => Math.floor(Date.now() / 1000);
-
-/** Bytes as vzdump prints them (`1.5 GiB`). */
-export function formatBytes(n: number): string {
-  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
-  let v = n;
-  let i = 0;
-  while (v >= 1024 && i < units.length - 1) {
-    v /= 1024;
-    i++;
-  }
-  return i === 0 ? `${n} B` : `${v.toFixed(v >= 100 ? 0 : v >= 10 ? 1 : 2)} ${units[i]}`;
-}
 
 /**
  * Resolves with `promise`, or rejects with the signal's reason as soon as `signal` aborts (the

@@ -1,0 +1,53 @@
+/**
+ * Shared by the DirectoryProvider tests: a qemu-storage-daemon disk whose content the test
+ * tracks, the VM guest that backs it up, and a restore-and-compare check.
+ */
+import { readFile, rm } from 'node:fs/promises';
+import path from 'node:path';
+
+import { expect } from 'vitest';
+
+import { restoreVm, type BackupProvider, type VmGuest } from '../../lib/index.js';
+import { expectSameBytes } from './images.js';
+import { nbdWrite, startStorageDaemon, type QemuInstance } from './qemu.js';
+
+const MiB = 2 ** 20;
+
+/** A qemu-storage-daemon disk and what the test knows its content to be. */
+export class Disk {
+  readonly content: Buffer;
+  constructor(
+    readonly q: QemuInstance,
+    size: number,
+  ) {
+    this.content = Buffer.alloc(size);
+  }
+  get live(): string {
+    return `nbd+unix:///live0?socket=${this.q.nbdPath!}`;
+  }
+  async write(pattern: number, offset: number, length: number): Promise<void> {
+    await nbdWrite(this.live, pattern, offset, length);
+    this.content.fill(pattern, offset, offset + length);
+  }
+  snapshot(): Buffer {
+    return Buffer.from(this.content);
+  }
+}
+
+export async function startDisk(size = 8 * MiB): Promise<Disk> {
+  return new Disk(await startStorageDaemon({ size }), size);
+}
+
+export function vmGuest(d: Disk, vmid = 100): VmGuest {
+  return { vmid, type: 'qemu', qmp: d.q.qmp, nbdServer: d.q.nbdPath!, devices: ['disk0'], config: `name: vm${vmid}\n`, firewallConfig: '[OPTIONS]\nenable: 1\n' };
+}
+
+/** Restores `volname` and compares with `expected`. */
+export async function expectRestores(provider: BackupProvider, volname: string, expected: Buffer, scratch: string): Promise<void> {
+  const target = path.join(scratch, `${volname.replace(/\//g, '_')}.raw`);
+  await rm(target, { force: true });
+  const r = await restoreVm({ provider, volname, storeid: 'dir1', targets: { disk0: target } });
+  expect(r.devices).toEqual([{ device: 'disk0', size: expected.length, target }]);
+  expectSameBytes(await readFile(target), expected, volname);
+  await rm(target, { force: true });
+}
