@@ -4,6 +4,7 @@ import { join } from 'node:path';
 
 import { describe, expect, it } from 'vitest';
 
+import { run } from './helpers/images.js';
 import { startNbdkit, useCleanups } from './helpers/nbd-servers.js';
 
 const CLI = join(import.meta.dirname, '..', 'dist', 'cli', 'main.js');
@@ -40,6 +41,17 @@ describe('pve-backup-provider info / copy', () => {
     const summary = JSON.parse(r.stdout);
     expect(summary.bytesTotal).toBe(8 * 2 ** 20);
     expect(readFileSync(target).length).toBe(8 * 2 ** 20);
+  });
+
+  it('copy --format qcow2 writes an image qemu-img accepts, with the same content', async () => {
+    const server = track(await startNbdkit(['sparse-random', 'size=8M', 'seed=2']));
+    const dir = scratch();
+    const target = join(dir, 'out.qcow2');
+    const r = cli('copy', server.uri, target, '--format', 'qcow2', '--compression', 'zstd', '--json', '--no-discard');
+    expect(r.status, r.stderr).toBe(0);
+    run('qemu-img', ['check', '-q', target]);
+    run('nbdcopy', [server.uri, join(dir, 'ref.raw')]);
+    run('qemu-img', ['compare', '-q', '-f', 'qcow2', '-F', 'raw', target, join(dir, 'ref.raw')]);
   });
 
   it('bad input gets one clear line and a non-zero exit, never a stack trace', () => {

@@ -2,7 +2,7 @@
  * The `pve-backup-provider` command line. Each command prints one clear line on failure (never a
  * stack trace) and exits with a documented code: 0 ok, 1 failed, 2 bad usage, 130 cancelled.
  */
-import { Command, CommanderError, InvalidArgumentError } from 'commander';
+import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 
 import { PveBackupError } from '../errors.js';
 import { NbdClient, listBitmaps } from '../nbd/client.js';
@@ -68,9 +68,12 @@ export function buildProgram(): Command {
 
   program
     .command('copy')
-    .description("copy an export's dirty extents (or the whole disk) to a sparse raw image")
+    .description("copy an export's dirty extents (or the whole disk) to a sparse raw or qcow2 image")
     .argument('<uri>', 'NBD URI of the export')
-    .argument('<target>', "raw image to write ('-' or /dev/null: read and discard)")
+    .argument('<target>', "image to write ('-' or /dev/null: read and discard)")
+    .addOption(new Option('--format <format>', 'image format of the target').choices(['raw', 'qcow2']).default('raw'))
+    .option('--backing <file>', 'qcow2: the image this one is an increment of (relative to the target\'s folder)')
+    .addOption(new Option('--compression <kind>', 'qcow2: compress clusters').choices(['none', 'zstd', 'zlib']))
     .option('--bitmap <name>', 'read only the dirty extents of this bitmap')
     .option('--existing', 'write into an existing image at the same offsets (incremental)')
     .option('--discard', 'TRIM each range on the export once written (default when it allows TRIM)')
@@ -87,8 +90,10 @@ export function buildProgram(): Command {
       const toNull = target === '-' || target === '/dev/null';
       const summary = await copyExtents({
         uri,
-        target: toNull ? 'null' : 'raw',
+        target: toNull ? 'null' : (opts.format as 'raw' | 'qcow2'),
         path: toNull ? undefined : target,
+        backingFile: opts.backing as string | undefined,
+        compression: opts.compression as 'none' | 'zstd' | 'zlib' | undefined,
         existing: opts.existing === true,
         bitmap: opts.bitmap as string | undefined,
         discard: opts.discard as boolean | undefined,

@@ -13,7 +13,7 @@ export interface ExtentReadOptions {
   maxRequest?: number;
   /** Requests in flight across all connections; default 16. */
   requests?: number;
-  /** Connections to open when the server allows several (CAN_MULTI_CONN); default 1. */
+  /** Connections to open when the server allows several (CAN_MULTI_CONN); default 2. */
   connections?: number;
   /** Copy-before-write cluster size that reads and discards align to; default 64 KiB. */
   clusterSize?: number;

@@ -23,6 +23,11 @@ pub enum Target {
     Custom(Box<dyn Sink>),
 }
 
+/// Connections opened when the server allows several (CAN_MULTI_CONN): on the 2-core benchmark
+/// machine two connections sharing 16 requests beat one (benchmarks/RESULTS.md), since reading
+/// replies and writing the target then overlap on both cores.
+pub const DEFAULT_CONNECTIONS: usize = 2;
+
 pub struct JobOptions {
     pub uri: String,
     /// Connections to open; more than one only when the server advertises CAN_MULTI_CONN.

@@ -97,7 +97,7 @@ fn job_options(o: &NativeCopyOptions) -> napi::Result<JobOptions> {
     if let Some(v) = o.detect_zeroes {
         copy.detect_zeroes = v;
     }
-    Ok(JobOptions { uri: o.uri.clone(), connections: o.connections.unwrap_or(1).max(1) as usize, copy })
+    Ok(JobOptions { uri: o.uri.clone(), connections: o.connections.map_or(job::DEFAULT_CONNECTIONS, |n| n.max(1) as usize), copy })
 }
 
 fn file_target(o: &NativeCopyOptions) -> Result<Target> {

@@ -5,6 +5,7 @@ pub mod file;
 pub mod js;
 pub mod null;
 pub mod qcow2;
+mod write_behind;
 
 pub use file::RawFileSink;
 pub use js::{ChannelSink, Chunk, ChunkReceiver};

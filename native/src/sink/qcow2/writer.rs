@@ -20,6 +20,7 @@ use bytes::Bytes;
 use super::compress::{Compression, Compressor};
 use super::format::*;
 use super::reader::Image;
+use crate::sink::write_behind::WriteBehind;
 use crate::error::{Error, Result};
 
 /// What an image holds, for progress and the provider's manifest.
@@ -81,6 +82,8 @@ impl Partial {
 
 pub struct Writer {
     file: File,
+    /// Data clusters are appended in order: their writeback starts as they are written.
+    behind: WriteBehind,
     path: PathBuf,
     cluster_bits: u32,
     cs: u64,
@@ -220,6 +223,7 @@ impl Writer {
 
         let mut w = Writer {
             file,
+            behind: WriteBehind::default(),
             path: path.to_path_buf(),
             cluster_bits: cfg.cluster_bits,
             cs,
@@ -354,6 +358,9 @@ impl Writer {
             self.file
                 .write_all_at(&data[r], host)
                 .map_err(io(format!("writing {len} bytes at {host} of {}", self.path.display())))?;
+            self.behind
+                .written(&self.file, host, len)
+                .map_err(io(format!("starting writeback at {host} of {}", self.path.display())))?;
             host += len;
         }
         Ok(())
