@@ -1,9 +1,9 @@
-import { copyFileSync, readFileSync } from 'node:fs';
+import { copyFileSync, existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 
 import { describe, expect, it } from 'vitest';
 
-import { NbdClient, NbdError, copyExtents, readChunks, type Chunk } from '../lib/index.js';
+import { NbdClient, NbdError, backupNbdToFile, copyExtents, readChunks, type Chunk } from '../lib/index.js';
 import { allocatedBytes, createImage, expectSameBytes, qemuIo, run } from './helpers/images.js';
 import { startNbdkit, startQemuNbd, useCleanups } from './helpers/nbd-servers.js';
 import { requireTool } from './helpers/tools.js';
@@ -170,6 +170,22 @@ describe('readChunks', () => {
     await writer.close();
   });
 
+  it("rejects with the copy's own error, not just that the stream stopped", async () => {
+    const server = track(await startNbdkit(['--filter=error', 'pattern', 'size=16M', 'error-pread=EIO', 'error-pread-rate=1']));
+    const consume = async (): Promise<void> => {
+      for await (const chunk of readChunks({ uri: server.uri })) void chunk;
+    };
+    await expect(consume()).rejects.toMatchObject({ code: 'ERR_NBD_SERVER', errno: 'EIO', command: 'READ' });
+    const dir = scratch();
+    const image = join(dir, 'disk.qcow2');
+    createImage(image, '1M', 'qcow2');
+    const qemuNbd = track(await startQemuNbd(image, { format: 'qcow2', readOnly: true }));
+    const missing = async (): Promise<void> => {
+      for await (const chunk of readChunks({ uri: qemuNbd.uri, bitmap: 'nope' })) void chunk;
+    };
+    await expect(missing()).rejects.toMatchObject({ code: 'ERR_NBD_UNSUPPORTED', message: expect.stringMatching(/no dirty bitmap "nope"/) });
+  });
+
   it('ends the copy when the consumer stops early', async () => {
     const server = track(await startNbdkit(['pattern', 'size=64M']));
     const stream = readChunks({ uri: server.uri });
@@ -178,5 +194,34 @@ describe('readChunks', () => {
       break;
     }
     await expect(stream.summary).rejects.toMatchObject({ code: 'ERR_CANCELLED' });
+  });
+});
+
+describe('backupNbdToFile (provider helper)', () => {
+  it('reuse mode writes into a copy and renames it only on success; a failure leaves the previous image as it was', async () => {
+    const dir = scratch();
+    const image = join(dir, 'disk.qcow2');
+    createImage(image, '8M', 'qcow2');
+    qemuIo(image, 'qcow2', ['write -P 0x11 0 4M']);
+    run('qemu-img', ['bitmap', '--add', image, 'inc']);
+    const full = join(dir, 'disk.raw');
+    {
+      const server = track(await startQemuNbd(image, { format: 'qcow2', readOnly: true }));
+      await backupNbdToFile({ uri: server.uri, bitmapMode: 'new', path: full });
+      await server.stop();
+    }
+    const before = readFileSync(full);
+    qemuIo(image, 'qcow2', ['write -P 0x22 1M 64k']);
+    const server = track(await startQemuNbd(image, { format: 'qcow2', readOnly: true, extra: ['--bitmap=inc'] }));
+    // a failing run (no such bitmap) must not touch the previous image, which is also the target
+    await expect(backupNbdToFile({ uri: server.uri, bitmapMode: 'reuse', bitmapName: 'nope', previous: full, path: full })).rejects.toMatchObject({
+      code: 'ERR_NBD_UNSUPPORTED',
+    });
+    expect(readFileSync(full).equals(before)).toBe(true);
+    expect(existsSync(`${full}.part`)).toBe(false);
+    const summary = await backupNbdToFile({ uri: server.uri, bitmapMode: 'reuse', bitmapName: 'inc', previous: full, path: full });
+    expect(summary.bytesRead).toBe(65536);
+    expectSameBytes(readFileSync(full), nbdcopyReference(server.uri, dir));
+    expect(existsSync(`${full}.part`)).toBe(false);
   });
 });

@@ -8,6 +8,7 @@
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 
 import { InvalidArgumentError } from '../errors.js';
 import { NbdClient } from '../nbd/client.js';
@@ -48,6 +49,23 @@ export function raceAbort<T>(promise: Promise<T>, signal: AbortSignal): Promise<
       },
     );
   });
+}
+
+/**
+ * {@link raceAbort} for the provider's data calls (`backupVm`, `backupContainer`): on abort, the
+ * provider (which got the signal) has up to `graceMs` to stop before this rejects, so that
+ * teardown and cleanup never run while it still reads the export or writes its target.
+ */
+export async function settleOnAbort<T>(promise: Promise<T>, signal: AbortSignal, graceMs = 30_000): Promise<T> {
+  try {
+    return await raceAbort(promise, signal);
+  } catch (err) {
+    if (!signal.aborted) throw err;
+    const timer = new AbortController();
+    await Promise.race([promise.then(() => undefined, () => undefined), sleep(graceMs, undefined, { signal: timer.signal }).catch(() => undefined)]);
+    timer.abort();
+    throw err;
+  }
 }
 
 /** The vzdump notes template: `{{guestname}}`, `{{vmid}}`, `{{node}}`, `{{cluster}}`, `\n`, `\\`. */
@@ -414,7 +432,7 @@ async function backupVmGuest(
         }
         volumes.push(v);
       }
-      await raceAbort(
+      await settleOnAbort(
         driver.backupVm(guest.vmid, {
           config: guest.config,
           firewallConfig: guest.firewallConfig,
@@ -470,5 +488,5 @@ async function backupContainerGuest(ctx: JobContext, guest: ContainerGuest, tlog
     archiveName,
     signal: ctx.signal,
   };
-  await raceAbort(ctx.driver.backupContainer(guest.vmid, { config: guest.config, excludePaths, info }), ctx.signal);
+  await settleOnAbort(ctx.driver.backupContainer(guest.vmid, { config: guest.config, excludePaths, info }), ctx.signal);
 }

@@ -51,9 +51,13 @@ export interface CopyExtentsOptions extends ExtentReadOptions {
   existing?: boolean;
 }
 
+/** Progress of a copy, reported at most about 10 times a second. */
 export interface CopyProgress {
+  /** Bytes the target has taken (data and zeros). */
   done: number;
+  /** Bytes the copy will hand to the target (clean areas excluded). */
   total: number;
+  /** Read rate since the start. */
   bytesPerSecond: number;
 }
 
@@ -63,8 +67,10 @@ export interface CopySummary {
   bytesTotal: number;
   /** Bytes read over NBD. */
   bytesRead: number;
-  /** Bytes that were zero (by block status or by content) and written as holes. */
+  /** Bytes that block status reported as zero: never read, written as holes. */
   bytesZero: number;
+  /** Bytes read that turned out all zero (64 KiB blocks), written as holes; part of `bytesRead`. */
+  bytesZeroDetected: number;
   /** Bytes not needed (clean in the bitmap). */
   bytesSkipped: number;
   /** Bytes discarded on the export after the target took them. */
@@ -73,6 +79,8 @@ export interface CopySummary {
   extents: number;
   seconds: number;
   connections: number;
+  /** The server refused `base:allocation` inside the dirty areas: planned from the bitmap alone. */
+  allocationFallback: boolean;
 }
 
 /** A chunk of a {@link readChunks} stream: data, or a range that reads as zeros. */
@@ -166,7 +174,15 @@ export function readChunks(options: ExtentReadOptions): ChunkStream {
       let finished = false;
       try {
         for (;;) {
-          const chunk = await callNative(() => job.next());
+          let chunk: Binding.NativeChunk | null | undefined;
+          try {
+            chunk = await callNative(() => job.next());
+          } catch (err) {
+            // The stream only says that the copy stopped; the copy's own error says why
+            // (the server's errno, the offset, a missing bitmap).
+            await summary;
+            throw err;
+          }
           if (chunk === null || chunk === undefined) {
             finished = true;
             await summary; // the copy's own error, if any, wins over a clean end

@@ -6,11 +6,12 @@
  * @packageDocumentation
  */
 import { execFile } from 'node:child_process';
+import { rename, rm } from 'node:fs/promises';
 import { Transform, type TransformCallback } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
 
-import { InvalidArgumentError } from '../errors.js';
+import { InvalidArgumentError, PveBackupError } from '../errors.js';
 import { NbdClient, NBD_STATE_DIRTY } from '../nbd/client.js';
 import { copyExtents, type CopyProgress, type CopySummary } from '../nbd/copy.js';
 import { nbdUnixUri } from '../qemu/names.js';
@@ -175,14 +176,15 @@ export interface BackupNbdToFileOptions {
   /** The raw image to write (sparse). */
   path: string;
   /**
-   * Mode `reuse`: the image of the previous backup of this device. When it differs from `path`
-   * it is copied to `path` first (reflink when the filesystem can, sparse otherwise) and the
-   * dirty extents are written over the copy; when equal, `path` is updated in place.
+   * Mode `reuse`: the image of the previous backup of this device. It is copied (reflink when
+   * the filesystem can, sparse otherwise) to `<path>.part`, the dirty extents are written over
+   * the copy, and the copy is renamed to `path` only on success: a failed run never leaves a mix
+   * of two points in time, and `previous` is never written (it may equal `path`).
    */
   previous?: string;
   /** Bytes per second (0 or absent: none). */
   bandwidthLimit?: number;
-  /** Discard on the export what has been written (default true). */
+  /** Discard on the export what has been written; default: when the export accepts TRIM. */
   discard?: boolean;
   onProgress?: (progress: CopyProgress) => void;
   signal?: AbortSignal;
@@ -201,7 +203,7 @@ export async function backupNbdToFile(o: BackupNbdToFileOptions): Promise<CopySu
   const common = {
     uri,
     path: o.path,
-    discard: o.discard ?? true,
+    ...(o.discard !== undefined ? { discard: o.discard } : {}),
     ...(o.bandwidthLimit ? { bandwidthLimit: o.bandwidthLimit } : {}),
     ...(o.onProgress ? { onProgress: o.onProgress } : {}),
     ...(o.signal ? { signal: o.signal } : {}),
@@ -209,6 +211,16 @@ export async function backupNbdToFile(o: BackupNbdToFileOptions): Promise<CopySu
   if (o.bitmapMode !== 'reuse') return copyExtents(common);
   if (!o.bitmapName) throw new InvalidArgumentError('bitmap mode reuse needs the bitmap name');
   if (!o.previous) throw new InvalidArgumentError('bitmap mode reuse needs the previous image (option previous)');
-  if (o.previous !== o.path) await execFileP('cp', ['--reflink=auto', '--sparse=always', '--', o.previous, o.path]);
-  return copyExtents({ ...common, existing: true, bitmap: o.bitmapName });
+  const part = `${o.path}.part`;
+  try {
+    await execFileP('cp', ['--reflink=auto', '--sparse=always', '--', o.previous, part]).catch((err: { stderr?: string; message: string }) => {
+      throw new PveBackupError(`copying the previous image ${o.previous} failed: ${(err.stderr || err.message).trim()}`, { code: 'ERR_SINK', cause: err });
+    });
+    const summary = await copyExtents({ ...common, path: part, existing: true, bitmap: o.bitmapName });
+    await rename(part, o.path);
+    return summary;
+  } catch (err) {
+    await rm(part, { force: true });
+    throw err;
+  }
 }

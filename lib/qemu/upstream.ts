@@ -326,6 +326,11 @@ async function freezePoint(qmp: QmpClient, commands: Set<string>, targetId: stri
       await addCbw(qmp, d);
       await insertFilter(qmp, d, slotNames(d.slot).cbw);
     }
+  } catch (err) {
+    // The guest must run again whatever failed; the first error is the one to report.
+    if (resume) await qmp.execute('cont').catch(() => undefined);
+    resume = false;
+    throw err;
   } finally {
     if (resume) await qmp.execute('cont');
   }

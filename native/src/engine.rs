@@ -112,16 +112,11 @@ pub async fn copy<S: Source>(
 ) -> Result<Summary> {
     let result = run(&sources, sink, options, progress, cancel).await;
     match result {
-        Ok(summary) => match cancellable(cancel, sink.finish()).await {
-            Ok(()) => Ok(summary),
-            Err(e) if e.is_cancelled() => {
-                sink.abort("cancelled").await;
-                Err(e)
-            }
-            // A failed finish is the sink's own failure: abort is not called after it (the
-            // Sink contract is one or the other).
-            Err(e) => Err(e),
-        },
+        // Not cancellable: finishing is bounded work (flush, fsync, rename into place), and
+        // stopping it half-way could leave a complete-looking image behind a failed copy. A
+        // failed finish is the sink's own failure: abort is not called after it (the Sink
+        // contract is one or the other).
+        Ok(summary) => sink.finish().await.map(|()| summary),
         Err(e) => {
             let reason = if e.is_cancelled() { "cancelled".to_string() } else { e.to_string() };
             sink.abort(&reason).await;

@@ -88,9 +88,19 @@ pub async fn run(
         }
         open_connections(&uri, &opts).await
     };
-    let clients = tokio::select! {
-        c = prepared => c?,
-        _ = cancel.cancelled() => return Err(Error::cancelled()),
+    let prepared = tokio::select! {
+        c = prepared => c,
+        _ = cancel.cancelled() => Err(Error::cancelled()),
+    };
+    let clients = match prepared {
+        Ok(clients) => clients,
+        Err(e) => {
+            // A caller-built sink (the JS consumer) must hear why nothing will come.
+            if let Target::Custom(mut sink) = target {
+                sink.abort(&e.to_string()).await;
+            }
+            return Err(e);
+        }
     };
     let size = clients[0].info().size;
     let result = async {

@@ -231,7 +231,6 @@ export class DirectoryProvider extends BackupProviderBase {
       ...(v.bitmapName ? { bitmap: v.bitmapName } : {}),
       ...(base ? { backingFile: `../${parseVolname(base).dirName}/${file}`, backingFormat: 'qcow2' as const } : {}),
       compression: this.compression,
-      discard: true,
       ...(bandwidthLimit > 0 ? { bandwidthLimit } : {}),
       ...(this.options.onProgress ? { onProgress: (p: CopyProgress) => this.options.onProgress!({ ...p, vmid: g.vmid, device }) } : {}),
       ...(signal ? { signal } : {}),

@@ -58,11 +58,13 @@ pub struct NativeSummary {
     pub bytes_total: i64,
     pub bytes_read: i64,
     pub bytes_zero: i64,
+    pub bytes_zero_detected: i64,
     pub bytes_skipped: i64,
     pub bytes_trimmed: i64,
     pub extents: i64,
     pub seconds: f64,
     pub connections: u32,
+    pub allocation_fallback: bool,
 }
 
 #[napi(object)]
@@ -131,11 +133,13 @@ fn summary_to_js(s: Summary) -> NativeSummary {
         bytes_total: to_js(s.bytes_total),
         bytes_read: to_js(s.bytes_read),
         bytes_zero: to_js(s.bytes_zero),
+        bytes_zero_detected: to_js(s.bytes_zero_detected),
         bytes_skipped: to_js(s.bytes_skipped),
         bytes_trimmed: to_js(s.bytes_trimmed),
         extents: to_js(s.extents),
         seconds: s.seconds,
         connections: s.connections as u32,
+        allocation_fallback: s.allocation_fallback,
     }
 }
 
