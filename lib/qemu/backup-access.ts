@@ -5,6 +5,7 @@
  *
  * @packageDocumentation
  */
+import { rm } from 'node:fs/promises';
 import type { QmpClient } from '../qmp/client.js';
 import { queryBlockExports, queryNamedBlockNodes } from '../qmp/commands.js';
 import { QmpClosedError, QmpError } from '../qmp/errors.js';
@@ -88,32 +89,27 @@ export async function setupBackupAccess(qmp: QmpClient, opts: SetupBackupAccessO
     : ({ ownNbd: false, socketPath: existingNbd! } as const);
   try {
     const input = { targetId, devices, bitmap, fleecingDir, fleecingFormat: format, qga: opts.qga, socket };
-    if (backend === 'upstream') {
-      const { state, devices: res } = await setupUpstream(qmp, input);
-      remember(qmp, state);
-      return {
-        targetId,
-        backend,
-        socketPath: socket.socketPath,
-        devices: res.map((r) => ({
-          device: r.state.device,
-          nodeName: `${NAME_PREFIX}-${r.state.slot}-snap`,
-          size: r.size,
-          exportName: r.state.exportName,
-          nbdUri: nbdUnixUri(r.state.exportName, socket.socketPath),
-          ...(r.exportedBitmap ? { bitmapName: r.exportedBitmap } : {}),
-          bitmapAction: r.action,
-          bitmapMode: bitmapModeFor(r.action),
-        })),
-      };
-    }
-    const { state, devices: res } = await setupProxmox(qmp, input);
-    remember(qmp, state);
+    // Both backends report the same facts per device, under their own names.
+    const reported =
+      backend === 'upstream'
+        ? await setupUpstream(qmp, input).then(({ state, devices: res }) => ({
+            state,
+            devices: res.map((r) => ({
+              device: r.state.device,
+              nodeName: `${NAME_PREFIX}-${r.state.slot}-snap`,
+              size: r.size,
+              exportName: r.state.exportName,
+              bitmapName: r.exportedBitmap,
+              action: r.action,
+            })),
+          }))
+        : await setupProxmox(qmp, input);
+    remember(qmp, reported.state);
     return {
       targetId,
       backend,
       socketPath: socket.socketPath,
-      devices: res.map((r) => ({
+      devices: reported.devices.map((r) => ({
         device: r.device,
         nodeName: r.nodeName,
         size: r.size,
@@ -125,7 +121,7 @@ export async function setupBackupAccess(qmp: QmpClient, opts: SetupBackupAccessO
       })),
     };
   } catch (err) {
-    if (sock) await import('node:fs').then((fs) => fs.promises.rm(sock.dir, { recursive: true, force: true })).catch(() => undefined);
+    if (sock) await rm(sock.dir, { recursive: true, force: true }).catch(() => undefined);
     throw err;
   }
 }

@@ -193,7 +193,7 @@ class Store {
 
   /**
    * Stores a container tree both ways, as a tar archive and as a directory copy, with the
-   * container tools of `lib/container` (loaded lazily: they are merged separately). Owners are
+   * container tools of `lib/container`. Owners are
    * stored as container ids.
    */
   async storeTree(vmid: number, directory: string, sources: string[], excludes: string[], idMap: IdMapEntry[]): Promise<void> {
