@@ -118,7 +118,11 @@ pub async fn copy<S: Source>(
         // contract is one or the other).
         Ok(summary) => sink.finish().await.map(|()| summary),
         Err(e) => {
-            let reason = if e.is_cancelled() { "cancelled".to_string() } else { e.to_string() };
+            let reason = if e.is_cancelled() {
+                "cancelled".to_string()
+            } else {
+                e.to_string()
+            };
             sink.abort(&reason).await;
             Err(e)
         }
@@ -126,7 +130,10 @@ pub async fn copy<S: Source>(
 }
 
 /// Await `fut` unless `cancel` fires first.
-async fn cancellable<T>(cancel: &CancellationToken, fut: impl Future<Output = Result<T>>) -> Result<T> {
+async fn cancellable<T>(
+    cancel: &CancellationToken,
+    fut: impl Future<Output = Result<T>>,
+) -> Result<T> {
     tokio::select! {
         biased;
         _ = cancel.cancelled() => Err(Error::cancelled()),
@@ -145,7 +152,11 @@ struct Planned {
 /// QEMU computes every negotiated meta context for each BLOCK_STATUS request, and a
 /// bitmap-restricted snapshot refuses `base:allocation` outside its dirty areas: ask on a
 /// connection that negotiated the bitmap alone.
-pub async fn map_dirty<S: Source>(source: &S, name: &str, cancel: &CancellationToken) -> Result<Vec<Region>> {
+pub async fn map_dirty<S: Source>(
+    source: &S,
+    name: &str,
+    cancel: &CancellationToken,
+) -> Result<Vec<Region>> {
     let context = dirty_bitmap_context(name);
     if !source.has_context(&context) {
         return Err(Error::unsupported(format!(
@@ -153,7 +164,11 @@ pub async fn map_dirty<S: Source>(source: &S, name: &str, cancel: &CancellationT
         )));
     }
     let size = source.size();
-    let extents = if size == 0 { Vec::new() } else { cancellable(cancel, source.block_status(0, size, &context)).await? };
+    let extents = if size == 0 {
+        Vec::new()
+    } else {
+        cancellable(cancel, source.block_status(0, size, &context)).await?
+    };
     Ok(plan::dirty_regions(&extents, size))
 }
 
@@ -176,12 +191,20 @@ async fn make_plan<S: Source>(
     let mut zero = Vec::new();
     if options.use_allocation && size > 0 && first.has_context(CONTEXT_ALLOCATION) {
         // Only inside the dirty regions: a bitmap-restricted export refuses the rest.
-        let regions = dirty.clone().unwrap_or_else(|| vec![Region { offset: 0, length: size }]);
+        let regions = dirty.clone().unwrap_or_else(|| {
+            vec![Region {
+                offset: 0,
+                length: size,
+            }]
+        });
         let parallel = options.requests_in_flight.max(1);
         let queries = futures::stream::iter(regions.into_iter().enumerate())
             .map(|(i, r)| {
                 let src = sources[i % sources.len()].clone();
-                async move { src.block_status(r.offset, r.length, CONTEXT_ALLOCATION).await }
+                async move {
+                    src.block_status(r.offset, r.length, CONTEXT_ALLOCATION)
+                        .await
+                }
             })
             .buffered(parallel)
             .try_concat();
@@ -192,9 +215,19 @@ async fn make_plan<S: Source>(
         }
     }
 
-    let plan =
-        plan::plan(size, dirty.as_deref(), &zero, &PlanOptions { cluster_size: options.cluster_size, max_request })?;
-    Ok(Planned { plan, allocation_fallback })
+    let plan = plan::plan(
+        size,
+        dirty.as_deref(),
+        &zero,
+        &PlanOptions {
+            cluster_size: options.cluster_size,
+            max_request,
+        },
+    )?;
+    Ok(Planned {
+        plan,
+        allocation_fallback,
+    })
 }
 
 /// A spawned task that is aborted when dropped, so that an early return (error, cancel)
@@ -292,7 +325,10 @@ fn is_zero(data: &[u8]) -> bool {
 }
 
 fn join_error(what: &str, e: tokio::task::JoinError) -> Error {
-    Error::io(format!("{what} task failed"), std::io::Error::other(e.to_string()))
+    Error::io(
+        format!("{what} task failed"),
+        std::io::Error::other(e.to_string()),
+    )
 }
 
 async fn run<S: Source>(
@@ -307,7 +343,9 @@ async fn run<S: Source>(
         return Err(Error::invalid_argument("no connection to copy from"));
     };
     if options.max_request == 0 || options.cluster_size == 0 || options.requests_in_flight == 0 {
-        return Err(Error::invalid_argument("max_request, cluster_size and requests_in_flight must be positive"));
+        return Err(Error::invalid_argument(
+            "max_request, cluster_size and requests_in_flight must be positive",
+        ));
     }
     if let Some(other) = sources.iter().find(|s| s.size() != first.size()) {
         return Err(Error::invalid_argument(format!(
@@ -323,14 +361,21 @@ async fn run<S: Source>(
     let discard = match options.discard {
         None => first.can_trim(),
         Some(true) if !first.can_trim() => {
-            return Err(Error::unsupported("discard was requested but the export does not accept TRIM"));
+            return Err(Error::unsupported(
+                "discard was requested but the export does not accept TRIM",
+            ));
         }
         Some(d) => d,
     };
 
-    let Planned { plan, allocation_fallback } = make_plan(sources, options, max_request, cancel).await?;
+    let Planned {
+        plan,
+        allocation_fallback,
+    } = make_plan(sources, options, max_request, cancel).await?;
     let total = plan.bytes_read + plan.bytes_zero;
-    let limiter = options.bandwidth_limit.map(|b| Arc::new(RateLimiter::new(b)));
+    let limiter = options
+        .bandwidth_limit
+        .map(|b| Arc::new(RateLimiter::new(b)));
 
     let mut units = plan.units.into_iter();
     let mut queue: VecDeque<Pending> = VecDeque::new();
@@ -352,8 +397,9 @@ async fn run<S: Source>(
             let Some(unit) = units.next() else { break };
             let mut reads = Vec::new();
             for op in unit.ops.iter().filter(|o| o.kind == OpKind::Read) {
-                let length = u32::try_from(op.length)
-                    .map_err(|_| Error::invalid_argument(format!("read of {} bytes planned", op.length)))?;
+                let length = u32::try_from(op.length).map_err(|_| {
+                    Error::invalid_argument(format!("read of {} bytes planned", op.length))
+                })?;
                 reads.push((op.offset, length));
             }
             let reads = if reads.is_empty() {
@@ -361,11 +407,17 @@ async fn run<S: Source>(
             } else {
                 let source = sources[next_conn % sources.len()].clone();
                 next_conn = next_conn.wrapping_add(1);
-                Some(Task(tokio::spawn(read_unit(source, reads, limiter.clone()))))
+                Some(Task(tokio::spawn(read_unit(
+                    source,
+                    reads,
+                    limiter.clone(),
+                ))))
             };
             queue.push_back(Pending { unit, reads });
         }
-        let Some(mut pending) = queue.pop_front() else { break };
+        let Some(mut pending) = queue.pop_front() else {
+            break;
+        };
 
         // Wait for the oldest unit, draining finished TRIMs meanwhile.
         let data = match pending.reads.as_mut() {
@@ -389,7 +441,10 @@ async fn run<S: Source>(
                 OpKind::Zero => cancellable(cancel, sink.zero(op.offset, op.length)).await?,
                 OpKind::Read => {
                     let Some(bytes) = data.next() else {
-                        return Err(Error::protocol(format!("missing data for offset {}", op.offset)));
+                        return Err(Error::protocol(format!(
+                            "missing data for offset {}",
+                            op.offset
+                        )));
                     };
                     if !options.detect_zeroes {
                         cancellable(cancel, sink.write_at(op.offset, bytes)).await?;
@@ -397,7 +452,9 @@ async fn run<S: Source>(
                     }
                     for run in zero_runs(op.offset, bytes) {
                         match run {
-                            Run::Data(offset, data) => cancellable(cancel, sink.write_at(offset, data)).await?,
+                            Run::Data(offset, data) => {
+                                cancellable(cancel, sink.write_at(offset, data)).await?
+                            }
                             Run::Zero(offset, length) => {
                                 bytes_zero_detected += length;
                                 cancellable(cancel, sink.zero(offset, length)).await?;
@@ -481,8 +538,14 @@ mod unit_tests {
                 Run::Data(3 * ZERO_BLOCK, Bytes::copy_from_slice(&v[3 * b - 1000..])),
             ]
         );
-        assert_eq!(zero_runs(5, Bytes::from(vec![0u8; 7])), vec![Run::Zero(5, 7)]);
-        assert_eq!(zero_runs(0, Bytes::from(vec![9u8; 3])), vec![Run::Data(0, Bytes::from(vec![9u8; 3]))]);
+        assert_eq!(
+            zero_runs(5, Bytes::from(vec![0u8; 7])),
+            vec![Run::Zero(5, 7)]
+        );
+        assert_eq!(
+            zero_runs(0, Bytes::from(vec![9u8; 3])),
+            vec![Run::Data(0, Bytes::from(vec![9u8; 3]))]
+        );
         assert!(zero_runs(0, Bytes::new()).is_empty());
     }
 

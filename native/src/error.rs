@@ -55,7 +55,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     fn new(kind: Kind, message: impl Into<String>) -> Self {
-        Error { kind, message: message.into(), server: None, source: None }
+        Error {
+            kind,
+            message: message.into(),
+            server: None,
+            source: None,
+        }
     }
 
     fn with_source(mut self, source: impl Into<Source>) -> Self {
@@ -205,7 +210,9 @@ impl fmt::Debug for Error {
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source.as_ref().map(|s| &**s as &(dyn std::error::Error + 'static))
+        self.source
+            .as_ref()
+            .map(|s| &**s as &(dyn std::error::Error + 'static))
     }
 }
 
@@ -223,7 +230,10 @@ mod tests {
             message: Some("injected".into()),
         });
         assert_eq!(e.code(), "ERR_NBD_SERVER");
-        assert_eq!(e.to_string(), "server error EIO on READ at offset 4096 length 512: injected");
+        assert_eq!(
+            e.to_string(),
+            "server error EIO on READ at offset 4096 length 512: injected"
+        );
         assert_eq!(e.server_error().map(|s| s.offset), Some(4096));
     }
 

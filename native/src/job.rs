@@ -13,10 +13,16 @@ use crate::source::{dirty_bitmap_context, CONTEXT_ALLOCATION};
 /// Where the data goes; the file sinks need the export size, known only after connecting.
 pub enum Target {
     /// A sparse raw image; `existing` writes into a copy of the previous full image.
-    RawFile { path: std::path::PathBuf, existing: bool },
+    RawFile {
+        path: std::path::PathBuf,
+        existing: bool,
+    },
     /// A qcow2 image (full, or incremental over a backing image), written under a temporary
     /// name and renamed into place only on success.
-    Qcow2 { path: std::path::PathBuf, options: crate::sink::qcow2::Qcow2Options },
+    Qcow2 {
+        path: std::path::PathBuf,
+        options: crate::sink::qcow2::Qcow2Options,
+    },
     /// Discards everything (verification, benchmarks).
     Null,
     /// A sink built by the caller (the JS consumer).
@@ -46,14 +52,28 @@ fn connect_options(uri: &NbdUri, contexts: Vec<String>) -> ConnectOptions {
 /// context for each block status request, and a bitmap-restricted snapshot refuses
 /// `base:allocation` outside its dirty areas.
 async fn map_bitmap(uri: &NbdUri, bitmap: &str, cancel: &CancellationToken) -> Result<Vec<Region>> {
-    let client = NbdClient::connect(&connect_options(uri, vec![dirty_bitmap_context(bitmap)])).await?;
-    if client.info().context_id(&dirty_bitmap_context(bitmap)).is_none() {
+    let client =
+        NbdClient::connect(&connect_options(uri, vec![dirty_bitmap_context(bitmap)])).await?;
+    if client
+        .info()
+        .context_id(&dirty_bitmap_context(bitmap))
+        .is_none()
+    {
         let _ = client.disconnect().await;
-        let known = nbd::list_meta_contexts(uri, &["qemu:dirty-bitmap:".to_string()]).await.unwrap_or_default();
-        let names: Vec<&str> = known.iter().filter_map(|c| c.strip_prefix("qemu:dirty-bitmap:")).collect();
+        let known = nbd::list_meta_contexts(uri, &["qemu:dirty-bitmap:".to_string()])
+            .await
+            .unwrap_or_default();
+        let names: Vec<&str> = known
+            .iter()
+            .filter_map(|c| c.strip_prefix("qemu:dirty-bitmap:"))
+            .collect();
         return Err(Error::unsupported(format!(
             "export {uri} has no dirty bitmap {bitmap:?} (bitmaps: {})",
-            if names.is_empty() { "none".to_string() } else { names.join(", ") }
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
         )));
     }
     let dirty = engine::map_dirty(&client, bitmap, cancel).await;
@@ -62,10 +82,18 @@ async fn map_bitmap(uri: &NbdUri, bitmap: &str, cancel: &CancellationToken) -> R
 }
 
 async fn open_connections(uri: &NbdUri, opts: &JobOptions) -> Result<Vec<NbdClient>> {
-    let contexts = if opts.copy.use_allocation { vec![CONTEXT_ALLOCATION.to_string()] } else { Vec::new() };
+    let contexts = if opts.copy.use_allocation {
+        vec![CONTEXT_ALLOCATION.to_string()]
+    } else {
+        Vec::new()
+    };
     let connect = connect_options(uri, contexts);
     let first = NbdClient::connect(&connect).await?;
-    let wanted = if first.info().can_multi_conn() { opts.connections.max(1) } else { 1 };
+    let wanted = if first.info().can_multi_conn() {
+        opts.connections.max(1)
+    } else {
+        1
+    };
     let mut clients = vec![first];
     for _ in 1..wanted {
         clients.push(NbdClient::connect(&connect).await?);
@@ -105,13 +133,22 @@ pub async fn run(
     let size = clients[0].info().size;
     let result = async {
         let mut sink: Box<dyn Sink> = match target {
-            Target::RawFile { path, existing: false } => Box::new(crate::sink::file::RawFileSink::create(&path, size).await?),
-            Target::RawFile { path, existing: true } => Box::new(crate::sink::file::RawFileSink::open_existing(&path, size).await?),
-            Target::Qcow2 { path, options } => Box::new(crate::sink::qcow2::Qcow2Sink::create(&path, size, options).await?),
+            Target::RawFile {
+                path,
+                existing: false,
+            } => Box::new(crate::sink::file::RawFileSink::create(&path, size).await?),
+            Target::RawFile {
+                path,
+                existing: true,
+            } => Box::new(crate::sink::file::RawFileSink::open_existing(&path, size).await?),
+            Target::Qcow2 { path, options } => {
+                Box::new(crate::sink::qcow2::Qcow2Sink::create(&path, size, options).await?)
+            }
             Target::Null => Box::new(crate::sink::null::NullSink::new()),
             Target::Custom(sink) => sink,
         };
-        let mut summary = engine::copy(clients.clone(), sink.as_mut(), &opts.copy, progress, cancel).await?;
+        let mut summary =
+            engine::copy(clients.clone(), sink.as_mut(), &opts.copy, progress, cancel).await?;
         summary.connections = clients.len();
         Ok(summary)
     }

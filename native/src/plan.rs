@@ -78,11 +78,19 @@ impl Unit {
     }
 
     pub fn read_bytes(&self) -> u64 {
-        self.ops.iter().filter(|o| o.kind == OpKind::Read).map(|o| o.length).sum()
+        self.ops
+            .iter()
+            .filter(|o| o.kind == OpKind::Read)
+            .map(|o| o.length)
+            .sum()
     }
 
     pub fn zero_bytes(&self) -> u64 {
-        self.ops.iter().filter(|o| o.kind == OpKind::Zero).map(|o| o.length).sum()
+        self.ops
+            .iter()
+            .filter(|o| o.kind == OpKind::Zero)
+            .map(|o| o.length)
+            .sum()
     }
 }
 
@@ -97,7 +105,10 @@ pub struct PlanOptions {
 
 impl Default for PlanOptions {
     fn default() -> Self {
-        PlanOptions { cluster_size: DEFAULT_CLUSTER_SIZE, max_request: DEFAULT_MAX_REQUEST }
+        PlanOptions {
+            cluster_size: DEFAULT_CLUSTER_SIZE,
+            max_request: DEFAULT_MAX_REQUEST,
+        }
     }
 }
 
@@ -118,7 +129,13 @@ pub struct Plan {
 
 /// Regions whose extents have any of `flag` set, clipped to `[0, size)`, sorted and merged.
 pub fn regions_with_flag(extents: &[Extent], size: u64, flag: u64) -> Vec<Region> {
-    let ranges = extents.iter().filter(|e| e.flags & flag != 0).map(|e| Region { offset: e.offset, length: e.length });
+    let ranges = extents
+        .iter()
+        .filter(|e| e.flags & flag != 0)
+        .map(|e| Region {
+            offset: e.offset,
+            length: e.length,
+        });
     normalize(ranges, size)
 }
 
@@ -139,7 +156,10 @@ fn normalize(ranges: impl IntoIterator<Item = Region>, size: u64) -> Vec<Region>
         .filter_map(|r| {
             let start = r.offset.min(size);
             let end = r.offset.saturating_add(r.length).min(size);
-            (end > start).then(|| Region { offset: start, length: end - start })
+            (end > start).then(|| Region {
+                offset: start,
+                length: end - start,
+            })
         })
         .collect();
     v.sort_by_key(|r| r.offset);
@@ -171,16 +191,26 @@ fn align_up(x: u64, c: u64) -> u64 {
 ///
 /// `dirty` lists the regions to copy (`None` = the whole export); `zero` lists regions known to
 /// read as zeros (may be empty, may extend outside `dirty`). Both are normalized here.
-pub fn plan(size: u64, dirty: Option<&[Region]>, zero: &[Region], options: &PlanOptions) -> Result<Plan> {
+pub fn plan(
+    size: u64,
+    dirty: Option<&[Region]>,
+    zero: &[Region],
+    options: &PlanOptions,
+) -> Result<Plan> {
     if options.cluster_size == 0 {
         return Err(Error::invalid_argument("cluster size must be positive"));
     }
     if options.max_request == 0 {
-        return Err(Error::invalid_argument("maximum request size must be positive"));
+        return Err(Error::invalid_argument(
+            "maximum request size must be positive",
+        ));
     }
     let wanted = match dirty {
         Some(d) => normalize(d.iter().copied(), size),
-        None if size > 0 => vec![Region { offset: 0, length: size }],
+        None if size > 0 => vec![Region {
+            offset: 0,
+            length: size,
+        }],
         None => Vec::new(),
     };
     let zero = normalize(zero.iter().copied(), size);
@@ -222,8 +252,14 @@ fn split_by_zero(wanted: &[Region], zero: &[Region]) -> Vec<Op> {
             return;
         }
         match out.last_mut() {
-            Some(last) if last.kind == kind && last.end() == start => last.length = end - last.offset,
-            _ => out.push(Op { kind, offset: start, length: end - start }),
+            Some(last) if last.kind == kind && last.end() == start => {
+                last.length = end - last.offset
+            }
+            _ => out.push(Op {
+                kind,
+                offset: start,
+                length: end - start,
+            }),
         }
     };
     let mut z = 0;
@@ -278,14 +314,26 @@ impl Current {
             } else if op.offset >= at {
                 tail.push(op);
             } else {
-                keep.push(Op { kind: op.kind, offset: op.offset, length: at - op.offset });
-                tail.push(Op { kind: op.kind, offset: at, length: op.end() - at });
+                keep.push(Op {
+                    kind: op.kind,
+                    offset: op.offset,
+                    length: at - op.offset,
+                });
+                tail.push(Op {
+                    kind: op.kind,
+                    offset: at,
+                    length: op.end() - at,
+                });
             }
         }
         self.ops = keep;
         self.has_read = self.ops.iter().any(|o| o.kind == OpKind::Read);
         let has_read = tail.iter().any(|o| o.kind == OpKind::Read);
-        Current { start: at, ops: tail, has_read }
+        Current {
+            start: at,
+            ops: tail,
+            has_read,
+        }
     }
 }
 
@@ -332,12 +380,20 @@ impl Builder {
                 _ => {
                     self.finish_current();
                     let start = align_down(pos, c);
-                    self.cur = Some(Current { start, ops: Vec::new(), has_read: false });
+                    self.cur = Some(Current {
+                        start,
+                        ops: Vec::new(),
+                        has_read: false,
+                    });
                     end.min(start + span_limit(is_read))
                 }
             };
             if let Some(cur) = self.cur.as_mut() {
-                cur.ops.push(Op { kind, offset: pos, length: take_end - pos });
+                cur.ops.push(Op {
+                    kind,
+                    offset: pos,
+                    length: take_end - pos,
+                });
                 cur.has_read |= is_read;
             }
             pos = take_end;
@@ -358,7 +414,9 @@ impl Builder {
         let mut merged: Vec<Op> = Vec::with_capacity(cur.ops.len());
         for op in cur.ops {
             match merged.last_mut() {
-                Some(last) if last.kind == op.kind && last.end() == op.offset => last.length += op.length,
+                Some(last) if last.kind == op.kind && last.end() == op.offset => {
+                    last.length += op.length
+                }
                 _ => merged.push(op),
             }
         }
@@ -368,7 +426,11 @@ impl Builder {
                 let mut off = op.offset;
                 while off < op.end() {
                     let len = (op.end() - off).min(self.max_request);
-                    ops.push(Op { kind: op.kind, offset: off, length: len });
+                    ops.push(Op {
+                        kind: op.kind,
+                        offset: off,
+                        length: len,
+                    });
                     off += len;
                 }
             } else {
@@ -387,13 +449,25 @@ impl Builder {
             }
             i += 1;
             let d_start = align_up(run_start, c);
-            let d_end = if run_end == self.size { run_end } else { align_down(run_end, c) };
+            let d_end = if run_end == self.size {
+                run_end
+            } else {
+                align_down(run_end, c)
+            };
             if d_end > d_start {
-                discard.push(Region { offset: d_start, length: d_end - d_start });
+                discard.push(Region {
+                    offset: d_start,
+                    length: d_end - d_start,
+                });
             }
         }
         let span_end = align_up(ops.last().map_or(cur.start, Op::end), c).min(self.size);
-        self.units.push(Unit { offset: cur.start, length: span_end - cur.start, ops, discard });
+        self.units.push(Unit {
+            offset: cur.start,
+            length: span_end - cur.start,
+            ops,
+            discard,
+        });
     }
 }
 
@@ -410,15 +484,26 @@ mod tests {
     }
 
     fn opts(cluster_size: u64, max_request: u64) -> PlanOptions {
-        PlanOptions { cluster_size, max_request: max_request as u32 }
+        PlanOptions {
+            cluster_size,
+            max_request: max_request as u32,
+        }
     }
 
     fn rd(offset: u64, length: u64) -> Op {
-        Op { kind: OpKind::Read, offset, length }
+        Op {
+            kind: OpKind::Read,
+            offset,
+            length,
+        }
     }
 
     fn zr(offset: u64, length: u64) -> Op {
-        Op { kind: OpKind::Zero, offset, length }
+        Op {
+            kind: OpKind::Zero,
+            offset,
+            length,
+        }
     }
 
     /// Every invariant the engine and QEMU rely on, checked on any plan.
@@ -435,10 +520,16 @@ mod tests {
         let mut prev_end = 0;
         for u in &p.units {
             assert_eq!(u.offset % c, 0, "span start aligned: {u:?}");
-            assert!(u.end() % c == 0 || u.end() == p.size, "span end aligned: {u:?}");
+            assert!(
+                u.end() % c == 0 || u.end() == p.size,
+                "span end aligned: {u:?}"
+            );
             assert!(u.end() <= p.size);
             // Spans ascend and never share a cluster.
-            assert!(u.offset >= align_up(prev_end, c), "units share a cluster: {u:?}");
+            assert!(
+                u.offset >= align_up(prev_end, c),
+                "units share a cluster: {u:?}"
+            );
             prev_end = u.end();
             assert!(!u.ops.is_empty());
             if u.read_bytes() > 0 {
@@ -446,13 +537,20 @@ mod tests {
             }
             for op in &u.ops {
                 assert!(op.length > 0);
-                assert!(op.offset >= u.offset && op.end() <= u.end(), "op outside span: {u:?}");
+                assert!(
+                    op.offset >= u.offset && op.end() <= u.end(),
+                    "op outside span: {u:?}"
+                );
                 if op.kind == OpKind::Read {
                     assert!(op.length <= mr, "read too long: {op:?}");
                 }
                 // Zero ops lie in zero regions, reads outside them.
-                let in_zero = zero.iter().any(|z| z.offset <= op.offset && op.end() <= z.end());
-                let touches_zero = zero.iter().any(|z| z.offset < op.end() && op.offset < z.end());
+                let in_zero = zero
+                    .iter()
+                    .any(|z| z.offset <= op.offset && op.end() <= z.end());
+                let touches_zero = zero
+                    .iter()
+                    .any(|z| z.offset < op.end() && op.offset < z.end());
                 match op.kind {
                     OpKind::Zero => assert!(in_zero, "zero op outside zero region: {op:?}"),
                     OpKind::Read => assert!(!touches_zero, "read of a zero region: {op:?}"),
@@ -472,18 +570,36 @@ mod tests {
             assert!(w[0].end() <= w[1].offset, "ops overlap or are out of order");
         }
         // Discards are exactly the taken runs aligned inward.
-        let discards = normalize(p.units.iter().flat_map(|u| u.discard.iter().copied()), p.size);
+        let discards = normalize(
+            p.units.iter().flat_map(|u| u.discard.iter().copied()),
+            p.size,
+        );
         let expected: Vec<Region> = normalize(
             covered.iter().filter_map(|t| {
                 let s = align_up(t.offset, c);
-                let e = if t.end() == p.size { t.end() } else { align_down(t.end(), c) };
+                let e = if t.end() == p.size {
+                    t.end()
+                } else {
+                    align_down(t.end(), c)
+                };
                 (e > s).then(|| r(s, e - s))
             }),
             p.size,
         );
-        assert_eq!(discards, expected, "discard must be the taken ranges aligned inward");
-        let read: u64 = all_ops.iter().filter(|o| o.kind == OpKind::Read).map(|o| o.length).sum();
-        let zeroed: u64 = all_ops.iter().filter(|o| o.kind == OpKind::Zero).map(|o| o.length).sum();
+        assert_eq!(
+            discards, expected,
+            "discard must be the taken ranges aligned inward"
+        );
+        let read: u64 = all_ops
+            .iter()
+            .filter(|o| o.kind == OpKind::Read)
+            .map(|o| o.length)
+            .sum();
+        let zeroed: u64 = all_ops
+            .iter()
+            .filter(|o| o.kind == OpKind::Zero)
+            .map(|o| o.length)
+            .sum();
         assert_eq!(p.bytes_read, read);
         assert_eq!(p.bytes_zero, zeroed);
         assert_eq!(p.bytes_read + p.bytes_zero + p.bytes_skipped, p.size);
@@ -502,7 +618,10 @@ mod tests {
         assert_eq!(spans, vec![(0, 4 * M), (4 * M, 4 * M), (8 * M, 2 * M)]);
         assert_eq!(p.units[0].ops, vec![rd(0, 4 * M)]);
         assert_eq!(p.units[2].discard, vec![r(8 * M, 2 * M)]);
-        assert_eq!((p.bytes_read, p.bytes_zero, p.bytes_skipped, p.extents), (10 * M, 0, 0, 1));
+        assert_eq!(
+            (p.bytes_read, p.bytes_zero, p.bytes_skipped, p.extents),
+            (10 * M, 0, 0, 1)
+        );
     }
 
     #[test]
@@ -595,7 +714,11 @@ mod tests {
         assert_eq!(p.units[0].length, ZERO_UNIT_SPAN);
         assert_eq!(p.units[0].ops, vec![zr(0, ZERO_UNIT_SPAN)]);
         // The cluster holding both the zero tail and the first data is a small read unit.
-        let shared = p.units.iter().find(|u| u.offset == 3 * 1024 * M).expect("shared unit");
+        let shared = p
+            .units
+            .iter()
+            .find(|u| u.offset == 3 * 1024 * M)
+            .expect("shared unit");
         assert_eq!(shared.ops[0], zr(3 * 1024 * M, 1000));
         assert_eq!(shared.ops[1].kind, OpKind::Read);
         assert!(shared.length <= 4 * M);
@@ -619,36 +742,81 @@ mod tests {
 
     #[test]
     fn unsorted_overlapping_input_is_normalized() {
-        let dirty = [r(256 * K, 64 * K), r(0, 64 * K), r(32 * K, 64 * K), r(300 * K, 10 * M)];
+        let dirty = [
+            r(256 * K, 64 * K),
+            r(0, 64 * K),
+            r(32 * K, 64 * K),
+            r(300 * K, 10 * M),
+        ];
         let p = planned(1 * M, Some(&dirty), &[], opts(64 * K, 4 * M));
-        let covered = normalize(p.units.iter().flat_map(|u| u.ops.iter().map(|o| r(o.offset, o.length))), p.size);
+        let covered = normalize(
+            p.units
+                .iter()
+                .flat_map(|u| u.ops.iter().map(|o| r(o.offset, o.length))),
+            p.size,
+        );
         assert_eq!(covered, vec![r(0, 96 * K), r(256 * K, 768 * K)]);
     }
 
     #[test]
     fn extents_are_filtered_by_flag_and_clipped() {
         let ext = [
-            Extent { offset: 0, length: 4096, flags: 1 },
-            Extent { offset: 4096, length: 4096, flags: 0 },
-            Extent { offset: 8192, length: 4096, flags: 1 },
-            Extent { offset: 12288, length: 4096, flags: 1 },
-            Extent { offset: 16384, length: 1 << 40, flags: 3 },
+            Extent {
+                offset: 0,
+                length: 4096,
+                flags: 1,
+            },
+            Extent {
+                offset: 4096,
+                length: 4096,
+                flags: 0,
+            },
+            Extent {
+                offset: 8192,
+                length: 4096,
+                flags: 1,
+            },
+            Extent {
+                offset: 12288,
+                length: 4096,
+                flags: 1,
+            },
+            Extent {
+                offset: 16384,
+                length: 1 << 40,
+                flags: 3,
+            },
         ];
-        assert_eq!(dirty_regions(&ext, 20000), vec![r(0, 4096), r(8192, 20000 - 8192)]);
+        assert_eq!(
+            dirty_regions(&ext, 20000),
+            vec![r(0, 4096), r(8192, 20000 - 8192)]
+        );
         assert_eq!(zero_regions(&ext, 20000), vec![r(16384, 20000 - 16384)]);
     }
 
     #[test]
     fn invalid_sizes_are_refused() {
         assert!(plan(10, None, &[], &opts(0, 4096)).is_err());
-        assert!(plan(10, None, &[], &PlanOptions { cluster_size: 4096, max_request: 0 }).is_err());
+        assert!(plan(
+            10,
+            None,
+            &[],
+            &PlanOptions {
+                cluster_size: 4096,
+                max_request: 0
+            }
+        )
+        .is_err());
     }
 
     /// Tiny deterministic generator so that the randomized test needs no dependency.
     struct Lcg(u64);
     impl Lcg {
         fn next(&mut self, bound: u64) -> u64 {
-            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (self.0 >> 33) % bound.max(1)
         }
     }
@@ -664,12 +832,19 @@ mod tests {
             let mut dirty = Vec::new();
             let mut zero = Vec::new();
             for _ in 0..g.next(12) {
-                dirty.push(r(g.next(size) / gran * gran, (g.next(4) + 1) * gran * (g.next(20) + 1)));
+                dirty.push(r(
+                    g.next(size) / gran * gran,
+                    (g.next(4) + 1) * gran * (g.next(20) + 1),
+                ));
             }
             for _ in 0..g.next(6) {
                 zero.push(r(g.next(size), g.next(2 * M) + 1));
             }
-            let d = if g.next(4) == 0 { None } else { Some(&dirty[..]) };
+            let d = if g.next(4) == 0 {
+                None
+            } else {
+                Some(&dirty[..])
+            };
             planned(size, d, &zero, opts(c, mr));
         }
     }

@@ -32,7 +32,14 @@ impl RateLimiter {
     pub fn new(bytes_per_second: u64) -> Self {
         let rate = bytes_per_second.max(1) as f64;
         let burst = rate * BURST_SECONDS;
-        RateLimiter { rate, burst, state: Mutex::new(State { tokens: burst, last: Instant::now() }) }
+        RateLimiter {
+            rate,
+            burst,
+            state: Mutex::new(State {
+                tokens: burst,
+                last: Instant::now(),
+            }),
+        }
     }
 
     pub fn bytes_per_second(&self) -> u64 {
@@ -74,7 +81,10 @@ mod tests {
             tasks.push(tokio::spawn(async move {
                 for _ in 0..40 {
                     limiter.acquire(64 * 1024).await;
-                    grants.lock().unwrap().push((Instant::now() - start).as_secs_f64());
+                    grants
+                        .lock()
+                        .unwrap()
+                        .push((Instant::now() - start).as_secs_f64());
                 }
             }));
         }
@@ -87,8 +97,12 @@ mod tests {
         // 10 MiB at 1 MiB/s: about 10 s, minus the initial burst.
         assert!((9.9..=10.1).contains(&last), "took {last}");
         for &t0 in &grants {
-            let in_window = grants.iter().filter(|&&t| t >= t0 && t < t0 + 2.0).count() as u64 * 64 * 1024;
-            assert!(in_window as f64 <= 2.0 * rate as f64 * 1.05, "window at {t0}: {in_window}");
+            let in_window =
+                grants.iter().filter(|&&t| t >= t0 && t < t0 + 2.0).count() as u64 * 64 * 1024;
+            assert!(
+                in_window as f64 <= 2.0 * rate as f64 * 1.05,
+                "window at {t0}: {in_window}"
+            );
         }
         assert_eq!(grants.len() as u64 * 64 * 1024, total);
     }

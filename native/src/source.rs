@@ -69,8 +69,12 @@ pub trait Source: Clone + Send + Sync + 'static {
     /// Extents are ascending, contiguous and may be clipped to the range by the caller.
     /// Fails with `unsupported` when the context was not negotiated; a server may answer EINVAL
     /// (e.g. `base:allocation` on a bitmap-restricted snapshot export).
-    fn block_status(&self, offset: u64, length: u64, context: &str)
-        -> impl Future<Output = Result<Vec<Extent>>> + Send;
+    fn block_status(
+        &self,
+        offset: u64,
+        length: u64,
+        context: &str,
+    ) -> impl Future<Output = Result<Vec<Extent>>> + Send;
 }
 
 /// The NBD client as the engine's source: one client per connection.
@@ -114,9 +118,21 @@ mod nbd_adapter {
             Ok(())
         }
 
-        async fn block_status(&self, offset: u64, length: u64, context: &str) -> Result<Vec<Extent>> {
+        async fn block_status(
+            &self,
+            offset: u64,
+            length: u64,
+            context: &str,
+        ) -> Result<Vec<Extent>> {
             let extents = self.block_status_all(offset, length, context).await?;
-            Ok(extents.into_iter().map(|e| Extent { offset: e.offset, length: e.length, flags: e.flags }).collect())
+            Ok(extents
+                .into_iter()
+                .map(|e| Extent {
+                    offset: e.offset,
+                    length: e.length,
+                    flags: e.flags,
+                })
+                .collect())
         }
     }
 }

@@ -19,7 +19,10 @@ const KIB: u64 = 1024;
 const MIB: u64 = 1024 * 1024;
 
 fn qemu_img(args: &[&str]) -> std::process::Output {
-    Command::new("qemu-img").args(args).output().unwrap_or_else(|e| panic!("cannot run qemu-img ({e}): {INSTALL}"))
+    Command::new("qemu-img")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run qemu-img ({e}): {INSTALL}"))
 }
 
 fn qemu_img_ok(args: &[&str]) -> String {
@@ -83,7 +86,9 @@ async fn apply(sink: &mut dyn Sink, model: &mut [u8], ops: &[Op]) {
         match op {
             Op::Write(off, data) => {
                 model[*off as usize..*off as usize + data.len()].copy_from_slice(data);
-                sink.write_at(*off, Bytes::from(data.clone())).await.expect("write_at");
+                sink.write_at(*off, Bytes::from(data.clone()))
+                    .await
+                    .expect("write_at");
             }
             Op::Zero(off, len) => {
                 model[*off as usize..(*off + *len) as usize].fill(0);
@@ -116,23 +121,49 @@ fn verify(dir: &Path, image: &Path, model: &[u8]) {
     );
     let expected = dir.join("expected.raw");
     std::fs::write(&expected, model).unwrap();
-    qemu_img_ok(&["compare", "-f", "raw", "-F", "qcow2", expected.to_str().unwrap(), image.to_str().unwrap()]);
+    qemu_img_ok(&[
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "qcow2",
+        expected.to_str().unwrap(),
+        image.to_str().unwrap(),
+    ]);
     std::fs::remove_file(&expected).unwrap();
 }
 
-async fn write_image(path: &Path, size: u64, options: Qcow2Options, model: &mut [u8], ops: &[Op]) -> Qcow2Sink {
-    let mut sink = Qcow2Sink::create(path, size, options).await.expect("create");
+async fn write_image(
+    path: &Path,
+    size: u64,
+    options: Qcow2Options,
+    model: &mut [u8],
+    ops: &[Op],
+) -> Qcow2Sink {
+    let mut sink = Qcow2Sink::create(path, size, options)
+        .await
+        .expect("create");
     apply(&mut sink, model, ops).await;
     sink.finish().await.expect("finish");
-    assert!(!temp_path(path).exists(), "the temporary file must be gone after finish");
+    assert!(
+        !temp_path(path).exists(),
+        "the temporary file must be gone after finish"
+    );
     sink
 }
 
-fn opts(cluster_size: u32, compression: Compression, backing: Option<(&str, BackingFormat)>) -> Qcow2Options {
+fn opts(
+    cluster_size: u32,
+    compression: Compression,
+    backing: Option<(&str, BackingFormat)>,
+) -> Qcow2Options {
     Qcow2Options {
         cluster_size,
         compression,
-        backing: backing.map(|(file, format)| Backing { file: file.to_string(), format }),
+        backing: backing.map(|(file, format)| Backing {
+            file: file.to_string(),
+            format,
+        }),
         ..Qcow2Options::default()
     }
 }
@@ -183,7 +214,10 @@ fn dirty_ops(rng: &mut Rng, size: u64, granularity: u64, percent: u64) -> Vec<Op
 async fn full_image_with_holes_zeros_and_odd_size() {
     let dir = TempDir::new().unwrap();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    for (i, size) in [10 * MIB + 12_345, 3 * MIB, 64 * KIB + 1, 777].into_iter().enumerate() {
+    for (i, size) in [10 * MIB + 12_345, 3 * MIB, 64 * KIB + 1, 777]
+        .into_iter()
+        .enumerate()
+    {
         let path = dir.path().join(format!("full{i}.qcow2"));
         let mut model = vec![0u8; size as usize];
         let mut ops = random_ops(&mut rng, size, 40, 700 * KIB, false);
@@ -191,17 +225,22 @@ async fn full_image_with_holes_zeros_and_odd_size() {
         if let Some(Op::Write(_, data)) = ops.iter_mut().find(|o| matches!(o, Op::Write(..))) {
             data.fill(0);
         }
-        let tail = size.saturating_sub(3000).max(ops.last().map_or(0, |o| match o {
-            Op::Write(a, d) => a + d.len() as u64,
-            Op::Zero(a, l) => a + l,
-        }));
+        let tail = size
+            .saturating_sub(3000)
+            .max(ops.last().map_or(0, |o| match o {
+                Op::Write(a, d) => a + d.len() as u64,
+                Op::Zero(a, l) => a + l,
+            }));
         if tail < size {
             ops.push(Op::Write(tail, rng.bytes((size - tail) as usize)));
         }
         let sink = write_image(&path, size, Qcow2Options::default(), &mut model, &ops).await;
         verify(dir.path(), &path, &model);
         let stats = sink.stats();
-        assert_eq!(stats.zero_clusters, 0, "no zero clusters without a backing file");
+        assert_eq!(
+            stats.zero_clusters, 0,
+            "no zero clusters without a backing file"
+        );
         assert_eq!(stats.file_size, std::fs::metadata(&path).unwrap().len());
     }
 }
@@ -224,7 +263,11 @@ async fn full_image_stores_only_data_clusters() {
     verify(dir.path(), &path, &model);
     let stats = sink.stats();
     assert_eq!(stats.data_clusters, 16 + 1);
-    assert!(stats.file_size < 2 * MIB, "file is {} bytes", stats.file_size);
+    assert!(
+        stats.file_size < 2 * MIB,
+        "file is {} bytes",
+        stats.file_size
+    );
     let map = qemu_img_ok(&["map", "--output=json", path.to_str().unwrap()]);
     let data_entries = map.lines().filter(|l| l.contains("\"data\": true")).count();
     assert_eq!(data_entries, 2, "{map}");
@@ -244,14 +287,24 @@ async fn incremental_with_small_granularity_and_zero_ranges() {
     // A 4 KiB dirty bitmap over 64 KiB clusters: most dirty clusters are written in part.
     let inc = dir.path().join("inc.qcow2");
     let ops = dirty_ops(&mut rng, size, 4 * KIB, 30);
-    let o = opts(64 * KIB as u32, Compression::None, Some(("base.qcow2", BackingFormat::Qcow2)));
+    let o = opts(
+        64 * KIB as u32,
+        Compression::None,
+        Some(("base.qcow2", BackingFormat::Qcow2)),
+    );
     let sink = write_image(&inc, size, o, &mut model, &ops).await;
     verify(dir.path(), &inc, &model);
     let stats = sink.stats();
     assert!(stats.merged_clusters > 10, "{stats:?}");
     let info = qemu_img_ok(&["info", "--output=json", inc.to_str().unwrap()]);
-    assert!(info.contains("\"backing-filename\": \"base.qcow2\""), "{info}");
-    assert!(info.contains("\"backing-filename-format\": \"qcow2\""), "{info}");
+    assert!(
+        info.contains("\"backing-filename\": \"base.qcow2\""),
+        "{info}"
+    );
+    assert!(
+        info.contains("\"backing-filename-format\": \"qcow2\""),
+        "{info}"
+    );
 
     // Whole-cluster zero ranges hide the backing data, as do all-zero writes.
     let inc2 = dir.path().join("inc2.qcow2");
@@ -261,7 +314,11 @@ async fn incremental_with_small_granularity_and_zero_ranges() {
         Op::Zero(MIB + 5, 3 * MIB),
         Op::Write(size - 10, rng.bytes(10)),
     ];
-    let o = opts(64 * KIB as u32, Compression::None, Some(("inc.qcow2", BackingFormat::Qcow2)));
+    let o = opts(
+        64 * KIB as u32,
+        Compression::None,
+        Some(("inc.qcow2", BackingFormat::Qcow2)),
+    );
     write_image(&inc2, size, o, &mut model, &ops).await;
     verify(dir.path(), &inc2, &model);
 }
@@ -280,12 +337,18 @@ async fn chain_of_three_with_relative_backing_names() {
     for (i, name) in names.iter().enumerate() {
         let path = dir.path().join(name);
         let (ops, o) = if i == 0 {
-            (random_ops(&mut rng, size, 30, 500 * KIB, false), Qcow2Options::default())
+            (
+                random_ops(&mut rng, size, 30, 500 * KIB, false),
+                Qcow2Options::default(),
+            )
         } else {
             let backing = format!("../{}", names[i - 1]);
             let gran = [512, 4 * KIB, 16 * KIB][i];
             let o = Qcow2Options {
-                backing: Some(Backing { file: backing, format: BackingFormat::Qcow2 }),
+                backing: Some(Backing {
+                    file: backing,
+                    format: BackingFormat::Qcow2,
+                }),
                 ..Qcow2Options::default()
             };
             (dirty_ops(&mut rng, size, gran, 25), o)
@@ -309,12 +372,25 @@ async fn compressed_images_zstd_and_zlib() {
         let mut ops = random_ops(&mut rng, size - 200 * KIB, 20, 900 * KIB, true);
         // Incompressible data is stored as it is.
         ops.push(Op::Write(size - 200 * KIB, rng.bytes(200 * KIB as usize)));
-        let sink = write_image(&full, size, opts(64 * KIB as u32, kind, None), &mut model, &ops).await;
+        let sink = write_image(
+            &full,
+            size,
+            opts(64 * KIB as u32, kind, None),
+            &mut model,
+            &ops,
+        )
+        .await;
         verify(dir.path(), &full, &model);
         let stats = sink.stats();
-        assert!(stats.compressed_clusters > 10 && stats.data_clusters >= 3, "{name}: {stats:?}");
+        assert!(
+            stats.compressed_clusters > 10 && stats.data_clusters >= 3,
+            "{name}: {stats:?}"
+        );
         let info = qemu_img_ok(&["info", "--output=json", full.to_str().unwrap()]);
-        assert!(info.contains(&format!("\"compression-type\": \"{name}\"")), "{info}");
+        assert!(
+            info.contains(&format!("\"compression-type\": \"{name}\"")),
+            "{info}"
+        );
 
         // An incremental on the compressed image: partial clusters are completed from the
         // compressed backing clusters.
@@ -326,7 +402,11 @@ async fn compressed_images_zstd_and_zlib() {
                 z => z,
             })
             .collect();
-        let o = opts(64 * KIB as u32, kind, Some((&format!("{name}-full.qcow2"), BackingFormat::Qcow2)));
+        let o = opts(
+            64 * KIB as u32,
+            kind,
+            Some((&format!("{name}-full.qcow2"), BackingFormat::Qcow2)),
+        );
         write_image(&inc, size, o, &mut model, &ops).await;
         verify(dir.path(), &inc, &model);
     }
@@ -346,15 +426,26 @@ async fn small_and_large_clusters_cross_many_metadata_blocks() {
         (2 << 20, Compression::Zstd),
     ] {
         let mut rng = Rng(u64::from(cs) + compression as u64);
-        let base = dir.path().join(format!("base-{cs}-{}.qcow2", compression.as_str()));
+        let base = dir
+            .path()
+            .join(format!("base-{cs}-{}.qcow2", compression.as_str()));
         let mut model = vec![0u8; size as usize];
         let ops = random_ops(&mut rng, size, 30, MIB, compression != Compression::None);
         write_image(&base, size, opts(cs, compression, None), &mut model, &ops).await;
         verify(dir.path(), &base, &model);
-        let inc = dir.path().join(format!("inc-{cs}-{}.qcow2", compression.as_str()));
+        let inc = dir
+            .path()
+            .join(format!("inc-{cs}-{}.qcow2", compression.as_str()));
         let ops = dirty_ops(&mut rng, size, 512, 30);
         let name = base.file_name().unwrap().to_str().unwrap().to_string();
-        write_image(&inc, size, opts(cs, compression, Some((&name, BackingFormat::Qcow2))), &mut model, &ops).await;
+        write_image(
+            &inc,
+            size,
+            opts(cs, compression, Some((&name, BackingFormat::Qcow2))),
+            &mut model,
+            &ops,
+        )
+        .await;
         verify(dir.path(), &inc, &model);
     }
 }
@@ -370,7 +461,11 @@ async fn raw_backing_and_absolute_name() {
     model.resize(size as usize, 0); // the disk grew: beyond the backing file reads as zeros
     let inc = dir.path().join("inc.qcow2");
     let ops = dirty_ops(&mut rng, size, 4 * KIB, 30);
-    let o = opts(64 * KIB as u32, Compression::None, Some((raw.to_str().unwrap(), BackingFormat::Raw)));
+    let o = opts(
+        64 * KIB as u32,
+        Compression::None,
+        Some((raw.to_str().unwrap(), BackingFormat::Raw)),
+    );
     write_image(&inc, size, o, &mut model, &ops).await;
     verify(dir.path(), &inc, &model);
 }
@@ -380,22 +475,48 @@ async fn huge_sparse_image() {
     let dir = TempDir::new().unwrap();
     let path = dir.path().join("huge.qcow2");
     let size: u64 = 4 << 40; // 4 TiB
-    let mut sink = Qcow2Sink::create(&path, size, Qcow2Options::default()).await.unwrap();
+    let mut sink = Qcow2Sink::create(&path, size, Qcow2Options::default())
+        .await
+        .unwrap();
     let start = Instant::now();
-    sink.write_at(0, Bytes::from(vec![1u8; 70_000])).await.unwrap();
+    sink.write_at(0, Bytes::from(vec![1u8; 70_000]))
+        .await
+        .unwrap();
     sink.zero(70_000, size - 70_000 - 5000).await.unwrap();
-    sink.write_at(size - 5000, Bytes::from(vec![2u8; 5000])).await.unwrap();
+    sink.write_at(size - 5000, Bytes::from(vec![2u8; 5000]))
+        .await
+        .unwrap();
     sink.finish().await.unwrap();
-    assert!(start.elapsed() < Duration::from_secs(5), "zero ranges must not walk the image");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "zero ranges must not walk the image"
+    );
     qemu_img_ok(&["check", path.to_str().unwrap()]);
     let out = Command::new("qemu-io")
-        .args(["-r", "-f", "qcow2", "-c", "read -P 1 0 70000", "-c", "read -P 0 70000 1048576"])
-        .args(["-c", &format!("read -P 0 {} 65536", size / 2), "-c", &format!("read -P 2 {} 5000", size - 5000)])
+        .args([
+            "-r",
+            "-f",
+            "qcow2",
+            "-c",
+            "read -P 1 0 70000",
+            "-c",
+            "read -P 0 70000 1048576",
+        ])
+        .args([
+            "-c",
+            &format!("read -P 0 {} 65536", size / 2),
+            "-c",
+            &format!("read -P 2 {} 5000", size - 5000),
+        ])
         .arg(&path)
         .output()
         .unwrap_or_else(|e| panic!("cannot run qemu-io ({e}): {INSTALL}"));
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && !text.contains("fail") && text.matches("read ").count() == 4, "{text}");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !text.contains("fail") && text.matches("read ").count() == 4,
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -405,38 +526,70 @@ async fn finish_is_atomic_and_abort_leaves_nothing() {
     let part = temp_path(&path);
     assert_eq!(part, dir.path().join("disk.qcow2.part"));
 
-    let mut sink = Qcow2Sink::create(&path, 4 * MIB, Qcow2Options::default()).await.unwrap();
-    sink.write_at(0, Bytes::from(vec![9u8; MIB as usize])).await.unwrap();
+    let mut sink = Qcow2Sink::create(&path, 4 * MIB, Qcow2Options::default())
+        .await
+        .unwrap();
+    sink.write_at(0, Bytes::from(vec![9u8; MIB as usize]))
+        .await
+        .unwrap();
     sink.flush().await.unwrap();
     assert!(!path.exists(), "nothing at the path before finish");
     assert!(part.exists());
     // The partial file is not a qcow2 image yet: its header is written last.
     let probe = qemu_img(&["info", "-f", "qcow2", part.to_str().unwrap()]);
-    assert!(!probe.status.success(), "a partial image must not open as qcow2");
+    assert!(
+        !probe.status.success(),
+        "a partial image must not open as qcow2"
+    );
     sink.abort("test").await;
-    assert!(!path.exists() && !part.exists(), "abort removes the partial image");
+    assert!(
+        !path.exists() && !part.exists(),
+        "abort removes the partial image"
+    );
 
     // A crash (the process dies: no abort, no drop) leaves only the .part file, which does
     // not open as an image; the next run replaces it.
-    let mut sink = Qcow2Sink::create(&path, 4 * MIB, Qcow2Options::default()).await.unwrap();
-    sink.write_at(0, Bytes::from(vec![9u8; MIB as usize])).await.unwrap();
+    let mut sink = Qcow2Sink::create(&path, 4 * MIB, Qcow2Options::default())
+        .await
+        .unwrap();
+    sink.write_at(0, Bytes::from(vec![9u8; MIB as usize]))
+        .await
+        .unwrap();
     sink.flush().await.unwrap();
     std::mem::forget(sink);
     assert!(!path.exists() && part.exists());
-    assert!(!qemu_img(&["info", "-f", "qcow2", part.to_str().unwrap()]).status.success());
+    assert!(!qemu_img(&["info", "-f", "qcow2", part.to_str().unwrap()])
+        .status
+        .success());
 
     // Dropping an unfinished sink cleans up too.
-    let mut sink = Qcow2Sink::create(&path, 4 * MIB, Qcow2Options::default()).await.unwrap();
-    sink.write_at(0, Bytes::from(vec![9u8; 4096])).await.unwrap();
+    let mut sink = Qcow2Sink::create(&path, 4 * MIB, Qcow2Options::default())
+        .await
+        .unwrap();
+    sink.write_at(0, Bytes::from(vec![9u8; 4096]))
+        .await
+        .unwrap();
     drop(sink);
     assert!(!path.exists() && !part.exists());
 
     // A finished image is only at the path; a second create refuses to replace it.
     let mut model = vec![0u8; 4 * MIB as usize];
-    write_image(&path, 4 * MIB, Qcow2Options::default(), &mut model, &[Op::Write(5, vec![1, 2, 3])]).await;
+    write_image(
+        &path,
+        4 * MIB,
+        Qcow2Options::default(),
+        &mut model,
+        &[Op::Write(5, vec![1, 2, 3])],
+    )
+    .await;
     verify(dir.path(), &path, &model);
-    assert!(Qcow2Sink::create(&path, 4 * MIB, Qcow2Options::default()).await.is_err());
-    let o = Qcow2Options { overwrite: true, ..Qcow2Options::default() };
+    assert!(Qcow2Sink::create(&path, 4 * MIB, Qcow2Options::default())
+        .await
+        .is_err());
+    let o = Qcow2Options {
+        overwrite: true,
+        ..Qcow2Options::default()
+    };
     let mut sink = Qcow2Sink::create(&path, 4 * MIB, o).await.unwrap();
     sink.abort("test").await;
     assert!(path.exists(), "aborting a replacement keeps the old image");
@@ -447,22 +600,47 @@ async fn bad_input_is_refused() {
     let dir = TempDir::new().unwrap();
     let path = dir.path().join("x.qcow2");
     for cs in [0u32, 256, 3000, 4 << 20] {
-        let o = Qcow2Options { cluster_size: cs, ..Qcow2Options::default() };
-        assert!(Qcow2Sink::create(&path, MIB, o).await.is_err(), "cluster size {cs}");
+        let o = Qcow2Options {
+            cluster_size: cs,
+            ..Qcow2Options::default()
+        };
+        assert!(
+            Qcow2Sink::create(&path, MIB, o).await.is_err(),
+            "cluster size {cs}"
+        );
     }
-    let o = opts(64 * KIB as u32, Compression::None, Some(("missing.qcow2", BackingFormat::Qcow2)));
-    let e = Qcow2Sink::create(&path, MIB, o).await.err().expect("missing backing");
+    let o = opts(
+        64 * KIB as u32,
+        Compression::None,
+        Some(("missing.qcow2", BackingFormat::Qcow2)),
+    );
+    let e = Qcow2Sink::create(&path, MIB, o)
+        .await
+        .err()
+        .expect("missing backing");
     assert!(e.to_string().contains("missing.qcow2"), "{e}");
 
-    let mut sink = Qcow2Sink::create(&path, MIB, Qcow2Options::default()).await.unwrap();
-    sink.write_at(4096, Bytes::from_static(b"abc")).await.unwrap();
-    let e = sink.write_at(0, Bytes::from_static(b"abc")).await.unwrap_err();
+    let mut sink = Qcow2Sink::create(&path, MIB, Qcow2Options::default())
+        .await
+        .unwrap();
+    sink.write_at(4096, Bytes::from_static(b"abc"))
+        .await
+        .unwrap();
+    let e = sink
+        .write_at(0, Bytes::from_static(b"abc"))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), "ERR_INVALID_ARGUMENT");
-    assert!(sink.zero(MIB - 1, 2).await.is_err(), "a failed sink refuses further ranges");
+    assert!(
+        sink.zero(MIB - 1, 2).await.is_err(),
+        "a failed sink refuses further ranges"
+    );
     sink.abort("test").await;
     assert!(!temp_path(&path).exists());
 
-    let mut sink = Qcow2Sink::create(&path, MIB, Qcow2Options::default()).await.unwrap();
+    let mut sink = Qcow2Sink::create(&path, MIB, Qcow2Options::default())
+        .await
+        .unwrap();
     assert!(sink.zero(MIB - 1, 2).await.is_err(), "beyond the end");
     sink.abort("test").await;
 }
@@ -472,12 +650,19 @@ async fn bad_input_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn bench_qcow2_against_raw() {
-    let dir = TempDir::new_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into())).unwrap();
+    let dir =
+        TempDir::new_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into())).unwrap();
     let size = 1u64 << 30;
     let chunk = 4 * MIB;
     let mut rng = Rng(1);
     let chunks: Vec<Option<Bytes>> = (0..size / chunk)
-        .map(|i| if i % 5 < 2 { None } else { Some(Bytes::from(rng.bytes(chunk as usize))) })
+        .map(|i| {
+            if i % 5 < 2 {
+                None
+            } else {
+                Some(Bytes::from(rng.bytes(chunk as usize)))
+            }
+        })
         .collect();
 
     async fn run(sink: &mut dyn Sink, chunks: &[Option<Bytes>], chunk: u64) -> Duration {
@@ -494,20 +679,28 @@ async fn bench_qcow2_against_raw() {
     }
 
     // Compressible data (short runs of letters, ~3:1) for the compression runs.
-    let text: Vec<Option<Bytes>> =
-        chunks.iter().map(|c| c.as_ref().map(|_| Bytes::from(rng.text(chunk as usize)))).collect();
+    let text: Vec<Option<Bytes>> = chunks
+        .iter()
+        .map(|c| c.as_ref().map(|_| Bytes::from(rng.text(chunk as usize))))
+        .collect();
 
     let mut results: Vec<(String, Vec<Duration>)> = Vec::new();
     for round in 0..5 {
         let mut times = Vec::new();
         // Alternate the order so page-cache writeback of one run does not always hit the other.
-        for kind in if round % 2 == 0 { ["raw", "qcow2"] } else { ["qcow2", "raw"] } {
+        for kind in if round % 2 == 0 {
+            ["raw", "qcow2"]
+        } else {
+            ["qcow2", "raw"]
+        } {
             let p = dir.path().join(format!("{kind}{round}"));
             let t = if kind == "raw" {
                 let mut s = RawFileSink::create(&p, size).await.unwrap();
                 run(&mut s, &chunks, chunk).await
             } else {
-                let mut s = Qcow2Sink::create(&p, size, Qcow2Options::default()).await.unwrap();
+                let mut s = Qcow2Sink::create(&p, size, Qcow2Options::default())
+                    .await
+                    .unwrap();
                 run(&mut s, &chunks, chunk).await
             };
             std::fs::remove_file(&p).unwrap();
@@ -517,11 +710,16 @@ async fn bench_qcow2_against_raw() {
             for kind in [Compression::Zstd, Compression::Zlib] {
                 for (label, set) in [("random", &chunks), ("text", &text)] {
                     let p = dir.path().join(format!("c{round}.qcow2"));
-                    let mut s = Qcow2Sink::create(&p, size, opts(64 * KIB as u32, kind, None)).await.unwrap();
+                    let mut s = Qcow2Sink::create(&p, size, opts(64 * KIB as u32, kind, None))
+                        .await
+                        .unwrap();
                     let t = run(&mut s, set, chunk).await;
                     let len = std::fs::metadata(&p).unwrap().len();
                     std::fs::remove_file(&p).unwrap();
-                    times.push((format!("{} {label} ({} MiB file)", kind.as_str(), len / MIB), t));
+                    times.push((
+                        format!("{} {label} ({} MiB file)", kind.as_str(), len / MIB),
+                        t,
+                    ));
                 }
             }
         }
@@ -538,7 +736,9 @@ async fn bench_qcow2_against_raw() {
         println!(
             "{name:>32}: best {:>7.3}s of {:?} = {:>6.0} MiB/s of data",
             best.as_secs_f64(),
-            v.iter().map(|d| format!("{:.3}", d.as_secs_f64())).collect::<Vec<_>>(),
+            v.iter()
+                .map(|d| format!("{:.3}", d.as_secs_f64()))
+                .collect::<Vec<_>>(),
             data / best.as_secs_f64() / MIB as f64
         );
     }

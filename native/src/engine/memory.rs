@@ -8,7 +8,9 @@ use bytes::Bytes;
 
 use crate::error::{Error, Result, ServerError, NBD_EINVAL, NBD_EIO};
 use crate::plan::Region;
-use crate::source::{dirty_bitmap_context, Extent, Source, CONTEXT_ALLOCATION, FLAG_DIRTY, FLAG_HOLE, FLAG_ZERO};
+use crate::source::{
+    dirty_bitmap_context, Extent, Source, CONTEXT_ALLOCATION, FLAG_DIRTY, FLAG_HOLE, FLAG_ZERO,
+};
 
 /// Granularity of the simulated `base:allocation` answers.
 const ALLOCATION_GRANULARITY: u64 = 4096;
@@ -72,7 +74,13 @@ pub struct MemorySource {
 }
 
 fn einval(command: &'static str, offset: u64, length: u64) -> Error {
-    Error::server(ServerError { errno: NBD_EINVAL, command, offset, length, message: None })
+    Error::server(ServerError {
+        errno: NBD_EINVAL,
+        command,
+        offset,
+        length,
+        message: None,
+    })
 }
 
 /// Removes a request from the in-flight list even when its future is dropped (aborted task).
@@ -90,7 +98,11 @@ impl Drop for InFlight {
 
 impl MemorySource {
     pub fn new(data: Vec<u8>, config: Config) -> Self {
-        MemorySource { data: Arc::new(data), config: Arc::new(config), log: Arc::default() }
+        MemorySource {
+            data: Arc::new(data),
+            config: Arc::new(config),
+            log: Arc::default(),
+        }
     }
 
     /// `n` handles sharing one export and log, as `n` connections would.
@@ -101,7 +113,9 @@ impl MemorySource {
     fn inside_dirty(&self, offset: u64, length: u64) -> bool {
         match &self.config.dirty {
             None => true,
-            Some(d) => d.iter().any(|r| r.offset <= offset && offset + length <= r.end()),
+            Some(d) => d
+                .iter()
+                .any(|r| r.offset <= offset && offset + length <= r.end()),
         }
     }
 
@@ -117,7 +131,10 @@ impl MemorySource {
         log.next_id += 1;
         log.in_flight.push((start, end, id));
         log.max_in_flight = log.max_in_flight.max(log.in_flight.len());
-        InFlight { log: self.log.clone(), id }
+        InFlight {
+            log: self.log.clone(),
+            id,
+        }
     }
 
     pub fn reads(&self) -> Vec<(u64, u32)> {
@@ -153,7 +170,8 @@ impl Source for MemorySource {
 
     fn has_context(&self, name: &str) -> bool {
         (name == CONTEXT_ALLOCATION && self.config.has_allocation)
-            || (self.config.dirty.is_some() && name == dirty_bitmap_context(&self.config.bitmap_name))
+            || (self.config.dirty.is_some()
+                && name == dirty_bitmap_context(&self.config.bitmap_name))
     }
 
     async fn read(&self, offset: u64, length: u32) -> Result<Bytes> {
@@ -180,7 +198,9 @@ impl Source for MemorySource {
                 }));
             }
         }
-        Ok(Bytes::copy_from_slice(&self.data[offset as usize..(offset + len) as usize]))
+        Ok(Bytes::copy_from_slice(
+            &self.data[offset as usize..(offset + len) as usize],
+        ))
     }
 
     async fn trim(&self, offset: u64, length: u64) -> Result<()> {
@@ -197,9 +217,15 @@ impl Source for MemorySource {
     }
 
     async fn block_status(&self, offset: u64, length: u64, context: &str) -> Result<Vec<Extent>> {
-        self.log.lock().unwrap().block_status.push((offset, length, context.to_string()));
+        self.log
+            .lock()
+            .unwrap()
+            .block_status
+            .push((offset, length, context.to_string()));
         if !self.has_context(context) {
-            return Err(Error::unsupported(format!("context {context} not negotiated")));
+            return Err(Error::unsupported(format!(
+                "context {context} not negotiated"
+            )));
         }
         let end = offset + length;
         if length == 0 || end > self.size() {
@@ -207,8 +233,14 @@ impl Source for MemorySource {
         }
         let mut out: Vec<Extent> = Vec::new();
         let mut push = |o: u64, e: u64, flags: u64| match out.last_mut() {
-            Some(last) if last.flags == flags && last.offset + last.length == o => last.length = e - last.offset,
-            _ => out.push(Extent { offset: o, length: e - o, flags }),
+            Some(last) if last.flags == flags && last.offset + last.length == o => {
+                last.length = e - last.offset
+            }
+            _ => out.push(Extent {
+                offset: o,
+                length: e - o,
+                flags,
+            }),
         };
         if context == CONTEXT_ALLOCATION {
             if self.config.refuse_allocation || !self.inside_dirty(offset, length) {
@@ -221,7 +253,9 @@ impl Source for MemorySource {
                 let next = ((pos / g + 1) * g).min(end);
                 let block_start = pos / g * g;
                 let block_end = ((pos / g + 1) * g).min(self.size());
-                let zero = self.data[block_start as usize..block_end as usize].iter().all(|&b| b == 0);
+                let zero = self.data[block_start as usize..block_end as usize]
+                    .iter()
+                    .all(|&b| b == 0);
                 push(pos, next, if zero { FLAG_HOLE | FLAG_ZERO } else { 0 });
                 pos = next;
             }

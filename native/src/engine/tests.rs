@@ -54,12 +54,17 @@ struct VecSink {
 
 impl VecSink {
     fn new(size: u64, fill: u8) -> Self {
-        VecSink { image: vec![fill; size as usize], ..VecSink::default() }
+        VecSink {
+            image: vec![fill; size as usize],
+            ..VecSink::default()
+        }
     }
 
     fn check_order(&self, offset: u64) -> crate::error::Result<()> {
         match self.calls.last() {
-            Some(&(o, l, _)) if o + l > offset => Err(Error::sink(format!("out of order at {offset}"))),
+            Some(&(o, l, _)) if o + l > offset => {
+                Err(Error::sink(format!("out of order at {offset}")))
+            }
             _ => Ok(()),
         }
     }
@@ -93,8 +98,20 @@ impl Sink for VecSink {
 
 fn no_progress(_: Progress) {}
 
-async fn run(src: &MemorySource, conns: usize, sink: &mut dyn Sink, options: &CopyOptions) -> Result<Summary> {
-    copy(src.connections(conns), sink, options, &no_progress, &CancellationToken::new()).await
+async fn run(
+    src: &MemorySource,
+    conns: usize,
+    sink: &mut dyn Sink,
+    options: &CopyOptions,
+) -> Result<Summary> {
+    copy(
+        src.connections(conns),
+        sink,
+        options,
+        &no_progress,
+        &CancellationToken::new(),
+    )
+    .await
 }
 
 fn merged(ranges: impl IntoIterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
@@ -123,7 +140,11 @@ fn assert_trims_aligned(src: &MemorySource, c: u64) {
     let size = src.size();
     for (o, l) in src.trims() {
         assert_eq!(o % c, 0, "trim start {o} unaligned");
-        assert!((o + l) % c == 0 || o + l == size, "trim end {} unaligned", o + l);
+        assert!(
+            (o + l) % c == 0 || o + l == size,
+            "trim end {} unaligned",
+            o + l
+        );
     }
 }
 
@@ -149,15 +170,29 @@ async fn full_copy_to_fresh_file_matches_and_leaves_holes() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.raw");
     let mut sink = RawFileSink::create(&path, size).await.unwrap();
-    let s = run(&src, 2, &mut sink, &CopyOptions::default()).await.unwrap();
+    let s = run(&src, 2, &mut sink, &CopyOptions::default())
+        .await
+        .unwrap();
 
     assert_eq!(std::fs::read(&path).unwrap(), data);
-    assert_eq!((s.bytes_total, s.bytes_zero, s.bytes_read), (size, 3 * M, size - 3 * M));
-    assert_eq!((s.bytes_skipped, s.connections, s.allocation_fallback), (0, 2, false));
+    assert_eq!(
+        (s.bytes_total, s.bytes_zero, s.bytes_read),
+        (size, 3 * M, size - 3 * M)
+    );
+    assert_eq!(
+        (s.bytes_skipped, s.connections, s.allocation_fallback),
+        (0, 2, false)
+    );
     // The zero area was never read, and it is a hole in the file.
-    assert!(src.reads().iter().all(|&(o, l)| o + u64::from(l) <= 1 * M || o >= 4 * M));
+    assert!(src
+        .reads()
+        .iter()
+        .all(|&(o, l)| o + u64::from(l) <= 1 * M || o >= 4 * M));
     let allocated = std::fs::metadata(&path).unwrap().blocks() * 512;
-    assert!(allocated <= size - 3 * M + 256 * K, "{allocated} bytes allocated");
+    assert!(
+        allocated <= size - 3 * M + 256 * K,
+        "{allocated} bytes allocated"
+    );
     // Everything was taken, so everything is trimmed, including the partial last cluster.
     assert_eq!(merged(src.trims()), vec![(0, size)]);
     assert_eq!(s.bytes_trimmed, size);
@@ -172,10 +207,17 @@ async fn zero_detection_without_allocation_still_gives_holes() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.raw");
     let mut sink = RawFileSink::create(&path, size).await.unwrap();
-    let options = CopyOptions { use_allocation: false, max_request: 1 << 20, ..CopyOptions::default() };
+    let options = CopyOptions {
+        use_allocation: false,
+        max_request: 1 << 20,
+        ..CopyOptions::default()
+    };
     let s = run(&src, 1, &mut sink, &options).await.unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), data);
-    assert_eq!((s.bytes_read, s.bytes_zero, s.bytes_zero_detected), (size, 0, 2 * M));
+    assert_eq!(
+        (s.bytes_read, s.bytes_zero, s.bytes_zero_detected),
+        (size, 0, 2 * M)
+    );
     let allocated = std::fs::metadata(&path).unwrap().blocks() * 512;
     assert!(allocated <= 2 * M + 256 * K, "{allocated} bytes allocated");
 }
@@ -186,7 +228,11 @@ async fn detect_zeroes_off_writes_zero_data() {
     let data = content(size, 3, &[r(0, 512 * K)]);
     let src = MemorySource::new(data.clone(), Config::default());
     let mut sink = VecSink::new(size, 0xEE);
-    let options = CopyOptions { use_allocation: false, detect_zeroes: false, ..CopyOptions::default() };
+    let options = CopyOptions {
+        use_allocation: false,
+        detect_zeroes: false,
+        ..CopyOptions::default()
+    };
     run(&src, 1, &mut sink, &options).await.unwrap();
     assert_eq!(sink.image, data);
     assert!(sink.calls.iter().all(|c| !c.2), "no zero calls expected");
@@ -204,27 +250,42 @@ async fn incremental_into_existing_image_reads_and_trims_only_dirty() {
         let (s, e) = (d.offset as usize, d.end() as usize);
         new[s..e].copy_from_slice(&fresh[s..e]);
     }
-    let config = Config { dirty: Some(dirty.clone()), ..Config::default() };
+    let config = Config {
+        dirty: Some(dirty.clone()),
+        ..Config::default()
+    };
     let src = MemorySource::new(new.clone(), config);
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.raw");
     std::fs::write(&path, &old).unwrap();
     let mut sink = RawFileSink::open_existing(&path, size).await.unwrap();
-    let options = CopyOptions { bitmap: Some("backup".into()), ..CopyOptions::default() };
+    let options = CopyOptions {
+        bitmap: Some("backup".into()),
+        ..CopyOptions::default()
+    };
     let s = run(&src, 3, &mut sink, &options).await.unwrap();
 
-    assert_eq!(std::fs::read(&path).unwrap(), new, "image must equal the new disk");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        new,
+        "image must equal the new disk"
+    );
     // The old data under the new 1 MiB of zeros was punched out, not kept allocated.
     let allocated = std::fs::metadata(&path).unwrap().blocks() * 512;
-    assert!(allocated <= size - 1 * M + 64 * K, "{allocated} bytes allocated");
+    assert!(
+        allocated <= size - 1 * M + 64 * K,
+        "{allocated} bytes allocated"
+    );
     let dirty_bytes: u64 = dirty.iter().map(|d| d.length).sum();
     assert_eq!(s.bytes_read + s.bytes_zero, dirty_bytes);
     assert_eq!(s.bytes_zero, 1 * M, "allocation must report the new zeros");
     assert_eq!(s.bytes_skipped, size - dirty_bytes);
     assert!(!s.allocation_fallback);
     for (o, l) in src.reads() {
-        let inside = dirty.iter().any(|d| d.offset <= o && o + u64::from(l) <= d.end());
+        let inside = dirty
+            .iter()
+            .any(|d| d.offset <= o && o + u64::from(l) <= d.end());
         assert!(inside, "read outside dirty at {o}+{l}");
     }
     // Trims: exactly the dirty regions, aligned inward (the two runs inside cluster 0 and the
@@ -232,7 +293,9 @@ async fn incremental_into_existing_image_reads_and_trims_only_dirty() {
     let taken: Vec<(u64, u64)> = dirty.iter().map(|d| (d.offset, d.length)).collect();
     let expected = inward(&taken, 64 * K, size);
     assert_eq!(merged(src.trims()), expected);
-    assert!(expected.contains(&(size - 1000, 1000)) || expected.iter().any(|&(o, l)| o + l == size));
+    assert!(
+        expected.contains(&(size - 1000, 1000)) || expected.iter().any(|&(o, l)| o + l == size)
+    );
     assert_trims_aligned(&src, 64 * K);
     assert_eq!(s.bytes_trimmed, expected.iter().map(|e| e.1).sum::<u64>());
     assert_eq!(src.overlaps(), 0);
@@ -247,7 +310,9 @@ async fn concurrent_reads_never_overlap_after_cluster_alignment() {
     let mut x = 7u64;
     let mut pos = 0;
     while pos < size - 64 * K {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let gap = (x >> 40) % 16 * 4 * K;
         let len = ((x >> 20) % 40 + 1) * 4 * K;
         let start = pos + gap;
@@ -263,10 +328,17 @@ async fn concurrent_reads_never_overlap_after_cluster_alignment() {
     };
     let src = MemorySource::new(data.clone(), config);
     let mut sink = VecSink::new(size, 0xEE);
-    let options = CopyOptions { bitmap: Some("backup".into()), max_request: 256 * 1024, ..CopyOptions::default() };
+    let options = CopyOptions {
+        bitmap: Some("backup".into()),
+        max_request: 256 * 1024,
+        ..CopyOptions::default()
+    };
     run(&src, 4, &mut sink, &options).await.unwrap();
     assert_eq!(src.overlaps(), 0);
-    assert!(src.log.lock().unwrap().max_in_flight > 1, "reads should run concurrently");
+    assert!(
+        src.log.lock().unwrap().max_in_flight > 1,
+        "reads should run concurrently"
+    );
     for d in &dirty {
         let (s, e) = (d.offset as usize, d.end() as usize);
         assert_eq!(sink.image[s..e], data[s..e], "dirty region {d:?}");
@@ -281,14 +353,25 @@ async fn refused_allocation_falls_back_to_the_bitmap() {
     let size = 6 * M;
     let dirty = scattered_dirty(size);
     let data = content(size, 8, &[r(1 * M, 1 * M)]);
-    let config = Config { dirty: Some(dirty.clone()), refuse_allocation: true, ..Config::default() };
+    let config = Config {
+        dirty: Some(dirty.clone()),
+        refuse_allocation: true,
+        ..Config::default()
+    };
     let src = MemorySource::new(data.clone(), config);
     let mut sink = VecSink::new(size, 0xEE);
-    let options = CopyOptions { bitmap: Some("backup".into()), ..CopyOptions::default() };
+    let options = CopyOptions {
+        bitmap: Some("backup".into()),
+        ..CopyOptions::default()
+    };
     let s = run(&src, 2, &mut sink, &options).await.unwrap();
     assert!(s.allocation_fallback);
     assert_eq!(s.bytes_zero, 0);
-    assert_eq!(s.bytes_zero_detected, 1 * M, "zeros are still found by detection");
+    assert_eq!(
+        s.bytes_zero_detected,
+        1 * M,
+        "zeros are still found by detection"
+    );
     for d in &dirty {
         let (a, b) = (d.offset as usize, d.end() as usize);
         assert_eq!(sink.image[a..b], data[a..b]);
@@ -298,9 +381,17 @@ async fn refused_allocation_falls_back_to_the_bitmap() {
 #[tokio::test]
 async fn allocation_not_negotiated_is_not_a_fallback() {
     let size = 1 * M;
-    let src = MemorySource::new(content(size, 9, &[]), Config { has_allocation: false, ..Config::default() });
+    let src = MemorySource::new(
+        content(size, 9, &[]),
+        Config {
+            has_allocation: false,
+            ..Config::default()
+        },
+    );
     let mut sink = NullSink::new();
-    let s = run(&src, 1, &mut sink, &CopyOptions::default()).await.unwrap();
+    let s = run(&src, 1, &mut sink, &CopyOptions::default())
+        .await
+        .unwrap();
     assert!(!s.allocation_fallback);
     assert!(src.log.lock().unwrap().block_status.is_empty());
     assert_eq!(sink.bytes_written, size);
@@ -309,13 +400,22 @@ async fn allocation_not_negotiated_is_not_a_fallback() {
 #[tokio::test]
 async fn injected_eio_surfaces_with_its_offset_and_aborts_the_sink() {
     let size = 8 * M;
-    let config = Config { fail_read_at: Some(3 * M + 5), ..Config::default() };
+    let config = Config {
+        fail_read_at: Some(3 * M + 5),
+        ..Config::default()
+    };
     let src = MemorySource::new(content(size, 10, &[]), config);
     let mut sink = VecSink::new(size, 0);
-    let options = CopyOptions { max_request: 1 << 20, ..CopyOptions::default() };
+    let options = CopyOptions {
+        max_request: 1 << 20,
+        ..CopyOptions::default()
+    };
     let err = run(&src, 2, &mut sink, &options).await.unwrap_err();
     let details = err.server_error().expect("server error");
-    assert_eq!((details.errno, details.command, details.offset), (NBD_EIO, "READ", 3 * M));
+    assert_eq!(
+        (details.errno, details.command, details.offset),
+        (NBD_EIO, "READ", 3 * M)
+    );
     assert!(err.to_string().contains("offset 3145728"), "{err}");
     let reason = sink.aborted.expect("abort called");
     assert!(reason.contains("EIO"), "{reason}");
@@ -328,7 +428,10 @@ async fn injected_eio_surfaces_with_its_offset_and_aborts_the_sink() {
 #[tokio::test]
 async fn cancellation_returns_quickly_and_aborts_the_sink() {
     let size = 8 * M;
-    let config = Config { delay: Some((Duration::from_secs(30), Duration::ZERO)), ..Config::default() };
+    let config = Config {
+        delay: Some((Duration::from_secs(30), Duration::ZERO)),
+        ..Config::default()
+    };
     let src = MemorySource::new(content(size, 11, &[]), config);
     let mut sink = VecSink::new(size, 0);
     let cancel = CancellationToken::new();
@@ -338,9 +441,21 @@ async fn cancellation_returns_quickly_and_aborts_the_sink() {
         c.cancel();
     });
     let started = std::time::Instant::now();
-    let err = copy(src.connections(2), &mut sink, &CopyOptions::default(), &no_progress, &cancel).await.unwrap_err();
+    let err = copy(
+        src.connections(2),
+        &mut sink,
+        &CopyOptions::default(),
+        &no_progress,
+        &cancel,
+    )
+    .await
+    .unwrap_err();
     assert!(err.is_cancelled());
-    assert!(started.elapsed() < Duration::from_millis(500), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(sink.aborted.as_deref(), Some("cancelled"));
     // Reads had started, and the aborted tasks dropped them.
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -365,7 +480,11 @@ async fn channel_sink_delivers_in_order_and_trims_only_taken_chunks() {
             last_end = chunk.offset + chunk.length;
             // While we hold this chunk, nothing at or after it may have been trimmed.
             for (o, l) in probe.trims() {
-                assert!(o + l <= chunk.offset, "trim {o}+{l} before chunk at {} was taken", chunk.offset);
+                assert!(
+                    o + l <= chunk.offset,
+                    "trim {o}+{l} before chunk at {} was taken",
+                    chunk.offset
+                );
             }
             let range = chunk.offset as usize..last_end as usize;
             match chunk.data {
@@ -376,7 +495,10 @@ async fn channel_sink_delivers_in_order_and_trims_only_taken_chunks() {
         }
         image
     };
-    let options = CopyOptions { max_request: 256 * 1024, ..CopyOptions::default() };
+    let options = CopyOptions {
+        max_request: 256 * 1024,
+        ..CopyOptions::default()
+    };
     let (result, image) = tokio::join!(run(&src, 2, &mut sink, &options), consumer);
     let s = result.unwrap();
     assert_eq!(image, data);
@@ -405,7 +527,11 @@ async fn bandwidth_limit_paces_reads() {
     let size = 4 * M;
     let src = MemorySource::new(content(size, 14, &[]), Config::default());
     let mut sink = NullSink::new();
-    let options = CopyOptions { bandwidth_limit: Some(1 * M), max_request: 256 * 1024, ..CopyOptions::default() };
+    let options = CopyOptions {
+        bandwidth_limit: Some(1 * M),
+        max_request: 256 * 1024,
+        ..CopyOptions::default()
+    };
     let started = tokio::time::Instant::now();
     let s = run(&src, 2, &mut sink, &options).await.unwrap();
     let t = started.elapsed().as_secs_f64();
@@ -418,7 +544,10 @@ async fn bandwidth_limit_paces_reads() {
 async fn missing_bitmap_is_a_clear_unsupported_error() {
     let src = MemorySource::new(content(1 * M, 15, &[]), Config::default());
     let mut sink = VecSink::new(1 * M, 0);
-    let options = CopyOptions { bitmap: Some("nightly".into()), ..CopyOptions::default() };
+    let options = CopyOptions {
+        bitmap: Some("nightly".into()),
+        ..CopyOptions::default()
+    };
     let err = run(&src, 1, &mut sink, &options).await.unwrap_err();
     assert!(err.is_unsupported());
     assert!(err.to_string().contains("nightly"), "{err}");
@@ -428,18 +557,31 @@ async fn missing_bitmap_is_a_clear_unsupported_error() {
 #[tokio::test]
 async fn discard_follows_the_export() {
     let size = 1 * M;
-    let config = Config { can_trim: false, ..Config::default() };
+    let config = Config {
+        can_trim: false,
+        ..Config::default()
+    };
     let src = MemorySource::new(content(size, 16, &[]), config);
     // Default: off on a read-only export.
-    let s = run(&src, 1, &mut NullSink::new(), &CopyOptions::default()).await.unwrap();
+    let s = run(&src, 1, &mut NullSink::new(), &CopyOptions::default())
+        .await
+        .unwrap();
     assert_eq!(s.bytes_trimmed, 0);
     // Asked for explicitly: refused up front.
-    let options = CopyOptions { discard: Some(true), ..CopyOptions::default() };
-    let err = run(&src, 1, &mut NullSink::new(), &options).await.unwrap_err();
+    let options = CopyOptions {
+        discard: Some(true),
+        ..CopyOptions::default()
+    };
+    let err = run(&src, 1, &mut NullSink::new(), &options)
+        .await
+        .unwrap_err();
     assert!(err.is_unsupported());
     // Turned off on a writable export: no trims.
     let src = MemorySource::new(content(size, 16, &[]), Config::default());
-    let options = CopyOptions { discard: Some(false), ..CopyOptions::default() };
+    let options = CopyOptions {
+        discard: Some(false),
+        ..CopyOptions::default()
+    };
     run(&src, 1, &mut NullSink::new(), &options).await.unwrap();
     assert!(src.trims().is_empty());
 }
@@ -447,10 +589,15 @@ async fn discard_follows_the_export() {
 #[tokio::test]
 async fn reads_are_clamped_to_the_server_maximum() {
     let size = 2 * M + 3;
-    let config = Config { max_request: 64 * 1024, ..Config::default() };
+    let config = Config {
+        max_request: 64 * 1024,
+        ..Config::default()
+    };
     let src = MemorySource::new(content(size, 17, &[]), config);
     let mut sink = VecSink::new(size, 0);
-    run(&src, 2, &mut sink, &CopyOptions::default()).await.unwrap();
+    run(&src, 2, &mut sink, &CopyOptions::default())
+        .await
+        .unwrap();
     assert!(src.reads().iter().all(|&(_, l)| l <= 64 * 1024));
     assert_eq!(sink.image, *src.data);
 }
@@ -458,20 +605,42 @@ async fn reads_are_clamped_to_the_server_maximum() {
 #[tokio::test]
 async fn progress_ends_with_done_equal_total() {
     let size = 2 * M;
-    let config = Config { delay: Some((Duration::from_millis(30), Duration::ZERO)), ..Config::default() };
+    let config = Config {
+        delay: Some((Duration::from_millis(30), Duration::ZERO)),
+        ..Config::default()
+    };
     let src = MemorySource::new(content(size, 18, &[]), config);
     let reports = Arc::new(Mutex::new(Vec::new()));
     let r2 = reports.clone();
     let progress = move |p: Progress| r2.lock().unwrap().push(p);
-    let options = CopyOptions { max_request: 64 * 1024, requests_in_flight: 2, ..CopyOptions::default() };
+    let options = CopyOptions {
+        max_request: 64 * 1024,
+        requests_in_flight: 2,
+        ..CopyOptions::default()
+    };
     let started = std::time::Instant::now();
-    copy(src.connections(1), &mut NullSink::new(), &options, &progress, &CancellationToken::new()).await.unwrap();
+    copy(
+        src.connections(1),
+        &mut NullSink::new(),
+        &options,
+        &progress,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
     let secs = started.elapsed().as_secs_f64();
     let reports = reports.lock().unwrap();
     let last = reports.last().expect("a final report");
     assert_eq!((last.done, last.total), (size, size));
-    assert!(reports.len() > 1, "intermediate reports expected over {secs} s");
-    assert!(reports.len() as f64 <= secs * 10.0 + 2.0, "{} reports in {secs} s", reports.len());
+    assert!(
+        reports.len() > 1,
+        "intermediate reports expected over {secs} s"
+    );
+    assert!(
+        reports.len() as f64 <= secs * 10.0 + 2.0,
+        "{} reports in {secs} s",
+        reports.len()
+    );
     assert!(reports.windows(2).all(|w| w[0].done <= w[1].done));
 }
 
@@ -479,13 +648,24 @@ async fn progress_ends_with_done_equal_total() {
 async fn empty_and_clean_exports_finish_without_reading() {
     let src = MemorySource::new(Vec::new(), Config::default());
     let mut sink = NullSink::new();
-    let s = run(&src, 1, &mut sink, &CopyOptions::default()).await.unwrap();
+    let s = run(&src, 1, &mut sink, &CopyOptions::default())
+        .await
+        .unwrap();
     assert!(sink.finished);
     assert_eq!(s.bytes_total, 0);
 
-    let src = MemorySource::new(content(1 * M, 19, &[]), Config { dirty: Some(vec![]), ..Config::default() });
+    let src = MemorySource::new(
+        content(1 * M, 19, &[]),
+        Config {
+            dirty: Some(vec![]),
+            ..Config::default()
+        },
+    );
     let mut sink = NullSink::new();
-    let options = CopyOptions { bitmap: Some("backup".into()), ..CopyOptions::default() };
+    let options = CopyOptions {
+        bitmap: Some("backup".into()),
+        ..CopyOptions::default()
+    };
     let s = run(&src, 1, &mut sink, &options).await.unwrap();
     assert_eq!((s.bytes_skipped, s.bytes_read), (1 * M, 0));
     assert!(src.reads().is_empty() && sink.finished);
@@ -494,9 +674,15 @@ async fn empty_and_clean_exports_finish_without_reading() {
 #[tokio::test]
 async fn copy_returns_only_after_every_trim_completed() {
     let size = 4 * M + 100;
-    let config = Config { trim_delay: Some(Duration::from_millis(50)), ..Config::default() };
+    let config = Config {
+        trim_delay: Some(Duration::from_millis(50)),
+        ..Config::default()
+    };
     let src = MemorySource::new(content(size, 20, &[]), config);
-    let options = CopyOptions { max_request: 512 * 1024, ..CopyOptions::default() };
+    let options = CopyOptions {
+        max_request: 512 * 1024,
+        ..CopyOptions::default()
+    };
     let s = run(&src, 2, &mut NullSink::new(), &options).await.unwrap();
     // Trims are recorded when they complete: all of them, before copy returned.
     assert_eq!(merged(src.trims()), vec![(0, size)]);

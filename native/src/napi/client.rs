@@ -4,7 +4,7 @@ use napi::bindgen_prelude::Buffer;
 use napi_derive::napi;
 
 use super::error::IntoNapi;
-use super::{to_u64, to_js};
+use super::{to_js, to_u64};
 use crate::nbd::{self, ConnectOptions, NbdClient, NbdUri};
 
 #[napi(object)]
@@ -53,7 +53,10 @@ pub struct NativeNbdClient {
     inner: NbdClient,
 }
 
-fn connect_options(uri: &str, options: Option<NativeConnectOptions>) -> crate::error::Result<ConnectOptions> {
+fn connect_options(
+    uri: &str,
+    options: Option<NativeConnectOptions>,
+) -> crate::error::Result<ConnectOptions> {
     let mut opts = ConnectOptions::new(NbdUri::parse(uri)?);
     if let Some(o) = options {
         if let Some(contexts) = o.meta_contexts {
@@ -71,7 +74,10 @@ fn connect_options(uri: &str, options: Option<NativeConnectOptions>) -> crate::e
 
 /// Connects to an NBD export given by URI (`nbd+unix:///EXPORT?socket=PATH`, `nbd://HOST:PORT/EXPORT`).
 #[napi]
-pub async fn nbd_connect(uri: String, options: Option<NativeConnectOptions>) -> napi::Result<NativeNbdClient> {
+pub async fn nbd_connect(
+    uri: String,
+    options: Option<NativeConnectOptions>,
+) -> napi::Result<NativeNbdClient> {
     let opts = connect_options(&uri, options).napi()?;
     let inner = NbdClient::connect(&opts).await.napi()?;
     Ok(NativeNbdClient { inner })
@@ -79,7 +85,10 @@ pub async fn nbd_connect(uri: String, options: Option<NativeConnectOptions>) -> 
 
 /// Lists the meta contexts the server has for `queries` (e.g. `qemu:dirty-bitmap:`).
 #[napi]
-pub async fn nbd_list_meta_contexts(uri: String, queries: Vec<String>) -> napi::Result<Vec<String>> {
+pub async fn nbd_list_meta_contexts(
+    uri: String,
+    queries: Vec<String>,
+) -> napi::Result<Vec<String>> {
     let uri = NbdUri::parse(&uri).napi()?;
     nbd::list_meta_contexts(&uri, &queries).await.napi()
 }
@@ -112,25 +121,43 @@ impl NativeNbdClient {
 
     #[napi]
     pub async fn read(&self, offset: i64, length: u32) -> napi::Result<Buffer> {
-        let data = self.inner.read(to_u64(offset, "offset")?, length).await.napi()?;
+        let data = self
+            .inner
+            .read(to_u64(offset, "offset")?, length)
+            .await
+            .napi()?;
         Ok(Buffer::from(data.to_vec()))
     }
 
     #[napi]
     pub async fn write(&self, offset: i64, data: Buffer, fua: Option<bool>) -> napi::Result<()> {
         let bytes = bytes::Bytes::copy_from_slice(&data);
-        self.inner.write(to_u64(offset, "offset")?, bytes, fua.unwrap_or(false)).await.napi()
+        self.inner
+            .write(to_u64(offset, "offset")?, bytes, fua.unwrap_or(false))
+            .await
+            .napi()
     }
 
     #[napi]
-    pub async fn write_zeroes(&self, offset: i64, length: i64, may_trim: Option<bool>) -> napi::Result<()> {
+    pub async fn write_zeroes(
+        &self,
+        offset: i64,
+        length: i64,
+        may_trim: Option<bool>,
+    ) -> napi::Result<()> {
         let (offset, length) = (to_u64(offset, "offset")?, to_u64(length, "length")?);
-        self.inner.write_zeroes(offset, length, may_trim.unwrap_or(false)).await.napi()
+        self.inner
+            .write_zeroes(offset, length, may_trim.unwrap_or(false))
+            .await
+            .napi()
     }
 
     #[napi]
     pub async fn trim(&self, offset: i64, length: i64) -> napi::Result<()> {
-        self.inner.trim(to_u64(offset, "offset")?, to_u64(length, "length")?).await.napi()
+        self.inner
+            .trim(to_u64(offset, "offset")?, to_u64(length, "length")?)
+            .await
+            .napi()
     }
 
     #[napi]
@@ -140,12 +167,25 @@ impl NativeNbdClient {
 
     /// Block status of `[offset, offset + length)` for one negotiated context, covering the whole range.
     #[napi]
-    pub async fn block_status(&self, offset: i64, length: i64, context: String) -> napi::Result<Vec<NativeExtent>> {
+    pub async fn block_status(
+        &self,
+        offset: i64,
+        length: i64,
+        context: String,
+    ) -> napi::Result<Vec<NativeExtent>> {
         let (offset, length) = (to_u64(offset, "offset")?, to_u64(length, "length")?);
-        let extents = self.inner.block_status_all(offset, length, &context).await.napi()?;
+        let extents = self
+            .inner
+            .block_status_all(offset, length, &context)
+            .await
+            .napi()?;
         Ok(extents
             .into_iter()
-            .map(|e| NativeExtent { offset: to_js(e.offset), length: to_js(e.length), flags: to_js(e.flags) })
+            .map(|e| NativeExtent {
+                offset: to_js(e.offset),
+                length: to_js(e.length),
+                flags: to_js(e.flags),
+            })
             .collect())
     }
 

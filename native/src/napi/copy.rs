@@ -7,8 +7,8 @@ use napi::bindgen_prelude::Buffer;
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::Status;
 use napi_derive::napi;
-use tokio::sync::Mutex;
 use tokio::sync::oneshot;
+use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use super::error::{to_napi, IntoNapi};
@@ -99,18 +99,33 @@ fn job_options(o: &NativeCopyOptions) -> napi::Result<JobOptions> {
     if let Some(v) = o.detect_zeroes {
         copy.detect_zeroes = v;
     }
-    Ok(JobOptions { uri: o.uri.clone(), connections: o.connections.map_or(job::DEFAULT_CONNECTIONS, |n| n.max(1) as usize), copy })
+    Ok(JobOptions {
+        uri: o.uri.clone(),
+        connections: o
+            .connections
+            .map_or(job::DEFAULT_CONNECTIONS, |n| n.max(1) as usize),
+        copy,
+    })
 }
 
 fn file_target(o: &NativeCopyOptions) -> Result<Target> {
     match o.target.as_deref().unwrap_or("raw") {
         "null" => Ok(Target::Null),
         "raw" => {
-            let path = o.path.as_ref().ok_or_else(|| Error::invalid_argument("a raw target needs a path"))?;
-            Ok(Target::RawFile { path: path.into(), existing: o.existing.unwrap_or(false) })
+            let path = o
+                .path
+                .as_ref()
+                .ok_or_else(|| Error::invalid_argument("a raw target needs a path"))?;
+            Ok(Target::RawFile {
+                path: path.into(),
+                existing: o.existing.unwrap_or(false),
+            })
         }
         "qcow2" => {
-            let path = o.path.as_ref().ok_or_else(|| Error::invalid_argument("a qcow2 target needs a path"))?;
+            let path = o
+                .path
+                .as_ref()
+                .ok_or_else(|| Error::invalid_argument("a qcow2 target needs a path"))?;
             let mut options = Qcow2Options::default();
             if let Some(size) = o.qcow2_cluster_size {
                 options.cluster_size = size;
@@ -119,12 +134,25 @@ fn file_target(o: &NativeCopyOptions) -> Result<Target> {
                 options.compression = c.parse().map_err(Error::invalid_argument)?;
             }
             if let Some(file) = &o.backing_file {
-                let format = o.backing_format.as_deref().unwrap_or("qcow2").parse().map_err(Error::invalid_argument)?;
-                options.backing = Some(Backing { file: file.clone(), format });
+                let format = o
+                    .backing_format
+                    .as_deref()
+                    .unwrap_or("qcow2")
+                    .parse()
+                    .map_err(Error::invalid_argument)?;
+                options.backing = Some(Backing {
+                    file: file.clone(),
+                    format,
+                });
             }
-            Ok(Target::Qcow2 { path: path.into(), options })
+            Ok(Target::Qcow2 {
+                path: path.into(),
+                options,
+            })
         }
-        other => Err(Error::invalid_argument(format!("unknown target kind {other:?} (raw, qcow2 or null)"))),
+        other => Err(Error::invalid_argument(format!(
+            "unknown target kind {other:?} (raw, qcow2 or null)"
+        ))),
     }
 }
 
@@ -152,12 +180,21 @@ pub struct NativeCopyJob {
 }
 
 /// Runs the copy on napi's tokio runtime; the result arrives on the returned channel.
-fn spawn_job(options: JobOptions, target: Target, on_progress: Option<ProgressFn>, cancel: CancellationToken) -> oneshot::Receiver<Result<Summary>> {
+fn spawn_job(
+    options: JobOptions,
+    target: Target,
+    on_progress: Option<ProgressFn>,
+    cancel: CancellationToken,
+) -> oneshot::Receiver<Result<Summary>> {
     let (done, result) = oneshot::channel();
     napi::bindgen_prelude::spawn(async move {
         let report = move |p: Progress| {
             if let Some(f) = &on_progress {
-                let value = NativeProgress { done: to_js(p.done), total: to_js(p.total), bytes_per_second: p.bytes_per_second };
+                let value = NativeProgress {
+                    done: to_js(p.done),
+                    total: to_js(p.total),
+                    bytes_per_second: p.bytes_per_second,
+                };
                 f.call(value, ThreadsafeFunctionCallMode::NonBlocking);
             }
         };
@@ -169,22 +206,41 @@ fn spawn_job(options: JobOptions, target: Target, on_progress: Option<ProgressFn
 
 /// Starts copying an export to a raw file or to nowhere (`null`).
 #[napi]
-pub fn start_copy(options: NativeCopyOptions, on_progress: Option<ProgressFn>) -> napi::Result<NativeCopyJob> {
+pub fn start_copy(
+    options: NativeCopyOptions,
+    on_progress: Option<ProgressFn>,
+) -> napi::Result<NativeCopyJob> {
     let job = job_options(&options)?;
     let target = file_target(&options).napi()?;
     let cancel = CancellationToken::new();
     let handle = spawn_job(job, target, on_progress, cancel.clone());
-    Ok(NativeCopyJob { cancel, handle: Mutex::new(Some(handle)), chunks: None })
+    Ok(NativeCopyJob {
+        cancel,
+        handle: Mutex::new(Some(handle)),
+        chunks: None,
+    })
 }
 
 /// Starts streaming an export's extents to JavaScript: pull them with `next()`.
 #[napi]
-pub fn start_chunk_stream(options: NativeCopyOptions, on_progress: Option<ProgressFn>) -> napi::Result<NativeCopyJob> {
+pub fn start_chunk_stream(
+    options: NativeCopyOptions,
+    on_progress: Option<ProgressFn>,
+) -> napi::Result<NativeCopyJob> {
     let job = job_options(&options)?;
     let (sink, receiver) = js::channel();
     let cancel = CancellationToken::new();
-    let handle = spawn_job(job, Target::Custom(Box::new(sink)), on_progress, cancel.clone());
-    Ok(NativeCopyJob { cancel, handle: Mutex::new(Some(handle)), chunks: Some(Arc::new(Mutex::new(receiver))) })
+    let handle = spawn_job(
+        job,
+        Target::Custom(Box::new(sink)),
+        on_progress,
+        cancel.clone(),
+    );
+    Ok(NativeCopyJob {
+        cancel,
+        handle: Mutex::new(Some(handle)),
+        chunks: Some(Arc::new(Mutex::new(receiver))),
+    })
 }
 
 #[napi]
@@ -200,7 +256,9 @@ impl NativeCopyJob {
     pub async fn wait(&self) -> napi::Result<NativeSummary> {
         let handle = self.handle.lock().await.take();
         let Some(handle) = handle else {
-            return Err(to_napi(Error::invalid_argument("wait() was already called")));
+            return Err(to_napi(Error::invalid_argument(
+                "wait() was already called",
+            )));
         };
         match handle.await {
             Ok(result) => result.map(summary_to_js).napi(),
@@ -213,7 +271,9 @@ impl NativeCopyJob {
     #[napi]
     pub async fn next(&self) -> napi::Result<Option<NativeChunk>> {
         let Some(chunks) = &self.chunks else {
-            return Err(to_napi(Error::invalid_argument("next() is only for chunk streams")));
+            return Err(to_napi(Error::invalid_argument(
+                "next() is only for chunk streams",
+            )));
         };
         let mut receiver = chunks.lock().await;
         match receiver.next().await {

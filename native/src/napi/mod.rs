@@ -18,7 +18,11 @@ pub fn native_version() -> String {
 
 /// JS numbers hold integers exactly up to 2^53; disk offsets stay far below that.
 fn to_u64(v: i64, what: &str) -> napi::Result<u64> {
-    u64::try_from(v).map_err(|_| error::to_napi(crate::error::Error::invalid_argument(format!("{what} must not be negative, got {v}"))))
+    u64::try_from(v).map_err(|_| {
+        error::to_napi(crate::error::Error::invalid_argument(format!(
+            "{what} must not be negative, got {v}"
+        )))
+    })
 }
 
 fn to_js(v: u64) -> i64 {

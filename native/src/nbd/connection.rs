@@ -196,7 +196,12 @@ impl Pending {
                     match check_coverage(&mut covered, self.offset, self.length) {
                         // SAFETY: the chunks covered [0, length) exactly once (checked just
                         // above), and each chunk initialized the bytes it covered.
-                        Ok(()) => (Ok(Reply::Data(Bytes::from(unsafe { buf.assume_init() }.into_vec()))), None),
+                        Ok(()) => (
+                            Ok(Reply::Data(Bytes::from(
+                                unsafe { buf.assume_init() }.into_vec(),
+                            ))),
+                            None,
+                        ),
                         Err(m) => (Err(Error::protocol(m.clone())), Some(Failure::Protocol(m))),
                     }
                 }
@@ -769,7 +774,10 @@ impl<R: AsyncRead + Unpin> Reader<R> {
 }
 
 /// `read_exact` into uninitialized memory: fills (initializes) all of `dst` or fails.
-async fn read_exact_uninit<R: AsyncRead + Unpin>(r: &mut R, dst: &mut [MaybeUninit<u8>]) -> std::io::Result<()> {
+async fn read_exact_uninit<R: AsyncRead + Unpin>(
+    r: &mut R,
+    dst: &mut [MaybeUninit<u8>],
+) -> std::io::Result<()> {
     let mut rb = tokio::io::ReadBuf::uninit(dst);
     while rb.remaining() > 0 {
         let before = rb.filled().len();

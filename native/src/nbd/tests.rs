@@ -1052,7 +1052,14 @@ async fn error_offset_outside_the_request_fails_it() {
                 message: String::new(),
                 offset: Some(r.offset + r.length),
             };
-            encode_chunk(r.cookie, REPLY_FLAG_DONE, &Chunk::Error(e), false, 0, &mut b);
+            encode_chunk(
+                r.cookie,
+                REPLY_FLAG_DONE,
+                &Chunk::Error(e),
+                false,
+                0,
+                &mut b,
+            );
             b
         },
         "an ERROR_OFFSET offset [8192, 8193) outside the READ request",

@@ -29,7 +29,10 @@ pub struct CreateOptions {
 
 impl Default for CreateOptions {
     fn default() -> Self {
-        CreateOptions { overwrite: false, remove_on_abort: true }
+        CreateOptions {
+            overwrite: false,
+            remove_on_abort: true,
+        }
     }
 }
 
@@ -46,7 +49,10 @@ pub struct RawFileSink {
 }
 
 /// Run blocking file work off the async threads.
-async fn blocking<T: Send + 'static>(what: &str, f: impl FnOnce() -> std::io::Result<T> + Send + 'static) -> Result<T> {
+async fn blocking<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T> {
     match tokio::task::spawn_blocking(f).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(Error::sink_io(what.to_string(), e)),
@@ -60,8 +66,23 @@ impl RawFileSink {
         Self::create_with(path, size, CreateOptions::default()).await
     }
 
+    fn new(file: File, path: PathBuf, fresh: bool, remove_on_abort: bool) -> Self {
+        RawFileSink {
+            file: Arc::new(file),
+            path,
+            fresh,
+            remove_on_abort,
+            zero_chunk: 1 << 20,
+            behind: WriteBehind::default(),
+        }
+    }
+
     /// Create a new sparse file of `size` bytes with explicit options.
-    pub async fn create_with(path: impl AsRef<Path>, size: u64, options: CreateOptions) -> Result<Self> {
+    pub async fn create_with(
+        path: impl AsRef<Path>,
+        size: u64,
+        options: CreateOptions,
+    ) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let p = path.clone();
         let what = format!("creating {}", path.display());
@@ -78,14 +99,7 @@ impl RawFileSink {
             Ok(f)
         })
         .await?;
-        Ok(RawFileSink {
-            file: Arc::new(file),
-            path,
-            fresh: true,
-            remove_on_abort: options.remove_on_abort,
-            zero_chunk: 1 << 20,
-            behind: WriteBehind::default(),
-        })
+        Ok(Self::new(file, path, true, options.remove_on_abort))
     }
 
     /// Open an existing copy of the previous full image for an incremental backup. A smaller
@@ -110,14 +124,7 @@ impl RawFileSink {
             Ok(f)
         })
         .await?;
-        Ok(RawFileSink {
-            file: Arc::new(file),
-            path,
-            fresh: false,
-            remove_on_abort: false,
-            zero_chunk: 1 << 20,
-            behind: WriteBehind::default(),
-        })
+        Ok(Self::new(file, path, false, false))
     }
 
     pub fn path(&self) -> &Path {
@@ -133,11 +140,20 @@ impl RawFileSink {
 /// Punch a hole, keeping the size. `Ok(false)` when the file system cannot punch holes.
 fn punch_hole(file: &File, offset: u64, length: u64) -> std::io::Result<bool> {
     let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(length)) else {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "range too large"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "range too large",
+        ));
     };
     // SAFETY: fallocate on a valid, open file descriptor with plain integer arguments.
-    let rc =
-        unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, len) };
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            len,
+        )
+    };
     if rc == 0 {
         return Ok(true);
     }
@@ -164,7 +180,12 @@ fn write_zeros(file: &File, offset: u64, length: u64, chunk: usize) -> std::io::
 impl Sink for RawFileSink {
     async fn write_at(&mut self, offset: u64, data: Bytes) -> Result<()> {
         let file = self.file.clone();
-        let what = format!("writing {} bytes at offset {} of {}", data.len(), offset, self.path.display());
+        let what = format!(
+            "writing {} bytes at offset {} of {}",
+            data.len(),
+            offset,
+            self.path.display()
+        );
         let mut behind = std::mem::take(&mut self.behind);
         self.behind = blocking(&what, move || {
             file.write_all_at(&data, offset)?;
@@ -182,7 +203,12 @@ impl Sink for RawFileSink {
         }
         let file = self.file.clone();
         let chunk = self.zero_chunk;
-        let what = format!("zeroing {} bytes at offset {} of {}", length, offset, self.path.display());
+        let what = format!(
+            "zeroing {} bytes at offset {} of {}",
+            length,
+            offset,
+            self.path.display()
+        );
         blocking(&what, move || {
             if !punch_hole(&file, offset, length)? {
                 write_zeros(&file, offset, length, chunk)?;
@@ -225,7 +251,10 @@ mod tests {
         let mut s = RawFileSink::create(&p, 1000).await.unwrap();
         s.finish().await.unwrap();
         assert!(RawFileSink::create(&p, 1000).await.is_err());
-        let opts = CreateOptions { overwrite: true, ..CreateOptions::default() };
+        let opts = CreateOptions {
+            overwrite: true,
+            ..CreateOptions::default()
+        };
         let s = RawFileSink::create_with(&p, 2000, opts).await.unwrap();
         drop(s);
         assert_eq!(std::fs::metadata(&p).unwrap().len(), 2000);
@@ -236,12 +265,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("disk.raw");
         let mut s = RawFileSink::create(&p, 64 << 20).await.unwrap();
-        s.write_at(4096, Bytes::from(vec![7u8; 4096])).await.unwrap();
+        s.write_at(4096, Bytes::from(vec![7u8; 4096]))
+            .await
+            .unwrap();
         s.zero(8192, 32 << 20).await.unwrap();
         s.flush().await.unwrap();
         let md = std::fs::metadata(&p).unwrap();
         assert_eq!(md.len(), 64 << 20);
-        assert!(md.blocks() * 512 < 1 << 20, "fresh file must stay sparse: {} blocks", md.blocks());
+        assert!(
+            md.blocks() * 512 < 1 << 20,
+            "fresh file must stay sparse: {} blocks",
+            md.blocks()
+        );
         s.abort("test").await;
         assert!(!p.exists());
     }
@@ -251,7 +286,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("disk.raw");
         std::fs::write(&p, vec![0xAAu8; 1 << 20]).unwrap();
-        let mut s = RawFileSink::open_existing(&p, (1 << 20) + 100).await.unwrap();
+        let mut s = RawFileSink::open_existing(&p, (1 << 20) + 100)
+            .await
+            .unwrap();
         s.write_at(0, Bytes::from_static(b"new")).await.unwrap();
         s.zero(512 * 1024, 256 * 1024).await.unwrap();
         s.finish().await.unwrap();
@@ -263,7 +300,10 @@ mod tests {
         assert!(data[512 * 1024..768 * 1024].iter().all(|&b| b == 0));
         assert!(data[768 * 1024..1 << 20].iter().all(|&b| b == 0xAA));
         assert!(data[1 << 20..].iter().all(|&b| b == 0));
-        assert!(RawFileSink::open_existing(&p, 4096).await.is_err(), "larger image must be refused");
+        assert!(
+            RawFileSink::open_existing(&p, 4096).await.is_err(),
+            "larger image must be refused"
+        );
     }
 
     #[test]

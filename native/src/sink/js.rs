@@ -66,7 +66,18 @@ pub struct ChunkReceiver {
 pub fn channel() -> (ChannelSink, ChunkReceiver) {
     let (tx, rx) = mpsc::channel(1);
     let shared: Shared = Arc::default();
-    (ChannelSink { tx: Some(tx), shared: shared.clone() }, ChunkReceiver { rx, pending: None, shared, done: false })
+    (
+        ChannelSink {
+            tx: Some(tx),
+            shared: shared.clone(),
+        },
+        ChunkReceiver {
+            rx,
+            pending: None,
+            shared,
+            done: false,
+        },
+    )
 }
 
 impl ChannelSink {
@@ -82,7 +93,14 @@ impl ChannelSink {
             return Err(Error::sink("sink already finished or aborted"));
         };
         let (taken_tx, taken_rx) = oneshot::channel();
-        if tx.send(Message { chunk, taken: taken_tx }).await.is_err() {
+        if tx
+            .send(Message {
+                chunk,
+                taken: taken_tx,
+            })
+            .await
+            .is_err()
+        {
             return Err(self.consumer_gone());
         }
         taken_rx.await.map_err(|_| self.consumer_gone())
@@ -93,11 +111,23 @@ impl ChannelSink {
 impl Sink for ChannelSink {
     async fn write_at(&mut self, offset: u64, data: Bytes) -> Result<()> {
         let length = data.len() as u64;
-        self.send(Chunk { offset, length, data: Some(data), zero: false }).await
+        self.send(Chunk {
+            offset,
+            length,
+            data: Some(data),
+            zero: false,
+        })
+        .await
     }
 
     async fn zero(&mut self, offset: u64, length: u64) -> Result<()> {
-        self.send(Chunk { offset, length, data: None, zero: true }).await
+        self.send(Chunk {
+            offset,
+            length,
+            data: None,
+            zero: true,
+        })
+        .await
     }
 
     async fn flush(&mut self) -> Result<()> {
@@ -182,12 +212,28 @@ mod tests {
             sink.finish().await
         });
         let c0 = rx.next().await.unwrap().unwrap();
-        assert_eq!(c0, Chunk { offset: 0, length: 2, data: Some(Bytes::from_static(b"aa")), zero: false });
+        assert_eq!(
+            c0,
+            Chunk {
+                offset: 0,
+                length: 2,
+                data: Some(Bytes::from_static(b"aa")),
+                zero: false
+            }
+        );
         // The consumer holds chunk 0 and has not asked again: write_at must still be waiting.
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(returned.load(Ordering::SeqCst), 0);
         let c1 = rx.next().await.unwrap().unwrap();
-        assert_eq!(c1, Chunk { offset: 2, length: 100, data: None, zero: true });
+        assert_eq!(
+            c1,
+            Chunk {
+                offset: 2,
+                length: 100,
+                data: None,
+                zero: true
+            }
+        );
         assert_eq!(returned.load(Ordering::SeqCst), 1);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(returned.load(Ordering::SeqCst), 1);
@@ -214,7 +260,8 @@ mod tests {
     #[tokio::test]
     async fn dropping_the_receiver_fails_the_copy() {
         let (mut sink, mut rx) = channel();
-        let producer = tokio::spawn(async move { sink.write_at(0, Bytes::from_static(b"x")).await });
+        let producer =
+            tokio::spawn(async move { sink.write_at(0, Bytes::from_static(b"x")).await });
         rx.next().await.unwrap().unwrap();
         drop(rx);
         let err = producer.await.unwrap().unwrap_err();

@@ -38,7 +38,10 @@ impl NullSink {
 
     /// A sink that also checksums what it is given.
     pub fn with_checksum() -> Self {
-        NullSink { checksum: Some(FNV_OFFSET), ..NullSink::default() }
+        NullSink {
+            checksum: Some(FNV_OFFSET),
+            ..NullSink::default()
+        }
     }
 
     /// The checksum so far, when created by [`NullSink::with_checksum`].
@@ -94,7 +97,10 @@ mod tests {
         a.write_at(0, Bytes::from_static(b"abc")).await.unwrap();
         a.zero(3, 10).await.unwrap();
         a.finish().await.unwrap();
-        assert_eq!((a.bytes_written, a.bytes_zero, a.writes, a.zeros, a.finished), (3, 10, 1, 1, true));
+        assert_eq!(
+            (a.bytes_written, a.bytes_zero, a.writes, a.zeros, a.finished),
+            (3, 10, 1, 1, true)
+        );
         let mut b = NullSink::with_checksum();
         b.write_at(0, Bytes::from_static(b"abd")).await.unwrap();
         b.zero(3, 10).await.unwrap();

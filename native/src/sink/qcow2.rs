@@ -102,7 +102,12 @@ pub struct Qcow2Options {
 
 impl Default for Qcow2Options {
     fn default() -> Self {
-        Qcow2Options { cluster_size: 64 * 1024, backing: None, compression: Compression::None, overwrite: false }
+        Qcow2Options {
+            cluster_size: 64 * 1024,
+            backing: None,
+            compression: Compression::None,
+            overwrite: false,
+        }
     }
 }
 
@@ -127,12 +132,18 @@ pub struct Qcow2Sink {
 
 /// The temporary name an image is written under until `finish`.
 pub fn temp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(".part");
     path.with_file_name(name)
 }
 
-async fn blocking<T: Send + 'static>(what: &str, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+async fn blocking<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r,
         Err(e) => Err(Error::sink(format!("{what}: qcow2 task failed: {e}"))),
@@ -151,7 +162,11 @@ impl Qcow2Sink {
     /// Start an image of `size` guest bytes at `path` (written as `<path>.part` until
     /// [`Sink::finish`]). Fails if `path` exists (unless `overwrite`), if the options are
     /// invalid, or if the backing chain cannot be opened. A stale `.part` file is replaced.
-    pub async fn create(path: impl AsRef<Path>, size: u64, options: Qcow2Options) -> Result<Qcow2Sink> {
+    pub async fn create(
+        path: impl AsRef<Path>,
+        size: u64,
+        options: Qcow2Options,
+    ) -> Result<Qcow2Sink> {
         let path = path.as_ref().to_path_buf();
         let cs = options.cluster_size;
         if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
@@ -172,11 +187,17 @@ impl Qcow2Sink {
         let what = format!("creating {}", path.display());
         let writer = blocking(&what, move || {
             if !opts.overwrite && p.exists() {
-                return Err(Error::invalid_argument(format!("{} already exists", p.display())));
+                return Err(Error::invalid_argument(format!(
+                    "{} already exists",
+                    p.display()
+                )));
             }
             let (backing_name, backing) = match &opts.backing {
                 Some(b) => {
-                    let image = Image::open(&reader::resolve_backing(&p, &b.file), Some(b.format.as_str()))?;
+                    let image = Image::open(
+                        &reader::resolve_backing(&p, &b.file),
+                        Some(b.format.as_str()),
+                    )?;
                     (Some((b.file.clone(), b.format.as_str())), Some(image))
                 }
                 None => (None, None),
@@ -223,7 +244,9 @@ impl Qcow2Sink {
         f: impl FnOnce(&mut Writer) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         if self.state != State::Open {
-            return Err(Error::sink(format!("{what}: the qcow2 sink is {:?}", self.state).to_lowercase()));
+            return Err(Error::sink(
+                format!("{what}: the qcow2 sink is {:?}", self.state).to_lowercase(),
+            ));
         }
         let Some(mut w) = self.writer.take() else {
             self.state = State::Failed;
@@ -254,11 +277,14 @@ impl Qcow2Sink {
         self.writer = None;
         let temp = self.temp.clone();
         // Nothing to report to: the copy already failed with its own error.
-        let _ = blocking("removing a partial image", move || match std::fs::remove_file(&temp) {
-            Ok(()) => sync_dir(&temp).map_err(|e| Error::sink_io("syncing the folder", e)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::sink_io(format!("removing {}", temp.display()), e)),
-        })
+        let _ = blocking(
+            "removing a partial image",
+            move || match std::fs::remove_file(&temp) {
+                Ok(()) => sync_dir(&temp).map_err(|e| Error::sink_io("syncing the folder", e)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(Error::sink_io(format!("removing {}", temp.display()), e)),
+            },
+        )
         .await;
     }
 }
@@ -266,12 +292,22 @@ impl Qcow2Sink {
 #[async_trait]
 impl Sink for Qcow2Sink {
     async fn write_at(&mut self, offset: u64, data: Bytes) -> Result<()> {
-        let what = format!("writing {} bytes at offset {} of {}", data.len(), offset, self.temp.display());
+        let what = format!(
+            "writing {} bytes at offset {} of {}",
+            data.len(),
+            offset,
+            self.temp.display()
+        );
         self.run(what, move |w| w.write_at(offset, &data)).await
     }
 
     async fn zero(&mut self, offset: u64, length: u64) -> Result<()> {
-        let what = format!("zeroing {} bytes at offset {} of {}", length, offset, self.temp.display());
+        let what = format!(
+            "zeroing {} bytes at offset {} of {}",
+            length,
+            offset,
+            self.temp.display()
+        );
         self.run(what, move |w| w.zero(offset, length)).await
     }
 
@@ -287,11 +323,20 @@ impl Sink for Qcow2Sink {
             .run(what, move |w| {
                 w.finish()?;
                 if !overwrite && path.exists() {
-                    return Err(Error::sink(format!("{} appeared while the backup ran", path.display())));
+                    return Err(Error::sink(format!(
+                        "{} appeared while the backup ran",
+                        path.display()
+                    )));
                 }
-                std::fs::rename(&temp, &path)
-                    .map_err(|e| Error::sink_io(format!("renaming {} to {}", temp.display(), path.display()), e))?;
-                sync_dir(&path).map_err(|e| Error::sink_io(format!("syncing the folder of {}", path.display()), e))
+                std::fs::rename(&temp, &path).map_err(|e| {
+                    Error::sink_io(
+                        format!("renaming {} to {}", temp.display(), path.display()),
+                        e,
+                    )
+                })?;
+                sync_dir(&path).map_err(|e| {
+                    Error::sink_io(format!("syncing the folder of {}", path.display()), e)
+                })
             })
             .await;
         match r {

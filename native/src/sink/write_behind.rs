@@ -28,21 +28,39 @@ impl WriteBehind {
         self.ranges.push_back((offset, length));
         self.bytes += length;
         while self.bytes > WRITE_BEHIND {
-            let Some((o, l)) = self.ranges.pop_front() else { break };
+            let Some((o, l)) = self.ranges.pop_front() else {
+                break;
+            };
             self.bytes -= l;
-            let wait = libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+            let wait = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                | libc::SYNC_FILE_RANGE_WRITE
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER;
             sync_range(fd, o, l, wait)?;
             // Advice only: failure changes nothing about the data.
             // SAFETY: plain integer arguments on an open descriptor.
-            unsafe { libc::posix_fadvise(fd, o as libc::off_t, l as libc::off_t, libc::POSIX_FADV_DONTNEED) };
+            unsafe {
+                libc::posix_fadvise(
+                    fd,
+                    o as libc::off_t,
+                    l as libc::off_t,
+                    libc::POSIX_FADV_DONTNEED,
+                )
+            };
         }
         Ok(())
     }
 }
 
-fn sync_range(fd: libc::c_int, offset: u64, length: u64, flags: libc::c_uint) -> std::io::Result<()> {
+fn sync_range(
+    fd: libc::c_int,
+    offset: u64,
+    length: u64,
+    flags: libc::c_uint,
+) -> std::io::Result<()> {
     // SAFETY: sync_file_range on an open descriptor with plain integer arguments.
-    let rc = unsafe { libc::sync_file_range(fd, offset as libc::off64_t, length as libc::off64_t, flags) };
+    let rc = unsafe {
+        libc::sync_file_range(fd, offset as libc::off64_t, length as libc::off64_t, flags)
+    };
     if rc == 0 {
         return Ok(());
     }
@@ -54,4 +72,3 @@ fn sync_range(fd: libc::c_int, offset: u64, length: u64, flags: libc::c_uint) ->
         _ => Err(err),
     }
 }
-

@@ -35,7 +35,9 @@ impl std::str::FromStr for Compression {
             "none" | "" => Ok(Compression::None),
             "zstd" => Ok(Compression::Zstd),
             "zlib" | "deflate" => Ok(Compression::Zlib),
-            other => Err(format!("unknown qcow2 compression {other:?} (none, zstd, zlib)")),
+            other => Err(format!(
+                "unknown qcow2 compression {other:?} (none, zstd, zlib)"
+            )),
         }
     }
 }
@@ -62,13 +64,18 @@ impl Compressor {
         let engine = match kind {
             Compression::None => return Ok(None),
             Compression::Zstd => Engine::Zstd(zstd::bulk::Compressor::new(ZSTD_LEVEL)?),
-            Compression::Zlib => {
-                Engine::Zlib(Compress::new_with_window_bits(flate2::Compression::default(), false, ZLIB_WINDOW_BITS))
-            }
+            Compression::Zlib => Engine::Zlib(Compress::new_with_window_bits(
+                flate2::Compression::default(),
+                false,
+                ZLIB_WINDOW_BITS,
+            )),
         };
         // Room for the worst case (more than the input): zlib-rs panics when a tiny output
         // buffer fills up mid-stream (seen with 512-byte clusters), so never let it fill.
-        Ok(Some(Compressor { engine, out: vec![0u8; 2 * cluster_size + 1024] }))
+        Ok(Some(Compressor {
+            engine,
+            out: vec![0u8; 2 * cluster_size + 1024],
+        }))
     }
 
     /// The compressed form of `cluster` (exactly one cluster of data), or `None` when it would
@@ -100,7 +107,11 @@ pub struct Decompressor {
 impl Decompressor {
     pub fn new(compression_type: u8) -> Result<Decompressor, String> {
         match compression_type {
-            COMPRESSION_ZLIB | COMPRESSION_ZSTD => Ok(Decompressor { kind: compression_type, zlib: None, zstd: None }),
+            COMPRESSION_ZLIB | COMPRESSION_ZSTD => Ok(Decompressor {
+                kind: compression_type,
+                zlib: None,
+                zstd: None,
+            }),
             t => Err(format!("unknown qcow2 compression type {t}")),
         }
     }
@@ -115,11 +126,15 @@ impl Decompressor {
                     d.reinit().map_err(|e| e.to_string())?;
                     d
                 }
-                None => self.zstd.insert(zstd::stream::raw::Decoder::new().map_err(|e| e.to_string())?),
+                None => self
+                    .zstd
+                    .insert(zstd::stream::raw::Decoder::new().map_err(|e| e.to_string())?),
             };
             let (mut read, mut written) = (0usize, 0usize);
             while written < out.len() {
-                let st = dec.run_on_buffers(&input[read..], &mut out[written..]).map_err(|e| e.to_string())?;
+                let st = dec
+                    .run_on_buffers(&input[read..], &mut out[written..])
+                    .map_err(|e| e.to_string())?;
                 if st.bytes_read == 0 && st.bytes_written == 0 {
                     return Err("zstd data ends before a full cluster".into());
                 }
@@ -129,11 +144,18 @@ impl Decompressor {
             return Ok(());
         }
         // Window 15 decodes any raw deflate stream, including QEMU's 4 KiB-window ones.
-        let dec = self.zlib.get_or_insert_with(|| Decompress::new_with_window_bits(false, 15));
+        let dec = self
+            .zlib
+            .get_or_insert_with(|| Decompress::new_with_window_bits(false, 15));
         dec.reset(false);
-        let st = dec.decompress(input, out, FlushDecompress::Finish).map_err(|e| e.to_string())?;
+        let st = dec
+            .decompress(input, out, FlushDecompress::Finish)
+            .map_err(|e| e.to_string())?;
         if dec.total_out() as usize != out.len() {
-            return Err(format!("deflate data gives {} bytes, not a full cluster ({st:?})", dec.total_out()));
+            return Err(format!(
+                "deflate data gives {} bytes, not a full cluster ({st:?})",
+                dec.total_out()
+            ));
         }
         Ok(())
     }
@@ -149,7 +171,10 @@ mod tests {
 
     #[test]
     fn roundtrip_both_with_trailing_bytes() {
-        for (kind, t) in [(Compression::Zstd, COMPRESSION_ZSTD), (Compression::Zlib, COMPRESSION_ZLIB)] {
+        for (kind, t) in [
+            (Compression::Zstd, COMPRESSION_ZSTD),
+            (Compression::Zlib, COMPRESSION_ZLIB),
+        ] {
             let data = sample(65536);
             let mut c = Compressor::new(kind, 65536).unwrap().unwrap();
             let mut packed = c.compress(&data).expect("compressible").to_vec();

@@ -16,7 +16,11 @@ const MAX_DEPTH: usize = 256;
 
 /// An image of the backing chain, opened read-only.
 pub enum Image {
-    Raw { file: File, path: PathBuf, size: u64 },
+    Raw {
+        file: File,
+        path: PathBuf,
+        size: u64,
+    },
     Qcow2(Box<Qcow2Reader>),
 }
 
@@ -35,8 +39,17 @@ pub struct Qcow2Reader {
 }
 
 fn pread_exact(file: &File, path: &Path, buf: &mut [u8], offset: u64) -> Result<()> {
-    file.read_exact_at(buf, offset)
-        .map_err(|e| Error::sink_io(format!("reading {} bytes at {} of {}", buf.len(), offset, path.display()), e))
+    file.read_exact_at(buf, offset).map_err(|e| {
+        Error::sink_io(
+            format!(
+                "reading {} bytes at {} of {}",
+                buf.len(),
+                offset,
+                path.display()
+            ),
+            e,
+        )
+    })
 }
 
 /// Read as much as the file holds at `offset`, zero-filling beyond its end.
@@ -48,7 +61,10 @@ fn pread_fill(file: &File, path: &Path, buf: &mut [u8], offset: u64) -> Result<(
             Ok(n) => done += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => {
-                return Err(Error::sink_io(format!("reading at {} of {}", offset + done as u64, path.display()), e))
+                return Err(Error::sink_io(
+                    format!("reading at {} of {}", offset + done as u64, path.display()),
+                    e,
+                ))
             }
         }
     }
@@ -63,7 +79,10 @@ pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
     if p.is_absolute() {
         return p.to_path_buf();
     }
-    image.parent().map(|d| d.join(p)).unwrap_or_else(|| p.to_path_buf())
+    image
+        .parent()
+        .map(|d| d.join(p))
+        .unwrap_or_else(|| p.to_path_buf())
 }
 
 impl Image {
@@ -74,16 +93,24 @@ impl Image {
 
     fn open_depth(path: &Path, format: Option<&str>, depth: usize) -> Result<Image> {
         if depth > MAX_DEPTH {
-            return Err(Error::sink(format!("backing chain deeper than {MAX_DEPTH} at {}", path.display())));
+            return Err(Error::sink(format!(
+                "backing chain deeper than {MAX_DEPTH} at {}",
+                path.display()
+            )));
         }
-        let file =
-            File::open(path).map_err(|e| Error::sink_io(format!("opening backing image {}", path.display()), e))?;
+        let file = File::open(path)
+            .map_err(|e| Error::sink_io(format!("opening backing image {}", path.display()), e))?;
         let format = match format {
             Some(f) => f.to_string(),
             None => {
                 let mut magic = [0u8; 4];
                 pread_fill(&file, path, &mut magic, 0)?;
-                if u32::from_be_bytes(magic) == MAGIC { "qcow2" } else { "raw" }.to_string()
+                if u32::from_be_bytes(magic) == MAGIC {
+                    "qcow2"
+                } else {
+                    "raw"
+                }
+                .to_string()
             }
         };
         match format.as_str() {
@@ -92,9 +119,15 @@ impl Image {
                     .metadata()
                     .map_err(|e| Error::sink_io(format!("reading size of {}", path.display()), e))?
                     .len();
-                Ok(Image::Raw { file, path: path.to_path_buf(), size })
+                Ok(Image::Raw {
+                    file,
+                    path: path.to_path_buf(),
+                    size,
+                })
             }
-            "qcow2" => Ok(Image::Qcow2(Box::new(Qcow2Reader::open(file, path, depth)?))),
+            "qcow2" => Ok(Image::Qcow2(Box::new(Qcow2Reader::open(
+                file, path, depth,
+            )?))),
             other => Err(Error::sink(format!(
                 "backing image {} has format {other:?}: only qcow2 and raw are supported",
                 path.display()
@@ -112,7 +145,11 @@ impl Image {
     /// Fill `buf` with the guest content at `offset`; beyond the image's end reads as zeros.
     pub fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let size = self.size();
-        let inside = if offset >= size { 0 } else { (size - offset).min(buf.len() as u64) as usize };
+        let inside = if offset >= size {
+            0
+        } else {
+            (size - offset).min(buf.len() as u64) as usize
+        };
         buf[inside..].fill(0);
         if inside == 0 {
             return Ok(());
@@ -138,20 +175,30 @@ impl Qcow2Reader {
             return Err(bad("external data files are not supported".into()));
         }
         if unsupported & INCOMPAT_EXTENDED_L2 != 0 {
-            return Err(bad("extended L2 entries (subclusters) are not supported".into()));
+            return Err(bad(
+                "extended L2 entries (subclusters) are not supported".into()
+            ));
         }
         if unsupported != 0 {
-            return Err(bad(format!("unsupported incompatible features {unsupported:#x}")));
+            return Err(bad(format!(
+                "unsupported incompatible features {unsupported:#x}"
+            )));
         }
         let cluster_size = 1u64 << h.cluster_bits;
         let decompressor = Decompressor::new(h.compression_type).map_err(bad)?;
         let l1_bytes = u64::from(h.l1_size) * 8;
         if l1_bytes > MAX_L1_BYTES {
-            return Err(bad(format!("L1 table of {} entries is too large", h.l1_size)));
+            return Err(bad(format!(
+                "L1 table of {} entries is too large",
+                h.l1_size
+            )));
         }
         let mut raw = vec![0u8; l1_bytes as usize];
         pread_exact(&file, path, &mut raw, h.l1_table_offset)?;
-        let l1 = raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+        let l1 = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
 
         let mut backing = None;
         if h.backing_file_offset != 0 {
@@ -161,7 +208,8 @@ impl Qcow2Reader {
             }
             let mut name = vec![0u8; len];
             pread_exact(&file, path, &mut name, h.backing_file_offset)?;
-            let name = String::from_utf8(name).map_err(|_| bad("backing file name is not UTF-8".into()))?;
+            let name = String::from_utf8(name)
+                .map_err(|_| bad("backing file name is not UTF-8".into()))?;
             let ext_end = (cluster_size as usize).min(first.len());
             let format = if h.version >= 3 {
                 find_backing_format(&first[..ext_end], h.header_length as usize)
@@ -169,7 +217,11 @@ impl Qcow2Reader {
                 find_backing_format(&first[..ext_end], HEADER_V2_LENGTH as usize)
             };
             let bpath = resolve_backing(path, &name);
-            backing = Some(Box::new(Image::open_depth(&bpath, format.as_deref(), depth + 1)?));
+            backing = Some(Box::new(Image::open_depth(
+                &bpath,
+                format.as_deref(),
+                depth + 1,
+            )?));
         }
         Ok(Qcow2Reader {
             file,
@@ -197,10 +249,16 @@ impl Qcow2Reader {
         if self.l2.as_ref().map(|(i, _)| *i) != Some(l1_index) {
             let mut raw = vec![0u8; 1usize << self.cluster_bits];
             pread_exact(&self.file, &self.path, &mut raw, table_offset)?;
-            let t = raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+            let t = raw
+                .chunks_exact(8)
+                .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect();
             self.l2 = Some((l1_index, t));
         }
-        Ok(self.l2.as_ref().map_or(0, |(_, t)| t[(cluster % per_table) as usize]))
+        Ok(self
+            .l2
+            .as_ref()
+            .map_or(0, |(_, t)| t[(cluster % per_table) as usize]))
     }
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -229,16 +287,27 @@ impl Qcow2Reader {
         Ok(())
     }
 
-    fn read_compressed(&mut self, cluster: u64, entry: u64, within: usize, out: &mut [u8]) -> Result<()> {
+    fn read_compressed(
+        &mut self,
+        cluster: u64,
+        entry: u64,
+        within: usize,
+        out: &mut [u8],
+    ) -> Result<()> {
         if self.compressed.as_ref().map(|(c, _)| *c) != Some(cluster) {
             let (host, len) = parse_compressed_descriptor(self.cluster_bits, entry);
             let mut input = vec![0u8; len as usize];
             pread_fill(&self.file, &self.path, &mut input, host)?;
             let mut data = self.compressed.take().map(|(_, d)| d).unwrap_or_default();
             data.resize(1usize << self.cluster_bits, 0);
-            self.decompressor.decompress(&input, &mut data).map_err(|m| {
-                Error::sink(format!("backing image {}: compressed cluster {cluster}: {m}", self.path.display()))
-            })?;
+            self.decompressor
+                .decompress(&input, &mut data)
+                .map_err(|m| {
+                    Error::sink(format!(
+                        "backing image {}: compressed cluster {cluster}: {m}",
+                        self.path.display()
+                    ))
+                })?;
             self.compressed = Some((cluster, data));
         }
         if let Some((_, d)) = &self.compressed {

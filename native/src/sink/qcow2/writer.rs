@@ -20,8 +20,8 @@ use bytes::Bytes;
 use super::compress::{Compression, Compressor};
 use super::format::*;
 use super::reader::Image;
-use crate::sink::write_behind::WriteBehind;
 use crate::error::{Error, Result};
+use crate::sink::write_behind::WriteBehind;
 
 /// What an image holds, for progress and the provider's manifest.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -129,7 +129,8 @@ fn div_ceil(a: u64, b: u64) -> u64 {
 
 /// True when every byte is zero (vectorises in release builds; exits at the first 4 KiB with data).
 pub fn is_zero(b: &[u8]) -> bool {
-    b.chunks(4096).all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
+    b.chunks(4096)
+        .all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
 }
 
 impl Writer {
@@ -211,8 +212,10 @@ impl Writer {
             )));
         }
 
-        let compressor = Compressor::new(cfg.compression, cs as usize)
-            .map_err(io(format!("setting up {} compression", cfg.compression.as_str())))?;
+        let compressor = Compressor::new(cfg.compression, cs as usize).map_err(io(format!(
+            "setting up {} compression",
+            cfg.compression.as_str()
+        )))?;
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -241,7 +244,10 @@ impl Writer {
             l1_offset,
             reftable: vec![0; (rt_clusters * cs / 8) as usize],
             reftable_offset,
-            rc: RefBlock { index: 0, counts: vec![0; rc_entries as usize] },
+            rc: RefBlock {
+                index: 0,
+                counts: vec![0; rc_entries as usize],
+            },
             rc_pending: Vec::new(),
             l2: None,
             partial: None,
@@ -265,9 +271,15 @@ impl Writer {
     }
 
     fn check_range(&mut self, offset: u64, length: u64) -> Result<()> {
-        let end = offset.checked_add(length).filter(|&e| e <= self.size).ok_or_else(|| {
-            Error::invalid_argument(format!("range {offset}+{length} is beyond the image size {}", self.size))
-        })?;
+        let end = offset
+            .checked_add(length)
+            .filter(|&e| e <= self.size)
+            .ok_or_else(|| {
+                Error::invalid_argument(format!(
+                    "range {offset}+{length} is beyond the image size {}",
+                    self.size
+                ))
+            })?;
         if offset < self.pos {
             return Err(Error::invalid_argument(format!(
                 "range at {offset} is below the previous range's end {}: ranges must ascend",
@@ -283,13 +295,17 @@ impl Writer {
     fn add_ref(&mut self, cluster: u64) -> Result<()> {
         let index = cluster / self.rc_entries;
         if index != self.rc.index {
-            let block = RefBlock { index, counts: vec![0; self.rc_entries as usize] };
+            let block = RefBlock {
+                index,
+                counts: vec![0; self.rc_entries as usize],
+            };
             let old = std::mem::replace(&mut self.rc, block);
             self.rc_pending.push(old);
         }
         let slot = &mut self.rc.counts[(cluster % self.rc_entries) as usize];
-        *slot =
-            slot.checked_add(1).ok_or_else(|| Error::sink(format!("refcount overflow on host cluster {cluster}")))?;
+        *slot = slot
+            .checked_add(1)
+            .ok_or_else(|| Error::sink(format!("refcount overflow on host cluster {cluster}")))?;
         Ok(())
     }
 
@@ -304,13 +320,18 @@ impl Writer {
     }
 
     fn write_refblock(&mut self, block: &RefBlock, host: u64) -> Result<()> {
-        let slot = self
-            .reftable
-            .get_mut(block.index as usize)
-            .ok_or_else(|| Error::sink(format!("refcount table too small for refcount block {}", block.index)))?;
+        let slot = self.reftable.get_mut(block.index as usize).ok_or_else(|| {
+            Error::sink(format!(
+                "refcount table too small for refcount block {}",
+                block.index
+            ))
+        })?;
         *slot = host;
         let raw: Vec<u8> = block.counts.iter().flat_map(|c| c.to_be_bytes()).collect();
-        self.file.write_all_at(&raw, host).map_err(io(format!("writing a refcount block to {}", self.path.display())))
+        self.file.write_all_at(&raw, host).map_err(io(format!(
+            "writing a refcount block to {}",
+            self.path.display()
+        )))
     }
 
     /// Append the refcount blocks that allocation has moved past.
@@ -342,7 +363,10 @@ impl Writer {
         };
         let host = self.alloc(1)?;
         let raw: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
-        self.file.write_all_at(&raw, host).map_err(io(format!("writing an L2 table to {}", self.path.display())))?;
+        self.file.write_all_at(&raw, host).map_err(io(format!(
+            "writing an L2 table to {}",
+            self.path.display()
+        )))?;
         self.l1[index as usize] = host | OFLAG_COPIED;
         Ok(())
     }
@@ -355,12 +379,16 @@ impl Writer {
         };
         for r in ranges {
             let len = r.len() as u64;
-            self.file
-                .write_all_at(&data[r], host)
-                .map_err(io(format!("writing {len} bytes at {host} of {}", self.path.display())))?;
+            self.file.write_all_at(&data[r], host).map_err(io(format!(
+                "writing {len} bytes at {host} of {}",
+                self.path.display()
+            )))?;
             self.behind
                 .written(&self.file, host, len)
-                .map_err(io(format!("starting writeback at {host} of {}", self.path.display())))?;
+                .map_err(io(format!(
+                    "starting writeback at {host} of {}",
+                    self.path.display()
+                )))?;
             host += len;
         }
         Ok(())
@@ -391,16 +419,19 @@ impl Writer {
     fn append_compressed(&mut self, index: u64, packed: &[u8]) -> Result<()> {
         let mut start = self.end;
         // A host cluster shared by many tiny compressed clusters must not overflow its refcount.
-        if !start.is_multiple_of(self.cs) && self.rc.counts[((start / self.cs) % self.rc_entries) as usize] == u16::MAX {
+        if !start.is_multiple_of(self.cs)
+            && self.rc.counts[((start / self.cs) % self.rc_entries) as usize] == u16::MAX
+        {
             start = start.next_multiple_of(self.cs);
         }
         let len = packed.len() as u64;
         for c in start / self.cs..=(start + len - 1) / self.cs {
             self.add_ref(c)?;
         }
-        self.file
-            .write_all_at(packed, start)
-            .map_err(io(format!("writing a compressed cluster at {start} of {}", self.path.display())))?;
+        self.file.write_all_at(packed, start).map_err(io(format!(
+            "writing a compressed cluster at {start} of {}",
+            self.path.display()
+        )))?;
         self.end = start + len;
         self.set_l2(index, compressed_descriptor(self.cluster_bits, start, len))?;
         self.stats.compressed_clusters += 1;
@@ -409,7 +440,13 @@ impl Writer {
 
     /// A whole cluster of `data[range]`, from the current `write_at`; `pre` is the outcome of
     /// [`Writer::precompress`] for it, if it ran.
-    fn store_from_call(&mut self, index: u64, data: &Bytes, range: Range<usize>, pre: Option<Pre>) -> Result<()> {
+    fn store_from_call(
+        &mut self,
+        index: u64,
+        data: &Bytes,
+        range: Range<usize>,
+        pre: Option<Pre>,
+    ) -> Result<()> {
         match pre {
             Some(Pre::Zero) => return self.zero_cluster(index),
             Some(Pre::Packed(packed)) => return self.append_compressed(index, &packed),
@@ -442,7 +479,9 @@ impl Writer {
         self.set_l2(index, host | OFLAG_COPIED)?;
         self.stats.data_clusters += 1;
         match &mut self.run {
-            Some((start, ranges)) if *start + (ranges.iter().map(|r| r.len()).sum::<usize>() as u64) == host => {
+            Some((start, ranges))
+                if *start + (ranges.iter().map(|r| r.len()).sum::<usize>() as u64) == host =>
+            {
                 match ranges.last_mut() {
                     Some(last) if last.end == range.start => last.end = range.end,
                     _ => ranges.push(range),
@@ -466,15 +505,22 @@ impl Writer {
         }
         let host = self.alloc(1)?;
         self.set_l2(index, host | OFLAG_COPIED)?;
-        self.file
-            .write_all_at(buf, host)
-            .map_err(io(format!("writing a cluster at {host} of {}", self.path.display())))?;
+        self.file.write_all_at(buf, host).map_err(io(format!(
+            "writing a cluster at {host} of {}",
+            self.path.display()
+        )))?;
         self.stats.data_clusters += 1;
         Ok(())
     }
 
     /// Add `len` bytes at `within` of cluster `index` (zeros when `src` is `None`).
-    fn put_partial(&mut self, index: u64, within: usize, len: usize, src: Option<&[u8]>) -> Result<()> {
+    fn put_partial(
+        &mut self,
+        index: u64,
+        within: usize,
+        len: usize,
+        src: Option<&[u8]>,
+    ) -> Result<()> {
         if self.partial.as_ref().is_some_and(|p| p.cluster != index) {
             self.complete_partial()?;
         }
@@ -482,7 +528,12 @@ impl Writer {
             let mut buf = std::mem::take(&mut self.spare);
             buf.clear();
             buf.resize(self.cs as usize, 0);
-            self.partial = Some(Partial { cluster: index, len: self.cluster_len(index), buf, covered: Vec::new() });
+            self.partial = Some(Partial {
+                cluster: index,
+                len: self.cluster_len(index),
+                buf,
+                covered: Vec::new(),
+            });
         }
         let Some(p) = self.partial.as_mut() else {
             return Ok(());
@@ -557,7 +608,11 @@ impl Writer {
                 if self.partial.is_some() {
                     self.complete_partial()?;
                 }
-                let p = if n as u64 == self.cs { pre.next() } else { None };
+                let p = if n as u64 == self.cs {
+                    pre.next()
+                } else {
+                    None
+                };
                 self.store_from_call(index, data, at..at + n, p)?;
             } else {
                 self.put_partial(index, within, n, Some(&data[at..at + n]))?;
@@ -572,8 +627,14 @@ impl Writer {
     fn precompress(&mut self, offset: u64, data: &Bytes) -> Result<Vec<Pre>> {
         let cs = self.cs as usize;
         let first = (offset.next_multiple_of(self.cs) - offset) as usize;
-        let whole: Vec<&[u8]> = data.get(first..).unwrap_or_default().chunks_exact(cs).collect();
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(whole.len() / 4);
+        let whole: Vec<&[u8]> = data
+            .get(first..)
+            .unwrap_or_default()
+            .chunks_exact(cs)
+            .collect();
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(whole.len() / 4);
         if self.compressor.is_none() || threads < 2 {
             return Ok(Vec::new());
         }
@@ -594,7 +655,8 @@ impl Writer {
                     if is_zero(cluster) {
                         Pre::Zero
                     } else {
-                        c.compress(cluster).map_or(Pre::Raw, |p| Pre::Packed(p.to_vec()))
+                        c.compress(cluster)
+                            .map_or(Pre::Raw, |p| Pre::Packed(p.to_vec()))
                     }
                 })
                 .collect()
@@ -602,8 +664,10 @@ impl Writer {
         let mut parts = whole.chunks(per);
         let mine = parts.next().unwrap_or_default();
         let results: Vec<Vec<Pre>> = std::thread::scope(|scope| {
-            let handles: Vec<_> =
-                parts.zip(self.workers.iter_mut()).map(|(part, c)| scope.spawn(move || work(c, part))).collect();
+            let handles: Vec<_> = parts
+                .zip(self.workers.iter_mut())
+                .map(|(part, c)| scope.spawn(move || work(c, part)))
+                .collect();
             let mut all = vec![work(main, mine)];
             // A panicking worker leaves its clusters to be compressed on this thread.
             all.extend(handles.into_iter().map(|h| h.join().unwrap_or_default()));
@@ -634,7 +698,11 @@ impl Writer {
                 }
                 if !self.has_backing {
                     // Nothing to record for whole clusters: skip them all at once.
-                    pos = if end == self.size { end } else { end / self.cs * self.cs };
+                    pos = if end == self.size {
+                        end
+                    } else {
+                        end / self.cs * self.cs
+                    };
                     continue;
                 }
                 self.zero_cluster(index)?;
@@ -648,7 +716,9 @@ impl Writer {
 
     /// Make what is in the file durable (the partial cluster stays in memory until completed).
     pub fn sync(&mut self) -> Result<()> {
-        self.file.sync_data().map_err(io(format!("syncing {}", self.path.display())))
+        self.file
+            .sync_data()
+            .map_err(io(format!("syncing {}", self.path.display())))
     }
 
     /// Write the remaining metadata and the header, and sync. The file is complete afterwards.
@@ -660,7 +730,13 @@ impl Writer {
         loop {
             let host = self.alloc(1)?;
             if self.rc_pending.is_empty() {
-                let block = std::mem::replace(&mut self.rc, RefBlock { index: u64::MAX, counts: Vec::new() });
+                let block = std::mem::replace(
+                    &mut self.rc,
+                    RefBlock {
+                        index: u64::MAX,
+                        counts: Vec::new(),
+                    },
+                );
                 self.write_refblock(&block, host)?;
                 break;
             }
@@ -670,17 +746,27 @@ impl Writer {
         let l1: Vec<u8> = self.l1.iter().flat_map(|e| e.to_be_bytes()).collect();
         self.file
             .write_all_at(&l1, self.l1_offset)
-            .map_err(io(format!("writing the L1 table of {}", self.path.display())))?;
+            .map_err(io(format!(
+                "writing the L1 table of {}",
+                self.path.display()
+            )))?;
         let rt: Vec<u8> = self.reftable.iter().flat_map(|e| e.to_be_bytes()).collect();
         self.file
             .write_all_at(&rt, self.reftable_offset)
-            .map_err(io(format!("writing the refcount table of {}", self.path.display())))?;
+            .map_err(io(format!(
+                "writing the refcount table of {}",
+                self.path.display()
+            )))?;
         self.file
             .write_all_at(&self.header, 0)
             .map_err(io(format!("writing the header of {}", self.path.display())))?;
         let len = self.end.next_multiple_of(self.cs);
-        self.file.set_len(len).map_err(io(format!("setting the length of {}", self.path.display())))?;
-        self.file.sync_all().map_err(io(format!("syncing {}", self.path.display())))?;
+        self.file
+            .set_len(len)
+            .map_err(io(format!("setting the length of {}", self.path.display())))?;
+        self.file
+            .sync_all()
+            .map_err(io(format!("syncing {}", self.path.display())))?;
         self.stats.file_size = len;
         Ok(())
     }
