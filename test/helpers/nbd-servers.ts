@@ -5,6 +5,7 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -50,13 +51,25 @@ export function tempDir(prefix = 'pbp-test-'): { dir: string; remove: () => void
   return { dir, remove: () => rmSync(dir, { recursive: true, force: true }) };
 }
 
+/** True once a server accepts on the unix socket (it exists after bind, accepts only after listen). */
+function accepts(path: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const sock = connect(path);
+    sock.once('connect', () => {
+      sock.destroy();
+      resolve(true);
+    });
+    sock.once('error', () => resolve(false));
+  });
+}
+
 async function waitForSocket(path: string, child: ChildProcess, what: string): Promise<void> {
   for (let i = 0; i < 200; i++) {
-    if (existsSync(path)) return;
+    if (existsSync(path) && (await accepts(path))) return;
     if (child.exitCode !== null) throw new Error(`${what} exited with code ${child.exitCode} before listening`);
     await sleep(25);
   }
-  throw new Error(`${what} did not create ${path} within 5 s`);
+  throw new Error(`${what} did not accept on ${path} within 5 s`);
 }
 
 async function stopChild(child: ChildProcess): Promise<void> {
