@@ -274,17 +274,24 @@ async function makeDisk(dir, size, percent, seed) {
  *   cache=none), so reads hit the disk;
  * - `remote`: the image is reached over NBD from nbdkit's file plugin behind the delay filter
  *   (`--remote-latency` per request), like network storage (Ceph, iSCSI, NFS).
- * startStorageDaemon has no options for the last two, so the same node stack
- * (disk0-file -> disk0-fmt -> disk0) is started here.
  */
 const daemons = new Set();
 async function startDaemon(dir, file, { liveExports = false, storage = 'cached', latency = '1ms' } = {}) {
   await rmf(dir);
   await fs.mkdir(dir, { recursive: true });
-  const d =
-    storage === 'cached'
-      ? await startStorageDaemon({ dir, disks: [{ id: 'disk0', file, format: 'qcow2' }], liveExports })
-      : await startOwnDaemon(dir, file, liveExports, storage, latency);
+  const remote = storage === 'remote' ? await startRemoteStorage(dir, file, latency) : undefined;
+  const disk = { id: 'disk0', file, format: 'qcow2', direct: storage === 'direct', ...(remote ? { nbdSocket: remote.sock } : {}) };
+  const d = await startStorageDaemon({ dir, disks: [disk], liveExports }).catch(async (e) => {
+    await remote?.stop();
+    throw e;
+  });
+  if (remote) {
+    const stopDaemon = d.stop;
+    d.stop = async () => {
+      await stopDaemon();
+      await remote.stop();
+    };
+  }
   d.dir = dir;
   daemons.add(d);
   const stop = d.stop;
@@ -305,66 +312,26 @@ async function waitForPath(p, child, what, log) {
   }
 }
 
-async function startOwnDaemon(dir, file, liveExports, storage, latency) {
-  const { QmpClient } = await import(dist('qmp/client.js'));
-  const qmpSocket = path.join(dir, 'qmp.sock');
-  const nbdSocket = path.join(dir, 'nbd.sock');
-  let fileNode = `driver=file,filename=${file.replaceAll(',', ',,')},node-name=disk0-file,aio=threads,cache.direct=on`;
-  let nbdkit;
-  if (storage === 'remote') {
-    const sock = path.join(dir, 'storage.sock');
-    const log = path.join(dir, 'nbdkit.log');
-    const out = await fs.open(log, 'w');
-    nbdkit = spawn(
-      tool('nbdkit', 'nbdkit'),
-      ['-f', '--exit-with-parent', '-U', sock, '--filter=delay', 'file', `file=${file}`, `delay-read=${latency}`, `delay-write=${latency}`],
-      { stdio: ['ignore', out.fd, out.fd] },
-    );
-    await out.close();
-    await waitForPath(sock, nbdkit, 'nbdkit', log);
-    fileNode = `driver=nbd,server.type=unix,server.path=${sock},node-name=disk0-file`;
-  }
-  const args = [
-    '--blockdev', fileNode,
-    '--blockdev', 'driver=qcow2,file=disk0-file,node-name=disk0-fmt',
-    '--blockdev', 'driver=raw,file=disk0-fmt,node-name=disk0',
-    '--chardev', `socket,path=${qmpSocket},server=on,wait=off,id=qmp0`, '--monitor', 'chardev=qmp0',
-    '--nbd-server', `addr.type=unix,addr.path=${nbdSocket},max-connections=0`,
-    ...(liveExports ? ['--export', 'type=nbd,id=live-disk0,node-name=disk0,name=live-disk0,writable=on'] : []),
-  ];
-  const log = path.join(dir, 'qemu-storage-daemon.log');
+/** nbdkit serving `file` on a unix socket with `latency` added to every read and write: storage elsewhere. */
+async function startRemoteStorage(dir, file, latency) {
+  const sock = path.join(dir, 'storage.sock');
+  const log = path.join(dir, 'nbdkit.log');
   const out = await fs.open(log, 'w');
-  const child = spawn(tool('qemu-storage-daemon', 'qemu-system-common'), args, { stdio: ['ignore', out.fd, out.fd] });
+  const nbdkit = spawn(
+    tool('nbdkit', 'nbdkit'),
+    ['-f', '--exit-with-parent', '-U', sock, '--filter=delay', 'file', `file=${file}`, `delay-read=${latency}`, `delay-write=${latency}`],
+    { stdio: ['ignore', out.fd, out.fd] },
+  );
   await out.close();
-  const exited = new Promise((resolve) => child.once('exit', resolve));
-  const nbdkitExited = nbdkit ? new Promise((resolve) => (nbdkit.exitCode !== null ? resolve() : nbdkit.once('exit', resolve))) : Promise.resolve();
-  const kill = async () => {
-    if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
-    await exited;
-    if (nbdkit && nbdkit.exitCode === null && nbdkit.signalCode === null) nbdkit.kill('SIGTERM');
-    await nbdkitExited;
+  const exited = new Promise((resolve) => (nbdkit.exitCode !== null ? resolve() : nbdkit.once('exit', resolve)));
+  await waitForPath(sock, nbdkit, 'nbdkit', log);
+  return {
+    sock,
+    stop: async () => {
+      if (nbdkit.exitCode === null && nbdkit.signalCode === null) nbdkit.kill('SIGTERM');
+      await exited;
+    },
   };
-  try {
-    await waitForPath(qmpSocket, child, 'qemu-storage-daemon', log);
-    const qmp = await QmpClient.connect(qmpSocket);
-    return {
-      qmp,
-      nbdSocket,
-      pid: child.pid,
-      liveUri: (id) => `nbd+unix:///live-${id}?socket=${nbdSocket}`,
-      stop: async () => {
-        await qmp.execute('quit').catch(() => undefined);
-        await qmp.close().catch(() => undefined);
-        const timer = setTimeout(() => void kill(), 5000);
-        await exited;
-        clearTimeout(timer);
-        await kill(); // nbdkit, if any
-      },
-    };
-  } catch (e) {
-    await kill();
-    throw e;
-  }
 }
 
 /** Pids of qemu-storage-daemon processes serving from `dir` (ours: the folder is private to this run). */

@@ -17,8 +17,13 @@ import { requireTool } from '../tools.js';
 export interface StorageDaemonDisk {
   /** Node name of the disk's top node; `[A-Za-z][A-Za-z0-9_-]*`. */
   id: string;
+  /** The image file (with `nbdSocket`: only its name in messages). */
   file: string;
   format: 'qcow2' | 'raw';
+  /** Bypass the host page cache (O_DIRECT), as Proxmox's default `cache=none` does; default false. */
+  direct?: boolean;
+  /** Read the image over NBD from this unix socket instead of opening `file` (storage elsewhere). */
+  nbdSocket?: string;
 }
 
 export interface StorageDaemonOptions {
@@ -76,8 +81,11 @@ export async function startStorageDaemon(options: StorageDaemonOptions): Promise
   for (const disk of options.disks) {
     if (!ID_RE.test(disk.id)) throw new PveBackupError(`invalid disk id ${JSON.stringify(disk.id)}`, { code: 'ERR_INVALID_ARGUMENT' });
     // QEMU's option syntax separates keys with commas: a comma in a path is written twice
-    const filename = disk.file.replaceAll(',', ',,');
-    args.push('--blockdev', `driver=file,filename=${filename},node-name=${disk.id}-file,aio=threads`);
+    const quote = (path: string): string => path.replaceAll(',', ',,');
+    const fileNode = disk.nbdSocket
+      ? `driver=nbd,server.type=unix,server.path=${quote(disk.nbdSocket)}`
+      : `driver=file,filename=${quote(disk.file)},aio=threads`;
+    args.push('--blockdev', `${fileNode},node-name=${disk.id}-file${disk.direct ? ',cache.direct=on' : ''}`);
     args.push('--blockdev', `driver=${disk.format},file=${disk.id}-file,node-name=${disk.id}-fmt`);
     args.push('--blockdev', `driver=raw,file=${disk.id}-fmt,node-name=${disk.id}`);
   }
