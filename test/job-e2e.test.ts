@@ -6,14 +6,13 @@
  * `qemu-system-x86_64 -S` (V2 provider, nbd and file-handle).
  */
 import { readFileSync, readdirSync } from 'node:fs';
-import net from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import path from 'node:path';
 
 import { afterEach, describe, expect, it } from 'vitest';
 
 import { JobAbortedError, restoreVm, runBackupJob, type BackupJobResult, type VmGuest } from '../lib/index.js';
-import { JsonLineDecoder, encodeMessage } from '../lib/qmp/codec.js';
+import { startScriptedAgent } from './helpers/guest-agent.js';
 import { expectSameBytes } from './helpers/images.js';
 import { nbdWrite, startStorageDaemon, startVm, stopAll, tempDir, vmWrite } from './helpers/qemu.js';
 import { RecordingProviderV1, RecordingProviderV2 } from './helpers/recording-provider.js';
@@ -209,32 +208,10 @@ describe('abort on a running VM', () => {
 });
 
 describe('guest agent', () => {
-  /** A scripted guest agent on a unix socket: answers sync, freeze and thaw, recording them. */
-  async function fakeAgent(dir: string): Promise<{ path: string; calls: string[]; close: () => void }> {
-    const p = path.join(dir, 'qga.sock');
-    const calls: string[] = [];
-    const server = net.createServer((sock) => {
-      const dec = new JsonLineDecoder();
-      sock.on('data', (c) => {
-        for (const m of dec.push(c)) {
-          if (!m.ok) continue;
-          const cmd = String(m.value.execute);
-          calls.push(cmd);
-          if (cmd === 'guest-sync-delimited') {
-            sock.write(Buffer.from([0xff]));
-            sock.write(encodeMessage({ return: (m.value.arguments as { id: number }).id }));
-          } else sock.write(encodeMessage({ return: 1 }));
-        }
-      });
-    });
-    await new Promise<void>((r) => server.listen(p, r));
-    return { path: p, calls, close: () => server.close() };
-  }
-
   it('freezes the guest file systems around the point in time, thawed before the provider reads', async () => {
     const q = await startVm({ size: 8 * MiB });
     const store = await tempDir();
-    const agent = await fakeAgent(store);
+    const agent = await startScriptedAgent(store);
     let atBackup: string[] = [];
     const p = new RecordingProviderV2(
       { storeid: 'store1', scfg: {}, log: () => {} },
@@ -246,7 +223,7 @@ describe('guest agent', () => {
       expect(atBackup).toEqual(['guest-fsfreeze-freeze', 'guest-fsfreeze-thaw']);
       expect(res.guests[0]!.log.join('\n')).toMatch(/issuing guest-agent 'fs-freeze' command[\s\S]*issuing guest-agent 'fs-thaw' command/);
     } finally {
-      agent.close();
+      agent.server.close();
     }
   });
 });

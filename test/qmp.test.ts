@@ -7,6 +7,7 @@ import { JsonLineDecoder, decodeLine, encodeMessage } from '../lib/qmp/codec.js'
 import { QmpClosedError, QmpError, QmpProtocolError, QmpTimeoutError } from '../lib/qmp/errors.js';
 import { GuestAgentClient, withFrozenFilesystems } from '../lib/qmp/guest-agent.js';
 import { BackupAccessActiveError, BackupAccessError } from '../lib/qemu/errors.js';
+import { startScriptedAgent, type ScriptedAgent } from './helpers/guest-agent.js';
 import { startStorageDaemon, stopAll, tempDir } from './helpers/qemu.js';
 
 type Handler = (msg: Record<string, unknown>, send: (m: Record<string, unknown>) => void, sock: net.Socket) => void;
@@ -214,36 +215,10 @@ describe('QmpClient against qemu-storage-daemon', () => {
 });
 
 describe('GuestAgentClient against a scripted agent', () => {
-  async function fakeAgent(opts: { failFreeze?: boolean; failThaw?: boolean } = {}): Promise<{ path: string; calls: string[] }> {
-    const dir = await tempDir();
-    const p = path.join(dir, 'qga.sock');
-    const calls: string[] = [];
-    const server = net.createServer((sock) => {
-      // Stale output from an earlier user of the channel.
-      sock.write('{"return": 17}\n');
-      const dec = new JsonLineDecoder();
-      sock.on('data', (c) => {
-        for (const m of dec.push(c)) {
-          if (!m.ok) continue;
-          const cmd = String(m.value.execute);
-          calls.push(cmd);
-          const reply = (r: Record<string, unknown>): boolean => sock.write(encodeMessage(r));
-          if (cmd === 'guest-sync-delimited') {
-            sock.write(Buffer.from([0xff]));
-            reply({ return: (m.value.arguments as { id: number }).id });
-          } else if (cmd === 'guest-fsfreeze-freeze') {
-            if (opts.failFreeze) reply({ error: { class: 'GenericError', desc: 'freeze failed' } });
-            else reply({ return: 2 });
-          } else if (cmd === 'guest-fsfreeze-thaw') {
-            if (opts.failThaw) reply({ error: { class: 'GenericError', desc: 'thaw failed' } });
-            else reply({ return: 2 });
-          } else if (cmd === 'guest-fsfreeze-status') reply({ return: 'thawed' });
-        }
-      });
-    });
-    servers.push(track(server));
-    await new Promise<void>((r) => server.listen(p, r));
-    return { path: p, calls };
+  async function fakeAgent(opts: { failFreeze?: boolean; failThaw?: boolean } = {}): Promise<ScriptedAgent> {
+    const agent = await startScriptedAgent(await tempDir(), opts);
+    servers.push(track(agent.server));
+    return agent;
   }
 
   it('syncs, freezes and thaws', async () => {
