@@ -77,6 +77,13 @@ describe('pve-backup-provider info / copy', () => {
     for (const p of phases) expect(p.fleecingAfter).toBeLessThan(p.fleecingBefore);
   });
 
+  it('--version prints the package version', () => {
+    const pkg = JSON.parse(readFileSync(join(import.meta.dirname, '..', 'package.json'), 'utf8')) as { version: string };
+    const r = cli('--version');
+    expect(r.status).toBe(0);
+    expect(r.stdout.trim()).toBe(pkg.version);
+  });
+
   it('bad usage exits with 2', () => {
     expect(cli('copy').status).toBe(2);
     expect(cli('copy', 'nbd://h/e', 'x', '--connections', 'zero').status).toBe(2);

@@ -2,12 +2,13 @@
  * The `pve-backup-provider` command line. Each command prints one clear line on failure (never a
  * stack trace) and exits with a documented code: 0 ok, 1 failed, 2 bad usage, 130 cancelled.
  */
+import { readFileSync } from 'node:fs';
+
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 
 import { PveBackupError } from '../errors.js';
 import { NbdClient, listBitmaps } from '../nbd/client.js';
 import { copyExtents } from '../nbd/copy.js';
-import { printDemo, runDemo } from './demo.js';
 import { addStoreCommands } from './store-commands.js';
 import { EXIT, formatBytes, printTable, progressView } from './output.js';
 
@@ -33,10 +34,17 @@ function interruptSignal(): AbortSignal {
   return controller.signal;
 }
 
+/** The package's version, from its package.json (two levels above dist/cli/ and lib/cli/). */
+function packageVersion(): string {
+  const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
+  return pkg.version;
+}
+
 export function buildProgram(): Command {
   const program = new Command()
     .name('pve-backup-provider')
     .description('Proxmox VE backup provider toolkit: NBD backup access, copies, a directory backup store')
+    .version(packageVersion(), '-V, --version')
     .showHelpAfterError()
     // set before the subcommands are added so that they inherit it
     .exitOverride();
@@ -126,6 +134,7 @@ export function buildProgram(): Command {
     .option('--keep', "keep the demo's folder")
     .option('--json', 'print JSON, no progress bars')
     .action(async (opts: { size: number; keep?: boolean; json?: boolean }) => {
+      const { printDemo, runDemo } = await import('./demo.js'); // loaded only for the demo
       const phases = await runDemo({ size: opts.size, keep: opts.keep, json: opts.json });
       if (opts.json) console.log(JSON.stringify(phases, null, 2));
       else printDemo(phases);
