@@ -283,32 +283,68 @@ enum Run {
     Zero(u64, u64),
 }
 
+/// Zero detection also looks at blocks of this size, but only at the edges of data: the zeros
+/// that start or end a partly written 64 KiB block become holes too (as with qemu-img's 4 KiB
+/// detection: 6% less written for a disk of ~1 MiB data runs), without cutting the interior of
+/// data into small writes.
+const ZERO_EDGE: u64 = 4096;
+
 /// Cut the data read at `offset` into runs of zero blocks and of data.
 fn zero_runs(offset: u64, data: Bytes) -> Vec<Run> {
     let mut runs = Vec::new();
-    let mut start = 0usize; // start of the current run in `data`
-    let mut run_zero: Option<bool> = None;
+    for (from, to, zero) in block_runs(offset, &data, ZERO_BLOCK) {
+        if zero {
+            push_zero(&mut runs, offset + from as u64, (to - from) as u64);
+            continue;
+        }
+        let run = &data[from..to];
+        let at = offset + from as u64;
+        // A data run holds a non-zero block, so the edges never meet.
+        let edges = block_runs(at, run, ZERO_EDGE);
+        let lead = edges.first().filter(|r| r.2).map_or(0, |r| r.1);
+        let trail = edges
+            .last()
+            .filter(|r| r.2 && r.0 >= lead)
+            .map_or(run.len(), |r| r.0);
+        if lead > 0 {
+            push_zero(&mut runs, at, lead as u64);
+        }
+        runs.push(Run::Data(
+            at + lead as u64,
+            data.slice(from + lead..from + trail),
+        ));
+        if trail < run.len() {
+            runs.push(Run::Zero(at + trail as u64, (run.len() - trail) as u64));
+        }
+    }
+    runs
+}
+
+/// Append a zero run, merged with the previous one when they touch.
+fn push_zero(runs: &mut Vec<Run>, offset: u64, length: u64) {
+    if let Some(Run::Zero(o, l)) = runs.last_mut() {
+        if *o + *l == offset {
+            *l += length;
+            return;
+        }
+    }
+    runs.push(Run::Zero(offset, length));
+}
+
+/// `data` (read at `offset`) as maximal runs of `block`-sized pieces, aligned to export offsets,
+/// that are all zero or not: `(from, to, zero)` relative to `data`.
+fn block_runs(offset: u64, data: &[u8], block: u64) -> Vec<(usize, usize, bool)> {
+    let mut runs: Vec<(usize, usize, bool)> = Vec::new();
     let mut pos = 0usize;
-    let close = |runs: &mut Vec<Run>, from: usize, to: usize, zero: bool| {
-        runs.push(if zero {
-            Run::Zero(offset + from as u64, (to - from) as u64)
-        } else {
-            Run::Data(offset + from as u64, data.slice(from..to))
-        })
-    };
     while pos < data.len() {
         let abs = offset + pos as u64;
-        let next = ((abs / ZERO_BLOCK + 1) * ZERO_BLOCK - offset).min(data.len() as u64) as usize;
+        let next = ((abs / block + 1) * block - offset).min(data.len() as u64) as usize;
         let zero = is_zero(&data[pos..next]);
-        if let Some(z) = run_zero.filter(|&z| z != zero) {
-            close(&mut runs, start, pos, z);
-            start = pos;
+        match runs.last_mut() {
+            Some(last) if last.2 == zero => last.1 = next,
+            _ => runs.push((pos, next, zero)),
         }
-        run_zero = Some(zero);
         pos = next;
-    }
-    if let Some(z) = run_zero {
-        close(&mut runs, start, data.len(), z);
     }
     runs
 }
@@ -530,12 +566,29 @@ mod unit_tests {
         v[0] = 1;
         v[3 * b - 1000] = 2;
         let runs = zero_runs(1000, Bytes::from(v.clone()));
+        // The zeros ending the first data block are cut at 4 KiB: [4096, 3b) is one hole.
+        let e = ZERO_EDGE as usize;
         assert_eq!(
             runs,
             vec![
-                Run::Data(1000, Bytes::copy_from_slice(&v[..b - 1000])),
-                Run::Zero(ZERO_BLOCK, 2 * ZERO_BLOCK),
+                Run::Data(1000, Bytes::copy_from_slice(&v[..e - 1000])),
+                Run::Zero(ZERO_EDGE, 3 * ZERO_BLOCK - ZERO_EDGE),
                 Run::Data(3 * ZERO_BLOCK, Bytes::copy_from_slice(&v[3 * b - 1000..])),
+            ]
+        );
+        // Zeros at the start of a data block too; zeros inside data stay data.
+        let mut w = vec![0u8; b];
+        w[3 * e] = 1;
+        w[10 * e] = 1;
+        assert_eq!(
+            zero_runs(b as u64, Bytes::from(w.clone())),
+            vec![
+                Run::Zero(ZERO_BLOCK, 3 * ZERO_EDGE),
+                Run::Data(
+                    ZERO_BLOCK + 3 * ZERO_EDGE,
+                    Bytes::copy_from_slice(&w[3 * e..11 * e])
+                ),
+                Run::Zero(ZERO_BLOCK + 11 * ZERO_EDGE, ZERO_BLOCK - 11 * ZERO_EDGE),
             ]
         );
         assert_eq!(
