@@ -10,6 +10,8 @@ use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
+
+use crate::buffer::ReadBuffer;
 use futures::{StreamExt, TryStreamExt};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{Duration, Instant};
@@ -246,28 +248,39 @@ struct Pending {
     reads: Option<Task<Result<Vec<Bytes>>>>,
 }
 
-/// Read the unit's ranges one after another: they may share a cluster, and concurrent reads
-/// overlapping after cluster alignment crash QEMU builds without the reqlist patch.
+/// Read the unit's ranges one after another, into one buffer of `capacity` bytes (the same for
+/// every unit of a copy, so that units reuse each other's memory). They go one after another
+/// because they may share a cluster, and concurrent reads overlapping after cluster alignment
+/// crash QEMU builds without the reqlist patch.
 async fn read_unit<S: Source>(
     source: S,
     reads: Vec<(u64, u32)>,
+    capacity: usize,
     limiter: Option<Arc<RateLimiter>>,
 ) -> Result<Vec<Bytes>> {
-    let mut out = Vec::with_capacity(reads.len());
-    for (offset, length) in reads {
+    let (Some(&(start, _)), Some(&(last, last_len))) = (reads.first(), reads.last()) else {
+        return Ok(Vec::new());
+    };
+    let span = usize::try_from(last + u64::from(last_len) - start)
+        .map_err(|_| Error::invalid_argument("unit larger than memory"))?;
+    let mut buf = ReadBuffer::with_capacity(capacity, span);
+    for &(offset, length) in &reads {
         if let Some(limiter) = &limiter {
             limiter.acquire(u64::from(length)).await;
         }
-        let data = source.read(offset, length).await?;
-        if data.len() != length as usize {
-            return Err(Error::protocol(format!(
-                "read at offset {offset} length {length} returned {} bytes",
-                data.len()
-            )));
-        }
-        out.push(data);
+        buf = source
+            .read_into(offset, length, buf, (offset - start) as usize)
+            .await?;
     }
-    Ok(out)
+    let filled = buf.freeze();
+    reads
+        .iter()
+        .map(|&(offset, length)| {
+            filled
+                .slice((offset - start) as usize, length as usize)
+                .ok_or_else(|| Error::protocol(format!("no data for offset {offset}")))
+        })
+        .collect()
 }
 
 /// Zero detection looks at blocks of this size, aligned to export offsets: fine enough to find
@@ -413,6 +426,9 @@ async fn run<S: Source>(
         .bandwidth_limit
         .map(|b| Arc::new(RateLimiter::new(b)));
 
+    // Every unit with reads spans at most `max_request` (or one cluster, if larger).
+    let unit_capacity = usize::try_from(u64::from(max_request).max(options.cluster_size))
+        .map_err(|_| Error::invalid_argument("max_request larger than memory"))?;
     let mut units = plan.units.into_iter();
     let mut queue: VecDeque<Pending> = VecDeque::new();
     let mut trims: JoinSet<Result<u64>> = JoinSet::new();
@@ -446,6 +462,7 @@ async fn run<S: Source>(
                 Some(Task(tokio::spawn(read_unit(
                     source,
                     reads,
+                    unit_capacity,
                     limiter.clone(),
                 ))))
             };

@@ -2,6 +2,7 @@
 //!
 //! Plain Rust modules own the protocol (`nbd`), planning (`plan`), copying (`engine`) and
 //! destinations (`sink`); `napi/` only converts types for JavaScript.
+pub mod buffer;
 pub mod engine;
 pub mod error;
 pub mod job;

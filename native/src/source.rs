@@ -8,7 +8,8 @@ use std::future::Future;
 
 use bytes::Bytes;
 
-use crate::error::Result;
+use crate::buffer::ReadBuffer;
+use crate::error::{Error, Result};
 
 /// Flag of a `qemu:dirty-bitmap:NAME` extent: the range changed since the bitmap was created.
 pub const FLAG_DIRTY: u64 = 1;
@@ -59,6 +60,29 @@ pub trait Source: Clone + Send + Sync + 'static {
     /// snapshot export answers EINVAL for ranges outside its dirty areas.
     fn read(&self, offset: u64, length: u32) -> impl Future<Output = Result<Bytes>> + Send;
 
+    /// As [`Source::read`], into `buf` at `at` (which the caller made large enough), giving the
+    /// buffer back with the range recorded as filled. The engine reads each unit into one
+    /// buffer this way. The default copies what `read` returns; the NBD client reads in place.
+    fn read_into(
+        &self,
+        offset: u64,
+        length: u32,
+        mut buf: ReadBuffer,
+        at: usize,
+    ) -> impl Future<Output = Result<ReadBuffer>> + Send {
+        async move {
+            let data = self.read(offset, length).await?;
+            if data.len() != length as usize {
+                return Err(Error::protocol(format!(
+                    "read at offset {offset} length {length} returned {} bytes",
+                    data.len()
+                )));
+            }
+            buf.fill_from(at, &data)?;
+            Ok(buf)
+        }
+    }
+
     /// Discard `length` bytes at `offset` on the export (NBD_CMD_TRIM), splitting into as many
     /// requests as the protocol needs. The engine only asks for ranges it has copied, aligned
     /// inward to the cluster size.
@@ -105,6 +129,16 @@ mod nbd_adapter {
 
         async fn read(&self, offset: u64, length: u32) -> Result<Bytes> {
             NbdClient::read(self, offset, length).await
+        }
+
+        async fn read_into(
+            &self,
+            offset: u64,
+            length: u32,
+            buf: ReadBuffer,
+            at: usize,
+        ) -> Result<ReadBuffer> {
+            NbdClient::read_into(self, offset, length, buf, at).await
         }
 
         async fn trim(&self, offset: u64, length: u64) -> Result<()> {

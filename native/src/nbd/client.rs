@@ -8,6 +8,8 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+
+use crate::buffer::ReadBuffer;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpStream, UnixStream};
 
@@ -211,16 +213,41 @@ impl NbdClient {
 
     /// Reads `length` bytes at `offset`; holes read as zeros.
     pub async fn read(&self, offset: u64, length: u32) -> Result<Bytes> {
+        let buf = ReadBuffer::new(length as usize);
+        let filled = self.read_into(offset, length, buf, 0).await?.freeze();
+        filled
+            .slice(0, length as usize)
+            .ok_or_else(|| Error::protocol("READ reply did not fill the buffer"))
+    }
+
+    /// Reads `length` bytes at `offset` into `buf` at `at`, without copying, and gives the
+    /// buffer back with that range recorded as filled. On failure the buffer is dropped.
+    pub async fn read_into(
+        &self,
+        offset: u64,
+        length: u32,
+        buf: ReadBuffer,
+        at: usize,
+    ) -> Result<ReadBuffer> {
         let length = u64::from(length);
         self.check_range("READ", offset, length)?;
         self.check_payload("READ", length)?;
+        if at
+            .checked_add(length as usize)
+            .is_none_or(|end| end > buf.len())
+        {
+            return Err(Error::invalid_argument(format!(
+                "READ of {length} bytes does not fit a {} byte buffer at {at}",
+                buf.len()
+            )));
+        }
         let cmd = Command {
             command: CMD_READ,
             flags: 0,
             offset,
             length,
             payload: None,
-            expect: Expect::Data,
+            expect: Expect::Data { buf, at },
         };
         match self.inner.conn.submit(cmd).await? {
             Reply::Data(b) => Ok(b),

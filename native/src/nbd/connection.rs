@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::codec::*;
+use crate::buffer::ReadBuffer;
 use crate::error::{Error, Result, ServerError};
 
 /// Bound on a block status chunk: with 64-bit lengths and 512-byte granularity even a 2 GiB
@@ -45,8 +46,11 @@ pub(crate) struct Mode {
 /// What a request expects back.
 pub(crate) enum Expect {
     Nothing,
-    /// READ: `length` bytes.
-    Data,
+    /// READ: `length` bytes, read into `buf` at `at`.
+    Data {
+        buf: ReadBuffer,
+        at: usize,
+    },
     /// BLOCK_STATUS: the extents of this context (chunks for other contexts are dropped).
     BlockStatus {
         context_id: u32,
@@ -65,7 +69,8 @@ pub(crate) struct Command {
 #[derive(Debug)]
 pub(crate) enum Reply {
     Done,
-    Data(Bytes),
+    /// The buffer of a READ, with the request's range recorded as filled.
+    Data(ReadBuffer),
     Extents(Vec<BlockDescriptor>),
 }
 
@@ -113,11 +118,12 @@ enum Body {
     Nothing,
     /// `covered` holds (start, length) relative to the request, to prove on DONE that the
     /// chunks covered the whole range exactly once.
-    /// `buf` starts uninitialized (a zero fill would cost a memset and page faults per read);
-    /// data and holes initialize what they cover, and `finish` hands it out only when
-    /// `covered` proves every byte was written.
+    /// The request's bytes go to `buf[at..]`, which starts uninitialized (a zero fill would
+    /// cost a memset per read); data and holes initialize what they cover, and `finish` marks
+    /// the range filled only when `covered` proves every byte was written.
     Data {
-        buf: Box<[MaybeUninit<u8>]>,
+        buf: ReadBuffer,
+        at: usize,
         covered: Vec<(u64, u64)>,
     },
     BlockStatus {
@@ -192,16 +198,18 @@ impl Pending {
             Some(e) => (Err(Error::server(e)), None),
             None => match self.body {
                 Body::Nothing => (Ok(Reply::Done), None),
-                Body::Data { buf, mut covered } => {
+                Body::Data {
+                    mut buf,
+                    at,
+                    mut covered,
+                } => {
                     match check_coverage(&mut covered, self.offset, self.length) {
-                        // SAFETY: the chunks covered [0, length) exactly once (checked just
-                        // above), and each chunk initialized the bytes it covered.
-                        Ok(()) => (
-                            Ok(Reply::Data(Bytes::from(
-                                unsafe { buf.assume_init() }.into_vec(),
-                            ))),
-                            None,
-                        ),
+                        Ok(()) => {
+                            // SAFETY: the chunks covered the request exactly once (checked just
+                            // above), and each chunk initialized the bytes it covered.
+                            unsafe { buf.mark_filled(at, self.length as usize) };
+                            (Ok(Reply::Data(buf)), None)
+                        }
                         Err(m) => (Err(Error::protocol(m.clone())), Some(Failure::Protocol(m))),
                     }
                 }
@@ -407,8 +415,9 @@ impl Connection {
         let (cookie, header) = self.encode(cmd.command, cmd.flags, cmd.offset, cmd.length)?;
         let body = match cmd.expect {
             Expect::Nothing => Body::Nothing,
-            Expect::Data => Body::Data {
-                buf: Box::new_uninit_slice(cmd.length as usize),
+            Expect::Data { buf, at } => Body::Data {
+                buf,
+                at,
                 covered: Vec::new(),
             },
             Expect::BlockStatus { context_id } => Body::BlockStatus {
@@ -605,9 +614,10 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 "server sent a simple reply to READ although structured replies were negotiated"
                     .into(),
             )),
-            Body::Data { buf, covered } => {
-                let len = buf.len() as u64;
-                read_exact_uninit(&mut self.r, buf)
+            Body::Data { buf, at, covered } => {
+                let len = p.length;
+                let dst = target(buf, *at, 0, len)?;
+                read_exact_uninit(&mut self.r, dst)
                     .await
                     .map_err(|e| Failure::io("reading READ data", &e))?;
                 covered.push((0, len));
@@ -680,8 +690,8 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             Chunk::OffsetHole { offset, length } => {
                 let start = p.relative("OFFSET_HOLE", offset, u64::from(length))?;
                 match &mut p.body {
-                    Body::Data { buf, covered } => {
-                        for b in &mut buf[start as usize..(start + u64::from(length)) as usize] {
+                    Body::Data { buf, at, covered } => {
+                        for b in target(buf, *at, start, u64::from(length))? {
                             b.write(0);
                         }
                         covered.push((start, u64::from(length)))
@@ -761,9 +771,8 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         let offset = u64::from_be_bytes(off);
         let n = length - 8;
         let start = p.relative("OFFSET_DATA", offset, n)?;
-        if let Body::Data { buf, covered } = &mut p.body {
-            // In range per `relative`, and the buffer is exactly the request's length.
-            let dst = &mut buf[start as usize..(start + n) as usize];
+        if let Body::Data { buf, at, covered } = &mut p.body {
+            let dst = target(buf, *at, start, n)?;
             read_exact_uninit(&mut self.r, dst)
                 .await
                 .map_err(|e| Failure::io("reading READ data", &e))?;
@@ -771,6 +780,28 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         }
         Ok(())
     }
+}
+
+/// Where the bytes `[start, start + n)` of a READ (relative to the request, already checked to
+/// lie inside it) go in its buffer.
+fn target(
+    buf: &mut ReadBuffer,
+    at: usize,
+    start: u64,
+    n: u64,
+) -> std::result::Result<&mut [MaybeUninit<u8>], Failure> {
+    let len = buf.len();
+    let (Ok(start), Ok(n)) = (usize::try_from(start), usize::try_from(n)) else {
+        return Err(Failure::Protocol("READ range beyond memory".into()));
+    };
+    at.checked_add(start)
+        .and_then(|from| buf.range_mut(from, n))
+        .ok_or_else(|| {
+            // `NbdClient::read_into` checks that the request fits; this is a bug guard.
+            Failure::Protocol(format!(
+                "READ data [{start}, +{n}) does not fit its {len} byte buffer at {at}"
+            ))
+        })
 }
 
 /// `read_exact` into uninitialized memory: fills (initializes) all of `dst` or fails.

@@ -265,11 +265,19 @@ async fn out_of_order_replies_with_reversed_data_chunks_and_holes() {
         })
         .await;
         let client = client.unwrap();
-        let (a, b, c) = tokio::join!(
-            client.read(0, 3072),
-            client.read(8192, 3000),
-            client.read(65536, 30)
-        );
+        // The third lands in the middle of a larger buffer, as the engine's unit reads do.
+        let into = async {
+            let buf = client
+                .read_into(65536, 30, crate::buffer::ReadBuffer::new(2000), 1000)
+                .await?;
+            let filled = buf.freeze();
+            assert!(
+                filled.slice(0, 30).is_none(),
+                "only the read's range is handed out"
+            );
+            Ok::<_, Error>(filled.slice(1000, 30).unwrap())
+        };
+        let (a, b, c) = tokio::join!(client.read(0, 3072), client.read(8192, 3000), into);
         for (got, offset, len) in [(a, 0u64, 3072u64), (b, 8192, 3000), (c, 65536, 30)] {
             let got = got.unwrap();
             let third = len / 3;
@@ -884,6 +892,14 @@ async fn arguments_are_checked_before_sending() {
             &client.read(0, 65537).await.unwrap_err(),
             inval,
             "maximum block size 65536",
+        );
+        assert_err(
+            &client
+                .read_into(0, 512, crate::buffer::ReadBuffer::new(1000), 600)
+                .await
+                .unwrap_err(),
+            inval,
+            "does not fit a 1000 byte buffer at 600",
         );
         assert_err(
             &client
