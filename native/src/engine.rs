@@ -10,13 +10,12 @@ use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
-
-use crate::buffer::ReadBuffer;
 use futures::{StreamExt, TryStreamExt};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
+use crate::buffer::ReadBuffer;
 use crate::error::{Error, Result};
 use crate::plan::{self, OpKind, Plan, PlanOptions, Region, Unit};
 use crate::ratelimit::RateLimiter;
@@ -313,12 +312,8 @@ fn zero_runs(offset: u64, data: Bytes) -> Vec<Run> {
         let run = &data[from..to];
         let at = offset + from as u64;
         // A data run holds a non-zero block, so the edges never meet.
-        let edges = block_runs(at, run, ZERO_EDGE);
-        let lead = edges.first().filter(|r| r.2).map_or(0, |r| r.1);
-        let trail = edges
-            .last()
-            .filter(|r| r.2 && r.0 >= lead)
-            .map_or(run.len(), |r| r.0);
+        let lead = zero_head(at, run);
+        let trail = zero_tail(at, run).max(lead);
         if lead > 0 {
             push_zero(&mut runs, at, lead as u64);
         }
@@ -342,6 +337,35 @@ fn push_zero(runs: &mut Vec<Run>, offset: u64, length: u64) {
         }
     }
     runs.push(Run::Zero(offset, length));
+}
+
+/// Length of the whole zero [`ZERO_EDGE`] blocks (aligned to export offsets) that start `data`,
+/// read at `offset`.
+fn zero_head(offset: u64, data: &[u8]) -> usize {
+    let mut pos = 0usize;
+    while pos < data.len() {
+        let abs = offset + pos as u64;
+        let next = ((abs / ZERO_EDGE + 1) * ZERO_EDGE - offset).min(data.len() as u64) as usize;
+        if !is_zero(&data[pos..next]) {
+            break;
+        }
+        pos = next;
+    }
+    pos
+}
+
+/// Where the whole zero [`ZERO_EDGE`] blocks that end `data` (read at `offset`) begin.
+fn zero_tail(offset: u64, data: &[u8]) -> usize {
+    let mut end = data.len();
+    while end > 0 {
+        let last = offset + end as u64 - 1;
+        let start = ((last / ZERO_EDGE * ZERO_EDGE).max(offset) - offset) as usize;
+        if !is_zero(&data[start..end]) {
+            break;
+        }
+        end = start;
+    }
+    end
 }
 
 /// `data` (read at `offset`) as maximal runs of `block`-sized pieces, aligned to export offsets,
@@ -617,6 +641,17 @@ mod unit_tests {
             vec![Run::Data(0, Bytes::from(vec![9u8; 3]))]
         );
         assert!(zero_runs(0, Bytes::new()).is_empty());
+    }
+
+    #[test]
+    fn zero_edges_follow_export_alignment() {
+        // 5000 bytes read at 1000: the 4 KiB blocks are [1000, 4096) and [4096, 6000).
+        let mut v = vec![0u8; 5000];
+        v[0] = 1;
+        assert_eq!((zero_head(1000, &v), zero_tail(1000, &v)), (0, 3096));
+        let mut w = vec![0u8; 5000];
+        w[4000] = 1;
+        assert_eq!((zero_head(1000, &w), zero_tail(1000, &w)), (3096, 5000));
     }
 
     #[test]
