@@ -8,8 +8,6 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-
-use crate::buffer::ReadBuffer;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpStream, UnixStream};
 
@@ -18,6 +16,7 @@ use super::connection::{Command, Connection, Expect, Mode, Reply};
 use super::handshake;
 use super::info::ExportInfo;
 use super::uri::{NbdAddress, NbdUri};
+use crate::buffer::ReadBuffer;
 use crate::error::{Error, Result};
 
 /// QEMU serves at most 16 requests at once per client; more would only queue on its side.
