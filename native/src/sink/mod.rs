@@ -28,6 +28,13 @@ pub trait Sink: Send {
     /// Store `data` at `offset`. `data` is never empty and never all zero when zero detection is on.
     async fn write_at(&mut self, offset: u64, data: Bytes) -> Result<()>;
 
+    /// The smallest hole this sink stores, in bytes: zero detection cuts holes no finer. A raw
+    /// file stores holes of file system blocks; a qcow2 image only whole clusters (finer zero
+    /// ranges would only cost it partial-cluster copies).
+    fn hole_granularity(&self) -> u64 {
+        4096
+    }
+
     /// The range reads as zeros. A sink writing into an existing image (an incremental run over
     /// a copy of the previous full image) must overwrite or punch the old content; a sink
     /// writing a fresh sparse target may leave a hole.

@@ -128,6 +128,7 @@ pub struct Qcow2Sink {
     overwrite: bool,
     state: State,
     stats: Qcow2Stats,
+    cluster_size: u64,
 }
 
 /// The temporary name an image is written under until `finish`.
@@ -219,6 +220,7 @@ impl Qcow2Sink {
             overwrite: options.overwrite,
             state: State::Open,
             stats: Qcow2Stats::default(),
+            cluster_size: u64::from(cs),
         })
     }
 
@@ -291,6 +293,10 @@ impl Qcow2Sink {
 
 #[async_trait]
 impl Sink for Qcow2Sink {
+    fn hole_granularity(&self) -> u64 {
+        self.cluster_size
+    }
+
     async fn write_at(&mut self, offset: u64, data: Bytes) -> Result<()> {
         let what = format!(
             "writing {} bytes at offset {} of {}",
