@@ -34,10 +34,17 @@ function interruptSignal(): AbortSignal {
   return controller.signal;
 }
 
-/** The package's version, from its package.json (two levels above dist/cli/ and lib/cli/). */
+/**
+ * The package's version, from its package.json (two levels above dist/cli/ and lib/cli/). Read
+ * for every command, so a relocated install without it must not break them: 'unknown' then.
+ */
 function packageVersion(): string {
-  const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
-  return pkg.version;
+  try {
+    const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version?: unknown };
+    return typeof pkg.version === 'string' ? pkg.version : 'unknown';
+  } catch {
+    return 'unknown';
+  }
 }
 
 export function buildProgram(): Command {

@@ -9,12 +9,13 @@
 //! next unit. Peak memory stays what is in flight: requests x the unit capacity. The free list
 //! is emptied as soon as no buffer is in use, so an idle process keeps nothing.
 
-use std::alloc::{handle_alloc_error, Layout};
 use std::mem::MaybeUninit;
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
+
+use crate::error::{Error, Result};
 
 /// Freed blocks kept for reuse, in bytes: the engine's default in-flight budget (16 x 4 MiB).
 /// Keeping them costs no peak memory: a block is only mapped when none of its size is free, so
@@ -28,6 +29,8 @@ const KEEP: usize = 64 << 20;
 struct Block {
     ptr: NonNull<u8>,
     cap: usize,
+    /// Whether the block goes to the free list when freed (blocks of the engine's units).
+    pooled: bool,
 }
 
 // SAFETY: a Block owns its mapping exclusively, like a Box<[u8]>.
@@ -36,7 +39,7 @@ unsafe impl Send for Block {}
 unsafe impl Sync for Block {}
 
 impl Block {
-    fn new(cap: usize) -> Block {
+    fn new(cap: usize, pooled: bool) -> Result<Block> {
         // SAFETY: a new private anonymous mapping; no existing memory is affected.
         let ptr = unsafe {
             libc::mmap(
@@ -49,9 +52,15 @@ impl Block {
             )
         };
         match NonNull::new(ptr.cast::<u8>()) {
-            Some(p) if ptr != libc::MAP_FAILED => Block { ptr: p, cap },
-            // Out of memory: fail as `Vec` would.
-            _ => handle_alloc_error(Layout::array::<u8>(cap).unwrap_or(Layout::new::<u8>())),
+            Some(p) if ptr != libc::MAP_FAILED => Ok(Block {
+                ptr: p,
+                cap,
+                pooled,
+            }),
+            _ => Err(Error::io(
+                format!("allocating a {cap} byte read buffer"),
+                std::io::Error::last_os_error(),
+            )),
         }
     }
 }
@@ -90,29 +99,40 @@ pub struct ReadBuffer {
 }
 
 impl ReadBuffer {
-    /// A buffer of exactly `len` bytes (rounded up to a page).
-    pub fn new(len: usize) -> ReadBuffer {
-        Self::with_capacity(len, len)
+    /// A buffer of exactly `len` bytes (rounded up to a page) for a single read, not pooled:
+    /// odd sizes would only crowd the engine's blocks out of the free list.
+    pub fn new(len: usize) -> Result<ReadBuffer> {
+        let block = Block::new(len.max(1).next_multiple_of(4096), false)?;
+        Ok(ReadBuffer {
+            block: Some(block),
+            len,
+            filled: Vec::new(),
+        })
     }
 
-    /// A buffer of `len` bytes in a block of `capacity` bytes (at least `len`). Buffers of the
-    /// same capacity reuse each other's blocks: the engine gives every unit of a copy the same.
-    pub fn with_capacity(capacity: usize, len: usize) -> ReadBuffer {
+    /// A pooled buffer of `len` bytes in a block of `capacity` bytes (at least `len`). Buffers
+    /// of the same capacity reuse each other's blocks: the engine gives every unit of a copy
+    /// the same.
+    pub fn with_capacity(capacity: usize, len: usize) -> Result<ReadBuffer> {
         let cap = capacity.max(len).max(1).next_multiple_of(4096);
         let reused = {
             let mut p = pool();
-            p.in_use += 1;
             let found = p.free.iter().position(|b| b.cap == cap);
             found.map(|i| {
                 p.free_bytes -= cap;
                 p.free.swap_remove(i)
             })
         };
-        ReadBuffer {
-            block: Some(reused.unwrap_or_else(|| Block::new(cap))),
+        let block = match reused {
+            Some(b) => b,
+            None => Block::new(cap, true)?,
+        };
+        pool().in_use += 1;
+        Ok(ReadBuffer {
+            block: Some(block),
             len,
             filled: Vec::new(),
-        }
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -133,18 +153,21 @@ impl ReadBuffer {
         Some(&mut all[at..end])
     }
 
-    /// Record that `[at, at + n)` is initialized.
+    /// Record that `[at, at + n)` is initialized. A range beyond the buffer is not recorded
+    /// (and so never handed out).
     ///
     /// # Safety
     /// Every byte of the range must have been written (through [`ReadBuffer::range_mut`]).
     pub(crate) unsafe fn mark_filled(&mut self, at: usize, n: usize) {
-        self.filled.push((at, at + n));
+        if let Some(end) = at.checked_add(n).filter(|&e| e <= self.len) {
+            self.filled.push((at, end));
+        }
     }
 
     /// Copy `data` to `at` and record it as filled; an error when it does not fit.
-    pub fn fill_from(&mut self, at: usize, data: &[u8]) -> crate::error::Result<()> {
+    pub fn fill_from(&mut self, at: usize, data: &[u8]) -> Result<()> {
         let Some(dst) = self.range_mut(at, data.len()) else {
-            return Err(crate::error::Error::invalid_argument(format!(
+            return Err(Error::invalid_argument(format!(
                 "{} bytes at {at} do not fit a {} byte buffer",
                 data.len(),
                 self.len
@@ -178,6 +201,9 @@ impl Drop for ReadBuffer {
         let Some(block) = self.block.take() else {
             return;
         };
+        if !block.pooled {
+            return; // unmapped right here
+        }
         let released = {
             let mut p = pool();
             p.in_use -= 1;
@@ -240,12 +266,12 @@ mod tests {
 
     #[test]
     fn only_filled_ranges_are_handed_out_and_blocks_are_reused() {
-        let mut a = ReadBuffer::with_capacity(1 << 20, 300_000);
+        let mut a = ReadBuffer::with_capacity(1 << 20, 300_000).unwrap();
         a.fill_from(0, &[1u8; 1000]).unwrap();
         a.fill_from(5000, &[2u8; 3000]).unwrap();
         assert!(a.fill_from(299_000, &[3u8; 2000]).is_err(), "past the end");
         // Keep one buffer in use so that freed blocks stay in the pool.
-        let holder = ReadBuffer::new(10);
+        let holder = ReadBuffer::with_capacity(4096, 10).unwrap();
         let f = a.freeze();
         assert!(f.slice(0, 2000).is_none(), "not filled");
         assert!(f.slice(1000, 4000).is_none(), "not filled");
@@ -256,7 +282,7 @@ mod tests {
         drop(f);
         drop(one);
         // `two` still holds the block: a new buffer must not get it.
-        let b = ReadBuffer::with_capacity(1 << 20, 10);
+        let b = ReadBuffer::with_capacity(1 << 20, 10).unwrap();
         assert_ne!(b.block.as_ref().unwrap().ptr.as_ptr() as usize, addr);
         drop(b);
         drop(two);

@@ -262,7 +262,7 @@ async fn read_unit<S: Source>(
     };
     let span = usize::try_from(last + u64::from(last_len) - start)
         .map_err(|_| Error::invalid_argument("unit larger than memory"))?;
-    let mut buf = ReadBuffer::with_capacity(capacity, span);
+    let mut buf = ReadBuffer::with_capacity(capacity, span)?;
     for &(offset, length) in &reads {
         if let Some(limiter) = &limiter {
             limiter.acquire(u64::from(length)).await;
@@ -281,6 +281,9 @@ async fn read_unit<S: Source>(
         })
         .collect()
 }
+
+/// Largest copy-before-write cluster size accepted (QEMU's largest cluster is 2 MiB).
+const MAX_CLUSTER_SIZE: u64 = 64 << 20;
 
 /// Zero detection looks at blocks of this size, aligned to export offsets: fine enough to find
 /// the zeros of a fresh or discarded area (needed when `base:allocation` was refused), coarse
@@ -303,7 +306,7 @@ enum Run {
 /// ~1 MiB data runs), without cutting the interior of data into small writes.
 fn zero_runs(offset: u64, data: Bytes, edge: u64) -> Vec<Run> {
     let mut runs = Vec::new();
-    for (from, to, zero) in block_runs(offset, &data, ZERO_BLOCK) {
+    for (from, to, zero) in block_runs(offset, &data, ZERO_BLOCK.max(edge)) {
         if zero {
             push_zero(&mut runs, offset + from as u64, (to - from) as u64);
             continue;
@@ -422,6 +425,13 @@ async fn run<S: Source>(
         return Err(Error::invalid_argument(
             "max_request, cluster_size and requests_in_flight must be positive",
         ));
+    }
+    if options.cluster_size > MAX_CLUSTER_SIZE {
+        // A unit's read buffer holds at least one cluster.
+        return Err(Error::invalid_argument(format!(
+            "cluster_size {} is larger than {MAX_CLUSTER_SIZE} (QEMU's largest is 2 MiB)",
+            options.cluster_size
+        )));
     }
     if let Some(other) = sources.iter().find(|s| s.size() != first.size()) {
         return Err(Error::invalid_argument(format!(

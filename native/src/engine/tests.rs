@@ -555,6 +555,19 @@ async fn missing_bitmap_is_a_clear_unsupported_error() {
 }
 
 #[tokio::test]
+async fn absurd_cluster_size_is_refused_before_anything_is_allocated() {
+    let src = MemorySource::new(content(1 * M, 15, &[]), Config::default());
+    let mut sink = VecSink::new(1 * M, 0);
+    let options = CopyOptions {
+        cluster_size: 1 << 40,
+        ..CopyOptions::default()
+    };
+    let err = run(&src, 1, &mut sink, &options).await.unwrap_err();
+    assert_eq!(err.code(), "ERR_INVALID_ARGUMENT", "{err}");
+    assert!(err.to_string().contains("cluster_size"), "{err}");
+}
+
+#[tokio::test]
 async fn discard_follows_the_export() {
     let size = 1 * M;
     let config = Config {

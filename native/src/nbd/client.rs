@@ -212,7 +212,7 @@ impl NbdClient {
 
     /// Reads `length` bytes at `offset`; holes read as zeros.
     pub async fn read(&self, offset: u64, length: u32) -> Result<Bytes> {
-        let buf = ReadBuffer::new(length as usize);
+        let buf = ReadBuffer::new(length as usize)?;
         let filled = self.read_into(offset, length, buf, 0).await?.freeze();
         filled
             .slice(0, length as usize)

@@ -268,7 +268,7 @@ async fn out_of_order_replies_with_reversed_data_chunks_and_holes() {
         // The third lands in the middle of a larger buffer, as the engine's unit reads do.
         let into = async {
             let buf = client
-                .read_into(65536, 30, crate::buffer::ReadBuffer::new(2000), 1000)
+                .read_into(65536, 30, crate::buffer::ReadBuffer::new(2000)?, 1000)
                 .await?;
             let filled = buf.freeze();
             assert!(
@@ -895,7 +895,7 @@ async fn arguments_are_checked_before_sending() {
         );
         assert_err(
             &client
-                .read_into(0, 512, crate::buffer::ReadBuffer::new(1000), 600)
+                .read_into(0, 512, crate::buffer::ReadBuffer::new(1000).unwrap(), 600)
                 .await
                 .unwrap_err(),
             inval,
