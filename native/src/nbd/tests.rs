@@ -293,6 +293,13 @@ async fn out_of_order_replies_with_reversed_data_chunks_and_holes() {
 
 /// Runs a read against a server that answers it with `bad`; checks the read and every later
 /// request fail with an error naming the problem.
+/// `chunk` as the final (DONE) structured reply chunk to `r`, compact headers.
+fn last_chunk(r: &Request, chunk: Chunk) -> BytesMut {
+    let mut b = BytesMut::new();
+    encode_chunk(r.cookie, REPLY_FLAG_DONE, &chunk, false, 0, &mut b);
+    b
+}
+
 async fn broken_reply(
     bad: impl FnOnce(Request) -> BytesMut + Send + 'static,
     needle: &'static str,
@@ -389,13 +396,13 @@ async fn unknown_cookie_fails_the_request() {
 async fn data_chunk_outside_the_request_fails_it() {
     broken_reply(
         |r| {
-            let mut b = BytesMut::new();
-            let chunk = Chunk::OffsetData {
-                offset: r.offset + 4000,
-                data: vec![1u8; 200].into(),
-            };
-            encode_chunk(r.cookie, REPLY_FLAG_DONE, &chunk, false, 0, &mut b);
-            b
+            last_chunk(
+                &r,
+                Chunk::OffsetData {
+                    offset: r.offset + 4000,
+                    data: vec![1u8; 200].into(),
+                },
+            )
         },
         "OFFSET_DATA [8096, 8296) outside the READ request [4096, 8192)",
     )
@@ -406,16 +413,16 @@ async fn data_chunk_outside_the_request_fails_it() {
 async fn reply_type_inconsistent_with_command_fails_it() {
     broken_reply(
         |r| {
-            let mut b = BytesMut::new();
-            let chunk = Chunk::BlockStatus {
-                context_id: 1,
-                extents: vec![BlockDescriptor {
-                    length: 4096,
-                    flags: 0,
-                }],
-            };
-            encode_chunk(r.cookie, REPLY_FLAG_DONE, &chunk, false, 0, &mut b);
-            b
+            last_chunk(
+                &r,
+                Chunk::BlockStatus {
+                    context_id: 1,
+                    extents: vec![BlockDescriptor {
+                        length: 4096,
+                        flags: 0,
+                    }],
+                },
+            )
         },
         "BLOCK_STATUS chunk in reply to READ",
     )
@@ -426,13 +433,13 @@ async fn reply_type_inconsistent_with_command_fails_it() {
 async fn read_reply_with_a_gap_fails_it() {
     broken_reply(
         |r| {
-            let mut b = BytesMut::new();
-            let chunk = Chunk::OffsetData {
-                offset: r.offset,
-                data: vec![1u8; 1024].into(),
-            };
-            encode_chunk(r.cookie, REPLY_FLAG_DONE, &chunk, false, 0, &mut b);
-            b
+            last_chunk(
+                &r,
+                Chunk::OffsetData {
+                    offset: r.offset,
+                    data: vec![1u8; 1024].into(),
+                },
+            )
         },
         "left [5120, 8192)",
     )
@@ -1061,22 +1068,13 @@ async fn disconnect_sends_disc_and_later_calls_fail_closed() {
 async fn error_offset_outside_the_request_fails_it() {
     broken_reply(
         |r| {
-            let mut b = BytesMut::new();
             let e = ErrorChunk {
                 chunk_type: REPLY_TYPE_ERROR_OFFSET,
                 error: NBD_EIO,
                 message: String::new(),
                 offset: Some(r.offset + r.length),
             };
-            encode_chunk(
-                r.cookie,
-                REPLY_FLAG_DONE,
-                &Chunk::Error(e),
-                false,
-                0,
-                &mut b,
-            );
-            b
+            last_chunk(&r, Chunk::Error(e))
         },
         "an ERROR_OFFSET offset [8192, 8193) outside the READ request",
     )
