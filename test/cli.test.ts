@@ -54,6 +54,26 @@ describe('pve-backup-provider info / copy', () => {
     run('qemu-img', ['compare', '-q', '-f', 'qcow2', '-F', 'raw', target, join(dir, 'ref.raw')]);
   });
 
+  it('copy shows a progress bar on a terminal, and none with --json or when piped', async () => {
+    const server = track(await startNbdkit(['sparse-random', 'size=32M', 'seed=3']));
+    // script(1) (util-linux, in every Debian) runs the command on a real pseudo-terminal.
+    const onTty = (...args: string[]): string => {
+      const command = [process.execPath, CLI, ...args].map((a) => `'${a}'`).join(' ');
+      const r = spawnSync('script', ['-qec', command, '/dev/null'], { encoding: 'utf8' });
+      expect(r.status, r.stderr).toBe(0);
+      return r.stdout;
+    };
+    const tty = onTty('copy', server.uri, '-', '--bwlimit', '64M');
+    expect(tty).toMatch(/copy [█░]+ \d+% \| [\d.]+ \w+ \/ 32\.0 MiB/);
+    expect(tty).toMatch(/copied .* of 32\.0 MiB in/);
+    const json = onTty('copy', server.uri, '-', '--json');
+    expect(json).not.toMatch(/[█░]/);
+    expect(JSON.parse(json.trim()).bytesTotal).toBe(32 * 2 ** 20);
+    const piped = cli('copy', server.uri, '-');
+    expect(piped.status).toBe(0);
+    expect(piped.stderr + piped.stdout).not.toMatch(/[█░]/);
+  });
+
   it('bad input gets one clear line and a non-zero exit, never a stack trace', () => {
     const r = cli('copy', 'nbd+unix:///disk', '/tmp/x.raw');
     expect(r.status).toBe(1);

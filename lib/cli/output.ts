@@ -1,6 +1,10 @@
-import cliProgress from 'cli-progress';
+import { createRequire } from 'node:module';
 
 import { formatBytes } from '../format.js';
+
+// cli-progress (CommonJS) is loaded only when a bar is shown: a piped or `--json` run, like every
+// backup job a scheduler starts, does not pay its start-up time.
+const require = createRequire(import.meta.url);
 
 export { formatBytes };
 
@@ -15,6 +19,7 @@ export interface ProgressView {
 
 export function progressView(label: string, enabled: boolean): ProgressView {
   if (!enabled || !process.stderr.isTTY) return { update() {}, stop() {} };
+  const cliProgress = require('cli-progress') as typeof import('cli-progress');
   const bar = new cliProgress.SingleBar(
     {
       format: `${label} {bar} {percentage}% | {doneH} / {totalH} | {rateH}/s | eta {eta_formatted}`,
