@@ -773,6 +773,10 @@ function incFacts(I) {
   };
 }
 
+/** Said under the ceiling where the image is read from the disk the output is written to. */
+const SHARED_DISK_NOTE =
+  '- on this storage QEMU reads the image from the same disk the output goes to: reading and writing compete for it, so a copy may take up to the sum of the two (README.md, finding G), and the ceiling above overstates what any client can gain.';
+
 function ceilingLine(ceil, goal, reference) {
   const parts = [`reading alone (contenders "→ null": the same reads and TRIMs, no output) is ${f2(ceil.read)}x as fast as ${reference}`];
   if (Number.isFinite(ceil.write)) parts.push(`writing alone ("${WRITE_ALONE}": the output's bytes, nothing read) is ${f2(ceil.write)}x as fast`);
@@ -874,6 +878,7 @@ function render(opts, m, report, loadAfter, commandLine) {
       const best = settings.map((c) => [c, stats(F.rows, c, (r) => r.total).median]).sort((a, b) => a[1] - b[1]);
       L.push(`- our connections x requests, fastest first (median s): ${best.map(([c, t]) => `${c === 'ours' ? 'default' : c.slice(5)} ${f2(t)}`).join(', ')}.`);
       L.push(ceilingLine(x.ceiling, 1.2, 'nbdcopy'));
+      if (F.storage.storage === 'direct') L.push(SHARED_DISK_NOTE);
       if (opts.candidate) L.push(`- candidate vs ours: ${f2(stats(F.rows, 'ours', (r) => r.total).median / stats(F.rows, 'candidate', (r) => r.total).median)}x (per-round ${f2(pairedRatio(F.rows, 'ours', 'candidate', (r) => r.total))}x).`);
       L.push('- "in engine" is the copy as the core measures it (`summary.seconds`); the rest of our time is node start-up, connecting, and the final fsync of the raw file (`sink.finish`).');
       L.push('');
@@ -916,6 +921,7 @@ function render(opts, m, report, loadAfter, commandLine) {
       const x = incFacts(I);
       L.push(`- ours vs the seed's algorithm: **${f2(x.ratio)}x** (median of per-round ratios ${f2(x.paired)}x). Goal >= 5x: **${x.ratio >= 5 ? 'met' : 'not met'}**.`);
       L.push(ceilingLine(x.ceiling, 5, 'the seed'));
+      if (I.storage.storage === 'direct') L.push(SHARED_DISK_NOTE);
       if (opts.candidate) L.push(`- candidate vs the seed: ${f2(stats(I.rows, 'seed', (r) => r.total).median / stats(I.rows, 'candidate', (r) => r.total).median)}x.`);
       L.push('');
     }
