@@ -455,17 +455,30 @@ function writingAlone(bytes) {
   };
 }
 
+/**
+ * CPU seconds the whole machine has spent busy so far (all cores, all processes: the contender,
+ * QEMU, nbdkit, kernel writeback), from /proc/stat.
+ */
+async function machineBusySeconds() {
+  const [, ...ticks] = (await fs.readFile('/proc/stat', 'utf8')).split('\n', 1)[0].trim().split(/\s+/).map(Number);
+  const [user, nice, system, , , irq, softirq, steal] = ticks;
+  return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS;
+}
+const CLOCK_TICKS = 100; // USER_HZ: 100 on every Linux architecture Proxmox runs on
+
 /** Runs one contender against a fresh access and measures it; returns the row. */
 async function measure(c, run, round, position, dev, out, extraArgs) {
   const [cmd, args] = c.command(dev.nbdUri, out, extraArgs);
+  const busy0 = await machineBusySeconds();
   const res = await timed(cmd, args, path.join(run, 'time.txt'));
   const t0 = process.hrtime.bigint();
   if (!c.toNull) await fsyncFile(out);
   const syncSeconds = Number(process.hrtime.bigint() - t0) / 1e9;
+  const machineBusy = (await machineBusySeconds()) - busy0;
   const last = res.stdout.trim().split('\n').pop() ?? '';
   const summary = c.json ? JSON.parse(last) : c.bytesOnStdout ? { bytesRead: Number(last) } : undefined;
   delete res.stdout;
-  return { round, position, name: c.name, toNull: c.toNull === true, writeOnly: c.writeOnly === true, ...res, syncSeconds, total: res.seconds + syncSeconds, summary };
+  return { round, position, name: c.name, toNull: c.toNull === true, writeOnly: c.writeOnly === true, ...res, syncSeconds, total: res.seconds + syncSeconds, machineBusy, summary };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -716,6 +729,11 @@ function pairedRatio(rows, a, b, value) {
 
 const f2 = (x) => (Number.isFinite(x) ? x.toFixed(2) : '-');
 const f0 = (x) => (Number.isFinite(x) ? x.toFixed(0) : '-');
+/** Median share of the machine's CPU (all cores) that was busy while contender `c` ran. */
+function busyShare(rows, c, nproc) {
+  const share = stats(rows, c, (r) => (r.machineBusy ?? NaN) / (nproc * r.total)).median;
+  return Number.isFinite(share) ? `${(share * 100).toFixed(0)}%` : '-';
+}
 const CACHE_TITLE = {
   cached: 'storage "cached": image read through the page cache (startStorageDaemon as is)',
   direct: 'storage "direct": image opened with O_DIRECT (cache.direct=on, like Proxmox\'s default cache=none)',
@@ -834,6 +852,7 @@ function render(opts, m, report, loadAfter, commandLine) {
       'Ours and the seed script fsync themselves (the harness fsync then costs ~0); nbdcopy does not flush; qemu-img flushes on close.',
     '- Every run gets a fresh snapshot-access export (`setupBackupAccess`: copy-before-write filter, qcow2 fleecing image, NBD export on the daemon\'s server); setup and teardown are not timed. Outputs are deleted and `sync` is run before every run.',
     '- CPU = user + system seconds of the contender process, max RSS = `/usr/bin/time -f %M` of it (for ours: node + the native core).',
+    `- Machine busy = the share of all ${m.nproc} cores' time that was busy while the contender ran (from /proc/stat: the contender, QEMU, nbdkit and the kernel's writeback together). Near 100%, the copy is bound by CPU, and a contender is faster only by using less of it.`,
     `- Round 1's outputs are compared byte for byte with the disk (\`qemu-img compare -U\`)${opts.verify ? '' : ' (skipped in this run: --no-verify)'}.`,
     '',
   );
@@ -860,14 +879,14 @@ function render(opts, m, report, loadAfter, commandLine) {
       L.push(storageTitle(1, index, F.storage), '');
       L.push('Seconds to a durable copy, per round:', '');
       roundTable(L, F.rows, F.contenders);
-      L.push('| contender | median s | min–max s | median MiB/s | in engine (median s) | median CPU s | median max RSS | output allocated | round-1 check |');
-      L.push('|---|---|---|---|---|---|---|---|---|');
+      L.push('| contender | median s | min–max s | median MiB/s | in engine (median s) | median CPU s | machine busy | median max RSS | output allocated | round-1 check |');
+      L.push('|---|---|---|---|---|---|---|---|---|---|');
       for (const c of F.contenders) {
         const t = stats(F.rows, c, (r) => r.total);
         const first = F.rows.find((r) => r.name === c);
         L.push(
           `| ${c} | ${f2(t.median)} | ${f2(t.min)}–${f2(t.max)} | ${f0(F.size / MiB / t.median)} | ${first.summary ? f2(stats(F.rows, c, (r) => r.summary.seconds).median) : ''} | ` +
-            `${f2(stats(F.rows, c, (r) => r.user + r.sys).median)} | ${f0(stats(F.rows, c, (r) => r.rssKiB / 1024).median)} MiB | ${first.toNull ? 'no output' : fmtMiB(first.allocated)} | ${first.verify ?? (first.toNull ? '' : first.writeOnly ? 'no input' : 'not checked')} |`,
+            `${f2(stats(F.rows, c, (r) => r.user + r.sys).median)} | ${busyShare(F.rows, c, m.nproc)} | ${f0(stats(F.rows, c, (r) => r.rssKiB / 1024).median)} MiB | ${first.toNull ? 'no output' : fmtMiB(first.allocated)} | ${first.verify ?? (first.toNull ? '' : first.writeOnly ? 'no input' : 'not checked')} |`,
         );
       }
       L.push('');
@@ -907,14 +926,14 @@ function render(opts, m, report, loadAfter, commandLine) {
       L.push(storageTitle(2, index, I.storage), '');
       L.push('Seconds to a durable image, per round:', '');
       roundTable(L, I.rows, I.contenders);
-      L.push('| contender | median s | min–max s | median MiB/s (dirty) | in engine (median s) | median CPU s | median max RSS | bytes read | round-1 check |');
-      L.push('|---|---|---|---|---|---|---|---|---|');
+      L.push('| contender | median s | min–max s | median MiB/s (dirty) | in engine (median s) | median CPU s | machine busy | median max RSS | bytes read | round-1 check |');
+      L.push('|---|---|---|---|---|---|---|---|---|---|');
       for (const c of I.contenders) {
         const t = stats(I.rows, c, (r) => r.total);
         const first = I.rows.find((r) => r.name === c);
         L.push(
           `| ${c} | ${f2(t.median)} | ${f2(t.min)}–${f2(t.max)} | ${f0(I.dirtyBytes / MiB / t.median)} | ${first.summary?.seconds !== undefined ? f2(stats(I.rows, c, (r) => r.summary.seconds).median) : ''} | ` +
-            `${f2(stats(I.rows, c, (r) => r.user + r.sys).median)} | ${f0(stats(I.rows, c, (r) => r.rssKiB / 1024).median)} MiB | ${first.summary ? fmtMiB(first.summary.bytesRead) : 'nothing'} | ${first.verify ?? (first.toNull ? 'no output' : first.writeOnly ? 'no input' : 'not checked')} |`,
+            `${f2(stats(I.rows, c, (r) => r.user + r.sys).median)} | ${busyShare(I.rows, c, m.nproc)} | ${f0(stats(I.rows, c, (r) => r.rssKiB / 1024).median)} MiB | ${first.summary ? fmtMiB(first.summary.bytesRead) : 'nothing'} | ${first.verify ?? (first.toNull ? 'no output' : first.writeOnly ? 'no input' : 'not checked')} |`,
         );
       }
       L.push('');
