@@ -1,4 +1,4 @@
-import { createServer } from 'node:net';
+import { createServer, type Socket } from 'node:net';
 import { join } from 'node:path';
 
 import { describe, expect, it } from 'vitest';
@@ -106,6 +106,20 @@ describe('bad input', () => {
     const err = await NbdClient.connect(`nbd+unix:///x?socket=${socket}`).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(NbdError);
     expect((err as NbdError).code).toMatch(/ERR_NBD_(PROTOCOL|CLOSED)/);
+  });
+
+  it('gives up on a socket that stays silent instead of hanging', async () => {
+    const dir = scratch();
+    const socket = join(dir, 'silent.sock');
+    const peers: Socket[] = [];
+    const server = createServer((c) => void peers.push(c)); // accepts, never speaks (a guest agent's socket)
+    await new Promise<void>((r) => server.listen(socket, r));
+    defer(() => new Promise<void>((r) => (peers.forEach((c) => c.destroy()), server.close(() => r()))));
+    const started = Date.now();
+    const err = await NbdClient.connect(`nbd+unix:///x?socket=${socket}`, { handshakeTimeoutMs: 300 }).catch((e: unknown) => e);
+    expect(Date.now() - started).toBeLessThan(5000);
+    expect(err).toBeInstanceOf(NbdError);
+    expect(err).toMatchObject({ code: 'ERR_NBD_IO', message: expect.stringMatching(/silent\.sock.*no NBD handshake within 300ms/) });
   });
 
   it('names a missing socket', async () => {

@@ -62,10 +62,11 @@ export function buildProgram(): Command {
     .argument('<uri>', 'NBD URI, e.g. nbd+unix:///drive0?socket=/run/qsd.sock')
     .option('--json', 'print JSON')
     .action(async (uri: string, opts: { json?: boolean }) => {
-      const [contexts, bitmaps] = await Promise.all([NbdClient.listMetaContexts(uri, []).catch(() => []), listBitmaps(uri).catch(() => [])]);
+      // Connect first: a bad socket fails here with its own error, not as empty lists below.
       const client = await NbdClient.connect(uri);
       const info = client.info;
       await client.close();
+      const [contexts, bitmaps] = await Promise.all([NbdClient.listMetaContexts(uri, []).catch(() => []), listBitmaps(uri).catch(() => [])]);
       if (opts.json) {
         console.log(JSON.stringify({ ...info, availableMetaContexts: contexts, bitmaps }, null, 2));
         return;

@@ -9,6 +9,12 @@ export interface NbdConnectOptions {
   extendedHeaders?: boolean;
   /** Requests in flight on this connection; default 16 (QEMU serves at most 16 per client). */
   maxInFlight?: number;
+  /**
+   * Limit on connecting plus the NBD handshake, in milliseconds; default 30 000. A socket that
+   * stays silent this long (not an NBD server, or a server that takes no more clients) fails
+   * with an `NbdError` of code `ERR_NBD_IO` instead of hanging.
+   */
+  handshakeTimeoutMs?: number;
 }
 
 /** What the server told us about the export during the handshake. */
@@ -73,6 +79,7 @@ export class NbdClient {
         metaContexts: options.metaContexts ?? ['base:allocation'],
         extendedHeaders: options.extendedHeaders,
         maxInFlight: options.maxInFlight,
+        handshakeTimeoutMs: options.handshakeTimeoutMs,
       }),
     );
     return new NbdClient(inner);

@@ -15,6 +15,8 @@ pub struct NativeConnectOptions {
     pub extended_headers: Option<bool>,
     /// Requests in flight on this connection; default 16.
     pub max_in_flight: Option<u32>,
+    /// Limit on connecting plus the handshake, in milliseconds; default 30 000.
+    pub handshake_timeout_ms: Option<u32>,
 }
 
 #[napi(object)]
@@ -67,6 +69,9 @@ fn connect_options(
         }
         if let Some(n) = o.max_in_flight {
             opts.max_in_flight = n.max(1) as usize;
+        }
+        if let Some(ms) = o.handshake_timeout_ms {
+            opts.handshake_timeout = std::time::Duration::from_millis(u64::from(ms));
         }
     }
     Ok(opts)

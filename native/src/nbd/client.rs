@@ -5,7 +5,9 @@
 //! server is bound to refuse fails here with `invalid_argument` or `unsupported`, with a message
 //! naming the problem, and the connection stays usable.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -22,6 +24,12 @@ use crate::error::{Error, Result};
 /// QEMU serves at most 16 requests at once per client; more would only queue on its side.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 16;
 
+/// How long connecting and the handshake may take. A server sends its greeting as soon as it
+/// accepts, so a socket that stays silent this long is not an NBD server (a guest agent's or an
+/// HTTP socket given by mistake), or a server that takes no more clients: an error then, not a
+/// copy that hangs.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
     pub uri: NbdUri,
@@ -31,6 +39,8 @@ pub struct ConnectOptions {
     pub extended_headers: bool,
     /// Requests in flight at once on this connection; further ones wait.
     pub max_in_flight: usize,
+    /// Limit on connecting plus the handshake.
+    pub handshake_timeout: Duration,
 }
 
 impl ConnectOptions {
@@ -40,6 +50,7 @@ impl ConnectOptions {
             meta_contexts: Vec::new(),
             extended_headers: true,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
         }
     }
 }
@@ -77,25 +88,51 @@ fn connect_error(uri: &NbdUri, e: std::io::Error) -> Error {
     Error::io(format!("connecting to {uri}"), e)
 }
 
+/// Runs `handshake` (connecting included) under `limit`.
+async fn within<T>(
+    uri: &NbdUri,
+    limit: Duration,
+    handshake: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(limit, handshake).await {
+        Ok(r) => r,
+        Err(_) => Err(connect_error(
+            uri,
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "no NBD handshake within {limit:?}: not an NBD server, or one that takes no more clients"
+                ),
+            ),
+        )),
+    }
+}
+
 impl NbdClient {
-    /// Connects to `opts.uri` and negotiates the export.
+    /// Connects to `opts.uri` and negotiates the export, within `opts.handshake_timeout`.
     pub async fn connect(opts: &ConnectOptions) -> Result<NbdClient> {
-        match &opts.uri.address {
-            NbdAddress::Tcp { host, port } => {
-                let s = TcpStream::connect((host.as_str(), *port))
-                    .await
-                    .map_err(|e| connect_error(&opts.uri, e))?;
-                // Request headers are small and latency matters more than packet count.
-                let _ = s.set_nodelay(true);
-                Self::connect_stream(s, opts).await
-            }
-            NbdAddress::Unix { path } => {
-                let s = UnixStream::connect(path)
-                    .await
-                    .map_err(|e| connect_error(&opts.uri, e))?;
-                Self::connect_stream(s, opts).await
-            }
+        if opts.handshake_timeout.is_zero() {
+            return Err(Error::invalid_argument("handshake_timeout must be positive"));
         }
+        within(&opts.uri, opts.handshake_timeout, async {
+            match &opts.uri.address {
+                NbdAddress::Tcp { host, port } => {
+                    let s = TcpStream::connect((host.as_str(), *port))
+                        .await
+                        .map_err(|e| connect_error(&opts.uri, e))?;
+                    // Request headers are small and latency matters more than packet count.
+                    let _ = s.set_nodelay(true);
+                    Self::connect_stream(s, opts).await
+                }
+                NbdAddress::Unix { path } => {
+                    let s = UnixStream::connect(path)
+                        .await
+                        .map_err(|e| connect_error(&opts.uri, e))?;
+                    Self::connect_stream(s, opts).await
+                }
+            }
+        })
+        .await
     }
 
     /// Negotiates over an already connected stream (`opts.uri` only supplies the export name).
@@ -393,20 +430,23 @@ fn normalise(offset: u64, length: u64, descriptors: &[BlockDescriptor]) -> Vec<E
 /// Lists the meta contexts of `uri`'s export matching `queries` (e.g. `["qemu:dirty-bitmap:"]`
 /// lists the dirty bitmaps), on a short-lived connection of its own.
 pub async fn list_meta_contexts(uri: &NbdUri, queries: &[String]) -> Result<Vec<String>> {
-    match &uri.address {
-        NbdAddress::Tcp { host, port } => {
-            let mut s = TcpStream::connect((host.as_str(), *port))
-                .await
-                .map_err(|e| connect_error(uri, e))?;
-            handshake::list_meta_contexts(&mut s, &uri.export, queries).await
+    within(uri, DEFAULT_HANDSHAKE_TIMEOUT, async {
+        match &uri.address {
+            NbdAddress::Tcp { host, port } => {
+                let mut s = TcpStream::connect((host.as_str(), *port))
+                    .await
+                    .map_err(|e| connect_error(uri, e))?;
+                handshake::list_meta_contexts(&mut s, &uri.export, queries).await
+            }
+            NbdAddress::Unix { path } => {
+                let mut s = UnixStream::connect(path)
+                    .await
+                    .map_err(|e| connect_error(uri, e))?;
+                handshake::list_meta_contexts(&mut s, &uri.export, queries).await
+            }
         }
-        NbdAddress::Unix { path } => {
-            let mut s = UnixStream::connect(path)
-                .await
-                .map_err(|e| connect_error(uri, e))?;
-            handshake::list_meta_contexts(&mut s, &uri.export, queries).await
-        }
-    }
+    })
+    .await
 }
 
 #[cfg(test)]

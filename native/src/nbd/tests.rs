@@ -1093,3 +1093,37 @@ async fn none_chunk_without_done_fails_the_request() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_silent_socket_fails_the_handshake_in_time() {
+    timeout(TIMEOUT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("silent.sock");
+        // Accepts, then says nothing: a guest agent's socket given by mistake.
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let server = tokio::spawn(async move {
+            let (conn, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            drop(conn);
+        });
+        let uri = NbdUri::parse(&format!("nbd+unix:///?socket={}", path.display())).unwrap();
+        let mut opts = ConnectOptions::new(uri);
+        opts.handshake_timeout = Duration::from_millis(200);
+        let started = std::time::Instant::now();
+        let err = NbdClient::connect(&opts).await.unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
+        assert_eq!(err.code(), "ERR_NBD_IO");
+        let text = err.to_string();
+        assert!(text.contains("silent.sock"), "names the socket: {text}");
+        assert!(text.contains("no NBD handshake within 200ms"), "{text}");
+
+        opts.handshake_timeout = Duration::ZERO;
+        assert_eq!(
+            NbdClient::connect(&opts).await.unwrap_err().code(),
+            "ERR_INVALID_ARGUMENT"
+        );
+        server.abort();
+    })
+    .await
+    .unwrap();
+}
