@@ -11,7 +11,11 @@ export interface ExtentReadOptions {
   useAllocation?: boolean;
   /** Largest single read in bytes; default 4 MiB, clamped to the server's maximum. */
   maxRequest?: number;
-  /** Requests in flight across all connections; default 16. */
+  /**
+   * Units read at once across all connections; default 16. Their read buffers stay within 16
+   * full-size units (64 MiB by default) whatever this says, so more requests only let more
+   * small units (the runs of an incremental backup) in flight.
+   */
   requests?: number;
   /** Connections to open when the server allows several (CAN_MULTI_CONN); default 2. */
   connections?: number;

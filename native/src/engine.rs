@@ -38,7 +38,8 @@ pub struct CopyOptions {
     pub use_allocation: bool,
     /// Largest read; clamped to the server's maximum.
     pub max_request: u32,
-    /// Reads in flight at once, over all connections.
+    /// Units being read at once, over all connections; their buffers stay within
+    /// [`BUFFERED_UNITS`] full-size units.
     pub requests_in_flight: usize,
     /// Copy-before-write cluster size of the snapshot (at least 64 KiB with QEMU).
     pub cluster_size: u64,
@@ -245,24 +246,29 @@ impl<T> Drop for Task<T> {
 struct Pending {
     unit: Unit,
     reads: Option<Task<Result<Vec<Bytes>>>>,
+    /// Bytes of read-buffer blocks charged to the unit until it is delivered.
+    charge: u64,
 }
 
-/// Read the unit's ranges one after another, into one buffer of `capacity` bytes (the same for
-/// every unit of a copy, so that units reuse each other's memory). They go one after another
-/// because they may share a cluster, and concurrent reads overlapping after cluster alignment
-/// crash QEMU builds without the reqlist patch.
+/// Read buffers of the units in flight stay within this many full-size units (16 x 4 MiB by
+/// default), however many units `requests_in_flight` allows: small units (the runs of an
+/// incremental backup) share blocks, so more of them fit, while a full copy keeps 16 units of
+/// 4 MiB in flight as before.
+pub const BUFFERED_UNITS: u64 = 16;
+
+/// Read the unit's ranges one after another into `buf`, which spans them (carved by the engine
+/// loop, see [`BUFFERED_UNITS`]). They go one after another because they may share a cluster,
+/// and concurrent reads overlapping after cluster alignment crash QEMU builds without the
+/// reqlist patch.
 async fn read_unit<S: Source>(
     source: S,
     reads: Vec<(u64, u32)>,
-    capacity: usize,
+    mut buf: ReadBuffer,
     limiter: Option<Arc<RateLimiter>>,
 ) -> Result<Vec<Bytes>> {
-    let (Some(&(start, _)), Some(&(last, last_len))) = (reads.first(), reads.last()) else {
+    let Some(&(start, _)) = reads.first() else {
         return Ok(Vec::new());
     };
-    let span = usize::try_from(last + u64::from(last_len) - start)
-        .map_err(|_| Error::invalid_argument("unit larger than memory"))?;
-    let mut buf = ReadBuffer::with_capacity(capacity, span)?;
     for &(offset, length) in &reads {
         if let Some(limiter) = &limiter {
             limiter.acquire(u64::from(length)).await;
@@ -467,7 +473,9 @@ async fn run<S: Source>(
     let hole_granularity = sink.hole_granularity().max(1);
     let unit_capacity = usize::try_from(u64::from(max_request).max(options.cluster_size))
         .map_err(|_| Error::invalid_argument("max_request larger than memory"))?;
-    let mut units = plan.units.into_iter();
+    let budget = unit_capacity as u64 * BUFFERED_UNITS;
+    let mut buffered = 0u64;
+    let mut units = plan.units.into_iter().peekable();
     let mut queue: VecDeque<Pending> = VecDeque::new();
     let mut trims: JoinSet<Result<u64>> = JoinSet::new();
     let mut next_conn = 0usize;
@@ -484,6 +492,10 @@ async fn run<S: Source>(
     loop {
         // Keep the pipeline full: reads run in spawned tasks while the sink writes.
         while queue.len() < options.requests_in_flight {
+            // The next unit may start a block: admit it only if one more block fits.
+            if !queue.is_empty() && buffered + unit_capacity as u64 > budget {
+                break;
+            }
             let Some(unit) = units.next() else { break };
             let mut reads = Vec::new();
             for op in unit.ops.iter().filter(|o| o.kind == OpKind::Read) {
@@ -492,19 +504,32 @@ async fn run<S: Source>(
                 })?;
                 reads.push((op.offset, length));
             }
-            let reads = if reads.is_empty() {
-                None
-            } else {
-                let source = sources[next_conn % sources.len()].clone();
-                next_conn = next_conn.wrapping_add(1);
-                Some(Task(tokio::spawn(read_unit(
-                    source,
-                    reads,
-                    unit_capacity,
-                    limiter.clone(),
-                ))))
+            let (reads, charge) = match (reads.first(), reads.last()) {
+                (Some(&(start, _)), Some(&(last, last_len))) => {
+                    let span = usize::try_from(last + u64::from(last_len) - start)
+                        .map_err(|_| Error::invalid_argument("unit larger than memory"))?;
+                    let buf = ReadBuffer::with_capacity(unit_capacity, span)?;
+                    // A block is charged whole to the unit that starts it. Units are delivered
+                    // in the order they were carved, so the blocks alive are those charged,
+                    // plus at most the one whose first unit was just delivered.
+                    let charge = if buf.starts_block() {
+                        unit_capacity as u64
+                    } else {
+                        0
+                    };
+                    let source = sources[next_conn % sources.len()].clone();
+                    next_conn = next_conn.wrapping_add(1);
+                    let task = tokio::spawn(read_unit(source, reads, buf, limiter.clone()));
+                    (Some(Task(task)), charge)
+                }
+                _ => (None, 0),
             };
-            queue.push_back(Pending { unit, reads });
+            buffered += charge;
+            queue.push_back(Pending {
+                unit,
+                reads,
+                charge,
+            });
         }
         let Some(mut pending) = queue.pop_front() else {
             break;
@@ -556,6 +581,7 @@ async fn run<S: Source>(
             }
         }
         done += pending.unit.read_bytes() + pending.unit.zero_bytes();
+        buffered -= pending.charge;
 
         // The sink has taken the whole unit: its clusters may go.
         if discard {

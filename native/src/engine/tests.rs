@@ -702,3 +702,37 @@ async fn copy_returns_only_after_every_trim_completed() {
     assert_eq!(s.bytes_trimmed, size);
     assert_eq!(src.in_flight(), 0);
 }
+
+#[tokio::test]
+async fn more_requests_go_to_small_units_within_the_same_buffer_budget() {
+    let reads_in_flight = |dirty: Option<Vec<Region>>, size: u64| async move {
+        let data = content(size, 9, &[]);
+        let config = Config {
+            dirty,
+            max_request: 4 * M as u32,
+            delay: Some((Duration::from_millis(2), Duration::from_micros(300))),
+            ..Config::default()
+        };
+        let src = MemorySource::new(data, config);
+        let mut sink = VecSink::new(size, 0xEE);
+        let options = CopyOptions {
+            bitmap: src.config.dirty.as_ref().map(|_| "backup".to_string()),
+            discard: Some(false), // count reads only
+            requests_in_flight: 32,
+            ..CopyOptions::default()
+        };
+        run(&src, 2, &mut sink, &options).await.unwrap();
+        let peak = src.log.lock().unwrap().max_in_flight;
+        peak
+    };
+    // Full-size units (4 MiB of data each): 16 at a time, the 64 MiB of buffers allowed.
+    let full = reads_in_flight(None, 96 * M).await;
+    assert!(
+        (9..=16).contains(&full),
+        "full-size units in flight: {full}"
+    );
+    // 64 KiB dirty runs, one per 256 KiB: each its own unit, all 32 requests used.
+    let dirty = (0..256).map(|i| r(i * 256 * K, 64 * K)).collect();
+    let small = reads_in_flight(Some(dirty), 64 * M).await;
+    assert!((17..=32).contains(&small), "small units in flight: {small}");
+}

@@ -112,7 +112,9 @@ impl NbdClient {
     /// Connects to `opts.uri` and negotiates the export, within `opts.handshake_timeout`.
     pub async fn connect(opts: &ConnectOptions) -> Result<NbdClient> {
         if opts.handshake_timeout.is_zero() {
-            return Err(Error::invalid_argument("handshake_timeout must be positive"));
+            return Err(Error::invalid_argument(
+                "handshake_timeout must be positive",
+            ));
         }
         within(&opts.uri, opts.handshake_timeout, async {
             match &opts.uri.address {

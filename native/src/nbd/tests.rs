@@ -1111,7 +1111,11 @@ async fn a_silent_socket_fails_the_handshake_in_time() {
         opts.handshake_timeout = Duration::from_millis(200);
         let started = std::time::Instant::now();
         let err = NbdClient::connect(&opts).await.unwrap_err();
-        assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "took {:?}",
+            started.elapsed()
+        );
         assert_eq!(err.code(), "ERR_NBD_IO");
         let text = err.to_string();
         assert!(text.contains("silent.sock"), "names the socket: {text}");
