@@ -475,7 +475,7 @@ async fn run<S: Source>(
         .map_err(|_| Error::invalid_argument("max_request larger than memory"))?;
     let budget = unit_capacity as u64 * BUFFERED_UNITS;
     let mut buffered = 0u64;
-    let mut units = plan.units.into_iter().peekable();
+    let mut units = plan.units.into_iter();
     let mut queue: VecDeque<Pending> = VecDeque::new();
     let mut trims: JoinSet<Result<u64>> = JoinSet::new();
     let mut next_conn = 0usize;
