@@ -246,8 +246,9 @@ impl<T> Drop for Task<T> {
 struct Pending {
     unit: Unit,
     reads: Option<Task<Result<Vec<Bytes>>>>,
-    /// Bytes of read-buffer blocks charged to the unit until it is delivered.
-    charge: u64,
+    /// The unit's buffer started a block: the block is counted against [`BUFFERED_UNITS`]
+    /// until the unit is delivered.
+    starts_block: bool,
 }
 
 /// Read buffers of the units in flight stay within this many full-size units (16 x 4 MiB by
@@ -473,8 +474,7 @@ async fn run<S: Source>(
     let hole_granularity = sink.hole_granularity().max(1);
     let unit_capacity = usize::try_from(u64::from(max_request).max(options.cluster_size))
         .map_err(|_| Error::invalid_argument("max_request larger than memory"))?;
-    let budget = unit_capacity as u64 * BUFFERED_UNITS;
-    let mut buffered = 0u64;
+    let mut blocks_in_flight = 0u64;
     let mut units = plan.units.into_iter();
     let mut queue: VecDeque<Pending> = VecDeque::new();
     let mut trims: JoinSet<Result<u64>> = JoinSet::new();
@@ -493,7 +493,7 @@ async fn run<S: Source>(
         // Keep the pipeline full: reads run in spawned tasks while the sink writes.
         while queue.len() < options.requests_in_flight {
             // The next unit may start a block: admit it only if one more block fits.
-            if !queue.is_empty() && buffered + unit_capacity as u64 > budget {
+            if !queue.is_empty() && blocks_in_flight >= BUFFERED_UNITS {
                 break;
             }
             let Some(unit) = units.next() else { break };
@@ -504,31 +504,27 @@ async fn run<S: Source>(
                 })?;
                 reads.push((op.offset, length));
             }
-            let (reads, charge) = match (reads.first(), reads.last()) {
+            let (reads, starts_block) = match (reads.first(), reads.last()) {
                 (Some(&(start, _)), Some(&(last, last_len))) => {
                     let span = usize::try_from(last + u64::from(last_len) - start)
                         .map_err(|_| Error::invalid_argument("unit larger than memory"))?;
                     let buf = ReadBuffer::with_capacity(unit_capacity, span)?;
-                    // A block is charged whole to the unit that starts it. Units are delivered
-                    // in the order they were carved, so the blocks alive are those charged,
-                    // plus at most the one whose first unit was just delivered.
-                    let charge = if buf.starts_block() {
-                        unit_capacity as u64
-                    } else {
-                        0
-                    };
+                    // A block counts for the unit that starts it. Units are delivered in the
+                    // order they were carved, so the blocks alive are those counted, plus at
+                    // most the one whose first unit was just delivered.
+                    let starts_block = buf.starts_block();
                     let source = sources[next_conn % sources.len()].clone();
                     next_conn = next_conn.wrapping_add(1);
                     let task = tokio::spawn(read_unit(source, reads, buf, limiter.clone()));
-                    (Some(Task(task)), charge)
+                    (Some(Task(task)), starts_block)
                 }
-                _ => (None, 0),
+                _ => (None, false),
             };
-            buffered += charge;
+            blocks_in_flight += u64::from(starts_block);
             queue.push_back(Pending {
                 unit,
                 reads,
-                charge,
+                starts_block,
             });
         }
         let Some(mut pending) = queue.pop_front() else {
@@ -581,7 +577,7 @@ async fn run<S: Source>(
             }
         }
         done += pending.unit.read_bytes() + pending.unit.zero_bytes();
-        buffered -= pending.charge;
+        blocks_in_flight -= u64::from(pending.starts_block);
 
         // The sink has taken the whole unit: its clusters may go.
         if discard {
