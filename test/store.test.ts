@@ -3,7 +3,8 @@
  * remaining backup restorable, protected flag and notes, aborts at each stage, corruption found by
  * verify and refused by restore, and clear errors for bad store paths and volume ids.
  */
-import { readFileSync, writeFileSync, mkdirSync, existsSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { chmodSync, lstatSync, readFileSync, readdirSync, rmSync, writeFileSync, mkdirSync, existsSync } from 'node:fs';
 import { open } from 'node:fs/promises';
 import path from 'node:path';
 
@@ -253,8 +254,10 @@ describe('corruption is found by verify and refused by restore', () => {
     expect((err as Error).message).toContain(`${manifest} does not match its checksum`);
     writeFileSync(manifest, '{"truncated');
     expect((await s.verifyBackup(x[0]!.volname)).problems).toEqual([`backup dir1:${x[0]!.volname} is corrupted: ${manifest} is not valid JSON`]);
-    expect((await s.listBackups()).map((b) => b.status)).toEqual(['corrupt', 'ok']);
-    expect((await s.pruneBackups({ keep: { keepLast: 1 } })).map((m) => m.volname)).toEqual([x[1]!.volname]); // left alone
+    // the incremental built on it cannot be restored any more: broken
+    expect((await s.listBackups()).map((b) => b.status)).toEqual(['corrupt', 'broken']);
+    expect(await s.pruneBackups({ keep: { keepLast: 1 } })).toEqual([]); // both left alone for an operator
+    expect((await s.listBackups()).length).toBe(2);
   });
 
   it('a broken image structure fails qemu-img check', async () => {
@@ -285,5 +288,121 @@ describe('bad store paths and volume ids get one clear error with a stable code'
     await expect(s.readManifest('backup/100/qemu-2024_01_01-00_00_00')).rejects.toMatchObject({ code: 'ERR_UNKNOWN_VOLUME' });
     await expect(s.deleteBackup('backup/100/qemu-2024_01_01-00_00_00')).rejects.toMatchObject({ code: 'ERR_UNKNOWN_VOLUME' });
     expect(s.parseVolname('backup/100/lxc-2024_01_01-00_00_00-2')).toMatchObject({ vmid: 100, vmtype: 'lxc', backupId: '2024_01_01-00_00_00-2' });
+  });
+});
+
+/** Changes two bytes near the end of a file (inside an image's data, so qemu-img check still passes). */
+async function damage(file: string): Promise<void> {
+  const fh = await open(file, 'r+');
+  const { size } = await fh.stat();
+  await fh.write(Buffer.from([0xde, 0xad]), 0, 2, size - 100);
+  await fh.close();
+}
+
+describe('a broken or corrupted chain is never taken for a sound one', () => {
+  it('delete refuses to merge a corrupted base (or into a corrupted child), naming the image; nothing changes', async () => {
+    const { backup, store, provider, scratch } = await rig();
+    const x = [await backup(), await backup(), await backup()];
+    const s = await store();
+    const baseImage = path.join(s.backupDir(x[0]!.volname), 'disk0.qcow2');
+    const childManifest = readFileSync(path.join(s.backupDir(x[1]!.volname), 'manifest.json'), 'utf8');
+    await damage(baseImage);
+    const err = await s.deleteBackup(x[0]!.volname).catch((e: unknown) => e);
+    expect(err).toMatchObject({ code: 'ERR_BACKUP_CORRUPT', file: baseImage, message: expect.stringContaining(`${baseImage}: checksum mismatch`) });
+    expect(existsSync(baseImage)).toBe(true);
+    expect(readFileSync(path.join(s.backupDir(x[1]!.volname), 'manifest.json'), 'utf8')).toBe(childManifest);
+    // the child still says what it is: not restorable, and verify says so
+    expect((await s.verifyBackup(x[1]!.volname)).ok).toBe(false);
+    // a corrupted child: merging into it would bless its image with fresh checksums
+    const y = [await backup('new-chain'), await backup()];
+    const childImage = path.join(s.backupDir(y[1]!.volname), 'disk0.qcow2');
+    await damage(childImage);
+    await expect(s.deleteBackup(y[0]!.volname)).rejects.toMatchObject({ code: 'ERR_BACKUP_CORRUPT', file: childImage });
+    expect((await s.verifyBackup(y[1]!.volname)).problems).toEqual([`${childImage}: checksum mismatch (content changed since the backup)`]);
+    await expectRestores(provider, y[0]!.volname, y[0]!.content, scratch);
+  });
+
+  it('verify of an incremental checks the images of its whole chain', async () => {
+    const { backup, store } = await rig();
+    const x = [await backup(), await backup(), await backup()];
+    const s = await store();
+    const image = path.join(s.backupDir(x[0]!.volname), 'disk0.qcow2');
+    await damage(image);
+    for (const b of [x[1]!, x[2]!]) {
+      expect(await s.verifyBackup(b.volname)).toEqual({ volid: `dir1:${b.volname}`, ok: false, problems: [`${image}: checksum mismatch (content changed since the backup)`] });
+    }
+  });
+
+  it.each(['removed', 'corrupt manifest'] as const)('a middle backup %s: list says broken, prune keeps the full, the next backup is full', async (how) => {
+    const { backup, store, provider, scratch } = await rig();
+    const x = [await backup(), await backup(), await backup()];
+    const s = await store();
+    if (how === 'removed') rmSync(s.backupDir(x[1]!.volname), { recursive: true });
+    else writeFileSync(path.join(s.backupDir(x[1]!.volname), 'manifest.json'), '{"truncated');
+    const statuses = (await s.listBackups()).map((b) => [b.volname, b.status]);
+    expect(statuses).toEqual([[x[0]!.volname, 'ok'], ...(how === 'removed' ? [] : [[x[1]!.volname, 'corrupt']]), [x[2]!.volname, 'broken']]);
+    const marks = await s.pruneBackups({ vmid: 100, keep: { keepLast: 1 } });
+    expect(marks.map((m) => [m.volname, m.mark])).toEqual([[x[0]!.volname, 'keep']]);
+    expect(existsSync(s.backupDir(x[0]!.volname))).toBe(true);
+    expect(existsSync(s.backupDir(x[2]!.volname))).toBe(true); // left for an operator
+    await expectRestores(provider, x[0]!.volname, x[0]!.content, scratch);
+    // previous-info names the broken x[2]: building on it would make another unrestorable backup
+    const next = await backup();
+    expect((await s.readManifest(next.volname)).mode).toBe('full');
+    await expectRestores(provider, next.volname, next.content, scratch);
+  });
+
+  it('delete refuses a backup two others build on (ERR_CHAIN_DELETE), and changes nothing', async () => {
+    const { backup, store } = await rig();
+    const x = [await backup(), await backup()];
+    const s = await store();
+    // a second incremental on the full backup (as after restoring the bookkeeping to it)
+    await s.writePreviousInfo(100, { volname: x[0]!.volname, devices: ['disk0'] });
+    const y = await backup();
+    expect((await s.readManifest(y.volname)).parent).toBe(x[0]!.volname);
+    const err = await s.deleteBackup(x[0]!.volname).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(DirectoryStoreError);
+    expect(err).toMatchObject({ code: 'ERR_CHAIN_DELETE', volname: x[0]!.volname, message: `cannot delete dir1:${x[0]!.volname}: 2 backups build on it (dir1:${x[1]!.volname}, dir1:${y.volname}); delete them first` });
+    expect((await s.listBackups()).map((b) => [b.volname, b.status])).toEqual([x[0]!, x[1]!, y].map((b) => [b.volname, 'ok']));
+  });
+});
+
+/** Every path under `dir` (itself included) with its permission bits, symlinks not followed. */
+function modes(dir: string, skip: (p: string) => boolean = () => false): Array<[string, string]> {
+  const out: Array<[string, string]> = [];
+  const walk = (p: string): void => {
+    const st = lstatSync(p);
+    out.push([p, (st.mode & 0o7777).toString(8)]);
+    if (st.isDirectory() && !skip(p)) for (const n of readdirSync(p)) walk(path.join(p, n));
+  };
+  walk(dir);
+  return out;
+}
+
+describe('a store is private to its owner', () => {
+  it('with umask 0, every folder is 0700 and every file 0600; nobody cannot read an image; verify reports an open store', async () => {
+    const old = process.umask(0);
+    try {
+      const { backup, root, store } = await rig();
+      chmodSync(path.dirname(root), 0o755); // only the store's own modes may keep others out
+      const x = [await backup(), await backup()];
+      const s = await store();
+      await s.setNotes(x[0]!.volname, 'notes');
+      await s.setProtected(x[0]!.volname, true);
+      const all = modes(root);
+      expect(all.length).toBeGreaterThan(12);
+      expect(all.filter(([p, m]) => m !== (lstatSync(p).isDirectory() ? '700' : '600'))).toEqual([]);
+      const image = path.join(s.backupDir(x[0]!.volname), 'disk0.qcow2');
+      for (const cmd of [['qemu-io', '-r', '-U', '-f', 'qcow2', '-c', 'read 0 4k', image], ['cat', image]]) {
+        const r = spawnSync('runuser', ['-u', 'nobody', '--', ...cmd], { encoding: 'utf8' });
+        expect(r.status, cmd[0]).not.toBe(0);
+        expect(r.stdout + r.stderr, cmd[0]).toMatch(/Permission denied/);
+      }
+      expect((await s.verifyBackup(x[1]!.volname)).ok).toBe(true);
+      chmodSync(root, 0o755);
+      expect((await s.verifyBackup(x[1]!.volname)).problems).toEqual([`${root}: other users can read or enter it (mode 0755); chmod 700 it`]);
+    } finally {
+      process.umask(old);
+    }
   });
 });

@@ -292,7 +292,7 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
 
   program
     .command('list')
-    .description("list a store's backups, oldest first")
+    .description("list a store's backups, oldest first; status ok, incomplete, in-progress, corrupt (its manifest), or broken (a backup it builds on is missing or unusable: it cannot be restored)")
     .requiredOption('--store <dir>', 'the store')
     .option('--vmid <n>', 'only this guest', vmidArg)
     .option('--json', 'print JSON')

@@ -20,11 +20,28 @@
  */
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
-import { lstat, open, readdir, readlink, rename, rm } from 'node:fs/promises';
+import { execFile } from 'node:child_process';
+import { chmod, lstat, mkdir, open, readdir, readlink, rename, rm } from 'node:fs/promises';
 import path from 'node:path';
 
 import type { BitmapMode, GuestType } from '../../provider/api.js';
+import { requireTool } from '../../tools.js';
 import { DirectoryStoreError } from './errors.js';
+
+/**
+ * Mode of every folder of a store (the store itself, each guest's, each backup's): backups hold
+ * guest data, and a directory-mode container tree may hold setuid files owned by root, so no
+ * other user may enter any of them. Set with `chmod`, never left to the umask.
+ */
+export const PRIVATE_DIR_MODE = 0o700;
+/** Mode of every file a store writes (manifests, images, archives, configs, logs, attributes). */
+export const PRIVATE_FILE_MODE = 0o600;
+
+/** Creates a folder (and missing parents) and gives it {@link PRIVATE_DIR_MODE} whatever the umask. */
+export async function mkdirPrivate(dir: string): Promise<void> {
+  await mkdir(dir, { recursive: true, mode: PRIVATE_DIR_MODE });
+  await chmod(dir, PRIVATE_DIR_MODE);
+}
 
 /** File marking a folder as a store. */
 export const STORE_MARKER = 'pve-backup-store.json';
@@ -138,9 +155,15 @@ export async function hashFile(file: string | Buffer): Promise<{ size: number; s
 
 /**
  * A digest of a directory tree (the `directory` container mode): every entry's relative path,
- * type, mode, owner, size and symlink target, and every regular file's content, in sorted order.
+ * type, mode, owner, size and symlink target, every regular file's content, in sorted order, and
+ * (unless `xattrs: false`) every extended attribute of every entry: ACLs, file capabilities,
+ * `trusted.*`, `user.*`, `security.*`, which a restore writes back and a change of which changes
+ * what the container gets.
+ *
+ * `xattrs: false` is the digest of manifests written before extended attributes were covered;
+ * the two can never be equal (the attributes' part is always there, even when empty).
  */
-export async function hashTree(root: string): Promise<{ size: number; sha256: string }> {
+export async function hashTree(root: string, options: { xattrs?: boolean } = {}): Promise<{ size: number; sha256: string }> {
   const h = createHash('sha256');
   let size = 0;
   // names as bytes: a container's file names need not be UTF-8
@@ -158,7 +181,36 @@ export async function hashTree(root: string): Promise<{ size: number; sha256: st
     }
   };
   await walk(Buffer.from(root), Buffer.alloc(0));
+  if (options.xattrs !== false) h.update(Buffer.concat([Buffer.from('\0xattrs\0'), await xattrDump(root)]));
   return { size, sha256: h.digest('hex') };
+}
+
+/**
+ * Every extended attribute under `root` (symlinks not followed) in a canonical form: getfattr's
+ * hex dump, one block per entry sorted by name, each block's attributes sorted. getfattr walks in
+ * directory order and lists attributes in the file system's order; sorting makes the digest
+ * depend on the attributes alone.
+ */
+async function xattrDump(root: string): Promise<Buffer> {
+  const getfattr = requireTool('getfattr', 'attr');
+  const out = await new Promise<Buffer>((resolve, reject) => {
+    execFile(getfattr, ['-R', '-P', '-h', '-d', '-m', '-', '-e', 'hex', '.'], { cwd: root, encoding: 'buffer', maxBuffer: 1 << 30 }, (err, stdout, stderr) => {
+      if (err) reject(new Error(`getfattr of ${root} failed: ${stderr.toString().trim() || err.message}`, { cause: err }));
+      else resolve(stdout);
+    });
+  });
+  // names are quoted by getfattr (octal escapes), so a block never holds a raw newline of a name
+  const blocks = out
+    .toString('latin1')
+    .split('\n\n')
+    .map((b) => b.trim())
+    .filter((b) => b !== '')
+    .map((b) => {
+      const [head, ...attrs] = b.split('\n');
+      return [head!, ...attrs.sort()].join('\n');
+    })
+    .sort();
+  return Buffer.from(blocks.join('\n\n'), 'latin1');
 }
 
 /** Fsyncs a file or directory. */
@@ -177,8 +229,10 @@ async function fsyncPath(p: string): Promise<void> {
  */
 export async function writeFileAtomic(file: string, data: string | Buffer): Promise<void> {
   const tmp = `${file}.tmp-${process.pid}`;
-  const fh = await open(tmp, 'w', 0o644);
+  const fh = await open(tmp, 'w', PRIVATE_FILE_MODE);
   try {
+    // explicitly: the umask may have removed bits of the mode, and an existing tmp keeps its own
+    await fh.chmod(PRIVATE_FILE_MODE);
     await fh.writeFile(data);
     await fh.sync();
   } finally {

@@ -11,7 +11,7 @@
  * @packageDocumentation
  */
 import { execFile } from 'node:child_process';
-import { lstat, mkdir, readFile, readdir, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { chmod, lstat, mkdir, open, readFile, readdir, rename, rm, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { promisify } from 'node:util';
 
@@ -22,6 +22,8 @@ import {
   LOCK,
   MANIFEST,
   PREVIOUS_INFO,
+  PRIVATE_DIR_MODE,
+  PRIVATE_FILE_MODE,
   STORE_FORMAT,
   STORE_MARKER,
   STORE_VERSION,
@@ -30,6 +32,7 @@ import {
   hashTree,
   isBackupDirName,
   manifestChecksum,
+  mkdirPrivate,
   parseVolname,
   volnameOf,
   writeFileAtomic,
@@ -58,9 +61,11 @@ export interface BackupInfo {
   parent?: string;
   /**
    * `ok`; `incomplete` (no manifest: interrupted; prune removes it); `in-progress` (no manifest,
-   * its writer is alive); `corrupt` (the manifest does not match its checksum; left for an operator).
+   * its writer is alive); `corrupt` (the manifest does not match its checksum; left for an operator);
+   * `broken` (its own manifest is fine but a backup its chain builds on is missing, incomplete,
+   * corrupt or broken itself, so it cannot be restored; prune neither counts nor removes it).
    */
-  status: 'ok' | 'incomplete' | 'in-progress' | 'corrupt';
+  status: 'ok' | 'incomplete' | 'in-progress' | 'corrupt' | 'broken';
   protected: boolean;
   notes?: string;
 }
@@ -155,7 +160,7 @@ export class DirectoryStore {
     if (st && (await readdir(abs)).length > 0) {
       throw new DirectoryStoreError('ERR_NOT_A_STORE', `${abs} is not a backup store: it has other content (${STORE_MARKER} is missing); use an empty folder`);
     }
-    await mkdir(abs, { recursive: true });
+    await mkdirPrivate(abs);
     const marker: StoreMarker = { format: STORE_FORMAT, version: STORE_VERSION, storeid: options.storeid ?? 'directory', created: Math.floor(Date.now() / 1000) };
     await writeFileAtomic(path.join(abs, STORE_MARKER), `${JSON.stringify(marker, null, 2)}\n`);
     return new DirectoryStore(abs, marker.storeid);
@@ -201,18 +206,25 @@ export class DirectoryStore {
    */
   async createBackupDir(vmid: number, vmtype: GuestType, date: Date): Promise<{ volname: string; dir: string }> {
     const parent = path.join(this.root, String(vmid));
-    await mkdir(parent, { recursive: true });
+    await mkdirPrivate(parent);
     const base = `${vmtype}-${backupIdOf(date)}`;
     for (let n = 0; ; n++) {
       const dirName = n === 0 ? base : `${base}-${n}`;
       const dir = path.join(parent, dirName);
       try {
-        await mkdir(dir);
+        await mkdir(dir, { mode: PRIVATE_DIR_MODE });
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code === 'EEXIST') continue;
         throw err;
       }
-      await writeFile(path.join(dir, LOCK), `${process.pid}\n`);
+      // private before anything is written into it: the umask may have left it open
+      await chmod(dir, PRIVATE_DIR_MODE);
+      const lock = await open(path.join(dir, LOCK), 'w', PRIVATE_FILE_MODE);
+      try {
+        await lock.writeFile(`${process.pid}\n`);
+      } finally {
+        await lock.close();
+      }
       return { volname: volnameOf(vmid, dirName), dir };
     }
   }
@@ -221,12 +233,13 @@ export class DirectoryStore {
   async commitManifest(manifest: Omit<Manifest, 'checksum'>): Promise<Manifest> {
     const full: Manifest = { ...manifest, checksum: manifestChecksum(manifest) };
     const dir = this.backupDir(manifest.volname);
+    await privatise(dir);
     await writeFileAtomic(path.join(dir, MANIFEST), `${JSON.stringify(full, null, 2)}\n`);
     await rm(path.join(dir, LOCK), { force: true });
     return full;
   }
 
-  /** The last complete VM backup of a guest, if it still exists and is complete. */
+  /** The last complete VM backup of a guest, if it still exists and is complete with its whole chain. */
   async readPreviousInfo(vmid: number): Promise<PreviousInfo | undefined> {
     let info: PreviousInfo;
     try {
@@ -235,7 +248,8 @@ export class DirectoryStore {
     } catch {
       return undefined;
     }
-    const ok = await this.readManifest(info.volname).then(() => true, () => false);
+    // the whole chain: an incremental over a backup whose own chain is broken could not be restored
+    const ok = await this.chain(info.volname).then(() => true, () => false);
     return ok ? info : undefined;
   }
 
@@ -291,7 +305,12 @@ export class DirectoryStore {
       const names = (await readdir(path.join(this.root, v)).catch(() => [] as string[])).filter(isBackupDirName);
       for (const name of names) out.push(await this.describe(volnameOf(Number(v), name)));
     }
-    return out.sort((a, b) => a.ctime - b.ctime || (a.volname < b.volname ? -1 : 1));
+    out.sort((a, b) => a.ctime - b.ctime || (a.volname < b.volname ? -1 : 1));
+    // A chain is only as good as its oldest link: oldest first, so a parent's status is final
+    // when its children are looked at (a parent is always older than what builds on it).
+    const byVolid = new Map(out.map((b) => [b.volid, b]));
+    for (const b of out) if (b.status === 'ok' && b.parent && byVolid.get(b.parent)?.status !== 'ok') b.status = 'broken';
+    return out;
   }
 
   private async describe(volname: string): Promise<BackupInfo> {
@@ -381,7 +400,9 @@ export class DirectoryStore {
     for (const [name, want] of Object.entries(m.files)) {
       if (names && !names.includes(name)) continue;
       const file = path.join(dir, name);
-      const got = await (name === 'root' ? hashTree(file) : hashFile(file)).catch((err: Error) => err);
+      let got = await (name === 'root' ? hashTree(file) : hashFile(file)).catch((err: Error) => err);
+      // a tree recorded before its digest covered extended attributes
+      if (name === 'root' && !(got instanceof Error) && got.sha256 !== want.sha256) got = await hashTree(file, { xattrs: false }).catch((err: Error) => err);
       if (got instanceof Error) problems.push(`${file}: ${(got as NodeJS.ErrnoException).code === 'ENOENT' ? 'missing' : got.message}`);
       else if (got.sha256 !== want.sha256 || got.size !== want.size) problems.push(`${file}: checksum mismatch (content changed since the backup)`);
     }
@@ -399,9 +420,7 @@ export class DirectoryStore {
     const own = chain[0]!;
     const dataFiles = what === 'configs' ? ['guest.conf', 'firewall.conf'] : Object.keys(own.files).filter((f) => f !== 'backup.log');
     const problems = await this.checkFiles(own, dataFiles);
-    if (what === 'vm') {
-      for (const m of chain.slice(1)) problems.push(...(await this.checkFiles(m, Object.values(m.devices ?? {}).map((d) => d.file))));
-    }
+    if (what === 'vm') problems.push(...(await this.ancestorProblems(chain)));
     if (problems.length > 0) {
       throw new DirectoryStoreError('ERR_BACKUP_CORRUPT', `backup ${this.volid(volname)} is corrupted, refusing to restore it: ${problems.join('; ')}`, {
         volname,
@@ -409,6 +428,13 @@ export class DirectoryStore {
       });
     }
     return own;
+  }
+
+  /** Problems of the images a chain's ancestors lend to its first backup (`chain` as {@link chain} returns it). */
+  private async ancestorProblems(chain: Manifest[]): Promise<string[]> {
+    const problems: string[] = [];
+    for (const m of chain.slice(1)) problems.push(...(await this.checkFiles(m, Object.values(m.devices ?? {}).map((d) => d.file))));
+    return problems;
   }
 
   /**
@@ -449,8 +475,16 @@ export class DirectoryStore {
       for (const [device, d] of Object.entries(m.devices ?? {})) {
         if (d.base && !chain.some((c) => c.volname === d.base && c.devices?.[device])) problems.push(`${path.join(dir, d.file)}: its base ${this.volid(d.base)} has no disk ${device}`);
       }
+      // a restore reads the whole chain: an incremental is only as sound as the images under it
+      problems.push(...(await this.ancestorProblems(chain)));
     } catch (err) {
       problems.push((err as Error).message);
+    }
+    // guest data (and, in a directory-mode tree, setuid files of the container's root) must be
+    // out of other users' reach: every folder from the store down to the backup
+    for (const folder of [this.root, path.dirname(dir), dir]) {
+      const st = await stat(folder).catch(() => undefined);
+      if (st && st.mode & 0o077) problems.push(`${folder}: other users can ${st.mode & 0o005 ? 'read or enter' : 'access'} it (mode ${(st.mode & 0o7777).toString(8).padStart(4, '0')}); chmod 700 it`);
     }
     return { volid, ok: problems.length === 0, problems };
   }
@@ -468,7 +502,9 @@ export class DirectoryStore {
     const out: PruneResultEntry[] = [];
     const groups = new Map<string, BackupInfo[]>();
     for (const b of all) {
-      if (b.status === 'in-progress' || b.status === 'corrupt') continue;
+      // corrupt and broken backups cannot be restored: they neither count as kept nor are they
+      // removed (an operator may still repair them); what a broken one builds on is judged alone
+      if (b.status === 'in-progress' || b.status === 'corrupt' || b.status === 'broken') continue;
       if (b.status === 'incomplete') {
         out.push({ volid: b.volid, volname: b.volname, vmid: b.vmid, subtype: b.subtype, ctime: b.ctime, mark: 'remove' });
         continue;
@@ -523,10 +559,29 @@ export class DirectoryStore {
         throw new DirectoryStoreError('ERR_CHAIN_DELETE', `cannot delete ${this.volid(volname)}: ${children[0]!.volid} builds on it and it cannot be merged: ${(err as Error).message}`, { volname, cause: err });
       }
       merged = children[0]!.volname;
+      await this.assertMergeable(own, merged);
       await this.mergeInto(own, merged);
     }
     await rm(dir, { recursive: true, force: true });
     return merged ? { merged } : {};
+  }
+
+  /**
+   * Checks every image a merge of `base` into `child` reads (the child's and those of its whole
+   * chain, `base` included) against the manifests: the merge rewrites the child's checksums, so a
+   * corrupted image merged in would be taken as sound from then on.
+   * @throws {@link DirectoryStoreError} `ERR_BACKUP_CORRUPT` naming the first bad file.
+   */
+  private async assertMergeable(base: Manifest, child: string): Promise<void> {
+    const chain = await this.chain(child);
+    const problems = [...(await this.checkFiles(chain[0]!, Object.values(chain[0]!.devices ?? {}).map((d) => d.file))), ...(await this.ancestorProblems(chain))];
+    if (problems.length > 0) {
+      throw new DirectoryStoreError(
+        'ERR_BACKUP_CORRUPT',
+        `cannot delete ${this.volid(base.volname)}: merging it into ${this.volid(child)} would carry a corrupted image into it: ${problems.join('; ')}`,
+        { volname: base.volname, file: problems[0]!.split(': ')[0] },
+      );
+    }
   }
 
   /** Rebases each image of `child` backed by `base` onto base's own base, then rewrites child's manifest. */
@@ -580,4 +635,22 @@ async function duBytes(dir: string): Promise<number> {
     n += st.isDirectory() ? await duBytes(p) : st.size;
   }
   return n;
+}
+
+/**
+ * Gives every entry of a backup folder the store's private modes (files {@link PRIVATE_FILE_MODE},
+ * folders {@link PRIVATE_DIR_MODE}) whatever wrote them and whatever the umask: configs, images
+ * written by the native core, tar archives, logs copied from elsewhere. The `root/` tree of a
+ * directory-mode container backup keeps its own mode: it is the container's `/` and is restored
+ * as it is; the backup folder around it is private.
+ */
+async function privatise(dir: string): Promise<void> {
+  await chmod(dir, PRIVATE_DIR_MODE);
+  for (const name of await readdir(dir)) {
+    if (name === 'root') continue;
+    const p = path.join(dir, name);
+    const st = await lstat(p);
+    if (st.isDirectory()) await chmod(p, PRIVATE_DIR_MODE);
+    else if (st.isFile()) await chmod(p, PRIVATE_FILE_MODE);
+  }
 }
