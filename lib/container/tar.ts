@@ -4,7 +4,8 @@
  *
  * Create (vzdump `PVE::VZDump::LXC::archive`): `tar -c -f - --totals` with Proxmox's common flags
  * (`--one-file-system -p --sparse --numeric-owner --acls --xattrs --xattrs-include=user.*
- * --xattrs-include=security.capability --warning=no-file-ignored --warning=no-xattr-write`),
+ * --xattrs-include=security.capability --warning=no-file-ignored --warning=no-xattr-write`) and
+ * `--xattrs-include=trusted.*` (on extract too),
  * `--directory=SOURCE`, the exclusions (see `exclude.ts`) and the sources (`.` or `./mnt/...`).
  * With an id map, GNU tar (>= 1.29) rewrites owners itself: `--owner-map`/`--group-map` files list
  * every mapped host id with its container id, and `--owner`/`--group` give every other id a
@@ -92,6 +93,14 @@ export interface ExtractTarArchiveOptions {
   allowNonEmpty?: boolean;
 }
 
+/**
+ * Extended attributes kept beyond Proxmox's `user.*` and `security.capability`, on create and
+ * extract alike (tar stores and restores only what an include pattern names): `trusted.*`, which
+ * file systems and tools in a container (overlayfs layers, glusterfs, some daemons) rely on and
+ * which a directory-mode backup (rsync `-X` as root) keeps too.
+ */
+const EXTRA_XATTR_FLAGS: readonly string[] = ['--xattrs-include=trusted.*'];
+
 /** Largest number of ids per type written into a `--owner-map`/`--group-map` file. */
 const MAX_MAPPED_IDS = 1 << 24;
 
@@ -178,7 +187,7 @@ export async function createTarArchive(o: CreateTarArchiveOptions): Promise<{ by
         `--group=${sentinel.g}`,
       );
     }
-    const args = ['-c', '-f', '-', '--totals', ...COMMON_TAR_FLAGS, ...mapArgs, `--directory=${o.source}`, ...excludes, '--', ...sources];
+    const args = ['-c', '-f', '-', '--totals', ...COMMON_TAR_FLAGS, ...EXTRA_XATTR_FLAGS, ...mapArgs, `--directory=${o.source}`, ...excludes, '--', ...sources];
     const tar = startTool({ tool: 'tar', code: 'ERR_TAR', what, args, stdio: ['ignore', 'pipe', 'pipe'], signal: o.signal });
     const throttle = new ThrottleStream(limit);
     const stages: (Readable | Writable)[] = [tar.child.stdout!];
@@ -194,7 +203,8 @@ export async function createTarArchive(o: CreateTarArchiveOptions): Promise<{ by
         }),
       );
     }
-    stages.push(throttle, createWriteStream(o.archive));
+    // only its owner may read an archive of a container's files, whatever the umask
+    stages.push(throttle, createWriteStream(o.archive, { mode: 0o600 }));
     const piped = pipeline(stages as unknown as [Readable, Writable]).catch((err: unknown) => {
       tar.kill();
       throw err;
@@ -263,7 +273,7 @@ export async function extractTarArchive(o: ExtractTarArchiveOptions): Promise<vo
     throw new InvalidArgumentError(`archive ${o.archive}: with an id map only uncompressed or gzip archives can be restored`);
   }
 
-  const args = ['-x', '-f', '-', '--totals', ...COMMON_TAR_FLAGS];
+  const args = ['-x', '-f', '-', '--totals', ...COMMON_TAR_FLAGS, ...EXTRA_XATTR_FLAGS];
   if (compression && !gunzipInNode) args.push(compression);
   // pve-container passes --skip-old-files; it also keeps tar from setting the owner and mode of
   // directories that exist already, the root first. A target checked empty gets them from the
