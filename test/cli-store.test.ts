@@ -4,7 +4,7 @@
  * JSON output; bad input gets one line and a non-zero exit, never a stack trace.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { appendFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { appendFileSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 
@@ -81,6 +81,56 @@ describe('pve-backup-provider backup / list / restore / prune / delete / verify'
     expect(v.status).toBe(1);
     expect(JSON.parse(v.stdout)[0].problems[0]).toContain(image);
     expectOneLine(cli('restore', list[1]!.volid, '--store', store, '--to', path.join(dir, 'x')), 1, new RegExp(`refusing to restore it: ${image}: checksum mismatch.*\\[ERR_RESTORE\\]$`));
+  });
+
+  it('protect keeps an old full backup that nothing builds on through prune --keep-last 1; --off lets prune remove it', async () => {
+    const dir = await tempDir();
+    const disk = path.join(dir, 'disk0.qcow2');
+    const store = path.join(dir, 'store');
+    createImage(disk, '4M', 'qcow2');
+    qemuIo(disk, 'qcow2', ['write -P 0x11 0 1M']);
+    const volids: string[] = [];
+    for (let i = 0; i < 2; i++) {
+      // full backups: no chain rule keeps the older one
+      const b = cli('backup', '--store', store, '--vmid', '100', '--disk', `disk0=${disk}`, '--mode', 'full', '--json');
+      expect(b.status, b.stderr).toBe(0);
+      volids.push((JSON.parse(b.stdout) as { volid: string }).volid);
+      if (i === 0) await new Promise((r) => setTimeout(r, 1100)); // a later backup id
+    }
+    const list = (): Array<{ volid: string; parent?: string; protected: boolean }> => JSON.parse(cli('list', '--store', store, '--json').stdout);
+    expect(list().map((b) => [b.volid, b.parent, b.protected])).toEqual([[volids[0], undefined, false], [volids[1], undefined, false]]);
+    const p = cli('protect', volids[0]!, '--store', store);
+    expect(p.status, p.stderr).toBe(0);
+    const pruned = cli('prune', '--store', store, '--keep-last', '1', '--json');
+    expect(pruned.status, pruned.stderr).toBe(0);
+    expect(JSON.parse(pruned.stdout).map((m: { volid: string; mark: string }) => [m.volid, m.mark])).toEqual([[volids[1], 'keep'], [volids[0], 'protected']]);
+    expect(list().map((b) => [b.volid, b.protected])).toEqual([[volids[0], true], [volids[1], false]]);
+    expect(cli('protect', volids[0]!, '--store', store, '--off').status).toBe(0);
+    expect(cli('prune', '--store', store, '--keep-last', '1').status).toBe(0);
+    expect(list().map((b) => b.volid)).toEqual([volids[1]]);
+  });
+
+  it('list marks an incremental whose base is gone as broken; prune keeps the full it would otherwise remove', async () => {
+    const dir = await tempDir();
+    const disk = path.join(dir, 'disk0.qcow2');
+    const store = path.join(dir, 'store');
+    createImage(disk, '4M', 'qcow2');
+    const volids: string[] = [];
+    for (let i = 0; i < 3; i++) {
+      qemuIo(disk, 'qcow2', [`write -P 0x${i + 1}${i + 1} ${i}M 64k`]);
+      const b = cli('backup', '--store', store, '--vmid', '100', '--disk', `disk0=${disk}`, '--json');
+      expect(b.status, b.stderr).toBe(0);
+      volids.push((JSON.parse(b.stdout) as { volid: string }).volid);
+      await new Promise((r) => setTimeout(r, 1100));
+    }
+    rmSync(path.join(store, '100', volids[1]!.split('/').pop()!), { recursive: true });
+    const list = JSON.parse(cli('list', '--store', store, '--json').stdout) as Array<{ volid: string; status: string }>;
+    expect(list.map((b) => [b.volid, b.status])).toEqual([[volids[0], 'ok'], [volids[2], 'broken']]);
+    expect(cli('list', '--store', store).stdout).toMatch(/\sbroken\b/);
+    const pruned = cli('prune', '--store', store, '--keep-last', '1', '--json');
+    expect(JSON.parse(pruned.stdout).map((m: { volid: string; mark: string }) => [m.volid, m.mark])).toEqual([[volids[0], 'keep']]);
+    const r = cli('restore', volids[0]!, '--store', store, '--to', `disk0=${path.join(dir, 'r.raw')}`);
+    expect(r.status, r.stderr).toBe(0);
   });
 
   it('a container directory, tar and directory modes', async () => {
