@@ -16,7 +16,7 @@ export type DirectoryStoreErrorCode =
   | 'ERR_UNKNOWN_VOLUME'
   /** A backup without a manifest: interrupted or still being written. */
   | 'ERR_BACKUP_INCOMPLETE'
-  /** A manifest or file that does not match its checksum, or an image `qemu-img check` refuses. */
+  /** A manifest or file that does not match its checksum, or an image `qemu-img check` refuses (restore, and delete before a merge). */
   | 'ERR_BACKUP_CORRUPT'
   /** The backup an incremental backup builds on is missing or incomplete. */
   | 'ERR_CHAIN_BROKEN'

@@ -15,6 +15,7 @@
  * ```
  *
  * Volume names are `backup/<vmid>/<vmtype>-<backup-id>`, volume ids `<storeid>:<volname>`.
+ * Every folder is `0700` and every file `0600` (but inside `root/`, which is the container's tree).
  *
  * @packageDocumentation
  */

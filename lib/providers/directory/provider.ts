@@ -14,6 +14,11 @@
  * - `lxc-backup-mode`: `tar` (default) or `directory`;
  * - `compression`: qcow2 cluster compression, `none` (default), `zstd` or `zlib`.
  *
+ * Security: the store's folders are `0700` and its files `0600` (see {@link DirectoryStore}). A
+ * `directory`-mode container backup keeps the container's tree as it is, with container ids: a
+ * setuid file of the container's root is a setuid-root file on the host, which only those private
+ * folders keep other users from running. Never open a store to other users.
+ *
  * @packageDocumentation
  */
 import { copyFile, readFile, rm, stat, writeFile } from 'node:fs/promises';

@@ -6,7 +6,9 @@
  * Invariants the store keeps:
  * - a backup is complete exactly when its `manifest.json` exists (written last, atomically);
  * - a kept backup's chain (the backups its images are backed by) is never removed: prune keeps
- *   the bases of kept backups, delete merges a base into its child first.
+ *   the bases of kept backups, delete merges a base into its child first (after checking what it
+ *   merges), and only restorable backups count as kept;
+ * - nothing in it is open to other users: folders `0700`, files `0600`, whatever the umask.
  *
  * @packageDocumentation
  */
@@ -439,7 +441,9 @@ export class DirectoryStore {
 
   /**
    * Verifies a backup: manifest checksum, every file's checksum, `qemu-img check` of each image,
-   * and that the chain it builds on is present and complete with matching backing files.
+   * that the chain it builds on is present and complete with matching backing files and that the
+   * images of that chain match their checksums (what a restore reads), and that the store's
+   * folders down to the backup are closed to other users.
    */
   async verifyBackup(volname: string): Promise<VerifyResult> {
     const volid = this.volid(volname);
@@ -532,9 +536,11 @@ export class DirectoryStore {
   /**
    * Deletes a backup, keeping every other backup restorable: a backup other backups build on is
    * merged into its child first (`qemu-img rebase` onto its own base), so the child holds what it
-   * needed. Refused for a protected backup without `force`, and when two backups build on it.
+   * needed. Refused for a protected backup without `force`, when two backups build on it, and when
+   * an image the merge reads does not match its manifest (the merge would give the child fresh
+   * checksums over corrupted data).
    *
-   * @throws {@link DirectoryStoreError} `ERR_BACKUP_PROTECTED`, `ERR_CHAIN_DELETE`, `ERR_UNKNOWN_VOLUME`.
+   * @throws {@link DirectoryStoreError} `ERR_BACKUP_PROTECTED`, `ERR_CHAIN_DELETE`, `ERR_BACKUP_CORRUPT` (with `file`), `ERR_UNKNOWN_VOLUME`.
    */
   async deleteBackup(volname: string, options: { force?: boolean } = {}): Promise<{ merged?: string }> {
     const dir = this.backupDir(volname);
