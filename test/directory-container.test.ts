@@ -10,6 +10,7 @@ import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 
 import { DirectoryProvider, DirectoryProviderV1, DirectoryStore, restoreContainer, runBackupJob, type BackupProvider } from '../lib/index.js';
+import { hashTree } from '../lib/providers/directory/layout.js';
 import { stopAll, tempDir } from './helpers/qemu.js';
 import { buildTree, snapshotTree, TEST_MAP_LINES } from './helpers/tree.js';
 
@@ -138,6 +139,19 @@ describe('container backups are private and keep every extended attribute', () =
     const dst = path.join(work, 'dst');
     mkdirSync(dst);
     await expect(restoreContainer({ provider, volname, storeid: 'dir1', rootdir: dst, idMap: TEST_MAP_LINES })).rejects.toThrow(/is corrupted, refusing to restore it/);
+  });
+
+  it('a tree digest recorded before xattrs were covered still verifies; it never equals a digest with xattrs', async () => {
+    const work = await tempDir();
+    const { store, volname } = await backupCt(work, smallTree(work), 'directory');
+    const tree = path.join(store.backupDir(volname), 'root');
+    const legacy = await hashTree(tree, { xattrs: false });
+    expect(legacy.sha256).not.toBe((await hashTree(tree)).sha256); // no xattrs at all, still different
+    const { checksum: _c, ...m } = await store.readManifest(volname);
+    await store.commitManifest({ ...m, files: { ...m.files, root: legacy } });
+    expect(await store.verifyBackup(volname)).toMatchObject({ ok: true, problems: [] });
+    appendFileSync(path.join(tree, 'f'), 'x');
+    expect((await store.verifyBackup(volname)).problems).toEqual([`${tree}: checksum mismatch (content changed since the backup)`]);
   });
 
   it.each(['tar', 'directory'] as const)('lxc-backup-mode %s keeps trusted.* xattrs through backup and restore', async (mode) => {

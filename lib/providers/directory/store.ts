@@ -488,7 +488,7 @@ export class DirectoryStore {
     // out of other users' reach: every folder from the store down to the backup
     for (const folder of [this.root, path.dirname(dir), dir]) {
       const st = await stat(folder).catch(() => undefined);
-      if (st && st.mode & 0o077) problems.push(`${folder}: other users can ${st.mode & 0o005 ? 'read or enter' : 'access'} it (mode ${(st.mode & 0o7777).toString(8).padStart(4, '0')}); chmod 700 it`);
+      if (st && st.mode & 0o077) problems.push(`${folder}: other users can ${st.mode & 0o055 ? 'read or enter' : 'write to'} it (mode ${(st.mode & 0o7777).toString(8).padStart(4, '0')}); chmod 700 it`);
     }
     return { volid, ok: problems.length === 0, problems };
   }
