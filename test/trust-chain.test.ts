@@ -4,8 +4,8 @@
  * that every restore is byte-exact: two stores sharing a storage id (so QEMU's bitmap name), and
  * a backup killed (SIGKILL) at every step of its sequence, with the guest writing between steps.
  */
-import { spawn } from 'node:child_process';
-import { readFile, rm, writeFile } from 'node:fs/promises';
+import { execFileSync, spawn } from 'node:child_process';
+import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 
 import { afterEach, describe, expect, it } from 'vitest';
@@ -14,6 +14,7 @@ import {
   DirectoryProvider,
   DirectoryProviderV1,
   DirectoryStore,
+  DirectoryStoreError,
   QmpClient,
   recoverBackupAccess,
   restoreVm,
@@ -150,5 +151,63 @@ describe('a backup killed at every step of its sequence', () => {
     expect((await store.readManifest(after.volname)).parent).toBe(next.volname);
     await expectRestore(provider, 'dir1', after.volname, after.content, scratch);
     await qmp.close();
+  });
+});
+
+describe('the end of a backup', () => {
+  it('a signal that comes after the last guest finished cancels nothing: the job succeeds and the backup stays', async () => {
+    const disk = await startDisk(4 * MiB);
+    const scratch = await tempDir();
+    const root = path.join(scratch, 'store');
+    const controller = new AbortController();
+    class SignalledLate extends DirectoryProvider {
+      override async backupCleanup(...args: Parameters<DirectoryProvider['backupCleanup']>): ReturnType<DirectoryProvider['backupCleanup']> {
+        controller.abort(new Error('SIGTERM')); // after QEMU's teardown, while the backup is being recorded
+        return super.backupCleanup(...args);
+      }
+    }
+    const provider = new SignalledLate({ storeid: 'dir1', scfg: { path: root }, log: () => {} });
+    await disk.write(0x31, 0, MiB);
+    const content = disk.snapshot();
+    const r = await runBackupJob({ provider, storeid: 'dir1', guests: [vmGuest(disk)], tmpdir: scratch, signal: controller.signal });
+    expect(r.ok).toBe(true);
+    const store = await DirectoryStore.open(root);
+    expect((await store.listBackups(100)).map((b) => [b.volid, b.status])).toEqual([[`dir1:${r.guests[0]!.archiveName!}`, 'ok']]);
+    await expectRestore(provider, 'dir1', r.guests[0]!.archiveName!, content, scratch);
+  });
+
+  it('a full disk while the backup is recorded fails with ERR_STORE_IO naming the file, and the next backup is whole', async () => {
+    const disk = await startDisk(4 * MiB);
+    const scratch = await tempDir();
+    const root = path.join(scratch, 'store');
+    await mkdir(root);
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=8m', 'tmpfs', root]);
+    try {
+      class FillsTheDisk extends DirectoryProvider {
+        fill = true;
+        override async backupCleanup(...args: Parameters<DirectoryProvider['backupCleanup']>): ReturnType<DirectoryProvider['backupCleanup']> {
+          // the store's file system fills up after the disks were copied, before the manifest
+          if (this.fill) await writeFile(path.join(root, 'filler'), Buffer.alloc(8 * MiB)).catch(() => undefined);
+          return super.backupCleanup(...args);
+        }
+      }
+      const provider = new FillsTheDisk({ storeid: 'dir1', scfg: { path: root }, log: () => {} });
+      await disk.write(0x41, 0, MiB);
+      const r = await runBackupJob({ provider, storeid: 'dir1', guests: [vmGuest(disk)], tmpdir: scratch });
+      const error = r.guests[0]!.error as DirectoryStoreError;
+      expect(error).toBeInstanceOf(DirectoryStoreError);
+      expect(error.code).toBe('ERR_STORE_IO');
+      expect(error.file).toMatch(new RegExp(`^${root}/100/qemu-[0-9_-]+/(manifest\\.json|[a-z.]+)$`));
+      expect(error.message).toContain(error.file!);
+      expect(error.message).toMatch(/ENOSPC|no space/i);
+      // space freed: the failed backup is gone and the next one is complete and exact
+      await rm(path.join(root, 'filler'));
+      provider.fill = false;
+      const next = await backup(provider, 'dir1', disk, scratch);
+      expect((await (await DirectoryStore.open(root)).listBackups(100)).map((b) => b.status)).toEqual(['ok']);
+      await expectRestore(provider, 'dir1', next.volname, next.content, scratch);
+    } finally {
+      execFileSync('umount', ['-l', root]);
+    }
   });
 });
