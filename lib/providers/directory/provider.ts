@@ -294,9 +294,6 @@ export class DirectoryProvider extends BackupProviderBase {
     this.options.onDeviceDone?.(g.vmid, device, summary);
   }
 
-  /** Nothing to prepare: the archive is written by the unprivileged tools with ids shifted by the map. */
-  override async backupContainerPrepare(_vmid: number, _info: ContainerBackupInfo): Promise<void> {}
-
   /** Stores the configuration files and the tree: `root.tar` (mode `tar`) or `root/` (mode `directory`). */
   override async backupContainer(vmid: number, guestConfig: string | undefined, excludePatterns: string[], info: ContainerBackupInfo): Promise<void> {
     const g = this.guest(vmid);
@@ -447,8 +444,6 @@ export class DirectoryProvider extends BackupProviderBase {
     return out;
   }
 
-  override async restoreVmCleanup(_volname: string): Promise<void> {}
-
   /**
    * The image as `qemu-img` reads it raw: a `json:` filename putting the qcow2 driver under a raw
    * node, so `qemu-img convert -f raw` follows the backing chain. No NBD device, no extra process.
@@ -461,8 +456,6 @@ export class DirectoryProvider extends BackupProviderBase {
     return { qemuImgPath: `json:${JSON.stringify({ driver: 'raw', file: { driver: 'qcow2', file: { driver: 'file', filename } } })}` };
   }
 
-  override async restoreVmVolumeCleanup(_volname: string, _deviceName: string, _info: Record<string, never>): Promise<void> {}
-
   /** The tar archive or the directory copy, after checking its checksum. */
   override async restoreContainerInit(volname: string, _info: Record<string, never>): Promise<RestoreContainerInitResult> {
     const store = await this.openStore();
@@ -470,8 +463,6 @@ export class DirectoryProvider extends BackupProviderBase {
     const dir = store.backupDir(volname);
     return m.mode === 'directory' ? { archiveDirectory: path.join(dir, 'root') } : { tarPath: path.join(dir, 'root.tar') };
   }
-
-  override async restoreContainerCleanup(_volname: string, _info: Record<string, never>): Promise<void> {}
 
   // ----- for the seed-generation face ----------------------------------------------------------
 
@@ -599,17 +590,14 @@ export class DirectoryProviderV1 extends BackupProviderBaseV1 {
   override async restoreQemuImgInit(volname: string, _storeid: string, deviceName: string): Promise<string> {
     return (await this.inner.restoreVmVolumeInit(volname, deviceName, {})).qemuImgPath;
   }
-  override async restoreQemuImgCleanup(): Promise<void> {}
   override async restoreTarInit(volname: string, _storeid: string): Promise<string> {
     const r = await this.inner.restoreContainerInit(volname, {});
     if (!r.tarPath) throw new DirectoryStoreError('ERR_PROVIDER_STATE', `backup ${volname} is a directory copy, not a tar archive`, { volname });
     return r.tarPath;
   }
-  override async restoreTarCleanup(): Promise<void> {}
   override async restoreDirectoryInit(volname: string, _storeid: string): Promise<string> {
     const r = await this.inner.restoreContainerInit(volname, {});
     if (!r.archiveDirectory) throw new DirectoryStoreError('ERR_PROVIDER_STATE', `backup ${volname} is a tar archive, not a directory copy`, { volname });
     return r.archiveDirectory;
   }
-  override async restoreDirectoryCleanup(): Promise<void> {}
 }
