@@ -87,8 +87,12 @@ describe('base classes', () => {
     const err = await p.backupVm(1, '', {}, {} as never).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(NotImplementedError);
     expect(err).toMatchObject({ code: 'ERR_NOT_IMPLEMENTED', method: 'backupVm', message: "backup provider 'Mine': method 'backupVm' is not implemented" });
-    for (const m of ['jobInit', 'jobCleanup', 'backupInit', 'backupCleanup', 'restoreVmVolumeInit', 'archiveGetGuestConfig', 'restoreContainerCleanup'] as const) {
+    for (const m of ['jobInit', 'backupInit', 'backupGetMechanism', 'backupVmQueryIncremental', 'backupContainer', 'backupHandleLogFile', 'restoreGetMechanism', 'restoreVmInit', 'restoreVmVolumeInit', 'archiveGetGuestConfig', 'archiveGetFirewallConfig', 'restoreContainerInit'] as const) {
       await expect((p[m] as () => Promise<unknown>).call(p)).rejects.toMatchObject({ method: m });
+    }
+    // prepare and cleanup hooks do nothing unless overridden
+    for (const m of ['jobCleanup', 'backupCleanup', 'backupContainerPrepare', 'restoreVmCleanup', 'restoreVmVolumeCleanup', 'restoreContainerCleanup'] as const) {
+      await expect((p[m] as () => Promise<unknown>).call(p)).resolves.toBeUndefined();
     }
   });
 
@@ -96,18 +100,23 @@ describe('base classes', () => {
     class Old extends BackupProviderBaseV1 {}
     const p = new Old(ctx);
     expect(p.apiVersion).toBe(1);
-    for (const m of ['jobStart', 'backupNbd', 'backupDirectory', 'restoreQemuImgInit', 'restoreTarCleanup', 'backupGetTaskSize'] as const) {
+    for (const m of ['jobStart', 'backupNbd', 'backupDirectory', 'restoreQemuImgInit', 'restoreTarInit', 'backupGetTaskSize'] as const) {
       await expect((p[m] as () => Promise<unknown>).call(p)).rejects.toMatchObject({ code: 'ERR_NOT_IMPLEMENTED', method: m });
+    }
+    for (const m of ['restoreQemuImgCleanup', 'restoreTarCleanup', 'restoreDirectoryCleanup'] as const) {
+      await expect((p[m] as () => Promise<unknown>).call(p)).resolves.toBeUndefined();
     }
   });
 
-  it('bind a leveled logger to the log function', () => {
+  it('bind a logger to the log function, called with a level or by a method per level', () => {
     const lines: Array<[LogLevel, string]> = [];
     class Mine extends BackupProviderBase {
       hello(): void {
         this.log.info('i');
         this.log.warn('w');
         this.log.err('e');
+        this.log('info', 'as context.log'); // the spelling of ProviderContext.log, as plain JavaScript from the README uses it
+        this.log.log('warn', 'any level');
       }
     }
     new Mine({ storeid: 's', scfg: {}, log: (l, m) => lines.push([l, m]) }).hello();
@@ -115,6 +124,8 @@ describe('base classes', () => {
       ['info', 'i'],
       ['warn', 'w'],
       ['err', 'e'],
+      ['info', 'as context.log'],
+      ['warn', 'any level'],
     ]);
   });
 });

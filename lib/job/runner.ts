@@ -189,7 +189,12 @@ export async function runBackupJob(opts: RunBackupJobOptions): Promise<BackupJob
       if (controller.signal.aborted) break;
       result.guests[i] = await backupGuest(ctx, guest);
     }
-    if (controller.signal.aborted) return await abortJob(ctx, result, toError(controller.signal.reason), 'aborted');
+    if (controller.signal.aborted) {
+      // A signal that came after every guest was done cancelled nothing: the exit must say so.
+      const cancelled = result.guests.length < opts.guests.length || result.guests.some((g) => g.status !== 'ok');
+      if (cancelled) return await abortJob(ctx, result, toError(controller.signal.reason), 'aborted');
+      outer.warn('signal received after the last backup had finished: nothing was cancelled');
+    }
     try {
       await driver.jobEnd();
     } catch (err) {

@@ -117,6 +117,41 @@ function toNative(o: CopyExtentsOptions): Binding.NativeCopyOptions {
   };
 }
 
+/**
+ * A caller's progress callback, guarded: the native core calls it on the JavaScript thread, where
+ * an exception would crash the process. One that throws cancels the copy instead, and the copy
+ * then fails with what it threw.
+ */
+class GuardedProgress {
+  /** What the callback threw, if it did. */
+  thrown: { error: unknown } | undefined;
+  job: Binding.NativeCopyJob | undefined;
+  readonly callback: ((p: CopyProgress) => void) | undefined;
+
+  constructor(onProgress: ((p: CopyProgress) => void) | undefined) {
+    this.callback = onProgress && ((p) => {
+      if (this.thrown) return;
+      try {
+        onProgress(p);
+      } catch (error) {
+        this.thrown = { error };
+        this.job?.cancel();
+      }
+    });
+  }
+
+  /** The copy's result, unless the callback threw: then what it threw. */
+  async settle<T>(result: Promise<T>): Promise<T> {
+    try {
+      const r = await result;
+      if (this.thrown) throw this.thrown.error;
+      return r;
+    } catch (err) {
+      throw this.thrown ? this.thrown.error : err;
+    }
+  }
+}
+
 /** Cancels `job` when `signal` fires; returns the function that stops listening. */
 function linkSignal(job: Binding.NativeCopyJob, signal: AbortSignal | undefined): () => void {
   if (!signal) return () => {};
@@ -131,16 +166,18 @@ function linkSignal(job: Binding.NativeCopyJob, signal: AbortSignal | undefined)
  * pipelined, with discard on the export after each range is written.
  */
 export async function copyExtents(options: CopyExtentsOptions): Promise<CopySummary> {
+  const progress = new GuardedProgress(options.onProgress);
   const job = (() => {
     try {
-      return native.startCopy(toNative(options), options.onProgress);
+      return native.startCopy(toNative(options), progress.callback);
     } catch (err) {
       throw fromNative(err);
     }
   })();
+  progress.job = job;
   const unlink = linkSignal(job, options.signal);
   try {
-    return await callNative(() => job.wait());
+    return await progress.settle(callNative(() => job.wait()));
   } finally {
     unlink();
   }
@@ -161,13 +198,15 @@ export interface ChunkStream extends AsyncIterable<Chunk> {
 /** Streams an export's extents to JavaScript; see {@link ChunkStream}. */
 export function readChunks(options: ExtentReadOptions): ChunkStream {
   let job: Binding.NativeCopyJob;
+  const progress = new GuardedProgress(options.onProgress);
   try {
-    job = native.startChunkStream(toNative(options), options.onProgress);
+    job = native.startChunkStream(toNative(options), progress.callback);
   } catch (err) {
     throw fromNative(err);
   }
+  progress.job = job;
   const unlink = linkSignal(job, options.signal);
-  const summary = callNative(() => job.wait()).finally(unlink);
+  const summary = progress.settle(callNative(() => job.wait())).finally(unlink);
   // A consumer that never awaits `summary` must not see an unhandled rejection; errors also
   // surface through the iterator.
   summary.catch(() => {});

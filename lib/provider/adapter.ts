@@ -13,8 +13,11 @@ import {
   PROVIDER_API_VERSION,
   type BackupMechanism,
   type BackupProvider,
+  type BackupProviderV1,
+  type BackupProviderV2,
   type BackupVmVolume,
   type ContainerBackupInfo,
+  type ProviderCommon,
   type GuestType,
   type IncrementalRequest,
   type ProviderStorage,
@@ -145,6 +148,13 @@ function checkSizes(method: string, info: unknown): Record<string, VolumeSize> {
 
 const guestWord = (t: GuestType): string => (t === 'qemu' ? 'VMs' : 'containers');
 
+/** The names of the methods of API `P`. */
+type MethodOf<P> = { [K in keyof P & string]-?: NonNullable<P[K]> extends (...args: never[]) => unknown ? K : never }[keyof P & string];
+/** The arguments of method `M` of API `P`, as the API declares them. */
+type ArgsOf<P, M extends keyof P> = NonNullable<P[M]> extends (...args: infer A) => unknown ? A : never;
+/** Calls a method of API `P` by name; the compiler checks the name and the arguments. */
+type Caller<P> = <M extends MethodOf<P>>(method: M, ...args: ArgsOf<P, M>) => Promise<unknown>;
+
 /**
  * Wraps a provider of either generation in the runner's internal shape, after checking its API
  * version. Methods the provider lacks fail with {@link NotImplementedError} when called.
@@ -164,15 +174,26 @@ export function adaptProvider(provider: BackupProvider): ProviderDriver {
     }
     return cachedName;
   };
-  /** Calls `method` on the provider, or throws NotImplementedError when it has none. */
-  const call = async <T>(method: string, ...args: unknown[]): Promise<T> => {
+  /**
+   * Calls `method` on the provider, or throws NotImplementedError when it has none. The name and
+   * the arguments are checked against the API by the compiler; the result is the provider's word
+   * (it may be plain JavaScript), so callers that use it check it.
+   */
+  const callAny = async (method: string, args: unknown[]): Promise<unknown> => {
     const fn = (provider as unknown as Record<string, unknown>)[method];
     if (typeof fn !== 'function') throw new NotImplementedError(method, await name());
-    return (await (fn as (...a: unknown[]) => unknown).apply(provider, args)) as T;
+    return await (fn as (...a: unknown[]) => unknown).apply(provider, args);
   };
-  const optional = async (method: string, ...args: unknown[]): Promise<void> => {
+  const call1: Caller<BackupProviderV1> = (method, ...args) => callAny(method, args);
+  const call2: Caller<BackupProviderV2> = (method, ...args) => callAny(method, args);
+  /** Calls a hook every provider may have, when it has it. */
+  const optional = async <M extends MethodOf<ProviderCommon>>(method: M, ...args: ArgsOf<ProviderCommon, M>): Promise<void> => {
     const fn = (provider as unknown as Record<string, unknown>)[method];
     if (typeof fn === 'function') await (fn as (...a: unknown[]) => unknown).apply(provider, args);
+  };
+  /** Runs a method whose result is not used. */
+  const run = async (result: Promise<unknown>): Promise<void> => {
+    await result;
   };
   const mechanismFor = async (vmtype: GuestType, mech: unknown, allowed: readonly string[]): Promise<BackupMechanism> => {
     if (mech === undefined || mech === null || mech === '') {
@@ -192,7 +213,7 @@ export function adaptProvider(provider: BackupProvider): ProviderDriver {
     provider,
     storage: storage && typeof storage === 'object' ? storage : undefined,
     name,
-    handleLogFile: (vmid: number, filename: string) => call<void>('backupHandleLogFile', vmid, filename),
+    handleLogFile: (vmid: number, filename: string) => run(callAny('backupHandleLogFile', [vmid, filename])),
     restoreStart: (volname: string, info: RestoreHookInfo) => optional('restoreStart', volname, info),
     restoreEnd: (volname: string, info: RestoreHookInfo) => optional('restoreEnd', volname, info),
     restoreAbort: (volname: string, error: Error, info: RestoreHookInfo) => optional('restoreAbort', volname, error, info),
@@ -210,19 +231,19 @@ export function adaptProvider(provider: BackupProvider): ProviderDriver {
     const driver: ProviderDriver = {
       ...common,
       generation: 1,
-      jobStart: (t) => call('jobStart', t),
-      jobEnd: () => call('jobEnd'),
-      jobAbort: (e) => call('jobAbort', e),
+      jobStart: (t) => run(call1('jobStart', t)),
+      jobEnd: () => run(call1('jobEnd')),
+      jobAbort: (e) => run(call1('jobAbort', e)),
       backupStart: async (vmid, vmtype) => {
-        await call('backupStart', vmid, vmtype);
-        return checkArchiveName('backupGetTarget', await call('backupGetTarget', vmid, vmtype));
+        await call1('backupStart', vmid, vmtype);
+        return checkArchiveName('backupGetTarget', await call1('backupGetTarget', vmid, vmtype));
       },
       backupConfigs: async (vmid, files) => {
-        await call('backupGuestConfig', vmid, files.configFile);
-        if (files.firewallFile !== undefined) await call('backupFirewallConfig', vmid, files.firewallFile);
+        await call1('backupGuestConfig', vmid, files.configFile);
+        if (files.firewallFile !== undefined) await call1('backupFirewallConfig', vmid, files.firewallFile);
       },
       backupMechanism: async (vmid, vmtype) => {
-        const r = await call<{ mechanism?: unknown; bitmapId?: unknown } | undefined>('backupGetMechanism', vmid, vmtype);
+        const r = (await call1('backupGetMechanism', vmid, vmtype)) as { mechanism?: unknown; bitmapId?: unknown } | undefined;
         const mechanism = await mechanismFor(vmtype, r?.mechanism, vmtype === 'qemu' ? ['nbd'] : ['directory']);
         const bitmapId = r?.bitmapId;
         if (bitmapId !== undefined && bitmapId !== null && (typeof bitmapId !== 'string' || !BITMAP_ID_RE.test(bitmapId))) {
@@ -237,7 +258,7 @@ export function adaptProvider(provider: BackupProvider): ProviderDriver {
       },
       backupVm: async (vmid, o) => {
         for (const v of o.volumes) {
-          await call('backupNbd', vmid, v.device, v.nbdPath, v.bitmapMode, v.bitmapName, o.bandwidthLimit, {
+          await call1('backupNbd', vmid, v.device, v.nbdPath, v.bitmapMode, v.bitmapName, o.bandwidthLimit, {
             bitmapAction: v.bitmapAction,
             size: v.size,
             nbdUri: v.nbdUri,
@@ -247,46 +268,46 @@ export function adaptProvider(provider: BackupProvider): ProviderDriver {
         }
       },
       backupContainer: (vmid, o) =>
-        call('backupDirectory', vmid, o.info.directory, o.info.idMap, o.excludePaths, o.info.sources, o.info.bandwidthLimit ?? 0),
+        run(call1('backupDirectory', vmid, o.info.directory, o.info.idMap, o.excludePaths, o.info.sources, o.info.bandwidthLimit ?? 0)),
       backupFinish: async (vmid, vmtype, outcome) => {
         if (outcome.error) {
-          await call('backupAbort', vmid, outcome.error);
+          await call1('backupAbort', vmid, outcome.error);
           return { size: undefined };
         }
         let size: number | undefined;
         if (vmtype === 'qemu') {
-          const s = await call<unknown>('backupGetTaskSize', vmid);
+          const s = await call1('backupGetTaskSize', vmid);
           size = typeof s === 'number' && Number.isFinite(s) ? s : undefined;
         }
-        await call('backupEnd', vmid);
+        await call1('backupEnd', vmid);
         return { size };
       },
-      restoreMechanism: async (volname, storeid) => checkRestoreMechanism('restoreGetMechanism', await call('restoreGetMechanism', volname, storeid)),
+      restoreMechanism: async (volname, storeid) => checkRestoreMechanism('restoreGetMechanism', await call1('restoreGetMechanism', volname, storeid)),
       guestConfig: async (volname, storeid) => {
-        const c = await call<unknown>('extractGuestConfig', volname, storeid);
+        const c = await call1('extractGuestConfig', volname, storeid);
         if (typeof c !== 'string') throw new ProviderResultError('extractGuestConfig', 'returned no configuration');
         return c;
       },
       firewallConfig: async (volname, storeid) => {
-        const c = await call<unknown>('extractFirewallConfig', volname, storeid);
+        const c = await call1('extractFirewallConfig', volname, storeid);
         return typeof c === 'string' ? c : undefined;
       },
-      vmInit: async (volname, storeid) => checkSizes('restoreQemuGetDeviceInfo', await call('restoreQemuGetDeviceInfo', volname, storeid)),
+      vmInit: async (volname, storeid) => checkSizes('restoreQemuGetDeviceInfo', await call1('restoreQemuGetDeviceInfo', volname, storeid)),
       vmCleanup: async () => {},
       hasVmCleanup: false,
       vmVolumeInit: async (volname, storeid, device) => {
-        const path = await call<unknown>('restoreQemuImgInit', volname, storeid, device);
+        const path = await call1('restoreQemuImgInit', volname, storeid, device);
         if (typeof path !== 'string' || path === '') throw new ProviderResultError('restoreQemuImgInit', `returned no path for device '${device}'`);
         return path;
       },
-      vmVolumeCleanup: (volname, storeid, device) => call('restoreQemuImgCleanup', volname, storeid, device),
+      vmVolumeCleanup: (volname, storeid, device) => run(call1('restoreQemuImgCleanup', volname, storeid, device)),
       containerInit: async (volname, storeid, mechanism) => {
         const method = mechanism === 'tar' ? 'restoreTarInit' : 'restoreDirectoryInit';
-        const path = await call<unknown>(method, volname, storeid);
+        const path = await call1(method, volname, storeid);
         if (typeof path !== 'string' || path === '') throw new ProviderResultError(method, 'returned no path');
         return path;
       },
-      containerCleanup: (volname, storeid, mechanism) => call(mechanism === 'tar' ? 'restoreTarCleanup' : 'restoreDirectoryCleanup', volname, storeid),
+      containerCleanup: (volname, storeid, mechanism) => run(call1(mechanism === 'tar' ? 'restoreTarCleanup' : 'restoreDirectoryCleanup', volname, storeid)),
     };
     return driver;
   }
@@ -294,22 +315,22 @@ export function adaptProvider(provider: BackupProvider): ProviderDriver {
   const driver: ProviderDriver = {
     ...common,
     generation: 2,
-    jobStart: (t) => call('jobInit', t),
-    jobEnd: () => call('jobCleanup'),
-    jobAbort: () => call('jobCleanup'),
+    jobStart: (t) => run(call2('jobInit', t)),
+    jobEnd: () => run(call2('jobCleanup')),
+    jobAbort: () => run(call2('jobCleanup')),
     backupStart: async (vmid, vmtype, startTime) => {
-      const r = await call<{ archiveName?: unknown } | undefined>('backupInit', vmid, vmtype, startTime);
+      const r = (await call2('backupInit', vmid, vmtype, startTime)) as { archiveName?: unknown } | undefined;
       return checkArchiveName('backupInit', r?.archiveName);
     },
     backupConfigs: async () => {},
     backupMechanism: async (vmid, vmtype) => {
-      const r = await call<unknown>('backupGetMechanism', vmid, vmtype);
+      const r = await call2('backupGetMechanism', vmid, vmtype);
       return { mechanism: await mechanismFor(vmtype, r, vmtype === 'qemu' ? ['nbd', 'file-handle'] : ['directory']), bitmapId: undefined };
     },
     vmBitmapPlan: async (vmid, _id, sizes, storeid) => {
       const volumes: Record<string, VolumeSize> = {};
       for (const [d, size] of Object.entries(sizes)) volumes[d] = { size };
-      const r = await call<Record<string, unknown> | undefined | null>('backupVmQueryIncremental', vmid, volumes);
+      const r = (await call2('backupVmQueryIncremental', vmid, volumes)) as Record<string, unknown> | undefined | null;
       const devices: BitmapPlan['devices'] = {};
       for (const d of Object.keys(sizes)) devices[d] = 'none';
       if (r !== undefined && r !== null) {
@@ -332,7 +353,7 @@ export function adaptProvider(provider: BackupProvider): ProviderDriver {
             ? { ...base, nbdPath: v.nbdPath, nbdUri: v.nbdUri, ...(v.bitmapName !== undefined ? { bitmapName: v.bitmapName } : {}) }
             : { ...base, fileHandle: v.fileHandle!, nextDirtyRegion: v.nextDirtyRegion! };
       }
-      await call('backupVm', vmid, o.config, volumes, {
+      await call2('backupVm', vmid, o.config, volumes, {
         mechanism: o.mechanism,
         archiveName: o.archiveName,
         signal: o.signal,
@@ -341,44 +362,44 @@ export function adaptProvider(provider: BackupProvider): ProviderDriver {
       });
     },
     backupContainer: async (vmid, o) => {
-      await call('backupContainerPrepare', vmid, o.info);
-      await call('backupContainer', vmid, o.config, o.excludePaths, o.info);
+      await call2('backupContainerPrepare', vmid, o.info);
+      await call2('backupContainer', vmid, o.config, o.excludePaths, o.info);
     },
     backupFinish: async (vmid, vmtype, outcome) => {
       const success = !outcome.error;
-      const r = await call<{ stats?: { archiveSize?: unknown } } | undefined>('backupCleanup', vmid, vmtype, success, outcome.error ? { error: toError(outcome.error).message } : {});
+      const r = (await call2('backupCleanup', vmid, vmtype, success, outcome.error ? { error: toError(outcome.error).message } : {})) as { stats?: { archiveSize?: unknown } } | undefined;
       const size = r?.stats?.archiveSize;
       return { size: success && typeof size === 'number' && Number.isFinite(size) ? size : undefined };
     },
-    restoreMechanism: async (volname) => checkRestoreMechanism('restoreGetMechanism', await call('restoreGetMechanism', volname)),
+    restoreMechanism: async (volname) => checkRestoreMechanism('restoreGetMechanism', await call2('restoreGetMechanism', volname)),
     guestConfig: async (volname) => {
-      const c = await call<unknown>('archiveGetGuestConfig', volname);
+      const c = await call2('archiveGetGuestConfig', volname);
       if (typeof c !== 'string') throw new ProviderResultError('archiveGetGuestConfig', 'returned no configuration');
       return c;
     },
     firewallConfig: async (volname) => {
-      const c = await call<unknown>('archiveGetFirewallConfig', volname);
+      const c = await call2('archiveGetFirewallConfig', volname);
       return typeof c === 'string' ? c : undefined;
     },
-    vmInit: async (volname) => checkSizes('restoreVmInit', await call('restoreVmInit', volname)),
-    vmCleanup: (volname) => call('restoreVmCleanup', volname),
+    vmInit: async (volname) => checkSizes('restoreVmInit', await call2('restoreVmInit', volname)),
+    vmCleanup: (volname) => run(call2('restoreVmCleanup', volname)),
     hasVmCleanup: true,
     vmVolumeInit: async (volname, _storeid, device) => {
-      const r = await call<{ qemuImgPath?: unknown } | undefined>('restoreVmVolumeInit', volname, device, {});
+      const r = (await call2('restoreVmVolumeInit', volname, device, {})) as { qemuImgPath?: unknown } | undefined;
       const path = r?.qemuImgPath;
       if (typeof path !== 'string' || path === '') throw new ProviderResultError('restoreVmVolumeInit', `returned no qemuImgPath for device '${device}'`);
       return path;
     },
-    vmVolumeCleanup: (volname, _storeid, device) => call('restoreVmVolumeCleanup', volname, device, {}),
+    vmVolumeCleanup: (volname, _storeid, device) => run(call2('restoreVmVolumeCleanup', volname, device, {})),
     containerInit: async (volname, _storeid, mechanism) => {
-      const r = await call<{ tarPath?: unknown; archiveDirectory?: unknown } | undefined>('restoreContainerInit', volname, {});
+      const r = (await call2('restoreContainerInit', volname, {})) as { tarPath?: unknown; archiveDirectory?: unknown } | undefined;
       const path = mechanism === 'tar' ? r?.tarPath : r?.archiveDirectory;
       if (typeof path !== 'string' || path === '') {
         throw new ProviderResultError('restoreContainerInit', `mechanism ${mechanism} needs ${mechanism === 'tar' ? 'tarPath' : 'archiveDirectory'}, got ${JSON.stringify(r)}`);
       }
       return path;
     },
-    containerCleanup: (volname) => call('restoreContainerCleanup', volname, {}),
+    containerCleanup: (volname) => run(call2('restoreContainerCleanup', volname, {})),
   };
   return driver;
 }

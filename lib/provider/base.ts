@@ -1,7 +1,9 @@
 /**
- * Base classes for providers: every API method throws {@link NotImplementedError} naming itself,
- * so a provider overrides what it supports and a call to anything else fails clearly. They also
- * keep the construction context and a leveled logger.
+ * Base classes for providers: every API method that must produce something throws
+ * {@link NotImplementedError} naming itself, so a provider overrides what it supports and a call
+ * to anything else fails clearly; prepare and cleanup hooks default to doing nothing, so a
+ * provider overrides them only when it has something to prepare or clean up. They also keep the
+ * construction context and the logger.
  *
  * @packageDocumentation
  */
@@ -76,15 +78,13 @@ export class BackupProviderBase extends ProviderBaseCommon implements BackupProv
   async jobInit(_startTime: number): Promise<void> {
     this.notImplemented('jobInit');
   }
-  async jobCleanup(): Promise<void> {
-    this.notImplemented('jobCleanup');
-  }
+  /** Default: nothing to do. */
+  async jobCleanup(): Promise<void> {}
   async backupInit(_vmid: number, _vmtype: GuestType, _startTime: number): Promise<BackupInitResult> {
     this.notImplemented('backupInit');
   }
-  async backupCleanup(_vmid: number, _vmtype: GuestType, _success: boolean, _info: { error?: string }): Promise<BackupCleanupResult | void> {
-    this.notImplemented('backupCleanup');
-  }
+  /** Default: nothing to do. */
+  async backupCleanup(_vmid: number, _vmtype: GuestType, _success: boolean, _info: { error?: string }): Promise<BackupCleanupResult | void> {}
   async backupGetMechanism(_vmid: number, _vmtype: GuestType): Promise<BackupMechanism | undefined> {
     this.notImplemented('backupGetMechanism');
   }
@@ -97,9 +97,8 @@ export class BackupProviderBase extends ProviderBaseCommon implements BackupProv
   async backupVm(_vmid: number, _guestConfig: string, _volumes: Record<string, BackupVmVolume>, _info: BackupVmInfo): Promise<void> {
     this.notImplemented('backupVm');
   }
-  async backupContainerPrepare(_vmid: number, _info: ContainerBackupInfo): Promise<void> {
-    this.notImplemented('backupContainerPrepare');
-  }
+  /** Default: nothing to do. */
+  async backupContainerPrepare(_vmid: number, _info: ContainerBackupInfo): Promise<void> {}
   async backupContainer(_vmid: number, _guestConfig: string, _excludePatterns: string[], _info: ContainerBackupInfo): Promise<void> {
     this.notImplemented('backupContainer');
   }
@@ -115,21 +114,18 @@ export class BackupProviderBase extends ProviderBaseCommon implements BackupProv
   async restoreVmInit(_volname: string): Promise<Record<string, VolumeSize>> {
     this.notImplemented('restoreVmInit');
   }
-  async restoreVmCleanup(_volname: string): Promise<void> {
-    this.notImplemented('restoreVmCleanup');
-  }
+  /** Default: nothing to do. */
+  async restoreVmCleanup(_volname: string): Promise<void> {}
   async restoreVmVolumeInit(_volname: string, _deviceName: string, _info: Record<string, never>): Promise<RestoreVmVolumeInitResult> {
     this.notImplemented('restoreVmVolumeInit');
   }
-  async restoreVmVolumeCleanup(_volname: string, _deviceName: string, _info: Record<string, never>): Promise<void> {
-    this.notImplemented('restoreVmVolumeCleanup');
-  }
+  /** Default: nothing to do. */
+  async restoreVmVolumeCleanup(_volname: string, _deviceName: string, _info: Record<string, never>): Promise<void> {}
   async restoreContainerInit(_volname: string, _info: Record<string, never>): Promise<RestoreContainerInitResult> {
     this.notImplemented('restoreContainerInit');
   }
-  async restoreContainerCleanup(_volname: string, _info: Record<string, never>): Promise<void> {
-    this.notImplemented('restoreContainerCleanup');
-  }
+  /** Default: nothing to do. */
+  async restoreContainerCleanup(_volname: string, _info: Record<string, never>): Promise<void> {}
 }
 
 /** Base class of a provider in the seed's shape ({@link BackupProviderV1}, `apiVersion` 1). */
@@ -201,19 +197,16 @@ export class BackupProviderBaseV1 extends ProviderBaseCommon implements BackupPr
   async restoreQemuImgInit(_volname: string, _storeid: string, _deviceName: string): Promise<string> {
     this.notImplemented('restoreQemuImgInit');
   }
-  async restoreQemuImgCleanup(_volname: string, _storeid: string, _deviceName: string): Promise<void> {
-    this.notImplemented('restoreQemuImgCleanup');
-  }
+  /** Default: nothing to do. */
+  async restoreQemuImgCleanup(_volname: string, _storeid: string, _deviceName: string): Promise<void> {}
   async restoreTarInit(_volname: string, _storeid: string): Promise<string> {
     this.notImplemented('restoreTarInit');
   }
-  async restoreTarCleanup(_volname: string, _storeid: string): Promise<void> {
-    this.notImplemented('restoreTarCleanup');
-  }
+  /** Default: nothing to do. */
+  async restoreTarCleanup(_volname: string, _storeid: string): Promise<void> {}
   async restoreDirectoryInit(_volname: string, _storeid: string): Promise<string> {
     this.notImplemented('restoreDirectoryInit');
   }
-  async restoreDirectoryCleanup(_volname: string, _storeid: string): Promise<void> {
-    this.notImplemented('restoreDirectoryCleanup');
-  }
+  /** Default: nothing to do. */
+  async restoreDirectoryCleanup(_volname: string, _storeid: string): Promise<void> {}
 }

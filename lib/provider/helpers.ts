@@ -20,8 +20,12 @@ import type { LogFunction, LogLevel } from './api.js';
 
 const execFileP = promisify(execFile);
 
-/** A logger with one method per level, writing through a {@link LogFunction}. */
+/**
+ * A logger writing through a {@link LogFunction}: call it as the log function itself,
+ * `log('info', message)`, or with one method per level, `log.info(message)`.
+ */
 export interface ProviderLogger {
+  (level: LogLevel, message: string): void;
   info(message: string): void;
   warn(message: string): void;
   err(message: string): void;
@@ -44,12 +48,12 @@ export function createLogger(log: LogFunction | undefined, prefix = ''): Provide
       /* a throwing sink must not fail the backup */
     }
   };
-  return {
-    info: (m) => write('info', m),
-    warn: (m) => write('warn', m),
-    err: (m) => write('err', m),
+  return Object.assign((level: LogLevel, message: string) => write(level, message), {
+    info: (m: string) => write('info', m),
+    warn: (m: string) => write('warn', m),
+    err: (m: string) => write('err', m),
     log: write,
-  };
+  });
 }
 
 /**

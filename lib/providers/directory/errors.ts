@@ -24,6 +24,8 @@ export type DirectoryStoreErrorCode =
   | 'ERR_CHAIN_DELETE'
   /** The backup is protected (pass `force` to delete it anyway). */
   | 'ERR_BACKUP_PROTECTED'
+  /** Reading or writing a file of the store failed (a full disk, an I/O error); `file` names it. */
+  | 'ERR_STORE_IO'
   /** The provider was asked for something its state does not allow (e.g. no backup started). */
   | 'ERR_PROVIDER_STATE';
 

@@ -21,6 +21,7 @@
  *
  * @packageDocumentation
  */
+import { randomBytes } from 'node:crypto';
 import { copyFile, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 
@@ -49,8 +50,9 @@ import type {
 } from '../../provider/api.js';
 import { BackupProviderBase, BackupProviderBaseV1 } from '../../provider/base.js';
 import { nbdUriFor } from '../../provider/helpers.js';
+import { BitmapLedger } from './bitmap-ledger.js';
 import { DirectoryStoreError } from './errors.js';
-import { MANIFEST, hashFile, hashTree, parseVolname, syncFiles, type Manifest, type ManifestDevice } from './layout.js';
+import { MANIFEST, PREVIOUS_INFO, hashFile, hashTree, parseVolname, syncFiles, type Manifest, type ManifestDevice } from './layout.js';
 import { DirectoryStore, type PreviousInfo } from './store.js';
 
 /** Progress of one disk's copy, for a progress bar. */
@@ -67,6 +69,8 @@ export interface DirectoryProviderOptions {
   onProgress?: (progress: DeviceProgress) => void;
   /** Called after each disk copy with the native core's summary. */
   onDeviceDone?: (vmid: number, device: string, summary: CopySummary) => void;
+  /** The host's state folder, where the {@link BitmapLedger} lives (default: see `defaultStateDir`). */
+  stateDir?: string;
 }
 
 /** What the provider knows about a guest's backup while it runs. */
@@ -78,6 +82,8 @@ interface GuestBackup {
   ctime: number;
   /** The last complete backup (incremental images build on it). */
   previous: PreviousInfo | undefined;
+  /** The bitmap ledger names this backup: QEMU may be told success for it from now on. */
+  claimedBitmap?: boolean;
   /** Seed generation: the bitmap chain id handed to QEMU. */
   bitmapId?: string;
   devices: Record<string, ManifestDevice>;
@@ -102,6 +108,19 @@ function option<T extends string>(scfg: Record<string, unknown>, key: string, al
   return v as T;
 }
 
+/**
+ * Runs one file operation of a backup; a failure (a full disk, an I/O error) becomes an
+ * `ERR_STORE_IO` naming the file, so the operator knows which storage filled up.
+ */
+async function storeIo<T>(g: GuestBackup, what: string, file: string, fn: (file: string) => Promise<T>): Promise<T> {
+  try {
+    return await fn(file);
+  } catch (err) {
+    if (err instanceof DirectoryStoreError) throw err;
+    throw new DirectoryStoreError('ERR_STORE_IO', `${what} ${file} failed: ${(err as Error).message}`, { volname: g.volname, file, cause: err });
+  }
+}
+
 /** The reference provider, Proxmox VE 8.4 shape. See the module documentation. */
 export class DirectoryProvider extends BackupProviderBase {
   /** The store's folder. */
@@ -112,6 +131,7 @@ export class DirectoryProvider extends BackupProviderBase {
   private readonly options: DirectoryProviderOptions;
   private store?: DirectoryStore;
   private readonly running = new Map<number, GuestBackup>();
+  private readonly ledger: BitmapLedger;
 
   /** The storage side: notes, protected flag, retention (called by the job runner after a backup). */
   readonly storage: ProviderStorage = {
@@ -137,6 +157,7 @@ export class DirectoryProvider extends BackupProviderBase {
     this.lxcBackupMode = option(this.scfg, 'lxc-backup-mode', ['tar', 'directory'] as const, 'tar');
     this.compression = option(this.scfg, 'compression', ['none', 'zstd', 'zlib'] as const, 'none');
     this.options = options;
+    this.ledger = new BitmapLedger(this.storeid, options.stateDir);
   }
 
   override providerName(): string {
@@ -175,10 +196,36 @@ export class DirectoryProvider extends BackupProviderBase {
     const store = await this.openStore();
     const now = this.options.now?.() ?? new Date();
     const { volname, dir } = await store.createBackupDir(vmid, vmtype, now);
-    const previous = vmtype === 'qemu' && this.vmBackupMode === 'incremental' ? await store.readPreviousInfo(vmid) : undefined;
+    const previous = vmtype === 'qemu' && this.vmBackupMode === 'incremental' ? await this.trustedPrevious(store, vmid) : undefined;
     this.running.set(vmid, { vmid, vmtype, volname, dir, ctime: Math.floor(now.getTime() / 1000), previous, devices: {} });
     this.log.info(`backup folder ${dir}${previous ? `, previous backup ${previous.volname}` : ''}`);
     return { archiveName: volname };
+  }
+
+  /**
+   * The previous backup, if QEMU's bitmap still counts the writes since it: the bitmap ledger must
+   * name it as the last backup that may have told QEMU success. Otherwise another store cleared
+   * the bitmap, or a run died after telling QEMU success and before recording its backup: the
+   * next backup is full.
+   */
+  private async trustedPrevious(store: DirectoryStore, vmid: number): Promise<PreviousInfo | undefined> {
+    const previous = await store.readPreviousInfo(vmid);
+    if (!previous) return undefined;
+    const owner = await this.ledger.read(vmid);
+    if (owner?.store === this.root && owner.volname === previous.volname) return previous;
+    const who = !owner ? 'no record of it' : owner.store !== this.root ? `last used by the store at ${owner.store}` : `last used by backup ${owner.volname}, which was not recorded`;
+    this.log.warn(`QEMU's bitmap for storage ${this.storeid} may not match ${previous.volname} (${who}): full backup`);
+    return undefined;
+  }
+
+  /**
+   * Records, before the first disk is read, that this backup may tell QEMU success (see
+   * {@link BitmapLedger}); durable before QEMU's teardown, so no crash can leave the record behind.
+   */
+  private async claimBitmap(g: GuestBackup): Promise<void> {
+    if (g.claimedBitmap) return;
+    await this.ledger.write(g.vmid, { store: this.root, volname: g.volname });
+    g.claimedBitmap = true;
   }
 
   /** `nbd` for VMs (the native core reads the export), `directory` for containers. */
@@ -228,6 +275,7 @@ export class DirectoryProvider extends BackupProviderBase {
       throw new DirectoryStoreError('ERR_CHAIN_BROKEN', `disk ${device}: QEMU offers an incremental backup but the previous backup has no image of it; run a full backup (vm-backup-mode full once)`);
     }
     const base = incremental ? g.previous!.volname : undefined;
+    await this.claimBitmap(g);
     this.log.info(`${device}: ${incremental ? `incremental over ${base}` : 'full'} backup to ${file}`);
     const copy = copyExtents({
       uri: v.nbdUri,
@@ -250,9 +298,6 @@ export class DirectoryProvider extends BackupProviderBase {
     g.devices[device] = { file, size: v.size, bitmapMode: v.bitmapMode, ...(base ? { base } : {}), bytesRead: summary.bytesRead };
     this.options.onDeviceDone?.(g.vmid, device, summary);
   }
-
-  /** Nothing to prepare: the archive is written by the unprivileged tools with ids shifted by the map. */
-  override async backupContainerPrepare(_vmid: number, _info: ContainerBackupInfo): Promise<void> {}
 
   /** Stores the configuration files and the tree: `root.tar` (mode `tar`) or `root/` (mode `directory`). */
   override async backupContainer(vmid: number, guestConfig: string | undefined, excludePatterns: string[], info: ContainerBackupInfo): Promise<void> {
@@ -304,14 +349,14 @@ export class DirectoryProvider extends BackupProviderBase {
       return;
     }
     this.running.delete(vmid);
-    await copyFile(filename, path.join(g.dir, 'backup.log'));
+    await storeIo(g, 'writing', path.join(g.dir, 'backup.log'), (f) => copyFile(filename, f));
     const { checksum: _old, ...rest } = g.manifest;
     await (await this.openStore()).commitManifest({ ...rest, files: { ...rest.files, 'backup.log': await hashFile(path.join(g.dir, 'backup.log')) } });
   }
 
   private async saveConfigs(g: GuestBackup, config: string, firewall: string | undefined): Promise<void> {
-    await writeFile(path.join(g.dir, 'guest.conf'), config);
-    if (firewall !== undefined) await writeFile(path.join(g.dir, 'firewall.conf'), firewall);
+    await storeIo(g, 'writing', path.join(g.dir, 'guest.conf'), (f) => writeFile(f, config));
+    if (firewall !== undefined) await storeIo(g, 'writing', path.join(g.dir, 'firewall.conf'), (f) => writeFile(f, firewall));
   }
 
   /** Writes the manifest of a finished backup and the bookkeeping for the next one. */
@@ -320,12 +365,12 @@ export class DirectoryProvider extends BackupProviderBase {
     const names = ['guest.conf', 'firewall.conf', ...Object.values(g.devices).map((d) => d.file), 'root.tar'];
     const present: string[] = [];
     for (const n of names) if (await stat(path.join(g.dir, n)).then((s) => s.isFile(), () => false)) present.push(n);
-    await syncFiles(g.dir, present);
+    for (const n of present) await storeIo(g, 'flushing', path.join(g.dir, n), (f) => syncFiles(path.dirname(f), [path.basename(f)]));
     const files: Manifest['files'] = {};
-    for (const n of present) files[n] = await hashFile(path.join(g.dir, n));
-    if (g.mode === 'directory') files['root'] = await hashTree(path.join(g.dir, 'root'));
+    for (const n of present) files[n] = await storeIo(g, 'reading', path.join(g.dir, n), hashFile);
+    if (g.mode === 'directory') files['root'] = await storeIo(g, 'reading', path.join(g.dir, 'root'), hashTree);
     const parent = Object.values(g.devices).find((d) => d.base)?.base;
-    g.manifest = await store.commitManifest({
+    g.manifest = await storeIo(g, 'writing', path.join(g.dir, MANIFEST), () => store.commitManifest({
       format: 'pve-backup-provider/directory',
       version: 1,
       volname: g.volname,
@@ -338,20 +383,29 @@ export class DirectoryProvider extends BackupProviderBase {
       ...(g.bitmapId ? { bitmapId: g.bitmapId } : {}),
       ...(g.vmtype === 'qemu' ? { devices: g.devices } : {}),
       files,
-    });
+    }));
     if (g.vmtype === 'qemu') {
-      await store.writePreviousInfo(g.vmid, { volname: g.volname, devices: Object.keys(g.devices), ...(g.bitmapId ? { bitmapId: g.bitmapId } : {}) });
+      const info = { volname: g.volname, devices: Object.keys(g.devices), ...(g.bitmapId ? { bitmapId: g.bitmapId } : {}) };
+      await storeIo(g, 'writing', path.join(store.root, String(g.vmid), PREVIOUS_INFO), () => store.writePreviousInfo(g.vmid, info));
     }
     this.log.info(`backup ${g.volname} complete (${MANIFEST} written)`);
     return g.manifest;
   }
 
-  /** Removes a partial backup (after its running copy settled); `forgetPrevious`: make the next backup full. */
+  /**
+   * Removes a partial backup (after its running copy settled). `forgetPrevious`: QEMU may have
+   * been told success, so the next backup is full (the ledger keeps naming this backup). Else
+   * QEMU was told failure and kept its bitmap: the ledger names the previous backup again.
+   * Bookkeeping first, files last: a crash in between leaves only an incomplete folder.
+   */
   private async discard(g: GuestBackup, o: { forgetPrevious?: boolean } = {}): Promise<void> {
     this.running.delete(g.vmid);
     await g.copying?.catch(() => undefined);
+    if (g.vmtype === 'qemu') {
+      if (o.forgetPrevious) await (await this.openStore()).forgetPreviousInfo(g.vmid);
+      else if (g.claimedBitmap && g.previous) await this.ledger.write(g.vmid, { store: this.root, volname: g.previous.volname });
+    }
     await rm(g.dir, { recursive: true, force: true });
-    if (o.forgetPrevious && g.vmtype === 'qemu') await (await this.openStore()).forgetPreviousInfo(g.vmid);
   }
 
   /** Size of the running backup's files so far (seed generation's `backupGetTaskSize`). */
@@ -395,8 +449,6 @@ export class DirectoryProvider extends BackupProviderBase {
     return out;
   }
 
-  override async restoreVmCleanup(_volname: string): Promise<void> {}
-
   /**
    * The image as `qemu-img` reads it raw: a `json:` filename putting the qcow2 driver under a raw
    * node, so `qemu-img convert -f raw` follows the backing chain. No NBD device, no extra process.
@@ -409,8 +461,6 @@ export class DirectoryProvider extends BackupProviderBase {
     return { qemuImgPath: `json:${JSON.stringify({ driver: 'raw', file: { driver: 'qcow2', file: { driver: 'file', filename } } })}` };
   }
 
-  override async restoreVmVolumeCleanup(_volname: string, _deviceName: string, _info: Record<string, never>): Promise<void> {}
-
   /** The tar archive or the directory copy, after checking its checksum. */
   override async restoreContainerInit(volname: string, _info: Record<string, never>): Promise<RestoreContainerInitResult> {
     const store = await this.openStore();
@@ -418,8 +468,6 @@ export class DirectoryProvider extends BackupProviderBase {
     const dir = store.backupDir(volname);
     return m.mode === 'directory' ? { archiveDirectory: path.join(dir, 'root') } : { tarPath: path.join(dir, 'root.tar') };
   }
-
-  override async restoreContainerCleanup(_volname: string, _info: Record<string, never>): Promise<void> {}
 
   // ----- for the seed-generation face ----------------------------------------------------------
 
@@ -431,7 +479,8 @@ export class DirectoryProvider extends BackupProviderBase {
   bitmapIdFor(vmid: number): string | undefined {
     const g = this.guest(vmid);
     if (g.vmtype !== 'qemu' || this.vmBackupMode === 'full') return undefined;
-    g.bitmapId = g.previous?.bitmapId ?? `dir-${parseVolname(g.volname).backupId}`; // unique: a new chain
+    // a new chain gets an id of its own: two stores starting a chain in the same second must not share a bitmap
+    g.bitmapId = g.previous?.bitmapId ?? `dir-${parseVolname(g.volname).backupId}-${randomBytes(4).toString('hex')}`;
     return g.bitmapId;
   }
 
@@ -546,17 +595,14 @@ export class DirectoryProviderV1 extends BackupProviderBaseV1 {
   override async restoreQemuImgInit(volname: string, _storeid: string, deviceName: string): Promise<string> {
     return (await this.inner.restoreVmVolumeInit(volname, deviceName, {})).qemuImgPath;
   }
-  override async restoreQemuImgCleanup(): Promise<void> {}
   override async restoreTarInit(volname: string, _storeid: string): Promise<string> {
     const r = await this.inner.restoreContainerInit(volname, {});
     if (!r.tarPath) throw new DirectoryStoreError('ERR_PROVIDER_STATE', `backup ${volname} is a directory copy, not a tar archive`, { volname });
     return r.tarPath;
   }
-  override async restoreTarCleanup(): Promise<void> {}
   override async restoreDirectoryInit(volname: string, _storeid: string): Promise<string> {
     const r = await this.inner.restoreContainerInit(volname, {});
     if (!r.archiveDirectory) throw new DirectoryStoreError('ERR_PROVIDER_STATE', `backup ${volname} is a tar archive, not a directory copy`, { volname });
     return r.archiveDirectory;
   }
-  override async restoreDirectoryCleanup(): Promise<void> {}
 }

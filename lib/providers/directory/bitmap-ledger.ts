@@ -1,0 +1,73 @@
+/**
+ * The host's record of which backup last handed QEMU's dirty bitmap a success.
+ *
+ * QEMU keeps one bitmap per guest and storage id (`snapshot-access:<storeid>`, qemu-server's
+ * naming) and clears it whenever a backup that used it is torn down as successful. An incremental
+ * backup is right only if the bitmap was cleared last by the backup it builds on. Two things can
+ * break that without the store noticing: another store with the same storage id backing up the
+ * same guest, and a crash after QEMU was told success but before the store recorded the new backup.
+ * Both are caught by writing, before any backup that may tell QEMU success, which backup that is,
+ * here: outside every store, so that all stores of the host see it. The next backup is incremental
+ * only when this record names exactly the store and backup it builds on.
+ *
+ * Layout: `<stateDir>/bitmaps/<storeid>/<vmid>.json` = `{ store, volname }`; folders 0700, files 0600.
+ * `stateDir` is `$PVE_BACKUP_PROVIDER_STATE_DIR`, else `/var/lib/pve-backup-provider` (root) or
+ * `$XDG_STATE_HOME/pve-backup-provider` (`~/.local/state`). A persistent place on purpose: QEMU
+ * keeps bitmaps of qcow2 disks across restarts.
+ *
+ * @packageDocumentation
+ */
+import { mkdir, readFile } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+
+import { writeFileAtomic } from './layout.js';
+
+/** Who last may have told QEMU success for a guest's bitmap: a store (its folder) and a backup in it. */
+export interface BitmapOwner {
+  /** Absolute path of the store. */
+  store: string;
+  /** Volume name of the backup. */
+  volname: string;
+}
+
+/** The default state folder (see the module documentation). */
+export function defaultStateDir(): string {
+  const env = process.env['PVE_BACKUP_PROVIDER_STATE_DIR'];
+  if (env) return path.resolve(env);
+  if (process.getuid?.() === 0) return '/var/lib/pve-backup-provider';
+  return path.join(process.env['XDG_STATE_HOME'] ?? path.join(os.homedir(), '.local', 'state'), 'pve-backup-provider');
+}
+
+/** Reads and writes the records of one storage id. */
+export class BitmapLedger {
+  private readonly dir: string;
+
+  /**
+   * @param storeid - Storage id: QEMU's bitmap is named after it.
+   * @param stateDir - State folder (default {@link defaultStateDir}).
+   */
+  constructor(storeid: string, stateDir: string = defaultStateDir()) {
+    this.dir = path.join(stateDir, 'bitmaps', storeid);
+  }
+
+  private file(vmid: number): string {
+    return path.join(this.dir, `${vmid}.json`);
+  }
+
+  /** The record of a guest; `undefined` when there is none or it cannot be read (then nothing is trusted). */
+  async read(vmid: number): Promise<BitmapOwner | undefined> {
+    try {
+      const o = JSON.parse(await readFile(this.file(vmid), 'utf8')) as Partial<BitmapOwner>;
+      return typeof o.store === 'string' && typeof o.volname === 'string' ? { store: o.store, volname: o.volname } : undefined;
+    } catch {
+      return undefined;
+    }
+  }
+
+  /** Records (durably) that `owner` may tell QEMU success for the guest's bitmap. */
+  async write(vmid: number, owner: BitmapOwner): Promise<void> {
+    await mkdir(this.dir, { recursive: true, mode: 0o700 });
+    await writeFileAtomic(this.file(vmid), `${JSON.stringify(owner)}\n`);
+  }
+}
