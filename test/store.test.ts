@@ -20,6 +20,7 @@ import {
   runBackupJob,
   type PruneEntry,
 } from '../lib/index.js';
+import { BitmapLedger } from '../lib/providers/directory/bitmap-ledger.js';
 import { expectRestores, startDisk, vmGuest, type Disk } from './helpers/directory.js';
 import { stopAll, tempDir } from './helpers/qemu.js';
 
@@ -356,8 +357,10 @@ describe('a broken or corrupted chain is never taken for a sound one', () => {
     const { backup, store } = await rig();
     const x = [await backup(), await backup()];
     const s = await store();
-    // a second incremental on the full backup (as after restoring the bookkeeping to it)
+    // a second incremental on the full backup (as after restoring the bookkeeping to it; the
+    // bitmap ledger too, or the provider would rightly refuse: QEMU's bitmap belongs to x[1])
     await s.writePreviousInfo(100, { volname: x[0]!.volname, devices: ['disk0'] });
+    await new BitmapLedger('dir1').write(100, { store: s.root, volname: x[0]!.volname });
     const y = await backup();
     expect((await s.readManifest(y.volname)).parent).toBe(x[0]!.volname);
     const err = await s.deleteBackup(x[0]!.volname).catch((e: unknown) => e);
