@@ -142,6 +142,8 @@ describe('a backup killed at every step of its sequence', () => {
     await disk.write(0x23, 6 * MiB + 64 * KiB, 512 * KiB);
     await disk.write(0x24, 64 * KiB, 64 * KiB);
     const next = await backup(provider, 'dir1', disk, scratch, guest);
+    // what the killed run left in the store is gone too
+    expect((await (await DirectoryStore.open(root)).listBackups(100)).filter((b) => b.status !== 'ok')).toEqual([]);
     await expectRestore(provider, 'dir1', next.volname, next.content, scratch);
     await expectRestore(provider, 'dir1', first.volname, first.content, scratch);
     // and the chain goes on from there

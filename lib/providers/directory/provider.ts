@@ -194,6 +194,7 @@ export class DirectoryProvider extends BackupProviderBase {
   /** Creates the backup's folder; the archive name is its volume name. */
   override async backupInit(vmid: number, vmtype: GuestType, _startTime: number): Promise<BackupInitResult> {
     const store = await this.openStore();
+    for (const v of await store.removeIncomplete(vmid)) this.log.info(`removed ${v}, left incomplete by an interrupted run`);
     const now = this.options.now?.() ?? new Date();
     const { volname, dir } = await store.createBackupDir(vmid, vmtype, now);
     const previous = vmtype === 'qemu' && this.vmBackupMode === 'incremental' ? await this.trustedPrevious(store, vmid) : undefined;

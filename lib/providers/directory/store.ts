@@ -534,6 +534,18 @@ export class DirectoryStore {
   }
 
   /**
+   * Removes the incomplete backups of a guest whose writer is gone (a crashed or killed run), so
+   * that they take no space until the next prune. Called when a new backup of the guest starts.
+   *
+   * @returns The volume names removed.
+   */
+  async removeIncomplete(vmid: number): Promise<string[]> {
+    const stale = (await this.listBackups(vmid)).filter((b) => b.status === 'incomplete');
+    for (const b of stale) await rm(this.backupDir(b.volname), { recursive: true, force: true });
+    return stale.map((b) => b.volname);
+  }
+
+  /**
    * Deletes a backup, keeping every other backup restorable: a backup other backups build on is
    * merged into its child first (`qemu-img rebase` onto its own base), so the child holds what it
    * needed. Refused for a protected backup without `force`, when two backups build on it, and when
