@@ -24,14 +24,15 @@ const execFileP = promisify(execFile);
  * `copy` and `info` start faster (and smaller) without them.
  */
 async function machinery() {
-  const [restore, runner, provider, store, qmp] = await Promise.all([
+  const [restore, runner, provider, providerV1, store, qmp] = await Promise.all([
     import('../job/restore.js'),
     import('../job/runner.js'),
     import('../providers/directory/provider.js'),
+    import('../providers/directory/provider-v1.js'),
     import('../providers/directory/store.js'),
     import('../qmp/client.js'),
   ]);
-  return { ...restore, ...runner, ...provider, ...store, ...qmp };
+  return { ...restore, ...runner, ...provider, ...providerV1, ...store, ...qmp };
 }
 
 /** Option parsers shared with program.ts. */

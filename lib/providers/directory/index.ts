@@ -4,7 +4,8 @@
  *
  * @packageDocumentation
  */
-export { DirectoryProvider, DirectoryProviderV1, type DirectoryProviderOptions, type DeviceProgress } from './provider.js';
+export { DirectoryProvider, type DirectoryProviderOptions, type DeviceProgress } from './provider.js';
+export { DirectoryProviderV1 } from './provider-v1.js';
 export { DirectoryStore, type BackupInfo, type VerifyResult, type PruneResultEntry, type PreviousInfo } from './store.js';
 export { DirectoryStoreError, type DirectoryStoreErrorCode } from './errors.js';
 export { markBackups, hasKeepOptions, type PruneEntry, type PruneMark } from './prune.js';
