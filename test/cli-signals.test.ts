@@ -35,15 +35,19 @@ function cli(...args: string[]): Result {
   return { status: r.status, stdout: r.stdout, stderr: r.stderr };
 }
 
-/** Starts the command line without waiting for it. */
+/**
+ * Starts the command line without waiting for it, in its own process group. `kill('SIGINT')`
+ * signals the whole group, as Ctrl-C on a terminal does (the children get it too); other signals
+ * go to the command alone, as `kill PID` sends them.
+ */
 function startCli(args: string[]): { pid: number; stderr: () => string; kill: (sig: NodeJS.Signals) => void; done: Promise<Result & { signal: NodeJS.Signals | null }> } {
-  const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'], detached: true });
   let stdout = '';
   let stderr = '';
   child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
   child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
   const done = new Promise<Result & { signal: NodeJS.Signals | null }>((resolve) => child.on('close', (status, signal) => resolve({ status, signal, stdout, stderr })));
-  return { pid: child.pid!, stderr: () => stderr, kill: (sig) => child.kill(sig), done };
+  return { pid: child.pid!, stderr: () => stderr, kill: (sig) => (sig === 'SIGINT' ? process.kill(-child.pid!, sig) : child.kill(sig)), done };
 }
 
 async function waitFor(cond: () => boolean, what: string, ms = 30_000): Promise<void> {
