@@ -158,13 +158,13 @@ describe('pve-backup-provider backup / list / restore / prune / delete / verify'
     const dir = await tempDir();
     writeFileSync(path.join(dir, 'file'), 'x');
     const store = path.join(dir, 'store');
-    expect(cli('backup', '--store', store, '--vmid', '1', '--rootdir', dir, '--json').status).toBe(0); // makes a store
+    expect(cli('backup', '--store', store, '--vmid', '101', '--rootdir', dir, '--json').status).toBe(0); // makes a store
     expectOneLine(cli('list', '--store', dir), 1, /^pve-backup-provider: .* is not a backup store: pve-backup-store.json is missing \[ERR_NOT_A_STORE\]$/);
-    expectOneLine(cli('backup', '--store', dir, '--vmid', '1', '--rootdir', dir), 1, /is not a backup store: it has other content.*\[ERR_NOT_A_STORE\]$/);
+    expectOneLine(cli('backup', '--store', dir, '--vmid', '101', '--rootdir', dir), 1, /is not a backup store: it has other content.*\[ERR_NOT_A_STORE\]$/);
     expectOneLine(cli('restore', 'directory:backup/100/qemu-2024_01_01-00_00_00', '--store', store, '--to', dir), 1, /unknown volume .*: no such backup in .*\[ERR_UNKNOWN_VOLUME\]$/);
     expectOneLine(cli('delete', 'other:backup/100/qemu-2024_01_01-00_00_00', '--store', store), 1, /this store is 'directory', not 'other' \[ERR_UNKNOWN_VOLUME\]$/);
     expectOneLine(cli('verify', 'directory:backup/1/nonsense', '--store', store), 1, /invalid backup volume name.*\[ERR_INVALID_VOLID\]$/);
-    expectOneLine(cli('backup', '--store', store, '--vmid', '1', '--disk', path.join(dir, 'missing.qcow2')), 1, /cannot read disk image .*missing\.qcow2.*\[ERR_INVALID_ARGUMENT\]$/);
+    expectOneLine(cli('backup', '--store', store, '--vmid', '101', '--disk', path.join(dir, 'missing.qcow2')), 1, /cannot read disk image .*missing\.qcow2.*\[ERR_INVALID_ARGUMENT\]$/);
     // a socket that is not QMP
     const sock = path.join(dir, 'not-qmp.sock');
     const server = net.createServer((c) => c.end('hello, this is not QMP\n')).listen(sock);
@@ -180,11 +180,11 @@ describe('pve-backup-provider backup / list / restore / prune / delete / verify'
     } finally {
       server.close();
     }
-    expectOneLine(cli('backup', '--store', store, '--vmid', '1', '--qmp', path.join(dir, 'file')), 1, /cannot connect to QMP socket.*\[ERR_QMP_CLOSED\]$/);
+    expectOneLine(cli('backup', '--store', store, '--vmid', '101', '--qmp', path.join(dir, 'file')), 1, /cannot connect to QMP socket.*\[ERR_QMP_CLOSED\]$/);
   });
 
   it('bad usage exits with 2; every command has --help', () => {
-    expectOneLine(cli('backup', '--store', '/tmp/x', '--vmid', '1'), 2, /give exactly one of --qmp, --disk, --rootdir/);
+    expectOneLine(cli('backup', '--store', '/tmp/x', '--vmid', '101'), 2, /give exactly one of --qmp, --disk, --rootdir/);
     expect(cli('backup', '--vmid', 'abc', '--store', 'x').status).toBe(2);
     expectOneLine(cli('prune', '--store', '/tmp/x'), 2, /give at least one --keep-\* option/);
     expect(cli('restore').status).toBe(2);

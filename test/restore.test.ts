@@ -3,7 +3,7 @@
  * wins, cleanup always), early failure on a missing size, wrong guest type, and real
  * `qemu-img convert` into new and existing targets.
  */
-import { readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 
 import { afterEach, describe, expect, it } from 'vitest';
@@ -93,6 +93,52 @@ describe('restoreVm, seed-generation provider (V1)', () => {
     await restoreVm({ provider: p, volname: VOL, storeid: 'store1', targets });
     expectSameBytes(readFileSync(targets.disk0), disks.disk0, 'disk0');
     expectSameBytes(readFileSync(targets.disk1), disks.disk1, 'disk1');
+  });
+
+  it("overwrite 'replace': an existing larger file is replaced whole, 0600, through a .partial file", async () => {
+    const { p, dir, disks } = await fixture((s) => new RecordingProviderV1(ctx, { storeDir: s }));
+    const targets = { disk0: path.join(dir, 't0.raw'), disk1: path.join(dir, 't1.raw') };
+    // in place, these would keep their tails beyond the restored sizes
+    writeFileSync(targets.disk0, Buffer.alloc(2 * MiB, 0xff), { mode: 0o644 });
+    writeFileSync(targets.disk1, Buffer.alloc(MiB, 0xee), { mode: 0o644 });
+    await restoreVm({ provider: p, volname: VOL, storeid: 'store1', targets, overwrite: 'replace' });
+    expectSameBytes(readFileSync(targets.disk0), disks.disk0, 'disk0');
+    expectSameBytes(readFileSync(targets.disk1), disks.disk1, 'disk1');
+    for (const t of Object.values(targets)) expect(statSync(t).mode & 0o777).toBe(0o600);
+    expect(readdirSync(dir).filter((f) => f.endsWith('.partial'))).toEqual([]);
+  });
+
+  it('a cancelled convert removes the partial file and leaves no file under the target name', async () => {
+    const { p, dir } = await fixture((s) => new RecordingProviderV1(ctx, { storeDir: s }));
+    const target = path.join(dir, 'cancelled.raw');
+    const controller = new AbortController();
+    let sawPartial = false;
+    const err = await restoreVm({
+      provider: p,
+      volname: VOL,
+      storeid: 'store1',
+      targets: { disk0: target, disk1: path.join(dir, 'never.raw') },
+      bandwidthLimit: 16 * KiB,
+      signal: controller.signal,
+      onProgress: () => {
+        // qemu-img reports progress once it writes: the copy has started
+        sawPartial ||= existsSync(`${target}.partial`);
+        controller.abort();
+      },
+    }).catch((e: unknown) => e);
+    expect(sawPartial).toBe(true);
+    expect(err).toMatchObject({ code: 'ERR_RESTORE', device: 'disk0' });
+    expect(((err as RestoreError).cause as { code: string }).code).toBe('ERR_CANCELLED');
+    expect(readdirSync(dir).filter((f) => /^(cancelled|never)\.raw/.test(f))).toEqual([]);
+  });
+
+  it('a target map naming a device the backup lacks is refused before anything is written', async () => {
+    const { p, dir } = await fixture((s) => new RecordingProviderV1(ctx, { storeDir: s }));
+    const targets = { disk0: path.join(dir, 'a.raw'), disk1: path.join(dir, 'b.raw'), scsi7: path.join(dir, 'c.raw') };
+    const err = await restoreVm({ provider: p, volname: VOL, storeid: 'store1', targets }).catch((e: unknown) => e);
+    expect(err).toMatchObject({ code: 'ERR_RESTORE', device: 'scsi7', message: "restore of 'backup/qemu-100-1' failed: the backup has no device scsi7 (it has disk0, disk1)" });
+    expect(p.calls.map((c) => c[0])).not.toContain('restoreQemuImgInit');
+    for (const t of Object.values(targets)) expect(existsSync(t)).toBe(false);
   });
 
   it('a failing convert: cleanup still runs, the rest is not attempted, restoreAbort names the device', async () => {

@@ -4,7 +4,7 @@
  * bars on a TTY only, and fails with one line (see `main` in program.ts).
  */
 import { execFile } from 'node:child_process';
-import { mkdir, readFile } from 'node:fs/promises';
+import { mkdir, readFile, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { promisify } from 'node:util';
 
@@ -45,11 +45,17 @@ export interface Parsers {
 /** Bad usage found inside an action: one line, exit code 2 (see `main`). */
 export const usage = (message: string): PveBackupError => new PveBackupError(message, { code: 'ERR_USAGE' });
 
+/** The operation stopped because of Ctrl-C or SIGTERM: exit code 130 (see `main`). */
+const cancelled = (cause: unknown): PveBackupError => new PveBackupError('cancelled', { code: 'ERR_CANCELLED', cause });
+
 const collect = (v: string, prev: string[] = []): string[] => [...prev, v];
+/**
+ * A guest id as Proxmox writes them (pve-common's `pve-vmid` format, `^[1-9][0-9]{2,8}$`: 100 to
+ * 999999999): plain decimal digits only. `Number()` would take `1e3`, `0x64`, `+100` or ` 100`.
+ */
 const vmidArg = (v: string): number => {
-  const n = Number(v);
-  if (!Number.isInteger(n) || n < 1 || n > 999_999_999) throw new InvalidArgumentError(`not a guest id: ${v}`);
-  return n;
+  if (!/^[1-9][0-9]{2,8}$/.test(v)) throw new InvalidArgumentError(`not a guest id: ${JSON.stringify(v)} (a whole number from 100 to 999999999)`);
+  return Number(v);
 };
 const keepArg = (v: string): number => {
   const n = Number(v);
@@ -235,6 +241,8 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
     .option('--config-dir <dir>', 'write the guest (and firewall) configuration here')
     .option('--idmap <entry>', "container: id map entry like 'u 0 100000 65536' (repeatable)", collect)
     .option('--bwlimit <bytes>', 'bandwidth limit in bytes/s (K, M, G suffixes)', parse.size)
+    .option('--force', 'VM: replace existing image files (each is written anew, then renamed over the old one)')
+    .option('--allow-non-empty', 'container: restore into a directory that holds files (existing files are kept)')
     .option('--json', 'print the result as JSON, no progress bars')
     .action(async (volid: string, o: Record<string, unknown>) => {
       const { restoreContainer, restoreVm, DirectoryProvider, DirectoryStore } = await machinery();
@@ -247,36 +255,65 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
       const provider = new DirectoryProvider({ storeid: store.storeid, scfg: { path: store.root }, log });
       const to = o.to as string[];
       if (o.configDir) await mkdir(o.configDir as string, { recursive: true });
+      const signal = parse.signal();
       const common = {
         provider,
         volname,
         storeid: store.storeid,
-        signal: parse.signal(),
+        signal,
         log,
         ...(o.configDir ? { configDir: o.configDir as string } : {}),
         ...(o.bwlimit ? { bandwidthLimit: o.bwlimit as number } : {}),
       };
       if (manifest.vmtype === 'lxc') {
         if (to.length !== 1) throw usage('a container is restored into one --to directory');
-        const r = await restoreContainer({ ...common, rootdir: path.resolve(to[0]!), ...(o.idmap ? { idMap: o.idmap as string[] } : {}) });
+        const r = await restoreContainer({
+          ...common,
+          rootdir: path.resolve(to[0]!),
+          ...(o.allowNonEmpty ? { allowNonEmpty: true } : {}),
+          ...(o.idmap ? { idMap: o.idmap as string[] } : {}),
+        }).catch((err: unknown) => {
+          if (signal.aborted) throw cancelled(err);
+          const cause = (err as { cause?: { code?: string; rootdir?: string; entry?: string } } | undefined)?.cause;
+          // the library's message names its option; say what the command line user can do
+          if (cause?.code === 'ERR_ROOTDIR_NOT_EMPTY') {
+            throw new PveBackupError(`restore target ${cause.rootdir} is not empty (found ${cause.entry}); give --allow-non-empty to restore into it anyway (existing files are kept)`, {
+              code: 'ERR_ROOTDIR_NOT_EMPTY',
+              cause: err,
+            });
+          }
+          throw err;
+        });
         if (json) console.log(JSON.stringify({ volid: store.volid(volname), rootdir: path.resolve(to[0]!), ...r }, null, 2));
         else console.log(`restored ${store.volid(volname)} (${r.mechanism}) into ${path.resolve(to[0]!)}`);
         return;
       }
       let targets: Record<string, string> | ((device: string) => Promise<string>);
+      let files: string[];
       if (to.every((t) => /^[A-Za-z][A-Za-z0-9_.-]*=/.test(t))) {
         targets = Object.fromEntries(to.map((t) => [t.slice(0, t.indexOf('=')), t.slice(t.indexOf('=') + 1)]));
+        files = Object.values(targets);
       } else if (to.length === 1) {
         const dir = path.resolve(to[0]!);
         targets = async (device) => {
           await mkdir(dir, { recursive: true });
           return path.join(dir, `${device}.raw`);
         };
+        files = Object.keys(manifest.devices ?? {}).map((device) => path.join(dir, `${device}.raw`));
       } else throw usage('--to is one folder, or device=PATH for each device');
+      // An existing image is never written into: a smaller backup would leave the old tail
+      // behind it. Refused before anything is written, or replaced whole with --force.
+      if (!o.force) {
+        for (const f of files) {
+          const st = await stat(f).catch(() => undefined);
+          if (st?.isFile()) throw new PveBackupError(`restore target ${path.resolve(f)} exists; give --force to replace it`, { code: 'ERR_TARGET_EXISTS' });
+        }
+      }
       const views = new Map<string, ProgressView>();
       try {
         const r = await restoreVm({
           ...common,
+          overwrite: 'replace',
           targets,
           onProgress: (p) => {
             let v = views.get(p.device);
@@ -286,6 +323,10 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
         });
         if (json) console.log(JSON.stringify({ volid: store.volid(volname), ...r }, null, 2));
         else for (const d of r.devices) console.log(`restored ${d.device} (${formatBytes(d.size)}) to ${d.target}`);
+      } catch (err) {
+        // Ctrl-C / SIGTERM: the partial image is removed; exit 130
+        if (signal.aborted) throw cancelled(err);
+        throw err;
       } finally {
         for (const v of views.values()) v.stop();
       }

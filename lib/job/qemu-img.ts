@@ -4,8 +4,10 @@
  *
  * @packageDocumentation
  */
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcessByStdio } from 'node:child_process';
+import { existsSync } from 'node:fs';
 import { stat } from 'node:fs/promises';
+import type { Readable } from 'node:stream';
 
 import { PveBackupError } from '../errors.js';
 import { requireTool } from '../tools.js';
@@ -28,29 +30,50 @@ export interface QemuImgConvertOptions {
   device: string;
   /** Size in bytes of the source (for progress). */
   size: number;
+  /**
+   * The target exists, holds zeros only and has the source's size (a file just created and
+   * truncated): `qemu-img` writes only the data (`-n --target-is-zero`).
+   */
+  targetIsZero?: boolean;
   /** Bytes per second (`-r`); 0 or absent: none. */
   bandwidthLimit?: number;
   onProgress?: (p: ConvertProgress) => void;
   signal?: AbortSignal;
 }
 
-const isUri = (t: string): boolean => /^[a-z][a-z0-9+.-]*:/i.test(t) && !t.startsWith('/');
+/** Whether a restore target is a URI (such as `nbd+unix:///...`) rather than a path. */
+export const isUri = (t: string): boolean => /^[a-z][a-z0-9+.-]*:/i.test(t) && !t.startsWith('/');
+
+// setpriv (util-linux, in every Debian) sets the parent-death signal before it execs the tool.
+const SETPRIV = ['/usr/bin/setpriv', '/bin/setpriv'].find((p) => existsSync(p));
 
 /**
- * Runs `qemu-img convert -p -f raw -O raw [-n] [-r LIMIT] SOURCE TARGET`. `-n` (write into the
- * existing target) is used when the target exists or is a URI; otherwise the target file is
- * created with the source's size.
+ * Spawns `command` so that it is killed when this process dies, even by SIGKILL (which leaves no
+ * chance to kill it ourselves): a `qemu-img convert` left running would go on writing a target
+ * the user believes abandoned. Node spawns from its main thread, the thread `PR_SET_PDEATHSIG`
+ * watches. Without setpriv the child is spawned directly (and survives a SIGKILL of this process).
+ */
+export function spawnTiedToParent(command: string, args: string[]): ChildProcessByStdio<null, Readable, Readable> {
+  const [cmd, argv] = SETPRIV ? [SETPRIV, ['--pdeathsig', 'KILL', '--', command, ...args]] : [command, args];
+  return spawn(cmd, argv, { stdio: ['ignore', 'pipe', 'pipe'] });
+}
+
+/**
+ * Runs `qemu-img convert -p -f raw -O raw [-n [--target-is-zero]] [-r LIMIT] SOURCE TARGET`. `-n`
+ * (write into the existing target) is used when the target exists or is a URI; otherwise the
+ * target file is created with the source's size. The child dies with this process.
  */
 export async function qemuImgConvert(o: QemuImgConvertOptions): Promise<void> {
   const qemuImg = requireTool('qemu-img', 'qemu-utils');
   const exists = isUri(o.target) || (await stat(o.target).then(() => true, () => false));
   const args = ['convert', '-p', '-f', 'raw', '-O', 'raw'];
-  if (exists) args.push('-n');
+  if (exists || o.targetIsZero) args.push('-n');
+  if (o.targetIsZero) args.push('--target-is-zero');
   if (o.bandwidthLimit && o.bandwidthLimit > 0) args.push('-r', String(Math.max(1, Math.floor(o.bandwidthLimit))));
   args.push(o.source, o.target);
   o.signal?.throwIfAborted();
   await new Promise<void>((resolve, reject) => {
-    const child = spawn(qemuImg, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawnTiedToParent(qemuImg, args);
     let stderr = '';
     let buf = '';
     let last = -1;

@@ -8,7 +8,8 @@
  *
  * @packageDocumentation
  */
-import { writeFile } from 'node:fs/promises';
+import { constants } from 'node:fs';
+import { open, rename, stat, unlink, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 
 import { InvalidArgumentError } from '../errors.js';
@@ -19,7 +20,7 @@ import { createLogger, type ProviderLogger } from '../provider/helpers.js';
 import { restoreDirectoryTree } from '../container/directory.js';
 import { parseIdMap } from '../container/idmap.js';
 import { extractTarArchive } from '../container/tar.js';
-import { qemuImgConvert, type ConvertProgress } from './qemu-img.js';
+import { isUri, qemuImgConvert, type ConvertProgress } from './qemu-img.js';
 
 export type { ConvertProgress } from './qemu-img.js';
 
@@ -35,9 +36,18 @@ export interface RestoreVmOptions {
   /**
    * Where each device goes: a map from device name to a path (file or block device) or an NBD
    * URI, or a callback allocating a target of the given size (called for every device before any
-   * data is copied). Existing targets (and URIs) are written in place; missing files are created.
+   * data is copied). A map naming a device the backup does not have is refused. URIs and
+   * existing targets other than regular files (block devices) are written in place; a missing
+   * file is written under a temporary name (`<target>.partial`, mode 0600) and renamed when
+   * complete; an existing regular file as `overwrite` says.
    */
   targets: Record<string, string> | ((device: string, size: number) => string | Promise<string>);
+  /**
+   * An existing regular file as a target: `'in-place'` (default) writes into it (`qemu-img -n`; a
+   * larger file keeps its tail beyond the restored size), `'replace'` writes a new file as for a
+   * missing target and renames it over the old one on success.
+   */
+  overwrite?: 'in-place' | 'replace';
   /** Writes `qemu-server.conf` (and `qemu-server.fw` if the backup has one) here. */
   configDir?: string;
   /** Bytes per second for `qemu-img convert` (0 or absent: none). */
@@ -69,6 +79,11 @@ export interface RestoreContainerOptions {
   storeid: string;
   /** The container's (empty, mounted) root directory. */
   rootdir: string;
+  /**
+   * Restore into a root directory that already holds files (Proxmox's behaviour then: existing
+   * files are kept, GNU tar's `--skip-old-files`). Default: such a directory is refused.
+   */
+  allowNonEmpty?: boolean;
   /** Id map to shift owners into (entries or `lxc.idmap` values); absent: privileged. */
   idMap?: IdMapEntry[] | string[];
   /** Writes `pct.conf` (and `pct.fw`) here. */
@@ -158,6 +173,68 @@ function checkCommon(o: { provider?: unknown; volname?: unknown; storeid?: unkno
   if (typeof o.storeid !== 'string' || o.storeid === '') throw new InvalidArgumentError('storeid is required');
 }
 
+/** Where `qemu-img` writes a device, and how that becomes the target. */
+interface PlacedTarget {
+  /** The path or URI `qemu-img` writes. */
+  writePath: string;
+  /** `writePath` is a fresh all-zero file of the device's size. */
+  zeroed: boolean;
+  /** Makes the written data the target (renames a temporary file over it). */
+  commit(): Promise<void>;
+  /** Removes what a failed or cancelled restore wrote, when it is not the target itself. */
+  discard(): Promise<void>;
+}
+
+/**
+ * A restore into a file goes to `<target>.partial` and is renamed only once complete, so an
+ * interrupted restore never leaves a full-size file that looks restored. The file is created
+ * 0600 whatever the umask: it holds a guest's disk. Block devices, other special files, URIs and
+ * (with `overwrite: 'in-place'`) existing regular files are written in place.
+ */
+async function placeTarget(target: string, size: number, overwrite: 'in-place' | 'replace'): Promise<PlacedTarget> {
+  const inPlace: PlacedTarget = { writePath: target, zeroed: false, commit: async () => {}, discard: async () => {} };
+  if (isUri(target)) return inPlace;
+  const st = await stat(target).catch((err: NodeJS.ErrnoException) => {
+    if (err.code === 'ENOENT') return undefined;
+    throw err;
+  });
+  if (st && (!st.isFile() || overwrite === 'in-place')) return inPlace;
+  const partial = `${target}.partial`;
+  // one left by a restore that was killed (SIGKILL leaves no chance to remove it)
+  await unlink(partial).catch(() => undefined);
+  const fh = await open(partial, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, 0o600);
+  try {
+    await fh.chmod(0o600); // the umask may have taken bits off the mode passed to open
+    await fh.truncate(size);
+    await fh.close();
+  } catch (err) {
+    await fh.close().catch(() => undefined);
+    await unlink(partial).catch(() => undefined);
+    throw err;
+  }
+  return {
+    writePath: partial,
+    zeroed: true,
+    commit: async () => {
+      // the data must be on disk before the name says the restore is complete
+      const f = await open(partial, 'r+');
+      try {
+        await f.sync();
+      } finally {
+        await f.close();
+      }
+      await rename(partial, target);
+      const dir = await open(path.dirname(target), 'r');
+      try {
+        await dir.sync();
+      } finally {
+        await dir.close();
+      }
+    },
+    discard: () => unlink(partial).catch(() => undefined),
+  };
+}
+
 async function restoreMechanism(driver: ProviderDriver, volname: string, storeid: string, expected: GuestType): Promise<RestoreHookInfo> {
   let m;
   try {
@@ -198,6 +275,16 @@ export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
     const run = async (): Promise<RestoreVmResult> => {
       const sizes = await driver.vmInit(volname, storeid);
       const devices: RestoreVmResult['devices'] = [];
+      // a target for a device the backup lacks is a typo or the wrong backup, never to be ignored
+      if (typeof o.targets === 'object') {
+        const unknown = Object.keys(o.targets).filter((d) => !Object.hasOwn(sizes, d));
+        if (unknown.length > 0) {
+          throw new RestoreError(
+            `restore of '${volname}' failed: the backup has no device ${unknown.join(', ')} (it has ${Object.keys(sizes).join(', ') || 'none'})`,
+            { device: unknown[0]! },
+          );
+        }
+      }
       for (const [device, { size }] of Object.entries(sizes)) {
         let target: string | undefined;
         try {
@@ -215,15 +302,23 @@ export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
         await withCleanup(
           async () => {
             const source = await driver.vmVolumeInit(volname, storeid, d.device);
-            await qemuImgConvert({
-              source,
-              target: d.target,
-              device: d.device,
-              size: d.size,
-              ...(o.bandwidthLimit ? { bandwidthLimit: o.bandwidthLimit } : {}),
-              ...(o.onProgress ? { onProgress: o.onProgress } : {}),
-              ...(o.signal ? { signal: o.signal } : {}),
-            });
+            const placed = await placeTarget(d.target, d.size, o.overwrite ?? 'in-place');
+            try {
+              await qemuImgConvert({
+                source,
+                target: placed.writePath,
+                device: d.device,
+                size: d.size,
+                ...(placed.zeroed ? { targetIsZero: true } : {}),
+                ...(o.bandwidthLimit ? { bandwidthLimit: o.bandwidthLimit } : {}),
+                ...(o.onProgress ? { onProgress: o.onProgress } : {}),
+                ...(o.signal ? { signal: o.signal } : {}),
+              });
+              await placed.commit();
+            } catch (err) {
+              await placed.discard();
+              throw err;
+            }
           },
           () => driver.vmVolumeCleanup(volname, storeid, d.device),
           log,
@@ -267,6 +362,7 @@ export async function restoreContainer(o: RestoreContainerOptions): Promise<Rest
         const source = await driver.containerInit(volname, storeid, mechanism);
         const common = {
           rootdir: o.rootdir,
+          ...(o.allowNonEmpty ? { allowNonEmpty: true } : {}),
           ...(idMap ? { idMap } : {}),
           ...(o.bandwidthLimit ? { bandwidthLimit: o.bandwidthLimit } : {}),
           ...(o.signal ? { signal: o.signal } : {}),

@@ -1,0 +1,309 @@
+/**
+ * The command line under interruption and on a terminal, as a user meets it: Ctrl-C / SIGTERM
+ * during `backup` and `restore` (exit 130, nothing partial left that looks complete), SIGKILL of
+ * a restore (its qemu-img dies too), existing images (refused, or replaced whole with --force),
+ * the mode of restored images, strict guest ids, unknown devices, non-empty container targets,
+ * and where progress bars and log lines go.
+ */
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import path from 'node:path';
+
+import { afterEach, describe, expect, it } from 'vitest';
+
+import { createImage, expectSameBytes, qemuIo, rawContent } from './helpers/images.js';
+import { stopAll, tempDir } from './helpers/qemu.js';
+
+const CLI = path.join(import.meta.dirname, '..', 'dist', 'cli', 'main.js');
+const MiB = 2 ** 20;
+// cli-progress draws its bar with these characters; any terminal escape starts with ESC [
+const BAR = /[█░]/;
+const ESCAPE = /\x1b\[/;
+
+afterEach(async () => {
+  await stopAll();
+});
+
+interface Result {
+  status: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+function cli(...args: string[]): Result {
+  const r = spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8' });
+  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+/**
+ * Starts the command line without waiting for it, in its own process group. `kill('SIGINT')`
+ * signals the whole group, as Ctrl-C on a terminal does (the children get it too); other signals
+ * go to the command alone, as `kill PID` sends them.
+ */
+function startCli(args: string[]): { pid: number; stderr: () => string; kill: (sig: NodeJS.Signals) => void; done: Promise<Result & { signal: NodeJS.Signals | null }> } {
+  const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'], detached: true });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+  const done = new Promise<Result & { signal: NodeJS.Signals | null }>((resolve) => child.on('close', (status, signal) => resolve({ status, signal, stdout, stderr })));
+  return { pid: child.pid!, stderr: () => stderr, kill: (sig) => (sig === 'SIGINT' ? process.kill(-child.pid!, sig) : child.kill(sig)), done };
+}
+
+async function waitFor(cond: () => boolean, what: string, ms = 30_000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+/** Pids of the live (not zombie) processes whose parent is `ppid` and whose name is `comm`. */
+function children(ppid: number, comm: string): number[] {
+  const out: number[] = [];
+  for (const e of readdirSync('/proc')) {
+    if (!/^\d+$/.test(e)) continue;
+    let stat: string;
+    try {
+      stat = readFileSync(`/proc/${e}/stat`, 'utf8');
+    } catch {
+      continue; // gone meanwhile
+    }
+    // pid (comm) state ppid ...
+    const m = /^\d+ \((.*)\) (\S) (\d+) /.exec(stat);
+    if (m && m[1] === comm && m[2] !== 'Z' && Number(m[3]) === ppid) out.push(Number(e));
+  }
+  return out;
+}
+
+const alive = (pid: number): boolean => {
+  try {
+    return !/^\d+ \(.*\) Z /.test(readFileSync(`/proc/${pid}/stat`, 'utf8'));
+  } catch {
+    return false;
+  }
+};
+
+/** A store with one full backup of VM 100: a 32 MiB disk with 24 MiB of data. */
+async function vmBackup(): Promise<{ dir: string; store: string; volid: string; content: Buffer }> {
+  const dir = await tempDir();
+  const disk = path.join(dir, 'disk0.qcow2');
+  const store = path.join(dir, 'store');
+  createImage(disk, 32 * MiB, 'qcow2');
+  qemuIo(disk, 'qcow2', ['write -P 0x11 0 16M', 'write -P 0x22 20M 8M']);
+  const content = rawContent(disk, 'qcow2', path.join(dir, 'content.raw'));
+  const b = cli('backup', '--store', store, '--vmid', '100', '--disk', `disk0=${disk}`, '--json');
+  expect(b.status, b.stderr).toBe(0);
+  return { dir, store, volid: (JSON.parse(b.stdout) as { volid: string }).volid, content };
+}
+
+describe('restore: interrupted, killed, existing targets', () => {
+  for (const sig of ['SIGINT', 'SIGTERM'] as const) {
+    it(`${sig} during restore --bwlimit exits 130 and leaves no image, complete-looking or partial`, async () => {
+      const { dir, store, volid } = await vmBackup();
+      const out = path.join(dir, 'out');
+      // 24 MiB of data at 2 MiB/s: about 12 s, interrupted after the copy started
+      const run = startCli(['restore', volid, '--store', store, '--to', out, '--bwlimit', '2M']);
+      await waitFor(() => children(run.pid, 'qemu-img').length > 0, 'qemu-img to start');
+      await new Promise((r) => setTimeout(r, 1000));
+      run.kill(sig);
+      const r = await run.done;
+      expect(r.status, r.stderr).toBe(130);
+      expect(r.stderr.trim().split('\n').at(-1)).toBe('pve-backup-provider: cancelled');
+      expect(readdirSync(out)).toEqual([]);
+    });
+  }
+
+  it('SIGKILL of a restore kills its qemu-img too, and leaves no file under the image name', async () => {
+    const { dir, store, volid } = await vmBackup();
+    const out = path.join(dir, 'out');
+    const run = startCli(['restore', volid, '--store', store, '--to', out, '--bwlimit', '2M']);
+    let pids: number[] = [];
+    await waitFor(() => (pids = children(run.pid, 'qemu-img')).length > 0, 'qemu-img to start');
+    run.kill('SIGKILL');
+    await run.done;
+    await waitFor(() => !alive(pids[0]!), `qemu-img (pid ${pids[0]}) to die with its parent`, 5000);
+    expect(existsSync(path.join(out, 'disk0.raw'))).toBe(false);
+  });
+
+  it('an existing image is refused without --force, left as it was, and replaced whole with --force', async () => {
+    const { dir, store, volid, content } = await vmBackup();
+    const out = path.join(dir, 'out');
+    mkdirSync(out);
+    const image = path.join(out, 'disk0.raw');
+    // larger than the disk: writing into it would leave this tail behind the restored data
+    const old = Buffer.alloc(40 * MiB, 0x77);
+    writeFileSync(image, old);
+    const refused = cli('restore', volid, '--store', store, '--to', out);
+    expect(refused.status).toBe(1);
+    expect(refused.stderr.trim()).toBe(`pve-backup-provider: restore target ${image} exists; give --force to replace it [ERR_TARGET_EXISTS]`);
+    expect(readFileSync(image).equals(old)).toBe(true);
+    // the same for an explicit device=PATH
+    expect(cli('restore', volid, '--store', store, '--to', `disk0=${image}`).stderr).toMatch(/exists; give --force to replace it \[ERR_TARGET_EXISTS\]$/m);
+    const forced = cli('restore', volid, '--store', store, '--to', out, '--force');
+    expect(forced.status, forced.stderr).toBe(0);
+    expectSameBytes(readFileSync(image), content, 'disk0.raw');
+    expect(readdirSync(out)).toEqual(['disk0.raw']);
+  });
+
+  it('restored images are 0600 whatever the umask', async () => {
+    const { dir, store, volid, content } = await vmBackup();
+    const out = path.join(dir, 'out');
+    const command = [process.execPath, CLI, 'restore', volid, '--store', store, '--to', out].map((a) => `'${a}'`).join(' ');
+    const r = spawnSync('sh', ['-c', `umask 000 && exec ${command}`], { encoding: 'utf8' });
+    expect(r.status, r.stderr).toBe(0);
+    expect(statSync(path.join(out, 'disk0.raw')).mode & 0o7777).toBe(0o600);
+    expectSameBytes(readFileSync(path.join(out, 'disk0.raw')), content, 'disk0.raw');
+  });
+
+  it('--to DEVICE=PATH for a device the backup lacks fails, naming it and the devices the backup has', async () => {
+    const { dir, store, volid } = await vmBackup();
+    const r = cli('restore', volid, '--store', store, '--to', `disk0=${path.join(dir, 'a.raw')}`, '--to', `scsi9=${path.join(dir, 'b.raw')}`);
+    expect(r.status).toBe(1);
+    expect(r.stderr.trim()).toBe(`pve-backup-provider: restore of '${volid.slice(volid.indexOf(':') + 1)}' failed: the backup has no device scsi9 (it has disk0) [ERR_RESTORE]`);
+    expect(existsSync(path.join(dir, 'a.raw'))).toBe(false);
+    expect(existsSync(path.join(dir, 'b.raw'))).toBe(false);
+  });
+});
+
+describe('guest ids and container targets', () => {
+  it('--vmid takes only plain decimal Proxmox ids (100..999999999), in every command', async () => {
+    const dir = await tempDir();
+    const store = path.join(dir, 'store');
+    const root = path.join(dir, 'ct');
+    mkdirSync(root);
+    writeFileSync(path.join(root, 'f'), 'x');
+    for (const bad of ['1e3', '0x64', '+100', ' 100', '100 ', '0100', '99', '1', '1000000000', '100.0']) {
+      const b = cli('backup', '--store', store, '--vmid', bad, '--rootdir', root);
+      expect(b.status, `backup --vmid ${JSON.stringify(bad)}`).toBe(2);
+      expect(b.stderr).toContain(`not a guest id: ${JSON.stringify(bad)}`);
+      for (const c of [['list'], ['prune', '--keep-last', '1'], ['verify']]) {
+        expect(cli(...c, '--store', store, '--vmid', bad).status, `${c[0]} --vmid ${JSON.stringify(bad)}`).toBe(2);
+      }
+    }
+    expect(existsSync(store)).toBe(false);
+    for (const good of ['100', '999999999']) {
+      const b = cli('backup', '--store', store, '--vmid', good, '--rootdir', root, '--json');
+      expect(b.status, b.stderr).toBe(0);
+      expect(JSON.parse(b.stdout)).toMatchObject({ vmid: Number(good) });
+      expect(JSON.parse(cli('list', '--store', store, '--vmid', good, '--json').stdout)).toHaveLength(1);
+    }
+  });
+
+  it('a non-empty container target names --allow-non-empty, which restores into it', async () => {
+    const dir = await tempDir();
+    const root = path.join(dir, 'ct');
+    mkdirSync(path.join(root, 'etc'), { recursive: true });
+    writeFileSync(path.join(root, 'etc', 'hostname'), 'ct200\n');
+    const store = path.join(dir, 'store');
+    const b = cli('backup', '--store', store, '--vmid', '200', '--rootdir', root, '--json');
+    expect(b.status, b.stderr).toBe(0);
+    const { volid } = JSON.parse(b.stdout) as { volid: string };
+    const to = path.join(dir, 'target');
+    mkdirSync(to);
+    writeFileSync(path.join(to, 'keep.txt'), 'mine');
+    const refused = cli('restore', volid, '--store', store, '--to', to);
+    expect(refused.status).toBe(1);
+    expect(refused.stderr.trim().split('\n').at(-1)).toBe(
+      `pve-backup-provider: restore target ${to} is not empty (found keep.txt); give --allow-non-empty to restore into it anyway (existing files are kept) [ERR_ROOTDIR_NOT_EMPTY]`,
+    );
+    const r = cli('restore', volid, '--store', store, '--to', to, '--allow-non-empty');
+    expect(r.status, r.stderr).toBe(0);
+    expect(readFileSync(path.join(to, 'etc', 'hostname'), 'utf8')).toBe('ct200\n');
+    expect(readFileSync(path.join(to, 'keep.txt'), 'utf8')).toBe('mine');
+  });
+});
+
+describe('backup: interrupted', () => {
+  for (const sig of ['SIGINT', 'SIGTERM'] as const) {
+    it(`${sig} during backup --bwlimit exits 130, removes the partial backup and leaves the store consistent`, async () => {
+      const dir = await tempDir();
+      const disk = path.join(dir, 'disk0.qcow2');
+      const store = path.join(dir, 'store');
+      createImage(disk, 32 * MiB, 'qcow2');
+      qemuIo(disk, 'qcow2', ['write -P 0x33 0 24M']);
+      const run = startCli(['backup', '--store', store, '--vmid', '100', '--disk', `disk0=${disk}`, '--bwlimit', '2M']);
+      const guestDir = path.join(store, '100');
+      await waitFor(() => /INFO: disk0: full backup to disk0\.qcow2/.test(run.stderr()), 'the copy to start');
+      await new Promise((r) => setTimeout(r, 1000));
+      expect(readdirSync(guestDir).filter((d) => d.startsWith('qemu-'))).toHaveLength(1);
+      run.kill(sig);
+      const r = await run.done;
+      expect(r.status, r.stderr).toBe(130);
+      expect(r.stderr.trim().split('\n').at(-1)).toBe('pve-backup-provider: cancelled');
+      expect(readdirSync(guestDir).filter((d) => d.startsWith('qemu-'))).toEqual([]);
+      expect(JSON.parse(cli('list', '--store', store, '--json').stdout)).toEqual([]);
+      // the store takes the next backup, and it is complete
+      const again = cli('backup', '--store', store, '--vmid', '100', '--disk', `disk0=${disk}`, '--json');
+      expect(again.status, again.stderr).toBe(0);
+      expect(cli('verify', '--store', store).status).toBe(0);
+    });
+  }
+});
+
+describe('progress: a bar on a terminal (stderr), log lines when piped, only JSON with --json', () => {
+  /**
+   * Runs the command line on a pseudo-terminal (script(1), util-linux) with stdout sent to a
+   * file: what the terminal shows is stderr alone.
+   */
+  function onTty(stdoutFile: string, ...args: string[]): { status: number | null; terminal: string; stdout: string } {
+    const command = [process.execPath, CLI, ...args].map((a) => `'${a}'`).join(' ');
+    const r = spawnSync('script', ['-qec', `${command} >'${stdoutFile}'`, '/dev/null'], { encoding: 'utf8' });
+    return { status: r.status, terminal: r.stdout, stdout: readFileSync(stdoutFile, 'utf8') };
+  }
+
+  it('backup and restore', async () => {
+    const dir = await tempDir();
+    const disk = path.join(dir, 'disk0.qcow2');
+    const store = path.join(dir, 'store');
+    createImage(disk, 32 * MiB, 'qcow2');
+    qemuIo(disk, 'qcow2', ['write -P 0x44 0 16M']);
+    const bar = /disk0\s+[█░]+ \d+% \| [\d.]+ \w+ \/ 32\.0 MiB/;
+
+    // backup on a terminal: the bar on stderr, the result line alone on stdout
+    const b = onTty(path.join(dir, 'b.out'), 'backup', '--store', store, '--vmid', '100', '--disk', `disk0=${disk}`, '--bwlimit', '16M');
+    expect(b.status, b.terminal).toBe(0);
+    expect(b.terminal).toMatch(bar);
+    expect(b.stdout).toMatch(/^directory:backup\/100\/qemu-\S+: qcow2, .*, full\n$/);
+    const volid = b.stdout.split(':').slice(0, 2).join(':');
+
+    // restore on a terminal
+    const r = onTty(path.join(dir, 'r.out'), 'restore', volid, '--store', store, '--to', path.join(dir, 'r1'), '--bwlimit', '16M');
+    expect(r.status, r.terminal).toBe(0);
+    expect(r.terminal).toMatch(bar);
+    expect(r.stdout).toBe(`restored disk0 (32.0 MiB) to ${path.join(dir, 'r1', 'disk0.raw')}\n`);
+
+    // --json on a terminal: no bar, stdout is one JSON document
+    const bj = onTty(path.join(dir, 'bj.out'), 'backup', '--store', store, '--vmid', '100', '--disk', `disk0=${disk}`, '--json');
+    expect(bj.status, bj.terminal).toBe(0);
+    expect(bj.terminal).not.toMatch(BAR);
+    expect(JSON.parse(bj.stdout)).toMatchObject({ vmid: 100, status: 'ok' });
+    const rj = onTty(path.join(dir, 'rj.out'), 'restore', volid, '--store', store, '--to', path.join(dir, 'r2'), '--json');
+    expect(rj.status, rj.terminal).toBe(0);
+    expect(rj.terminal).not.toMatch(BAR);
+    expect(JSON.parse(rj.stdout)).toMatchObject({ devices: [{ device: 'disk0', size: 32 * MiB }] });
+
+    // piped: plain log lines on stderr, no bar and no escape codes anywhere
+    const bp = cli('backup', '--store', store, '--vmid', '100', '--disk', `disk0=${disk}`);
+    expect(bp.status, bp.stderr).toBe(0);
+    expect(bp.stderr).toMatch(/^INFO: /m);
+    expect(bp.stderr.split('\n').filter(Boolean).every((l) => /^(INFO|WARN): /.test(l)), bp.stderr).toBe(true);
+    const rp = cli('restore', volid, '--store', store, '--to', path.join(dir, 'r3'));
+    expect(rp.status, rp.stderr).toBe(0);
+    expect(rp.stderr).toMatch(/^INFO: restoring device disk0 /m);
+    for (const x of [bp, rp]) {
+      expect(x.stderr + x.stdout).not.toMatch(BAR);
+      expect(x.stderr + x.stdout).not.toMatch(ESCAPE);
+    }
+    // --json piped: stdout is JSON alone, stderr empty
+    for (const args of [
+      ['backup', '--store', store, '--vmid', '100', '--disk', `disk0=${disk}`, '--json'],
+      ['restore', volid, '--store', store, '--to', path.join(dir, 'r4'), '--json'],
+    ]) {
+      const x = cli(...args);
+      expect(x.status, x.stderr).toBe(0);
+      expect(() => JSON.parse(x.stdout)).not.toThrow();
+      expect(x.stderr).toBe('');
+    }
+  });
+});
