@@ -18,6 +18,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 
 import { ThrottleStream } from '../lib/container/throttle.js';
 import {
+  backupNbdToFile,
   BandwidthLimiter,
   DirectoryProvider,
   DirectoryProviderV1,
@@ -85,6 +86,21 @@ describe('BandwidthLimiter (provider helper)', () => {
         new Writable({ write: (_c: Buffer, _e, cb) => cb() }),
       ),
     );
+    expect(seconds).toBeGreaterThanOrEqual(AT_LEAST * 2);
+    expect(seconds).toBeLessThan(AT_MOST_SECONDS);
+  });
+});
+
+describe('backupNbdToFile (provider helper)', () => {
+  it('8 MiB at 4 MiB/s take about 2 s', async () => {
+    const server = track(await startNbdkit(['pattern', 'size=8M']));
+    const target = path.join(scratch(), 'disk.raw');
+    let summary: CopySummary | undefined;
+    const seconds = await timed(async () => {
+      summary = await backupNbdToFile({ uri: server.uri, bitmapMode: 'none', path: target, bandwidthLimit: LIMIT });
+    });
+    expect(summary!.bytesRead).toBe(8 * MiB);
+    expect(statSync(target).size).toBe(8 * MiB);
     expect(seconds).toBeGreaterThanOrEqual(AT_LEAST * 2);
     expect(seconds).toBeLessThan(AT_MOST_SECONDS);
   });
