@@ -82,7 +82,7 @@ describe('end to end on qemu-storage-daemon, seed-generation provider (nbd)', ()
     expect(r2.guests[0]!.status).toBe('ok');
     const incCall = p.calls.filter((c) => c[0] === 'backupNbd')[1]!;
     expect(incCall.slice(4, 5)).toEqual(['reuse']);
-    expect(incCall[5]).toEqual(expect.any(String));
+    expect(incCall[5]).toBe('snapshot-access:store1/store1-b1'); // <target id>/<storeid>-<bitmap id> (seed generation)
     expect((incCall[7] as { bitmapAction: string }).bitmapAction).toBe('used');
     // dirty: the writes during the full backup and between (1.5 MiB + 64 KiB... counted by QEMU granularity)
     expect(p.store.logs.get(100)).toMatch(/disk0: dirty-bitmap status: OK \(\d.*of 8.00 MiB dirty\)/);
@@ -175,12 +175,13 @@ describe('abort on a running VM', () => {
     const store = await tempDir();
     const fleecing = await tempDir();
     await vmWrite(q, 'virtio0', 0x11, 0, MiB);
+    let fleecingFiles: string[] | undefined;
     const p = new RecordingProviderV2(
       { storeid: 'store1', scfg: {}, log: () => {} },
       {
         onCall: async (m) => {
           if (m !== 'backupVm') return;
-          expect(readdirSync(fleecing).length).toBe(2); // the access is up while the provider reads
+          fleecingFiles = readdirSync(fleecing); // checked below: a failed expect here would only fail the guest
           process.kill(process.pid, 'SIGTERM');
           await sleep(300);
         },
@@ -188,6 +189,7 @@ describe('abort on a running VM', () => {
     );
     const guest: VmGuest = { vmid: 100, type: 'qemu', qmp: q.qmp, devices: ['virtio0', 'drive-efidisk0'], config: 'name: vm\n', qga: '/nonexistent/qga.sock' };
     const err = (await runBackupJob({ provider: p, storeid: 'store1', guests: [guest], tmpdir: store, fleecing: { dir: fleecing }, handleSignals: true }).catch((e: unknown) => e)) as JobAbortedError;
+    expect(fleecingFiles).toHaveLength(2); // the access was up (one fleecing image per disk) while the provider read
     expect(err).toBeInstanceOf(JobAbortedError);
     expect(err.message).toBe('interrupted by signal SIGTERM');
     expect(p.calls.slice(-3)).toEqual([

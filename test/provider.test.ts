@@ -88,7 +88,7 @@ describe('base classes', () => {
     expect(err).toBeInstanceOf(NotImplementedError);
     expect(err).toMatchObject({ code: 'ERR_NOT_IMPLEMENTED', method: 'backupVm', message: "backup provider 'Mine': method 'backupVm' is not implemented" });
     for (const m of ['jobInit', 'backupInit', 'backupGetMechanism', 'backupVmQueryIncremental', 'backupContainer', 'backupHandleLogFile', 'restoreGetMechanism', 'restoreVmInit', 'restoreVmVolumeInit', 'archiveGetGuestConfig', 'archiveGetFirewallConfig', 'restoreContainerInit'] as const) {
-      await expect((p[m] as () => Promise<unknown>).call(p)).rejects.toMatchObject({ method: m });
+      await expect((p[m] as () => Promise<unknown>).call(p)).rejects.toMatchObject({ code: 'ERR_NOT_IMPLEMENTED', method: m });
     }
     // prepare and cleanup hooks do nothing unless overridden
     for (const m of ['jobCleanup', 'backupCleanup', 'backupContainerPrepare', 'restoreVmCleanup', 'restoreVmVolumeCleanup', 'restoreContainerCleanup'] as const) {
@@ -159,7 +159,7 @@ describe('adapter', () => {
     const v2 = new RecordingProviderV2(ctx, { incremental: { nosuch: 'use' } });
     await expect(adaptProvider(v2).vmBitmapPlan(1, undefined, { a: 1 }, 's')).rejects.toMatchObject({ code: 'ERR_PROVIDER_RESULT', message: "backupVmQueryIncremental: unknown device 'nosuch'" });
     const bad = Object.assign(new RecordingProviderV2(ctx), { backupInit: async () => ({ archiveName: '../etc' }) });
-    await expect(adaptProvider(bad).backupStart(1, 'qemu', 0)).rejects.toMatchObject({ code: 'ERR_PROVIDER_RESULT' });
+    await expect(adaptProvider(bad).backupStart(1, 'qemu', 0)).rejects.toMatchObject({ code: 'ERR_PROVIDER_RESULT', method: 'backupInit', message: expect.stringMatching(/^backupInit: invalid archive name "\.\.\/etc"/) });
     const none = new RecordingProviderV1(ctx, { mechanismOverride: { qemu: undefined } });
     await expect(adaptProvider(none).backupMechanism(1, 'qemu')).rejects.toMatchObject({ code: 'ERR_MECHANISM', message: "backup provider 'recording-v1' returned no backup mechanism for VMs" });
     const fh = new RecordingProviderV1(ctx, { mechanismOverride: { qemu: 'file-handle' } });
@@ -168,7 +168,7 @@ describe('adapter', () => {
       message: "mechanism 'file-handle' requested by backup provider 'recording-v1' is not supported for VMs",
     });
     const badId = Object.assign(new RecordingProviderV1(ctx), { backupGetMechanism: async () => ({ mechanism: 'nbd', bitmapId: 'a/b' }) });
-    await expect(adaptProvider(badId).backupMechanism(1, 'qemu')).rejects.toMatchObject({ code: 'ERR_PROVIDER_RESULT' });
+    await expect(adaptProvider(badId).backupMechanism(1, 'qemu')).rejects.toMatchObject({ code: 'ERR_PROVIDER_RESULT', method: 'backupGetMechanism', message: expect.stringMatching(/^backupGetMechanism: invalid bitmap id "a\/b"/) });
   });
 
   it('extractConfig delegates to the provider (both generations)', async () => {
