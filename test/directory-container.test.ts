@@ -39,7 +39,7 @@ describe('containers round trip through the provider', () => {
       provider,
       storeid: 'dir1',
       tmpdir: work,
-      bandwidthLimit: 1 << 30,
+      bandwidthLimit: 1 << 30, // the throttled path, at no cost here; test/bandwidth.test.ts checks the rate
       guests: [{ vmid: 200, type: 'lxc', rootdir: src, config: 'hostname: ct200\n', ...(mapped ? { idMap: TEST_MAP_LINES } : {}) }],
     });
     expect(r.guests[0]!.error).toBeUndefined();

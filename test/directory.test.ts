@@ -135,18 +135,3 @@ describe('DirectoryProvider: falling back to a full backup', () => {
     expect(list.map((b) => b.parent)).toEqual([undefined, undefined]);
   });
 });
-
-describe('DirectoryProvider: bandwidth limit', () => {
-  it('a VM backup honours the job bandwidth limit', async () => {
-    const disk = await startDisk(8 * MiB);
-    const root = path.join(await tempDir(), 'store');
-    await disk.write(0x61, 0, 6 * MiB);
-    const provider = new DirectoryProvider({ storeid: 'dir1', scfg: { path: root }, log: () => {} });
-    const t0 = performance.now();
-    const r = await runBackupJob({ provider, storeid: 'dir1', guests: [vmGuest(disk)], tmpdir: root, bandwidthLimit: 2 * MiB });
-    const seconds = (performance.now() - t0) / 1000;
-    expect(r.guests[0]!.error).toBeUndefined();
-    expect(seconds).toBeGreaterThan(1.5); // 6 MiB at 2 MiB/s, less at most one second of burst
-    await expectRestores(provider, r.guests[0]!.archiveName!, disk.snapshot(), root);
-  });
-});
