@@ -169,3 +169,22 @@ describe('container backups are private and keep every extended attribute', () =
     expect(get(dst, 'trusted.overlay.opaque')).toBe('y');
   });
 });
+
+describe('cancelling a container backup', () => {
+  it.each([['tar', 2], ['tar', 1], ['directory', 2], ['directory', 1]] as const)('lxc-backup-mode %s, API generation %i: the job signal stops the copy and no backup is left', async (mode, generation) => {
+    const work = await tempDir();
+    const src = path.join(work, 'src');
+    mkdirSync(src);
+    writeFileSync(path.join(src, 'big'), Buffer.alloc(16 << 20, 1)); // 16 s at 1 MiB/s
+    const root = path.join(work, 'store');
+    const context = { storeid: 'dir1', scfg: { path: root, 'lxc-backup-mode': mode }, log: () => {} };
+    const provider: BackupProvider = generation === 2 ? new DirectoryProvider(context) : new DirectoryProviderV1(context);
+    const controller = new AbortController();
+    setTimeout(() => controller.abort(new Error('cancelled by the test')), 500);
+    const t0 = performance.now();
+    const job = runBackupJob({ provider, storeid: 'dir1', tmpdir: work, bandwidthLimit: 1 << 20, signal: controller.signal, guests: [{ vmid: 200, type: 'lxc', rootdir: src, config: 'hostname: ct200\n' }] });
+    await expect(job).rejects.toMatchObject({ code: 'ERR_JOB_ABORTED' });
+    expect((performance.now() - t0) / 1000).toBeLessThan(8); // stopped, not run to its end
+    expect(await (await DirectoryStore.open(root)).listBackups(200)).toEqual([]);
+  });
+});

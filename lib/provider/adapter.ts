@@ -268,7 +268,7 @@ export function adaptProvider(provider: BackupProvider): ProviderDriver {
         }
       },
       backupContainer: (vmid, o) =>
-        run(call1('backupDirectory', vmid, o.info.directory, o.info.idMap, o.excludePaths, o.info.sources, o.info.bandwidthLimit ?? 0)),
+        run(call1('backupDirectory', vmid, o.info.directory, o.info.idMap, o.excludePaths, o.info.sources, o.info.bandwidthLimit ?? 0, { signal: o.info.signal })),
       backupFinish: async (vmid, vmtype, outcome) => {
         if (outcome.error) {
           await call1('backupAbort', vmid, outcome.error);

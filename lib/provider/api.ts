@@ -249,7 +249,8 @@ export interface BackupProviderV1 extends ProviderCommon {
    * Back up a container's file tree under `directory`: the paths in `sources` (relative, `.` for
    * the root, one per mount point), minus `excludePaths` (rsync-style patterns: anchored with a
    * leading `/`, `**` for any depth). Owners are host ids; `idMap` maps them to the container's.
-   * Perl: `backup_directory($vmid, $directory, $id_map, $exclude_paths, $sources, $bandwidth_limit)`.
+   * Perl: `backup_directory($vmid, $directory, $id_map, $exclude_paths, $sources, $bandwidth_limit)`;
+   * `extra` (no Perl counterpart) carries the job's abort signal.
    */
   backupDirectory(
     vmid: number,
@@ -258,6 +259,7 @@ export interface BackupProviderV1 extends ProviderCommon {
     excludePaths: string[],
     sources: string[],
     bandwidthLimit: number,
+    extra?: { signal: AbortSignal },
   ): Awaitable<void>;
 
   /** Mechanism and guest type of an archive. Perl: `restore_get_mechanism($volname, $storeid)`. */

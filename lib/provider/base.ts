@@ -179,7 +179,7 @@ export class BackupProviderBaseV1 extends ProviderBaseCommon implements BackupPr
   ): Promise<void> {
     this.notImplemented('backupNbd');
   }
-  async backupDirectory(_vmid: number, _directory: string, _idMap: IdMapEntry[], _excludePaths: string[], _sources: string[], _bandwidthLimit: number): Promise<void> {
+  async backupDirectory(_vmid: number, _directory: string, _idMap: IdMapEntry[], _excludePaths: string[], _sources: string[], _bandwidthLimit: number, _extra?: { signal: AbortSignal }): Promise<void> {
     this.notImplemented('backupDirectory');
   }
   async restoreGetMechanism(_volname: string, _storeid: string): Promise<RestoreMechanismInfo> {
