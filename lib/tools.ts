@@ -1,5 +1,6 @@
 /** External programs the library runs, found on PATH or reported missing with how to install them. */
 import { execFileSync } from 'node:child_process';
+import { existsSync } from 'node:fs';
 
 import { PveBackupError } from './errors.js';
 
@@ -32,4 +33,19 @@ export function requireTool(name: string, debianPackage: string): string {
   if (!path) throw new ToolMissingError(name, debianPackage);
   found.set(name, path);
   return path;
+}
+
+// setpriv (util-linux, in every Debian) sets the parent-death signal before it execs the tool.
+const SETPRIV = ['/usr/bin/setpriv', '/bin/setpriv'].find((p) => existsSync(p));
+
+/**
+ * The command line that runs `command` so that it is killed when this process dies, even by
+ * SIGKILL (which leaves no chance to kill it ourselves): a `qemu-img convert` or `tar` left running
+ * would go on writing a target the user believes abandoned. Spawn `file` with `args`: the child's
+ * pid is the tool's (setpriv execs it). Node spawns from its main thread, the thread
+ * `PR_SET_PDEATHSIG` watches. Without setpriv the tool runs directly (and survives a SIGKILL of
+ * this process).
+ */
+export function tiedToParent(command: string, args: readonly string[]): { file: string; args: string[] } {
+  return SETPRIV ? { file: SETPRIV, args: ['--pdeathsig', 'KILL', '--', command, ...args] } : { file: command, args: [...args] };
 }

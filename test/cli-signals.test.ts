@@ -126,6 +126,21 @@ describe('restore: interrupted, killed, existing targets', () => {
     expect(existsSync(path.join(out, 'disk0.raw'))).toBe(false);
   });
 
+  it.each(['directory', 'tar'] as const)('SIGKILL of a container backup (mode %s) kills its copying tool too', async (mode) => {
+    const dir = await tempDir();
+    const src = path.join(dir, 'ct');
+    mkdirSync(src);
+    writeFileSync(path.join(src, 'big'), Buffer.alloc(16 * MiB, 1));
+    const tool = mode === 'directory' ? 'rsync' : 'tar';
+    const run = startCli(['backup', '--store', path.join(dir, 'store'), '--vmid', '200', '--rootdir', src, '--lxc-mode', mode, '--bwlimit', '1M']);
+    let pids: number[] = [];
+    await waitFor(() => (pids = children(run.pid, tool)).length > 0, `${tool} to start`);
+    run.kill('SIGKILL');
+    await run.done;
+    // an orphaned rsync would go on writing into the store the user believes abandoned
+    await waitFor(() => pids.every((p) => !alive(p)), `${tool} (pids ${pids.join(', ')}) to die with its parent`, 5000);
+  });
+
   it('an existing image is refused without --force, left as it was, and replaced whole with --force', async () => {
     const { dir, store, volid, content } = await vmBackup();
     const out = path.join(dir, 'out');

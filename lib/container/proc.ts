@@ -5,7 +5,7 @@
  */
 import { spawn, type ChildProcess, type StdioOptions } from 'node:child_process';
 
-import { requireTool } from '../tools.js';
+import { requireTool, tiedToParent } from '../tools.js';
 import { ContainerAbortError, ContainerToolError, type ContainerToolErrorCode } from './errors.js';
 
 /** Debian package of each program run here (for `ERR_TOOL_MISSING`). */
@@ -60,7 +60,9 @@ export function startTool(o: StartToolOptions): Running {
   const path = toolPath(o.tool);
   if (o.signal?.aborted) throw new ContainerAbortError(o.what, o.signal.reason);
   const stdio: StdioOptions = o.stdio ?? ['ignore', 'ignore', 'pipe'];
-  const child = spawn(path, o.args, { cwd: o.cwd, stdio, env: { ...process.env, LC_ALL: 'C' } });
+  // dies with this process, even by SIGKILL: an orphaned tar or rsync would go on writing
+  const tied = tiedToParent(path, o.args);
+  const child = spawn(tied.file, tied.args, { cwd: o.cwd, stdio, env: { ...process.env, LC_ALL: 'C' } });
   let stderr = '';
   child.stderr?.setEncoding('utf8');
   child.stderr?.on('data', (s: string) => {

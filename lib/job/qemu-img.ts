@@ -4,13 +4,11 @@
  *
  * @packageDocumentation
  */
-import { spawn, type ChildProcessByStdio } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { spawn } from 'node:child_process';
 import { stat } from 'node:fs/promises';
-import type { Readable } from 'node:stream';
 
 import { PveBackupError } from '../errors.js';
-import { requireTool } from '../tools.js';
+import { requireTool, tiedToParent } from '../tools.js';
 
 /** Progress of a convert: `percent` 0..100, `bytes` estimated from the size. */
 export interface ConvertProgress {
@@ -44,20 +42,6 @@ export interface QemuImgConvertOptions {
 /** Whether a restore target is a URI (such as `nbd+unix:///...`) rather than a path. */
 export const isUri = (t: string): boolean => /^[a-z][a-z0-9+.-]*:/i.test(t) && !t.startsWith('/');
 
-// setpriv (util-linux, in every Debian) sets the parent-death signal before it execs the tool.
-const SETPRIV = ['/usr/bin/setpriv', '/bin/setpriv'].find((p) => existsSync(p));
-
-/**
- * Spawns `command` so that it is killed when this process dies, even by SIGKILL (which leaves no
- * chance to kill it ourselves): a `qemu-img convert` left running would go on writing a target
- * the user believes abandoned. Node spawns from its main thread, the thread `PR_SET_PDEATHSIG`
- * watches. Without setpriv the child is spawned directly (and survives a SIGKILL of this process).
- */
-export function spawnTiedToParent(command: string, args: string[]): ChildProcessByStdio<null, Readable, Readable> {
-  const [cmd, argv] = SETPRIV ? [SETPRIV, ['--pdeathsig', 'KILL', '--', command, ...args]] : [command, args];
-  return spawn(cmd, argv, { stdio: ['ignore', 'pipe', 'pipe'] });
-}
-
 /**
  * Runs `qemu-img convert -p -f raw -O raw [-n [--target-is-zero]] [-r LIMIT] SOURCE TARGET`. `-n`
  * (write into the existing target) is used when the target exists or is a URI; otherwise the
@@ -73,7 +57,8 @@ export async function qemuImgConvert(o: QemuImgConvertOptions): Promise<void> {
   args.push(o.source, o.target);
   o.signal?.throwIfAborted();
   await new Promise<void>((resolve, reject) => {
-    const child = spawnTiedToParent(qemuImg, args);
+    const tied = tiedToParent(qemuImg, args);
+    const child = spawn(tied.file, tied.args, { stdio: ['ignore', 'pipe', 'pipe'] });
     let stderr = '';
     let buf = '';
     let last = -1;
