@@ -232,11 +232,15 @@ describe('backup access on qemu-storage-daemon (upstream backend)', () => {
     const fleece = await tempDir();
     const before = await snapshotOf(q.qmp);
     await setupBackupAccess(q.qmp, { targetId: T, bitmap: 'b1', devices: ['disk0'], fleecing: { dir: fleece }, nbdServer: { path: q.nbdPath! } });
-    await setupBackupAccess(q.qmp, { targetId: T, bitmap: 'b1', devices: ['disk0'], fleecing: { dir: fleece }, nbdServer: { path: q.nbdPath! } }).catch(() => undefined);
+    await expect(
+      setupBackupAccess(q.qmp, { targetId: T, bitmap: 'b1', devices: ['disk0'], fleecing: { dir: fleece }, nbdServer: { path: q.nbdPath! } }),
+    ).rejects.toMatchObject({ code: 'ERR_BACKUP_ACCESS_ACTIVE', activeTargetId: T });
     // A new orchestrator process: a new connection, no memory of the access.
     await q.qmp.close();
     const qmp2 = await QmpClient.connect(q.qmpPath);
-    const removed = await recoverBackupAccess(qmp2);
+    // The owner (this process) still runs: refused unless forced (test/backup-access-recovery.test.ts kills a real owner).
+    await expect(recoverBackupAccess(qmp2)).rejects.toMatchObject({ code: 'ERR_BACKUP_ACCESS_ACTIVE', activeTargetId: T });
+    const removed = await recoverBackupAccess(qmp2, { force: true });
     expect(removed.join('\n')).toContain(T);
     const after = await snapshotOf(qmp2);
     expect(after.nodes).toEqual(before.nodes);

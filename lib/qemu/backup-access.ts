@@ -11,8 +11,9 @@ import { queryBlockExports, queryNamedBlockNodes } from '../qmp/commands.js';
 import { QmpClosedError, QmpError } from '../qmp/errors.js';
 import { InvalidArgumentError } from '../errors.js';
 import { StepRunner, checkExistingNbdSocket, checkFleecingDir, makeSocketDir, removeLocalFiles } from './common.js';
-import { BackupAccessError } from './errors.js';
+import { BackupAccessActiveError, BackupAccessError } from './errors.js';
 import { BACKGROUND_SUFFIX, BITMAP_ID_RE, DEVICE_RE, NAME_PREFIX, TARGET_ID_RE, check, nbdUnixUri } from './names.js';
+import { describeOwner, ownerIsDead } from './owner.js';
 import { detectProxmox, setupProxmox, teardownProxmox } from './proxmox.js';
 import { deleteState, readState, type AccessState } from './state.js';
 import type { BackupAccess, BitmapAction, BitmapMode, SetupBackupAccessOptions } from './types.js';
@@ -82,6 +83,11 @@ export async function setupBackupAccess(qmp: QmpClient, opts: SetupBackupAccessO
   const fleecingDir = await checkFleecingDir(opts.fleecing?.dir);
   const existingNbd = opts.nbdServer === undefined ? undefined : await checkExistingNbdSocket(opts.nbdServer.path);
   const backend = backendOpt === 'auto' ? ((await detectProxmox(qmp)) ? 'proxmox' : 'upstream') : backendOpt;
+  // An access whose owner died (killed mid-copy) would block every later backup and let its
+  // fleecing image grow with each guest write: remove it first. A live owner is left alone
+  // (the backend then refuses with ERR_BACKUP_ACCESS_ACTIVE).
+  const stale = await readState(qmp);
+  const recovered = stale && ownerIsDead(stale.owner) ? await recoverBackupAccess(qmp) : [];
 
   const sock = existingNbd ? undefined : await makeSocketDir(opts.socketDir);
   const socket = sock
@@ -108,6 +114,7 @@ export async function setupBackupAccess(qmp: QmpClient, opts: SetupBackupAccessO
     return {
       targetId,
       backend,
+      ...(recovered.length > 0 ? { recovered } : {}),
       socketPath: socket.socketPath,
       devices: reported.devices.map((r) => ({
         device: r.device,
@@ -180,18 +187,27 @@ export async function teardownBackupAccess(qmp: QmpClient, opts: { targetId: str
 /**
  * Finds what a crashed orchestrator left behind and removes it: the access recorded in QEMU (torn
  * down as failed, so no bitmap loses writes), then remaining exports, nodes and background
- * bitmaps whose names carry this library's prefix.
+ * bitmaps whose names carry this library's prefix. Fleecing images and the private NBD socket
+ * folder go too when they are on this host.
+ *
+ * An access whose owner (the process that set it up) still runs is refused, unless `force`.
  *
  * @param qmp - Connected QMP client.
+ * @param opts - `force`: also remove an access whose owner is alive (or cannot be checked).
  * @returns Descriptions of what was removed (empty when nothing was left).
+ * @throws {@link BackupAccessActiveError} (`ERR_BACKUP_ACCESS_ACTIVE`) when the owner is alive.
  */
-export async function recoverBackupAccess(qmp: QmpClient): Promise<string[]> {
+export async function recoverBackupAccess(qmp: QmpClient, opts: { force?: boolean } = {}): Promise<string[]> {
   const removed: string[] = [];
   const state = await readState(qmp);
+  if (state?.owner && !opts.force && !ownerIsDead(state.owner)) {
+    throw new BackupAccessActiveError(state.targetId, `its owner, ${describeOwner(state.owner)}, is still running`);
+  }
   if (state) {
     if (state.backend === 'proxmox') await teardownProxmox(qmp, state, false);
     else await teardownUpstream(qmp, state, false);
-    removed.push(`access for target '${state.targetId}' (${state.devices.map((d) => d.device).join(', ')})`);
+    const by = state.owner ? ` left by ${describeOwner(state.owner)}` : '';
+    removed.push(`access for target '${state.targetId}' (${state.devices.map((d) => d.device).join(', ')})${by}`);
   }
   for (const e of await queryBlockExports(qmp)) {
     if (!e.id.startsWith(`${NAME_PREFIX}-`)) continue;
