@@ -12,7 +12,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 
 import { InvalidArgumentError } from '../errors.js';
 import { NbdClient } from '../nbd/client.js';
-import { setupBackupAccess, teardownBackupAccess } from '../qemu/backup-access.js';
+import { explainFleecingFailure, setupBackupAccess, teardownBackupAccess } from '../qemu/backup-access.js';
 import type { BackupAccessDevice } from '../qemu/types.js';
 import { currentOwner, ownerIsDead } from '../qemu/owner.js';
 import { GuestAgentClient } from '../qmp/guest-agent.js';
@@ -467,18 +467,23 @@ async function backupVmGuest(
         }
         volumes.push(v);
       }
-      await settleOnAbort(
-        driver.backupVm(guest.vmid, {
-          config: guest.config,
-          firewallConfig: guest.firewallConfig,
-          mechanism,
-          volumes,
-          bandwidthLimit: opts.bandwidthLimit ?? 0,
-          archiveName,
-          signal: ctx.signal,
-        }),
-        ctx.signal,
-      );
+      try {
+        await settleOnAbort(
+          driver.backupVm(guest.vmid, {
+            config: guest.config,
+            firewallConfig: guest.firewallConfig,
+            mechanism,
+            volumes,
+            bandwidthLimit: opts.bandwidthLimit ?? 0,
+            archiveName,
+            signal: ctx.signal,
+          }),
+          ctx.signal,
+        );
+      } catch (err) {
+        // A full fleecing image shows only as refused reads: say so (before teardown removes the image).
+        throw (await explainFleecingFailure(target.qmp, targetId, err)) ?? err;
+      }
       success = true;
     } finally {
       // close what the provider did not finish (file-handle): region iterators and connections

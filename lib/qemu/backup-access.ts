@@ -5,13 +5,14 @@
  *
  * @packageDocumentation
  */
-import { rm } from 'node:fs/promises';
+import { rm, statfs } from 'node:fs/promises';
+import path from 'node:path';
 import type { QmpClient } from '../qmp/client.js';
 import { queryBlockExports, queryNamedBlockNodes } from '../qmp/commands.js';
 import { QmpClosedError, QmpError } from '../qmp/errors.js';
 import { InvalidArgumentError } from '../errors.js';
 import { StepRunner, checkExistingNbdSocket, checkFleecingDir, makeSocketDir, removeLocalFiles } from './common.js';
-import { BackupAccessActiveError, BackupAccessError } from './errors.js';
+import { BackupAccessActiveError, BackupAccessError, FleecingFullError } from './errors.js';
 import { BACKGROUND_SUFFIX, BITMAP_ID_RE, DEVICE_RE, NAME_PREFIX, TARGET_ID_RE, check, nbdUnixUri } from './names.js';
 import { describeOwner, ownerIsDead } from './owner.js';
 import { detectProxmox, setupProxmox, teardownProxmox } from './proxmox.js';
@@ -20,7 +21,7 @@ import type { BackupAccess, BitmapAction, BitmapMode, SetupBackupAccessOptions }
 import { setupUpstream, teardownUpstream } from './upstream.js';
 
 export type { BackupAccess, BackupAccessDevice, BitmapAction, BitmapMode, SetupBackupAccessOptions } from './types.js';
-export { BackupAccessActiveError, BackupAccessError } from './errors.js';
+export { BackupAccessActiveError, BackupAccessError, FleecingFullError } from './errors.js';
 
 /** Accesses set up by this process, so teardown can still remove local files when QEMU is gone. */
 const local = new WeakMap<QmpClient, Map<string, AccessState>>();
@@ -247,4 +248,42 @@ export async function recoverBackupAccess(qmp: QmpClient, opts: { force?: boolea
   }
   await deleteState(qmp);
   return removed;
+}
+
+/**
+ * Space that reads in flight when the snapshot broke may still have freed by discarding (16 reads
+ * of 4 MiB), plus slack: a filesystem with less free than this is taken as the one that was full.
+ */
+const FULL_MARGIN = 65 * 2 ** 20;
+
+/** Whether `err` (or an error it wraps) is a read refused by a broken snapshot (EACCES in QEMU). */
+function brokenSnapshotRead(err: unknown): boolean {
+  for (let e = err, depth = 0; e instanceof Error && depth < 8; e = e.cause, depth++) {
+    if (/Permission denied/.test(e.message)) return true;
+  }
+  return false;
+}
+
+/**
+ * Tells why reading a backup access failed when the reason lies with the fleecing image: a read of
+ * the snapshot refused because QEMU broke the snapshot (`on-cbw-error=break-snapshot`) and a
+ * fleecing image whose filesystem is (nearly) full. Call it with the access still set up.
+ *
+ * @param qmp - QMP client of the access.
+ * @param targetId - Target id of the access.
+ * @param err - The error reading the export ended with.
+ * @returns A {@link FleecingFullError} (with `err` as cause) naming the image, or `undefined`
+ *   when the failure is not that.
+ */
+export async function explainFleecingFailure(qmp: QmpClient, targetId: string, err: unknown): Promise<FleecingFullError | undefined> {
+  if (!brokenSnapshotRead(err)) return undefined;
+  const state = local.get(qmp)?.get(targetId) ?? (qmp.closed ? undefined : await readState(qmp).catch(() => undefined));
+  if (!state || state.targetId !== targetId) return undefined;
+  for (const d of state.devices) {
+    const st = await statfs(path.dirname(d.fleecingPath)).catch(() => undefined);
+    if (!st) continue;
+    const free = st.bavail * st.bsize;
+    if (free < FULL_MARGIN) return new FleecingFullError(d.device, d.fleecingPath, free, err);
+  }
+  return undefined;
 }
