@@ -13,6 +13,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 
 import { QmpClient } from '../lib/qmp/client.js';
 import { setupBackupAccess, teardownBackupAccess } from '../lib/qemu/backup-access.js';
+import { currentOwner, ownerIsDead } from '../lib/qemu/owner.js';
 import { nbdWrite, startStorageDaemon, stopAll, tempDir, type QemuInstance } from './helpers/qemu.js';
 
 const CLI = path.join(import.meta.dirname, '..', 'dist', 'cli', 'main.js');
@@ -83,6 +84,21 @@ async function killedBackup(q: QemuInstance, store: string, tmp: string): Promis
   await exited;
   await nbdWrite(`nbd+unix:///live0?socket=${q.nbdPath!}`, 0x22, 0, 8 * MiB);
 }
+
+describe('owners', () => {
+  it('an owner is dead only when its pid no longer runs with its start time on this host', async () => {
+    const me = currentOwner();
+    expect(me.start).toMatch(/^\d+$/);
+    expect(ownerIsDead(me)).toBe(false);
+    expect(ownerIsDead({ ...me, start: String(Number(me.start) + 1) })).toBe(true); // the pid was reused
+    const gone = spawn('true');
+    await new Promise((r) => gone.once('exit', r));
+    expect(ownerIsDead({ ...me, pid: gone.pid! })).toBe(true);
+    expect(ownerIsDead({ ...me, boot: 'another-boot' })).toBe(true); // the host rebooted since
+    expect(ownerIsDead({ ...me, pid: gone.pid!, host: `not-${me.host}` })).toBe(false); // cannot be checked from here
+    expect(ownerIsDead(undefined)).toBe(false); // a record of an older version
+  });
+});
 
 describe('a backup killed mid-copy (qemu-storage-daemon, command line)', () => {
   it('the next backup removes the stale access, the fleecing image and the temporary folder, and succeeds', async () => {
