@@ -91,6 +91,10 @@ async function proxmoxPeer(form: 'devices' | 'devlist', opts: { failSetup?: stri
         if (secret === undefined) return err(`object '${String(a.id)}' not found`);
         secret = undefined;
         return { return: {} };
+      case 'qom-set':
+        if (secret === undefined) return err('Device not found', 'DeviceNotFound');
+        secret = String(a.value);
+        return { return: {} };
       case 'qom-get':
         return secret === undefined ? err('Device not found', 'DeviceNotFound') : { return: secret };
       case 'blockdev-add': {
@@ -337,7 +341,8 @@ describe('Proxmox backend', () => {
     await setupBackupAccess(qmp, { targetId: T, devices: ['drive-scsi0'], fleecing: { dir: fleece } });
     await qmp.close();
     const qmp2 = await QmpClient.connect(peer.path);
-    const removed = await recoverBackupAccess(qmp2);
+    await expect(recoverBackupAccess(qmp2)).rejects.toMatchObject({ code: 'ERR_BACKUP_ACCESS_ACTIVE', activeTargetId: T }); // its owner (this process) runs
+    const removed = await recoverBackupAccess(qmp2, { force: true });
     expect(removed[0]).toContain(T);
     expect(peer.calls.at(-1)!.cmd).toBe('object-del');
     expect(peer.calls.find((c) => c.cmd === 'backup-access-teardown')!.args).toEqual({ 'target-id': T, success: false });

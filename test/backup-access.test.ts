@@ -10,6 +10,7 @@ import {
   type BackupAccess,
 } from '../lib/qemu/backup-access.js';
 import { PveBackupError } from '../lib/errors.js';
+import { NbdClient } from '../lib/nbd/client.js';
 import {
   dirtyCount,
   nbdRead,
@@ -80,8 +81,11 @@ describe('backup access on qemu-storage-daemon (upstream backend)', () => {
     // The live disk keeps the writes made during the access.
     const after = await nbdRead(liveUri(q), q.dir);
     expect(after.subarray(5 * MiB, 5 * MiB + 512 * 1024).equals(Buffer.alloc(512 * 1024, 0x66))).toBe(true);
-    // Idempotent.
+    // Idempotent: a second teardown finds nothing to do, changes nothing and leaves nothing.
     await teardownBackupAccess(q.qmp, { targetId: T, success: true });
+    expect(await snapshotOf(q.qmp)).toEqual(before);
+    expect(await fs.readdir(fleece)).toEqual([]);
+    expect((await nbdRead(liveUri(q), q.dir)).equals(after)).toBe(true);
   });
 
   it('fails clearly when QEMU already runs an NBD server and none is given, leaving nothing behind', async () => {
@@ -174,8 +178,11 @@ describe('backup access on qemu-storage-daemon (upstream backend)', () => {
     await nbdWrite(liveUri(q), 0x32, MiB, MiB); // overwrite the dirty area during the access
     const { execFileP } = await import('./helpers/qemu.js');
     await execFileP('qemu-io', ['-f', 'raw', '-c', `read -P 0x31 ${MiB} ${MiB}`, a.devices[0]!.nbdUri]);
-    // Outside the bitmap the snapshot refuses reads.
-    await expect(execFileP('qemu-io', ['-f', 'raw', '-c', `read 0 65536`, a.devices[0]!.nbdUri])).rejects.toBeTruthy();
+    // Outside the bitmap the snapshot refuses reads with EINVAL (QEMU's EACCES, as NBD carries it), inside it serves them.
+    const nbd = await NbdClient.connect(a.devices[0]!.nbdUri);
+    await expect(nbd.read(0, 65536)).rejects.toMatchObject({ code: 'ERR_NBD_SERVER', errno: 'EINVAL', command: 'READ', offset: 0 });
+    expect((await nbd.read(MiB, 65536)).equals(Buffer.alloc(65536, 0x31))).toBe(true);
+    await nbd.close();
     await teardownBackupAccess(q.qmp, { targetId: T, success: true });
   });
 
@@ -232,11 +239,15 @@ describe('backup access on qemu-storage-daemon (upstream backend)', () => {
     const fleece = await tempDir();
     const before = await snapshotOf(q.qmp);
     await setupBackupAccess(q.qmp, { targetId: T, bitmap: 'b1', devices: ['disk0'], fleecing: { dir: fleece }, nbdServer: { path: q.nbdPath! } });
-    await setupBackupAccess(q.qmp, { targetId: T, bitmap: 'b1', devices: ['disk0'], fleecing: { dir: fleece }, nbdServer: { path: q.nbdPath! } }).catch(() => undefined);
+    await expect(
+      setupBackupAccess(q.qmp, { targetId: T, bitmap: 'b1', devices: ['disk0'], fleecing: { dir: fleece }, nbdServer: { path: q.nbdPath! } }),
+    ).rejects.toMatchObject({ code: 'ERR_BACKUP_ACCESS_ACTIVE', activeTargetId: T });
     // A new orchestrator process: a new connection, no memory of the access.
     await q.qmp.close();
     const qmp2 = await QmpClient.connect(q.qmpPath);
-    const removed = await recoverBackupAccess(qmp2);
+    // The owner (this process) still runs: refused unless forced (test/backup-access-recovery.test.ts kills a real owner).
+    await expect(recoverBackupAccess(qmp2)).rejects.toMatchObject({ code: 'ERR_BACKUP_ACCESS_ACTIVE', activeTargetId: T });
+    const removed = await recoverBackupAccess(qmp2, { force: true });
     expect(removed.join('\n')).toContain(T);
     const after = await snapshotOf(qmp2);
     expect(after.nodes).toEqual(before.nodes);
@@ -287,14 +298,11 @@ describe('backup access on a VM (upstream backend)', () => {
     const fleece = await tempDir();
     const a = await setupBackupAccess(q.qmp, { targetId: T, devices: ['virtio0'], fleecing: { dir: fleece } });
     expect(await fs.readdir(fleece)).toHaveLength(1);
-    const pending = q.qmp.execute('query-block', undefined, { timeoutMs: 0 }).then(
-      () => undefined,
-      (e: unknown) => e,
-    );
+    // Stopped first, QEMU cannot answer: the command is surely pending when it dies.
+    q.proc.kill('SIGSTOP');
+    const pending = q.qmp.execute('query-block', undefined, { timeoutMs: 0 });
     await q.kill();
-    const err = await pending;
-    // The command either completed before the kill or failed with a clear closed error.
-    if (err) expect((err as PveBackupError).code).toBe('ERR_QMP_CLOSED');
+    await expect(pending).rejects.toMatchObject({ code: 'ERR_QMP_CLOSED', command: 'query-block' });
     await expect(q.qmp.execute('query-status')).rejects.toMatchObject({ code: 'ERR_QMP_CLOSED' });
     await teardownBackupAccess(q.qmp, { targetId: T, success: false });
     expect(await fs.readdir(fleece)).toEqual([]);

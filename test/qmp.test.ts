@@ -4,7 +4,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { InvalidArgumentError, PveBackupError } from '../lib/errors.js';
 import { QmpClient, type QmpEvent } from '../lib/qmp/client.js';
 import { JsonLineDecoder, decodeLine, encodeMessage } from '../lib/qmp/codec.js';
-import { QmpClosedError, QmpError, QmpProtocolError, QmpTimeoutError } from '../lib/qmp/errors.js';
+import { QmpBusyError, QmpClosedError, QmpError, QmpProtocolError, QmpTimeoutError } from '../lib/qmp/errors.js';
 import { GuestAgentClient, withFrozenFilesystems } from '../lib/qmp/guest-agent.js';
 import { BackupAccessActiveError, BackupAccessError } from '../lib/qemu/errors.js';
 import { startScriptedAgent, type ScriptedAgent } from './helpers/guest-agent.js';
@@ -75,6 +75,7 @@ describe('errors', () => {
     [new QmpClosedError('x'), 'QmpClosedError', 'ERR_QMP_CLOSED'],
     [new QmpTimeoutError('c', 5), 'QmpTimeoutError', 'ERR_QMP_TIMEOUT'],
     [new QmpProtocolError('x'), 'QmpProtocolError', 'ERR_QMP_NOT_QMP'],
+    [new QmpBusyError('s', 5), 'QmpBusyError', 'ERR_QMP_BUSY'],
     [new BackupAccessError('x'), 'BackupAccessError', 'ERR_BACKUP_ACCESS'],
     [new BackupAccessActiveError('t'), 'BackupAccessActiveError', 'ERR_BACKUP_ACCESS_ACTIVE'],
   ])('%s has name %s and code %s', (err, name, code) => {
@@ -156,11 +157,28 @@ describe('QmpClient against a scripted peer', () => {
     const p2 = await fakeQmp(() => undefined, '{"hello": 1}\n');
     await expect(QmpClient.connect(p2)).rejects.toBeInstanceOf(QmpProtocolError);
     const p3 = await fakeQmp(() => undefined, '');
-    await expect(QmpClient.connect(p3, { timeoutMs: 100 })).rejects.toMatchObject({ code: 'ERR_QMP_TIMEOUT' });
+    await expect(QmpClient.connect(p3, { timeoutMs: 100 })).rejects.toMatchObject({ code: 'ERR_QMP_BUSY', timeoutMs: 100 });
     const dir = await tempDir();
     await expect(QmpClient.connect(path.join(dir, 'missing.sock'))).rejects.toMatchObject({ code: 'ERR_QMP_CLOSED' });
     await expect(QmpClient.connect({ host: 'localhost', port: 0 })).rejects.toBeInstanceOf(InvalidArgumentError);
   });
+
+  it('says a monitor is busy, and an NBD socket is not QMP without waiting (real qemu-storage-daemon)', async () => {
+    const q = await startStorageDaemon(); // q.qmp holds the monitor: QEMU greets no second client
+    const busy = await QmpClient.connect(q.qmpPath, { timeoutMs: 300 }).catch((e: unknown) => e);
+    expect(busy).toBeInstanceOf(QmpBusyError);
+    expect(busy).toMatchObject({ code: 'ERR_QMP_BUSY', message: expect.stringMatching(/busy with another client/) });
+    // The NBD server's greeting has no newline: only reading its first bytes can tell (a wait would end in ERR_QMP_BUSY).
+    await expect(QmpClient.connect(q.nbdPath!, { timeoutMs: 60_000 })).rejects.toMatchObject({
+      code: 'ERR_QMP_NOT_QMP',
+      message: `${q.nbdPath!} is not a QMP socket: it is an NBD server`,
+    });
+    // Once the first client leaves, the monitor greets the next one.
+    await q.qmp.close();
+    const again = await QmpClient.connect(q.qmpPath, { timeoutMs: 5000 });
+    expect(again.version.qemu.major).toBeGreaterThanOrEqual(7);
+    await again.close();
+  }, 20_000);
 
   it('delivers events to listeners and iterators, and ends iterators on close', async () => {
     const p = await fakeQmp((m, send, sock) => {

@@ -136,6 +136,30 @@ export function buildProgram(): Command {
   addStoreCommands(program, { size: parseSize, count: parseCount, signal: interruptSignal });
 
   program
+    .command('recover')
+    .description('remove the backup access (nodes, exports, bitmaps, fleecing images) and temporary folders a killed backup left')
+    .requiredOption('--qmp <socket>', "the VM's (or qemu-storage-daemon's) QMP socket")
+    .option('--force', 'also remove an access whose owner process still runs')
+    .option('--json', 'print what was removed as JSON')
+    .action(async (opts: { qmp: string; force?: boolean; json?: boolean }) => {
+      const [{ QmpClient }, { recoverBackupAccess }, { removeStaleGuestDirs }] = await Promise.all([
+        import('../qmp/client.js'),
+        import('../qemu/backup-access.js'),
+        import('../job/runner.js'),
+      ]);
+      const qmp = await QmpClient.connect(opts.qmp, { timeoutMs: 10_000 });
+      let removed: string[];
+      try {
+        removed = await recoverBackupAccess(qmp, { force: opts.force === true });
+      } finally {
+        await qmp.close().catch(() => undefined);
+      }
+      removed.push(...(await removeStaleGuestDirs()).map((d) => `folder ${d}`));
+      if (opts.json) console.log(JSON.stringify({ removed }));
+      else console.log(removed.length === 0 ? 'nothing to recover' : removed.map((r) => `removed ${r}`).join('\n'));
+    });
+
+  program
     .command('demo')
     .description('back up a qemu-storage-daemon disk while a guest writes: full, then incremental, each checked byte for byte')
     .option('--size <bytes>', 'disk size (K, M, G suffixes)', parseSize, 512 * 2 ** 20)

@@ -138,6 +138,7 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
     .option('--compression <c>', 'qcow2 cluster compression: none (default), zstd, zlib', choice('none', 'zstd', 'zlib'))
     .option('--storeid <id>', 'storage id of the store in volume ids (when creating it; default directory)')
     .option('--bwlimit <bytes>', 'bandwidth limit in bytes/s (K, M, G suffixes)', parse.size)
+    .option('--fleecing-dir <dir>', 'VM backups: folder for the fleecing images (default: the job\'s temporary folder, often RAM)')
     .option('--api <n>', 'provider API generation to run the provider in: 2 (default) or 1', choice('1', '2'))
     .option('--notes <text>', 'notes for the backup ({{guestname}}, {{vmid}} expanded)')
     .option('--protected', 'mark the backup protected')
@@ -148,11 +149,19 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
       const sources = ['qmp', 'disk', 'rootdir'].filter((k) => o[k] !== undefined);
       if (sources.length !== 1) throw usage('give exactly one of --qmp, --disk, --rootdir');
       const vmid = o.vmid as number;
-      const store = await DirectoryStore.create(o.store as string, o.storeid ? { storeid: o.storeid as string } : {});
-      const readText = async (f: unknown): Promise<string | undefined> => (typeof f === 'string' ? readFile(f, 'utf8') : undefined);
+      // The QMP socket first: a busy monitor or a socket that is not QMP fails before the store is touched.
+      let qmp: QmpClient | undefined;
+      if (o.qmp !== undefined && o.rootdir === undefined) qmp = await QmpClient.connect(o.qmp as string, { timeoutMs: 10_000 });
+      // An open QMP connection would keep the process alive after a failure below.
+      const closing = async <T>(p: Promise<T>): Promise<T> =>
+        p.catch(async (err: unknown) => {
+          await qmp?.close().catch(() => undefined);
+          throw err;
+        });
+      const store = await closing(DirectoryStore.create(o.store as string, o.storeid ? { storeid: o.storeid as string } : {}));
+      const readText = async (f: unknown): Promise<string | undefined> => (typeof f === 'string' ? closing(readFile(f, 'utf8')) : undefined);
       const firewallConfig = await readText(o.firewall);
       let guest: Guest;
-      let qmp: QmpClient | undefined;
       if (o.rootdir !== undefined) {
         guest = {
           vmid,
@@ -166,8 +175,7 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
       } else {
         const config = (await readText(o.config)) ?? `name: vm${vmid}\n`;
         let target: Extract<Guest, { type: 'qemu' }>['qmp'];
-        if (o.qmp !== undefined) {
-          qmp = await QmpClient.connect(o.qmp as string, { timeoutMs: 10_000 }); // a socket that is not QMP fails here, in one line
+        if (qmp !== undefined) {
           target = qmp;
         } else {
           const disks = [];
@@ -208,6 +216,7 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
           log,
           signal,
           ...(o.bwlimit ? { bandwidthLimit: o.bwlimit as number } : {}),
+          ...(o.fleecingDir ? { fleecing: { dir: path.resolve(o.fleecingDir as string) } } : {}),
           ...(o.notes ? { notesTemplate: o.notes as string } : {}),
           ...(o.protected ? { protected: true } : {}),
         });

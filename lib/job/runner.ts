@@ -5,15 +5,16 @@
  *
  * @packageDocumentation
  */
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 import { InvalidArgumentError } from '../errors.js';
 import { NbdClient } from '../nbd/client.js';
-import { setupBackupAccess, teardownBackupAccess } from '../qemu/backup-access.js';
+import { explainFleecingFailure, setupBackupAccess, teardownBackupAccess } from '../qemu/backup-access.js';
 import type { BackupAccessDevice } from '../qemu/types.js';
+import { currentOwner, ownerIsDead } from '../qemu/owner.js';
 import { GuestAgentClient } from '../qmp/guest-agent.js';
 import { adaptProvider, type DriverVolume, type ProviderDriver } from '../provider/adapter.js';
 import type { BackupProvider, GuestType, IdMapEntry, LogFunction, LogLevel, ProviderContext } from '../provider/api.js';
@@ -227,12 +228,45 @@ async function abortJob(ctx: JobContext, result: BackupJobResult, error: Error, 
     : new JobAbortedError(`backup job aborted: ${error.message}`, { cause: error, result });
 }
 
+/** File in a guest's temporary folder naming the process that uses it. */
+const OWNER_FILE = 'owner.json';
+
+/**
+ * Removes the `vzdump-*` temporary folders (config copies, task log, default fleecing images) that
+ * runs killed before their cleanup left in `tmpdir`: those whose owner file names a process that
+ * is gone. Folders of running jobs, and folders without an owner file, are kept.
+ *
+ * @param tmpdir - Folder the runner creates guest folders in (default: the OS temp dir).
+ * @returns The folders removed.
+ */
+export async function removeStaleGuestDirs(tmpdir: string = os.tmpdir()): Promise<string[]> {
+  const removed: string[] = [];
+  const names = await readdir(tmpdir).catch(() => [] as string[]);
+  for (const name of names) {
+    if (!/^vzdump-(qemu|lxc)-\d+-/.test(name)) continue;
+    const dir = path.join(tmpdir, name);
+    let owner: unknown;
+    try {
+      owner = JSON.parse(await readFile(path.join(dir, OWNER_FILE), 'utf8'));
+    } catch {
+      continue;
+    }
+    if (!ownerIsDead(owner)) continue;
+    await rm(dir, { recursive: true, force: true });
+    removed.push(dir);
+  }
+  return removed;
+}
+
 async function backupGuest(ctx: JobContext, guest: Guest): Promise<GuestOutcome> {
   const { driver, opts } = ctx;
   const vmtype: GuestType = guest.type;
   const started = unix();
   const t0 = Date.now();
+  for (const dir of await removeStaleGuestDirs(ctx.tmpdir)) ctx.jobLog('info', `removed ${dir}, left by a backup that was killed`);
   const gdir = await mkdtemp(path.join(ctx.tmpdir, `vzdump-${vmtype}-${guest.vmid}-`));
+  // So that a later run can remove this folder should this process be killed before its cleanup.
+  await writeFile(path.join(gdir, OWNER_FILE), JSON.stringify(currentOwner()));
   const logPath = opts.logDir ? path.join(opts.logDir, `task-${vmtype}-${guest.vmid}-${started}.log`) : path.join(gdir, 'task.log');
   const tlog = new TaskLog(logPath, ctx.jobLog);
   ctx.setCurrent(tlog);
@@ -402,6 +436,7 @@ async function backupVmGuest(
       ...(opts.backend ? { backend: opts.backend } : {}),
     });
     if (qga) tlog.info("issuing guest-agent 'fs-thaw' command");
+    for (const r of access.recovered ?? []) tlog.warn(`removed a stale backup access: ${r}`);
     tlog.info(`started backup access (${access.backend} QEMU), NBD socket ${access.socketPath}`);
     let success = false;
     const clients: NbdClient[] = [];
@@ -437,18 +472,23 @@ async function backupVmGuest(
         }
         volumes.push(v);
       }
-      await settleOnAbort(
-        driver.backupVm(guest.vmid, {
-          config: guest.config,
-          firewallConfig: guest.firewallConfig,
-          mechanism,
-          volumes,
-          bandwidthLimit: opts.bandwidthLimit ?? 0,
-          archiveName,
-          signal: ctx.signal,
-        }),
-        ctx.signal,
-      );
+      try {
+        await settleOnAbort(
+          driver.backupVm(guest.vmid, {
+            config: guest.config,
+            firewallConfig: guest.firewallConfig,
+            mechanism,
+            volumes,
+            bandwidthLimit: opts.bandwidthLimit ?? 0,
+            archiveName,
+            signal: ctx.signal,
+          }),
+          ctx.signal,
+        );
+      } catch (err) {
+        // A full fleecing image shows only as refused reads: say so (before teardown removes the image).
+        throw (await explainFleecingFailure(target.qmp, targetId, err)) ?? err;
+      }
       success = true;
     } finally {
       // close what the provider did not finish (file-handle): region iterators and connections

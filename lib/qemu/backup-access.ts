@@ -5,21 +5,23 @@
  *
  * @packageDocumentation
  */
-import { rm } from 'node:fs/promises';
+import { rm, statfs } from 'node:fs/promises';
+import path from 'node:path';
 import type { QmpClient } from '../qmp/client.js';
 import { queryBlockExports, queryNamedBlockNodes } from '../qmp/commands.js';
 import { QmpClosedError, QmpError } from '../qmp/errors.js';
 import { InvalidArgumentError } from '../errors.js';
 import { StepRunner, checkExistingNbdSocket, checkFleecingDir, makeSocketDir, removeLocalFiles } from './common.js';
-import { BackupAccessError } from './errors.js';
+import { BackupAccessActiveError, BackupAccessError, FleecingFullError } from './errors.js';
 import { BACKGROUND_SUFFIX, BITMAP_ID_RE, DEVICE_RE, NAME_PREFIX, TARGET_ID_RE, check, nbdUnixUri } from './names.js';
+import { describeOwner, ownerIsDead } from './owner.js';
 import { detectProxmox, setupProxmox, teardownProxmox } from './proxmox.js';
 import { deleteState, readState, type AccessState } from './state.js';
 import type { BackupAccess, BitmapAction, BitmapMode, SetupBackupAccessOptions } from './types.js';
 import { setupUpstream, teardownUpstream } from './upstream.js';
 
 export type { BackupAccess, BackupAccessDevice, BitmapAction, BitmapMode, SetupBackupAccessOptions } from './types.js';
-export { BackupAccessActiveError, BackupAccessError } from './errors.js';
+export { BackupAccessActiveError, BackupAccessError, FleecingFullError } from './errors.js';
 
 /** Accesses set up by this process, so teardown can still remove local files when QEMU is gone. */
 const local = new WeakMap<QmpClient, Map<string, AccessState>>();
@@ -82,6 +84,11 @@ export async function setupBackupAccess(qmp: QmpClient, opts: SetupBackupAccessO
   const fleecingDir = await checkFleecingDir(opts.fleecing?.dir);
   const existingNbd = opts.nbdServer === undefined ? undefined : await checkExistingNbdSocket(opts.nbdServer.path);
   const backend = backendOpt === 'auto' ? ((await detectProxmox(qmp)) ? 'proxmox' : 'upstream') : backendOpt;
+  // An access whose owner died (killed mid-copy) would block every later backup and let its
+  // fleecing image grow with each guest write: remove it first. A live owner is left alone
+  // (the backend then refuses with ERR_BACKUP_ACCESS_ACTIVE).
+  const stale = await readState(qmp);
+  const recovered = stale && ownerIsDead(stale.owner) ? await recoverBackupAccess(qmp) : [];
 
   const sock = existingNbd ? undefined : await makeSocketDir(opts.socketDir);
   const socket = sock
@@ -108,6 +115,7 @@ export async function setupBackupAccess(qmp: QmpClient, opts: SetupBackupAccessO
     return {
       targetId,
       backend,
+      ...(recovered.length > 0 ? { recovered } : {}),
       socketPath: socket.socketPath,
       devices: reported.devices.map((r) => ({
         device: r.device,
@@ -180,18 +188,27 @@ export async function teardownBackupAccess(qmp: QmpClient, opts: { targetId: str
 /**
  * Finds what a crashed orchestrator left behind and removes it: the access recorded in QEMU (torn
  * down as failed, so no bitmap loses writes), then remaining exports, nodes and background
- * bitmaps whose names carry this library's prefix.
+ * bitmaps whose names carry this library's prefix. Fleecing images and the private NBD socket
+ * folder go too when they are on this host.
+ *
+ * An access whose owner (the process that set it up) still runs is refused, unless `force`.
  *
  * @param qmp - Connected QMP client.
+ * @param opts - `force`: also remove an access whose owner is alive (or cannot be checked).
  * @returns Descriptions of what was removed (empty when nothing was left).
+ * @throws {@link BackupAccessActiveError} (`ERR_BACKUP_ACCESS_ACTIVE`) when the owner is alive.
  */
-export async function recoverBackupAccess(qmp: QmpClient): Promise<string[]> {
+export async function recoverBackupAccess(qmp: QmpClient, opts: { force?: boolean } = {}): Promise<string[]> {
   const removed: string[] = [];
   const state = await readState(qmp);
+  if (state?.owner && !opts.force && !ownerIsDead(state.owner)) {
+    throw new BackupAccessActiveError(state.targetId, `its owner, ${describeOwner(state.owner)}, is still running`);
+  }
   if (state) {
     if (state.backend === 'proxmox') await teardownProxmox(qmp, state, false);
     else await teardownUpstream(qmp, state, false);
-    removed.push(`access for target '${state.targetId}' (${state.devices.map((d) => d.device).join(', ')})`);
+    const by = state.owner ? ` left by ${describeOwner(state.owner)}` : '';
+    removed.push(`access for target '${state.targetId}' (${state.devices.map((d) => d.device).join(', ')})${by}`);
   }
   for (const e of await queryBlockExports(qmp)) {
     if (!e.id.startsWith(`${NAME_PREFIX}-`)) continue;
@@ -231,4 +248,42 @@ export async function recoverBackupAccess(qmp: QmpClient): Promise<string[]> {
   }
   await deleteState(qmp);
   return removed;
+}
+
+/**
+ * Space that reads in flight when the snapshot broke may still have freed by discarding (16 reads
+ * of 4 MiB), plus slack: a filesystem with less free than this is taken as the one that was full.
+ */
+const FULL_MARGIN = 65 * 2 ** 20;
+
+/** Whether `err` (or an error it wraps) is a read refused by a broken snapshot (EACCES in QEMU). */
+function brokenSnapshotRead(err: unknown): boolean {
+  for (let e = err, depth = 0; e instanceof Error && depth < 8; e = e.cause, depth++) {
+    if (/Permission denied/.test(e.message)) return true;
+  }
+  return false;
+}
+
+/**
+ * Tells why reading a backup access failed when the reason lies with the fleecing image: a read of
+ * the snapshot refused because QEMU broke the snapshot (`on-cbw-error=break-snapshot`) and a
+ * fleecing image whose filesystem is (nearly) full. Call it with the access still set up.
+ *
+ * @param qmp - QMP client of the access.
+ * @param targetId - Target id of the access.
+ * @param err - The error reading the export ended with.
+ * @returns A {@link FleecingFullError} (with `err` as cause) naming the image, or `undefined`
+ *   when the failure is not that.
+ */
+export async function explainFleecingFailure(qmp: QmpClient, targetId: string, err: unknown): Promise<FleecingFullError | undefined> {
+  if (!brokenSnapshotRead(err)) return undefined;
+  const state = local.get(qmp)?.get(targetId) ?? (qmp.closed ? undefined : await readState(qmp).catch(() => undefined));
+  if (!state || state.targetId !== targetId) return undefined;
+  for (const d of state.devices) {
+    const st = await statfs(path.dirname(d.fleecingPath)).catch(() => undefined);
+    if (!st) continue;
+    const free = st.bavail * st.bsize;
+    if (free < FULL_MARGIN) return new FleecingFullError(d.device, d.fleecingPath, free, err);
+  }
+  return undefined;
 }

@@ -4,6 +4,7 @@
  * @packageDocumentation
  */
 import { execFile } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { constants as fsc, promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -30,7 +31,8 @@ export async function checkFleecingDir(dir: unknown): Promise<string> {
     throw new BackupAccessError(`fleecing dir ${resolved} cannot be used: ${(err as Error).message}`, { cause: err });
   }
   if (!st.isDirectory()) throw new BackupAccessError(`fleecing dir ${resolved} is not a directory`);
-  const probe = path.join(resolved, `.${NAME_PREFIX}-probe-${process.pid}-${Date.now()}`);
+  // Random, so that setups checking the same folder at once do not collide on the probe's name.
+  const probe = path.join(resolved, `.${NAME_PREFIX}-probe-${process.pid}-${randomBytes(6).toString('hex')}`);
   try {
     const fh = await fs.open(probe, fsc.O_CREAT | fsc.O_EXCL | fsc.O_WRONLY, 0o600);
     await fh.close();

@@ -47,6 +47,40 @@ export class BackupAccessActiveError extends PveBackupError {
 }
 
 /**
+ * The fleecing image ran out of space during the backup (code `ERR_FLEECING_FULL`): the
+ * copy-before-write filter could not save old data before a guest write, so (with
+ * `on-cbw-error=break-snapshot`) QEMU kept the guest running and gave up the point in time, and
+ * the backup read failed. Give the fleecing images a folder with more room (`fleecing.dir`,
+ * `backup --fleecing-dir`); the image needs up to the size of what the guest overwrites during
+ * the backup.
+ */
+export class FleecingFullError extends PveBackupError {
+  /** Device whose fleecing image is on the full filesystem. */
+  readonly device: string;
+  /** The fleecing image. */
+  readonly fleecingPath: string;
+  /** Bytes still free on its filesystem when the failure was examined. */
+  readonly freeBytes: number;
+
+  /**
+   * @param device - Device concerned.
+   * @param fleecingPath - Its fleecing image.
+   * @param freeBytes - Free bytes on the image's filesystem.
+   * @param cause - The read error the broken snapshot caused.
+   */
+  constructor(device: string, fleecingPath: string, freeBytes: number, cause?: unknown) {
+    super(
+      `${device}: fleecing image ${fleecingPath} ran out of space (${freeBytes} bytes free on its filesystem): QEMU gave up the ` +
+        'backup snapshot to keep the guest writing; put the fleecing images where there is more room (--fleecing-dir)',
+      { code: 'ERR_FLEECING_FULL', cause },
+    );
+    this.device = device;
+    this.fleecingPath = fleecingPath;
+    this.freeBytes = freeBytes;
+  }
+}
+
+/**
  * Wraps an error of a step concerning `device` into a {@link BackupAccessError} whose message
  * names the device and the QMP command.
  */

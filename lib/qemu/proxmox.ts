@@ -15,7 +15,8 @@ import { InvalidArgumentError } from '../errors.js';
 import { StepRunner, addExport, addFleecingNodes, createFleecingImage, deleteExports, removeLocalFiles, startNbdServer } from './common.js';
 import { BackupAccessActiveError, BackupAccessError, deviceError } from './errors.js';
 import { anchorBitmapName, fleecingPath, slotNames } from './names.js';
-import { deleteState, readState, writeState, type AccessState, type DeviceState } from './state.js';
+import { currentOwner } from './owner.js';
+import { claimState, deleteState, readState, writeState, type AccessState, type DeviceState } from './state.js';
 import type { BitmapAction } from './types.js';
 import type { UpstreamSetupInput } from './upstream.js';
 
@@ -131,10 +132,11 @@ export async function setupProxmox(qmp: QmpClient, input: UpstreamSetupInput): P
     // Set once the server is started, so a rollback never stops a server it did not start.
     ownNbd: false,
     devices: devStates,
+    owner: currentOwner(),
   };
   if (input.socket.ownNbd) state.socketDir = input.socket.socketDir;
 
-  await writeState(qmp, state);
+  await claimState(qmp, state);
   const results: ProxmoxDeviceResult[] = [];
   try {
     for (const [i, d] of devStates.entries()) await createFleecingImage(d.device, d.fleecingPath, d.fleecingFormat, sizes[i]!);

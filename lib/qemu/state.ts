@@ -6,7 +6,9 @@
  */
 import type { QmpClient } from '../qmp/client.js';
 import { QmpClosedError, QmpError } from '../qmp/errors.js';
+import { BackupAccessActiveError } from './errors.js';
 import { STATE_OBJECT_ID } from './names.js';
+import { describeOwner, type AccessOwner } from './owner.js';
 
 /** How the copy-before-write filter is put above the disk. */
 export type ParentRef = { kind: 'qdev'; path: string } | { kind: 'node'; node: string; driver: string };
@@ -61,6 +63,8 @@ export interface AccessState {
   socketDir?: string;
   /** Devices. */
   devices: DeviceState[];
+  /** The process that set the access up (absent in records of older versions). */
+  owner?: AccessOwner;
 }
 
 /** Reads the record, or `undefined` when there is none. */
@@ -81,10 +85,24 @@ export async function readState(qmp: QmpClient): Promise<AccessState | undefined
   }
 }
 
-/** Writes (replaces) the record. */
+/**
+ * Creates the record, claiming the QEMU process for this access. `object-add` fails when the
+ * object exists, so of two setups racing on one QEMU exactly one wins; the other gets
+ * {@link BackupAccessActiveError} naming the winner (never a bare "duplicate property").
+ */
+export async function claimState(qmp: QmpClient, state: AccessState): Promise<void> {
+  try {
+    await qmp.execute('object-add', { 'qom-type': 'secret', id: STATE_OBJECT_ID, format: 'raw', data: JSON.stringify(state) });
+  } catch (err) {
+    if (!(err instanceof QmpError) || !/duplicate property/.test(err.desc)) throw err;
+    const active = await readState(qmp).catch(() => undefined);
+    throw new BackupAccessActiveError(active?.targetId, active?.owner ? `set up by ${describeOwner(active.owner)}` : err.desc);
+  }
+}
+
+/** Updates the record claimed with {@link claimState} in place (never deleting it, so the claim holds). */
 export async function writeState(qmp: QmpClient, state: AccessState): Promise<void> {
-  await deleteState(qmp);
-  await qmp.execute('object-add', { 'qom-type': 'secret', id: STATE_OBJECT_ID, format: 'raw', data: JSON.stringify(state) });
+  await qmp.execute('qom-set', { path: `/objects/${STATE_OBJECT_ID}`, property: 'data', value: JSON.stringify(state) });
 }
 
 /** Removes the record; no error when it does not exist. */

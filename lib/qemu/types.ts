@@ -50,6 +50,8 @@ export interface BackupAccess {
   backend: 'proxmox' | 'upstream';
   /** Unix socket of the NBD server. */
   socketPath: string;
+  /** What a stale access of a dead owner had left and setup removed first (the list `recoverBackupAccess` returns), if any. */
+  recovered?: string[];
   /** Devices in the order requested. */
   devices: BackupAccessDevice[];
 }

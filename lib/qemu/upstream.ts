@@ -37,7 +37,8 @@ import {
   mainBitmapName,
   slotNames,
 } from './names.js';
-import { deleteState, readState, writeState, type AccessState, type DeviceState, type ParentRef } from './state.js';
+import { currentOwner } from './owner.js';
+import { claimState, deleteState, readState, writeState, type AccessState, type DeviceState, type ParentRef } from './state.js';
 import type { BitmapAction } from './types.js';
 
 /** Validated input of {@link setupUpstream}. */
@@ -222,10 +223,11 @@ export async function setupUpstream(qmp: QmpClient, input: UpstreamSetupInput): 
     // Set once the server is started, so a rollback never stops a server it did not start.
     ownNbd: false,
     devices: devStates,
+    owner: currentOwner(),
   };
   if (input.socket.ownNbd) state.socketDir = input.socket.socketDir;
 
-  await writeState(qmp, state);
+  await claimState(qmp, state);
   try {
     for (const [i, d] of devStates.entries()) {
       await createFleecingImage(d.device, d.fleecingPath, d.fleecingFormat, resolved[i]!.size);

@@ -7,7 +7,7 @@ import { EventEmitter } from 'node:events';
 import net from 'node:net';
 import { InvalidArgumentError } from '../errors.js';
 import { JsonLineDecoder, encodeMessage } from './codec.js';
-import { QmpClosedError, QmpError, QmpProtocolError, QmpTimeoutError } from './errors.js';
+import { QmpBusyError, QmpClosedError, QmpError, QmpProtocolError, QmpTimeoutError } from './errors.js';
 
 /** Where to connect: a unix socket path, `{ path }`, or `{ host, port }` for TCP. */
 export type QmpTarget = string | { path: string } | { host: string; port: number };
@@ -126,7 +126,9 @@ export class QmpClient extends EventEmitter {
    * @param target - Unix socket path, `{ path }` or `{ host, port }`.
    * @param opts - `timeoutMs` for the handshake and default for commands (default 30 s).
    * @throws {@link QmpClosedError} when the connection fails or closes during the handshake,
-   *   {@link QmpProtocolError} when the peer does not greet with QMP, {@link QmpTimeoutError}.
+   *   {@link QmpProtocolError} (`ERR_QMP_NOT_QMP`) when the peer does not greet with QMP,
+   *   {@link QmpBusyError} (`ERR_QMP_BUSY`) when it accepts but stays silent (a monitor busy with
+   *   another client), {@link QmpTimeoutError} when `qmp_capabilities` is not answered.
    */
   static async connect(target: QmpTarget, opts: QmpConnectOptions = {}): Promise<QmpClient> {
     const timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;
@@ -136,7 +138,7 @@ export class QmpClient extends EventEmitter {
     let greeting: Record<string, unknown>;
     try {
       greeting = await new Promise<Record<string, unknown>>((resolve, reject) => {
-        const timer = timeoutMs > 0 ? setTimeout(() => fail(new QmpTimeoutError('greeting', timeoutMs)), timeoutMs) : undefined;
+        const timer = timeoutMs > 0 ? setTimeout(() => fail(new QmpBusyError(address, timeoutMs)), timeoutMs) : undefined;
         const cleanup = (): void => {
           if (timer) clearTimeout(timer);
           socket.off('data', onData);
@@ -159,7 +161,16 @@ export class QmpClient extends EventEmitter {
             return;
           }
           const first = msgs[0];
-          if (!first) return;
+          if (!first) {
+            // A greeting starts with '{': anything else (an NBD server's binary greeting has no
+            // newline to wait for) is told at once instead of after the timeout.
+            const head = decoder.pending.trimStart();
+            if (head !== '' && !head.startsWith('{')) {
+              const what = head.startsWith('NBDMAGIC') ? 'it is an NBD server' : `it sent ${JSON.stringify(head.slice(0, 40))}`;
+              fail(new QmpProtocolError(`${address} is not a QMP socket: ${what}`));
+            }
+            return;
+          }
           if (!first.ok || typeof first.value.QMP !== 'object' || first.value.QMP === null) {
             const text = first.ok ? JSON.stringify(first.value) : first.line;
             fail(new QmpProtocolError(`${address} is not a QMP socket: expected a QMP greeting, got ${text.slice(0, 200)}`));

@@ -102,3 +102,29 @@ export class QmpProtocolError extends PveBackupError {
     super(message, { code: 'ERR_QMP_NOT_QMP', cause: options.cause });
   }
 }
+
+/**
+ * The socket accepted the connection but sent no QMP greeting in time (code `ERR_QMP_BUSY`).
+ * QEMU serves one client per QMP monitor socket and leaves further connections waiting in
+ * silence: another tool or backup is most likely connected to the monitor.
+ */
+export class QmpBusyError extends PveBackupError {
+  /** The socket (or host:port) connected to. */
+  readonly address: string;
+  /** How long the greeting was waited for, in milliseconds. */
+  readonly timeoutMs: number;
+
+  /**
+   * @param address - The socket.
+   * @param timeoutMs - How long the greeting was waited for.
+   */
+  constructor(address: string, timeoutMs: number) {
+    super(
+      `QMP socket ${address} accepted the connection but sent no greeting within ${timeoutMs} ms: the monitor is busy with ` +
+        'another client (QEMU serves one client per QMP socket; is another backup or tool connected?), or it is not a QMP socket',
+      { code: 'ERR_QMP_BUSY' },
+    );
+    this.address = address;
+    this.timeoutMs = timeoutMs;
+  }
+}

@@ -5,7 +5,7 @@
  */
 export { QmpClient } from './client.js';
 export type { QmpConnectOptions, QmpEvent, QmpExecuteOptions, QmpTarget, QmpVersion } from './client.js';
-export { QmpClosedError, QmpError, QmpProtocolError, QmpTimeoutError } from './errors.js';
+export { QmpBusyError, QmpClosedError, QmpError, QmpProtocolError, QmpTimeoutError } from './errors.js';
 export type { QmpErrorDetails } from './errors.js';
 export { GuestAgentClient, withFrozenFilesystems } from './guest-agent.js';
 export type { FsfreezeStatus } from './guest-agent.js';

@@ -1,0 +1,73 @@
+/**
+ * Who owns a backup access: the process that set it up, recorded so that a later run can tell a
+ * crashed (SIGKILLed, OOM-killed) orchestrator from one that is still copying.
+ *
+ * A process is named by its pid and its start time (field 22 of `/proc/<pid>/stat`, in clock
+ * ticks since boot), because pids are reused; the host name and boot id say whether that pid can
+ * be looked up here at all.
+ *
+ * @packageDocumentation
+ */
+import { readFileSync } from 'node:fs';
+import os from 'node:os';
+
+/** The process owning an access (or a job's temporary folder). */
+export interface AccessOwner {
+  /** Process id. */
+  pid: number;
+  /** Start time of the process (`/proc/<pid>/stat` field 22), or `undefined` without `/proc`. */
+  start: string | undefined;
+  /** Host name of the machine the process runs on. */
+  host: string;
+  /** Linux boot id of that machine (`/proc/sys/kernel/random/boot_id`), when readable. */
+  boot: string | undefined;
+}
+
+function readOrUndefined(file: string): string | undefined {
+  try {
+    return readFileSync(file, 'utf8');
+  } catch {
+    return undefined;
+  }
+}
+
+/** Start time of `pid` (field 22 of its stat line), or `undefined` when no such process exists. */
+export function processStartTime(pid: number): string | undefined {
+  const stat = readOrUndefined(`/proc/${pid}/stat`);
+  if (stat === undefined) return undefined;
+  // The command name (field 2) is in parentheses and may itself contain spaces and ')'.
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return fields[22 - 3];
+}
+
+/** The current process as an owner. */
+export function currentOwner(): AccessOwner {
+  return {
+    pid: process.pid,
+    start: processStartTime(process.pid),
+    host: os.hostname(),
+    boot: readOrUndefined('/proc/sys/kernel/random/boot_id')?.trim(),
+  };
+}
+
+/**
+ * Whether `owner` is known to be gone: it ran on this machine since its last boot, and no process
+ * with its pid and start time exists any more (or the machine rebooted since). An owner on another
+ * host, or one that cannot be checked, counts as alive.
+ */
+export function ownerIsDead(owner: unknown): boolean {
+  if (!owner || typeof owner !== 'object') return false;
+  const o = owner as Partial<AccessOwner>;
+  if (typeof o.pid !== 'number' || !Number.isInteger(o.pid) || o.pid <= 0 || typeof o.start !== 'string') return false;
+  const me = currentOwner();
+  if (o.host !== me.host) return false;
+  if (o.boot !== undefined && me.boot !== undefined && o.boot !== me.boot) return true;
+  const start = processStartTime(o.pid);
+  return start === undefined || start !== o.start;
+}
+
+/** `pid N on HOST` for messages. */
+export function describeOwner(owner: unknown): string {
+  const o = (owner ?? {}) as Partial<AccessOwner>;
+  return `pid ${String(o.pid)} on ${String(o.host)}`;
+}
