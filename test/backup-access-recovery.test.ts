@@ -13,7 +13,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 
 import { QmpClient } from '../lib/qmp/client.js';
 import { setupBackupAccess, teardownBackupAccess } from '../lib/qemu/backup-access.js';
-import { currentOwner, ownerIsDead } from '../lib/qemu/owner.js';
+import { currentOwner, ownerIsDead } from '../lib/owner.js';
 import { nbdWrite, startStorageDaemon, stopAll, tempDir, type QemuInstance } from './helpers/qemu.js';
 
 const CLI = path.join(import.meta.dirname, '..', 'dist', 'cli', 'main.js');

@@ -20,6 +20,7 @@ import {
   runBackupJob,
   type PruneEntry,
 } from '../lib/index.js';
+import { currentOwner } from '../lib/owner.js';
 import { BitmapLedger } from '../lib/providers/directory/bitmap-ledger.js';
 import { expectRestores, startDisk, vmGuest, type Disk } from './helpers/directory.js';
 import { stopAll, tempDir } from './helpers/qemu.js';
@@ -407,5 +408,25 @@ describe('a store is private to its owner', () => {
     } finally {
       process.umask(old);
     }
+  });
+});
+
+describe('who is writing a backup', () => {
+  it('a lock naming a live writer is in-progress; a dead one (also a reused pid) or a legacy dead pid is incomplete, and removed by the next backup', async () => {
+    const root = path.join(await tempDir(), 'store');
+    const s = await DirectoryStore.create(root, { storeid: 'dir1' });
+    const lock = async (when: string, owner: unknown): Promise<string> => {
+      const { volname, dir } = await s.createBackupDir(100, 'qemu', new Date(when));
+      writeFileSync(path.join(dir, '.lock'), `${JSON.stringify(owner)}\n`);
+      return volname;
+    };
+    const live = await lock('2024-01-01T00:00:00Z', currentOwner());
+    // our own pid, but not our start time: the writer died and its pid came back to another process
+    const reused = await lock('2024-01-02T00:00:00Z', { ...currentOwner(), start: '1' });
+    const legacyDead = await lock('2024-01-03T00:00:00Z', 2 ** 22 + 1); // above pid_max: no such process
+    const statuses = Object.fromEntries((await s.listBackups(100)).map((b) => [b.volname, b.status]));
+    expect(statuses).toEqual({ [live]: 'in-progress', [reused]: 'incomplete', [legacyDead]: 'incomplete' });
+    expect((await s.removeIncomplete(100)).sort()).toEqual([reused, legacyDead].sort());
+    expect((await s.listBackups(100)).map((b) => b.volname)).toEqual([live]);
   });
 });

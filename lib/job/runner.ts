@@ -14,7 +14,7 @@ import { InvalidArgumentError } from '../errors.js';
 import { NbdClient } from '../nbd/client.js';
 import { explainFleecingFailure, setupBackupAccess, teardownBackupAccess } from '../qemu/backup-access.js';
 import type { BackupAccessDevice } from '../qemu/types.js';
-import { currentOwner, ownerIsDead } from '../qemu/owner.js';
+import { currentOwner, ownerIsDead } from '../owner.js';
 import { GuestAgentClient } from '../qmp/guest-agent.js';
 import { adaptProvider, type DriverVolume, type ProviderDriver } from '../provider/adapter.js';
 import type { BackupProvider, GuestType, IdMapEntry, LogFunction, LogLevel, ProviderContext } from '../provider/api.js';

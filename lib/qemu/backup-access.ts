@@ -14,7 +14,7 @@ import { InvalidArgumentError } from '../errors.js';
 import { StepRunner, checkExistingNbdSocket, checkFleecingDir, makeSocketDir, removeLocalFiles } from './common.js';
 import { BackupAccessActiveError, BackupAccessError, FleecingFullError } from './errors.js';
 import { BACKGROUND_SUFFIX, BITMAP_ID_RE, DEVICE_RE, NAME_PREFIX, TARGET_ID_RE, check, nbdUnixUri } from './names.js';
-import { describeOwner, ownerIsDead } from './owner.js';
+import { describeOwner, ownerIsDead } from '../owner.js';
 import { detectProxmox, setupProxmox, teardownProxmox } from './proxmox.js';
 import { deleteState, readState, type AccessState } from './state.js';
 import type { BackupAccess, BitmapAction, BitmapMode, SetupBackupAccessOptions } from './types.js';

@@ -15,7 +15,7 @@ import { InvalidArgumentError } from '../errors.js';
 import { StepRunner, addExport, addFleecingNodes, createFleecingImage, deleteExports, removeLocalFiles, startNbdServer } from './common.js';
 import { BackupAccessActiveError, BackupAccessError, deviceError } from './errors.js';
 import { anchorBitmapName, fleecingPath, slotNames } from './names.js';
-import { currentOwner } from './owner.js';
+import { currentOwner } from '../owner.js';
 import { claimState, deleteState, readState, writeState, type AccessState, type DeviceState } from './state.js';
 import type { BitmapAction } from './types.js';
 import type { UpstreamSetupInput } from './upstream.js';

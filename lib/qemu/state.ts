@@ -8,7 +8,7 @@ import type { QmpClient } from '../qmp/client.js';
 import { QmpClosedError, QmpError } from '../qmp/errors.js';
 import { BackupAccessActiveError } from './errors.js';
 import { STATE_OBJECT_ID } from './names.js';
-import { describeOwner, type AccessOwner } from './owner.js';
+import { describeOwner, type AccessOwner } from '../owner.js';
 
 /** How the copy-before-write filter is put above the disk. */
 export type ParentRef = { kind: 'qdev'; path: string } | { kind: 'node'; node: string; driver: string };

@@ -37,7 +37,7 @@ import {
   mainBitmapName,
   slotNames,
 } from './names.js';
-import { currentOwner } from './owner.js';
+import { currentOwner } from '../owner.js';
 import { claimState, deleteState, readState, writeState, type AccessState, type DeviceState, type ParentRef } from './state.js';
 import type { BitmapAction } from './types.js';
 

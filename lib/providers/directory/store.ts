@@ -18,6 +18,7 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 
 import type { GuestType, PruneOptions } from '../../provider/api.js';
+import { currentOwner, ownerIsDead } from '../../owner.js';
 import { requireTool } from '../../tools.js';
 import { DirectoryStoreError } from './errors.js';
 import {
@@ -112,6 +113,16 @@ const pidAlive = (pid: number): boolean => {
     return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
 };
+
+/**
+ * Whether the writer named by a backup's lock file may still be writing: an owner record (pid and
+ * start time, so a reused pid is not taken for the writer), or a bare pid from older versions.
+ */
+async function writerAlive(lockFile: string): Promise<boolean> {
+  const owner = await readFile(lockFile, 'utf8').then((t) => JSON.parse(t) as unknown, () => undefined);
+  if (typeof owner === 'number') return pidAlive(owner);
+  return owner !== undefined && !ownerIsDead(owner);
+}
 
 /** A directory backup store. Open one with {@link DirectoryStore.open} or {@link DirectoryStore.create}. */
 export class DirectoryStore {
@@ -223,7 +234,7 @@ export class DirectoryStore {
       await chmod(dir, PRIVATE_DIR_MODE);
       const lock = await open(path.join(dir, LOCK), 'w', PRIVATE_FILE_MODE);
       try {
-        await lock.writeFile(`${process.pid}\n`);
+        await lock.writeFile(`${JSON.stringify(currentOwner())}\n`);
       } finally {
         await lock.close();
       }
@@ -329,8 +340,7 @@ export class DirectoryStore {
       if (err instanceof DirectoryStoreError && err.code === 'ERR_BACKUP_CORRUPT') {
         return { ...base, ctime: ctimeOf(p.backupId), size: await duBytes(dir), status: 'corrupt' };
       }
-      const lock = Number((await readFile(path.join(dir, LOCK), 'utf8').catch(() => '')).trim());
-      const alive = Number.isInteger(lock) && lock > 0 && pidAlive(lock);
+      const alive = await writerAlive(path.join(dir, LOCK));
       return { ...base, ctime: ctimeOf(p.backupId), size: await duBytes(dir), status: alive ? 'in-progress' : 'incomplete' };
     }
   }

@@ -1,6 +1,7 @@
 /**
- * Who owns a backup access: the process that set it up, recorded so that a later run can tell a
- * crashed (SIGKILLed, OOM-killed) orchestrator from one that is still copying.
+ * Who owns something a run leaves while it works (a backup access in QEMU, a job's temporary
+ * folder, a backup being written into a store): the process, recorded so that a later run can
+ * tell a crashed (SIGKILLed, OOM-killed) one from one that is still working.
  *
  * A process is named by its pid and its start time (field 22 of `/proc/<pid>/stat`, in clock
  * ticks since boot), because pids are reused; the host name and boot id say whether that pid can
@@ -11,7 +12,7 @@
 import { readFileSync } from 'node:fs';
 import os from 'node:os';
 
-/** The process owning an access (or a job's temporary folder). */
+/** The process owning an access, a job's temporary folder or a backup being written. */
 export interface AccessOwner {
   /** Process id. */
   pid: number;
