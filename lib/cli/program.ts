@@ -92,8 +92,8 @@ export function buildProgram(): Command {
     .addOption(new Option('--compression <kind>', 'qcow2: compress clusters').choices(['none', 'zstd', 'zlib']))
     .option('--bitmap <name>', 'read only the dirty extents of this bitmap')
     .option('--existing', 'write into an existing image at the same offsets (incremental)')
-    .option('--discard', 'TRIM each range on the export once written (default when it allows TRIM)')
-    .option('--no-discard', 'never TRIM the export')
+    .option('--discard', 'TRIM each range on the export once written: only for a fleecing snapshot, it destroys the data')
+    .option('--no-discard', 'never TRIM the export (the default)')
     .option('--bwlimit <bytes>', 'bandwidth limit in bytes/s (K, M, G suffixes)', parseSize)
     .option('--connections <n>', 'connections when the server allows several', parseCount)
     .option('--requests <n>', 'requests in flight', parseCount)
@@ -112,7 +112,7 @@ export function buildProgram(): Command {
         compression: opts.compression as 'none' | 'zstd' | 'zlib' | undefined,
         existing: opts.existing === true,
         bitmap: opts.bitmap as string | undefined,
-        discard: opts.discard as boolean | undefined,
+        discard: opts.discard === true,
         bandwidthLimit: opts.bwlimit as number | undefined,
         connections: opts.connections as number | undefined,
         requests: opts.requests as number | undefined,

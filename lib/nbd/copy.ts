@@ -21,7 +21,12 @@ export interface ExtentReadOptions {
   connections?: number;
   /** Copy-before-write cluster size that reads and discards align to; default 64 KiB. */
   clusterSize?: number;
-  /** TRIM what the target has taken; default on when the export allows TRIM. */
+  /**
+   * TRIM each range on the export once the target has taken it; default false. TRIM destroys
+   * the export's data: ask for it only on a fleecing snapshot (the snapshot-access export of
+   * backup access), where it frees fleecing space, never on a disk served as it is. Fails with
+   * `ERR_NBD_UNSUPPORTED` when the export does not accept TRIM.
+   */
   discard?: boolean;
   /** Bandwidth limit in bytes per second; absent or 0 = unlimited. */
   bandwidthLimit?: number;
@@ -128,7 +133,7 @@ function linkSignal(job: Binding.NativeCopyJob, signal: AbortSignal | undefined)
 
 /**
  * Copies an export's dirty extents (or the whole disk) to a sparse raw or qcow2 image,
- * pipelined, with discard on the export after each range is written.
+ * pipelined; with `discard: true`, each range is trimmed on the export once written.
  */
 export async function copyExtents(options: CopyExtentsOptions): Promise<CopySummary> {
   const job = (() => {
@@ -148,8 +153,9 @@ export async function copyExtents(options: CopyExtentsOptions): Promise<CopySumm
 
 /**
  * An export's extents as an async iterator of {@link Chunk}s, in ascending offset order, with
- * backpressure. A chunk's range is discarded on the export only once the consumer asks for the
- * next chunk (or the iteration ends), so data a consumer has not stored is never lost.
+ * backpressure. With `discard: true`, a chunk's range is discarded on the export only once the
+ * consumer asks for the next chunk (or the iteration ends), so data a consumer has not stored is
+ * never lost.
  * `summary` resolves when the stream has ended.
  */
 export interface ChunkStream extends AsyncIterable<Chunk> {

@@ -41,6 +41,7 @@ pub struct NativeCopyOptions {
     pub requests: Option<u32>,
     pub connections: Option<u32>,
     pub cluster_size: Option<i64>,
+    /// TRIM what the target took; off unless asked (it destroys the source's data).
     pub discard: Option<bool>,
     pub bandwidth_limit: Option<i64>,
     pub detect_zeroes: Option<bool>,
@@ -92,7 +93,7 @@ fn job_options(o: &NativeCopyOptions) -> napi::Result<JobOptions> {
     if let Some(v) = o.cluster_size {
         copy.cluster_size = to_u64(v, "clusterSize")?;
     }
-    copy.discard = o.discard;
+    copy.discard = o.discard.unwrap_or(false);
     if let Some(v) = o.bandwidth_limit {
         copy.bandwidth_limit = Some(to_u64(v, "bandwidthLimit")?).filter(|&b| b > 0);
     }
