@@ -32,6 +32,13 @@ export interface ExtentReadOptions {
   bandwidthLimit?: number;
   /** Write all-zero blocks as holes; default true. */
   detectZeroes?: boolean;
+  /**
+   * Longest wait for the server's reply to a request, in milliseconds; default 300 000 (5
+   * minutes), 0 waits forever. A server that leaves a request unanswered this long fails the
+   * copy with an `NbdError` of code `ERR_NBD_TIMEOUT` naming the request (`command`, `offset`,
+   * `length`) instead of hanging.
+   */
+  requestTimeoutMs?: number;
   /** Called at most about 10 times a second. */
   onProgress?: (progress: CopyProgress) => void;
   /** Cancels the copy: it then rejects with an `NbdError` of code `ERR_CANCELLED`. */
@@ -56,7 +63,13 @@ export interface CopyExtentsOptions extends ExtentReadOptions {
   compression?: 'none' | 'zstd' | 'zlib';
   /** qcow2: cluster size in bytes; default 64 KiB. */
   qcow2ClusterSize?: number;
-  /** Write into an existing image at the same offsets (incremental over a copy of the last full image). */
+  /**
+   * Write into an existing image at the same offsets (incremental over a copy of the last full
+   * image). The image is written in place: a failed or killed copy leaves it half updated, so
+   * write into a copy and keep the original until the copy succeeded (as `backupNbdToFile`
+   * does). Without it, a raw target is written as `<path>.part` and renamed into place only on
+   * success. Images the copy creates are readable by their owner only (mode 0600).
+   */
   existing?: boolean;
 }
 
@@ -119,6 +132,7 @@ function toNative(o: CopyExtentsOptions): Binding.NativeCopyOptions {
     discard: o.discard,
     bandwidthLimit: o.bandwidthLimit,
     detectZeroes: o.detectZeroes,
+    requestTimeoutMs: o.requestTimeoutMs,
   };
 }
 
