@@ -383,9 +383,16 @@ async fn a_stalled_read_times_out_naming_the_request() {
                 .contains("no reply to READ at offset 8192 length 4096"),
             "{e}"
         );
-        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
         // The connection is closed: a request that cannot be withdrawn poisons it.
-        assert_eq!(client.read(0, 512).await.unwrap_err().code(), "ERR_NBD_CLOSED");
+        assert_eq!(
+            client.read(0, 512).await.unwrap_err().code(),
+            "ERR_NBD_CLOSED"
+        );
     })
     .await
     .unwrap();
@@ -400,7 +407,9 @@ async fn a_copy_job_leaves_a_trimmable_source_intact_unless_asked_to_discard() {
     let server = nbdkit(dir.path(), &["memory", "size=4M"]);
     let uri = format!("nbd+unix:///?socket={}", server.socket.display());
     timeout(TIMEOUT, async {
-        let writer = NbdClient::connect(&options(&server, "", &[])).await.unwrap();
+        let writer = NbdClient::connect(&options(&server, "", &[]))
+            .await
+            .unwrap();
         assert!(writer.info().can_trim());
         writer
             .write(0, Bytes::from(pattern(0, 1 << 20)), false)
@@ -431,7 +440,10 @@ async fn a_copy_job_leaves_a_trimmable_source_intact_unless_asked_to_discard() {
         );
         let s = run(true).await;
         assert_eq!(s.bytes_trimmed, 4 << 20);
-        assert_eq!(writer.read(0, 1 << 20).await.unwrap(), Bytes::from(vec![0u8; 1 << 20]));
+        assert_eq!(
+            writer.read(0, 1 << 20).await.unwrap(),
+            Bytes::from(vec![0u8; 1 << 20])
+        );
     })
     .await
     .unwrap();

@@ -170,9 +170,17 @@ async fn full_copy_to_fresh_file_matches_and_leaves_holes() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.raw");
     let mut sink = RawFileSink::create(&path, size).await.unwrap();
-    let s = run(&src, 2, &mut sink, &CopyOptions { discard: true, ..CopyOptions::default() })
-        .await
-        .unwrap();
+    let s = run(
+        &src,
+        2,
+        &mut sink,
+        &CopyOptions {
+            discard: true,
+            ..CopyOptions::default()
+        },
+    )
+    .await
+    .unwrap();
 
     assert_eq!(std::fs::read(&path).unwrap(), data);
     assert_eq!(

@@ -104,8 +104,11 @@ fn job_options(o: &NativeCopyOptions) -> napi::Result<JobOptions> {
     }
     let request_timeout = match o.request_timeout_ms {
         None => Some(crate::nbd::DEFAULT_REQUEST_TIMEOUT),
-        Some(ms) => Some(std::time::Duration::from_millis(to_u64(ms, "requestTimeoutMs")?))
-            .filter(|t| !t.is_zero()),
+        Some(ms) => Some(std::time::Duration::from_millis(to_u64(
+            ms,
+            "requestTimeoutMs",
+        )?))
+        .filter(|t| !t.is_zero()),
     };
     Ok(JobOptions {
         uri: o.uri.clone(),
