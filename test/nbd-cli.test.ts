@@ -3,14 +3,16 @@
  * process killed mid-copy, the umask it runs under, its exit codes and the exact numbers it prints.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, readFileSync, readdirSync, statSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, readdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 import { describe, expect, it } from 'vitest';
 
 import { NbdClient } from '../lib/index.js';
-import { createImage, expectSameBytes, qemuIo } from './helpers/images.js';
+import { setupBackupAccess, teardownBackupAccess } from '../lib/qemu/backup-access.js';
+import { startStorageDaemon } from '../lib/qemu/storage-daemon.js';
+import { allocatedBytes, createImage, expectSameBytes, qemuIo } from './helpers/images.js';
 import { startNbdkit, startQemuNbd, useCleanups } from './helpers/nbd-servers.js';
 
 const CLI = join(import.meta.dirname, '..', 'dist', 'cli', 'main.js');
@@ -53,6 +55,32 @@ describe('copy', () => {
     expect((await nbd.read(0, MiB)).equals(Buffer.alloc(MiB))).toBe(true);
     expect(readFileSync(join(dir, 'snap.raw')).subarray(0, MiB).equals(Buffer.alloc(MiB, 0x5a))).toBe(true);
     await nbd.close();
+  });
+
+  it('--discard on a backup-access snapshot trims what it copied: the fleecing image shrinks', async () => {
+    const dir = scratch();
+    const image = join(dir, 'disk0.qcow2');
+    createImage(image, '16M', 'qcow2');
+    qemuIo(image, 'qcow2', ['write -P 0x11 0 16M']);
+    const qsd = await startStorageDaemon({ dir, disks: [{ id: 'disk0', file: image, format: 'qcow2' }], liveExports: true });
+    defer(() => qsd.stop());
+    const fleecing = join(dir, 'fleecing');
+    mkdirSync(fleecing);
+    const access = await setupBackupAccess(qsd.qmp, { targetId: 'cli', devices: ['disk0'], fleecing: { dir: fleecing }, nbdServer: { path: qsd.nbdSocket } });
+    defer(() => teardownBackupAccess(qsd.qmp, { targetId: 'cli', success: false }));
+    // the guest overwrites half the disk after the point in time: copy-before-write fills the fleecing image
+    const live = await NbdClient.connect(qsd.liveUri('disk0'));
+    await live.write(0, Buffer.alloc(8 * MiB, 0x22));
+    await live.close();
+    const fleecingUse = (): number => readdirSync(fleecing).reduce((n, f) => n + allocatedBytes(join(fleecing, f)), 0);
+    const before = fleecingUse();
+    expect(before).toBeGreaterThanOrEqual(8 * MiB);
+    const target = join(dir, 'point-in-time.raw');
+    const r = cli('copy', access.devices[0]!.nbdUri, target, '--discard', '--json');
+    expect(r.status, r.stderr).toBe(0);
+    expect(JSON.parse(r.stdout)).toMatchObject({ bytesTrimmed: 16 * MiB });
+    expect(fleecingUse()).toBeLessThan(before - 4 * MiB);
+    expect(readFileSync(target).equals(Buffer.alloc(16 * MiB, 0x11))).toBe(true);
   });
 
   it('fails with ERR_NBD_TIMEOUT naming the request when the server stops answering, and leaves no target', async () => {
