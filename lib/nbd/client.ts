@@ -28,7 +28,7 @@ export interface NbdConnectOptions {
 export interface ExportInfo {
   name: string;
   /**
-   * Export size in bytes. Exact up to 2^53 (9 PiB); above, rounded to the nearest JS number:
+   * Export size in bytes. Exact up to 2^53 (8 PiB); above, rounded to the nearest JS number:
    * use {@link ExportInfo.sizeExact} where that matters.
    */
   size: number;
