@@ -48,9 +48,9 @@ export interface ExtentReadOptions {
 /** Options of {@link copyExtents}. */
 export interface CopyExtentsOptions extends ExtentReadOptions {
   /**
-   * `raw`: a sparse raw image at `path`; `qcow2`: a qcow2 v3 image at `path`, written under
-   * `<path>.part` and renamed into place only on success; `null`: read and discard
-   * (verification, benchmarks). Default `raw`.
+   * `raw`: a sparse raw image at `path`; `qcow2`: a qcow2 v3 image at `path`. Both are written
+   * under `<path>.part` and renamed into place only on success (except with `existing`), mode
+   * 0600. `null`: read and throw away (verification, benchmarks). Default `raw`.
    */
   target?: 'raw' | 'qcow2' | 'null';
   /** Path of the image. */
@@ -85,7 +85,7 @@ export interface CopyProgress {
 
 /** What a copy did. */
 export interface CopySummary {
-  /** Export size. */
+  /** Export size (the summary's numbers are exact below 2^53 bytes, 8 PiB). */
   bytesTotal: number;
   /** Bytes read over NBD. */
   bytesRead: number;
