@@ -121,9 +121,14 @@ impl Failure {
         }
     }
 
-    /// The error of a request made after the connection died.
+    /// The error of a request made after the connection died. After a timeout it is the
+    /// timeout itself, so that whichever request a copy hears from first, it reports the
+    /// request the server left unanswered.
     fn later(&self) -> Error {
-        Error::closed(format!("NBD connection is closed: {}", self.error()))
+        match self {
+            Failure::Timeout { .. } => self.error(),
+            _ => Error::closed(format!("NBD connection is closed: {}", self.error())),
+        }
     }
 }
 
