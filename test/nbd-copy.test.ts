@@ -1,4 +1,4 @@
-import { copyFileSync, existsSync, readFileSync } from 'node:fs';
+import { copyFileSync, existsSync, readFileSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 
 import { describe, expect, it } from 'vitest';
@@ -63,10 +63,10 @@ describe('copyExtents', () => {
     await nbd.close();
     const target = join(dir, 'copy.raw');
     const expected = nbdcopyReference(server.uri, dir);
-    const summary = await copyExtents({ uri: server.uri, path: target });
+    const summary = await copyExtents({ uri: server.uri, path: target, discard: true });
     expect(summary.bytesTotal).toBe(1000001);
     expectSameBytes(readFileSync(target), expected);
-    // every byte was discarded after the copy, the partial last cluster included
+    // asked to discard: every byte was discarded after the copy, the partial last cluster included
     expect(summary.bytesTrimmed).toBe(1000001);
   });
 
@@ -79,6 +79,8 @@ describe('copyExtents', () => {
     expect(err).toMatchObject({ code: 'ERR_NBD_SERVER', errno: 'EIO', command: 'READ' });
     expect(typeof (err as NbdError).offset).toBe('number');
     expect((err as Error).message).toMatch(/EIO on READ at offset \d+/);
+    // the target was created (reads start after it), and nothing of it is left
+    expect(readdirSync(dir)).toEqual([]);
   });
 
   it('stops within a second of an abort and never reports success', async () => {
@@ -207,21 +209,75 @@ describe('backupNbdToFile (provider helper)', () => {
     const full = join(dir, 'disk.raw');
     {
       const server = track(await startQemuNbd(image, { format: 'qcow2', readOnly: true }));
-      await backupNbdToFile({ uri: server.uri, bitmapMode: 'new', path: full });
+      await backupNbdToFile({ uri: server.uri, bitmapMode: 'new', path: full, discard: false });
       await server.stop();
     }
     const before = readFileSync(full);
     qemuIo(image, 'qcow2', ['write -P 0x22 1M 64k']);
     const server = track(await startQemuNbd(image, { format: 'qcow2', readOnly: true, extra: ['--bitmap=inc'] }));
     // a failing run (no such bitmap) must not touch the previous image, which is also the target
-    await expect(backupNbdToFile({ uri: server.uri, bitmapMode: 'reuse', bitmapName: 'nope', previous: full, path: full })).rejects.toMatchObject({
+    await expect(backupNbdToFile({ uri: server.uri, bitmapMode: 'reuse', bitmapName: 'nope', previous: full, path: full, discard: false })).rejects.toMatchObject({
       code: 'ERR_NBD_UNSUPPORTED',
     });
     expect(readFileSync(full).equals(before)).toBe(true);
     expect(existsSync(`${full}.part`)).toBe(false);
-    const summary = await backupNbdToFile({ uri: server.uri, bitmapMode: 'reuse', bitmapName: 'inc', previous: full, path: full });
+    const summary = await backupNbdToFile({ uri: server.uri, bitmapMode: 'reuse', bitmapName: 'inc', previous: full, path: full, discard: false });
     expect(summary.bytesRead).toBe(65536);
     expectSameBytes(readFileSync(full), nbdcopyReference(server.uri, dir));
     expect(existsSync(`${full}.part`)).toBe(false);
+  });
+});
+
+describe('the source export is never trimmed unless asked', () => {
+  /** A raw source image with data all over it, and a copy of its bytes to compare with later. */
+  function sourceImage(dir: string): { path: string; bytes: Buffer } {
+    const path = join(dir, 'src.raw');
+    createImage(path, '8M', 'raw');
+    qemuIo(path, 'raw', ['write -P 0x11 0 3M', 'write -P 0x22 4M 1M', 'write -P 0x33 7M 1M']);
+    return { path, bytes: readFileSync(path) };
+  }
+
+  const servers = {
+    'nbdkit file': (path: string) => startNbdkit(['file', path]),
+    'qemu-nbd --discard=unmap': (path: string) => startQemuNbd(path, { extra: ['--discard=unmap'] }),
+  };
+
+  for (const [name, serve] of Object.entries(servers)) {
+    it(`copyExtents and readChunks from ${name} leave the source byte-identical`, async () => {
+      const dir = scratch();
+      const src = sourceImage(dir);
+      const server = track(await serve(src.path));
+      const probe = await NbdClient.connect(server.uri);
+      // the export would take TRIM: only the copy's restraint keeps the source whole
+      expect(probe.info).toMatchObject({ canTrim: true, readOnly: false });
+      await probe.close();
+
+      const target = join(dir, 'copy.raw');
+      const summary = await copyExtents({ uri: server.uri, path: target, maxRequest: MiB });
+      expect(summary.bytesTrimmed).toBe(0);
+      expectSameBytes(readFileSync(target), src.bytes, 'target');
+      expectSameBytes(readFileSync(src.path), src.bytes, 'source after copyExtents');
+
+      const stream = readChunks({ uri: server.uri, maxRequest: MiB });
+      for await (const chunk of stream) void chunk;
+      expect((await stream.summary).bytesTrimmed).toBe(0);
+      expectSameBytes(readFileSync(src.path), src.bytes, 'source after readChunks');
+    });
+  }
+});
+
+describe('request timeout', () => {
+  it('a read the server leaves unanswered fails with ERR_NBD_TIMEOUT naming it, instead of hanging', async () => {
+    const dir = scratch();
+    const server = track(await startNbdkit(['--filter=delay', 'pattern', 'size=4M', 'delay-read=300']));
+    const err = await copyExtents({ uri: server.uri, path: join(dir, 'copy.raw'), requestTimeoutMs: 500 }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(NbdError);
+    expect(err).toMatchObject({ code: 'ERR_NBD_TIMEOUT', command: 'READ', length: expect.any(Number), offset: expect.any(Number) });
+    expect((err as Error).message).toMatch(/no reply to READ at offset \d+ length \d+ within 0\.5 s/);
+    expect(readdirSync(dir)).toEqual([]);
+
+    const nbd = await NbdClient.connect(server.uri, { requestTimeoutMs: 500, metaContexts: [] });
+    await expect(nbd.read(65536, 512)).rejects.toMatchObject({ code: 'ERR_NBD_TIMEOUT', command: 'READ', offset: 65536, length: 512 });
+    await nbd.close().catch(() => undefined);
   });
 });

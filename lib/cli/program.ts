@@ -25,6 +25,12 @@ function parseCount(value: string): number {
   return n;
 }
 
+function parseSeconds(value: string): number {
+  const n = Number(value);
+  if (value.trim() === '' || !Number.isFinite(n) || n < 0) throw new InvalidArgumentError(`not a number of seconds: ${value} (0: no limit)`);
+  return n;
+}
+
 /** Ctrl-C cancels the running operation instead of killing the process mid-write. */
 function interruptSignal(): AbortSignal {
   const controller = new AbortController();
@@ -68,13 +74,18 @@ export function buildProgram(): Command {
       await client.close();
       const [contexts, bitmaps] = await Promise.all([NbdClient.listMetaContexts(uri, []).catch(() => []), listBitmaps(uri).catch(() => [])]);
       if (opts.json) {
-        console.log(JSON.stringify({ ...info, availableMetaContexts: contexts, bitmaps }, null, 2));
+        // `size` must print exactly, also above 2^53 where a JS number is rounded: stringify a
+        // placeholder and put the decimal digits in its place.
+        const { sizeExact, ...rest } = info;
+        const placeholder = '\u0000size\u0000';
+        const text = JSON.stringify({ ...rest, size: placeholder, availableMetaContexts: contexts, bitmaps }, null, 2);
+        console.log(text.replace(JSON.stringify(placeholder), sizeExact));
         return;
       }
       const flags = ['readOnly', 'canFlush', 'canTrim', 'canWriteZeroes', 'canFastZero', 'canMultiConn', 'structuredReplies', 'extendedHeaders'] as const;
       printTable([
         ['export', info.name || '(default)'],
-        ['size', `${info.size} (${formatBytes(info.size)})`],
+        ['size', `${info.sizeExact} (${formatBytes(info.size)})`],
         ['flags', flags.filter((f) => info[f]).join(' ') || '-'],
         ['block sizes', `min ${info.blockSizes.minimum}, preferred ${info.blockSizes.preferred}, max ${info.blockSizes.maximum}`],
         ['meta contexts', contexts.join(' ') || '-'],
@@ -91,14 +102,15 @@ export function buildProgram(): Command {
     .option('--backing <file>', 'qcow2: the image this one is an increment of (relative to the target\'s folder)')
     .addOption(new Option('--compression <kind>', 'qcow2: compress clusters').choices(['none', 'zstd', 'zlib']))
     .option('--bitmap <name>', 'read only the dirty extents of this bitmap')
-    .option('--existing', 'write into an existing image at the same offsets (incremental)')
-    .option('--discard', 'TRIM each range on the export once written (default when it allows TRIM)')
-    .option('--no-discard', 'never TRIM the export')
+    .option('--existing', 'write into an existing image at the same offsets (incremental), in place: a failed copy leaves it half updated')
+    .option('--discard', 'TRIM each range on the export once written: only for a fleecing snapshot, it destroys the data')
+    .option('--no-discard', 'never TRIM the export (the default)')
     .option('--bwlimit <bytes>', 'bandwidth limit in bytes/s (K, M, G suffixes)', parseSize)
     .option('--connections <n>', 'connections when the server allows several', parseCount)
     .option('--requests <n>', 'requests in flight', parseCount)
     .option('--max-request <bytes>', 'largest single read', parseSize)
     .option('--cluster-size <bytes>', 'copy-before-write cluster size for alignment', parseSize)
+    .option('--timeout <seconds>', 'fail when the server leaves a request unanswered this long (0: never)', parseSeconds, 300)
     .option('--json', 'print the summary as JSON, no progress bar')
     .action(async (uri: string, target: string, opts: Record<string, unknown>) => {
       const json = opts.json === true;
@@ -112,12 +124,13 @@ export function buildProgram(): Command {
         compression: opts.compression as 'none' | 'zstd' | 'zlib' | undefined,
         existing: opts.existing === true,
         bitmap: opts.bitmap as string | undefined,
-        discard: opts.discard as boolean | undefined,
+        discard: opts.discard === true,
         bandwidthLimit: opts.bwlimit as number | undefined,
         connections: opts.connections as number | undefined,
         requests: opts.requests as number | undefined,
         maxRequest: opts.maxRequest as number | undefined,
         clusterSize: opts.clusterSize as number | undefined,
+        requestTimeoutMs: Math.round((opts.timeout as number) * 1000),
         onProgress: (p) => view.update(p.done, p.total, p.bytesPerSecond),
         signal: interruptSignal(),
       }).finally(() => view.stop());

@@ -15,13 +15,25 @@ export interface NbdConnectOptions {
    * with an `NbdError` of code `ERR_NBD_IO` instead of hanging.
    */
   handshakeTimeoutMs?: number;
+  /**
+   * Longest wait for the reply to a request, in milliseconds; default 300 000 (5 minutes), 0
+   * waits forever. A request left unanswered this long fails with an `NbdError` of code
+   * `ERR_NBD_TIMEOUT` naming it, as does every request then pending: the connection is closed
+   * (an NBD request cannot be withdrawn).
+   */
+  requestTimeoutMs?: number;
 }
 
 /** What the server told us about the export during the handshake. */
 export interface ExportInfo {
   name: string;
-  /** Export size in bytes. */
+  /**
+   * Export size in bytes. Exact up to 2^53 (8 PiB); above, rounded to the nearest JS number:
+   * use {@link ExportInfo.sizeExact} where that matters.
+   */
   size: number;
+  /** Export size in bytes, in decimal: exact for every size. */
+  sizeExact: string;
   /** Raw NBD transmission flags. */
   flags: number;
   readOnly: boolean;
@@ -80,6 +92,7 @@ export class NbdClient {
         extendedHeaders: options.extendedHeaders,
         maxInFlight: options.maxInFlight,
         handshakeTimeoutMs: options.handshakeTimeoutMs,
+        requestTimeoutMs: options.requestTimeoutMs,
       }),
     );
     return new NbdClient(inner);

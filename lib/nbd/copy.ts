@@ -21,12 +21,24 @@ export interface ExtentReadOptions {
   connections?: number;
   /** Copy-before-write cluster size that reads and discards align to; default 64 KiB. */
   clusterSize?: number;
-  /** TRIM what the target has taken; default on when the export allows TRIM. */
+  /**
+   * TRIM each range on the export once the target has taken it; default false. TRIM destroys
+   * the export's data: ask for it only on a fleecing snapshot (the snapshot-access export of
+   * backup access), where it frees fleecing space, never on a disk served as it is. Fails with
+   * `ERR_NBD_UNSUPPORTED` when the export does not accept TRIM.
+   */
   discard?: boolean;
   /** Bandwidth limit in bytes per second; absent or 0 = unlimited. */
   bandwidthLimit?: number;
   /** Write all-zero blocks as holes; default true. */
   detectZeroes?: boolean;
+  /**
+   * Longest wait for the server's reply to a request, in milliseconds; default 300 000 (5
+   * minutes), 0 waits forever. A server that leaves a request unanswered this long fails the
+   * copy with an `NbdError` of code `ERR_NBD_TIMEOUT` naming the request (`command`, `offset`,
+   * `length`) instead of hanging.
+   */
+  requestTimeoutMs?: number;
   /** Called at most about 10 times a second. */
   onProgress?: (progress: CopyProgress) => void;
   /** Cancels the copy: it then rejects with an `NbdError` of code `ERR_CANCELLED`. */
@@ -36,9 +48,9 @@ export interface ExtentReadOptions {
 /** Options of {@link copyExtents}. */
 export interface CopyExtentsOptions extends ExtentReadOptions {
   /**
-   * `raw`: a sparse raw image at `path`; `qcow2`: a qcow2 v3 image at `path`, written under
-   * `<path>.part` and renamed into place only on success; `null`: read and discard
-   * (verification, benchmarks). Default `raw`.
+   * `raw`: a sparse raw image at `path`; `qcow2`: a qcow2 v3 image at `path`. Both are written
+   * under `<path>.part` and renamed into place only on success (except with `existing`), mode
+   * 0600. `null`: read and throw away (verification, benchmarks). Default `raw`.
    */
   target?: 'raw' | 'qcow2' | 'null';
   /** Path of the image. */
@@ -51,7 +63,13 @@ export interface CopyExtentsOptions extends ExtentReadOptions {
   compression?: 'none' | 'zstd' | 'zlib';
   /** qcow2: cluster size in bytes; default 64 KiB. */
   qcow2ClusterSize?: number;
-  /** Write into an existing image at the same offsets (incremental over a copy of the last full image). */
+  /**
+   * Write into an existing image at the same offsets (incremental over a copy of the last full
+   * image). The image is written in place: a failed or killed copy leaves it half updated, so
+   * write into a copy and keep the original until the copy succeeded (as `backupNbdToFile`
+   * does). Without it, a raw target is written as `<path>.part` and renamed into place only on
+   * success. Images the copy creates are readable by their owner only (mode 0600).
+   */
   existing?: boolean;
 }
 
@@ -67,7 +85,7 @@ export interface CopyProgress {
 
 /** What a copy did. */
 export interface CopySummary {
-  /** Export size. */
+  /** Export size (the summary's numbers are exact below 2^53 bytes, 8 PiB). */
   bytesTotal: number;
   /** Bytes read over NBD. */
   bytesRead: number;
@@ -114,6 +132,7 @@ function toNative(o: CopyExtentsOptions): Binding.NativeCopyOptions {
     discard: o.discard,
     bandwidthLimit: o.bandwidthLimit,
     detectZeroes: o.detectZeroes,
+    requestTimeoutMs: o.requestTimeoutMs,
   };
 }
 
@@ -163,7 +182,7 @@ function linkSignal(job: Binding.NativeCopyJob, signal: AbortSignal | undefined)
 
 /**
  * Copies an export's dirty extents (or the whole disk) to a sparse raw or qcow2 image,
- * pipelined, with discard on the export after each range is written.
+ * pipelined; with `discard: true`, each range is trimmed on the export once written.
  */
 export async function copyExtents(options: CopyExtentsOptions): Promise<CopySummary> {
   const progress = new GuardedProgress(options.onProgress);
@@ -185,8 +204,9 @@ export async function copyExtents(options: CopyExtentsOptions): Promise<CopySumm
 
 /**
  * An export's extents as an async iterator of {@link Chunk}s, in ascending offset order, with
- * backpressure. A chunk's range is discarded on the export only once the consumer asks for the
- * next chunk (or the iteration ends), so data a consumer has not stored is never lost.
+ * backpressure. With `discard: true`, a chunk's range is discarded on the export only once the
+ * consumer asks for the next chunk (or the iteration ends), so data a consumer has not stored is
+ * never lost.
  * `summary` resolves when the stream has ended.
  */
 export interface ChunkStream extends AsyncIterable<Chunk> {

@@ -7,6 +7,7 @@ export type NbdErrorCode =
   | 'ERR_NBD_SERVER'
   | 'ERR_NBD_CLOSED'
   | 'ERR_NBD_UNSUPPORTED'
+  | 'ERR_NBD_TIMEOUT'
   | 'ERR_CANCELLED'
   | 'ERR_INVALID_ARGUMENT'
   | 'ERR_SINK';
@@ -16,13 +17,14 @@ export type NbdErrorCode =
  *
  * `code` tells what kind of failure it is; a server error (`ERR_NBD_SERVER`) also carries the
  * errno name the server sent (`EIO`, `EINVAL`, ...), the command, and the offset and length of
- * the failing request.
+ * the failing request. A timeout (`ERR_NBD_TIMEOUT`: the server left a request unanswered for
+ * the request timeout) carries the command, offset and length of that request.
  */
 export class NbdError extends PveBackupError {
   declare readonly code: NbdErrorCode;
   /** Errno name from the server, e.g. `EIO` (server errors only). */
   readonly errno?: string;
-  /** The NBD command that failed, e.g. `READ` (server errors only). */
+  /** The NBD command that failed or timed out, e.g. `READ` (server errors and timeouts). */
   readonly command?: string;
   /** Offset of the failing request or the offset the server named. */
   readonly offset?: number;

@@ -188,7 +188,11 @@ export interface BackupNbdToFileOptions {
   previous?: string;
   /** Bytes per second (0 or absent: none). */
   bandwidthLimit?: number;
-  /** Discard on the export what has been written; default: when the export accepts TRIM. */
+  /**
+   * Discard on the export what has been written; default true, since this helper is meant for
+   * the backup-access export `backupNbd` is handed (a fleecing snapshot, where discard frees
+   * fleecing space). Pass false for any other export: TRIM destroys the export's data.
+   */
   discard?: boolean;
   onProgress?: (progress: CopyProgress) => void;
   signal?: AbortSignal;
@@ -207,7 +211,7 @@ export async function backupNbdToFile(o: BackupNbdToFileOptions): Promise<CopySu
   const common = {
     uri,
     path: o.path,
-    ...(o.discard !== undefined ? { discard: o.discard } : {}),
+    discard: o.discard ?? true,
     ...(o.bandwidthLimit ? { bandwidthLimit: o.bandwidthLimit } : {}),
     ...(o.onProgress ? { onProgress: o.onProgress } : {}),
     ...(o.signal ? { signal: o.signal } : {}),

@@ -43,8 +43,11 @@ pub struct CopyOptions {
     pub requests_in_flight: usize,
     /// Copy-before-write cluster size of the snapshot (at least 64 KiB with QEMU).
     pub cluster_size: u64,
-    /// TRIM taken ranges on the source; `None` = when the source accepts TRIM.
-    pub discard: Option<bool>,
+    /// TRIM taken ranges on the source once the sink has them. Off by default: TRIM destroys
+    /// the source's data, which is wanted only on a fleecing snapshot (the snapshot-access
+    /// export of backup access) and never on a plain disk export. Refused when the source does
+    /// not accept TRIM.
+    pub discard: bool,
     /// Bytes per second read from the source; `None` = unlimited.
     pub bandwidth_limit: Option<u64>,
     /// Hand all-zero data to the sink as zeros instead of writing it.
@@ -60,7 +63,7 @@ impl Default for CopyOptions {
             max_request: plan::DEFAULT_MAX_REQUEST,
             requests_in_flight: 16,
             cluster_size: plan::DEFAULT_CLUSTER_SIZE,
-            discard: None,
+            discard: false,
             bandwidth_limit: None,
             detect_zeroes: true,
         }
@@ -451,15 +454,12 @@ async fn run<S: Source>(
         0 => options.max_request,
         server => options.max_request.min(server),
     };
-    let discard = match options.discard {
-        None => first.can_trim(),
-        Some(true) if !first.can_trim() => {
-            return Err(Error::unsupported(
-                "discard was requested but the export does not accept TRIM",
-            ));
-        }
-        Some(d) => d,
-    };
+    let discard = options.discard;
+    if discard && !first.can_trim() {
+        return Err(Error::unsupported(
+            "discard was requested but the export does not accept TRIM",
+        ));
+    }
 
     let Planned {
         plan,

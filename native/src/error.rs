@@ -26,6 +26,8 @@ enum Kind {
     Unsupported,
     /// The sink (file, qcow2, JS consumer) failed.
     Sink,
+    /// The server did not answer a request within the request timeout.
+    Timeout,
 }
 
 /// Details of an error reply from an NBD server.
@@ -48,6 +50,8 @@ pub struct Error {
     kind: Kind,
     message: String,
     server: Option<Box<ServerError>>,
+    /// The request that timed out: command, offset, length.
+    request: Option<(&'static str, u64, u64)>,
     source: Option<Source>,
 }
 
@@ -59,6 +63,7 @@ impl Error {
             kind,
             message: message.into(),
             server: None,
+            request: None,
             source: None,
         }
     }
@@ -112,6 +117,24 @@ impl Error {
         Error::new(Kind::Unsupported, message)
     }
 
+    /// The server left `command` at `offset`, `length` unanswered for `after`.
+    pub fn timeout(
+        command: &'static str,
+        offset: u64,
+        length: u64,
+        after: std::time::Duration,
+    ) -> Self {
+        let mut e = Error::new(
+            Kind::Timeout,
+            format!(
+                "no reply to {command} at offset {offset} length {length} within {} s",
+                after.as_secs_f64()
+            ),
+        );
+        e.request = Some((command, offset, length));
+        e
+    }
+
     pub fn sink(message: impl Into<String>) -> Self {
         Error::new(Kind::Sink, message)
     }
@@ -132,7 +155,21 @@ impl Error {
             Kind::InvalidArgument => "ERR_INVALID_ARGUMENT",
             Kind::Unsupported => "ERR_NBD_UNSUPPORTED",
             Kind::Sink => "ERR_SINK",
+            Kind::Timeout => "ERR_NBD_TIMEOUT",
         }
+    }
+
+    /// The request an error is about (command, offset, length): the one the server failed or
+    /// the one that timed out.
+    pub fn request(&self) -> Option<(&'static str, u64, u64)> {
+        match &self.server {
+            Some(s) => Some((s.command, s.offset, s.length)),
+            None => self.request,
+        }
+    }
+
+    pub fn is_timeout(&self) -> bool {
+        self.kind == Kind::Timeout
     }
 
     /// Details when the server answered with an error.

@@ -38,12 +38,15 @@ pub struct JobOptions {
     pub uri: String,
     /// Connections to open; more than one only when the server advertises CAN_MULTI_CONN.
     pub connections: usize,
+    /// Longest wait for a reply on every connection of the run; `None` waits forever.
+    pub request_timeout: Option<std::time::Duration>,
     pub copy: CopyOptions,
 }
 
-fn connect_options(uri: &NbdUri, contexts: Vec<String>) -> ConnectOptions {
+fn connect_options(uri: &NbdUri, contexts: Vec<String>, opts: &JobOptions) -> ConnectOptions {
     let mut connect = ConnectOptions::new(uri.clone());
     connect.meta_contexts = contexts;
+    connect.request_timeout = opts.request_timeout;
     connect
 }
 
@@ -51,9 +54,18 @@ fn connect_options(uri: &NbdUri, contexts: Vec<String>) -> ConnectOptions {
 /// (so a server that takes one client at a time works too). QEMU computes every negotiated
 /// context for each block status request, and a bitmap-restricted snapshot refuses
 /// `base:allocation` outside its dirty areas.
-async fn map_bitmap(uri: &NbdUri, bitmap: &str, cancel: &CancellationToken) -> Result<Vec<Region>> {
-    let client =
-        NbdClient::connect(&connect_options(uri, vec![dirty_bitmap_context(bitmap)])).await?;
+async fn map_bitmap(
+    uri: &NbdUri,
+    bitmap: &str,
+    opts: &JobOptions,
+    cancel: &CancellationToken,
+) -> Result<Vec<Region>> {
+    let client = NbdClient::connect(&connect_options(
+        uri,
+        vec![dirty_bitmap_context(bitmap)],
+        opts,
+    ))
+    .await?;
     if client
         .info()
         .context_id(&dirty_bitmap_context(bitmap))
@@ -87,7 +99,7 @@ async fn open_connections(uri: &NbdUri, opts: &JobOptions) -> Result<Vec<NbdClie
     } else {
         Vec::new()
     };
-    let connect = connect_options(uri, contexts);
+    let connect = connect_options(uri, contexts, opts);
     let first = NbdClient::connect(&connect).await?;
     let wanted = if first.info().can_multi_conn() {
         opts.connections.max(1)
@@ -112,7 +124,7 @@ pub async fn run(
     let mut opts = opts;
     let prepared = async {
         if let Some(bitmap) = &opts.copy.bitmap {
-            opts.copy.dirty = Some(map_bitmap(&uri, bitmap, cancel).await?);
+            opts.copy.dirty = Some(map_bitmap(&uri, bitmap, &opts, cancel).await?);
         }
         open_connections(&uri, &opts).await
     };

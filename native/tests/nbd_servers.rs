@@ -361,3 +361,89 @@ async fn qemu_nbd_unknown_export_names_it() {
     .await
     .unwrap();
 }
+
+#[tokio::test]
+async fn a_stalled_read_times_out_naming_the_request() {
+    let dir = TempDir::new().unwrap();
+    let server = nbdkit(
+        dir.path(),
+        &["--filter=delay", "memory", "size=1M", "delay-read=300"],
+    );
+    timeout(TIMEOUT, async {
+        let mut o = options(&server, "", &[]);
+        o.request_timeout = Some(Duration::from_millis(500));
+        let client = NbdClient::connect(&o).await.unwrap();
+        let started = Instant::now();
+        let e = client.read(8192, 4096).await.unwrap_err();
+        assert_eq!(e.code(), "ERR_NBD_TIMEOUT", "{e}");
+        assert!(e.is_timeout());
+        assert_eq!(e.request(), Some(("READ", 8192, 4096)));
+        assert!(
+            e.to_string()
+                .contains("no reply to READ at offset 8192 length 4096"),
+            "{e}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        // The connection is closed (a request that cannot be withdrawn poisons it); later
+        // requests still name the request that timed out.
+        let later = client.read(0, 512).await.unwrap_err();
+        assert_eq!(later.request(), Some(("READ", 8192, 4096)), "{later}");
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_copy_job_leaves_a_trimmable_source_intact_unless_asked_to_discard() {
+    use pve_backup_provider_native::engine::CopyOptions;
+    use pve_backup_provider_native::job::{self, JobOptions, Target};
+    use tokio_util::sync::CancellationToken;
+    let dir = TempDir::new().unwrap();
+    let server = nbdkit(dir.path(), &["memory", "size=4M"]);
+    let uri = format!("nbd+unix:///?socket={}", server.socket.display());
+    timeout(TIMEOUT, async {
+        let writer = NbdClient::connect(&options(&server, "", &[]))
+            .await
+            .unwrap();
+        assert!(writer.info().can_trim());
+        writer
+            .write(0, Bytes::from(pattern(0, 1 << 20)), false)
+            .await
+            .unwrap();
+        let run = |discard: bool| {
+            let uri = uri.clone();
+            async move {
+                let opts = JobOptions {
+                    uri,
+                    connections: 1,
+                    request_timeout: None,
+                    copy: CopyOptions {
+                        discard,
+                        ..CopyOptions::default()
+                    },
+                };
+                job::run(opts, Target::Null, &|_| {}, &CancellationToken::new())
+                    .await
+                    .unwrap()
+            }
+        };
+        let s = run(false).await;
+        assert_eq!(s.bytes_trimmed, 0);
+        assert_eq!(
+            writer.read(0, 1 << 20).await.unwrap(),
+            Bytes::from(pattern(0, 1 << 20))
+        );
+        let s = run(true).await;
+        assert_eq!(s.bytes_trimmed, 4 << 20);
+        assert_eq!(
+            writer.read(0, 1 << 20).await.unwrap(),
+            Bytes::from(vec![0u8; 1 << 20])
+        );
+    })
+    .await
+    .unwrap();
+}

@@ -280,6 +280,7 @@ export class DirectoryProvider extends BackupProviderBase {
       uri: v.nbdUri,
       target: 'qcow2',
       path: path.join(g.dir, file),
+      discard: true, // the snapshot-access export backup access set up: frees fleecing space
       ...(v.bitmapName ? { bitmap: v.bitmapName } : {}),
       ...(base ? { backingFile: `../${parseVolname(base).dirName}/${file}`, backingFormat: 'qcow2' as const } : {}),
       compression: this.compression,

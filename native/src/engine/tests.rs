@@ -170,9 +170,17 @@ async fn full_copy_to_fresh_file_matches_and_leaves_holes() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.raw");
     let mut sink = RawFileSink::create(&path, size).await.unwrap();
-    let s = run(&src, 2, &mut sink, &CopyOptions::default())
-        .await
-        .unwrap();
+    let s = run(
+        &src,
+        2,
+        &mut sink,
+        &CopyOptions {
+            discard: true,
+            ..CopyOptions::default()
+        },
+    )
+    .await
+    .unwrap();
 
     assert_eq!(std::fs::read(&path).unwrap(), data);
     assert_eq!(
@@ -262,6 +270,7 @@ async fn incremental_into_existing_image_reads_and_trims_only_dirty() {
     let mut sink = RawFileSink::open_existing(&path, size).await.unwrap();
     let options = CopyOptions {
         bitmap: Some("backup".into()),
+        discard: true,
         ..CopyOptions::default()
     };
     let s = run(&src, 3, &mut sink, &options).await.unwrap();
@@ -331,6 +340,7 @@ async fn concurrent_reads_never_overlap_after_cluster_alignment() {
     let options = CopyOptions {
         bitmap: Some("backup".into()),
         max_request: 256 * 1024,
+        discard: true,
         ..CopyOptions::default()
     };
     run(&src, 4, &mut sink, &options).await.unwrap();
@@ -497,6 +507,7 @@ async fn channel_sink_delivers_in_order_and_trims_only_taken_chunks() {
     };
     let options = CopyOptions {
         max_request: 256 * 1024,
+        discard: true,
         ..CopyOptions::default()
     };
     let (result, image) = tokio::join!(run(&src, 2, &mut sink, &options), consumer);
@@ -568,35 +579,37 @@ async fn absurd_cluster_size_is_refused_before_anything_is_allocated() {
 }
 
 #[tokio::test]
-async fn discard_follows_the_export() {
+async fn discard_only_when_asked() {
     let size = 1 * M;
     let config = Config {
         can_trim: false,
         ..Config::default()
     };
     let src = MemorySource::new(content(size, 16, &[]), config);
-    // Default: off on a read-only export.
-    let s = run(&src, 1, &mut NullSink::new(), &CopyOptions::default())
-        .await
-        .unwrap();
-    assert_eq!(s.bytes_trimmed, 0);
-    // Asked for explicitly: refused up front.
+    // Asked for on an export without TRIM: refused up front.
     let options = CopyOptions {
-        discard: Some(true),
+        discard: true,
         ..CopyOptions::default()
     };
     let err = run(&src, 1, &mut NullSink::new(), &options)
         .await
         .unwrap_err();
     assert!(err.is_unsupported());
-    // Turned off on a writable export: no trims.
+    // Default on a writable export that accepts TRIM: no trims (a plain disk export must keep
+    // its data; only a fleecing snapshot is trimmed, and its caller says so).
     let src = MemorySource::new(content(size, 16, &[]), Config::default());
+    let s = run(&src, 1, &mut NullSink::new(), &CopyOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(s.bytes_trimmed, 0);
+    assert!(src.trims().is_empty());
+    // Asked for: every byte trimmed.
     let options = CopyOptions {
-        discard: Some(false),
+        discard: true,
         ..CopyOptions::default()
     };
-    run(&src, 1, &mut NullSink::new(), &options).await.unwrap();
-    assert!(src.trims().is_empty());
+    let s = run(&src, 1, &mut NullSink::new(), &options).await.unwrap();
+    assert_eq!(s.bytes_trimmed, size);
 }
 
 #[tokio::test]
@@ -694,6 +707,7 @@ async fn copy_returns_only_after_every_trim_completed() {
     let src = MemorySource::new(content(size, 20, &[]), config);
     let options = CopyOptions {
         max_request: 512 * 1024,
+        discard: true,
         ..CopyOptions::default()
     };
     let s = run(&src, 2, &mut NullSink::new(), &options).await.unwrap();
@@ -717,7 +731,7 @@ async fn more_requests_go_to_small_units_within_the_same_buffer_budget() {
         let mut sink = VecSink::new(size, 0xEE);
         let options = CopyOptions {
             bitmap: src.config.dirty.as_ref().map(|_| "backup".to_string()),
-            discard: Some(false), // count reads only
+            discard: false, // count reads only
             requests_in_flight: 32,
             ..CopyOptions::default()
         };

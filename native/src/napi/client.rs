@@ -17,6 +17,8 @@ pub struct NativeConnectOptions {
     pub max_in_flight: Option<u32>,
     /// Limit on connecting plus the handshake, in milliseconds; default 30 000.
     pub handshake_timeout_ms: Option<u32>,
+    /// Longest wait for a reply, in milliseconds; default 300 000; 0 waits forever.
+    pub request_timeout_ms: Option<u32>,
 }
 
 #[napi(object)]
@@ -29,7 +31,10 @@ pub struct NativeBlockSizes {
 #[napi(object)]
 pub struct NativeExportInfo {
     pub name: String,
+    /// Rounded to the nearest double above 2^53; `size_exact` is exact.
     pub size: i64,
+    /// The size in decimal: a JS number cannot hold every u64.
+    pub size_exact: String,
     pub flags: u32,
     pub read_only: bool,
     pub can_flush: bool,
@@ -73,6 +78,10 @@ fn connect_options(
         if let Some(ms) = o.handshake_timeout_ms {
             opts.handshake_timeout = std::time::Duration::from_millis(u64::from(ms));
         }
+        if let Some(ms) = o.request_timeout_ms {
+            opts.request_timeout =
+                Some(std::time::Duration::from_millis(u64::from(ms))).filter(|t| !t.is_zero());
+        }
     }
     Ok(opts)
 }
@@ -106,6 +115,7 @@ impl NativeNbdClient {
         NativeExportInfo {
             name: i.name.clone(),
             size: to_js(i.size),
+            size_exact: i.size.to_string(),
             flags: u32::from(i.flags),
             read_only: i.read_only(),
             can_flush: i.can_flush(),

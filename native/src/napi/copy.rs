@@ -41,9 +41,12 @@ pub struct NativeCopyOptions {
     pub requests: Option<u32>,
     pub connections: Option<u32>,
     pub cluster_size: Option<i64>,
+    /// TRIM what the target took; off unless asked (it destroys the source's data).
     pub discard: Option<bool>,
     pub bandwidth_limit: Option<i64>,
     pub detect_zeroes: Option<bool>,
+    /// Longest wait for a reply, in milliseconds; default 300 000; 0 waits forever.
+    pub request_timeout_ms: Option<i64>,
 }
 
 #[napi(object)]
@@ -92,15 +95,24 @@ fn job_options(o: &NativeCopyOptions) -> napi::Result<JobOptions> {
     if let Some(v) = o.cluster_size {
         copy.cluster_size = to_u64(v, "clusterSize")?;
     }
-    copy.discard = o.discard;
+    copy.discard = o.discard.unwrap_or(false);
     if let Some(v) = o.bandwidth_limit {
         copy.bandwidth_limit = Some(to_u64(v, "bandwidthLimit")?).filter(|&b| b > 0);
     }
     if let Some(v) = o.detect_zeroes {
         copy.detect_zeroes = v;
     }
+    let request_timeout = match o.request_timeout_ms {
+        None => Some(crate::nbd::DEFAULT_REQUEST_TIMEOUT),
+        Some(ms) => Some(std::time::Duration::from_millis(to_u64(
+            ms,
+            "requestTimeoutMs",
+        )?))
+        .filter(|t| !t.is_zero()),
+    };
     Ok(JobOptions {
         uri: o.uri.clone(),
+        request_timeout,
         connections: o
             .connections
             .map_or(job::DEFAULT_CONNECTIONS, |n| n.max(1) as usize),

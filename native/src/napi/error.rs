@@ -10,9 +10,11 @@ pub fn to_napi(err: Error) -> napi::Error {
     });
     if let Some(server) = err.server_error() {
         details["errno"] = errno_name(server.errno).into();
-        details["command"] = server.command.into();
-        details["offset"] = server.offset.into();
-        details["length"] = server.length.into();
+    }
+    if let Some((command, offset, length)) = err.request() {
+        details["command"] = command.into();
+        details["offset"] = offset.into();
+        details["length"] = length.into();
     }
     napi::Error::from_reason(details.to_string())
 }

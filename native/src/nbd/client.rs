@@ -30,6 +30,12 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 16;
 /// copy that hangs.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a request may wait for its reply once sent. Generous: QEMU answers within
+/// milliseconds even from network storage, and a busy server with 16 requests queued within
+/// seconds; a server that stays silent this long has hung, and a copy must fail, not wait until
+/// someone kills it.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
     pub uri: NbdUri,
@@ -41,6 +47,10 @@ pub struct ConnectOptions {
     pub max_in_flight: usize,
     /// Limit on connecting plus the handshake.
     pub handshake_timeout: Duration,
+    /// Longest wait for a request's reply once sent; `None` waits forever. A request that
+    /// times out fails with `ERR_NBD_TIMEOUT` naming it, and so does every request then
+    /// pending: the connection is closed.
+    pub request_timeout: Option<Duration>,
 }
 
 impl ConnectOptions {
@@ -51,6 +61,7 @@ impl ConnectOptions {
             extended_headers: true,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            request_timeout: Some(DEFAULT_REQUEST_TIMEOUT),
         }
     }
 }
@@ -157,7 +168,12 @@ impl NbdClient {
             extended: info.extended_headers,
             contexts: info.meta_contexts.iter().map(|c| c.id).collect(),
         };
-        let conn = Connection::start(stream, mode, opts.max_in_flight);
+        let conn = Connection::start(
+            stream,
+            mode,
+            opts.max_in_flight,
+            opts.request_timeout.filter(|t| !t.is_zero()),
+        );
         Ok(NbdClient {
             inner: Arc::new(Inner { conn, info }),
         })

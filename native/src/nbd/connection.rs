@@ -6,6 +6,8 @@
 //! routes them by cookie to the pending request, reading READ payloads straight into that
 //! request's buffer. Any protocol violation, I/O error or EOF kills the connection: every
 //! pending request fails at once and later requests fail with `closed`, so nothing hangs.
+//! A request left unanswered longer than the request timeout kills the connection the same way
+//! (an NBD request cannot be withdrawn, and a server that stalls one has stalled the copy).
 //!
 //! Neither task holds the client side (`Connection`), so dropping the last client handle drops
 //! the `Connection`, whose `Drop` cancels both tasks.
@@ -81,6 +83,12 @@ enum Failure {
     Protocol(String),
     Io(String, std::io::ErrorKind, String),
     Closed(String),
+    Timeout {
+        command: &'static str,
+        offset: u64,
+        length: u64,
+        after: Duration,
+    },
 }
 
 impl Failure {
@@ -104,12 +112,23 @@ impl Failure {
                 Error::io(what.clone(), std::io::Error::new(*kind, m.clone()))
             }
             Failure::Closed(m) => Error::closed(m.clone()),
+            Failure::Timeout {
+                command,
+                offset,
+                length,
+                after,
+            } => Error::timeout(command, *offset, *length, *after),
         }
     }
 
-    /// The error of a request made after the connection died.
+    /// The error of a request made after the connection died. After a timeout it is the
+    /// timeout itself, so that whichever request a copy hears from first, it reports the
+    /// request the server left unanswered.
     fn later(&self) -> Error {
-        Error::closed(format!("NBD connection is closed: {}", self.error()))
+        match self {
+            Failure::Timeout { .. } => self.error(),
+            _ => Error::closed(format!("NBD connection is closed: {}", self.error())),
+        }
     }
 }
 
@@ -344,11 +363,18 @@ pub(crate) struct Connection {
     tx: mpsc::UnboundedSender<Outgoing>,
     next_cookie: AtomicU64,
     extended: bool,
+    /// Longest wait for a request's reply once sent; `None` waits forever.
+    request_timeout: Option<Duration>,
 }
 
 impl Connection {
     /// Takes over `stream` after a successful handshake and starts the reader and writer.
-    pub(crate) fn start<S>(stream: S, mode: Mode, max_in_flight: usize) -> Connection
+    pub(crate) fn start<S>(
+        stream: S,
+        mode: Mode,
+        max_in_flight: usize,
+        request_timeout: Option<Duration>,
+    ) -> Connection
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
@@ -376,6 +402,7 @@ impl Connection {
             tx,
             next_cookie: AtomicU64::new(1),
             extended,
+            request_timeout,
         }
     }
 
@@ -453,6 +480,20 @@ impl Connection {
             {
                 inner.pending.remove(&cookie);
                 return Err(Error::closed("NBD connection is closed: writer stopped"));
+            }
+        }
+        let mut rx = rx;
+        if let Some(limit) = self.request_timeout {
+            match tokio::time::timeout(limit, &mut rx).await {
+                Ok(reply) => return reply.unwrap_or_else(|_| Err(self.shared.closed_error())),
+                // Fails this request and every other pending one with the timeout, unless the
+                // reply won the race (then it is already in `rx`).
+                Err(_) => self.shared.fail(Failure::Timeout {
+                    command: command_name(cmd.command),
+                    offset: cmd.offset,
+                    length: cmd.length,
+                    after: limit,
+                }),
             }
         }
         rx.await.unwrap_or_else(|_| Err(self.shared.closed_error()))

@@ -13,6 +13,9 @@ mod uri;
 #[cfg(test)]
 mod tests;
 
-pub use client::{list_meta_contexts, ConnectOptions, Extent, NbdClient, DEFAULT_MAX_IN_FLIGHT};
+pub use client::{
+    list_meta_contexts, ConnectOptions, Extent, NbdClient, DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_REQUEST_TIMEOUT,
+};
 pub use info::{BlockSizes, ExportInfo, MetaContext};
 pub use uri::{NbdAddress, NbdUri, DEFAULT_PORT};

@@ -4,9 +4,16 @@
 //! left as holes; and an existing copy of the previous full image for an incremental backup
 //! ([`RawFileSink::open_existing`]), where dirty ranges are overwritten at the same offsets and
 //! zeros must replace old data (punched holes, or written zeros where punching is unsupported).
+//!
+//! A fresh file is written as `<path>.part` and renamed to `path` by `finish` (as the qcow2
+//! sink does): a copy killed halfway leaves no full-size file with wrong data at `path`.
+//! `abort`, or dropping an unfinished sink, removes the `.part` file. An existing image is
+//! written in place by design (it is the caller's copy to restore or discard): a failure leaves
+//! it half updated. Files this sink creates are private (mode 0600 whatever the umask): they
+//! hold a guest's disk.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,9 +28,9 @@ use crate::error::{Error, Result};
 /// Options of [`RawFileSink::create_with`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CreateOptions {
-    /// Replace an existing file instead of failing.
+    /// Replace an existing file (on finish) instead of failing.
     pub overwrite: bool,
-    /// Remove the file on abort (default): a partial full image must not look like a backup.
+    /// Remove the `.part` file on abort (default): a partial full image must not look like a backup.
     pub remove_on_abort: bool,
 }
 
@@ -39,6 +46,13 @@ impl Default for CreateOptions {
 pub struct RawFileSink {
     file: Arc<File>,
     path: PathBuf,
+    /// Where a fresh file is written until `finish` renames it to `path`; `None` for an existing
+    /// image, written in place.
+    temp: Option<PathBuf>,
+    /// Replace a file that appeared at `path` on finish.
+    overwrite: bool,
+    /// `finish` completed: nothing is left to remove.
+    finished: bool,
     /// True for a fresh file: it reads as zeros wherever nothing was written.
     fresh: bool,
     remove_on_abort: bool,
@@ -61,16 +75,20 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl RawFileSink {
-    /// Create a new sparse file of `size` bytes; fails if `path` exists.
+    /// Create a new sparse file of `size` bytes (as `<path>.part` until `finish`); fails if
+    /// `path` exists.
     pub async fn create(path: impl AsRef<Path>, size: u64) -> Result<Self> {
         Self::create_with(path, size, CreateOptions::default()).await
     }
 
-    fn new(file: File, path: PathBuf, fresh: bool, remove_on_abort: bool) -> Self {
+    fn new(file: File, path: PathBuf, temp: Option<PathBuf>, remove_on_abort: bool) -> Self {
         RawFileSink {
             file: Arc::new(file),
             path,
-            fresh,
+            fresh: temp.is_some(),
+            temp,
+            overwrite: false,
+            finished: false,
             remove_on_abort,
             zero_chunk: 1 << 20,
             behind: WriteBehind::default(),
@@ -84,22 +102,25 @@ impl RawFileSink {
         options: CreateOptions,
     ) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let p = path.clone();
-        let what = format!("creating {}", path.display());
+        let temp = super::qcow2::temp_path(&path);
+        let (p, t) = (path.clone(), temp.clone());
+        let what = format!("creating {}", temp.display());
         let file = blocking(&what, move || {
-            let mut o = OpenOptions::new();
-            o.write(true);
-            if options.overwrite {
-                o.create(true).truncate(true);
-            } else {
-                o.create_new(true);
+            if !options.overwrite && p.exists() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    format!("{} already exists", p.display()),
+                ));
             }
-            let f = o.open(&p)?;
+            // A stale `.part` from a killed run is replaced.
+            let f = private_file(&t)?;
             f.set_len(size)?;
             Ok(f)
         })
         .await?;
-        Ok(Self::new(file, path, true, options.remove_on_abort))
+        let mut sink = Self::new(file, path, Some(temp), options.remove_on_abort);
+        sink.overwrite = options.overwrite;
+        Ok(sink)
     }
 
     /// Open an existing copy of the previous full image for an incremental backup. A smaller
@@ -124,7 +145,7 @@ impl RawFileSink {
             Ok(f)
         })
         .await?;
-        Ok(Self::new(file, path, false, false))
+        Ok(Self::new(file, path, None, false))
     }
 
     pub fn path(&self) -> &Path {
@@ -135,6 +156,20 @@ impl RawFileSink {
     pub fn set_remove_on_abort(&mut self, remove: bool) {
         self.remove_on_abort = remove;
     }
+}
+
+/// Create (or truncate) `path` for writing, readable and writable by its owner only whatever the
+/// umask. The mode given to open applies only to a new file: a reused one is chmod-ed too.
+pub(crate) fn private_file(path: &Path) -> std::io::Result<File> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(f)
 }
 
 /// Punch a hole, keeping the size. `Ok(false)` when the file system cannot punch holes.
@@ -226,17 +261,61 @@ impl Sink for RawFileSink {
 
     async fn finish(&mut self) -> Result<()> {
         let file = self.file.clone();
-        let what = format!("syncing {}", self.path.display());
-        blocking(&what, move || file.sync_all()).await
+        let what = format!("finishing {}", self.path.display());
+        let (temp, path, overwrite) = (self.temp.clone(), self.path.clone(), self.overwrite);
+        let r = blocking(&what, move || {
+            file.sync_all()?;
+            let Some(temp) = temp else { return Ok(()) };
+            if !overwrite && path.exists() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    format!("{} appeared while the copy ran", path.display()),
+                ));
+            }
+            std::fs::rename(&temp, &path)?;
+            sync_parent(&path)
+        })
+        .await;
+        match r {
+            Ok(()) => {
+                self.finished = true;
+                Ok(())
+            }
+            Err(e) => {
+                self.abort("finish failed").await;
+                Err(e)
+            }
+        }
     }
 
     async fn abort(&mut self, _reason: &str) {
-        if self.remove_on_abort {
-            let path = self.path.clone();
+        if self.finished || !self.remove_on_abort {
+            return;
+        }
+        if let Some(temp) = self.temp.clone() {
+            self.finished = true;
             // Nothing to report to: the copy already failed with its own error.
-            let _ = blocking("removing partial image", move || std::fs::remove_file(path)).await;
+            let _ = blocking("removing partial image", move || std::fs::remove_file(temp)).await;
         }
     }
+}
+
+impl Drop for RawFileSink {
+    fn drop(&mut self) {
+        // Dropped without finish or abort (a panic, a cancelled task): leave nothing behind.
+        if let (false, true, Some(temp)) = (self.finished, self.remove_on_abort, &self.temp) {
+            let _ = std::fs::remove_file(temp);
+        }
+    }
+}
+
+/// Make a rename durable: fsync the folder holding `path`.
+fn sync_parent(path: &Path) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
@@ -255,22 +334,24 @@ mod tests {
             overwrite: true,
             ..CreateOptions::default()
         };
-        let s = RawFileSink::create_with(&p, 2000, opts).await.unwrap();
-        drop(s);
+        let mut s = RawFileSink::create_with(&p, 2000, opts).await.unwrap();
+        s.finish().await.unwrap();
         assert_eq!(std::fs::metadata(&p).unwrap().len(), 2000);
     }
 
     #[tokio::test]
-    async fn fresh_file_is_sparse_and_abort_removes_it() {
+    async fn fresh_file_is_written_aside_and_renamed_on_finish_only() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("disk.raw");
+        let part = dir.path().join("disk.raw.part");
         let mut s = RawFileSink::create(&p, 64 << 20).await.unwrap();
         s.write_at(4096, Bytes::from(vec![7u8; 4096]))
             .await
             .unwrap();
         s.zero(8192, 32 << 20).await.unwrap();
         s.flush().await.unwrap();
-        let md = std::fs::metadata(&p).unwrap();
+        assert!(!p.exists(), "nothing at the target path before finish");
+        let md = std::fs::metadata(&part).unwrap();
         assert_eq!(md.len(), 64 << 20);
         assert!(
             md.blocks() * 512 < 1 << 20,
@@ -278,7 +359,33 @@ mod tests {
             md.blocks()
         );
         s.abort("test").await;
-        assert!(!p.exists());
+        assert!(!p.exists() && !part.exists());
+
+        let mut s = RawFileSink::create(&p, 8192).await.unwrap();
+        s.write_at(0, Bytes::from_static(b"data")).await.unwrap();
+        s.finish().await.unwrap();
+        assert!(!part.exists());
+        assert_eq!(&std::fs::read(&p).unwrap()[..4], b"data");
+
+        // Dropped unfinished (a cancelled task): the `.part` goes too.
+        let q = dir.path().join("other.raw");
+        let s = RawFileSink::create(&q, 8192).await.unwrap();
+        assert!(dir.path().join("other.raw.part").exists());
+        drop(s);
+        assert!(!dir.path().join("other.raw.part").exists() && !q.exists());
+    }
+
+    #[tokio::test]
+    async fn created_files_are_private_even_over_a_stale_part() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("disk.raw");
+        let part = dir.path().join("disk.raw.part");
+        std::fs::write(&part, b"stale").unwrap();
+        std::fs::set_permissions(&part, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let mut s = RawFileSink::create(&p, 4096).await.unwrap();
+        assert_eq!(std::fs::metadata(&part).unwrap().mode() & 0o777, 0o600);
+        s.finish().await.unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
     }
 
     #[tokio::test]

@@ -216,12 +216,8 @@ impl Writer {
             "setting up {} compression",
             cfg.compression.as_str()
         )))?;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
+        // Private (0600) whatever the umask: it holds a guest's disk.
+        let file = crate::sink::file::private_file(path)
             .map_err(io(format!("creating {}", path.display())))?;
 
         let mut w = Writer {
