@@ -610,7 +610,7 @@ async function benchIncremental(opts, report, st) {
     // 1. the full backup that starts the bitmap
     const t0 = Date.now();
     firstAction = await withAccess(daemon, path.join(run, 'fleece'), bitmap, async (dev) => {
-      const args = [CLI, 'copy', dev.nbdUri, full, '--json', ...(dev.bitmapName ? ['--bitmap', dev.bitmapName] : [])];
+      const args = [CLI, 'copy', dev.nbdUri, full, '--json', '--discard', ...(dev.bitmapName ? ['--bitmap', dev.bitmapName] : [])];
       await execFileP(NODE, args);
       return dev.bitmapAction;
     });
