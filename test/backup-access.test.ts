@@ -301,8 +301,10 @@ describe('backup access on a VM (upstream backend)', () => {
     // Stopped first, QEMU cannot answer: the command is surely pending when it dies.
     q.proc.kill('SIGSTOP');
     const pending = q.qmp.execute('query-block', undefined, { timeoutMs: 0 });
+    // the expectation holds the promise before it rejects: no unhandled rejection while QEMU dies
+    const failed = expect(pending).rejects.toMatchObject({ code: 'ERR_QMP_CLOSED', command: 'query-block' });
     await q.kill();
-    await expect(pending).rejects.toMatchObject({ code: 'ERR_QMP_CLOSED', command: 'query-block' });
+    await failed;
     await expect(q.qmp.execute('query-status')).rejects.toMatchObject({ code: 'ERR_QMP_CLOSED' });
     await teardownBackupAccess(q.qmp, { targetId: T, success: false });
     expect(await fs.readdir(fleece)).toEqual([]);

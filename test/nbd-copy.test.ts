@@ -3,9 +3,23 @@ import { join } from 'node:path';
 
 import { describe, expect, it } from 'vitest';
 
-import { NbdClient, NbdError, backupNbdToFile, copyExtents, readChunks, type Chunk } from '../lib/index.js';
+import {
+  BackupProviderBaseV1,
+  NbdClient,
+  NbdError,
+  backupNbdToFile,
+  copyExtents,
+  readChunks,
+  runBackupJob,
+  type BackupMechanismInfoV1,
+  type BitmapMode,
+  type Chunk,
+  type CopySummary,
+} from '../lib/index.js';
+import { startDisk, vmGuest } from './helpers/directory.js';
 import { allocatedBytes, createImage, expectSameBytes, qemuIo, run } from './helpers/images.js';
 import { startNbdkit, startQemuNbd, useCleanups } from './helpers/nbd-servers.js';
+import { stopAll } from './helpers/qemu.js';
 import { requireTool } from './helpers/tools.js';
 
 const MiB = 2 ** 20;
@@ -262,8 +276,46 @@ describe('the source export is never trimmed unless asked', () => {
       for await (const chunk of stream) void chunk;
       expect((await stream.summary).bytesTrimmed).toBe(0);
       expectSameBytes(readFileSync(src.path), src.bytes, 'source after readChunks');
+
+      // the provider helper too: this is no backup's snapshot export
+      expect((await backupNbdToFile({ uri: server.uri, bitmapMode: 'none', path: join(dir, 'helper.raw') })).bytesTrimmed).toBe(0);
+      expectSameBytes(readFileSync(src.path), src.bytes, 'source after backupNbdToFile');
     });
   }
+
+  it("backupNbdToFile discards by default on the snapshot export the runner hands a provider (fleecing space is freed)", async () => {
+    const disk = await startDisk(8 * MiB);
+    await disk.write(0x5a, 0, 4 * MiB);
+    const dir = scratch();
+    const summaries: CopySummary[] = [];
+    class HelperProvider extends BackupProviderBaseV1 {
+      override async jobStart(): Promise<void> {}
+      override async jobEnd(): Promise<void> {}
+      override async backupStart(): Promise<void> {}
+      override async backupGetTarget(vmid: number): Promise<string> {
+        return `backup/${vmid}`;
+      }
+      override async backupGuestConfig(): Promise<void> {}
+      override async backupFirewallConfig(): Promise<void> {}
+      override async backupGetMechanism(): Promise<BackupMechanismInfoV1> {
+        return { mechanism: 'nbd' };
+      }
+      override async backupNbd(_vmid: number, device: string, nbdPath: string, bitmapMode: BitmapMode): Promise<void> {
+        summaries.push(await backupNbdToFile({ deviceName: device, nbdPath, bitmapMode, path: join(dir, `${device}.raw`) }));
+      }
+      override async backupGetTaskSize(): Promise<number> {
+        return 0;
+      }
+      override async backupEnd(): Promise<void> {}
+      override async backupHandleLogFile(): Promise<void> {}
+    }
+    const r = await runBackupJob({ provider: new HelperProvider({ storeid: 's1', scfg: {}, log: () => {} }), storeid: 's1', guests: [vmGuest(disk)], tmpdir: dir });
+    expect(r.guests[0]!.error).toBeUndefined();
+    expect(summaries).toHaveLength(1);
+    expect(summaries[0]!.bytesTrimmed).toBeGreaterThanOrEqual(4 * MiB);
+    expectSameBytes(readFileSync(join(dir, 'disk0.raw')), disk.snapshot(), 'disk0.raw');
+    await stopAll();
+  });
 });
 
 describe('request timeout', () => {

@@ -12,6 +12,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 
 import { InvalidArgumentError } from '../errors.js';
 import { NbdClient } from '../nbd/client.js';
+import { markSnapshotExport } from '../nbd/snapshot-exports.js';
 import { explainFleecingFailure, setupBackupAccess, teardownBackupAccess } from '../qemu/backup-access.js';
 import type { BackupAccessDevice } from '../qemu/types.js';
 import { currentOwner, ownerIsDead } from '../owner.js';
@@ -441,6 +442,8 @@ async function backupVmGuest(
     let success = false;
     const clients: NbdClient[] = [];
     const iterators: Array<AsyncGenerator<[number, number]>> = [];
+    // while the provider reads them, these exports are known fleecing snapshots (helpers discard there)
+    const unmark = access.devices.map((d) => markSnapshotExport(d.nbdUri));
     try {
       const volumes: DriverVolume[] = [];
       for (const d of access.devices) {
@@ -491,6 +494,7 @@ async function backupVmGuest(
       }
       success = true;
     } finally {
+      for (const u of unmark) u();
       // close what the provider did not finish (file-handle): region iterators and connections
       for (const it of iterators) await it.return(undefined).catch(() => undefined);
       for (const c of clients) await c.close().catch(() => undefined);

@@ -14,6 +14,7 @@ import { promisify } from 'node:util';
 import { InvalidArgumentError, PveBackupError } from '../errors.js';
 import { NbdClient, NBD_STATE_DIRTY } from '../nbd/client.js';
 import { copyExtents, type CopyProgress, type CopySummary } from '../nbd/copy.js';
+import { isSnapshotExport } from '../nbd/snapshot-exports.js';
 import { nbdUnixUri } from '../qemu/names.js';
 import type { BitmapMode } from '../qemu/types.js';
 import type { LogFunction, LogLevel } from './api.js';
@@ -189,9 +190,9 @@ export interface BackupNbdToFileOptions {
   /** Bytes per second (0 or absent: none). */
   bandwidthLimit?: number;
   /**
-   * Discard on the export what has been written; default true, since this helper is meant for
-   * the backup-access export `backupNbd` is handed (a fleecing snapshot, where discard frees
-   * fleecing space). Pass false for any other export: TRIM destroys the export's data.
+   * Discard on the export what has been written. Default: only when the export is the snapshot
+   * export of a running backup that the job runner handed the provider (a fleecing snapshot,
+   * where discard frees fleecing space); never on any other export, where TRIM destroys data.
    */
   discard?: boolean;
   onProgress?: (progress: CopyProgress) => void;
@@ -211,7 +212,8 @@ export async function backupNbdToFile(o: BackupNbdToFileOptions): Promise<CopySu
   const common = {
     uri,
     path: o.path,
-    discard: o.discard ?? true,
+    // by default only on the snapshot export of a running backup: TRIM elsewhere destroys data
+    discard: o.discard ?? isSnapshotExport(uri),
     ...(o.bandwidthLimit ? { bandwidthLimit: o.bandwidthLimit } : {}),
     ...(o.onProgress ? { onProgress: o.onProgress } : {}),
     ...(o.signal ? { signal: o.signal } : {}),
