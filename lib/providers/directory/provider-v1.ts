@@ -75,15 +75,7 @@ export class DirectoryProviderV1 extends BackupProviderBaseV1 {
   override backupNbd(vmid: number, deviceName: string, nbdPath: string, bitmapMode: BitmapMode, bitmapName: string | undefined, bandwidthLimit: number, extra: NbdBackupExtra): Promise<void> {
     return this.inner.backupNbdDevice(vmid, deviceName, nbdPath, bitmapMode, bitmapName, bandwidthLimit, extra);
   }
-  override async backupDirectory(
-    vmid: number,
-    directory: string,
-    idMap: IdMapEntry[],
-    excludePaths: string[],
-    sources: string[],
-    bandwidthLimit: number,
-    extra?: { signal: AbortSignal },
-  ): Promise<void> {
+  override async backupDirectory(vmid: number, directory: string, idMap: IdMapEntry[], excludePaths: string[], sources: string[], bandwidthLimit: number, extra?: { signal: AbortSignal }): Promise<void> {
     await this.inner.backupContainer(vmid, undefined, excludePaths, {
       directory,
       sources,
