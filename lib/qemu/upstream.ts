@@ -18,15 +18,9 @@ import {
 import { QmpError } from '../qmp/errors.js';
 import { withFrozenFilesystems, type GuestAgentClient } from '../qmp/guest-agent.js';
 import { InvalidArgumentError } from '../errors.js';
-import {
-  StepRunner,
-  addExport,
-  addFleecingNodes,
-  createFleecingImage,
-  deleteExports,
-  removeLocalFiles,
-  startNbdServer,
-} from './common.js';
+import { addFleecingNodes, createFleecingImage } from './fleecing.js';
+import { addExport, deleteExports, startNbdServer } from './nbd-exports.js';
+import { StepRunner, removeLocalFiles } from './teardown-steps.js';
 import { BackupAccessActiveError, BackupAccessError, deviceError } from './errors.js';
 import {
   BACKGROUND_SUFFIX,
