@@ -109,6 +109,7 @@ export async function setupBackupAccess(qmp: QmpClient, opts: SetupBackupAccessO
               size: r.size,
               exportName: r.state.exportName,
               bitmapName: r.exportedBitmap,
+              bitmapNode: r.exportedBitmap ? r.state.source : undefined,
               action: r.action,
             })),
           }))
@@ -126,6 +127,7 @@ export async function setupBackupAccess(qmp: QmpClient, opts: SetupBackupAccessO
         exportName: r.exportName,
         nbdUri: nbdUnixUri(r.exportName, socket.socketPath),
         ...(r.bitmapName ? { bitmapName: r.bitmapName } : {}),
+        ...(r.bitmapName && r.bitmapNode ? { bitmapNode: r.bitmapNode } : {}),
         bitmapAction: r.action,
         bitmapMode: bitmapModeFor(r.action),
       })),
