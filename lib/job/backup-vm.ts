@@ -8,6 +8,7 @@ import { NbdClient } from '../nbd/client.js';
 import { markSnapshotExport } from '../nbd/snapshot-exports.js';
 import { explainFleecingFailure, setupBackupAccess, teardownBackupAccess } from '../qemu/backup-access.js';
 import { bitmapDirtyBytes, dropDeviceBitmap, resolveDevices } from '../qemu/devices.js';
+import { storageTargetId } from '../qemu/names.js';
 import { openQemuTarget } from '../qemu/qemu-target.js';
 import type { BackupAccessDevice } from '../qemu/types.js';
 import { GuestAgentClient } from '../qmp/guest-agent.js';
@@ -65,7 +66,7 @@ export async function backupVmGuest(
       tlog.info(`include disk '${s.device}' ${formatBytes(s.size)}`);
     }
     const plan = await raceAbort(driver.vmBitmapPlan(guest.vmid, providerBitmapId, sizes, opts.storeid), ctx.signal);
-    const targetId = `snapshot-access:${opts.storeid}`;
+    const targetId = storageTargetId(opts.storeid);
     const forced: Record<string, 'new' | 'none' | undefined> = {};
     if (plan.bitmapId) {
       for (const s of sources) {
