@@ -1,7 +1,8 @@
 /**
  * Device lookup in a QEMU process, in one place: which devices a VM has to back up, which node a
  * caller's device name stands for (its *source*: the node whose content is backed up and on which
- * the dirty bitmaps live), where a filter goes above it, its size, and the dirty bitmaps on it.
+ * the dirty bitmaps live), where a filter goes above it (and what a guest device reads from now),
+ * its size, and the dirty bitmaps on it.
  * The job runner (sizes it reports to the provider, bitmaps it drops) and both backup access
  * backends (fleecing image sizes, filter insertion) resolve devices here, so they cannot disagree.
  *
@@ -37,9 +38,14 @@ export interface ResolvedDevice {
 }
 
 /** QOM path of a block backend's guest device (`/machine/peripheral/virtio0`), without the virtio backend. */
-export function qdevPathOf(b: QmpBlockInfo): string | undefined {
+function qdevPathOf(b: QmpBlockInfo): string | undefined {
   if (!b.qdev) return undefined;
   return b.qdev.replace(/\/virtio-backend$/, '');
+}
+
+/** The node a guest device (by {@link qdevPathOf}'s path) reads from now, if it has one. */
+export async function nodeOfGuestDevice(qmp: QmpClient, qdevPath: string): Promise<string | undefined> {
+  return (await queryBlock(qmp)).find((b) => qdevPathOf(b) === qdevPath)?.inserted?.['node-name'];
 }
 
 /** The qdev id (`virtio0`) of a block backend's guest device, when it has one. */

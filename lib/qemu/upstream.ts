@@ -7,13 +7,13 @@
  */
 import { randomBytes } from 'node:crypto';
 import type { QmpClient } from '../qmp/client.js';
-import { queryBlock, queryCommands, queryNamedBlockNodes, type QmpBlockNodeInfo, type QmpDirtyBitmapInfo } from '../qmp/commands.js';
+import { queryCommands, queryNamedBlockNodes, type QmpBlockNodeInfo, type QmpDirtyBitmapInfo } from '../qmp/commands.js';
 import { QmpError } from '../qmp/errors.js';
 import { withFrozenFilesystems, type GuestAgentClient } from '../qmp/guest-agent.js';
 import { addFleecingNodes, createFleecingImage } from './fleecing.js';
 import { addExport, deleteExports, startNbdServer } from './nbd-exports.js';
 import { StepRunner, removeLocalFiles } from './teardown-steps.js';
-import { qdevPathOf, resolveDevices } from './devices.js';
+import { nodeOfGuestDevice, resolveDevices } from './devices.js';
 import { BackupAccessActiveError, BackupAccessError, deviceError } from './errors.js';
 import {
   BACKGROUND_SUFFIX,
@@ -296,8 +296,7 @@ async function insertFilter(qmp: QmpClient, d: DeviceState, node: string): Promi
   try {
     if (parent.kind === 'qdev') {
       // Setting the drive to the node it already has trips an assertion in QEMU 7.2: check first.
-      const current = (await queryBlock(qmp)).find((b) => qdevPathOf(b) === parent.path)?.inserted?.['node-name'];
-      if (current === node) return;
+      if ((await nodeOfGuestDevice(qmp, parent.path)) === node) return;
       await qmp.execute('qom-set', { path: parent.path, property: 'drive', value: node }, { device: d.device });
     } else {
       await qmp.execute('blockdev-reopen', { options: [{ driver: parent.driver, 'node-name': parent.node, file: node }] }, { device: d.device });
