@@ -11,7 +11,7 @@ import { toError } from './abort.js';
 import type { BackupJobResult, Guest, RunBackupJobOptions } from './types.js';
 
 /**
- * Checks the options of {@link runBackupJob} before anything runs.
+ * Checks the options of a backup job (`runBackupJob`) before anything runs.
  *
  * @throws {@link InvalidArgumentError} naming the first bad option.
  */

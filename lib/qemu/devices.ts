@@ -43,7 +43,7 @@ function qdevPathOf(b: QmpBlockInfo): string | undefined {
   return b.qdev.replace(/\/virtio-backend$/, '');
 }
 
-/** The node a guest device (by {@link qdevPathOf}'s path) reads from now, if it has one. */
+/** The node the guest device at QOM path `qdevPath` (a `qdev` {@link ResolvedDevice.parent}) reads from now, if any. */
 export async function nodeOfGuestDevice(qmp: QmpClient, qdevPath: string): Promise<string | undefined> {
   return (await queryBlock(qmp)).find((b) => qdevPathOf(b) === qdevPath)?.inserted?.['node-name'];
 }
