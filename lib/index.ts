@@ -81,7 +81,8 @@ export {
   JobAbortedError,
   RestoreError,
 } from './provider/errors.js';
-export { runBackupJob, expandNotesTemplate } from './job/runner.js';
+export { runBackupJob } from './job/runner.js';
+export { expandNotesTemplate } from './job/storage-hooks.js';
 export { restoreVm, restoreContainer, extractConfig, type RestoreVmOptions, type RestoreVmResult, type RestoreContainerOptions, type RestoreContainerResult, type ConvertProgress } from './job/restore.js';
 export type { RunBackupJobOptions, BackupJobResult, GuestOutcome, Guest, VmGuest, ContainerGuest } from './job/types.js';
 

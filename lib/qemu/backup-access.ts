@@ -11,7 +11,9 @@ import type { QmpClient } from '../qmp/client.js';
 import { queryBlockExports, queryNamedBlockNodes } from '../qmp/commands.js';
 import { QmpClosedError, QmpError } from '../qmp/errors.js';
 import { InvalidArgumentError } from '../errors.js';
-import { StepRunner, checkExistingNbdSocket, checkFleecingDir, makeSocketDir, removeLocalFiles } from './common.js';
+import { checkFleecingDir } from './fleecing.js';
+import { checkExistingNbdSocket, makeSocketDir } from './nbd-exports.js';
+import { StepRunner, removeLocalFiles } from './teardown-steps.js';
 import { BackupAccessActiveError, BackupAccessError, FleecingFullError } from './errors.js';
 import { BACKGROUND_SUFFIX, BITMAP_ID_RE, DEVICE_RE, NAME_PREFIX, TARGET_ID_RE, check, nbdUnixUri } from './names.js';
 import { describeOwner, ownerIsDead } from '../owner.js';
@@ -107,6 +109,7 @@ export async function setupBackupAccess(qmp: QmpClient, opts: SetupBackupAccessO
               size: r.size,
               exportName: r.state.exportName,
               bitmapName: r.exportedBitmap,
+              bitmapNode: r.exportedBitmap ? r.state.source : undefined,
               action: r.action,
             })),
           }))
@@ -124,6 +127,7 @@ export async function setupBackupAccess(qmp: QmpClient, opts: SetupBackupAccessO
         exportName: r.exportName,
         nbdUri: nbdUnixUri(r.exportName, socket.socketPath),
         ...(r.bitmapName ? { bitmapName: r.bitmapName } : {}),
+        ...(r.bitmapName && r.bitmapNode ? { bitmapNode: r.bitmapNode } : {}),
         bitmapAction: r.action,
         bitmapMode: bitmapModeFor(r.action),
       })),

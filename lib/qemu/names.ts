@@ -56,6 +56,14 @@ export function slotNames(slot: number): SlotNames {
 /** QOM id of the object recording the active access inside QEMU. */
 export const STATE_OBJECT_ID = `${NAME_PREFIX}-access`;
 
+/**
+ * The target id of backups to a storage, as qemu-server names it (`snapshot-access:<storeid>`):
+ * it names the dirty bitmap, so backups to one storage build on each other's bitmap.
+ */
+export function storageTargetId(storeid: string): string {
+  return `snapshot-access:${storeid}`;
+}
+
 /** Name of the provider's dirty bitmap for a target: `<targetId>/<bitmapId>`. */
 export function mainBitmapName(targetId: string, bitmapId: string): string {
   return `${targetId}/${bitmapId}`;

@@ -8,11 +8,14 @@
  */
 import { randomBytes } from 'node:crypto';
 import type { QmpClient } from '../qmp/client.js';
-import { queryBlock, queryNamedBlockNodes, type QmpBlockNodeInfo } from '../qmp/commands.js';
+import { queryNamedBlockNodes } from '../qmp/commands.js';
 import { QmpError } from '../qmp/errors.js';
 import { withFrozenFilesystems } from '../qmp/guest-agent.js';
 import { InvalidArgumentError } from '../errors.js';
-import { StepRunner, addExport, addFleecingNodes, createFleecingImage, deleteExports, removeLocalFiles, startNbdServer } from './common.js';
+import { addFleecingNodes, createFleecingImage } from './fleecing.js';
+import { addExport, deleteExports, startNbdServer } from './nbd-exports.js';
+import { StepRunner, removeLocalFiles } from './teardown-steps.js';
+import { resolveDevices } from './devices.js';
 import { BackupAccessActiveError, BackupAccessError, deviceError } from './errors.js';
 import { anchorBitmapName, fleecingPath, slotNames } from './names.js';
 import { currentOwner } from '../owner.js';
@@ -27,6 +30,8 @@ export interface ProxmoxDeviceResult {
   size: number;
   exportName: string;
   bitmapName: string | undefined;
+  /** Node the exported bitmap lives on, with `bitmapName`. */
+  bitmapNode: string | undefined;
   action: BitmapAction;
 }
 
@@ -97,19 +102,11 @@ export async function setupProxmox(qmp: QmpClient, input: UpstreamSetupInput): P
     if (`${d}-fleecing`.length > 31) throw new InvalidArgumentError(`device name ${d} is too long for a fleecing node name`);
   }
   const form = await detectForm(qmp);
-  const blocks = await queryBlock(qmp).catch((err: unknown) => {
-    if (err instanceof QmpError) return [];
-    throw err;
-  });
   let nodes = await queryNamedBlockNodes(qmp);
-  const sizes = input.devices.map((device) => {
-    const node: QmpBlockNodeInfo | undefined =
-      blocks.find((b) => b.device === device)?.inserted ?? nodes.find((n) => n['node-name'] === device);
-    const size = node?.image?.['virtual-size'];
-    if (!node) throw new InvalidArgumentError(`device ${device} not found in QEMU (query-block / query-named-block-nodes)`);
-    if (typeof size !== 'number' || size <= 0) throw new BackupAccessError(`${device}: QEMU reports no size`, { device });
-    return size;
-  });
+  // Proxmox's QEMU inserts its own filter: only the sizes (for the fleecing images) and the nodes
+  // the bitmaps live on are needed from the lookup.
+  const resolved = await resolveDevices(qmp, input.devices, nodes);
+  const sizes = resolved.map((r) => r.size);
   const token = randomBytes(4).toString('hex');
   const qemuTargetId = form === 'devices' && input.bitmap !== undefined ? `${input.targetId}/${input.bitmap}` : input.targetId;
   const devStates: DeviceState[] = input.devices.map((device, slot) => ({
@@ -198,7 +195,7 @@ export async function setupProxmox(qmp: QmpClient, input: UpstreamSetupInput): P
     for (const [i, d] of devStates.entries()) {
       const info = infos.find((x) => x.device === d.device) ?? infos[i];
       if (!info) throw new BackupAccessError(`${d.device}: backup-access-setup returned no entry for the device`, { device: d.device });
-      const bitmapNode = info['bitmap-node-name'] ?? blocks.find((b) => b.device === d.device)?.inserted?.['node-name'] ?? d.device;
+      const bitmapNode = info['bitmap-node-name'] ?? resolved[i]!.source;
       const bitmapName = info['bitmap-name'];
       await addExport(qmp, d.device, {
         exportId: d.exportId,
@@ -220,7 +217,7 @@ export async function setupProxmox(qmp: QmpClient, input: UpstreamSetupInput): P
       }
       let action = mapAction(info['bitmap-action'], anchorExisted);
       if (action === 'not-used' && removedStale.size > 0 && input.bitmap === undefined) action = 'not-used-removed';
-      results.push({ device: d.device, nodeName: info['node-name'], size: info.size, exportName: d.exportName, bitmapName, action });
+      results.push({ device: d.device, nodeName: info['node-name'], size: info.size, exportName: d.exportName, bitmapName, bitmapNode: bitmapName ? bitmapNode : undefined, action });
     }
   } catch (err) {
     await teardownProxmox(qmp, state, false).catch(() => undefined);

@@ -36,6 +36,8 @@ export interface BackupAccessDevice {
    * present on Proxmox QEMU (all dirty) and absent on upstream QEMU (read everything).
    */
   bitmapName?: string;
+  /** Node the bitmap lives on (with {@link BackupAccessDevice.bitmapName}): where QEMU counts its dirty bytes. */
+  bitmapNode?: string;
   /** Raw action. */
   bitmapAction: BitmapAction;
   /** Provider-facing mode ({@link bitmapModeFor} of the action). */

@@ -7,26 +7,13 @@
  */
 import { randomBytes } from 'node:crypto';
 import type { QmpClient } from '../qmp/client.js';
-import {
-  queryBlock,
-  queryCommands,
-  queryNamedBlockNodes,
-  type QmpBlockInfo,
-  type QmpBlockNodeInfo,
-  type QmpDirtyBitmapInfo,
-} from '../qmp/commands.js';
+import { queryCommands, queryNamedBlockNodes, type QmpBlockNodeInfo, type QmpDirtyBitmapInfo } from '../qmp/commands.js';
 import { QmpError } from '../qmp/errors.js';
 import { withFrozenFilesystems, type GuestAgentClient } from '../qmp/guest-agent.js';
-import { InvalidArgumentError } from '../errors.js';
-import {
-  StepRunner,
-  addExport,
-  addFleecingNodes,
-  createFleecingImage,
-  deleteExports,
-  removeLocalFiles,
-  startNbdServer,
-} from './common.js';
+import { addFleecingNodes, createFleecingImage } from './fleecing.js';
+import { addExport, deleteExports, startNbdServer } from './nbd-exports.js';
+import { StepRunner, removeLocalFiles } from './teardown-steps.js';
+import { nodeOfGuestDevice, resolveDevices } from './devices.js';
 import { BackupAccessActiveError, BackupAccessError, deviceError } from './errors.js';
 import {
   BACKGROUND_SUFFIX,
@@ -38,7 +25,7 @@ import {
   slotNames,
 } from './names.js';
 import { currentOwner } from '../owner.js';
-import { claimState, deleteState, readState, writeState, type AccessState, type DeviceState, type ParentRef } from './state.js';
+import { claimState, deleteState, readState, writeState, type AccessState, type DeviceState } from './state.js';
 import type { BitmapAction } from './types.js';
 
 /** Validated input of {@link setupUpstream}. */
@@ -62,79 +49,6 @@ export interface UpstreamDeviceResult {
 }
 
 const ANCHOR_GRANULARITY = 2 ** 31;
-
-interface Resolved {
-  device: string;
-  source: string;
-  sourceNode: QmpBlockNodeInfo;
-  parent: ParentRef;
-  size: number;
-}
-
-function qdevPathOf(b: QmpBlockInfo): string | undefined {
-  if (!b.qdev) return undefined;
-  return b.qdev.replace(/\/virtio-backend$/, '');
-}
-
-/** Finds the node whose content a caller's device name stands for, and where to insert the filter. */
-async function resolveDevices(qmp: QmpClient, devices: string[], nodes: QmpBlockNodeInfo[]): Promise<Resolved[]> {
-  let blocks: QmpBlockInfo[] = [];
-  try {
-    blocks = await queryBlock(qmp);
-  } catch (err) {
-    if (!(err instanceof QmpError)) throw err;
-  }
-  const byNode = new Map(nodes.map((n) => [n['node-name'], n]));
-  type Graph = { nodes: Array<{ id: number; name: string }>; edges: Array<{ parent: number; child: number; name: string }> };
-  let graph: Graph | undefined;
-  const out: Resolved[] = [];
-  for (const device of devices) {
-    const block = blocks.find((b) => {
-      if (!b.inserted) return false;
-      if (b.device !== '' && b.device === device) return true;
-      const q = qdevPathOf(b);
-      return q !== undefined && (q === `/machine/peripheral/${device}` || q === device);
-    });
-    if (block?.inserted) {
-      const qdev = qdevPathOf(block);
-      if (!qdev) throw new BackupAccessError(`${device}: block backend is not attached to a guest device`, { device });
-      const source = block.inserted['node-name'];
-      const sourceNode = byNode.get(source) ?? block.inserted;
-      out.push({ device, source, sourceNode, parent: { kind: 'qdev', path: qdev }, size: sizeOf(device, sourceNode) });
-      continue;
-    }
-    const top = byNode.get(device);
-    if (!top) {
-      throw new InvalidArgumentError(`device ${device} not found in QEMU (neither a block device, a qdev id nor a node name)`);
-    }
-    if (top.drv !== 'raw') {
-      throw new BackupAccessError(
-        `${device}: node has driver ${top.drv}; without a guest device the filter is inserted below a raw node, so pass a raw node over the disk`,
-        { device },
-      );
-    }
-    const g: Graph = graph ?? (await qmp.execute<Graph>('x-debug-query-block-graph'));
-    graph = g;
-    const topId = g.nodes.find((n) => n.name === device)?.id;
-    const edge = g.edges.find((e) => e.parent === topId && e.name === 'file');
-    const child = edge ? g.nodes.find((n) => n.id === edge.child)?.name : undefined;
-    const sourceNode = child ? byNode.get(child) : undefined;
-    if (!child || !sourceNode) throw new BackupAccessError(`${device}: raw node has no named file child`, { device });
-    out.push({ device, source: child, sourceNode, parent: { kind: 'node', node: device, driver: 'raw' }, size: sizeOf(device, sourceNode) });
-  }
-  const seen = new Set<string>();
-  for (const r of out) {
-    if (seen.has(r.source)) throw new InvalidArgumentError(`device ${r.device} is given twice (node ${r.source})`);
-    seen.add(r.source);
-  }
-  return out;
-}
-
-function sizeOf(device: string, node: QmpBlockNodeInfo): number {
-  const size = node.image?.['virtual-size'];
-  if (typeof size !== 'number' || size <= 0) throw new BackupAccessError(`${device}: QEMU reports no size for node ${node['node-name']}`, { device });
-  return size;
-}
 
 /** Throws {@link BackupAccessActiveError} when an access (or its leftovers) is present. */
 export async function assertNoActiveAccess(qmp: QmpClient, nodes: QmpBlockNodeInfo[]): Promise<void> {
@@ -189,6 +103,9 @@ export async function setupUpstream(qmp: QmpClient, input: UpstreamSetupInput): 
   const nodes = await queryNamedBlockNodes(qmp);
   await assertNoActiveAccess(qmp, nodes);
   const resolved = await resolveDevices(qmp, input.devices, nodes);
+  for (const r of resolved) {
+    if (!r.parent) throw new BackupAccessError(`${r.device}: ${r.why ?? 'no place to insert the filter'}`, { device: r.device });
+  }
   const token = randomBytes(4).toString('hex');
   const plans: BitmapPlan[] = [];
   const devStates: DeviceState[] = resolved.map((r, slot) => {
@@ -379,8 +296,7 @@ async function insertFilter(qmp: QmpClient, d: DeviceState, node: string): Promi
   try {
     if (parent.kind === 'qdev') {
       // Setting the drive to the node it already has trips an assertion in QEMU 7.2: check first.
-      const current = (await queryBlock(qmp)).find((b) => qdevPathOf(b) === parent.path)?.inserted?.['node-name'];
-      if (current === node) return;
+      if ((await nodeOfGuestDevice(qmp, parent.path)) === node) return;
       await qmp.execute('qom-set', { path: parent.path, property: 'drive', value: node }, { device: d.device });
     } else {
       await qmp.execute('blockdev-reopen', { options: [{ driver: parent.driver, 'node-name': parent.node, file: node }] }, { device: d.device });
