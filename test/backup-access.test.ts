@@ -11,8 +11,8 @@ import {
 } from '../lib/qemu/backup-access.js';
 import { PveBackupError } from '../lib/errors.js';
 import { NbdClient } from '../lib/nbd/client.js';
+import { bitmapDirtyBytes } from '../lib/qemu/devices.js';
 import {
-  dirtyCount,
   nbdRead,
   nbdWrite,
   startStorageDaemon,
@@ -115,7 +115,7 @@ describe('backup access on qemu-storage-daemon (upstream backend)', () => {
     await nbdWrite(liveUri(q), 0x22, 0, MiB); // written during the backup
     await teardownBackupAccess(q.qmp, { targetId: T, success: true });
     // Only what was written during the access is dirty now.
-    expect(await dirtyCount(q.qmp, 'disk0-fmt', main)).toBe(MiB);
+    expect(await bitmapDirtyBytes(q.qmp, { node: 'disk0-fmt', name: main })).toBe(MiB);
 
     // Same target again: used, exported with the bitmap; the snapshot shows the dirty area.
     await nbdWrite(liveUri(q), 0x23, 2 * MiB, MiB);
@@ -124,26 +124,26 @@ describe('backup access on qemu-storage-daemon (upstream backend)', () => {
     await nbdWrite(liveUri(q), 0x24, 4 * MiB, MiB); // during the access
     // Failure: the next run still sees everything since the last success, plus the new writes.
     await teardownBackupAccess(q.qmp, { targetId: T, success: false });
-    expect(await dirtyCount(q.qmp, 'disk0-fmt', main)).toBe(3 * MiB);
+    expect(await bitmapDirtyBytes(q.qmp, { node: 'disk0-fmt', name: main })).toBe(3 * MiB);
 
     // Success: only writes during the access remain.
     a = await setup(T, 'b1');
     expect(a.devices[0]!.bitmapAction).toBe('used');
     await nbdWrite(liveUri(q), 0x25, 6 * MiB, 64 * 1024);
     await teardownBackupAccess(q.qmp, { targetId: T, success: true });
-    expect(await dirtyCount(q.qmp, 'disk0-fmt', main)).toBe(64 * 1024);
+    expect(await bitmapDirtyBytes(q.qmp, { node: 'disk0-fmt', name: main })).toBe(64 * 1024);
 
     // Another target id has its own bitmap and leaves this one alone.
     a = await setup('other-target', 'b1');
     expect(a.devices[0]!.bitmapAction).toBe('new');
     await teardownBackupAccess(q.qmp, { targetId: 'other-target', success: true });
-    expect(await dirtyCount(q.qmp, 'disk0-fmt', main)).toBe(64 * 1024);
+    expect(await bitmapDirtyBytes(q.qmp, { node: 'disk0-fmt', name: main })).toBe(64 * 1024);
 
     // Same target without a bitmap: removed; then new again.
     a = await setup(T);
     expect(a.devices[0]).toMatchObject({ bitmapAction: 'not-used-removed', bitmapMode: 'none' });
     await teardownBackupAccess(q.qmp, { targetId: T, success: true });
-    expect(await dirtyCount(q.qmp, 'disk0-fmt', main)).toBeUndefined();
+    expect(await bitmapDirtyBytes(q.qmp, { node: 'disk0-fmt', name: main })).toBeUndefined();
     a = await setup(T, 'b1');
     expect(a.devices[0]!.bitmapAction).toBe('new');
     await teardownBackupAccess(q.qmp, { targetId: T, success: true });
@@ -285,7 +285,7 @@ describe('backup access on a VM (upstream backend)', () => {
     const attached = (b: unknown): unknown =>
       (b as Array<{ device: string; qdev?: string; inserted?: { 'node-name': string } }>).map((x) => [x.device, x.qdev, x.inserted?.['node-name']]);
     expect(attached(await q.qmp.execute('query-block'))).toEqual(attached(blockBefore));
-    expect(await dirtyCount(q.qmp, 'drive-virtio0', `${T}/b1`)).toBe(MiB);
+    expect(await bitmapDirtyBytes(q.qmp, { node: 'drive-virtio0', name: `${T}/b1` })).toBe(MiB);
     expect(await fs.readdir(fleece)).toEqual([]);
     await fs.access(path.dirname(a.socketPath)).then(
       () => expect.fail('socket dir left behind'),

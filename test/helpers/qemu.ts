@@ -166,11 +166,3 @@ export async function imageRead(file: string, format: string, dir: string): Prom
   return buf;
 }
 
-/** Dirty byte count of a bitmap on a node, or `undefined` when the bitmap does not exist. */
-export async function dirtyCount(qmp: QmpClient, node: string, name: string): Promise<number | undefined> {
-  const nodes = await qmp.execute<Array<{ 'node-name': string; 'dirty-bitmaps'?: Array<{ name: string; count: number }> }>>(
-    'query-named-block-nodes',
-    { flat: true },
-  );
-  return nodes.find((n) => n['node-name'] === node)?.['dirty-bitmaps']?.find((b) => b.name === name)?.count;
-}
