@@ -1,6 +1,16 @@
-import { PveBackupError } from '../errors.js';
+/**
+ * Errors of the NBD client and the copy engine, and the translation of the native core's errors
+ * into them.
+ *
+ * @packageDocumentation
+ */
+import { CancelledError, InvalidArgumentError, PveBackupError } from '../errors.js';
 
-/** Stable codes of errors raised by the native NBD core. */
+/**
+ * Codes of {@link NbdError} (described in `ErrorCode`, lib/errors.ts). The native core also reports
+ * `ERR_CANCELLED` and `ERR_INVALID_ARGUMENT`: those become a {@link CancelledError} and an
+ * {@link InvalidArgumentError}, the one class of each code.
+ */
 export type NbdErrorCode =
   | 'ERR_NBD_IO'
   | 'ERR_NBD_PROTOCOL'
@@ -8,8 +18,6 @@ export type NbdErrorCode =
   | 'ERR_NBD_CLOSED'
   | 'ERR_NBD_UNSUPPORTED'
   | 'ERR_NBD_TIMEOUT'
-  | 'ERR_CANCELLED'
-  | 'ERR_INVALID_ARGUMENT'
   | 'ERR_SINK';
 
 /**
@@ -31,12 +39,15 @@ export class NbdError extends PveBackupError {
   /** Length of the failing request. */
   readonly length?: number;
 
+  /**
+   * @param message - What failed.
+   * @param details - Code, and the server's errno, command, offset and length where known.
+   */
   constructor(
     message: string,
     details: { code: NbdErrorCode; errno?: string; command?: string; offset?: number; length?: number; cause?: unknown },
   ) {
     super(message, { code: details.code, cause: details.cause });
-    this.name = details.code === 'ERR_CANCELLED' ? 'AbortError' : 'NbdError';
     this.errno = details.errno;
     this.command = details.command;
     this.offset = details.offset;
@@ -45,7 +56,7 @@ export class NbdError extends PveBackupError {
 }
 
 interface NativeErrorDetails {
-  code: NbdErrorCode;
+  code: NbdErrorCode | 'ERR_CANCELLED' | 'ERR_INVALID_ARGUMENT';
   message: string;
   errno?: string;
   command?: string;
@@ -54,7 +65,8 @@ interface NativeErrorDetails {
 }
 
 /**
- * Turns an error thrown by the native binding into an {@link NbdError}. The binding puts a JSON
+ * Turns an error thrown by the native binding into an {@link NbdError} (a {@link CancelledError}
+ * or an {@link InvalidArgumentError} for those two codes, whose classes own them). The binding puts a JSON
  * object with the stable code and details into the message (see native/src/napi/error.rs).
  * @internal
  */
@@ -68,6 +80,8 @@ export function fromNative(err: unknown): unknown {
   }
   if (typeof details?.code !== 'string' || typeof details.message !== 'string') return err;
   const { code, message, ...rest } = details;
+  if (code === 'ERR_CANCELLED') return new CancelledError(message);
+  if (code === 'ERR_INVALID_ARGUMENT') return new InvalidArgumentError(message);
   return new NbdError(message, { code, ...rest });
 }
 
