@@ -7,26 +7,16 @@
  * fields (for example QEMU's error class); the families live beside the code that throws them
  * (`lib/nbd/errors.ts`, `lib/qmp/errors.ts`, `lib/qemu/errors.ts`, `lib/provider/errors.ts`,
  * `lib/container/errors.ts`, `lib/providers/directory/errors.ts`, `lib/cli/errors.ts`), the
- * families every layer uses ({@link InvalidArgumentError}, {@link CancelledError}) here. A
+ * families every layer uses ({@link InvalidArgumentError}, {@link CancelledError}) here, and so
+ * do the code unions of the families with several codes (those modules re-export them). A
  * family that needs one of those codes subclasses it or wraps it as `cause`, so `instanceof`
  * and `code` always agree.
  *
  * @packageDocumentation
  */
 
-/**
- * Every stable code the package throws. Match on these (they are stable across releases), not on
- * messages. The class that owns each code is named after it.
- */
-export type ErrorCode =
-  // Every layer (this module, lib/tools.ts)
-  /** A caller passed a value that is not acceptable ({@link InvalidArgumentError}). */
-  | 'ERR_INVALID_ARGUMENT'
-  /** The operation was cancelled through its `AbortSignal`, or the CLI by a signal ({@link CancelledError}). */
-  | 'ERR_CANCELLED'
-  /** A program the library runs is not installed (`ToolMissingError`). */
-  | 'ERR_TOOL_MISSING'
-  // NBD client and copy engine (`NbdError`)
+/** Codes of `NbdError`: the NBD client and the copy engine. */
+export type NbdErrorCode =
   /** A socket error talking to the NBD server. */
   | 'ERR_NBD_IO'
   /** The NBD server broke the protocol. */
@@ -40,54 +30,19 @@ export type ErrorCode =
   /** The NBD server left a request unanswered for the request timeout. */
   | 'ERR_NBD_TIMEOUT'
   /** The copy's destination (file, image, consumer) failed. */
-  | 'ERR_SINK'
-  // QMP and guest agent clients (lib/qmp/errors.ts)
-  /** QEMU answered a command with an error (`QmpError`). */
-  | 'ERR_QMP'
-  /** The QMP connection closed, or could not be opened (`QmpClosedError`). */
-  | 'ERR_QMP_CLOSED'
-  /** A QMP command or the greeting did not complete in time (`QmpTimeoutError`). */
-  | 'ERR_QMP_TIMEOUT'
-  /** The socket does not speak QMP (`QmpProtocolError`). */
-  | 'ERR_QMP_NOT_QMP'
-  /** The QMP socket accepted but sent no greeting: another client holds the monitor (`QmpBusyError`). */
-  | 'ERR_QMP_BUSY'
-  // Backup access and QEMU programs (lib/qemu/errors.ts)
-  /** Setting up or tearing down backup access failed (`BackupAccessError`). */
-  | 'ERR_BACKUP_ACCESS'
-  /** Another backup access is active on the QEMU process (`BackupAccessActiveError`). */
-  | 'ERR_BACKUP_ACCESS_ACTIVE'
-  /** The fleecing image ran out of space during the backup (`FleecingFullError`). */
-  | 'ERR_FLEECING_FULL'
-  /** qemu-storage-daemon (or QEMU) exited or did not open its QMP socket while starting (`QemuStartError`). */
-  | 'ERR_QEMU_START'
-  /** `qemu-img` failed (`QemuImgError`). */
-  | 'ERR_QEMU_IMG'
-  // Provider API, job runner and restore (lib/provider/errors.ts)
-  /** The provider declares an API version the runner cannot serve (`ProviderApiVersionError`). */
-  | 'ERR_PROVIDER_API_VERSION'
-  /** A provider method that was called is not implemented (`NotImplementedError`). */
-  | 'ERR_NOT_IMPLEMENTED'
-  /** The provider asked for a mechanism the runner does not support, or none (`MechanismError`). */
-  | 'ERR_MECHANISM'
-  /** A provider method returned something that breaks its contract (`ProviderResultError`). */
-  | 'ERR_PROVIDER_RESULT'
-  /** The backup job was aborted (`JobAbortedError`). */
-  | 'ERR_JOB_ABORTED'
-  /** A restore failed (`RestoreError`). */
-  | 'ERR_RESTORE'
-  // Container tools (lib/container/errors.ts)
+  | 'ERR_SINK';
+
+/** Codes of `ContainerToolError`: which external program failed. */
+export type ContainerToolErrorCode =
   /** GNU tar failed (`ContainerToolError`). */
   | 'ERR_TAR'
   /** rsync failed (`ContainerToolError`). */
   | 'ERR_RSYNC'
   /** getfattr/setfattr failed reading or writing ACLs and capabilities (`ContainerToolError`). */
-  | 'ERR_ACL'
-  /** An id map is malformed or does not cover an id (`IdMapError`). */
-  | 'ERR_IDMAP'
-  /** A restore target is not empty (`RootdirNotEmptyError`). */
-  | 'ERR_ROOTDIR_NOT_EMPTY'
-  // Directory store and provider (`DirectoryStoreError`)
+  | 'ERR_ACL';
+
+/** Codes of `DirectoryStoreError`: the directory store and provider. */
+export type DirectoryStoreErrorCode =
   /** The path is not a directory store (no `pve-backup-store.json`, or not a directory). */
   | 'ERR_NOT_A_STORE'
   /** A volume id / name that is malformed. */
@@ -107,20 +62,75 @@ export type ErrorCode =
   /** Reading or writing a file of the store failed (a full disk, an I/O error); `file` names it. */
   | 'ERR_STORE_IO'
   /** The provider was asked for something its state does not allow (e.g. no backup started). */
-  | 'ERR_PROVIDER_STATE'
-  // Command line (lib/cli/errors.ts)
+  | 'ERR_PROVIDER_STATE';
+
+/** Codes of `DemoError`: the command line's demo. */
+export type DemoErrorCode =
+  /** The demo could not run a phase (`DemoError`). */
+  | 'ERR_DEMO'
+  /** The demo's restored disk differs from the original (`DemoError`). */
+  | 'ERR_DEMO_MISMATCH';
+
+/**
+ * Every stable code the package throws. Match on these (they are stable across releases), not on
+ * messages. The class that owns each code is named after it; the codes of the families with
+ * several are the unions above.
+ */
+export type ErrorCode =
+  /** A caller passed a value that is not acceptable ({@link InvalidArgumentError}). */
+  | 'ERR_INVALID_ARGUMENT'
+  /** The operation was cancelled through its `AbortSignal`, or the CLI by a signal ({@link CancelledError}). */
+  | 'ERR_CANCELLED'
+  /** A program the library runs is not installed (`ToolMissingError`). */
+  | 'ERR_TOOL_MISSING'
+  /** QEMU answered a command with an error (`QmpError`). */
+  | 'ERR_QMP'
+  /** The QMP connection closed, or could not be opened (`QmpClosedError`). */
+  | 'ERR_QMP_CLOSED'
+  /** A QMP command or the greeting did not complete in time (`QmpTimeoutError`). */
+  | 'ERR_QMP_TIMEOUT'
+  /** The socket does not speak QMP (`QmpProtocolError`). */
+  | 'ERR_QMP_NOT_QMP'
+  /** The QMP socket accepted but sent no greeting: another client holds the monitor (`QmpBusyError`). */
+  | 'ERR_QMP_BUSY'
+  /** Setting up or tearing down backup access failed (`BackupAccessError`). */
+  | 'ERR_BACKUP_ACCESS'
+  /** Another backup access is active on the QEMU process (`BackupAccessActiveError`). */
+  | 'ERR_BACKUP_ACCESS_ACTIVE'
+  /** The fleecing image ran out of space during the backup (`FleecingFullError`). */
+  | 'ERR_FLEECING_FULL'
+  /** qemu-storage-daemon (or QEMU) exited or did not open its QMP socket while starting (`QemuStartError`). */
+  | 'ERR_QEMU_START'
+  /** `qemu-img` failed (`QemuImgError`). */
+  | 'ERR_QEMU_IMG'
+  /** The provider declares an API version the runner cannot serve (`ProviderApiVersionError`). */
+  | 'ERR_PROVIDER_API_VERSION'
+  /** A provider method that was called is not implemented (`NotImplementedError`). */
+  | 'ERR_NOT_IMPLEMENTED'
+  /** The provider asked for a mechanism the runner does not support, or none (`MechanismError`). */
+  | 'ERR_MECHANISM'
+  /** A provider method returned something that breaks its contract (`ProviderResultError`). */
+  | 'ERR_PROVIDER_RESULT'
+  /** The backup job was aborted (`JobAbortedError`). */
+  | 'ERR_JOB_ABORTED'
+  /** A restore failed (`RestoreError`). */
+  | 'ERR_RESTORE'
+  /** An id map is malformed or does not cover an id (`IdMapError`). */
+  | 'ERR_IDMAP'
+  /** A restore target is not empty (`RootdirNotEmptyError`). */
+  | 'ERR_ROOTDIR_NOT_EMPTY'
   /** Bad command line usage found inside a command (`UsageError`, exit code 2). */
   | 'ERR_USAGE'
   /** A restore target file exists and `--force` was not given (`TargetExistsError`). */
   | 'ERR_TARGET_EXISTS'
   /** `verify` found backups that failed verification (`VerifyFailedError`). */
   | 'ERR_VERIFY_FAILED'
-  /** The guest's backup failed without a code of its own (`BackupFailedError`). */
+  /** A guest's backup failed (`BackupFailedError`; the CLI's line shows the cause's code when it has one). */
   | 'ERR_BACKUP_FAILED'
-  /** The demo could not run a phase (`DemoError`). */
-  | 'ERR_DEMO'
-  /** The demo's restored disk differs from the original (`DemoError`). */
-  | 'ERR_DEMO_MISMATCH';
+  | NbdErrorCode
+  | ContainerToolErrorCode
+  | DirectoryStoreErrorCode
+  | DemoErrorCode;
 
 /** Options accepted by {@link PveBackupError}. */
 export interface PveBackupErrorOptions {

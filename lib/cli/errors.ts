@@ -4,7 +4,7 @@
  *
  * @packageDocumentation
  */
-import { PveBackupError } from '../errors.js';
+import { PveBackupError, type DemoErrorCode } from '../errors.js';
 
 /** Bad usage found inside a command's action (code `ERR_USAGE`): one line, exit code 2. */
 export class UsageError extends PveBackupError {
@@ -78,8 +78,7 @@ export class BackupFailedError extends PveBackupError {
   }
 }
 
-/** Codes of {@link DemoError}. */
-export type DemoErrorCode = 'ERR_DEMO' | 'ERR_DEMO_MISMATCH';
+export type { DemoErrorCode } from '../errors.js';
 
 /**
  * The demo failed: a phase's backup failed (code `ERR_DEMO`), or what it restored differs from

@@ -5,10 +5,9 @@
  *
  * @packageDocumentation
  */
-import { CancelledError, PveBackupError } from '../errors.js';
+import { CancelledError, PveBackupError, type ContainerToolErrorCode } from '../errors.js';
 
-/** Codes of {@link ContainerToolError}: which external program failed (see `ErrorCode`, lib/errors.ts). */
-export type ContainerToolErrorCode = 'ERR_TAR' | 'ERR_RSYNC' | 'ERR_ACL';
+export type { ContainerToolErrorCode } from '../errors.js';
 
 /**
  * GNU tar, rsync or getfacl/setfacl failed (codes `ERR_TAR`, `ERR_RSYNC`, `ERR_ACL`). The message

@@ -4,21 +4,11 @@
  *
  * @packageDocumentation
  */
-import { CancelledError, InvalidArgumentError, PveBackupError } from '../errors.js';
+import { CancelledError, InvalidArgumentError, PveBackupError, type NbdErrorCode } from '../errors.js';
 
-/**
- * Codes of {@link NbdError} (described in `ErrorCode`, lib/errors.ts). The native core also reports
- * `ERR_CANCELLED` and `ERR_INVALID_ARGUMENT`: those become a {@link CancelledError} and an
- * {@link InvalidArgumentError}, the one class of each code.
- */
-export type NbdErrorCode =
-  | 'ERR_NBD_IO'
-  | 'ERR_NBD_PROTOCOL'
-  | 'ERR_NBD_SERVER'
-  | 'ERR_NBD_CLOSED'
-  | 'ERR_NBD_UNSUPPORTED'
-  | 'ERR_NBD_TIMEOUT'
-  | 'ERR_SINK';
+// The codes live in the package's error table; the native core also reports `ERR_CANCELLED` and
+// `ERR_INVALID_ARGUMENT`, which become a CancelledError and an InvalidArgumentError (fromNative).
+export type { NbdErrorCode } from '../errors.js';
 
 /**
  * An error from the NBD client or the copy engine.

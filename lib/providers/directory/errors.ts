@@ -4,20 +4,9 @@
  *
  * @packageDocumentation
  */
-import { PveBackupError } from '../../errors.js';
+import { PveBackupError, type DirectoryStoreErrorCode } from '../../errors.js';
 
-/** Stable codes of {@link DirectoryStoreError} (each described in `ErrorCode`, lib/errors.ts). */
-export type DirectoryStoreErrorCode =
-  | 'ERR_NOT_A_STORE'
-  | 'ERR_INVALID_VOLID'
-  | 'ERR_UNKNOWN_VOLUME'
-  | 'ERR_BACKUP_INCOMPLETE'
-  | 'ERR_BACKUP_CORRUPT'
-  | 'ERR_CHAIN_BROKEN'
-  | 'ERR_CHAIN_DELETE'
-  | 'ERR_BACKUP_PROTECTED'
-  | 'ERR_STORE_IO'
-  | 'ERR_PROVIDER_STATE';
+export type { DirectoryStoreErrorCode } from '../../errors.js';
 
 /** An error of the directory store (see {@link DirectoryStoreErrorCode}). Match on `code`. */
 export class DirectoryStoreError extends PveBackupError {
