@@ -2,7 +2,7 @@
  * pve-backup-provider: the Proxmox VE backup provider API for Node.
  * @packageDocumentation
  */
-export { PveBackupError, InvalidArgumentError } from './errors.js';
+export { PveBackupError, InvalidArgumentError, CancelledError, type ErrorCode, type PveBackupErrorOptions } from './errors.js';
 export { requireTool, ToolMissingError } from './tools.js';
 export { NbdError, type NbdErrorCode } from './nbd/errors.js';
 export {

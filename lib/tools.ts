@@ -4,12 +4,17 @@ import { existsSync } from 'node:fs';
 
 import { PveBackupError } from './errors.js';
 
-/** A program the library needs is not installed. */
+/** A program the library needs is not installed (code `ERR_TOOL_MISSING`). */
 export class ToolMissingError extends PveBackupError {
+  declare readonly code: 'ERR_TOOL_MISSING';
   /** The executable that was looked for. */
   readonly tool: string;
   /** The Debian package that provides it. */
   readonly debianPackage: string;
+  /**
+   * @param tool - The executable looked for.
+   * @param debianPackage - The Debian package that provides it.
+   */
   constructor(tool: string, debianPackage: string) {
     super(`${tool} not found: apt-get install ${debianPackage}`, { code: 'ERR_TOOL_MISSING' });
     this.name = 'ToolMissingError';

@@ -1,5 +1,5 @@
 /**
- * The provider API without QEMU: errors, version check, base classes, adapter, helpers.
+ * The provider API without QEMU (its errors are in errors.test.ts): version check, base classes, adapter, helpers.
  */
 import { describe, expect, it } from 'vitest';
 
@@ -7,15 +7,10 @@ import {
   BackupProviderBase,
   BackupProviderBaseV1,
   BandwidthLimiter,
-  JobAbortedError,
-  MechanismError,
   NotImplementedError,
   PROVIDER_API_AGE,
   PROVIDER_API_VERSION,
   ProviderApiVersionError,
-  ProviderResultError,
-  PveBackupError,
-  RestoreError,
   adaptProvider,
   checkApiVersion,
   createLogger,
@@ -28,34 +23,6 @@ import {
 import { RecordingProviderV1, RecordingProviderV2 } from './helpers/recording-provider.js';
 
 const ctx = { storeid: 'store1', scfg: {}, log: () => {} };
-
-describe('errors', () => {
-  it.each([
-    [new ProviderApiVersionError(3, 2, 1), 'ProviderApiVersionError', 'ERR_PROVIDER_API_VERSION', /targets API version 3, newer.*supported: 1 to 2/],
-    [new ProviderApiVersionError(0, 2, 1), 'ProviderApiVersionError', 'ERR_PROVIDER_API_VERSION', /version 0, which this runner no longer serves/],
-    [new ProviderApiVersionError(undefined, 2, 0), 'ProviderApiVersionError', 'ERR_PROVIDER_API_VERSION', /declares no integer apiVersion.*supported: 2\)/],
-    [new NotImplementedError('backupNbd', 'p'), 'NotImplementedError', 'ERR_NOT_IMPLEMENTED', /backup provider 'p': method 'backupNbd' is not implemented/],
-    [new MechanismError('m', { mechanism: 'x', vmtype: 'qemu' }), 'MechanismError', 'ERR_MECHANISM', /^m$/],
-    [new ProviderResultError('backupInit', 'bad'), 'ProviderResultError', 'ERR_PROVIDER_RESULT', /^backupInit: bad$/],
-    [new JobAbortedError('stop', { cause: new Error('x'), result: 1 }), 'JobAbortedError', 'ERR_JOB_ABORTED', /^stop$/],
-    [new RestoreError('r', { device: 'disk0' }), 'RestoreError', 'ERR_RESTORE', /^r$/],
-  ])('%s has its name, code and message', (err, name, code, message) => {
-    expect(err).toBeInstanceOf(PveBackupError);
-    expect(err).toBeInstanceOf(Error);
-    expect(err.name).toBe(name);
-    expect(err.code).toBe(code);
-    expect(err.message).toMatch(message);
-  });
-
-  it('carries typed fields', () => {
-    expect(new ProviderApiVersionError(7, 2, 1)).toMatchObject({ apiVersion: 7, current: 2, age: 1 });
-    expect(new NotImplementedError('jobInit').method).toBe('jobInit');
-    expect(new MechanismError('m', { mechanism: undefined, vmtype: 'lxc' })).toMatchObject({ mechanism: undefined, vmtype: 'lxc' });
-    expect(new RestoreError('r', { device: 'd' }).device).toBe('d');
-    const cause = new Error('c');
-    expect(new JobAbortedError('a', { cause, result: { ok: false } })).toMatchObject({ cause, result: { ok: false } });
-  });
-});
 
 describe('API version (libtool current/age)', () => {
   it('serves current - age .. current', () => {

@@ -1,12 +1,11 @@
 import net from 'node:net';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { InvalidArgumentError, PveBackupError } from '../lib/errors.js';
+import { InvalidArgumentError } from '../lib/errors.js';
 import { QmpClient, type QmpEvent } from '../lib/qmp/client.js';
 import { JsonLineDecoder, decodeLine, encodeMessage } from '../lib/qmp/codec.js';
-import { QmpBusyError, QmpClosedError, QmpError, QmpProtocolError, QmpTimeoutError } from '../lib/qmp/errors.js';
+import { QmpBusyError, QmpClosedError, QmpError, QmpProtocolError } from '../lib/qmp/errors.js';
 import { GuestAgentClient, withFrozenFilesystems } from '../lib/qmp/guest-agent.js';
-import { BackupAccessActiveError, BackupAccessError } from '../lib/qemu/errors.js';
 import { startScriptedAgent, type ScriptedAgent } from './helpers/guest-agent.js';
 import { startStorageDaemon, stopAll, tempDir } from './helpers/qemu.js';
 
@@ -65,30 +64,6 @@ describe('codec', () => {
     expect(decodeLine('   ')).toBeUndefined();
     expect(decodeLine('[1]')?.ok).toBe(false);
     expect(encodeMessage({ execute: 'x' })).toBe('{"execute":"x"}\n');
-  });
-});
-
-describe('errors', () => {
-  it.each([
-    [new InvalidArgumentError('x'), 'InvalidArgumentError', 'ERR_INVALID_ARGUMENT'],
-    [new QmpError({ qmpClass: 'GenericError', desc: 'd', command: 'c', device: 'dev' }), 'QmpError', 'ERR_QMP'],
-    [new QmpClosedError('x'), 'QmpClosedError', 'ERR_QMP_CLOSED'],
-    [new QmpTimeoutError('c', 5), 'QmpTimeoutError', 'ERR_QMP_TIMEOUT'],
-    [new QmpProtocolError('x'), 'QmpProtocolError', 'ERR_QMP_NOT_QMP'],
-    [new QmpBusyError('s', 5), 'QmpBusyError', 'ERR_QMP_BUSY'],
-    [new BackupAccessError('x'), 'BackupAccessError', 'ERR_BACKUP_ACCESS'],
-    [new BackupAccessActiveError('t'), 'BackupAccessActiveError', 'ERR_BACKUP_ACCESS_ACTIVE'],
-  ])('%s has name %s and code %s', (err, name, code) => {
-    expect(err).toBeInstanceOf(PveBackupError);
-    expect(err).toBeInstanceOf(Error);
-    expect(err.name).toBe(name);
-    expect(err.code).toBe(code);
-  });
-
-  it('QmpError names command, device and class', () => {
-    const e = new QmpError({ qmpClass: 'DeviceNotFound', desc: 'no such thing', command: 'blockdev-del', device: 'disk0' });
-    expect(e.message).toBe('QMP command blockdev-del (device disk0) failed: no such thing [DeviceNotFound]');
-    expect([e.qmpClass, e.desc, e.command, e.device]).toEqual(['DeviceNotFound', 'no such thing', 'blockdev-del', 'disk0']);
   });
 });
 

@@ -12,7 +12,6 @@ import { join } from 'node:path';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 
-import { PveBackupError } from '../errors.js';
 import { restoreVm } from '../job/restore.js';
 import { runBackupJob } from '../job/runner.js';
 import { NbdClient } from '../nbd/client.js';
@@ -21,6 +20,7 @@ import { DirectoryProvider } from '../providers/directory/provider.js';
 import { DirectoryStore } from '../providers/directory/store.js';
 import { startStorageDaemon, type StorageDaemon } from '../qemu/storage-daemon.js';
 import { requireTool } from '../tools.js';
+import { DemoError } from './errors.js';
 import { formatBytes, printTable, progressView } from './output.js';
 
 const execFileP = promisify(execFile);
@@ -105,11 +105,11 @@ async function verify(file: string, expected: string[], what: string): Promise<v
   let i = 0;
   for await (const chunk of createReadStream(file, { highWaterMark: CHUNK })) {
     if (createHash('sha256').update(chunk as Buffer).digest('hex') !== expected[i]) {
-      throw new PveBackupError(`${what} differs from the disk at its point in time, in the 4 MiB at offset ${i * CHUNK}`, { code: 'ERR_DEMO_MISMATCH' });
+      throw new DemoError('ERR_DEMO_MISMATCH', `${what} differs from the disk at its point in time, in the 4 MiB at offset ${i * CHUNK}`);
     }
     i++;
   }
-  if (i !== expected.length) throw new PveBackupError(`${what} has ${i} chunks of 4 MiB, the disk ${expected.length}`, { code: 'ERR_DEMO_MISMATCH' });
+  if (i !== expected.length) throw new DemoError('ERR_DEMO_MISMATCH', `${what} has ${i} chunks of 4 MiB, the disk ${expected.length}`);
 }
 
 async function allocatedIn(dir: string): Promise<number> {
@@ -203,7 +203,7 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoPhase[]> {
       const result = await runBackupJob({ provider, storeid: 'demo', guests: [guest], fleecing: { dir: fleecing }, tmpdir: dir });
       const backupSeconds = (performance.now() - t0) / 1000;
       const outcome = result.guests[0]!;
-      if (outcome.status !== 'ok') throw outcome.error ?? new PveBackupError(`the ${phase} backup failed`, { code: 'ERR_DEMO' });
+      if (outcome.status !== 'ok') throw outcome.error ?? new DemoError('ERR_DEMO', `the ${phase} backup failed`);
       const volname = outcome.archiveName!;
       const store = await DirectoryStore.open(storeDir);
       const manifest = await store.readManifest(volname);

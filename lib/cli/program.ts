@@ -7,6 +7,7 @@ import { readFileSync } from 'node:fs';
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 
 import { PveBackupError } from '../errors.js';
+import { BackupFailedError } from './errors.js';
 import { NbdClient, listBitmaps } from '../nbd/client.js';
 import { copyExtents } from '../nbd/copy.js';
 import { addStoreCommands } from './store-commands.js';
@@ -199,7 +200,8 @@ export async function main(argv: string[]): Promise<number> {
       // commander already printed the problem (or the help text)
       return err.exitCode === 0 ? EXIT.ok : EXIT.usage;
     }
-    const code = err instanceof PveBackupError ? err.code : undefined;
+    // a failed guest backup reports its cause's code: that one tells the operator what to do
+    const code = err instanceof BackupFailedError ? (err.causeCode ?? err.code) : err instanceof PveBackupError ? err.code : undefined;
     if (code === 'ERR_USAGE') {
       console.error(`pve-backup-provider: ${(err as Error).message}`);
       return EXIT.usage;

@@ -10,7 +10,9 @@ import { promisify } from 'node:util';
 
 import { Command, InvalidArgumentError } from 'commander';
 
-import { PveBackupError } from '../errors.js';
+import { CancelledError, InvalidArgumentError as PveInvalidArgumentError } from '../errors.js';
+import { RootdirNotEmptyError } from '../container/errors.js';
+import { BackupFailedError, TargetExistsError, UsageError, VerifyFailedError } from './errors.js';
 import type { Guest } from '../job/types.js';
 import type { BackupProvider, LogFunction, PruneOptions } from '../provider/api.js';
 import type { QmpClient } from '../qmp/client.js';
@@ -43,10 +45,10 @@ export interface Parsers {
 }
 
 /** Bad usage found inside an action: one line, exit code 2 (see `main`). */
-export const usage = (message: string): PveBackupError => new PveBackupError(message, { code: 'ERR_USAGE' });
+export const usage = (message: string): UsageError => new UsageError(message);
 
 /** The operation stopped because of Ctrl-C or SIGTERM: exit code 130 (see `main`). */
-const cancelled = (cause: unknown): PveBackupError => new PveBackupError('cancelled', { code: 'ERR_CANCELLED', cause });
+const cancelled = (cause: unknown): CancelledError => new CancelledError('cancelled', { cause });
 
 const collect = (v: string, prev: string[] = []): string[] => [...prev, v];
 /**
@@ -93,9 +95,9 @@ async function imageFormat(file: string): Promise<'raw' | 'qcow2'> {
     format = (JSON.parse((await execFileP(qemuImg, ['info', '-U', '--output=json', file])).stdout) as { format: string }).format;
   } catch (err) {
     const e = err as { stderr?: string; message: string };
-    throw new PveBackupError(`cannot read disk image ${file}: ${(e.stderr || e.message).trim().split('\n')[0]}`, { code: 'ERR_INVALID_ARGUMENT' });
+    throw new PveInvalidArgumentError(`cannot read disk image ${file}: ${(e.stderr || e.message).trim().split('\n')[0]}`);
   }
-  if (format !== 'raw' && format !== 'qcow2') throw new PveBackupError(`disk image ${file} is ${format}; raw and qcow2 are supported`, { code: 'ERR_INVALID_ARGUMENT' });
+  if (format !== 'raw' && format !== 'qcow2') throw new PveInvalidArgumentError(`disk image ${file} is ${format}; raw and qcow2 are supported`);
   return format;
 }
 
@@ -222,7 +224,7 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
         });
       } catch (err) {
         // Ctrl-C / SIGTERM: the runner took the abort path (partial backup removed); exit 130
-        if (signal.aborted) throw new PveBackupError('backup cancelled', { code: 'ERR_CANCELLED', cause: err });
+        if (signal.aborted) throw new CancelledError('backup cancelled', { cause: err });
         throw err;
       } finally {
         progress.stop();
@@ -230,11 +232,7 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
       }
       const g = result.guests[0]!;
       if (g.status !== 'ok') {
-        const e = g.error;
-        throw new PveBackupError(`backup of ${guest.type === 'qemu' ? 'VM' : 'CT'} ${vmid} failed: ${e?.message ?? 'unknown error'}`, {
-          code: (e as { code?: string } | undefined)?.code ?? 'ERR_BACKUP_FAILED',
-          cause: e,
-        });
+        throw new BackupFailedError(vmid, guest.type, g.error);
       }
       const info = (await store.listBackups(vmid)).find((b) => b.volname === g.archiveName);
       if (json) console.log(JSON.stringify({ ...info, warnings: g.warnings }, null, 2));
@@ -286,10 +284,7 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
           const cause = (err as { cause?: { code?: string; rootdir?: string; entry?: string } } | undefined)?.cause;
           // the library's message names its option; say what the command line user can do
           if (cause?.code === 'ERR_ROOTDIR_NOT_EMPTY') {
-            throw new PveBackupError(`restore target ${cause.rootdir} is not empty (found ${cause.entry}); give --allow-non-empty to restore into it anyway (existing files are kept)`, {
-              code: 'ERR_ROOTDIR_NOT_EMPTY',
-              cause: err,
-            });
+            throw new RootdirNotEmptyError(cause.rootdir!, cause.entry!, { remedy: 'give --allow-non-empty to restore into it anyway (existing files are kept)', cause: err });
           }
           throw err;
         });
@@ -315,7 +310,7 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
       if (!o.force) {
         for (const f of files) {
           const st = await stat(f).catch(() => undefined);
-          if (st?.isFile()) throw new PveBackupError(`restore target ${path.resolve(f)} exists; give --force to replace it`, { code: 'ERR_TARGET_EXISTS' });
+          if (st?.isFile()) throw new TargetExistsError(path.resolve(f));
         }
       }
       const views = new Map<string, ProgressView>();
@@ -433,7 +428,7 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
       if (o.json) console.log(JSON.stringify(results, null, 2));
       else for (const r of results) console.log(r.ok ? `${r.volid}: ok` : `${r.volid}: FAILED\n${r.problems.map((p) => `  ${p}`).join('\n')}`);
       const bad = results.filter((r) => !r.ok).length;
-      if (bad > 0) throw new PveBackupError(`${bad} of ${results.length} backup(s) failed verification`, { code: 'ERR_VERIFY_FAILED' });
+      if (bad > 0) throw new VerifyFailedError(bad, results.length);
     });
 
   program

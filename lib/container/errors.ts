@@ -5,10 +5,9 @@
  *
  * @packageDocumentation
  */
-import { PveBackupError } from '../errors.js';
+import { CancelledError, PveBackupError, type ContainerToolErrorCode } from '../errors.js';
 
-/** Codes of {@link ContainerToolError}: which external program failed. */
-export type ContainerToolErrorCode = 'ERR_TAR' | 'ERR_RSYNC' | 'ERR_ACL';
+export type { ContainerToolErrorCode } from '../errors.js';
 
 /**
  * GNU tar, rsync or getfacl/setfacl failed (codes `ERR_TAR`, `ERR_RSYNC`, `ERR_ACL`). The message
@@ -54,6 +53,7 @@ export class ContainerToolError extends PveBackupError {
  * `ERR_IDMAP`). `path` names the file concerned, relative to the tree, when there is one.
  */
 export class IdMapError extends PveBackupError {
+  declare readonly code: 'ERR_IDMAP';
   /** `u` or `g` when a particular id is concerned. */
   readonly idType: 'u' | 'g' | undefined;
   /** The id that is not mapped, when one is concerned. */
@@ -78,6 +78,7 @@ export class IdMapError extends PveBackupError {
  * directories are allowed, unless the caller passes `allowNonEmpty`.
  */
 export class RootdirNotEmptyError extends PveBackupError {
+  declare readonly code: 'ERR_ROOTDIR_NOT_EMPTY';
   /** The directory that was refused. */
   readonly rootdir: string;
   /** The first entry found in it. */
@@ -86,10 +87,13 @@ export class RootdirNotEmptyError extends PveBackupError {
   /**
    * @param rootdir - The restore target.
    * @param entry - An entry found in it.
+   * @param options - `remedy`: what the reader can do, in the words of their interface (default
+   *   `pass allowNonEmpty to restore into it anyway`; the CLI names its option); `cause`.
    */
-  constructor(rootdir: string, entry: string) {
-    super(`restore target ${rootdir} is not empty (found ${entry}); pass allowNonEmpty to restore into it anyway`, {
+  constructor(rootdir: string, entry: string, options: { remedy?: string; cause?: unknown } = {}) {
+    super(`restore target ${rootdir} is not empty (found ${entry}); ${options.remedy ?? 'pass allowNonEmpty to restore into it anyway'}`, {
       code: 'ERR_ROOTDIR_NOT_EMPTY',
+      cause: options.cause,
     });
     this.rootdir = rootdir;
     this.entry = entry;
@@ -97,17 +101,16 @@ export class RootdirNotEmptyError extends PveBackupError {
 }
 
 /**
- * The operation was cancelled through its `AbortSignal` (code `ERR_CANCELLED`, name
- * `AbortError`, as the NBD core's cancellation). The child process has been killed; `cause` is
- * the signal's reason.
+ * A container tool was cancelled through its `AbortSignal`: a {@link CancelledError} (code
+ * `ERR_CANCELLED`, name `AbortError`, as every cancellation of the package). The child process
+ * has been killed; `cause` is the signal's reason.
  */
-export class ContainerAbortError extends PveBackupError {
+export class ContainerAbortError extends CancelledError {
   /**
    * @param what - The operation that was cancelled.
    * @param reason - The abort signal's reason.
    */
   constructor(what: string, reason?: unknown) {
-    super(`${what} cancelled`, { code: 'ERR_CANCELLED', cause: reason });
-    this.name = 'AbortError';
+    super(`${what} cancelled`, { cause: reason });
   }
 }

@@ -7,7 +7,8 @@
 import { spawn } from 'node:child_process';
 import { stat } from 'node:fs/promises';
 
-import { PveBackupError } from '../errors.js';
+import { CancelledError } from '../errors.js';
+import { QemuImgError } from '../qemu/errors.js';
 import { requireTool, tiedToParent } from '../tools.js';
 
 /** Progress of a convert: `percent` 0..100, `bytes` estimated from the size. */
@@ -90,10 +91,13 @@ export async function qemuImgConvert(o: QemuImgConvertOptions): Promise<void> {
     child.on('close', (code, sig) => {
       o.signal?.removeEventListener('abort', onAbort);
       if (code === 0) return resolve();
-      if (o.signal?.aborted) return reject(new PveBackupError(`qemu-img convert of ${o.device} cancelled`, { code: 'ERR_CANCELLED', cause: o.signal.reason }));
+      if (o.signal?.aborted) return reject(new CancelledError(`qemu-img convert of ${o.device} cancelled`, { cause: o.signal.reason }));
       reject(
-        new PveBackupError(`qemu-img convert of ${o.device} failed (${code !== null ? `exit code ${code}` : `signal ${sig}`}): ${stderr.trim()}`, {
-          code: 'ERR_QEMU_IMG',
+        new QemuImgError(`qemu-img convert of ${o.device} failed (${code !== null ? `exit code ${code}` : `signal ${sig}`}): ${stderr.trim()}`, {
+          device: o.device,
+          exitCode: code,
+          signal: sig,
+          stderr: stderr.trim(),
         }),
       );
     });

@@ -41,7 +41,7 @@ export interface ExtentReadOptions {
   requestTimeoutMs?: number;
   /** Called at most about 10 times a second. */
   onProgress?: (progress: CopyProgress) => void;
-  /** Cancels the copy: it then rejects with an `NbdError` of code `ERR_CANCELLED`. */
+  /** Cancels the copy: it then rejects with a `CancelledError` (code `ERR_CANCELLED`, name `AbortError`). */
   signal?: AbortSignal;
 }
 

@@ -1,16 +1,14 @@
-import { PveBackupError } from '../errors.js';
+/**
+ * Errors of the NBD client and the copy engine, and the translation of the native core's errors
+ * into them.
+ *
+ * @packageDocumentation
+ */
+import { CancelledError, InvalidArgumentError, PveBackupError, type NbdErrorCode } from '../errors.js';
 
-/** Stable codes of errors raised by the native NBD core. */
-export type NbdErrorCode =
-  | 'ERR_NBD_IO'
-  | 'ERR_NBD_PROTOCOL'
-  | 'ERR_NBD_SERVER'
-  | 'ERR_NBD_CLOSED'
-  | 'ERR_NBD_UNSUPPORTED'
-  | 'ERR_NBD_TIMEOUT'
-  | 'ERR_CANCELLED'
-  | 'ERR_INVALID_ARGUMENT'
-  | 'ERR_SINK';
+// The codes live in the package's error table; the native core also reports `ERR_CANCELLED` and
+// `ERR_INVALID_ARGUMENT`, which become a CancelledError and an InvalidArgumentError (fromNative).
+export type { NbdErrorCode } from '../errors.js';
 
 /**
  * An error from the NBD client or the copy engine.
@@ -31,12 +29,15 @@ export class NbdError extends PveBackupError {
   /** Length of the failing request. */
   readonly length?: number;
 
+  /**
+   * @param message - What failed.
+   * @param details - Code, and the server's errno, command, offset and length where known.
+   */
   constructor(
     message: string,
     details: { code: NbdErrorCode; errno?: string; command?: string; offset?: number; length?: number; cause?: unknown },
   ) {
     super(message, { code: details.code, cause: details.cause });
-    this.name = details.code === 'ERR_CANCELLED' ? 'AbortError' : 'NbdError';
     this.errno = details.errno;
     this.command = details.command;
     this.offset = details.offset;
@@ -45,7 +46,7 @@ export class NbdError extends PveBackupError {
 }
 
 interface NativeErrorDetails {
-  code: NbdErrorCode;
+  code: NbdErrorCode | 'ERR_CANCELLED' | 'ERR_INVALID_ARGUMENT';
   message: string;
   errno?: string;
   command?: string;
@@ -54,7 +55,8 @@ interface NativeErrorDetails {
 }
 
 /**
- * Turns an error thrown by the native binding into an {@link NbdError}. The binding puts a JSON
+ * Turns an error thrown by the native binding into an {@link NbdError} (a {@link CancelledError}
+ * or an {@link InvalidArgumentError} for those two codes, whose classes own them). The binding puts a JSON
  * object with the stable code and details into the message (see native/src/napi/error.rs).
  * @internal
  */
@@ -68,6 +70,8 @@ export function fromNative(err: unknown): unknown {
   }
   if (typeof details?.code !== 'string' || typeof details.message !== 'string') return err;
   const { code, message, ...rest } = details;
+  if (code === 'ERR_CANCELLED') return new CancelledError(message);
+  if (code === 'ERR_INVALID_ARGUMENT') return new InvalidArgumentError(message);
   return new NbdError(message, { code, ...rest });
 }
 

@@ -12,6 +12,7 @@ import { PveBackupError } from '../errors.js';
  * Thrown before any provider method is called.
  */
 export class ProviderApiVersionError extends PveBackupError {
+  declare readonly code: 'ERR_PROVIDER_API_VERSION';
   /** What the provider declared (`undefined` when it declared nothing usable). */
   readonly apiVersion: unknown;
   /** The runner's current API version. */
@@ -43,6 +44,7 @@ export class ProviderApiVersionError extends PveBackupError {
 
 /** A provider method that was called is not implemented (code `ERR_NOT_IMPLEMENTED`). */
 export class NotImplementedError extends PveBackupError {
+  declare readonly code: 'ERR_NOT_IMPLEMENTED';
   /** The TypeScript method name, e.g. `backupNbd`. */
   readonly method: string;
 
@@ -61,6 +63,7 @@ export class NotImplementedError extends PveBackupError {
  * none (code `ERR_MECHANISM`).
  */
 export class MechanismError extends PveBackupError {
+  declare readonly code: 'ERR_MECHANISM';
   /** Mechanism returned by the provider (`undefined` when it returned none). */
   readonly mechanism: string | undefined;
   /** Guest type concerned. */
@@ -79,6 +82,7 @@ export class MechanismError extends PveBackupError {
 
 /** A provider method returned something that breaks its contract (code `ERR_PROVIDER_RESULT`). */
 export class ProviderResultError extends PveBackupError {
+  declare readonly code: 'ERR_PROVIDER_RESULT';
   /** Method whose result was wrong. */
   readonly method: string;
 
@@ -98,6 +102,7 @@ export class ProviderResultError extends PveBackupError {
  * `result` what had been done until then.
  */
 export class JobAbortedError extends PveBackupError {
+  declare readonly code: 'ERR_JOB_ABORTED';
   /** Outcome of each guest up to the abort (guests not reached are `skipped`). */
   readonly result: unknown;
 
@@ -113,6 +118,7 @@ export class JobAbortedError extends PveBackupError {
 
 /** A restore failed (code `ERR_RESTORE`); `cause` is the underlying error. */
 export class RestoreError extends PveBackupError {
+  declare readonly code: 'ERR_RESTORE';
   /** Device being restored, when the failure concerns one. */
   readonly device: string | undefined;
 

@@ -11,9 +11,10 @@ import { Transform, type TransformCallback } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
 
-import { InvalidArgumentError, PveBackupError } from '../errors.js';
+import { InvalidArgumentError } from '../errors.js';
 import { NbdClient, NBD_STATE_DIRTY } from '../nbd/client.js';
 import { copyExtents, type CopyProgress, type CopySummary } from '../nbd/copy.js';
+import { NbdError } from '../nbd/errors.js';
 import { isSnapshotExport } from '../nbd/snapshot-exports.js';
 import { nbdUnixUri } from '../qemu/names.js';
 import type { BitmapMode } from '../qemu/types.js';
@@ -224,7 +225,7 @@ export async function backupNbdToFile(o: BackupNbdToFileOptions): Promise<CopySu
   const part = `${o.path}.part`;
   try {
     await execFileP('cp', ['--reflink=auto', '--sparse=always', '--', o.previous, part]).catch((err: { stderr?: string; message: string }) => {
-      throw new PveBackupError(`copying the previous image ${o.previous} failed: ${(err.stderr || err.message).trim()}`, { code: 'ERR_SINK', cause: err });
+      throw new NbdError(`copying the previous image ${o.previous} failed: ${(err.stderr || err.message).trim()}`, { code: 'ERR_SINK', cause: err });
     });
     const summary = await copyExtents({ ...common, path: part, existing: true, bitmap: o.bitmapName });
     await rename(part, o.path);

@@ -1,5 +1,6 @@
 /**
- * Errors of backup access.
+ * Errors of backup access and of the QEMU programs the library runs (qemu-storage-daemon,
+ * qemu-img).
  *
  * @packageDocumentation
  */
@@ -11,6 +12,7 @@ import { QmpError } from '../qmp/errors.js';
  * the device and, when QEMU refused, the QMP command; `cause` is the underlying error.
  */
 export class BackupAccessError extends PveBackupError {
+  declare readonly code: 'ERR_BACKUP_ACCESS';
   /** Device concerned, when the failure concerns one. */
   readonly device: string | undefined;
   /** QMP command that failed, when QEMU refused. */
@@ -30,6 +32,7 @@ export class BackupAccessError extends PveBackupError {
 
 /** Another backup access is active on this QEMU process (code `ERR_BACKUP_ACCESS_ACTIVE`). */
 export class BackupAccessActiveError extends PveBackupError {
+  declare readonly code: 'ERR_BACKUP_ACCESS_ACTIVE';
   /** Target id of the active access (`undefined` when only leftovers without a record were found). */
   readonly activeTargetId: string | undefined;
 
@@ -55,6 +58,7 @@ export class BackupAccessActiveError extends PveBackupError {
  * the backup.
  */
 export class FleecingFullError extends PveBackupError {
+  declare readonly code: 'ERR_FLEECING_FULL';
   /** Device whose fleecing image is on the full filesystem. */
   readonly device: string;
   /** The fleecing image. */
@@ -92,4 +96,51 @@ export function deviceError(device: string, what: string, err: unknown): BackupA
     ...(cmd ? { command: cmd } : {}),
     cause: err,
   });
+}
+
+/**
+ * qemu-storage-daemon (or another QEMU process the library starts) exited before it opened its QMP
+ * socket, or did not open it in time (code `ERR_QEMU_START`). The message holds its log.
+ */
+export class QemuStartError extends PveBackupError {
+  declare readonly code: 'ERR_QEMU_START';
+  /** The program that failed to start, e.g. `qemu-storage-daemon`. */
+  readonly program: string;
+
+  /**
+   * @param program - The program that failed to start.
+   * @param message - What happened (its log, or the timeout).
+   */
+  constructor(program: string, message: string) {
+    super(message, { code: 'ERR_QEMU_START' });
+    this.program = program;
+  }
+}
+
+/**
+ * `qemu-img` failed (code `ERR_QEMU_IMG`): the message names the device, how it ended and its
+ * stderr.
+ */
+export class QemuImgError extends PveBackupError {
+  declare readonly code: 'ERR_QEMU_IMG';
+  /** Device whose image qemu-img was working on. */
+  readonly device: string;
+  /** Its exit status, or `null` when a signal ended it. */
+  readonly exitCode: number | null;
+  /** The signal that ended it, or `null`. */
+  readonly signal: NodeJS.Signals | null;
+  /** Its stderr, trimmed. */
+  readonly stderr: string;
+
+  /**
+   * @param message - What failed (one line, with the stderr).
+   * @param details - Device, exit status, signal and stderr.
+   */
+  constructor(message: string, details: { device: string; exitCode?: number | null; signal?: NodeJS.Signals | null; stderr?: string }) {
+    super(message, { code: 'ERR_QEMU_IMG' });
+    this.device = details.device;
+    this.exitCode = details.exitCode ?? null;
+    this.signal = details.signal ?? null;
+    this.stderr = details.stderr ?? '';
+  }
 }

@@ -8,7 +8,8 @@ import { open, readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 
-import { PveBackupError } from '../errors.js';
+import { InvalidArgumentError } from '../errors.js';
+import { QemuStartError } from './errors.js';
 import { QmpClient } from '../qmp/client.js';
 import { QmpClosedError } from '../qmp/errors.js';
 import { requireTool } from '../tools.js';
@@ -58,7 +59,7 @@ export async function connectStartingQemu(path: string, child: ChildProcess, log
   for (;;) {
     if (child.exitCode !== null || child.signalCode !== null) {
       const text = await readFile(log, 'utf8').catch(() => '');
-      throw new PveBackupError(`${what} exited early: ${text.trim()}`, { code: 'ERR_QEMU_START' });
+      throw new QemuStartError(what, `${what} exited early: ${text.trim()}`);
     }
     if (await stat(path).then((s) => s.isSocket(), () => false)) {
       try {
@@ -67,7 +68,7 @@ export async function connectStartingQemu(path: string, child: ChildProcess, log
         if (!(err instanceof QmpClosedError) || Date.now() > deadline) throw err;
       }
     }
-    if (Date.now() > deadline) throw new PveBackupError(`${what} did not open ${path} within 20 s`, { code: 'ERR_QEMU_START' });
+    if (Date.now() > deadline) throw new QemuStartError(what, `${what} did not open ${path} within 20 s`);
     await sleep(25);
   }
 }
@@ -79,7 +80,7 @@ export async function startStorageDaemon(options: StorageDaemonOptions): Promise
   const nbdSocket = join(options.dir, 'nbd.sock');
   const args: string[] = [];
   for (const disk of options.disks) {
-    if (!ID_RE.test(disk.id)) throw new PveBackupError(`invalid disk id ${JSON.stringify(disk.id)}`, { code: 'ERR_INVALID_ARGUMENT' });
+    if (!ID_RE.test(disk.id)) throw new InvalidArgumentError(`invalid disk id ${JSON.stringify(disk.id)}`);
     // QEMU's option syntax separates keys with commas: a comma in a path is written twice
     const quote = (path: string): string => path.replaceAll(',', ',,');
     const fileNode = disk.nbdSocket

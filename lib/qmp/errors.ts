@@ -25,6 +25,7 @@ export interface QmpErrorDetails {
  * The message names the command, the device (where known) and QEMU's description.
  */
 export class QmpError extends PveBackupError {
+  declare readonly code: 'ERR_QMP';
   /** QEMU's error class (`GenericError`, `DeviceNotFound`, `CommandNotFound`, ...). */
   readonly qmpClass: string;
   /** QEMU's description, unchanged. */
@@ -64,6 +65,7 @@ export class QmpError extends PveBackupError {
  * on a closed client (code `ERR_QMP_CLOSED`).
  */
 export class QmpClosedError extends PveBackupError {
+  declare readonly code: 'ERR_QMP_CLOSED';
   /** The command that was pending, if any. */
   readonly command: string | undefined;
 
@@ -79,6 +81,7 @@ export class QmpClosedError extends PveBackupError {
 
 /** A command (or the greeting) did not complete in time (code `ERR_QMP_TIMEOUT`). */
 export class QmpTimeoutError extends PveBackupError {
+  declare readonly code: 'ERR_QMP_TIMEOUT';
   /** The command that timed out (`greeting` for the connection handshake). */
   readonly command: string;
   /** The timeout that expired, in milliseconds. */
@@ -97,6 +100,7 @@ export class QmpTimeoutError extends PveBackupError {
 
 /** The socket answered, but not with a QMP greeting or with a malformed message (code `ERR_QMP_NOT_QMP`). */
 export class QmpProtocolError extends PveBackupError {
+  declare readonly code: 'ERR_QMP_NOT_QMP';
   /** @param message - What was received instead. */
   constructor(message: string, options: { cause?: unknown } = {}) {
     super(message, { code: 'ERR_QMP_NOT_QMP', cause: options.cause });
@@ -109,6 +113,7 @@ export class QmpProtocolError extends PveBackupError {
  * silence: another tool or backup is most likely connected to the monitor.
  */
 export class QmpBusyError extends PveBackupError {
+  declare readonly code: 'ERR_QMP_BUSY';
   /** The socket (or host:port) connected to. */
   readonly address: string;
   /** How long the greeting was waited for, in milliseconds. */
