@@ -7,19 +7,11 @@
  *
  * @packageDocumentation
  */
+import type { IdMapEntry } from '../vocabulary.js';
 import { IdMapError } from './errors.js';
 
-/** One range of a container id map, as an `lxc.idmap` line: `u 0 100000 65536`. */
-export interface IdMapEntry {
-  /** `u` for user ids, `g` for group ids. */
-  type: 'u' | 'g';
-  /** First container id of the range. */
-  container: number;
-  /** First host id of the range. */
-  host: number;
-  /** Number of ids in the range (at least 1). */
-  length: number;
-}
+/** One range of a container id map (defined with the provider API's vocabulary, which passes it to providers). */
+export type { IdMapEntry };
 
 /** Largest valid uid/gid: `(uid_t)-1` (4294967295) means "no id" to the kernel. */
 export const MAX_ID = 0xffff_fffe;

@@ -16,7 +16,7 @@ import { InvalidArgumentError } from '../errors.js';
 import { adaptProvider, type ProviderDriver } from '../provider/adapter.js';
 import type { BackupProvider, GuestType, IdMapEntry, LogFunction, RestoreHookInfo } from '../provider/api.js';
 import { MechanismError, RestoreError } from '../provider/errors.js';
-import { createLogger, type ProviderLogger } from '../provider/helpers.js';
+import { createLogger, type ProviderLogger } from '../provider/logger.js';
 import { restoreDirectoryTree } from '../container/directory.js';
 import { parseIdMap } from '../container/idmap.js';
 import { extractTarArchive } from '../container/tar.js';

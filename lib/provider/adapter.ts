@@ -6,8 +6,7 @@
  *
  * @packageDocumentation
  */
-import { BITMAP_ID_RE } from '../qemu/names.js';
-import type { BitmapAction, BitmapMode } from '../qemu/types.js';
+import { BITMAP_ID_RE, type BitmapAction, type BitmapMode } from '../vocabulary.js';
 import {
   PROVIDER_API_AGE,
   PROVIDER_API_VERSION,
