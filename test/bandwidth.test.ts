@@ -16,7 +16,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 
 import { afterEach, describe, expect, it } from 'vitest';
 
-import { ThrottleStream } from '../lib/container/throttle.js';
+import { ThrottleStream } from '../lib/bandwidth.js';
 import {
   backupNbdToFile,
   BandwidthLimiter,
@@ -124,6 +124,24 @@ describe('ThrottleStream (container archives)', () => {
     );
     expect(got).toBe(8 * MiB);
     expect(t.bytes).toBe(8 * MiB);
+    expect(seconds).toBeGreaterThanOrEqual(AT_LEAST * 2);
+    expect(seconds).toBeLessThan(AT_MOST_SECONDS);
+  });
+
+  it('does not burst after a stall: 8 MiB after a 2 s pause still take about 2 s', async () => {
+    const t = new ThrottleStream(LIMIT);
+    let resumed = 0;
+    // 1 MiB, a 2 s pause of the source, then 8 MiB. Measured from the first byte (the old
+    // behaviour), the pause would be credited and 7 MiB of the 8 pass at once.
+    async function* source(): AsyncGenerator<Buffer> {
+      yield Buffer.alloc(MiB);
+      await sleep(2000);
+      resumed = performance.now();
+      for (let i = 0; i < 8; i++) yield Buffer.alloc(MiB);
+    }
+    await pipeline(Readable.from(source()), t, new Writable({ write: (_c: Buffer, _e, cb) => cb() }));
+    const seconds = (performance.now() - resumed) / 1000;
+    expect(t.bytes).toBe(9 * MiB);
     expect(seconds).toBeGreaterThanOrEqual(AT_LEAST * 2);
     expect(seconds).toBeLessThan(AT_MOST_SECONDS);
   });
