@@ -64,7 +64,7 @@ export {
 export { BackupProviderBase, BackupProviderBaseV1 } from './provider/base.js';
 export { adaptProvider, checkApiVersion } from './provider/adapter.js';
 export { createLogger, type ProviderLogger } from './provider/logger.js';
-export { BandwidthLimiter } from './bandwidth.js';
+export { BandwidthLimiter, normaliseBandwidthLimit, type BandwidthLimiterOptions } from './bandwidth.js';
 export { backupNbdToFile, type BackupNbdToFileOptions } from './provider/backup-nbd-to-file.js';
 export { nbdUriFor, dirtyRegions, dirtyBytes } from './provider/dirty-regions.js';
 export {

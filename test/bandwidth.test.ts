@@ -22,6 +22,9 @@ import {
   BandwidthLimiter,
   DirectoryProvider,
   DirectoryProviderV1,
+  normaliseBandwidthLimit,
+  restoreContainer,
+  restoreVm,
   runBackupJob,
   type BackupProvider,
   type CopySummary,
@@ -52,6 +55,29 @@ async function timed(fn: () => Promise<unknown>): Promise<number> {
   await fn();
   return (performance.now() - t0) / 1000;
 }
+
+describe('normaliseBandwidthLimit: "0 or absent means no limit", decided once', () => {
+  it('gives undefined for no limit and the number otherwise', () => {
+    expect(normaliseBandwidthLimit(undefined)).toBeUndefined();
+    expect(normaliseBandwidthLimit(0)).toBeUndefined();
+    expect(normaliseBandwidthLimit(Infinity)).toBeUndefined();
+    expect(normaliseBandwidthLimit(LIMIT)).toBe(LIMIT);
+    expect(normaliseBandwidthLimit(0.5)).toBe(0.5);
+  });
+
+  it.each([-1, Number.NaN, '4M', null])('refuses %s', (value) => {
+    expect(() => normaliseBandwidthLimit(value, 'bandwidthLimit')).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARGUMENT', message: expect.stringMatching(/^bandwidthLimit must be/) }));
+  });
+
+  it('every entry point refuses a negative limit before doing anything', async () => {
+    const provider = {} as BackupProvider; // never reached
+    const refused = { code: 'ERR_INVALID_ARGUMENT', message: expect.stringMatching(/^bandwidthLimit must be/) };
+    const common = { provider, volname: 'backup/100/qemu-x', storeid: 'dir1', bandwidthLimit: -1 };
+    await expect(restoreVm({ ...common, targets: {} })).rejects.toMatchObject(refused);
+    await expect(restoreContainer({ ...common, rootdir: '/nonexistent' })).rejects.toMatchObject(refused);
+    await expect(runBackupJob({ provider, storeid: 'dir1', guests: [], bandwidthLimit: -1 })).rejects.toMatchObject(refused);
+  });
+});
 
 describe('BandwidthLimiter (provider helper)', () => {
   it('passes one second of burst, then keeps to the rate', async () => {

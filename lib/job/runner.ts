@@ -10,6 +10,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 
+import { normaliseBandwidthLimit } from '../bandwidth.js';
 import { InvalidArgumentError } from '../errors.js';
 import { NbdClient } from '../nbd/client.js';
 import { markSnapshotExport } from '../nbd/snapshot-exports.js';
@@ -102,9 +103,6 @@ function validate(o: RunBackupJobOptions): void {
     if (typeof g.config !== 'string') throw new InvalidArgumentError(`guest ${g.vmid}: config (the raw configuration) is required`);
     if (g.type === 'lxc' && typeof g.rootdir !== 'string') throw new InvalidArgumentError(`guest ${g.vmid}: rootdir is required`);
   }
-  if (o.bandwidthLimit !== undefined && (typeof o.bandwidthLimit !== 'number' || !(o.bandwidthLimit >= 0))) {
-    throw new InvalidArgumentError('bandwidthLimit must be a number of bytes per second >= 0');
-  }
 }
 
 interface JobContext {
@@ -131,6 +129,8 @@ interface JobContext {
  */
 export async function runBackupJob(opts: RunBackupJobOptions): Promise<BackupJobResult> {
   validate(opts);
+  // The one place the job decides "0 or absent means no limit"; below, undefined is no limit.
+  opts = { ...opts, bandwidthLimit: normaliseBandwidthLimit(opts.bandwidthLimit, 'bandwidthLimit') };
   const startTime = unix();
   const outer = createLogger(opts.log);
   const result: BackupJobResult = {
@@ -483,7 +483,7 @@ async function backupVmGuest(
             firewallConfig: guest.firewallConfig,
             mechanism,
             volumes,
-            bandwidthLimit: opts.bandwidthLimit ?? 0,
+            bandwidthLimit: opts.bandwidthLimit,
             archiveName,
             signal: ctx.signal,
           }),
@@ -533,7 +533,7 @@ async function backupContainerGuest(ctx: JobContext, guest: ContainerGuest, tlog
     sources,
     backupUserId: backupUserId(idMap),
     idMap,
-    ...(ctx.opts.bandwidthLimit ? { bandwidthLimit: ctx.opts.bandwidthLimit } : {}),
+    ...(ctx.opts.bandwidthLimit !== undefined ? { bandwidthLimit: ctx.opts.bandwidthLimit } : {}),
     ...(guest.firewallConfig !== undefined ? { firewallConfig: guest.firewallConfig } : {}),
     archiveName,
     signal: ctx.signal,

@@ -64,7 +64,8 @@ export async function backupNbdToFile(o: BackupNbdToFileOptions): Promise<CopySu
     path: o.path,
     // by default only on the snapshot export of a running backup: TRIM elsewhere destroys data
     discard: o.discard ?? isSnapshotExport(uri),
-    ...(o.bandwidthLimit ? { bandwidthLimit: o.bandwidthLimit } : {}),
+    // 0 or absent: no limit, as copyExtents takes it
+    bandwidthLimit: o.bandwidthLimit,
     ...(o.onProgress ? { onProgress: o.onProgress } : {}),
     ...(o.signal ? { signal: o.signal } : {}),
   };
