@@ -79,5 +79,5 @@ export function fleecingPath(dir: string, token: string, device: string, format:
   return path.join(dir, `${NAME_PREFIX}-${token}-${device}-fleecing.${format}`);
 }
 
-/** `nbd+unix:///EXPORT?socket=PATH`: shared with the provider helpers, so it lives in the vocabulary. */
+/** `nbd+unix:///EXPORT?socket=PATH`: shared with `lib/provider/dirty-regions.ts`, so it lives in the vocabulary. */
 export { nbdUnixUri } from '../vocabulary.js';
