@@ -155,10 +155,12 @@ export class ThrottleStream extends Transform {
       done(null, chunk);
       return;
     }
+    // Once destroyed, the stream takes no more callbacks: a wait ended by destroy() is no error of its own.
     this.pace(chunk).then(
-      () => done(),
+      () => {
+        if (!this.destroyed) done();
+      },
       (err: unknown) => {
-        // A wait ended by destroy() is no error of the stream's.
         if (!this.destroyed) done(err as Error);
       },
     );
