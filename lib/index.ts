@@ -63,16 +63,10 @@ export {
 } from './provider/api.js';
 export { BackupProviderBase, BackupProviderBaseV1 } from './provider/base.js';
 export { adaptProvider, checkApiVersion } from './provider/adapter.js';
-export {
-  createLogger,
-  BandwidthLimiter,
-  backupNbdToFile,
-  nbdUriFor,
-  dirtyRegions,
-  dirtyBytes,
-  type ProviderLogger,
-  type BackupNbdToFileOptions,
-} from './provider/helpers.js';
+export { createLogger, type ProviderLogger } from './provider/logger.js';
+export { BandwidthLimiter, normaliseBandwidthLimit, type BandwidthLimiterOptions } from './bandwidth.js';
+export { backupNbdToFile, type BackupNbdToFileOptions } from './provider/backup-nbd-to-file.js';
+export { nbdUriFor, dirtyRegions, dirtyBytes } from './provider/dirty-regions.js';
 export {
   ProviderApiVersionError,
   NotImplementedError,

@@ -16,12 +16,15 @@ import { setTimeout as sleep } from 'node:timers/promises';
 
 import { afterEach, describe, expect, it } from 'vitest';
 
-import { ThrottleStream } from '../lib/container/throttle.js';
+import { ThrottleStream } from '../lib/bandwidth.js';
 import {
   backupNbdToFile,
   BandwidthLimiter,
   DirectoryProvider,
   DirectoryProviderV1,
+  normaliseBandwidthLimit,
+  restoreContainer,
+  restoreVm,
   runBackupJob,
   type BackupProvider,
   type CopySummary,
@@ -52,6 +55,29 @@ async function timed(fn: () => Promise<unknown>): Promise<number> {
   await fn();
   return (performance.now() - t0) / 1000;
 }
+
+describe('normaliseBandwidthLimit: "0 or absent means no limit", decided once', () => {
+  it('gives undefined for no limit and the number otherwise', () => {
+    expect(normaliseBandwidthLimit(undefined)).toBeUndefined();
+    expect(normaliseBandwidthLimit(0)).toBeUndefined();
+    expect(normaliseBandwidthLimit(Infinity)).toBeUndefined();
+    expect(normaliseBandwidthLimit(LIMIT)).toBe(LIMIT);
+    expect(normaliseBandwidthLimit(0.5)).toBe(0.5);
+  });
+
+  it.each([-1, Number.NaN, '4M', null])('refuses %s', (value) => {
+    expect(() => normaliseBandwidthLimit(value, 'bandwidthLimit')).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARGUMENT', message: expect.stringMatching(/^bandwidthLimit must be/) }));
+  });
+
+  it('every entry point refuses a negative limit before doing anything', async () => {
+    const provider = {} as BackupProvider; // never reached
+    const refused = { code: 'ERR_INVALID_ARGUMENT', message: expect.stringMatching(/^bandwidthLimit must be/) };
+    const common = { provider, volname: 'backup/100/qemu-x', storeid: 'dir1', bandwidthLimit: -1 };
+    await expect(restoreVm({ ...common, targets: {} })).rejects.toMatchObject(refused);
+    await expect(restoreContainer({ ...common, rootdir: '/nonexistent' })).rejects.toMatchObject(refused);
+    await expect(runBackupJob({ provider, storeid: 'dir1', guests: [], bandwidthLimit: -1 })).rejects.toMatchObject(refused);
+  });
+});
 
 describe('BandwidthLimiter (provider helper)', () => {
   it('passes one second of burst, then keeps to the rate', async () => {
@@ -124,6 +150,24 @@ describe('ThrottleStream (container archives)', () => {
     );
     expect(got).toBe(8 * MiB);
     expect(t.bytes).toBe(8 * MiB);
+    expect(seconds).toBeGreaterThanOrEqual(AT_LEAST * 2);
+    expect(seconds).toBeLessThan(AT_MOST_SECONDS);
+  });
+
+  it('does not burst after a stall: 8 MiB after a 2 s pause still take about 2 s', async () => {
+    const t = new ThrottleStream(LIMIT);
+    let resumed = 0;
+    // 1 MiB, a 2 s pause of the source, then 8 MiB. Measured from the first byte (the old
+    // behaviour), the pause would be credited and 7 MiB of the 8 pass at once.
+    async function* source(): AsyncGenerator<Buffer> {
+      yield Buffer.alloc(MiB);
+      await sleep(2000);
+      resumed = performance.now();
+      for (let i = 0; i < 8; i++) yield Buffer.alloc(MiB);
+    }
+    await pipeline(Readable.from(source()), t, new Writable({ write: (_c: Buffer, _e, cb) => cb() }));
+    const seconds = (performance.now() - resumed) / 1000;
+    expect(t.bytes).toBe(9 * MiB);
     expect(seconds).toBeGreaterThanOrEqual(AT_LEAST * 2);
     expect(seconds).toBeLessThan(AT_MOST_SECONDS);
   });

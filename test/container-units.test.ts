@@ -14,7 +14,7 @@ import { parseExcludePatterns, rsyncExcludeArgs, tarExcludeArgs } from '../lib/c
 import { formatIdMapEntry, parseIdMap, rootIds, toContainer, toHost, validateIdMap } from '../lib/container/idmap.js';
 import { mapAclXattr } from '../lib/container/remap.js';
 import { mapAclText, printableName, TarIdRewriter } from '../lib/container/tarstream.js';
-import { ThrottleStream } from '../lib/container/throttle.js';
+import { ThrottleStream } from '../lib/bandwidth.js';
 import { requireTool } from './helpers/tools.js';
 
 describe('parseIdMap', () => {

@@ -6,6 +6,7 @@ import { readFileSync } from 'node:fs';
 
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 
+import { normaliseBandwidthLimit } from '../bandwidth.js';
 import { PveBackupError } from '../errors.js';
 import { BackupFailedError } from './errors.js';
 import { NbdClient, listBitmaps } from '../nbd/client.js';
@@ -18,6 +19,11 @@ function parseSize(value: string): number {
   if (!m) throw new InvalidArgumentError(`not a size: ${value} (e.g. 1048576, 64K, 100M)`);
   const scale = { K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 }[(m[2] ?? '').charAt(0).toUpperCase()] ?? 1;
   return Math.round(Number(m[1]) * scale);
+}
+
+/** `--bwlimit`: a size; 0 means no limit, decided here once ({@link normaliseBandwidthLimit}). */
+function parseBandwidth(value: string): number | undefined {
+  return normaliseBandwidthLimit(parseSize(value), '--bwlimit');
 }
 
 function parseCount(value: string): number {
@@ -106,7 +112,7 @@ export function buildProgram(): Command {
     .option('--existing', 'write into an existing image at the same offsets (incremental), in place: a failed copy leaves it half updated')
     .option('--discard', 'TRIM each range on the export once written: only for a fleecing snapshot, it destroys the data')
     .option('--no-discard', 'never TRIM the export (the default)')
-    .option('--bwlimit <bytes>', 'bandwidth limit in bytes/s (K, M, G suffixes)', parseSize)
+    .option('--bwlimit <bytes>', 'bandwidth limit in bytes/s (K, M, G suffixes)', parseBandwidth)
     .option('--connections <n>', 'connections when the server allows several', parseCount)
     .option('--requests <n>', 'requests in flight', parseCount)
     .option('--max-request <bytes>', 'largest single read', parseSize)
@@ -147,7 +153,7 @@ export function buildProgram(): Command {
       );
     });
 
-  addStoreCommands(program, { size: parseSize, count: parseCount, signal: interruptSignal });
+  addStoreCommands(program, { size: parseSize, bandwidth: parseBandwidth, count: parseCount, signal: interruptSignal });
 
   program
     .command('recover')

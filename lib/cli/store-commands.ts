@@ -40,6 +40,8 @@ async function machinery() {
 /** Option parsers shared with program.ts. */
 export interface Parsers {
   size: (v: string) => number;
+  /** A bandwidth limit: a size, `undefined` for none (0). */
+  bandwidth: (v: string) => number | undefined;
   count: (v: string) => number;
   signal: () => AbortSignal;
 }
@@ -139,7 +141,7 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
     .option('--lxc-mode <mode>', 'container backups: tar (default) or directory', choice('tar', 'directory'))
     .option('--compression <c>', 'qcow2 cluster compression: none (default), zstd, zlib', choice('none', 'zstd', 'zlib'))
     .option('--storeid <id>', 'storage id of the store in volume ids (when creating it; default directory)')
-    .option('--bwlimit <bytes>', 'bandwidth limit in bytes/s (K, M, G suffixes)', parse.size)
+    .option('--bwlimit <bytes>', 'bandwidth limit in bytes/s (K, M, G suffixes)', parse.bandwidth)
     .option('--fleecing-dir <dir>', 'VM backups: folder for the fleecing images (default: the job\'s temporary folder, often RAM)')
     .option('--api <n>', 'provider API generation to run the provider in: 2 (default) or 1', choice('1', '2'))
     .option('--notes <text>', 'notes for the backup ({{guestname}}, {{vmid}} expanded)')
@@ -217,7 +219,7 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
           guests: [guest],
           log,
           signal,
-          ...(o.bwlimit ? { bandwidthLimit: o.bwlimit as number } : {}),
+          bandwidthLimit: o.bwlimit as number | undefined,
           ...(o.fleecingDir ? { fleecing: { dir: path.resolve(o.fleecingDir as string) } } : {}),
           ...(o.notes ? { notesTemplate: o.notes as string } : {}),
           ...(o.protected ? { protected: true } : {}),
@@ -247,7 +249,7 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
     .requiredOption('--to <target>', 'VM: a folder for <device>.raw files, or device=PATH|URI (repeatable); container: the (empty) root directory', collect)
     .option('--config-dir <dir>', 'write the guest (and firewall) configuration here')
     .option('--idmap <entry>', "container: id map entry like 'u 0 100000 65536' (repeatable)", collect)
-    .option('--bwlimit <bytes>', 'bandwidth limit in bytes/s (K, M, G suffixes)', parse.size)
+    .option('--bwlimit <bytes>', 'bandwidth limit in bytes/s (K, M, G suffixes)', parse.bandwidth)
     .option('--force', 'VM: replace existing image files (each is written anew, then renamed over the old one)')
     .option('--allow-non-empty', 'container: restore into a directory that holds files (existing files are kept)')
     .option('--json', 'print the result as JSON, no progress bars')
@@ -270,7 +272,7 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
         signal,
         log,
         ...(o.configDir ? { configDir: o.configDir as string } : {}),
-        ...(o.bwlimit ? { bandwidthLimit: o.bwlimit as number } : {}),
+        bandwidthLimit: o.bwlimit as number | undefined,
       };
       if (manifest.vmtype === 'lxc') {
         if (to.length !== 1) throw usage('a container is restored into one --to directory');

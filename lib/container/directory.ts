@@ -24,11 +24,13 @@
 import { mkdir, stat } from 'node:fs/promises';
 
 import { InvalidArgumentError } from '../errors.js';
-import { checkAborted, checkBandwidth, checkIdMap, checkRestoreTarget, containerToHost, hostToContainer, normaliseSources } from './common.js';
+import { normaliseBandwidthLimit } from '../bandwidth.js';
+import { normaliseSources } from './backup-sources.js';
 import { rsyncExcludeArgs } from './exclude.js';
-import { isIdentityMap, type IdMapEntry } from './idmap.js';
-import { startTool } from './proc.js';
+import { checkIdMap, containerToHost, hostToContainer, isIdentityMap, type IdMapEntry } from './idmap.js';
+import { checkAborted, startTool } from './proc.js';
 import { remapTree } from './remap.js';
+import { checkRestoreTarget } from './restore-target.js';
 
 /** Options of {@link backupDirectoryTree}. */
 export interface BackupDirectoryTreeOptions {
@@ -67,8 +69,8 @@ export interface RestoreDirectoryTreeOptions {
 /** rsync flags common to backup and restore, from vzdump's `$rsync_vm`. */
 const RSYNC_FLAGS = ['--stats', '-h', '-X', '-A', '--numeric-ids', '-aH', '--delete', '--no-whole-file', '--sparse', '--one-file-system', '--relative'];
 
-function bwlimitArgs(limit: number): string[] {
-  return limit > 0 ? [`--bwlimit=${Math.max(1, Math.floor(limit / 1024))}`] : [];
+function bwlimitArgs(limit: number | undefined): string[] {
+  return limit === undefined ? [] : [`--bwlimit=${Math.max(1, Math.floor(limit / 1024))}`];
 }
 
 function stripSlash(p: string): string {
@@ -85,7 +87,7 @@ export async function backupDirectoryTree(o: BackupDirectoryTreeOptions): Promis
   const what = `rsync backup of ${o.source}`;
   checkAborted(o.signal, what);
   const idMap = checkIdMap(o.idMap);
-  const limit = checkBandwidth(o.bandwidthLimit);
+  const limit = normaliseBandwidthLimit(o.bandwidthLimit, 'bandwidthLimit');
   const sources = normaliseSources(o.sources);
   const mapped = !isIdentityMap(idMap);
   const excludes = rsyncExcludeArgs(o.excludePaths ?? [], { skipLostAndFound: mapped });
@@ -119,7 +121,7 @@ export async function restoreDirectoryTree(o: RestoreDirectoryTreeOptions): Prom
   const what = `rsync restore of ${o.source}`;
   checkAborted(o.signal, what);
   const idMap = checkIdMap(o.idMap);
-  const limit = checkBandwidth(o.bandwidthLimit);
+  const limit = normaliseBandwidthLimit(o.bandwidthLimit, 'bandwidthLimit');
   const st = await stat(o.source).catch(() => undefined);
   if (!st?.isDirectory()) throw new InvalidArgumentError(`directory backup ${o.source} is not a directory`);
   await checkRestoreTarget(o.rootdir, o.allowNonEmpty);

@@ -4,22 +4,18 @@
  *
  * Archives and directory copies made by this package store container ids; the host ids they
  * correspond to come from the map. An empty map is the identity (a privileged container).
+ * Besides parsing and validating maps, this module holds what the tar and rsync tools do with
+ * one: the option check ({@link checkIdMap}) and the id shifts that name the file on error
+ * ({@link hostToContainer}, {@link containerToHost}).
  *
  * @packageDocumentation
  */
+import { InvalidArgumentError } from '../errors.js';
+import type { IdMapEntry } from '../vocabulary.js';
 import { IdMapError } from './errors.js';
 
-/** One range of a container id map, as an `lxc.idmap` line: `u 0 100000 65536`. */
-export interface IdMapEntry {
-  /** `u` for user ids, `g` for group ids. */
-  type: 'u' | 'g';
-  /** First container id of the range. */
-  container: number;
-  /** First host id of the range. */
-  host: number;
-  /** Number of ids in the range (at least 1). */
-  length: number;
-}
+/** One range of a container id map (defined with the provider API's vocabulary, which passes it to providers). */
+export type { IdMapEntry };
 
 /** Largest valid uid/gid: `(uid_t)-1` (4294967295) means "no id" to the kernel. */
 export const MAX_ID = 0xffff_fffe;
@@ -150,4 +146,37 @@ export function isIdentityMap(map: readonly IdMapEntry[] | undefined): boolean {
  */
 export function rootIds(map: readonly IdMapEntry[]): { uid: number; gid: number } {
   return { uid: toHost(map, 'u', 0), gid: toHost(map, 'g', 0) };
+}
+
+/** Validates an optional id map; returns it, or `[]`. */
+export function checkIdMap(map: IdMapEntry[] | undefined): IdMapEntry[] {
+  if (map === undefined) return [];
+  if (!Array.isArray(map)) throw new InvalidArgumentError('idMap must be an array of id map entries');
+  validateIdMap(map);
+  return map;
+}
+
+/** A function shifting the ids of files by `map` one way; an id outside the map fails naming the file. */
+export type IdShift = (type: 'u' | 'g', id: number, path: string) => number;
+
+/** Shifts ids by `map` with `shift` (`from`: the side the ids come from), naming the file on error. */
+function namingShift(map: IdMapEntry[], what: 'owner' | 'ACL entry', from: 'host' | 'container', shift: typeof toHost): IdShift {
+  return (type, id, path) => {
+    if (isIdentityMap(map)) return id;
+    try {
+      return shift(map, type, id);
+    } catch {
+      throw new IdMapError(`${path}: ${what} ${from} ${type === 'u' ? 'uid' : 'gid'} ${id} is not covered by the id map`, { idType: type, id, path });
+    }
+  };
+}
+
+/** Host id to container id (what a backup stores), naming the file on error. */
+export function hostToContainer(map: IdMapEntry[], what: 'owner' | 'ACL entry'): IdShift {
+  return namingShift(map, what, 'host', toContainer);
+}
+
+/** Container id to host id (what a restore writes), naming the file on error. */
+export function containerToHost(map: IdMapEntry[], what: 'owner' | 'ACL entry'): IdShift {
+  return namingShift(map, what, 'container', toHost);
 }

@@ -14,6 +14,6 @@ export {
   type RestoreDirectoryTreeOptions,
 } from './directory.js';
 export { parseExcludePatterns, tarExcludeArgs, rsyncExcludeArgs, type ExcludePattern, type ExcludeArgsOptions } from './exclude.js';
-export { COMMON_TAR_FLAGS } from './common.js';
+export { COMMON_TAR_FLAGS } from './tar.js';
 export { ContainerToolError, IdMapError, RootdirNotEmptyError, ContainerAbortError, type ContainerToolErrorCode } from './errors.js';
-export { ThrottleStream } from './throttle.js';
+export { ThrottleStream } from '../bandwidth.js';

@@ -1,5 +1,6 @@
 /**
- * Running tar, rsync and the attr tools: stderr kept for the error, cancellation kills the child.
+ * Running tar, rsync and the attr tools: stderr kept for the error, cancellation kills the child;
+ * {@link checkAborted} for the steps between them.
  *
  * @packageDocumentation
  */
@@ -19,6 +20,11 @@ const PACKAGES: Record<string, string> = {
 /** Path of `tool`, or a `ToolMissingError` (`ERR_TOOL_MISSING`) naming its Debian package. */
 export function toolPath(tool: string): string {
   return requireTool(tool, PACKAGES[tool] ?? tool);
+}
+
+/** Throws a {@link ContainerAbortError} when `signal` is aborted. */
+export function checkAborted(signal: AbortSignal | undefined, what: string): void {
+  if (signal?.aborted) throw new ContainerAbortError(what, signal.reason);
 }
 
 const STDERR_KEEP = 64 * 1024;

@@ -17,8 +17,7 @@
  */
 import { chmod, lchown, lstat, readdir } from 'node:fs/promises';
 
-import { checkAborted } from './common.js';
-import { runToolCapture } from './proc.js';
+import { checkAborted, runToolCapture } from './proc.js';
 import { printableName } from './tarstream.js';
 
 /** Maps an id of `type` for the entry at printable relative `path`; throws `IdMapError` when unmapped. */

@@ -42,22 +42,14 @@ import { createGunzip } from 'node:zlib';
 import type { Readable, Writable } from 'node:stream';
 
 import { InvalidArgumentError } from '../errors.js';
-import {
-  COMMON_TAR_FLAGS,
-  checkAborted,
-  checkBandwidth,
-  checkIdMap,
-  checkRestoreTarget,
-  containerToHost,
-  hostToContainer,
-  normaliseSources,
-} from './common.js';
+import { normaliseBandwidthLimit, ThrottleStream } from '../bandwidth.js';
+import { normaliseSources } from './backup-sources.js';
 import { ContainerAbortError, ContainerToolError, IdMapError } from './errors.js';
 import { tarExcludeArgs } from './exclude.js';
-import { MAX_ID, isIdentityMap, type IdMapEntry } from './idmap.js';
-import { startTool } from './proc.js';
+import { MAX_ID, checkIdMap, containerToHost, hostToContainer, isIdentityMap, type IdMapEntry } from './idmap.js';
+import { checkAborted, startTool } from './proc.js';
+import { checkRestoreTarget } from './restore-target.js';
 import { TarIdRewriter } from './tarstream.js';
-import { ThrottleStream } from './throttle.js';
 
 /** Options of {@link createTarArchive}. */
 export interface CreateTarArchiveOptions {
@@ -92,6 +84,25 @@ export interface ExtractTarArchiveOptions {
   /** Restore into a `rootdir` that already has content (existing files are kept: `--skip-old-files`). */
   allowNonEmpty?: boolean;
 }
+
+/**
+ * GNU tar flags Proxmox uses for container archives, create and extract alike
+ * (`@PVE::Storage::Plugin::COMMON_TAR_FLAGS`): one file system, preserve permissions, sparse files,
+ * numeric owners, POSIX ACLs, xattrs limited to `user.*` and `security.capability`, and quiet about
+ * sockets and xattrs the target cannot take.
+ */
+export const COMMON_TAR_FLAGS: readonly string[] = [
+  '--one-file-system',
+  '-p',
+  '--sparse',
+  '--numeric-owner',
+  '--acls',
+  '--xattrs',
+  '--xattrs-include=user.*',
+  '--xattrs-include=security.capability',
+  '--warning=no-file-ignored',
+  '--warning=no-xattr-write',
+];
 
 /**
  * Extended attributes kept beyond Proxmox's `user.*` and `security.capability`, on create and
@@ -161,7 +172,7 @@ export async function createTarArchive(o: CreateTarArchiveOptions): Promise<{ by
   checkAborted(o.signal, what);
   if (typeof o.archive !== 'string' || o.archive === '') throw new InvalidArgumentError('archive must be a file path');
   const idMap = checkIdMap(o.idMap);
-  const limit = checkBandwidth(o.bandwidthLimit);
+  const limit = normaliseBandwidthLimit(o.bandwidthLimit, 'bandwidthLimit');
   const sources = normaliseSources(o.sources);
   const mapped = !isIdentityMap(idMap);
   const excludes = tarExcludeArgs(o.excludePaths ?? [], { skipLostAndFound: mapped });
@@ -256,7 +267,7 @@ export async function extractTarArchive(o: ExtractTarArchiveOptions): Promise<vo
   const what = `tar extract of ${o.archive}`;
   checkAborted(o.signal, what);
   const idMap = checkIdMap(o.idMap);
-  const limit = checkBandwidth(o.bandwidthLimit);
+  const limit = normaliseBandwidthLimit(o.bandwidthLimit, 'bandwidthLimit');
   const mapped = !isIdentityMap(idMap);
   const ast = await stat(o.archive).catch(() => undefined);
   if (!ast?.isFile()) throw new InvalidArgumentError(`archive ${o.archive} is not a file`);

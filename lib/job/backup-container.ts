@@ -31,7 +31,7 @@ export async function backupContainerGuest(ctx: JobContext, guest: ContainerGues
     sources,
     backupUserId: backupUserId(idMap),
     idMap,
-    ...(ctx.opts.bandwidthLimit ? { bandwidthLimit: ctx.opts.bandwidthLimit } : {}),
+    ...(ctx.opts.bandwidthLimit !== undefined ? { bandwidthLimit: ctx.opts.bandwidthLimit } : {}),
     ...(guest.firewallConfig !== undefined ? { firewallConfig: guest.firewallConfig } : {}),
     archiveName,
     signal: ctx.signal,

@@ -13,7 +13,7 @@ import { openQemuTarget } from '../qemu/qemu-target.js';
 import type { BackupAccessDevice } from '../qemu/types.js';
 import { GuestAgentClient } from '../qmp/guest-agent.js';
 import type { DriverVolume } from '../provider/adapter.js';
-import { dirtyRegions } from '../provider/helpers.js';
+import { dirtyRegions } from '../provider/dirty-regions.js';
 import { formatBytes } from '../format.js';
 import { raceAbort, settleOnAbort, toError } from './abort.js';
 import type { JobContext } from './context.js';
@@ -142,7 +142,7 @@ export async function backupVmGuest(
             firewallConfig: guest.firewallConfig,
             mechanism,
             volumes,
-            bandwidthLimit: opts.bandwidthLimit ?? 0,
+            bandwidthLimit: opts.bandwidthLimit,
             archiveName,
             signal: ctx.signal,
           }),

@@ -29,9 +29,6 @@ export function validateJobOptions(o: RunBackupJobOptions): void {
     if (typeof g.config !== 'string') throw new InvalidArgumentError(`guest ${g.vmid}: config (the raw configuration) is required`);
     if (g.type === 'lxc' && typeof g.rootdir !== 'string') throw new InvalidArgumentError(`guest ${g.vmid}: rootdir is required`);
   }
-  if (o.bandwidthLimit !== undefined && (typeof o.bandwidthLimit !== 'number' || !(o.bandwidthLimit >= 0))) {
-    throw new InvalidArgumentError('bandwidthLimit must be a number of bytes per second >= 0');
-  }
 }
 
 function isClass(fn: unknown): boolean {

@@ -34,8 +34,8 @@ export interface QemuImgConvertOptions {
    * truncated): `qemu-img` writes only the data (`-n --target-is-zero`).
    */
   targetIsZero?: boolean;
-  /** Bytes per second (`-r`); 0 or absent: none. */
-  bandwidthLimit?: number;
+  /** Bytes per second (`-r`); `undefined`: none (normalised by the caller, `normaliseBandwidthLimit`). */
+  bandwidthLimit?: number | undefined;
   onProgress?: (p: ConvertProgress) => void;
   signal?: AbortSignal;
 }
@@ -54,7 +54,7 @@ export async function qemuImgConvert(o: QemuImgConvertOptions): Promise<void> {
   const args = ['convert', '-p', '-f', 'raw', '-O', 'raw'];
   if (exists || o.targetIsZero) args.push('-n');
   if (o.targetIsZero) args.push('--target-is-zero');
-  if (o.bandwidthLimit && o.bandwidthLimit > 0) args.push('-r', String(Math.max(1, Math.floor(o.bandwidthLimit))));
+  if (o.bandwidthLimit !== undefined) args.push('-r', String(Math.max(1, Math.floor(o.bandwidthLimit))));
   args.push(o.source, o.target);
   o.signal?.throwIfAborted();
   await new Promise<void>((resolve, reject) => {

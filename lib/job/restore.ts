@@ -12,11 +12,12 @@ import { constants } from 'node:fs';
 import { open, rename, stat, unlink, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 
+import { normaliseBandwidthLimit } from '../bandwidth.js';
 import { InvalidArgumentError } from '../errors.js';
 import { adaptProvider, type ProviderDriver } from '../provider/adapter.js';
 import type { BackupProvider, GuestType, IdMapEntry, LogFunction, RestoreHookInfo } from '../provider/api.js';
 import { MechanismError, RestoreError } from '../provider/errors.js';
-import { createLogger, type ProviderLogger } from '../provider/helpers.js';
+import { createLogger, type ProviderLogger } from '../provider/logger.js';
 import { restoreDirectoryTree } from '../container/directory.js';
 import { parseIdMap } from '../container/idmap.js';
 import { extractTarArchive } from '../container/tar.js';
@@ -50,7 +51,7 @@ export interface RestoreVmOptions {
   overwrite?: 'in-place' | 'replace';
   /** Writes `qemu-server.conf` (and `qemu-server.fw` if the backup has one) here. */
   configDir?: string;
-  /** Bytes per second for `qemu-img convert` (0 or absent: none). */
+  /** Bytes per second for `qemu-img convert` (0, `Infinity` or absent: none; negative: `ERR_INVALID_ARGUMENT`). */
   bandwidthLimit?: number;
   /** Progress of each device's convert. */
   onProgress?: (progress: ConvertProgress) => void;
@@ -88,6 +89,7 @@ export interface RestoreContainerOptions {
   idMap?: IdMapEntry[] | string[];
   /** Writes `pct.conf` (and `pct.fw`) here. */
   configDir?: string;
+  /** Bytes per second for tar or rsync (0, `Infinity` or absent: none; negative: `ERR_INVALID_ARGUMENT`). */
   bandwidthLimit?: number;
   signal?: AbortSignal;
   log?: LogFunction;
@@ -263,6 +265,7 @@ async function restoreMechanism(driver: ProviderDriver, volname: string, storeid
  */
 export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
   checkCommon(o);
+  const bandwidthLimit = normaliseBandwidthLimit(o.bandwidthLimit, 'bandwidthLimit');
   if (!o.targets || (typeof o.targets !== 'object' && typeof o.targets !== 'function')) throw new InvalidArgumentError('targets must be a map or a function');
   const driver = adaptProvider(o.provider);
   const log = createLogger(o.log);
@@ -310,7 +313,7 @@ export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
                 device: d.device,
                 size: d.size,
                 ...(placed.zeroed ? { targetIsZero: true } : {}),
-                ...(o.bandwidthLimit ? { bandwidthLimit: o.bandwidthLimit } : {}),
+                bandwidthLimit,
                 ...(o.onProgress ? { onProgress: o.onProgress } : {}),
                 ...(o.signal ? { signal: o.signal } : {}),
               });
@@ -344,6 +347,7 @@ export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
  */
 export async function restoreContainer(o: RestoreContainerOptions): Promise<RestoreContainerResult> {
   checkCommon(o);
+  const bandwidthLimit = normaliseBandwidthLimit(o.bandwidthLimit, 'bandwidthLimit');
   if (typeof o.rootdir !== 'string' || o.rootdir === '') throw new InvalidArgumentError('rootdir is required');
   const driver = adaptProvider(o.provider);
   const log = createLogger(o.log);
@@ -364,7 +368,7 @@ export async function restoreContainer(o: RestoreContainerOptions): Promise<Rest
           rootdir: o.rootdir,
           ...(o.allowNonEmpty ? { allowNonEmpty: true } : {}),
           ...(idMap ? { idMap } : {}),
-          ...(o.bandwidthLimit ? { bandwidthLimit: o.bandwidthLimit } : {}),
+          bandwidthLimit,
           ...(o.signal ? { signal: o.signal } : {}),
         };
         log.info(`restoring ${mechanism === 'tar' ? `archive ${source}` : `directory ${source}`} into ${o.rootdir}`);

@@ -10,11 +10,12 @@ import { mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 
+import { normaliseBandwidthLimit } from '../bandwidth.js';
 import { currentOwner, ownerIsDead } from '../owner.js';
 import { adaptProvider } from '../provider/adapter.js';
 import type { GuestType, LogFunction, LogLevel, ProviderContext } from '../provider/api.js';
 import { JobAbortedError } from '../provider/errors.js';
-import { createLogger } from '../provider/helpers.js';
+import { createLogger } from '../provider/logger.js';
 import { formatBytes } from '../format.js';
 import { raceAbort, toError } from './abort.js';
 import { backupContainerGuest } from './backup-container.js';
@@ -39,6 +40,8 @@ const unix = (): number => Math.floor(Date.now() / 1000);
  */
 export async function runBackupJob(opts: RunBackupJobOptions): Promise<BackupJobResult> {
   validateJobOptions(opts);
+  // The one place the job decides "0 or absent means no limit"; below, undefined is no limit.
+  opts = { ...opts, bandwidthLimit: normaliseBandwidthLimit(opts.bandwidthLimit, 'bandwidthLimit') };
   const startTime = unix();
   const outer = createLogger(opts.log);
   const result: BackupJobResult = {

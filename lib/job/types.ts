@@ -68,7 +68,7 @@ export interface RunBackupJobOptions {
   scfg?: Record<string, unknown>;
   /** Guests, backed up one after another in this order. */
   guests: Guest[];
-  /** Bandwidth limit in bytes per second (0 or absent: none). */
+  /** Bandwidth limit in bytes per second (0, `Infinity` or absent: none; negative: `ERR_INVALID_ARGUMENT`). */
   bandwidthLimit?: number;
   /** Fleecing images: directory (default: the guest's temporary directory) and format (default qcow2). */
   fleecing?: { dir?: string; format?: 'qcow2' | 'raw' };

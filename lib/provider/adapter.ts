@@ -6,8 +6,7 @@
  *
  * @packageDocumentation
  */
-import { BITMAP_ID_RE } from '../qemu/names.js';
-import type { BitmapAction, BitmapMode } from '../qemu/types.js';
+import { BITMAP_ID_RE, type BitmapAction, type BitmapMode } from '../vocabulary.js';
 import {
   PROVIDER_API_AGE,
   PROVIDER_API_VERSION,
@@ -81,7 +80,7 @@ export interface ProviderDriver {
   /** Backs up the VM's volumes. V1: `backupNbd` per device, in order; V2: `backupVm`. */
   backupVm(
     vmid: number,
-    o: { config: string; firewallConfig: string | undefined; mechanism: 'nbd' | 'file-handle'; volumes: DriverVolume[]; bandwidthLimit: number; archiveName: string; signal: AbortSignal },
+    o: { config: string; firewallConfig: string | undefined; mechanism: 'nbd' | 'file-handle'; volumes: DriverVolume[]; bandwidthLimit: number | undefined; archiveName: string; signal: AbortSignal },
   ): Promise<void>;
   /** Backs up a container. V1: `backupDirectory`; V2: `backupContainerPrepare` + `backupContainer`. */
   backupContainer(vmid: number, o: { config: string; excludePaths: string[]; info: ContainerBackupInfo }): Promise<void>;
@@ -258,7 +257,8 @@ export function adaptProvider(provider: BackupProvider): ProviderDriver {
       },
       backupVm: async (vmid, o) => {
         for (const v of o.volumes) {
-          await call1('backupNbd', vmid, v.device, v.nbdPath, v.bitmapMode, v.bitmapName, o.bandwidthLimit, {
+          // the seed's API takes a number, 0 for no limit
+          await call1('backupNbd', vmid, v.device, v.nbdPath, v.bitmapMode, v.bitmapName, o.bandwidthLimit ?? 0, {
             bitmapAction: v.bitmapAction,
             size: v.size,
             nbdUri: v.nbdUri,
@@ -357,7 +357,7 @@ export function adaptProvider(provider: BackupProvider): ProviderDriver {
         mechanism: o.mechanism,
         archiveName: o.archiveName,
         signal: o.signal,
-        ...(o.bandwidthLimit ? { bandwidthLimit: o.bandwidthLimit } : {}),
+        ...(o.bandwidthLimit !== undefined ? { bandwidthLimit: o.bandwidthLimit } : {}),
         ...(o.firewallConfig !== undefined ? { firewallConfig: o.firewallConfig } : {}),
       });
     },

@@ -21,7 +21,7 @@
  *
  * @packageDocumentation
  */
-import type { BitmapAction, BitmapMode } from '../qemu/types.js';
+import type { BitmapAction, BitmapMode, IdMapEntry } from '../vocabulary.js';
 
 export type { BitmapAction, BitmapMode };
 
@@ -42,8 +42,7 @@ export type LogLevel = 'info' | 'warn' | 'err';
 export type LogFunction = (level: LogLevel, message: string) => void;
 
 /** One entry of a container's id map (`lxc.idmap = u 0 100000 65536`). */
-export type { IdMapEntry } from '../container/idmap.js';
-import type { IdMapEntry } from '../container/idmap.js';
+export type { IdMapEntry };
 
 /**
  * What a provider is constructed with. Perl: the arguments of

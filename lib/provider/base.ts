@@ -29,7 +29,7 @@ import type {
   VolumeSize,
 } from './api.js';
 import { NotImplementedError } from './errors.js';
-import { createLogger, type ProviderLogger } from './helpers.js';
+import { createLogger, type ProviderLogger } from './logger.js';
 
 /** What both base classes share: the context, the storage id, the configuration and the logger. */
 abstract class ProviderBaseCommon {

@@ -14,8 +14,8 @@ export const NAME_PREFIX = 'pvebp';
 
 /** Target ids: e.g. `snapshot-access:store1` (letters, digits, `_ . : @ -`; up to 128). */
 export const TARGET_ID_RE = /^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$/;
-/** Bitmap ids chosen by the provider (no `/` and no `:`; up to 64). */
-export const BITMAP_ID_RE = /^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$/;
+/** Bitmap ids chosen by the provider: the pattern lives with the provider API's vocabulary. */
+export { BITMAP_ID_RE } from '../vocabulary.js';
 /** Device ids, qdev ids and node names as QEMU accepts them (letter first; up to 31). */
 export const DEVICE_RE = /^[A-Za-z][A-Za-z0-9_.-]{0,30}$/;
 
@@ -87,7 +87,5 @@ export function fleecingPath(dir: string, token: string, device: string, format:
   return path.join(dir, `${NAME_PREFIX}-${token}-${device}-fleecing.${format}`);
 }
 
-/** `nbd+unix:///EXPORT?socket=PATH`. */
-export function nbdUnixUri(exportName: string, socketPath: string): string {
-  return `nbd+unix:///${encodeURIComponent(exportName)}?socket=${encodeURIComponent(socketPath).replace(/%2F/g, '/')}`;
-}
+/** `nbd+unix:///EXPORT?socket=PATH`: shared with `lib/provider/dirty-regions.ts`, so it lives in the vocabulary. */
+export { nbdUnixUri } from '../vocabulary.js';

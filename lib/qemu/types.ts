@@ -4,19 +4,9 @@
  * @packageDocumentation
  */
 import type { GuestAgentClient } from '../qmp/guest-agent.js';
+import type { BitmapAction, BitmapMode } from '../vocabulary.js';
 
-/**
- * What happened to the target's dirty bitmap at setup, as Proxmox's `backup-access-setup` reports it:
- * - `not-used`: no bitmap requested and none existed;
- * - `not-used-removed`: no bitmap requested; the target's old bitmap was removed;
- * - `new`: a new bitmap was created (first run, or the bitmap id changed);
- * - `used`: the bitmap from the last successful backup is used (incremental);
- * - `invalid`: a bitmap was expected but is gone or unusable; a new one was created.
- */
-export type BitmapAction = 'not-used' | 'not-used-removed' | 'new' | 'used' | 'invalid';
-
-/** The provider-facing mode: `none` (no bitmap), `new` (read everything, bitmap starts now), `reuse` (read the dirty parts). */
-export type BitmapMode = 'none' | 'new' | 'reuse';
+export type { BitmapAction, BitmapMode } from '../vocabulary.js';
 
 /** One device of an active backup access. */
 export interface BackupAccessDevice {

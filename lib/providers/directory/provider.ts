@@ -47,7 +47,7 @@ import type {
   VolumeSize,
 } from '../../provider/api.js';
 import { BackupProviderBase } from '../../provider/base.js';
-import { nbdUriFor } from '../../provider/helpers.js';
+import { nbdUriFor } from '../../provider/dirty-regions.js';
 import { BitmapLedger } from './bitmap-ledger.js';
 import { DirectoryStoreError } from './errors.js';
 import { MANIFEST, PREVIOUS_INFO, hashFile, hashTree, parseVolname, syncFiles, type Manifest, type ManifestDevice } from './layout.js';
