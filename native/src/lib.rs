@@ -3,9 +3,9 @@
 //! Plain Rust modules own the protocol (`nbd`), planning (`plan`), copying (`engine`) and
 //! destinations (`sink`); `napi/` only converts types for JavaScript.
 pub mod buffer;
+pub mod copy;
 pub mod engine;
 pub mod error;
-pub mod job;
 pub mod nbd;
 pub mod plan;
 pub mod ratelimit;
