@@ -13,6 +13,7 @@ pub mod plan;
 pub mod ratelimit;
 pub mod sink;
 pub mod source;
+pub mod zero;
 
 mod napi;
 
