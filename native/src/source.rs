@@ -2,8 +2,8 @@
 //!
 //! The NBD client implements [`Source`] through a small adapter in `nbd/source.rs`; the engine's
 //! tests implement it in memory. Nothing here knows the NBD client: the planner and the engine
-//! depend on this trait alone. The engine owns all policy (what to read, how much in flight, when to trim); a
-//! source only answers requests.
+//! depend on this trait alone. The engine owns all policy (what to read, how much in flight,
+//! when to trim); a source only answers requests.
 
 use std::future::Future;
 
