@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::{JoinError, JoinHandle, JoinSet};
 use tokio::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -21,6 +21,7 @@ use crate::plan::{self, OpKind, Plan, PlanOptions, Region, Unit};
 use crate::ratelimit::RateLimiter;
 use crate::sink::Sink;
 use crate::source::{dirty_bitmap_context, Source, CONTEXT_ALLOCATION};
+use crate::zero::is_zero;
 
 /// How progress reports are spaced (at most ~10 per second, plus one at the end).
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
@@ -402,17 +403,6 @@ fn block_runs(offset: u64, data: &[u8], block: u64) -> Vec<(usize, usize, bool)>
     runs
 }
 
-/// True when every byte is zero. Folds in blocks so that the compiler can vectorize.
-fn is_zero(data: &[u8]) -> bool {
-    let mut chunks = data.chunks_exact(64);
-    for c in &mut chunks {
-        if c.iter().fold(0u8, |a, &b| a | b) != 0 {
-            return false;
-        }
-    }
-    chunks.remainder().iter().all(|&b| b == 0)
-}
-
 fn join_error(what: &str, e: tokio::task::JoinError) -> Error {
     Error::io(
         format!("{what} task failed"),
@@ -420,14 +410,9 @@ fn join_error(what: &str, e: tokio::task::JoinError) -> Error {
     )
 }
 
-async fn run<S: Source>(
-    sources: &[S],
-    sink: &mut dyn Sink,
-    options: &CopyOptions,
-    progress: &(dyn Fn(Progress) + Send + Sync),
-    cancel: &CancellationToken,
-) -> Result<Summary> {
-    let started = Instant::now();
+/// Checks the options against the connections; returns the largest read to plan with (the
+/// option, clamped to the server's maximum).
+fn check_options<S: Source>(sources: &[S], options: &CopyOptions) -> Result<u32> {
     let Some(first) = sources.first() else {
         return Err(Error::invalid_argument("no connection to copy from"));
     };
@@ -450,172 +435,335 @@ async fn run<S: Source>(
             other.size()
         )));
     }
-    let max_request = match first.max_request() {
-        0 => options.max_request,
-        server => options.max_request.min(server),
-    };
-    let discard = options.discard;
-    if discard && !first.can_trim() {
+    if options.discard && !first.can_trim() {
         return Err(Error::unsupported(
             "discard was requested but the export does not accept TRIM",
         ));
     }
+    Ok(match first.max_request() {
+        0 => options.max_request,
+        server => options.max_request.min(server),
+    })
+}
 
-    let Planned {
-        plan,
-        allocation_fallback,
-    } = make_plan(sources, options, max_request, cancel).await?;
-    let total = plan.bytes_read + plan.bytes_zero;
-    let limiter = options
-        .bandwidth_limit
-        .map(|b| Arc::new(RateLimiter::new(b)));
+/// The connections, taken in turn: each read task and each TRIM goes to the next one.
+struct Connections<'a, S> {
+    sources: &'a [S],
+    next: usize,
+}
 
-    // Every unit with reads spans at most `max_request` (or one cluster, if larger).
-    let hole_granularity = sink.hole_granularity().max(1);
-    let unit_capacity = usize::try_from(u64::from(max_request).max(options.cluster_size))
-        .map_err(|_| Error::invalid_argument("max_request larger than memory"))?;
-    let mut blocks_in_flight = 0u64;
-    let mut units = plan.units.into_iter();
-    let mut queue: VecDeque<Pending> = VecDeque::new();
-    let mut trims: JoinSet<Result<u64>> = JoinSet::new();
-    let mut next_conn = 0usize;
-    let mut done = 0u64;
-    let mut bytes_trimmed = 0u64;
-    let mut bytes_zero_detected = 0u64;
-    let mut last_report = started;
-    let report = |done: u64, started: Instant| Progress {
-        done,
-        total,
-        bytes_per_second: done as f64 / started.elapsed().as_secs_f64().max(1e-9),
-    };
+impl<S: Source> Connections<'_, S> {
+    fn next(&mut self) -> S {
+        let source = self.sources[self.next % self.sources.len()].clone();
+        self.next = self.next.wrapping_add(1);
+        source
+    }
+}
 
-    loop {
-        // Keep the pipeline full: reads run in spawned tasks while the sink writes.
-        while queue.len() < options.requests_in_flight {
+/// The units being read, oldest first: reads run in spawned tasks while the sink writes, within
+/// `requests_in_flight` units and [`BUFFERED_UNITS`] blocks of read buffers.
+struct Reads {
+    units: std::vec::IntoIter<Unit>,
+    queue: VecDeque<Pending>,
+    requests_in_flight: usize,
+    /// Capacity of a read buffer block: every unit with reads spans at most `max_request` (or
+    /// one cluster, if larger).
+    unit_capacity: usize,
+    blocks_in_flight: u64,
+    limiter: Option<Arc<RateLimiter>>,
+}
+
+impl Reads {
+    fn new(units: Vec<Unit>, options: &CopyOptions, max_request: u32) -> Result<Reads> {
+        let unit_capacity = usize::try_from(u64::from(max_request).max(options.cluster_size))
+            .map_err(|_| Error::invalid_argument("max_request larger than memory"))?;
+        Ok(Reads {
+            units: units.into_iter(),
+            queue: VecDeque::new(),
+            requests_in_flight: options.requests_in_flight,
+            unit_capacity,
+            blocks_in_flight: 0,
+            limiter: options
+                .bandwidth_limit
+                .map(|b| Arc::new(RateLimiter::new(b))),
+        })
+    }
+
+    /// Starts reading further units until a limit is reached or no unit is left.
+    fn fill<S: Source>(&mut self, connections: &mut Connections<'_, S>) -> Result<()> {
+        while self.queue.len() < self.requests_in_flight {
             // The next unit may start a block: admit it only if one more block fits.
-            if !queue.is_empty() && blocks_in_flight >= BUFFERED_UNITS {
+            if !self.queue.is_empty() && self.blocks_in_flight >= BUFFERED_UNITS {
                 break;
             }
-            let Some(unit) = units.next() else { break };
-            let mut reads = Vec::new();
-            for op in unit.ops.iter().filter(|o| o.kind == OpKind::Read) {
-                let length = u32::try_from(op.length).map_err(|_| {
-                    Error::invalid_argument(format!("read of {} bytes planned", op.length))
-                })?;
-                reads.push((op.offset, length));
-            }
-            let (reads, starts_block) = match (reads.first(), reads.last()) {
-                (Some(&(start, _)), Some(&(last, last_len))) => {
-                    let span = usize::try_from(last + u64::from(last_len) - start)
-                        .map_err(|_| Error::invalid_argument("unit larger than memory"))?;
-                    let buf = ReadBuffer::with_capacity(unit_capacity, span)?;
-                    // A block counts for the unit that starts it. Units are delivered in the
-                    // order they were carved, so the blocks alive are those counted, plus at
-                    // most the one whose first unit was just delivered.
-                    let starts_block = buf.starts_block();
-                    let source = sources[next_conn % sources.len()].clone();
-                    next_conn = next_conn.wrapping_add(1);
-                    let task = tokio::spawn(read_unit(source, reads, buf, limiter.clone()));
-                    (Some(Task(task)), starts_block)
-                }
-                _ => (None, false),
-            };
-            blocks_in_flight += u64::from(starts_block);
-            queue.push_back(Pending {
-                unit,
-                reads,
-                starts_block,
-            });
+            let Some(unit) = self.units.next() else { break };
+            let pending = self.start(unit, connections)?;
+            self.blocks_in_flight += u64::from(pending.starts_block);
+            self.queue.push_back(pending);
         }
-        let Some(mut pending) = queue.pop_front() else {
-            break;
-        };
+        Ok(())
+    }
 
-        // Wait for the oldest unit, draining finished TRIMs meanwhile.
-        let data = match pending.reads.as_mut() {
-            None => Vec::new(),
-            Some(task) => loop {
-                tokio::select! {
-                    biased;
-                    _ = cancel.cancelled() => return Err(Error::cancelled()),
-                    r = &mut task.0 => break r.map_err(|e| join_error("read", e))??,
-                    Some(t) = trims.join_next(), if !trims.is_empty() => {
-                        bytes_trimmed += t.map_err(|e| join_error("trim", e))??;
-                    }
+    /// Spawns the task reading `unit`'s data into one buffer, if it reads at all.
+    fn start<S: Source>(
+        &self,
+        unit: Unit,
+        connections: &mut Connections<'_, S>,
+    ) -> Result<Pending> {
+        let mut reads = Vec::new();
+        for op in unit.ops.iter().filter(|o| o.kind == OpKind::Read) {
+            let length = u32::try_from(op.length).map_err(|_| {
+                Error::invalid_argument(format!("read of {} bytes planned", op.length))
+            })?;
+            reads.push((op.offset, length));
+        }
+        let (Some(&(start, _)), Some(&(last, last_len))) = (reads.first(), reads.last()) else {
+            return Ok(Pending {
+                unit,
+                reads: None,
+                starts_block: false,
+            });
+        };
+        let span = usize::try_from(last + u64::from(last_len) - start)
+            .map_err(|_| Error::invalid_argument("unit larger than memory"))?;
+        let buf = ReadBuffer::with_capacity(self.unit_capacity, span)?;
+        // A block counts for the unit that starts it. Units are delivered in the order they were
+        // carved, so the blocks alive are those counted, plus at most the one whose first unit
+        // was just delivered.
+        let starts_block = buf.starts_block();
+        let task = tokio::spawn(read_unit(
+            connections.next(),
+            reads,
+            buf,
+            self.limiter.clone(),
+        ));
+        Ok(Pending {
+            unit,
+            reads: Some(Task(task)),
+            starts_block,
+        })
+    }
+
+    /// The oldest unit, the next to deliver.
+    fn next(&mut self) -> Option<Pending> {
+        self.queue.pop_front()
+    }
+
+    /// `pending` was delivered: the block its buffer started no longer counts.
+    fn delivered(&mut self, pending: &Pending) {
+        self.blocks_in_flight -= u64::from(pending.starts_block);
+    }
+}
+
+/// The TRIMs running on the source (at most `limit` at once) and the bytes those that completed
+/// discarded. A failed TRIM fails the copy.
+struct Trims {
+    tasks: JoinSet<Result<u64>>,
+    limit: usize,
+    trimmed: u64,
+}
+
+impl Trims {
+    fn new(limit: usize) -> Trims {
+        Trims {
+            tasks: JoinSet::new(),
+            limit: limit.max(1),
+            trimmed: 0,
+        }
+    }
+
+    /// Counts a TRIM that completed.
+    fn settle(&mut self, joined: std::result::Result<Result<u64>, JoinError>) -> Result<()> {
+        self.trimmed += joined.map_err(|e| join_error("trim", e))??;
+        Ok(())
+    }
+
+    /// Discards `length` bytes at `offset` on `source`, once fewer than `limit` TRIMs run.
+    async fn start<S: Source>(
+        &mut self,
+        source: S,
+        offset: u64,
+        length: u64,
+        cancel: &CancellationToken,
+    ) -> Result<()> {
+        self.wait_until(self.limit - 1, cancel).await?;
+        self.tasks
+            .spawn(async move { source.trim(offset, length).await.map(|()| length) });
+        Ok(())
+    }
+
+    /// Counts the TRIMs that have completed, without waiting.
+    fn reap(&mut self) -> Result<()> {
+        while let Some(joined) = self.tasks.try_join_next() {
+            self.settle(joined)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until at most `keep` TRIMs run.
+    async fn wait_until(&mut self, keep: usize, cancel: &CancellationToken) -> Result<()> {
+        while self.tasks.len() > keep {
+            let joined = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Err(Error::cancelled()),
+                Some(joined) = self.tasks.join_next() => joined,
+            };
+            self.settle(joined)?;
+        }
+        Ok(())
+    }
+
+    /// Awaits `task`, counting the TRIMs that complete meanwhile.
+    async fn wait_for<T>(
+        &mut self,
+        task: &mut Task<Result<T>>,
+        cancel: &CancellationToken,
+    ) -> Result<T> {
+        loop {
+            let joined = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Err(Error::cancelled()),
+                r = &mut task.0 => return r.map_err(|e| join_error("read", e))?,
+                Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => joined,
+            };
+            self.settle(joined)?;
+        }
+    }
+
+    /// Waits for every TRIM; returns the bytes discarded in all.
+    async fn finish(mut self, cancel: &CancellationToken) -> Result<u64> {
+        self.wait_until(0, cancel).await?;
+        Ok(self.trimmed)
+    }
+}
+
+/// Hands one unit's ranges to the sink, strictly in order: planned zeros as zeros, data read
+/// (`data`, one piece per read) after zero detection when `options.detect_zeroes` is on.
+/// Returns the bytes zero detection handed over as zeros.
+async fn deliver(
+    sink: &mut dyn Sink,
+    unit: &Unit,
+    data: Vec<Bytes>,
+    options: &CopyOptions,
+    hole_granularity: u64,
+    cancel: &CancellationToken,
+) -> Result<u64> {
+    let mut zero_detected = 0u64;
+    let mut data = data.into_iter();
+    for op in &unit.ops {
+        match op.kind {
+            OpKind::Zero => cancellable(cancel, sink.zero(op.offset, op.length)).await?,
+            OpKind::Read => {
+                let Some(bytes) = data.next() else {
+                    return Err(Error::protocol(format!(
+                        "missing data for offset {}",
+                        op.offset
+                    )));
+                };
+                if !options.detect_zeroes {
+                    cancellable(cancel, sink.write_at(op.offset, bytes)).await?;
+                    continue;
                 }
-            },
-        };
-
-        // Deliver strictly in order.
-        let mut data = data.into_iter();
-        for op in &pending.unit.ops {
-            match op.kind {
-                OpKind::Zero => cancellable(cancel, sink.zero(op.offset, op.length)).await?,
-                OpKind::Read => {
-                    let Some(bytes) = data.next() else {
-                        return Err(Error::protocol(format!(
-                            "missing data for offset {}",
-                            op.offset
-                        )));
-                    };
-                    if !options.detect_zeroes {
-                        cancellable(cancel, sink.write_at(op.offset, bytes)).await?;
-                        continue;
-                    }
-                    for run in zero_runs(op.offset, bytes, hole_granularity) {
-                        match run {
-                            Run::Data(offset, data) => {
-                                cancellable(cancel, sink.write_at(offset, data)).await?
-                            }
-                            Run::Zero(offset, length) => {
-                                bytes_zero_detected += length;
-                                cancellable(cancel, sink.zero(offset, length)).await?;
-                            }
+                for run in zero_runs(op.offset, bytes, hole_granularity) {
+                    match run {
+                        Run::Data(offset, data) => {
+                            cancellable(cancel, sink.write_at(offset, data)).await?
+                        }
+                        Run::Zero(offset, length) => {
+                            zero_detected += length;
+                            cancellable(cancel, sink.zero(offset, length)).await?;
                         }
                     }
                 }
             }
         }
+    }
+    Ok(zero_detected)
+}
+
+/// Progress reports: at most one per [`PROGRESS_INTERVAL`] while copying, and a last one.
+struct Reporter<'a> {
+    progress: &'a (dyn Fn(Progress) + Send + Sync),
+    started: Instant,
+    last: Instant,
+    total: u64,
+}
+
+impl Reporter<'_> {
+    /// Reports `done` if the last report is old enough.
+    fn tick(&mut self, done: u64) {
+        if self.last.elapsed() >= PROGRESS_INTERVAL {
+            self.last = Instant::now();
+            self.report(done);
+        }
+    }
+
+    fn report(&self, done: u64) {
+        (self.progress)(Progress {
+            done,
+            total: self.total,
+            bytes_per_second: done as f64 / self.started.elapsed().as_secs_f64().max(1e-9),
+        });
+    }
+}
+
+/// The copy without the sink's last step: check, plan, then per unit in order wait for its
+/// reads, deliver it to the sink and TRIM what the sink took; finally wait for every TRIM.
+async fn run<S: Source>(
+    sources: &[S],
+    sink: &mut dyn Sink,
+    options: &CopyOptions,
+    progress: &(dyn Fn(Progress) + Send + Sync),
+    cancel: &CancellationToken,
+) -> Result<Summary> {
+    let started = Instant::now();
+    let max_request = check_options(sources, options)?;
+    let Planned {
+        plan,
+        allocation_fallback,
+    } = make_plan(sources, options, max_request, cancel).await?;
+    let mut reporter = Reporter {
+        progress,
+        started,
+        last: started,
+        total: plan.bytes_read + plan.bytes_zero,
+    };
+    let hole_granularity = sink.hole_granularity().max(1);
+    let mut connections = Connections { sources, next: 0 };
+    let mut reads = Reads::new(plan.units, options, max_request)?;
+    let mut trims = Trims::new(options.requests_in_flight);
+    let mut done = 0u64;
+    let mut bytes_zero_detected = 0u64;
+
+    loop {
+        reads.fill(&mut connections)?;
+        let Some(mut pending) = reads.next() else {
+            break;
+        };
+        let data = match pending.reads.as_mut() {
+            None => Vec::new(),
+            Some(task) => trims.wait_for(task, cancel).await?,
+        };
+        bytes_zero_detected +=
+            deliver(sink, &pending.unit, data, options, hole_granularity, cancel).await?;
         done += pending.unit.read_bytes() + pending.unit.zero_bytes();
-        blocks_in_flight -= u64::from(pending.starts_block);
+        reads.delivered(&pending);
 
         // The sink has taken the whole unit: its clusters may go.
-        if discard {
+        if options.discard {
             for d in &pending.unit.discard {
-                while trims.len() >= options.requests_in_flight {
-                    let t = tokio::select! {
-                        biased;
-                        _ = cancel.cancelled() => return Err(Error::cancelled()),
-                        Some(t) = trims.join_next() => t,
-                    };
-                    bytes_trimmed += t.map_err(|e| join_error("trim", e))??;
-                }
-                let source = sources[next_conn % sources.len()].clone();
-                next_conn = next_conn.wrapping_add(1);
-                let (offset, length) = (d.offset, d.length);
-                trims.spawn(async move { source.trim(offset, length).await.map(|()| length) });
+                trims
+                    .start(connections.next(), d.offset, d.length, cancel)
+                    .await?;
             }
         }
-        while let Some(t) = trims.try_join_next() {
-            bytes_trimmed += t.map_err(|e| join_error("trim", e))??;
-        }
-
-        if last_report.elapsed() >= PROGRESS_INTERVAL {
-            last_report = Instant::now();
-            progress(report(done, started));
-        }
+        trims.reap()?;
+        reporter.tick(done);
     }
 
     // Every TRIM must have completed before the copy counts as done.
-    while !trims.is_empty() {
-        let t = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => return Err(Error::cancelled()),
-            Some(t) = trims.join_next() => t,
-        };
-        bytes_trimmed += t.map_err(|e| join_error("trim", e))??;
-    }
-    progress(report(done, started));
+    let bytes_trimmed = trims.finish(cancel).await?;
+    reporter.report(done);
 
     Ok(Summary {
         bytes_total: plan.size,
@@ -702,17 +850,6 @@ mod unit_tests {
             (zero_head(1000, &w, EDGE), zero_tail(1000, &w, EDGE)),
             (3096, 5000)
         );
-    }
-
-    #[test]
-    fn is_zero_checks_every_byte() {
-        let mut v = vec![0u8; 200];
-        assert!(is_zero(&v));
-        v[199] = 1;
-        assert!(!is_zero(&v));
-        v[199] = 0;
-        v[3] = 1;
-        assert!(!is_zero(&v));
     }
 }
 

@@ -1,15 +1,21 @@
 //! Native core of pve-backup-provider.
 //!
 //! Plain Rust modules own the protocol (`nbd`), planning (`plan`), copying (`engine`) and
-//! destinations (`sink`); `napi/` only converts types for JavaScript.
+//! destinations (`sink`); `copy` is one copy run from a URI; `napi/` only converts types for
+//! JavaScript. The planner and the engine see only the `Source` and `Sink` traits (checked by
+//! `layering`).
 pub mod buffer;
+pub mod copy;
 pub mod engine;
 pub mod error;
-pub mod job;
 pub mod nbd;
 pub mod plan;
 pub mod ratelimit;
 pub mod sink;
 pub mod source;
+pub mod zero;
 
 mod napi;
+
+#[cfg(test)]
+mod layering;

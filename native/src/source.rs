@@ -1,8 +1,9 @@
 //! What the copy engine reads from: one NBD export, seen through one handle per connection.
 //!
-//! The NBD client implements [`Source`] through a small adapter; the engine's tests implement it
-//! in memory. The engine owns all policy (what to read, how much in flight, when to trim); a
-//! source only answers requests.
+//! The NBD client implements [`Source`] through a small adapter in `nbd/source.rs`; the engine's
+//! tests implement it in memory. Nothing here knows the NBD client: the planner and the engine
+//! depend on this trait alone. The engine owns all policy (what to read, how much in flight,
+//! when to trim); a source only answers requests.
 
 use std::future::Future;
 
@@ -26,7 +27,9 @@ pub fn dirty_bitmap_context(name: &str) -> String {
     format!("qemu:dirty-bitmap:{name}")
 }
 
-/// One extent of a block status reply, in the meaning of the context it was asked for.
+/// One extent of a block status reply: a run of `length` bytes at `offset` with the meta
+/// context's `flags` (for `base:allocation`: [`FLAG_HOLE`], [`FLAG_ZERO`]; for a dirty bitmap:
+/// [`FLAG_DIRTY`]). The NBD client returns these too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {
     pub offset: u64,
@@ -99,74 +102,4 @@ pub trait Source: Clone + Send + Sync + 'static {
         length: u64,
         context: &str,
     ) -> impl Future<Output = Result<Vec<Extent>>> + Send;
-}
-
-/// The NBD client as the engine's source: one client per connection.
-mod nbd_adapter {
-    use super::*;
-    use crate::nbd::NbdClient;
-
-    /// Largest TRIM sent in one request without extended headers (32-bit lengths), kept
-    /// cluster-aligned so a split never frees part of a cluster.
-    const MAX_TRIM: u64 = 1 << 30;
-
-    impl Source for NbdClient {
-        fn size(&self) -> u64 {
-            self.info().size
-        }
-
-        fn max_request(&self) -> u32 {
-            self.info().block_sizes.maximum
-        }
-
-        fn can_trim(&self) -> bool {
-            self.info().can_trim() && !self.info().read_only()
-        }
-
-        fn has_context(&self, name: &str) -> bool {
-            self.info().context_id(name).is_some()
-        }
-
-        async fn read(&self, offset: u64, length: u32) -> Result<Bytes> {
-            NbdClient::read(self, offset, length).await
-        }
-
-        async fn read_into(
-            &self,
-            offset: u64,
-            length: u32,
-            buf: ReadBuffer,
-            at: usize,
-        ) -> Result<ReadBuffer> {
-            NbdClient::read_into(self, offset, length, buf, at).await
-        }
-
-        async fn trim(&self, offset: u64, length: u64) -> Result<()> {
-            let end = offset + length;
-            let mut pos = offset;
-            while pos < end {
-                let n = (end - pos).min(MAX_TRIM);
-                NbdClient::trim(self, pos, n).await?;
-                pos += n;
-            }
-            Ok(())
-        }
-
-        async fn block_status(
-            &self,
-            offset: u64,
-            length: u64,
-            context: &str,
-        ) -> Result<Vec<Extent>> {
-            let extents = self.block_status_all(offset, length, context).await?;
-            Ok(extents
-                .into_iter()
-                .map(|e| Extent {
-                    offset: e.offset,
-                    length: e.length,
-                    flags: e.flags,
-                })
-                .collect())
-        }
-    }
 }

@@ -399,8 +399,8 @@ async fn a_stalled_read_times_out_naming_the_request() {
 
 #[tokio::test]
 async fn a_copy_job_leaves_a_trimmable_source_intact_unless_asked_to_discard() {
+    use pve_backup_provider_native::copy::{self, RunOptions, Target};
     use pve_backup_provider_native::engine::CopyOptions;
-    use pve_backup_provider_native::job::{self, JobOptions, Target};
     use tokio_util::sync::CancellationToken;
     let dir = TempDir::new().unwrap();
     let server = nbdkit(dir.path(), &["memory", "size=4M"]);
@@ -417,7 +417,7 @@ async fn a_copy_job_leaves_a_trimmable_source_intact_unless_asked_to_discard() {
         let run = |discard: bool| {
             let uri = uri.clone();
             async move {
-                let opts = JobOptions {
+                let opts = RunOptions {
                     uri,
                     connections: 1,
                     request_timeout: None,
@@ -426,7 +426,7 @@ async fn a_copy_job_leaves_a_trimmable_source_intact_unless_asked_to_discard() {
                         ..CopyOptions::default()
                     },
                 };
-                job::run(opts, Target::Null, &|_| {}, &CancellationToken::new())
+                copy::run(opts, Target::Null, &|_| {}, &CancellationToken::new())
                     .await
                     .unwrap()
             }

@@ -479,7 +479,7 @@ async fn channel_sink_delivers_in_order_and_trims_only_taken_chunks() {
     let size = 3 * M + 5000;
     let data = content(size, 12, &[r(1 * M, 512 * K)]);
     let src = MemorySource::new(data.clone(), Config::default());
-    let (mut sink, mut rx) = sink::js::channel();
+    let (mut sink, mut rx) = sink::channel::channel();
     let probe = src.clone();
     let consumer = async move {
         let mut image = vec![0xEEu8; size as usize];
@@ -520,7 +520,7 @@ async fn channel_sink_delivers_in_order_and_trims_only_taken_chunks() {
 async fn channel_consumer_that_stops_fails_the_copy() {
     let size = 2 * M;
     let src = MemorySource::new(content(size, 13, &[]), Config::default());
-    let (mut sink, mut rx) = sink::js::channel();
+    let (mut sink, mut rx) = sink::channel::channel();
     let consumer = async move {
         let _first = rx.next().await;
         drop(rx);

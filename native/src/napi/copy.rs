@@ -1,4 +1,4 @@
-//! Binding of a copy run (`job::run`): options in, progress out through a weak threadsafe
+//! Binding of a copy run (`copy::run`): options in, progress out through a weak threadsafe
 //! function (it never keeps the event loop alive), cancellation through `cancel()`.
 
 use std::sync::Arc;
@@ -13,10 +13,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::error::{to_napi, IntoNapi};
 use super::{to_js, to_u64};
+use crate::copy::{self, RunOptions, Target};
 use crate::engine::{CopyOptions, Progress, Summary};
 use crate::error::{Error, Result};
-use crate::job::{self, JobOptions, Target};
-use crate::sink::js::{self, ChunkReceiver};
+use crate::sink::channel::{self, ChunkReceiver};
 use crate::sink::qcow2::{Backing, Qcow2Options};
 
 #[napi(object)]
@@ -80,7 +80,7 @@ pub struct NativeChunk {
 
 type ProgressFn = ThreadsafeFunction<NativeProgress, (), NativeProgress, Status, false, true>;
 
-fn job_options(o: &NativeCopyOptions) -> napi::Result<JobOptions> {
+fn run_options(o: &NativeCopyOptions) -> napi::Result<RunOptions> {
     let mut copy = CopyOptions::default();
     copy.bitmap = o.bitmap.clone();
     if let Some(v) = o.use_allocation {
@@ -110,12 +110,12 @@ fn job_options(o: &NativeCopyOptions) -> napi::Result<JobOptions> {
         )?))
         .filter(|t| !t.is_zero()),
     };
-    Ok(JobOptions {
+    Ok(RunOptions {
         uri: o.uri.clone(),
         request_timeout,
         connections: o
             .connections
-            .map_or(job::DEFAULT_CONNECTIONS, |n| n.max(1) as usize),
+            .map_or(copy::DEFAULT_CONNECTIONS, |n| n.max(1) as usize),
         copy,
     })
 }
@@ -192,8 +192,8 @@ pub struct NativeCopyJob {
 }
 
 /// Runs the copy on napi's tokio runtime; the result arrives on the returned channel.
-fn spawn_job(
-    options: JobOptions,
+fn spawn_run(
+    options: RunOptions,
     target: Target,
     on_progress: Option<ProgressFn>,
     cancel: CancellationToken,
@@ -211,7 +211,7 @@ fn spawn_job(
             }
         };
         // the receiver is gone only when the JS object was collected: nobody wants the result
-        let _ = done.send(job::run(options, target, &report, &cancel).await);
+        let _ = done.send(copy::run(options, target, &report, &cancel).await);
     });
     result
 }
@@ -222,10 +222,10 @@ pub fn start_copy(
     options: NativeCopyOptions,
     on_progress: Option<ProgressFn>,
 ) -> napi::Result<NativeCopyJob> {
-    let job = job_options(&options)?;
+    let run = run_options(&options)?;
     let target = file_target(&options).napi()?;
     let cancel = CancellationToken::new();
-    let handle = spawn_job(job, target, on_progress, cancel.clone());
+    let handle = spawn_run(run, target, on_progress, cancel.clone());
     Ok(NativeCopyJob {
         cancel,
         handle: Mutex::new(Some(handle)),
@@ -239,11 +239,11 @@ pub fn start_chunk_stream(
     options: NativeCopyOptions,
     on_progress: Option<ProgressFn>,
 ) -> napi::Result<NativeCopyJob> {
-    let job = job_options(&options)?;
-    let (sink, receiver) = js::channel();
+    let run = run_options(&options)?;
+    let (sink, receiver) = channel::channel();
     let cancel = CancellationToken::new();
-    let handle = spawn_job(
-        job,
+    let handle = spawn_run(
+        run,
         Target::Custom(Box::new(sink)),
         on_progress,
         cancel.clone(),

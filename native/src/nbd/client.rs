@@ -20,6 +20,7 @@ use super::info::ExportInfo;
 use super::uri::{NbdAddress, NbdUri};
 use crate::buffer::ReadBuffer;
 use crate::error::{Error, Result};
+use crate::source::Extent;
 
 /// QEMU serves at most 16 requests at once per client; more would only queue on its side.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 16;
@@ -64,15 +65,6 @@ impl ConnectOptions {
             request_timeout: Some(DEFAULT_REQUEST_TIMEOUT),
         }
     }
-}
-
-/// A run of `length` bytes at `offset` with the meta context's `flags` (for
-/// `base:allocation`: bit 0 hole, bit 1 zero; for a dirty bitmap: bit 0 dirty).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Extent {
-    pub offset: u64,
-    pub length: u64,
-    pub flags: u64,
 }
 
 struct Inner {

@@ -1,14 +1,14 @@
 //! Where copied data goes. One small trait, one file per backend (as libnbd's copy/ does);
 //! all policy (extent walking, zero detection, concurrency, discard) lives in the engine.
 
+pub mod channel;
 pub mod file;
-pub mod js;
 pub mod null;
 pub mod qcow2;
 mod write_behind;
 
+pub use channel::{ChannelSink, Chunk, ChunkReceiver};
 pub use file::RawFileSink;
-pub use js::{ChannelSink, Chunk, ChunkReceiver};
 pub use null::NullSink;
 pub use qcow2::Qcow2Sink;
 

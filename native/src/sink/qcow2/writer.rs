@@ -22,6 +22,7 @@ use super::format::*;
 use super::reader::Image;
 use crate::error::{Error, Result};
 use crate::sink::write_behind::WriteBehind;
+use crate::zero::is_zero;
 
 /// What an image holds, for progress and the provider's manifest.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -125,12 +126,6 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
 
 fn div_ceil(a: u64, b: u64) -> u64 {
     a.div_ceil(b)
-}
-
-/// True when every byte is zero (vectorises in release builds; exits at the first 4 KiB with data).
-pub fn is_zero(b: &[u8]) -> bool {
-    b.chunks(4096)
-        .all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
 }
 
 impl Writer {
@@ -765,19 +760,5 @@ impl Writer {
             .map_err(io(format!("syncing {}", self.path.display())))?;
         self.stats.file_size = len;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn zero_detection() {
-        let mut b = vec![0u8; 70_000];
-        assert!(is_zero(&b));
-        b[69_999] = 1;
-        assert!(!is_zero(&b));
-        assert!(is_zero(&[]));
     }
 }

@@ -1,5 +1,6 @@
-//! A sink whose consumer pulls chunks: the napi layer wraps [`ChunkReceiver`] so that a
-//! JavaScript provider can upload the data wherever it wants.
+//! The channel sink: [`ChannelSink`] hands each range to a consumer over a channel, and the
+//! consumer pulls them as [`Chunk`]s from [`ChunkReceiver`]. The napi layer wraps the receiver
+//! so that a JavaScript provider can upload the data wherever it wants.
 //!
 //! Hand-over contract: a chunk counts as taken only when the consumer asks for the NEXT chunk
 //! (or drops out after the end), so `write_at` for chunk N returns only after the consumer has

@@ -1,5 +1,7 @@
-//! One copy run from an NBD URI: opens the connections the engine reads over, checks that the
-//! bitmap asked for exists, builds the sink from the export size, and runs the engine.
+//! One copy run from an NBD URI (bound by `napi/copy.rs`, wrapped by `lib/nbd/copy.ts`): opens
+//! the connections the engine reads over, checks that the bitmap asked for exists, builds the
+//! sink from the export size, and runs the engine. The one place outside `nbd/` that connects
+//! an NBD client for the engine.
 
 use tokio_util::sync::CancellationToken;
 
@@ -34,7 +36,8 @@ pub enum Target {
 /// replies and writing the target then overlap on both cores.
 pub const DEFAULT_CONNECTIONS: usize = 2;
 
-pub struct JobOptions {
+/// What one run connects to and how it copies.
+pub struct RunOptions {
     pub uri: String,
     /// Connections to open; more than one only when the server advertises CAN_MULTI_CONN.
     pub connections: usize,
@@ -43,7 +46,7 @@ pub struct JobOptions {
     pub copy: CopyOptions,
 }
 
-fn connect_options(uri: &NbdUri, contexts: Vec<String>, opts: &JobOptions) -> ConnectOptions {
+fn connect_options(uri: &NbdUri, contexts: Vec<String>, opts: &RunOptions) -> ConnectOptions {
     let mut connect = ConnectOptions::new(uri.clone());
     connect.meta_contexts = contexts;
     connect.request_timeout = opts.request_timeout;
@@ -57,7 +60,7 @@ fn connect_options(uri: &NbdUri, contexts: Vec<String>, opts: &JobOptions) -> Co
 async fn map_bitmap(
     uri: &NbdUri,
     bitmap: &str,
-    opts: &JobOptions,
+    opts: &RunOptions,
     cancel: &CancellationToken,
 ) -> Result<Vec<Region>> {
     let client = NbdClient::connect(&connect_options(
@@ -93,7 +96,7 @@ async fn map_bitmap(
     dirty
 }
 
-async fn open_connections(uri: &NbdUri, opts: &JobOptions) -> Result<Vec<NbdClient>> {
+async fn open_connections(uri: &NbdUri, opts: &RunOptions) -> Result<Vec<NbdClient>> {
     let contexts = if opts.copy.use_allocation {
         vec![CONTEXT_ALLOCATION.to_string()]
     } else {
@@ -115,7 +118,7 @@ async fn open_connections(uri: &NbdUri, opts: &JobOptions) -> Result<Vec<NbdClie
 
 /// Runs one copy. Connections are closed whatever happens.
 pub async fn run(
-    opts: JobOptions,
+    opts: RunOptions,
     target: Target,
     progress: &(dyn Fn(Progress) + Send + Sync),
     cancel: &CancellationToken,
