@@ -6,7 +6,7 @@
  * another error, a `cause`. Each code belongs to one family of errors, a class that adds typed
  * fields (for example QEMU's error class); the families live beside the code that throws them
  * (`lib/nbd/errors.ts`, `lib/qmp/errors.ts`, `lib/qemu/errors.ts`, `lib/provider/errors.ts`,
- * `lib/container/errors.ts`, `lib/providers/directory/errors.ts`, `lib/cli/errors.ts`), the
+ * `lib/container/errors.ts`, `lib/directory-provider/errors.ts`, `lib/cli/errors.ts`), the
  * families every layer uses ({@link InvalidArgumentError}, {@link CancelledError}) here, and so
  * do the code unions of the families with several codes (those modules re-export them). A
  * family that needs one of those codes subclasses it or wraps it as `cause`, so `instanceof`

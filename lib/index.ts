@@ -88,7 +88,7 @@ export { startStorageDaemon, type StorageDaemon, type StorageDaemonDisk, type St
 // Container tools (lib/container)
 export * from './container/index.js';
 
-// The reference provider (lib/providers/directory)
+// The reference provider (lib/directory-provider)
 export {
   DirectoryProvider,
   DirectoryProviderV1,
@@ -108,4 +108,4 @@ export {
   type Manifest,
   type ManifestDevice,
   type ParsedVolname,
-} from './providers/directory/index.js';
+} from './directory-provider/index.js';

@@ -10,7 +10,7 @@ import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 
 import { DirectoryProvider, DirectoryProviderV1, DirectoryStore, restoreContainer, runBackupJob, type BackupProvider } from '../lib/index.js';
-import { hashTree } from '../lib/providers/directory/layout.js';
+import { hashTree } from '../lib/directory-provider/layout.js';
 import { stopAll, tempDir } from './helpers/qemu.js';
 import { buildTree, snapshotTree, TEST_MAP_LINES } from './helpers/tree.js';
 

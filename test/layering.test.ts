@@ -3,7 +3,8 @@
  * re-exports and dynamic `import()` alike): the provider API is the ground floor a provider
  * author reads first, so nothing in `lib/provider/` may import the layers that implement backup
  * access (`lib/qemu/`), the job runner (`lib/job/`) or the container tools (`lib/container/`);
- * the words they share live in `lib/vocabulary.ts`. And no import cycle exists anywhere in `lib/`.
+ * the words they share live in `lib/vocabulary.ts`. Each folder imports only the folders the
+ * README's "Layout" section names for it. And no import cycle exists anywhere in `lib/`.
  */
 import { readdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
@@ -48,6 +49,28 @@ describe('layering of lib/', () => {
     const offending = [...graph]
       .filter(([file]) => file.startsWith('provider/'))
       .flatMap(([file, deps]) => deps.filter((d) => /^(qemu|job|container)\//.test(d)).map((d) => `${file} -> ${d}`));
+    expect(offending).toEqual([]);
+  });
+
+  it('each folder imports only what README.md says it may (its "Layout" section)', () => {
+    // the bottom modules at the top of lib/ that any folder may use
+    const bottom = ['errors', 'vocabulary', 'bandwidth', 'owner', 'tools', 'format', 'native'];
+    const allowed: Record<string, string[]> = {
+      nbd: [],
+      qmp: [],
+      provider: ['nbd'],
+      qemu: ['qmp'],
+      container: [],
+      job: ['provider', 'qemu', 'container', 'nbd', 'qmp'],
+      'directory-provider': ['provider', 'container', 'nbd'],
+    };
+    const unitOf = (file: string): string => (file.includes('/') ? file.split('/')[0]! : file.replace(/\.ts$/, ''));
+    const offending = [...graph].flatMap(([file, deps]) => {
+      const from = unitOf(file);
+      const may = allowed[from];
+      if (!may) return [];
+      return deps.map(unitOf).filter((to) => to !== from && !bottom.includes(to) && !may.includes(to)).map((to) => `${file} -> ${to}/`);
+    });
     expect(offending).toEqual([]);
   });
 

@@ -29,9 +29,9 @@ async function machinery() {
   const [restore, runner, provider, providerV1, store, qmp] = await Promise.all([
     import('../job/restore.js'),
     import('../job/runner.js'),
-    import('../providers/directory/provider.js'),
-    import('../providers/directory/provider-v1.js'),
-    import('../providers/directory/store.js'),
+    import('../directory-provider/provider.js'),
+    import('../directory-provider/provider-v1.js'),
+    import('../directory-provider/store.js'),
     import('../qmp/client.js'),
   ]);
   return { ...restore, ...runner, ...provider, ...providerV1, ...store, ...qmp };

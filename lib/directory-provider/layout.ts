@@ -25,8 +25,8 @@ import { execFile } from 'node:child_process';
 import { chmod, lstat, mkdir, open, readdir, readlink, rename, rm } from 'node:fs/promises';
 import path from 'node:path';
 
-import type { BitmapMode, GuestType } from '../../provider/api.js';
-import { requireTool } from '../../tools.js';
+import type { BitmapMode, GuestType } from '../provider/api.js';
+import { requireTool } from '../tools.js';
 import { DirectoryStoreError } from './errors.js';
 
 /**

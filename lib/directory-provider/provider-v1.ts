@@ -14,8 +14,8 @@ import type {
   ProviderStorage,
   RestoreMechanismInfo,
   VolumeSize,
-} from '../../provider/api.js';
-import { BackupProviderBaseV1 } from '../../provider/base.js';
+} from '../provider/api.js';
+import { BackupProviderBaseV1 } from '../provider/base.js';
 import { DirectoryStoreError } from './errors.js';
 import { DirectoryProvider, type DirectoryProviderOptions } from './provider.js';
 

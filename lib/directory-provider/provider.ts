@@ -25,9 +25,9 @@ import { randomBytes } from 'node:crypto';
 import { copyFile, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 
-import { createTarArchive } from '../../container/tar.js';
-import { backupDirectoryTree } from '../../container/directory.js';
-import { copyExtents, type CopyProgress, type CopySummary } from '../../nbd/copy.js';
+import { createTarArchive } from '../container/tar.js';
+import { backupDirectoryTree } from '../container/directory.js';
+import { copyExtents, type CopyProgress, type CopySummary } from '../nbd/copy.js';
 import type {
   BackupCleanupResult,
   BackupInitResult,
@@ -45,9 +45,9 @@ import type {
   RestoreMechanismInfo,
   RestoreVmVolumeInitResult,
   VolumeSize,
-} from '../../provider/api.js';
-import { BackupProviderBase } from '../../provider/base.js';
-import { nbdUriFor } from '../../provider/dirty-regions.js';
+} from '../provider/api.js';
+import { BackupProviderBase } from '../provider/base.js';
+import { nbdUriFor } from '../provider/dirty-regions.js';
 import { BitmapLedger } from './bitmap-ledger.js';
 import { DirectoryStoreError } from './errors.js';
 import { MANIFEST, PREVIOUS_INFO, hashFile, hashTree, parseVolname, syncFiles, type Manifest, type ManifestDevice } from './layout.js';

@@ -4,9 +4,9 @@
  *
  * @packageDocumentation
  */
-import { PveBackupError, type DirectoryStoreErrorCode } from '../../errors.js';
+import { PveBackupError, type DirectoryStoreErrorCode } from '../errors.js';
 
-export type { DirectoryStoreErrorCode } from '../../errors.js';
+export type { DirectoryStoreErrorCode } from '../errors.js';
 
 /** An error of the directory store (see {@link DirectoryStoreErrorCode}). Match on `code`. */
 export class DirectoryStoreError extends PveBackupError {

@@ -17,9 +17,9 @@ import { chmod, lstat, mkdir, open, readFile, readdir, rename, rm, stat } from '
 import path from 'node:path';
 import { promisify } from 'node:util';
 
-import type { GuestType, PruneOptions } from '../../provider/api.js';
-import { currentOwner, ownerIsDead } from '../../owner.js';
-import { requireTool } from '../../tools.js';
+import type { GuestType, PruneOptions } from '../provider/api.js';
+import { currentOwner, ownerIsDead } from '../owner.js';
+import { requireTool } from '../tools.js';
 import { DirectoryStoreError } from './errors.js';
 import {
   LOCK,
