@@ -25,6 +25,7 @@ import { randomBytes } from 'node:crypto';
 import { copyFile, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 
+import { normaliseBandwidthLimit } from '../bandwidth.js';
 import { createTarArchive } from '../container/tar.js';
 import { backupDirectoryTree } from '../container/directory.js';
 import { copyExtents, type CopyProgress, type CopySummary } from '../nbd/copy.js';
@@ -251,7 +252,7 @@ export class DirectoryProvider extends BackupProviderBase {
     await this.saveConfigs(g, guestConfig, info.firewallConfig);
     if (info.mechanism !== 'nbd') throw new DirectoryStoreError('ERR_PROVIDER_STATE', `mechanism ${info.mechanism} is not used by the directory provider`);
     for (const [device, v] of Object.entries(volumes)) {
-      await this.backupDisk(g, device, { ...v, nbdUri: v.nbdUri ?? nbdUriFor(device, v.nbdPath!) }, info.bandwidthLimit ?? 0, info.signal);
+      await this.backupDisk(g, device, { ...v, nbdUri: v.nbdUri ?? nbdUriFor(device, v.nbdPath!) }, normaliseBandwidthLimit(info.bandwidthLimit, 'bandwidthLimit'), info.signal);
     }
   }
 
@@ -264,7 +265,7 @@ export class DirectoryProvider extends BackupProviderBase {
     g: GuestBackup,
     device: string,
     v: { size: number; bitmapMode: BitmapMode; bitmapName?: string | undefined; nbdUri: string },
-    bandwidthLimit: number,
+    bandwidthLimit: number | undefined,
     signal: AbortSignal | undefined,
   ): Promise<void> {
     const file = `${device}.qcow2`;
@@ -284,7 +285,7 @@ export class DirectoryProvider extends BackupProviderBase {
       ...(v.bitmapName ? { bitmap: v.bitmapName } : {}),
       ...(base ? { backingFile: `../${parseVolname(base).dirName}/${file}`, backingFormat: 'qcow2' as const } : {}),
       compression: this.compression,
-      ...(bandwidthLimit > 0 ? { bandwidthLimit } : {}),
+      ...(bandwidthLimit !== undefined ? { bandwidthLimit } : {}),
       ...(this.options.onProgress ? { onProgress: (p: CopyProgress) => this.options.onProgress!({ ...p, vmid: g.vmid, device }) } : {}),
       ...(signal ? { signal } : {}),
     });
@@ -308,7 +309,7 @@ export class DirectoryProvider extends BackupProviderBase {
       idMap: info.idMap,
       excludePaths: excludePatterns,
       sources: info.sources,
-      ...(info.bandwidthLimit ? { bandwidthLimit: info.bandwidthLimit } : {}),
+      bandwidthLimit: normaliseBandwidthLimit(info.bandwidthLimit, 'bandwidthLimit'),
       ...(info.signal ? { signal: info.signal } : {}),
     };
     if (g.mode === 'tar') await createTarArchive({ source: info.directory, archive: path.join(g.dir, 'root.tar'), ...common });
@@ -491,7 +492,7 @@ export class DirectoryProvider extends BackupProviderBase {
 
   /** Seed generation: one disk, from `backupNbd`'s arguments. */
   async backupNbdDevice(vmid: number, device: string, nbdPath: string, bitmapMode: BitmapMode, bitmapName: string | undefined, bandwidthLimit: number, extra: NbdBackupExtra): Promise<void> {
-    await this.backupDisk(this.guest(vmid), device, { size: extra.size, bitmapMode, bitmapName, nbdUri: extra.nbdUri ?? nbdUriFor(device, nbdPath) }, bandwidthLimit, extra.signal);
+    await this.backupDisk(this.guest(vmid), device, { size: extra.size, bitmapMode, bitmapName, nbdUri: extra.nbdUri ?? nbdUriFor(device, nbdPath) }, normaliseBandwidthLimit(bandwidthLimit, 'bandwidthLimit'), extra.signal);
   }
 
   /** The guest type of a running backup. */

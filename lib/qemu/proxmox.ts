@@ -18,8 +18,7 @@ import { StepRunner, removeLocalFiles } from './teardown-steps.js';
 import { resolveDevices } from './devices.js';
 import { BackupAccessActiveError, BackupAccessError, deviceError } from './errors.js';
 import { anchorBitmapName, fleecingPath, slotNames } from './names.js';
-import { currentOwner } from '../owner.js';
-import { claimState, deleteState, readState, writeState, type AccessState, type DeviceState } from './state.js';
+import { claimState, deleteState, newAccessState, readState, writeState, type AccessState, type DeviceState } from './state.js';
 import type { BitmapAction } from './types.js';
 import type { UpstreamSetupInput } from './upstream.js';
 
@@ -120,18 +119,7 @@ export async function setupProxmox(qmp: QmpClient, input: UpstreamSetupInput): P
     exportId: slotNames(slot).exportId,
     exportName: device,
   }));
-  const state: AccessState = {
-    v: 1,
-    targetId: input.targetId,
-    backend: 'proxmox',
-    qemuTargetId,
-    socketPath: input.socket.socketPath,
-    // Set once the server is started, so a rollback never stops a server it did not start.
-    ownNbd: false,
-    devices: devStates,
-    owner: currentOwner(),
-  };
-  if (input.socket.ownNbd) state.socketDir = input.socket.socketDir;
+  const state = newAccessState({ targetId: input.targetId, backend: 'proxmox', qemuTargetId, socket: input.socket, devices: devStates });
 
   await claimState(qmp, state);
   const results: ProxmoxDeviceResult[] = [];

@@ -8,7 +8,7 @@ import type { QmpClient } from '../qmp/client.js';
 import { QmpClosedError, QmpError } from '../qmp/errors.js';
 import { BackupAccessActiveError } from './errors.js';
 import { STATE_OBJECT_ID } from './names.js';
-import { describeOwner, type AccessOwner } from '../owner.js';
+import { currentOwner, describeOwner, type AccessOwner } from '../owner.js';
 
 /** How the copy-before-write filter is put above the disk. */
 export type ParentRef = { kind: 'qdev'; path: string } | { kind: 'node'; node: string; driver: string };
@@ -65,6 +65,30 @@ export interface AccessState {
   devices: DeviceState[];
   /** The process that set the access up (absent in records of older versions). */
   owner?: AccessOwner;
+}
+
+/**
+ * The record a setup claims before it changes anything: this process as the owner, and the NBD
+ * server not yet its own (set once started, so a rollback never stops a server it did not start).
+ */
+export function newAccessState(o: {
+  targetId: string;
+  backend: AccessState['backend'];
+  qemuTargetId?: string;
+  socket: { ownNbd: true; socketPath: string; socketDir: string } | { ownNbd: false; socketPath: string };
+  devices: DeviceState[];
+}): AccessState {
+  return {
+    v: 1,
+    targetId: o.targetId,
+    backend: o.backend,
+    ...(o.qemuTargetId !== undefined ? { qemuTargetId: o.qemuTargetId } : {}),
+    socketPath: o.socket.socketPath,
+    ownNbd: false,
+    ...(o.socket.ownNbd ? { socketDir: o.socket.socketDir } : {}),
+    devices: o.devices,
+    owner: currentOwner(),
+  };
 }
 
 /** Reads the record, or `undefined` when there is none. */

@@ -24,8 +24,7 @@ import {
   mainBitmapName,
   slotNames,
 } from './names.js';
-import { currentOwner } from '../owner.js';
-import { claimState, deleteState, readState, writeState, type AccessState, type DeviceState } from './state.js';
+import { claimState, deleteState, newAccessState, readState, writeState, type AccessState, type DeviceState } from './state.js';
 import type { BitmapAction } from './types.js';
 
 /** Validated input of {@link setupUpstream}. */
@@ -132,17 +131,7 @@ export async function setupUpstream(qmp: QmpClient, input: UpstreamSetupInput): 
     }
     return d;
   });
-  const state: AccessState = {
-    v: 1,
-    targetId: input.targetId,
-    backend: 'upstream',
-    socketPath: input.socket.socketPath,
-    // Set once the server is started, so a rollback never stops a server it did not start.
-    ownNbd: false,
-    devices: devStates,
-    owner: currentOwner(),
-  };
-  if (input.socket.ownNbd) state.socketDir = input.socket.socketDir;
+  const state = newAccessState({ targetId: input.targetId, backend: 'upstream', socket: input.socket, devices: devStates });
 
   await claimState(qmp, state);
   try {
