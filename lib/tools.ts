@@ -51,6 +51,7 @@ const SETPRIV = ['/usr/bin/setpriv', '/bin/setpriv'].find((p) => existsSync(p));
  * `PR_SET_PDEATHSIG` watches. Without setpriv the tool runs directly (and survives a SIGKILL of
  * this process).
  */
-export function tiedToParent(command: string, args: readonly string[]): { file: string; args: string[] } {
-  return SETPRIV ? { file: SETPRIV, args: ['--pdeathsig', 'KILL', '--', command, ...args] } : { file: command, args: [...args] };
+export function tiedToParent(command: string, args: readonly string[], signal: 'KILL' | 'TERM' = 'KILL'): { file: string; args: string[] } {
+  // TERM for a tool that must undo something on its way out (a FUSE mount), KILL otherwise
+  return SETPRIV ? { file: SETPRIV, args: ['--pdeathsig', signal, '--', command, ...args] } : { file: command, args: [...args] };
 }

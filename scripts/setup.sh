@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 packages=(
   qemu-utils            # qemu-img, qemu-io, qemu-nbd
   qemu-system-common    # qemu-storage-daemon
+  fuse3                 # fusermount3, for the FUSE export a VM restore reads (the daemon needs /dev/fuse)
   qemu-system-x86       # qemu-system-x86_64 (TCG, for VM tests)
   libnbd-bin            # nbdinfo, nbdcopy (peer tools in tests and benchmarks)
   python3-libnbd        # the seed's baseline algorithm in benchmarks

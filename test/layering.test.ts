@@ -62,7 +62,7 @@ describe('layering of lib/', () => {
       qemu: ['qmp'],
       container: [],
       job: ['provider', 'qemu', 'container', 'nbd', 'qmp'],
-      'directory-provider': ['provider', 'container', 'nbd'],
+      'directory-provider': ['provider', 'container', 'nbd', 'qemu'],
     };
     const unitOf = (file: string): string => (file.includes('/') ? file.split('/')[0]! : file.replace(/\.ts$/, ''));
     const offending = [...graph].flatMap(([file, deps]) => {

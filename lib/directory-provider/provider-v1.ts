@@ -114,6 +114,9 @@ export class DirectoryProviderV1 extends BackupProviderBaseV1 {
   override async restoreQemuImgInit(volname: string, _storeid: string, deviceName: string): Promise<string> {
     return (await this.inner.restoreVmVolumeInit(volname, deviceName, {})).qemuImgPath;
   }
+  override restoreQemuImgCleanup(volname: string, _storeid: string, deviceName: string): Promise<void> {
+    return this.inner.restoreVmVolumeCleanup(volname, deviceName, {});
+  }
   override async restoreTarInit(volname: string, _storeid: string): Promise<string> {
     const r = await this.inner.restoreContainerInit(volname, {});
     if (!r.tarPath) throw new DirectoryStoreError('ERR_PROVIDER_STATE', `backup ${volname} is a directory copy, not a tar archive`, { volname });

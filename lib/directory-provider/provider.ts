@@ -48,6 +48,7 @@ import type {
   VolumeSize,
 } from '../provider/api.js';
 import { BackupProviderBase } from '../provider/base.js';
+import { startFuseExport, type FuseExport } from '../qemu/storage-daemon.js';
 import { nbdUriFor } from '../provider/dirty-regions.js';
 import { BitmapLedger } from './bitmap-ledger.js';
 import { DirectoryStoreError } from './errors.js';
@@ -130,6 +131,8 @@ export class DirectoryProvider extends BackupProviderBase {
   private readonly options: DirectoryProviderOptions;
   private store?: DirectoryStore;
   private readonly running = new Map<number, GuestBackup>();
+  /** The FUSE exports of the VM volumes being restored, by `[volname, device]` as JSON. */
+  private readonly restoreExports = new Map<string, FuseExport>();
   private readonly ledger: BitmapLedger;
 
   /** The storage side: notes, protected flag, retention (called by the job runner after a backup). */
@@ -451,15 +454,41 @@ export class DirectoryProvider extends BackupProviderBase {
   }
 
   /**
-   * The image as `qemu-img` reads it raw: a `json:` filename putting the qcow2 driver under a raw
-   * node, so `qemu-img convert -f raw` follows the backing chain. No NBD device, no extra process.
+   * The image as a raw regular file: qemu-storage-daemon's FUSE export of the qcow2 chain. qemu-server
+   * checks the path with `file_size_info($path, undef, 'raw', 1)` before `qemu-img convert -f raw`
+   * (qemu-server `src/PVE/QemuServer.pm` `restore_external_archive`; docs/pve-bridge-notes.md 4.1):
+   * it must `stat()` as a file and show no backing file, so neither a `json:` filename nor an NBD
+   * URI passes. The export lives until `restoreVmVolumeCleanup`, or `restoreVmCleanup` (qemu-server
+   * skips the volume cleanup when this method or its check dies), or the end of this process.
    */
   override async restoreVmVolumeInit(volname: string, deviceName: string, _info: Record<string, never>): Promise<RestoreVmVolumeInitResult> {
     const store = await this.openStore();
     const d = (await store.readManifest(volname)).devices?.[deviceName];
     if (!d) throw new DirectoryStoreError('ERR_UNKNOWN_VOLUME', `backup ${store.volid(volname)} has no disk ${deviceName}`, { volname });
-    const filename = path.join(store.backupDir(volname), d.file);
-    return { qemuImgPath: `json:${JSON.stringify({ driver: 'raw', file: { driver: 'qcow2', file: { driver: 'file', filename } } })}` };
+    const key = JSON.stringify([volname, deviceName]);
+    // a second init of the same volume replaces the first export rather than leaking it
+    await this.restoreExports.get(key)?.stop();
+    this.restoreExports.delete(key);
+    const fuse = await startFuseExport(path.join(store.backupDir(volname), d.file), 'qcow2');
+    this.restoreExports.set(key, fuse);
+    return { qemuImgPath: fuse.path };
+  }
+
+  /** Unmounts the volume's export and ends its daemon. */
+  override async restoreVmVolumeCleanup(volname: string, deviceName: string, _info: Record<string, never>): Promise<void> {
+    const key = JSON.stringify([volname, deviceName]);
+    const fuse = this.restoreExports.get(key);
+    this.restoreExports.delete(key);
+    await fuse?.stop();
+  }
+
+  /** Unmounts what `restoreVmVolumeCleanup` did not (qemu-server skips it when a volume's init or check fails). */
+  override async restoreVmCleanup(volname: string): Promise<void> {
+    for (const [key, fuse] of [...this.restoreExports]) {
+      if ((JSON.parse(key) as string[])[0] !== volname) continue;
+      this.restoreExports.delete(key);
+      await fuse.stop();
+    }
   }
 
   /** The tar archive or the directory copy, after checking its checksum. */

@@ -3,16 +3,18 @@
  * stopped guest, the demo, benchmarks). Each disk becomes a node stack `<id>-file` -> `<id>-fmt`
  * -> `<id>` (raw on top, the node to back up); QMP and an NBD server listen on private sockets.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
-import { open, readFile, stat } from 'node:fs/promises';
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { mkdtemp, open, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { promisify } from 'node:util';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 import { InvalidArgumentError } from '../errors.js';
 import { QemuStartError } from './errors.js';
 import { QmpClient } from '../qmp/client.js';
 import { QmpClosedError } from '../qmp/errors.js';
-import { requireTool } from '../tools.js';
+import { requireTool, tiedToParent } from '../tools.js';
 
 /** One disk image served by the daemon. */
 export interface StorageDaemonDisk {
@@ -123,6 +125,82 @@ export async function startStorageDaemon(options: StorageDaemonOptions): Promise
     };
   } catch (err) {
     await kill();
+    throw err;
+  }
+}
+
+/** A disk image served read-only as a raw regular file by qemu-storage-daemon's FUSE export. */
+export interface FuseExport {
+  /** The raw file: `stat()`s as a regular file of the image's virtual size; `qemu-img info -f raw` shows no backing file. */
+  path: string;
+  /** Unmounts, ends the daemon and removes the private folder; safe to call twice. */
+  stop(): Promise<void>;
+}
+
+/** Whether `path` is a mount point of this mount namespace (`/proc/self/mountinfo`, field 5). */
+export async function isMountPoint(path: string): Promise<boolean> {
+  const text = await readFile('/proc/self/mountinfo', 'utf8');
+  // mountinfo escapes space, tab, newline and backslash as octal
+  const escaped = path.replace(/[ \t\n\\]/g, (c) => `\\${c.charCodeAt(0).toString(8).padStart(3, '0')}`);
+  return text.split('\n').some((line) => line.split(' ')[4] === escaped);
+}
+
+/**
+ * Serves `image` (with its backing chain) as a raw regular file, for a consumer that accepts only
+ * a local file: qemu-server's `restore_vm_volume_init` check `file_size_info($path, undef, 'raw', 1)`
+ * (pve-storage `src/PVE/Storage/Plugin.pm` `file_size_info`: stat, no directory, `qemu-img info -f raw`
+ * without a backing file) rejects `json:` and NBD paths. The mount point is a file in a private
+ * (0700) folder. The daemon gets SIGTERM when this process dies, even by SIGKILL
+ * (`PR_SET_PDEATHSIG`): on SIGTERM qemu-storage-daemon unmounts before it exits (a SIGKILLed FUSE
+ * daemon would leave a dead mount behind).
+ */
+export async function startFuseExport(image: string, format: 'qcow2' | 'raw', options: { dir?: string } = {}): Promise<FuseExport> {
+  const binary = requireTool('qemu-storage-daemon', 'qemu-system-common');
+  if (!(await stat('/dev/fuse').then(() => true, () => false))) {
+    throw new QemuStartError('qemu-storage-daemon', 'no /dev/fuse: load the fuse module (modprobe fuse) or give the container the device; apt-get install fuse3');
+  }
+  const dir = await mkdtemp(join(options.dir ?? tmpdir(), 'pve-restore-')); // mkdtemp makes it 0700
+  const path = join(dir, 'disk.raw');
+  const log = join(dir, 'qemu-storage-daemon.log');
+  await writeFile(path, '', { mode: 0o600 });
+  const quote = (p: string): string => p.replaceAll(',', ',,');
+  const args = [
+    '--blockdev', `driver=file,filename=${quote(image)},aio=threads,read-only=on,node-name=f`,
+    '--blockdev', `driver=${format},file=f,read-only=on,node-name=fmt`,
+    '--export', `type=fuse,id=e,node-name=fmt,mountpoint=${quote(path)},writable=off`,
+  ];
+  const out = await open(log, 'w');
+  const cmd = tiedToParent(binary, args, 'TERM');
+  const child = spawn(cmd.file, cmd.args, { stdio: ['ignore', out.fd, out.fd] });
+  await out.close();
+  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+  let stopped = false;
+  const stop = async (): Promise<void> => {
+    if (stopped) return;
+    stopped = true;
+    if (child.exitCode === null && child.signalCode === null) {
+      child.kill('SIGTERM');
+      const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
+      await exited;
+      clearTimeout(timer);
+    }
+    // a daemon that died without unmounting leaves a dead mount: detach it (we are root here)
+    if (await isMountPoint(path)) await promisify(execFile)('umount', ['-l', path]).catch(() => undefined);
+    await rm(dir, { recursive: true, force: true });
+  };
+  try {
+    const deadline = Date.now() + 20_000;
+    while (!(await isMountPoint(path))) {
+      if (child.exitCode !== null || child.signalCode !== null) {
+        const text = await readFile(log, 'utf8').catch(() => '');
+        throw new QemuStartError('qemu-storage-daemon', `qemu-storage-daemon exited before it mounted ${image}: ${text.trim()}`);
+      }
+      if (Date.now() > deadline) throw new QemuStartError('qemu-storage-daemon', `qemu-storage-daemon did not mount ${image} within 20 s`);
+      await sleep(20);
+    }
+    return { path, stop };
+  } catch (err) {
+    await stop();
     throw err;
   }
 }
