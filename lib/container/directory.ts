@@ -10,7 +10,10 @@
  * then shifted to container ids in place (see `remap.ts`), so the target holds container ids as an
  * archive does; `lost+found` is excluded as vzdump does for unprivileged containers.
  *
- * Restore (the seed's pve-container `restore_external_archive`, `directory` mechanism): `rsync
+ * Restore with rsync ({@link restoreDirectoryTree}) is the seed's pve-container
+ * `restore_external_archive` `directory` mechanism; pve-container as released restores with a tar
+ * pipe instead, and so does `restoreContainer` (`extractDirectoryWithTar` in `tar.ts`). The rsync
+ * restore, kept for callers of this module: `rsync
  * --stats -h -X -A --numeric-ids -aH --delete --no-whole-file --sparse --one-file-system
  * --relative [--bwlimit=KiB] SOURCE/./ ROOTDIR`, then, with an id map, the restored tree is
  * shifted to host ids in place. `--delete` makes the restored tree exactly the backup's, so the

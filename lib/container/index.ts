@@ -6,7 +6,14 @@
  * @packageDocumentation
  */
 export { parseIdMap, validateIdMap, formatIdMapEntry, toHost, toContainer, isIdentityMap, rootIds, MAX_ID, type IdMapEntry } from './idmap.js';
-export { createTarArchive, extractTarArchive, type CreateTarArchiveOptions, type ExtractTarArchiveOptions } from './tar.js';
+export {
+  createTarArchive,
+  extractTarArchive,
+  extractDirectoryWithTar,
+  type CreateTarArchiveOptions,
+  type ExtractTarArchiveOptions,
+  type ExtractDirectoryOptions,
+} from './tar.js';
 export {
   backupDirectoryTree,
   restoreDirectoryTree,

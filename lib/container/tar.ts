@@ -284,8 +284,71 @@ export async function extractTarArchive(o: ExtractTarArchiveOptions): Promise<vo
     throw new InvalidArgumentError(`archive ${o.archive}: with an id map only uncompressed or gzip archives can be restored`);
   }
 
-  const args = ['-x', '-f', '-', '--totals', ...COMMON_TAR_FLAGS, ...EXTRA_XATTR_FLAGS];
-  if (compression && !gunzipInNode) args.push(compression);
+  const stages: Readable[] = [createReadStream(o.archive), new ThrottleStream(limit)];
+  if (gunzipInNode) stages.push(createGunzip());
+  await extractStream(what, stages, compression && !gunzipInNode ? [compression] : [], idMap, o);
+}
+
+/** Options of {@link extractDirectoryWithTar}. */
+export interface ExtractDirectoryOptions {
+  /** A directory-mode backup: the container's tree with container ids. */
+  source: string;
+  /** Target directory (the container's mounted root file system). */
+  rootdir: string;
+  /** The container's id map; the copy's container ids become host ids. Empty/absent: ids unchanged. */
+  idMap?: IdMapEntry[];
+  /** Bytes per second through the pipe; 0/absent: unlimited. */
+  bandwidthLimit?: number;
+  /** Cancels: kills both tars, rejects with `ERR_CANCELLED` (what was extracted stays). */
+  signal?: AbortSignal;
+  /** Restore into a `rootdir` that already has content (existing files are kept: `--skip-old-files`). */
+  allowNonEmpty?: boolean;
+}
+
+/**
+ * Restores a directory-mode backup as pve-container does (`src/PVE/LXC/Create.pm`
+ * `restore_external_archive`, mechanism `directory`; docs/pve-bridge-notes.md 4.2): not rsync but
+ * `tar cpf - <common flags without --one-file-system> --directory=SOURCE .` piped into the extract
+ * of {@link extractTarArchive} (`--totals`, the common flags, `-C ROOTDIR --anchored --exclude
+ * ./dev/*`). pve-container runs the extracting tar in the container's user namespace; here the
+ * stream passes through {@link TarIdRewriter} instead, as for an archive. So the restored tree
+ * matches what a tar-mode restore gives: `/dev` contents are left out, files already in the
+ * target are kept (with `allowNonEmpty`) rather than deleted.
+ *
+ * @throws `ERR_INVALID_ARGUMENT`; `ERR_ROOTDIR_NOT_EMPTY`; `ERR_IDMAP` (naming the member);
+ * `ERR_TAR` with the failing tar's stderr; `ERR_CANCELLED`; `ERR_TOOL_MISSING`.
+ */
+export async function extractDirectoryWithTar(o: ExtractDirectoryOptions): Promise<void> {
+  const what = `tar restore of directory ${o.source}`;
+  checkAborted(o.signal, what);
+  const idMap = checkIdMap(o.idMap);
+  const limit = normaliseBandwidthLimit(o.bandwidthLimit, 'bandwidthLimit');
+  const st = await stat(o.source).catch(() => undefined);
+  if (!st?.isDirectory()) throw new InvalidArgumentError(`directory backup ${o.source} is not a directory`);
+  await checkRestoreTarget(o.rootdir, o.allowNonEmpty);
+  // pve-container: grep { $_ ne '--one-file-system' } @COMMON_TAR_FLAGS (the copy may span mount points)
+  const createArgs = ['-c', '-f', '-', ...COMMON_TAR_FLAGS.filter((f) => f !== '--one-file-system'), ...EXTRA_XATTR_FLAGS, `--directory=${o.source}`, '.'];
+  const create = startTool({ tool: 'tar', code: 'ERR_TAR', what: `${what} (tar create)`, args: createArgs, stdio: ['ignore', 'pipe', 'pipe'], signal: o.signal });
+  try {
+    await extractStream(what, [create.child.stdout!, new ThrottleStream(limit)], [], idMap, o, create);
+  } finally {
+    create.kill();
+  }
+}
+
+/**
+ * Pipes `stages` (the archive bytes) into `tar -x` under `o.rootdir`, through the id rewriter when
+ * `idMap` is not the identity; `producer` is a tar writing the stream, whose failure counts too.
+ */
+async function extractStream(
+  what: string,
+  stages: Readable[],
+  extraArgs: string[],
+  idMap: IdMapEntry[],
+  o: { rootdir: string; allowNonEmpty?: boolean; signal?: AbortSignal },
+  producer?: ReturnType<typeof startTool>,
+): Promise<void> {
+  const args = ['-x', '-f', '-', '--totals', ...COMMON_TAR_FLAGS, ...EXTRA_XATTR_FLAGS, ...extraArgs];
   // pve-container passes --skip-old-files; it also keeps tar from setting the owner and mode of
   // directories that exist already, the root first. A target checked empty gets them from the
   // archive instead; one restored into with allowNonEmpty keeps Proxmox's behaviour.
@@ -293,24 +356,24 @@ export async function extractTarArchive(o: ExtractTarArchiveOptions): Promise<vo
   if (o.allowNonEmpty) args.push('--skip-old-files');
   args.push('--anchored', '--exclude', './dev/*');
   const tar = startTool({ tool: 'tar', code: 'ERR_TAR', what, args, stdio: ['pipe', 'ignore', 'pipe'], signal: o.signal });
-  const stages: (Readable | Writable)[] = [createReadStream(o.archive), new ThrottleStream(limit)];
-  if (gunzipInNode) stages.push(createGunzip());
-  if (mapped) {
-    stages.push(new TarIdRewriter({ mapOwner: containerToHost(idMap, 'owner'), mapAcl: containerToHost(idMap, 'ACL entry') }));
+  const all: (Readable | Writable)[] = [...stages];
+  if (!isIdentityMap(idMap)) {
+    all.push(new TarIdRewriter({ mapOwner: containerToHost(idMap, 'owner'), mapAcl: containerToHost(idMap, 'ACL entry') }));
   }
-  stages.push(tar.child.stdin!);
+  all.push(tar.child.stdin!);
   // tar stops reading at the end-of-archive blocks and exits; what follows (record padding) then
   // meets a closed pipe. That is no error of its own: tar's exit status decides.
   const closedPipe = (err: unknown): boolean => {
     const code = (err as NodeJS.ErrnoException | undefined)?.code;
     return code === 'EPIPE' || code === 'ERR_STREAM_PREMATURE_CLOSE' || code === 'ERR_STREAM_DESTROYED';
   };
-  const piped = pipeline(stages as unknown as [Readable, Writable]).catch((err: unknown) => {
+  const piped = pipeline(all as unknown as [Readable, Writable]).catch((err: unknown) => {
     if (closedPipe(err)) return;
     tar.kill();
+    producer?.kill();
     throw err;
   });
-  const [pipeErr, tarErr] = await Promise.all([settle(piped), settle(tar.done)]);
-  if (pipeErr === undefined && tarErr === undefined) return;
-  throw pickError(o.signal, what, [pipeErr, tarErr]);
+  const [pipeErr, tarErr, producerErr] = await Promise.all([settle(piped), settle(tar.done), producer ? settle(producer.done) : undefined]);
+  if (pipeErr === undefined && tarErr === undefined && producerErr === undefined) return;
+  throw pickError(o.signal, what, [pipeErr, tarErr, producerErr]);
 }

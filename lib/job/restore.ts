@@ -18,9 +18,8 @@ import { adaptProvider, type ProviderDriver } from '../provider/adapter.js';
 import type { BackupProvider, GuestType, IdMapEntry, LogFunction, RestoreHookInfo } from '../provider/api.js';
 import { MechanismError, RestoreError } from '../provider/errors.js';
 import { createLogger, type ProviderLogger } from '../provider/logger.js';
-import { restoreDirectoryTree } from '../container/directory.js';
 import { parseIdMap } from '../container/idmap.js';
-import { extractTarArchive } from '../container/tar.js';
+import { extractDirectoryWithTar, extractTarArchive } from '../container/tar.js';
 import { isUri, qemuImgConvert, type ConvertProgress } from './qemu-img.js';
 
 export type { ConvertProgress } from './qemu-img.js';
@@ -340,8 +339,8 @@ export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
 
 /**
  * Restores a container backup into `rootdir`: mechanism `tar` (GNU tar: numeric owners, xattrs,
- * ACLs, sparse files, ids shifted by `idMap`) or `directory` (rsync with the seed's flags), with
- * the matching cleanup always called.
+ * ACLs, sparse files, ids shifted by `idMap`) or `directory` (`tar cpf - | tar xpf -` as
+ * pve-container does, ids shifted the same way), with the matching cleanup always called.
  *
  * @throws {@link RestoreError} (`ERR_RESTORE`).
  */
@@ -373,7 +372,8 @@ export async function restoreContainer(o: RestoreContainerOptions): Promise<Rest
         };
         log.info(`restoring ${mechanism === 'tar' ? `archive ${source}` : `directory ${source}`} into ${o.rootdir}`);
         if (mechanism === 'tar') await extractTarArchive({ archive: source, ...common });
-        else await restoreDirectoryTree({ source, ...common });
+        // pve-container restores a directory with a tar pipe, not rsync (docs/pve-bridge-notes.md 4.2)
+        else await extractDirectoryWithTar({ source, ...common });
       },
       () => driver.containerCleanup(volname, storeid, mechanism),
       log,

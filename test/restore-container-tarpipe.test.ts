@@ -1,0 +1,51 @@
+/**
+ * A directory-mode container backup is restored as pve-container restores it (`Create.pm`
+ * `restore_external_archive`, mechanism `directory`): `tar cpf - | tar xpf - … --anchored
+ * --exclude ./dev/*`, not rsync. So what is under `/dev` is left out (the container's `/dev` is
+ * populated at start), and with `allowNonEmpty` files already in the target stay (`rsync --delete`
+ * would remove them, and copy `/dev`): the same tree a tar-mode restore gives.
+ */
+import { existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import path from 'node:path';
+
+import { afterEach, describe, expect, it } from 'vitest';
+
+import { DirectoryProvider, DirectoryStore, restoreContainer, runBackupJob } from '../lib/index.js';
+import { stopAll, tempDir } from './helpers/qemu.js';
+import { requireTool } from './helpers/tools.js';
+
+afterEach(async () => {
+  await stopAll();
+});
+
+describe('directory-mode container restore: the tar pipe pve-container uses', () => {
+  it('leaves /dev contents out, keeps files already in a non-empty target, and matches a tar-mode restore', async () => {
+    requireTool('tar', 'tar');
+    const work = await tempDir();
+    const src = path.join(work, 'src');
+    mkdirSync(path.join(src, 'dev', 'pts'), { recursive: true });
+    mkdirSync(path.join(src, 'etc'), { recursive: true });
+    writeFileSync(path.join(src, 'dev', 'stale-node'), 'left over from a running container\n');
+    writeFileSync(path.join(src, 'etc', 'hostname'), 'ct200\n');
+    const restored: Record<string, string[]> = {};
+    for (const mode of ['directory', 'tar'] as const) {
+      const root = path.join(work, `store-${mode}`);
+      const provider = new DirectoryProvider({ storeid: 'dir1', scfg: { path: root, 'lxc-backup-mode': mode }, log: () => {} });
+      const r = await runBackupJob({ provider, storeid: 'dir1', tmpdir: work, guests: [{ vmid: 200, type: 'lxc', rootdir: src, config: 'hostname: ct200\n' }] });
+      expect(r.guests[0]!.error).toBeUndefined();
+      const volname = r.guests[0]!.archiveName!;
+      if (mode === 'directory') expect(existsSync(path.join((await DirectoryStore.open(root)).backupDir(volname), 'root', 'dev', 'stale-node'))).toBe(true);
+      const dst = path.join(work, `dst-${mode}`);
+      mkdirSync(dst);
+      writeFileSync(path.join(dst, 'kept'), 'already here\n');
+      const res = await restoreContainer({ provider, volname, storeid: 'dir1', rootdir: dst, allowNonEmpty: true });
+      expect(res.mechanism).toBe(mode);
+      expect(lstatSync(path.join(dst, 'dev')).isDirectory()).toBe(true);
+      expect(readdirSync(path.join(dst, 'dev'))).toEqual([]);
+      expect(readFileSync(path.join(dst, 'etc', 'hostname'), 'utf8')).toBe('ct200\n');
+      expect(readFileSync(path.join(dst, 'kept'), 'utf8')).toBe('already here\n');
+      restored[mode] = readdirSync(dst, { recursive: true }).map(String).sort();
+    }
+    expect(restored.directory).toEqual(restored.tar);
+  });
+});
