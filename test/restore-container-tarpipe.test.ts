@@ -49,3 +49,45 @@ describe('directory-mode container restore: the tar pipe pve-container uses', ()
     expect(restored.directory).toEqual(restored.tar);
   });
 });
+
+describe('restoreContainerInit / restoreContainerCleanup take (volname, storeid, info) as pve-container calls them', () => {
+  it('passes the storage id; a provider declaring only volname still restores', async () => {
+    const work = await tempDir();
+    const src = path.join(work, 'src');
+    mkdirSync(path.join(src, 'etc'), { recursive: true });
+    writeFileSync(path.join(src, 'etc', 'hostname'), 'ct201\n');
+    const calls: unknown[][] = [];
+    class Recording extends DirectoryProvider {
+      override restoreContainerInit(...args: Parameters<DirectoryProvider['restoreContainerInit']>): ReturnType<DirectoryProvider['restoreContainerInit']> {
+        calls.push(['restoreContainerInit', ...args]);
+        return super.restoreContainerInit(...args);
+      }
+      override async restoreContainerCleanup(...args: Parameters<DirectoryProvider['restoreContainerCleanup']>): Promise<void> {
+        calls.push(['restoreContainerCleanup', ...args]);
+        await super.restoreContainerCleanup(...args);
+      }
+    }
+    // written to Base.pm's documentation: the storage id is of no use to it
+    class OneArgument extends DirectoryProvider {
+      override restoreContainerInit(volname: string): ReturnType<DirectoryProvider['restoreContainerInit']> {
+        return super.restoreContainerInit(volname, 'unused', {});
+      }
+    }
+    const scfg = { path: path.join(work, 'store'), 'lxc-backup-mode': 'directory' };
+    const recording = new Recording({ storeid: 'dir7', scfg, log: () => {} });
+    const r = await runBackupJob({ provider: recording, storeid: 'dir7', tmpdir: work, guests: [{ vmid: 201, type: 'lxc', rootdir: src, config: 'hostname: ct201\n' }] });
+    expect(r.guests[0]!.error).toBeUndefined();
+    const volname = r.guests[0]!.archiveName!;
+    const dst = path.join(work, 'dst');
+    mkdirSync(dst);
+    await restoreContainer({ provider: recording, volname, storeid: 'dir7', rootdir: dst });
+    expect(calls).toEqual([
+      ['restoreContainerInit', volname, 'dir7', {}],
+      ['restoreContainerCleanup', volname, 'dir7', {}],
+    ]);
+    const dst2 = path.join(work, 'dst2');
+    mkdirSync(dst2);
+    await restoreContainer({ provider: new OneArgument({ storeid: 'dir7', scfg, log: () => {} }), volname, storeid: 'dir7', rootdir: dst2 });
+    expect(readFileSync(path.join(dst2, 'etc', 'hostname'), 'utf8')).toBe('ct201\n');
+  });
+});

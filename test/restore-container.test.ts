@@ -146,8 +146,9 @@ describe('container backup and restore through the job runner', () => {
             ['restoreStart', volname, info],
             ['archiveGetGuestConfig', volname],
             ['archiveGetFirewallConfig', volname],
-            ['restoreContainerInit', volname, {}],
-            ['restoreContainerCleanup', volname, {}],
+            // pve-container passes the storage id too (Base.pm documents two arguments)
+            ['restoreContainerInit', volname, 'store1', {}],
+            ['restoreContainerCleanup', volname, 'store1', {}],
             ['restoreEnd', volname, info],
           ],
     );

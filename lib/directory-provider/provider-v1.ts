@@ -117,13 +117,13 @@ export class DirectoryProviderV1 extends BackupProviderBaseV1 {
   override restoreQemuImgCleanup(volname: string, _storeid: string, deviceName: string): Promise<void> {
     return this.inner.restoreVmVolumeCleanup(volname, deviceName, {});
   }
-  override async restoreTarInit(volname: string, _storeid: string): Promise<string> {
-    const r = await this.inner.restoreContainerInit(volname, {});
+  override async restoreTarInit(volname: string, storeid: string): Promise<string> {
+    const r = await this.inner.restoreContainerInit(volname, storeid, {});
     if (!r.tarPath) throw new DirectoryStoreError('ERR_PROVIDER_STATE', `backup ${volname} is a directory copy, not a tar archive`, { volname });
     return r.tarPath;
   }
-  override async restoreDirectoryInit(volname: string, _storeid: string): Promise<string> {
-    const r = await this.inner.restoreContainerInit(volname, {});
+  override async restoreDirectoryInit(volname: string, storeid: string): Promise<string> {
+    const r = await this.inner.restoreContainerInit(volname, storeid, {});
     if (!r.archiveDirectory) throw new DirectoryStoreError('ERR_PROVIDER_STATE', `backup ${volname} is a tar archive, not a directory copy`, { volname });
     return r.archiveDirectory;
   }

@@ -492,7 +492,7 @@ export class DirectoryProvider extends BackupProviderBase {
   }
 
   /** The tar archive or the directory copy, after checking its checksum. */
-  override async restoreContainerInit(volname: string, _info: Record<string, never>): Promise<RestoreContainerInitResult> {
+  override async restoreContainerInit(volname: string, _storeid: string, _info: Record<string, never>): Promise<RestoreContainerInitResult> {
     const store = await this.openStore();
     const m = await store.assertRestorable(volname, 'container');
     const dir = store.backupDir(volname);

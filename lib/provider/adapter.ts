@@ -391,15 +391,16 @@ export function adaptProvider(provider: BackupProvider): ProviderDriver {
       return path;
     },
     vmVolumeCleanup: (volname, _storeid, device) => run(call2('restoreVmVolumeCleanup', volname, device, {})),
-    containerInit: async (volname, _storeid, mechanism) => {
-      const r = (await call2('restoreContainerInit', volname, {})) as { tarPath?: unknown; archiveDirectory?: unknown } | undefined;
+    // pve-container passes three arguments where Base.pm documents two (docs/pve-bridge-notes.md 4.2)
+    containerInit: async (volname, storeid, mechanism) => {
+      const r = (await call2('restoreContainerInit', volname, storeid, {})) as { tarPath?: unknown; archiveDirectory?: unknown } | undefined;
       const path = mechanism === 'tar' ? r?.tarPath : r?.archiveDirectory;
       if (typeof path !== 'string' || path === '') {
         throw new ProviderResultError('restoreContainerInit', `mechanism ${mechanism} needs ${mechanism === 'tar' ? 'tarPath' : 'archiveDirectory'}, got ${JSON.stringify(r)}`);
       }
       return path;
     },
-    containerCleanup: (volname) => run(call2('restoreContainerCleanup', volname, {})),
+    containerCleanup: (volname, storeid) => run(call2('restoreContainerCleanup', volname, storeid, {})),
   };
   return driver;
 }

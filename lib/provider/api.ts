@@ -443,10 +443,15 @@ export interface BackupProviderV2 extends ProviderCommon {
   restoreVmVolumeInit(volname: string, deviceName: string, info: Record<string, never>): Awaitable<RestoreVmVolumeInitResult>;
   /** Always called after `restoreVmVolumeInit` was called (also when it or the copy failed). Perl: `restore_vm_volume_cleanup($volname, $device_name, $info)`. */
   restoreVmVolumeCleanup(volname: string, deviceName: string, info: Record<string, never>): Awaitable<void>;
-  /** Prepare a container archive: a tar path or a directory. Perl: `restore_container_init($volname, $info)`. */
-  restoreContainerInit(volname: string, info: Record<string, never>): Awaitable<RestoreContainerInitResult>;
-  /** Always called after `restoreContainerInit` was called (also when it or the extraction failed). Perl: `restore_container_cleanup($volname, $info)`. */
-  restoreContainerCleanup(volname: string, info: Record<string, never>): Awaitable<void>;
+  /**
+   * Prepare a container archive: a tar path or a directory. Perl: `restore_container_init($volname,
+   * $storeid, $info)`: pve-container (`src/PVE/LXC/Create.pm` `restore_external_archive`) passes the
+   * storage id as well, though Base.pm documents `($volname, $info)`. A provider that does not need
+   * `storeid` may declare fewer parameters.
+   */
+  restoreContainerInit(volname: string, storeid: string, info: Record<string, never>): Awaitable<RestoreContainerInitResult>;
+  /** Always called after `restoreContainerInit` was called (also when it or the extraction failed). Perl: `restore_container_cleanup($volname, $storeid, $info)`. */
+  restoreContainerCleanup(volname: string, storeid: string, info: Record<string, never>): Awaitable<void>;
 }
 
 /** A provider of either generation. */

@@ -121,11 +121,11 @@ export class BackupProviderBase extends ProviderBaseCommon implements BackupProv
   }
   /** Default: nothing to do. */
   async restoreVmVolumeCleanup(_volname: string, _deviceName: string, _info: Record<string, never>): Promise<void> {}
-  async restoreContainerInit(_volname: string, _info: Record<string, never>): Promise<RestoreContainerInitResult> {
+  async restoreContainerInit(_volname: string, _storeid: string, _info: Record<string, never>): Promise<RestoreContainerInitResult> {
     this.notImplemented('restoreContainerInit');
   }
   /** Default: nothing to do. */
-  async restoreContainerCleanup(_volname: string, _info: Record<string, never>): Promise<void> {}
+  async restoreContainerCleanup(_volname: string, _storeid: string, _info: Record<string, never>): Promise<void> {}
 }
 
 /** Base class of a provider in the seed's shape ({@link BackupProviderV1}, `apiVersion` 1). */

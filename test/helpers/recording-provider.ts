@@ -489,12 +489,12 @@ export class RecordingProviderV2 extends BackupProviderBase {
   override async restoreVmVolumeCleanup(volname: string, deviceName: string, info: Record<string, never>): Promise<void> {
     await this.store.rec('restoreVmVolumeCleanup', [volname, deviceName, info]);
   }
-  override async restoreContainerInit(volname: string, info: Record<string, never>): Promise<RestoreContainerInitResult> {
-    await this.store.rec('restoreContainerInit', [volname, info]);
+  override async restoreContainerInit(volname: string, storeid: string, info: Record<string, never>): Promise<RestoreContainerInitResult> {
+    await this.store.rec('restoreContainerInit', [volname, storeid, info]);
     const m = this.store.restoreMechanism(volname).mechanism;
     return m === 'tar' ? { tarPath: path.join(this.store.dir(volname), 'root.tar') } : { archiveDirectory: path.join(this.store.dir(volname), 'root') };
   }
-  override async restoreContainerCleanup(volname: string, info: Record<string, never>): Promise<void> {
-    await this.store.rec('restoreContainerCleanup', [volname, info]);
+  override async restoreContainerCleanup(volname: string, storeid: string, info: Record<string, never>): Promise<void> {
+    await this.store.rec('restoreContainerCleanup', [volname, storeid, info]);
   }
 }
