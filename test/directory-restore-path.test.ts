@@ -206,5 +206,13 @@ describe('DirectoryProvider: a restore path qemu-server accepts', () => {
     await exited;
     await eventually(() => mountsUnder(tmp).length === 0, 'the mount to go');
     await eventually(() => processesMentioning(fusePath).length === 0, 'the daemon to exit');
+    // the dead process's private folder stays until the next export in the same place sweeps it
+    const dead = path.basename(path.dirname(fusePath));
+    expect(readdirSync(tmp)).toEqual([dead]);
+    const provider = new DirectoryProvider({ storeid: 'dir1', scfg: { path: root }, log: () => {} });
+    const next = await withTmpdir(tmp, () => provider.restoreVmVolumeInit(points[1]!.volname, 'disk0', {}));
+    expect(readdirSync(tmp)).toEqual([path.basename(path.dirname(next.qemuImgPath))]);
+    await provider.restoreVmCleanup(points[1]!.volname);
+    expect(readdirSync(tmp)).toEqual([]);
   });
 });

@@ -4,7 +4,7 @@
  * -> `<id>` (raw on top, the node to back up); QMP and an NBD server listen on private sockets.
  */
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
-import { mkdtemp, open, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdtemp, open, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -14,6 +14,7 @@ import { InvalidArgumentError } from '../errors.js';
 import { QemuStartError } from './errors.js';
 import { QmpClient } from '../qmp/client.js';
 import { QmpClosedError } from '../qmp/errors.js';
+import { currentOwner, ownerIsDead } from '../owner.js';
 import { requireTool, tiedToParent } from '../tools.js';
 
 /** One disk image served by the daemon. */
@@ -137,6 +138,33 @@ export interface FuseExport {
   stop(): Promise<void>;
 }
 
+const FUSE_PREFIX = 'pve-restore-';
+const FUSE_OWNER = 'owner.json';
+
+/**
+ * Removes the folders of FUSE exports whose process died without cleaning up (SIGKILL: the
+ * daemon unmounts on its way out, but the folder stays). A folder without an owner file is being
+ * set up, and one still mounted is still being torn down: both are left alone.
+ */
+async function sweepDeadExports(base: string): Promise<void> {
+  const names = await readdir(base).catch(() => [] as string[]);
+  for (const name of names.filter((n) => n.startsWith(FUSE_PREFIX))) {
+    const dir = join(base, name);
+    const owner = await readFile(join(dir, FUSE_OWNER), 'utf8').then(
+      (t) => {
+        try {
+          return JSON.parse(t) as unknown;
+        } catch {
+          return undefined;
+        }
+      },
+      () => undefined,
+    );
+    if (owner === undefined || !ownerIsDead(owner) || (await isMountPoint(join(dir, 'disk.raw')))) continue;
+    await rm(dir, { recursive: true, force: true }).catch(() => undefined);
+  }
+}
+
 /** Whether `path` is a mount point of this mount namespace (`/proc/self/mountinfo`, field 5). */
 export async function isMountPoint(path: string): Promise<boolean> {
   const text = await readFile('/proc/self/mountinfo', 'utf8');
@@ -152,14 +180,18 @@ export async function isMountPoint(path: string): Promise<boolean> {
  * without a backing file) rejects `json:` and NBD paths. The mount point is a file in a private
  * (0700) folder. The daemon gets SIGTERM when this process dies, even by SIGKILL
  * (`PR_SET_PDEATHSIG`): on SIGTERM qemu-storage-daemon unmounts before it exits (a SIGKILLed FUSE
- * daemon would leave a dead mount behind).
+ * daemon would leave a dead mount behind). The folder of an export whose process died that way is
+ * removed by the next export started in the same place (its `owner.json` names the dead process).
  */
 export async function startFuseExport(image: string, format: 'qcow2' | 'raw', options: { dir?: string } = {}): Promise<FuseExport> {
   const binary = requireTool('qemu-storage-daemon', 'qemu-system-common');
   if (!(await stat('/dev/fuse').then(() => true, () => false))) {
     throw new QemuStartError('qemu-storage-daemon', 'no /dev/fuse: load the fuse module (modprobe fuse) or give the container the device; apt-get install fuse3');
   }
-  const dir = await mkdtemp(join(options.dir ?? tmpdir(), 'pve-restore-')); // mkdtemp makes it 0700
+  const base = options.dir ?? tmpdir();
+  await sweepDeadExports(base);
+  const dir = await mkdtemp(join(base, FUSE_PREFIX)); // mkdtemp makes it 0700
+  await writeFile(join(dir, FUSE_OWNER), JSON.stringify(currentOwner()), { mode: 0o600 });
   const path = join(dir, 'disk.raw');
   const log = join(dir, 'qemu-storage-daemon.log');
   await writeFile(path, '', { mode: 0o600 });
