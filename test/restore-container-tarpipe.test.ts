@@ -5,6 +5,7 @@
  * populated at start), and with `allowNonEmpty` files already in the target stay (`rsync --delete`
  * would remove them, and copy `/dev`): the same tree a tar-mode restore gives.
  */
+import { execFileSync } from 'node:child_process';
 import { existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 
@@ -89,5 +90,29 @@ describe('restoreContainerInit / restoreContainerCleanup take (volname, storeid,
     mkdirSync(dst2);
     await restoreContainer({ provider: new OneArgument({ storeid: 'dir7', scfg, log: () => {} }), volname, storeid: 'dir7', rootdir: dst2 });
     expect(readFileSync(path.join(dst2, 'etc', 'hostname'), 'utf8')).toBe('ct201\n');
+  });
+});
+
+describe('tar-path as pve-container checks it', () => {
+  it('is a regular file named *.tar that tar -tvf reads twice', async () => {
+    const work = await tempDir();
+    const src = path.join(work, 'src');
+    mkdirSync(path.join(src, 'sbin'), { recursive: true });
+    for (let i = 0; i < 12; i++) writeFileSync(path.join(src, 'sbin', `tool${i}`), `#${i}\n`);
+    const provider = new DirectoryProvider({ storeid: 'dir1', scfg: { path: path.join(work, 'store') }, log: () => {} });
+    const r = await runBackupJob({ provider, storeid: 'dir1', tmpdir: work, guests: [{ vmid: 202, type: 'lxc', rootdir: src, config: 'hostname: ct202\n' }] });
+    expect(r.guests[0]!.error).toBeUndefined();
+    const volname = r.guests[0]!.archiveName!;
+    const { tarPath } = await provider.restoreContainerInit(volname, 'dir1', {});
+    // pve-storage tar_compression_option; pve-container restore_external_archive: die if !-f
+    expect(tarPath).toMatch(/\.tar(\.(gz|bz2|xz|lzo|zst))?$/);
+    expect(lstatSync(tarPath!).isFile()).toBe(true);
+    // check_tar_archive lists it whole (needing sbin and at least 10 members), then it is extracted
+    for (let i = 0; i < 2; i++) {
+      const list = execFileSync('tar', ['-tvf', tarPath!], { encoding: 'utf8' }).trim().split('\n');
+      expect(list.length).toBeGreaterThanOrEqual(10);
+      expect(list.some((l) => / \.\/sbin\/?$/.test(l))).toBe(true);
+    }
+    await provider.restoreContainerCleanup(volname, 'dir1', {});
   });
 });
