@@ -330,6 +330,22 @@ describe('job runner, Proxmox VE 8.4 provider (V2) through the adapter', () => {
     ]);
   });
 
+  it("a provider answering 'none' for a device (qemu-server accepts it) backs it up without a bitmap", async () => {
+    const { guests, tmp } = await setup();
+    const p = new RecordingProviderV2(ctx, { incremental: { disk0: 'none', disk1: 'new' } });
+    const res = await runBackupJob({ provider: p, storeid: 'store1', guests: [guests[0]!], tmpdir: tmp });
+    expect(res.guests[0]!.status).toBe('ok');
+    const vm = p.calls.find((c) => c[0] === 'backupVm')!;
+    expect(vm[3]).toEqual({
+      disk0: { size: MiB, bitmapMode: 'none', bitmapAction: 'not-used', nbdPath: '<nbd.sock>', nbdUri: 'nbd:disk0' },
+      disk1: { size: 256 * 1024, bitmapMode: 'new', bitmapAction: 'new', nbdPath: '<nbd.sock>', nbdUri: 'nbd:disk1' },
+    });
+    // anything else is refused, as qemu-server does ("invalid incremental mode")
+    const bad = new RecordingProviderV2(ctx, { incremental: { disk0: 'maybe' as 'use' } });
+    const res2 = await runBackupJob({ provider: bad, storeid: 'store1', guests: [guests[0]!], tmpdir: tmp });
+    expect(res2.guests[0]!.error).toMatchObject({ code: 'ERR_PROVIDER_RESULT' });
+  });
+
   it('a provider asking for no bitmap on a device and new on another gets exactly that', async () => {
     const { guests, tmp } = await setup();
     const p = new RecordingProviderV2(ctx, { incremental: { disk1: 'new' } });

@@ -334,10 +334,11 @@ export function adaptProvider(provider: BackupProvider): ProviderDriver {
       const devices: BitmapPlan['devices'] = {};
       for (const d of Object.keys(sizes)) devices[d] = 'none';
       if (r !== undefined && r !== null) {
-        if (typeof r !== 'object') throw new ProviderResultError('backupVmQueryIncremental', 'expected an object mapping device names to new or use');
+        if (typeof r !== 'object') throw new ProviderResultError('backupVmQueryIncremental', 'expected an object mapping device names to new, use or none');
         for (const [d, req] of Object.entries(r)) {
           if (!(d in sizes)) throw new ProviderResultError('backupVmQueryIncremental', `unknown device '${d}'`);
-          if (req !== 'new' && req !== 'use') throw new ProviderResultError('backupVmQueryIncremental', `device '${d}': expected 'new' or 'use', got ${JSON.stringify(req)}`);
+          // qemu-server accepts exactly these three ("invalid incremental mode" otherwise)
+          if (req !== 'new' && req !== 'use' && req !== 'none') throw new ProviderResultError('backupVmQueryIncremental', `device '${d}': expected 'new', 'use' or 'none', got ${JSON.stringify(req)}`);
           devices[d] = req as IncrementalRequest;
         }
       }

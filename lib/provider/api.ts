@@ -300,10 +300,11 @@ export interface BackupCleanupResult {
 
 /**
  * What {@link BackupProviderV2.backupVmQueryIncremental} answers per device: `new` (create a new
- * bitmap, or recreate it: read everything) or `use` (use the existing bitmap, create it if
- * missing). Devices left out use no bitmap (an existing one is discarded).
+ * bitmap, or recreate it: read everything), `use` (use the existing bitmap, create it if
+ * missing) or `none` (no bitmap, an existing one is discarded: qemu-server `VZDump/QemuServer.pm`
+ * `archive_external` accepts it beside the two others). Devices left out use no bitmap too.
  */
-export type IncrementalRequest = 'new' | 'use';
+export type IncrementalRequest = 'new' | 'use' | 'none';
 
 /** A readable view of a volume's point-in-time data (mechanism `file-handle`). */
 export interface VolumeHandle {
