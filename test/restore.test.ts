@@ -8,7 +8,7 @@ import path from 'node:path';
 
 import { afterEach, describe, expect, it } from 'vitest';
 
-import { RestoreError, restoreVm, runBackupJob, type LogLevel } from '../lib/index.js';
+import { DirectoryProvider, RestoreError, extractConfig, restoreVm, runBackupJob, type LogLevel } from '../lib/index.js';
 import { createImage, expectSameBytes, qemuIo } from './helpers/images.js';
 import { stopAll, tempDir } from './helpers/qemu.js';
 import { RecordingProviderV1, RecordingProviderV2 } from './helpers/recording-provider.js';
@@ -283,5 +283,41 @@ describe('restoreVm, Proxmox VE 8.4 provider (V2) through the adapter', () => {
       ['restoreGetMechanism', VOL],
       ['restoreVmCleanup', VOL],
     ]);
+  });
+});
+
+describe('extract_vzdump_config ("Show configuration")', () => {
+  it('a fresh DirectoryProvider answers archiveGetGuestConfig alone, without restoreVmInit or anything before it', async () => {
+    const { dir } = await fixture((s) => new RecordingProviderV2(ctx, { storeDir: s }));
+    const root = path.join(dir, 'dirstore');
+    const config = 'name: shown\nscsi0: local:vm-100-disk-0,size=1M\n#qmdump#map:scsi0:drive-scsi0:local:raw:\n';
+    const writer = new DirectoryProvider({ storeid: 'dir1', scfg: { path: root }, log: () => {} });
+    const res = await runBackupJob({
+      provider: writer,
+      storeid: 'dir1',
+      tmpdir: dir,
+      guests: [{ vmid: 100, type: 'qemu', qmp: { disks: [{ device: 'drive-scsi0', file: path.join(dir, 'disk0.qcow2'), format: 'qcow2' }] }, config }],
+    });
+    expect(res.ok).toBe(true);
+    const volname = res.guests[0]!.archiveName!;
+    // Storage.pm extract_vzdump_config: new_backup_provider, then only archive_get_guest_config
+    const fresh = new DirectoryProvider({ storeid: 'dir1', scfg: { path: root }, log: () => {} });
+    const called: string[] = [];
+    const spied = new Proxy(fresh, {
+      get(target, prop, receiver) {
+        const v = Reflect.get(target, prop, receiver) as unknown;
+        if (typeof v === 'function' && typeof prop === 'string' && prop !== 'constructor') {
+          return (...args: unknown[]) => {
+            called.push(prop);
+            return (v as (...a: unknown[]) => unknown).apply(target, args);
+          };
+        }
+        return v;
+      },
+    });
+    expect(await extractConfig(spied, `dir1:${volname}`)).toBe(config);
+    expect(called).toEqual(['archiveGetGuestConfig']);
+    // and directly, on another fresh instance, as the Perl bridge calls it
+    expect(await new DirectoryProvider({ storeid: 'dir1', scfg: { path: root }, log: () => {} }).archiveGetGuestConfig(volname)).toBe(config);
   });
 });
