@@ -143,6 +143,10 @@ async function proxmoxPeer(form: 'devices' | 'devlist', opts: { failSetup?: stri
           if (mode === 'none' && have.includes(name)) {
             peer.bitmaps.set(node, have.filter((b) => b !== name));
             action = 'not-used-removed';
+          } else if (mode === 'new') {
+            // pve-qemu patch 0044: 'new' recreates the bitmap
+            peer.bitmaps.set(node, [...have.filter((b) => b !== name), name]);
+            action = 'new';
           } else if (mode === 'use') {
             if (have.includes(name)) action = 'used';
             else {
@@ -290,6 +294,58 @@ describe('Proxmox backend', () => {
     expect(d.devices.map((x) => x.bitmapAction)).toEqual(['not-used-removed', 'not-used-removed']);
     expect(d.devices[0]!.bitmapName).toBeUndefined();
     await teardownBackupAccess(qmp, { targetId: T, success: true });
+    await qmp.close();
+  });
+
+  it("uses qemu-server's names for the storage's bitmap and passes the bitmap mode per device (scripted Proxmox QMP peer)", async () => {
+    const peer = await proxmoxPeer('devices');
+    const fleece = await tempDir();
+    const qmp = await QmpClient.connect(peer.path);
+    // what the job runner passes for a Proxmox VE 8.4 provider: bitmap id = storage id
+    const opts = { targetId: T, bitmap: 'store1', devices: ['drive-scsi0', 'drive-efidisk0'], fleecing: { dir: fleece } };
+    const a = await setupBackupAccess(qmp, opts);
+    // qemu-server VZDump/QemuServer.pm: 'target-id' => "snapshot-access:$storeid"; QEMU names the bitmap after it
+    expect(peer.calls.find((c) => c.cmd === 'backup-access-setup')!.args).toEqual({
+      'target-id': T,
+      devices: [
+        { device: 'drive-scsi0', 'bitmap-mode': 'use' },
+        { device: 'drive-efidisk0', 'bitmap-mode': 'use' },
+      ],
+    });
+    // a bitmap QEMU recreates ('missing-recreated') is a new one
+    expect(a.devices.map((d) => [d.bitmapName, d.bitmapAction, d.bitmapMode])).toEqual([
+      [T, 'new', 'new'],
+      [T, 'new', 'new'],
+    ]);
+    expect(peer.calls.filter((c) => c.cmd === 'block-export-add').map((c) => c.args.bitmaps)).toEqual([[{ node: '#block100', name: T }], [{ node: '#block200', name: T }]]);
+    await teardownBackupAccess(qmp, { targetId: T, success: true });
+    expect(peer.calls.filter((c) => c.cmd === 'backup-access-teardown').at(-1)!.args).toEqual({ 'target-id': T, success: true });
+    // one bitmap per storage, the one vzdump uses too
+    expect(peer.bitmaps.get('#block100')!.filter((b) => !b.includes('//'))).toEqual([T]);
+
+    // the provider's answer per device, as qemu-server passes it
+    peer.calls.length = 0;
+    const b = await setupBackupAccess(qmp, { ...opts, bitmapModes: { 'drive-scsi0': 'new', 'drive-efidisk0': 'use' } });
+    expect(peer.calls.find((c) => c.cmd === 'backup-access-setup')!.args.devices).toEqual([
+      { device: 'drive-scsi0', 'bitmap-mode': 'new' },
+      { device: 'drive-efidisk0', 'bitmap-mode': 'use' },
+    ]);
+    expect(b.devices.map((d) => [d.bitmapAction, d.bitmapMode])).toEqual([
+      ['new', 'new'],
+      ['used', 'reuse'],
+    ]);
+    await teardownBackupAccess(qmp, { targetId: T, success: true });
+    peer.calls.length = 0;
+    const c = await setupBackupAccess(qmp, { ...opts, bitmapModes: { 'drive-scsi0': 'none', 'drive-efidisk0': 'use' } });
+    expect(peer.calls.find((x) => x.cmd === 'backup-access-setup')!.args.devices).toEqual([
+      { device: 'drive-scsi0', 'bitmap-mode': 'none' },
+      { device: 'drive-efidisk0', 'bitmap-mode': 'use' },
+    ]);
+    expect(c.devices.map((d) => [d.bitmapName, d.bitmapMode])).toEqual([
+      [undefined, 'none'],
+      [T, 'reuse'],
+    ]);
+    await teardownBackupAccess(qmp, { targetId: T, success: false });
     await qmp.close();
   });
 
