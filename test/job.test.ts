@@ -216,14 +216,14 @@ function v2Vm(vmid: number, seq: number, config: string, devices: Record<string,
     ['backupInit', vmid, 'qemu', 'number'],
     ['backupGetMechanism', vmid, 'qemu'],
     ['backupVmQueryIncremental', vmid, sizes],
-    ['backupVm', vmid, config, volumes, { mechanism: 'nbd', archiveName: `backup/qemu-${vmid}-${seq}`, ...(fw ? { firewallConfig: FW } : {}) }],
+    ['backupVm', vmid, config, volumes, { mechanism: 'nbd', archiveName: `qemu-${vmid}-${seq}`, ...(fw ? { firewallConfig: FW } : {}) }],
     ...end,
     ['backupHandleLogFile', vmid, '<task.log>'],
   ];
 }
 
 describe('job runner, Proxmox VE 8.4 provider (V2) through the adapter', () => {
-  const ctInfo = { directory: '<rootfs>', sources: ['.'], backupUserId: 100000, idMap: IDMAP, archiveName: 'backup/lxc-200-3' };
+  const ctInfo = { directory: '<rootfs>', sources: ['.'], backupUserId: 100000, idMap: IDMAP, archiveName: 'lxc-200-3' };
   const ct = (end: unknown[][]): unknown[][] => [
     ['backupInit', 200, 'lxc', 'number'],
     ['backupGetMechanism', 200, 'lxc'],
@@ -246,6 +246,17 @@ describe('job runner, Proxmox VE 8.4 provider (V2) through the adapter', () => {
       ['jobCleanup'],
     ]);
     expect(res.guests.map((g) => g.size)).toEqual([4096, 4096, 4096]); // backupCleanup's stats.archiveSize
+  });
+
+  it("volume names are backup/<archive name>, as vzdump builds them; archive names may contain '='", async () => {
+    const { guests, tmp } = await setup();
+    const p = new RecordingProviderV2(ctx);
+    const orig = p.backupInit.bind(p);
+    p.backupInit = async (vmid, vmtype, t) => ({ archiveName: `${(await orig(vmid, vmtype, t)).archiveName}=nightly` });
+    const res = await runBackupJob({ provider: p, storeid: 'store1', guests: [guests[2]!], tmpdir: tmp, ...jobOptions });
+    expect(res.guests[0]).toMatchObject({ status: 'ok', archiveName: 'lxc-200-1=nightly', volname: 'backup/lxc-200-1=nightly' });
+    // the storage side gets what vzdump hands update_volume_attribute and prune_backups
+    expect(p.calls.filter((c) => c[0].startsWith('storage.set')).map((c) => c[1])).toEqual(['backup/lxc-200-1=nightly', 'backup/lxc-200-1=nightly']);
   });
 
   it('one guest failing: backupCleanup(false, { error }) and the others go on', async () => {

@@ -299,7 +299,7 @@ describe('extract_vzdump_config ("Show configuration")', () => {
       guests: [{ vmid: 100, type: 'qemu', qmp: { disks: [{ device: 'drive-scsi0', file: path.join(dir, 'disk0.qcow2'), format: 'qcow2' }] }, config }],
     });
     expect(res.ok).toBe(true);
-    const volname = res.guests[0]!.archiveName!;
+    const volname = res.guests[0]!.volname!;
     // Storage.pm extract_vzdump_config: new_backup_provider, then only archive_get_guest_config
     const fresh = new DirectoryProvider({ storeid: 'dir1', scfg: { path: root }, log: () => {} });
     const called: string[] = [];

@@ -219,7 +219,10 @@ export class DirectoryProvider extends BackupProviderBase {
 
   // ----- backup -------------------------------------------------------------------------------
 
-  /** Creates the backup's folder; the archive name is its volume name. */
+  /**
+   * Creates the backup's folder. The archive name is `<vmid>/<vmtype>-<backup-id>`: vzdump makes the
+   * volume name `backup/<archive-name>` of it, which is this store's volume name.
+   */
   override async backupInit(vmid: number, vmtype: GuestType, _startTime: number): Promise<BackupInitResult> {
     const store = await this.openStore();
     for (const v of await store.removeIncomplete(vmid)) this.log.info(`removed ${v}, left incomplete by an interrupted run`);
@@ -228,7 +231,7 @@ export class DirectoryProvider extends BackupProviderBase {
     const previous = vmtype === 'qemu' && this.vmBackupMode === 'incremental' ? await this.trustedPrevious(store, vmid) : undefined;
     this.running.set(vmid, { vmid, vmtype, volname, dir, ctime: Math.floor(now.getTime() / 1000), previous, devices: {} });
     this.log.info(`backup folder ${dir}${previous ? `, previous backup ${previous.volname}` : ''}`);
-    return { archiveName: volname };
+    return { archiveName: volname.slice('backup/'.length) };
   }
 
   /**

@@ -177,6 +177,7 @@ async function backupGuest(ctx: JobContext, guest: Guest): Promise<GuestOutcome>
     tlog.info(`Starting Backup of ${vmtype === 'qemu' ? 'VM' : 'CT'} ${guest.vmid} (${vmtype})`);
     tlog.info(`Backup started at ${new Date(started * 1000).toISOString()}`);
     outcome.archiveName = await raceAbort(driver.backupStart(guest.vmid, vmtype, ctx.startTime), ctx.signal);
+    outcome.volname = driver.volname(outcome.archiveName);
     tlog.info(`creating backup '${outcome.archiveName}' with provider '${ctx.providerName}'`);
     const base = vmtype === 'qemu' ? 'qemu-server' : 'pct';
     const configFile = path.join(gdir, `${base}.conf`);
@@ -198,9 +199,10 @@ async function backupGuest(ctx: JobContext, guest: Guest): Promise<GuestOutcome>
   // archive: notes, protected, prune, then backup_cleanup(..., 1, {}); any of these dying (notes
   // only warn) fails the guest, and the error path then calls backup_cleanup(..., 0, { error }),
   // a second call when the first one died.
-  if (!error && outcome.archiveName) {
+  if (!error && outcome.volname) {
     try {
-      await applyStorageHooks(ctx, guest, tlog, outcome.archiveName);
+      // the storage plugin gets "backup/<archive-name>" (update_volume_attribute, prune_backups)
+      await applyStorageHooks(ctx, guest, tlog, outcome.volname);
     } catch (err) {
       error = toError(err);
     }

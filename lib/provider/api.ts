@@ -213,7 +213,7 @@ export interface BackupProviderV1 extends ProviderCommon {
   backupGetMechanism(vmid: number, vmtype: GuestType): Awaitable<BackupMechanismInfoV1 | undefined>;
   /**
    * The name of the backup being made (the volume name the storage will list, e.g.
-   * `backup/vm-100-2024_01_01-10_00_00`); letters, digits, `_ . - + / :` only. Perl: `backup_get_target($vmid, $vmtype)`.
+   * `backup/vm-100-2024_01_01-10_00_00`); letters, digits, `_ . - + = / :` only. Perl: `backup_get_target($vmid, $vmtype)`.
    */
   backupGetTarget(vmid: number, vmtype: GuestType): Awaitable<string>;
   /** Size in bytes of the backup just made, for the task log and result (VMs, after success). Perl: `backup_get_task_size($vmid)`. */
@@ -289,7 +289,11 @@ export interface BackupProviderV1 extends ProviderCommon {
 
 /** Answer of {@link BackupProviderV2.backupInit}. Perl: `{ 'archive-name' => ... }`. */
 export interface BackupInitResult {
-  /** Archive name: letters, digits, `_ . - + / :` only. */
+  /**
+   * Archive name: letters, digits, `_ . - + = / :` only (vzdump's check). vzdump makes the volume
+   * id `<storeid>:backup/<archiveName>` of it (pve-manager `VZDump.pm`), and the storage's notes,
+   * protected flag and listing must know the backup under `backup/<archiveName>`.
+   */
   archiveName: string;
 }
 
