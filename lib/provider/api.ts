@@ -397,8 +397,11 @@ export interface RestoreContainerInitResult {
  *
  * Backup order: `jobInit`; per guest `backupInit`, `backupGetMechanism`; VMs:
  * `backupVmQueryIncremental` then `backupVm`; containers: `backupContainerPrepare` then
- * `backupContainer`; then `backupCleanup` (success or not); then `backupHandleLogFile`; after all
- * guests (or on abort) `jobCleanup`.
+ * `backupContainer`; on success the storage hooks (notes, protected, prune), then
+ * `backupCleanup(…, true)`; on failure (also of a hook, or of that cleanup: a second call)
+ * `backupCleanup(…, false, { error })`; then `backupHandleLogFile`; after all guests (or on abort)
+ * `jobCleanup`. Under vzdump, `backupCleanup(…, false)` may come without `backupInit` and with
+ * `vmtype` undefined (a guest that failed before its type was known): accept that.
  */
 export interface BackupProviderV2 extends ProviderCommon {
   /** API version targeted: 2. */
