@@ -130,8 +130,8 @@ async function providerBackup(qsd, work, fleecing, storeDir) {
   const seconds = (performance.now() - t0) / 1000;
   const g = r.guests[0];
   if (g.status !== 'ok') throw g.error;
-  const m = await (await DirectoryStore.open(storeDir)).readManifest(g.archiveName);
-  return { seconds, bytes: summary.bytesRead, mode: m.devices.disk0.bitmapMode, stored: m.files['disk0.qcow2'].size, volname: g.archiveName, copySeconds: summary.seconds };
+  const m = await (await DirectoryStore.open(storeDir)).readManifest(g.volname);
+  return { seconds, bytes: summary.bytesRead, mode: m.devices.disk0.bitmapMode, stored: m.files['disk0.qcow2'].size, volname: g.volname, copySeconds: summary.seconds };
 }
 
 /** The guest changes 10% of the disk: 64 KiB blocks at pseudo-random offsets (same sequence each round). */

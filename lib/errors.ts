@@ -115,6 +115,8 @@ export type ErrorCode =
   | 'ERR_JOB_ABORTED'
   /** A restore failed (`RestoreError`). */
   | 'ERR_RESTORE'
+  /** Setting the protected flag or pruning after a guest's backup failed, which fails the guest as in vzdump (`StorageHookError`). */
+  | 'ERR_STORAGE_HOOK'
   /** An id map is malformed or does not cover an id (`IdMapError`). */
   | 'ERR_IDMAP'
   /** A restore target is not empty (`RootdirNotEmptyError`). */

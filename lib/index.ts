@@ -74,6 +74,7 @@ export {
   ProviderResultError,
   JobAbortedError,
   RestoreError,
+  StorageHookError,
 } from './provider/errors.js';
 export { runBackupJob } from './job/runner.js';
 export { expandNotesTemplate } from './job/storage-hooks.js';

@@ -27,7 +27,7 @@ const sockets = new Set<net.Socket>();
  * devlist/bitmap-name, or the landed form with devices/bitmap-mode) and `backup-access-teardown`,
  * plus the standard commands the library uses around them.
  */
-async function proxmoxPeer(form: 'devices' | 'devlist', opts: { failSetup?: string } = {}): Promise<Peer> {
+async function proxmoxPeer(form: 'devices' | 'devlist', opts: { failSetup?: string; tpm?: boolean } = {}): Promise<Peer> {
   const dir = await tempDir();
   const peer: Peer = {
     path: path.join(dir, 'pve.qmp'),
@@ -35,6 +35,9 @@ async function proxmoxPeer(form: 'devices' | 'devlist', opts: { failSetup?: stri
     nodes: new Map([
       ['#block100', { size: 8 * MiB }],
       ['#block200', { size: 256 * 1024 }],
+      // qemu-server attaches the TPM state for a backup as a node without a device (PVE 9 blockdev)
+      // (a raw node over the state file, as qemu-server's blockdev code attaches it)
+      ...(opts.tpm ? [['drive-tpmstate0-backup', { size: 4 * MiB }] as const, ['#block300', { size: 4 * MiB }] as const] : []),
     ]),
     bitmaps: new Map(),
     exports: new Map(),
@@ -81,6 +84,16 @@ async function proxmoxPeer(form: 'devices' | 'devlist', opts: { failSetup?: stri
             'dirty-bitmaps': (peer.bitmaps.get(name) ?? []).map((b) => ({ name: b, count: 0, granularity: 65536, recording: true })),
           })),
         };
+      case 'x-debug-query-block-graph': {
+        const names = [...peer.nodes.keys()];
+        const id = (n: string): number => names.indexOf(n);
+        return {
+          return: {
+            nodes: names.map((name) => ({ id: id(name), name, type: 'block-driver' })),
+            edges: opts.tpm ? [{ parent: id('drive-tpmstate0-backup'), child: id('#block300'), name: 'file', perm: [], 'shared-perm': [] }] : [],
+          },
+        };
+      }
       case 'query-block-exports':
         return { return: [...peer.exports].map(([id, node]) => ({ id, type: 'nbd', 'node-name': node, 'shutting-down': false })) };
       case 'object-add':
@@ -132,7 +145,7 @@ async function proxmoxPeer(form: 'devices' | 'devlist', opts: { failSetup?: stri
                 .map((device) => ({ device, mode: a['bitmap-name'] ? 'use' : 'none' }));
         const out = [];
         for (const { device, mode } of list) {
-          const node = devices[device];
+          const node = devices[device] ?? (opts.tpm && device === 'drive-tpmstate0-backup' ? device : undefined);
           if (!node) return err(`Device '${device}' not found`, 'DeviceNotFound');
           if (opts.failSetup === device) return err(`${device} - setting up snapshot access failed: injected`);
           const fl = peer.nodes.get(`${device}-fleecing`);
@@ -143,6 +156,10 @@ async function proxmoxPeer(form: 'devices' | 'devlist', opts: { failSetup?: stri
           if (mode === 'none' && have.includes(name)) {
             peer.bitmaps.set(node, have.filter((b) => b !== name));
             action = 'not-used-removed';
+          } else if (mode === 'new') {
+            // pve-qemu patch 0044: 'new' recreates the bitmap
+            peer.bitmaps.set(node, [...have.filter((b) => b !== name), name]);
+            action = 'new';
           } else if (mode === 'use') {
             if (have.includes(name)) action = 'used';
             else {
@@ -290,6 +307,78 @@ describe('Proxmox backend', () => {
     expect(d.devices.map((x) => x.bitmapAction)).toEqual(['not-used-removed', 'not-used-removed']);
     expect(d.devices[0]!.bitmapName).toBeUndefined();
     await teardownBackupAccess(qmp, { targetId: T, success: true });
+    await qmp.close();
+  });
+
+  it("uses qemu-server's names for the storage's bitmap and passes the bitmap mode per device (scripted Proxmox QMP peer)", async () => {
+    const peer = await proxmoxPeer('devices');
+    const fleece = await tempDir();
+    const qmp = await QmpClient.connect(peer.path);
+    // what the job runner passes for a Proxmox VE 8.4 provider: bitmap id = storage id
+    const opts = { targetId: T, bitmap: 'store1', devices: ['drive-scsi0', 'drive-efidisk0'], fleecing: { dir: fleece } };
+    const a = await setupBackupAccess(qmp, opts);
+    // qemu-server VZDump/QemuServer.pm: 'target-id' => "snapshot-access:$storeid"; QEMU names the bitmap after it
+    expect(peer.calls.find((c) => c.cmd === 'backup-access-setup')!.args).toEqual({
+      'target-id': T,
+      devices: [
+        { device: 'drive-scsi0', 'bitmap-mode': 'use' },
+        { device: 'drive-efidisk0', 'bitmap-mode': 'use' },
+      ],
+    });
+    // a bitmap QEMU recreates ('missing-recreated') is a new one
+    expect(a.devices.map((d) => [d.bitmapName, d.bitmapAction, d.bitmapMode])).toEqual([
+      [T, 'new', 'new'],
+      [T, 'new', 'new'],
+    ]);
+    expect(peer.calls.filter((c) => c.cmd === 'block-export-add').map((c) => c.args.bitmaps)).toEqual([[{ node: '#block100', name: T }], [{ node: '#block200', name: T }]]);
+    await teardownBackupAccess(qmp, { targetId: T, success: true });
+    expect(peer.calls.filter((c) => c.cmd === 'backup-access-teardown').at(-1)!.args).toEqual({ 'target-id': T, success: true });
+    // one bitmap per storage, the one vzdump uses too
+    expect(peer.bitmaps.get('#block100')!.filter((b) => !b.includes('//'))).toEqual([T]);
+
+    // the provider's answer per device, as qemu-server passes it
+    peer.calls.length = 0;
+    const b = await setupBackupAccess(qmp, { ...opts, bitmapModes: { 'drive-scsi0': 'new', 'drive-efidisk0': 'use' } });
+    expect(peer.calls.find((c) => c.cmd === 'backup-access-setup')!.args.devices).toEqual([
+      { device: 'drive-scsi0', 'bitmap-mode': 'new' },
+      { device: 'drive-efidisk0', 'bitmap-mode': 'use' },
+    ]);
+    expect(b.devices.map((d) => [d.bitmapAction, d.bitmapMode])).toEqual([
+      ['new', 'new'],
+      ['used', 'reuse'],
+    ]);
+    await teardownBackupAccess(qmp, { targetId: T, success: true });
+    peer.calls.length = 0;
+    const c = await setupBackupAccess(qmp, { ...opts, bitmapModes: { 'drive-scsi0': 'none', 'drive-efidisk0': 'use' } });
+    expect(peer.calls.find((x) => x.cmd === 'backup-access-setup')!.args.devices).toEqual([
+      { device: 'drive-scsi0', 'bitmap-mode': 'none' },
+      { device: 'drive-efidisk0', 'bitmap-mode': 'use' },
+    ]);
+    expect(c.devices.map((d) => [d.bitmapName, d.bitmapMode])).toEqual([
+      [undefined, 'none'],
+      [T, 'reuse'],
+    ]);
+    await teardownBackupAccess(qmp, { targetId: T, success: false });
+    await qmp.close();
+  });
+
+  it('sets up the TPM state as drive-tpmstate0-backup and the EFI disk with fleecing images like any disk (scripted Proxmox QMP peer)', async () => {
+    const peer = await proxmoxPeer('devices', { tpm: true });
+    const fleece = await tempDir();
+    const qmp = await QmpClient.connect(peer.path);
+    const devices = ['drive-scsi0', 'drive-efidisk0', 'drive-tpmstate0-backup'];
+    const a = await setupBackupAccess(qmp, { targetId: T, bitmap: 'store1', devices, fleecing: { dir: fleece } });
+    // qemu-server check_and_prepare_fleecing: with a provider, EFI and TPM get fleecing images too
+    expect(peer.calls.filter((c) => c.cmd === 'blockdev-add').map((c) => c.args['node-name'])).toEqual(devices.map((d) => `${d}-fleecing`));
+    expect(peer.calls.find((c) => c.cmd === 'backup-access-setup')!.args.devices).toEqual(devices.map((device) => ({ device, 'bitmap-mode': 'use' })));
+    expect(a.devices.map((d) => [d.device, d.size])).toEqual([
+      ['drive-scsi0', 8 * MiB],
+      ['drive-efidisk0', 256 * 1024],
+      ['drive-tpmstate0-backup', 4 * MiB],
+    ]);
+    expect(await fs.readdir(fleece)).toHaveLength(3);
+    await teardownBackupAccess(qmp, { targetId: T, success: true });
+    expect(await fs.readdir(fleece)).toEqual([]);
     await qmp.close();
   });
 

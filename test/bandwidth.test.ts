@@ -206,7 +206,7 @@ describe('DirectoryProvider: container backup with a bandwidth limit', () => {
       guests: [{ vmid: 200, type: 'lxc', rootdir: src, config: 'hostname: ct200\n' }],
     });
     expect(r.guests[0]!.error).toBeUndefined();
-    const dir = path.join(root, '200', r.guests[0]!.archiveName!.split('/').at(-1)!);
+    const dir = path.join(root, '200', r.guests[0]!.volname!.split('/').at(-1)!);
     // The data really went through: the archive or the copy holds the 8 MiB.
     const stored = mode === 'tar' ? statSync(path.join(dir, 'root.tar')).size : statSync(path.join(dir, 'root', 'f7')).size * 8;
     expect(stored).toBeGreaterThanOrEqual(8 * MiB);
@@ -234,7 +234,7 @@ describe('DirectoryProvider: VM backup with a bandwidth limit, through the job r
     expect(wall).toBeGreaterThanOrEqual(AT_LEAST * 2);
     expect(summaries[0]!.seconds).toBeGreaterThanOrEqual(AT_LEAST * 2);
     expect(summaries[0]!.seconds).toBeLessThan(AT_MOST_SECONDS);
-    await expectRestores(provider, r!.guests[0]!.archiveName!, disk.snapshot(), root);
+    await expectRestores(provider, r!.guests[0]!.volname!, disk.snapshot(), root);
   });
 });
 

@@ -43,7 +43,7 @@ describe('containers round trip through the provider', () => {
       guests: [{ vmid: 200, type: 'lxc', rootdir: src, config: 'hostname: ct200\n', ...(mapped ? { idMap: TEST_MAP_LINES } : {}) }],
     });
     expect(r.guests[0]!.error).toBeUndefined();
-    const volname = r.guests[0]!.archiveName!;
+    const volname = r.guests[0]!.volname!;
     const store = await DirectoryStore.open(root);
     const [info] = await store.listBackups(200);
     expect(info).toMatchObject({ volname, subtype: 'lxc', format: mode, status: 'ok' });
@@ -71,7 +71,7 @@ async function backupCt(work: string, src: string, mode: 'tar' | 'directory'): P
   const provider = new DirectoryProvider({ storeid: 'dir1', scfg: { path: root, 'lxc-backup-mode': mode }, log: () => {} });
   const r = await runBackupJob({ provider, storeid: 'dir1', tmpdir: work, guests: [{ vmid: 200, type: 'lxc', rootdir: src, config: 'hostname: ct200\n', idMap: TEST_MAP_LINES }] });
   expect(r.guests[0]!.error).toBeUndefined();
-  return { provider, store: await DirectoryStore.open(root), volname: r.guests[0]!.archiveName!, root };
+  return { provider, store: await DirectoryStore.open(root), volname: r.guests[0]!.volname!, root };
 }
 
 /** A container tree owned by the container's root (host uid 100000) with one file `f`. */

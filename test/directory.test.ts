@@ -66,7 +66,7 @@ describe('DirectoryProvider: a chain of five', () => {
       const content = disk.snapshot();
       const r = await runBackupJob({ provider, storeid: 'dir1', guests: [vmGuest(disk)], tmpdir: scratch });
       expect(r.guests[0]!.error).toBeUndefined();
-      points.push({ volname: r.guests[0]!.archiveName!, content });
+      points.push({ volname: r.guests[0]!.volname!, content });
     }
     const store = await DirectoryStore.open(root);
     const list = await store.listBackups(100);
@@ -97,7 +97,7 @@ describe('DirectoryProvider: falling back to a full backup', () => {
       const content = disk.snapshot();
       const r = await runBackupJob({ provider, storeid: 'dir1', guests: [vmGuest(disk)], tmpdir: scratch });
       expect(r.guests[0]!.error).toBeUndefined();
-      return { volname: r.guests[0]!.archiveName!, content };
+      return { volname: r.guests[0]!.volname!, content };
     };
     await disk.write(0x41, 0, MiB);
     const a = await run();

@@ -30,6 +30,7 @@ import {
   QmpProtocolError,
   QmpTimeoutError,
   RestoreError,
+  StorageHookError,
   RootdirNotEmptyError,
   ToolMissingError,
   type ErrorCode,
@@ -68,6 +69,7 @@ const OWNER = {
   ERR_PROVIDER_RESULT: ProviderResultError,
   ERR_JOB_ABORTED: JobAbortedError,
   ERR_RESTORE: RestoreError,
+  ERR_STORAGE_HOOK: StorageHookError,
   ERR_TAR: ContainerToolError,
   ERR_RSYNC: ContainerToolError,
   ERR_ACL: ContainerToolError,
@@ -285,6 +287,7 @@ const cases: Case[] = [
     fields: { result: { ok: false } },
   },
   { err: new RestoreError('r', { device: 'disk0', cause }), cls: RestoreError, name: 'RestoreError', code: 'ERR_RESTORE', message: /^r$/, cause, fields: { device: 'disk0' } },
+  { err: new StorageHookError('p', { hook: 'prune', cause }), cls: StorageHookError, name: 'StorageHookError', code: 'ERR_STORAGE_HOOK', message: /^p$/, cause, fields: { hook: 'prune' } },
   // container tools
   {
     err: new ContainerToolError('tar failed', { code: 'ERR_TAR', tool: 'tar', exitCode: 2, stderr: 'e', cause }),

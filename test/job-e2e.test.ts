@@ -5,7 +5,9 @@
  * with the point-in-time content. On qemu-storage-daemon (V1 provider, nbd) and on a paused
  * `qemu-system-x86_64 -S` (V2 provider, nbd and file-handle).
  */
+import { execFile } from 'node:child_process';
 import { readFileSync, readdirSync } from 'node:fs';
+import { promisify } from 'node:util';
 import { setTimeout as sleep } from 'node:timers/promises';
 import path from 'node:path';
 
@@ -16,6 +18,8 @@ import { startScriptedAgent } from './helpers/guest-agent.js';
 import { expectSameBytes } from './helpers/images.js';
 import { nbdWrite, startStorageDaemon, startVm, stopAll, tempDir, vmWrite } from './helpers/qemu.js';
 import { RecordingProviderV1, RecordingProviderV2 } from './helpers/recording-provider.js';
+
+const execFileP = promisify(execFile);
 
 const MiB = 2 ** 20;
 const KiB = 1024;
@@ -227,5 +231,36 @@ describe('guest agent', () => {
     } finally {
       agent.server.close();
     }
+  });
+});
+
+describe('EFI vars and TPM state (PVE 9 blockdev names)', () => {
+  it("backs up drive-efidisk0 and drive-tpmstate0-backup through fleecing like any disk, byte for byte", async () => {
+    const q = await startVm({ size: 8 * MiB });
+    const store = await tempDir();
+    const fleecing = await tempDir();
+    await vmWrite(q, 'virtio0', 0x11, 0, MiB);
+    await vmWrite(q, 'efidisk0', 0x22, 64 * 1024, 64 * 1024);
+    // qemu-server (VZDump/QemuServer.pm prepare/attach_tpmstate_drive) attaches the TPM state for
+    // the backup as a node named drive-tpmstate0-backup, with no guest device on it
+    const tpm = path.join(q.dir, 'tpmstate.raw');
+    await execFileP('qemu-img', ['create', '-q', '-f', 'raw', tpm, String(4 * MiB)]);
+    await execFileP('qemu-io', ['-f', 'raw', '-c', 'write -P 0x33 0 8k', tpm]);
+    await q.qmp.execute('blockdev-add', { driver: 'raw', 'node-name': 'drive-tpmstate0-backup', file: { driver: 'file', filename: tpm, 'node-name': 'drive-tpmstate0-backup-file' } });
+    let fleecingFiles: string[] = [];
+    const p = new RecordingProviderV2({ storeid: 'store1', scfg: {}, log: () => {} }, { storeDir: path.join(store, 'store'), onCall: (m) => void (m === 'backupVm' && (fleecingFiles = readdirSync(fleecing))) });
+    const devices = ['virtio0', 'drive-efidisk0', 'drive-tpmstate0-backup'];
+    const res = await runBackupJob({ provider: p, storeid: 'store1', tmpdir: store, fleecing: { dir: fleecing }, guests: [{ vmid: 100, type: 'qemu', qmp: q.qmp, devices, config: 'name: vm\n' }] });
+    expect(res.guests[0]!.error).toBeUndefined();
+    // one fleecing image per volume: the EFI disk and the TPM state go through fleecing too
+    expect(fleecingFiles.map((f) => devices.find((d) => f.includes(`-${d}-fleecing`))).sort()).toEqual([...devices].sort());
+    const vm = p.calls.find((c) => c[0] === 'backupVm')!;
+    expect(Object.keys(vm[3] as object)).toEqual(devices);
+    expect((vm[3] as Record<string, { size: number }>)['drive-tpmstate0-backup']!.size).toBe(4 * MiB);
+    const volname = res.guests[0]!.volname!;
+    const out = await tempDir();
+    await restoreVm({ provider: p, volname, storeid: 'store1', targets: (d) => path.join(out, `${d}.raw`) });
+    expectSameBytes(readFileSync(path.join(out, 'drive-tpmstate0-backup.raw')), readFileSync(tpm), 'tpm');
+    expectSameBytes(readFileSync(path.join(out, 'drive-efidisk0.raw')), readFileSync(q.images['efidisk0']!), 'efi');
   });
 });

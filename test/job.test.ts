@@ -92,9 +92,9 @@ describe('job runner, seed-generation provider (V1)', () => {
     expect(res.ok).toBe(true);
     expect(p.calls).toEqual([
       ['jobStart', 'number'],
-      ...v1Guest(100, 'qemu', 1, true, [nbd(100, 'disk0', MiB), nbd(100, 'disk1', 256 * 1024)], [['backupGetTaskSize', 100], ['backupEnd', 100], ...hooks('backup/qemu-100-1', 'vm100 100', 100, 'qemu')]),
-      ...v1Guest(101, 'qemu', 2, false, [nbd(101, 'disk0', MiB)], [['backupGetTaskSize', 101], ['backupEnd', 101], ...hooks('backup/qemu-101-2', 'vm101 101', 101, 'qemu')]),
-      ...v1Guest(200, 'lxc', 3, false, [['backupDirectory', 200, '<rootfs>', IDMAP, ['/tmp/**'], ['.'], 0]], [['backupEnd', 200], ...hooks('backup/lxc-200-3', 'ct200 200', 200, 'lxc')]),
+      ...v1Guest(100, 'qemu', 1, true, [nbd(100, 'disk0', MiB), nbd(100, 'disk1', 256 * 1024)], [...hooks('backup/qemu-100-1', 'vm100 100', 100, 'qemu'), ['backupGetTaskSize', 100], ['backupEnd', 100]]),
+      ...v1Guest(101, 'qemu', 2, false, [nbd(101, 'disk0', MiB)], [...hooks('backup/qemu-101-2', 'vm101 101', 101, 'qemu'), ['backupGetTaskSize', 101], ['backupEnd', 101]]),
+      ...v1Guest(200, 'lxc', 3, false, [['backupDirectory', 200, '<rootfs>', IDMAP, ['/tmp/**'], ['.'], 0]], [...hooks('backup/lxc-200-3', 'ct200 200', 200, 'lxc'), ['backupEnd', 200]]),
       ['jobEnd'],
     ]);
     // the per-guest task log: timestamps and levels, handed to the provider
@@ -216,14 +216,14 @@ function v2Vm(vmid: number, seq: number, config: string, devices: Record<string,
     ['backupInit', vmid, 'qemu', 'number'],
     ['backupGetMechanism', vmid, 'qemu'],
     ['backupVmQueryIncremental', vmid, sizes],
-    ['backupVm', vmid, config, volumes, { mechanism: 'nbd', archiveName: `backup/qemu-${vmid}-${seq}`, ...(fw ? { firewallConfig: FW } : {}) }],
+    ['backupVm', vmid, config, volumes, { mechanism: 'nbd', archiveName: `qemu-${vmid}-${seq}`, ...(fw ? { firewallConfig: FW } : {}) }],
     ...end,
     ['backupHandleLogFile', vmid, '<task.log>'],
   ];
 }
 
 describe('job runner, Proxmox VE 8.4 provider (V2) through the adapter', () => {
-  const ctInfo = { directory: '<rootfs>', sources: ['.'], backupUserId: 100000, idMap: IDMAP, archiveName: 'backup/lxc-200-3' };
+  const ctInfo = { directory: '<rootfs>', sources: ['.'], backupUserId: 100000, idMap: IDMAP, archiveName: 'lxc-200-3' };
   const ct = (end: unknown[][]): unknown[][] => [
     ['backupInit', 200, 'lxc', 'number'],
     ['backupGetMechanism', 200, 'lxc'],
@@ -233,19 +233,30 @@ describe('job runner, Proxmox VE 8.4 provider (V2) through the adapter', () => {
     ['backupHandleLogFile', 200, '<task.log>'],
   ];
 
-  it('two VMs and a container: exact call order and arguments', async () => {
+  it('two VMs and a container: exact call order and arguments (notes, protected, prune, then backupCleanup)', async () => {
     const { guests, tmp } = await setup();
     const p = new RecordingProviderV2(ctx);
     const res = await runBackupJob({ provider: p, storeid: 'store1', guests, tmpdir: tmp, ...jobOptions });
     expect(res.ok).toBe(true);
     expect(p.calls).toEqual([
       ['jobInit', 'number'],
-      ...v2Vm(100, 1, 'name: vm100\n', { disk0: MiB, disk1: 256 * 1024 }, true, [['backupCleanup', 100, 'qemu', true, {}], ...hooks('backup/qemu-100-1', 'vm100 100', 100, 'qemu')]),
-      ...v2Vm(101, 2, 'name: vm101\n', { disk0: MiB }, false, [['backupCleanup', 101, 'qemu', true, {}], ...hooks('backup/qemu-101-2', 'vm101 101', 101, 'qemu')]),
-      ...ct([['backupCleanup', 200, 'lxc', true, {}], ...hooks('backup/lxc-200-3', 'ct200 200', 200, 'lxc')]),
+      ...v2Vm(100, 1, 'name: vm100\n', { disk0: MiB, disk1: 256 * 1024 }, true, [...hooks('backup/qemu-100-1', 'vm100 100', 100, 'qemu'), ['backupCleanup', 100, 'qemu', true, {}]]),
+      ...v2Vm(101, 2, 'name: vm101\n', { disk0: MiB }, false, [...hooks('backup/qemu-101-2', 'vm101 101', 101, 'qemu'), ['backupCleanup', 101, 'qemu', true, {}]]),
+      ...ct([...hooks('backup/lxc-200-3', 'ct200 200', 200, 'lxc'), ['backupCleanup', 200, 'lxc', true, {}]]),
       ['jobCleanup'],
     ]);
     expect(res.guests.map((g) => g.size)).toEqual([4096, 4096, 4096]); // backupCleanup's stats.archiveSize
+  });
+
+  it("volume names are backup/<archive name>, as vzdump builds them; archive names may contain '='", async () => {
+    const { guests, tmp } = await setup();
+    const p = new RecordingProviderV2(ctx);
+    const orig = p.backupInit.bind(p);
+    p.backupInit = async (vmid, vmtype, t) => ({ archiveName: `${(await orig(vmid, vmtype, t)).archiveName}=nightly` });
+    const res = await runBackupJob({ provider: p, storeid: 'store1', guests: [guests[2]!], tmpdir: tmp, ...jobOptions });
+    expect(res.guests[0]).toMatchObject({ status: 'ok', archiveName: 'lxc-200-1=nightly', volname: 'backup/lxc-200-1=nightly' });
+    // the storage side gets what vzdump hands update_volume_attribute and prune_backups
+    expect(p.calls.filter((c) => c[0].startsWith('storage.set')).map((c) => c[1])).toEqual(['backup/lxc-200-1=nightly', 'backup/lxc-200-1=nightly']);
   });
 
   it('one guest failing: backupCleanup(false, { error }) and the others go on', async () => {
@@ -276,6 +287,74 @@ describe('job runner, Proxmox VE 8.4 provider (V2) through the adapter', () => {
     expect((err.cause as Error).message).toBe('operator said stop');
     expect((err.result as BackupJobResult).guests.map((g) => g.status)).toEqual(['ok', 'failed', 'skipped']);
     expect(p.calls.slice(-3)).toEqual([['backupCleanup', 101, 'qemu', false, { error: 'backup job aborted' }], ['backupHandleLogFile', 101, '<task.log>'], ['jobCleanup']]);
+  });
+
+  // pve-manager VZDump.pm exec_backup_task: notes are in an eval (warn), protected and prune die
+  // inside the guest's eval, so the guest fails and backup_cleanup(0, { error }) follows.
+  const ct200 = (g: Guest[]): Guest[] => [g[2]!];
+  it('failing notes only warn; the guest succeeds and backupCleanup(true) follows the other hooks', async () => {
+    const { guests, tmp } = await setup();
+    const p = new RecordingProviderV2(ctx, { fail: { 'storage.setNotes': { message: 'notes store read-only' } } });
+    const res = await runBackupJob({ provider: p, storeid: 'store1', guests: ct200(guests), tmpdir: tmp, ...jobOptions });
+    expect(res.guests[0]).toMatchObject({ status: 'ok', warnings: ['unable to add notes to backup - notes store read-only'] });
+    expect(p.calls.slice(5).map((c) => c[0])).toEqual(['storage.setNotes', 'storage.setProtected', 'storage.prune', 'backupCleanup', 'backupHandleLogFile', 'jobCleanup']);
+  });
+
+  it('a failing protected flag fails the guest: no prune, backupCleanup(false, { error }), log file, jobCleanup', async () => {
+    const { guests, tmp } = await setup();
+    const p = new RecordingProviderV2(ctx, { fail: { 'storage.setProtected': { message: 'too many protected backups' } } });
+    const res = await runBackupJob({ provider: p, storeid: 'store1', guests: ct200(guests), tmpdir: tmp, ...jobOptions });
+    expect(res.ok).toBe(false);
+    expect(res.guests[0]!.status).toBe('failed');
+    expect(res.guests[0]!.error).toMatchObject({ code: 'ERR_STORAGE_HOOK', hook: 'protected', message: 'unable to set protected flag - too many protected backups' });
+    expect(p.calls.slice(5)).toEqual([
+      ['storage.setNotes', 'backup/lxc-200-1', 'ct200 200'],
+      ['storage.setProtected', 'backup/lxc-200-1', true],
+      ['backupCleanup', 200, 'lxc', false, { error: 'unable to set protected flag - too many protected backups' }],
+      ['backupHandleLogFile', 200, '<task.log>'],
+      ['jobCleanup'],
+    ]);
+  });
+
+  it('a failing prune fails the guest, and so does protected asked of a provider without setProtected', async () => {
+    const { guests, tmp } = await setup();
+    const p = new RecordingProviderV2(ctx, { fail: { 'storage.prune': { message: 'store offline' } } });
+    const res = await runBackupJob({ provider: p, storeid: 'store1', guests: ct200(guests), tmpdir: tmp, ...jobOptions });
+    expect(res.guests[0]!.error).toMatchObject({ code: 'ERR_STORAGE_HOOK', hook: 'prune', message: 'unable to prune older backups - store offline' });
+    expect(p.calls.slice(7).map((c) => c.slice(0, 4))).toEqual([['storage.prune', { vmid: 200, vmtype: 'lxc', keep: { keepLast: 2 } }], ['backupCleanup', 200, 'lxc', false], ['backupHandleLogFile', 200, '<task.log>'], ['jobCleanup']]);
+    const bare = new RecordingProviderV2(ctx, { storage: false });
+    const res2 = await runBackupJob({ provider: bare, storeid: 'store1', guests: ct200(guests), tmpdir: tmp, protected: true });
+    expect(res2.guests[0]!.error).toMatchObject({ code: 'ERR_NOT_IMPLEMENTED' });
+    expect(bare.calls.slice(-3).map((c) => c.slice(0, 4))).toEqual([['backupCleanup', 200, 'lxc', false], ['backupHandleLogFile', 200, '<task.log>'], ['jobCleanup']]);
+  });
+
+  it('backupCleanup(true) failing fails the guest and is followed by backupCleanup(false, { error })', async () => {
+    const { guests, tmp } = await setup();
+    const p = new RecordingProviderV2(ctx, { fail: { backupCleanup: { message: 'upload not finalised', when: (_v, _t, success) => success === true } } });
+    const res = await runBackupJob({ provider: p, storeid: 'store1', guests: ct200(guests), tmpdir: tmp });
+    expect(res.guests[0]).toMatchObject({ status: 'failed', error: { message: 'upload not finalised' } });
+    expect(p.calls.slice(-4)).toEqual([
+      ['backupCleanup', 200, 'lxc', true, {}],
+      ['backupCleanup', 200, 'lxc', false, { error: 'upload not finalised' }],
+      ['backupHandleLogFile', 200, '<task.log>'],
+      ['jobCleanup'],
+    ]);
+  });
+
+  it("a provider answering 'none' for a device (qemu-server accepts it) backs it up without a bitmap", async () => {
+    const { guests, tmp } = await setup();
+    const p = new RecordingProviderV2(ctx, { incremental: { disk0: 'none', disk1: 'new' } });
+    const res = await runBackupJob({ provider: p, storeid: 'store1', guests: [guests[0]!], tmpdir: tmp });
+    expect(res.guests[0]!.status).toBe('ok');
+    const vm = p.calls.find((c) => c[0] === 'backupVm')!;
+    expect(vm[3]).toEqual({
+      disk0: { size: MiB, bitmapMode: 'none', bitmapAction: 'not-used', nbdPath: '<nbd.sock>', nbdUri: 'nbd:disk0' },
+      disk1: { size: 256 * 1024, bitmapMode: 'new', bitmapAction: 'new', nbdPath: '<nbd.sock>', nbdUri: 'nbd:disk1' },
+    });
+    // anything else is refused, as qemu-server does ("invalid incremental mode")
+    const bad = new RecordingProviderV2(ctx, { incremental: { disk0: 'maybe' as 'use' } });
+    const res2 = await runBackupJob({ provider: bad, storeid: 'store1', guests: [guests[0]!], tmpdir: tmp });
+    expect(res2.guests[0]!.error).toMatchObject({ code: 'ERR_PROVIDER_RESULT' });
   });
 
   it('a provider asking for no bitmap on a device and new on another gets exactly that', async () => {

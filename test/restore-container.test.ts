@@ -120,7 +120,7 @@ describe('container backup and restore through the job runner', () => {
       guests: [{ vmid: 200, type: 'lxc', rootdir: rootfs, config: 'hostname: ct200\n', firewallConfig: '[OPTIONS]\n', idMap: IDMAP, excludePaths: EXCLUDES }],
     });
     expect(res.guests[0]!.error).toBeUndefined();
-    const volname = res.guests[0]!.archiveName!;
+    const volname = res.guests[0]!.volname!;
     p.calls.length = 0;
 
     const target = path.join(dir, 'restored');
@@ -172,7 +172,7 @@ describe('container backup and restore through the job runner', () => {
     writeFileSync(path.join(rootfs, 'etc/hostname'), 'x\n');
     const p = new RecordingProviderV2(ctx, { storeDir: path.join(dir, 'store'), containerRestore: 'tar' });
     const res = await runBackupJob({ provider: p, storeid: 'store1', tmpdir: dir, guests: [{ vmid: 200, type: 'lxc', rootdir: rootfs, config: '' }] });
-    const volname = res.guests[0]!.archiveName!;
+    const volname = res.guests[0]!.volname!;
     p.calls.length = 0;
     // restoring into a non-empty root is refused by the tools
     const err = await restoreContainer({ provider: p, volname, storeid: 'store1', rootdir: rootfs }).catch((e: unknown) => e);

@@ -8,7 +8,7 @@ import path from 'node:path';
 
 import { afterEach, describe, expect, it } from 'vitest';
 
-import { RestoreError, restoreVm, runBackupJob, type LogLevel } from '../lib/index.js';
+import { DirectoryProvider, RestoreError, extractConfig, restoreVm, runBackupJob, type LogLevel } from '../lib/index.js';
 import { createImage, expectSameBytes, qemuIo } from './helpers/images.js';
 import { stopAll, tempDir } from './helpers/qemu.js';
 import { RecordingProviderV1, RecordingProviderV2 } from './helpers/recording-provider.js';
@@ -72,9 +72,10 @@ describe('restoreVm, seed-generation provider (V1)', () => {
     expect(p.calls).toEqual([
       ['restoreGetMechanism', VOL, 'store1'],
       ['restoreStart', VOL, INFO],
+      // qemu-server restore_external_archive: device info (restore_vm_init) before the configs
+      ['restoreQemuGetDeviceInfo', VOL, 'store1'],
       ['extractGuestConfig', VOL, 'store1'],
       ['extractFirewallConfig', VOL, 'store1'],
-      ['restoreQemuGetDeviceInfo', VOL, 'store1'],
       ...v1Device('disk0'),
       ...v1Device('disk1'),
       ['restoreEnd', VOL, INFO],
@@ -152,9 +153,9 @@ describe('restoreVm, seed-generation provider (V1)', () => {
     expect(p.calls.map((c) => c[0])).toEqual([
       'restoreGetMechanism',
       'restoreStart',
+      'restoreQemuGetDeviceInfo',
       'extractGuestConfig',
       'extractFirewallConfig',
-      'restoreQemuGetDeviceInfo',
       'restoreQemuImgCleanup',
       'restoreAbort',
     ]);
@@ -169,14 +170,23 @@ describe('restoreVm, seed-generation provider (V1)', () => {
     expect(p.calls.slice(5).map((c) => c.slice(0, 4))).toEqual([...v1Device('disk0'), ['restoreAbort', VOL, `Error(${err.message})`, INFO]]);
   });
 
-  it('when both fail the first error wins and the cleanup error is logged', async () => {
+  it('when convert and cleanup both fail the first error wins and the cleanup error is logged', async () => {
     const { p, dir } = await fixture((s) => new RecordingProviderV1(ctx, { storeDir: s }));
-    p.store.opts.fail = { restoreQemuImgInit: { message: 'no such archive part' }, restoreQemuImgCleanup: { message: 'cleanup broke' } };
+    p.store.opts.fail = { restoreQemuImgCleanup: { message: 'cleanup broke' } };
+    p.restoreQemuImgInit = async () => path.join(dir, 'missing.raw');
     const lines: Array<[LogLevel, string]> = [];
     const err = (await restoreVm({ provider: p, volname: VOL, storeid: 'store1', targets: (d) => path.join(dir, `r-${d}.raw`), log: (l, m) => lines.push([l, m]) }).catch((e: unknown) => e)) as RestoreError;
-    expect(err.message).toBe("restore of 'backup/qemu-100-1' failed (device disk0): no such archive part");
+    expect(err.message).toMatch(/^restore of 'backup\/qemu-100-1' failed \(device disk0\): qemu-img convert of disk0 failed/);
     expect(lines).toContainEqual(['warn', 'cleanup of device disk0 failed: cleanup broke']);
-    expect(p.calls.slice(5).map((c) => c[0])).toEqual(['restoreQemuImgInit', 'restoreQemuImgCleanup', 'restoreAbort']);
+    expect(p.calls.slice(5).map((c) => c[0])).toEqual(['restoreQemuImgCleanup', 'restoreAbort']);
+  });
+
+  it('a volume init that dies is not followed by its cleanup (qemu-server: init outside the eval)', async () => {
+    const { p, dir } = await fixture((s) => new RecordingProviderV1(ctx, { storeDir: s }));
+    p.store.opts.fail = { restoreQemuImgInit: { message: 'no such archive part' } };
+    const err = (await restoreVm({ provider: p, volname: VOL, storeid: 'store1', targets: (d) => path.join(dir, `r-${d}.raw`) }).catch((e: unknown) => e)) as RestoreError;
+    expect(err.message).toBe("restore of 'backup/qemu-100-1' failed (device disk0): no such archive part");
+    expect(p.calls.slice(5).map((c) => c[0])).toEqual(['restoreQemuImgInit', 'restoreAbort']);
   });
 
   it('a device without a size fails before anything is written, naming the device', async () => {
@@ -218,9 +228,10 @@ describe('restoreVm, Proxmox VE 8.4 provider (V2) through the adapter', () => {
     expect(p.calls).toEqual([
       ['restoreGetMechanism', VOL],
       ['restoreStart', VOL, INFO],
+      // qemu-server restore_external_archive: restore_vm_init, then the configs
+      ['restoreVmInit', VOL],
       ['archiveGetGuestConfig', VOL],
       ['archiveGetFirewallConfig', VOL],
-      ['restoreVmInit', VOL],
       ['restoreVmVolumeInit', VOL, 'disk0', {}],
       ['restoreVmVolumeCleanup', VOL, 'disk0', {}],
       ['restoreVmVolumeInit', VOL, 'disk1', {}],
@@ -232,17 +243,18 @@ describe('restoreVm, Proxmox VE 8.4 provider (V2) through the adapter', () => {
     expectSameBytes(readFileSync(path.join(dir, 'r-disk1.raw')), disks.disk1, 'disk1');
   });
 
-  it('failure: volume cleanup and restoreVmCleanup still run, then restoreAbort', async () => {
+  it('failure: a volume init that died gets no volume cleanup; restoreVmCleanup still runs, then restoreAbort', async () => {
     const { p, dir } = await fixture((s) => new RecordingProviderV2(ctx, { storeDir: s }));
     p.store.opts.fail = { restoreVmVolumeInit: { message: 'offline', when: (_v, d) => d === 'disk1' } };
     const err = await restoreVm({ provider: p, volname: VOL, storeid: 'store1', targets: (d) => path.join(dir, `r-${d}.raw`) }).catch((e: unknown) => e);
     expect(err).toMatchObject({ code: 'ERR_RESTORE', device: 'disk1', message: "restore of 'backup/qemu-100-1' failed (device disk1): offline" });
-    expect(p.calls.slice(4).map((c) => c.slice(0, 3))).toEqual([
+    expect(p.calls.slice(2).map((c) => c.slice(0, 3))).toEqual([
       ['restoreVmInit', VOL],
+      ['archiveGetGuestConfig', VOL],
+      ['archiveGetFirewallConfig', VOL],
       ['restoreVmVolumeInit', VOL, 'disk0'],
       ['restoreVmVolumeCleanup', VOL, 'disk0'],
       ['restoreVmVolumeInit', VOL, 'disk1'],
-      ['restoreVmVolumeCleanup', VOL, 'disk1'],
       ['restoreVmCleanup', VOL],
       ['restoreAbort', VOL, `Error(${(err as Error).message})`],
     ]);
@@ -259,6 +271,53 @@ describe('restoreVm, Proxmox VE 8.4 provider (V2) through the adapter', () => {
     const err2 = await restoreVm({ provider: p, volname: VOL, storeid: 'store1', targets: {}, log: (_l, m) => lines.push(m) }).catch((e: unknown) => e);
     expect(err2).toMatchObject({ message: "restore of 'backup/qemu-100-1' failed: archive corrupt" });
     expect(lines).toContain('restore cleanup failed: session lost');
-    expect(p.calls.map((c) => c[0])).toEqual(['restoreGetMechanism', 'restoreStart', 'archiveGetGuestConfig', 'archiveGetFirewallConfig', 'restoreVmInit', 'restoreVmCleanup', 'restoreAbort']);
+    expect(p.calls.map((c) => c[0])).toEqual(['restoreGetMechanism', 'restoreStart', 'restoreVmInit', 'restoreVmCleanup', 'restoreAbort']);
+  });
+
+  it('restoreVmCleanup runs even when restoreGetMechanism died (qemu-server: cleanup after the eval)', async () => {
+    const p = new RecordingProviderV2(ctx);
+    p.store.opts.fail = { restoreGetMechanism: { message: 'backup server unreachable' } };
+    const err = await restoreVm({ provider: p, volname: VOL, storeid: 'store1', targets: {} }).catch((e: unknown) => e);
+    expect(err).toMatchObject({ code: 'ERR_RESTORE', message: "restore of 'backup/qemu-100-1' failed: backup server unreachable" });
+    expect(p.calls).toEqual([
+      ['restoreGetMechanism', VOL],
+      ['restoreVmCleanup', VOL],
+    ]);
+  });
+});
+
+describe('extract_vzdump_config ("Show configuration")', () => {
+  it('a fresh DirectoryProvider answers archiveGetGuestConfig alone, without restoreVmInit or anything before it', async () => {
+    const { dir } = await fixture((s) => new RecordingProviderV2(ctx, { storeDir: s }));
+    const root = path.join(dir, 'dirstore');
+    const config = 'name: shown\nscsi0: local:vm-100-disk-0,size=1M\n#qmdump#map:scsi0:drive-scsi0:local:raw:\n';
+    const writer = new DirectoryProvider({ storeid: 'dir1', scfg: { path: root }, log: () => {} });
+    const res = await runBackupJob({
+      provider: writer,
+      storeid: 'dir1',
+      tmpdir: dir,
+      guests: [{ vmid: 100, type: 'qemu', qmp: { disks: [{ device: 'drive-scsi0', file: path.join(dir, 'disk0.qcow2'), format: 'qcow2' }] }, config }],
+    });
+    expect(res.ok).toBe(true);
+    const volname = res.guests[0]!.volname!;
+    // Storage.pm extract_vzdump_config: new_backup_provider, then only archive_get_guest_config
+    const fresh = new DirectoryProvider({ storeid: 'dir1', scfg: { path: root }, log: () => {} });
+    const called: string[] = [];
+    const spied = new Proxy(fresh, {
+      get(target, prop, receiver) {
+        const v = Reflect.get(target, prop, receiver) as unknown;
+        if (typeof v === 'function' && typeof prop === 'string' && prop !== 'constructor') {
+          return (...args: unknown[]) => {
+            called.push(prop);
+            return (v as (...a: unknown[]) => unknown).apply(target, args);
+          };
+        }
+        return v;
+      },
+    });
+    expect(await extractConfig(spied, `dir1:${volname}`)).toBe(config);
+    expect(called).toEqual(['archiveGetGuestConfig']);
+    // and directly, on another fresh instance, as the Perl bridge calls it
+    expect(await new DirectoryProvider({ storeid: 'dir1', scfg: { path: root }, log: () => {} }).archiveGetGuestConfig(volname)).toBe(config);
   });
 });

@@ -93,7 +93,7 @@ async function rig(size = 4 * MiB): Promise<{ disk: Disk; root: string; scratch:
     const r = await runBackupJob({ provider: mode === 'full' ? make(true) : provider, storeid: 'dir1', guests: [vmGuest(disk)], tmpdir: scratch });
     expect(r.guests[0]!.error).toBeUndefined();
     clock.t += DAY * 1000;
-    return { volname: r.guests[0]!.archiveName!, content };
+    return { volname: r.guests[0]!.volname!, content };
   };
   return { disk, root, scratch, provider, store: () => DirectoryStore.open(root), clock, backup };
 }
@@ -163,9 +163,9 @@ describe('prune and delete keep every remaining backup restorable', () => {
     const list = await (await DirectoryStore.open(root)).listBackups(100);
     // the protected full is kept; r2 is needed by r3
     expect(list.map((b) => [b.volname, b.protected, b.notes])).toEqual([
-      [r1.guests[0]!.archiveName, true, 'vm100 nightly'],
-      [r2.guests[0]!.archiveName, false, undefined],
-      [r3.guests[0]!.archiveName, false, undefined],
+      [r1.guests[0]!.volname, true, 'vm100 nightly'],
+      [r2.guests[0]!.volname, false, undefined],
+      [r3.guests[0]!.volname, false, undefined],
     ]);
   });
 });

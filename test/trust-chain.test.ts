@@ -38,7 +38,7 @@ async function backup(provider: BackupProvider, storeid: string, disk: Disk, scr
   const content = disk.snapshot();
   const r = await runBackupJob({ provider, storeid, guests: [guest], tmpdir: scratch });
   expect(r.guests[0]!.error).toBeUndefined();
-  return { volname: r.guests[0]!.archiveName!, content };
+  return { volname: r.guests[0]!.volname!, content };
 }
 
 async function expectRestore(provider: BackupProvider, storeid: string, volname: string, expected: Buffer, scratch: string): Promise<void> {
@@ -174,8 +174,8 @@ describe('the end of a backup', () => {
     const r = await runBackupJob({ provider, storeid: 'dir1', guests: [vmGuest(disk)], tmpdir: scratch, signal: controller.signal });
     expect(r.ok).toBe(true);
     const store = await DirectoryStore.open(root);
-    expect((await store.listBackups(100)).map((b) => [b.volid, b.status])).toEqual([[`dir1:${r.guests[0]!.archiveName!}`, 'ok']]);
-    await expectRestore(provider, 'dir1', r.guests[0]!.archiveName!, content, scratch);
+    expect((await store.listBackups(100)).map((b) => [b.volid, b.status])).toEqual([[`dir1:${r.guests[0]!.volname!}`, 'ok']]);
+    await expectRestore(provider, 'dir1', r.guests[0]!.volname!, content, scratch);
   });
 
   it('a full disk while the backup is recorded fails with ERR_STORE_IO naming the file, and the next backup is whole', async () => {

@@ -204,7 +204,7 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoPhase[]> {
       const backupSeconds = (performance.now() - t0) / 1000;
       const outcome = result.guests[0]!;
       if (outcome.status !== 'ok') throw outcome.error ?? new DemoError('ERR_DEMO', `the ${phase} backup failed`);
-      const volname = outcome.archiveName!;
+      const volname = outcome.volname!;
       const store = await DirectoryStore.open(storeDir);
       const manifest = await store.readManifest(volname);
       const device = manifest.devices!['disk0']!;

@@ -236,7 +236,7 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
       if (g.status !== 'ok') {
         throw new BackupFailedError(vmid, guest.type, g.error);
       }
-      const info = (await store.listBackups(vmid)).find((b) => b.volname === g.archiveName);
+      const info = (await store.listBackups(vmid)).find((b) => b.volname === g.volname);
       if (json) console.log(JSON.stringify({ ...info, warnings: g.warnings }, null, 2));
       else console.log(`${info?.volid}: ${info?.format}, ${formatBytes(info?.size ?? 0)}${info?.parent ? `, incremental over ${info.parent}` : ', full'}`);
     });

@@ -56,7 +56,8 @@ export class DirectoryProviderV1 extends BackupProviderBaseV1 {
     return this.inner.jobCleanup();
   }
   override async backupStart(vmid: number, vmtype: GuestType): Promise<void> {
-    this.targets.set(vmid, (await this.inner.backupInit(vmid, vmtype, Math.floor(Date.now() / 1000))).archiveName);
+    // the seed's backup_get_target names the volume: backup/<archive name>
+    this.targets.set(vmid, `backup/${(await this.inner.backupInit(vmid, vmtype, Math.floor(Date.now() / 1000))).archiveName}`);
   }
   override async backupGetTarget(vmid: number, _vmtype: GuestType): Promise<string> {
     return this.targets.get(vmid)!;

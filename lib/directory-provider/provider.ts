@@ -135,12 +135,17 @@ export class DirectoryProvider extends BackupProviderBase {
   private readonly restoreExports = new Map<string, FuseExport>();
   private readonly ledger: BitmapLedger;
 
-  /** The storage side: notes, protected flag, retention (called by the job runner after a backup). */
+  /**
+   * The storage side: notes, protected flag, retention. vzdump runs them after the guest's data
+   * and before `backup_cleanup(..., 1)` (pve-manager `VZDump.pm` `exec_backup_task`), so a backup
+   * this provider is still writing is completed (manifest) first: notes and the flag need a
+   * complete backup, and prune must count it as vzdump counts the archive it just wrote.
+   */
   readonly storage: ProviderStorage = {
-    setNotes: async (volname, notes) => (await this.openStore()).setNotes(volname, notes),
-    setProtected: async (volname, value) => (await this.openStore()).setProtected(volname, value),
+    setNotes: async (volname, notes) => (await this.completeRunning((g) => g.volname === volname)).setNotes(volname, notes),
+    setProtected: async (volname, value) => (await this.completeRunning((g) => g.volname === volname)).setProtected(volname, value),
     prune: async ({ vmid, vmtype, keep }) => {
-      const marks = await (await this.openStore()).pruneBackups({ vmid, vmtype, keep });
+      const marks = await (await this.completeRunning((g) => g.vmid === vmid)).pruneBackups({ vmid, vmtype, keep });
       return { removed: marks.filter((m) => m.mark === 'remove').map((m) => m.volname) };
     },
   };
@@ -172,6 +177,30 @@ export class DirectoryProvider extends BackupProviderBase {
     return this.store;
   }
 
+  /**
+   * Completes the running backups `which` selects whose data is all written (the storage hooks
+   * come after it); a failure discards the backup as a failed `backupCleanup(true)` does.
+   * @returns The store.
+   */
+  private async completeRunning(which: (g: GuestBackup) => boolean): Promise<DirectoryStore> {
+    for (const g of [...this.running.values()]) {
+      if (!which(g) || g.manifest || g.copying || g.copyFailed) continue;
+      await this.completeOrDiscard(g);
+    }
+    return this.openStore();
+  }
+
+  /** {@link complete}, or on failure the discard after which the next backup is full. */
+  private async completeOrDiscard(g: GuestBackup): Promise<Manifest> {
+    try {
+      return await this.complete(g);
+    } catch (err) {
+      // QEMU took the backup as successful: its bitmap no longer matches the previous backup.
+      await this.discard(g, { forgetPrevious: true });
+      throw err;
+    }
+  }
+
   private guest(vmid: number): GuestBackup {
     const g = this.running.get(vmid);
     if (!g) throw new DirectoryStoreError('ERR_PROVIDER_STATE', `no backup of guest ${vmid} is running`);
@@ -193,7 +222,10 @@ export class DirectoryProvider extends BackupProviderBase {
 
   // ----- backup -------------------------------------------------------------------------------
 
-  /** Creates the backup's folder; the archive name is its volume name. */
+  /**
+   * Creates the backup's folder. The archive name is `<vmid>/<vmtype>-<backup-id>`: vzdump makes the
+   * volume name `backup/<archive-name>` of it, which is this store's volume name.
+   */
   override async backupInit(vmid: number, vmtype: GuestType, _startTime: number): Promise<BackupInitResult> {
     const store = await this.openStore();
     for (const v of await store.removeIncomplete(vmid)) this.log.info(`removed ${v}, left incomplete by an interrupted run`);
@@ -202,7 +234,7 @@ export class DirectoryProvider extends BackupProviderBase {
     const previous = vmtype === 'qemu' && this.vmBackupMode === 'incremental' ? await this.trustedPrevious(store, vmid) : undefined;
     this.running.set(vmid, { vmid, vmtype, volname, dir, ctime: Math.floor(now.getTime() / 1000), previous, devices: {} });
     this.log.info(`backup folder ${dir}${previous ? `, previous backup ${previous.volname}` : ''}`);
-    return { archiveName: volname };
+    return { archiveName: volname.slice('backup/'.length) };
   }
 
   /**
@@ -321,7 +353,7 @@ export class DirectoryProvider extends BackupProviderBase {
 
   /**
    * Success: checksum every file, write the manifest (the backup is complete from then on) and
-   * record it as the previous backup. Failure: remove the partial backup; the previous backup
+   * record it as the previous backup, unless the storage hooks did so already. Failure: remove the partial backup; the previous backup
    * stays recorded (QEMU keeps its bitmap relative to it), so the next run can still go incremental.
    */
   override async backupCleanup(vmid: number, _vmtype: GuestType, success: boolean, info: { error?: string }): Promise<BackupCleanupResult | void> {
@@ -334,14 +366,8 @@ export class DirectoryProvider extends BackupProviderBase {
       await this.discard(g, { forgetPrevious: copied });
       return;
     }
-    let m: Manifest;
-    try {
-      m = await this.complete(g);
-    } catch (err) {
-      // QEMU took the backup as successful: its bitmap no longer matches the previous backup.
-      await this.discard(g, { forgetPrevious: true });
-      throw err;
-    }
+    // the storage hooks may have completed it already
+    const m = g.manifest ?? (await this.completeOrDiscard(g));
     return { stats: { archiveSize: Object.values(m.files).reduce((n, f) => n + f.size, 0) } };
   }
 

@@ -88,7 +88,7 @@ export async function backupVmGuest(
     const access = await setupBackupAccess(target.qmp, {
       targetId,
       devices: target.devices,
-      ...(plan.bitmapId ? { bitmap: plan.bitmapId } : {}),
+      ...(plan.bitmapId ? { bitmap: plan.bitmapId, bitmapModes: plan.devices } : {}),
       fleecing: { dir: opts.fleecing?.dir ?? gdir, format: opts.fleecing?.format ?? 'qcow2' },
       ...(qga ? { qga } : {}),
       ...(target.nbdServer ? { nbdServer: target.nbdServer } : {}),

@@ -2,8 +2,8 @@
  * Restore through a provider: VMs with `qemu-img convert`, containers with GNU tar or rsync, and
  * the guest configuration of a backup ({@link extractConfig}).
  *
- * Cleanup methods are always called once their init method was called. Error precedence is the
- * seed's: the first error wins; a cleanup error is thrown only when nothing failed before it, and
+ * VM restore follows qemu-server's call order (see {@link restoreVm}): a volume cleanup follows a
+ * volume init that succeeded, `restoreVmCleanup` always runs. Error precedence is the seed's: the first error wins; a cleanup error is thrown only when nothing failed before it, and
  * logged otherwise.
  *
  * @packageDocumentation
@@ -255,10 +255,13 @@ async function restoreMechanism(driver: ProviderDriver, volname: string, storeid
 }
 
 /**
- * Restores a VM backup: mechanism (must be `qemu-img` for `qemu`), guest and firewall config,
- * device info (a missing size fails before anything is written), targets, then per device
- * `restoreQemuImgInit` (V2 `restoreVmVolumeInit`), `qemu-img convert` to raw, and the matching
- * cleanup, always; V2 `restoreVmCleanup` last, always.
+ * Restores a VM backup in qemu-server's order (`QemuServer.pm` `restore_external_archive`):
+ * mechanism (must be `qemu-img` for `qemu`), device info (V1 `restoreQemuGetDeviceInfo`, V2
+ * `restoreVmInit`; a missing size fails before anything is written), guest and firewall config,
+ * targets, then per device `restoreQemuImgInit` (V2 `restoreVmVolumeInit`), `qemu-img convert`
+ * to raw and the matching volume cleanup; V2 `restoreVmCleanup` last, always, even when the
+ * mechanism could not be had. A volume cleanup follows only a volume init that succeeded, as
+ * upstream's (its init is outside the per-volume `eval`): a failing init cleans up after itself.
  *
  * @throws {@link RestoreError} (`ERR_RESTORE`, `cause` the original error, `device` when known).
  */
@@ -269,13 +272,27 @@ export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
   const driver = adaptProvider(o.provider);
   const log = createLogger(o.log);
   const { volname, storeid } = o;
-  const info = await restoreMechanism(driver, volname, storeid, 'qemu');
+  let info: RestoreHookInfo;
+  try {
+    info = await restoreMechanism(driver, volname, storeid, 'qemu');
+  } catch (err) {
+    // upstream runs restore_vm_cleanup after its eval whatever died in it, restore_get_mechanism included
+    if (driver.hasVmCleanup) {
+      try {
+        await driver.vmCleanup(volname, storeid);
+      } catch (cleanupErr) {
+        log.warn(`restore cleanup failed: ${toError(cleanupErr).message}`);
+      }
+    }
+    throw err;
+  }
   return withRestoreHooks(driver, volname, info, log, async () => {
-    const config = await driver.guestConfig(volname, storeid);
-    const firewallConfig = await driver.firewallConfig(volname, storeid);
-    const files = await writeConfigs(o.configDir, 'qemu-server', config, firewallConfig);
     const run = async (): Promise<RestoreVmResult> => {
+      // restore_vm_init comes before the configs: a provider may open its session there
       const sizes = await driver.vmInit(volname, storeid);
+      const config = await driver.guestConfig(volname, storeid);
+      const firewallConfig = await driver.firewallConfig(volname, storeid);
+      const files = await writeConfigs(o.configDir, 'qemu-server', config, firewallConfig);
       const devices: RestoreVmResult['devices'] = [];
       // a target for a device the backup lacks is a typo or the wrong backup, never to be ignored
       if (typeof o.targets === 'object') {
@@ -300,10 +317,16 @@ export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
       for (const d of devices) {
         log.info(`restoring device ${d.device} (${d.size} bytes) to ${d.target}`);
         o.signal?.throwIfAborted();
-        // restoreQemuImgCleanup follows restoreQemuImgInit whatever happened (also when init failed).
+        // qemu-server calls restore_vm_volume_init outside the eval around convert and cleanup:
+        // when the init dies, no volume cleanup follows.
+        let source: string;
+        try {
+          source = await driver.vmVolumeInit(volname, storeid, d.device);
+        } catch (err) {
+          throw restoreError(volname, err, d.device);
+        }
         await withCleanup(
           async () => {
-            const source = await driver.vmVolumeInit(volname, storeid, d.device);
             const placed = await placeTarget(d.target, d.size, o.overwrite ?? 'in-place');
             try {
               await qemuImgConvert({
@@ -331,7 +354,7 @@ export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
       }
       return { devices, config, ...(firewallConfig !== undefined ? { firewallConfig } : {}), ...files };
     };
-    // restoreVmCleanup (V2) follows restoreVmInit (the first call of `run`) whatever happens; V1 has none.
+    // restoreVmCleanup (V2) runs whatever happened in `run`; V1 has none.
     if (!driver.hasVmCleanup) return run();
     return withCleanup(run, () => driver.vmCleanup(volname, storeid), log, 'restore cleanup');
   });

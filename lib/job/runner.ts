@@ -177,6 +177,7 @@ async function backupGuest(ctx: JobContext, guest: Guest): Promise<GuestOutcome>
     tlog.info(`Starting Backup of ${vmtype === 'qemu' ? 'VM' : 'CT'} ${guest.vmid} (${vmtype})`);
     tlog.info(`Backup started at ${new Date(started * 1000).toISOString()}`);
     outcome.archiveName = await raceAbort(driver.backupStart(guest.vmid, vmtype, ctx.startTime), ctx.signal);
+    outcome.volname = driver.volname(outcome.archiveName);
     tlog.info(`creating backup '${outcome.archiveName}' with provider '${ctx.providerName}'`);
     const base = vmtype === 'qemu' ? 'qemu-server' : 'pct';
     const configFile = path.join(gdir, `${base}.conf`);
@@ -193,21 +194,40 @@ async function backupGuest(ctx: JobContext, guest: Guest): Promise<GuestOutcome>
   } catch (err) {
     error = toError(err);
   }
-  if (error) tlog.err(`Backup of ${vmtype === 'qemu' ? 'VM' : 'CT'} ${guest.vmid} failed - ${error.message}`);
-  try {
-    const { size } = await driver.backupFinish(guest.vmid, vmtype, error ? { error } : {});
-    if (size !== undefined) {
-      outcome.size = size;
-      tlog.info(`backup size: ${formatBytes(size)}`);
-    }
-  } catch (err) {
-    if (!error) {
+  const what = `${vmtype === 'qemu' ? 'VM' : 'CT'} ${guest.vmid}`;
+  // vzdump's order (pve-manager VZDump.pm exec_backup_task): inside the guest's eval, after the
+  // archive: notes, protected, prune, then backup_cleanup(..., 1, {}); any of these dying (notes
+  // only warn) fails the guest, and the error path then calls backup_cleanup(..., 0, { error }),
+  // a second call when the first one died.
+  if (!error && outcome.volname) {
+    try {
+      // the storage plugin gets "backup/<archive-name>" (update_volume_attribute, prune_backups)
+      await applyStorageHooks(ctx, guest, tlog, outcome.volname);
+    } catch (err) {
       error = toError(err);
-      tlog.err(`Backup of ${vmtype === 'qemu' ? 'VM' : 'CT'} ${guest.vmid} failed - ${error.message}`);
-    } else tlog.err(`backup abort failed: ${toError(err).message}`);
+    }
   }
-  if (!error && outcome.archiveName) await applyStorageHooks(ctx, guest, tlog, outcome.archiveName);
-  if (!error) tlog.info(`Finished Backup of ${vmtype === 'qemu' ? 'VM' : 'CT'} ${guest.vmid} (${formatDuration(Date.now() - t0)})`);
+  if (!error) {
+    try {
+      const { size } = await driver.backupFinish(guest.vmid, vmtype, {});
+      if (size !== undefined) {
+        outcome.size = size;
+        tlog.info(`backup size: ${formatBytes(size)}`);
+      }
+    } catch (err) {
+      error = toError(err);
+    }
+  }
+  if (error) {
+    tlog.err(`Backup of ${what} failed - ${error.message}`);
+    try {
+      await driver.backupFinish(guest.vmid, vmtype, { error });
+    } catch (err) {
+      // upstream: eval { backup_cleanup(..., 0, ...) }; debugmsg('warn', ...)
+      tlog.warn(`backup cleanup for external provider failed - ${toError(err).message}`);
+    }
+  }
+  if (!error) tlog.info(`Finished Backup of ${what} (${formatDuration(Date.now() - t0)})`);
   try {
     await driver.handleLogFile(guest.vmid, logPath);
   } catch (err) {

@@ -104,6 +104,12 @@ export interface GuestOutcome {
   status: 'ok' | 'failed' | 'skipped';
   /** Archive name the provider chose. */
   archiveName?: string;
+  /**
+   * The backup's volume name, as the storage lists it and restore takes it: version 2
+   * `backup/<archiveName>` (vzdump: `$volid = "${storeid}:backup/${archive_name}"`), version 1 the
+   * target as the provider named it.
+   */
+  volname?: string;
   /** Size reported by the provider (V1 `backupGetTaskSize`, V2 `archiveSize`). */
   size?: number;
   /** Why it failed. */

@@ -69,6 +69,12 @@ export interface ProviderDriver {
   jobEnd(): Promise<void>;
   jobAbort(error: Error): Promise<void>;
 
+  /**
+   * The volume name of an archive: V2 `backup/<archiveName>`, as vzdump builds the volume id
+   * (pve-manager `VZDump.pm`: `"${storeid}:backup/${archive_name}"`); V1 the target as it is (the
+   * seed's `backup_get_target` names the volume).
+   */
+  volname(archiveName: string): string;
   /** Starts a guest's backup; returns the archive name. V1: `backupStart` + `backupGetTarget`; V2: `backupInit`. */
   backupStart(vmid: number, vmtype: GuestType, startTime: number): Promise<string>;
   /** Hands over the configuration files. V1: `backupGuestConfig` / `backupFirewallConfig`; V2: nothing (passed with the data). */
@@ -230,6 +236,7 @@ export function adaptProvider(provider: BackupProvider): ProviderDriver {
     const driver: ProviderDriver = {
       ...common,
       generation: 1,
+      volname: (archiveName) => archiveName,
       jobStart: (t) => run(call1('jobStart', t)),
       jobEnd: () => run(call1('jobEnd')),
       jobAbort: (e) => run(call1('jobAbort', e)),
@@ -315,6 +322,7 @@ export function adaptProvider(provider: BackupProvider): ProviderDriver {
   const driver: ProviderDriver = {
     ...common,
     generation: 2,
+    volname: (archiveName) => `backup/${archiveName}`,
     jobStart: (t) => run(call2('jobInit', t)),
     jobEnd: () => run(call2('jobCleanup')),
     jobAbort: () => run(call2('jobCleanup')),
@@ -334,10 +342,11 @@ export function adaptProvider(provider: BackupProvider): ProviderDriver {
       const devices: BitmapPlan['devices'] = {};
       for (const d of Object.keys(sizes)) devices[d] = 'none';
       if (r !== undefined && r !== null) {
-        if (typeof r !== 'object') throw new ProviderResultError('backupVmQueryIncremental', 'expected an object mapping device names to new or use');
+        if (typeof r !== 'object') throw new ProviderResultError('backupVmQueryIncremental', 'expected an object mapping device names to new, use or none');
         for (const [d, req] of Object.entries(r)) {
           if (!(d in sizes)) throw new ProviderResultError('backupVmQueryIncremental', `unknown device '${d}'`);
-          if (req !== 'new' && req !== 'use') throw new ProviderResultError('backupVmQueryIncremental', `device '${d}': expected 'new' or 'use', got ${JSON.stringify(req)}`);
+          // qemu-server accepts exactly these three ("invalid incremental mode" otherwise)
+          if (req !== 'new' && req !== 'use' && req !== 'none') throw new ProviderResultError('backupVmQueryIncremental', `device '${d}': expected 'new', 'use' or 'none', got ${JSON.stringify(req)}`);
           devices[d] = req as IncrementalRequest;
         }
       }

@@ -213,7 +213,7 @@ export interface BackupProviderV1 extends ProviderCommon {
   backupGetMechanism(vmid: number, vmtype: GuestType): Awaitable<BackupMechanismInfoV1 | undefined>;
   /**
    * The name of the backup being made (the volume name the storage will list, e.g.
-   * `backup/vm-100-2024_01_01-10_00_00`); letters, digits, `_ . - + / :` only. Perl: `backup_get_target($vmid, $vmtype)`.
+   * `backup/vm-100-2024_01_01-10_00_00`); letters, digits, `_ . - + = / :` only. Perl: `backup_get_target($vmid, $vmtype)`.
    */
   backupGetTarget(vmid: number, vmtype: GuestType): Awaitable<string>;
   /** Size in bytes of the backup just made, for the task log and result (VMs, after success). Perl: `backup_get_task_size($vmid)`. */
@@ -289,7 +289,11 @@ export interface BackupProviderV1 extends ProviderCommon {
 
 /** Answer of {@link BackupProviderV2.backupInit}. Perl: `{ 'archive-name' => ... }`. */
 export interface BackupInitResult {
-  /** Archive name: letters, digits, `_ . - + / :` only. */
+  /**
+   * Archive name: letters, digits, `_ . - + = / :` only (vzdump's check). vzdump makes the volume
+   * id `<storeid>:backup/<archiveName>` of it (pve-manager `VZDump.pm`), and the storage's notes,
+   * protected flag and listing must know the backup under `backup/<archiveName>`.
+   */
   archiveName: string;
 }
 
@@ -300,10 +304,11 @@ export interface BackupCleanupResult {
 
 /**
  * What {@link BackupProviderV2.backupVmQueryIncremental} answers per device: `new` (create a new
- * bitmap, or recreate it: read everything) or `use` (use the existing bitmap, create it if
- * missing). Devices left out use no bitmap (an existing one is discarded).
+ * bitmap, or recreate it: read everything), `use` (use the existing bitmap, create it if
+ * missing) or `none` (no bitmap, an existing one is discarded: qemu-server `VZDump/QemuServer.pm`
+ * `archive_external` accepts it beside the two others). Devices left out use no bitmap too.
  */
-export type IncrementalRequest = 'new' | 'use';
+export type IncrementalRequest = 'new' | 'use' | 'none';
 
 /** A readable view of a volume's point-in-time data (mechanism `file-handle`). */
 export interface VolumeHandle {
@@ -392,8 +397,11 @@ export interface RestoreContainerInitResult {
  *
  * Backup order: `jobInit`; per guest `backupInit`, `backupGetMechanism`; VMs:
  * `backupVmQueryIncremental` then `backupVm`; containers: `backupContainerPrepare` then
- * `backupContainer`; then `backupCleanup` (success or not); then `backupHandleLogFile`; after all
- * guests (or on abort) `jobCleanup`.
+ * `backupContainer`; on success the storage hooks (notes, protected, prune), then
+ * `backupCleanup(…, true)`; on failure (also of a hook, or of that cleanup: a second call)
+ * `backupCleanup(…, false, { error })`; then `backupHandleLogFile`; after all guests (or on abort)
+ * `jobCleanup`. Under vzdump, `backupCleanup(…, false)` may come without `backupInit` and with
+ * `vmtype` undefined (a guest that failed before its type was known): accept that.
  */
 export interface BackupProviderV2 extends ProviderCommon {
   /** API version targeted: 2. */

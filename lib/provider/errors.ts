@@ -116,6 +116,25 @@ export class JobAbortedError extends PveBackupError {
   }
 }
 
+/**
+ * A storage hook run after a guest's backup failed where vzdump fails the guest: the protected
+ * flag or pruning (code `ERR_STORAGE_HOOK`); `cause` is the provider's error.
+ */
+export class StorageHookError extends PveBackupError {
+  declare readonly code: 'ERR_STORAGE_HOOK';
+  /** Which hook failed. */
+  readonly hook: 'protected' | 'prune';
+
+  /**
+   * @param message - What failed.
+   * @param options - The hook and the cause.
+   */
+  constructor(message: string, options: { hook: 'protected' | 'prune'; cause?: unknown }) {
+    super(message, { code: 'ERR_STORAGE_HOOK', cause: options.cause });
+    this.hook = options.hook;
+  }
+}
+
 /** A restore failed (code `ERR_RESTORE`); `cause` is the underlying error. */
 export class RestoreError extends PveBackupError {
   declare readonly code: 'ERR_RESTORE';

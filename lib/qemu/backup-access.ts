@@ -97,7 +97,7 @@ export async function setupBackupAccess(qmp: QmpClient, opts: SetupBackupAccessO
     ? ({ ownNbd: true, socketPath: sock.socketPath, socketDir: sock.dir } as const)
     : ({ ownNbd: false, socketPath: existingNbd! } as const);
   try {
-    const input = { targetId, devices, bitmap, fleecingDir, fleecingFormat: format, qga: opts.qga, socket };
+    const input = { targetId, devices, bitmap, bitmapModes: opts.bitmapModes, fleecingDir, fleecingFormat: format, qga: opts.qga, socket };
     // Both backends report the same facts per device, under their own names.
     const reported =
       backend === 'upstream'

@@ -17,7 +17,7 @@ import { addExport, deleteExports, startNbdServer } from './nbd-exports.js';
 import { StepRunner, removeLocalFiles } from './teardown-steps.js';
 import { resolveDevices } from './devices.js';
 import { BackupAccessActiveError, BackupAccessError, deviceError } from './errors.js';
-import { anchorBitmapName, fleecingPath, slotNames } from './names.js';
+import { anchorBitmapName, fleecingPath, slotNames, storageTargetId } from './names.js';
 import { claimState, deleteState, newAccessState, readState, writeState, type AccessState, type DeviceState } from './state.js';
 import type { BitmapAction } from './types.js';
 import type { UpstreamSetupInput } from './upstream.js';
@@ -107,7 +107,12 @@ export async function setupProxmox(qmp: QmpClient, input: UpstreamSetupInput): P
   const resolved = await resolveDevices(qmp, input.devices, nodes);
   const sizes = resolved.map((r) => r.size);
   const token = randomBytes(4).toString('hex');
-  const qemuTargetId = form === 'devices' && input.bitmap !== undefined ? `${input.targetId}/${input.bitmap}` : input.targetId;
+  // qemu-server (VZDump/QemuServer.pm archive_external) passes target-id 'snapshot-access:<storeid>'
+  // and QEMU names the bitmap after the target (pve-qemu patch 0044: bitmap_name = target_id).
+  // The storage's own bitmap id gets exactly that, so a vzdump run and this package share it;
+  // another bitmap id (the seed generation's chain ids) keeps a target of its own.
+  const sharedWithVzdump = input.bitmap !== undefined && input.targetId === storageTargetId(input.bitmap);
+  const qemuTargetId = form === 'devices' && input.bitmap !== undefined && !sharedWithVzdump ? `${input.targetId}/${input.bitmap}` : input.targetId;
   const devStates: DeviceState[] = input.devices.map((device, slot) => ({
     device,
     slot,
@@ -152,7 +157,8 @@ export async function setupProxmox(qmp: QmpClient, input: UpstreamSetupInput): P
       form === 'devices'
         ? {
             'target-id': qemuTargetId,
-            devices: input.devices.map((device) => ({ device, 'bitmap-mode': input.bitmap === undefined ? 'none' : 'use' })),
+            // per device, as qemu-server passes the provider's answer to backup_vm_query_incremental
+            devices: input.devices.map((device) => ({ device, 'bitmap-mode': input.bitmap === undefined ? 'none' : (input.bitmapModes?.[device] ?? 'use') })),
           }
         : {
             'target-id': qemuTargetId,

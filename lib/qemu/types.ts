@@ -57,8 +57,20 @@ export interface SetupBackupAccessOptions {
    * the top node name (a `raw` node over the disk; the filter goes below it).
    */
   devices: string[];
-  /** Bitmap id (`[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}`); absent: no incremental tracking. */
+  /**
+   * Bitmap id (`[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}`); absent: no incremental tracking. With a target
+   * id `snapshot-access:<storeid>` and the bitmap id `<storeid>`, Proxmox's QEMU (landed form)
+   * gets qemu-server's names: target id and bitmap name both `snapshot-access:<storeid>`, so this
+   * package and vzdump share one bitmap per storage.
+   */
   bitmap?: string;
+  /**
+   * Per device, what the provider asked for (qemu-server's `bitmap-mode`): `use` (default), `new`
+   * (recreate) or `none` (no bitmap; an existing one is removed). Proxmox's landed form passes
+   * them to QEMU as they are; on other backends the caller removes the bitmaps of `new` and
+   * `none` devices before the setup (`dropDeviceBitmap`).
+   */
+  bitmapModes?: Record<string, 'use' | 'new' | 'none'>;
   /** Fleecing images: directory (absolute, writable) and format (default `qcow2`). */
   fleecing: { dir: string; format?: 'qcow2' | 'raw' };
   /** Guest agent: filesystems are frozen around the point in time. */

@@ -32,6 +32,8 @@ export interface UpstreamSetupInput {
   targetId: string;
   devices: string[];
   bitmap: string | undefined;
+  /** Per-device bitmap modes (Proxmox's landed form only; see `SetupBackupAccessOptions`). */
+  bitmapModes: Record<string, 'use' | 'new' | 'none'> | undefined;
   fleecingDir: string;
   fleecingFormat: 'qcow2' | 'raw';
   qga: GuestAgentClient | undefined;

@@ -420,7 +420,8 @@ export class RecordingProviderV2 extends BackupProviderBase {
   }
   override async backupInit(vmid: number, vmtype: GuestType, startTime: number): Promise<BackupInitResult> {
     await this.store.rec('backupInit', [vmid, vmtype, typeof startTime]);
-    return { archiveName: this.store.newArchive(vmid, vmtype) };
+    // the archive name; vzdump's volume name is backup/<archive name>, the name this store keys on
+    return { archiveName: this.store.newArchive(vmid, vmtype).slice('backup/'.length) };
   }
   override async backupCleanup(vmid: number, vmtype: GuestType, success: boolean, info: { error?: string }): Promise<BackupCleanupResult | void> {
     await this.store.rec('backupCleanup', [vmid, vmtype, success, info]);
