@@ -94,7 +94,7 @@ async function twoBackups(): Promise<{ provider: DirectoryProvider; points: Arra
     const content = disk.snapshot();
     const r = await runBackupJob({ provider, storeid: 'dir1', guests: [vmGuest(disk)], tmpdir: scratch });
     expect(r.guests[0]!.error).toBeUndefined();
-    points.push({ volname: r.guests[0]!.archiveName!, content });
+    points.push({ volname: r.guests[0]!.volname!, content });
   }
   return { provider, points, root };
 }

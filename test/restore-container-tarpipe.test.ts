@@ -34,7 +34,7 @@ describe('directory-mode container restore: the tar pipe pve-container uses', ()
       const provider = new DirectoryProvider({ storeid: 'dir1', scfg: { path: root, 'lxc-backup-mode': mode }, log: () => {} });
       const r = await runBackupJob({ provider, storeid: 'dir1', tmpdir: work, guests: [{ vmid: 200, type: 'lxc', rootdir: src, config: 'hostname: ct200\n' }] });
       expect(r.guests[0]!.error).toBeUndefined();
-      const volname = r.guests[0]!.archiveName!;
+      const volname = r.guests[0]!.volname!;
       if (mode === 'directory') expect(existsSync(path.join((await DirectoryStore.open(root)).backupDir(volname), 'root', 'dev', 'stale-node'))).toBe(true);
       const dst = path.join(work, `dst-${mode}`);
       mkdirSync(dst);
@@ -78,7 +78,7 @@ describe('restoreContainerInit / restoreContainerCleanup take (volname, storeid,
     const recording = new Recording({ storeid: 'dir7', scfg, log: () => {} });
     const r = await runBackupJob({ provider: recording, storeid: 'dir7', tmpdir: work, guests: [{ vmid: 201, type: 'lxc', rootdir: src, config: 'hostname: ct201\n' }] });
     expect(r.guests[0]!.error).toBeUndefined();
-    const volname = r.guests[0]!.archiveName!;
+    const volname = r.guests[0]!.volname!;
     const dst = path.join(work, 'dst');
     mkdirSync(dst);
     await restoreContainer({ provider: recording, volname, storeid: 'dir7', rootdir: dst });
@@ -102,7 +102,7 @@ describe('tar-path as pve-container checks it', () => {
     const provider = new DirectoryProvider({ storeid: 'dir1', scfg: { path: path.join(work, 'store') }, log: () => {} });
     const r = await runBackupJob({ provider, storeid: 'dir1', tmpdir: work, guests: [{ vmid: 202, type: 'lxc', rootdir: src, config: 'hostname: ct202\n' }] });
     expect(r.guests[0]!.error).toBeUndefined();
-    const volname = r.guests[0]!.archiveName!;
+    const volname = r.guests[0]!.volname!;
     const { tarPath } = await provider.restoreContainerInit(volname, 'dir1', {});
     // pve-storage tar_compression_option; pve-container restore_external_archive: die if !-f
     expect(tarPath).toMatch(/\.tar(\.(gz|bz2|xz|lzo|zst))?$/);
