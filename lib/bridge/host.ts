@@ -26,6 +26,7 @@
  *
  * @packageDocumentation
  */
+import { existsSync } from 'node:fs';
 import { createInterface } from 'node:readline';
 import type { Readable, Writable } from 'node:stream';
 import { pathToFileURL } from 'node:url';
@@ -82,8 +83,8 @@ function isClass(fn: unknown): fn is new (context: ProviderContext) => BackupPro
  * export is a factory `(context) => provider` or a provider class; either may be async.
  */
 export async function loadProviderModule(spec: string): Promise<ProviderHostOptions['factory']> {
-  // a path is resolved against the working directory; anything else is a package specifier
-  const url = spec.startsWith('/') || spec.startsWith('.') ? pathToFileURL(path.resolve(spec)).href : spec;
+  // an existing file is a path (against the working directory); anything else a package specifier
+  const url = spec.startsWith('/') || spec.startsWith('.') || existsSync(spec) ? pathToFileURL(path.resolve(spec)).href : spec;
   let mod: { default?: unknown };
   try {
     mod = (await import(url)) as { default?: unknown };
