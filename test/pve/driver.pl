@@ -21,6 +21,8 @@ use IO::Handle;
 use JSON::PP;
 use PVE::BackupProvider::Plugin::NodeBridge;
 
+die "driver: not in taint mode (run it with perl -T)\n" if !${^TAINT};
+
 $ENV{PATH} = '/sbin:/bin:/usr/sbin:/usr/bin';    # as PVE's daemons and CLIs set it
 delete @ENV{qw(IFS CDPATH ENV BASH_ENV)};
 STDOUT->autoflush(1);
@@ -66,6 +68,7 @@ sub run_backup {
     my $vmid = $job->{vmid};
     my ($archive, $size, $job_err, $guest_err);
     my $teardown_success = 0;
+    my $access = 0;    # whether QEMU's backup access was set up (then cleanup tears it down)
 
     # pve-manager VZDump.pm exec_backup
     eval {
@@ -95,6 +98,7 @@ sub run_backup {
             # QEMU's part (backup-access-setup, NBD exports): the test does it
             emit({ phase => 'setup', mechanism => $mechanism, incremental => $incremental });
             my $volumes = read_line();
+            $access = 1;
             die "driver: setup failed: $volumes->{error}\n" if $volumes->{error};
 
             my $info = {};
@@ -115,8 +119,10 @@ sub run_backup {
             $log->('warn', "backup cleanup for external provider failed - $@") if $@;
         }
         # the guest plugin's cleanup: backup-access-teardown (the test's part)
-        emit({ phase => 'teardown', success => $teardown_success ? JSON::PP::true : JSON::PP::false });
-        read_line();
+        if ($access) {
+            emit({ phase => 'teardown', success => $teardown_success ? JSON::PP::true : JSON::PP::false });
+            read_line();
+        }
         # not in an eval upstream (§3.3 step 7)
         $provider->backup_handle_log_file($vmid, $job->{logfile}) if $job->{logfile};
 
