@@ -203,10 +203,12 @@ export class ProviderHost {
         this.send({ id: null, error: errorJson(err) });
         continue;
       }
+      // served in order, one at a time; reading goes on meanwhile, so the end of the input is
+      // seen while a call runs
       chain = chain.then(() => this.answer(req));
-      // requests are served in order; awaiting here keeps memory bounded as well
-      await chain;
     }
+    // the input ended (the Perl side is gone, or read its last reply): nobody will read an answer
+    this.cancel(new CancelledError('the bridge closed the provider host\'s input'));
     await chain;
   }
 
