@@ -132,6 +132,28 @@ out('elapsed', time() - $t);
     expect(Number(r.out.elapsed)).toBeLessThan(5);
   });
 
+  it('drops the late reply of a call a signal interrupted: the next call gets its own answer', async () => {
+    const r = await perlT('slow.mjs', `
+$p->backup_init(100, 'qemu', time());
+eval {
+    local $SIG{ALRM} = sub { die "interrupted by signal\n" };    # vzdump's handlers die like this
+    alarm(1);
+    $p->backup_vm(100, '', { 'drive-scsi0' => { size => 1, 'bitmap-mode' => 'none', 'nbd-path' => '/nonexistent' } }, {});
+};
+alarm(0);
+out('vm-err', $@);
+kill('TERM', $p->host_pid);    # the task stop reaches the host too: backup_vm ends, its reply comes late
+sleep(0.3);
+out('name', $p->provider_name);
+out('log', join('|', @log));
+`);
+    expect(r.status).toBe(0);
+    expect(r.out['vm-err']).toBe('interrupted by signal ');
+    expect(r.out.name).toBe('directory');
+    // the host's log lines of the interrupted call still reach the log function
+    expect(r.out.log).toContain('info: backup_vm saw the cancellation');
+  });
+
   it('refuses a file-handle volume in backup_vm before anything crosses the pipe', async () => {
     const r = await perlT('directory.mjs', `
 eval { $p->backup_vm(100, '', { 'drive-scsi0' => { size => 1, 'bitmap-mode' => 'none', 'file-handle' => \\*STDIN, 'next-dirty-region' => sub { () } } }, {}) };
