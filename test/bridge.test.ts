@@ -226,6 +226,17 @@ describe('the Perl bridge under perl -T (stand-ins for vzdump and qmrestore)', (
     expect(run.exitCode).toBe(0);
   });
 
+  it("makes a provider's error in a restore call a die with its code; restore_vm_cleanup still runs", async () => {
+    const dir = await tempDir();
+    const r = await restore(dir, 'backup/100/qemu-2020_01_01-00_00_00', path.join(dir, 'never.raw'));
+    expect(r.done.error).toMatch(/ \[ERR_[A-Z_]+\]\n$/);
+    expect(r.done.error).not.toMatch(/ERR_BRIDGE|ERR_PROVIDER\]/);
+    expect(r.messages.some((m) => m.phase === 'configs')).toBe(false);
+    expect(r.stderr).not.toMatch(/backup provider cleanup after restore failed - .*not running/);
+    expect(r.exitCode).toBe(0);
+    await expect(fs.access(path.join(dir, 'never.raw'))).rejects.toThrow();
+  });
+
   it('fails backup_vm within seconds when the host is killed mid-backup, and leaves no process', async () => {
     const q = await startStorageDaemon({ size: 8 * MiB });
     const dir = await tempDir();
