@@ -129,6 +129,8 @@ export type ErrorCode =
   | 'ERR_VERIFY_FAILED'
   /** A guest's backup failed (`BackupFailedError`; the CLI's line shows the cause's code when it has one). */
   | 'ERR_BACKUP_FAILED'
+  /** The Perl bridge's protocol was broken or asked for what the provider host cannot serve (`BridgeError`). */
+  | 'ERR_BRIDGE'
   | NbdErrorCode
   | ContainerToolErrorCode
   | DirectoryStoreErrorCode

@@ -110,3 +110,6 @@ export {
   type ManifestDevice,
   type ParsedVolname,
 } from './directory-provider/index.js';
+
+// The Perl bridge's Node half (lib/bridge): the provider host behind `provider-host`
+export * from './bridge/index.js';

@@ -14,6 +14,7 @@ packages=(
   nbdkit                # memory, sparse-random, data plugins; error and delay filters
   time                  # /usr/bin/time: peak RSS and CPU of benchmark runs
   tar rsync acl attr    # container backup and restore
+  perl                  # the Perl bridge (perl/) and its tests: perl -T, JSON::PP, IO::Select
 )
 missing=()
 for p in "${packages[@]}"; do

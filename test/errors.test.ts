@@ -37,6 +37,7 @@ import {
 } from '../lib/index.js';
 import { BackupFailedError, DemoError, TargetExistsError, UsageError, VerifyFailedError } from '../lib/cli/errors.js';
 import { fromNative } from '../lib/nbd/errors.js';
+import { BridgeError } from '../lib/bridge/errors.js';
 
 // eslint-disable-next-line @typescript-eslint/no-explicit-any
 type ErrorClass = abstract new (...args: any[]) => PveBackupError;
@@ -91,6 +92,7 @@ const OWNER = {
   ERR_BACKUP_FAILED: BackupFailedError,
   ERR_DEMO: DemoError,
   ERR_DEMO_MISMATCH: DemoError,
+  ERR_BRIDGE: BridgeError,
 } satisfies Record<ErrorCode, ErrorClass>; // a code missing here, or one not in ErrorCode, does not compile
 
 interface Case {
@@ -360,6 +362,7 @@ const cases: Case[] = [
   },
   { err: new DemoError('ERR_DEMO', 'the full backup failed'), cls: DemoError, name: 'DemoError', code: 'ERR_DEMO', message: /^the full backup failed$/ },
   { err: new DemoError('ERR_DEMO_MISMATCH', 'differs'), cls: DemoError, name: 'DemoError', code: 'ERR_DEMO_MISMATCH', message: /^differs$/ },
+  { err: new BridgeError('bad request', { method: 'backup_vm', cause }), cls: BridgeError, name: 'BridgeError', code: 'ERR_BRIDGE', message: /^bad request$/, cause, fields: { method: 'backup_vm' } },
 ];
 
 describe('error table', () => {

@@ -18,6 +18,7 @@ describe('npm pack', () => {
     expect(files).toContain('native/index.cjs');
     expect(files.some((f) => f.endsWith('.node'))).toBe(true);
     expect(files).toContain('dist/index.js');
+    expect(files).toContain('perl/PVE/BackupProvider/Plugin/NodeBridge.pm'); // the Perl half of the bridge
     expect(files.some((f) => f.startsWith('test/') || f.startsWith('native/src/'))).toBe(false);
 
     const project = join(dir, 'project');

@@ -12,6 +12,7 @@ import { BackupFailedError } from './errors.js';
 import { NbdClient, listBitmaps } from '../nbd/client.js';
 import { copyExtents } from '../nbd/copy.js';
 import { addStoreCommands } from './store-commands.js';
+import { addProviderHostCommand } from './provider-host.js';
 import { EXIT, formatBytes, printTable, progressView } from './output.js';
 
 function parseSize(value: string): number {
@@ -178,6 +179,8 @@ export function buildProgram(): Command {
       if (opts.json) console.log(JSON.stringify({ removed }));
       else console.log(removed.length === 0 ? 'nothing to recover' : removed.map((r) => `removed ${r}`).join('\n'));
     });
+
+  addProviderHostCommand(program);
 
   program
     .command('demo')

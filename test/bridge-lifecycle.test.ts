@@ -1,0 +1,166 @@
+/**
+ * The Perl bridge's process handling under `perl -T`: the host starts on the first call and
+ * belongs to the process that started it, a dead host is an error (never a hang, never vzdump's
+ * SIGPIPE abort), setup calls time out, and what the bridge cannot carry is refused in Perl.
+ * Needs `npm run build:ts` (the host runs from dist/).
+ */
+import { spawnSync } from 'node:child_process';
+import { promises as fs } from 'node:fs';
+import path from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+
+import { requireTool } from './helpers/tools.js';
+import { stopAll, tempDir } from './helpers/qemu.js';
+
+const ROOT = path.resolve(import.meta.dirname, '..');
+
+afterEach(async () => {
+  await stopAll();
+});
+
+/** Runs `body` under `perl -T` with `$p`, a bridge on `provider`, and `@log`, the log function's lines. */
+async function perlT(provider: string, body: string): Promise<{ out: Record<string, string>; stderr: string; status: number | null }> {
+  const perl = requireTool('perl', 'perl');
+  await fs.access(path.join(ROOT, 'dist/cli/main.js')).catch(() => {
+    throw new Error('dist/cli/main.js is missing: run npm run build:ts');
+  });
+  const dir = await tempDir();
+  const script = `
+use strict; use warnings;
+use Time::HiRes qw(time sleep);
+use PVE::BackupProvider::Plugin::NodeBridge;
+die "not in taint mode\\n" if !\${^TAINT};
+$ENV{PATH} = '/sbin:/bin:/usr/sbin:/usr/bin';
+my ($node, $cli, $mod, $store, $state) = map { /^(.*)$/ ? $1 : die } @ARGV;
+my @log;
+my $p = PVE::BackupProvider::Plugin::NodeBridge->new(undef, { path => $store }, 'dir1', sub { push @log, "$_[0]: $_[1]" },
+    provider => $mod, node => $node, cli => $cli, env => { PVE_BACKUP_PROVIDER_STATE_DIR => $state }, setup_timeout => 2);
+sub out { my ($k, $v) = @_; $v //= ''; $v =~ s/\\n/ /g; print "$k=$v\\n" }
+${body}
+`;
+  const file = path.join(dir, 'case.pl');
+  await fs.writeFile(file, script);
+  const r = spawnSync(
+    perl,
+    ['-T', '-I', path.join(ROOT, 'test/pve'), '-I', path.join(ROOT, 'perl'), file, process.execPath, path.join(ROOT, 'dist/cli/main.js'), provider.startsWith('/') ? provider : path.join(ROOT, 'test/pve/providers', provider), path.join(dir, 'store'), path.join(dir, 'state')],
+    { encoding: 'utf8', timeout: 60_000 },
+  );
+  const out: Record<string, string> = {};
+  for (const line of r.stdout.split('\n')) {
+    const i = line.indexOf('=');
+    if (i > 0) out[line.slice(0, i)] = line.slice(i + 1);
+  }
+  return { out, stderr: r.stderr, status: r.status };
+}
+
+function gone(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return false;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'ESRCH';
+  }
+}
+
+describe('the Perl bridge: the host process (perl -T)', () => {
+  it('starts the host on the first call, not in new; a fork dropping the object leaves it; the owner dropping it ends it', async () => {
+    const r = await perlT('directory.mjs', `
+out('after-new', $p->host_pid // 'none');
+out('name', $p->provider_name);
+my $pid = $p->host_pid;
+out('pid', $pid);
+my $child = fork() // die;
+if ($child == 0) { undef $p; exit(0) }    # DESTROY in another pid
+waitpid($child, 0);
+out('alive-after-fork', kill(0, $pid) ? 1 : 0);
+out('name-again', $p->provider_name);
+undef $p;
+out('alive-after-undef', kill(0, $pid) ? 1 : 0);
+`);
+    expect(r.stderr).not.toMatch(/Insecure/);
+    expect(r.status).toBe(0);
+    expect(r.out).toMatchObject({ 'after-new': 'none', name: 'directory', 'alive-after-fork': '1', 'name-again': 'directory', 'alive-after-undef': '0' });
+    expect(gone(Number(r.out.pid))).toBe(true);
+  });
+
+  it('turns a host killed between calls into a plain die, also for cleanup calls, even with vzdump\'s SIGPIPE handler', async () => {
+    const r = await perlT('directory.mjs', `
+$SIG{PIPE} = sub { die "interrupted by signal\\n" };    # as vzdump's worker has it
+$p->provider_name;
+my $pid = $p->host_pid;
+kill('KILL', $pid);
+sleep(0.3);
+my $t = time();
+eval { $p->provider_name };
+out('err', $@);
+eval { $p->job_cleanup };
+out('cleanup-err', $@);
+out('elapsed', time() - $t);
+out('pid', $pid);
+`);
+    expect(r.status).toBe(0);
+    expect(r.out.err).toMatch(/^backup provider host is not running \(killed by signal 9\): cannot call provider_name/);
+    expect(r.out['cleanup-err']).toMatch(/^backup provider host is not running \(killed by signal 9\): cannot call job_cleanup/);
+    expect(`${r.out.err}${r.stderr}`).not.toMatch(/interrupted by signal/);
+    expect(Number(r.out.elapsed)).toBeLessThan(2);
+    expect(gone(Number(r.out.pid))).toBe(true);
+  });
+
+  it('fails a setup call the provider does not answer within the setup timeout', async () => {
+    const r = await perlT('hanging.mjs', `
+my $t = time();
+eval { $p->job_init(time()) };
+out('err', $@);
+out('elapsed', time() - $t);
+`);
+    expect(r.status).toBe(0);
+    expect(r.out.err).toBe('backup provider host did not answer job_init within 2 s ');
+    expect(Number(r.out.elapsed)).toBeGreaterThanOrEqual(1.9);
+    expect(Number(r.out.elapsed)).toBeLessThan(4);
+  });
+
+  it('fails within seconds when the host cannot start (a module that does not load)', async () => {
+    const r = await perlT('/nonexistent/provider.mjs', `
+my $t = time();
+eval { $p->provider_name };
+out('err', $@);
+out('elapsed', time() - $t);
+`);
+    expect(r.status).toBe(0);
+    expect(r.out.err).toMatch(/^backup provider host did not start: backup provider host is not running \(exit code 1\)/);
+    expect(r.stderr).toMatch(/cannot load the provider module '\/nonexistent\/provider.mjs'.*\[ERR_BRIDGE\]/);
+    expect(Number(r.out.elapsed)).toBeLessThan(5);
+  });
+
+  it('drops the late reply of a call a signal interrupted: the next call gets its own answer', async () => {
+    const r = await perlT('slow.mjs', `
+$p->backup_init(100, 'qemu', time());
+eval {
+    local $SIG{ALRM} = sub { die "interrupted by signal\n" };    # vzdump's handlers die like this
+    alarm(1);
+    $p->backup_vm(100, '', { 'drive-scsi0' => { size => 1, 'bitmap-mode' => 'none', 'nbd-path' => '/nonexistent' } }, {});
+};
+alarm(0);
+out('vm-err', $@);
+kill('TERM', $p->host_pid);    # the task stop reaches the host too: backup_vm ends, its reply comes late
+sleep(0.3);
+out('name', $p->provider_name);
+out('log', join('|', @log));
+`);
+    expect(r.status).toBe(0);
+    expect(r.out['vm-err']).toBe('interrupted by signal ');
+    expect(r.out.name).toBe('directory');
+    // the host's log lines of the interrupted call still reach the log function
+    expect(r.out.log).toContain('info: backup_vm saw the cancellation');
+  });
+
+  it('refuses a file-handle volume in backup_vm before anything crosses the pipe', async () => {
+    const r = await perlT('directory.mjs', `
+eval { $p->backup_vm(100, '', { 'drive-scsi0' => { size => 1, 'bitmap-mode' => 'none', 'file-handle' => \\*STDIN, 'next-dirty-region' => sub { () } } }, {}) };
+out('err', $@);
+out('started', $p->host_pid // 'none');
+`);
+    expect(r.out.err).toBe("volume 'drive-scsi0': the Node bridge carries only the nbd mechanism (no nbd-path; file-handle is not supported) ");
+    expect(r.out.started).toBe('none');
+  });
+});
