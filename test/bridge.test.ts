@@ -194,7 +194,8 @@ describe('the Perl bridge under perl -T (stand-ins for vzdump and qmrestore)', (
       [incr, second],
     ] as const) {
       const target = path.join(dir, `restored-${expected === first ? 1 : 2}.raw`);
-      const r = await restore(dir, run.done.archive!, target);
+      // vzdump names the volume backup/<archive-name> (PVE::VZDump, the volid <storeid>:backup/<archive-name>)
+      const r = await restore(dir, `backup/${run.done.archive!}`, target);
       expect(r.stderr).not.toMatch(/Insecure|tainted/);
       expect(r.done.error ?? null).toBeNull();
       const configs = r.messages.find((m) => m.phase === 'configs')!;

@@ -322,11 +322,11 @@ export class ProviderHost {
         return null;
       case 'restore_container_init': {
         // upstream passes ($volname, $storeid, {}) though Base.pm documents ($volname, $info) (pve-container LXC/Create.pm)
-        const r = await pr.restoreContainerInit(str(p[0], 'volname', method), {});
+        const r = await pr.restoreContainerInit(str(p[0], 'volname', method), typeof p[1] === 'string' ? p[1] : this.storeid, {});
         return r.tarPath !== undefined ? { 'tar-path': r.tarPath } : { 'archive-directory': r.archiveDirectory ?? null };
       }
       case 'restore_container_cleanup':
-        await pr.restoreContainerCleanup(str(p[0], 'volname', method), {});
+        await pr.restoreContainerCleanup(str(p[0], 'volname', method), typeof p[1] === 'string' ? p[1] : this.storeid, {});
         return null;
       default:
         throw new BridgeError(`unknown method '${method}'`, { method });
