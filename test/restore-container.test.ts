@@ -179,4 +179,17 @@ describe('container backup and restore through the job runner', () => {
     expect(err).toMatchObject({ code: 'ERR_RESTORE' });
     expect(p.calls.map((c) => c[0])).toEqual(['restoreGetMechanism', 'restoreStart', 'archiveGetGuestConfig', 'archiveGetFirewallConfig', 'restoreContainerInit', 'restoreContainerCleanup', 'restoreAbort']);
   });
+
+  it('an init that dies gets no cleanup, as pve-container runs the init outside its eval', async () => {
+    const dir = await tempDir();
+    const rootfs = path.join(dir, 'rootfs');
+    mkdirSync(path.join(rootfs, 'etc'), { recursive: true });
+    writeFileSync(path.join(rootfs, 'etc/hostname'), 'x\n');
+    const p = new RecordingProviderV2(ctx, { storeDir: path.join(dir, 'store'), containerRestore: 'tar', fail: { restoreContainerInit: { message: 'archive unreachable' } } });
+    const res = await runBackupJob({ provider: p, storeid: 'store1', tmpdir: dir, guests: [{ vmid: 200, type: 'lxc', rootdir: rootfs, config: '' }] });
+    p.calls.length = 0;
+    const err = await restoreContainer({ provider: p, volname: res.guests[0]!.volname!, storeid: 'store1', rootdir: path.join(dir, 'target') }).catch((e: unknown) => e);
+    expect((err as Error).message).toMatch(/archive unreachable/);
+    expect(p.calls.map((c) => c[0])).toEqual(['restoreGetMechanism', 'restoreStart', 'archiveGetGuestConfig', 'archiveGetFirewallConfig', 'restoreContainerInit', 'restoreAbort']);
+  });
 });

@@ -213,3 +213,12 @@ describe('the end of a backup', () => {
     }
   });
 });
+
+describe('cleanup calls vzdump makes without a backup', () => {
+  it('backupCleanup after a failure without backupInit (vmtype unknown) does nothing and does not throw; with success it is refused', async () => {
+    const root = path.join(await tempDir(), 'store');
+    const provider = new DirectoryProvider({ storeid: 'dir1', scfg: { path: root }, log: () => {} });
+    await expect(provider.backupCleanup(100, undefined as unknown as 'qemu', false, { error: 'backup_init failed' })).resolves.toBeUndefined();
+    await expect(provider.backupCleanup(100, 'qemu', true, {})).rejects.toMatchObject({ code: 'ERR_PROVIDER_STATE' });
+  });
+});

@@ -357,7 +357,13 @@ export class DirectoryProvider extends BackupProviderBase {
    * stays recorded (QEMU keeps its bitmap relative to it), so the next run can still go incremental.
    */
   override async backupCleanup(vmid: number, _vmtype: GuestType, success: boolean, info: { error?: string }): Promise<BackupCleanupResult | void> {
-    const g = this.guest(vmid);
+    const g = this.running.get(vmid);
+    if (!g) {
+      // vzdump calls this after a failure even when backup_init never ran or failed (vmtype may
+      // be undef then; pve-manager PVE/VZDump.pm): there is nothing of ours to clean up.
+      if (success) throw new DirectoryStoreError('ERR_PROVIDER_STATE', `no backup of guest ${vmid} is running`);
+      return;
+    }
     if (!success) {
       this.log.warn(`removing the incomplete backup ${g.volname}${info.error ? ` (${info.error})` : ''}`);
       // Disks all copied but the job failed later: QEMU may have taken the backup as successful,

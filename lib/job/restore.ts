@@ -382,10 +382,11 @@ export async function restoreContainer(o: RestoreContainerOptions): Promise<Rest
     const config = await driver.guestConfig(volname, storeid);
     const firewallConfig = await driver.firewallConfig(volname, storeid);
     const files = await writeConfigs(o.configDir, 'pct', config, firewallConfig);
-    // the cleanup follows the init whatever happened (also when init failed)
+    // As pve-container (src/PVE/LXC/Create.pm restore_external_archive): the init runs outside
+    // the eval, so an init that dies gets no cleanup; after a good init the cleanup always runs.
+    const source = await driver.containerInit(volname, storeid, mechanism);
     await withCleanup(
       async () => {
-        const source = await driver.containerInit(volname, storeid, mechanism);
         const common = {
           rootdir: o.rootdir,
           ...(o.allowNonEmpty ? { allowNonEmpty: true } : {}),
