@@ -141,6 +141,21 @@ describe('restore: interrupted, killed, existing targets', () => {
     await waitFor(() => pids.every((p) => !alive(p)), `${tool} (pids ${pids.join(', ')}) to die with its parent`, 5000);
   });
 
+  it("SIGKILL of a stopped VM's backup kills the qemu-storage-daemon serving its disks", async () => {
+    const dir = await tempDir();
+    const disk = path.join(dir, 'disk0.qcow2');
+    createImage(disk, 32 * MiB, 'qcow2');
+    qemuIo(disk, 'qcow2', ['write -P 0x42 0 16M']);
+    const run = startCli(['backup', '--store', path.join(dir, 'store'), '--vmid', '100', '--disk', `disk0=${disk}`, '--bwlimit', '1M']);
+    let pids: number[] = [];
+    // the kernel keeps 15 characters of a command name
+    await waitFor(() => (pids = children(run.pid, 'qemu-storage-da')).length > 0, 'qemu-storage-daemon to start');
+    run.kill('SIGKILL');
+    await run.done;
+    // an orphan would keep the VM's images locked (the VM could not start)
+    await waitFor(() => pids.every((p) => !alive(p)), `qemu-storage-daemon (pids ${pids.join(', ')}) to die with its parent`, 5000);
+  });
+
   it('an existing image is refused without --force, left as it was, and replaced whole with --force', async () => {
     const { dir, store, volid, content } = await vmBackup();
     const out = path.join(dir, 'out');

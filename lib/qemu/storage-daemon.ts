@@ -102,7 +102,9 @@ export async function startStorageDaemon(options: StorageDaemonOptions): Promise
   }
   const log = join(options.dir, 'qemu-storage-daemon.log');
   const out = await open(log, 'w');
-  const child = spawn(binary, args, { stdio: ['ignore', out.fd, out.fd] });
+  // dies with this process, even by SIGKILL: an orphan would keep the stopped VM's images locked
+  const cmd = tiedToParent(binary, args);
+  const child = spawn(cmd.file, cmd.args, { stdio: ['ignore', out.fd, out.fd] });
   await out.close();
   const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
   const kill = async (): Promise<void> => {

@@ -9,6 +9,7 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { QmpClient } from '../../lib/qmp/client.js';
 import { connectStartingQemu } from '../../lib/qemu/storage-daemon.js';
+import { tiedToParent } from '../../lib/tools.js';
 import { requireTool } from './tools.js';
 
 export const execFileP = promisify(execFile);
@@ -45,7 +46,9 @@ async function launch(cmd: string, args: string[], dir: string, images: Record<s
   const qmpPath = path.join(dir, 'qmp.sock');
   const log = path.join(dir, 'qemu.log');
   const out = await fs.open(log, 'w');
-  const proc = spawn(cmd, args, { cwd: dir, stdio: ['ignore', out.fd, out.fd] });
+  // dies with the test process, even when vitest is killed
+  const tied = tiedToParent(cmd, args);
+  const proc = spawn(tied.file, tied.args, { cwd: dir, stdio: ['ignore', out.fd, out.fd] });
   await out.close();
   const exited = new Promise<void>((r) => proc.once('exit', () => r()));
   const kill = async (): Promise<void> => {
