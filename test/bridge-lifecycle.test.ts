@@ -9,7 +9,7 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 
-import { requireTool } from './helpers/tools.js';
+import { gone, requireTool } from './helpers/tools.js';
 import { stopAll, tempDir } from './helpers/qemu.js';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
@@ -51,15 +51,6 @@ ${body}
     if (i > 0) out[line.slice(0, i)] = line.slice(i + 1);
   }
   return { out, stderr: r.stderr, status: r.status };
-}
-
-function gone(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return false;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'ESRCH';
-  }
 }
 
 describe('the Perl bridge: the host process (perl -T)', () => {

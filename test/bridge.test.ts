@@ -13,7 +13,7 @@ import { createInterface } from 'node:readline';
 import { afterEach, describe, expect, it } from 'vitest';
 
 import { setupBackupAccess, teardownBackupAccess } from '../lib/qemu/backup-access.js';
-import { requireTool } from './helpers/tools.js';
+import { gone, requireTool } from './helpers/tools.js';
 import { nbdRead, nbdWrite, startStorageDaemon, stopAll, tempDir, type QemuInstance } from './helpers/qemu.js';
 
 const MiB = 1024 * 1024;
@@ -108,15 +108,6 @@ function qemuPart(q: QemuInstance, fleece: string): (m: Msg) => Promise<object |
     }
     return undefined;
   };
-}
-
-function gone(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return false;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'ESRCH';
-  }
 }
 
 async function backupJob(q: QemuInstance, dir: string, provider: string, onMessage?: (m: Msg) => Promise<object | undefined> | object | undefined): Promise<Run> {
