@@ -8,5 +8,5 @@ export { DirectoryProvider, type DirectoryProviderOptions, type DeviceProgress }
 export { DirectoryProviderV1 } from './provider-v1.js';
 export { DirectoryStore, type BackupInfo, type VerifyResult, type PruneResultEntry, type PreviousInfo } from './store.js';
 export { DirectoryStoreError, type DirectoryStoreErrorCode } from './errors.js';
-export { markBackups, hasKeepOptions, type PruneEntry, type PruneMark } from './prune.js';
+export { markBackups, hasKeepOptions, type PruneEntry, type PruneMark } from '../provider/prune.js';
 export { parseVolname, STORE_MARKER, type Manifest, type ManifestDevice, type ParsedVolname } from './layout.js';

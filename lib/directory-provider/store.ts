@@ -42,7 +42,7 @@ import {
   type Manifest,
   type ParsedVolname,
 } from './layout.js';
-import { markBackups, type PruneMark } from './prune.js';
+import { markBackups, type PruneMark } from '../provider/prune.js';
 
 const execFileP = promisify(execFile);
 

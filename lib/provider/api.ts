@@ -65,6 +65,45 @@ export interface ProviderContext {
 /** A factory constructing a provider, the equivalent of Perl's `new`. May be async. */
 export type ProviderFactory = (context: ProviderContext) => BackupProvider | Promise<BackupProvider>;
 
+/** A storage property the generated Proxmox VE storage plugin declares (pve-common JSON schema). */
+export interface PveStorageProperty {
+  type: 'string' | 'integer' | 'boolean';
+  description: string;
+  /** For `string`: the allowed values. */
+  enum?: string[];
+  /** For `integer`. */
+  minimum?: number;
+  maximum?: number;
+  default?: string | number | boolean;
+}
+
+/**
+ * What `pve-backup-provider pve-plugin generate` writes into the Proxmox VE storage plugin of a
+ * provider module: the module's named export `pveStorage`. Everything is optional.
+ */
+export interface PveStorageSchema {
+  /**
+   * The storage's own properties. Names are one namespace across every storage plugin of a
+   * node (pve-common `SectionConfig` dies on a duplicate): prefix them with the vendor's name.
+   */
+  properties?: Record<string, PveStorageProperty>;
+  /**
+   * Which properties a storage of this type takes, own ones and Proxmox VE's (`path`, `nodes`,
+   * `disable`, `prune-backups`, `max-protected-backups`...): `fixed` cannot change after
+   * `pvesm add`, `optional` may be left out.
+   */
+  options?: Record<string, { optional?: boolean; fixed?: boolean }>;
+  /** Own properties that hold secrets (`sensitive-properties`): kept out of `storage.cfg`. */
+  sensitive?: string[];
+  /**
+   * Where the vmid stands in the provider's archive names: a regular expression (valid in Perl
+   * and JavaScript) with one capture group for the vmid. `parse_volname` applies it in Perl,
+   * without starting the provider, since Proxmox VE calls it for every listed backup. Default
+   * `^(\d+)/`: the archive name starts with `<vmid>/`.
+   */
+  archiveNameVmid?: string;
+}
+
 /** Result that may be returned directly or as a promise. */
 export type Awaitable<T> = T | Promise<T>;
 
@@ -83,11 +122,48 @@ export interface PruneOptions {
   keepYearly?: number;
 }
 
+/** One backup as the storage side lists it (an item of pve-storage's `list_volumes`). */
+export interface StoredBackup {
+  /** Volume name without the storage id: `backup/<archive-name>` (vzdump's volume id is `<storeid>:<volname>`). */
+  volname: string;
+  vmid: number;
+  /** Guest type: PVE's `subtype`, which the GUI uses to offer a VM or a container restore. */
+  vmtype: GuestType;
+  /** Creation time, Unix seconds. */
+  ctime: number;
+  /** Size in bytes (what the backup occupies, or its data size). */
+  size: number;
+  notes?: string;
+  protected?: boolean;
+}
+
+/** Space of the storage (pve-storage `status`: total, free and used bytes). */
+export interface StorageStatus {
+  total: number;
+  free: number;
+  used: number;
+}
+
+/** One backup's retention decision (pve-storage `prune_mark_backup_group`). */
+export interface StoragePruneMark {
+  volname: string;
+  vmid: number;
+  vmtype: GuestType;
+  ctime: number;
+  mark: 'keep' | 'remove' | 'protected';
+}
+
 /**
- * The provider's storage side, optional: what vzdump does through the storage plugin after a
- * successful guest backup. Each method is optional; the runner logs a warning when a job asks for
- * something the provider cannot do. An error thrown here is logged as a warning of the guest's
- * backup (the backup itself succeeded).
+ * The provider's storage side, optional. Two callers use it:
+ * - the job: what vzdump does through the storage plugin after a successful guest backup (notes,
+ *   protected flag, prune). The runner logs a warning when a job asks for something the provider
+ *   cannot do; an error thrown by `setNotes` is a warning, by `setProtected` or `prune` a failure
+ *   of the guest (pve-manager `VZDump.pm`).
+ * - Proxmox VE's storage plugin (the Perl bridge): class calls made with no job and no
+ *   provider object (`status`, `list_volumes`, `free_image`, `get/update_volume_attribute`,
+ *   `prune_backups`), each on a fresh provider constructed from the storage configuration. Such a
+ *   provider gets no `jobInit`: these methods must work on their own, and find backups written
+ *   by another process.
  */
 export interface ProviderStorage {
   /** Sets the notes (the expanded notes template) of a backup. Perl: `update_volume_attribute($scfg, $storeid, $volname, 'notes', $notes)`. */
@@ -95,10 +171,22 @@ export interface ProviderStorage {
   /** Sets or clears the protected flag of a backup. Perl: `update_volume_attribute(..., 'protected', 1)`. */
   setProtected?(volname: string, value: boolean): Awaitable<void>;
   /**
-   * Applies retention to the guest's backups on this storage. Perl: `prune_backups($scfg, $storeid, $keep, $vmid, $type, 0, $logfunc)`.
-   * @returns Optionally, the volnames removed (logged).
+   * Applies retention to the guest's backups on this storage. Perl: `prune_backups($scfg, $storeid, $keep, $vmid, $type, $dryrun, $logfunc)`.
+   * With `dryRun`, decides and removes nothing.
+   * @returns Optionally, the volnames removed (logged) and the decision for every backup
+   *   considered (what `pvesm prune-backups --dry-run` shows).
    */
-  prune?(options: { vmid: number; vmtype: GuestType; keep: PruneOptions }): Awaitable<{ removed?: string[] } | void>;
+  prune?(options: { vmid: number; vmtype: GuestType; keep: PruneOptions; dryRun?: boolean }): Awaitable<{ removed?: string[]; marks?: StoragePruneMark[] } | void>;
+  /** Space of the storage. Perl: `status`; pvestatd asks every 10 s (the bridge caches it). */
+  status?(): Awaitable<StorageStatus>;
+  /** The backups on this storage, of one guest when `vmid` is given. Perl: `list_volumes`. */
+  listBackups?(filter: { vmid?: number }): Awaitable<StoredBackup[]>;
+  /** Notes of a backup, or undefined. Perl: `get_volume_attribute(..., 'notes')`. */
+  getNotes?(volname: string): Awaitable<string | undefined>;
+  /** Whether a backup is protected. Perl: `get_volume_attribute(..., 'protected')`. */
+  getProtected?(volname: string): Awaitable<boolean>;
+  /** Deletes a backup (refused for a protected one). Perl: `free_image`. */
+  removeBackup?(volname: string): Awaitable<void>;
 }
 
 /** What the optional restore hooks are told. */

@@ -4,7 +4,7 @@
  *
  * @packageDocumentation
  */
-import type { PruneOptions } from '../provider/api.js';
+import type { PruneOptions } from './api.js';
 
 /** A backup as the retention rules see it. */
 export interface PruneEntry {
