@@ -341,6 +341,21 @@ describe('job runner, Proxmox VE 8.4 provider (V2) through the adapter', () => {
     ]);
   });
 
+  // pve-manager VZDump.pm exec_backup_task: backup_handle_log_file runs outside any eval, so its
+  // die escapes the guest and aborts the whole job (docs/pve-bridge-notes.md 3.3 step 7)
+  it('a failing backupHandleLogFile aborts the job: later guests are skipped, jobCleanup runs, ERR_JOB_ABORTED with the cause', async () => {
+    const { guests, tmp } = await setup();
+    const p = new RecordingProviderV2(ctx, { fail: { backupHandleLogFile: { message: 'log store gone', when: (vmid) => vmid === 101 } } });
+    const err = (await runBackupJob({ provider: p, storeid: 'store1', guests, tmpdir: tmp }).catch((e: unknown) => e)) as JobAbortedError;
+    expect(err).toBeInstanceOf(JobAbortedError);
+    expect(err).toMatchObject({ code: 'ERR_JOB_ABORTED', message: 'backup job aborted: log store gone' });
+    expect((err.cause as Error).message).toBe('log store gone');
+    // the guest whose log failed was backed up; the container after it never started
+    expect((err.result as BackupJobResult).guests.map((g) => g.status)).toEqual(['ok', 'ok', 'skipped']);
+    expect(p.calls.slice(-3)).toEqual([['backupCleanup', 101, 'qemu', true, {}], ['backupHandleLogFile', 101, '<task.log>'], ['jobCleanup']]);
+    expect(p.calls.some((c) => c[1] === 200)).toBe(false);
+  });
+
   it("a provider answering 'none' for a device (qemu-server accepts it) backs it up without a bitmap", async () => {
     const { guests, tmp } = await setup();
     const p = new RecordingProviderV2(ctx, { incremental: { disk0: 'none', disk1: 'new' } });

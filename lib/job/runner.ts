@@ -30,12 +30,13 @@ const unix = (): number => Math.floor(Date.now() / 1000);
 
 /**
  * Runs a backup job: `jobStart` (`jobInit`), each guest in order, then `jobEnd` (`jobCleanup`),
- * or `jobAbort` on a fundamental failure. One guest failing does not stop the others.
+ * or `jobAbort` on a fundamental failure. One guest failing does not stop the others; a failing
+ * `backupHandleLogFile` does, as in vzdump: the job is aborted there.
  *
  * @returns Each guest's outcome.
  * @throws {@link ProviderApiVersionError} when the provider's API version is refused (nothing is
  *   called then); {@link JobAbortedError} (`ERR_JOB_ABORTED`, with `result` and `cause`) when the
- *   job was aborted (signal, provider factory or `jobStart` failing); {@link InvalidArgumentError}
+ *   job was aborted (signal, provider factory, `jobStart` or `backupHandleLogFile` failing); {@link InvalidArgumentError}
  *   for bad options.
  */
 export async function runBackupJob(opts: RunBackupJobOptions): Promise<BackupJobResult> {
@@ -89,7 +90,12 @@ export async function runBackupJob(opts: RunBackupJobOptions): Promise<BackupJob
     }
     for (const [i, guest] of opts.guests.entries()) {
       if (controller.signal.aborted) break;
-      result.guests[i] = await backupGuest(ctx, guest);
+      const { outcome, logFileError } = await backupGuest(ctx, guest);
+      result.guests[i] = outcome;
+      // pve-manager VZDump.pm exec_backup_task calls backup_handle_log_file outside any eval: its
+      // die escapes the guest and aborts the job (the remaining guests are not backed up, the
+      // job's cleanup runs through the error path; docs/pve-bridge-notes.md 3.3 step 7).
+      if (logFileError) return await abortJob(ctx, result, logFileError, `aborted: handling the task log of ${guest.type === 'qemu' ? 'VM' : 'CT'} ${guest.vmid} failed`);
     }
     if (controller.signal.aborted) {
       // A signal that came after every guest was done cancelled nothing: the exit must say so.
@@ -159,7 +165,11 @@ export async function removeStaleGuestDirs(tmpdir: string = os.tmpdir()): Promis
   return removed;
 }
 
-async function backupGuest(ctx: JobContext, guest: Guest): Promise<GuestOutcome> {
+/**
+ * One guest's backup, in vzdump's order. `logFileError`: `backupHandleLogFile` failed, which
+ * aborts the job (it is the one call of the guest upstream runs outside an eval).
+ */
+async function backupGuest(ctx: JobContext, guest: Guest): Promise<{ outcome: GuestOutcome; logFileError?: Error }> {
   const { driver, opts } = ctx;
   const vmtype: GuestType = guest.type;
   const started = unix();
@@ -228,10 +238,12 @@ async function backupGuest(ctx: JobContext, guest: Guest): Promise<GuestOutcome>
     }
   }
   if (!error) tlog.info(`Finished Backup of ${what} (${formatDuration(Date.now() - t0)})`);
+  let logFileError: Error | undefined;
   try {
     await driver.handleLogFile(guest.vmid, logPath);
   } catch (err) {
-    tlog.warn(`unable to handle the task log file: ${toError(err).message}`);
+    logFileError = toError(err);
+    tlog.err(`handling the task log file failed: ${logFileError.message}`);
   }
   ctx.setCurrent(undefined);
   await rm(gdir, { recursive: true, force: true }).catch(() => undefined);
@@ -241,7 +253,7 @@ async function backupGuest(ctx: JobContext, guest: Guest): Promise<GuestOutcome>
   outcome.log = [...tlog.lines];
   if (opts.logDir) outcome.logFile = logPath;
   outcome.endTime = unix();
-  return outcome;
+  return logFileError ? { outcome, logFileError } : { outcome };
 }
 
 function formatDuration(ms: number): string {
