@@ -187,10 +187,11 @@ describe('the end of a backup', () => {
     try {
       class FillsTheDisk extends DirectoryProvider {
         fill = true;
-        override async backupCleanup(...args: Parameters<DirectoryProvider['backupCleanup']>): ReturnType<DirectoryProvider['backupCleanup']> {
+        protected override async backupDisk(...args: Parameters<DirectoryProvider['backupDisk']>): Promise<void> {
+          await super.backupDisk(...args);
           // the store's file system fills up after the disks were copied, before the manifest
+          // (written at the end of backupVm)
           if (this.fill) await writeFile(path.join(root, 'filler'), Buffer.alloc(8 * MiB)).catch(() => undefined);
-          return super.backupCleanup(...args);
         }
       }
       const provider = new FillsTheDisk({ storeid: 'dir1', scfg: { path: root }, log: () => {} });

@@ -30,6 +30,19 @@ export class DirectoryProviderV1 extends BackupProviderBaseV1 {
   private readonly targets = new Map<number, string>();
 
   /**
+   * The inner provider's storage side (disk state only), each hook first completing this face's
+   * own running backup of the guest concerned, if its data is all written. The seed's API has no
+   * call ending a VM's data (`backupNbd` comes per disk; the runner tears QEMU's backup access
+   * down as successful after the last one), so the face completes a backup on the first call of
+   * the success path that follows: a storage hook, `backupGetTaskSize` or `backupEnd`. The seed
+   * generation runs only in-process (the Perl bridge serves apiVersion 2), so those hooks always
+   * reach this object. Should completing fail, QEMU has cleared its bitmap already: the runner's
+   * `backupAbort` removes the backup and the next one is full (see
+   * {@link DirectoryProvider.backupCleanup}); the bitmap ledger covers a crash in between.
+   */
+  readonly storage: ProviderStorage;
+
+  /**
    * @param context - As for {@link DirectoryProvider}.
    * @param options - As for {@link DirectoryProvider}.
    * @param inner - The provider to delegate to (default: a new one from `context` and `options`).
@@ -37,10 +50,30 @@ export class DirectoryProviderV1 extends BackupProviderBaseV1 {
   constructor(context: ProviderContext, options: DirectoryProviderOptions = {}, inner?: DirectoryProvider) {
     super(context);
     this.inner = inner ?? new DirectoryProvider(context, options);
+    this.storage = this.faceStorage();
   }
 
-  get storage(): ProviderStorage {
-    return this.inner.storage;
+  private faceStorage(): ProviderStorage {
+    return {
+      ...this.inner.storage,
+      setNotes: async (volname, notes) => {
+        await this.completeOwn(volname);
+        await this.inner.storage.setNotes!(volname, notes);
+      },
+      setProtected: async (volname, value) => {
+        await this.completeOwn(volname);
+        await this.inner.storage.setProtected!(volname, value);
+      },
+      prune: async (o) => {
+        if (this.targets.has(o.vmid)) await this.inner.completeBackup(o.vmid);
+        return this.inner.storage.prune!(o);
+      },
+    };
+  }
+
+  /** Completes this face's running backup named `volname`, if it is one. */
+  private async completeOwn(volname: string): Promise<void> {
+    for (const [vmid, v] of this.targets) if (v === volname) await this.inner.completeBackup(vmid);
   }
 
   override providerName(): string {
@@ -87,10 +120,12 @@ export class DirectoryProviderV1 extends BackupProviderBaseV1 {
       signal: extra?.signal ?? new AbortController().signal,
     });
   }
-  override backupGetTaskSize(vmid: number): Promise<number> {
+  override async backupGetTaskSize(vmid: number): Promise<number> {
+    await this.inner.completeBackup(vmid);
     return this.inner.runningSize(vmid);
   }
   override async backupEnd(vmid: number): Promise<void> {
+    await this.inner.completeBackup(vmid);
     await this.inner.backupCleanup(vmid, this.inner.guestType(vmid), true, {});
   }
   override async backupAbort(vmid: number, error: Error): Promise<void> {

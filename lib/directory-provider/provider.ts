@@ -97,6 +97,11 @@ interface GuestBackup {
 }
 
 type VmBackupMode = 'full' | 'incremental';
+
+/** Every disk of the backup was copied: QEMU may be (or have been) told success for it. */
+function dataCopied(g: GuestBackup): boolean {
+  return Object.keys(g.devices).length > 0 && !g.copyFailed && !g.copying;
+}
 type LxcBackupMode = 'tar' | 'directory';
 
 function option<T extends string>(scfg: Record<string, unknown>, key: string, allowed: readonly T[], dflt: T): T {
@@ -136,17 +141,44 @@ export class DirectoryProvider extends BackupProviderBase {
   private readonly ledger: BitmapLedger;
 
   /**
-   * The storage side: notes, protected flag, retention. vzdump runs them after the guest's data
-   * and before `backup_cleanup(..., 1)` (pve-manager `VZDump.pm` `exec_backup_task`), so a backup
-   * this provider is still writing is completed (manifest) first: notes and the flag need a
-   * complete backup, and prune must count it as vzdump counts the archive it just wrote.
+   * The storage side: what Proxmox VE's storage plugin asks (`status`, `list_volumes`,
+   * `get/update_volume_attribute`, `free_image`, `prune_backups`) and vzdump's notes, protected
+   * flag and prune after a guest's data. In Proxmox VE these are storage-plugin class calls
+   * (pve-manager `VZDump.pm` L1226-1243, docs/pve-bridge-notes.md 5): the bridge serves them from a
+   * fresh provider in another process, without `jobInit`, while a job may be writing to the same
+   * store. So every hook works on what is on disk only, never on this object's running backups:
+   * a backup is complete when its manifest is (written at the end of `backupVm` /
+   * `backupContainer`, before vzdump runs these hooks); one being written (its `.lock` names a
+   * live process) is neither listed, nor pruned, nor removable, and neither is the backup it
+   * builds on removable while it runs (see {@link DirectoryStore.pruneBackups}).
+   *
+   * Listing: complete backups, and those that are complete but cannot be restored (`broken`: a
+   * backup of their chain is gone or damaged; `corrupt`: their manifest does not match), so that
+   * an operator sees what takes space and can delete it; restoring one of those is refused with
+   * `ERR_CHAIN_BROKEN` / `ERR_BACKUP_CORRUPT` before any target is written. Backups in progress and
+   * leftovers of interrupted runs (no manifest) are not listed (prune and the next backup of the
+   * guest remove the leftovers).
    */
   readonly storage: ProviderStorage = {
-    setNotes: async (volname, notes) => (await this.completeRunning((g) => g.volname === volname)).setNotes(volname, notes),
-    setProtected: async (volname, value) => (await this.completeRunning((g) => g.volname === volname)).setProtected(volname, value),
-    prune: async ({ vmid, vmtype, keep }) => {
-      const marks = await (await this.completeRunning((g) => g.vmid === vmid)).pruneBackups({ vmid, vmtype, keep });
-      return { removed: marks.filter((m) => m.mark === 'remove').map((m) => m.volname) };
+    status: async () => (await this.openStore()).status(),
+    listBackups: async (filter = {}) => {
+      const list = await (await this.openStore()).listBackups(filter.vmid);
+      return list
+        .filter((b) => b.status === 'ok' || b.status === 'broken' || b.status === 'corrupt')
+        .map((b) => ({ volname: b.volname, vmid: b.vmid, vmtype: b.subtype, ctime: b.ctime, size: b.size, protected: b.protected, ...(b.notes !== undefined ? { notes: b.notes } : {}) }));
+    },
+    getNotes: async (volname) => (await (await this.openStore()).listedAttributes(volname)).notes,
+    getProtected: async (volname) => (await (await this.openStore()).listedAttributes(volname)).protected,
+    setNotes: async (volname, notes) => (await this.openStore()).setNotes(volname, notes),
+    setProtected: async (volname, value) => (await this.openStore()).setProtected(volname, value),
+    removeBackup: async (volname) => {
+      const { merged } = await (await this.openStore()).deleteBackup(volname);
+      if (merged) this.log.info(`merged ${volname} into ${merged}, which builds on it`);
+    },
+    prune: async ({ vmid, vmtype, keep, dryRun }) => {
+      const entries = await (await this.openStore()).pruneBackups({ vmid, vmtype, keep, ...(dryRun ? { dryRun } : {}) });
+      const marks = entries.map((e) => ({ volname: e.volname, vmid: e.vmid, vmtype: e.subtype, ctime: e.ctime, mark: e.mark }));
+      return { ...(dryRun ? {} : { removed: marks.filter((m) => m.mark === 'remove').map((m) => m.volname) }), marks };
     },
   };
 
@@ -177,30 +209,6 @@ export class DirectoryProvider extends BackupProviderBase {
     return this.store;
   }
 
-  /**
-   * Completes the running backups `which` selects whose data is all written (the storage hooks
-   * come after it); a failure discards the backup as a failed `backupCleanup(true)` does.
-   * @returns The store.
-   */
-  private async completeRunning(which: (g: GuestBackup) => boolean): Promise<DirectoryStore> {
-    for (const g of [...this.running.values()]) {
-      if (!which(g) || g.manifest || g.copying || g.copyFailed) continue;
-      await this.completeOrDiscard(g);
-    }
-    return this.openStore();
-  }
-
-  /** {@link complete}, or on failure the discard after which the next backup is full. */
-  private async completeOrDiscard(g: GuestBackup): Promise<Manifest> {
-    try {
-      return await this.complete(g);
-    } catch (err) {
-      // QEMU took the backup as successful: its bitmap no longer matches the previous backup.
-      await this.discard(g, { forgetPrevious: true });
-      throw err;
-    }
-  }
-
   private guest(vmid: number): GuestBackup {
     const g = this.running.get(vmid);
     if (!g) throw new DirectoryStoreError('ERR_PROVIDER_STATE', `no backup of guest ${vmid} is running`);
@@ -214,9 +222,13 @@ export class DirectoryProvider extends BackupProviderBase {
     await this.openStore();
   }
 
-  /** The job is over: a guest backup still open here failed without cleanup; remove it. */
+  /**
+   * The job is over: a guest backup still open here without its manifest failed without cleanup;
+   * remove it (after all its disks were copied, QEMU may have been told success: the next backup
+   * is full then). A complete one stays: it is a sound backup.
+   */
   override async jobCleanup(): Promise<void> {
-    for (const g of [...this.running.values()]) if (!g.manifest) await this.discard(g);
+    for (const g of [...this.running.values()]) if (!g.manifest) await this.discard(g, { forgetPrevious: dataCopied(g) });
     this.running.clear();
   }
 
@@ -281,7 +293,14 @@ export class DirectoryProvider extends BackupProviderBase {
     return out;
   }
 
-  /** Stores the configuration files and each disk as a qcow2 image. */
+  /**
+   * Stores the configuration files and each disk as a qcow2 image, then completes the backup
+   * (manifest): when this returns, the backup is complete on disk for every process, before
+   * vzdump's notes, protected flag and prune (storage-plugin calls made from other processes) and
+   * before `backup_cleanup`. qemu-server tears the backup access down as successful exactly when
+   * `backup_vm` returned (`VZDump/QemuServer.pm` `archive_external` / `cleanup`,
+   * docs/pve-bridge-notes.md 3.4), so the backup is recorded before QEMU clears its bitmap.
+   */
   override async backupVm(vmid: number, guestConfig: string, volumes: Record<string, BackupVmVolume>, info: BackupVmInfo): Promise<void> {
     const g = this.guest(vmid);
     await this.saveConfigs(g, guestConfig, info.firewallConfig);
@@ -289,6 +308,7 @@ export class DirectoryProvider extends BackupProviderBase {
     for (const [device, v] of Object.entries(volumes)) {
       await this.backupDisk(g, device, { ...v, nbdUri: v.nbdUri ?? nbdUriFor(device, v.nbdPath!) }, normaliseBandwidthLimit(info.bandwidthLimit, 'bandwidthLimit'), info.signal);
     }
+    await this.complete(g);
   }
 
   /**
@@ -349,12 +369,35 @@ export class DirectoryProvider extends BackupProviderBase {
     };
     if (g.mode === 'tar') await createTarArchive({ source: info.directory, archive: path.join(g.dir, 'root.tar'), ...common });
     else await backupDirectoryTree({ source: info.directory, target: path.join(g.dir, 'root'), ...common });
+    // complete on disk before vzdump's storage calls (other processes), as for VMs
+    await this.complete(g);
   }
 
   /**
-   * Success: checksum every file, write the manifest (the backup is complete from then on) and
-   * record it as the previous backup, unless the storage hooks did so already. Failure: remove the partial backup; the previous backup
-   * stays recorded (QEMU keeps its bitmap relative to it), so the next run can still go incremental.
+   * Completes the running backup of a guest whose data is all written, if not done yet (the seed
+   * generation's face, whose API has no end of a VM's data: `backupNbd` comes per disk).
+   * @returns The manifest.
+   */
+  async completeBackup(vmid: number): Promise<Manifest> {
+    const g = this.guest(vmid);
+    if (g.copying || g.copyFailed) throw new DirectoryStoreError('ERR_PROVIDER_STATE', `the backup of guest ${vmid} has no complete data to record`, { volname: g.volname });
+    return g.manifest ?? (await this.complete(g));
+  }
+
+  /**
+   * Success: the backup was completed by `backupVm` / `backupContainer`; only its size is reported.
+   *
+   * Failure: the backup is removed, also when it was complete already (vzdump failed the guest
+   * afterwards: protected flag or prune failing, `backup_cleanup(..., 1)` dying; it is never listed
+   * after this returns). The rule that keeps incremental chains right: QEMU is told success when
+   * `backup_vm` returned (qemu-server tears down after `backup_cleanup`, with `success` = "backup_vm
+   * returned", docs/pve-bridge-notes.md 3.4 / 7.8), whatever fails after it. So
+   * - once every disk was copied (and certainly once the backup was complete), QEMU's bitmap may
+   *   count writes since this backup only: the previous-info is forgotten and the next backup is
+   *   full. The bitmap ledger keeps naming this (removed) backup, so even a crash before the
+   *   previous-info is forgotten leaves nothing an incremental could build on wrongly;
+   * - a copy failed or never ran: `backup_vm` died, QEMU keeps its bitmap relative to the previous
+   *   backup; the ledger names the previous backup again and the next run can go incremental.
    */
   override async backupCleanup(vmid: number, _vmtype: GuestType, success: boolean, info: { error?: string }): Promise<BackupCleanupResult | void> {
     const g = this.running.get(vmid);
@@ -365,29 +408,38 @@ export class DirectoryProvider extends BackupProviderBase {
       return;
     }
     if (!success) {
-      this.log.warn(`removing the incomplete backup ${g.volname}${info.error ? ` (${info.error})` : ''}`);
-      // Disks all copied but the job failed later: QEMU may have taken the backup as successful,
-      // so its bitmap may not match the previous backup any more; the next backup is full then.
-      const copied = Object.keys(g.devices).length > 0 && !g.copyFailed && !g.copying;
-      await this.discard(g, { forgetPrevious: copied });
+      this.log.warn(`removing the ${g.manifest ? 'failed' : 'incomplete'} backup ${g.volname}${info.error ? ` (${info.error})` : ''}`);
+      await this.discard(g, { forgetPrevious: g.manifest !== undefined || dataCopied(g) });
       return;
     }
-    // the storage hooks may have completed it already
-    const m = g.manifest ?? (await this.completeOrDiscard(g));
-    return { stats: { archiveSize: Object.values(m.files).reduce((n, f) => n + f.size, 0) } };
+    if (!g.manifest) throw new DirectoryStoreError('ERR_PROVIDER_STATE', `the backup ${g.volname} of guest ${vmid} is not complete: its data call did not succeed`, { volname: g.volname });
+    return { stats: { archiveSize: Object.values(g.manifest.files).reduce((n, f) => n + f.size, 0) } };
   }
 
-  /** Keeps the task log as `backup.log` (its checksum is added to the manifest), then forgets the guest. */
+  /**
+   * Keeps the task log as `backup.log` (its checksum is added to the manifest), then forgets the
+   * guest. The manifest is read back from disk, not taken from memory: between the data call and
+   * now, other processes may have changed the backup (a merge when the backup it builds on was
+   * deleted rewrites its manifest) or removed it (then there is nothing to add the log to).
+   */
   override async backupHandleLogFile(vmid: number, filename: string): Promise<void> {
     const g = this.running.get(vmid);
-    if (!g?.manifest) {
-      this.running.delete(vmid);
-      return;
-    }
     this.running.delete(vmid);
+    if (!g?.manifest) return;
+    const store = await this.openStore();
+    let m: Manifest;
+    try {
+      m = await store.readManifest(g.volname);
+    } catch (err) {
+      if (err instanceof DirectoryStoreError && err.code === 'ERR_UNKNOWN_VOLUME') {
+        this.log.warn(`backup ${g.volname} was removed before its task log could be added`);
+        return;
+      }
+      throw err;
+    }
     await storeIo(g, 'writing', path.join(g.dir, 'backup.log'), (f) => copyFile(filename, f));
-    const { checksum: _old, ...rest } = g.manifest;
-    await (await this.openStore()).commitManifest({ ...rest, files: { ...rest.files, 'backup.log': await hashFile(path.join(g.dir, 'backup.log')) } });
+    const { checksum: _old, ...rest } = m;
+    await store.commitManifest({ ...rest, files: { ...rest.files, 'backup.log': await hashFile(path.join(g.dir, 'backup.log')) } });
   }
 
   private async saveConfigs(g: GuestBackup, config: string, firewall: string | undefined): Promise<void> {
@@ -395,8 +447,21 @@ export class DirectoryProvider extends BackupProviderBase {
     if (firewall !== undefined) await storeIo(g, 'writing', path.join(g.dir, 'firewall.conf'), (f) => writeFile(f, firewall));
   }
 
-  /** Writes the manifest of a finished backup and the bookkeeping for the next one. */
+  /**
+   * Writes the manifest of a finished backup and the bookkeeping for the next one. On a failure
+   * the manifest, if written, is taken back (the backup must not be listed as complete while the
+   * data call fails); `backupCleanup(false)` then removes the rest.
+   */
   private async complete(g: GuestBackup): Promise<Manifest> {
+    try {
+      return await this.record(g);
+    } catch (err) {
+      await rm(path.join(g.dir, MANIFEST), { force: true }).catch(() => undefined);
+      throw err;
+    }
+  }
+
+  private async record(g: GuestBackup): Promise<Manifest> {
     const store = await this.openStore();
     const names = ['guest.conf', 'firewall.conf', ...Object.values(g.devices).map((d) => d.file), 'root.tar'];
     const present: string[] = [];
@@ -406,7 +471,7 @@ export class DirectoryProvider extends BackupProviderBase {
     for (const n of present) files[n] = await storeIo(g, 'reading', path.join(g.dir, n), hashFile);
     if (g.mode === 'directory') files['root'] = await storeIo(g, 'reading', path.join(g.dir, 'root'), hashTree);
     const parent = Object.values(g.devices).find((d) => d.base)?.base;
-    g.manifest = await storeIo(g, 'writing', path.join(g.dir, MANIFEST), () => store.commitManifest({
+    const manifest = await storeIo(g, 'writing', path.join(g.dir, MANIFEST), () => store.commitManifest({
       format: 'pve-backup-provider/directory',
       version: 1,
       volname: g.volname,
@@ -425,14 +490,16 @@ export class DirectoryProvider extends BackupProviderBase {
       await storeIo(g, 'writing', path.join(store.root, String(g.vmid), PREVIOUS_INFO), () => store.writePreviousInfo(g.vmid, info));
     }
     this.log.info(`backup ${g.volname} complete (${MANIFEST} written)`);
-    return g.manifest;
+    g.manifest = manifest;
+    return manifest;
   }
 
   /**
-   * Removes a partial backup (after its running copy settled). `forgetPrevious`: QEMU may have
-   * been told success, so the next backup is full (the ledger keeps naming this backup). Else
+   * Removes a partial or failed backup (after its running copy settled). `forgetPrevious`: QEMU may
+   * have been told success, so the next backup is full (the ledger keeps naming this backup). Else
    * QEMU was told failure and kept its bitmap: the ledger names the previous backup again.
-   * Bookkeeping first, files last: a crash in between leaves only an incomplete folder.
+   * Bookkeeping first, then the manifest (from then on nobody lists it as complete), files last:
+   * a crash in between leaves only an incomplete folder, which prune and the next backup remove.
    */
   private async discard(g: GuestBackup, o: { forgetPrevious?: boolean } = {}): Promise<void> {
     this.running.delete(g.vmid);
@@ -441,6 +508,7 @@ export class DirectoryProvider extends BackupProviderBase {
       if (o.forgetPrevious) await (await this.openStore()).forgetPreviousInfo(g.vmid);
       else if (g.claimedBitmap && g.previous) await this.ledger.write(g.vmid, { store: this.root, volname: g.previous.volname });
     }
+    await rm(path.join(g.dir, MANIFEST), { force: true });
     await rm(g.dir, { recursive: true, force: true });
   }
 

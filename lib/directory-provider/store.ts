@@ -13,7 +13,7 @@
  * @packageDocumentation
  */
 import { execFile } from 'node:child_process';
-import { chmod, lstat, mkdir, open, readFile, readdir, rename, rm, stat } from 'node:fs/promises';
+import { chmod, lstat, mkdir, open, readFile, readdir, rename, rm, stat, statfs } from 'node:fs/promises';
 import path from 'node:path';
 import { promisify } from 'node:util';
 
@@ -42,7 +42,7 @@ import {
   type Manifest,
   type ParsedVolname,
 } from './layout.js';
-import { markBackups, type PruneMark } from '../provider/prune.js';
+import { markBackups, type PruneEntry, type PruneMark } from '../provider/prune.js';
 
 const execFileP = promisify(execFile);
 
@@ -115,11 +115,30 @@ const pidAlive = (pid: number): boolean => {
 };
 
 /**
+ * How long a backup folder without a lock file counts as being created: {@link
+ * DirectoryStore.createBackupDir} makes the folder, then writes its lock. Another process (a
+ * prune from the GUI, `pvesm`) looking in between must not take the new folder for a leftover.
+ */
+const LOCKLESS_GRACE_MS = 60_000;
+
+/**
  * Whether the writer named by a backup's lock file may still be writing: an owner record (pid and
- * start time, so a reused pid is not taken for the writer), or a bare pid from older versions.
+ * start time, so a reused pid is not taken for the writer), or a bare pid from older versions. A
+ * folder without a lock file is being created while it is younger than {@link LOCKLESS_GRACE_MS}.
  */
 async function writerAlive(lockFile: string): Promise<boolean> {
-  const owner = await readFile(lockFile, 'utf8').then((t) => JSON.parse(t) as unknown, () => undefined);
+  const text = await readFile(lockFile, 'utf8').catch((err: NodeJS.ErrnoException) => (err.code === 'ENOENT' ? null : undefined));
+  if (text === null) {
+    const st = await stat(path.dirname(lockFile)).catch(() => undefined);
+    return st !== undefined && Date.now() - st.mtimeMs < LOCKLESS_GRACE_MS;
+  }
+  const owner = text === undefined ? undefined : (() => {
+    try {
+      return JSON.parse(text) as unknown;
+    } catch {
+      return undefined;
+    }
+  })();
   if (typeof owner === 'number') return pidAlive(owner);
   return owner !== undefined && !ownerIsDead(owner);
 }
@@ -357,7 +376,29 @@ export class DirectoryStore {
     return { size, used, format: m.vmtype === 'qemu' ? 'qcow2' : (m.mode as 'tar' | 'directory'), ...(m.parent ? { parent: m.parent } : {}) };
   }
 
+  /**
+   * Space of the file system holding the store (Proxmox `status`: total, free, used bytes).
+   * `free` is what an unprivileged writer may still use (`f_bavail`), `used` what is taken.
+   */
+  async status(): Promise<{ total: number; free: number; used: number }> {
+    const s = await statfs(this.root);
+    return { total: s.blocks * s.bsize, free: s.bavail * s.bsize, used: (s.blocks - s.bfree) * s.bsize };
+  }
+
   // ----- attributes ----------------------------------------------------------------------------
+
+  /**
+   * Notes and protected flag of a backup the storage side lists (complete, or complete but
+   * broken or corrupt). Perl: `get_volume_attribute`.
+   * @throws {@link DirectoryStoreError} `ERR_UNKNOWN_VOLUME`; `ERR_BACKUP_INCOMPLETE` for a backup
+   *   being written or left incomplete (not listed, so not there for Proxmox).
+   */
+  async listedAttributes(volname: string): Promise<{ protected: boolean; notes?: string }> {
+    await this.readManifest(volname).catch((err: unknown) => {
+      if (!(err instanceof DirectoryStoreError && err.code === 'ERR_BACKUP_CORRUPT')) throw err;
+    });
+    return this.attributes(volname);
+  }
 
   private async attributes(volname: string): Promise<{ protected: boolean; notes?: string }> {
     const dir = this.backupDir(volname);
@@ -506,6 +547,27 @@ export class DirectoryStore {
   // ----- removal -------------------------------------------------------------------------------
 
   /**
+   * The backups that backups being written now build on, by guest: while a VM backup is in
+   * progress (another process, see {@link BackupInfo} `in-progress`), the backup its guest's
+   * previous-info names may be the base of its images, and the running backup has no manifest
+   * yet to say so. Such a base is neither pruned nor deleted until the run is over.
+   * @param list - The backups to look at (from {@link listBackups}).
+   * @returns Base volume name → the running backup's volume name.
+   */
+  private async runningBases(list: BackupInfo[]): Promise<Map<string, string>> {
+    const out = new Map<string, string>();
+    for (const b of list) {
+      if (b.status !== 'in-progress' || b.subtype !== 'qemu') continue;
+      const base = await readFile(path.join(this.root, String(b.vmid), PREVIOUS_INFO), 'utf8').then(
+        (t) => (JSON.parse(t) as Partial<PreviousInfo>).volname,
+        () => undefined,
+      );
+      if (typeof base === 'string') out.set(base, b.volname);
+    }
+    return out;
+  }
+
+  /**
    * Applies retention to the backups of one guest, or of every guest. Incomplete backups whose
    * writer is gone are removed too. Perl: `prune_backups($scfg, $storeid, $keep, $vmid, $type, $dryrun)`.
    *
@@ -526,14 +588,15 @@ export class DirectoryStore {
       const key = `${b.vmid}/${b.subtype}`;
       groups.set(key, [...(groups.get(key) ?? []), b]);
     }
+    // a running backup counts as a protected one building on its base (the chain rule keeps it)
+    const running = await this.runningBases(all);
     for (const list of groups.values()) {
-      const marks = markBackups(
-        list.map((b) => ({ volname: b.volname, ctime: b.ctime, protected: b.protected, ...(b.parent ? { parent: this.volnameOf(b.parent) } : {}) })),
-        o.keep,
-      );
+      const entries: PruneEntry[] = list.map((b) => ({ volname: b.volname, ctime: b.ctime, protected: b.protected, ...(b.parent ? { parent: this.volnameOf(b.parent) } : {}) }));
+      for (const [base, writer] of running) if (list.some((b) => b.volname === base)) entries.push({ volname: writer, ctime: ctimeOf(parseVolname(writer).backupId), protected: true, parent: base });
+      const marks = markBackups(entries, o.keep);
       for (const mk of marks) {
-        const b = list.find((x) => x.volname === mk.volname)!;
-        out.push({ ...mk, volid: b.volid, vmid: b.vmid, subtype: b.subtype });
+        const b = list.find((x) => x.volname === mk.volname);
+        if (b) out.push({ ...mk, volid: b.volid, vmid: b.vmid, subtype: b.subtype });
       }
     }
     if (!o.dryRun) {
@@ -562,7 +625,10 @@ export class DirectoryStore {
    * an image the merge reads does not match its manifest (the merge would give the child fresh
    * checksums over corrupted data).
    *
-   * @throws {@link DirectoryStoreError} `ERR_BACKUP_PROTECTED`, `ERR_CHAIN_DELETE`, `ERR_BACKUP_CORRUPT` (with `file`), `ERR_UNKNOWN_VOLUME`.
+   * A backup being written (by any process) is refused, and so is the backup a running VM backup
+   * may build on (see {@link runningBases}).
+   *
+   * @throws {@link DirectoryStoreError} `ERR_BACKUP_PROTECTED`, `ERR_CHAIN_DELETE`, `ERR_BACKUP_CORRUPT` (with `file`), `ERR_UNKNOWN_VOLUME`, `ERR_BACKUP_INCOMPLETE` (in progress).
    */
   async deleteBackup(volname: string, options: { force?: boolean } = {}): Promise<{ merged?: string }> {
     const dir = this.backupDir(volname);
@@ -574,7 +640,15 @@ export class DirectoryStore {
       throw new DirectoryStoreError('ERR_BACKUP_PROTECTED', `backup ${this.volid(volname)} is protected: unprotect it first, or delete with force`, { volname });
     }
     const p = parseVolname(volname);
-    const children = (await this.listBackups(p.vmid)).filter((b) => b.parent === this.volid(volname));
+    const all = await this.listBackups(p.vmid);
+    if (all.find((b) => b.volname === volname)?.status === 'in-progress') {
+      throw new DirectoryStoreError('ERR_BACKUP_INCOMPLETE', `cannot delete ${this.volid(volname)}: it is being written by a running backup`, { volname });
+    }
+    const writer = (await this.runningBases(all)).get(volname);
+    if (writer) {
+      throw new DirectoryStoreError('ERR_CHAIN_DELETE', `cannot delete ${this.volid(volname)}: the running backup ${this.volid(writer)} may build on it; try again when it is done`, { volname });
+    }
+    const children = all.filter((b) => b.parent === this.volid(volname));
     if (children.length > 1) {
       throw new DirectoryStoreError('ERR_CHAIN_DELETE', `cannot delete ${this.volid(volname)}: ${children.length} backups build on it (${children.map((c) => c.volid).join(', ')}); delete them first`, { volname });
     }
