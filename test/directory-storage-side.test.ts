@@ -9,7 +9,7 @@
  * `backupVm` and `backupCleanup` (vzdump's order), or in the middle of another backup.
  */
 import { execFileSync, spawn } from 'node:child_process';
-import { writeFile } from 'node:fs/promises';
+import { mkdir, utimes, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 
@@ -93,7 +93,7 @@ describe('the storage side from a fresh provider in another process', () => {
     let b3name = '';
     class HooksBeforeCleanup extends DirectoryProvider {
       override async backupCleanup(...args: Parameters<DirectoryProvider['backupCleanup']>): ReturnType<DirectoryProvider['backupCleanup']> {
-        if (args[2]) {
+        if (args[2] && !b3name) {
           // what vzdump's storage calls do from other processes before backup_cleanup(..., 1)
           const list = ok((await fresh(scratch, root, [['listBackups', { vmid: 100 }]]))[0]) as StoredBackup[];
           b3name = list.at(-1)!.volname;
@@ -171,11 +171,13 @@ describe('the storage side from a fresh provider in another process', () => {
     const scratch = await tempDir();
     const root = path.join(scratch, 'store');
     let during: Answer[] = [];
+    let duringStatus: string[] = [];
     class FailsAtCleanup extends DirectoryProvider {
       fail = true;
       override async backupCleanup(...args: Parameters<DirectoryProvider['backupCleanup']>): ReturnType<DirectoryProvider['backupCleanup']> {
         if (args[2] && this.fail) {
           during = await fresh(scratch, root, [['listBackups', { vmid: 100 }]]);
+          duringStatus = (await (await DirectoryStore.open(root)).listBackups(100)).map((b) => b.status);
           throw new Error('injected: backup_cleanup(..., 1) died'); // vzdump then calls backup_cleanup(..., 0)
         }
         return super.backupCleanup(...args);
@@ -192,6 +194,7 @@ describe('the storage side from a fresh provider in another process', () => {
     expect(r.guests[0]!.status).toBe('failed');
     const failed = r.guests[0]!.volname!;
     // complete on disk before backup_cleanup: another process saw it
+    expect(duringStatus).toEqual(['ok', 'ok']);
     expect((ok(during[0]) as StoredBackup[]).map((b) => b.volname)).toEqual([first.volname, failed]);
     // after backupCleanup(false) nobody sees it, and nothing of it is left
     expect((ok((await fresh(scratch, root, [['listBackups', { vmid: 100 }]]))[0]) as StoredBackup[]).map((b) => b.volname)).toEqual([first.volname]);
@@ -249,6 +252,9 @@ process.stdout.write(JSON.stringify({ volname: r.guests[0].volname, error: r.gue
       ['getNotes', running],
       ['setProtected', running, true],
     ]);
+    // the store's own API (the CLI's) refuses the same
+    await expect(store.deleteBackup(running!)).rejects.toMatchObject({ code: 'ERR_BACKUP_INCOMPLETE' });
+    await expect(store.deleteBackup(b1.volname)).rejects.toMatchObject({ code: 'ERR_CHAIN_DELETE' });
     // still running when the checks ended: they saw the backup mid-copy
     expect((await store.listBackups(100)).find((b) => b.volname === running)?.status).toBe('in-progress');
     const [list, listAll, prune, removeRunning, removeBase, notes, protect] = answers;
@@ -274,6 +280,21 @@ process.stdout.write(JSON.stringify({ volname: r.guests[0].volname, error: r.gue
     ]);
     expect((await store.readManifest(running!)).parent).toBe(b1.volname);
     await expectRestores(provider, running!, content, scratch);
+  });
+
+  it('a backup folder whose lock is not written yet is being created (in progress) for a minute, then a leftover', async () => {
+    const scratch = await tempDir();
+    const root = path.join(scratch, 'store');
+    const store = await DirectoryStore.create(root, { storeid: 'dir1' });
+    const dir = path.join(root, '100', 'qemu-2026_11_30-10_00_00');
+    await mkdir(dir, { recursive: true });
+    // createBackupDir makes the folder, then writes its lock: a prune looking in between must not remove it
+    expect((await store.listBackups(100)).map((b) => b.status)).toEqual(['in-progress']);
+    expect(await store.pruneBackups({ vmid: 100, keep: { keepLast: 1 } })).toEqual([]);
+    const old = new Date(Date.now() - 120_000);
+    await utimes(dir, old, old);
+    expect((await store.listBackups(100)).map((b) => b.status)).toEqual(['incomplete']);
+    expect((await store.pruneBackups({ vmid: 100, keep: { keepLast: 1 } })).map((m) => m.mark)).toEqual(['remove']);
   });
 
   it('status: total, free and used of the store file system from a fresh object (no jobInit, the store created on first use), as df sees them', async () => {
