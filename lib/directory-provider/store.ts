@@ -64,7 +64,7 @@ export interface BackupInfo {
   parent?: string;
   /**
    * `ok`; `incomplete` (no manifest: interrupted; prune removes it); `in-progress` (no manifest,
-   * its writer is alive); `corrupt` (the manifest does not match its checksum; left for an operator);
+   * its writer is alive, or its folder is under a minute old and its lock not written yet); `corrupt` (the manifest does not match its checksum; left for an operator);
    * `broken` (its own manifest is fine but a backup its chain builds on is missing, incomplete,
    * corrupt or broken itself, so it cannot be restored; prune neither counts nor removes it).
    */
