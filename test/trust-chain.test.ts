@@ -92,13 +92,18 @@ const CRASHING_BACKUP = `
 import { DirectoryProvider, DirectoryProviderV1, DirectoryStore, runBackupJob } from ${JSON.stringify(DIST)};
 const [root, step, generation, qmp, nbdServer, tmpdir] = process.argv.slice(2);
 const die = (at) => { if (at === step) process.kill(process.pid, 'SIGKILL'); };
-for (const [method, at] of [['commitManifest', 'manifest'], ['writePreviousInfo', 'previous-info']]) {
+for (const [method, at] of [['commitManifest', 'manifest'], ['writePreviousInfo', 'previous-info'], ['forgetPreviousInfo', 'failed-after-success']]) {
   const original = DirectoryStore.prototype[method];
   DirectoryStore.prototype[method] = async function (...args) { const r = await original.apply(this, args); die(at); return r; };
 }
 class Crashing extends DirectoryProvider {
   async backupVm(...args) { die('setup'); await super.backupVm(...args); die('copied'); }
-  async backupCleanup(...args) { die('teardown'); return super.backupCleanup(...args); }
+  async backupCleanup(...args) {
+    die('teardown');
+    // vzdump fails the guest after backup_vm returned (QEMU is told success): backup_cleanup(..., 0) follows
+    if (step === 'failed-after-success' && args[2]) throw new Error('injected: protected flag refused');
+    return super.backupCleanup(...args);
+  }
   async backupHandleLogFile(...args) { await super.backupHandleLogFile(...args); die('log'); }
 }
 const context = { storeid: 'dir1', scfg: { path: root }, log: () => {} };
@@ -108,10 +113,15 @@ await runBackupJob({ provider, storeid: 'dir1', guests: [{ vmid: 100, type: 'qem
 process.exit(3); // not killed: the step was never reached
 `;
 
-const STEPS = ['setup', 'mid-copy', 'copied', 'teardown', 'manifest', 'previous-info', 'log'] as const;
+/**
+ * `failed-after-success`: the guest fails after `backupVm` returned (QEMU takes the backup as
+ * successful), and the run dies inside `backupCleanup(false)` right after it forgot the
+ * previous-info, with the complete backup still on disk.
+ */
+const STEPS = ['setup', 'mid-copy', 'copied', 'manifest', 'previous-info', 'teardown', 'log', 'failed-after-success'] as const;
 
 describe('a backup killed at every step of its sequence', () => {
-  const cases = [...STEPS.map((s) => [2, s] as const), [1, 'teardown'] as const, [1, 'previous-info'] as const];
+  const cases = [...STEPS.map((s) => [2, s] as const), [1, 'teardown'] as const, [1, 'previous-info'] as const, [1, 'failed-after-success'] as const];
   it.each(cases)('API generation %i, SIGKILL at %s: the next backup restores exactly the disk at its point in time', async (generation, step) => {
     const disk = await startDisk(8 * MiB);
     const scratch = await tempDir();
