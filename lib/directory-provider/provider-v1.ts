@@ -65,7 +65,7 @@ export class DirectoryProviderV1 extends BackupProviderBaseV1 {
         await this.inner.storage.setProtected!(volname, value);
       },
       prune: async (o) => {
-        if (this.targets.has(o.vmid)) await this.inner.completeBackup(o.vmid);
+        if (this.targets.has(o.vmid) && this.inner.isRunning(o.vmid)) await this.inner.completeBackup(o.vmid);
         return this.inner.storage.prune!(o);
       },
     };
@@ -73,7 +73,7 @@ export class DirectoryProviderV1 extends BackupProviderBaseV1 {
 
   /** Completes this face's running backup named `volname`, if it is one. */
   private async completeOwn(volname: string): Promise<void> {
-    for (const [vmid, v] of this.targets) if (v === volname) await this.inner.completeBackup(vmid);
+    for (const [vmid, v] of this.targets) if (v === volname && this.inner.isRunning(vmid)) await this.inner.completeBackup(vmid);
   }
 
   override providerName(): string {

@@ -624,6 +624,11 @@ export class DirectoryProvider extends BackupProviderBase {
     await this.backupDisk(this.guest(vmid), device, { size: extra.size, bitmapMode, bitmapName, nbdUri: extra.nbdUri ?? nbdUriFor(device, nbdPath) }, normaliseBandwidthLimit(bandwidthLimit, 'bandwidthLimit'), extra.signal);
   }
 
+  /** Whether a backup of the guest is running in this object (from `backupInit` to its log file or removal). */
+  isRunning(vmid: number): boolean {
+    return this.running.has(vmid);
+  }
+
   /** The guest type of a running backup. */
   guestType(vmid: number): GuestType {
     return this.guest(vmid).vmtype;
