@@ -282,6 +282,29 @@ process.stdout.write(JSON.stringify({ volname: r.guests[0].volname, error: r.gue
     await expectRestores(provider, running!, content, scratch);
   });
 
+  it.each([2, 1] as const)("API generation %i: the job's own notes, protected flag and prune (in-process, vzdump's order) find the backup complete; a fresh process sees them", async (generation) => {
+    const disk = await startDisk(4 * MiB);
+    const scratch = await tempDir();
+    const root = path.join(scratch, 'store');
+    const provider: BackupProvider = generation === 2 ? new DirectoryProvider(context(root, { 'vm-backup-mode': 'full' })) : new DirectoryProviderV1(context(root, { 'vm-backup-mode': 'full' }));
+    await disk.write(0x81, 0, MiB);
+    const first = await backup(provider, disk, scratch);
+    const second = await backup(provider, disk, scratch);
+    await disk.write(0x82, MiB, 64 * KiB);
+    const content = disk.snapshot();
+    const r = await runBackupJob({ provider, storeid: 'dir1', guests: [vmGuest(disk)], tmpdir: scratch, notesTemplate: '{{guestname}} nightly', protected: true, prune: { keepLast: 1 } });
+    expect(r.guests[0]).toMatchObject({ status: 'ok', warnings: [] });
+    const volname = r.guests[0]!.volname!;
+    expect(r.guests[0]!.log.join('\n')).toContain(`removing backup '${first.volname}'`);
+    const [list] = await fresh(scratch, root, [['listBackups', {}]]);
+    // protected backups do not count (Proxmox): keep-last 1 keeps the one before, removes the first
+    expect(ok(list)).toEqual([
+      expect.objectContaining({ volname: second.volname, protected: false }),
+      expect.objectContaining({ volname, vmid: 100, vmtype: 'qemu', notes: 'vm100 nightly', protected: true }),
+    ]);
+    await expectRestores(provider, volname, content, scratch);
+  });
+
   it('a backup folder whose lock is not written yet is being created (in progress) for a minute, then a leftover', async () => {
     const scratch = await tempDir();
     const root = path.join(scratch, 'store');
