@@ -98,11 +98,12 @@ interface GuestBackup {
 
 type VmBackupMode = 'full' | 'incremental';
 
+type LxcBackupMode = 'tar' | 'directory';
+
 /** Every disk of the backup was copied: QEMU may be (or have been) told success for it. */
 function dataCopied(g: GuestBackup): boolean {
   return Object.keys(g.devices).length > 0 && !g.copyFailed && !g.copying;
 }
-type LxcBackupMode = 'tar' | 'directory';
 
 function option<T extends string>(scfg: Record<string, unknown>, key: string, allowed: readonly T[], dflt: T): T {
   const v = scfg[key];
