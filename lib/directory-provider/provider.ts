@@ -97,7 +97,6 @@ interface GuestBackup {
 }
 
 type VmBackupMode = 'full' | 'incremental';
-
 type LxcBackupMode = 'tar' | 'directory';
 
 /** Every disk of the backup was copied: QEMU may be (or have been) told success for it. */
