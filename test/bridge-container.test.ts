@@ -276,6 +276,29 @@ describe('containers through the Perl bridge (perl -T, vzdump and pct stand-ins)
     expect(run.messages.some((m) => m.phase === 'in_userns')).toBe(true);
   });
 
+  it("gives the worker's next call its own answer when the user-namespace child dies mid-call (the child's late reply is dropped)", async () => {
+    requireRoot();
+    const work = await tempDir();
+    const rootfs = containerTree(work, 100000);
+    const bridge = bridgeOptions('quiet-container.mjs', path.join(work, 'state'));
+    (bridge.env as Record<string, string>).QUIET_CONTAINER_FAIL = '1';
+    const mountpoint = path.join(work, 'vzsnap');
+    await fs.mkdir(mountpoint);
+    const run = await drive(
+      { mode: 'ct-backup', storeid: STOREID, scfg: { path: path.join(work, 'store') }, bridge, vmid: '200', config: CT_CONFIG, rootfs, mountpoint },
+      (m) => {
+        if (m.phase === 'in_userns') setTimeout(() => process.kill(m.pid as number, 'SIGKILL'), 300);
+        return undefined;
+      },
+    );
+    expect(run.done.error).toBe('child exited without a result\n');
+    // backup_cleanup(…, 0) got its own reply, not the late error of the dead child's call
+    expect(run.logs.filter(([, msg]) => /backup cleanup for external provider failed/.test(msg))).toEqual([]);
+    expect(run.logs.some(([l, msg]) => l === 'warn' && /removing the incomplete backup/.test(msg))).toBe(true);
+    expect(run.done.job_error ?? null).toBeNull();
+    expect(run.exitCode).toBe(0);
+  });
+
   it('"Show configuration": a fresh provider answers archive_get_guest_config alone', async () => {
     requireRoot();
     const work = await tempDir();
