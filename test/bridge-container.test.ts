@@ -21,12 +21,18 @@ import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 
+import { PassThrough } from 'node:stream';
+import { createInterface } from 'node:readline';
+
+import { ProviderHost } from '../lib/bridge/host.js';
+import { BackupProviderBase } from '../lib/provider/base.js';
+import type { ContainerBackupInfo } from '../lib/provider/api.js';
 import { DirectoryProvider } from '../lib/index.js';
 import { DirectoryStore } from '../lib/directory-provider/store.js';
 import { bridgeOptions, drive, qemuPart, type Msg, type Run } from './helpers/bridge-driver.js';
 import { nbdRead, nbdWrite, startStorageDaemon, stopAll, tempDir } from './helpers/qemu.js';
 import { gone, requireTool } from './helpers/tools.js';
-import { buildTree, snapshotTree, TEST_MAP_LINES, type TreeEntry } from './helpers/tree.js';
+import { buildTree, shiftSnapshot, snapshotTree, TEST_MAP_LINES, type TreeEntry } from './helpers/tree.js';
 
 const MiB = 1024 * 1024;
 const STOREID = 'dir1';
@@ -264,7 +270,11 @@ describe('containers through the Perl bridge (perl -T, vzdump and pct stand-ins)
     const restored = snapshotTree(rootdir);
     expect(restored['usr-bin-su']).toMatchObject({ uid: 100000, gid: 100000, mode: '4755' });
     expect(restored['home/user/notes.txt']).toMatchObject({ uid: 101000, gid: 101000, mode: '0600' });
-    expect(restored['srv/data.bin']!.sha256).toBe(source['srv/data.bin']!.sha256);
+    // everything shifted by the map, ACL entries too; the (v2) file capability, written by tar
+    // in the container's user namespace, becomes the kernel's v3 one with root id 100000
+    const expected = shiftSnapshot(withoutExcluded(source), 100000);
+    expected['ping'] = { ...expected['ping']!, xattrs: { ...expected['ping']!.xattrs, 'security.capability': CAP_V3_100000 } };
+    expect(restored).toEqual(expected);
   });
 
   it('keeps a quiet backup_container alive in the user-namespace child (kill(0) on the host answers EPERM there)', async () => {
@@ -385,5 +395,57 @@ describe('containers through the Perl bridge (perl -T, vzdump and pct stand-ins)
     const { run: cr, rootdir } = await ctRestore(work, `backup/${ct.done.archive!}`, 'restored-ct');
     expectClean(cr);
     expectRestored(snapshotTree(rootdir), source);
+  });
+});
+
+describe("the provider host's part of a container backup", () => {
+  it('reads the tree through /proc/<bridge-ns-pid>/root, maps ids from the config, and refuses a bad pid or a relative directory', async () => {
+    const seen: Array<[string, Omit<ContainerBackupInfo, 'signal'>]> = [];
+    class Seeing extends BackupProviderBase {
+      override async backupInit(vmid: number): Promise<{ archiveName: string }> {
+        return { archiveName: `ct/${vmid}` };
+      }
+      override async backupContainerPrepare(_vmid: number, info: ContainerBackupInfo): Promise<void> {
+        const { signal: _s, ...rest } = info;
+        seen.push(['prepare', rest]);
+      }
+      override async backupContainer(_vmid: number, _c: string, _e: string[], info: ContainerBackupInfo): Promise<void> {
+        const { signal: _s, ...rest } = info;
+        seen.push(['backup', rest]);
+      }
+    }
+    const input = new PassThrough();
+    const output = new PassThrough();
+    const served = new ProviderHost({ factory: (c) => new Seeing(c), input, output }).serve();
+    const lines = createInterface({ input: output })[Symbol.asyncIterator]();
+    let id = 0;
+    type Reply = { id?: number; result?: unknown; error?: { code: string; message: string } };
+    const call = async (method: string, ...params: unknown[]): Promise<Reply> => {
+      const my = ++id;
+      input.write(`${JSON.stringify({ id: my, method, params })}\n`);
+      for (;;) {
+        const r = JSON.parse((await lines.next()).value as string) as Reply;
+        if (r.id === my) return r;
+      }
+    };
+    await call('hello', { storeid: 's', scfg: {} });
+    await call('backup_init', '200', 'lxc', 1);
+    const info = { directory: '/mnt/vzsnap0', sources: ['./'], 'backup-user-id': '100000' };
+    expect((await call('backup_container_prepare', '200', { ...info, 'bridge-ns-pid': '4242' })).error).toBeUndefined();
+    const config = 'unprivileged: 1\nlxc.idmap: u 0 200000 65536\nlxc.idmap: g 0 300000 65536\n';
+    expect((await call('backup_container', '200', config, [], { ...info, 'bridge-ns-pid': 4242 })).error).toBeUndefined();
+    expect((await call('backup_container', '200', config, [], info)).error).toBeUndefined();
+    expect(seen.map(([w, i]) => [w, i.directory])).toEqual([
+      ['prepare', '/proc/4242/root/mnt/vzsnap0'],
+      ['backup', '/proc/4242/root/mnt/vzsnap0'],
+      ['backup', '/mnt/vzsnap0'], // no pid: the path as given (a provider run without the bridge's namespaces)
+    ]);
+    expect(seen[0]![1]).toMatchObject({ backupUserId: 100000, idMap: [{ type: 'u', container: 0, host: 100000, length: 65536 }, { type: 'g', container: 0, host: 100000, length: 65536 }] });
+    expect(seen[1]![1].idMap).toEqual([{ type: 'u', container: 0, host: 200000, length: 65536 }, { type: 'g', container: 0, host: 300000, length: 65536 }]);
+    for (const bad of [{ ...info, 'bridge-ns-pid': '0' }, { ...info, 'bridge-ns-pid': '1.5' }, { ...info, 'bridge-ns-pid': 'x' }, { ...info, directory: 'mnt/vzsnap0', 'bridge-ns-pid': 7 }]) {
+      expect((await call('backup_container', '200', config, [], bad)).error?.code).toBe('ERR_BRIDGE');
+    }
+    input.end();
+    await served;
   });
 });
