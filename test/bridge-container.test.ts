@@ -16,7 +16,7 @@
  * Needs root and `npm run build:ts` (the host runs from dist/).
  */
 import { execFileSync } from 'node:child_process';
-import { chmodSync, chownSync, lchownSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, lchownSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -207,6 +207,8 @@ describe('containers through the Perl bridge (perl -T, vzdump and pct stand-ins)
     expect(String(child.uid_map).trim().split(/\s+/)).toEqual(['0', '100000', '65536']);
     expect(gone(phase.host_pid as number)).toBe(true);
     expect(run.logs).toContainEqual(['info', `creating directory archive '${run.done.archive!}'`]);
+    // the bind mount lived in the driver's namespace only
+    expect(readFileSync('/proc/self/mountinfo', 'utf8')).not.toContain(path.join(work, 'vzsnap-200'));
 
     // the stored tree holds the container's view, exactly as the provider stores it without the bridge
     const stored = await storedDir(work, run.done.archive!);

@@ -14,6 +14,11 @@
  *   `{id, error: {message, code}}`.
  * - event `{log: {level, message}}`: a line of the provider's log, written when it is logged.
  *
+ * Containers: the `$info` of `backup_container_prepare` and `backup_container` carries
+ * `bridge-ns-pid`, a process in the mount namespace where vzdump mounted the tree; the provider
+ * gets `directory` as `/proc/<pid>/root<directory>` and the id map from the config's
+ * `lxc.idmap` lines or `backup-user-id` (docs/pve-bridge-notes.md §6.4, §7.7 (a)).
+ *
  * Requests are served one after the other, in order (the Perl side makes one call at a time).
  * Cancelling ({@link ProviderHost.cancel}, SIGTERM/SIGINT in the command) aborts the running
  * call's `AbortSignal` and nothing else: the host keeps serving, because after a task stop

@@ -328,7 +328,12 @@ sub run_in_userns {
     }
     close($sc);
     close($res_w);
-    userns_parent($sp, $pid, $id_map);
+    if (!eval { userns_parent($sp, $pid, $id_map); 1 }) {
+        my $err = $@;
+        kill('KILL', $pid);
+        waitpid($pid, 0);
+        die $err;
+    }
     my $out = do { local $/; <$res_r> };
     close($res_r);
     kill('KILL', $pid);
@@ -456,7 +461,14 @@ sub run_extract_in_userns {
         POSIX::_exit(127);
     }
     close($sc);
-    userns_parent($sp, $pid, $id_map) if @$id_map;
+    if (@$id_map && !eval { userns_parent($sp, $pid, $id_map); 1 }) {
+        my $err = $@;
+        kill('KILL', $pid);
+        kill('KILL', $create_pid) if $create_pid;
+        waitpid($pid, 0);
+        waitpid($create_pid, 0) if $create_pid;
+        die $err;
+    }
     close($sp) if !@$id_map;
     close($pipe_r) if $pipe_r;
     waitpid($pid, 0);
