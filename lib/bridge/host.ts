@@ -14,6 +14,11 @@
  *   `{id, error: {message, code}}`.
  * - event `{log: {level, message}}`: a line of the provider's log, written when it is logged.
  *
+ * Containers: the `$info` of `backup_container_prepare` and `backup_container` carries
+ * `bridge-ns-pid`, a process in the mount namespace where vzdump mounted the tree; the provider
+ * gets `directory` as `/proc/<pid>/root<directory>` and the id map from the config's
+ * `lxc.idmap` lines or `backup-user-id` (docs/pve-bridge-notes.md §6.4, §7.7 (a)).
+ *
  * Requests are served one after the other, in order (the Perl side makes one call at a time).
  * Cancelling ({@link ProviderHost.cancel}, SIGTERM/SIGINT in the command) aborts the running
  * call's `AbortSignal` and nothing else: the host keeps serving, because after a task stop
@@ -156,6 +161,24 @@ function idMapOf(config: string, backupUserId: number): IdMapEntry[] {
     { type: 'u', container: 0, host: backupUserId, length: 65536 },
     { type: 'g', container: 0, host: backupUserId, length: 65536 },
   ];
+}
+
+/**
+ * Where the host finds a container's tree. vzdump mounts it at `directory` (`/mnt/vzsnap0`) in a
+ * mount namespace it made after this host started (pve-container `src/PVE/VZDump/LXC.pm`
+ * `prepare`: `unshare(CLONE_NEWNS)`), so the path shows the host an empty folder; the Perl side
+ * sends `bridge-ns-pid`, a process in that namespace, and the host, root, reads the tree through
+ * that process's root: `/proc/<pid>/root<directory>` (docs/pve-bridge-notes.md §6.4, §7.7 (a)).
+ * The owners the provider sees there are host ids; `idMap` maps them to the container's view.
+ */
+function containerDirectory(info: Record<string, unknown>, method: string): string {
+  const directory = str(info.directory, 'directory', method);
+  const raw = info['bridge-ns-pid'];
+  if (raw === undefined || raw === null) return directory;
+  const pid = num(raw, 'bridge-ns-pid', method);
+  if (!Number.isSafeInteger(pid) || pid <= 0) throw new BridgeError(`${method}: bridge-ns-pid is not a process id: ${JSON.stringify(raw)}`, { method });
+  if (!path.isAbsolute(directory)) throw new BridgeError(`${method}: directory is not an absolute path: ${JSON.stringify(directory)}`, { method });
+  return `/proc/${pid}/root${path.normalize(directory)}`;
 }
 
 /**
@@ -389,7 +412,7 @@ export class ProviderHost {
     const bandwidthLimit = optNum(info['bandwidth-limit'], 'bandwidth-limit', method);
     const firewallConfig = optStr(info['firewall-config'], 'firewall-config', method);
     return {
-      directory: str(info.directory, 'directory', method),
+      directory: containerDirectory(info, method),
       sources: Array.isArray(info.sources) ? info.sources.map((s) => str(s, 'source', method)) : ['.'],
       backupUserId,
       idMap: idMapOf(config, backupUserId),

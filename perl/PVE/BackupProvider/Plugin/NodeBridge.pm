@@ -177,8 +177,10 @@ sub _check_exit {
     my $h = $self->{host} or return 1;
     return 1 if defined($h->{exit});
     if ($h->{owner} != $$) {
-        # a forked child (unprivileged container backup) cannot wait for its parent's child
-        return 0 if kill(0, $h->{pid});
+        # A forked child (an unprivileged container's backup_container) cannot wait for its
+        # parent's child. It runs as the container's root uid (e.g. 100000) in a user namespace
+        # of its own, so kill(0) answers EPERM for the host: that means alive, only ESRCH gone.
+        return 0 if kill(0, $h->{pid}) || $!{EPERM};
         $h->{exit} = 'gone';
         return 1;
     }
@@ -224,7 +226,10 @@ sub _request {
     my $h = $self->{host};
     $self->_dead("call $method") if !$h || defined($h->{exit});
 
-    my $id = ++$h->{next_id};
+    # Ids carry the pid: an unprivileged container's backup_container is a forked child using the
+    # inherited channel with its own copy of the counter. Its reply, if the child was killed
+    # before reading it, must not pass for the answer to the parent's next call.
+    my $id = "$$." . ++$h->{next_id};
     $self->_write($JSON->encode({ id => $id, method => $method, params => \@params }) . "\n", $method);
     my $deadline = defined($timeout) ? time() + $timeout : undef;
 
@@ -435,15 +440,27 @@ sub backup_vm {
     return;
 }
 
+# Containers (pve-container src/PVE/VZDump/LXC.pm archive, docs/pve-bridge-notes.md §3.5, §6.4,
+# §7.7): vzdump mounts the container's tree at $info->{directory} (/mnt/vzsnap0) in a mount
+# namespace of its own, made after the host was started at job_init, so the host cannot see it
+# at that path. Both calls tell the host the pid of a process in that namespace
+# ('bridge-ns-pid'); the host, root in the old namespace, reads the tree as
+# /proc/<pid>/root<directory> and maps owners to the container's view itself (design (a) of
+# §7.7). backup_container_prepare runs in vzdump's worker; backup_container, for an unprivileged
+# container, in a child forked after it (PVE::LXC::Namespaces::run_in_userns), which inherits
+# what prepare recorded in $self and sends the worker's pid, whose namespace holds the mount.
 sub backup_container_prepare {
     my ($self, $vmid, $info) = @_;
-    $self->_call('backup_container_prepare', $vmid, $info);
+    $self->{ct_ns_pid}->{$vmid} = $$;
+    $self->_call('backup_container_prepare', $vmid, { %{ $info // {} }, 'bridge-ns-pid' => $$ });
     return;
 }
 
 sub backup_container {
     my ($self, $vmid, $guest_config, $exclude_patterns, $info) = @_;
-    $self->_call('backup_container', $vmid, $guest_config, $exclude_patterns // [], $info);
+    # without a prepare in this job (not what vzdump does), the caller's own namespace
+    my $ns_pid = $self->{ct_ns_pid}->{$vmid} // $$;
+    $self->_call('backup_container', $vmid, $guest_config, $exclude_patterns // [], { %{ $info // {} }, 'bridge-ns-pid' => $ns_pid });
     return;    # a plain scalar: the result crosses run_fork's JSON (§3.5)
 }
 
