@@ -539,6 +539,9 @@ sub storage_call {
         $self->_request($method, $left, @params);
     };
     my $err = $@;
+    # the bound the caller set, not what was left of it after the host's start
+    $err = "backup provider host did not answer $method within $timeout s\n"
+        if $err && $err =~ /^backup provider host did not answer \Q$method\E within /;
     $self->_end_host_now();
     die $err if $err;
     return $res;
