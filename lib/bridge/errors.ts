@@ -27,10 +27,10 @@ export class BridgeError extends PveBackupError {
 
 /**
  * `pve-plugin generate|install` found a file it would replace that another vendor's plugin (or
- * no generated plugin) wrote, and `--force` was not given (code `ERR_TARGET_EXISTS`).
+ * no generated plugin) wrote, and `--force` was not given (code `ERR_PLUGIN_FILE_EXISTS`).
  */
 export class PluginFileExistsError extends PveBackupError {
-  declare readonly code: 'ERR_TARGET_EXISTS';
+  declare readonly code: 'ERR_PLUGIN_FILE_EXISTS';
   /** The file that exists. */
   readonly target: string;
 
@@ -39,7 +39,7 @@ export class PluginFileExistsError extends PveBackupError {
    * @param owner - Who wrote it, as its header says (or that it is not a generated plugin).
    */
   constructor(target: string, owner: string) {
-    super(`${target} exists and belongs to ${owner}; give --force to replace it`, { code: 'ERR_TARGET_EXISTS' });
+    super(`${target} exists and belongs to ${owner}; give --force to replace it`, { code: 'ERR_PLUGIN_FILE_EXISTS' });
     this.target = target;
   }
 }
