@@ -384,6 +384,31 @@ describe('the generated storage plugin under perl -T (jsonstore fixture)', () =>
     expect(all.ops[0]!.result.list.map((e: { mark: string }) => e.mark)).toEqual(['protected', 'keep', 'keep']);
   });
 
+  it.each(['marks', 'removed'] as const)("prune_backups: a provider's own prune decides (answering %s), once per guest", async (answer) => {
+    const perl5 = await generate('jsonstore', JSONSTORE);
+    const f = await fixture({ ownPrune: answer });
+    const d = drive({
+      perl5,
+      type: 'jsonstore',
+      scfg: f.scfg,
+      settings: f.settings,
+      ops: [
+        // keep-last 3 would keep all three under Proxmox VE's rules: the provider's rule wins
+        { op: 'prune', keep: { 'keep-last': 3 }, vmid: 101, type: 'qemu', dryrun: 1 },
+        { op: 'prune', keep: { 'keep-last': 3 }, dryrun: 0 },
+      ],
+    });
+    const expected = [
+      { volid: 'js1:backup/guest=101/2026-11-01T10:00:00Z', type: 'qemu', ctime: T0, mark: 'remove', vmid: 101 },
+      { volid: 'js1:backup/guest=101/2026-11-02T10:00:00Z', type: 'qemu', ctime: T0 + DAY, mark: 'remove', vmid: 101 },
+      { volid: 'js1:backup/guest=101/2026-11-03T10:00:00Z', type: 'qemu', ctime: T0 + 2 * DAY, mark: 'keep', vmid: 101 },
+    ];
+    expect(d.ops[0]!.result.list).toEqual(expected);
+    expect(d.ops[1]!.result.list).toEqual([...expected, { volid: 'js1:backup/guest=102/2026-11-02T10:00:00Z', type: 'lxc', ctime: T0 + DAY, mark: 'keep', vmid: 102 }]);
+    expect(d.ops[1]!.result.log).toHaveLength(2);
+    expect((await f.read()).backups.map((b) => b.volname)).toEqual(['backup/guest=101/2026-11-03T10:00:00Z', 'backup/guest=102/2026-11-02T10:00:00Z']);
+  });
+
   it('free_image deletes a backup; a protected one is refused by the provider, its message and code in the die', async () => {
     const perl5 = await generate('jsonstore', JSONSTORE);
     const f = await fixture();

@@ -1,7 +1,10 @@
 // A provider module for the storage-plugin tests (test/pve-plugin.test.ts): only the storage side
 // (ProviderStorage), over one JSON file named by the storage option `jsonstore-file`:
 //   {backups: [{volname, vmid, vmtype, ctime, size, notes?, protected?}],
-//    status: {total, free, used}, fail: {hook: message}, hang: [hook], without: [hook]}
+//    status: {total, free, used}, fail: {hook: message}, hang: [hook], without: [hook],
+//    ownPrune: 'marks' | 'removed'}
+// With ownPrune it has its own prune, which keeps only the newest backup whatever the keep
+// options say, answering its marks or only what it removed.
 // Each construction appends a line to `<file>.spawns`, so a test counts the hosts started.
 // Archive names are `guest=<vmid>/<time>`: the vmid follows `guest=` (pveStorage.archiveNameVmid).
 import { appendFileSync, readFileSync, writeFileSync } from 'node:fs';
@@ -46,6 +49,19 @@ export default class JsonStoreProvider {
           throw err;
         }
         return this[hook](d, ...args);
+      };
+    }
+    if (data.ownPrune) {
+      storage.prune = async ({ vmid, vmtype, dryRun }) => {
+        const d = this.read();
+        const mine = d.backups.filter((b) => b.vmid === vmid && b.vmtype === vmtype).sort((a, b) => b.ctime - a.ctime);
+        const marks = mine.map((b, i) => ({ volname: b.volname, vmid, vmtype, ctime: b.ctime, mark: b.protected ? 'protected' : i === 0 ? 'keep' : 'remove' }));
+        const removed = marks.filter((m) => m.mark === 'remove').map((m) => m.volname);
+        if (!dryRun) {
+          d.backups = d.backups.filter((b) => !removed.includes(b.volname));
+          this.write(d);
+        }
+        return d.ownPrune === 'marks' ? { marks, removed } : { removed };
       };
     }
     this.storage = storage;
