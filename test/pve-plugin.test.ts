@@ -495,6 +495,8 @@ describe('the generated storage plugin over the DirectoryProvider (its storage h
       await new Promise((res) => setTimeout(res, 1100)); // distinct ctimes
     }
     const perl5 = await generate('pbpdir', path.join(ROOT, 'test/pve/providers/directory.mjs'));
+    const line = cli(['pve-plugin', 'generate', '--type', 'pbpdir', '--provider', path.join(ROOT, 'test/pve/providers/directory.mjs'), '--dest', perl5, '--json']);
+    expect(JSON.parse(line.stdout).pvesmAdd).toBe('pvesm add pbpdir <storeid> --path <path>');
     const state = await tempDir();
     const d = drive({
       perl5,
@@ -503,6 +505,7 @@ describe('the generated storage plugin over the DirectoryProvider (its storage h
       scfg: { path: store },
       settings: { STATE_DIR: path.join(state, 'state'), PRIV_DIR: path.join(state, 'priv'), STATUS_TIMEOUT: 10, CALL_TIMEOUT: 60 },
       ops: [
+        { op: 'schema' },
         { op: 'list' },
         { op: 'status' },
         { op: 'set', volid: `dir1:${volnames[0]}`, attr: 'notes', value: 'first' },
@@ -515,7 +518,10 @@ describe('the generated storage plugin over the DirectoryProvider (its storage h
         { op: 'list' },
       ],
     });
-    const [list, status, , notes, , prot, prune, freeProtected, , after] = d.ops;
+    const [schema, list, status, , notes, , prot, prune, freeProtected, , after] = d.ops;
+    expect(d.loaded.warnings).toEqual([]);
+    expect(schema!.result.options.path).toEqual({ fixed: 1 });
+    expect(schema!.result.properties).toEqual({});
     expect(list!.error).toBeUndefined();
     expect(list!.result.items.map((i: Record<string, unknown>) => [i.volid, i.vmid, i.subtype, i.content])).toEqual(volnames.map((v) => [`dir1:${v}`, 100, 'qemu', 'backup']));
     expect(list!.result.parsed.map((p: unknown[]) => p[2])).toEqual(['100', '100']);
