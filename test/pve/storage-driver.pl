@@ -29,7 +29,7 @@ use IO::Handle;
 use JSON::PP;
 use Time::HiRes qw(time);
 
-die "storage-driver: not in taint mode (run it with perl -T)\n" if !${^TAINT};
+die "storage-driver: not in taint mode (run it with perl -T)\n" if ${^TAINT} != 1;
 
 $ENV{PATH} = '/sbin:/bin:/usr/sbin:/usr/bin';    # as PVE's daemons and CLIs set it
 delete @ENV{qw(IFS CDPATH ENV BASH_ENV)};
