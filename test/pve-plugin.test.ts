@@ -10,8 +10,12 @@
 import { spawnSync } from 'node:child_process';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
+import { createInterface } from 'node:readline';
+import { PassThrough } from 'node:stream';
 import { afterEach, describe, expect, it } from 'vitest';
 
+import { ProviderHost } from '../lib/bridge/host.js';
+import { keepFromPerl } from '../lib/bridge/storage-calls.js';
 import { DirectoryProvider, runBackupJob } from '../lib/index.js';
 import { startDisk, vmGuest } from './helpers/directory.js';
 import { stopAll, tempDir } from './helpers/qemu.js';
@@ -541,4 +545,60 @@ describe('the generated storage plugin over the DirectoryProvider (its storage h
     expect(freeProtected!.error).toMatch(/protected/);
     expect(after!.result.items).toHaveLength(2);
   }, 120_000);
+});
+
+type Reply = { id?: number; result?: unknown; error?: { message: string; code: string } };
+
+/** A provider host on in-memory streams: `call` sends one request and returns its reply. */
+function memoryHost(provider: object): { call: (method: string, ...params: unknown[]) => Promise<Reply>; end: () => Promise<void> } {
+  const input = new PassThrough();
+  const output = new PassThrough();
+  const served = new ProviderHost({ factory: (() => provider) as never, input, output }).serve();
+  const lines = createInterface({ input: output })[Symbol.asyncIterator]();
+  let id = 0;
+  return {
+    call: async (method, ...params) => {
+      const my = ++id;
+      input.write(`${JSON.stringify({ id: my, method, params })}\n`);
+      for (;;) {
+        const r = JSON.parse((await lines.next()).value as string) as Reply;
+        if (r.id === my) return r;
+      }
+    },
+    end: async () => {
+      input.end();
+      await served;
+    },
+  };
+}
+
+describe('the host\'s storage calls (lib/bridge/storage-calls.ts) on in-memory streams', () => {
+  it('needs hello first, names a missing hook, and checks what Perl sends and what the provider lists', async () => {
+    const listed: unknown[] = [{ volname: 'backup/100/a', vmid: 100, vmtype: 'qemu', ctime: 1, size: 2 }];
+    const h = memoryHost({ apiVersion: 2, providerName: () => 'p', storage: { listBackups: () => listed } });
+    expect((await h.call('status')).error).toMatchObject({ code: 'ERR_BRIDGE', message: 'status: called before hello' });
+    expect((await h.call('hello', { storeid: 's1', scfg: {} })).error).toBeUndefined();
+    expect((await h.call('status')).error).toEqual({ code: 'ERR_NOT_IMPLEMENTED', message: "method 'storage.status' is not implemented" });
+    expect((await h.call('prune_backups', { 'keep-last': 1 }, 100, 'qemu', 1)).error).toEqual({
+      code: 'ERR_NOT_IMPLEMENTED',
+      message: "method 'storage.prune (or storage.listBackups and storage.removeBackup)' is not implemented",
+    });
+    expect((await h.call('list_volumes', '100', ['backup'])).result).toEqual([
+      { volid: 's1:backup/100/a', vmid: 100, format: 'backup-provider', size: 2, ctime: 1, content: 'backup', subtype: 'qemu' },
+    ]);
+    expect((await h.call('list_volumes', null, ['iso'])).result).toEqual([]);
+    expect((await h.call('get_volume_attribute', '../etc/passwd', 'notes')).error).toMatchObject({ code: 'ERR_BRIDGE' });
+    expect((await h.call('get_volume_attribute', 'backup/100/a', 'size')).result).toBeNull();
+    listed.push({ volname: 'not-a-backup', vmid: 1, vmtype: 'qemu', ctime: 1, size: 1 });
+    expect((await h.call('list_volumes', null, ['backup'])).error).toMatchObject({ code: 'ERR_BRIDGE', message: expect.stringContaining('without a volume name backup/<archive-name>') });
+    await h.end();
+  });
+
+  it('reads Perl\'s keep hash (dashed keys, string counts, keep-all) and refuses an unknown option', () => {
+    expect(keepFromPerl({ 'keep-last': '3', 'keep-daily': 2, 'keep-weekly': '0', 'keep-all': '0' })).toEqual({ keepLast: 3, keepDaily: 2, keepWeekly: 0, keepAll: false });
+    expect(keepFromPerl({ 'keep-all': 1 })).toEqual({ keepAll: true });
+    expect(keepFromPerl(null)).toEqual({});
+    expect(() => keepFromPerl({ 'keep-forever': 1 })).toThrow(/unknown keep option 'keep-forever'/);
+    expect(() => keepFromPerl({ 'keep-last': '-1' })).toThrow(/keep-last is not a count/);
+  });
 });
