@@ -234,6 +234,23 @@ describe('the generated storage plugin under perl -T (jsonstore fixture)', () =>
     expect(await f.spawns()).toEqual([]);
   });
 
+  it('two vendors side by side: each has its own provider class, so one built with another bridge version breaks only itself', async () => {
+    const perl5 = await generate('jsonstore', JSONSTORE);
+    const other = cli(['pve-plugin', 'generate', '--type', 'vendortwo', '--provider', path.join(ROOT, 'test/pve/providers/directory.mjs'), '--dest', perl5]);
+    expect(other.status, other.stderr).toBe(0);
+    // vendor two's copy of the bridge speaks another protocol (another package version)
+    const twoClass = path.join(perl5, 'PVE/BackupProvider/Plugin/Vendortwo.pm');
+    await fs.writeFile(twoClass, (await fs.readFile(twoClass, 'utf8')).replace('use constant PROTOCOL_VERSION => 1;', 'use constant PROTOCOL_VERSION => 99;'));
+    const f = await fixture();
+    const one = drive({ perl5, type: 'jsonstore', scfg: f.scfg, settings: f.settings, ops: [{ op: 'provider_name' }] });
+    expect(one.loaded.warnings).toEqual([]);
+    expect(one.ops[0]!.result).toEqual({ class: 'PVE::BackupProvider::Plugin::Jsonstore', name: 'jsonstore' });
+    const store = path.join(await tempDir(), 'store');
+    const two = drive({ perl5, type: 'vendortwo', storeid: 'two1', scfg: { path: store }, settings: f.settings, ops: [{ op: 'provider_name' }] });
+    expect(two.loaded.class).toBe('PVE::Storage::Custom::VendortwoPlugin');
+    expect(two.ops[0]!.error).toMatch(/speaks another protocol version than 99/);
+  });
+
   it('parse_volname: backup/<archive-name> with = / :, the vmid from archiveNameVmid, no host; a bad name dies', async () => {
     const perl5 = await generate('jsonstore', JSONSTORE);
     const f = await fixture();
