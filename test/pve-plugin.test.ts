@@ -334,6 +334,14 @@ describe('the generated storage plugin under perl -T (jsonstore fixture)', () =>
     const [pid] = await hanging.spawns();
     expect(gone(pid!)).toBe(true);
 
+    // stuck in its constructor: hello never answers; the same bound, then killed
+    const blocked = await fixture({ blockConstruct: true });
+    const e = drive({ perl5, type: 'jsonstore', scfg: blocked.scfg, settings: { ...blocked.settings, STATUS_TIMEOUT: 1 }, ops: [{ op: 'status' }] });
+    expect(e.ops[0]!.result.status).toEqual([0, 0, 0, 0]);
+    expect(e.ops[0]!.warnings.join('')).toMatch(/did not start: backup provider host did not answer hello within 1 s/);
+    expect(e.ops[0]!.ms).toBeLessThan(3000);
+    expect(gone((await blocked.spawns())[0]!)).toBe(true);
+
     const lacking = await fixture({ without: ['status'] });
     const c = drive({ perl5, type: 'jsonstore', scfg: lacking.scfg, settings: lacking.settings, ops: [{ op: 'status' }] });
     expect(c.ops[0]!.result.status).toEqual([0, 0, 0, 0]);

@@ -2,7 +2,7 @@
 // (ProviderStorage), over one JSON file named by the storage option `jsonstore-file`:
 //   {backups: [{volname, vmid, vmtype, ctime, size, notes?, protected?}],
 //    status: {total, free, used}, fail: {hook: message}, hang: [hook], without: [hook],
-//    ownPrune: 'marks' | 'removed'}
+//    ownPrune: 'marks' | 'removed', blockConstruct: true}
 // With ownPrune it has its own prune, which keeps only the newest backup whatever the keep
 // options say, answering its marks or only what it removed.
 // Each construction appends a line to `<file>.spawns`, so a test counts the hosts started.
@@ -34,6 +34,8 @@ export default class JsonStoreProvider {
     this.token = context.scfg['jsonstore-token'];
     appendFileSync(`${this.file}.spawns`, `${process.pid}\n`);
     const data = this.read();
+    // a constructor stuck for good (blocking the whole process, as a sync call to a dead NFS would)
+    if (data.blockConstruct) Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 60_000);
     const storage = {};
     for (const hook of HOOKS) {
       if ((data.without ?? []).includes(hook)) continue;
