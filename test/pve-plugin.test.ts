@@ -59,12 +59,13 @@ interface Drive {
 }
 
 /** Runs test/pve/storage-driver.pl under perl -T with one job. */
-function drive(job: { perl5: string; type: string; storeid?: string; scfg: Record<string, unknown>; settings?: Record<string, unknown>; ops: Array<Record<string, unknown>> }): Drive {
+function drive(job: { perl5: string; type: string; storeid?: string; scfg: Record<string, unknown>; settings?: Record<string, unknown>; ops: Array<Record<string, unknown>> }, apiver?: number): Drive {
   const perl = requireTool('perl', 'perl');
   const r = spawnSync(perl, ['-T', '-I', path.join(ROOT, 'test/pve'), path.join(ROOT, 'test/pve/storage-driver.pl')], {
     input: `${JSON.stringify({ storeid: 'js1', ...job })}\n`,
     encoding: 'utf8',
     timeout: 120_000,
+    env: { ...process.env, ...(apiver !== undefined ? { PVE_STANDIN_APIVER: String(apiver) } : {}) },
   });
   const lines = r.stdout.split('\n').filter((l) => l !== '').map((l) => JSON.parse(l));
   expect(r.stderr).not.toMatch(/Insecure/);
@@ -249,6 +250,26 @@ describe('the generated storage plugin under perl -T (jsonstore fixture)', () =>
     const two = drive({ perl5, type: 'vendortwo', storeid: 'two1', scfg: { path: store }, settings: f.settings, ops: [{ op: 'provider_name' }] });
     expect(two.loaded.class).toBe('PVE::Storage::Custom::VendortwoPlugin');
     expect(two.ops[0]!.error).toMatch(/speaks another protocol version than 99/);
+  });
+
+  it.each([
+    [11, 11, []],
+    [13, 13, []],
+    [16, 15, ['Plugin "PVE::Storage::Custom::JsonstorePlugin" is implementing an older storage API, an upgrade is recommended\n']],
+  ] as const)('api() follows pve-storage\'s APIVER %i within 11..15 (no warning in every task log), else the newest tested (%i)', async (apiver, api, warnings) => {
+    const perl5 = await generate('jsonstore', JSONSTORE);
+    const f = await fixture();
+    const d = drive({ perl5, type: 'jsonstore', scfg: f.scfg, settings: f.settings, ops: [{ op: 'schema' }] }, apiver);
+    expect(d.loaded.warnings).toEqual(warnings);
+    expect(d.ops[0]!.result.api).toBe(api);
+  });
+
+  it('is refused by a pve-storage whose APIAGE no longer covers the newest tested api (loader: too old)', async () => {
+    const perl5 = await generate('jsonstore', JSONSTORE);
+    const f = await fixture();
+    const d = drive({ perl5, type: 'jsonstore', scfg: f.scfg, settings: f.settings, ops: [] }, 22);
+    expect(d.loaded.class).toBeNull();
+    expect(d.loaded.warnings.join('')).toMatch(/Error loading storage plugin "PVE::Storage::Custom::JsonstorePlugin": API version too old, please update the plugin \(15 < 16\)/);
   });
 
   it('parse_volname: backup/<archive-name> with = / :, the vmid from archiveNameVmid, no host; a bad name dies', async () => {

@@ -2,7 +2,7 @@ package PVE::Storage;
 
 # STAND-IN for the tests of pve-backup-provider, not Proxmox VE's code: the parts of pve-storage's
 # src/PVE/Storage.pm a custom backup-provider storage plugin meets, and nothing more:
-# - APIVER / APIAGE (15 and 6 at pve-storage 9.1.7);
+# - APIVER / APIAGE (15 and 6 at pve-storage 9.1.7; APIVER from PVE_STANDIN_APIVER when set);
 # - the loader of third-party plugins (Storage.pm L66-103): require, isa PVE::Storage::Plugin,
 #   can api, the version range, register, the "older storage API" warning. Upstream scans
 #   /usr/share/perl5/PVE/Storage/Custom; here the folder is an argument (a perl5 tree on @INC);
@@ -14,7 +14,8 @@ use warnings;
 
 use PVE::Storage::Plugin;
 
-use constant APIVER => 15;
+# PVE_STANDIN_APIVER stands in for another pve-storage release (tests of api()'s choice)
+use constant APIVER => (($ENV{PVE_STANDIN_APIVER} // '') =~ /^(\d+)\z/ ? $1 + 0 : 15);
 use constant APIAGE => 6;
 
 # Loads every <dir>/PVE/Storage/Custom/*.pm as upstream does; returns the warnings it gave.
