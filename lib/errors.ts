@@ -131,6 +131,8 @@ export type ErrorCode =
   | 'ERR_BACKUP_FAILED'
   /** The Perl bridge's protocol was broken or asked for what the provider host cannot serve (`BridgeError`). */
   | 'ERR_BRIDGE'
+  /** `pve-plugin generate|install` would replace a file another plugin wrote; `--force` not given (`PluginFileExistsError`). */
+  | 'ERR_PLUGIN_FILE_EXISTS'
   | NbdErrorCode
   | ContainerToolErrorCode
   | DirectoryStoreErrorCode

@@ -37,7 +37,7 @@ import {
 } from '../lib/index.js';
 import { BackupFailedError, DemoError, TargetExistsError, UsageError, VerifyFailedError } from '../lib/cli/errors.js';
 import { fromNative } from '../lib/nbd/errors.js';
-import { BridgeError } from '../lib/bridge/errors.js';
+import { BridgeError, PluginFileExistsError } from '../lib/bridge/errors.js';
 
 // eslint-disable-next-line @typescript-eslint/no-explicit-any
 type ErrorClass = abstract new (...args: any[]) => PveBackupError;
@@ -93,6 +93,7 @@ const OWNER = {
   ERR_DEMO: DemoError,
   ERR_DEMO_MISMATCH: DemoError,
   ERR_BRIDGE: BridgeError,
+  ERR_PLUGIN_FILE_EXISTS: PluginFileExistsError,
 } satisfies Record<ErrorCode, ErrorClass>; // a code missing here, or one not in ErrorCode, does not compile
 
 interface Case {
@@ -363,6 +364,14 @@ const cases: Case[] = [
   { err: new DemoError('ERR_DEMO', 'the full backup failed'), cls: DemoError, name: 'DemoError', code: 'ERR_DEMO', message: /^the full backup failed$/ },
   { err: new DemoError('ERR_DEMO_MISMATCH', 'differs'), cls: DemoError, name: 'DemoError', code: 'ERR_DEMO_MISMATCH', message: /^differs$/ },
   { err: new BridgeError('bad request', { method: 'backup_vm', cause }), cls: BridgeError, name: 'BridgeError', code: 'ERR_BRIDGE', message: /^bad request$/, cause, fields: { method: 'backup_vm' } },
+  {
+    err: new PluginFileExistsError('/usr/share/perl5/PVE/Storage/Custom/AcmePlugin.pm', 'another plugin (type=acme provider=/x.mjs)'),
+    cls: PluginFileExistsError,
+    name: 'PluginFileExistsError',
+    code: 'ERR_PLUGIN_FILE_EXISTS',
+    message: /^\/usr\/share\/perl5\/PVE\/Storage\/Custom\/AcmePlugin\.pm exists and belongs to another plugin \(type=acme provider=\/x\.mjs\); give --force to replace it$/,
+    fields: { target: '/usr/share/perl5/PVE/Storage/Custom/AcmePlugin.pm' },
+  },
 ];
 
 describe('error table', () => {

@@ -19,6 +19,7 @@ describe('npm pack', () => {
     expect(files.some((f) => f.endsWith('.node'))).toBe(true);
     expect(files).toContain('dist/index.js');
     expect(files).toContain('perl/PVE/BackupProvider/Plugin/NodeBridge.pm'); // the Perl half of the bridge
+    expect(files).toContain('perl/templates/StoragePlugin.pm.in'); // what pve-plugin generate fills in
     expect(files.some((f) => f.startsWith('test/') || f.startsWith('native/src/'))).toBe(false);
 
     const project = join(dir, 'project');
@@ -33,5 +34,12 @@ describe('npm pack', () => {
     expect(out.trim()).toBe('function function');
     const help = execFileSync(join(project, 'node_modules', '.bin', 'pve-backup-provider'), ['--help'], { encoding: 'utf8' });
     expect(help).toMatch(/Usage: pve-backup-provider/);
+    // pve-plugin generate finds its template and main.js in the installed package
+    const installed = join(project, 'node_modules', 'pve-backup-provider');
+    const gen = JSON.parse(
+      execFileSync(join(project, 'node_modules', '.bin', 'pve-backup-provider'), ['pve-plugin', 'generate', '--type', 'acme', '--provider', join(ROOT, 'test/pve/providers/jsonstore.mjs'), '--dest', join(dir, 'perl5'), '--json'], { encoding: 'utf8' }),
+    );
+    expect(gen.cli).toBe(join(installed, 'dist', 'cli', 'main.js'));
+    expect(gen.files).toEqual([join(dir, 'perl5/PVE/Storage/Custom/AcmePlugin.pm'), join(dir, 'perl5/PVE/BackupProvider/Plugin/Acme.pm')]);
   }, 180_000);
 });

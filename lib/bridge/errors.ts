@@ -24,3 +24,22 @@ export class BridgeError extends PveBackupError {
     this.method = options.method;
   }
 }
+
+/**
+ * `pve-plugin generate|install` found a file it would replace that another vendor's plugin (or
+ * no generated plugin) wrote, and `--force` was not given (code `ERR_PLUGIN_FILE_EXISTS`).
+ */
+export class PluginFileExistsError extends PveBackupError {
+  declare readonly code: 'ERR_PLUGIN_FILE_EXISTS';
+  /** The file that exists. */
+  readonly target: string;
+
+  /**
+   * @param target - The file that exists (absolute).
+   * @param owner - Who wrote it, as its header says (or that it is not a generated plugin).
+   */
+  constructor(target: string, owner: string) {
+    super(`${target} exists and belongs to ${owner}; give --force to replace it`, { code: 'ERR_PLUGIN_FILE_EXISTS' });
+    this.target = target;
+  }
+}

@@ -51,6 +51,7 @@ import type {
 } from '../provider/api.js';
 import type { BitmapAction, BitmapMode } from '../vocabulary.js';
 import { BridgeError } from './errors.js';
+import { isStorageCall, serveStorageCall } from './storage-calls.js';
 
 /** Version of the line protocol; `hello` answers it, the Perl side refuses another. */
 export const BRIDGE_PROTOCOL_VERSION = 1;
@@ -271,6 +272,8 @@ export class ProviderHost {
   private async dispatch(method: string, p: unknown[], signal: AbortSignal): Promise<unknown> {
     if (method === 'hello') return this.hello(p[0]);
     const pr = this.need(method);
+    // the storage plugin's calls (status, list_volumes...): served on a fresh host, no job
+    if (isStorageCall(method)) return serveStorageCall(pr, this.storeid, method, p);
     switch (method) {
       case 'provider_name':
         return String(await pr.providerName());

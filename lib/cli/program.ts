@@ -13,6 +13,7 @@ import { NbdClient, listBitmaps } from '../nbd/client.js';
 import { copyExtents } from '../nbd/copy.js';
 import { addStoreCommands } from './store-commands.js';
 import { addProviderHostCommand } from './provider-host.js';
+import { addPvePluginCommands } from './pve-plugin.js';
 import { EXIT, formatBytes, printTable, progressView } from './output.js';
 
 function parseSize(value: string): number {
@@ -181,6 +182,7 @@ export function buildProgram(): Command {
     });
 
   addProviderHostCommand(program);
+  addPvePluginCommands(program);
 
   program
     .command('demo')

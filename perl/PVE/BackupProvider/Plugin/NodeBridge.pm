@@ -299,14 +299,16 @@ sub shutdown_host {
     return if $h->{owner} != $$;
     close($h->{in}) if $h->{in};
     $h->{in} = undef;
-    my $end = time() + 5;
+    # storage_call shortens the waits: its caller (pvestatd) has a time bound
+    my $grace = $self->{shutdown_grace} // 5;
+    my $end = time() + $grace;
     while (!$self->_check_exit(0)) {
         last if time() > $end;
         sleep(0.05);
     }
     if (!defined($h->{exit})) {
         kill('TERM', $h->{pid});
-        $end = time() + 2;
+        $end = time() + ($self->{shutdown_grace} // 2);
         while (!$self->_check_exit(0) && time() < $end) { sleep(0.05) }
         if (!defined($h->{exit})) {
             kill('KILL', $h->{pid});
@@ -534,6 +536,50 @@ sub restore_container_cleanup {
     my ($self, $volname, @rest) = @_;
     $self->_call('restore_container_cleanup', $volname, @rest);
     return;
+}
+
+# ---- one storage call, for the generated storage plugin's class methods ----
+# Proxmox VE calls a storage plugin as a class, with no provider object and no job: pvestatd
+# (status every 10 s), pvedaemon (every listing of the GUI) and pvesm (docs/pve-bridge-notes.md
+# §1.4, §7.10). Each such call builds a bridge, starts a host, makes the one call and ends the
+# host, everything within $timeout seconds (plus a short kill), so a hung provider never holds its
+# caller longer than that. Returns the reply as the host sent it (tainted: the caller validates).
+sub storage_call {
+    my ($self, $method, $timeout, @params) = @_;
+    my $deadline = time() + $timeout;
+    local $self->{setup_timeout} = $timeout;
+    local $self->{shutdown_grace} = 0.5;
+    my $res = eval {
+        $self->_start_host() if !$self->{host};
+        my $left = $deadline - time();
+        die "backup provider host did not answer $method within $timeout s\n" if $left <= 0;
+        $self->_request($method, $left, @params);
+    };
+    my $err = $@;
+    # the bound the caller set, not what was left of it after the host's start
+    $err = "backup provider host did not answer $method within $timeout s\n"
+        if $err && $err =~ /^backup provider host did not answer \Q$method\E within /;
+    $self->_end_host_now();
+    die $err if $err;
+    return $res;
+}
+
+# Ends the host of a storage call at once: closing its input ends a host whose call finished; one
+# still busy (the call timed out) is killed, since SIGTERM only cancels its call (§6.3).
+sub _end_host_now {
+    my ($self) = @_;
+    my $h = $self->{host} or return;
+    return if $h->{owner} != $$;
+    close($h->{in}) if $h->{in};
+    $h->{in} = undef;
+    my $end = time() + 1;
+    while (!$self->_check_exit(0) && time() < $end) { sleep(0.02) }
+    if (!defined($h->{exit})) {
+        kill('KILL', $h->{pid});
+        $self->_check_exit(1);
+    }
+    close($h->{out}) if $h->{out};
+    $h->{out} = undef;
 }
 
 1;
