@@ -225,7 +225,7 @@ describe('the example provider through the Perl bridge (perl -T, real qemu-stora
     const full = await backupVm(q, dir, () => nbdWrite(live, 0x44, 2 * MiB, 256 * KiB));
     expect(full.incremental).toEqual({ disk0: 'new' });
     const i1 = await readIndex(dir, full.volname);
-    expect(i1.disks!.disk0).toMatchObject({ kind: 'full', size: 8 * MiB });
+    expect(i1.disks!.disk0!).toMatchObject({ kind: 'full', size: 8 * MiB });
     expect(i1.parent).toBeUndefined();
 
     // what it stores is private whatever the umask, and the raw file is what qemu-server's
@@ -244,9 +244,9 @@ describe('the example provider through the Perl bridge (perl -T, real qemu-stora
     expect(incr1.incremental).toEqual({ disk0: 'use' });
     const i2 = await readIndex(dir, incr1.volname);
     expect(i2.parent).toBe(full.volname);
-    expect(i2.disks!.disk0.kind).toBe('incremental');
+    expect(i2.disks!.disk0!.kind).toBe('incremental');
     // only the dirty data was read: 256 KiB + 1 MiB (a full read 3.5 MiB+)
-    expect(i2.disks!.disk0.bytesRead).toBe(256 * KiB + 1 * MiB);
+    expect(i2.disks!.disk0!.bytesRead).toBe(256 * KiB + 1 * MiB);
     expect(incr1.logs).toContainEqual(['info', `disk0: incremental, read ${256 * KiB + 1 * MiB} of ${8 * MiB} bytes`]);
 
     // incremental 2: the write made during incremental 1, and one between
@@ -255,8 +255,8 @@ describe('the example provider through the Perl bridge (perl -T, real qemu-stora
     expect(incr2.incremental).toEqual({ disk0: 'use' });
     const i3 = await readIndex(dir, incr2.volname);
     expect(i3.parent).toBe(incr1.volname);
-    expect(i3.disks!.disk0.bytesRead).toBe(128 * KiB + 64 * KiB);
-    expect(i1.disks!.disk0.bytesRead).toBeGreaterThanOrEqual(3 * MiB + 512 * KiB);
+    expect(i3.disks!.disk0!.bytesRead).toBe(128 * KiB + 64 * KiB);
+    expect(i1.disks!.disk0!.bytesRead).toBeGreaterThanOrEqual(3 * MiB + 512 * KiB);
 
     const states = [full.expected, incr1.expected, incr2.expected];
     expect(new Set(states.map((b) => b.toString('base64'))).size).toBe(3);
@@ -286,7 +286,7 @@ describe('the example provider through the Perl bridge (perl -T, real qemu-stora
     const b2 = await backupVm(q, dir);
     expect(b2.incremental).toEqual({ disk0: 'new' });
     expect(b2.logs.some(([l, msg]) => l === 'warn' && msg.includes(`${b1.volname} has a changed or missing disk0.raw`))).toBe(true);
-    expect((await readIndex(dir, b2.volname)).disks!.disk0.kind).toBe('full');
+    expect((await readIndex(dir, b2.volname)).disks!.disk0!.kind).toBe('full');
     expect((await restoreVm(dir, b2.volname)).equals(b2.expected)).toBe(true);
 
     // gone: the previous backup was removed
@@ -311,7 +311,7 @@ describe('the example provider through the Perl bridge (perl -T, real qemu-stora
     await nbdWrite(live, 0x55, 7 * MiB, 64 * KiB);
     const b5 = await backupVm(q, dir);
     expect(b5.incremental).toEqual({ disk0: 'use' });
-    expect((await readIndex(dir, b5.volname)).disks!.disk0).toMatchObject({ kind: 'incremental', bytesRead: 64 * KiB });
+    expect((await readIndex(dir, b5.volname)).disks!.disk0!).toMatchObject({ kind: 'incremental', bytesRead: 64 * KiB });
     expect((await restoreVm(dir, b5.volname)).equals(b5.expected)).toBe(true);
   }, 240_000);
 });
@@ -330,8 +330,9 @@ describe('the example provider called directly (umask 000)', () => {
     const store = path.join(work, 'store');
     const idMap = parseIdMap(TEST_MAP_LINES);
 
-    const logs: string[] = [];
-    const p = await freshProvider(store, logs);
+    const logfile = path.join(work, 'lxc-200.log');
+    await fs.writeFile(logfile, 'INFO: vzdump log\n');
+    const p = await freshProvider(store);
     await p.jobInit(0);
     const t0 = Date.UTC(2026, 10, 1, 10) / 1000;
     const volnames: string[] = [];
@@ -343,7 +344,7 @@ describe('the example provider called directly (umask 000)', () => {
       await p.backupContainer(200, `hostname: ct200\n#${i}\n`, ['/tmp/?*'], info);
       const res = await p.backupCleanup(200, 'lxc', true, {});
       expect(res?.stats?.archiveSize).toBeGreaterThan(0);
-      await p.backupHandleLogFile(200, path.join(work, 'none.log')).catch(() => undefined);
+      await p.backupHandleLogFile(200, logfile);
       volnames.push(`backup/${archiveName}`);
     }
     await p.jobCleanup();
@@ -357,7 +358,7 @@ describe('the example provider called directly (umask 000)', () => {
     // modes, whatever the umask
     const b0 = path.join(store, '200/lxc-2026_11_01-10_00_00');
     for (const d of [store, path.join(store, '200'), b0]) expect(await mode(d)).toBe(0o700);
-    for (const f of ['index.json', 'root.tar']) expect(await mode(path.join(b0, f))).toBe(0o600);
+    for (const f of ['index.json', 'root.tar', 'backup.log']) expect(await mode(path.join(b0, f))).toBe(0o600);
 
     // restore with the tar mechanism: a regular .tar file pve-container can list (>= 10 members, sbin)
     const r = await freshProvider(store);
