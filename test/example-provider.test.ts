@@ -104,7 +104,7 @@ interface VmBackup extends Run {
  * One vzdump-style VM backup. `during` runs while backup_vm reads (the guest writing after the
  * snapshot: not in this backup, in the next one).
  */
-async function backupVm(q: QemuInstance, dir: string, during?: () => Promise<void>): Promise<VmBackup> {
+async function backupVm(q: QemuInstance, dir: string, during?: () => Promise<void>, o: { keepBitmap?: boolean; expectError?: boolean } = {}): Promise<VmBackup> {
   const fleece = path.join(dir, 'fleece');
   await fs.mkdir(fleece, { recursive: true });
   const live = `nbd+unix:///live0?socket=${q.nbdPath!}`;
@@ -128,7 +128,7 @@ async function backupVm(q: QemuInstance, dir: string, during?: () => Promise<voi
         const any = Object.values(incremental).some((v) => v === 'new' || v === 'use');
         // Proxmox's QEMU recreates the bitmap of a device asked `new`; on stock QEMU the caller
         // drops it first (lib/qemu/types.ts bitmapModes), as the job runner does
-        for (const s of await resolveDevices(q.qmp, ['disk0'])) if (incremental[s.device] === 'new') await dropDeviceBitmap(q.qmp, s, TARGET_ID, STOREID);
+        if (!o.keepBitmap) for (const s of await resolveDevices(q.qmp, ['disk0'])) if (incremental[s.device] === 'new') await dropDeviceBitmap(q.qmp, s, TARGET_ID, STOREID);
         const access = await setupBackupAccess(q.qmp, {
           targetId: TARGET_ID,
           devices: ['disk0'],
@@ -158,7 +158,7 @@ async function backupVm(q: QemuInstance, dir: string, during?: () => Promise<voi
     },
   );
   expect(run.stderr).not.toMatch(/Insecure|tainted/);
-  expect(run.done.error ?? null).toBeNull();
+  if (!o.expectError) expect(run.done.error ?? null).toBeNull();
   expect(run.done.job_error ?? null).toBeNull();
   return { ...run, expected: expected!, incremental, volname: `backup/${run.done.archive!}` };
 }
@@ -307,6 +307,19 @@ describe('the example provider through the Perl bridge (perl -T, real qemu-stora
     expect(b4.incremental).toEqual({ disk0: 'new' });
     expect((await restoreVm(dir, b4.volname)).equals(b4.expected)).toBe(true);
 
+    // QEMU offering its old bitmap although the provider asked for a new one (a caller that
+    // ignored the answer): the backup fails rather than building on the wrong base
+    await nbdWrite(live, 0x66, 3 * MiB, 64 * KiB);
+    await fs.writeFile(record, JSON.stringify({ ...JSON.parse(await fs.readFile(record, 'utf8')), pending: 'backup/100/qemu-2026_11_30-00_00_00' }));
+    const bad = await backupVm(q, dir, undefined, { keepBitmap: true, expectError: true });
+    expect(bad.incremental).toEqual({ disk0: 'new' });
+    expect(bad.done.error).toMatch(/disk0: QEMU offers an incremental backup, but there is no previous raw file to start from \[ERR_RAWFILE_STATE\]/);
+    await expect(fs.access(backupDir(dir, bad.volname))).rejects.toThrow();
+    // QEMU was told failure; the record names no trusted base (b4 was never confirmed): full again
+    const b4b = await backupVm(q, dir);
+    expect(b4b.incremental).toEqual({ disk0: 'new' });
+    expect((await restoreVm(dir, b4b.volname)).equals(b4b.expected)).toBe(true);
+
     // and with the record intact, the next one is incremental again
     await nbdWrite(live, 0x55, 7 * MiB, 64 * KiB);
     const b5 = await backupVm(q, dir);
@@ -316,7 +329,7 @@ describe('the example provider through the Perl bridge (perl -T, real qemu-stora
   }, 240_000);
 });
 
-describe('the example provider called directly (umask 000)', () => {
+describe('the example provider called directly (umask 000 unless a test sets another)', () => {
   it('backs up a container as a tar archive and restores it; the storage hooks work on a fresh instance', async () => {
     const work = await tempDir();
     const src = path.join(work, 'src');
@@ -432,6 +445,33 @@ describe('the example provider called directly (umask 000)', () => {
     expect(st.free).toBeGreaterThan(0);
     expect(st.free + st.used).toBeLessThanOrEqual(st.total);
   }, 120_000);
+
+  it('stores 0700 folders and 0600 files under a umask that takes the owner\'s bits too (0277)', async () => {
+    const work = await tempDir();
+    const src = path.join(work, 'src');
+    await fs.mkdir(path.join(src, 'etc'), { recursive: true });
+    await fs.writeFile(path.join(src, 'etc/hostname'), 'ct201\n');
+    const logfile = path.join(work, 'lxc-201.log');
+    await fs.writeFile(logfile, 'INFO: vzdump log\n');
+    const store = path.join(work, 'store');
+    const old = process.umask(0o277);
+    try {
+      const p = await freshProvider(store);
+      await p.jobInit(0);
+      const { archiveName } = await p.backupInit(201, 'lxc', Date.UTC(2026, 10, 2) / 1000);
+      const info = { directory: src, sources: ['.'], backupUserId: 0, idMap: [], archiveName, signal: new AbortController().signal };
+      await p.backupContainer(201, 'hostname: ct201\n', [], info);
+      await p.backupCleanup(201, 'lxc', true, {});
+      await p.backupHandleLogFile(201, logfile);
+      await p.storage!.setNotes!(`backup/${archiveName}`, 'n');
+      await p.jobCleanup();
+      const dir = path.join(store, archiveName);
+      for (const d of [store, path.join(store, '201'), dir]) expect(await mode(d)).toBe(0o700);
+      for (const f of ['index.json', 'root.tar', 'backup.log']) expect(await mode(path.join(dir, f))).toBe(0o600);
+    } finally {
+      process.umask(old);
+    }
+  });
 
   it('exports pveStorage: the fixed path and one prefixed property of its own', async () => {
     const mod = (await import(EXAMPLE)) as { pveStorage: { properties: Record<string, unknown>; options: Record<string, { fixed?: boolean }>; archiveNameVmid: string } };

@@ -420,7 +420,7 @@ export default class RawFileProvider extends BackupProviderBase {
           bandwidthLimit: normaliseBandwidthLimit(info.bandwidthLimit, 'bandwidthLimit'),
           signal: info.signal,
         });
-        await chmod(target, 0o600);
+        // the package's file sink creates and keeps it 0600 whatever the umask
         this.log.info(`${device}: ${incremental ? 'incremental' : 'full'}, read ${summary.bytesRead} of ${Number(v.size)} bytes`);
         g.disks[device] = { file, size: Number(v.size), kind: incremental ? 'incremental' : 'full', bytesRead: summary.bytesRead, mtimeMs: 0 };
       }
@@ -451,6 +451,7 @@ export default class RawFileProvider extends BackupProviderBase {
       bandwidthLimit: normaliseBandwidthLimit(info.bandwidthLimit, 'bandwidthLimit'),
       signal: info.signal,
     });
+    // createTarArchive opens it with mode 0600, which the umask may still narrow
     await chmod(archive, 0o600);
     g.archive = { file: 'root.tar', size: bytes };
   }
