@@ -12,6 +12,7 @@
  */
 import { execFileSync, spawn } from 'node:child_process';
 import { promises as fs } from 'node:fs';
+import { hostname } from 'node:os';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
@@ -471,6 +472,43 @@ describe('the example provider called directly (umask 000 unless a test sets ano
     } finally {
       process.umask(old);
     }
+  });
+
+  it('keeps two jobs of one guest apart, and removes only what a dead writer left', async () => {
+    const work = await tempDir();
+    const src = path.join(work, 'src');
+    await fs.mkdir(path.join(src, 'etc'), { recursive: true });
+    await fs.writeFile(path.join(src, 'etc/hostname'), 'ct202\n');
+    const store = path.join(work, 'store');
+    const start = Date.UTC(2026, 10, 3) / 1000;
+    // what a killed run left: its writer is a process that is gone
+    const gone = execFileSync(process.execPath, ['-p', 'process.pid'], { encoding: 'utf8' }).trim();
+    const dead = path.join(store, '202/lxc-2026_11_02-00_00_00');
+    await fs.mkdir(dead, { recursive: true });
+    await fs.writeFile(path.join(dead, 'writer.json'), JSON.stringify({ host: hostname(), pid: Number(gone), start: '1' }));
+    // a backup another host is writing to the shared storage is left alone
+    const remote = path.join(store, '202/lxc-2026_11_02-00_00_01');
+    await fs.mkdir(remote);
+    await fs.writeFile(path.join(remote, 'writer.json'), JSON.stringify({ host: 'other-node', pid: 1, start: '1' }));
+
+    const [p1, p2] = [await freshProvider(store), await freshProvider(store)];
+    const [a, b] = await Promise.all([p1.backupInit(202, 'lxc', start), p2.backupInit(202, 'lxc', start)]);
+    expect(a.archiveName).not.toBe(b.archiveName);
+    await expect(fs.access(dead)).rejects.toThrow();
+    await fs.access(remote);
+    const info = (archiveName: string) => ({ directory: src, sources: ['.'], backupUserId: 0, idMap: [], archiveName, signal: new AbortController().signal });
+    await Promise.all([p1.backupContainer(202, 'hostname: a\n', [], info(a.archiveName)), p2.backupContainer(202, 'hostname: b\n', [], info(b.archiveName))]);
+    // a third job starting meanwhile leaves the two running backups alone (their writer is alive)
+    const p3 = await freshProvider(store);
+    const c = await p3.backupInit(202, 'lxc', start);
+    await p3.backupCleanup(202, 'lxc', false, { error: 'test' });
+    await expect(fs.access(path.join(store, c.archiveName))).rejects.toThrow();
+    await Promise.all([p1.backupCleanup(202, 'lxc', true, {}), p2.backupCleanup(202, 'lxc', true, {})]);
+    const listed = await (await freshProvider(store)).storage.listBackups({ vmid: 202 });
+    expect(listed.map((x) => x.volname).sort()).toEqual([`backup/${a.archiveName}`, `backup/${b.archiveName}`].sort());
+    expect(await p1.archiveGetGuestConfig(`backup/${a.archiveName}`)).toBe('hostname: a\n');
+    expect(await p1.archiveGetGuestConfig(`backup/${b.archiveName}`)).toBe('hostname: b\n');
+    expect(await fs.readdir(path.join(store, a.archiveName))).toEqual(expect.not.arrayContaining(['writer.json']));
   });
 
   it('exports pveStorage: the fixed path and one prefixed property of its own', async () => {

@@ -23,6 +23,7 @@
  * @module
  */
 import { randomUUID } from 'node:crypto';
+import { hostname } from 'node:os';
 import { constants as fsc } from 'node:fs';
 import { chmod, copyFile, mkdir, open, readdir, readFile, rename, rm, stat, statfs, unlink } from 'node:fs/promises';
 import path from 'node:path';
@@ -96,6 +97,8 @@ import { BackupProviderBase, backupNbdToFile, createTarArchive, markBackups, nor
 
 const INDEX = 'index.json';
 const LAST_GOOD = 'last-good.json';
+/** In a backup's folder until its index is written: who writes it (host, pid, process start time). */
+const WRITER = 'writer.json';
 /** Volume names this store makes: vzdump's volume id is `<storeid>:backup/<archive-name>` (pve-manager `PVE/VZDump.pm`). */
 const VOLNAME = /^backup\/([1-9][0-9]{0,8})\/((qemu|lxc)-[0-9]{4}_[0-9]{2}_[0-9]{2}-[0-9]{2}_[0-9]{2}_[0-9]{2}(-[0-9]+)?)$/;
 
@@ -149,6 +152,32 @@ function timestamp(d) {
 function bool(v, dflt) {
   if (v === undefined || v === null || v === '') return dflt;
   return !(v === false || v === 0 || v === '0' || v === 'false');
+}
+
+/** Start time of a process (field 22 of `/proc/<pid>/stat`), which tells a reused pid apart. @param {number} pid */
+async function processStart(pid) {
+  const stat = await readFile(`/proc/${pid}/stat`, 'utf8').catch(() => undefined);
+  return stat?.slice(stat.lastIndexOf(')') + 2).split(' ')[19];
+}
+
+/** This process as the writer of a backup. */
+async function thisWriter() {
+  return { host: hostname(), pid: process.pid, start: await processStart(process.pid) };
+}
+
+/**
+ * Whether the process that wrote an incomplete backup folder is gone. Only a writer of this host
+ * can be checked; one of another host sharing the storage is left alone (a folder without a
+ * writer record a minute old is one whose writer died right after creating it).
+ * @param {string} dir
+ */
+async function writerIsGone(dir) {
+  /** @type {{ host?: string, pid?: number, start?: string } | undefined} */
+  const w = await readJson(path.join(dir, WRITER)).catch(() => undefined);
+  // no record: a run died between creating the folder and recording itself, unless it is doing that now
+  if (!w) return Date.now() - (await stat(dir)).mtimeMs > 60_000;
+  if (w.host !== hostname() || typeof w.pid !== 'number') return false;
+  return (await processStart(w.pid)) !== w.start;
 }
 
 /** Creates a folder `0700` whatever the umask (mkdir's mode is masked by it, chmod's is not). @param {string} dir */
@@ -300,15 +329,15 @@ export default class RawFileProvider extends BackupProviderBase {
     const guestDir = path.join(this.root, String(vmid));
     await mkdir(guestDir, { recursive: true, mode: 0o700 });
     await chmod(guestDir, 0o700);
-    // vzdump holds the guest's lock for the whole backup: no other backup of it is being written,
-    // so a folder without an index is what an interrupted run left
+    // A folder without an index is a backup being written, or one an interrupted run left: it
+    // is removed only when its writer (recorded in it) is a process of this host that is gone.
     for (const name of await readdir(guestDir)) {
       if (!/^(qemu|lxc)-/.test(name)) continue;
       const dir = path.join(guestDir, name);
-      if (!(await stat(path.join(dir, INDEX)).catch(() => undefined))) {
-        await rm(dir, { recursive: true, force: true });
-        this.log.info(`removed ${dir}, left incomplete by an interrupted run`);
-      }
+      if (await stat(path.join(dir, INDEX)).catch(() => undefined)) continue;
+      if (!(await writerIsGone(dir))) continue;
+      await rm(dir, { recursive: true, force: true });
+      this.log.info(`removed ${dir}, left incomplete by an interrupted run`);
     }
     const base = `${vmtype}-${timestamp(new Date(startTime * 1000))}`;
     let name = base;
@@ -322,6 +351,7 @@ export default class RawFileProvider extends BackupProviderBase {
       }
     }
     const volname = `backup/${vmid}/${name}`;
+    await writeAtomic(path.join(guestDir, name, WRITER), JSON.stringify(await thisWriter()));
     const previous = vmtype === 'qemu' && this.incremental ? await this.trustedPrevious(vmid) : undefined;
     this.running.set(vmid, { vmid, vmtype, volname, dir: path.join(guestDir, name), id: randomUUID(), ctime: startTime, previous, disks: {}, data: 'none' });
     this.log.info(`writing ${volname}${previous ? `, previous backup ${previous.volname}` : ''}`);
@@ -509,6 +539,7 @@ export default class RawFileProvider extends BackupProviderBase {
     };
     await writeAtomic(path.join(g.dir, INDEX), JSON.stringify(index, null, 1));
     g.index = index;
+    await rm(path.join(g.dir, WRITER), { force: true });
     if (g.vmtype === 'qemu') await writeAtomic(this.lastGoodFile(g.vmid), JSON.stringify({ volname: g.volname, id: g.id }));
     this.log.info(`${g.volname} complete`);
     return index;
