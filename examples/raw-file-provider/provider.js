@@ -440,6 +440,10 @@ export default class RawFileProvider extends BackupProviderBase {
           throw new RawFileError('ERR_RAWFILE_STATE', `${device}: QEMU offers an incremental backup, but there is no previous raw file to start from`);
         }
         const target = path.join(g.dir, file);
+        // In mode reuse the helper copies the previous raw file with `cp --reflink=auto
+        // --sparse=always` (a reflink where the file system can, else a copy that keeps the holes,
+        // which fs.copyFile's fallback does not promise), writes the dirty regions over the copy,
+        // and renames it into place only when complete.
         const summary = await backupNbdToFile({
           nbdPath: v.nbdPath,
           deviceName: device,
