@@ -21,6 +21,9 @@ describe('npm pack', () => {
     expect(files).toContain('perl/PVE/BackupProvider/Plugin/NodeBridge.pm'); // the Perl half of the bridge
     expect(files).toContain('perl/templates/StoragePlugin.pm.in'); // what pve-plugin generate fills in
     expect(files.some((f) => f.startsWith('test/') || f.startsWith('native/src/'))).toBe(false);
+    // the example provider ships, to be run as it is or copied (examples/raw-file-provider/README.md)
+    expect(files).toContain('examples/raw-file-provider/provider.js');
+    expect(files).toContain('examples/raw-file-provider/README.md');
 
     const project = join(dir, 'project');
     execFileSync('mkdir', ['-p', project]);
@@ -32,6 +35,10 @@ describe('npm pack', () => {
       { cwd: project, encoding: 'utf8' },
     );
     expect(out.trim()).toBe('function function');
+    // installed, the example loads and finds the package by its name (self-reference)
+    const example = join(project, 'node_modules', 'pve-backup-provider', 'examples', 'raw-file-provider', 'provider.js');
+    const loaded = execFileSync(process.execPath, ['--input-type=module', '-e', `const m = await import(${JSON.stringify(example)}); console.log(typeof m.default, Object.keys(m.pveStorage.properties).join())`], { cwd: project, encoding: 'utf8' });
+    expect(loaded.trim()).toBe('function rawfile-incremental');
     const help = execFileSync(join(project, 'node_modules', '.bin', 'pve-backup-provider'), ['--help'], { encoding: 'utf8' });
     expect(help).toMatch(/Usage: pve-backup-provider/);
     // pve-plugin generate finds its template and main.js in the installed package
