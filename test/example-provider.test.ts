@@ -12,7 +12,7 @@
  */
 import { execFileSync, spawn } from 'node:child_process';
 import { promises as fs } from 'node:fs';
-import { hostname } from 'node:os';
+import { hostname, tmpdir } from 'node:os';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
@@ -59,13 +59,20 @@ interface Run {
 }
 
 /**
- * How the driver gets the provider: today `provider-host --provider <the example's path>`. Once
- * `pve-backup-provider pve-plugin install --type rawfile --provider <path>` exists, this is the one
- * place to swap for the installed plugin.
+ * The example as a vendor installs it: `pve-backup-provider pve-plugin generate --type rawfile
+ * --provider <the example>` writes the storage plugin and its provider class once (beforeAll), and
+ * the driver gets every provider from the plugin's `new_backup_provider`, as upstream's callers do.
  */
-function providerBridge(stateDir: string): Record<string, unknown> {
-  return { provider: EXAMPLE, node: process.execPath, cli: path.join(ROOT, 'dist/cli/main.js'), env: { PVE_BACKUP_PROVIDER_STATE_DIR: stateDir } };
-}
+let pluginDir = '';
+afterAll(async () => {
+  if (pluginDir) await fs.rm(path.dirname(pluginDir), { recursive: true, force: true });
+});
+const PLUGIN = 'PVE::Storage::Custom::RawfilePlugin';
+beforeAll(async () => {
+  // not tempDir(): its folders go after each test, this one serves the whole file
+  pluginDir = path.join(await fs.mkdtemp(path.join(tmpdir(), 'pvebp-plugin-')), 'perl5');
+  execFileSync(process.execPath, [path.join(ROOT, 'dist/cli/main.js'), 'pve-plugin', 'generate', '--type', 'rawfile', '--provider', EXAMPLE, '--dest', pluginDir], { encoding: 'utf8' });
+});
 
 /** Runs the driver under `perl -T`; `onMessage` answers the phases that wait for the test. */
 async function drive(job: Record<string, unknown>, onMessage: (m: Msg) => Promise<object | undefined> | object | undefined = () => undefined): Promise<Run> {
@@ -74,11 +81,11 @@ async function drive(job: Record<string, unknown>, onMessage: (m: Msg) => Promis
   await fs.access(path.join(ROOT, 'dist/cli/main.js')).catch(() => {
     throw new Error('dist/cli/main.js is missing: run npm run build:ts');
   });
-  const child = spawn(perl, ['-T', '-I', path.join(ROOT, 'test/pve'), '-I', path.join(ROOT, 'perl'), path.join(ROOT, 'test/pve/driver.pl')], { stdio: ['pipe', 'pipe', 'pipe'] });
+  const child = spawn(perl, ['-T', '-I', path.join(ROOT, 'test/pve'), '-I', path.join(ROOT, 'perl'), '-I', pluginDir, path.join(ROOT, 'test/pve/driver.pl')], { stdio: ['pipe', 'pipe', 'pipe'] });
   let stderr = '';
   child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
   const exited = new Promise<void>((resolve) => child.on('close', () => resolve()));
-  child.stdin.write(`${JSON.stringify(job)}\n`);
+  child.stdin.write(`${JSON.stringify({ plugin: PLUGIN, ...job })}\n`);
   const messages: Msg[] = [];
   for await (const line of createInterface({ input: child.stdout })) {
     const m = JSON.parse(line) as Msg;
@@ -116,7 +123,6 @@ async function backupVm(q: QemuInstance, dir: string, during?: () => Promise<voi
       mode: 'backup',
       storeid: STOREID,
       scfg: { path: path.join(dir, 'store'), type: 'rawfile' },
-      bridge: providerBridge(path.join(dir, 'state')),
       vmid: '100',
       config: CONFIG,
       devices: { disk0: 8 * MiB },
@@ -171,7 +177,6 @@ async function restoreVm(dir: string, volname: string): Promise<Buffer> {
     mode: 'restore',
     storeid: STOREID,
     scfg: { path: path.join(dir, 'store') },
-    bridge: providerBridge(path.join(dir, 'state')),
     volname,
     targets: { disk0: target },
   });

@@ -64,7 +64,17 @@ sub read_line {
 my $job = untaint_deep(read_line());
 my $log = sub { emit({ log => [ $_[0], $_[1] ] }) };
 # every provider object of the driver is built here (pct restore builds one per phase)
+# With `plugin` (a storage plugin `pve-backup-provider pve-plugin generate` wrote, its folder on
+# @INC), the provider comes from the plugin's new_backup_provider, as every upstream caller gets
+# it (pve-storage Storage.pm new_backup_provider); without, the bridge class is built directly.
 sub new_provider {
+    if (defined(my $plugin = $job->{plugin})) {
+        die "driver: bad plugin package\n" if $plugin !~ /^(PVE::Storage::Custom::[A-Za-z0-9_]+)$/;
+        $plugin = $1;
+        (my $file = "$plugin.pm") =~ s!::!/!g;
+        require $file;
+        return $plugin->new_backup_provider($job->{scfg}, $job->{storeid}, $log);
+    }
     return PVE::BackupProvider::Plugin::NodeBridge->new(
         undef, $job->{scfg}, $job->{storeid}, $log, %{ $job->{bridge} },
     );
