@@ -97,6 +97,15 @@ out('pid', $pid);
     expect(gone(Number(r.out.pid))).toBe(true);
   });
 
+  it("refuses a qemu-img-path that is not a local file (qemu-server's file_size_info needs one)", async () => {
+    const r = await perlT('uri-restore.mjs', `
+eval { $p->restore_vm_volume_init('backup/100/qemu-x', 'drive-scsi0', {}) };
+out('err', $@);
+`);
+    expect(r.status).toBe(0);
+    expect(r.out.err).toMatch(/^backup provider returned an invalid qemu-img-path \(not an absolute path\)/);
+  });
+
   it('fails a setup call the provider does not answer within the setup timeout', async () => {
     const r = await perlT('hanging.mjs', `
 my $t = time();

@@ -195,9 +195,8 @@ sub run_restore {
             my $info = $provider->restore_vm_volume_init($volname, $dev, {});
             my $source = $info->{'qemu-img-path'}
                 or die "did not get source image path from backup provider\n";
-            # upstream's file_size_info needs a local file; a json: filename is let through until
-            # the reference provider serves one (docs/pve-bridge-notes.md §4.1)
-            die "failed to stat '$source'\n" if $source !~ /^json:/ && !-e $source;
+            # upstream's file_size_info needs a local file (docs/pve-bridge-notes.md §4.1)
+            die "failed to stat '$source'\n" if !-e $source;
             my @cmd = ('/usr/bin/qemu-img', 'convert', '-q', '-f', 'raw', '-O', 'raw', $source, $target);
             my $convert_ok = eval { system(@cmd) == 0 or die "qemu-img convert failed: exit $?\n"; 1 };
             my $convert_err = $@;

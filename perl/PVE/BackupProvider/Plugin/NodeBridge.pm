@@ -511,10 +511,10 @@ sub restore_vm_volume_init {
     my $r = $self->_call('restore_vm_volume_init', $volname, $device_name, $info // {});
     die "backup provider returned no qemu-img-path\n" if ref($r) ne 'HASH' || !defined($r->{'qemu-img-path'});
     my $p = $r->{'qemu-img-path'};
-    # upstream checks the path with file_size_info and needs a local file or block device
-    # (qemu-server QemuServer.pm restore_external_archive); a `json:` filename passes through
-    # only until the reference provider serves a FUSE export
-    die "backup provider returned an invalid qemu-img-path\n" if ref($p) || $p !~ m!^(/[^\0]+|json:\{[^\0]*\})$!;
+    # upstream checks the path with file_size_info($path, undef, 'raw', 1) and needs a local raw
+    # file or block device (qemu-server QemuServer.pm restore_external_archive): a URI or a
+    # `json:` filename would only fail later, inside qemu-server
+    die "backup provider returned an invalid qemu-img-path (not an absolute path)\n" if ref($p) || $p !~ m!^(/[^\0]+)$!;
     return { 'qemu-img-path' => $1 };
 }
 
