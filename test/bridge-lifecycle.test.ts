@@ -97,6 +97,46 @@ out('pid', $pid);
     expect(gone(Number(r.out.pid))).toBe(true);
   });
 
+  it('makes an error thrown in each provider method a die of the matching Perl call, with its message and code', async () => {
+    // [Perl call, arguments as upstream passes them, the TypeScript method that throws]
+    const calls: Array<[string, string, string]> = [
+      ['provider_name', '', 'providerName'],
+      ['job_init', 'time()', 'jobInit'],
+      ['job_cleanup', '', 'jobCleanup'],
+      ['backup_init', "100, 'qemu', time()", 'backupInit'],
+      ['backup_cleanup', "100, 'qemu', 1, {}", 'backupCleanup'],
+      ['backup_get_mechanism', "100, 'qemu'", 'backupGetMechanism'],
+      ['backup_vm_query_incremental', '100, { disk0 => { size => 1048576 } }', 'backupVmQueryIncremental'],
+      ['restore_get_mechanism', "'backup/100/x'", 'restoreGetMechanism'],
+      ['archive_get_guest_config', "'backup/100/x', 'dir1'", 'archiveGetGuestConfig'],
+      ['archive_get_firewall_config', "'backup/100/x', 'dir1'", 'archiveGetFirewallConfig'],
+      ['restore_vm_init', "'backup/100/x'", 'restoreVmInit'],
+      ['restore_vm_cleanup', "'backup/100/x'", 'restoreVmCleanup'],
+      ['restore_vm_volume_init', "'backup/100/x', 'disk0', {}", 'restoreVmVolumeInit'],
+      ['restore_vm_volume_cleanup', "'backup/100/x', 'disk0', {}", 'restoreVmVolumeCleanup'],
+      ['restore_container_init', "'backup/100/x', 'dir1', {}", 'restoreContainerInit'],
+      ['restore_container_cleanup', "'backup/100/x', 'dir1', {}", 'restoreContainerCleanup'],
+      // the data calls need the archive name of a backup_init that answered (scfg init-ok)
+      ['backup_vm', "100, 'cfg', { disk0 => { size => 1048576, 'nbd-path' => '/run/x.sock', 'bitmap-mode' => 'none' } }, {}", 'backupVm'],
+      ['backup_container_prepare', "100, { directory => '/mnt/vzsnap0', 'backup-user-id' => 0, sources => ['.'] }", 'backupContainerPrepare'],
+      ['backup_container', "100, 'arch: amd64', [], { directory => '/mnt/vzsnap0', 'backup-user-id' => 0, sources => ['.'] }", 'backupContainer'],
+    ];
+    const body = calls
+      .map(([perl, args, ts]) => `eval { $p->${perl}(${args}) }; out('${ts}', $@);${perl === 'restore_container_cleanup' ? " $p = PVE::BackupProvider::Plugin::NodeBridge->new(undef, { 'init-ok' => 1 }, 'dir1', sub { push @log, \"$_[0]: $_[1]\" }, provider => $mod, node => $node, cli => $cli); $p->backup_init(100, 'qemu', time());" : ''}`)
+      .join('\n');
+    const r = await perlT('throwing.mjs', `${body}
+eval { $p->backup_handle_log_file(100, '/nonexistent.log') };
+out('handle-log-died', $@);
+out('log', join(' | ', @log));
+`);
+    expect(r.stderr).not.toMatch(/Insecure/);
+    expect(r.status).toBe(0);
+    for (const [, , ts] of calls) expect(r.out[ts], ts).toBe(`${ts} refused by the vendor [ERR_VENDOR_${ts.toUpperCase()}] `);
+    // vzdump calls backup_handle_log_file outside any eval: the bridge warns instead of dying
+    expect(r.out['handle-log-died']).toBe('');
+    expect(r.out.log).toMatch(/warn: backup provider failed to handle the log file - backupHandleLogFile refused by the vendor \[ERR_VENDOR_BACKUPHANDLELOGFILE\]/);
+  });
+
   it("refuses a qemu-img-path that is not a local file (qemu-server's file_size_info needs one)", async () => {
     const r = await perlT('uri-restore.mjs', `
 eval { $p->restore_vm_volume_init('backup/100/qemu-x', 'drive-scsi0', {}) };
