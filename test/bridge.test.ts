@@ -6,114 +6,28 @@
  * `setupBackupAccess` on a real qemu-storage-daemon, and handed over as qemu-server does.
  * Needs `npm run build:ts` (the host runs from dist/).
  */
-import { spawn } from 'node:child_process';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import { createInterface } from 'node:readline';
 import { afterEach, describe, expect, it } from 'vitest';
 
-import { setupBackupAccess, teardownBackupAccess } from '../lib/qemu/backup-access.js';
-import { gone, requireTool } from './helpers/tools.js';
+import type { Manifest } from '../lib/directory-provider/layout.js';
+import { bridgeOptions as bridge, drive, qemuPart, type Msg, type Run } from './helpers/bridge-driver.js';
+import { gone } from './helpers/tools.js';
 import { nbdRead, nbdWrite, startStorageDaemon, stopAll, tempDir, type QemuInstance } from './helpers/qemu.js';
 
 const MiB = 1024 * 1024;
-const ROOT = path.resolve(import.meta.dirname, '..');
+const KiB = 1024;
 const STOREID = 'dir1';
-const TARGET_ID = `snapshot-access:${STOREID}`;
 const CONFIG = 'memory: 512\nvirtio0: local:100/vm-100-disk-0.qcow2,size=8M\n#qmdump#map:virtio0:disk0:local:qcow2:\n';
 
 afterEach(async () => {
   await stopAll();
 });
 
-type Msg = {
-  log?: [string, string];
-  phase?: string;
-  done?: { archive?: string; size?: number; error?: string | null; job_error?: string | null };
-  [k: string]: unknown;
-};
-
-interface Run {
-  messages: Msg[];
-  logs: Array<[string, string]>;
-  done: NonNullable<Msg['done']>;
-  stderr: string;
-  exitCode: number | null;
-}
-
-/** Runs the driver under `perl -T`; `onMessage` answers the phases that wait for the test (its return value is sent back as a line). */
-async function drive(job: Record<string, unknown>, onMessage: (m: Msg) => Promise<object | undefined> | object | undefined = () => undefined): Promise<Run> {
-  const perl = requireTool('perl', 'perl');
-  requireTool('qemu-img', 'qemu-utils');
-  await fs.access(path.join(ROOT, 'dist/cli/main.js')).catch(() => {
-    throw new Error('dist/cli/main.js is missing: run npm run build:ts');
-  });
-  const child = spawn(perl, ['-T', '-I', path.join(ROOT, 'test/pve'), '-I', path.join(ROOT, 'perl'), path.join(ROOT, 'test/pve/driver.pl')], {
-    stdio: ['pipe', 'pipe', 'pipe'],
-  });
-  let stderr = '';
-  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-  const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
-  child.stdin.write(`${JSON.stringify(job)}\n`);
-  const messages: Msg[] = [];
-  for await (const line of createInterface({ input: child.stdout })) {
-    const m = JSON.parse(line) as Msg;
-    messages.push(m);
-    const reply = await onMessage(m);
-    if (reply !== undefined) child.stdin.write(`${JSON.stringify(reply)}\n`);
-  }
-  child.stdin.end();
-  const exitCode = await exited;
-  const done = messages.find((m) => m.done)?.done;
-  if (!done) throw new Error(`the driver ended without a result (exit ${String(exitCode)}): ${stderr}`);
-  return { messages, logs: messages.filter((m) => m.log).map((m) => m.log!), done, stderr, exitCode };
-}
-
-function bridge(provider: string, stateDir: string): Record<string, unknown> {
-  return {
-    provider: path.join(ROOT, 'test/pve/providers', provider),
-    node: process.execPath,
-    cli: path.join(ROOT, 'dist/cli/main.js'),
-    env: { PVE_BACKUP_PROVIDER_STATE_DIR: stateDir },
-  };
-}
-
-/** QEMU's part of a VM backup, as qemu-server's archive_external does it, for the driver's phases. */
-function qemuPart(q: QemuInstance, fleece: string): (m: Msg) => Promise<object | undefined> {
-  return async (m) => {
-    if (m.phase === 'setup') {
-      const incremental = (m.incremental ?? {}) as Record<string, string>;
-      const any = Object.values(incremental).some((v) => v === 'new' || v === 'use');
-      const access = await setupBackupAccess(q.qmp, {
-        targetId: TARGET_ID,
-        devices: ['disk0'],
-        ...(any ? { bitmap: STOREID } : {}),
-        fleecing: { dir: fleece },
-        nbdServer: { path: q.nbdPath! },
-      });
-      const volumes: Record<string, object> = {};
-      for (const d of access.devices) {
-        volumes[d.device] = {
-          size: String(d.size), // Perl scalars may be strings
-          'nbd-path': access.socketPath,
-          'bitmap-mode': d.bitmapMode,
-          ...(d.bitmapName !== undefined && d.bitmapMode !== 'none' ? { 'bitmap-name': d.bitmapName } : {}),
-        };
-      }
-      return { volumes };
-    }
-    if (m.phase === 'teardown') {
-      await teardownBackupAccess(q.qmp, { targetId: TARGET_ID, success: m.success === true });
-      return {};
-    }
-    return undefined;
-  };
-}
-
 async function backupJob(q: QemuInstance, dir: string, provider: string, onMessage?: (m: Msg) => Promise<object | undefined> | object | undefined): Promise<Run> {
   const fleece = path.join(dir, 'fleece');
   await fs.mkdir(fleece, { recursive: true });
-  const part = qemuPart(q, fleece);
+  const part = qemuPart(q, STOREID, fleece);
   return drive(
     {
       mode: 'backup',
@@ -140,62 +54,122 @@ async function restore(dir: string, volname: string, target: string): Promise<Ru
   });
 }
 
+/** A VM backup of the DirectoryProvider through the bridge, with what it must hold. */
+interface VmBackup extends Run {
+  /** The disk as it was when backup access was set up: what the backup must restore to. */
+  expected: Buffer;
+  /** The driver's `setup` line: the mechanism and the provider's per-device bitmap answer. */
+  setup: Msg;
+  /** `backup/<archive>`, as vzdump names the volume. */
+  volname: string;
+}
+
+/**
+ * One vzdump-style VM backup of the DirectoryProvider. `during` runs at the `backup_vm` phase,
+ * for which the driver does not wait: the guest's writes race with the provider's reads (after
+ * the snapshot: they belong in the next backup, not this one).
+ */
+async function vmBackup(q: QemuInstance, dir: string, during?: () => Promise<void>): Promise<VmBackup> {
+  const live = `nbd+unix:///live0?socket=${q.nbdPath!}`;
+  let expected: Buffer | undefined;
+  const run = await backupJob(q, dir, 'directory.mjs', async (m) => {
+    // read before qemuPart sets up the snapshot; nothing writes in between
+    if (m.phase === 'setup') expected = await nbdRead(live, dir);
+    if (m.phase === 'backup_vm') await during?.();
+    return undefined;
+  });
+  expect(run.stderr).not.toMatch(/Insecure|tainted/);
+  expect(run.done.error ?? null).toBeNull();
+  expect(run.done.job_error ?? null).toBeNull();
+  return { ...run, expected: expected!, setup: run.messages.find((m) => m.phase === 'setup')!, volname: `backup/${run.done.archive!}` };
+}
+
+/** The manifest of a backup in the store (`<store>/<vmid>/<dir>/manifest.json`). */
+async function manifestOf(dir: string, volname: string): Promise<Manifest> {
+  return JSON.parse(await fs.readFile(path.join(dir, 'store', volname.slice('backup/'.length), 'manifest.json'), 'utf8')) as Manifest;
+}
+
 describe('the Perl bridge under perl -T (stand-ins for vzdump and qmrestore)', () => {
-  it('backs up a VM full, then incremental after guest writes, and restores both byte for byte', async () => {
+  it('backs up a VM full, then twice incremental, the guest writing between and during each; restores each byte for byte', async () => {
     const q = await startStorageDaemon({ size: 8 * MiB });
     const dir = await tempDir();
     await fs.writeFile(path.join(dir, 'qemu-100.log'), 'INFO: vzdump log\n');
     const live = `nbd+unix:///live0?socket=${q.nbdPath!}`;
     await nbdWrite(live, 0x11, 0, 3 * MiB);
-    await nbdWrite(live, 0x5a, 6 * MiB, 512 * 1024);
-    const first = await nbdRead(live, dir);
+    await nbdWrite(live, 0x5a, 6 * MiB, 512 * KiB);
 
-    const full = await backupJob(q, dir, 'directory.mjs');
-    expect(full.stderr).not.toMatch(/Insecure|tainted/);
-    expect(full.done.error ?? null).toBeNull();
-    expect(full.done.job_error ?? null).toBeNull();
+    // full; the guest writes 256 KiB while backup_vm reads (not in this backup: in the next one)
+    const full = await vmBackup(q, dir, () => nbdWrite(live, 0x44, 2 * MiB, 256 * KiB));
     expect(full.exitCode).toBe(0);
     expect(full.done.archive).toMatch(/^[a-zA-Z0-9\-.+=_/:]+$/);
     expect(Number(full.done.size)).toBeGreaterThan(0);
-    const setup1 = full.messages.find((m) => m.phase === 'setup')!;
-    expect(setup1.mechanism).toBe('nbd');
+    expect(full.setup.mechanism).toBe('nbd');
+    expect(full.setup.incremental).toEqual({ disk0: 'new' });
+    const m1 = await manifestOf(dir, full.volname);
+    expect(m1.mode).toBe('full');
+    expect(m1.parent).toBeUndefined();
+    expect(m1.devices!.disk0!.base).toBeUndefined();
     // the provider's log lines reach $log_function with their levels
     expect(full.logs.some(([l, msg]) => l === 'info' && msg.startsWith('creating '))).toBe(true);
     expect(full.logs.filter(([l]) => l === 'info').length).toBeGreaterThan(1);
     const hostPid = full.messages.find((m) => m.phase === 'backup_vm')!.host_pid as number;
     expect(gone(hostPid)).toBe(true); // the host ends with its job
 
+    // incremental 1: the write made during the full, one between, one during
     await new Promise((r) => setTimeout(r, 1100)); // a new backup id (one per second)
-    await nbdWrite(live, 0x22, 1 * MiB, 1 * MiB);
-    await nbdWrite(live, 0x33, 7 * MiB, 64 * 1024);
-    const second = await nbdRead(live, dir);
-    expect(second.equals(first)).toBe(false);
+    await nbdWrite(live, 0x22, 5 * MiB, 1 * MiB);
+    const incr1 = await vmBackup(q, dir, () => nbdWrite(live, 0x66, 7 * MiB, 128 * KiB));
+    expect(incr1.setup.incremental).toEqual({ disk0: 'use' });
+    expect(incr1.volname).not.toBe(full.volname);
+    const m2 = await manifestOf(dir, incr1.volname);
+    expect(m2).toMatchObject({ mode: 'incremental', parent: full.volname });
+    expect(m2.devices!.disk0!).toMatchObject({ bitmapMode: 'reuse', base: full.volname });
+    // only the dirty clusters were read and stored, on top of the full image
+    expect(m2.devices!.disk0!.bytesRead).toBe(256 * KiB + 1 * MiB);
+    expect(m1.devices!.disk0!.bytesRead).toBeGreaterThanOrEqual(3 * MiB + 512 * KiB);
+    expect(Number(incr1.done.size)).toBeLessThan(Number(full.done.size));
 
-    const incr = await backupJob(q, dir, 'directory.mjs');
-    expect(incr.done.error ?? null).toBeNull();
-    expect(incr.done.job_error ?? null).toBeNull();
-    const setup2 = incr.messages.find((m) => m.phase === 'setup')!;
-    expect(setup2.incremental).toEqual({ disk0: 'use' });
-    expect(incr.done.archive).not.toBe(full.done.archive);
-    // the incremental image holds only the dirty clusters, on top of the full one
-    expect(Number(incr.done.size)).toBeLessThan(Number(full.done.size));
+    // incremental 2: the write made during incremental 1, and one between
+    await new Promise((r) => setTimeout(r, 1100));
+    await nbdWrite(live, 0x33, 64 * KiB, 64 * KiB);
+    const incr2 = await vmBackup(q, dir, () => nbdWrite(live, 0x77, 1 * MiB, 64 * KiB));
+    expect(incr2.setup.incremental).toEqual({ disk0: 'use' });
+    const m3 = await manifestOf(dir, incr2.volname);
+    expect(m3).toMatchObject({ mode: 'incremental', parent: incr1.volname });
+    expect(m3.devices!.disk0!).toMatchObject({ bitmapMode: 'reuse', base: incr1.volname });
+    expect(m3.devices!.disk0!.bytesRead).toBe(128 * KiB + 64 * KiB);
+    expect(Number(incr2.done.size)).toBeLessThan(Number(full.done.size));
 
-    for (const [run, expected] of [
-      [full, first],
-      [incr, second],
-    ] as const) {
-      const target = path.join(dir, `restored-${expected === first ? 1 : 2}.raw`);
-      // vzdump names the volume backup/<archive-name> (PVE::VZDump, the volid <storeid>:backup/<archive-name>)
-      const r = await restore(dir, `backup/${run.done.archive!}`, target);
+    // the host's bitmap record is lost (a reinstalled node): the provider cannot trust QEMU's
+    // bitmap and answers `new` while QEMU still holds it; qemuPart drops it as qemu-server's QEMU
+    // recreates it, so this backup is a full image again and still holds the whole disk
+    await new Promise((r) => setTimeout(r, 1100));
+    await fs.rm(path.join(dir, 'state'), { recursive: true, force: true });
+    await nbdWrite(live, 0x55, 4 * MiB, 64 * KiB);
+    const again = await vmBackup(q, dir);
+    expect(again.setup.incremental).toEqual({ disk0: 'new' });
+    expect(again.logs.some(([l, msg]) => l === 'warn' && /may not match .*: full backup/.test(msg))).toBe(true);
+    const m4 = await manifestOf(dir, again.volname);
+    expect(m4.mode).toBe('full');
+    expect(m4.devices!.disk0!.base).toBeUndefined();
+    expect(m4.devices!.disk0!.bytesRead).toBeGreaterThanOrEqual(m1.devices!.disk0!.bytesRead);
+
+    // four different disk states, each restored exactly as it was when its backup access was set up
+    const states = [full.expected, incr1.expected, incr2.expected, again.expected];
+    expect(new Set(states.map((b) => b.toString('base64'))).size).toBe(4);
+    for (const [i, b] of [full, incr1, incr2, again].entries()) {
+      const target = path.join(dir, `restored-${i}.raw`);
+      const r = await restore(dir, b.volname, target);
       expect(r.stderr).not.toMatch(/Insecure|tainted/);
       expect(r.done.error ?? null).toBeNull();
       const configs = r.messages.find((m) => m.phase === 'configs')!;
       expect(configs.config).toBe(CONFIG);
       expect(configs.devices).toEqual({ disk0: { size: 8 * MiB } });
-      const restored = await fs.readFile(target);
-      expect(restored.equals(expected)).toBe(true);
+      expect((await fs.readFile(target)).equals(b.expected)).toBe(true);
     }
-  });
+    // the write made during incremental 2 (0x77 at 1 MiB) is in the fourth backup, not in the third
+    expect([incr2.expected[1 * MiB], again.expected[1 * MiB]]).toEqual([0x11, 0x77]);
+  }, 180_000);
 
   it("makes a provider's error in a hook a die of the matching Perl call, with its message and code", async () => {
     const dir = await tempDir();

@@ -9,6 +9,7 @@ import path from 'node:path';
 import { createInterface } from 'node:readline';
 
 import { setupBackupAccess, teardownBackupAccess } from '../../lib/qemu/backup-access.js';
+import { dropDeviceBitmap, resolveDevices } from '../../lib/qemu/devices.js';
 import { requireTool } from './tools.js';
 import type { QemuInstance } from './qemu.js';
 
@@ -68,17 +69,27 @@ export function bridgeOptions(provider: string, stateDir: string): Record<string
   };
 }
 
-/** QEMU's part of a VM backup of device `disk0` (backup access setup and teardown) for the driver's phases. */
+/**
+ * QEMU's part of a VM backup of device `disk0` (backup access setup and teardown) for the driver's
+ * phases, as qemu-server's `archive_external` does it: QEMU gets the provider's answer to
+ * `backup_vm_query_incremental` per device as its `bitmap-mode`.
+ */
 export function qemuPart(q: QemuInstance, storeid: string, fleece: string): (m: Msg) => Promise<object | undefined> {
   const targetId = `snapshot-access:${storeid}`;
   return async (m) => {
     if (m.phase === 'setup') {
-      const incremental = (m.incremental ?? {}) as Record<string, string>;
+      const incremental = (m.incremental ?? {}) as Record<string, 'use' | 'new' | 'none'>;
       const any = Object.values(incremental).some((v) => v === 'new' || v === 'use');
+      // Proxmox's QEMU recreates the bitmap of a device answered `new` (and removes it for `none`);
+      // on stock QEMU (these tests) the caller drops it first, as the job runner does
+      // (lib/qemu/types.ts bitmapModes), or an old bitmap would outlive the provider's answer.
+      for (const d of await resolveDevices(q.qmp, ['disk0'])) {
+        if (incremental[d.device] === 'new' || incremental[d.device] === 'none') await dropDeviceBitmap(q.qmp, d, targetId, storeid);
+      }
       const access = await setupBackupAccess(q.qmp, {
         targetId,
         devices: ['disk0'],
-        ...(any ? { bitmap: storeid } : {}),
+        ...(any ? { bitmap: storeid, bitmapModes: incremental } : {}),
         fleecing: { dir: fleece },
         nbdServer: { path: q.nbdPath! },
       });
