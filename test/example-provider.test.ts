@@ -10,17 +10,16 @@
  *   restore, and the modes of what it stores, all under umask 000.
  * Needs `npm run build:ts` (the host runs from dist/, and the example imports the package by name).
  */
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { promises as fs } from 'node:fs';
 import { hostname, tmpdir } from 'node:os';
 import path from 'node:path';
-import { createInterface } from 'node:readline';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 
 import { parseIdMap, restoreContainer, type BackupProviderV2, type ProviderContext, type ProviderStorage } from '../lib/index.js';
 import { setupBackupAccess, teardownBackupAccess } from '../lib/qemu/backup-access.js';
 import { dropDeviceBitmap, resolveDevices } from '../lib/qemu/devices.js';
-import { requireTool } from './helpers/tools.js';
+import { drive as driveBridge, type Msg, type Run } from './helpers/bridge-driver.js';
 import { nbdRead, nbdWrite, startStorageDaemon, stopAll, tempDir, type QemuInstance } from './helpers/qemu.js';
 import { buildTree, snapshotTree, TEST_MAP_LINES } from './helpers/tree.js';
 
@@ -44,20 +43,6 @@ afterEach(async () => {
   await stopAll();
 });
 
-type Msg = {
-  log?: [string, string];
-  phase?: string;
-  done?: { archive?: string; size?: number; error?: string | null; job_error?: string | null };
-  [k: string]: unknown;
-};
-
-interface Run {
-  messages: Msg[];
-  logs: Array<[string, string]>;
-  done: NonNullable<Msg['done']>;
-  stderr: string;
-}
-
 /**
  * The example as a vendor installs it: `pve-backup-provider pve-plugin generate --type rawfile
  * --provider <the example>` writes the storage plugin and its provider class once (beforeAll), and
@@ -74,30 +59,9 @@ beforeAll(async () => {
   execFileSync(process.execPath, [path.join(ROOT, 'dist/cli/main.js'), 'pve-plugin', 'generate', '--type', 'rawfile', '--provider', EXAMPLE, '--dest', pluginDir], { encoding: 'utf8' });
 });
 
-/** Runs the driver under `perl -T`; `onMessage` answers the phases that wait for the test. */
-async function drive(job: Record<string, unknown>, onMessage: (m: Msg) => Promise<object | undefined> | object | undefined = () => undefined): Promise<Run> {
-  const perl = requireTool('perl', 'perl');
-  requireTool('qemu-img', 'qemu-utils');
-  await fs.access(path.join(ROOT, 'dist/cli/main.js')).catch(() => {
-    throw new Error('dist/cli/main.js is missing: run npm run build:ts');
-  });
-  const child = spawn(perl, ['-T', '-I', path.join(ROOT, 'test/pve'), '-I', path.join(ROOT, 'perl'), '-I', pluginDir, path.join(ROOT, 'test/pve/driver.pl')], { stdio: ['pipe', 'pipe', 'pipe'] });
-  let stderr = '';
-  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-  const exited = new Promise<void>((resolve) => child.on('close', () => resolve()));
-  child.stdin.write(`${JSON.stringify({ plugin: PLUGIN, ...job })}\n`);
-  const messages: Msg[] = [];
-  for await (const line of createInterface({ input: child.stdout })) {
-    const m = JSON.parse(line) as Msg;
-    messages.push(m);
-    const reply = await onMessage(m);
-    if (reply !== undefined) child.stdin.write(`${JSON.stringify(reply)}\n`);
-  }
-  child.stdin.end();
-  await exited;
-  const done = messages.find((m) => m.done)?.done;
-  if (!done) throw new Error(`the driver ended without a result: ${stderr}`);
-  return { messages, logs: messages.filter((m) => m.log).map((m) => m.log!), done, stderr };
+/** Runs the driver under `perl -T` with the generated plugin; `onMessage` answers the phases that wait for the test. */
+function drive(job: Record<string, unknown>, onMessage?: (m: Msg) => Promise<object | undefined> | object | undefined): Promise<Run> {
+  return driveBridge({ plugin: PLUGIN, ...job }, onMessage, { perl5: pluginDir });
 }
 
 /** A backup of VM 100 through the bridge, QEMU's part done here as qemu-server does it. */

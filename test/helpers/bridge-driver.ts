@@ -32,13 +32,22 @@ export interface Run {
   exitCode: number | null;
 }
 
-/** Runs the driver on `job`; `onMessage` answers the phases that wait for the test (its return value is sent back as a line). */
-export async function drive(job: Record<string, unknown>, onMessage: (m: Msg) => Promise<object | undefined> | object | undefined = () => undefined): Promise<Run> {
+/**
+ * Runs the driver on `job`; `onMessage` answers the phases that wait for the test (its return
+ * value is sent back as a line). `o.perl5`: a folder `pve-plugin generate` wrote, put on `@INC`
+ * for a job whose `plugin` names the storage plugin there.
+ */
+export async function drive(
+  job: Record<string, unknown>,
+  onMessage: (m: Msg) => Promise<object | undefined> | object | undefined = () => undefined,
+  o: { perl5?: string } = {},
+): Promise<Run> {
   const perl = requireTool('perl', 'perl');
   await fs.access(path.join(ROOT, 'dist/cli/main.js')).catch(() => {
     throw new Error('dist/cli/main.js is missing: run npm run build:ts');
   });
-  const child = spawn(perl, ['-T', '-I', path.join(ROOT, 'test/pve'), '-I', path.join(ROOT, 'perl'), path.join(ROOT, 'test/pve/driver.pl')], {
+  const inc = ['-I', path.join(ROOT, 'test/pve'), '-I', path.join(ROOT, 'perl'), ...(o.perl5 ? ['-I', o.perl5] : [])];
+  const child = spawn(perl, ['-T', ...inc, path.join(ROOT, 'test/pve/driver.pl')], {
     stdio: ['pipe', 'pipe', 'pipe'],
   });
   let stderr = '';
