@@ -17,6 +17,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
+import { writeSection } from './results-file.mjs';
 
 const execFileP = promisify(execFile);
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -52,7 +53,7 @@ const USAGE = `usage: node benchmarks/run.mjs [options]
   --dirty-percent N     dirty share of the incremental disk (default 10)
   --settings LIST       extra connections x requests settings of ours in the full run (default 1x16,4x8,2x8; ours = 2x16)
   --no-verify           skip the byte comparison of round 1's outputs with the disk
-  --results PATH        where to write the report (default benchmarks/RESULTS.md; --quick: benchmarks/work/RESULTS-quick.md)
+  --results PATH        the report's file: rewrites only its section between <!-- begin core --> and <!-- end core --> (default benchmarks/RESULTS.md; --quick: benchmarks/work/RESULTS-quick.md)
   --work DIR            scratch folder (default benchmarks/work, git-ignored); images are cached there
   --storage LIST        where the disk image lives, comma list (default cached,direct,remote; --quick: cached):
                           cached  read through the page cache (startStorageDaemon as is)
@@ -985,7 +986,7 @@ async function renderOnly(argv) {
   const saved = JSON.parse(await fs.readFile(file, 'utf8'));
   const i = argv.indexOf('--results');
   const out = i >= 0 ? path.resolve(argv[i + 1]) : file.replace(/\.json$/, '.md');
-  await fs.writeFile(out, render(saved.opts, saved.machine, saved.report, saved.loadAfter, saved.commandLine));
+  await writeSection(out, 'core', render(saved.opts, saved.machine, saved.report, saved.loadAfter, saved.commandLine));
   log(`bench: wrote ${out}`);
   return 0;
 }
@@ -1023,7 +1024,8 @@ async function main() {
   const loadAfter = os.loadavg().map((x) => x.toFixed(2)).join(' ');
   const text = render(opts, m, report, loadAfter, commandLine);
   await fs.mkdir(path.dirname(opts.results), { recursive: true });
-  await fs.writeFile(opts.results, text);
+  // only the core's section: the whole-stack report (provider.mjs) lives in the same file
+  await writeSection(opts.results, 'core', text);
   await fs.writeFile(opts.results.replace(/\.md$/, '') + '.json', JSON.stringify({ opts, machine: m, report, loadAfter, commandLine }, null, 1));
   log(`\nbench: done in ${((Date.now() - started) / 1000).toFixed(0)} s; wrote ${path.relative(process.cwd(), opts.results)}`);
   return 0;
