@@ -108,6 +108,18 @@ describe('tar round trips', () => {
     expect(after['hello.txt']!.links).toEqual(['etc/hello-again', 'hardlink', 'hello.txt']);
   });
 
+  test('the archive is 0600 whatever the umask (0277 would make it 0400)', async () => {
+    const src = sourceTree(0);
+    const archive = join(dir, 'ct-umask.tar');
+    const old = process.umask(0o277);
+    try {
+      await createTarArchive({ source: src, archive });
+    } finally {
+      process.umask(old);
+    }
+    expect(statSync(archive).mode & 0o777).toBe(0o600);
+  });
+
   test('unprivileged: the archive holds container ids (owners and ACLs), the restore host ids', async () => {
     const src = sourceTree(BASE);
     const before = snapshotTree(src);

@@ -34,7 +34,7 @@
  * @packageDocumentation
  */
 import { createReadStream, createWriteStream } from 'node:fs';
-import { lstat, mkdtemp, rm, stat, writeFile } from 'node:fs/promises';
+import { chmod, lstat, mkdtemp, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
@@ -226,6 +226,8 @@ export async function createTarArchive(o: CreateTarArchiveOptions): Promise<{ by
       await rm(o.archive, { force: true });
       throw await withHostId(err, o.source);
     }
+    // the creation mode is filtered by the umask (0400 under 0277): make it exactly 0600
+    await chmod(o.archive, 0o600);
     return { bytes: throttle.bytes };
   } finally {
     if (mapDir) await rm(mapDir, { recursive: true, force: true });
