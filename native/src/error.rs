@@ -28,6 +28,8 @@ enum Kind {
     Sink,
     /// The server did not answer a request within the request timeout.
     Timeout,
+    /// Stored data does not match its recorded digests (a backup image, a digest file).
+    Corrupt,
 }
 
 /// Details of an error reply from an NBD server.
@@ -139,6 +141,11 @@ impl Error {
         Error::new(Kind::Sink, message)
     }
 
+    /// Stored data that does not match its digests; `message` names the file and the range.
+    pub fn corrupt(message: impl Into<String>) -> Self {
+        Error::new(Kind::Corrupt, message)
+    }
+
     /// A sink failure caused by an I/O error.
     pub fn sink_io(what: impl Into<String>, err: std::io::Error) -> Self {
         Error::new(Kind::Sink, what).with_source(err)
@@ -156,6 +163,7 @@ impl Error {
             Kind::Unsupported => "ERR_NBD_UNSUPPORTED",
             Kind::Sink => "ERR_SINK",
             Kind::Timeout => "ERR_NBD_TIMEOUT",
+            Kind::Corrupt => "ERR_BACKUP_CORRUPT",
         }
     }
 
@@ -175,6 +183,10 @@ impl Error {
     /// Details when the server answered with an error.
     pub fn server_error(&self) -> Option<&ServerError> {
         self.server.as_deref()
+    }
+
+    pub fn is_corrupt(&self) -> bool {
+        self.kind == Kind::Corrupt
     }
 
     pub fn is_cancelled(&self) -> bool {

@@ -6,6 +6,7 @@
 //! `layering`).
 pub mod buffer;
 pub mod copy;
+pub mod digests;
 pub mod engine;
 pub mod error;
 pub mod nbd;

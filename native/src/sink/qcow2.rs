@@ -36,7 +36,7 @@
 
 mod compress;
 mod format;
-mod reader;
+pub mod reader;
 mod writer;
 
 use std::path::{Path, PathBuf};

@@ -126,7 +126,9 @@ impl Image {
                 })
             }
             "qcow2" => Ok(Image::Qcow2(Box::new(Qcow2Reader::open(
-                file, path, depth,
+                file,
+                path,
+                Some(depth),
             )?))),
             other => Err(Error::sink(format!(
                 "backing image {} has format {other:?}: only qcow2 and raw are supported",
@@ -161,8 +163,64 @@ impl Image {
     }
 }
 
+/// How a layer stores one guest cluster, by its own L2 entry alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// Reads through to the backing chain (or as zeros without one).
+    Unallocated,
+    /// The v3 zero flag: reads as zeros, hiding the backing chain.
+    Zero,
+    /// Data, plain or compressed.
+    Data,
+}
+
 impl Qcow2Reader {
-    fn open(file: File, path: &Path, depth: usize) -> Result<Qcow2Reader> {
+    /// Opens a qcow2 image alone, as one layer of a chain: its backing file is not opened, so
+    /// [`Self::stored`] and [`Self::read_stored`] see only what this image itself holds.
+    pub fn open_layer(path: &Path) -> Result<Qcow2Reader> {
+        let file = File::open(path)
+            .map_err(|e| Error::sink_io(format!("opening image {}", path.display()), e))?;
+        Qcow2Reader::open(file, path, None)
+    }
+
+    pub fn cluster_size(&self) -> u32 {
+        1u32 << self.cluster_bits
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// How this image itself stores guest cluster `cluster`.
+    pub fn stored(&mut self, cluster: u64) -> Result<Stored> {
+        let entry = self.l2_entry(cluster)?;
+        Ok(if entry & OFLAG_COMPRESSED != 0 {
+            Stored::Data
+        } else if entry & OFLAG_ZERO != 0 {
+            Stored::Zero
+        } else if entry & OFFSET_MASK != 0 {
+            Stored::Data
+        } else {
+            Stored::Unallocated
+        })
+    }
+
+    /// Reads guest bytes at `offset` as this image itself stores them, without the backing
+    /// chain: unallocated clusters read as zeros.
+    pub fn read_stored(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let backing = self.backing.take();
+        let r = self.read_at(offset, buf);
+        self.backing = backing;
+        r
+    }
+
+    /// `depth`: the depth in a chain whose backing files are opened too; `None` for a layer
+    /// opened alone.
+    fn open(file: File, path: &Path, depth: Option<usize>) -> Result<Qcow2Reader> {
         let bad = |m: String| Error::sink(format!("backing image {}: {m}", path.display()));
         let mut first = vec![0u8; 4096];
         pread_fill(&file, path, &mut first, 0)?;
@@ -201,7 +259,7 @@ impl Qcow2Reader {
             .collect();
 
         let mut backing = None;
-        if h.backing_file_offset != 0 {
+        if let (Some(depth), true) = (depth, h.backing_file_offset != 0) {
             let len = h.backing_file_size as usize;
             if len == 0 || len > MAX_BACKING_NAME {
                 return Err(bad(format!("bad backing file name length {len}")));
