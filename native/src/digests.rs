@@ -35,6 +35,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::sink::qcow2::reader::{Qcow2Reader, Stored};
 
 pub const MAGIC: &[u8; 8] = b"PBPDIGS\0";
 pub const VERSION: u32 = 1;
@@ -261,6 +262,79 @@ impl Digester {
         self.close_block();
         Digests { cluster_size: self.cluster_size, size: self.size, records: self.records }
     }
+}
+
+/// The digests of an existing qcow2 layer, read once (an image merged by `qemu-img rebase`, a
+/// store written before digests existed, or a check).
+pub fn digest_layer(layer: &mut Qcow2Reader) -> Result<Digests> {
+    let cs = u64::from(layer.cluster_size());
+    let mut d = Digester::new(layer.cluster_size(), layer.size());
+    let mut buf = vec![0u8; cs as usize];
+    for cluster in 0..layer.size().div_ceil(cs) {
+        match layer.stored(cluster)? {
+            Stored::Unallocated => {}
+            Stored::Zero => d.zero(cluster)?,
+            Stored::Data => {
+                let n = d.cluster_len(cluster);
+                layer.read_stored(cluster * cs, &mut buf[..n])?;
+                d.data(cluster, &buf[..n])?;
+            }
+        }
+    }
+    Ok(d.finish())
+}
+
+/// Compares a layer with its recorded digests; returns the problems found (empty: it matches),
+/// each naming the image and the guest range.
+pub fn check_layer(layer: &mut Qcow2Reader, want: &Digests) -> Result<Vec<String>> {
+    let name = layer.path().display().to_string();
+    if (layer.cluster_size(), layer.size()) != (want.cluster_size, want.size) {
+        return Ok(vec![format!(
+            "{name}: cluster size {} and size {} differ from its digests ({} and {})",
+            layer.cluster_size(),
+            layer.size(),
+            want.cluster_size,
+            want.size
+        )]);
+    }
+    let got = digest_layer(layer)?;
+    let bs = want.block_size();
+    let mut problems = Vec::new();
+    let (mut a, mut b) = (got.records.iter().peekable(), want.records.iter().peekable());
+    loop {
+        let (block, why) = match (a.peek(), b.peek()) {
+            (None, None) => break,
+            (Some(g), Some(w)) if g.block == w.block => {
+                let why = if (g.data, g.zero) != (w.data, w.zero) {
+                    Some("its clusters differ from the recorded ones")
+                } else if g.sha256 != w.sha256 {
+                    Some("content does not match its digest")
+                } else {
+                    None
+                };
+                let block = g.block;
+                a.next();
+                b.next();
+                match why {
+                    Some(w) => (block, w),
+                    None => continue,
+                }
+            }
+            (Some(g), w) if w.is_none_or(|w| g.block < w.block) => {
+                let block = g.block;
+                a.next();
+                (block, "stores clusters where none were recorded")
+            }
+            _ => {
+                let block = b.peek().map_or(0, |w| w.block);
+                b.next();
+                (block, "lost the clusters recorded there")
+            }
+        };
+        let end = ((block + 1) * bs).min(want.size);
+        problems.push(format!("{name}: bytes {}..{end}: {why}", block * bs));
+    }
+    Ok(problems)
 }
 
 #[cfg(test)]
