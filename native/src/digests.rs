@@ -28,8 +28,8 @@
 //! The trailer makes a damaged digest file an error of its own rather than a false alarm about
 //! the image. The file is about 1/75 000 of the data it covers (14 MiB for 1 TiB).
 
-use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -158,7 +158,16 @@ impl Digests {
             let what = format!("{what} {}", p.display());
             move |e| Error::sink_io(what, e)
         };
-        let mut f = File::create(&part).map_err(io("creating", &part))?;
+        // private to its owner whatever the umask, as everything the store holds
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&part)
+            .map_err(io("creating", &part))?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(io("setting the mode of", &part))?;
         f.write_all(&bytes).map_err(io("writing", &part))?;
         f.sync_all().map_err(io("syncing", &part))?;
         std::fs::rename(&part, path).map_err(io("renaming to", path))?;
@@ -396,5 +405,7 @@ mod tests {
         let sha = d.write_file(&path).unwrap();
         assert_eq!(sha, hex(&Sha256::digest(d.encode())));
         assert_eq!(Digests::read_file(&path).unwrap(), d);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
     }
 }
