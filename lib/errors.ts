@@ -53,6 +53,8 @@ export type DirectoryStoreErrorCode =
   | 'ERR_BACKUP_INCOMPLETE'
   /** A manifest or file that does not match its checksum, or an image `qemu-img check` refuses (restore, and delete before a merge). */
   | 'ERR_BACKUP_CORRUPT'
+  /** A backup whose manifest was written by a newer version of this package (a version this one does not read). */
+  | 'ERR_BACKUP_VERSION'
   /** The backup an incremental backup builds on is missing or incomplete. */
   | 'ERR_CHAIN_BROKEN'
   /** Deleting would break a chain and the backup cannot be merged into its child. */

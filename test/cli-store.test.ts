@@ -80,7 +80,7 @@ describe('pve-backup-provider backup / list / restore / prune / delete / verify'
     const v = cli('verify', list[1]!.volid, '--store', store, '--json');
     expect(v.status).toBe(1);
     expect(JSON.parse(v.stdout)[0].problems[0]).toContain(image);
-    expectOneLine(cli('restore', list[1]!.volid, '--store', store, '--to', path.join(dir, 'x')), 1, new RegExp(`refusing to restore it: ${image}: checksum mismatch.*\\[ERR_RESTORE\\]$`));
+    expectOneLine(cli('restore', list[1]!.volid, '--store', store, '--to', path.join(dir, 'x')), 1, new RegExp(`refusing to restore it: ${image}: size \\d+ differs.*\\[ERR_RESTORE\\]$`));
   });
 
   it('protect keeps an old full backup that nothing builds on through prune --keep-last 1; --off lets prune remove it', async () => {

@@ -33,13 +33,14 @@
  *
  * @packageDocumentation
  */
+import { createHash } from 'node:crypto';
 import { createReadStream, createWriteStream } from 'node:fs';
 import { chmod, lstat, mkdtemp, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { createGunzip } from 'node:zlib';
-import type { Readable, Writable } from 'node:stream';
+import { Transform, type Readable, type Writable } from 'node:stream';
 
 import { InvalidArgumentError } from '../errors.js';
 import { normaliseBandwidthLimit, ThrottleStream } from '../bandwidth.js';
@@ -161,13 +162,13 @@ async function settle(p: Promise<unknown>): Promise<unknown> {
 
 /**
  * Writes a container archive of `source` to `archive` (see the module documentation for the exact
- * tar command). Returns the archive's size in bytes.
+ * tar command). Returns the archive's size in bytes and its SHA-256, computed as it is written.
  *
  * @throws `ERR_INVALID_ARGUMENT` for bad options; `ERR_IDMAP` for a bad map or an owner or ACL
  * entry the map does not cover (naming the file); `ERR_TAR` with tar's stderr; `ERR_CANCELLED`;
  * `ERR_TOOL_MISSING` when tar is not installed.
  */
-export async function createTarArchive(o: CreateTarArchiveOptions): Promise<{ bytes: number }> {
+export async function createTarArchive(o: CreateTarArchiveOptions): Promise<{ bytes: number; sha256: string }> {
   const what = `tar archive of ${o.source}`;
   checkAborted(o.signal, what);
   if (typeof o.archive !== 'string' || o.archive === '') throw new InvalidArgumentError('archive must be a file path');
@@ -214,8 +215,16 @@ export async function createTarArchive(o: CreateTarArchiveOptions): Promise<{ by
         }),
       );
     }
+    // the archive's SHA-256 as it is written: no second read of it to record its checksum
+    const sha256 = createHash('sha256');
+    const digest = new Transform({
+      transform(chunk: Buffer, _enc, done) {
+        sha256.update(chunk);
+        done(null, chunk);
+      },
+    });
     // only its owner may read an archive of a container's files, whatever the umask
-    stages.push(throttle, createWriteStream(o.archive, { mode: 0o600 }));
+    stages.push(throttle, digest, createWriteStream(o.archive, { mode: 0o600 }));
     const piped = pipeline(stages as unknown as [Readable, Writable]).catch((err: unknown) => {
       tar.kill();
       throw err;
@@ -228,7 +237,7 @@ export async function createTarArchive(o: CreateTarArchiveOptions): Promise<{ by
     }
     // the creation mode is filtered by the umask (0400 under 0277): make it exactly 0600
     await chmod(o.archive, 0o600);
-    return { bytes: throttle.bytes };
+    return { bytes: throttle.bytes, sha256: sha256.digest('hex') };
   } finally {
     if (mapDir) await rm(mapDir, { recursive: true, force: true });
   }

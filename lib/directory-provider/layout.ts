@@ -51,6 +51,13 @@ export const STORE_FORMAT = 'pve-backup-provider/directory';
 /** Layout version; a store of a newer version is refused. */
 export const STORE_VERSION = 1;
 export const MANIFEST = 'manifest.json';
+/**
+ * Manifest version written. 1: every file recorded by its SHA-256 (read back after writing).
+ * 2: disk images recorded by their content digests instead (`<image>.digests`, written by the
+ * native core while it writes the image: docs/directory-store.md), so no file is read twice;
+ * every other file still by its SHA-256. Both are read; a newer version is refused.
+ */
+export const MANIFEST_VERSION = 2;
 export const LOCK = '.lock';
 export const PREVIOUS_INFO = 'previous-info';
 
@@ -113,6 +120,9 @@ export interface ManifestDevice {
   bytesRead: number;
 }
 
+/** How the manifest records one file: by its SHA-256, or (a disk image) by its content digests. */
+export type ManifestFile = { size: number; sha256: string } | { size: number; digests: string };
+
 /** `manifest.json`: what a complete backup holds. Written last, atomically. */
 export interface Manifest {
   format: typeof STORE_FORMAT;
@@ -131,8 +141,12 @@ export interface Manifest {
   bitmapId?: string;
   /** VM disks by device name. */
   devices?: Record<string, ManifestDevice>;
-  /** Every file of the backup (relative path) with its size and SHA-256; `root/` as one tree digest. */
-  files: Record<string, { size: number; sha256: string }>;
+  /**
+   * Every file of the backup (relative path) with its size and how it is checked: its SHA-256
+   * (`root/` as one tree digest), or for a disk image (version 2) its digest file, itself listed
+   * with its SHA-256.
+   */
+  files: Record<string, ManifestFile>;
   /** SHA-256 of this manifest's JSON without this field. */
   checksum: string;
 }

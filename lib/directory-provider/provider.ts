@@ -43,6 +43,7 @@ import type {
   ProviderContext,
   ProviderStorage,
   RestoreContainerInitResult,
+  RestoreImageLayer,
   RestoreMechanismInfo,
   RestoreVmVolumeInitResult,
   VolumeSize,
@@ -52,7 +53,7 @@ import { startFuseExport, type FuseExport } from '../qemu/storage-daemon.js';
 import { nbdUriFor } from '../provider/dirty-regions.js';
 import { BitmapLedger } from './bitmap-ledger.js';
 import { DirectoryStoreError } from './errors.js';
-import { MANIFEST, PREVIOUS_INFO, hashFile, hashTree, parseVolname, syncFiles, type Manifest, type ManifestDevice } from './layout.js';
+import { MANIFEST, MANIFEST_VERSION, PREVIOUS_INFO, hashFile, hashTree, parseVolname, syncFiles, type Manifest, type ManifestDevice, type ManifestFile } from './layout.js';
 import { DirectoryStore, type PreviousInfo } from './store.js';
 
 /** Progress of one disk's copy, for a progress bar. */
@@ -88,6 +89,12 @@ interface GuestBackup {
   bitmapId?: string;
   devices: Record<string, ManifestDevice>;
   mode?: 'tar' | 'directory';
+  /**
+   * Files already recorded and durable as they were written (disk images with their digest
+   * files, the tar archive with the SHA-256 of its stream): the manifest takes them as they are,
+   * without reading them again.
+   */
+  recorded: Record<string, ManifestFile>;
   /** The manifest, once written (the backup is complete). */
   manifest?: Manifest;
   /** The disk copy running now, if any (awaited before a partial backup is removed). */
@@ -244,7 +251,7 @@ export class DirectoryProvider extends BackupProviderBase {
     const now = this.options.now?.() ?? new Date();
     const { volname, dir } = await store.createBackupDir(vmid, vmtype, now);
     const previous = vmtype === 'qemu' && this.vmBackupMode === 'incremental' ? await this.trustedPrevious(store, vmid) : undefined;
-    this.running.set(vmid, { vmid, vmtype, volname, dir, ctime: Math.floor(now.getTime() / 1000), previous, devices: {} });
+    this.running.set(vmid, { vmid, vmtype, volname, dir, ctime: Math.floor(now.getTime() / 1000), previous, devices: {}, recorded: {} });
     this.log.info(`backup folder ${dir}${previous ? `, previous backup ${previous.volname}` : ''}`);
     return { archiveName: volname.slice('backup/'.length) };
   }
@@ -340,6 +347,7 @@ export class DirectoryProvider extends BackupProviderBase {
       ...(v.bitmapName ? { bitmap: v.bitmapName } : {}),
       ...(base ? { backingFile: `../${parseVolname(base).dirName}/${file}`, backingFormat: 'qcow2' as const } : {}),
       compression: this.compression,
+      digests: true, // content digests recorded as the image is written (manifest version 2)
       ...(bandwidthLimit !== undefined ? { bandwidthLimit } : {}),
       ...(this.options.onProgress ? { onProgress: (p: CopyProgress) => this.options.onProgress!({ ...p, vmid: g.vmid, device }) } : {}),
       ...(signal ? { signal } : {}),
@@ -352,6 +360,10 @@ export class DirectoryProvider extends BackupProviderBase {
     g.copying = undefined;
     this.log.info(`${device}: read ${summary.bytesRead} bytes (${summary.bytesZero} zero, ${summary.bytesSkipped} unchanged) in ${summary.seconds.toFixed(2)} s`);
     g.devices[device] = { file, size: v.size, bitmapMode: v.bitmapMode, ...(base ? { base } : {}), bytesRead: summary.bytesRead };
+    if (!summary.digests) throw new DirectoryStoreError('ERR_PROVIDER_STATE', `disk ${device}: the native core recorded no content digests`);
+    const digestsName = path.basename(summary.digests.file);
+    g.recorded[file] = { size: (await stat(path.join(g.dir, file))).size, digests: digestsName };
+    g.recorded[digestsName] = { size: (await stat(summary.digests.file)).size, sha256: summary.digests.sha256 };
     this.options.onDeviceDone?.(g.vmid, device, summary);
   }
 
@@ -367,8 +379,12 @@ export class DirectoryProvider extends BackupProviderBase {
       bandwidthLimit: normaliseBandwidthLimit(info.bandwidthLimit, 'bandwidthLimit'),
       ...(info.signal ? { signal: info.signal } : {}),
     };
-    if (g.mode === 'tar') await createTarArchive({ source: info.directory, archive: path.join(g.dir, 'root.tar'), ...common });
-    else await backupDirectoryTree({ source: info.directory, target: path.join(g.dir, 'root'), ...common });
+    if (g.mode === 'tar') {
+      const archive = path.join(g.dir, 'root.tar');
+      const { bytes, sha256 } = await createTarArchive({ source: info.directory, archive, ...common });
+      await storeIo(g, 'flushing', archive, (f) => syncFiles(path.dirname(f), [path.basename(f)]));
+      g.recorded['root.tar'] = { size: bytes, sha256 };
+    } else await backupDirectoryTree({ source: info.directory, target: path.join(g.dir, 'root'), ...common });
     // complete on disk before vzdump's storage calls (other processes), as for VMs
     await this.complete(g);
   }
@@ -463,17 +479,18 @@ export class DirectoryProvider extends BackupProviderBase {
 
   private async record(g: GuestBackup): Promise<Manifest> {
     const store = await this.openStore();
-    const names = ['guest.conf', 'firewall.conf', ...Object.values(g.devices).map((d) => d.file), 'root.tar'];
-    const present: string[] = [];
-    for (const n of names) if (await stat(path.join(g.dir, n)).then((s) => s.isFile(), () => false)) present.push(n);
-    for (const n of present) await storeIo(g, 'flushing', path.join(g.dir, n), (f) => syncFiles(path.dirname(f), [path.basename(f)]));
-    const files: Manifest['files'] = {};
-    for (const n of present) files[n] = await storeIo(g, 'reading', path.join(g.dir, n), hashFile);
+    // what the core and the tar stream wrote is durable and recorded already; only the
+    // configuration files (small) are synced and hashed here
+    const files: Manifest['files'] = { ...g.recorded };
+    const configs: string[] = [];
+    for (const n of ['guest.conf', 'firewall.conf']) if (await stat(path.join(g.dir, n)).then((s) => s.isFile(), () => false)) configs.push(n);
+    if (configs.length > 0) await storeIo(g, 'flushing', g.dir, (d) => syncFiles(d, configs));
+    for (const n of configs) files[n] = await storeIo(g, 'reading', path.join(g.dir, n), hashFile);
     if (g.mode === 'directory') files['root'] = await storeIo(g, 'reading', path.join(g.dir, 'root'), hashTree);
     const parent = Object.values(g.devices).find((d) => d.base)?.base;
     const manifest = await storeIo(g, 'writing', path.join(g.dir, MANIFEST), () => store.commitManifest({
       format: 'pve-backup-provider/directory',
-      version: 1,
+      version: MANIFEST_VERSION,
       volname: g.volname,
       vmid: g.vmid,
       vmtype: g.vmtype,
@@ -543,11 +560,14 @@ export class DirectoryProvider extends BackupProviderBase {
   }
 
   /**
-   * The disks and their sizes, after checking everything the restore reads: the chain is present
-   * and each image matches its checksum. A corrupted backup is refused here, before any target is written.
+   * The disks and their sizes, after checking what the restore reads: the chain is present, each
+   * manifest and digest file is sound, and each image recorded by its SHA-256 (manifest version 1)
+   * matches it. A corrupted backup is refused here, before any target is written. Images recorded
+   * by content digests are checked as they are read instead: by the native restore as it copies
+   * ({@link restoreVmVolumeImages}), or in {@link restoreVmVolumeInit} before qemu-img reads them.
    */
   override async restoreVmInit(volname: string): Promise<Record<string, VolumeSize>> {
-    const m = await (await this.openStore()).assertRestorable(volname, 'vm');
+    const m = await (await this.openStore()).assertRestorable(volname, 'vm', { digestImages: false });
     const out: Record<string, VolumeSize> = {};
     for (const [device, d] of Object.entries(m.devices ?? {})) out[device] = { size: d.size };
     return out;
@@ -565,6 +585,8 @@ export class DirectoryProvider extends BackupProviderBase {
     const store = await this.openStore();
     const d = (await store.readManifest(volname)).devices?.[deviceName];
     if (!d) throw new DirectoryStoreError('ERR_UNKNOWN_VOLUME', `backup ${store.volid(volname)} has no disk ${deviceName}`, { volname });
+    // qemu-img checks nothing it reads: the images are checked against their digests first
+    await store.assertDeviceImages(volname, deviceName);
     const key = JSON.stringify([volname, deviceName]);
     // a second init of the same volume replaces the first export rather than leaking it
     await this.restoreExports.get(key)?.stop();
@@ -572,6 +594,17 @@ export class DirectoryProvider extends BackupProviderBase {
     const fuse = await startFuseExport(path.join(store.backupDir(volname), d.file), 'qcow2');
     this.restoreExports.set(key, fuse);
     return { qemuImgPath: fuse.path };
+  }
+
+  /**
+   * Package extension: the stored image chain of a disk, base first, each layer with its digest
+   * file, for a restore that checks what it reads as it copies (the native core's
+   * `restoreChain`; see {@link BackupProvider.restoreVmVolumeImages}). `undefined` for a backup
+   * recorded before content digests (manifest version 1): the restore then goes through
+   * {@link restoreVmVolumeInit} and qemu-img.
+   */
+  async restoreVmVolumeImages(volname: string, deviceName: string): Promise<RestoreImageLayer[] | undefined> {
+    return (await this.openStore()).imageChain(volname, deviceName);
   }
 
   /** Unmounts the volume's export and ends its daemon. */

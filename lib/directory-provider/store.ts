@@ -19,6 +19,7 @@ import { promisify } from 'node:util';
 
 import type { GuestType, PruneOptions } from '../provider/api.js';
 import { currentOwner, ownerIsDead } from '../owner.js';
+import { checkImageDigests, digestImage } from '../digests.js';
 import { requireTool } from '../tools.js';
 import { DirectoryStoreError } from './errors.js';
 import {
@@ -30,6 +31,7 @@ import {
   STORE_FORMAT,
   STORE_MARKER,
   STORE_VERSION,
+  MANIFEST_VERSION,
   backupIdOf,
   hashFile,
   hashTree,
@@ -71,6 +73,15 @@ export interface BackupInfo {
   status: 'ok' | 'incomplete' | 'in-progress' | 'corrupt' | 'broken';
   protected: boolean;
   notes?: string;
+}
+
+/**
+ * How a check treats disk images recorded by content digests: `digestImages: false` checks only
+ * their digest files (against the manifest), leaving the images to a reader that checks what it
+ * reads (the native restore) or to {@link DirectoryStore.assertDeviceImages}.
+ */
+export interface ImageChecks {
+  digestImages?: boolean;
 }
 
 /** Result of {@link DirectoryStore.verifyBackup}. */
@@ -326,6 +337,9 @@ export class DirectoryStore {
     if (m.volname !== volname) {
       throw new DirectoryStoreError('ERR_BACKUP_CORRUPT', `backup ${this.volid(volname)} is corrupted: ${file} describes ${m.volname}`, { volname, file });
     }
+    if (typeof m.version !== 'number' || m.version > MANIFEST_VERSION) {
+      throw new DirectoryStoreError('ERR_BACKUP_VERSION', `backup ${this.volid(volname)} was written by a newer pve-backup-provider (manifest version ${m.version}; this version reads up to ${MANIFEST_VERSION}): upgrade it`, { volname, file });
+    }
     return m;
   }
 
@@ -446,13 +460,25 @@ export class DirectoryStore {
     return out;
   }
 
-  /** Problems of one backup's files against its manifest (checksums; `names`: only these files). */
-  private async checkFiles(m: Manifest, names?: string[]): Promise<string[]> {
+  /**
+   * Problems of one backup's files against its manifest (`names`: only these files). Files
+   * recorded by SHA-256 are hashed; a disk image recorded by its content digests is checked
+   * against them by the native core (one read of the image), after its digest file is checked
+   * against the manifest.
+   */
+  private async checkFiles(m: Manifest, names?: string[], o: ImageChecks = {}): Promise<string[]> {
     const dir = this.backupDir(m.volname);
     const problems: string[] = [];
+    // a digest file is checked with its image
+    const digestFiles = new Set(Object.values(m.files).flatMap((f) => ('digests' in f ? [f.digests] : [])));
     for (const [name, want] of Object.entries(m.files)) {
       if (names && !names.includes(name)) continue;
+      if (digestFiles.has(name) && !names?.includes(name)) continue;
       const file = path.join(dir, name);
+      if ('digests' in want) {
+        problems.push(...(o.digestImages === false ? await this.checkFiles(m, [want.digests]) : await this.checkImage(m, name, want)));
+        continue;
+      }
       let got = await (name === 'root' ? hashTree(file) : hashFile(file)).catch((err: Error) => err);
       // a tree recorded before its digest covered extended attributes
       if (name === 'root' && !(got instanceof Error) && got.sha256 !== want.sha256) got = await hashTree(file, { xattrs: false }).catch((err: Error) => err);
@@ -462,18 +488,61 @@ export class DirectoryStore {
     return problems;
   }
 
+  /** A disk image recorded by its content digests (manifest version 2). */
+  private async checkImage(m: Manifest, name: string, want: { size: number; digests: string }): Promise<string[]> {
+    const dir = this.backupDir(m.volname);
+    const file = path.join(dir, name);
+    const digestsFile = path.join(dir, want.digests);
+    if (!m.files[want.digests]) return [`${digestsFile}: not listed in the manifest`];
+    const problems = await this.checkFiles(m, [want.digests]);
+    if (problems.length > 0) return problems;
+    const size = await stat(file).then((s) => s.size, (err: NodeJS.ErrnoException) => err);
+    if (size instanceof Error) return [`${file}: ${size.code === 'ENOENT' ? 'missing' : size.message}`];
+    if (size !== want.size) return [`${file}: size ${size} differs from the recorded ${want.size} (changed since the backup)`];
+    return checkImageDigests(file, digestsFile).catch((err: Error) => [`${file}: ${err.message}`]);
+  }
+
+  /**
+   * The image chain of one device for a restore that checks what it reads as it copies (the
+   * native core's {@link restoreChain}), base first: each layer with its digest file, every
+   * manifest of the chain and every digest file checked against its manifest (small reads; the
+   * images themselves are checked by the restore). `undefined` when a layer was recorded without
+   * content digests (manifest version 1): such a chain is checked whole before a restore.
+   * @throws {@link DirectoryStoreError} `ERR_BACKUP_CORRUPT` naming the file, `ERR_CHAIN_BROKEN`, ...
+   */
+  async imageChain(volname: string, device: string): Promise<{ image: string; digestsFile: string }[] | undefined> {
+    const layers: { image: string; digestsFile: string }[] = [];
+    for (const m of await this.chain(volname)) {
+      const d = m.devices?.[device];
+      if (!d) break;
+      const want = m.files[d.file];
+      if (!want || !('digests' in want)) return undefined;
+      const image = path.join(this.backupDir(m.volname), d.file);
+      const problems = await this.checkFiles(m, [want.digests]);
+      // a changed size is a changed file, even where the restore would not read
+      const size = await stat(image).then((st) => st.size, () => undefined);
+      if (size !== want.size) problems.push(`${image}: ${size === undefined ? 'missing' : `size ${size} differs from the recorded ${want.size} (changed since the backup)`}`);
+      if (problems.length > 0) {
+        throw new DirectoryStoreError('ERR_BACKUP_CORRUPT', `backup ${this.volid(volname)} is corrupted, refusing to restore it: ${problems.join('; ')}`, { volname, file: problems[0]!.split(': ')[0] });
+      }
+      layers.unshift({ image, digestsFile: path.join(this.backupDir(m.volname), want.digests) });
+      if (!d.base) return layers;
+    }
+    throw new DirectoryStoreError('ERR_CHAIN_BROKEN', `backup ${this.volid(volname)}: the chain of disk ${device} ends without a full image`, { volname });
+  }
+
   /**
    * Checks what restoring `volname` reads: every manifest of its chain, and the checksums of the
    * files it needs (its own data files and the images of each ancestor its disks are backed by).
    * @throws {@link DirectoryStoreError} `ERR_BACKUP_CORRUPT` naming the file, `ERR_CHAIN_BROKEN`, ...
    */
-  async assertRestorable(volname: string, what: 'vm' | 'container' | 'configs' = 'vm'): Promise<Manifest> {
+  async assertRestorable(volname: string, what: 'vm' | 'container' | 'configs' = 'vm', o: ImageChecks = {}): Promise<Manifest> {
     // the configuration files need only this backup; disks need the whole chain
     const chain = what === 'vm' ? await this.chain(volname) : [await this.readManifest(volname)];
     const own = chain[0]!;
     const dataFiles = what === 'configs' ? ['guest.conf', 'firewall.conf'] : Object.keys(own.files).filter((f) => f !== 'backup.log');
-    const problems = await this.checkFiles(own, dataFiles);
-    if (what === 'vm') problems.push(...(await this.ancestorProblems(chain)));
+    const problems = await this.checkFiles(own, dataFiles, o);
+    if (what === 'vm') problems.push(...(await this.ancestorProblems(chain, o)));
     if (problems.length > 0) {
       throw new DirectoryStoreError('ERR_BACKUP_CORRUPT', `backup ${this.volid(volname)} is corrupted, refusing to restore it: ${problems.join('; ')}`, {
         volname,
@@ -484,10 +553,27 @@ export class DirectoryStore {
   }
 
   /** Problems of the images a chain's ancestors lend to its first backup (`chain` as {@link chain} returns it). */
-  private async ancestorProblems(chain: Manifest[]): Promise<string[]> {
+  private async ancestorProblems(chain: Manifest[], o: ImageChecks = {}): Promise<string[]> {
     const problems: string[] = [];
-    for (const m of chain.slice(1)) problems.push(...(await this.checkFiles(m, Object.values(m.devices ?? {}).map((d) => d.file))));
+    for (const m of chain.slice(1)) problems.push(...(await this.checkFiles(m, Object.values(m.devices ?? {}).map((d) => d.file), o)));
     return problems;
+  }
+
+  /**
+   * Checks the images of one device's chain recorded by content digests (one read of each),
+   * before a reader that does not check what it reads (qemu-img through a FUSE export).
+   * @throws {@link DirectoryStoreError} `ERR_BACKUP_CORRUPT` naming the first bad file.
+   */
+  async assertDeviceImages(volname: string, device: string): Promise<void> {
+    const problems: string[] = [];
+    for (const m of await this.chain(volname)) {
+      const d = m.devices?.[device];
+      const want = d && m.files[d.file];
+      if (want && 'digests' in want) problems.push(...(await this.checkImage(m, d.file, want)));
+    }
+    if (problems.length > 0) {
+      throw new DirectoryStoreError('ERR_BACKUP_CORRUPT', `backup ${this.volid(volname)} is corrupted, refusing to restore it: ${problems.join('; ')}`, { volname, file: problems[0]!.split(': ')[0] });
+    }
   }
 
   /**
@@ -713,12 +799,18 @@ export class DirectoryStore {
       devices[device] = { ...d, ...(newBase ? { base: newBase } : {}) };
       if (!newBase) delete devices[device]!.base;
     }
-    for (const f of changed) await rename(path.join(cdir, `${f}.merge`), path.join(cdir, f));
     const files = { ...c.files };
-    for (const f of changed) files[f] = await hashFile(path.join(cdir, f));
+    for (const f of changed) {
+      // the merged image holds other clusters: its content digests are taken anew (one read)
+      const digests = await digestImage(path.join(cdir, `${f}.merge`));
+      await rename(digests.digestsFile, path.join(cdir, `${f}.digests`));
+      await rename(path.join(cdir, `${f}.merge`), path.join(cdir, f));
+      files[f] = { size: (await stat(path.join(cdir, f))).size, digests: `${f}.digests` };
+      files[`${f}.digests`] = { size: (await stat(path.join(cdir, `${f}.digests`))).size, sha256: digests.digestsSha256 };
+    }
     const parent = Object.values(devices).find((d) => d.base)?.base;
     const { checksum: _old, ...rest } = c;
-    await this.commitManifest({ ...rest, devices, files, mode: parent ? 'incremental' : 'full', ...(parent ? { parent } : { parent: undefined }) });
+    await this.commitManifest({ ...rest, version: MANIFEST_VERSION, devices, files, mode: parent ? 'incremental' : 'full', ...(parent ? { parent } : { parent: undefined }) });
   }
 }
 

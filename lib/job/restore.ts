@@ -1,6 +1,7 @@
 /**
- * Restore through a provider: VMs with `qemu-img convert`, containers with GNU tar or rsync, and
- * the guest configuration of a backup ({@link extractConfig}).
+ * Restore through a provider: VMs with `qemu-img convert` (or the native core, for a provider that
+ * hands over its stored image chain: {@link BackupProviderV2.restoreVmVolumeImages}), containers
+ * with GNU tar or rsync, and the guest configuration of a backup ({@link extractConfig}).
  *
  * VM restore follows qemu-server's call order (see {@link restoreVm}): a volume cleanup follows a
  * volume init that succeeded, `restoreVmCleanup` always runs. Error precedence is the seed's: the first error wins; a cleanup error is thrown only when nothing failed before it, and
@@ -15,7 +16,8 @@ import path from 'node:path';
 import { normaliseBandwidthLimit } from '../bandwidth.js';
 import { InvalidArgumentError } from '../errors.js';
 import { adaptProvider, type ProviderDriver } from '../provider/adapter.js';
-import type { BackupProvider, GuestType, IdMapEntry, LogFunction, RestoreHookInfo } from '../provider/api.js';
+import type { BackupProvider, GuestType, IdMapEntry, LogFunction, RestoreHookInfo, RestoreImageLayer } from '../provider/api.js';
+import { restoreChain } from '../restore-chain.js';
 import { MechanismError, RestoreError } from '../provider/errors.js';
 import { createLogger, type ProviderLogger } from '../provider/logger.js';
 import { parseIdMap } from '../container/idmap.js';
@@ -236,6 +238,30 @@ async function placeTarget(target: string, size: number, overwrite: 'in-place' |
   };
 }
 
+/**
+ * One device from a provider's stored qcow2 chain through the native core, which checks every
+ * layer against its content digests as it reads it: each stored byte is read once, and a
+ * corruption (`ERR_BACKUP_CORRUPT`, naming the file) aborts before the target is complete; a
+ * temporary target is removed then.
+ */
+async function restoreImages(layers: RestoreImageLayer[], d: { device: string; size: number; target: string }, o: RestoreVmOptions, bandwidthLimit: number | undefined): Promise<void> {
+  const placed = await placeTarget(d.target, d.size, o.overwrite ?? 'in-place');
+  try {
+    await restoreChain({
+      layers,
+      target: placed.writePath,
+      zeroed: placed.zeroed,
+      ...(bandwidthLimit ? { bandwidthLimit } : {}),
+      ...(o.onProgress ? { onProgress: (p: { done: number; total: number }) => o.onProgress!({ device: d.device, bytes: p.done, total: p.total, percent: p.total > 0 ? (100 * p.done) / p.total : 100 }) } : {}),
+      ...(o.signal ? { signal: o.signal } : {}),
+    });
+    await placed.commit();
+  } catch (err) {
+    await placed.discard();
+    throw err;
+  }
+}
+
 async function restoreMechanism(driver: ProviderDriver, volname: string, storeid: string, expected: GuestType): Promise<RestoreHookInfo> {
   let m;
   try {
@@ -317,6 +343,19 @@ export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
       for (const d of devices) {
         log.info(`restoring device ${d.device} (${d.size} bytes) to ${d.target}`);
         o.signal?.throwIfAborted();
+        // the core writes files and block devices; URIs go through qemu-img
+        const layers = isUri(d.target)
+          ? undefined
+          : await driver.vmVolumeImages(volname, d.device).catch((err: unknown) => {
+              throw restoreError(volname, err, d.device);
+            });
+        if (layers) {
+          log.info(`device ${d.device}: ${layers.length} stored image(s), checked against their digests as they are copied`);
+          await restoreImages(layers, d, o, bandwidthLimit).catch((err: unknown) => {
+            throw restoreError(volname, err, d.device);
+          });
+          continue;
+        }
         // qemu-server calls restore_vm_volume_init outside the eval around convert and cleanup:
         // when the init dies, no volume cleanup follows.
         let source: string;

@@ -21,6 +21,7 @@ import {
   type IncrementalRequest,
   type ProviderStorage,
   type RestoreHookInfo,
+  type RestoreImageLayer,
   type RestoreMechanism,
   type RestoreMechanismInfo,
   type VolumeSize,
@@ -107,6 +108,8 @@ export interface ProviderDriver {
   /** `hasCleanup`: whether `vmCleanup` calls the provider (V2). */
   readonly hasVmCleanup: boolean;
   vmVolumeInit(volname: string, storeid: string, device: string): Promise<string>;
+  /** V2 package extension `restoreVmVolumeImages` when the provider has it; else `undefined`. */
+  vmVolumeImages(volname: string, device: string): Promise<RestoreImageLayer[] | undefined>;
   vmVolumeCleanup(volname: string, storeid: string, device: string): Promise<void>;
   containerInit(volname: string, storeid: string, mechanism: 'tar' | 'directory'): Promise<string>;
   containerCleanup(volname: string, storeid: string, mechanism: 'tar' | 'directory'): Promise<void>;
@@ -308,6 +311,7 @@ export function adaptProvider(provider: BackupProvider): ProviderDriver {
         return path;
       },
       vmVolumeCleanup: (volname, storeid, device) => run(call1('restoreQemuImgCleanup', volname, storeid, device)),
+      vmVolumeImages: async () => undefined,
       containerInit: async (volname, storeid, mechanism) => {
         const method = mechanism === 'tar' ? 'restoreTarInit' : 'restoreDirectoryInit';
         const path = await call1(method, volname, storeid);
@@ -400,6 +404,14 @@ export function adaptProvider(provider: BackupProvider): ProviderDriver {
       return path;
     },
     vmVolumeCleanup: (volname, _storeid, device) => run(call2('restoreVmVolumeCleanup', volname, device, {})),
+    vmVolumeImages: async (volname, device) => {
+      if (typeof (provider as Partial<BackupProviderV2>).restoreVmVolumeImages !== 'function') return undefined;
+      const r = await callAny('restoreVmVolumeImages', [volname, device]);
+      if (r === undefined || r === null) return undefined;
+      const ok = Array.isArray(r) && r.length > 0 && r.every((l: Partial<RestoreImageLayer> | null) => typeof l?.image === 'string' && typeof l.digestsFile === 'string');
+      if (!ok) throw new ProviderResultError('restoreVmVolumeImages', `returned no layers for device '${device}': ${JSON.stringify(r)}`);
+      return r as RestoreImageLayer[];
+    },
     // pve-container passes three arguments where Base.pm documents two (docs/pve-bridge-notes.md 4.2)
     containerInit: async (volname, storeid, mechanism) => {
       const r = (await call2('restoreContainerInit', volname, storeid, {})) as { tarPath?: unknown; archiveDirectory?: unknown } | undefined;

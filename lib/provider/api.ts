@@ -471,6 +471,14 @@ export interface RestoreVmVolumeInitResult {
   qemuImgPath: string;
 }
 
+/** One layer of a stored qcow2 chain (see {@link BackupProviderV2.restoreVmVolumeImages}). */
+export interface RestoreImageLayer {
+  /** The qcow2 image; read as this layer alone (its backing file is the layer before). */
+  image: string;
+  /** Its content digest file (format version 1, written by the native core). */
+  digestsFile: string;
+}
+
 /** Answer of {@link BackupProviderV2.restoreContainerInit}: `tarPath` for `tar`, `archiveDirectory` for `directory`. */
 export interface RestoreContainerInitResult {
   /** Perl: `tar-path`. */
@@ -539,6 +547,16 @@ export interface BackupProviderV2 extends ProviderCommon {
   restoreVmVolumeInit(volname: string, deviceName: string, info: Record<string, never>): Awaitable<RestoreVmVolumeInitResult>;
   /** Always called after `restoreVmVolumeInit` was called (also when it or the copy failed). Perl: `restore_vm_volume_cleanup($volname, $device_name, $info)`. */
   restoreVmVolumeCleanup(volname: string, deviceName: string, info: Record<string, never>): Awaitable<void>;
+  /**
+   * Package extension, not part of Proxmox VE's API (the Perl bridge never calls it): the stored
+   * qcow2 chain of one device, base first, each layer with its content digest file
+   * (docs/directory-store.md), so that {@link restoreVm} restores it through the native core,
+   * which checks what it reads as it copies (each stored byte read once), instead of
+   * `restoreVmVolumeInit` and `qemu-img convert`. Called after `restoreVmInit`, for targets that
+   * are files or block devices; `undefined` takes the standard path for this device. No
+   * `restoreVmVolumeInit` / `restoreVmVolumeCleanup` follow for a device restored this way.
+   */
+  restoreVmVolumeImages?(volname: string, deviceName: string): Awaitable<RestoreImageLayer[] | undefined>;
   /**
    * Prepare a container archive: a tar path or a directory. Perl: `restore_container_init($volname,
    * $storeid, $info)`: pve-container (`src/PVE/LXC/Create.pm` `restore_external_archive`) passes the

@@ -2,6 +2,8 @@
  * Shared by the DirectoryProvider tests: a qemu-storage-daemon disk whose content the test
  * tracks, the VM guest that backs it up, and a restore-and-compare check.
  */
+import { spawnSync } from 'node:child_process';
+import { openSync, closeSync, writeSync } from 'node:fs';
 import { readFile, rm } from 'node:fs/promises';
 import path from 'node:path';
 
@@ -50,4 +52,24 @@ export async function expectRestores(provider: BackupProvider, volname: string, 
   expect(r.devices).toEqual([{ device: 'disk0', size: expected.length, target }]);
   expectSameBytes(await readFile(target), expected, volname);
   await rm(target, { force: true });
+}
+
+/**
+ * Overwrites two bytes of the first data cluster a qcow2 image itself stores (found with
+ * `qemu-img map` of the image alone, without its backing file): a change of content, which the
+ * image's content digests must catch. Returns the guest offset of the damaged cluster.
+ */
+export function damageImageData(image: string): number {
+  const opts = JSON.stringify({ driver: 'qcow2', backing: null, file: { driver: 'file', filename: image } });
+  const r = spawnSync('qemu-img', ['map', '-U', '--output=json', `json:${opts}`], { encoding: 'utf8' });
+  if (r.status !== 0) throw new Error(`qemu-img map ${image}: ${r.stderr}`);
+  const extent = (JSON.parse(r.stdout) as { start: number; data: boolean; offset?: number }[]).find((e) => e.data && e.offset !== undefined);
+  if (!extent) throw new Error(`${image} stores no data cluster`);
+  const fd = openSync(image, 'r+');
+  try {
+    writeSync(fd, Buffer.from([0xde, 0xad]), 0, 2, extent.offset! + 100);
+  } finally {
+    closeSync(fd);
+  }
+  return extent.start;
 }
