@@ -12,7 +12,7 @@
  * Writes only its own section of benchmarks/RESULTS.md (`<!-- begin restore -->` ... `<!-- end restore -->`).
  */
 import { execFile } from 'node:child_process';
-import { mkdir, mkdtemp, open, readFile, stat } from 'node:fs/promises';
+import { chmod, mkdir, mkdtemp, open, readFile, stat, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -84,13 +84,37 @@ async function chainFiles(top) {
  * What our restore ran, from its --json result (feature detection: today's result lists device,
  * size and target only; a native verified restore says so in fields of its own).
  */
-function restorePath(result) {
+function restoreFields(result) {
   const d = result.devices?.[0] ?? {};
   const extra = Object.fromEntries(Object.entries(d).filter(([k]) => !['device', 'size', 'target'].includes(k)));
   const top = Object.fromEntries(Object.entries(result).filter(([k]) => !['volid', 'devices', 'config', 'firewallConfig', 'configFile', 'firewallFile'].includes(k)));
   const fields = { ...top, ...extra };
-  if (Object.keys(fields).length === 0) return "today's path: checksums of every layer, then FUSE export + qemu-img convert (no extra result fields)";
-  return `result fields ${JSON.stringify(fields)}`;
+  return Object.keys(fields).length === 0 ? 'none beyond device, size and target (as today)' : JSON.stringify(fields);
+}
+
+/**
+ * Runs our restore once (untimed) with a `qemu-img` on PATH that logs its arguments before it
+ * runs the real one (the library finds its tools on PATH): says whether our restore converted
+ * with qemu-img or wrote the target itself.
+ */
+async function spyQemuImg(work, command) {
+  const spy = path.join(work, 'spy');
+  await mkdir(spy, { recursive: true });
+  const logFile = path.join(spy, 'calls.log');
+  await writeFile(path.join(spy, 'qemu-img'), `#!/bin/sh\nprintf '%s\\n' "$*" >> ${JSON.stringify(logFile)}\nexec ${JSON.stringify(tool('qemu-img', 'qemu-utils'))} "$@"\n`);
+  await chmod(path.join(spy, 'qemu-img'), 0o700);
+  const [cmd, args] = command;
+  const { stdout } = await execFileP(cmd, args, { maxBuffer: 16 << 20, env: { ...process.env, PATH: `${spy}:${process.env.PATH}` } });
+  const calls = (await readFile(logFile, 'utf8').catch(() => '')).split('\n').filter(Boolean);
+  const subcommands = [...new Set(calls.map((c) => c.split(' ')[0]))];
+  return { result: JSON.parse(stdout), calls, usedConvert: subcommands.includes('convert'), subcommands };
+}
+
+/** Options of `restore --help` that today's CLI does not have (a new path may come with a flag). */
+async function newRestoreOptions() {
+  const known = new Set(['--store', '--to', '--config-dir', '--idmap', '--bwlimit', '--force', '--allow-non-empty', '--json', '--help']);
+  const { stdout } = await execFileP(NODE, [CLI, 'restore', '--help']);
+  return [...new Set(stdout.match(/--[a-z][a-z-]*/g) ?? [])].filter((o) => !known.has(o));
 }
 
 async function main() {
@@ -160,10 +184,15 @@ async function main() {
       },
     ];
     const rows = [];
-    let ourPath;
-    // one untimed restore first: the first run after the backups pays for cold metadata
+    // one untimed restore first (the first run after the backups pays for cold metadata), which
+    // also finds out which path our restore takes
     await rmf(out);
-    await execFileP(...contenders[0].command(), { maxBuffer: 16 << 20 });
+    const spied = await spyQemuImg(work, contenders[0].command());
+    const newOptions = await newRestoreOptions();
+    const ourPath =
+      `${spied.usedConvert ? '**qemu-img convert** (the library ran `qemu-img ' + spied.subcommands.join('`, `qemu-img ') + '`)' : `**its own writer**, no \`qemu-img convert\`${spied.calls.length ? ` (qemu-img ${spied.subcommands.join(', ')})` : ''}`}; ` +
+      `result fields: ${restoreFields(spied.result)}; restore options beyond today's: ${newOptions.length ? newOptions.join(', ') : 'none'}`;
+    log(`  our restore: ${ourPath}`);
     for (let r = 0; r < opts.rounds; r++) {
       const k = r % contenders.length;
       const order = [...contenders.slice(k), ...contenders.slice(0, k)];
@@ -175,10 +204,6 @@ async function main() {
         await fsyncFile(out); // time to a durable image, for every contender
         const total = res.seconds + (performance.now() - t1) / 1000;
         const row = { round: r + 1, position: pos + 1, name: c.name, total, rssKiB: res.rssKiB, cpu: res.cpu };
-        if (c.json) {
-          const result = JSON.parse(res.stdout);
-          ourPath ??= restorePath(result);
-        }
         if (opts.verify && r === 0) {
           row.verify = await execFileP(qemuImg, ['compare', '-q', '-f', 'raw', '-F', 'qcow2', out, topImage]).then(
             () => 'identical',
@@ -216,7 +241,7 @@ async function main() {
       'sha256sum + convert: sha256sum LAYER1 ... LAYER5 && qemu-img convert -f qcow2 -O raw TOP OUT   # verify, then convert',
       '```',
       '',
-      `Our restore ran: ${ourPath ?? 'unknown'}.`,
+      `Our restore (found out on an untimed run with a \`qemu-img\` on PATH that logs its calls): ${ourPath}.`,
       '',
       `| round | order | ${names.join(' | ')} |`,
       `|---|---|${names.map(() => '---').join('|')}|`,
