@@ -253,6 +253,15 @@ function stepsFromJson(s, total) {
 
 /** Does the CLI's `backup --json` result carry the job's own `steps`? Decided on a warm-up backup. */
 let jsonSteps;
+/** What the provider's manifest records (its fields, and the fields of a file and a device entry): which checksum path ran. */
+let manifestShape;
+function shapeOf(text) {
+  const m = JSON.parse(text);
+  const keysOf = (o) => (o && typeof o === 'object' ? Object.keys(o).join(', ') : '-');
+  const file = Object.values(m.files ?? {})[0];
+  const device = Object.values(m.devices ?? {})[0];
+  return `manifest fields: ${keysOf(m)}${m.version !== undefined ? ` (version ${JSON.stringify(m.version)})` : ''}; a file's: ${keysOf(file)}; a device's: ${keysOf(device)}`;
+}
 
 /** The provider's backup through the CLI, in a child process under /usr/bin/time. */
 async function providerBackup(qsd, work, fleecing, storeDir, { json = jsonSteps === true } = {}) {
@@ -277,6 +286,7 @@ async function providerBackup(qsd, work, fleecing, storeDir, { json = jsonSteps 
   }
   const readLine = r.stderrLines.map((l) => /: read (\d+) bytes.* in ([\d.]+) s/.exec(l.line)).find(Boolean);
   const dir = path.join(storeDir, '100', volid.split('/').pop());
+  manifestShape ??= await readFile(path.join(dir, 'manifest.json'), 'utf8').then(shapeOf, () => undefined);
   return {
     seconds: r.seconds,
     steps: steps ?? { 'whole job (no steps reported)': r.seconds },
@@ -393,6 +403,7 @@ function render(opts, all, meta) {
     "- **seed POC**: the seed's algorithm (`seed_baseline.py`'s `dirty_extents` and 4 MiB sequential reads with libnbd, one request at a time, discard after each) writing into a qcow2 through `qemu-nbd` " +
       '(incremental: a qcow2 overlay over the previous image), flushed at the end; full backups read the whole disk and skip writing all-zero 4 MiB chunks (here: all 40% of holes). ' +
       'Timed from backup access setup (lib/qemu) to the end of its teardown, python start-up included.',
+    `- What the provider's backups recorded (feature detection: digests computed while writing show up here): ${meta.manifestShape ?? 'unknown'}.`,
     `- Per-step times of the provider: ${meta.jsonSteps ? "the job's own `steps` (the `steps` field of `backup --json`)" : "arrival times of its task log lines on stderr (the job's `--json` result has no `steps` field yet); fsync, checksums and manifest log nothing between them, so they are one step"}.`,
     '',
     '| backup | provider s | seed POC s | seed / provider | goal | provider s per GiB of disk | provider s per GiB copied | seed s per GiB of disk | seed s per GiB copied | provider peak RSS | seed peak RSS (python / qemu-nbd) | read over NBD (provider / seed) |',
@@ -468,6 +479,7 @@ async function main() {
     qemu: (await execFileP('qemu-img', ['--version'])).stdout.split('\n')[0].replace(/^qemu-img version /, ''),
     commandLine: ['node benchmarks/provider.mjs', ...process.argv.slice(2)].join(' '),
     jsonSteps,
+    manifestShape,
     nodeStartup,
     pythonStartup,
     startLoad,
