@@ -1,8 +1,9 @@
 #!/usr/bin/env node
 /**
- * Whole-stack VM backup benchmark: the DirectoryProvider through the job runner (QMP backup access,
- * native copy straight into qcow2, manifest with checksums, teardown) against the seed POC's
- * algorithm on the same backup access.
+ * Whole-stack VM backup benchmark, at scale (issue 15): the DirectoryProvider through the CLI
+ * (`node dist/cli/main.js backup --qmp ...`: node start-up, QMP backup access, native copy straight
+ * into qcow2, checksums, manifest, teardown, task log, process exit) against the seed POC's
+ * algorithm on the same backup access, for several disk sizes and shares of changed data.
  *
  * Baseline ("seed POC"): the seed's DirectoryExample read the export with libnbd, one 4 MiB request
  * at a time over one connection (benchmarks/seed_baseline.py: its dirty_extents and CHUNK are used
@@ -10,71 +11,90 @@
  * for incremental backups). Emulated here without a kernel NBD device: the same loop writes to the
  * qcow2 through a second libnbd handle connected to `qemu-nbd -f qcow2` on a unix socket; for full
  * backups (no bitmap on the export) it reads the whole disk and skips writing all-zero 4 MiB chunks
- * (generous to the baseline: the disk is built of whole 4 MiB chunks, 40% of them never written, so
- * the skip applies to all of those; the report prints how much it skipped); it discards each range
- * read, as the seed did. Backup access setup and teardown are this project's (lib/qemu) for both, so
- * the difference is the data path and the provider's own work.
+ * (the disk is built of whole 4 MiB chunks, 40% of them never written, so the skip applies to all of
+ * those; the report prints how much it skipped); it discards each range read, as the seed did.
+ * Backup access setup and teardown are this project's (lib/qemu) for the baseline.
  *
  * Both sides are timed alike, over everything a user waits for (issue 15, "fair numbers first"):
- * from the first step to the end of backup access teardown and whatever the job does after it.
- * - seed POC: backup access setup, qemu-img create, qemu-nbd, the python process (its interpreter
- *   start-up included), qemu-nbd's exit, teardown;
- * - provider: node's start-up (measured in a separate `node` process loading the same modules, as a
- *   CLI or the Perl bridge starts one per job, and added: this process is already running) plus
- *   `runBackupJob` from call to return (job start, setup, copy, fsync, checksums, manifest,
- *   teardown, cleanup, task log, job end).
- * The provider's per-step times come from the timestamps of its task log lines (the job has no
- * other instrumentation); fsync, checksums and the manifest have no log line between them, so they
- * are one step.
+ * - provider: the CLI process from spawn to exit (node's start-up included), under /usr/bin/time;
+ * - seed POC: backup access setup, qemu-img create, qemu-nbd, the python process (under
+ *   /usr/bin/time, its interpreter start-up included), qemu-nbd's exit, teardown.
+ * Peak RSS (`/usr/bin/time -f %M`): the CLI process (and what it waited for); for the seed, its
+ * python process and its qemu-nbd, each apart.
+ * Per-step times of the provider: the job's own `steps` in its `--json` result when it has them
+ * (feature-detected once per run), otherwise the arrival times of its task log lines on stderr.
  *
- * A/B alternating: in odd rounds the provider runs first, in even rounds the baseline. The guest
- * writes the same blocks between the full and the incremental backups; nothing writes during them,
- * so both sides copy the same data. Medians over the rounds; ratio = baseline time / provider time.
+ * The CLI talks to qemu-storage-daemon on a second QMP monitor (a QMP socket takes one client; the
+ * harness keeps the first for the baseline's backup access and the guest's writes go through a live
+ * NBD export). A/B alternating: in odd rounds the provider runs first, in even rounds the baseline.
+ * The guest writes the same blocks before each incremental backup; nothing writes during them, so
+ * both sides copy the same data. Medians over the rounds; ratio = baseline time / provider time.
  *
  * usage: node benchmarks/provider.mjs --help   (after npm run build)
  * Writes only its own section of benchmarks/RESULTS.md (`<!-- begin provider -->` ... `<!-- end provider -->`).
  */
 import { execFile, spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { mkdir, mkdtemp, rm, stat } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm, stat } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { promisify } from 'node:util';
 
+import { CLI, GiB, MiB, NODE, dist, f2, f3, fmtMiB, fmtSize, guestWrites, makeChunkDisk, median, parseSize, requireTime, rmf, startDaemonWithJobMonitor, timed, tool } from './common.mjs';
 import { writeSection } from './results-file.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
-const dist = path.join(here, '..', 'dist');
-const { runBackupJob, DirectoryProvider, DirectoryStore, NbdClient } = await import(path.join(dist, 'index.js'));
+const { NbdClient } = await import(path.join(dist, 'index.js'));
 const { setupBackupAccess, teardownBackupAccess } = await import(path.join(dist, 'qemu', 'backup-access.js'));
-const { startStorageDaemon } = await import(path.join(dist, 'qemu', 'storage-daemon.js'));
 
 const execFileP = promisify(execFile);
-const MiB = 2 ** 20;
 const CHUNK = 4 * MiB; // seed_baseline.CHUNK: the layout is built of these so the seed's zero skip lines up
 const USAGE = `usage: node benchmarks/provider.mjs [options]   (npm run bench:provider -- [options]; after npm run build)
-  --size BYTES      disk size (default ${1024 * MiB}, a multiple of ${CHUNK})
+  --sizes LIST      disk sizes, comma list (a bare number is GiB: 1,8; or 256M); with --changed:
+                    every size gets a full backup and one incremental per --changed value
+  --changed LIST    percent of the disk the guest changes before each incremental, comma list
+                    default (neither given): the issue's goals: full 1 GiB, incremental 10% of 1 GiB,
+                    full 8 GiB, incremental 1% of 8 GiB
+  --size SIZE       shorthand for --sizes SIZE (smoke runs: --size 256M --rounds 1)
   --rounds N        A/B rounds (default 5)
-  --no-write        no guest writes between the full and the incremental backup
+  --no-verify       skip comparing round 1's chains (provider against baseline, qemu-img compare)
   --results PATH    the report's file: rewrites only its section between <!-- begin provider --> and
-                    <!-- end provider --> (default benchmarks/RESULTS.md; give another path for trial runs)`;
-const args = process.argv.slice(2);
-if (args.includes('--help') || args.includes('-h')) {
-  console.log(USAGE);
-  process.exit(0);
-}
-const arg = (name, dflt) => {
-  const i = args.indexOf(name);
-  return i >= 0 ? args[i + 1] : dflt;
-};
-const SIZE = Number(arg('--size', 1024 * MiB));
-const ROUNDS = Number(arg('--rounds', 5));
-const WRITE = !args.includes('--no-write');
-const RESULTS = path.resolve(arg('--results', path.join(here, 'RESULTS.md')));
-if (!(SIZE > 0 && SIZE % CHUNK === 0) || !(ROUNDS >= 1)) {
-  console.error(USAGE);
-  process.exit(2);
+                    <!-- end provider --> (default benchmarks/RESULTS.md; give another path for trial runs)
+  --work DIR        scratch folder (default: a new folder under the system's temporary folder)
+  -h, --help        this text`;
+
+function parseArgs(argv) {
+  const o = { sizes: undefined, changed: undefined, rounds: 5, verify: true, results: path.join(here, 'RESULTS.md'), work: undefined };
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    const val = () => {
+      if (i + 1 >= argv.length) throw new Error(`${a} needs a value`);
+      return argv[++i];
+    };
+    switch (a) {
+      case '--sizes': case '--size': o.sizes = val().split(',').filter(Boolean).map((s) => parseSize(s)); break;
+      case '--changed': o.changed = val().split(',').filter(Boolean).map(Number); break;
+      case '--rounds': o.rounds = Number(val()); break;
+      case '--no-verify': o.verify = false; break;
+      case '--results': o.results = path.resolve(val()); break;
+      case '--work': o.work = path.resolve(val()); break;
+      case '-h': case '--help': console.log(USAGE); process.exit(0); break;
+      default: throw new Error(`unknown option ${a}\n${USAGE}`);
+    }
+  }
+  if (o.sizes === undefined && o.changed === undefined) {
+    o.cases = [{ size: GiB, changed: [10] }, { size: 8 * GiB, changed: [1] }];
+  } else {
+    const changed = o.changed ?? [10];
+    o.cases = (o.sizes ?? [GiB]).map((size) => ({ size, changed }));
+  }
+  for (const c of o.cases) {
+    if (!(c.size > 0 && c.size % CHUNK === 0)) throw new Error(`size ${c.size}: must be a positive multiple of 4 MiB`);
+    for (const p of c.changed) if (!(p > 0 && p <= 100)) throw new Error(`--changed ${p}: must be in (0, 100]`);
+  }
+  if (!(Number.isInteger(o.rounds) && o.rounds >= 1)) throw new Error('--rounds must be a positive integer');
+  return o;
 }
 const PYTHON = '/usr/bin/python3'; // Debian's, where python3-libnbd lives
 
@@ -125,13 +145,14 @@ async function waitForSocket(p, child) {
   throw new Error(`qemu-nbd did not open ${p}`);
 }
 
+const maxRssMiB = async (file) => Number((await readFile(file, 'utf8')).trim().split('\n').pop()) / 1024;
+
 /**
  * The seed POC's backup of one disk: qcow2 (overlay over `previous`) through qemu-nbd, filled by the
  * seed loop. A new `bitmapId` per chain makes QEMU start a new bitmap (a full backup).
  */
-async function seedBackup(qsd, work, fleecing, image, previous, bitmapId) {
-  // outside the clock: python's start-up is inside the copy step already; this only shows its share
-  const pythonStartup = await startupSeconds(...PYTHON_STARTUP);
+async function seedBackup(qsd, work, fleecing, image, previous, bitmapId, size) {
+  const TIME = requireTime();
   const t0 = performance.now();
   const marks = {}; // step name -> seconds since t0 at its end
   const mark = (name) => (marks[name] = (performance.now() - t0) / 1000);
@@ -143,27 +164,34 @@ async function seedBackup(qsd, work, fleecing, image, previous, bitmapId) {
     const dev = access.devices[0];
     const create = ['create', '-q', '-f', 'qcow2'];
     if (previous) create.push('-b', path.basename(previous), '-F', 'qcow2');
-    await execFileP('qemu-img', [...create, image, String(SIZE)]);
+    await execFileP('qemu-img', [...create, image, String(size)]);
     const sock = path.join(work, `seed-${process.pid}.sock`);
     await rm(sock, { force: true });
-    const nbdSrv = spawn('qemu-nbd', ['-k', sock, '-f', 'qcow2', image], { stdio: 'ignore' });
+    const nbdTime = path.join(work, 'time-qemu-nbd.txt');
+    const nbdSrv = spawn(TIME, ['-f', '%M', '-o', nbdTime, 'qemu-nbd', '-k', sock, '-f', 'qcow2', image], { stdio: 'ignore' });
     const exited = new Promise((r) => nbdSrv.once('exit', r));
     await waitForSocket(sock, nbdSrv);
     mark('target');
     const bitmap = dev.bitmapMode === 'reuse' ? dev.bitmapName : '-';
-    const { stdout } = await execFileP(PYTHON, ['-c', SEED_PY, path.join(here, 'seed_baseline.py'), dev.nbdUri, `nbd+unix:///?socket=${sock}`, bitmap], { maxBuffer: 1 << 20 });
+    const pyTime = path.join(work, 'time-python.txt');
+    const { stdout } = await execFileP(TIME, ['-f', '%M', '-o', pyTime, PYTHON, '-c', SEED_PY, path.join(here, 'seed_baseline.py'), dev.nbdUri, `nbd+unix:///?socket=${sock}`, bitmap], { maxBuffer: 1 << 20 });
     const [bytes, skipped] = stdout.trim().split(/\s+/).map(Number);
     await exited; // qemu-nbd exits once its client disconnected
     mark('copy');
     success = true;
-    result = { bytes, skipped, mode: dev.bitmapMode };
+    result = { bytes, skipped, mode: dev.bitmapMode, rss: { python: await maxRssMiB(pyTime), 'qemu-nbd': await maxRssMiB(nbdTime) } };
   } finally {
     // inside the clock, as the provider's teardown is inside its job
     await teardownBackupAccess(qsd.qmp, { targetId: 'seed', success });
   }
   mark('teardown');
-  const steps = { setup: marks.setup, target: marks.target - marks.setup, copy: marks.copy - marks.target, teardown: marks.teardown - marks.copy };
-  return { ...result, seconds: marks.teardown, steps, pythonStartup, stored: (await stat(image)).size };
+  const steps = {
+    'QMP backup access setup': marks.setup,
+    'qemu-img create, qemu-nbd start': marks.target - marks.setup,
+    'python process (start-up, map, reads, writes, flush), qemu-nbd exit': marks.copy - marks.target,
+    'QMP teardown': marks.teardown - marks.copy,
+  };
+  return { ...result, seconds: marks.teardown, steps, rssMiB: Math.max(result.rss.python, result.rss['qemu-nbd']), stored: (await stat(image)).size };
 }
 
 /** Seconds from spawning `cmd args` to its exit (a process start-up with its imports). */
@@ -172,38 +200,34 @@ async function startupSeconds(cmd, cmdArgs) {
   await execFileP(cmd, cmdArgs);
   return (performance.now() - t0) / 1000;
 }
-// what a job process loads before it can start: the same modules this script imports
-const NODE_STARTUP = [process.execPath, ['--input-type=module', '-e', ['index.js', 'qemu/backup-access.js', 'qemu/storage-daemon.js'].map((f) => `await import(${JSON.stringify(pathToFileURL(path.join(dist, f)).href)});`).join('')]];
+// node's start-up alone: the process loads the package as the CLI does, and exits
+const NODE_STARTUP = [NODE, ['--input-type=module', '-e', `await import(${JSON.stringify(pathToFileURL(path.join(dist, 'index.js')).href)});`]];
 const PYTHON_STARTUP = [PYTHON, ['-c', 'import importlib.util, sys, os; import nbd']];
 
 /**
- * The provider's steps, from the timestamps of the job's log lines: each step ends at the first
- * line matching its pattern (the last step ends when the job returns).
+ * The provider's steps from its task log lines on stderr (arrival times since spawn): each step ends
+ * at the first line matching its pattern; the last ends when the process exits. A pattern that no
+ * longer matches leaves its step unknown ('?') and its time in the next step.
  */
 const PROVIDER_STEPS = [
-  ['job start, provider init, QMP device query', /^include disk /],
-  ['bitmap plan, QMP backup access setup', /^started backup access/],
+  ['node start-up, CLI, store open', /INFO: starting new backup job/],
+  ['job start, provider init, QMP device query', /include disk /],
+  ['bitmap plan, QMP backup access setup', /started backup access/],
   ['bitmap query, provider copy set-up', /: (full|incremental over \S+) backup to /],
   ['copy (native core)', /: read \d+ bytes/],
-  ['fsync, SHA-256 of the files, manifest', /complete \(.* written\)$/],
-  ['QMP teardown', /^backup access torn down/],
-  ['storage hooks, backup cleanup', /^Finished Backup/],
-  ['task log into the store, job end', null],
-];
-const SEED_STEPS = [
-  ['setup', 'QMP backup access setup'],
-  ['target', 'qemu-img create, qemu-nbd start'],
-  ['copy', 'python process (start-up, map, reads, writes, flush), qemu-nbd exit'],
-  ['teardown', 'QMP teardown'],
+  ['fsync, checksums, manifest', /complete \(.* written\)$/],
+  ['QMP teardown', /backup access torn down/],
+  ['storage hooks, backup cleanup', /Finished Backup/],
+  ['task log, job end, process exit', null],
 ];
 
-function providerSteps(events, total) {
+function stepsFromLog(lines, total) {
   const steps = {};
   let prev = 0;
   let from = 0;
   for (const [name, re] of PROVIDER_STEPS) {
-    const i = re ? events.findIndex((e, k) => k >= from && re.test(e.message)) : -1;
-    const at = re ? (i >= 0 ? events[i].at : NaN) : total;
+    const i = re ? lines.findIndex((e, k) => k >= from && re.test(e.line)) : -1;
+    const at = re ? (i >= 0 ? lines[i].at : NaN) : total;
     steps[name] = at - prev;
     if (i >= 0) from = i + 1;
     if (!Number.isNaN(at)) prev = at;
@@ -211,162 +235,264 @@ function providerSteps(events, total) {
   return steps;
 }
 
-/** The provider's backup of the VM through the job runner. */
-async function providerBackup(qsd, work, fleecing, storeDir) {
-  let summary;
-  const nodeStartup = await startupSeconds(...NODE_STARTUP);
-  const events = [];
-  let t0;
-  // a factory, as the CLI builds it: the provider's log lines then reach the task log and `log`, timestamped
-  const provider = (context) => new DirectoryProvider(context, { onDeviceDone: (_v, _d, s) => (summary = s) });
-  const log = (_level, message) => events.push({ at: (performance.now() - t0) / 1000, message });
-  t0 = performance.now();
-  const r = await runBackupJob({ provider, storeid: 'bench', scfg: { path: storeDir }, log, tmpdir: work, fleecing: { dir: fleecing }, guests: [{ vmid: 100, type: 'qemu', qmp: qsd.qmp, nbdServer: qsd.nbdSocket, devices: ['disk0'], config: 'name: bench\n' }] });
-  const job = (performance.now() - t0) / 1000;
-  const g = r.guests[0];
-  if (g.status !== 'ok') throw g.error;
-  const m = await (await DirectoryStore.open(storeDir)).readManifest(g.volname);
-  const steps = { 'node start-up': nodeStartup, ...providerSteps(events, job) };
-  return { seconds: nodeStartup + job, job, steps, bytes: summary.bytesRead, mode: m.devices.disk0.bitmapMode, stored: m.files['disk0.qcow2'].size, volname: g.volname, copySeconds: summary.seconds };
-}
-
-/** The guest changes 10% of the disk: 64 KiB blocks at pseudo-random offsets (same sequence each round). */
-async function guestWrites(live, round) {
-  const blocks = Math.floor(SIZE / (64 * 1024));
-  let state = 12345 + round;
-  const touched = new Set();
-  while (touched.size < blocks / 10) {
-    state = (Math.imul(state, 1103515245) + 12345) >>> 0;
-    const b = state % blocks;
-    if (touched.has(b)) continue;
-    touched.add(b);
-    await live.write(b * 64 * 1024, Buffer.alloc(64 * 1024, (state >>> 16) & 0xff || 1));
+/**
+ * Steps the job reports itself (a `steps` field in the CLI's --json result, when the job has it):
+ * an object of name -> seconds, or a list of { name|step, seconds|ms }. What the job's clock does
+ * not cover (node start-up, the CLI around the job, exit) is a step of its own.
+ */
+function stepsFromJson(s, total) {
+  const steps = {};
+  if (Array.isArray(s)) {
+    for (const x of s) steps[String(x.name ?? x.step)] = Number(x.seconds ?? (x.ms !== undefined ? x.ms / 1000 : NaN));
+  } else if (s && typeof s === 'object') {
+    for (const [k, v] of Object.entries(s)) steps[k] = typeof v === 'number' ? v : Number(v?.seconds ?? NaN);
   }
+  const inJob = Object.values(steps).filter(Number.isFinite).reduce((a, b) => a + b, 0);
+  return { 'outside the job (node start-up, CLI, exit)': total - inJob, ...steps };
 }
 
-const median = (xs) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
-};
-const fmtMiB = (b) => `${(b / MiB).toFixed(0)} MiB`;
-const fmtS = (x) => (Number.isNaN(x) ? '?' : x.toFixed(3));
+/** Does the CLI's `backup --json` result carry the job's own `steps`? Decided on a warm-up backup. */
+let jsonSteps;
+/** What the provider's manifest records (its fields, and the fields of a file and a device entry): which checksum path ran. */
+let manifestShape;
+function shapeOf(text) {
+  const m = JSON.parse(text);
+  const keysOf = (o) => (o && typeof o === 'object' ? Object.keys(o).join(', ') : '-');
+  const file = Object.values(m.files ?? {})[0];
+  const device = Object.values(m.devices ?? {})[0];
+  return `manifest fields: ${keysOf(m)}${m.version !== undefined ? ` (version ${JSON.stringify(m.version)})` : ''}; a file's: ${keysOf(file)}; a device's: ${keysOf(device)}`;
+}
 
-async function main() {
-  const startLoad = os.loadavg().map((x) => x.toFixed(2)).join(' ');
-  const work = await mkdtemp(path.join(os.tmpdir(), 'pvebp-bench-provider-'));
-  let qsd;
+/** The provider's backup through the CLI, in a child process under /usr/bin/time. */
+async function providerBackup(qsd, work, fleecing, storeDir, { json = jsonSteps === true } = {}) {
+  const args = [CLI, 'backup', '--store', storeDir, '--vmid', '100', '--qmp', qsd.jobQmpSocket, '--devices', 'disk0', '--nbd-server', qsd.nbdSocket, '--fleecing-dir', fleecing, ...(json ? ['--json'] : [])];
+  const r = await timed(NODE, args, path.join(work, 'time-provider.txt'));
+  let volid;
+  let parent;
+  let steps;
+  let jsonResult;
+  if (json) {
+    jsonResult = JSON.parse(r.stdout);
+    volid = jsonResult.volid;
+    parent = jsonResult.parent;
+    steps = jsonResult.steps !== undefined ? stepsFromJson(jsonResult.steps, r.seconds) : undefined;
+  } else {
+    // "directory:backup/100/qemu-...: qcow2, 40.3 MiB, full" or "..., incremental over VOLID"
+    const m = /^(\S+): .*?, (full|incremental over (\S+))$/m.exec(r.stdout);
+    if (!m) throw new Error(`unexpected output of the backup command: ${r.stdout}`);
+    volid = m[1];
+    parent = m[3];
+    steps = stepsFromLog(r.stderrLines, r.seconds);
+  }
+  const readLine = r.stderrLines.map((l) => /: read (\d+) bytes.* in ([\d.]+) s/.exec(l.line)).find(Boolean);
+  const dir = path.join(storeDir, '100', volid.split('/').pop());
+  manifestShape ??= await readFile(path.join(dir, 'manifest.json'), 'utf8').then(shapeOf, () => undefined);
+  return {
+    seconds: r.seconds,
+    steps: steps ?? { 'whole job (no steps reported)': r.seconds },
+    bytes: readLine ? Number(readLine[1]) : NaN,
+    copySeconds: readLine ? Number(readLine[2]) : NaN,
+    mode: parent ? 'reuse' : 'new',
+    image: path.join(dir, 'disk0.qcow2'),
+    stored: (await stat(path.join(dir, 'disk0.qcow2'))).size,
+    rssMiB: r.rssKiB / 1024,
+    cpu: r.cpu,
+    jsonResult,
+  };
+}
+
+/** Bytes of data makeChunkDisk writes: chunks 0, 2 and 4 of every five. */
+const dataBytes = (size) => Array.from({ length: Math.floor(size / CHUNK) }, (_, i) => i % 5 !== 1 && i % 5 !== 3).filter(Boolean).length * CHUNK;
+const caseName = (k) => (k.phase === 'full' ? `full ${fmtSize(k.size)}` : `incr ${k.changed}% of ${fmtSize(k.size)}`);
+/** The issue's goals (seed / provider time). */
+function goalOf(k) {
+  if (k.phase === 'full') return 2;
+  if (k.size === GiB && k.changed === 10) return 1.5;
+  if (k.size === 8 * GiB && k.changed === 1) return 3;
+  return undefined;
+}
+
+async function runCase(opts, work, c, all) {
+  const { size } = c;
+  const cdir = path.join(work, `disk-${size}`);
+  await rmf(cdir);
+  await mkdir(cdir, { recursive: true });
+  const disk = path.join(cdir, 'disk0.qcow2');
+  const t0 = performance.now();
+  await makeChunkDisk(disk, size, (cmd, args) => execFileP(cmd, args, { maxBuffer: 64 << 20 }));
+  process.stderr.write(`${fmtSize(size)} disk written in ${((performance.now() - t0) / 1000).toFixed(1)} s\n`);
+  const fleecing = path.join(cdir, 'fleecing');
+  await mkdir(fleecing);
+  const qsdDir = path.join(cdir, 'qsd');
+  await mkdir(qsdDir);
+  const qsd = await startDaemonWithJobMonitor(qsdDir, disk, 'qcow2');
   let live;
   try {
-    const disk = path.join(work, 'disk0.qcow2');
-    await execFileP('qemu-img', ['create', '-q', '-f', 'qcow2', disk, String(SIZE)]);
-    // 60% data in whole 4 MiB chunks at the seed's chunk offsets (chunks 0, 2 and 4 of every five;
-    // 1 and 3 never written), so the seed's skip of all-zero chunks in full backups has 40% to skip
-    const writes = [];
-    for (let i = 0; (i + 1) * CHUNK <= SIZE; i++) if (i % 5 !== 1 && i % 5 !== 3) writes.push('-c', `write -P ${(i % 250) + 1} ${i * CHUNK} ${CHUNK}`);
-    await execFileP('qemu-io', ['-f', 'qcow2', ...writes, disk], { maxBuffer: 64 << 20 });
-    const fleecing = path.join(work, 'fleecing');
-    await mkdir(fleecing);
-    qsd = await startStorageDaemon({ dir: work, disks: [{ id: 'disk0', file: disk, format: 'qcow2' }], liveExports: true });
-    live = await NbdClient.connect(qsd.liveUri('disk0'));
-    const rows = { provider: { full: [], incremental: [] }, seed: { full: [], incremental: [] } };
-    const samples = [];
-    for (let round = 1; round <= ROUNDS; round++) {
-      const rdir = path.join(work, `round${round}`);
+    live = await NbdClient.connect(qsd.liveUri());
+    // warm-up, untimed: loads the image's metadata, and decides whether the CLI reports steps
+    {
+      const wdir = path.join(cdir, 'warmup');
+      await mkdir(wdir);
+      const w = await providerBackup(qsd, wdir, fleecing, path.join(wdir, 'store'), { json: true });
+      jsonSteps ??= w.jsonResult?.steps !== undefined;
+      await rmf(wdir);
+    }
+    for (let round = 1; round <= opts.rounds; round++) {
+      const rdir = path.join(cdir, `round${round}`);
       await mkdir(rdir);
       const storeDir = path.join(rdir, 'store');
       const order = round % 2 ? ['provider', 'seed'] : ['seed', 'provider'];
-      const got = {};
-      for (const phase of ['full', 'incremental']) {
-        if (phase === 'incremental' && WRITE) await guestWrites(live, round);
+      const phases = [{ phase: 'full' }, ...c.changed.map((p) => ({ phase: 'incremental', changed: p }))];
+      let seedPrevious;
+      const tops = {};
+      for (const [n, ph] of phases.entries()) {
+        const key = caseName({ ...ph, size });
+        let written;
+        if (ph.phase === 'incremental') written = await guestWrites(live, size, ph.changed, 100 * round + n);
         for (const who of order) {
           const r =
             who === 'provider'
               ? await providerBackup(qsd, rdir, fleecing, storeDir)
-              : await seedBackup(qsd, rdir, fleecing, path.join(rdir, `seed-${phase}.qcow2`), phase === 'incremental' ? path.join(rdir, 'seed-full.qcow2') : undefined, `seed${round}`);
-          const want = phase === 'full' ? 'new' : 'reuse';
-          if (r.mode !== want) throw new Error(`${who} ${phase}: bitmap mode ${r.mode}, expected ${want}`);
-          rows[who][phase].push(r);
-          got[`${who}-${phase}`] = r;
-          const steps = Object.entries(r.steps).map(([k, v]) => `${k.split(/[ ,(]+/).slice(0, 2).join(' ')} ${fmtS(v)}`).join(', ');
-          process.stderr.write(`round ${round} ${phase.padEnd(11)} ${who.padEnd(8)} ${r.seconds.toFixed(2)} s  read ${fmtMiB(r.bytes)}  stored ${fmtMiB(r.stored)}${r.skipped ? `  skipped zero ${fmtMiB(r.skipped)}` : ''}  [${steps}]\n`);
+              : await seedBackup(qsd, rdir, fleecing, path.join(rdir, `seed-${n}.qcow2`), seedPrevious, `seed${round}`, size);
+          if (who === 'seed') seedPrevious = path.join(rdir, `seed-${n}.qcow2`);
+          tops[who] = who === 'seed' ? seedPrevious : r.image;
+          const want = ph.phase === 'full' ? 'new' : 'reuse';
+          if (r.mode !== want) throw new Error(`${who} ${key}: bitmap mode ${r.mode}, expected ${want}`);
+          const row = (all[key] ??= { size, ...ph, provider: [], seed: [] });
+          row.changedBytes ??= ph.phase === 'full' ? dataBytes(size) : written;
+          row[who].push(r);
+          const steps = Object.entries(r.steps).map(([k, v]) => `${k.split(/[ ,(]+/).slice(0, 2).join(' ')} ${f3(v)}`).join(', ');
+          process.stderr.write(
+            `round ${round} ${key.padEnd(18)} ${who.padEnd(8)} ${r.seconds.toFixed(2)} s  rss ${r.rssMiB.toFixed(0)} MiB  read ${Number.isFinite(r.bytes) ? fmtMiB(r.bytes) : '?'}  stored ${fmtMiB(r.stored)}` +
+              `${r.skipped ? `  skipped zero ${fmtMiB(r.skipped)}` : ''}  [${steps}]\n`,
+          );
         }
       }
-      if (round === 1) {
+      if (round === 1 && opts.verify) {
         // both chains hold the same point in time
-        const ours = path.join(storeDir, '100', got['provider-incremental'].volname.split('/').pop(), 'disk0.qcow2');
-        await execFileP('qemu-img', ['compare', '-q', '-f', 'qcow2', '-F', 'qcow2', ours, path.join(rdir, 'seed-incremental.qcow2')]);
-        process.stderr.write('round 1: the provider\'s and the baseline\'s incremental chains are identical (qemu-img compare)\n');
+        await execFileP('qemu-img', ['compare', '-q', '-f', 'qcow2', '-F', 'qcow2', tops.provider, tops.seed]);
+        process.stderr.write(`round 1: the provider's and the baseline's chains of the ${fmtSize(size)} disk are identical (qemu-img compare)\n`);
+        all[caseName({ phase: 'full', size })].verified = true;
       }
-      samples.push({ round, order: order.join(' then ') });
       await rm(rdir, { recursive: true, force: true });
     }
-    const line = (phase) => {
-      const p = rows.provider[phase];
-      const sd = rows.seed[phase];
-      const pt = median(p.map((x) => x.seconds));
-      const st = median(sd.map((x) => x.seconds));
-      const bytes = median(p.map((x) => x.bytes));
-      const sbytes = median(sd.map((x) => x.bytes));
-      return `| ${phase} | ${fmtMiB(bytes)} / ${fmtMiB(sbytes)} | ${pt.toFixed(2)} s (${(bytes / MiB / pt).toFixed(0)} MiB/s) | ${st.toFixed(2)} s (${(bytes / MiB / st).toFixed(0)} MiB/s) | **${(st / pt).toFixed(2)}x** | ${fmtMiB(median(p.map((x) => x.stored)))} / ${fmtMiB(median(sd.map((x) => x.stored)))} |`;
-    };
-    const stepMedian = (who, phase, name) => median(rows[who][phase].map((x) => x.steps[name]));
-    const providerStepNames = Object.keys(rows.provider.full[0].steps);
-    const stepTable = [
-      '| step | full | incremental |',
-      '|---|---|---|',
-      ...providerStepNames.map((n) => `| provider: ${n} | ${fmtS(stepMedian('provider', 'full', n))} s | ${fmtS(stepMedian('provider', 'incremental', n))} s |`),
-      `| **provider total** | **${fmtS(median(rows.provider.full.map((x) => x.seconds)))} s** | **${fmtS(median(rows.provider.incremental.map((x) => x.seconds)))} s** |`,
-      ...SEED_STEPS.map(([k, n]) => `| seed POC: ${n} | ${fmtS(stepMedian('seed', 'full', k))} s | ${fmtS(stepMedian('seed', 'incremental', k))} s |`),
-      `| **seed POC total** | **${fmtS(median(rows.seed.full.map((x) => x.seconds)))} s** | **${fmtS(median(rows.seed.incremental.map((x) => x.seconds)))} s** |`,
-    ];
-    const copyTimes = (phase) => median(rows.provider[phase].map((x) => x.copySeconds)).toFixed(2);
-    const rawTimes = (who, phase) => rows[who][phase].map((x) => x.seconds.toFixed(2)).join(', ');
-    const pyStartup = median([...rows.seed.full, ...rows.seed.incremental].map((x) => x.pythonStartup));
-    const nodeStartup = median([...rows.provider.full, ...rows.provider.incremental].map((x) => x.steps['node start-up']));
-    const skipped = median(rows.seed.full.map((x) => x.skipped));
-    const section = [
-      '## Whole-stack VM backup (DirectoryProvider)',
-      '',
-      `\`npm run bench:provider\` (benchmarks/provider.mjs), ${new Date().toISOString().slice(0, 10)}, ${os.cpus().length} cores (${os.cpus()[0]?.model ?? 'unknown CPU'}), ` +
-        `QEMU ${(await execFileP('qemu-img', ['--version'])).stdout.split('\n')[0].replace(/^qemu-img version /, '')}, Node ${process.version}.`,
-      `A ${fmtMiB(SIZE)} qcow2 disk (60% data: whole 4 MiB chunks, 3 of every 5 written, the others never) served by qemu-storage-daemon; the guest then changes 10% of it in 64 KiB blocks ` +
-        `between the full and the incremental backup. ${ROUNDS} round${ROUNDS === 1 ? "" : "s"}, A/B alternating (odd rounds provider first); medians.`,
-      '',
-      '**Both sides are timed alike**: from their first step through backup access teardown and whatever the job does after it, start-up included. ' +
-        "The provider's time is node's start-up (a separate `node` process loading the same modules, timed from spawn to exit) plus `runBackupJob` from call to return; " +
-        "the seed POC's runs from backup access setup to the end of its teardown and includes its python process (interpreter start-up too).",
-      '',
-      '- **provider**: `runBackupJob` with `DirectoryProvider` (API 2): QMP backup access (fleecing qcow2, copy-before-write, snapshot-access, NBD export with the bitmap), ' +
-        'the native core writing qcow2 directly (incremental: backed by the previous image), fsync, SHA-256 of every file, manifest, teardown, task log.',
-      "- **seed POC**: the seed's algorithm (`seed_baseline.py`'s `dirty_extents` and 4 MiB sequential reads with libnbd, one request at a time, discard after each) " +
-        'writing into a qcow2 through `qemu-nbd` (incremental: a qcow2 overlay over the previous image), flushed at the end; full backups read the whole disk and skip writing ' +
-        `all-zero 4 MiB chunks (generous to the baseline: here it skipped ${fmtMiB(skipped)} per full backup). Same backup access setup and teardown (lib/qemu) as the provider. No kernel NBD device (the seed used /dev/nbd).`,
-      '',
-      '| backup | read over NBD (provider / seed) | provider, start-up to job end (point-in-time data/s) | seed POC, setup to teardown (same data/s) | seed / provider time | qcow2 stored (provider / seed) |',
-      '|---|---|---|---|---|---|',
-      line('full'),
-      line('incremental'),
-      '',
-      "Where the time goes (medians per step; the provider's steps end at its task log lines, so fsync, checksums and manifest, which log nothing between them, are one step):",
-      '',
-      ...stepTable,
-      '',
-      `Node start-up: ${fmtS(nodeStartup)} s (median); python with libnbd: ${fmtS(pyStartup)} s (measured apart, already inside the seed's python step). ` +
-        `The core's own copy time (extent planning, reads, writes, discards) was ${copyTimes('full')} s (full) and ${copyTimes('incremental')} s (incremental).`,
-      `Load average at the start: ${startLoad} (other work on the machine shares the cores; the A/B alternation spreads it over both sides).`,
-      `Per-round seconds: provider full ${rawTimes('provider', 'full')}; seed full ${rawTimes('seed', 'full')}; provider incremental ${rawTimes('provider', 'incremental')}; seed incremental ${rawTimes('seed', 'incremental')}.`,
-      `Round 1 checked: both incremental chains are identical (\`qemu-img compare\`). Throughput is the data the provider had to copy (allocated data for full, dirty data for incremental) over the wall time, for both sides.`,
-      `The provider's full backup reads only allocated data (base:allocation) and stores no zero clusters; the seed POC reads the whole disk. Local storage in the page cache: what is measured is mostly the per-backup work (QMP, processes, fsync, checksums) and the copy loop, not the disk.`,
-      '',
-    ].join('\n');
-    console.log(section);
-    await writeSection(RESULTS, 'provider', section);
-    process.stderr.write(`written to the provider section of ${RESULTS}\n`);
   } finally {
     await live?.close().catch(() => undefined);
-    await qsd?.stop();
-    await rm(work, { recursive: true, force: true });
+    await qsd.stop();
+    await rmf(cdir);
   }
 }
 
-await main();
+function render(opts, all, meta) {
+  const keys = Object.keys(all);
+  const med = (xs) => median(xs);
+  const t = (k, who) => med(all[k][who].map((x) => x.seconds));
+  const rss = (k, who) => med(all[k][who].map((x) => x.rssMiB));
+  const L = [];
+  L.push('## Whole-stack VM backup (DirectoryProvider), at scale', '');
+  L.push(
+    `\`npm run bench:provider\` (benchmarks/provider.mjs), ${meta.date}, ${os.cpus().length} cores (${os.cpus()[0]?.model ?? 'unknown CPU'}), QEMU ${meta.qemu}, Node ${process.version}. ` +
+      `Command: \`${meta.commandLine}\`.`,
+    '',
+    `Disks: sparse qcow2, 60% data (whole 4 MiB chunks, 3 of every 5 written, the others never), served by qemu-storage-daemon. Per round and disk: a full backup, then for each share of changed data ` +
+      `the guest writes that share of the disk in 64 KiB blocks (through a live NBD export) and both sides take an incremental backup. ${opts.rounds} round${opts.rounds === 1 ? '' : 's'}, ` +
+      'A/B alternating (odd rounds provider first); medians. Local storage in the page cache: what is measured is mostly the per-backup work and the copy loop, not the disk.',
+    '',
+    '- **provider**: `node dist/cli/main.js backup --store S --vmid 100 --qmp SOCK --devices disk0 --nbd-server SOCK --fleecing-dir DIR` (DirectoryProvider, API 2), a child process from spawn to exit under `/usr/bin/time`: ' +
+      "node's start-up, QMP backup access, the native core writing qcow2 (incremental: backed by the previous image), checksums, manifest, teardown, task log.",
+    "- **seed POC**: the seed's algorithm (`seed_baseline.py`'s `dirty_extents` and 4 MiB sequential reads with libnbd, one request at a time, discard after each) writing into a qcow2 through `qemu-nbd` " +
+      '(incremental: a qcow2 overlay over the previous image), flushed at the end; full backups read the whole disk and skip writing all-zero 4 MiB chunks (here: all 40% of holes). ' +
+      'Timed from backup access setup (lib/qemu) to the end of its teardown, python start-up included.',
+    `- What the provider's backups recorded (feature detection: digests computed while writing show up here): ${meta.manifestShape ?? 'unknown'}.`,
+    `- Per-step times of the provider: ${meta.jsonSteps ? "the job's own `steps` (the `steps` field of `backup --json`)" : "arrival times of its task log lines on stderr (the job's `--json` result has no `steps` field yet); fsync, checksums and manifest log nothing between them, so they are one step"}.`,
+    '',
+    '| backup | provider s | seed POC s | seed / provider | goal | provider s per GiB of disk | provider s per GiB copied | seed s per GiB of disk | seed s per GiB copied | provider peak RSS | seed peak RSS (python / qemu-nbd) | read over NBD (provider / seed) |',
+    '|---|---|---|---|---|---|---|---|---|---|---|---|',
+  );
+  for (const k of keys) {
+    const a = all[k];
+    const p = t(k, 'provider');
+    const s = t(k, 'seed');
+    const goal = goalOf(a);
+    const ratio = s / p;
+    const gib = a.size / GiB;
+    const copied = a.changedBytes / GiB;
+    L.push(
+      `| ${k} | ${f2(p)} | ${f2(s)} | **${f2(ratio)}x** | ${goal ? `>= ${goal}x: ${ratio >= goal ? 'met' : '**not met**'}` : ''} | ${f3(p / gib)} | ${f3(p / copied)} | ${f3(s / gib)} | ${f3(s / copied)} | ` +
+        `${f2(rss(k, 'provider'))} MiB | ${f2(med(a.seed.map((x) => x.rss.python)))} / ${f2(med(a.seed.map((x) => x.rss['qemu-nbd'])))} MiB | ` +
+        `${Number.isFinite(med(a.provider.map((x) => x.bytes))) ? fmtMiB(med(a.provider.map((x) => x.bytes))) : '?'} / ${fmtMiB(med(a.seed.map((x) => x.bytes)))} |`,
+    );
+  }
+  L.push(
+    '',
+    '"Copied" is the data each backup had to copy: the allocated 60% for full backups, the changed blocks for incrementals (the bitmap\'s dirty data). ' +
+      "Time that grows with the disk's size at the same changed data is per-backup work that scales with the disk, not with the change (issue 15, \"Scale\").",
+    '',
+    '### Where the time goes (medians per step)',
+    '',
+  );
+  const stepNames = (who) => [...new Set(keys.flatMap((k) => all[k][who].flatMap((x) => Object.keys(x.steps))))];
+  L.push(`| step | ${keys.join(' | ')} |`, `|---|${keys.map(() => '---').join('|')}|`);
+  for (const who of ['provider', 'seed']) {
+    for (const n of stepNames(who)) L.push(`| ${who === 'seed' ? 'seed POC' : who}: ${n} | ${keys.map((k) => `${f3(med(all[k][who].map((x) => x.steps[n])))} s`).join(' | ')} |`);
+    L.push(`| **${who === 'seed' ? 'seed POC' : who} total** | ${keys.map((k) => `**${f3(t(k, who))} s**`).join(' | ')} |`);
+  }
+  L.push(
+    '',
+    `Node start-up alone (a \`node\` process importing the package, then exiting; inside the provider's first step): ${f3(meta.nodeStartup)} s; python with libnbd: ${f3(meta.pythonStartup)} s (inside the seed's python step). ` +
+      `The core's own copy time (from its log line): ${keys.map((k) => `${k} ${f2(med(all[k].provider.map((x) => x.copySeconds)))} s`).join(', ')}.`,
+    '',
+    `Per-round seconds: ${keys.map((k) => `${k}: provider ${all[k].provider.map((x) => x.seconds.toFixed(2)).join(', ')}; seed ${all[k].seed.map((x) => x.seconds.toFixed(2)).join(', ')}`).join('. ')}.`,
+    '',
+    `${opts.verify ? 'Round 1 checked: for every disk, the provider\'s and the seed POC\'s last images hold the same data (`qemu-img compare` of the two chains).' : 'Chains not compared (--no-verify).'} ` +
+      `Load average at the start: ${meta.startLoad}; the run took ${meta.took} s.`,
+    '',
+  );
+  return L.join('\n');
+}
+
+async function main() {
+  let opts;
+  try {
+    opts = parseArgs(process.argv.slice(2));
+  } catch (e) {
+    console.error(`bench: ${e.message}`);
+    return 2;
+  }
+  requireTime();
+  for (const [n, p] of [['qemu-storage-daemon', 'qemu-system-common'], ['qemu-img', 'qemu-utils'], ['qemu-io', 'qemu-utils'], ['qemu-nbd', 'qemu-utils']]) tool(n, p);
+  if (!existsSync(PYTHON)) throw new Error(`${PYTHON} not found: apt-get install python3 python3-libnbd`);
+  const startLoad = os.loadavg().map((x) => x.toFixed(2)).join(' ');
+  const started = Date.now();
+  const work = opts.work ?? (await mkdtemp(path.join(os.tmpdir(), 'pvebp-bench-provider-')));
+  await mkdir(work, { recursive: true });
+  const all = {};
+  try {
+    for (const c of opts.cases) await runCase(opts, work, c, all);
+  } finally {
+    if (!opts.work) await rmf(work);
+  }
+  const nodeStartup = median([await startupSeconds(...NODE_STARTUP), await startupSeconds(...NODE_STARTUP), await startupSeconds(...NODE_STARTUP)]);
+  const pythonStartup = median([await startupSeconds(...PYTHON_STARTUP), await startupSeconds(...PYTHON_STARTUP), await startupSeconds(...PYTHON_STARTUP)]);
+  const meta = {
+    date: new Date().toISOString().slice(0, 16).replace('T', ' ') + ' UTC',
+    qemu: (await execFileP('qemu-img', ['--version'])).stdout.split('\n')[0].replace(/^qemu-img version /, ''),
+    commandLine: ['node benchmarks/provider.mjs', ...process.argv.slice(2)].join(' '),
+    jsonSteps,
+    manifestShape,
+    nodeStartup,
+    pythonStartup,
+    startLoad,
+    took: ((Date.now() - started) / 1000).toFixed(0),
+  };
+  const section = render(opts, all, meta);
+  console.log(section);
+  await writeSection(opts.results, 'provider', section);
+  process.stderr.write(`written to the provider section of ${opts.results}\n`);
+  return 0;
+}
+
+process.exitCode = await main().catch((e) => {
+  console.error(`bench: ${e.stack ?? e}`);
+  return 1;
+});

@@ -1,5 +1,6 @@
 #!/usr/bin/env node
-// Benchmarks of the native core (issue 2, "Benchmarks"): full copy, incremental copy, memory.
+// Benchmarks of the native core (issue 2, "Benchmarks"): full copy, incremental copy, memory;
+// and (issue 15) a raw disk with discard on against nbdcopy --flush (--only raw, section core-raw).
 //
 //   npm run bench                      # full size (2 GiB full, 4 GiB incremental), 5 rounds
 //   npm run bench -- --quick           # smoke run (< 1 min): small disks, 2 rounds
@@ -45,7 +46,12 @@ function parseSize(v) {
 
 const USAGE = `usage: node benchmarks/run.mjs [options]
   --quick               smoke run: --full-size 256M --inc-size 512M --rounds 2 --settings 1x16
-  --only LIST           comma list of: full, incremental (memory comes from the full runs); default both
+  --only LIST           comma list of: full, incremental, raw (memory comes from the full runs); default all three
+                          raw: a raw sparse disk (60% data in 4 MiB runs) with our defaults, discard on, against
+                          nbdcopy --flush, and where the time goes (discard, request size, connections);
+                          its own section of the report (<!-- begin core-raw -->)
+  --raw-size SIZE       raw disk size (default 2G; --quick: 256M)
+  --raw-storage LIST    storage setups of the raw benchmark (default cached; same names as --storage)
   --rounds N            rounds per benchmark (default 5)
   --full-size SIZE      full-backup disk size (default 2G)
   --inc-size SIZE       incremental disk size (default 4G)
@@ -70,7 +76,9 @@ const USAGE = `usage: node benchmarks/run.mjs [options]
 function parseArgs(argv) {
   const o = {
     quick: false,
-    only: ['full', 'incremental'],
+    only: ['full', 'incremental', 'raw'],
+    rawSize: 2 * GiB,
+    rawCaches: ['cached'],
     rounds: 5,
     fullSize: 2 * GiB,
     incSize: 4 * GiB,
@@ -98,6 +106,8 @@ function parseArgs(argv) {
       case '--rounds': o.rounds = Number(val()); explicit.add('rounds'); break;
       case '--full-size': o.fullSize = parseSize(val()); explicit.add('fullSize'); break;
       case '--inc-size': o.incSize = parseSize(val()); explicit.add('incSize'); break;
+      case '--raw-size': o.rawSize = parseSize(val()); explicit.add('rawSize'); break;
+      case '--raw-storage': o.rawCaches = val().split(',').map((x) => x.trim()).filter(Boolean); break;
       case '--data-percent': o.dataPercent = Number(val()); break;
       case '--dirty-percent': o.dirtyPercent = Number(val()); break;
       case '--settings': o.settings = val().split(',').map((s) => s.trim()).filter(Boolean); explicit.add('settings'); break;
@@ -117,14 +127,17 @@ function parseArgs(argv) {
     if (!explicit.has('rounds')) o.rounds = 2;
     if (!explicit.has('fullSize')) o.fullSize = 256 * MiB;
     if (!explicit.has('incSize')) o.incSize = 512 * MiB;
+    if (!explicit.has('rawSize')) o.rawSize = 256 * MiB;
     if (!explicit.has('settings')) o.settings = ['1x16'];
     if (!explicit.has('caches')) o.caches = ['cached'];
   }
-  for (const b of o.only) if (!['full', 'incremental'].includes(b)) throw new Error(`unknown benchmark ${b}`);
-  for (const c of o.caches) if (!['cached', 'direct', 'remote'].includes(c)) throw new Error(`unknown storage ${c} (cached, direct or remote)`);
+  for (const b of o.only) if (!['full', 'incremental', 'raw'].includes(b)) throw new Error(`unknown benchmark ${b}`);
+  for (const c of [...o.caches, ...o.rawCaches]) if (!['cached', 'direct', 'remote'].includes(c)) throw new Error(`unknown storage ${c} (cached, direct or remote)`);
   for (const l of o.latencies) if (!/^\d+(ms)?$/.test(l)) throw new Error(`--remote-latency ${l}: expected e.g. 1ms`);
   // one storage setup per mode, and per latency for remote
-  o.storages = o.caches.flatMap((c) => (c === 'remote' ? o.latencies.map((l) => ({ key: `remote ${l}`, storage: c, latency: l })) : [{ key: c, storage: c }]));
+  const setups = (caches) => caches.flatMap((c) => (c === 'remote' ? o.latencies.map((l) => ({ key: `remote ${l}`, storage: c, latency: l })) : [{ key: c, storage: c }]));
+  o.storages = setups(o.caches);
+  o.rawStorages = setups(o.rawCaches);
   for (const s of o.settings) if (!/^\d+x\d+$/.test(s)) throw new Error(`setting ${s}: expected CONNECTIONSxREQUESTS, e.g. 2x16`);
   if (!Number.isInteger(o.rounds) || o.rounds < 1) throw new Error('--rounds must be a positive integer');
   if (o.candidate && !existsSync(path.join(o.candidate, 'dist', 'cli', 'main.js'))) throw new Error(`--candidate ${o.candidate}: no dist/cli/main.js (build it first)`);
@@ -268,7 +281,26 @@ async function makeDisk(dir, size, percent, seed) {
 }
 
 /**
- * One qemu-storage-daemon serving `file` as node `disk0`; stopped by `stop()` (and on exit).
+ * A raw sparse disk of `size` bytes with `percent`% random data in runs of 4 MiB on average
+ * (nbdkit sparse-random runlength=4194304, fixed seed), holes elsewhere (`qemu-img convert`
+ * leaves zeros unallocated). Cached in `dir`.
+ */
+async function makeRawDisk(dir, size, percent, seed) {
+  const file = path.join(dir, `disk-${size}-${percent}-${seed}-4m.raw`);
+  if (existsSync(file)) return file;
+  const tmp = `${file}.tmp`;
+  await rmf(tmp);
+  log(`  generating ${path.basename(file)} (${fmtSize(size)}, ${percent}% data in 4 MiB runs) ...`);
+  await execFileP(tool('nbdkit', 'nbdkit'), [
+    '-U', '-', 'sparse-random', `size=${size}`, `percent=${percent}`, `seed=${seed}`, 'runlength=4194304', 'random-content=true',
+    '--run', `${tool('qemu-img', 'qemu-utils')} convert -f raw -O raw "$uri" ${JSON.stringify(tmp)}`,
+  ]);
+  await fs.rename(tmp, file);
+  return file;
+}
+
+/**
+ * One qemu-storage-daemon serving `file` (qcow2, or `format` raw) as node `disk0`; stopped by `stop()` (and on exit).
  * Storage modes:
  * - `cached`: startStorageDaemon as is (the image is read through the host page cache);
  * - `direct`: the image is opened with O_DIRECT (`cache.direct=on`, like Proxmox's default
@@ -277,11 +309,11 @@ async function makeDisk(dir, size, percent, seed) {
  *   (`--remote-latency` per request), like network storage (Ceph, iSCSI, NFS).
  */
 const daemons = new Set();
-async function startDaemon(dir, file, { liveExports = false, storage = 'cached', latency = '1ms' } = {}) {
+async function startDaemon(dir, file, { liveExports = false, storage = 'cached', latency = '1ms', format = 'qcow2' } = {}) {
   await rmf(dir);
   await fs.mkdir(dir, { recursive: true });
   const remote = storage === 'remote' ? await startRemoteStorage(dir, file, latency) : undefined;
-  const disk = { id: 'disk0', file, format: 'qcow2', direct: storage === 'direct', ...(remote ? { nbdSocket: remote.sock } : {}) };
+  const disk = { id: 'disk0', file, format, direct: storage === 'direct', ...(remote ? { nbdSocket: remote.sock } : {}) };
   const d = await startStorageDaemon({ dir, disks: [disk], liveExports }).catch(async (e) => {
     await remote?.stop();
     throw e;
@@ -390,14 +422,14 @@ async function withAccess(daemon, fleeceDir, bitmap, fn, success = true) {
 }
 
 /** Byte comparison of an output (raw, or qcow2 by its magic) with the daemon's disk (read-only, shared). */
-async function verify(out, disk) {
+async function verify(out, disk, diskFormat = 'qcow2') {
   const qemuImg = tool('qemu-img', 'qemu-utils');
   const fh = await fs.open(out, 'r');
   const magic = Buffer.alloc(4);
   await fh.read(magic, 0, 4, 0).finally(() => fh.close());
   const format = magic.toString('latin1') === 'QFI\xfb' ? 'qcow2' : 'raw';
   try {
-    await execFileP(qemuImg, ['compare', '-U', '-q', '-f', format, '-F', 'qcow2', out, disk]);
+    await execFileP(qemuImg, ['compare', '-U', '-q', '-f', format, '-F', diskFormat, out, disk]);
     return 'identical';
   } catch (e) {
     return `DIFFERENT (${(e.stdout || e.stderr || e.message).trim().split('\n')[0]})`;
@@ -429,12 +461,12 @@ function oursFull(name, extra, checkout) {
  * Bytes any exact copy of `disk` to a sparse raw file must write: the allocation of
  * `qemu-img convert`'s output, which skips zeros at 4 KiB (computed once, kept next to the image).
  */
-async function minimalOutputBytes(disk) {
+async function minimalOutputBytes(disk, format = 'qcow2') {
   const note = `${disk}.output-bytes`;
   if (existsSync(note)) return Number(await fs.readFile(note, 'utf8'));
   const tmp = `${disk}.raw.tmp`;
   await rmf(tmp);
-  await execFileP(tool('qemu-img', 'qemu-utils'), ['convert', '-f', 'qcow2', '-O', 'raw', disk, tmp]);
+  await execFileP(tool('qemu-img', 'qemu-utils'), ['convert', '-f', format, '-O', 'raw', disk, tmp]);
   const bytes = allocated(tmp);
   await rmf(tmp);
   await fs.writeFile(note, String(bytes));
@@ -501,6 +533,9 @@ async function benchFull(opts, report, st) {
     oursFull('ours qcow2', ['--format', 'qcow2']),
     { name: 'nbdcopy', command: (uri, out) => [nbdcopy, [uri, out]] },
     { name: 'qemu-img', command: (uri, out) => [qemuImg, ['convert', '-f', 'raw', '-O', 'raw', uri, out]] },
+    // issue 15: our defaults with discard on (as the provider runs it) against nbdcopy --flush
+    { ...oursFull('ours --discard', []), command: (uri, out) => [NODE, [CLI, 'copy', uri, out, '--json', '--discard']] },
+    { name: 'nbdcopy --flush', command: (uri, out) => [nbdcopy, ['--flush', uri, out]] },
     ...opts.settings.map((s) => {
       const [c, r] = s.split('x');
       return oursFull(`ours ${s}`, ['--connections', c, '--requests', r]);
@@ -544,6 +579,149 @@ async function benchFull(opts, report, st) {
   }
   await rmf(run);
   (report.full ??= {})[cache] = { storage: st, size, rows, contenders: contenders.map((c) => c.name) };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw disk (issue 15, "the core on raw disks too")
+
+/** Our copy of the raw benchmark: our defaults with discard on, as the provider runs it, plus `extra`. */
+function oursRaw(name, extra, { discard = true, toNull = false, checkout } = {}) {
+  return {
+    name,
+    command: (uri, out) => [NODE, [cliOf(checkout), 'copy', uri, toNull ? '-' : out, '--json', discard ? '--discard' : '--no-discard', ...extra]],
+    json: true,
+    toNull,
+    discard,
+  };
+}
+
+/**
+ * Full copy of a raw sparse disk (Proxmox's disks are mostly raw) through a fresh snapshot-access
+ * export each run: ours with its defaults and discard on (as users run it) against
+ * `nbdcopy --flush`, and, to find where the time goes, ours without discard, with 1 MiB requests,
+ * with 1 and 4 connections, and reading alone with and without discard (the TRIMs hit an empty
+ * fleecing image: nothing writes the disk during the copy).
+ */
+async function benchRaw(opts, report, st) {
+  const cache = st.key;
+  log(`\n== raw (storage=${cache}): ${fmtSize(opts.rawSize)} raw disk, ${opts.dataPercent}% data in 4 MiB runs, ${opts.rounds} round${opts.rounds === 1 ? '' : 's'}`);
+  const images = path.join(opts.work, 'images');
+  await fs.mkdir(images, { recursive: true });
+  const disk = await makeRawDisk(images, opts.rawSize, opts.dataPercent, 3);
+  const run = path.join(opts.work, 'raw');
+  await rmf(run);
+  await fs.mkdir(path.join(run, 'fleece'), { recursive: true });
+  const nbdcopy = tool('nbdcopy', 'libnbd-bin');
+  const contenders = [
+    oursRaw('ours', []),
+    { name: 'nbdcopy --flush', command: (uri, out) => [nbdcopy, ['--flush', uri, out]] },
+    oursRaw('ours --no-discard', [], { discard: false }),
+    // explicit, so the comparison holds when the defaults change
+    oursRaw('ours 1 MiB requests', ['--max-request', '1M']),
+    oursRaw('ours 4 MiB requests', ['--max-request', '4M']),
+    oursRaw('ours 1 connection', ['--connections', '1']),
+    oursRaw('ours 2 connections', ['--connections', '2']),
+    oursRaw('ours 4 connections', ['--connections', '4']),
+    ...(opts.candidate ? [oursRaw('candidate', [], { checkout: opts.candidate })] : []),
+    oursRaw('ours → null', [], { toNull: true }),
+    oursRaw('ours → null --no-discard', [], { toNull: true, discard: false }),
+    { name: 'nbdcopy → null', command: (uri) => [nbdcopy, [uri, 'null:']], toNull: true },
+    writingAlone(await minimalOutputBytes(disk, 'raw')),
+  ];
+  const daemon = await startDaemon(path.join(run, 'qsd'), disk, { storage: st.storage, latency: st.latency, format: 'raw' });
+  const rows = [];
+  const size = opts.rawSize;
+  try {
+    await warm(disk);
+    // one untimed read of the whole export first (see benchFull)
+    await withAccess(daemon, path.join(run, 'fleece'), undefined, (dev) => execFileP(NODE, [CLI, 'copy', dev.nbdUri, '-', '--no-discard']));
+    for (let r = 0; r < opts.rounds; r++) {
+      for (const [i, c] of rotate(contenders, r).entries()) {
+        const out = path.join(run, 'out.raw');
+        await rmf(out);
+        await syncAll();
+        const row = await withAccess(daemon, path.join(run, 'fleece'), undefined, (dev) => measure(c, run, r + 1, i + 1, dev, out));
+        if (!c.toNull) row.allocated = allocated(out);
+        if (opts.verify && r === 0 && !c.toNull && !c.writeOnly) row.verify = await verify(out, disk, 'raw');
+        rows.push(row);
+        log(
+          `  round ${row.round} ${c.name.padEnd(24)} ${row.total.toFixed(2)} s (${(size / MiB / row.total).toFixed(0)} MiB/s)` +
+            ` rss ${(row.rssKiB / 1024).toFixed(0)} MiB cpu ${(row.user + row.sys).toFixed(2)} s` +
+            (row.summary?.seconds !== undefined ? ` [engine ${row.summary.seconds.toFixed(2)} s, ${row.summary.connections} conn, trimmed ${fmtMiB(row.summary.bytesTrimmed ?? 0)}]` : '') +
+            (row.verify ? ` ${row.verify}` : ''),
+        );
+        await rmf(out);
+      }
+    }
+  } finally {
+    await stopDaemon(daemon);
+  }
+  await rmf(run);
+  (report.raw ??= {})[cache] = { storage: st, size, rows, contenders: contenders.map((c) => c.name) };
+}
+
+/** The raw benchmark's section of the report (`core-raw`). */
+function renderRaw(opts, m, report, commandLine) {
+  const L = [];
+  const any = Object.values(report.raw)[0];
+  L.push('# The core on a raw disk', '');
+  L.push(`Generated by \`benchmarks/run.mjs\` on ${m.date}: \`${commandLine}\`. Machine, method and storage setups: as in the core's section above (same harness, same \`measure\`).`, '');
+  L.push(
+    `Disk: ${fmtSize(any.size)} raw sparse file from \`nbdkit sparse-random size=${any.size} percent=${opts.dataPercent} seed=3 runlength=4194304 random-content=true\` with \`qemu-img convert -O raw\` ` +
+      `(${opts.dataPercent}% random data in runs of ~4 MiB, holes unallocated), served by qemu-storage-daemon (\`driver=raw\` over \`driver=file\`) as node \`disk0\`. ` +
+      'Each run: a fresh snapshot-access export (`setupBackupAccess`: copy-before-write filter, qcow2 fleecing image), the contender copies it to a new sparse raw file, teardown. ' +
+      'Nothing writes the disk during a copy, so the fleecing image stays empty: the TRIMs of a copy with discard free nothing there. Throughput = disk size / time.',
+    '',
+  );
+  L.push('```');
+  L.push('ours:                node dist/cli/main.js copy URI OUT --json --discard           # our defaults (2 connections, 16 requests, 4 MiB reads) with discard on, as the provider runs it');
+  L.push('nbdcopy --flush:     nbdcopy --flush URI OUT');
+  L.push('ours --no-discard:   node dist/cli/main.js copy URI OUT --json --no-discard');
+  L.push('ours 1 MiB requests: ... --discard --max-request 1M          (ours 4 MiB requests: --max-request 4M)');
+  L.push('ours 1 connection:   ... --discard --connections 1           (2, 4 connections: --connections 2, 4)');
+  if (opts.candidate) L.push(`candidate:           node ${path.join(opts.candidate, 'dist/cli/main.js')} copy URI OUT --json --discard`);
+  L.push('ours → null:         node dist/cli/main.js copy URI - --json --discard       # reading and trimming alone, no output');
+  L.push('ours → null --no-discard: node dist/cli/main.js copy URI - --json --no-discard   # reading alone');
+  L.push('nbdcopy → null:      nbdcopy URI null:');
+  L.push(`${WRITE_ALONE}:    dd if=/dev/zero of=OUT bs=4M count=BYTES iflag=count_bytes oflag=direct conv=notrunc,fsync   # BYTES = what qemu-img convert's output allocates`);
+  L.push('```', '');
+  L.push('| storage | ours (discard) | nbdcopy --flush | ours / nbdcopy (goal >= 1.0x) | ours --no-discard | cost of discard (copy) | cost of discard (reading alone) | 1 MiB vs 4 MiB requests | connections 1 / 2 / 4 |', '|---|---|---|---|---|---|---|---|---|');
+  const t = (R, c) => stats(R.rows, c, (r) => r.total).median;
+  for (const [cache, R] of Object.entries(report.raw)) {
+    const ratio = t(R, 'nbdcopy --flush') / t(R, 'ours');
+    L.push(
+      `| ${cache} | ${f2(t(R, 'ours'))} s | ${f2(t(R, 'nbdcopy --flush'))} s | **${f2(ratio)}x** (per-round ${f2(pairedRatio(R.rows, 'nbdcopy --flush', 'ours', (r) => r.total))}x): ${ratio >= 1 ? 'met' : '**not met**'} | ` +
+        `${f2(t(R, 'ours --no-discard'))} s (${f2(t(R, 'nbdcopy --flush') / t(R, 'ours --no-discard'))}x nbdcopy) | ${f2(t(R, 'ours') - t(R, 'ours --no-discard'))} s (${f2(t(R, 'ours') / t(R, 'ours --no-discard'))}x) | ` +
+        `${f2(t(R, 'ours → null') - t(R, 'ours → null --no-discard'))} s (${f2(t(R, 'ours → null') / t(R, 'ours → null --no-discard'))}x) | ${f2(t(R, 'ours 1 MiB requests'))} / ${f2(t(R, 'ours 4 MiB requests'))} s | ` +
+        `${f2(t(R, 'ours 1 connection'))} / ${f2(t(R, 'ours 2 connections'))} / ${f2(t(R, 'ours 4 connections'))} s |`,
+    );
+  }
+  L.push('', '"Cost of discard" = the median with discard minus the median without (and their ratio); "reading alone" compares the two "→ null" contenders, which write nothing, so only the TRIMs differ.', '');
+  for (const [index, [cache, R]] of Object.entries(report.raw).entries()) {
+    L.push(`## R${'abcdefgh'[index]}. ${CACHE_TITLE[R.storage.storage]}${R.storage.latency ? ` (${R.storage.latency} per read and write)` : ''}`, '');
+    L.push('Seconds to a durable copy, per round:', '');
+    roundTable(L, R.rows, R.contenders);
+    L.push('| contender | median s | min–max s | median MiB/s | in engine (median s) | median CPU s | machine busy | median max RSS | trimmed | output allocated | round-1 check |');
+    L.push('|---|---|---|---|---|---|---|---|---|---|---|');
+    for (const c of R.contenders) {
+      const tt = stats(R.rows, c, (r) => r.total);
+      const first = R.rows.find((r) => r.name === c);
+      L.push(
+        `| ${c} | ${f2(tt.median)} | ${f2(tt.min)}–${f2(tt.max)} | ${f0(R.size / MiB / tt.median)} | ${first.summary?.seconds !== undefined ? f2(stats(R.rows, c, (r) => r.summary.seconds).median) : ''} | ` +
+          `${f2(stats(R.rows, c, (r) => r.user + r.sys).median)} | ${busyShare(R.rows, c, m.nproc)} | ${f0(stats(R.rows, c, (r) => r.rssKiB / 1024).median)} MiB | ` +
+          `${first.summary?.bytesTrimmed !== undefined ? fmtMiB(first.summary.bytesTrimmed) : ''} | ${first.toNull ? 'no output' : fmtMiB(first.allocated)} | ${first.verify ?? (first.toNull ? '' : first.writeOnly ? 'no input' : 'not checked')} |`,
+      );
+    }
+    L.push('');
+    const ceil = ceiling(R.rows, R.contenders, 'nbdcopy --flush');
+    L.push(ceilingLine(ceil, 1.0, 'nbdcopy --flush'));
+    if (R.storage.storage === 'direct') L.push(SHARED_DISK_NOTE);
+    const fastest = R.contenders.filter((c) => c.startsWith('ours') && !c.includes('null')).map((c) => [c, t(R, c)]).sort((a, b) => a[1] - b[1]);
+    L.push(`- our variants, fastest first (median s): ${fastest.map(([c, x]) => `${c} ${f2(x)}`).join(', ')}.`);
+    if (opts.candidate) L.push(`- candidate vs nbdcopy --flush: ${f2(t(R, 'nbdcopy --flush') / t(R, 'candidate'))}x; candidate vs ours: ${f2(t(R, 'ours') / t(R, 'candidate'))}x.`);
+    L.push('');
+  }
+  return L.join('\n') + '\n';
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -824,6 +1002,13 @@ function render(opts, m, report, loadAfter, commandLine) {
     L.push(`| 2. incremental ${fmtSize(I.size)}, ${opts.dirtyPercent}% dirty | ${cache} | ${f0(x.ours)} MiB/s | seed ${f0(x.seed)} MiB/s | ${f2(x.ratio)}x | ${f2(x.paired)}x | ${f2(x.ceiling.read)}x / ${f2(x.ceiling.write)}x / ${f2(x.ceiling.both)}x | >= 5x | ${x.ratio >= 5 ? 'yes' : '**no**'} |`);
   }
   for (const [cache, F] of Object.entries(report.full ?? {})) {
+    if (!F.contenders.includes('ours --discard')) continue;
+    // issue 15: the core with its defaults, discard on, >= 1.0x nbdcopy --flush
+    const t = (c) => stats(F.rows, c, (r) => r.total).median;
+    const d = t('nbdcopy --flush') / t('ours --discard');
+    L.push(`| 5. full ${fmtSize(F.size)} qcow2 disk, discard on, vs nbdcopy --flush | ${cache} | ${f0(F.size / MiB / t('ours --discard'))} MiB/s | nbdcopy --flush ${f0(F.size / MiB / t('nbdcopy --flush'))} MiB/s | ${f2(d)}x | ${f2(pairedRatio(F.rows, 'nbdcopy --flush', 'ours --discard', (r) => r.total))}x | | >= 1.0x | ${d >= 1 ? 'yes' : '**no**'} |`);
+  }
+  for (const [cache, F] of Object.entries(report.full ?? {})) {
     if (!F.contenders.includes('ours qcow2')) continue;
     // issue 5: writing qcow2 costs at most 10% throughput against the raw sink
     const t = (c) => stats(F.rows, c, (r) => r.total).median;
@@ -872,6 +1057,8 @@ function render(opts, m, report, loadAfter, commandLine) {
     if (opts.candidate) L.push(`candidate:   node ${path.join(opts.candidate, 'dist/cli/main.js')} copy URI OUT --json --no-discard`);
     L.push('nbdcopy:     nbdcopy URI OUT                                             # defaults: 4 connections (multi-conn), 64 requests x 256 KiB');
     L.push('qemu-img:    qemu-img convert -f raw -O raw URI OUT');
+    L.push('ours --discard:  node dist/cli/main.js copy URI OUT --json --discard   # our defaults with discard on, as the provider runs it (issue 15)');
+    L.push('nbdcopy --flush: nbdcopy --flush URI OUT');
     L.push('ours → null: node dist/cli/main.js copy URI - --json --no-discard        # reading alone: the same reads, no output');
     L.push('nbdcopy → null: nbdcopy URI null:');
     L.push(`${WRITE_ALONE}: dd if=/dev/zero of=OUT bs=4M count=BYTES iflag=count_bytes oflag=direct conv=notrunc,fsync   # BYTES = what qemu-img convert's output allocates`);
@@ -893,6 +1080,10 @@ function render(opts, m, report, loadAfter, commandLine) {
       L.push('');
       const x = fullFacts(F);
       L.push(`- ours vs nbdcopy: **${f2(x.ratio)}x** nbdcopy's throughput (median of per-round ratios ${f2(x.paired)}x). Goal >= 1.2x: **${x.ratio >= 1.2 ? 'met' : 'not met'}**.`);
+      if (F.contenders.includes('ours --discard')) {
+        const d = stats(F.rows, 'nbdcopy --flush', (r) => r.total).median / stats(F.rows, 'ours --discard', (r) => r.total).median;
+        L.push(`- ours with discard on vs nbdcopy --flush (issue 15): **${f2(d)}x** (per-round ${f2(pairedRatio(F.rows, 'nbdcopy --flush', 'ours --discard', (r) => r.total))}x). Goal >= 1.0x: **${d >= 1 ? 'met' : 'not met'}**.`);
+      }
       L.push(`- ours vs qemu-img convert: ${f2(stats(F.rows, 'qemu-img', (r) => r.total).median / stats(F.rows, 'ours', (r) => r.total).median)}x (per-round ${f2(pairedRatio(F.rows, 'qemu-img', 'ours', (r) => r.total))}x).`);
       const settings = F.contenders.filter((c) => /^ours( \d+x\d+)?$/.test(c));
       const best = settings.map((c) => [c, stats(F.rows, c, (r) => r.total).median]).sort((a, b) => a[1] - b[1]);
@@ -968,7 +1159,8 @@ function render(opts, m, report, loadAfter, commandLine) {
   L.push('## How to run', '');
   L.push('```');
   L.push('npm run build                         # native addon + dist/');
-  L.push('npm run bench                         # everything at full size (2 GiB / 4 GiB, 5 rounds, storages cached, direct, remote 1ms and 5ms), writes benchmarks/RESULTS.md');
+  L.push('npm run bench                         # everything at full size (2 GiB / 4 GiB / 2 GiB raw, 5 rounds, storages cached, direct, remote 1ms and 5ms; raw: cached), writes benchmarks/RESULTS.md');
+  L.push('npm run bench -- --only raw           # the raw disk alone (section core-raw)');
   L.push('npm run bench -- --quick              # smoke run, < 1 min, writes benchmarks/work/RESULTS-quick.md');
   L.push('npm run bench -- --only full --storage cached --rounds 7 --settings 1x8,1x16,4x8');
   L.push('npm run bench -- --candidate ../other-checkout   # A/B another build of the core');
@@ -1016,17 +1208,24 @@ async function main() {
       if (opts.only.includes('full')) await benchFull(opts, report, st);
       if (opts.only.includes('incremental')) await benchIncremental(opts, report, st);
     }
+    if (opts.only.includes('raw')) for (const st of opts.rawStorages) await benchRaw(opts, report, st);
   } finally {
     await stopDaemons();
     if (opts.clean) await rmf(path.join(opts.work, 'images'));
   }
   const commandLine = ['node benchmarks/run.mjs', ...process.argv.slice(2).map((a) => (/[\s"'$]/.test(a) ? JSON.stringify(a) : a))].join(' ');
   const loadAfter = os.loadavg().map((x) => x.toFixed(2)).join(' ');
-  const text = render(opts, m, report, loadAfter, commandLine);
   await fs.mkdir(path.dirname(opts.results), { recursive: true });
-  // only the core's section: the whole-stack report (provider.mjs) lives in the same file
-  await writeSection(opts.results, 'core', text);
-  await fs.writeFile(opts.results.replace(/\.md$/, '') + '.json', JSON.stringify({ opts, machine: m, report, loadAfter, commandLine }, null, 1));
+  // only this benchmark's sections: the whole-stack reports (provider.mjs, restore.mjs) live in the same file
+  const { raw, ...core } = report;
+  if (core.full || core.incremental) {
+    await writeSection(opts.results, 'core', render(opts, m, core, loadAfter, commandLine));
+    await fs.writeFile(opts.results.replace(/\.md$/, '') + '.json', JSON.stringify({ opts, machine: m, report: core, loadAfter, commandLine }, null, 1));
+  }
+  if (raw) {
+    await writeSection(opts.results, 'core-raw', renderRaw(opts, m, { raw }, commandLine));
+    await fs.writeFile(opts.results.replace(/\.md$/, '') + '-raw.json', JSON.stringify({ opts, machine: m, report: { raw }, loadAfter, commandLine }, null, 1));
+  }
   log(`\nbench: done in ${((Date.now() - started) / 1000).toFixed(0)} s; wrote ${path.relative(process.cwd(), opts.results)}`);
   return 0;
 }
