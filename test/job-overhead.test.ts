@@ -9,8 +9,10 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { runBackupJob, type VmGuest } from '../lib/index.js';
 import { QmpClient } from '../lib/qmp/client.js';
 import { GUEST_STEPS } from '../lib/job/steps.js';
+import { setupBackupAccess, teardownBackupAccess } from '../lib/qemu/backup-access.js';
+import { currentOwner } from '../lib/owner.js';
 import { closePeers, proxmoxPeer } from './helpers/proxmox-peer.js';
-import { startVm, stopAll, tempDir, vmWrite } from './helpers/qemu.js';
+import { startStorageDaemon, startVm, stopAll, tempDir, vmWrite } from './helpers/qemu.js';
 import { RecordingProviderV2 } from './helpers/recording-provider.js';
 
 const MiB = 2 ** 20;
@@ -157,5 +159,23 @@ describe('step times of a guest backup', () => {
     expect(r.guests[0]!.error).toBeUndefined();
     expect(Object.keys(steps).sort()).toEqual(['finish', 'prepare', 'provider', 'task-log', 'total']);
     expect(GUEST_STEPS.reduce((a, s) => a + (steps[s] ?? 0), 0)).toBeLessThanOrEqual(steps.total + 0.01);
+  });
+});
+
+describe('the access record in QEMU', () => {
+  it('is written compressed (QEMU reads a command byte by byte), and a plain JSON record of an earlier version is still read', async () => {
+    const q = await startStorageDaemon();
+    const fleece = await tempDir();
+    // an earlier version's record (plain JSON) of an access whose owner is gone: found and removed
+    const gone = { ...currentOwner(), pid: 2 ** 22 + 1, start: '1' };
+    const old = { v: 1, targetId: 'snapshot-access:old', backend: 'upstream', socketPath: '/nonexistent/nbd.sock', ownNbd: false, devices: [], owner: gone };
+    await q.qmp.execute('object-add', { 'qom-type': 'secret', id: 'pvebp-access', format: 'raw', data: JSON.stringify(old) });
+    const a = await setupBackupAccess(q.qmp, { targetId: 'snapshot-access:store1', bitmap: 'store1', devices: ['disk0'], fleecing: { dir: fleece }, nbdServer: { path: q.nbdPath! } });
+    expect(a.recovered).toEqual([`access for target 'snapshot-access:old' () left by pid ${2 ** 22 + 1} on ${gone.host}`]);
+    const data = await q.qmp.execute<string>('qom-get', { path: '/objects/pvebp-access', property: 'data' });
+    expect(data.startsWith('z:')).toBe(true);
+    expect(data.length).toBeLessThan(600);
+    await teardownBackupAccess(q.qmp, { targetId: 'snapshot-access:store1', success: true });
+    await expect(q.qmp.execute('qom-get', { path: '/objects/pvebp-access', property: 'data' })).rejects.toMatchObject({ code: 'ERR_QMP' });
   });
 });
