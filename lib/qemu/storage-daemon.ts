@@ -228,13 +228,15 @@ export async function startFuseExport(image: string, format: 'qcow2' | 'raw', op
   };
   try {
     const deadline = Date.now() + 20_000;
+    let step = 1; // as connectStartingQemu: soon, then less and less often
     while (!(await isMountPoint(path))) {
       if (child.exitCode !== null || child.signalCode !== null) {
         const text = await readFile(log, 'utf8').catch(() => '');
         throw new QemuStartError('qemu-storage-daemon', `qemu-storage-daemon exited before it mounted ${image}: ${text.trim()}`);
       }
       if (Date.now() > deadline) throw new QemuStartError('qemu-storage-daemon', `qemu-storage-daemon did not mount ${image} within 20 s`);
-      await sleep(20);
+      await sleep(step);
+      step = Math.min(20, step * 1.5);
     }
     return { path, stop };
   } catch (err) {
