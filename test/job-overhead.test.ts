@@ -4,6 +4,9 @@
  * scripted Proxmox QMP peer (`backup-access-setup`), and the per-guest step times the job result
  * carries.
  */
+import { execFileSync, spawnSync } from 'node:child_process';
+import path from 'node:path';
+
 import { afterEach, describe, expect, it } from 'vitest';
 
 import { runBackupJob, type VmGuest } from '../lib/index.js';
@@ -148,6 +151,19 @@ describe('step times of a guest backup', () => {
       expect(g.log.at(-1)).toMatch(/INFO: step times: prepare [\d.]+ ms, qmp-connect [\d.]+ ms, setup [\d.]+ ms, bitmap-query [\d.]+ ms, provider [\d.]+ ms, teardown [\d.]+ ms, finish [\d.]+ ms, total [\d.]+ ms$/);
       console.log(`step times (ms), ${round} backup of an 8 MiB disk on qemu-system-x86_64 -S:`, JSON.stringify(steps));
     }
+  });
+
+  it('backup --json (a stopped VM: qemu-storage-daemon started in qmp-connect) prints them', async () => {
+    const dir = await tempDir();
+    const disk = path.join(dir, 'disk0.qcow2');
+    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', disk, String(8 * MiB)]);
+    execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x11 0 1M', disk]);
+    const cli = path.join(import.meta.dirname, '..', 'dist', 'cli', 'main.js');
+    const r = spawnSync(process.execPath, [cli, 'backup', '--store', path.join(dir, 'store'), '--vmid', '100', '--disk', `disk0=${disk}`, '--json'], { encoding: 'utf8' });
+    expect(r.status, r.stderr).toBe(0);
+    const steps = (JSON.parse(r.stdout) as { steps: Record<string, number> }).steps;
+    expect(Object.keys(steps).sort()).toEqual([...GUEST_STEPS, 'total'].sort());
+    expect(steps['qmp-connect']).toBeGreaterThan(0);
   });
 
   it('a container backup has its steps too, without the QEMU ones', async () => {
