@@ -85,6 +85,7 @@ export { runBackupJob } from './job/runner.js';
 export { expandNotesTemplate } from './job/storage-hooks.js';
 export { restoreVm, restoreContainer, extractConfig, type RestoreVmOptions, type RestoreVmResult, type RestoreContainerOptions, type RestoreContainerResult, type ConvertProgress } from './job/restore.js';
 export type { RunBackupJobOptions, BackupJobResult, GuestOutcome, Guest, VmGuest, ContainerGuest } from './job/types.js';
+export { GUEST_STEPS, type GuestStep, type GuestStepTimes } from './job/steps.js';
 
 // QMP and guest agent clients (lib/qmp), backup access on any QEMU (lib/qemu)
 export * from './qmp/index.js';

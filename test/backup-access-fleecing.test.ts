@@ -10,6 +10,7 @@ import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 
 import { QmpClient } from '../lib/qmp/client.js';
+import { createFleecingImage } from '../lib/qemu/fleecing.js';
 import { nbdRead, nbdWrite, startStorageDaemon, stopAll, tempDir } from './helpers/qemu.js';
 
 const CLI = path.join(import.meta.dirname, '..', 'dist', 'cli', 'main.js');
@@ -98,4 +99,26 @@ describe('backup --fleecing-dir (qemu-storage-daemon, command line)', () => {
     expect(r.code, r.stderr).toBe(0);
     expect(await fs.readdir(fleece)).toEqual([]);
   }, 60_000);
+});
+
+describe('fleecing images written without qemu-img', () => {
+  it('are qcow2 images qemu-img checks clean at any disk size, which QEMU writes and reads back', async () => {
+    const dir = await tempDir();
+    for (const size of [MiB + 512, 8 * MiB, 2 ** 30 + 512, 2 ** 40, 8 * 2 ** 40 + 64 * 1024]) {
+      const file = path.join(dir, `fl-${size}.qcow2`);
+      await createFleecingImage('disk0', file, 'qcow2', size);
+      expect((await fs.stat(file)).mode & 0o777).toBe(0o600);
+      const info = JSON.parse(execFileSync('qemu-img', ['info', '--output=json', file], { encoding: 'utf8' })) as Record<string, unknown>;
+      expect(info).toMatchObject({ format: 'qcow2', 'virtual-size': size, 'cluster-size': 65536, 'format-specific': { data: { compat: '1.1', 'refcount-bits': 16 } } });
+      expect(execFileSync('qemu-img', ['check', file], { encoding: 'utf8' })).toMatch(/No errors were found on the image/);
+      // QEMU allocates in it (first and last cluster), reads back, and leaves it consistent
+      const last = size - 512;
+      execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x5a 0 512', '-c', `write -P 0xa5 ${last} 512`, file]);
+      const out = execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'read -P 0x5a 0 512', '-c', `read -P 0xa5 ${last} 512`, '-c', 'read -P 0 65536 512', file], { encoding: 'utf8' });
+      expect(out).not.toMatch(/Pattern verification failed/);
+      expect(execFileSync('qemu-img', ['check', file], { encoding: 'utf8' })).toMatch(/No errors were found on the image/);
+    }
+    await expect(createFleecingImage('disk0', path.join(dir, 'odd.qcow2'), 'qcow2', 1000)).rejects.toMatchObject({ code: 'ERR_BACKUP_ACCESS', device: 'disk0' });
+    expect((await fs.readdir(dir)).filter((f) => f.startsWith('odd'))).toEqual([]);
+  });
 });

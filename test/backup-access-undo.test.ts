@@ -182,7 +182,7 @@ describe('setup undoes every step when one fails', () => {
       () => undefined,
       (e: unknown) => e,
     );
-    expect(err).toMatchObject({ code: 'ERR_BACKUP_ACCESS', device: 'disk0', message: expect.stringMatching(/^disk0: creating fleecing image .* failed: .*No space left on device/) });
+    expect(err).toMatchObject({ code: 'ERR_BACKUP_ACCESS', device: 'disk0', message: expect.stringMatching(/^disk0: creating fleecing image .* failed: .*No space left on device/i) });
     expect(await qemuState(q.qmp)).toEqual(before);
     expect(await fs.readdir(fleece)).toEqual(['filler']);
   });

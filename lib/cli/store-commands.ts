@@ -237,7 +237,7 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
         throw new BackupFailedError(vmid, guest.type, g.error);
       }
       const info = (await store.listBackups(vmid)).find((b) => b.volname === g.volname);
-      if (json) console.log(JSON.stringify({ ...info, warnings: g.warnings }, null, 2));
+      if (json) console.log(JSON.stringify({ ...info, warnings: g.warnings, steps: g.steps }, null, 2)); // steps: ms per step (GuestStepTimes)
       else console.log(`${info?.volid}: ${info?.format}, ${formatBytes(info?.size ?? 0)}${info?.parent ? `, incremental over ${info.parent}` : ', full'}`);
     });
 

@@ -7,7 +7,7 @@
 import { NbdClient } from '../nbd/client.js';
 import { markSnapshotExport } from '../nbd/snapshot-exports.js';
 import { explainFleecingFailure, setupBackupAccess, teardownBackupAccess } from '../qemu/backup-access.js';
-import { bitmapDirtyBytes, dropDeviceBitmap, resolveDevices } from '../qemu/devices.js';
+import { bitmapsDirtyBytes, dropDeviceBitmap, resolveDevicesWithInfo } from '../qemu/devices.js';
 import { storageTargetId } from '../qemu/names.js';
 import { openQemuTarget } from '../qemu/qemu-target.js';
 import type { BackupAccessDevice } from '../qemu/types.js';
@@ -17,6 +17,7 @@ import { dirtyRegions } from '../provider/dirty-regions.js';
 import { formatBytes } from '../format.js';
 import { raceAbort, settleOnAbort, toError } from './abort.js';
 import type { JobContext } from './context.js';
+import type { StepTimer } from './steps.js';
 import type { TaskLog } from './task-log.js';
 import type { VmGuest } from './types.js';
 
@@ -53,46 +54,55 @@ export async function backupVmGuest(
   mechanism: 'nbd' | 'file-handle',
   providerBitmapId: string | undefined,
   archiveName: string,
+  timer: StepTimer,
 ): Promise<void> {
   const { opts, driver } = ctx;
-  const target = await openQemuTarget(guest, gdir);
+  const target = await timer.time('qmp-connect', () => openQemuTarget(guest, gdir));
   let qga: GuestAgentClient | undefined;
   try {
     if (target.started) tlog.info(`VM ${guest.vmid} is not running: serving its disks with qemu-storage-daemon for the backup`);
-    const sources = await resolveDevices(target.qmp, target.devices);
+    // One lookup of QEMU's devices and nodes for the job: the sizes the provider is told, the
+    // bitmaps dropped below, and backup access setup (handed on as blockInfo) all read it.
+    const { devices: sources, info: blockInfo } = await timer.time('setup', () => resolveDevicesWithInfo(target.qmp, target.devices));
     const sizes: Record<string, number> = {};
     for (const s of sources) {
       sizes[s.device] = s.size;
       tlog.info(`include disk '${s.device}' ${formatBytes(s.size)}`);
     }
-    const plan = await raceAbort(driver.vmBitmapPlan(guest.vmid, providerBitmapId, sizes, opts.storeid), ctx.signal);
     const targetId = storageTargetId(opts.storeid);
     const forced: Record<string, 'new' | 'none' | undefined> = {};
-    if (plan.bitmapId) {
-      for (const s of sources) {
-        const want = plan.devices[s.device];
-        if (want === 'use') continue;
-        forced[s.device] = want === 'new' ? 'new' : 'none';
-        await dropDeviceBitmap(target.qmp, s, targetId, plan.bitmapId);
+    const plan = await timer.time('bitmap-query', async () => {
+      const p = await raceAbort(driver.vmBitmapPlan(guest.vmid, providerBitmapId, sizes, opts.storeid), ctx.signal);
+      if (p.bitmapId) {
+        for (const s of sources) {
+          const want = p.devices[s.device];
+          if (want === 'use') continue;
+          forced[s.device] = want === 'new' ? 'new' : 'none';
+          await dropDeviceBitmap(target.qmp, s, targetId, p.bitmapId); // keeps blockInfo true
+        }
       }
-    }
-    if (guest.qga) {
-      try {
-        qga = await GuestAgentClient.connect(guest.qga, { timeoutMs: 5000 });
-        tlog.info("issuing guest-agent 'fs-freeze' command");
-      } catch (err) {
-        tlog.warn(`skipping guest-agent 'fs-freeze', agent configured but not running? (${toError(err).message})`);
+      return p;
+    });
+    const access = await timer.time('setup', async () => {
+      if (guest.qga) {
+        try {
+          qga = await GuestAgentClient.connect(guest.qga, { timeoutMs: 5000 });
+          tlog.info("issuing guest-agent 'fs-freeze' command");
+        } catch (err) {
+          tlog.warn(`skipping guest-agent 'fs-freeze', agent configured but not running? (${toError(err).message})`);
+        }
       }
-    }
-    ctx.signal.throwIfAborted();
-    const access = await setupBackupAccess(target.qmp, {
-      targetId,
-      devices: target.devices,
-      ...(plan.bitmapId ? { bitmap: plan.bitmapId, bitmapModes: plan.devices } : {}),
-      fleecing: { dir: opts.fleecing?.dir ?? gdir, format: opts.fleecing?.format ?? 'qcow2' },
-      ...(qga ? { qga } : {}),
-      ...(target.nbdServer ? { nbdServer: target.nbdServer } : {}),
-      ...(opts.backend ? { backend: opts.backend } : {}),
+      ctx.signal.throwIfAborted();
+      return setupBackupAccess(target.qmp, {
+        targetId,
+        devices: target.devices,
+        ...(plan.bitmapId ? { bitmap: plan.bitmapId, bitmapModes: plan.devices } : {}),
+        fleecing: { dir: opts.fleecing?.dir ?? gdir, format: opts.fleecing?.format ?? 'qcow2' },
+        ...(qga ? { qga } : {}),
+        ...(target.nbdServer ? { nbdServer: target.nbdServer } : {}),
+        ...(opts.backend ? { backend: opts.backend } : {}),
+        blockInfo,
+      });
     });
     if (qga) tlog.info("issuing guest-agent 'fs-thaw' command");
     for (const r of access.recovered ?? []) tlog.warn(`removed a stale backup access: ${r}`);
@@ -103,14 +113,16 @@ export async function backupVmGuest(
     // while the provider reads them, these exports are known fleecing snapshots (helpers discard there)
     const unmark = access.devices.map((d) => markSnapshotExport(d.nbdUri));
     try {
+      // QEMU's count of the frozen bitmaps' dirty bytes, for the log: one query for every device.
+      const used = access.devices.filter((d) => d.bitmapAction === 'used' && d.bitmapName && d.bitmapNode);
+      const counts = await timer.time('bitmap-query', () =>
+        bitmapsDirtyBytes(target.qmp, used.map((d) => ({ node: d.bitmapNode!, name: d.bitmapName! }))).catch(() => [] as Array<number | undefined>),
+      );
+      const dirtyOf = new Map(used.map((d, i) => [d.device, counts[i]]));
       const volumes: DriverVolume[] = [];
       for (const d of access.devices) {
         const f = forced[d.device];
-        let dirty: number | undefined;
-        if (d.bitmapAction === 'used' && d.bitmapName && d.bitmapNode) {
-          dirty = await bitmapDirtyBytes(target.qmp, { node: d.bitmapNode, name: d.bitmapName }).catch(() => undefined);
-        }
-        const status = bitmapStatus(d, f, dirty);
+        const status = bitmapStatus(d, f, dirtyOf.get(d.device));
         if (status) tlog.info(status);
         const noBitmap = f === 'none';
         const v: DriverVolume = {
@@ -136,7 +148,7 @@ export async function backupVmGuest(
         volumes.push(v);
       }
       try {
-        await settleOnAbort(
+        await timer.time('provider', () => settleOnAbort(
           driver.backupVm(guest.vmid, {
             config: guest.config,
             firewallConfig: guest.firewallConfig,
@@ -147,7 +159,7 @@ export async function backupVmGuest(
             signal: ctx.signal,
           }),
           ctx.signal,
-        );
+        ));
       } catch (err) {
         // A full fleecing image shows only as refused reads: say so (before teardown removes the image).
         throw (await explainFleecingFailure(target.qmp, targetId, err)) ?? err;
@@ -159,7 +171,7 @@ export async function backupVmGuest(
       for (const it of iterators) await it.return(undefined).catch(() => undefined);
       for (const c of clients) await c.close().catch(() => undefined);
       try {
-        await teardownBackupAccess(target.qmp, { targetId, success });
+        await timer.time('teardown', () => teardownBackupAccess(target.qmp, { targetId, success }));
         tlog.info(`backup access torn down (${success ? 'success' : 'failure'})`);
       } catch (err) {
         if (success) throw err;
@@ -167,7 +179,9 @@ export async function backupVmGuest(
       }
     }
   } finally {
-    await qga?.close().catch(() => undefined);
-    await target.close();
+    await timer.time('teardown', async () => {
+      await qga?.close().catch(() => undefined);
+      await target.close();
+    });
   }
 }

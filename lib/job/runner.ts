@@ -22,6 +22,7 @@ import { backupContainerGuest } from './backup-container.js';
 import { backupVmGuest } from './backup-vm.js';
 import type { JobContext } from './context.js';
 import { constructProvider, validateJobOptions } from './options.js';
+import { StepTimer } from './steps.js';
 import { applyStorageHooks } from './storage-hooks.js';
 import { TaskLog } from './task-log.js';
 import type { BackupJobResult, Guest, GuestOutcome, RunBackupJobOptions } from './types.js';
@@ -174,10 +175,14 @@ async function backupGuest(ctx: JobContext, guest: Guest): Promise<{ outcome: Gu
   const vmtype: GuestType = guest.type;
   const started = unix();
   const t0 = Date.now();
-  for (const dir of await removeStaleGuestDirs(ctx.tmpdir)) ctx.jobLog('info', `removed ${dir}, left by a backup that was killed`);
-  const gdir = await mkdtemp(path.join(ctx.tmpdir, `vzdump-${vmtype}-${guest.vmid}-`));
-  // So that a later run can remove this folder should this process be killed before its cleanup.
-  await writeFile(path.join(gdir, OWNER_FILE), JSON.stringify(currentOwner()));
+  const timer = new StepTimer();
+  const gdir = await timer.time('prepare', async () => {
+    for (const dir of await removeStaleGuestDirs(ctx.tmpdir)) ctx.jobLog('info', `removed ${dir}, left by a backup that was killed`);
+    const dir = await mkdtemp(path.join(ctx.tmpdir, `vzdump-${vmtype}-${guest.vmid}-`));
+    // So that a later run can remove this folder should this process be killed before its cleanup.
+    await writeFile(path.join(dir, OWNER_FILE), JSON.stringify(currentOwner()));
+    return dir;
+  });
   const logPath = opts.logDir ? path.join(opts.logDir, `task-${vmtype}-${guest.vmid}-${started}.log`) : path.join(gdir, 'task.log');
   const tlog = new TaskLog(logPath, ctx.jobLog);
   ctx.setCurrent(tlog);
@@ -186,21 +191,24 @@ async function backupGuest(ctx: JobContext, guest: Guest): Promise<{ outcome: Gu
   try {
     tlog.info(`Starting Backup of ${vmtype === 'qemu' ? 'VM' : 'CT'} ${guest.vmid} (${vmtype})`);
     tlog.info(`Backup started at ${new Date(started * 1000).toISOString()}`);
-    outcome.archiveName = await raceAbort(driver.backupStart(guest.vmid, vmtype, ctx.startTime), ctx.signal);
-    outcome.volname = driver.volname(outcome.archiveName);
-    tlog.info(`creating backup '${outcome.archiveName}' with provider '${ctx.providerName}'`);
-    const base = vmtype === 'qemu' ? 'qemu-server' : 'pct';
-    const configFile = path.join(gdir, `${base}.conf`);
-    await writeFile(configFile, guest.config);
-    let firewallFile: string | undefined;
-    if (guest.firewallConfig !== undefined) {
-      firewallFile = path.join(gdir, `${base}.fw`);
-      await writeFile(firewallFile, guest.firewallConfig);
-    }
-    await raceAbort(driver.backupConfigs(guest.vmid, { configFile, firewallFile }), ctx.signal);
-    const { mechanism, bitmapId } = await raceAbort(driver.backupMechanism(guest.vmid, vmtype), ctx.signal);
-    if (guest.type === 'qemu') await backupVmGuest(ctx, guest, tlog, gdir, mechanism as 'nbd' | 'file-handle', bitmapId, outcome.archiveName);
-    else await backupContainerGuest(ctx, guest, tlog, outcome.archiveName);
+    const archiveName = await timer.time('prepare', () => raceAbort(driver.backupStart(guest.vmid, vmtype, ctx.startTime), ctx.signal));
+    outcome.archiveName = archiveName;
+    outcome.volname = driver.volname(archiveName);
+    tlog.info(`creating backup '${archiveName}' with provider '${ctx.providerName}'`);
+    const { mechanism, bitmapId } = await timer.time('prepare', async () => {
+      const base = vmtype === 'qemu' ? 'qemu-server' : 'pct';
+      const configFile = path.join(gdir, `${base}.conf`);
+      await writeFile(configFile, guest.config);
+      let firewallFile: string | undefined;
+      if (guest.firewallConfig !== undefined) {
+        firewallFile = path.join(gdir, `${base}.fw`);
+        await writeFile(firewallFile, guest.firewallConfig);
+      }
+      await raceAbort(driver.backupConfigs(guest.vmid, { configFile, firewallFile }), ctx.signal);
+      return raceAbort(driver.backupMechanism(guest.vmid, vmtype), ctx.signal);
+    });
+    if (guest.type === 'qemu') await backupVmGuest(ctx, guest, tlog, gdir, mechanism as 'nbd' | 'file-handle', bitmapId, archiveName, timer);
+    else await timer.time('provider', () => backupContainerGuest(ctx, guest, tlog, archiveName));
   } catch (err) {
     error = toError(err);
   }
@@ -209,17 +217,18 @@ async function backupGuest(ctx: JobContext, guest: Guest): Promise<{ outcome: Gu
   // archive: notes, protected, prune, then backup_cleanup(..., 1, {}); any of these dying (notes
   // only warn) fails the guest, and the error path then calls backup_cleanup(..., 0, { error }),
   // a second call when the first one died.
-  if (!error && outcome.volname) {
+  const { volname } = outcome;
+  if (!error && volname) {
     try {
       // the storage plugin gets "backup/<archive-name>" (update_volume_attribute, prune_backups)
-      await applyStorageHooks(ctx, guest, tlog, outcome.volname);
+      await timer.time('finish', () => applyStorageHooks(ctx, guest, tlog, volname));
     } catch (err) {
       error = toError(err);
     }
   }
   if (!error) {
     try {
-      const { size } = await driver.backupFinish(guest.vmid, vmtype, {});
+      const { size } = await timer.time('finish', () => driver.backupFinish(guest.vmid, vmtype, {}));
       if (size !== undefined) {
         outcome.size = size;
         tlog.info(`backup size: ${formatBytes(size)}`);
@@ -231,16 +240,17 @@ async function backupGuest(ctx: JobContext, guest: Guest): Promise<{ outcome: Gu
   if (error) {
     tlog.err(`Backup of ${what} failed - ${error.message}`);
     try {
-      await driver.backupFinish(guest.vmid, vmtype, { error });
+      await timer.time('finish', () => driver.backupFinish(guest.vmid, vmtype, { error }));
     } catch (err) {
       // upstream: eval { backup_cleanup(..., 0, ...) }; debugmsg('warn', ...)
       tlog.warn(`backup cleanup for external provider failed - ${toError(err).message}`);
     }
   }
   if (!error) tlog.info(`Finished Backup of ${what} (${formatDuration(Date.now() - t0)})`);
+  tlog.info(timer.line());
   let logFileError: Error | undefined;
   try {
-    await driver.handleLogFile(guest.vmid, logPath);
+    await timer.time('task-log', () => driver.handleLogFile(guest.vmid, logPath));
   } catch (err) {
     logFileError = toError(err);
     tlog.err(`handling the task log file failed: ${logFileError.message}`);
@@ -253,6 +263,7 @@ async function backupGuest(ctx: JobContext, guest: Guest): Promise<{ outcome: Gu
   outcome.log = [...tlog.lines];
   if (opts.logDir) outcome.logFile = logPath;
   outcome.endTime = unix();
+  outcome.steps = timer.times();
   return logFileError ? { outcome, logFileError } : { outcome };
 }
 

@@ -5,6 +5,9 @@
  */
 import type { QmpClient } from '../qmp/client.js';
 import type { BackupProvider, GuestType, IdMapEntry, LogFunction, ProviderFactory, PruneOptions } from '../provider/api.js';
+import type { GuestStepTimes } from './steps.js';
+
+export type { GuestStep, GuestStepTimes } from './steps.js';
 
 /** A VM to back up. */
 export interface VmGuest {
@@ -123,6 +126,12 @@ export interface GuestOutcome {
   /** Unix times (s). */
   startTime?: number;
   endTime?: number;
+  /**
+   * Where the guest's backup spent its time: milliseconds per step reached (`prepare`,
+   * `qmp-connect`, `setup`, `bitmap-query`, `provider`, `teardown`, `finish`, `task-log`; see
+   * `GUEST_STEPS`) and `total`. Present once the guest started (absent for a skipped guest).
+   */
+  steps?: GuestStepTimes;
 }
 
 /** Result of {@link runBackupJob}. */

@@ -91,13 +91,16 @@ export async function setupBackupAccess(qmp: QmpClient, opts: SetupBackupAccessO
   // (the backend then refuses with ERR_BACKUP_ACCESS_ACTIVE).
   const stale = await readState(qmp);
   const recovered = stale && ownerIsDead(stale.owner) ? await recoverBackupAccess(qmp) : [];
+  // What the backends would read again: the record just read (gone once recovered), and the
+  // caller's block lookup unless the recovery changed the nodes and bitmaps since.
+  const known = recovered.length > 0 ? { state: undefined } : { state: stale, ...(opts.blockInfo ? { blockInfo: opts.blockInfo } : {}) };
 
   const sock = existingNbd ? undefined : await makeSocketDir(opts.socketDir);
   const socket = sock
     ? ({ ownNbd: true, socketPath: sock.socketPath, socketDir: sock.dir } as const)
     : ({ ownNbd: false, socketPath: existingNbd! } as const);
   try {
-    const input = { targetId, devices, bitmap, bitmapModes: opts.bitmapModes, fleecingDir, fleecingFormat: format, qga: opts.qga, socket };
+    const input = { targetId, devices, bitmap, bitmapModes: opts.bitmapModes, fleecingDir, fleecingFormat: format, qga: opts.qga, socket, known };
     // Both backends report the same facts per device, under their own names.
     const reported =
       backend === 'upstream'

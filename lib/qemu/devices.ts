@@ -45,12 +45,28 @@ function qdevPathOf(b: QmpBlockInfo): string | undefined {
 
 /** The node the guest device at QOM path `qdevPath` (a `qdev` {@link ResolvedDevice.parent}) reads from now, if any. */
 export async function nodeOfGuestDevice(qmp: QmpClient, qdevPath: string): Promise<string | undefined> {
-  return (await queryBlock(qmp)).find((b) => qdevPathOf(b) === qdevPath)?.inserted?.['node-name'];
+  return nodeOfGuestDeviceIn(await queryBlock(qmp), qdevPath);
+}
+
+/** {@link nodeOfGuestDevice} in a `query-block` answer the caller has. */
+export function nodeOfGuestDeviceIn(blocks: QmpBlockInfo[], qdevPath: string): string | undefined {
+  return blocks.find((b) => qdevPathOf(b) === qdevPath)?.inserted?.['node-name'];
 }
 
 /** The qdev id (`virtio0`) of a block backend's guest device, when it has one. */
 function qdevIdOf(b: QmpBlockInfo): string | undefined {
   return /^\/machine\/peripheral\/([^/]+)(\/|$)/.exec(b.qdev ?? '')?.[1];
+}
+
+/**
+ * QEMU's block devices and named nodes, as one lookup read them: handed on to the next lookup
+ * (backup access setup) so the same two queries are not sent again for the same job.
+ */
+export interface BlockInfo {
+  /** `query-block` (empty where QEMU has no such command). */
+  blocks: QmpBlockInfo[];
+  /** `query-named-block-nodes`. */
+  nodes: QmpBlockNodeInfo[];
 }
 
 /** `query-block`, or nothing where QEMU has no such command (qemu-storage-daemon builds without it). */
@@ -81,13 +97,27 @@ type BlockGraph = { nodes: Array<{ id: number; name: string }>; edges: Array<{ p
  * qdev path) stands for its inserted node; a raw node (qemu-storage-daemon) for its `file` child;
  * any other node name for itself (it then has no {@link ResolvedDevice.parent}).
  *
- * @param nodes - `query-named-block-nodes`, when the caller has it already.
+ * @param known - What the caller has queried already (`query-block`, `query-named-block-nodes`);
+ *   what is missing is queried here.
  * @throws {@link InvalidArgumentError} for a device QEMU does not have, or two names of one node;
  *   {@link BackupAccessError} when QEMU reports no size for a source node.
  */
-export async function resolveDevices(qmp: QmpClient, devices: string[], nodes?: QmpBlockNodeInfo[]): Promise<ResolvedDevice[]> {
-  const blocks = await blocksOf(qmp);
-  const byNode = new Map((nodes ?? (await queryNamedBlockNodes(qmp))).map((n) => [n['node-name'], n]));
+export async function resolveDevices(qmp: QmpClient, devices: string[], known: Partial<BlockInfo> = {}): Promise<ResolvedDevice[]> {
+  return (await resolveDevicesWithInfo(qmp, devices, known)).devices;
+}
+
+/**
+ * {@link resolveDevices}, also returning the block devices and nodes it looked them up in (to be
+ * handed to `setupBackupAccess` as `blockInfo`).
+ */
+export async function resolveDevicesWithInfo(
+  qmp: QmpClient,
+  devices: string[],
+  known: Partial<BlockInfo> = {},
+): Promise<{ devices: ResolvedDevice[]; info: BlockInfo }> {
+  const blocks = known.blocks ?? (await blocksOf(qmp));
+  const nodes = known.nodes ?? (await queryNamedBlockNodes(qmp));
+  const byNode = new Map(nodes.map((n) => [n['node-name'], n]));
   let graph: BlockGraph | undefined;
   const out: ResolvedDevice[] = [];
   for (const device of devices) {
@@ -132,7 +162,7 @@ export async function resolveDevices(qmp: QmpClient, devices: string[], nodes?: 
     if (seen.has(r.source)) throw new InvalidArgumentError(`device ${r.device} is given twice (node ${r.source})`);
     seen.add(r.source);
   }
-  return out;
+  return { devices: out, info: { blocks, nodes } };
 }
 
 function sizeOf(device: string, node: QmpBlockNodeInfo): number {
@@ -143,14 +173,18 @@ function sizeOf(device: string, node: QmpBlockNodeInfo): number {
 
 /**
  * Removes the bitmap of `targetId`/`bitmapId` from a device's source node so that backup access
- * creates it anew (the provider asked for `new`, or for no bitmap on this device).
+ * creates it anew (the provider asked for `new`, or for no bitmap on this device). The node as
+ * the lookup reported it (`device.sourceNode`) is updated to match, so the lookup's
+ * {@link BlockInfo} stays true and can be handed on.
  *
  * @returns Whether a bitmap was removed.
  */
 export async function dropDeviceBitmap(qmp: QmpClient, device: ResolvedDevice, targetId: string, bitmapId: string): Promise<boolean> {
   const name = mainBitmapName(targetId, bitmapId);
-  if (!(device.sourceNode['dirty-bitmaps'] ?? []).some((b) => b.name === name)) return false;
+  const bitmaps = device.sourceNode['dirty-bitmaps'] ?? [];
+  if (!bitmaps.some((b) => b.name === name)) return false;
   await qmp.execute('block-dirty-bitmap-remove', { node: device.source, name });
+  device.sourceNode['dirty-bitmaps'] = bitmaps.filter((b) => b.name !== name);
   return true;
 }
 
@@ -162,7 +196,20 @@ export async function dropDeviceBitmap(qmp: QmpClient, device: ResolvedDevice, t
  * @returns The count, or `undefined` when QEMU lists no such bitmap.
  */
 export async function bitmapDirtyBytes(qmp: QmpClient, bitmap: { node: string; name: string }): Promise<number | undefined> {
-  const node = (await queryNamedBlockNodes(qmp)).find((n) => n['node-name'] === bitmap.node);
-  const count = (node?.['dirty-bitmaps'] ?? []).find((b) => b.name === bitmap.name)?.count;
-  return typeof count === 'number' ? count : undefined;
+  return (await bitmapsDirtyBytes(qmp, [bitmap]))[0];
+}
+
+/**
+ * {@link bitmapDirtyBytes} of several bitmaps from one `query-named-block-nodes` (nothing is
+ * sent for an empty list).
+ *
+ * @returns The counts, in the order given (`undefined` where QEMU lists no such bitmap).
+ */
+export async function bitmapsDirtyBytes(qmp: QmpClient, bitmaps: Array<{ node: string; name: string }>): Promise<Array<number | undefined>> {
+  if (bitmaps.length === 0) return [];
+  const nodes = new Map((await queryNamedBlockNodes(qmp)).map((n) => [n['node-name'], n]));
+  return bitmaps.map((bitmap) => {
+    const count = (nodes.get(bitmap.node)?.['dirty-bitmaps'] ?? []).find((b) => b.name === bitmap.name)?.count;
+    return typeof count === 'number' ? count : undefined;
+  });
 }

@@ -8,7 +8,7 @@
 import { promises as fs } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import type { QmpClient } from '../qmp/client.js';
+import type { QmpClient, QmpEvent } from '../qmp/client.js';
 import { queryBlockExports } from '../qmp/commands.js';
 import { QmpError } from '../qmp/errors.js';
 import { BackupAccessError, deviceError } from './errors.js';
@@ -77,25 +77,52 @@ export async function addExport(
   }
 }
 
-/** Deletes exports (disconnecting clients) and waits until QEMU has dropped them. */
+/**
+ * Deletes exports (disconnecting clients) and waits until QEMU has dropped them: one listing
+ * after the deletions, then QEMU's `BLOCK_EXPORT_DELETED` events for those still shutting down
+ * (no polling; a listing every second only in case a peer sends no events). Ids that do not
+ * exist are passed over.
+ */
 export async function deleteExports(qmp: QmpClient, ids: string[], timeoutMs = 15_000): Promise<void> {
-  const present = new Set((await queryBlockExports(qmp)).map((e) => e.id));
-  const ours = ids.filter((id) => present.has(id));
-  for (const id of ours) {
-    try {
-      await qmp.execute('block-export-del', { id, mode: 'hard' });
-    } catch (err) {
-      // Already shutting down is fine; anything else is reported after waiting.
-      if (!(err instanceof QmpError)) throw err;
+  if (ids.length === 0) return;
+  const gone = new Set<string>();
+  let wake: (() => void) | undefined;
+  const onEvent = (ev: QmpEvent): void => {
+    if (ev.event !== 'BLOCK_EXPORT_DELETED' || typeof ev.data.id !== 'string') return;
+    gone.add(ev.data.id);
+    wake?.();
+  };
+  qmp.on('event', onEvent); // before the deletions, so no event is missed
+  try {
+    for (const id of ids) {
+      try {
+        await qmp.execute('block-export-del', { id, mode: 'hard' });
+      } catch (err) {
+        // Not there, or already shutting down, is fine; what is left is told after waiting.
+        if (!(err instanceof QmpError)) throw err;
+      }
     }
-  }
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const left = (await queryBlockExports(qmp)).filter((e) => ours.includes(e.id));
-    if (left.length === 0) return;
-    if (Date.now() > deadline) {
-      throw new BackupAccessError(`NBD exports ${left.map((e) => e.id).join(', ')} did not go away`, { command: 'block-export-del' });
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const left = (await queryBlockExports(qmp)).filter((e) => ids.includes(e.id) && !gone.has(e.id)).map((e) => e.id);
+      if (left.length === 0) return;
+      const wait = deadline - Date.now();
+      if (wait <= 0) {
+        throw new BackupAccessError(`NBD exports ${left.join(', ')} did not go away`, { command: 'block-export-del' });
+      }
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, Math.min(wait, 1000));
+        wake = (): void => {
+          if (!left.every((id) => gone.has(id))) return;
+          clearTimeout(timer);
+          resolve();
+        };
+        wake();
+      });
+      wake = undefined;
+      if (left.every((id) => gone.has(id))) return;
     }
-    await new Promise((r) => setTimeout(r, 50));
+  } finally {
+    qmp.off('event', onEvent);
   }
 }

@@ -44,19 +44,43 @@ interface BackupAccessInfo {
   'bitmap-action'?: string;
 }
 
-/** True when QEMU offers Proxmox's backup access API (`query-proxmox-support`). */
-export async function detectProxmox(qmp: QmpClient): Promise<boolean> {
-  try {
-    const r = await qmp.execute<Record<string, unknown>>('query-proxmox-support');
-    return r['backup-access-api'] === true;
-  } catch (err) {
-    if (err instanceof QmpError) return false;
-    throw err;
-  }
+/**
+ * What QEMU told about itself, per connection: a QEMU process does not change its commands while
+ * connected, so each job (and each guest reusing a connection) asks once.
+ */
+const probed = new WeakMap<QmpClient, { proxmox?: boolean; form?: 'devices' | 'devlist' }>();
+
+function probes(qmp: QmpClient): { proxmox?: boolean; form?: 'devices' | 'devlist' } {
+  let p = probed.get(qmp);
+  if (!p) probed.set(qmp, (p = {}));
+  return p;
 }
 
-/** Which form of `backup-access-setup` QEMU has, from `query-qmp-schema` (default: the landed one). */
+/** True when QEMU offers Proxmox's backup access API (`query-proxmox-support`; asked once per connection). */
+export async function detectProxmox(qmp: QmpClient): Promise<boolean> {
+  const p = probes(qmp);
+  if (p.proxmox !== undefined) return p.proxmox;
+  try {
+    const r = await qmp.execute<Record<string, unknown>>('query-proxmox-support');
+    p.proxmox = r['backup-access-api'] === true;
+  } catch (err) {
+    if (!(err instanceof QmpError)) throw err;
+    p.proxmox = false;
+  }
+  return p.proxmox;
+}
+
+/**
+ * Which form of `backup-access-setup` QEMU has, from `query-qmp-schema` (default: the landed
+ * one). Asked once per connection: the schema is QEMU's largest answer.
+ */
 async function detectForm(qmp: QmpClient): Promise<'devices' | 'devlist'> {
+  const p = probes(qmp);
+  p.form ??= await schemaForm(qmp);
+  return p.form;
+}
+
+async function schemaForm(qmp: QmpClient): Promise<'devices' | 'devlist'> {
   try {
     const schema = await qmp.execute<Array<Record<string, unknown>>>('query-qmp-schema');
     const cmd = schema.find((e) => e['meta-type'] === 'command' && e.name === 'backup-access-setup');
@@ -95,16 +119,16 @@ function deviceIn(desc: string, devices: string[]): string | undefined {
 
 /** Sets up backup access with Proxmox's QMP command. On failure everything done is undone. */
 export async function setupProxmox(qmp: QmpClient, input: UpstreamSetupInput): Promise<{ state: AccessState; devices: ProxmoxDeviceResult[] }> {
-  const existing = await readState(qmp);
+  const existing = input.known ? input.known.state : await readState(qmp);
   if (existing) throw new BackupAccessActiveError(existing.targetId);
   for (const d of input.devices) {
     if (`${d}-fleecing`.length > 31) throw new InvalidArgumentError(`device name ${d} is too long for a fleecing node name`);
   }
   const form = await detectForm(qmp);
-  let nodes = await queryNamedBlockNodes(qmp);
+  const nodes = input.known?.blockInfo?.nodes ?? (await queryNamedBlockNodes(qmp));
   // Proxmox's QEMU inserts its own filter: only the sizes (for the fleecing images) and the nodes
   // the bitmaps live on are needed from the lookup.
-  const resolved = await resolveDevices(qmp, input.devices, nodes);
+  const resolved = await resolveDevices(qmp, input.devices, { ...input.known?.blockInfo, nodes });
   const sizes = resolved.map((r) => r.size);
   const token = randomBytes(4).toString('hex');
   // qemu-server (VZDump/QemuServer.pm archive_external) passes target-id 'snapshot-access:<storeid>'
@@ -136,7 +160,7 @@ export async function setupProxmox(qmp: QmpClient, input: UpstreamSetupInput): P
     const removedStale = new Set<string>();
     const anchors = new Set<string>(); // `${node}\n${anchor name}`
     if (form === 'devices') {
-      nodes = await queryNamedBlockNodes(qmp);
+      // the nodes as listed above: the fleecing nodes added since carry no bitmaps
       for (const n of nodes) {
         for (const b of n['dirty-bitmaps'] ?? []) {
           const ours = b.name === input.targetId || b.name.startsWith(`${input.targetId}/`);
@@ -236,10 +260,18 @@ export async function teardownProxmox(qmp: QmpClient, state: AccessState, succes
       throw new BackupAccessError(`backup-access-teardown for target '${state.targetId}' failed: ${(err as Error).message}`, { cause: err });
     }
   });
+  // One look at the nodes for every device, not one per node. A fleecing file node goes with the
+  // fleecing node that created it inline (blockdev-add): it is removed on its own only when it
+  // was left without one.
+  let present = new Set<string>();
+  await run.qmpStep('listing the block nodes', async () => {
+    present = new Set((await queryNamedBlockNodes(qmp)).map((n) => n['node-name']));
+  });
   for (const d of [...state.devices].reverse()) {
-    for (const name of [d.fleecingNode, d.fleecingFileNode]) {
+    const names = present.has(d.fleecingNode) ? [d.fleecingNode] : [d.fleecingFileNode];
+    for (const name of names) {
       await run.qmpStep(`${d.device}: removing node ${name}`, async () => {
-        if (!(await queryNamedBlockNodes(qmp)).some((n) => n['node-name'] === name)) return;
+        if (!present.has(name)) return;
         try {
           await qmp.execute('blockdev-del', { 'node-name': name }, { device: d.device });
         } catch (err) {

@@ -1,9 +1,14 @@
 /**
  * The record of an active backup access, kept inside QEMU (a QOM `secret` object whose `data`
- * is JSON) so that teardown and recovery work after the orchestrating process restarted.
+ * is the record's JSON, raw-deflated and base64-encoded after `z:`; plain JSON, as earlier
+ * versions wrote it, is read too) so that teardown and recovery work after the orchestrating
+ * process restarted. Compressed because QEMU's monitor reads a command about a byte per main loop
+ * turn (some 4.5 µs a byte here): the record, written twice per access, was the longest command
+ * of a backup (a 1-disk record: 860 bytes as JSON, 520 compressed; 2 disks: 1390 and 550).
  *
  * @packageDocumentation
  */
+import { deflateRawSync, inflateRawSync } from 'node:zlib';
 import type { QmpClient } from '../qmp/client.js';
 import { QmpClosedError, QmpError } from '../qmp/errors.js';
 import { BackupAccessActiveError } from './errors.js';
@@ -91,7 +96,15 @@ export function newAccessState(o: {
   };
 }
 
-/** Reads the record, or `undefined` when there is none. */
+/** Prefix of a compressed record. */
+const PACKED = 'z:';
+
+/** The record as stored: `z:` and the base64 of its raw-deflated JSON. */
+function pack(state: AccessState): string {
+  return PACKED + deflateRawSync(JSON.stringify(state)).toString('base64');
+}
+
+/** Reads the record (either form), or `undefined` when there is none. */
 export async function readState(qmp: QmpClient): Promise<AccessState | undefined> {
   let data: unknown;
   try {
@@ -102,7 +115,8 @@ export async function readState(qmp: QmpClient): Promise<AccessState | undefined
   }
   if (typeof data !== 'string') return undefined;
   try {
-    const parsed = JSON.parse(data) as AccessState;
+    const json = data.startsWith(PACKED) ? inflateRawSync(Buffer.from(data.slice(PACKED.length), 'base64')).toString('utf8') : data;
+    const parsed = JSON.parse(json) as AccessState;
     return parsed && parsed.v === 1 && Array.isArray(parsed.devices) ? parsed : undefined;
   } catch {
     return undefined;
@@ -116,7 +130,7 @@ export async function readState(qmp: QmpClient): Promise<AccessState | undefined
  */
 export async function claimState(qmp: QmpClient, state: AccessState): Promise<void> {
   try {
-    await qmp.execute('object-add', { 'qom-type': 'secret', id: STATE_OBJECT_ID, format: 'raw', data: JSON.stringify(state) });
+    await qmp.execute('object-add', { 'qom-type': 'secret', id: STATE_OBJECT_ID, format: 'raw', data: pack(state) });
   } catch (err) {
     if (!(err instanceof QmpError) || !/duplicate property/.test(err.desc)) throw err;
     const active = await readState(qmp).catch(() => undefined);
@@ -126,7 +140,7 @@ export async function claimState(qmp: QmpClient, state: AccessState): Promise<vo
 
 /** Updates the record claimed with {@link claimState} in place (never deleting it, so the claim holds). */
 export async function writeState(qmp: QmpClient, state: AccessState): Promise<void> {
-  await qmp.execute('qom-set', { path: `/objects/${STATE_OBJECT_ID}`, property: 'data', value: JSON.stringify(state) });
+  await qmp.execute('qom-set', { path: `/objects/${STATE_OBJECT_ID}`, property: 'data', value: pack(state) });
 }
 
 /** Removes the record; no error when it does not exist. */

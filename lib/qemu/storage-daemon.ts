@@ -59,6 +59,9 @@ const ID_RE = /^[A-Za-z][A-Za-z0-9_-]{0,30}$/;
  */
 export async function connectStartingQemu(path: string, child: ChildProcess, log: string, what = 'qemu-storage-daemon'): Promise<QmpClient> {
   const deadline = Date.now() + 20_000;
+  // QEMU tells nothing when its socket listens: look again soon (a start-up takes tens of ms, so
+  // a fixed 25 ms step cost half a step on average), then less and less often.
+  let step = 1;
   for (;;) {
     if (child.exitCode !== null || child.signalCode !== null) {
       const text = await readFile(log, 'utf8').catch(() => '');
@@ -72,7 +75,8 @@ export async function connectStartingQemu(path: string, child: ChildProcess, log
       }
     }
     if (Date.now() > deadline) throw new QemuStartError(what, `${what} did not open ${path} within 20 s`);
-    await sleep(25);
+    await sleep(step);
+    step = Math.min(25, step * 1.5);
   }
 }
 
@@ -224,13 +228,15 @@ export async function startFuseExport(image: string, format: 'qcow2' | 'raw', op
   };
   try {
     const deadline = Date.now() + 20_000;
+    let step = 1; // as connectStartingQemu: soon, then less and less often
     while (!(await isMountPoint(path))) {
       if (child.exitCode !== null || child.signalCode !== null) {
         const text = await readFile(log, 'utf8').catch(() => '');
         throw new QemuStartError('qemu-storage-daemon', `qemu-storage-daemon exited before it mounted ${image}: ${text.trim()}`);
       }
       if (Date.now() > deadline) throw new QemuStartError('qemu-storage-daemon', `qemu-storage-daemon did not mount ${image} within 20 s`);
-      await sleep(20);
+      await sleep(step);
+      step = Math.min(20, step * 1.5);
     }
     return { path, stop };
   } catch (err) {

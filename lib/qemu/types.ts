@@ -4,6 +4,7 @@
  * @packageDocumentation
  */
 import type { GuestAgentClient } from '../qmp/guest-agent.js';
+import type { BlockInfo } from './devices.js';
 import type { BitmapAction, BitmapMode } from '../vocabulary.js';
 
 export type { BitmapAction, BitmapMode } from '../vocabulary.js';
@@ -82,6 +83,12 @@ export interface SetupBackupAccessOptions {
   nbdServer?: { path: string };
   /** Directory in which the private NBD socket directory is created (default: the OS temp dir). */
   socketDir?: string;
-  /** Backend: detected from `query-proxmox-support` / `query-commands` by default. */
+  /** Backend: detected from `query-proxmox-support` by default (once per QMP connection). */
   backend?: 'auto' | 'proxmox' | 'upstream';
+  /**
+   * QEMU's block devices and nodes as the caller has just read them (`resolveDevicesWithInfo`),
+   * with nothing changed since but bitmaps removed through `dropDeviceBitmap`: setup then does
+   * not query them again. Ignored when setup first removes a stale access.
+   */
+  blockInfo?: BlockInfo;
 }

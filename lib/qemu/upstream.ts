@@ -7,13 +7,13 @@
  */
 import { randomBytes } from 'node:crypto';
 import type { QmpClient } from '../qmp/client.js';
-import { queryCommands, queryNamedBlockNodes, type QmpBlockNodeInfo, type QmpDirtyBitmapInfo } from '../qmp/commands.js';
+import { queryBlock, queryNamedBlockNodes, type QmpBlockInfo, type QmpBlockNodeInfo, type QmpDirtyBitmapInfo } from '../qmp/commands.js';
 import { QmpError } from '../qmp/errors.js';
 import { withFrozenFilesystems, type GuestAgentClient } from '../qmp/guest-agent.js';
 import { addFleecingNodes, createFleecingImage } from './fleecing.js';
 import { addExport, deleteExports, startNbdServer } from './nbd-exports.js';
 import { StepRunner, removeLocalFiles } from './teardown-steps.js';
-import { nodeOfGuestDevice, resolveDevices } from './devices.js';
+import { nodeOfGuestDeviceIn, resolveDevices, type BlockInfo } from './devices.js';
 import { BackupAccessActiveError, BackupAccessError, deviceError } from './errors.js';
 import {
   BACKGROUND_SUFFIX,
@@ -38,6 +38,11 @@ export interface UpstreamSetupInput {
   fleecingFormat: 'qcow2' | 'raw';
   qga: GuestAgentClient | undefined;
   socket: { ownNbd: true; socketPath: string; socketDir: string } | { ownNbd: false; socketPath: string };
+  /**
+   * What the caller has read already and is still true: the access record (`undefined`: none)
+   * and, when given, QEMU's block devices and nodes. Absent: read here.
+   */
+  known?: { state: AccessState | undefined; blockInfo?: BlockInfo };
 }
 
 /** Result per device of {@link setupUpstream}. */
@@ -51,9 +56,14 @@ export interface UpstreamDeviceResult {
 
 const ANCHOR_GRANULARITY = 2 ** 31;
 
-/** Throws {@link BackupAccessActiveError} when an access (or its leftovers) is present. */
-export async function assertNoActiveAccess(qmp: QmpClient, nodes: QmpBlockNodeInfo[]): Promise<void> {
-  const state = await readState(qmp);
+/**
+ * Throws {@link BackupAccessActiveError} when an access (or its leftovers) is present.
+ *
+ * @param known - The access record as the caller has just read it (`state: undefined`: none);
+ *   absent: read here.
+ */
+export async function assertNoActiveAccess(qmp: QmpClient, nodes: QmpBlockNodeInfo[], known?: { state: AccessState | undefined }): Promise<void> {
+  const state = known ? known.state : await readState(qmp);
   if (state) throw new BackupAccessActiveError(state.targetId);
   const leftover = nodes.find((n) => n['node-name'].startsWith(`${NAME_PREFIX}-`));
   if (leftover) throw new BackupAccessActiveError(undefined, `node ${leftover['node-name']} exists`);
@@ -65,6 +75,8 @@ export async function assertNoActiveAccess(qmp: QmpClient, nodes: QmpBlockNodeIn
 
 interface BitmapPlan {
   action: BitmapAction;
+  /** Whether a bitmap created on the source is stored in its image (a writable qcow2 node). */
+  persistent: boolean;
   kind: 'incr' | 'full' | undefined;
   remove: string[];
   createAnchor: boolean;
@@ -73,11 +85,13 @@ interface BitmapPlan {
 }
 
 /** Decides the bitmap action for one device from the bitmaps QEMU has (see the module docs). */
-function planBitmap(targetId: string, bitmapId: string | undefined, bitmaps: QmpDirtyBitmapInfo[]): BitmapPlan {
+function planBitmap(targetId: string, bitmapId: string | undefined, bitmaps: QmpDirtyBitmapInfo[], source: QmpBlockNodeInfo): BitmapPlan {
+  const persistent = source.drv === 'qcow2' && !source.ro;
   const ours = bitmaps.filter((b) => b.name.startsWith(`${targetId}/`) && !b.name.endsWith(BACKGROUND_SUFFIX));
   if (bitmapId === undefined) {
     return {
       action: ours.length > 0 ? 'not-used-removed' : 'not-used',
+      persistent,
       kind: undefined,
       remove: ours.map((b) => b.name),
       createAnchor: false,
@@ -93,17 +107,17 @@ function planBitmap(targetId: string, bitmapId: string | undefined, bitmaps: Qmp
   // A bitmap that does not record (left disabled by a crash) or is inconsistent cannot be trusted.
   const usable = existing && existing.recording !== false && existing.inconsistent !== true && existing.busy !== true;
   if (usable) {
-    return { action: 'used', kind: 'incr', remove: others, createAnchor: !hasAnchor, main, anchor };
+    return { action: 'used', persistent, kind: 'incr', remove: others, createAnchor: !hasAnchor, main, anchor };
   }
   const remove = existing ? [...others, main] : others;
-  return { action: hasAnchor || existing ? 'invalid' : 'new', kind: 'full', remove, createAnchor: !hasAnchor, main, anchor };
+  return { action: hasAnchor || existing ? 'invalid' : 'new', persistent, kind: 'full', remove, createAnchor: !hasAnchor, main, anchor };
 }
 
 /** Sets up backup access with standard QMP commands. On failure everything done is undone. */
 export async function setupUpstream(qmp: QmpClient, input: UpstreamSetupInput): Promise<{ state: AccessState; devices: UpstreamDeviceResult[] }> {
-  const nodes = await queryNamedBlockNodes(qmp);
-  await assertNoActiveAccess(qmp, nodes);
-  const resolved = await resolveDevices(qmp, input.devices, nodes);
+  const nodes = input.known?.blockInfo?.nodes ?? (await queryNamedBlockNodes(qmp));
+  await assertNoActiveAccess(qmp, nodes, input.known);
+  const resolved = await resolveDevices(qmp, input.devices, { ...input.known?.blockInfo, nodes });
   for (const r of resolved) {
     if (!r.parent) throw new BackupAccessError(`${r.device}: ${r.why ?? 'no place to insert the filter'}`, { device: r.device });
   }
@@ -111,7 +125,7 @@ export async function setupUpstream(qmp: QmpClient, input: UpstreamSetupInput): 
   const plans: BitmapPlan[] = [];
   const devStates: DeviceState[] = resolved.map((r, slot) => {
     const n = slotNames(slot);
-    const plan = planBitmap(input.targetId, input.bitmap, r.sourceNode['dirty-bitmaps'] ?? []);
+    const plan = planBitmap(input.targetId, input.bitmap, r.sourceNode['dirty-bitmaps'] ?? [], r.sourceNode);
     plans.push(plan);
     const d: DeviceState = {
       device: r.device,
@@ -151,8 +165,7 @@ export async function setupUpstream(qmp: QmpClient, input: UpstreamSetupInput): 
         }
       }
     }
-    const commands = await queryCommands(qmp);
-    await withFrozenFilesystems(input.qga, () => freezePoint(qmp, commands, input.targetId, devStates, plans));
+    await withFrozenFilesystems(input.qga, () => freezePoint(qmp, input.targetId, devStates, plans));
     for (const d of devStates) {
       try {
         await qmp.execute(
@@ -198,14 +211,19 @@ export async function setupUpstream(qmp: QmpClient, input: UpstreamSetupInput): 
  * The point in time: with the guest paused (when it runs) and its filesystems frozen (when an
  * agent is given), freeze the bitmaps, start the background bitmaps and insert the filters.
  */
-async function freezePoint(qmp: QmpClient, commands: Set<string>, targetId: string, devs: DeviceState[], plans: BitmapPlan[]): Promise<void> {
+async function freezePoint(qmp: QmpClient, targetId: string, devs: DeviceState[], plans: BitmapPlan[]): Promise<void> {
   let resume = false;
-  if (commands.has('query-status') && commands.has('stop')) {
-    const st = await qmp.execute<{ running?: boolean }>('query-status');
-    if (st.running) {
-      await qmp.execute('stop');
-      resume = true;
-    }
+  // A VM has query-status and stop; qemu-storage-daemon has neither (asked directly rather than
+  // through query-commands: one round trip, and no list of every command to parse).
+  let running = false;
+  try {
+    running = (await qmp.execute<{ running?: boolean }>('query-status')).running === true;
+  } catch (err) {
+    if (!(err instanceof QmpError && err.qmpClass === 'CommandNotFound')) throw err;
+  }
+  if (running) {
+    await qmp.execute('stop');
+    resume = true;
   }
   try {
     const actions: Array<Record<string, unknown>> = [];
@@ -213,7 +231,7 @@ async function freezePoint(qmp: QmpClient, commands: Set<string>, targetId: stri
       const plan = plans[i]!;
       actions.push({ type: 'block-dirty-bitmap-add', data: { node: d.source, name: backgroundBitmapName(targetId) } });
       if (d.bitmap && d.anchor) {
-        const persistent = await isPersistable(qmp, d.source);
+        const persistent = plan.persistent;
         if (plan.kind === 'full') {
           actions.push({ type: 'block-dirty-bitmap-add', data: { node: d.source, name: d.bitmap, persistent, disabled: true } });
         } else {
@@ -234,7 +252,9 @@ async function freezePoint(qmp: QmpClient, commands: Set<string>, targetId: stri
     }
     for (const d of devs) {
       await addCbw(qmp, d);
-      await insertFilter(qmp, d, slotNames(d.slot).cbw);
+      // The device reads from its source (the lookup found it so, and no node of ours existed):
+      // the filter is a different node, no need to ask QEMU which node the device has now.
+      await insertFilter(qmp, d, slotNames(d.slot).cbw, d.source);
     }
   } catch (err) {
     // The guest must run again whatever failed; the first error is the one to report.
@@ -244,11 +264,6 @@ async function freezePoint(qmp: QmpClient, commands: Set<string>, targetId: stri
   } finally {
     if (resume) await qmp.execute('cont');
   }
-}
-
-async function isPersistable(qmp: QmpClient, node: string): Promise<boolean> {
-  const n = (await queryNamedBlockNodes(qmp)).find((x) => x['node-name'] === node);
-  return n?.drv === 'qcow2' && !n.ro;
 }
 
 async function addCbw(qmp: QmpClient, d: DeviceState): Promise<void> {
@@ -280,14 +295,19 @@ async function addCbw(qmp: QmpClient, d: DeviceState): Promise<void> {
   }
 }
 
-/** Points the device (or the raw parent node) at `node`, unless it already is. */
-async function insertFilter(qmp: QmpClient, d: DeviceState, node: string): Promise<void> {
+/**
+ * Points the device (or the raw parent node) at `node`, unless it already is.
+ *
+ * @param current - The node the guest device reads from now (as `query-block` reports it;
+ *   `undefined`: none), when the caller knows it.
+ */
+async function insertFilter(qmp: QmpClient, d: DeviceState, node: string, current: string | undefined): Promise<void> {
   const parent = d.parent;
   if (!parent) return;
   try {
     if (parent.kind === 'qdev') {
-      // Setting the drive to the node it already has trips an assertion in QEMU 7.2: check first.
-      if ((await nodeOfGuestDevice(qmp, parent.path)) === node) return;
+      // Setting the drive to the node it already has trips an assertion in QEMU 7.2.
+      if (current === node) return;
       await qmp.execute('qom-set', { path: parent.path, property: 'drive', value: node }, { device: d.device });
     } else {
       await qmp.execute('blockdev-reopen', { options: [{ driver: parent.driver, 'node-name': parent.node, file: node }] }, { device: d.device });
@@ -314,34 +334,47 @@ export async function teardownUpstream(qmp: QmpClient, state: AccessState, succe
       }
     });
   }
-  const exists = async (name: string): Promise<boolean> =>
-    (await queryNamedBlockNodes(qmp)).some((n) => n['node-name'] === name);
+  // One look at QEMU's nodes (and, for guest devices, at its devices) for the whole teardown, not
+  // one per step: what exists now is what is removed, and a node removed here leaves the list.
+  let nodes: QmpBlockNodeInfo[] | undefined;
+  await run.qmpStep('listing the block nodes', async () => {
+    nodes = await queryNamedBlockNodes(qmp);
+  });
+  const present = new Set((nodes ?? []).map((n) => n['node-name']));
+  let blocks: QmpBlockInfo[] | undefined;
   const del = async (d: DeviceState, name: string): Promise<void> => {
-    if (!(await exists(name))) return;
+    if (!present.has(name)) return;
     try {
       await qmp.execute('blockdev-del', { 'node-name': name }, { device: d.device });
+      present.delete(name);
     } catch (err) {
       throw deviceError(d.device, `removing node ${name}`, err);
     }
   };
   for (const d of [...state.devices].reverse()) {
     const names = slotNames(d.slot);
+    // The file node goes with the fleecing node that created it inline (blockdev-add): it is
+    // removed on its own only when it was left without one.
+    const orphanFile = present.has(d.fleecingFileNode) && !present.has(d.fleecingNode);
     await run.qmpStep(`${d.device}: removing the snapshot node`, () => del(d, names.snapshot));
     await run.qmpStep(`${d.device}: removing the filter`, async () => {
-      if (await exists(names.cbw)) await insertFilter(qmp, d, d.source);
+      if (!present.has(names.cbw)) return;
+      const current = d.parent?.kind === 'qdev' ? nodeOfGuestDeviceIn((blocks ??= await queryBlock(qmp)), d.parent.path) : undefined;
+      await insertFilter(qmp, d, d.source, current);
     });
     await run.qmpStep(`${d.device}: removing the filter node`, () => del(d, names.cbw));
     await run.qmpStep(`${d.device}: removing the fleecing node`, () => del(d, d.fleecingNode));
-    await run.qmpStep(`${d.device}: removing the fleecing file node`, () => del(d, d.fleecingFileNode));
+    if (orphanFile) await run.qmpStep(`${d.device}: removing the fleecing file node`, () => del(d, d.fleecingFileNode));
   }
-  await run.qmpStep('merging the dirty bitmaps', () => settleBitmaps(qmp, state, success));
+  // bitmaps live on the sources, which the node removals above leave as they were
+  await run.qmpStep('merging the dirty bitmaps', () => settleBitmaps(qmp, state, success, nodes));
   await removeLocalFiles(run, state);
   await run.qmpStep('removing the access record', () => deleteState(qmp));
   run.throwIfFailed(`teardown of backup access for target '${state.targetId}'`);
 }
 
-async function settleBitmaps(qmp: QmpClient, state: AccessState, success: boolean): Promise<void> {
-  const nodes = await queryNamedBlockNodes(qmp);
+async function settleBitmaps(qmp: QmpClient, state: AccessState, success: boolean, known: QmpBlockNodeInfo[] | undefined): Promise<void> {
+  const nodes = known ?? (await queryNamedBlockNodes(qmp));
   const bg = backgroundBitmapName(state.targetId);
   for (const d of state.devices) {
     const have = new Set((nodes.find((n) => n['node-name'] === d.source)?.['dirty-bitmaps'] ?? []).map((b) => b.name));
