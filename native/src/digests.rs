@@ -28,7 +28,6 @@
 //! The trailer makes a damaged digest file an error of its own rather than a false alarm about
 //! the image. The file is about 1/75 000 of the data it covers (14 MiB for 1 TiB).
 
-use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -158,7 +157,8 @@ impl Digests {
             let what = format!("{what} {}", p.display());
             move |e| Error::sink_io(what, e)
         };
-        let mut f = File::create(&part).map_err(io("creating", &part))?;
+        // Private (0600) whatever the umask, like the image it describes.
+        let mut f = crate::sink::file::private_file(&part).map_err(io("creating", &part))?;
         f.write_all(&bytes).map_err(io("writing", &part))?;
         f.sync_all().map_err(io("syncing", &part))?;
         std::fs::rename(&part, path).map_err(io("renaming to", path))?;
@@ -396,5 +396,8 @@ mod tests {
         let sha = d.write_file(&path).unwrap();
         assert_eq!(sha, hex(&Sha256::digest(d.encode())));
         assert_eq!(Digests::read_file(&path).unwrap(), d);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the digest file is private whatever the umask");
     }
 }

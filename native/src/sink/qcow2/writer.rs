@@ -20,6 +20,7 @@ use bytes::Bytes;
 use super::compress::{Compression, Compressor};
 use super::format::*;
 use super::reader::Image;
+use crate::digests::{Digester, Digests};
 use crate::error::{Error, Result};
 use crate::sink::write_behind::WriteBehind;
 use crate::zero::is_zero;
@@ -50,6 +51,8 @@ pub struct WriterConfig {
     /// The opened backing chain (to complete partly written clusters).
     pub backing: Option<Image>,
     pub compression: Compression,
+    /// Record the content digests of every cluster stored ([`crate::digests`]).
+    pub digests: bool,
 }
 
 /// What to do with a whole cluster, decided by a compression worker.
@@ -117,6 +120,8 @@ pub struct Writer {
     /// Lowest guest offset the next range may start at.
     pos: u64,
     stats: Qcow2Stats,
+    /// Fed every cluster as it is stored, in ascending guest order (when digests are on).
+    digester: Option<Digester>,
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -247,6 +252,10 @@ impl Writer {
             run: None,
             pos: 0,
             stats: Qcow2Stats::default(),
+            // The header's size (whole sectors): what a reader of the image sees.
+            digester: cfg
+                .digests
+                .then(|| Digester::new(cs as u32, cfg.size.next_multiple_of(SECTOR))),
         };
         // Header, refcount table, L1 table.
         w.alloc(1 + rt_clusters + l1_clusters)?;
@@ -259,6 +268,28 @@ impl Writer {
 
     fn cluster_len(&self, cluster: u64) -> usize {
         (self.size - cluster * self.cs).min(self.cs) as usize
+    }
+
+    /// The digests recorded, once [`Writer::finish`] has completed (`None` without digests).
+    pub fn take_digests(&mut self) -> Option<Digests> {
+        self.digester.take().map(Digester::finish)
+    }
+
+    /// Records the plain content of data cluster `index`, about to be stored. `plain` may be
+    /// longer than the cluster's guest bytes (a whole buffer: zeros beyond the image end) or,
+    /// for the last cluster of an image whose size is not a whole sector, shorter: the image
+    /// reads zeros there.
+    fn digest_data(&mut self, index: u64, plain: &[u8]) -> Result<()> {
+        let Some(d) = self.digester.as_mut() else {
+            return Ok(());
+        };
+        let n = d.cluster_len(index);
+        if plain.len() >= n {
+            return d.data(index, &plain[..n]);
+        }
+        let mut padded = plain.to_vec();
+        padded.resize(n, 0);
+        d.data(index, &padded)
     }
 
     fn check_range(&mut self, offset: u64, length: u64) -> Result<()> {
@@ -387,6 +418,9 @@ impl Writer {
 
     fn zero_cluster(&mut self, cluster: u64) -> Result<()> {
         if self.has_backing {
+            if let Some(d) = self.digester.as_mut() {
+                d.zero(cluster)?;
+            }
             self.set_l2(cluster, OFLAG_ZERO)?;
             self.stats.zero_clusters += 1;
         }
@@ -440,13 +474,17 @@ impl Writer {
     ) -> Result<()> {
         match pre {
             Some(Pre::Zero) => return self.zero_cluster(index),
-            Some(Pre::Packed(packed)) => return self.append_compressed(index, &packed),
-            Some(Pre::Raw) => {}
+            Some(Pre::Packed(packed)) => {
+                self.digest_data(index, &data[range])?;
+                return self.append_compressed(index, &packed);
+            }
+            Some(Pre::Raw) => self.digest_data(index, &data[range.clone()])?,
             None => {
                 let slice = &data[range.clone()];
                 if is_zero(slice) {
                     return self.zero_cluster(index);
                 }
+                self.digest_data(index, slice)?;
                 if self.compressor.is_some() {
                     let stored = if slice.len() as u64 == self.cs {
                         self.store_compressed(index, slice)?
@@ -491,6 +529,7 @@ impl Writer {
         if is_zero(buf) {
             return self.zero_cluster(index);
         }
+        self.digest_data(index, buf)?;
         if self.store_compressed(index, buf)? {
             return Ok(());
         }
