@@ -387,7 +387,7 @@ impl Sink for Qcow2Sink {
         let r = self
             .run(what, move |w| {
                 w.finish()?;
-                let digests = w.take_digests();
+                let digests = w.take_digests()?;
                 let digests_file = digests_path(&path);
                 for p in std::iter::once(&path).chain(digests.as_ref().map(|_| &digests_file)) {
                     if !overwrite && p.exists() {
