@@ -36,7 +36,11 @@ pub async fn digest_image(image: String) -> napi::Result<NativeDigestsWritten> {
         let image = PathBuf::from(image);
         let digests = digest_layer(&mut Qcow2Reader::open_layer(&image)?)?;
         let file = digests_path(&image);
-        let sha256 = digests.write_file(&file)?;
+        let sha256 = digests.write_file(&file).inspect_err(|_| {
+            let mut part = file.clone().into_os_string();
+            part.push(".part");
+            let _ = std::fs::remove_file(part);
+        })?;
         crate::sink::qcow2::sync_dir(&file)
             .map_err(|e| Error::sink_io(format!("syncing the folder of {}", file.display()), e))?;
         Ok(NativeDigestsWritten {
