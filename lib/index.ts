@@ -5,6 +5,7 @@
 export { PveBackupError, InvalidArgumentError, CancelledError, type ErrorCode, type PveBackupErrorOptions } from './errors.js';
 export { requireTool, ToolMissingError } from './tools.js';
 export { NbdError, type NbdErrorCode } from './nbd/errors.js';
+export { digestImage, checkImageDigests, type ImageDigests } from './digests.js';
 export {
   NbdClient,
   listBitmaps,

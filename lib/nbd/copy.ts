@@ -64,6 +64,17 @@ export interface CopyExtentsOptions extends ExtentReadOptions {
   /** qcow2: cluster size in bytes; default 64 KiB. */
   qcow2ClusterSize?: number;
   /**
+   * qcow2: record the content digests of the image while it is written; default false. For
+   * every 64 clusters (4 MiB with 64 KiB clusters) that hold anything, the file records which
+   * clusters hold data and which are zero clusters, and the SHA-256 of the data clusters' plain
+   * content (before compression). They are written to `<path>.digests` (mode 0600, its own
+   * checksum inside; format: `native/src/digests.rs`) before the image is renamed into place,
+   * and the summary's `digests` names it. Hashing happens as the clusters go out, so no second
+   * read of the image is needed; `checkImageDigests` (`lib/digests.ts`) checks the image later.
+   * Any other target refuses it (`ERR_INVALID_ARGUMENT`).
+   */
+  digests?: boolean;
+  /**
    * Write into an existing image at the same offsets (incremental over a copy of the last full
    * image). The image is written in place: a failed or killed copy leaves it half updated, so
    * write into a copy and keep the original until the copy succeeded (as `backupNbdToFile`
@@ -103,6 +114,8 @@ export interface CopySummary {
   connections: number;
   /** The server refused `base:allocation` inside the dirty areas: planned from the bitmap alone. */
   allocationFallback: boolean;
+  /** qcow2 with `digests`: the digest file written beside the image and the SHA-256 (hex) of its bytes. */
+  digests?: { file: string; sha256: string };
 }
 
 /** A chunk of a {@link readChunks} stream: data, or a range that reads as zeros. */
@@ -123,6 +136,7 @@ function toNative(o: CopyExtentsOptions): Binding.NativeCopyOptions {
     backingFormat: o.backingFormat,
     compression: o.compression,
     qcow2ClusterSize: o.qcow2ClusterSize,
+    digests: o.digests,
     bitmap: o.bitmap,
     useAllocation: o.useAllocation,
     maxRequest: o.maxRequest,
@@ -134,6 +148,13 @@ function toNative(o: CopyExtentsOptions): Binding.NativeCopyOptions {
     detectZeroes: o.detectZeroes,
     requestTimeoutMs: o.requestTimeoutMs,
   };
+}
+
+function toSummary(n: Binding.NativeSummary): CopySummary {
+  const { digestsFile, digestsSha256, ...rest } = n;
+  return digestsFile !== undefined && digestsFile !== null && typeof digestsSha256 === 'string'
+    ? { ...rest, digests: { file: digestsFile, sha256: digestsSha256 } }
+    : rest;
 }
 
 /**
@@ -196,7 +217,7 @@ export async function copyExtents(options: CopyExtentsOptions): Promise<CopySumm
   progress.job = job;
   const unlink = linkSignal(job, options.signal);
   try {
-    return await progress.settle(callNative(() => job.wait()));
+    return toSummary(await progress.settle(callNative(() => job.wait())));
   } finally {
     unlink();
   }
@@ -226,7 +247,7 @@ export function readChunks(options: ExtentReadOptions): ChunkStream {
   }
   progress.job = job;
   const unlink = linkSignal(job, options.signal);
-  const summary = progress.settle(callNative(() => job.wait())).finally(unlink);
+  const summary = progress.settle(callNative(() => job.wait())).then(toSummary).finally(unlink);
   // A consumer that never awaits `summary` must not see an unhandled rejection; errors also
   // surface through the iterator.
   summary.catch(() => {});

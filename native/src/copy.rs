@@ -31,6 +31,19 @@ pub enum Target {
     Custom(Box<dyn Sink>),
 }
 
+/// What a run did: the engine's summary, and the digest file a qcow2 target wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunSummary {
+    pub copy: Summary,
+    pub digests: Option<crate::sink::qcow2::DigestsWritten>,
+}
+
+/// The sink of a run; a qcow2 sink stays concrete so its digest file can be reported.
+enum Built {
+    Qcow2(crate::sink::qcow2::Qcow2Sink),
+    Other(Box<dyn Sink>),
+}
+
 /// Connections opened when the server allows several (CAN_MULTI_CONN): on the 2-core benchmark
 /// machine two connections sharing 16 requests beat one (benchmarks/RESULTS.md), since reading
 /// replies and writing the target then overlap on both cores.
@@ -122,7 +135,7 @@ pub async fn run(
     target: Target,
     progress: &(dyn Fn(Progress) + Send + Sync),
     cancel: &CancellationToken,
-) -> Result<Summary> {
+) -> Result<RunSummary> {
     let uri = NbdUri::parse(&opts.uri)?;
     let mut opts = opts;
     let prepared = async {
@@ -147,25 +160,39 @@ pub async fn run(
     };
     let size = clients[0].info().size;
     let result = async {
-        let mut sink: Box<dyn Sink> = match target {
+        let mut built = match target {
             Target::RawFile {
                 path,
                 existing: false,
-            } => Box::new(crate::sink::file::RawFileSink::create(&path, size).await?),
+            } => Built::Other(Box::new(
+                crate::sink::file::RawFileSink::create(&path, size).await?,
+            )),
             Target::RawFile {
                 path,
                 existing: true,
-            } => Box::new(crate::sink::file::RawFileSink::open_existing(&path, size).await?),
+            } => Built::Other(Box::new(
+                crate::sink::file::RawFileSink::open_existing(&path, size).await?,
+            )),
             Target::Qcow2 { path, options } => {
-                Box::new(crate::sink::qcow2::Qcow2Sink::create(&path, size, options).await?)
+                Built::Qcow2(crate::sink::qcow2::Qcow2Sink::create(&path, size, options).await?)
             }
-            Target::Null => Box::new(crate::sink::null::NullSink::new()),
-            Target::Custom(sink) => sink,
+            Target::Null => Built::Other(Box::new(crate::sink::null::NullSink::new())),
+            Target::Custom(sink) => Built::Other(sink),
         };
-        let mut summary =
-            engine::copy(clients.clone(), sink.as_mut(), &opts.copy, progress, cancel).await?;
+        let sink: &mut dyn Sink = match &mut built {
+            Built::Qcow2(s) => s,
+            Built::Other(s) => s.as_mut(),
+        };
+        let mut summary = engine::copy(clients.clone(), sink, &opts.copy, progress, cancel).await?;
         summary.connections = clients.len();
-        Ok(summary)
+        let digests = match &built {
+            Built::Qcow2(s) => s.digests().cloned(),
+            Built::Other(_) => None,
+        };
+        Ok(RunSummary {
+            copy: summary,
+            digests,
+        })
     }
     .await;
     for c in &clients {

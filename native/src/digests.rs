@@ -29,7 +29,6 @@
 //! the image. The file is about 1/75 000 of the data it covers (14 MiB for 1 TiB).
 
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -158,16 +157,8 @@ impl Digests {
             let what = format!("{what} {}", p.display());
             move |e| Error::sink_io(what, e)
         };
-        // private to its owner whatever the umask, as everything the store holds
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&part)
-            .map_err(io("creating", &part))?;
-        f.set_permissions(std::fs::Permissions::from_mode(0o600))
-            .map_err(io("setting the mode of", &part))?;
+        // Private (0600) whatever the umask, like the image it describes.
+        let mut f = crate::sink::file::private_file(&part).map_err(io("creating", &part))?;
         f.write_all(&bytes).map_err(io("writing", &part))?;
         f.sync_all().map_err(io("syncing", &part))?;
         std::fs::rename(&part, path).map_err(io("renaming to", path))?;
@@ -406,6 +397,7 @@ mod tests {
         assert_eq!(sha, hex(&Sha256::digest(d.encode())));
         assert_eq!(Digests::read_file(&path).unwrap(), d);
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the digest file is private whatever the umask");
     }
 }

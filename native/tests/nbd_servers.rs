@@ -429,6 +429,7 @@ async fn a_copy_job_leaves_a_trimmable_source_intact_unless_asked_to_discard() {
                 copy::run(opts, Target::Null, &|_| {}, &CancellationToken::new())
                     .await
                     .unwrap()
+                    .copy
             }
         };
         let s = run(false).await;

@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::error::{to_napi, IntoNapi};
 use super::{to_js, to_u64};
-use crate::copy::{self, RunOptions, Target};
-use crate::engine::{CopyOptions, Progress, Summary};
+use crate::copy::{self, RunOptions, RunSummary, Target};
+use crate::engine::{CopyOptions, Progress};
 use crate::error::{Error, Result};
 use crate::sink::channel::{self, ChunkReceiver};
 use crate::sink::qcow2::{Backing, Qcow2Options};
@@ -33,6 +33,8 @@ pub struct NativeCopyOptions {
     pub compression: Option<String>,
     /// qcow2: cluster size in bytes (default 64 KiB).
     pub qcow2_cluster_size: Option<u32>,
+    /// qcow2: record the content digests of the clusters stored in `<path>.digests`.
+    pub digests: Option<bool>,
     /// Write into an existing image (a copy of the previous full backup).
     pub existing: Option<bool>,
     pub bitmap: Option<String>,
@@ -68,6 +70,10 @@ pub struct NativeSummary {
     pub seconds: f64,
     pub connections: u32,
     pub allocation_fallback: bool,
+    /// qcow2 with `digests`: the digest file written beside the image.
+    pub digests_file: Option<String>,
+    /// SHA-256 (hex) of the digest file's bytes.
+    pub digests_sha256: Option<String>,
 }
 
 #[napi(object)]
@@ -121,7 +127,13 @@ fn run_options(o: &NativeCopyOptions) -> napi::Result<RunOptions> {
 }
 
 fn file_target(o: &NativeCopyOptions) -> Result<Target> {
-    match o.target.as_deref().unwrap_or("raw") {
+    let kind = o.target.as_deref().unwrap_or("raw");
+    if o.digests == Some(true) && kind != "qcow2" {
+        return Err(Error::invalid_argument(format!(
+            "digests are recorded by the qcow2 target only, not by {kind:?}"
+        )));
+    }
+    match kind {
         "null" => Ok(Target::Null),
         "raw" => {
             let path = o
@@ -138,7 +150,10 @@ fn file_target(o: &NativeCopyOptions) -> Result<Target> {
                 .path
                 .as_ref()
                 .ok_or_else(|| Error::invalid_argument("a qcow2 target needs a path"))?;
-            let mut options = Qcow2Options::default();
+            let mut options = Qcow2Options {
+                digests: o.digests.unwrap_or(false),
+                ..Qcow2Options::default()
+            };
             if let Some(size) = o.qcow2_cluster_size {
                 options.cluster_size = size;
             }
@@ -168,7 +183,8 @@ fn file_target(o: &NativeCopyOptions) -> Result<Target> {
     }
 }
 
-fn summary_to_js(s: Summary) -> NativeSummary {
+fn summary_to_js(run: RunSummary) -> NativeSummary {
+    let s = run.copy;
     NativeSummary {
         bytes_total: to_js(s.bytes_total),
         bytes_read: to_js(s.bytes_read),
@@ -180,6 +196,11 @@ fn summary_to_js(s: Summary) -> NativeSummary {
         seconds: s.seconds,
         connections: s.connections as u32,
         allocation_fallback: s.allocation_fallback,
+        digests_file: run
+            .digests
+            .as_ref()
+            .map(|d| d.path.to_string_lossy().into_owned()),
+        digests_sha256: run.digests.map(|d| d.sha256),
     }
 }
 
@@ -187,7 +208,7 @@ fn summary_to_js(s: Summary) -> NativeSummary {
 #[napi]
 pub struct NativeCopyJob {
     cancel: CancellationToken,
-    handle: Mutex<Option<oneshot::Receiver<Result<Summary>>>>,
+    handle: Mutex<Option<oneshot::Receiver<Result<RunSummary>>>>,
     chunks: Option<Arc<Mutex<ChunkReceiver>>>,
 }
 
@@ -197,7 +218,7 @@ fn spawn_run(
     target: Target,
     on_progress: Option<ProgressFn>,
     cancel: CancellationToken,
-) -> oneshot::Receiver<Result<Summary>> {
+) -> oneshot::Receiver<Result<RunSummary>> {
     let (done, result) = oneshot::channel();
     napi::bindgen_prelude::spawn(async move {
         let report = move |p: Progress| {
@@ -240,6 +261,11 @@ pub fn start_chunk_stream(
     on_progress: Option<ProgressFn>,
 ) -> napi::Result<NativeCopyJob> {
     let run = run_options(&options)?;
+    if options.digests == Some(true) {
+        return Err(to_napi(Error::invalid_argument(
+            "digests are recorded by the qcow2 target only, not by a chunk stream",
+        )));
+    }
     let (sink, receiver) = channel::channel();
     let cancel = CancellationToken::new();
     let handle = spawn_run(

@@ -6,6 +6,7 @@
 
 mod client;
 mod copy;
+mod digests;
 mod error;
 
 use napi_derive::napi;

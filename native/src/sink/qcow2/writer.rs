@@ -14,12 +14,15 @@ use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::thread::JoinHandle;
 
 use bytes::Bytes;
 
 use super::compress::{Compression, Compressor};
 use super::format::*;
 use super::reader::Image;
+use crate::digests::{Digester, Digests};
 use crate::error::{Error, Result};
 use crate::sink::write_behind::WriteBehind;
 use crate::zero::is_zero;
@@ -50,6 +53,75 @@ pub struct WriterConfig {
     /// The opened backing chain (to complete partly written clusters).
     pub backing: Option<Image>,
     pub compression: Compression,
+    /// Record the content digests of every cluster stored ([`crate::digests`]).
+    pub digests: bool,
+}
+
+/// Records the digests on a thread of its own, so hashing overlaps with the writer's work:
+/// clusters go over a bounded channel in the order they are stored (data as a slice of the
+/// caller's buffer, no copy; `None` for a zero cluster).
+struct DigestThread {
+    tx: Option<SyncSender<(u64, Option<Bytes>)>>,
+    handle: Option<JoinHandle<Result<Digests>>>,
+    cs: u64,
+    /// The header's size (whole sectors): what a reader of the image sees.
+    size: u64,
+}
+
+impl DigestThread {
+    fn start(cs: u64, size: u64) -> Result<DigestThread> {
+        // At most 8 MiB of stored clusters waiting (two of the engine's default reads).
+        let (tx, rx) = sync_channel::<(u64, Option<Bytes>)>(((8 << 20) / cs).max(16) as usize);
+        let handle = std::thread::Builder::new()
+            .name("qcow2-digests".into())
+            .spawn(move || {
+                let mut d = Digester::new(cs as u32, size);
+                for (cluster, data) in rx {
+                    match data {
+                        Some(plain) => d.data(cluster, &plain)?,
+                        None => d.zero(cluster)?,
+                    }
+                }
+                Ok(d.finish())
+            })
+            .map_err(|e| Error::sink_io("starting the digest thread", e))?;
+        Ok(DigestThread {
+            tx: Some(tx),
+            handle: Some(handle),
+            cs,
+            size,
+        })
+    }
+
+    /// Guest bytes of `cluster` as a reader of the image sees them.
+    fn cluster_len(&self, cluster: u64) -> usize {
+        self.size.saturating_sub(cluster * self.cs).min(self.cs) as usize
+    }
+
+    fn send(&mut self, cluster: u64, data: Option<Bytes>) -> Result<()> {
+        if self
+            .tx
+            .as_ref()
+            .is_some_and(|tx| tx.send((cluster, data)).is_ok())
+        {
+            return Ok(());
+        }
+        // The thread stopped on an error: `finish` returns it.
+        self.finish()?;
+        Err(Error::sink(
+            "the digest thread stopped before the image was written",
+        ))
+    }
+
+    /// Waits for every cluster sent to be hashed.
+    fn finish(&mut self) -> Result<Digests> {
+        self.tx = None;
+        match self.handle.take().map(JoinHandle::join) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(Error::sink("the digest thread panicked")),
+            None => Err(Error::sink("the digest thread already finished")),
+        }
+    }
 }
 
 /// What to do with a whole cluster, decided by a compression worker.
@@ -57,6 +129,21 @@ enum Pre {
     Zero,
     Packed(Vec<u8>),
     Raw,
+}
+
+/// The plain content of a data cluster, for its digest.
+enum Plain<'a> {
+    /// A range of the current `write_at`'s buffer.
+    Call(&'a Bytes, Range<usize>),
+    /// A cluster completed in the writer's own buffer.
+    Buffer(&'a [u8]),
+}
+
+/// `plain` followed by zeros up to `n` bytes.
+fn padded(plain: &[u8], n: usize) -> Bytes {
+    let mut v = plain.to_vec();
+    v.resize(n, 0);
+    Bytes::from(v)
 }
 
 struct RefBlock {
@@ -117,6 +204,8 @@ pub struct Writer {
     /// Lowest guest offset the next range may start at.
     pos: u64,
     stats: Qcow2Stats,
+    /// Fed every cluster as it is stored, in ascending guest order (when digests are on).
+    digester: Option<DigestThread>,
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -247,6 +336,11 @@ impl Writer {
             run: None,
             pos: 0,
             stats: Qcow2Stats::default(),
+            digester: if cfg.digests {
+                Some(DigestThread::start(cs, cfg.size.next_multiple_of(SECTOR))?)
+            } else {
+                None
+            },
         };
         // Header, refcount table, L1 table.
         w.alloc(1 + rt_clusters + l1_clusters)?;
@@ -259,6 +353,33 @@ impl Writer {
 
     fn cluster_len(&self, cluster: u64) -> usize {
         (self.size - cluster * self.cs).min(self.cs) as usize
+    }
+
+    /// The digests recorded, once [`Writer::finish`] has completed (`Ok(None)` without
+    /// digests).
+    pub fn take_digests(&mut self) -> Result<Option<Digests>> {
+        self.digester.take().map(|mut d| d.finish()).transpose()
+    }
+
+    /// Records the plain content of data cluster `index`, about to be stored: `data[range]`
+    /// when it comes from the caller's buffer (no copy), else `buf`. The content may be longer
+    /// than the cluster's guest bytes (a whole buffer: zeros beyond the image end) or, for the
+    /// last cluster of an image whose size is not a whole sector, shorter: the image reads
+    /// zeros there.
+    fn digest_data(&mut self, index: u64, plain: Plain) -> Result<()> {
+        let Some(d) = self.digester.as_mut() else {
+            return Ok(());
+        };
+        let n = d.cluster_len(index);
+        let bytes = match plain {
+            Plain::Call(data, range) if range.len() >= n => {
+                data.slice(range.start..range.start + n)
+            }
+            Plain::Buffer(buf) if buf.len() >= n => Bytes::copy_from_slice(&buf[..n]),
+            Plain::Call(data, range) => padded(&data[range], n),
+            Plain::Buffer(buf) => padded(buf, n),
+        };
+        d.send(index, Some(bytes))
     }
 
     fn check_range(&mut self, offset: u64, length: u64) -> Result<()> {
@@ -387,6 +508,9 @@ impl Writer {
 
     fn zero_cluster(&mut self, cluster: u64) -> Result<()> {
         if self.has_backing {
+            if let Some(d) = self.digester.as_mut() {
+                d.send(cluster, None)?;
+            }
             self.set_l2(cluster, OFLAG_ZERO)?;
             self.stats.zero_clusters += 1;
         }
@@ -440,13 +564,17 @@ impl Writer {
     ) -> Result<()> {
         match pre {
             Some(Pre::Zero) => return self.zero_cluster(index),
-            Some(Pre::Packed(packed)) => return self.append_compressed(index, &packed),
-            Some(Pre::Raw) => {}
+            Some(Pre::Packed(packed)) => {
+                self.digest_data(index, Plain::Call(data, range))?;
+                return self.append_compressed(index, &packed);
+            }
+            Some(Pre::Raw) => self.digest_data(index, Plain::Call(data, range.clone()))?,
             None => {
-                let slice = &data[range.clone()];
-                if is_zero(slice) {
+                if is_zero(&data[range.clone()]) {
                     return self.zero_cluster(index);
                 }
+                self.digest_data(index, Plain::Call(data, range.clone()))?;
+                let slice = &data[range.clone()];
                 if self.compressor.is_some() {
                     let stored = if slice.len() as u64 == self.cs {
                         self.store_compressed(index, slice)?
@@ -491,6 +619,7 @@ impl Writer {
         if is_zero(buf) {
             return self.zero_cluster(index);
         }
+        self.digest_data(index, Plain::Buffer(buf))?;
         if self.store_compressed(index, buf)? {
             return Ok(());
         }
