@@ -7,6 +7,7 @@
 mod client;
 mod copy;
 mod error;
+mod restore;
 
 use napi_derive::napi;
 
