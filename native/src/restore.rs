@@ -62,7 +62,10 @@ impl Layer {
     /// A layer and its digest file, read and parsed (`ERR_BACKUP_CORRUPT` naming the file when
     /// it is damaged).
     pub fn open(image: &Path, digests_file: &Path) -> Result<Layer> {
-        Ok(Layer { image: image.to_path_buf(), digests: Digests::read_file(digests_file)? })
+        Ok(Layer {
+            image: image.to_path_buf(),
+            digests: Digests::read_file(digests_file)?,
+        })
     }
 }
 
@@ -271,7 +274,9 @@ pub fn restore_chain(options: RestoreOptions) -> Result<RestoreSummary> {
 /// layer matches its digests' geometry.
 fn check_chain(layers: Vec<Layer>) -> Result<Chain> {
     if layers.is_empty() {
-        return Err(Error::invalid_argument("a restore needs at least one layer"));
+        return Err(Error::invalid_argument(
+            "a restore needs at least one layer",
+        ));
     }
     let mut infos = Vec::with_capacity(layers.len());
     let mut cluster_size = None;
@@ -294,7 +299,11 @@ fn check_chain(layers: Vec<Layer>) -> Result<Chain> {
             )));
         }
         let block_size = d.block_size();
-        if let Some(r) = d.records.last().filter(|r| r.block >= size.div_ceil(block_size)) {
+        if let Some(r) = d
+            .records
+            .last()
+            .filter(|r| r.block >= size.div_ceil(block_size))
+        {
             return Err(Error::corrupt(format!(
                 "{name}: its digests record block {} beyond the image's end ({size} bytes)",
                 r.block
@@ -350,17 +359,27 @@ fn open_target(path: &Path, size: u64) -> Result<Target> {
         if meta.len() != size {
             file.set_len(size).map_err(io("sizing"))?;
         }
-        Ok(Target { file, kind: TargetKind::File, path: path.to_path_buf() })
+        Ok(Target {
+            file,
+            kind: TargetKind::File,
+            path: path.to_path_buf(),
+        })
     } else if ft.is_block_device() {
         let mut f = &file;
-        let have = f.seek(SeekFrom::End(0)).map_err(io("reading the size of"))?;
+        let have = f
+            .seek(SeekFrom::End(0))
+            .map_err(io("reading the size of"))?;
         if have < size {
             return Err(Error::invalid_argument(format!(
                 "{} holds {have} bytes, the disk needs {size}",
                 path.display()
             )));
         }
-        Ok(Target { file, kind: TargetKind::BlockDevice, path: path.to_path_buf() })
+        Ok(Target {
+            file,
+            kind: TargetKind::BlockDevice,
+            path: path.to_path_buf(),
+        })
     } else {
         Err(Error::invalid_argument(format!(
             "{} is neither a regular file nor a block device",
@@ -440,23 +459,26 @@ fn restore_block(
         for k in 0..n {
             match reader.stored(first + k as u64)? {
                 Stored::Unallocated => {}
-                Stored::Zero => {
-                    zero |= 1 << k;
-                    if k < n_out {
-                        owner[k] = None;
-                    }
-                }
-                Stored::Data => {
-                    data |= 1 << k;
-                    if k < n_out {
-                        owner[k] = Some(i);
-                    }
-                }
+                Stored::Zero => zero |= 1 << k,
+                Stored::Data => data |= 1 << k,
+            }
+        }
+        // the top-most layer storing a cluster decides it: base first, later layers win
+        for (k, o) in owner.iter_mut().enumerate().take(n.min(n_out)) {
+            if data & (1 << k) != 0 {
+                *o = Some(i);
+            } else if zero & (1 << k) != 0 {
+                *o = None;
             }
         }
         match layer.digests.record(block) {
             None if data | zero != 0 => {
-                return Err(corrupt(chain, layer, block, "stores clusters where none were recorded"))
+                return Err(corrupt(
+                    chain,
+                    layer,
+                    block,
+                    "stores clusters where none were recorded",
+                ))
             }
             Some(r) if (r.data, r.zero) != (data, zero) => {
                 let why = if data | zero == 0 {
@@ -515,7 +537,12 @@ fn restore_block(
             k = e;
         }
         if <[u8; 32]>::from(hash.finalize()) != record.sha256 {
-            return Err(corrupt(chain, layer, block, "content does not match its digest"));
+            return Err(corrupt(
+                chain,
+                layer,
+                block,
+                "content does not match its digest",
+            ));
         }
     }
 
@@ -542,7 +569,14 @@ fn restore_block(
         if kind {
             let (lo, hi) = ((start - base) as usize, (end - base) as usize);
             t.file.write_all_at(&out[lo..hi], start).map_err(|err| {
-                Error::sink_io(format!("writing {} bytes at {start} of {}", hi - lo, t.path.display()), err)
+                Error::sink_io(
+                    format!(
+                        "writing {} bytes at {start} of {}",
+                        hi - lo,
+                        t.path.display()
+                    ),
+                    err,
+                )
             })?;
             data_bytes += end - start;
         } else {
@@ -556,14 +590,19 @@ fn restore_block(
     shared.data.fetch_add(data_bytes, Ordering::Relaxed);
     shared.zero.fetch_add(zero_bytes, Ordering::Relaxed);
     shared.read.fetch_add(read, Ordering::Relaxed);
-    shared.done.fetch_add(data_bytes + zero_bytes, Ordering::Relaxed);
+    shared
+        .done
+        .fetch_add(data_bytes + zero_bytes, Ordering::Relaxed);
     Ok(read)
 }
 
 /// Makes a range of the target read as zeros.
 fn zero_range(t: &Target, offset: u64, length: u64) -> Result<()> {
     let failed = |e| {
-        Error::sink_io(format!("zeroing {length} bytes at {offset} of {}", t.path.display()), e)
+        Error::sink_io(
+            format!("zeroing {length} bytes at {offset} of {}", t.path.display()),
+            e,
+        )
     };
     let done = match t.kind {
         TargetKind::File => punch_hole(&t.file, offset, length).map_err(failed)?,

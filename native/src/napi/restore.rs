@@ -116,7 +116,10 @@ pub fn start_restore(
         // the receiver is gone only when the JS object was collected: nobody wants the result
         let _ = done.send(run);
     });
-    Ok(NativeRestoreJob { cancel, handle: Mutex::new(Some(result)) })
+    Ok(NativeRestoreJob {
+        cancel,
+        handle: Mutex::new(Some(result)),
+    })
 }
 
 #[napi]
@@ -132,7 +135,9 @@ impl NativeRestoreJob {
     pub async fn wait(&self) -> napi::Result<NativeRestoreSummary> {
         let handle = self.handle.lock().await.take();
         let Some(handle) = handle else {
-            return Err(to_napi(Error::invalid_argument("wait() was already called")));
+            return Err(to_napi(Error::invalid_argument(
+                "wait() was already called",
+            )));
         };
         match handle.await {
             Ok(result) => result

@@ -63,9 +63,16 @@ fn ops(rng: &mut Rng, layer: usize) -> Vec<Op> {
         }
         pos = end + rng.below(16) * 32768;
     }
-    let tail = if layer == 0 { SIZE - 3 * CS } else { SIZE - 1024 };
+    let tail = if layer == 0 {
+        SIZE - 3 * CS
+    } else {
+        SIZE - 1024
+    };
     if layer == 0 || layer == LAYERS - 1 {
-        out.push(Op::Data(tail, (0..SIZE - tail).map(|_| rng.next() as u8).collect()));
+        out.push(Op::Data(
+            tail,
+            (0..SIZE - tail).map(|_| rng.next() as u8).collect(),
+        ));
     }
     out
 }
@@ -81,7 +88,11 @@ async fn build_chain(dir: &Path, seed: u64) -> Vec<PathBuf> {
                 file: format!("layer{}.qcow2", layer - 1),
                 format: BackingFormat::Qcow2,
             }),
-            compression: if layer == COMPRESSED { Compression::Zstd } else { Compression::None },
+            compression: if layer == COMPRESSED {
+                Compression::Zstd
+            } else {
+                Compression::None
+            },
             ..Qcow2Options::default()
         };
         let mut sink = Qcow2Sink::create(&path, SIZE, options).await.unwrap();
@@ -119,7 +130,9 @@ fn options(images: &[PathBuf], target: &Path, zeroed: bool) -> RestoreOptions {
 }
 
 async fn restore(options: RestoreOptions) -> Result<RestoreSummary> {
-    tokio::task::spawn_blocking(move || restore_chain(options)).await.unwrap()
+    tokio::task::spawn_blocking(move || restore_chain(options))
+        .await
+        .unwrap()
 }
 
 /// The chain's content as the backing-chain reader sees it.
@@ -138,7 +151,11 @@ fn stored_bytes(images: &[PathBuf]) -> u64 {
             let d = Digests::read_file(&digests_path(i)).unwrap();
             d.records
                 .iter()
-                .flat_map(|r| (0..64).filter(move |k| r.data & (1 << k) != 0).map(move |k| r.block * 64 + k))
+                .flat_map(|r| {
+                    (0..64)
+                        .filter(move |k| r.data & (1 << k) != 0)
+                        .map(move |k| r.block * 64 + k)
+                })
                 .map(|c| (SIZE - c * CS).min(CS))
                 .sum::<u64>()
         })
@@ -159,7 +176,10 @@ fn l2_entry_position(image: &Path, cluster: u64) -> u64 {
 
 fn l2_entry(image: &Path, cluster: u64) -> u64 {
     let mut b = [0u8; 8];
-    File::open(image).unwrap().read_exact_at(&mut b, l2_entry_position(image, cluster)).unwrap();
+    File::open(image)
+        .unwrap()
+        .read_exact_at(&mut b, l2_entry_position(image, cluster))
+        .unwrap();
     u64::from_be_bytes(b)
 }
 
@@ -194,7 +214,10 @@ async fn restores_the_chain_exactly_sparse_and_private_reading_each_stored_byte_
     let images = build_chain(dir.path(), 0x9e37_79b9_7f4a_7c15).await;
     // the chain exercises what it should
     let top = Digests::read_file(&digests_path(&images[LAYERS - 1])).unwrap();
-    assert!(top.records.iter().any(|r| r.zero != 0), "zero clusters in the top layer");
+    assert!(
+        top.records.iter().any(|r| r.zero != 0),
+        "zero clusters in the top layer"
+    );
     let mid = Qcow2Reader::open_layer(&images[COMPRESSED]).unwrap();
     drop(mid);
     assert!(
@@ -207,15 +230,26 @@ async fn restores_the_chain_exactly_sparse_and_private_reading_each_stored_byte_
     let summary = restore(options(&images, &target, true)).await.unwrap();
     unsafe { libc::umask(old) };
     let got = std::fs::read(&target).unwrap();
-    assert!(got == expected(&images[LAYERS - 1]), "restore differs from the chain");
+    assert!(
+        got == expected(&images[LAYERS - 1]),
+        "restore differs from the chain"
+    );
     assert_eq!(summary.bytes, SIZE);
     assert_eq!(summary.bytes_data + summary.bytes_zero, SIZE);
-    assert_eq!(summary.bytes_read, stored_bytes(&images), "each stored byte read once");
+    assert_eq!(
+        summary.bytes_read,
+        stored_bytes(&images),
+        "each stored byte read once"
+    );
     let meta = std::fs::metadata(&target).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     // holes where zeros are: no more allocated than the data written (plus a block's slack),
     // and the block no layer wrote is a hole
-    assert!(meta.blocks() * 512 <= summary.bytes_data + BLOCK, "{} allocated", meta.blocks() * 512);
+    assert!(
+        meta.blocks() * 512 <= summary.bytes_data + BLOCK,
+        "{} allocated",
+        meta.blocks() * 512
+    );
     let f = File::open(&target).unwrap();
     // SAFETY: lseek on an open descriptor.
     let next_data = unsafe { libc::lseek(f.as_raw_fd(), UNTOUCHED.start as i64, libc::SEEK_DATA) };
@@ -232,7 +266,10 @@ async fn zeroes_the_old_content_of_a_target_that_is_not_zeroed() {
     assert!(summary.bytes_zero > BLOCK);
     let got = std::fs::read(&target).unwrap();
     assert_eq!(got.len() as u64, SIZE);
-    assert!(got == expected(&images[LAYERS - 1]), "restore differs from the chain");
+    assert!(
+        got == expected(&images[LAYERS - 1]),
+        "restore differs from the chain"
+    );
 
     // the same with one thread and a fresh sparse file claimed not to be zeroed
     let fresh = dir.path().join("fresh.raw");
@@ -249,14 +286,23 @@ async fn corrupted_data_in_a_middle_layer_names_the_file_and_range() {
     let victim = &images[3];
     let cluster = plain_data_cluster(victim);
     let host = l2_entry(victim, cluster) & 0x00ff_ffff_ffff_fe00;
-    let f = OpenOptions::new().read(true).write(true).open(victim).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(victim)
+        .unwrap();
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, host + 1000).unwrap();
     f.write_all_at(&[b[0] ^ 0x40], host + 1000).unwrap();
     let block = cluster / BLOCK_CLUSTERS;
-    let e = restore(options(&images, &dir.path().join("t.raw"), true)).await.unwrap_err();
+    let e = restore(options(&images, &dir.path().join("t.raw"), true))
+        .await
+        .unwrap_err();
     assert_corrupt(&e, victim, Some((block * BLOCK, (block + 1) * BLOCK)));
-    assert!(e.to_string().contains("content does not match its digest"), "{e}");
+    assert!(
+        e.to_string().contains("content does not match its digest"),
+        "{e}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -267,16 +313,22 @@ async fn a_lost_cluster_and_an_extra_cluster_are_corruption() {
     let cluster = plain_data_cluster(victim);
     let entry = l2_entry(victim, cluster);
     set_l2_entry(victim, cluster, 0);
-    let e = restore(options(&images, &dir.path().join("t.raw"), true)).await.unwrap_err();
+    let e = restore(options(&images, &dir.path().join("t.raw"), true))
+        .await
+        .unwrap_err();
     let block = cluster / BLOCK_CLUSTERS;
     assert_corrupt(&e, victim, Some((block * BLOCK, (block + 1) * BLOCK)));
 
     // put it back, then make the same data appear in the block nobody wrote
     set_l2_entry(victim, cluster, entry);
-    restore(options(&images, &dir.path().join("ok.raw"), true)).await.unwrap();
+    restore(options(&images, &dir.path().join("ok.raw"), true))
+        .await
+        .unwrap();
     let extra = UNTOUCHED.start / CS + 5;
     set_l2_entry(victim, extra, entry);
-    let e = restore(options(&images, &dir.path().join("t2.raw"), true)).await.unwrap_err();
+    let e = restore(options(&images, &dir.path().join("t2.raw"), true))
+        .await
+        .unwrap_err();
     assert_corrupt(&e, victim, Some((UNTOUCHED.start, UNTOUCHED.end)));
     assert!(e.to_string().contains("where none were recorded"), "{e}");
 
@@ -284,7 +336,9 @@ async fn a_lost_cluster_and_an_extra_cluster_are_corruption() {
     set_l2_entry(victim, extra, 0);
     let top = &images[LAYERS - 1];
     set_l2_entry(top, extra, 1);
-    let e = restore(options(&images, &dir.path().join("t3.raw"), true)).await.unwrap_err();
+    let e = restore(options(&images, &dir.path().join("t3.raw"), true))
+        .await
+        .unwrap_err();
     assert_corrupt(&e, top, Some((UNTOUCHED.start, UNTOUCHED.end)));
 }
 
@@ -302,7 +356,10 @@ async fn a_damaged_digest_file_is_corruption_naming_it() {
     // digests of another layer: the geometry or the records disagree
     let mut l = layers(&images[..2]);
     l[1].digests = Digests::read_file(&digests_path(&images[0])).unwrap();
-    let o = RestoreOptions { layers: l, ..options(&images[..1], &dir.path().join("t.raw"), true) };
+    let o = RestoreOptions {
+        layers: l,
+        ..options(&images[..1], &dir.path().join("t.raw"), true)
+    };
     let e = restore(o).await.unwrap_err();
     assert_corrupt(&e, &images[1], None);
 }
@@ -327,7 +384,11 @@ async fn cancel_stops_a_limited_restore_and_limits_hold() {
     let e = restore(o).await.unwrap_err();
     assert_eq!(e.code(), "ERR_CANCELLED", "{e}");
     assert!(reports.load(Ordering::SeqCst) >= 1);
-    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
 
     // a limit of twice the data takes about half a second
     let mut o = options(&images, &dir.path().join("t2.raw"), true);
@@ -344,17 +405,27 @@ async fn chains_of_mixed_cluster_sizes_are_left_to_qemu_img() {
     for (path, cs, backing) in [(&base, 65536, None), (&top, 131072, Some("base.qcow2"))] {
         let options = Qcow2Options {
             cluster_size: cs,
-            backing: backing.map(|b: &str| Backing { file: b.into(), format: BackingFormat::Qcow2 }),
+            backing: backing.map(|b: &str| Backing {
+                file: b.into(),
+                format: BackingFormat::Qcow2,
+            }),
             ..Qcow2Options::default()
         };
         let mut sink = Qcow2Sink::create(path, 1 << 20, options).await.unwrap();
-        sink.write_at(0, Bytes::from(vec![1u8; 4096])).await.unwrap();
+        sink.write_at(0, Bytes::from(vec![1u8; 4096]))
+            .await
+            .unwrap();
         sink.finish().await.unwrap();
         let d = digest_layer(&mut Qcow2Reader::open_layer(path).unwrap()).unwrap();
         d.write_file(&digests_path(path)).unwrap();
     }
     let images = [base, top];
-    let e = restore(options(&images, &dir.path().join("t.raw"), true)).await.unwrap_err();
+    let e = restore(options(&images, &dir.path().join("t.raw"), true))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), "ERR_INVALID_ARGUMENT", "{e}");
-    assert!(!dir.path().join("t.raw").exists(), "nothing written before the chain is checked");
+    assert!(
+        !dir.path().join("t.raw").exists(),
+        "nothing written before the chain is checked"
+    );
 }

@@ -199,7 +199,12 @@ pub(crate) fn punch_hole(file: &File, offset: u64, length: u64) -> std::io::Resu
     }
 }
 
-pub(crate) fn write_zeros(file: &File, offset: u64, length: u64, chunk: usize) -> std::io::Result<()> {
+pub(crate) fn write_zeros(
+    file: &File,
+    offset: u64,
+    length: u64,
+    chunk: usize,
+) -> std::io::Result<()> {
     let buf = vec![0u8; chunk.min(usize::try_from(length).unwrap_or(chunk))];
     let mut pos = offset;
     let end = offset + length;
