@@ -332,9 +332,22 @@ async fn a_lost_cluster_and_an_extra_cluster_are_corruption() {
     assert_corrupt(&e, victim, Some((UNTOUCHED.start, UNTOUCHED.end)));
     assert!(e.to_string().contains("where none were recorded"), "{e}");
 
-    // a zero cluster that appeared in the top layer
+    // a zero cluster of the top layer lost: its data hash is the same, its masks are not
     set_l2_entry(victim, extra, 0);
     let top = &images[LAYERS - 1];
+    let d = Digests::read_file(&digests_path(top)).unwrap();
+    let r = d.records.iter().find(|r| r.zero != 0).unwrap();
+    let zero_cluster = r.block * BLOCK_CLUSTERS + u64::from(r.zero.trailing_zeros());
+    let zero_entry = l2_entry(top, zero_cluster);
+    set_l2_entry(top, zero_cluster, 0);
+    let e = restore(options(&images, &dir.path().join("t4.raw"), true))
+        .await
+        .unwrap_err();
+    assert_corrupt(&e, top, Some((r.block * BLOCK, (r.block + 1) * BLOCK)));
+    assert!(e.to_string().contains("its clusters differ"), "{e}");
+    set_l2_entry(top, zero_cluster, zero_entry);
+
+    // a zero cluster that appeared in the top layer
     set_l2_entry(top, extra, 1);
     let e = restore(options(&images, &dir.path().join("t3.raw"), true))
         .await
