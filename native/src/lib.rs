@@ -12,6 +12,7 @@ pub mod error;
 pub mod nbd;
 pub mod plan;
 pub mod ratelimit;
+pub mod restore;
 pub mod sink;
 pub mod source;
 pub mod zero;

@@ -8,6 +8,7 @@ mod client;
 mod copy;
 mod digests;
 mod error;
+mod restore;
 
 use napi_derive::napi;
 

@@ -173,7 +173,7 @@ pub(crate) fn private_file(path: &Path) -> std::io::Result<File> {
 }
 
 /// Punch a hole, keeping the size. `Ok(false)` when the file system cannot punch holes.
-fn punch_hole(file: &File, offset: u64, length: u64) -> std::io::Result<bool> {
+pub(crate) fn punch_hole(file: &File, offset: u64, length: u64) -> std::io::Result<bool> {
     let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(length)) else {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -199,7 +199,12 @@ fn punch_hole(file: &File, offset: u64, length: u64) -> std::io::Result<bool> {
     }
 }
 
-fn write_zeros(file: &File, offset: u64, length: u64, chunk: usize) -> std::io::Result<()> {
+pub(crate) fn write_zeros(
+    file: &File,
+    offset: u64,
+    length: u64,
+    chunk: usize,
+) -> std::io::Result<()> {
     let buf = vec![0u8; chunk.min(usize::try_from(length).unwrap_or(chunk))];
     let mut pos = offset;
     let end = offset + length;
