@@ -5,7 +5,8 @@
 export { PveBackupError, InvalidArgumentError, CancelledError, type ErrorCode, type PveBackupErrorOptions } from './errors.js';
 export { requireTool, ToolMissingError } from './tools.js';
 export { NbdError, type NbdErrorCode } from './nbd/errors.js';
-export { digestImage, checkImageDigests, type ImageDigests } from './digests.js';
+export { digestImage, checkImageDigests, type ImageDigests } from './directory-provider/digests.js';
+export { restoreChain, type ChainLayer, type RestoreChainOptions, type RestoreChainProgress, type RestoreChainSummary } from './directory-provider/restore-chain.js';
 export {
   NbdClient,
   listBitmaps,

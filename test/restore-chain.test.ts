@@ -12,7 +12,7 @@ import { describe, expect, it } from 'vitest';
 
 import { CancelledError } from '../lib/errors.js';
 import { DirectoryStoreError } from '../lib/directory-provider/errors.js';
-import { restoreChain, type ChainLayer } from '../lib/restore-chain.js';
+import { restoreChain, type ChainLayer } from '../lib/directory-provider/restore-chain.js';
 import { allocatedBytes, expectSameBytes, run } from './helpers/images.js';
 import { useCleanups } from './helpers/nbd-servers.js';
 import { requireTool } from './helpers/tools.js';

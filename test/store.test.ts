@@ -4,6 +4,7 @@
  * verify and refused by restore, and clear errors for bad store paths and volume ids.
  */
 import { spawnSync } from 'node:child_process';
+import { open } from 'node:fs/promises';
 import { chmodSync, lstatSync, readFileSync, readdirSync, rmSync, writeFileSync, mkdirSync, existsSync } from 'node:fs';
 import path from 'node:path';
 

@@ -43,7 +43,7 @@ import type {
   ProviderContext,
   ProviderStorage,
   RestoreContainerInitResult,
-  RestoreImageLayer,
+  RestoreVolumeTarget,
   RestoreMechanismInfo,
   RestoreVmVolumeInitResult,
   VolumeSize,
@@ -53,6 +53,7 @@ import { startFuseExport, type FuseExport } from '../qemu/storage-daemon.js';
 import { nbdUriFor } from '../provider/dirty-regions.js';
 import { BitmapLedger } from './bitmap-ledger.js';
 import { DirectoryStoreError } from './errors.js';
+import { restoreChain } from './restore-chain.js';
 import { MANIFEST, MANIFEST_VERSION, PREVIOUS_INFO, hashFile, hashTree, parseVolname, syncFiles, type Manifest, type ManifestDevice, type ManifestFile } from './layout.js';
 import { DirectoryStore, type PreviousInfo } from './store.js';
 
@@ -564,7 +565,7 @@ export class DirectoryProvider extends BackupProviderBase {
    * manifest and digest file is sound, and each image recorded by its SHA-256 (manifest version 1)
    * matches it. A corrupted backup is refused here, before any target is written. Images recorded
    * by content digests are checked as they are read instead: by the native restore as it copies
-   * ({@link restoreVmVolumeImages}), or in {@link restoreVmVolumeInit} before qemu-img reads them.
+   * ({@link restoreVmVolumeWrite}), or in {@link restoreVmVolumeInit} before qemu-img reads them.
    */
   override async restoreVmInit(volname: string): Promise<Record<string, VolumeSize>> {
     const m = await (await this.openStore()).assertRestorable(volname, 'vm', { digestImages: false });
@@ -597,14 +598,25 @@ export class DirectoryProvider extends BackupProviderBase {
   }
 
   /**
-   * Package extension: the stored image chain of a disk, base first, each layer with its digest
-   * file, for a restore that checks what it reads as it copies (the native core's
-   * `restoreChain`; see {@link BackupProvider.restoreVmVolumeImages}). `undefined` for a backup
-   * recorded before content digests (manifest version 1): the restore then goes through
-   * {@link restoreVmVolumeInit} and qemu-img.
+   * Package extension ({@link BackupProviderV2.restoreVmVolumeWrite}): writes a disk straight
+   * from its stored chain through the native core ({@link restoreChain}), which checks every layer
+   * against its content digests as it reads it: each stored byte is read once, and a corruption
+   * fails with `ERR_BACKUP_CORRUPT` naming the image and the byte range. `false` for a backup
+   * recorded before content digests (manifest version 1), which takes the qemu-img path.
    */
-  async restoreVmVolumeImages(volname: string, deviceName: string): Promise<RestoreImageLayer[] | undefined> {
-    return (await this.openStore()).imageChain(volname, deviceName);
+  async restoreVmVolumeWrite(volname: string, deviceName: string, target: RestoreVolumeTarget): Promise<boolean> {
+    const layers = await (await this.openStore()).imageChain(volname, deviceName);
+    if (!layers) return false;
+    this.log.info(`${deviceName}: ${layers.length} stored image(s), checked against their digests as they are copied`);
+    await restoreChain({
+      layers,
+      target: target.path,
+      zeroed: target.zeroed,
+      ...(target.bandwidthLimit ? { bandwidthLimit: target.bandwidthLimit } : {}),
+      ...(target.onProgress ? { onProgress: target.onProgress } : {}),
+      ...(target.signal ? { signal: target.signal } : {}),
+    });
+    return true;
   }
 
   /** Unmounts the volume's export and ends its daemon. */

@@ -19,7 +19,7 @@ import { promisify } from 'node:util';
 
 import type { GuestType, PruneOptions } from '../provider/api.js';
 import { currentOwner, ownerIsDead } from '../owner.js';
-import { checkImageDigests, digestImage } from '../digests.js';
+import { checkImageDigests, digestImage } from './digests.js';
 import { requireTool } from '../tools.js';
 import { DirectoryStoreError } from './errors.js';
 import {
@@ -476,7 +476,7 @@ export class DirectoryStore {
       if (digestFiles.has(name) && !names?.includes(name)) continue;
       const file = path.join(dir, name);
       if ('digests' in want) {
-        problems.push(...(o.digestImages === false ? await this.checkFiles(m, [want.digests]) : await this.checkImage(m, name, want)));
+        problems.push(...(o.digestImages === false ? await this.checkImageRecord(m, name, want) : await this.checkImage(m, name, want)));
         continue;
       }
       let got = await (name === 'root' ? hashTree(file) : hashFile(file)).catch((err: Error) => err);
@@ -488,18 +488,33 @@ export class DirectoryStore {
     return problems;
   }
 
-  /** A disk image recorded by its content digests (manifest version 2). */
-  private async checkImage(m: Manifest, name: string, want: { size: number; digests: string }): Promise<string[]> {
-    const dir = this.backupDir(m.volname);
-    const file = path.join(dir, name);
-    const digestsFile = path.join(dir, want.digests);
-    if (!m.files[want.digests]) return [`${digestsFile}: not listed in the manifest`];
+  /** The error refusing to restore a backup with `problems` (each `<file>: <what>`), naming the first file. */
+  private unrestorable(volname: string, problems: string[]): DirectoryStoreError {
+    return new DirectoryStoreError('ERR_BACKUP_CORRUPT', `backup ${this.volid(volname)} is corrupted, refusing to restore it: ${problems.join('; ')}`, { volname, file: problems[0]!.split(': ')[0] });
+  }
+
+  /**
+   * What can be checked of a disk image recorded by its content digests (manifest version 2)
+   * without reading it: its digest file against the manifest, and its size.
+   */
+  private async checkImageRecord(m: Manifest, name: string, want: { size: number; digests: string }): Promise<string[]> {
+    const file = path.join(this.backupDir(m.volname), name);
+    if (!m.files[want.digests]) return [`${path.join(this.backupDir(m.volname), want.digests)}: not listed in the manifest`];
     const problems = await this.checkFiles(m, [want.digests]);
     if (problems.length > 0) return problems;
+    // a changed size is a changed file, even where no reader would look
     const size = await stat(file).then((s) => s.size, (err: NodeJS.ErrnoException) => err);
     if (size instanceof Error) return [`${file}: ${size.code === 'ENOENT' ? 'missing' : size.message}`];
     if (size !== want.size) return [`${file}: size ${size} differs from the recorded ${want.size} (changed since the backup)`];
-    return checkImageDigests(file, digestsFile).catch((err: Error) => [`${file}: ${err.message}`]);
+    return [];
+  }
+
+  /** A disk image recorded by its content digests, checked whole (one read of the image). */
+  private async checkImage(m: Manifest, name: string, want: { size: number; digests: string }): Promise<string[]> {
+    const problems = await this.checkImageRecord(m, name, want);
+    if (problems.length > 0) return problems;
+    const dir = this.backupDir(m.volname);
+    return checkImageDigests(path.join(dir, name), path.join(dir, want.digests)).catch((err: Error) => [`${path.join(dir, name)}: ${err.message}`]);
   }
 
   /**
@@ -518,12 +533,9 @@ export class DirectoryStore {
       const want = m.files[d.file];
       if (!want || !('digests' in want)) return undefined;
       const image = path.join(this.backupDir(m.volname), d.file);
-      const problems = await this.checkFiles(m, [want.digests]);
-      // a changed size is a changed file, even where the restore would not read
-      const size = await stat(image).then((st) => st.size, () => undefined);
-      if (size !== want.size) problems.push(`${image}: ${size === undefined ? 'missing' : `size ${size} differs from the recorded ${want.size} (changed since the backup)`}`);
+      const problems = await this.checkImageRecord(m, d.file, want);
       if (problems.length > 0) {
-        throw new DirectoryStoreError('ERR_BACKUP_CORRUPT', `backup ${this.volid(volname)} is corrupted, refusing to restore it: ${problems.join('; ')}`, { volname, file: problems[0]!.split(': ')[0] });
+        throw this.unrestorable(volname, problems);
       }
       layers.unshift({ image, digestsFile: path.join(this.backupDir(m.volname), want.digests) });
       if (!d.base) return layers;
@@ -544,10 +556,7 @@ export class DirectoryStore {
     const problems = await this.checkFiles(own, dataFiles, o);
     if (what === 'vm') problems.push(...(await this.ancestorProblems(chain, o)));
     if (problems.length > 0) {
-      throw new DirectoryStoreError('ERR_BACKUP_CORRUPT', `backup ${this.volid(volname)} is corrupted, refusing to restore it: ${problems.join('; ')}`, {
-        volname,
-        file: problems[0]!.split(': ')[0],
-      });
+      throw this.unrestorable(volname, problems);
     }
     return own;
   }
@@ -572,7 +581,7 @@ export class DirectoryStore {
       if (want && 'digests' in want) problems.push(...(await this.checkImage(m, d.file, want)));
     }
     if (problems.length > 0) {
-      throw new DirectoryStoreError('ERR_BACKUP_CORRUPT', `backup ${this.volid(volname)} is corrupted, refusing to restore it: ${problems.join('; ')}`, { volname, file: problems[0]!.split(': ')[0] });
+      throw this.unrestorable(volname, problems);
     }
   }
 

@@ -1,6 +1,6 @@
 /**
- * Restore through a provider: VMs with `qemu-img convert` (or the native core, for a provider that
- * hands over its stored image chain: {@link BackupProviderV2.restoreVmVolumeImages}), containers
+ * Restore through a provider: VMs with `qemu-img convert` (or the provider itself, for a
+ * provider that writes a device into its target: {@link BackupProviderV2.restoreVmVolumeWrite}), containers
  * with GNU tar or rsync, and the guest configuration of a backup ({@link extractConfig}).
  *
  * VM restore follows qemu-server's call order (see {@link restoreVm}): a volume cleanup follows a
@@ -16,8 +16,7 @@ import path from 'node:path';
 import { normaliseBandwidthLimit } from '../bandwidth.js';
 import { InvalidArgumentError } from '../errors.js';
 import { adaptProvider, type ProviderDriver } from '../provider/adapter.js';
-import type { BackupProvider, GuestType, IdMapEntry, LogFunction, RestoreHookInfo, RestoreImageLayer } from '../provider/api.js';
-import { restoreChain } from '../restore-chain.js';
+import type { BackupProvider, GuestType, IdMapEntry, LogFunction, RestoreHookInfo } from '../provider/api.js';
 import { MechanismError, RestoreError } from '../provider/errors.js';
 import { createLogger, type ProviderLogger } from '../provider/logger.js';
 import { parseIdMap } from '../container/idmap.js';
@@ -239,23 +238,25 @@ async function placeTarget(target: string, size: number, overwrite: 'in-place' |
 }
 
 /**
- * One device from a provider's stored qcow2 chain through the native core, which checks every
- * layer against its content digests as it reads it: each stored byte is read once, and a
- * corruption (`ERR_BACKUP_CORRUPT`, naming the file) aborts before the target is complete; a
- * temporary target is removed then.
+ * One device written by the provider itself ({@link BackupProviderV2.restoreVmVolumeWrite}) into
+ * the placed target. `false` when the provider has no such method or declines this device: the
+ * standard path follows, and a target file created here is removed first.
  */
-async function restoreImages(layers: RestoreImageLayer[], d: { device: string; size: number; target: string }, o: RestoreVmOptions, bandwidthLimit: number | undefined): Promise<void> {
+async function writeVolume(driver: ProviderDriver, volname: string, d: { device: string; size: number; target: string }, o: RestoreVmOptions, bandwidthLimit: number | undefined): Promise<boolean> {
+  if (!driver.hasVolumeWrite) return false;
   const placed = await placeTarget(d.target, d.size, o.overwrite ?? 'in-place');
   try {
-    await restoreChain({
-      layers,
-      target: placed.writePath,
+    const written = await driver.vmVolumeWrite(volname, d.device, {
+      path: placed.writePath,
+      size: d.size,
       zeroed: placed.zeroed,
       ...(bandwidthLimit ? { bandwidthLimit } : {}),
       ...(o.onProgress ? { onProgress: (p: { done: number; total: number }) => o.onProgress!({ device: d.device, bytes: p.done, total: p.total, percent: p.total > 0 ? (100 * p.done) / p.total : 100 }) } : {}),
       ...(o.signal ? { signal: o.signal } : {}),
     });
-    await placed.commit();
+    if (written) await placed.commit();
+    else await placed.discard();
+    return written;
   } catch (err) {
     await placed.discard();
     throw err;
@@ -343,19 +344,14 @@ export async function restoreVm(o: RestoreVmOptions): Promise<RestoreVmResult> {
       for (const d of devices) {
         log.info(`restoring device ${d.device} (${d.size} bytes) to ${d.target}`);
         o.signal?.throwIfAborted();
-        // the core writes files and block devices; URIs go through qemu-img
-        const layers = isUri(d.target)
-          ? undefined
-          : await driver.vmVolumeImages(volname, d.device).catch((err: unknown) => {
-              throw restoreError(volname, err, d.device);
-            });
-        if (layers) {
-          log.info(`device ${d.device}: ${layers.length} stored image(s), checked against their digests as they are copied`);
-          await restoreImages(layers, d, o, bandwidthLimit).catch((err: unknown) => {
-            throw restoreError(volname, err, d.device);
-          });
-          continue;
+        // a provider may write a file or block device itself (package extension); URIs go through qemu-img
+        let written: boolean;
+        try {
+          written = !isUri(d.target) && (await writeVolume(driver, volname, d, o, bandwidthLimit));
+        } catch (err) {
+          throw restoreError(volname, err, d.device);
         }
+        if (written) continue;
         // qemu-server calls restore_vm_volume_init outside the eval around convert and cleanup:
         // when the init dies, no volume cleanup follows.
         let source: string;

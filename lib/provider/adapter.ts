@@ -21,7 +21,7 @@ import {
   type IncrementalRequest,
   type ProviderStorage,
   type RestoreHookInfo,
-  type RestoreImageLayer,
+  type RestoreVolumeTarget,
   type RestoreMechanism,
   type RestoreMechanismInfo,
   type VolumeSize,
@@ -108,8 +108,10 @@ export interface ProviderDriver {
   /** `hasCleanup`: whether `vmCleanup` calls the provider (V2). */
   readonly hasVmCleanup: boolean;
   vmVolumeInit(volname: string, storeid: string, device: string): Promise<string>;
-  /** V2 package extension `restoreVmVolumeImages` when the provider has it; else `undefined`. */
-  vmVolumeImages(volname: string, device: string): Promise<RestoreImageLayer[] | undefined>;
+  /** Whether the provider has the V2 package extension `restoreVmVolumeWrite`. */
+  readonly hasVolumeWrite: boolean;
+  /** V2 package extension `restoreVmVolumeWrite`: `false` when the provider declines the device. */
+  vmVolumeWrite(volname: string, device: string, target: RestoreVolumeTarget): Promise<boolean>;
   vmVolumeCleanup(volname: string, storeid: string, device: string): Promise<void>;
   containerInit(volname: string, storeid: string, mechanism: 'tar' | 'directory'): Promise<string>;
   containerCleanup(volname: string, storeid: string, mechanism: 'tar' | 'directory'): Promise<void>;
@@ -311,7 +313,8 @@ export function adaptProvider(provider: BackupProvider): ProviderDriver {
         return path;
       },
       vmVolumeCleanup: (volname, storeid, device) => run(call1('restoreQemuImgCleanup', volname, storeid, device)),
-      vmVolumeImages: async () => undefined,
+      hasVolumeWrite: false,
+      vmVolumeWrite: async () => false,
       containerInit: async (volname, storeid, mechanism) => {
         const method = mechanism === 'tar' ? 'restoreTarInit' : 'restoreDirectoryInit';
         const path = await call1(method, volname, storeid);
@@ -404,13 +407,9 @@ export function adaptProvider(provider: BackupProvider): ProviderDriver {
       return path;
     },
     vmVolumeCleanup: (volname, _storeid, device) => run(call2('restoreVmVolumeCleanup', volname, device, {})),
-    vmVolumeImages: async (volname, device) => {
-      if (typeof (provider as Partial<BackupProviderV2>).restoreVmVolumeImages !== 'function') return undefined;
-      const r = await callAny('restoreVmVolumeImages', [volname, device]);
-      if (r === undefined || r === null) return undefined;
-      const ok = Array.isArray(r) && r.length > 0 && r.every((l: Partial<RestoreImageLayer> | null) => typeof l?.image === 'string' && typeof l.digestsFile === 'string');
-      if (!ok) throw new ProviderResultError('restoreVmVolumeImages', `returned no layers for device '${device}': ${JSON.stringify(r)}`);
-      return r as RestoreImageLayer[];
+    hasVolumeWrite: typeof (provider as Partial<BackupProviderV2>).restoreVmVolumeWrite === 'function',
+    vmVolumeWrite: async (volname, device, target) => {
+      return (await callAny('restoreVmVolumeWrite', [volname, device, target])) === true;
     },
     // pve-container passes three arguments where Base.pm documents two (docs/pve-bridge-notes.md 4.2)
     containerInit: async (volname, storeid, mechanism) => {

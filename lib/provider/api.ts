@@ -471,12 +471,19 @@ export interface RestoreVmVolumeInitResult {
   qemuImgPath: string;
 }
 
-/** One layer of a stored qcow2 chain (see {@link BackupProviderV2.restoreVmVolumeImages}). */
-export interface RestoreImageLayer {
-  /** The qcow2 image; read as this layer alone (its backing file is the layer before). */
-  image: string;
-  /** Its content digest file (format version 1, written by the native core). */
-  digestsFile: string;
+/** Where {@link BackupProviderV2.restoreVmVolumeWrite} writes a device. */
+export interface RestoreVolumeTarget {
+  /** A regular file or a block device, at least `size` bytes. */
+  path: string;
+  /** The device's size. */
+  size: number;
+  /** `path` already reads as zeros (a file the runner just created): zero ranges may stay holes. */
+  zeroed: boolean;
+  /** Bytes per second to read at most; absent: no limit. */
+  bandwidthLimit?: number;
+  /** Progress in bytes of the device. */
+  onProgress?: (progress: { done: number; total: number }) => void;
+  signal?: AbortSignal;
 }
 
 /** Answer of {@link BackupProviderV2.restoreContainerInit}: `tarPath` for `tar`, `archiveDirectory` for `directory`. */
@@ -548,15 +555,17 @@ export interface BackupProviderV2 extends ProviderCommon {
   /** Always called after `restoreVmVolumeInit` was called (also when it or the copy failed). Perl: `restore_vm_volume_cleanup($volname, $device_name, $info)`. */
   restoreVmVolumeCleanup(volname: string, deviceName: string, info: Record<string, never>): Awaitable<void>;
   /**
-   * Package extension, not part of Proxmox VE's API (the Perl bridge never calls it): the stored
-   * qcow2 chain of one device, base first, each layer with its content digest file
-   * (docs/directory-store.md), so that {@link restoreVm} restores it through the native core,
-   * which checks what it reads as it copies (each stored byte read once), instead of
-   * `restoreVmVolumeInit` and `qemu-img convert`. Called after `restoreVmInit`, for targets that
-   * are files or block devices; `undefined` takes the standard path for this device. No
-   * `restoreVmVolumeInit` / `restoreVmVolumeCleanup` follow for a device restored this way.
+   * Package extension, not part of Proxmox VE's API (the Perl bridge never calls it): writes one
+   * device of the backup straight into `target`, a local file or block device the runner
+   * placed, so that a provider whose store it can read faster or check better than `qemu-img`
+   * does (the directory provider: the native core, checking every layer against its content
+   * digests as it copies, each stored byte read once) needs no `restoreVmVolumeInit`. Called
+   * after `restoreVmInit`. Resolve `false`, before writing anything, to take the standard path
+   * for this device (`restoreVmVolumeInit`, `qemu-img convert`, `restoreVmVolumeCleanup`); no
+   * volume init or cleanup follows a device written this way. On failure the runner removes a
+   * target it created.
    */
-  restoreVmVolumeImages?(volname: string, deviceName: string): Awaitable<RestoreImageLayer[] | undefined>;
+  restoreVmVolumeWrite?(volname: string, deviceName: string, target: RestoreVolumeTarget): Awaitable<boolean>;
   /**
    * Prepare a container archive: a tar path or a directory. Perl: `restore_container_init($volname,
    * $storeid, $info)`: pve-container (`src/PVE/LXC/Create.pm` `restore_external_archive`) passes the

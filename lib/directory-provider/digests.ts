@@ -10,9 +10,9 @@
  *
  * @packageDocumentation
  */
-import { DirectoryStoreError } from './directory-provider/errors.js';
-import { native } from './native.js';
-import { fromNative } from './nbd/errors.js';
+import { DirectoryStoreError } from './errors.js';
+import { native } from '../native.js';
+import { fromNative } from '../nbd/errors.js';
 
 /** The digest file written for an image. */
 export interface ImageDigests {

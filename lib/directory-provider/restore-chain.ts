@@ -5,10 +5,10 @@
  *
  * @packageDocumentation
  */
-import { InvalidArgumentError } from './errors.js';
-import { DirectoryStoreError } from './directory-provider/errors.js';
-import { native, type Binding } from './native.js';
-import { fromNative } from './nbd/errors.js';
+import { InvalidArgumentError } from '../errors.js';
+import { DirectoryStoreError } from './errors.js';
+import { native, type Binding } from '../native.js';
+import { fromNative } from '../nbd/errors.js';
 
 /** One layer of a chain: a qcow2 image and its digest file (format v1, `<image>.digests`). */
 export interface ChainLayer {
