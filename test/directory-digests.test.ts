@@ -4,14 +4,14 @@
  * what they read as they copy (one read), older manifests still verified and restored, newer
  * ones refused.
  */
-import { readFileSync, readdirSync, statSync, writeFileSync, existsSync, rmSync } from 'node:fs';
+import { readFileSync, readdirSync, statSync, writeFileSync, existsSync } from 'node:fs';
 import path from 'node:path';
 
 import { afterEach, describe, expect, it } from 'vitest';
 
 import { DirectoryProvider, DirectoryStore, restoreVm, runBackupJob, type BackupProvider } from '../lib/index.js';
 import { hashFile, manifestChecksum, type Manifest } from '../lib/directory-provider/layout.js';
-import { damageImageData, expectRestores, startDisk, vmGuest, type Disk } from './helpers/directory.js';
+import { asManifestVersion1, damageImageData, expectRestores, startDisk, vmGuest, type Disk } from './helpers/directory.js';
 import { expectSameBytes } from './helpers/images.js';
 import { stopAll, tempDir } from './helpers/qemu.js';
 
@@ -134,26 +134,11 @@ describe('restore checks what it reads as it copies', () => {
 });
 
 describe('manifests of other versions', () => {
-  /** Rewrites a backup's manifest as version 1 wrote it: every file by its SHA-256, no digest files. */
-  async function downgrade(store: DirectoryStore, volname: string): Promise<void> {
-    const dir = store.backupDir(volname);
-    const m = await store.readManifest(volname);
-    const files: Manifest['files'] = {};
-    for (const [name, f] of Object.entries(m.files)) {
-      if (name.endsWith('.digests')) continue;
-      files[name] = 'digests' in f ? await hashFile(path.join(dir, name)) : f;
-      if ('digests' in f) rmSync(path.join(dir, f.digests));
-    }
-    const { checksum: _c, ...rest } = m;
-    const v1 = { ...rest, version: 1, files };
-    writeFileSync(path.join(dir, 'manifest.json'), JSON.stringify({ ...v1, checksum: manifestChecksum(v1) }));
-  }
-
   it('version 1 (images by SHA-256) still verifies and restores; a merge gives the child digests', async () => {
     const { root, scratch, provider, backup } = await rig(16 * MiB);
     const x = [await backup([[0x11, 0, 8 * MiB]]), await backup([[0x22, 1 * MiB, 1 * MiB]])];
     const store = await DirectoryStore.open(root);
-    for (const b of x) await downgrade(store, b.volname);
+    for (const b of x) await asManifestVersion1(store, b.volname);
     for (const b of x) expect((await store.verifyBackup(b.volname)).problems).toEqual([]);
     const { provider: p, calls } = spied(provider);
     await expectRestores(p, x[1]!.volname, x[1]!.content, scratch);

@@ -150,8 +150,10 @@ describe('DirectoryProvider: a restore path qemu-server accepts', () => {
     expect(processesMentioning(b)).toEqual([]);
   });
 
-  it('restoreVm goes through the FUSE export; a restore that fails mid-way leaves no mount and no daemon', async () => {
+  it('restoreVm through the FUSE export (the provider declining to write the disk itself); a restore that fails mid-way leaves no mount and no daemon', async () => {
     const { provider, points } = await twoBackups();
+    // the path Proxmox VE takes: restoreVmVolumeInit and qemu-img
+    provider.restoreVmVolumeWrite = async () => false;
     const scratch = await tempDir();
     const tmp = await tempDir();
     const target = path.join(scratch, 'ok.raw');
@@ -167,8 +169,8 @@ describe('DirectoryProvider: a restore path qemu-server accepts', () => {
     expectSameBytes(await readFile(target), points[1]!.content, 'restoreVm');
     expect(seen).toHaveLength(1);
     expect(seen[0]!.startsWith(`${tmp}/pve-restore-`)).toBe(true);
-    // a target in a folder that does not exist: the copy fails after the export is up
-    const failing = withTmpdir(tmp, () => restoreVm({ provider, volname: points[1]!.volname, storeid: 'dir1', targets: { disk0: path.join(scratch, 'missing', 'x.raw') } }));
+    // a folder as the target (written in place): the copy fails after the export is up
+    const failing = withTmpdir(tmp, () => restoreVm({ provider, volname: points[1]!.volname, storeid: 'dir1', targets: { disk0: scratch } }));
     await expect(failing).rejects.toMatchObject({ code: 'ERR_RESTORE' });
     expect(mountsUnder(tmp)).toEqual([]);
     expect(processesMentioning(tmp)).toEqual([]);

@@ -76,7 +76,7 @@ describe('DirectoryProvider: a chain of five', () => {
     for (const b of list.slice(1)) expect(b.size).toBeLessThan(list[0]!.size / 4); // increments hold only what changed
     const first = await store.readManifest(points[0]!.volname);
     expect(first).toMatchObject({ mode: 'full', vmtype: 'qemu', devices: { disk0: { size: 8 * MiB, file: 'disk0.qcow2' } } });
-    expect(Object.keys(first.files).sort()).toEqual(['backup.log', 'disk0.qcow2', 'firewall.conf', 'guest.conf']);
+    expect(Object.keys(first.files).sort()).toEqual(['backup.log', 'disk0.qcow2', 'disk0.qcow2.digests', 'firewall.conf', 'guest.conf']);
     expect(await store.readManifest(points[4]!.volname)).toMatchObject({ mode: 'incremental', parent: points[3]!.volname, devices: { disk0: { bitmapMode: 'reuse', base: points[3]!.volname } } });
     expect(readFileSync(path.join(store.backupDir(points[2]!.volname), 'backup.log'), 'utf8')).toMatch(/dirty-bitmap status: OK/);
     for (const p of points) expect(await store.verifyBackup(p.volname)).toMatchObject({ ok: true, problems: [] });

@@ -4,12 +4,13 @@
  */
 import { spawnSync } from 'node:child_process';
 import { openSync, closeSync, writeSync } from 'node:fs';
-import { readFile, rm } from 'node:fs/promises';
+import { readFile, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 
 import { expect } from 'vitest';
 
-import { restoreVm, type BackupProvider, type VmGuest } from '../../lib/index.js';
+import { restoreVm, type BackupProvider, type DirectoryStore, type VmGuest } from '../../lib/index.js';
+import { hashFile, manifestChecksum, type Manifest } from '../../lib/directory-provider/layout.js';
 import { expectSameBytes } from './images.js';
 import { nbdWrite, startStorageDaemon, type QemuInstance } from './qemu.js';
 
@@ -72,4 +73,22 @@ export function damageImageData(image: string): number {
     closeSync(fd);
   }
   return extent.start;
+}
+
+/**
+ * Rewrites a backup's manifest as manifest version 1 wrote it: every file by its SHA-256, no
+ * digest files (a store written before content digests).
+ */
+export async function asManifestVersion1(store: DirectoryStore, volname: string): Promise<void> {
+  const dir = store.backupDir(volname);
+  const m = await store.readManifest(volname);
+  const files: Manifest['files'] = {};
+  for (const [name, f] of Object.entries(m.files)) {
+    if (name.endsWith('.digests')) continue;
+    files[name] = 'digests' in f ? await hashFile(path.join(dir, name)) : f;
+    if ('digests' in f) await rm(path.join(dir, f.digests));
+  }
+  const { checksum: _c, ...rest } = m;
+  const v1 = { ...rest, version: 1, files };
+  await writeFile(path.join(dir, 'manifest.json'), JSON.stringify({ ...v1, checksum: manifestChecksum(v1) }));
 }
