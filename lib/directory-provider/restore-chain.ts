@@ -71,8 +71,8 @@ export interface RestoreChainSummary {
  * before this resolves.
  *
  * On failure the target is left as it is, partly written: **the caller removes it** (or, for a
- * block device, knows it holds no valid disk). Nothing of a block found corrupt is written, but
- * blocks before it may have been.
+ * block device, knows it holds no valid disk): the blocks before the failure, and part of a
+ * corrupt block, may have been written.
  *
  * @throws {@link DirectoryStoreError} `ERR_BACKUP_CORRUPT` when a layer or a digest file does not
  *   match: the message names the file (and for a layer the byte range), `file` holds its path.
