@@ -1,10 +1,9 @@
 /**
  * restoreChain: a 5-deep chain made by qemu-img and qemu-io (one layer compressed by
- * `qemu-img convert -c`), with digest files written here from `qemu-img map` of each layer
- * alone and node:crypto (format v1, native/src/digests.rs), restored by the core and compared
- * with `qemu-img convert -O raw` of the same chain.
+ * `qemu-img convert -c`), with digest files computed from each layer alone (`digestImage`: the
+ * images were not written by the core), restored by the core and compared with
+ * `qemu-img convert -O raw` of the same chain.
  */
-import { createHash } from 'node:crypto';
 import { existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 
@@ -12,6 +11,7 @@ import { describe, expect, it } from 'vitest';
 
 import { CancelledError } from '../lib/errors.js';
 import { DirectoryStoreError } from '../lib/directory-provider/errors.js';
+import { digestImage } from '../lib/directory-provider/digests.js';
 import { restoreChain, type ChainLayer } from '../lib/directory-provider/restore-chain.js';
 import { allocatedBytes, expectSameBytes, run } from './helpers/images.js';
 import { useCleanups } from './helpers/nbd-servers.js';
@@ -37,55 +37,6 @@ interface MapEntry {
   data: boolean;
 }
 
-/**
- * The digest file of a layer, format v1: what `qemu-img map` says the layer itself stores per
- * cluster, and the SHA-256 of its data clusters per block of 64 clusters.
- */
-function digestLayer(image: string, dir: string): string {
-  const size = (JSON.parse(run('qemu-img', ['info', '--output=json', image])) as { 'virtual-size': number })['virtual-size'];
-  const map = JSON.parse(run('qemu-img', ['map', '--output=json', alone(image)])) as MapEntry[];
-  const raw = join(dir, 'layer-alone.raw');
-  run('qemu-img', ['convert', '-O', 'raw', alone(image), raw]);
-  const content = readFileSync(raw);
-  const clusters = Math.ceil(size / CLUSTER);
-  const kind = new Array<'U' | 'Z' | 'D'>(clusters).fill('U');
-  for (const e of map) {
-    if (!e.present) continue;
-    for (let c = e.start / CLUSTER; c < Math.ceil((e.start + e.length) / CLUSTER); c++) kind[c] = e.data ? 'D' : 'Z';
-  }
-  const records: Buffer[] = [];
-  for (let block = 0; block * 64 < clusters; block++) {
-    let data = 0n;
-    let zero = 0n;
-    const hash = createHash('sha256');
-    for (let k = 0; k < 64 && block * 64 + k < clusters; k++) {
-      const c = block * 64 + k;
-      if (kind[c] === 'D') {
-        data |= 1n << BigInt(k);
-        hash.update(content.subarray(c * CLUSTER, Math.min((c + 1) * CLUSTER, size)));
-      } else if (kind[c] === 'Z') zero |= 1n << BigInt(k);
-    }
-    if (data === 0n && zero === 0n) continue;
-    const r = Buffer.alloc(56);
-    r.writeBigUInt64LE(BigInt(block), 0);
-    r.writeBigUInt64LE(data, 8);
-    r.writeBigUInt64LE(zero, 16);
-    hash.digest().copy(r, 24);
-    records.push(r);
-  }
-  const header = Buffer.alloc(40);
-  header.write('PBPDIGS\0', 0, 'latin1');
-  header.writeUInt32LE(1, 8);
-  header.writeUInt32LE(CLUSTER, 12);
-  header.writeUInt32LE(64, 16);
-  header.writeBigUInt64LE(BigInt(size), 24);
-  header.writeBigUInt64LE(BigInt(records.length), 32);
-  const body = Buffer.concat([header, ...records]);
-  const file = `${image}.digests`;
-  writeFileSync(file, Buffer.concat([body, createHash('sha256').update(body).digest()]));
-  return file;
-}
-
 /** Deterministic pseudo-random numbers. */
 function rng(seed: number): (n: number) => number {
   let s = seed >>> 0;
@@ -99,7 +50,7 @@ function rng(seed: number): (n: number) => number {
  * Five layers: a full image and four incrementals, each with random writes (many covering
  * clusters in part), zero writes, and layer 2 rewritten compressed.
  */
-function buildChain(dir: string, disk = SIZE, writes = 40): ChainLayer[] {
+async function buildChain(dir: string, disk = SIZE, writes = 40): Promise<ChainLayer[]> {
   requireTool('qemu-img', 'qemu-utils');
   requireTool('qemu-io', 'qemu-utils');
   const random = rng(disk / MiB + writes);
@@ -124,7 +75,7 @@ function buildChain(dir: string, disk = SIZE, writes = 40): ChainLayer[] {
     if (i === 2) {
       run('qemu-img', ['convert', '-c', '-f', 'qcow2', '-O', 'qcow2', '-B', layers[1]!.image, '-F', 'qcow2', made, image]);
     }
-    layers.push({ image, digestsFile: digestLayer(image, dir) });
+    layers.push({ image, digestsFile: (await digestImage(image)).digestsFile });
   }
   return layers;
 }
@@ -139,7 +90,7 @@ function reference(top: string, dir: string): Buffer {
 describe('restoreChain', () => {
   it('restores a 5-deep chain exactly as qemu-img convert does, sparse, reading each stored byte once', async () => {
     const dir = scratch();
-    const layers = buildChain(dir, SIZE, 24);
+    const layers = await buildChain(dir, SIZE, 24);
     const check = JSON.parse(run('qemu-img', ['check', '--output=json', layers[2]!.image])) as { 'compressed-clusters'?: number };
     expect(check['compressed-clusters'], 'layer 2 holds compressed clusters').toBeGreaterThan(0);
     const target = join(dir, 'disk.raw');
@@ -162,7 +113,7 @@ describe('restoreChain', () => {
 
   it('rewrites an old non-zeroed target to exactly the chain', async () => {
     const dir = scratch();
-    const layers = buildChain(dir, 16 * MiB, 20);
+    const layers = await buildChain(dir, 16 * MiB, 20);
     const target = join(dir, 'old.raw');
     writeFileSync(target, Buffer.alloc(20 * MiB, 0xab));
     await restoreChain({ layers, target, zeroed: false, threads: 2 });
@@ -171,7 +122,7 @@ describe('restoreChain', () => {
 
   it('rejects corruption in a middle layer naming the file and range, and leaves the partial target to the caller', async () => {
     const dir = scratch();
-    const layers = buildChain(dir);
+    const layers = await buildChain(dir);
     const victim = layers[3]!.image;
     const map = JSON.parse(run('qemu-img', ['map', '--output=json', alone(victim)])) as MapEntry[];
     const data = map.find((e) => e.data && e.start >= 4 * BLOCK);
@@ -189,7 +140,7 @@ describe('restoreChain', () => {
 
   it('rejects a damaged digest file naming it', async () => {
     const dir = scratch();
-    const layers = buildChain(dir, 8 * MiB, 10);
+    const layers = await buildChain(dir, 8 * MiB, 10);
     const file = layers[1]!.digestsFile;
     const bytes = readFileSync(file);
     bytes[45]! ^= 1;
@@ -201,7 +152,7 @@ describe('restoreChain', () => {
 
   it('stops on abort with a CancelledError, and a progress callback that throws stops it with what it threw', async () => {
     const dir = scratch();
-    const layers = buildChain(dir);
+    const layers = await buildChain(dir);
     const controller = new AbortController();
     const started = Date.now();
     const err = await restoreChain({

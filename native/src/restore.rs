@@ -31,7 +31,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::digests::{Digests, BLOCK_CLUSTERS};
@@ -510,7 +509,7 @@ fn restore_block(
         };
         let data = masks[i];
         let mine = |k: usize| k < n_out && owner[k] == Some(i);
-        let mut hash = Sha256::new();
+        let mut hash = crate::digests::BlockHasher::new();
         let mut k = 0usize;
         while k < BLOCK_CLUSTERS as usize {
             if data & (1 << k) == 0 {
@@ -551,7 +550,7 @@ fn restore_block(
             }
             k = e;
         }
-        if <[u8; 32]>::from(hash.finalize()) != record.sha256 {
+        if *hash.finalize().as_bytes() != record.hash {
             return Err(corrupt(
                 chain,
                 layer,
