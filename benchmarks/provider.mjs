@@ -236,19 +236,17 @@ function stepsFromLog(lines, total) {
 }
 
 /**
- * Steps the job reports itself (a `steps` field in the CLI's --json result, when the job has it):
- * an object of name -> seconds, or a list of { name|step, seconds|ms }. What the job's clock does
- * not cover (node start-up, the CLI around the job, exit) is a step of its own.
+ * Steps the job reports itself: the `steps` field of the CLI's --json result, the job's
+ * `GuestStepTimes` (lib/job/steps.ts: milliseconds per step, and `total`, the guest from start to
+ * end). What the job's clock does not cover (node start-up, the CLI around the job, exit) is a
+ * step of its own; so is what the guest's total holds beyond its named steps.
  */
 function stepsFromJson(s, total) {
   const steps = {};
-  if (Array.isArray(s)) {
-    for (const x of s) steps[String(x.name ?? x.step)] = Number(x.seconds ?? (x.ms !== undefined ? x.ms / 1000 : NaN));
-  } else if (s && typeof s === 'object') {
-    for (const [k, v] of Object.entries(s)) steps[k] = typeof v === 'number' ? v : Number(v?.seconds ?? NaN);
-  }
-  const inJob = Object.values(steps).filter(Number.isFinite).reduce((a, b) => a + b, 0);
-  return { 'outside the job (node start-up, CLI, exit)': total - inJob, ...steps };
+  for (const [k, v] of Object.entries(s ?? {})) if (k !== 'total' && typeof v === 'number') steps[k] = v / 1000;
+  const named = Object.values(steps).reduce((a, b) => a + b, 0);
+  const job = typeof s?.total === 'number' ? s.total / 1000 : named;
+  return { 'outside the job (node start-up, CLI, exit)': total - job, ...steps, 'in the job, between steps': job - named };
 }
 
 /** Does the CLI's `backup --json` result carry the job's own `steps`? Decided on a warm-up backup. */
@@ -284,8 +282,10 @@ async function providerBackup(qsd, work, fleecing, storeDir, { json = jsonSteps 
     parent = m[3];
     steps = stepsFromLog(r.stderrLines, r.seconds);
   }
-  const readLine = r.stderrLines.map((l) => /: read (\d+) bytes.* in ([\d.]+) s/.exec(l.line)).find(Boolean);
   const dir = path.join(storeDir, '100', volid.split('/').pop());
+  // the core's summary line: on stderr without --json, always in the task log the store keeps
+  const summaryOf = (lines) => lines.map((l) => /: read (\d+) bytes.* in ([\d.]+) s/.exec(l)).find(Boolean);
+  const readLine = summaryOf(r.stderrLines.map((l) => l.line)) ?? summaryOf((await readFile(path.join(dir, 'backup.log'), 'utf8').catch(() => '')).split('\n'));
   manifestShape ??= await readFile(path.join(dir, 'manifest.json'), 'utf8').then(shapeOf, () => undefined);
   return {
     seconds: r.seconds,
