@@ -89,7 +89,8 @@ impl Digests {
 
     /// The file's bytes, trailer included.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEADER_LEN + self.records.len() * RECORD_LEN + TRAILER_LEN);
+        let mut out =
+            Vec::with_capacity(HEADER_LEN + self.records.len() * RECORD_LEN + TRAILER_LEN);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.extend_from_slice(&self.cluster_size.to_le_bytes());
@@ -124,7 +125,10 @@ impl Digests {
             return Err(bad("bad magic"));
         }
         if u32_at(8) != VERSION {
-            return Err(bad(&format!("version {} (this core reads {VERSION})", u32_at(8))));
+            return Err(bad(&format!(
+                "version {} (this core reads {VERSION})",
+                u32_at(8)
+            )));
         }
         let cluster_size = u32_at(12);
         if !cluster_size.is_power_of_two() || !(512..=2 << 20).contains(&cluster_size) {
@@ -148,9 +152,18 @@ impl Digests {
             if records.last().is_some_and(|p: &Record| p.block >= block) {
                 return Err(bad("blocks out of order"));
             }
-            records.push(Record { block, data, zero, hash });
+            records.push(Record {
+                block,
+                data,
+                zero,
+                hash,
+            });
         }
-        Ok(Digests { cluster_size, size, records })
+        Ok(Digests {
+            cluster_size,
+            size,
+            records,
+        })
     }
 
     /// Writes the file durably: `<path>.part`, fsync, rename. The caller fsyncs the folder
@@ -209,7 +222,13 @@ pub struct Digester {
 
 impl Digester {
     pub fn new(cluster_size: u32, size: u64) -> Digester {
-        Digester { cluster_size, size, current: None, records: Vec::new(), last_cluster: None }
+        Digester {
+            cluster_size,
+            size,
+            current: None,
+            records: Vec::new(),
+            last_cluster: None,
+        }
     }
 
     /// Guest bytes of `cluster` (the last one may be shorter).
@@ -230,7 +249,15 @@ impl Digester {
             self.close_block();
         }
         let (record, hash) = self.current.get_or_insert_with(|| {
-            (Record { block, data: 0, zero: 0, hash: [0; 32] }, BlockHasher::new())
+            (
+                Record {
+                    block,
+                    data: 0,
+                    zero: 0,
+                    hash: [0; 32],
+                },
+                BlockHasher::new(),
+            )
         });
         Ok((record, hash, 1u64 << (cluster % BLOCK_CLUSTERS)))
     }
@@ -266,7 +293,11 @@ impl Digester {
 
     pub fn finish(mut self) -> Digests {
         self.close_block();
-        Digests { cluster_size: self.cluster_size, size: self.size, records: self.records }
+        Digests {
+            cluster_size: self.cluster_size,
+            size: self.size,
+            records: self.records,
+        }
     }
 }
 
@@ -306,7 +337,10 @@ pub fn check_layer(layer: &mut Qcow2Reader, want: &Digests) -> Result<Vec<String
     let got = digest_layer(layer)?;
     let bs = want.block_size();
     let mut problems = Vec::new();
-    let (mut a, mut b) = (got.records.iter().peekable(), want.records.iter().peekable());
+    let (mut a, mut b) = (
+        got.records.iter().peekable(),
+        want.records.iter().peekable(),
+    );
     loop {
         let (block, why) = match (a.peek(), b.peek()) {
             (None, None) => break,
@@ -360,7 +394,10 @@ mod tests {
     fn records_one_per_touched_block_with_masks_and_hash() {
         let d = sample();
         assert_eq!(d.records.len(), 3);
-        assert_eq!((d.records[0].block, d.records[0].data, d.records[0].zero), (0, 1, 1 << 3));
+        assert_eq!(
+            (d.records[0].block, d.records[0].data, d.records[0].zero),
+            (0, 1, 1 << 3)
+        );
         assert_eq!(d.records[0].hash, *blake3::hash(&[1u8; 65536]).as_bytes());
         assert_eq!((d.records[1].block, d.records[1].data), (2, 1 << 5));
         assert_eq!((d.records[2].block, d.records[2].data), (10, 1));

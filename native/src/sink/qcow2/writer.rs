@@ -60,26 +60,39 @@ pub struct WriterConfig {
 /// Records the digests on a thread of its own, so hashing overlaps with the writer's work:
 /// clusters go over a bounded channel in the order they are stored (data as a slice of the
 /// caller's buffer, no copy; `None` for a zero cluster).
+/// Clusters go in batches of about [`DIGEST_BATCH`] bytes: one wake-up of the thread per
+/// cluster cost more than hashing it (scattered 64 KiB clusters of an incremental image).
 struct DigestThread {
-    tx: Option<SyncSender<(u64, Option<Bytes>)>>,
+    tx: Option<SyncSender<DigestBatch>>,
     handle: Option<JoinHandle<Result<Digests>>>,
     cs: u64,
     /// The header's size (whole sectors): what a reader of the image sees.
     size: u64,
+    /// Clusters not sent yet.
+    batch: DigestBatch,
+    batch_bytes: u64,
 }
+
+/// Bytes of clusters sent to the digest thread at once.
+const DIGEST_BATCH: u64 = 1 << 20;
+
+/// Clusters for the digest thread, in the order they are stored: data, or `None` for a zero cluster.
+type DigestBatch = Vec<(u64, Option<Bytes>)>;
 
 impl DigestThread {
     fn start(cs: u64, size: u64) -> Result<DigestThread> {
         // At most 8 MiB of stored clusters waiting (two of the engine's default reads).
-        let (tx, rx) = sync_channel::<(u64, Option<Bytes>)>(((8 << 20) / cs).max(16) as usize);
+        let (tx, rx) = sync_channel::<DigestBatch>((8 << 20) / DIGEST_BATCH as usize);
         let handle = std::thread::Builder::new()
             .name("qcow2-digests".into())
             .spawn(move || {
                 let mut d = Digester::new(cs as u32, size);
-                for (cluster, data) in rx {
-                    match data {
-                        Some(plain) => d.data(cluster, &plain)?,
-                        None => d.zero(cluster)?,
+                for batch in rx {
+                    for (cluster, data) in batch {
+                        match data {
+                            Some(plain) => d.data(cluster, &plain)?,
+                            None => d.zero(cluster)?,
+                        }
                     }
                 }
                 Ok(d.finish())
@@ -90,6 +103,8 @@ impl DigestThread {
             handle: Some(handle),
             cs,
             size,
+            batch: Vec::new(),
+            batch_bytes: 0,
         })
     }
 
@@ -99,11 +114,18 @@ impl DigestThread {
     }
 
     fn send(&mut self, cluster: u64, data: Option<Bytes>) -> Result<()> {
-        if self
-            .tx
-            .as_ref()
-            .is_some_and(|tx| tx.send((cluster, data)).is_ok())
-        {
+        self.batch_bytes += data.as_ref().map_or(0, |d| d.len() as u64);
+        self.batch.push((cluster, data));
+        if self.batch_bytes < DIGEST_BATCH {
+            return Ok(());
+        }
+        self.send_batch()
+    }
+
+    fn send_batch(&mut self) -> Result<()> {
+        let batch = std::mem::take(&mut self.batch);
+        self.batch_bytes = 0;
+        if batch.is_empty() || self.tx.as_ref().is_some_and(|tx| tx.send(batch).is_ok()) {
             return Ok(());
         }
         // The thread stopped on an error: `finish` returns it.
@@ -115,6 +137,9 @@ impl DigestThread {
 
     /// Waits for every cluster sent to be hashed.
     fn finish(&mut self) -> Result<Digests> {
+        if self.tx.is_some() && !self.batch.is_empty() {
+            self.send_batch()?;
+        }
         self.tx = None;
         match self.handle.take().map(JoinHandle::join) {
             Some(Ok(r)) => r,
