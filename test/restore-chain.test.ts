@@ -13,7 +13,7 @@ import { CancelledError } from '../lib/errors.js';
 import { DirectoryStoreError } from '../lib/directory-provider/errors.js';
 import { digestImage } from '../lib/directory-provider/digests.js';
 import { restoreChain, type ChainLayer } from '../lib/directory-provider/restore-chain.js';
-import { allocatedBytes, expectSameBytes, run } from './helpers/images.js';
+import { allocatedBytes, expectSameBytes, layerAlone, layerMap, run } from './helpers/images.js';
 import { useCleanups } from './helpers/nbd-servers.js';
 import { requireTool } from './helpers/tools.js';
 
@@ -23,19 +23,6 @@ const SIZE = 48 * MiB;
 const CLUSTER = 64 * KiB;
 const BLOCK = 64 * CLUSTER;
 const { scratch } = useCleanups();
-
-/** The layer alone, without its backing chain, as QEMU's JSON filename. */
-function alone(image: string): string {
-  return `json:${JSON.stringify({ driver: 'qcow2', file: { driver: 'file', filename: image }, backing: null })}`;
-}
-
-interface MapEntry {
-  start: number;
-  length: number;
-  present: boolean;
-  zero: boolean;
-  data: boolean;
-}
 
 /** Deterministic pseudo-random numbers. */
 function rng(seed: number): (n: number) => number {
@@ -103,7 +90,7 @@ describe('restoreChain', () => {
     expect(seen.at(-1)).toBe(SIZE);
     // every layer's data read once: the sum of what `qemu-img map` says each layer stores
     const stored = layers
-      .map((l) => (JSON.parse(run('qemu-img', ['map', '--output=json', alone(l.image)])) as MapEntry[]).filter((e) => e.data).reduce((a, e) => a + e.length, 0))
+      .map((l) => layerMap(l.image).filter((e) => e.data).reduce((a, e) => a + e.length, 0))
       .reduce((a, b) => a + b, 0);
     expect(summary.bytesRead).toBe(stored);
     // sparse: no more allocated than the data written, and the block never written is a hole
@@ -124,11 +111,11 @@ describe('restoreChain', () => {
     const dir = scratch();
     const layers = await buildChain(dir);
     const victim = layers[3]!.image;
-    const map = JSON.parse(run('qemu-img', ['map', '--output=json', alone(victim)])) as MapEntry[];
+    const map = layerMap(victim);
     const data = map.find((e) => e.data && e.start >= 4 * BLOCK);
     expect(data, 'a data extent in layer 3').toBeDefined();
     // overwrite stored data in place, the layer opened alone so nothing else changes
-    run('qemu-io', ['-c', `write -P 0x55 ${data!.start} 4k`, alone(victim)]);
+    run('qemu-io', ['-c', `write -P 0x55 ${data!.start} 4k`, layerAlone(victim)]);
     const target = join(dir, 'disk.raw');
     const err = await restoreChain({ layers, target, zeroed: true }).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(DirectoryStoreError);

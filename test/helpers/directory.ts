@@ -2,7 +2,6 @@
  * Shared by the DirectoryProvider tests: a qemu-storage-daemon disk whose content the test
  * tracks, the VM guest that backs it up, and a restore-and-compare check.
  */
-import { spawnSync } from 'node:child_process';
 import { openSync, closeSync, writeSync } from 'node:fs';
 import { readFile, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
@@ -11,7 +10,7 @@ import { expect } from 'vitest';
 
 import { restoreVm, type BackupProvider, type DirectoryStore, type VmGuest } from '../../lib/index.js';
 import { hashFile, manifestChecksum, type Manifest } from '../../lib/directory-provider/layout.js';
-import { expectSameBytes } from './images.js';
+import { expectSameBytes, layerMap } from './images.js';
 import { nbdWrite, startStorageDaemon, type QemuInstance } from './qemu.js';
 
 const MiB = 2 ** 20;
@@ -61,10 +60,7 @@ export async function expectRestores(provider: BackupProvider, volname: string, 
  * image's content digests must catch. Returns the guest offset of the damaged cluster.
  */
 export function damageImageData(image: string): number {
-  const opts = JSON.stringify({ driver: 'qcow2', backing: null, file: { driver: 'file', filename: image } });
-  const r = spawnSync('qemu-img', ['map', '-U', '--output=json', `json:${opts}`], { encoding: 'utf8' });
-  if (r.status !== 0) throw new Error(`qemu-img map ${image}: ${r.stderr}`);
-  const extent = (JSON.parse(r.stdout) as { start: number; data: boolean; offset?: number }[]).find((e) => e.data && e.offset !== undefined);
+  const extent = layerMap(image).find((e) => e.data && e.offset !== undefined);
   if (!extent) throw new Error(`${image} stores no data cluster`);
   const fd = openSync(image, 'r+');
   try {

@@ -8,6 +8,27 @@ export function run(cmd: string, args: string[]): string {
   return execFileSync(cmd, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
 }
 
+/** A qcow2 image alone, without its backing chain, as QEMU's JSON filename (what the layer itself stores). */
+export function layerAlone(image: string): string {
+  return `json:${JSON.stringify({ driver: 'qcow2', file: { driver: 'file', filename: image }, backing: null })}`;
+}
+
+/** One extent of `qemu-img map --output=json` (`offset`: where the data is in the image file). */
+export interface MapEntry {
+  start: number;
+  length: number;
+  present: boolean;
+  zero: boolean;
+  data: boolean;
+  offset?: number;
+}
+
+/** `qemu-img map` of a qcow2 image alone (see {@link layerAlone}). */
+export function layerMap(image: string): MapEntry[] {
+  requireTool('qemu-img', 'qemu-utils');
+  return JSON.parse(run('qemu-img', ['map', '-U', '--output=json', layerAlone(image)])) as MapEntry[];
+}
+
 /** `qemu-img create`. */
 export function createImage(path: string, size: number | string, format: 'raw' | 'qcow2' = 'raw', extra: string[] = []): void {
   requireTool('qemu-img', 'qemu-utils');
