@@ -287,11 +287,13 @@ async function providerBackup(qsd, work, fleecing, storeDir, { json = jsonSteps 
   const summaryOf = (lines) => lines.map((l) => /: read (\d+) bytes.* in ([\d.]+) s/.exec(l)).find(Boolean);
   const readLine = summaryOf(r.stderrLines.map((l) => l.line)) ?? summaryOf((await readFile(path.join(dir, 'backup.log'), 'utf8').catch(() => '')).split('\n'));
   manifestShape ??= await readFile(path.join(dir, 'manifest.json'), 'utf8').then(shapeOf, () => undefined);
+  // `backup --json` reports the core's summary per disk (copies); older builds only logged it
+  const copy = jsonResult?.copies?.disk0;
   return {
     seconds: r.seconds,
     steps: steps ?? { 'whole job (no steps reported)': r.seconds },
-    bytes: readLine ? Number(readLine[1]) : NaN,
-    copySeconds: readLine ? Number(readLine[2]) : NaN,
+    bytes: copy ? copy.bytesRead : readLine ? Number(readLine[1]) : NaN,
+    copySeconds: copy ? copy.seconds : readLine ? Number(readLine[2]) : NaN,
     mode: parent ? 'reuse' : 'new',
     image: path.join(dir, 'disk0.qcow2'),
     stored: (await stat(path.join(dir, 'disk0.qcow2'))).size,

@@ -153,7 +153,7 @@ describe('step times of a guest backup', () => {
     }
   });
 
-  it('backup --json (a stopped VM: qemu-storage-daemon started in qmp-connect) prints them', async () => {
+  it('backup --json (a stopped VM: qemu-storage-daemon started in qmp-connect) prints them, and the core summary of each disk copy', async () => {
     const dir = await tempDir();
     const disk = path.join(dir, 'disk0.qcow2');
     execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', disk, String(8 * MiB)]);
@@ -161,9 +161,14 @@ describe('step times of a guest backup', () => {
     const cli = path.join(import.meta.dirname, '..', 'dist', 'cli', 'main.js');
     const r = spawnSync(process.execPath, [cli, 'backup', '--store', path.join(dir, 'store'), '--vmid', '100', '--disk', `disk0=${disk}`, '--json'], { encoding: 'utf8' });
     expect(r.status, r.stderr).toBe(0);
-    const steps = (JSON.parse(r.stdout) as { steps: Record<string, number> }).steps;
+    const { steps, copies } = JSON.parse(r.stdout) as { steps: Record<string, number>; copies: Record<string, { bytesRead: number; seconds: number }> };
     expect(Object.keys(steps).sort()).toEqual([...GUEST_STEPS, 'total'].sort());
     expect(steps['qmp-connect']).toBeGreaterThan(0);
+    // and the core's own summary of each disk's copy: what was read, in how long (seconds)
+    expect(Object.keys(copies)).toEqual(['disk0']);
+    expect(copies.disk0!.bytesRead).toBe(MiB);
+    expect(copies.disk0!.seconds).toBeGreaterThan(0);
+    expect(copies.disk0!.seconds * 1000).toBeLessThanOrEqual(steps.provider!);
   });
 
   it('a container backup has its steps too, without the QEMU ones', async () => {

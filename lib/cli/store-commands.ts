@@ -208,7 +208,12 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
       };
       const log = logTo(json);
       const context = { storeid: store.storeid, scfg, log };
-      const inner = new DirectoryProvider(context, { onProgress: progress.onProgress });
+      // --json reports each disk's copy (the core's own summary) beside the job's step times
+      const copies: Record<string, { bytesRead: number; bytesZero: number; bytesSkipped: number; bytesTrimmed: number; extents: number; seconds: number }> = {};
+      const inner = new DirectoryProvider(context, {
+        onProgress: progress.onProgress,
+        onDeviceDone: (_vmid, device, s) => (copies[device] = { bytesRead: s.bytesRead, bytesZero: s.bytesZero, bytesSkipped: s.bytesSkipped, bytesTrimmed: s.bytesTrimmed, extents: s.extents, seconds: s.seconds }),
+      });
       const provider: BackupProvider = o.api === '1' ? new DirectoryProviderV1(context, {}, inner) : inner;
       let result;
       const signal = parse.signal();
@@ -237,7 +242,7 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
         throw new BackupFailedError(vmid, guest.type, g.error);
       }
       const info = (await store.listBackups(vmid)).find((b) => b.volname === g.volname);
-      if (json) console.log(JSON.stringify({ ...info, warnings: g.warnings, steps: g.steps }, null, 2)); // steps: ms per step (GuestStepTimes)
+      if (json) console.log(JSON.stringify({ ...info, warnings: g.warnings, steps: g.steps, copies }, null, 2)); // steps: ms per step (GuestStepTimes); copies: per disk, seconds
       else console.log(`${info?.volid}: ${info?.format}, ${formatBytes(info?.size ?? 0)}${info?.parent ? `, incremental over ${info.parent}` : ', full'}`);
     });
 
