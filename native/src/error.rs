@@ -30,6 +30,20 @@ enum Kind {
     Timeout,
     /// Stored data does not match its recorded digests (a backup image, a digest file).
     Corrupt,
+    /// The object store does not answer, or keeps failing after retries.
+    StoreUnavailable,
+    /// The object store refused the credentials or the request (403).
+    StoreAccess,
+    /// The bucket does not exist.
+    StoreNotFound,
+    /// The object store refused a write for lack of space (a bucket quota).
+    StoreFull,
+    /// The store is encrypted and no key was given.
+    KeyRequired,
+    /// The key given is not the store's key.
+    KeyMismatch,
+    /// Stored data of a newer format version than this code reads.
+    Version,
 }
 
 /// Details of an error reply from an NBD server.
@@ -146,6 +160,39 @@ impl Error {
         Error::new(Kind::Corrupt, message)
     }
 
+    pub fn store_unavailable(message: impl Into<String>) -> Self {
+        Error::new(Kind::StoreUnavailable, message)
+    }
+
+    pub fn store_access(message: impl Into<String>) -> Self {
+        Error::new(Kind::StoreAccess, message)
+    }
+
+    pub fn store_not_found(message: impl Into<String>) -> Self {
+        Error::new(Kind::StoreNotFound, message)
+    }
+
+    pub fn store_full(message: impl Into<String>) -> Self {
+        Error::new(Kind::StoreFull, message)
+    }
+
+    pub fn key_required(message: impl Into<String>) -> Self {
+        Error::new(Kind::KeyRequired, message)
+    }
+
+    pub fn key_mismatch(message: impl Into<String>) -> Self {
+        Error::new(Kind::KeyMismatch, message)
+    }
+
+    pub fn version(message: impl Into<String>) -> Self {
+        Error::new(Kind::Version, message)
+    }
+
+    /// Adds the underlying error (an S3 client's, a decoder's) as the cause.
+    pub fn caused_by(self, source: impl Into<Source>) -> Self {
+        self.with_source(source)
+    }
+
     /// A sink failure caused by an I/O error.
     pub fn sink_io(what: impl Into<String>, err: std::io::Error) -> Self {
         Error::new(Kind::Sink, what).with_source(err)
@@ -164,6 +211,13 @@ impl Error {
             Kind::Sink => "ERR_SINK",
             Kind::Timeout => "ERR_NBD_TIMEOUT",
             Kind::Corrupt => "ERR_BACKUP_CORRUPT",
+            Kind::StoreUnavailable => "ERR_STORE_UNAVAILABLE",
+            Kind::StoreAccess => "ERR_STORE_ACCESS",
+            Kind::StoreNotFound => "ERR_STORE_NOT_FOUND",
+            Kind::StoreFull => "ERR_STORE_FULL",
+            Kind::KeyRequired => "ERR_KEY_REQUIRED",
+            Kind::KeyMismatch => "ERR_KEY_MISMATCH",
+            Kind::Version => "ERR_BACKUP_VERSION",
         }
     }
 

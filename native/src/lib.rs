@@ -5,6 +5,7 @@
 //! JavaScript. The planner and the engine see only the `Source` and `Sink` traits (checked by
 //! `layering`).
 pub mod buffer;
+pub mod chunkstore;
 pub mod copy;
 pub mod digests;
 pub mod engine;
