@@ -20,6 +20,13 @@
 //! chunk handed over in part is refused (`ERR_INVALID_ARGUMENT`), as is an untouched chunk that
 //! the previous index does not cover. Whether the previous index's chunks still exist is the
 //! caller's check (before choosing an incremental backup).
+//!
+//! Widening reads clean parts of a chunk. A bitmap-restricted snapshot export refuses reads
+//! outside its dirty areas (EINVAL, a typed server error, never silent): the bitmap's
+//! granularity must be a multiple of the chunk size. Proxmox VE's `backup-access-setup`
+//! creates it with 4 MiB granularity (pve-qemu `pve-backup.c`,
+//! `PROXMOX_BACKUP_DEFAULT_CHUNK_SIZE`), so there widening changes nothing; a caller setting up
+//! backup access itself creates the bitmap with at least the chunk size.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};

@@ -3,6 +3,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use async_trait::async_trait;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
@@ -329,4 +330,110 @@ fn widen_rounds_to_chunks_clips_and_merges() {
     );
     assert_eq!(widen_to_chunks(&[r(199, 2)], 100, 1000), vec![r(100, 200)]);
     assert!(widen_to_chunks(&[], 100, 1000).is_empty());
+}
+
+/// The memory store with slow puts, counting how many run at once.
+struct SlowObjects {
+    inner: MemoryObjects,
+    running: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait]
+impl Objects for SlowObjects {
+    async fn put(&self, key: &str, data: Bytes) -> Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = self.running.fetch_add(1, SeqCst) + 1;
+        self.most.fetch_max(now, SeqCst);
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        self.running.fetch_sub(1, SeqCst);
+        self.inner.put(key, data).await
+    }
+    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        self.inner.get(key).await
+    }
+    async fn head(&self, key: &str) -> Result<Option<super::super::ObjectMeta>> {
+        self.inner.head(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<super::super::ObjectMeta>> {
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, key: &str) -> Result<()> {
+        self.inner.delete(key).await
+    }
+}
+
+fn slow() -> Arc<SlowObjects> {
+    Arc::new(SlowObjects {
+        inner: MemoryObjects::new(),
+        running: Default::default(),
+        most: Default::default(),
+    })
+}
+
+fn slow_options(store: &Arc<SlowObjects>, size: u64, uploads: usize) -> ChunkSinkOptions {
+    ChunkSinkOptions {
+        objects: store.clone(),
+        index_key: "i.fidx".into(),
+        size,
+        chunk_size: CS,
+        key: None,
+        previous: None,
+        known: HashSet::new(),
+        dedup_by_head: false,
+        uploads,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_run_in_parallel_within_the_bound() -> Result<()> {
+    for uploads in [1usize, 3] {
+        let store = slow();
+        let data = disk(12, &[]);
+        let source = MemorySource::new(data.clone(), Config::default());
+        let mut sink = ChunkSink::new(slow_options(&store, data.len() as u64, uploads))?;
+        let cancel = CancellationToken::new();
+        engine::copy(
+            vec![source],
+            &mut sink,
+            &CopyOptions::default(),
+            &|_| {},
+            &cancel,
+        )
+        .await?;
+        assert_eq!(sink.summary().map(|s| s.uploaded), Some(13));
+        let most = store.most.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(most, uploads, "uploads at once");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_uploads_and_writes_no_index() -> Result<()> {
+    let store = slow();
+    let data = disk(40, &[]);
+    let source = MemorySource::new(data.clone(), Config::default());
+    let mut sink = ChunkSink::new(slow_options(&store, data.len() as u64, 2))?;
+    let cancel = CancellationToken::new();
+    let stopper = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        stopper.cancel();
+    });
+    let r = engine::copy(
+        vec![source],
+        &mut sink,
+        &CopyOptions::default(),
+        &|_| {},
+        &cancel,
+    )
+    .await;
+    assert_eq!(r.err().map(|e| e.code()), Some("ERR_CANCELLED"));
+    let puts = store.inner.puts();
+    assert!(puts < 40, "{puts} chunks uploaded before the cancel");
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(store.inner.puts(), puts, "no upload after abort");
+    assert!(store.inner.get("i.fidx").await?.is_none());
+    assert!(sink.summary().is_none());
+    Ok(())
 }
