@@ -5,9 +5,10 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use futures::{StreamExt, TryStreamExt};
 use tokio_util::sync::CancellationToken;
 
-use super::format::{FixedIndex, DEFAULT_CHUNK_SIZE};
+use super::format::{chunk_key, FixedIndex, DEFAULT_CHUNK_SIZE, ZERO_DIGEST};
 use super::key::{Digest, StoreKey};
 use super::sink::{widen_to_chunks, ChunkSink, ChunkSinkOptions, ChunkSummary};
 use super::Objects;
@@ -44,6 +45,39 @@ pub struct BackupOptions {
     /// NBD connections (0: the copy's default).
     pub connections: usize,
     pub request_timeout: Option<std::time::Duration>,
+}
+
+/// Heads done at once by [`missing_chunks`] when the caller does not say.
+pub const DEFAULT_CHECKS: usize = 16;
+
+/// The chunks of `digests` the store does not hold (asked with `head`, at most `concurrency`
+/// at once; zero digests and repeats skipped), sorted. Before an incremental backup the caller
+/// checks the previous index this way: when something is missing, it backs up in full (with
+/// dedup by hash) instead of referencing a chunk that is gone.
+pub async fn missing_chunks(
+    objects: &dyn Objects,
+    digests: impl IntoIterator<Item = Digest>,
+    concurrency: usize,
+    cancel: &CancellationToken,
+) -> Result<Vec<Digest>> {
+    let distinct: std::collections::BTreeSet<Digest> =
+        digests.into_iter().filter(|d| *d != ZERO_DIGEST).collect();
+    let checks = futures::stream::iter(distinct)
+        .map(|d| async move {
+            let key = chunk_key(&d);
+            Ok::<_, Error>(objects.head(&key).await?.is_none().then_some(d))
+        })
+        .buffered(match concurrency {
+            0 => DEFAULT_CHECKS,
+            n => n,
+        })
+        .try_filter_map(|d| async move { Ok(d) })
+        .try_collect::<Vec<Digest>>();
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => Err(Error::cancelled()),
+        r = checks => r,
+    }
 }
 
 /// What a backup did.
@@ -124,4 +158,39 @@ pub async fn backup(
     .await;
     connected.close().await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::chunkstore::memory::MemoryObjects;
+
+    #[tokio::test]
+    async fn missing_chunks_names_what_the_store_lacks() -> Result<()> {
+        let store = MemoryObjects::new();
+        let (a, b, c) = ([1u8; 32], [2u8; 32], [3u8; 32]);
+        store.put(&chunk_key(&a), Bytes::from_static(b"x")).await?;
+        store.put(&chunk_key(&c), Bytes::from_static(b"x")).await?;
+        let cancel = CancellationToken::new();
+        let digests = [c, ZERO_DIGEST, b, a, b];
+        assert_eq!(missing_chunks(&store, digests, 2, &cancel).await?, vec![b]);
+        // one head per distinct, non-zero digest
+        assert_eq!(store.heads(), 3);
+        store.remove(&chunk_key(&a));
+        assert_eq!(
+            missing_chunks(&store, digests, 0, &cancel).await?,
+            vec![a, b]
+        );
+        cancel.cancel();
+        assert_eq!(
+            missing_chunks(&store, digests, 0, &cancel)
+                .await
+                .err()
+                .map(|e| e.code()),
+            Some("ERR_CANCELLED")
+        );
+        Ok(())
+    }
 }
