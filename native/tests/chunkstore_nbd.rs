@@ -140,6 +140,7 @@ fn options(uri: String, index_key: &str, key: Option<Arc<StoreKey>>) -> BackupOp
         dedup_by_head: false,
         index_key: index_key.into(),
         uploads: 0,
+        fill_from_previous: false,
         connections: 0,
         request_timeout: Some(Duration::from_secs(60)),
     }

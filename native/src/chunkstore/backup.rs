@@ -42,6 +42,10 @@ pub struct BackupOptions {
     pub index_key: String,
     /// Chunks hashed, encoded or uploaded at once (0: the sink's default).
     pub uploads: usize,
+    /// Read only the dirty regions as they are and complete chunks dirty in part from the
+    /// previous backup's chunks, instead of widening the regions to whole chunks: for a
+    /// bitmap-restricted export whose bitmap is finer than the chunk size (see `sink`).
+    pub fill_from_previous: bool,
     /// NBD connections (0: the copy's default).
     pub connections: usize,
     pub request_timeout: Option<std::time::Duration>,
@@ -132,8 +136,10 @@ pub async fn backup(
                 )));
             }
         }
-        if let Some(dirty) = run.copy.dirty.take() {
-            run.copy.dirty = Some(widen_to_chunks(&dirty, chunk_size, size));
+        if !options.fill_from_previous {
+            if let Some(dirty) = run.copy.dirty.take() {
+                run.copy.dirty = Some(widen_to_chunks(&dirty, chunk_size, size));
+            }
         }
         let mut sink = ChunkSink::new(ChunkSinkOptions {
             objects,
@@ -145,6 +151,7 @@ pub async fn backup(
             known: options.known,
             dedup_by_head: options.dedup_by_head,
             uploads: options.uploads,
+            fill_from_previous: options.fill_from_previous,
         })?;
         let copy = connected
             .copy(&mut sink, &run.copy, progress, cancel)

@@ -25,8 +25,11 @@
 //! outside its dirty areas (EINVAL, a typed server error, never silent): the bitmap's
 //! granularity must be a multiple of the chunk size. Proxmox VE's `backup-access-setup`
 //! creates it with 4 MiB granularity (pve-qemu `pve-backup.c`,
-//! `PROXMOX_BACKUP_DEFAULT_CHUNK_SIZE`), so there widening changes nothing; a caller setting up
-//! backup access itself creates the bitmap with at least the chunk size.
+//! `PROXMOX_BACKUP_DEFAULT_CHUNK_SIZE`), so there widening changes nothing. Where the bitmap is
+//! finer (backup access set up with upstream QEMU's commands and a default bitmap), use
+//! `fill_from_previous` instead of widening: a chunk handed over in part is completed with the
+//! bytes of the previous backup's chunk (fetched, decoded and checked), which are exactly the
+//! clean bytes, since the bitmap records every write since that backup.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -36,7 +39,7 @@ use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 use tokio::task::JoinSet;
 
-use super::format::{chunk_key, encode_chunk, FixedIndex, ZERO_DIGEST};
+use super::format::{chunk_key, decode_chunk, encode_chunk, FixedIndex, ZERO_DIGEST};
 use super::key::{self, Digest, StoreKey};
 use super::Objects;
 use crate::error::{Error, Result};
@@ -105,6 +108,9 @@ pub struct ChunkSinkOptions {
     pub dedup_by_head: bool,
     /// Chunks hashed, encoded or uploaded at once (0: [`DEFAULT_UPLOADS`]).
     pub uploads: usize,
+    /// Complete a chunk handed over in part with the previous backup's chunk (instead of
+    /// refusing it): for dirty regions that are not widened to whole chunks.
+    pub fill_from_previous: bool,
 }
 
 /// What a finished sink wrote.
@@ -127,6 +133,9 @@ pub struct ChunkSummary {
     pub zero: u64,
     /// Chunks not handed over, their digests taken from the previous index.
     pub unchanged: u64,
+    /// Chunks handed over in part and completed from the previous backup's chunk (also
+    /// counted as uploaded, reused or zero).
+    pub completed: u64,
     /// Bytes of the chunk objects uploaded (compressed, encrypted).
     pub bytes_uploaded: u64,
     /// Plain bytes of the chunks uploaded.
@@ -143,8 +152,20 @@ struct Shared {
 }
 
 enum Outcome {
-    Uploaded { stored: u64, plain: u64 },
+    Uploaded {
+        stored: u64,
+        plain: u64,
+    },
     Reused,
+    /// All zero once completed from the previous chunk.
+    Zero,
+}
+
+/// How a chunk handed over in part is completed: the previous chunk's bytes in the gaps.
+struct Fill {
+    previous: Digest,
+    /// Ranges relative to the chunk's start not handed over.
+    gaps: Vec<(u64, u64)>,
 }
 
 /// The chunk being assembled.
@@ -153,6 +174,8 @@ struct Current {
     /// Allocated (zero-filled) at the first data range: chunks of zero ranges only need none.
     buf: Option<Vec<u8>>,
     covered: u64,
+    /// The ranges handed over, relative to `start`, ascending and merged.
+    ranges: Vec<(u64, u64)>,
     start: u64,
     len: u64,
 }
@@ -167,6 +190,7 @@ pub struct ChunkSink {
     chunk_size_u32: u32,
     previous: Option<FixedIndex>,
     uploads: usize,
+    fill_from_previous: bool,
     digests: Vec<Option<Digest>>,
     current: Option<Current>,
     /// Chunks below this are decided or in flight.
@@ -206,6 +230,7 @@ impl ChunkSink {
                 0 => DEFAULT_UPLOADS,
                 n => n,
             },
+            fill_from_previous: options.fill_from_previous,
             digests: vec![None; n],
             current: None,
             next_chunk: 0,
@@ -262,6 +287,7 @@ impl ChunkSink {
                     index: i,
                     buf: None,
                     covered: 0,
+                    ranges: Vec::new(),
                     start,
                     len: stop - start,
                 });
@@ -279,6 +305,11 @@ impl ChunkSink {
                 buf[into..into + (to - from)].copy_from_slice(&d[from..to]);
             }
             cur.covered += piece_end - at;
+            let (from, to) = (at - cur.start, piece_end - cur.start);
+            match cur.ranges.last_mut() {
+                Some(last) if last.1 == from => last.1 = to,
+                _ => cur.ranges.push((from, to)),
+            }
             at = piece_end;
             if cur.covered == cur.len {
                 self.close_current().await?;
@@ -294,13 +325,7 @@ impl ChunkSink {
         while self.next_chunk < i {
             let j = self.next_chunk;
             let (start, end) = self.range(j);
-            let prev = self.previous.as_ref().and_then(|p| {
-                (p.chunk_size == self.chunk_size_u32
-                    && j < p.digests.len() as u64
-                    && p.chunk_range(j) == (start, end))
-                    .then(|| p.digests[j as usize])
-            });
-            let Some(d) = prev else {
+            let Some(d) = self.previous_digest(j) else {
                 return Err(Error::invalid_argument(format!(
                     "chunk {j} [{start}, {end}) was not handed over and no previous index covers it"
                 )));
@@ -317,19 +342,43 @@ impl ChunkSink {
         let Some(cur) = self.current.take() else {
             return Ok(());
         };
+        let mut fill = None;
         if cur.covered != cur.len {
-            return Err(Error::invalid_argument(format!(
-                "chunk {} [{}, {}) was handed over only in part ({} of {} bytes): widen the dirty \
-                 regions to whole chunks",
-                cur.index,
-                cur.start,
-                cur.start + cur.len,
-                cur.covered,
-                cur.len
-            )));
+            let previous = self
+                .fill_from_previous
+                .then(|| self.previous_digest(cur.index))
+                .flatten();
+            let Some(previous) = previous else {
+                return Err(Error::invalid_argument(format!(
+                    "chunk {} [{}, {}) was handed over only in part ({} of {} bytes): widen the \
+                     dirty regions to whole chunks, or complete such chunks from a previous index",
+                    cur.index,
+                    cur.start,
+                    cur.start + cur.len,
+                    cur.covered,
+                    cur.len
+                )));
+            };
+            self.summary.completed += 1;
+            if previous != ZERO_DIGEST {
+                // the gaps between the ranges handed over come from the previous chunk
+                let mut gaps = Vec::new();
+                let mut at = 0;
+                for &(from, to) in &cur.ranges {
+                    if from > at {
+                        gaps.push((at, from));
+                    }
+                    at = to;
+                }
+                if at < cur.len {
+                    gaps.push((at, cur.len));
+                }
+                fill = Some(Fill { previous, gaps });
+            }
         }
         let data = match cur.buf {
-            Some(buf) if !is_zero(&buf) => buf,
+            Some(buf) if fill.is_some() || !is_zero(&buf) => buf,
+            None if fill.is_some() => vec![0u8; cur.len as usize],
             _ => {
                 self.digests[cur.index as usize] = Some(ZERO_DIGEST);
                 self.summary.zero += 1;
@@ -342,8 +391,19 @@ impl ChunkSink {
             }
         }
         self.tasks
-            .spawn(upload(self.shared.clone(), cur.index, data));
+            .spawn(upload(self.shared.clone(), cur.index, data, fill));
         Ok(())
+    }
+
+    /// The previous index's digest of chunk `i`, when it covers the same range.
+    fn previous_digest(&self, i: u64) -> Option<Digest> {
+        let (start, end) = self.range(i);
+        self.previous.as_ref().and_then(|p| {
+            (p.chunk_size == self.chunk_size_u32
+                && i < p.digests.len() as u64
+                && p.chunk_range(i) == (start, end))
+                .then(|| p.digests[i as usize])
+        })
     }
 
     fn settle(
@@ -360,6 +420,7 @@ impl ChunkSink {
                 self.summary.bytes_plain_uploaded += plain;
             }
             Outcome::Reused => self.summary.reused += 1,
+            Outcome::Zero => self.summary.zero += 1,
         }
         Ok(())
     }
@@ -374,12 +435,53 @@ impl ChunkSink {
 }
 
 /// Hashes, deduplicates, encodes and uploads one chunk.
-async fn upload(shared: Arc<Shared>, index: u64, data: Vec<u8>) -> Result<(u64, Digest, Outcome)> {
+async fn upload(
+    shared: Arc<Shared>,
+    index: u64,
+    data: Vec<u8>,
+    fill: Option<Fill>,
+) -> Result<(u64, Digest, Outcome)> {
     let key = shared.key.clone();
-    let (digest, data) =
-        tokio::task::spawn_blocking(move || (key::digest(key.as_deref(), &data), data))
-            .await
-            .map_err(|e| Error::sink(format!("hashing chunk {index}: {e}")))?;
+    let previous = match &fill {
+        None => None,
+        Some(f) => {
+            let name = chunk_key(&f.previous);
+            let object = shared.objects.get(&name).await?.ok_or_else(|| {
+                Error::corrupt(format!(
+                    "{name} is missing: the previous backup's chunk {index}, needed to complete \
+                     chunk {index}"
+                ))
+            })?;
+            Some(object)
+        }
+    };
+    let (digest, data) = tokio::task::spawn_blocking(move || {
+        let mut data = data;
+        if let (Some(f), Some(object)) = (fill, previous) {
+            let old = decode_chunk(&object, &f.previous, key.as_deref())?;
+            if old.len() != data.len() {
+                return Err(Error::corrupt(format!(
+                    "{} holds {} bytes, chunk {index} is {}",
+                    chunk_key(&f.previous),
+                    old.len(),
+                    data.len()
+                )));
+            }
+            for (from, to) in f.gaps {
+                let (from, to) = (from as usize, to as usize);
+                data[from..to].copy_from_slice(&old[from..to]);
+            }
+        }
+        if is_zero(&data) {
+            return Ok((ZERO_DIGEST, None));
+        }
+        Ok((key::digest(key.as_deref(), &data), Some(data)))
+    })
+    .await
+    .map_err(|e| Error::sink(format!("hashing chunk {index}: {e}")))??;
+    let Some(data) = data else {
+        return Ok((index, digest, Outcome::Zero));
+    };
     let first = shared
         .known
         .lock()

@@ -47,6 +47,7 @@ fn options(store: &Arc<MemoryObjects>, size: u64) -> ChunkSinkOptions {
         known: HashSet::new(),
         dedup_by_head: false,
         uploads: 2,
+        fill_from_previous: false,
     }
 }
 
@@ -382,6 +383,7 @@ fn slow_options(store: &Arc<SlowObjects>, size: u64, uploads: usize) -> ChunkSin
         known: HashSet::new(),
         dedup_by_head: false,
         uploads,
+        fill_from_previous: false,
     }
 }
 
@@ -435,5 +437,129 @@ async fn cancel_stops_uploads_and_writes_no_index() -> Result<()> {
     assert_eq!(store.inner.puts(), puts, "no upload after abort");
     assert!(store.inner.get("i.fidx").await?.is_none());
     assert!(sink.summary().is_none());
+    Ok(())
+}
+
+/// Backs `data` up from an export restricted to `dirty` (reads elsewhere fail with EINVAL, as
+/// on QEMU's snapshot-access with a bitmap), the engine reading `read`.
+async fn backup_restricted(
+    store: &Arc<MemoryObjects>,
+    data: &[u8],
+    dirty: Vec<Region>,
+    read: Vec<Region>,
+    adjust: impl FnOnce(&mut ChunkSinkOptions),
+) -> Result<ChunkSummary> {
+    let source = MemorySource::new(
+        data.to_vec(),
+        Config {
+            dirty: Some(dirty),
+            ..Config::default()
+        },
+    );
+    let mut opts = options(store, data.len() as u64);
+    adjust(&mut opts);
+    let mut sink = ChunkSink::new(opts)?;
+    let copy = CopyOptions {
+        dirty: Some(read),
+        ..CopyOptions::default()
+    };
+    engine::copy(
+        vec![source],
+        &mut sink,
+        &copy,
+        &|_| {},
+        &CancellationToken::new(),
+    )
+    .await?;
+    sink.summary()
+        .cloned()
+        .ok_or_else(|| Error::sink("no summary"))
+}
+
+#[tokio::test]
+async fn chunks_dirty_in_part_are_completed_from_the_previous_backup() -> Result<()> {
+    // 256 KiB chunks, a bitmap of 64 KiB (the copy-before-write cluster)
+    const BIG: u32 = 256 << 10;
+    const G: u64 = 64 << 10;
+    let store = Arc::new(MemoryObjects::new());
+    let mut old = disk(16, &[]); // 16 × 64 KiB + 1000: 4 chunks of 256 KiB and a short one
+                                 // chunk 2 zero, chunk 3 data only in its second 64 KiB
+    old[2 * BIG as usize..4 * BIG as usize].fill(0);
+    old[3 * BIG as usize + G as usize..3 * BIG as usize + 2 * G as usize].fill(7);
+    backup(&store, &old, None, |o| o.chunk_size = BIG)
+        .await
+        .result?;
+    let previous = index(&store)?;
+    assert_eq!(previous.digests[2], ZERO_DIGEST);
+
+    let mut new = old.clone();
+    let g = G as usize;
+    // chunk 0: its third 64 KiB; chunk 2 (zero before): its first; chunk 3: its data zeroed
+    new[2 * g..3 * g].fill(0x42);
+    new[8 * g..9 * g].fill(0x43);
+    new[13 * g..14 * g].fill(0);
+    let dirty = vec![
+        Region {
+            offset: 2 * G,
+            length: G,
+        },
+        Region {
+            offset: 8 * G,
+            length: G,
+        },
+        Region {
+            offset: 13 * G,
+            length: G,
+        },
+    ];
+
+    // widened, the reads leave the bitmap: the export refuses them
+    let wide = widen_to_chunks(&dirty, BIG, new.len() as u64);
+    let e = backup_restricted(&store, &new, dirty.clone(), wide, |o| {
+        o.chunk_size = BIG;
+        o.previous = Some(previous.clone());
+    })
+    .await
+    .err();
+    assert!(e.is_some_and(|e| e.is_server_einval()));
+
+    // completed from the previous chunks instead
+    let (gets, puts) = (store.gets(), store.puts());
+    let s = backup_restricted(&store, &new, dirty.clone(), dirty.clone(), |o| {
+        o.chunk_size = BIG;
+        o.previous = Some(previous.clone());
+        o.fill_from_previous = true;
+    })
+    .await?;
+    assert_eq!((s.completed, s.unchanged), (3, 2));
+    // chunk 3 is all zero now; chunks 0 and 2 are new
+    assert_eq!((s.uploaded, s.zero), (2, 1));
+    // chunk 2 was zero: nothing to fetch for it
+    assert_eq!(store.gets() - gets, 2);
+    assert_eq!(store.puts() - puts, 3);
+    let idx = index(&store)?;
+    check_content(&store, &idx, &new, None)?;
+    let other = Arc::new(MemoryObjects::new());
+    backup(&other, &new, None, |o| o.chunk_size = BIG)
+        .await
+        .result?;
+    assert_eq!(index(&other)?, idx);
+
+    // a previous chunk that is gone fails the backup, naming it
+    store.remove(&chunk_key(&previous.digests[0]));
+    store.remove("backups/100/vm-1/drive-scsi0.fidx");
+    let e = backup_restricted(&store, &new, dirty.clone(), dirty, |o| {
+        o.chunk_size = BIG;
+        o.previous = Some(previous.clone());
+        o.fill_from_previous = true;
+    })
+    .await
+    .err();
+    assert_eq!(e.as_ref().map(|e| e.code()), Some("ERR_BACKUP_CORRUPT"));
+    assert!(e
+        .map(|e| e.to_string())
+        .unwrap_or_default()
+        .contains(&chunk_key(&previous.digests[0])));
+    assert!(index(&store).is_err());
     Ok(())
 }
