@@ -263,3 +263,129 @@ async fn encrypted_store_with_dirty_regions_restores_exactly() -> Result<()> {
     let key = Arc::new(StoreKey::from_master(&[42; 32]));
     full_then_incremental(false, Some(key)).await
 }
+
+/// qemu-storage-daemon exporting a snapshot-access node over a copy-before-write filter
+/// restricted to bitmap `b0` of `image`, as backup access does (reads outside the bitmap fail
+/// with EINVAL), writable so that taken ranges can be discarded.
+fn snapshot_export(dir: &Path, image: &Path, fleece: &Path) -> Server {
+    let socket = dir.join("qsd.sock");
+    let _ = std::fs::remove_file(&socket);
+    let blockdevs = [
+        format!(
+            r#"{{"driver":"file","filename":"{}","node-name":"f0"}}"#,
+            image.display()
+        ),
+        r#"{"driver":"qcow2","file":"f0","node-name":"disk"}"#.to_string(),
+        format!(
+            r#"{{"driver":"file","filename":"{}","node-name":"f1"}}"#,
+            fleece.display()
+        ),
+        r#"{"driver":"qcow2","file":"f1","node-name":"fleece"}"#.to_string(),
+        r#"{"driver":"copy-before-write","file":"disk","target":"fleece","node-name":"cbw","bitmap":{"node":"disk","name":"b0"}}"#.to_string(),
+        r#"{"driver":"snapshot-access","file":"cbw","node-name":"snap"}"#.to_string(),
+    ];
+    let mut cmd = Command::new("qemu-storage-daemon");
+    for b in &blockdevs {
+        cmd.arg("--blockdev").arg(b);
+    }
+    cmd.arg("--nbd-server")
+        .arg(format!("addr.type=unix,addr.path={}", socket.display()))
+        .arg("--export")
+        .arg(r#"{"type":"nbd","id":"e","node-name":"snap","name":"disk","writable":true,"bitmaps":[{"node":"disk","name":"b0"}]}"#);
+    let child = cmd.stdin(Stdio::null()).spawn().unwrap_or_else(|e| {
+        panic!("cannot run qemu-storage-daemon ({e}): apt-get install qemu-system-common")
+    });
+    let mut server = Server { child, socket };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(&server.socket).is_err() {
+        if let Ok(Some(status)) = server.child.try_wait() {
+            panic!("qemu-storage-daemon exited with {status} before listening");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "qemu-storage-daemon did not listen within 10s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server
+}
+
+/// A 64 KiB bitmap on a real bitmap-restricted snapshot export: widened reads are refused
+/// (EINVAL), chunks dirty in part completed from the previous backup restore exactly, and the
+/// ranges taken are discarded on the snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restricted_snapshot_with_a_fine_bitmap_completes_chunks_from_the_previous_backup(
+) -> Result<()> {
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let dir = tmp.path();
+    let image = dir.join("disk.qcow2");
+    let img = image.display().to_string();
+    let size = 24 * MIB;
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &img, &size.to_string()],
+    );
+    write(&image, &[(0x11, 0, 10 * MIB), (0x22, 16 * MIB, 8 * MIB)]);
+    let store = Arc::new(MemoryObjects::new());
+    let objects: Arc<dyn Objects> = store.clone();
+    let cancel = CancellationToken::new();
+    let server = qemu_nbd(dir, &image, None);
+    backup(
+        options(server.uri(), "b/1/disk.fidx", None),
+        objects.clone(),
+        &|_| {},
+        &cancel,
+    )
+    .await?;
+    server.stop();
+    let index0 = index(&store, "b/1/disk.fidx").await?;
+
+    // a 64 KiB bitmap, then writes inside chunks 0 (in data), 2 (data and zeros) and 3 (zeros)
+    run("qemu-img", &["bitmap", "--add", "-g", "65536", &img, "b0"]);
+    write(
+        &image,
+        &[
+            (0x33, MIB, 64 * 1024),
+            (0x44, 10 * MIB - 64 * 1024, 128 * 1024),
+            (0x55, 13 * MIB, 4096),
+        ],
+    );
+    let after = content(dir, &image, "after.raw");
+    let fleece = dir.join("fleece.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            &fleece.display().to_string(),
+            &size.to_string(),
+        ],
+    );
+    let server = snapshot_export(dir, &image, &fleece);
+
+    let mut o = options(server.uri(), "b/2/disk.fidx", None);
+    o.bitmap = Some("b0".into());
+    o.previous = Some(index0.clone());
+    let e = backup(o, objects.clone(), &|_| {}, &cancel).await.err();
+    assert!(e.as_ref().is_some_and(|e| e.is_server_einval()), "{e:?}");
+    assert!(store.get("b/2/disk.fidx").await?.is_none());
+
+    let mut o = options(server.uri(), "b/2/disk.fidx", None);
+    o.bitmap = Some("b0".into());
+    o.previous = Some(index0.clone());
+    o.known = known_digests([&index0]);
+    o.fill_from_previous = true;
+    o.discard = true;
+    let inc = backup(o, objects.clone(), &|_| {}, &cancel).await?;
+    server.stop();
+    let c = &inc.chunks;
+    assert_eq!((c.completed, c.uploaded, c.unchanged), (3, 3, 3), "{c:?}");
+    // only the dirty 64 KiB clusters were read, and discarded once taken
+    assert_eq!(inc.copy.bytes_read + inc.copy.bytes_zero, 4 * 64 * 1024);
+    assert_eq!(inc.copy.bytes_trimmed, 4 * 64 * 1024);
+    let index1 = index(&store, "b/2/disk.fidx").await?;
+    assert!(restored(&store, index1, None, dir.join("r1.raw")).await? == after);
+    Ok(())
+}
