@@ -74,6 +74,12 @@ impl StoreKey {
         &self.fingerprint
     }
 
+    /// HMAC-SHA256 of `data` under the id key: the `signature` of a manifest
+    /// (docs/chunk-store.md), the same function as a keyed chunk digest.
+    pub fn sign(&self, data: &[u8]) -> Digest {
+        hmac(&self.id_key, data)
+    }
+
     /// The AES-256-GCM key of chunk payloads.
     pub(crate) fn encryption_key(&self) -> &[u8; 32] {
         &self.encryption_key
@@ -84,7 +90,7 @@ impl StoreKey {
 /// store has a key, SHA-256 otherwise.
 pub fn digest(key: Option<&StoreKey>, data: &[u8]) -> Digest {
     match key {
-        Some(k) => hmac(&k.id_key, data),
+        Some(k) => k.sign(data),
         None => Sha256::digest(data).into(),
     }
 }
@@ -208,6 +214,7 @@ mod tests {
         assert_eq!(hex(&k.id_key), ID_KEY);
         assert_eq!(hex(&k.encryption_key), ENCRYPTION_KEY);
         assert_eq!(hex(&digest(Some(&k), b"hello")), KEYED_HELLO);
+        assert_eq!(hex(&k.sign(b"hello")), KEYED_HELLO);
         assert_eq!(
             hex(&digest(None, b"hello")),
             "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
