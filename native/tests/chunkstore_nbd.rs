@@ -238,6 +238,19 @@ async fn full_then_incremental(with_bitmap: bool, key: Option<Arc<StoreKey>>) ->
                 .collect(),
         );
     }
+    // a previous backup of another size is refused before anything is read
+    let mut grown = index0.clone();
+    grown.size += 4096;
+    let refused = BackupOptions {
+        previous: Some(grown),
+        bitmap: o.bitmap.clone(),
+        dirty: o.dirty.clone(),
+        ..options(server.uri(), "b/3/disk.fidx", key.clone())
+    };
+    let e = backup(refused, objects.clone(), &|_| {}, &cancel)
+        .await
+        .err();
+    assert_eq!(e.map(|e| e.code()), Some("ERR_INVALID_ARGUMENT"));
     let puts = store.puts();
     let inc = backup(o, objects.clone(), &|_| {}, &cancel).await?;
     server.stop();

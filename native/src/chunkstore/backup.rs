@@ -135,6 +135,12 @@ pub async fn backup(
                     previous.chunk_size
                 )));
             }
+            if incremental && previous.size != size {
+                return Err(Error::invalid_argument(format!(
+                    "the disk has {size} bytes, the previous backup {}: back up in full",
+                    previous.size
+                )));
+            }
         }
         if !options.fill_from_previous {
             if let Some(dirty) = run.copy.dirty.take() {
