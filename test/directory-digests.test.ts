@@ -5,6 +5,7 @@
  * ones refused.
  */
 import { readFileSync, readdirSync, statSync, writeFileSync, existsSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
 import path from 'node:path';
 
 import { afterEach, describe, expect, it } from 'vitest';
@@ -13,6 +14,7 @@ import { DirectoryProvider, DirectoryStore, restoreVm, runBackupJob, type Backup
 import { hashFile, manifestChecksum, type Manifest } from '../lib/directory-provider/layout.js';
 import { asManifestVersion1, damageImageData, expectRestores, startDisk, vmGuest, type Disk } from './helpers/directory.js';
 import { expectSameBytes } from './helpers/images.js';
+import { requireTool } from './helpers/tools.js';
 import { stopAll, tempDir } from './helpers/qemu.js';
 
 const MiB = 2 ** 20;
@@ -110,6 +112,22 @@ describe('restore checks what it reads as it copies', () => {
     expect(read).toBeLessThan(stored * 1.2);
     // sparse: the 36 MiB never written are holes
     expect(statSync(target).blocks * 512).toBeLessThan(34 * MiB);
+  });
+
+  it('a chain restores onto a block device holding old data (an LVM volume at 3 a.m.): in place, byte-exact', async (ctx) => {
+    requireTool('losetup', 'mount');
+    const { scratch, provider, backup } = await rig(16 * MiB);
+    const x = [await backup([[0x11, 0, 8 * MiB]]), await backup([[0x22, 1 * MiB, 1 * MiB]]), await backup([[0x33, 12 * MiB, 1 * MiB]])];
+    const backing = path.join(scratch, 'lv.img');
+    writeFileSync(backing, Buffer.alloc(16 * MiB, 0xab));
+    const device = execFileSync('losetup', ['--find', '--show', backing], { encoding: 'utf8' }).trim();
+    ctx.onTestFinished(() => void execFileSync('losetup', ['--detach', device]));
+    const { provider: p, calls } = spied(provider);
+    await restoreVm({ provider: p, volname: x[2]!.volname, storeid: 'dir1', targets: { disk0: device } });
+    expect(calls).toContain('restoreVmVolumeWrite');
+    // the 0xab the device held where the backup has zeros reads as zeros now
+    expectSameBytes(readFileSync(device), x[2]!.content, 'restored onto the device');
+    expect(existsSync(`${device}.partial`)).toBe(false);
   });
 
   it('corrupted data in a middle layer: the restore fails naming the image, and no partial target is left', async () => {

@@ -107,6 +107,22 @@ describe('restoreChain', () => {
     expectSameBytes(readFileSync(target), reference(layers[4]!.image, dir));
   });
 
+  it('restores onto a block device holding old data: written in place, its zero areas zeroed (BLKZEROOUT)', async (ctx) => {
+    requireTool('losetup', 'mount');
+    const dir = scratch();
+    const layers = await buildChain(dir, 16 * MiB, 20);
+    const backing = join(dir, 'device.img');
+    writeFileSync(backing, Buffer.alloc(20 * MiB, 0xab));
+    const device = run('losetup', ['--find', '--show', backing]).trim();
+    ctx.onTestFinished(() => void run('losetup', ['--detach', device]));
+    const summary = await restoreChain({ layers, target: device, zeroed: false, threads: 2 });
+    expect(summary.bytesZero).toBeGreaterThan(0);
+    // the device reads as the chain; past the disk's end it is left as it was
+    const written = readFileSync(device);
+    expectSameBytes(written.subarray(0, 16 * MiB), reference(layers[4]!.image, dir));
+    expect(written.subarray(16 * MiB).every((b) => b === 0xab)).toBe(true);
+  });
+
   it('rejects corruption in a middle layer naming the file and range, and leaves the partial target to the caller', async () => {
     const dir = scratch();
     const layers = await buildChain(dir);

@@ -25,16 +25,22 @@ const execFileP = promisify(execFile);
  * The job runner, the directory provider and the QMP client, loaded when a store command runs:
  * `copy` and `info` start faster (and smaller) without them.
  */
-async function machinery() {
-  const [restore, runner, provider, providerV1, store, qmp] = await Promise.all([
-    import('../job/restore.js'),
+/** What the backup command loads (lazily: every module costs start-up time, ~1 ms each here). */
+async function backupMachinery() {
+  const [runner, provider, providerV1, store, qmp] = await Promise.all([
     import('../job/runner.js'),
     import('../directory-provider/provider.js'),
     import('../directory-provider/provider-v1.js'),
     import('../directory-provider/store.js'),
     import('../qmp/client.js'),
   ]);
-  return { ...restore, ...runner, ...provider, ...providerV1, ...store, ...qmp };
+  return { ...runner, ...provider, ...providerV1, ...store, ...qmp };
+}
+
+/** What the restore command loads. */
+async function restoreMachinery() {
+  const [restore, provider, store] = await Promise.all([import('../job/restore.js'), import('../directory-provider/provider.js'), import('../directory-provider/store.js')]);
+  return { ...restore, ...provider, ...store };
 }
 
 /** Option parsers shared with program.ts. */
@@ -148,7 +154,7 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
     .option('--protected', 'mark the backup protected')
     .option('--json', 'print the result as JSON; no log lines, no progress bars')
     .action(async (o: Record<string, unknown>) => {
-      const { runBackupJob, DirectoryProviderV1, DirectoryProvider, DirectoryStore, QmpClient } = await machinery();
+      const { runBackupJob, DirectoryProviderV1, DirectoryProvider, DirectoryStore, QmpClient } = await backupMachinery();
       const json = o.json === true;
       const sources = ['qmp', 'disk', 'rootdir'].filter((k) => o[k] !== undefined);
       if (sources.length !== 1) throw usage('give exactly one of --qmp, --disk, --rootdir');
@@ -259,7 +265,7 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
     .option('--allow-non-empty', 'container: restore into a directory that holds files (existing files are kept)')
     .option('--json', 'print the result as JSON, no progress bars')
     .action(async (volid: string, o: Record<string, unknown>) => {
-      const { restoreContainer, restoreVm, DirectoryProvider, DirectoryStore } = await machinery();
+      const { restoreContainer, restoreVm, DirectoryProvider, DirectoryStore } = await restoreMachinery();
       const json = o.json === true;
       const store = await DirectoryStore.open(o.store as string);
       const volname = store.volnameOf(volid);
@@ -350,7 +356,7 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
     .option('--vmid <n>', 'only this guest', vmidArg)
     .option('--json', 'print JSON')
     .action(async (o: { store: string; vmid?: number; json?: boolean }) => {
-      const { DirectoryStore } = await machinery();
+      const { DirectoryStore } = await import('../directory-provider/store.js');
       const store = await DirectoryStore.open(o.store);
       const list = await store.listBackups(o.vmid);
       if (o.json) {
@@ -383,7 +389,7 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
   )
     .option('--json', 'print JSON')
     .action(async (o: Record<string, unknown>) => {
-      const { DirectoryStore } = await machinery();
+      const { DirectoryStore } = await import('../directory-provider/store.js');
       const keep: PruneOptions = {};
       for (const k of ['keepAll', 'keepLast', 'keepHourly', 'keepDaily', 'keepWeekly', 'keepMonthly', 'keepYearly'] as const) {
         if (o[k] !== undefined) (keep as Record<string, unknown>)[k] = o[k];
@@ -408,7 +414,7 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
     .option('--force', 'delete even when protected')
     .option('--json', 'print JSON')
     .action(async (volid: string, o: { store: string; force?: boolean; json?: boolean }) => {
-      const { DirectoryStore } = await machinery();
+      const { DirectoryStore } = await import('../directory-provider/store.js');
       const store = await DirectoryStore.open(o.store);
       const volname = store.volnameOf(volid);
       const r = await store.deleteBackup(volname, { force: o.force === true });
@@ -424,7 +430,7 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
     .option('--vmid <n>', 'only this guest', vmidArg)
     .option('--json', 'print JSON')
     .action(async (volid: string | undefined, o: { store: string; vmid?: number; json?: boolean }) => {
-      const { DirectoryStore } = await machinery();
+      const { DirectoryStore } = await import('../directory-provider/store.js');
       const store = await DirectoryStore.open(o.store);
       const volnames = volid ? [store.volnameOf(volid)] : (await store.listBackups(o.vmid)).filter((b) => b.status !== 'in-progress').map((b) => b.volname);
       if (volid) await store.readManifest(volnames[0]!).catch((err: unknown) => {
@@ -445,7 +451,7 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
     .requiredOption('--store <dir>', 'the store')
     .option('--off', 'remove the protection')
     .action(async (volid: string, o: { store: string; off?: boolean }) => {
-      const { DirectoryStore } = await machinery();
+      const { DirectoryStore } = await import('../directory-provider/store.js');
       const store = await DirectoryStore.open(o.store);
       await store.setProtected(store.volnameOf(volid), !o.off);
       console.log(`${store.volid(store.volnameOf(volid))}: ${o.off ? 'not protected' : 'protected'}`);
@@ -458,7 +464,7 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
     .argument('<text>', 'the notes')
     .requiredOption('--store <dir>', 'the store')
     .action(async (volid: string, text: string, o: { store: string }) => {
-      const { DirectoryStore } = await machinery();
+      const { DirectoryStore } = await import('../directory-provider/store.js');
       const store = await DirectoryStore.open(o.store);
       await store.setNotes(store.volnameOf(volid), text);
     });

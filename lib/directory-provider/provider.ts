@@ -26,8 +26,6 @@ import { copyFile, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 
 import { normaliseBandwidthLimit } from '../bandwidth.js';
-import { createTarArchive } from '../container/tar.js';
-import { backupDirectoryTree } from '../container/directory.js';
 import { copyExtents, type CopyProgress, type CopySummary } from '../nbd/copy.js';
 import type {
   BackupCleanupResult,
@@ -49,11 +47,10 @@ import type {
   VolumeSize,
 } from '../provider/api.js';
 import { BackupProviderBase } from '../provider/base.js';
-import { startFuseExport, type FuseExport } from '../qemu/storage-daemon.js';
+import type { FuseExport } from '../qemu/storage-daemon.js';
 import { nbdUriFor } from '../provider/dirty-regions.js';
 import { BitmapLedger } from './bitmap-ledger.js';
 import { DirectoryStoreError } from './errors.js';
-import { restoreChain } from './restore-chain.js';
 import { MANIFEST, MANIFEST_VERSION, PREVIOUS_INFO, hashFile, hashTree, parseVolname, syncFiles, type Manifest, type ManifestDevice, type ManifestFile } from './layout.js';
 import { DirectoryStore, type PreviousInfo } from './store.js';
 
@@ -382,10 +379,14 @@ export class DirectoryProvider extends BackupProviderBase {
     };
     if (g.mode === 'tar') {
       const archive = path.join(g.dir, 'root.tar');
+      const { createTarArchive } = await import('../container/tar.js');
       const { bytes, sha256 } = await createTarArchive({ source: info.directory, archive, ...common });
       await storeIo(g, 'flushing', archive, (f) => syncFiles(path.dirname(f), [path.basename(f)]));
       g.recorded['root.tar'] = { size: bytes, sha256 };
-    } else await backupDirectoryTree({ source: info.directory, target: path.join(g.dir, 'root'), ...common });
+    } else {
+      const { backupDirectoryTree } = await import('../container/directory.js');
+      await backupDirectoryTree({ source: info.directory, target: path.join(g.dir, 'root'), ...common });
+    }
     // complete on disk before vzdump's storage calls (other processes), as for VMs
     await this.complete(g);
   }
@@ -592,6 +593,7 @@ export class DirectoryProvider extends BackupProviderBase {
     // a second init of the same volume replaces the first export rather than leaking it
     await this.restoreExports.get(key)?.stop();
     this.restoreExports.delete(key);
+    const { startFuseExport } = await import('../qemu/storage-daemon.js');
     const fuse = await startFuseExport(path.join(store.backupDir(volname), d.file), 'qcow2');
     this.restoreExports.set(key, fuse);
     return { qemuImgPath: fuse.path };
@@ -608,6 +610,7 @@ export class DirectoryProvider extends BackupProviderBase {
     const layers = await (await this.openStore()).imageChain(volname, deviceName);
     if (!layers) return false;
     this.log.info(`${deviceName}: ${layers.length} stored image(s), checked against their digests as they are copied`);
+    const { restoreChain } = await import('./restore-chain.js');
     await restoreChain({
       layers,
       target: target.path,

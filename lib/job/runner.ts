@@ -18,7 +18,6 @@ import { JobAbortedError } from '../provider/errors.js';
 import { createLogger } from '../provider/logger.js';
 import { formatBytes } from '../format.js';
 import { raceAbort, toError } from './abort.js';
-import { backupContainerGuest } from './backup-container.js';
 import { backupVmGuest } from './backup-vm.js';
 import type { JobContext } from './context.js';
 import { constructProvider, validateJobOptions } from './options.js';
@@ -208,7 +207,10 @@ async function backupGuest(ctx: JobContext, guest: Guest): Promise<{ outcome: Gu
       return raceAbort(driver.backupMechanism(guest.vmid, vmtype), ctx.signal);
     });
     if (guest.type === 'qemu') await backupVmGuest(ctx, guest, tlog, gdir, mechanism as 'nbd' | 'file-handle', bitmapId, archiveName, timer);
-    else await timer.time('provider', () => backupContainerGuest(ctx, guest, tlog, archiveName));
+    else {
+      const { backupContainerGuest } = await import('./backup-container.js');
+      await timer.time('provider', () => backupContainerGuest(ctx, guest, tlog, archiveName));
+    }
   } catch (err) {
     error = toError(err);
   }
