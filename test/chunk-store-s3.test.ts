@@ -19,7 +19,7 @@ import { ChunkStoreError, fromNative } from '../lib/chunk-provider/errors.js';
 import { S3ObjectStore, parseS3Url, readCredentialsFile, s3StoreOptions, type S3StoreOptions } from '../lib/chunk-provider/s3.js';
 import { InvalidArgumentError } from '../lib/errors.js';
 import { native, type Binding } from '../lib/native.js';
-import { nbdRead, nbdWrite, startStorageDaemon, stopAll } from './helpers/qemu.js';
+import { execFileP, nbdRead, nbdWrite, startStorageDaemon, stopAll } from './helpers/qemu.js';
 import { startS3Cluster, type S3Cluster } from './helpers/s3-cluster.js';
 import { listedKeys, s3Request } from './helpers/s3.js';
 
@@ -313,6 +313,56 @@ describe('chunk store on S3 (Garage, 3 nodes, replication factor 3)', { timeout:
       expect((await store.list('chunks/')).map((o) => o.key).sort()).toEqual(['chunks/11/11/before', 'chunks/22/22/during']);
     } finally {
       await cluster.startNode(2);
+    }
+  });
+
+  it('a chunk backup survives a storage node killed and the gateway restarted during it; the restore is byte-exact', async () => {
+    try {
+      const q = await startStorageDaemon({ size: 64 * MiB });
+      const live = `nbd+unix:///live0?socket=${q.nbdPath}`;
+      const data = join(q.dir, 'random.raw');
+      writeFileSync(data, randomBytes(64 * MiB));
+      await execFileP('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'raw', data, live]);
+      const image = await nbdRead(live, q.dir);
+      const opts = { ...base, prefix: 'stores/faults' } as Binding.ChunkStoreOptions;
+
+      // a storage node dies a few chunks in
+      let killed: Promise<void> | undefined;
+      const one = await runJob(() =>
+        native.startChunkBackup({ store: opts, uri: live, indexKey: 'backups/102/vm-1/drive-scsi0.fidx', uploads: 2, bandwidthLimit: 32 * MiB }, (p: Binding.NativeProgress) => {
+          if (!killed && p.done >= 16 * MiB) killed = cluster.stopNode(2);
+        }),
+      );
+      expect(killed, 'the node was killed during the backup').toBeDefined();
+      await killed;
+      expect(one).toMatchObject({ chunks: 16, uploaded: 16 });
+
+      // the gateway goes down a few chunks in and comes back: the uploads retry and finish
+      await cluster.startNode(2);
+      let restarted: Promise<void> | undefined;
+      const two = await runJob(() =>
+        native.startChunkBackup(
+          { store: { ...opts, prefix: 'stores/faults2' }, uri: live, indexKey: 'backups/102/vm-2/drive-scsi0.fidx', uploads: 2, bandwidthLimit: 32 * MiB },
+          (p: Binding.NativeProgress) => {
+            if (!restarted && p.done >= 16 * MiB) restarted = cluster.restartGateway(() => sleep(1000));
+          },
+        ),
+      );
+      expect(restarted, 'the gateway was restarted during the backup').toBeDefined();
+      await restarted;
+      expect(two).toMatchObject({ chunks: 16, uploaded: 16 });
+
+      for (const [prefix, indexKey] of [
+        ['stores/faults', one.indexKey],
+        ['stores/faults2', two.indexKey],
+      ] as const) {
+        const target = join(q.dir, `${prefix.replace('/', '-')}.raw`);
+        await runJob(() => native.startChunkRestore({ store: { ...opts, prefix }, indexKey, target, zeroed: true }));
+        expect(readFileSync(target).equals(image), `restore of ${prefix}`).toBe(true);
+      }
+    } finally {
+      await cluster.startNode(2);
+      await stopAll();
     }
   });
 
