@@ -104,18 +104,22 @@ pub struct ChunkRestoreSummary {
     pub seconds: f64,
 }
 
+/// Where a job's result arrives, taken once by `wait()`.
+type Handle<T> = Mutex<Option<oneshot::Receiver<Result<T>>>>;
+
 /// A running chunk backup: `wait()` resolves with its summary, `cancel()` stops it.
 #[napi]
 pub struct NativeChunkBackupJob {
     cancel: CancellationToken,
-    handle: Mutex<Option<oneshot::Receiver<Result<(BackupSummary, bool)>>>>,
+    /// The summary, and whether the previous index was found incomplete.
+    handle: Handle<(BackupSummary, bool)>,
 }
 
 /// A running chunk restore: `wait()` resolves once the target is synced, `cancel()` stops it.
 #[napi]
 pub struct NativeChunkRestoreJob {
     cancel: CancellationToken,
-    handle: Mutex<Option<oneshot::Receiver<Result<RestoreSummary>>>>,
+    handle: Handle<RestoreSummary>,
 }
 
 /// The key of `options.keyFile`, checked against the store's fingerprint when the caller gives
@@ -171,7 +175,7 @@ where
 }
 
 /// The result of a job's channel, once.
-async fn take<T>(handle: &Mutex<Option<oneshot::Receiver<Result<T>>>>) -> napi::Result<T> {
+async fn take<T>(handle: &Handle<T>) -> napi::Result<T> {
     let Some(handle) = handle.lock().await.take() else {
         return Err(to_napi(Error::invalid_argument(
             "wait() was already called",
