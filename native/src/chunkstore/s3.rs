@@ -133,6 +133,8 @@ struct Answer {
     message: Option<String>,
     /// The request never got an answer (connect, timeout, dropped connection).
     transport: bool,
+    /// The TLS handshake refused the server's certificate.
+    certificate: bool,
 }
 
 impl S3Objects {
@@ -267,6 +269,12 @@ impl S3Objects {
                 .message
                 .as_deref()
                 .is_some_and(|m| m.to_ascii_lowercase().contains("invalid signature"));
+        if answer.transport && answer.certificate {
+            return Error::store_unavailable(format!(
+                "{what}: TLS: the endpoint's certificate is not trusted (give the CA that signed it as a CA file)"
+            ))
+            .caused_by(err);
+        }
         if answer.transport {
             return Error::store_unavailable(format!("{what}: no answer after retries"))
                 .caused_by(err);
@@ -362,6 +370,9 @@ fn read_answer(err: &object_store::Error) -> Answer {
             answer.transport = false;
         }
     }
+    let lower = text.to_ascii_lowercase();
+    answer.certificate =
+        lower.contains("invalid peer certificate") || lower.contains("unknownissuer");
     answer.code = between(&text, "<Code>", "</Code>");
     answer.message = between(&text, "<Message>", "</Message>");
     answer
