@@ -529,6 +529,9 @@ mod tests {
         let s = S3Objects::new(&options()).unwrap();
         assert_eq!(s.full_key("chunks/ab"), "p/q/chunks/ab");
         assert_eq!(s.path("a//b").unwrap_err().code(), "ERR_INVALID_ARGUMENT");
+        // no key escapes the prefix
+        assert_eq!(s.path("../x").unwrap_err().code(), "ERR_INVALID_ARGUMENT");
+        assert_eq!(s.path("a/./x").unwrap_err().code(), "ERR_INVALID_ARGUMENT");
     }
 
     #[test]
