@@ -499,6 +499,10 @@ describe('s3:// store URLs and credentials', () => {
       sessionToken: 'tok',
     });
     await expect(s3StoreOptions('s3://bucket/p', { env: {} })).rejects.toThrow(/AWS_ACCESS_KEY_ID/);
+    // endpoint and region from the environment as the AWS tools read them, the options first
+    const awsEnv = { ...env, AWS_ENDPOINT_URL: 'https://any.example', AWS_ENDPOINT_URL_S3: 'https://s3.example:3900', AWS_REGION: 'garage' };
+    expect(await s3StoreOptions('s3://bucket', { env: awsEnv })).toMatchObject({ endpoint: 'https://s3.example:3900', region: 'garage' });
+    expect(await s3StoreOptions('s3://bucket', { env: awsEnv, endpoint: 'https://mine', region: 'r' })).toMatchObject({ endpoint: 'https://mine', region: 'r' });
 
     const dir = mkdtempSync(join(tmpdir(), 'pbp-cred-'));
     try {

@@ -220,7 +220,9 @@ export interface S3UrlOptions extends Omit<S3StoreOptions, 'bucket' | 'prefix' |
 
 /**
  * The options of the store an `s3://bucket/prefix` URL names: bucket and prefix from the URL,
- * credentials from the file given, else from the environment.
+ * credentials from the file given, else from the environment; endpoint and region as given, else
+ * from the environment as the AWS tools read them (`AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL`,
+ * `AWS_REGION`, `AWS_DEFAULT_REGION`).
  * @throws InvalidArgumentError for a bad URL, or when no credentials are found.
  */
 export async function s3StoreOptions(url: string, options: S3UrlOptions = {}): Promise<S3StoreOptions> {
@@ -240,5 +242,13 @@ export async function s3StoreOptions(url: string, options: S3UrlOptions = {}): P
     const sessionToken = env['AWS_SESSION_TOKEN'];
     credentials = { accessKeyId, secretAccessKey, ...(sessionToken ? { sessionToken } : {}) };
   }
-  return { ...rest, ...location, ...credentials };
+  const endpoint = rest.endpoint ?? env['AWS_ENDPOINT_URL_S3'] ?? env['AWS_ENDPOINT_URL'];
+  const region = rest.region ?? env['AWS_REGION'] ?? env['AWS_DEFAULT_REGION'];
+  return {
+    ...rest,
+    ...(endpoint !== undefined && endpoint !== '' ? { endpoint } : {}),
+    ...(region !== undefined && region !== '' ? { region } : {}),
+    ...location,
+    ...credentials,
+  };
 }
