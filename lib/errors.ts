@@ -6,7 +6,8 @@
  * another error, a `cause`. Each code belongs to one family of errors, a class that adds typed
  * fields (for example QEMU's error class); the families live beside the code that throws them
  * (`lib/nbd/errors.ts`, `lib/qmp/errors.ts`, `lib/qemu/errors.ts`, `lib/provider/errors.ts`,
- * `lib/container/errors.ts`, `lib/directory-provider/errors.ts`, `lib/cli/errors.ts`), the
+ * `lib/container/errors.ts`, `lib/directory-provider/errors.ts`, `lib/chunk-provider/errors.ts`,
+ * `lib/cli/errors.ts`), the
  * families every layer uses ({@link InvalidArgumentError}, {@link CancelledError}) here, and so
  * do the code unions of the families with several codes (those modules re-export them). A
  * family that needs one of those codes subclasses it or wraps it as `cause`, so `instanceof`
@@ -65,6 +66,21 @@ export type DirectoryStoreErrorCode =
   | 'ERR_STORE_IO'
   /** The provider was asked for something its state does not allow (e.g. no backup started). */
   | 'ERR_PROVIDER_STATE';
+
+/** Codes of `ChunkStoreError`: the chunk store on object storage and its key. */
+export type ChunkStoreErrorCode =
+  /** The object store does not answer, or kept failing (5xx, throttling) until the retries ran out. */
+  | 'ERR_STORE_UNAVAILABLE'
+  /** The object store refused the credentials (an unknown access key id, a wrong secret key) or the request. */
+  | 'ERR_STORE_ACCESS'
+  /** The bucket does not exist. */
+  | 'ERR_STORE_NOT_FOUND'
+  /** The object store refused a write for lack of space (a bucket quota). */
+  | 'ERR_STORE_FULL'
+  /** The store is encrypted and no key was given. */
+  | 'ERR_KEY_REQUIRED'
+  /** The key given is not the store's key. */
+  | 'ERR_KEY_MISMATCH';
 
 /** Codes of `DemoError`: the command line's demo. */
 export type DemoErrorCode =
@@ -138,6 +154,7 @@ export type ErrorCode =
   | NbdErrorCode
   | ContainerToolErrorCode
   | DirectoryStoreErrorCode
+  | ChunkStoreErrorCode
   | DemoErrorCode;
 
 /** Options accepted by {@link PveBackupError}. */

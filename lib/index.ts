@@ -119,5 +119,20 @@ export {
   type ParsedVolname,
 } from './directory-provider/index.js';
 
+// The chunk store on S3-compatible object storage (lib/chunk-provider)
+export { ChunkStoreError, type ChunkStoreErrorCode } from './chunk-provider/errors.js';
+export {
+  S3ObjectStore,
+  parseS3Url,
+  isS3Url,
+  readCredentialsFile,
+  s3StoreOptions,
+  type S3StoreOptions,
+  type S3UrlOptions,
+  type S3Location,
+  type S3Credentials,
+  type StoredObject,
+} from './chunk-provider/s3.js';
+
 // The Perl bridge's Node half (lib/bridge): the provider host behind `provider-host`
 export * from './bridge/index.js';

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything pve-backup-provider needs on Debian 12 (as root): the QEMU tools, libnbd's
-# tools, nbdkit, GNU tar/rsync/acl/attr, then the npm dependencies and the native build.
+# tools, nbdkit, GNU tar/rsync/acl/attr, Garage (cached), then the npm dependencies and the native build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +33,16 @@ fi
 if ! command -v cargo >/dev/null; then
   echo "setup: cargo not found; install Rust (rustup) first" >&2
   exit 1
+fi
+
+# Garage, the distributed S3 store the object-storage tests run as a three-node cluster. Cached
+# outside the clone, built only when missing or of another version: a Rust build of the server
+# takes tens of minutes on two cores. Nothing goes on PATH; tests look for it at this path (or
+# $PVE_BACKUP_GARAGE).
+garage_version=2.5.0
+garage_root=/var/cache/pve-backup-provider/garage-$garage_version
+if ! "$garage_root/bin/garage" --version 2>/dev/null | grep -q "v$garage_version "; then
+  cargo install garage --version "$garage_version" --locked --root "$garage_root"
 fi
 
 npm ci --no-audit --no-fund

@@ -9,6 +9,7 @@ import {
   BackupAccessActiveError,
   BackupAccessError,
   CancelledError,
+  ChunkStoreError,
   ContainerAbortError,
   ContainerToolError,
   DirectoryStoreError,
@@ -37,6 +38,7 @@ import {
 } from '../lib/index.js';
 import { BackupFailedError, DemoError, TargetExistsError, UsageError, VerifyFailedError } from '../lib/cli/errors.js';
 import { fromNative } from '../lib/nbd/errors.js';
+import { fromNative as chunkStoreFromNative } from '../lib/chunk-provider/errors.js';
 import { BridgeError, PluginFileExistsError } from '../lib/bridge/errors.js';
 
 // eslint-disable-next-line @typescript-eslint/no-explicit-any
@@ -87,6 +89,12 @@ const OWNER = {
   ERR_BACKUP_PROTECTED: DirectoryStoreError,
   ERR_STORE_IO: DirectoryStoreError,
   ERR_PROVIDER_STATE: DirectoryStoreError,
+  ERR_STORE_UNAVAILABLE: ChunkStoreError,
+  ERR_STORE_ACCESS: ChunkStoreError,
+  ERR_STORE_NOT_FOUND: ChunkStoreError,
+  ERR_STORE_FULL: ChunkStoreError,
+  ERR_KEY_REQUIRED: ChunkStoreError,
+  ERR_KEY_MISMATCH: ChunkStoreError,
   ERR_USAGE: UsageError,
   ERR_TARGET_EXISTS: TargetExistsError,
   ERR_VERIFY_FAILED: VerifyFailedError,
@@ -141,6 +149,16 @@ const storeCases: Case[] = storeCodes.map((code) => ({
   message: /^store failed$/,
   cause,
   fields: { volname: 'backup/100/qemu-2024_01_01-00_00_00', file: 'manifest.json' },
+}));
+
+const chunkStoreCodes = ['ERR_STORE_UNAVAILABLE', 'ERR_STORE_ACCESS', 'ERR_STORE_NOT_FOUND', 'ERR_STORE_FULL', 'ERR_KEY_REQUIRED', 'ERR_KEY_MISMATCH'] as const;
+const chunkStoreCases: Case[] = chunkStoreCodes.map((code) => ({
+  err: new ChunkStoreError(code, 'S3 get of p/store.json at http://h bucket b: failed', { cause }),
+  cls: ChunkStoreError,
+  name: 'ChunkStoreError',
+  code,
+  message: /^S3 get of p\/store\.json at http:\/\/h bucket b: failed$/,
+  cause,
 }));
 
 const cases: Case[] = [
@@ -342,6 +360,8 @@ const cases: Case[] = [
   { err: new ContainerAbortError('tar of /r', cause), cls: ContainerAbortError, name: 'AbortError', code: 'ERR_CANCELLED', message: /^tar of \/r cancelled$/, cause },
   // directory store
   ...storeCases,
+  // chunk store
+  ...chunkStoreCases,
   // command line
   { err: new UsageError('give --to'), cls: UsageError, name: 'UsageError', code: 'ERR_USAGE', message: /^give --to$/ },
   { err: new TargetExistsError('/x.raw'), cls: TargetExistsError, name: 'TargetExistsError', code: 'ERR_TARGET_EXISTS', message: /^restore target \/x\.raw exists; give --force to replace it$/, fields: { target: '/x.raw' } },
@@ -417,5 +437,18 @@ describe('error table', () => {
     expect(server).toMatchObject({ name: 'NbdError', errno: 'EIO', command: 'READ', offset: 0, length: 512 });
     const foreign = new Error('not JSON');
     expect(fromNative(foreign)).toBe(foreign);
+  });
+
+  it('hands the native core store errors to ChunkStoreError, and the rest as the NBD layer does', () => {
+    const native = (details: object): unknown => chunkStoreFromNative(new Error(JSON.stringify(details)));
+    for (const code of chunkStoreCodes) {
+      const err = native({ code, message: `S3 put of k at http://h bucket b: ${code}` });
+      expect(err).toBeInstanceOf(ChunkStoreError);
+      expect(err).toMatchObject({ name: 'ChunkStoreError', code, message: `S3 put of k at http://h bucket b: ${code}` });
+    }
+    expect(native({ code: 'ERR_INVALID_ARGUMENT', message: 'bad key' })).toBeInstanceOf(InvalidArgumentError);
+    expect(native({ code: 'ERR_CANCELLED', message: 'cancelled' })).toBeInstanceOf(CancelledError);
+    const foreign = new Error('not JSON');
+    expect(chunkStoreFromNative(foreign)).toBe(foreign);
   });
 });

@@ -6,6 +6,8 @@
 //! sink (dirty extents in, chunks out); `restore` writes a disk back from its index.
 //! Only `s3` knows about S3.
 
+pub mod s3;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 

@@ -1,0 +1,268 @@
+/**
+ * The chunk store's object access against a real distributed S3 store (a three-node Garage
+ * cluster, replication factor 3) through the native binding: objects round-trip under the
+ * store's prefix, listings page past 1000 keys, and every failure is a typed `ChunkStoreError`
+ * naming endpoint, bucket and key: wrong credentials, a missing bucket, a bucket quota, a gateway
+ * that is down (retries, then ERR_STORE_UNAVAILABLE within the bounded time) or comes back
+ * during the retries (the request succeeds), and a killed storage node (replication: no error).
+ * The `s3://` URL and credential parsing is tested without the cluster.
+ */
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+
+import { ChunkStoreError } from '../lib/chunk-provider/errors.js';
+import { S3ObjectStore, parseS3Url, readCredentialsFile, s3StoreOptions, type S3StoreOptions } from '../lib/chunk-provider/s3.js';
+import { InvalidArgumentError } from '../lib/errors.js';
+import { startS3Cluster, type S3Cluster } from './helpers/s3-cluster.js';
+import { listedKeys, s3Request } from './helpers/s3.js';
+
+/** The rejection of `p`, failing the test if it resolves. */
+async function rejection(p: Promise<unknown>): Promise<ChunkStoreError> {
+  const err = await p.then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+  expect(err, 'the call should have failed').toBeInstanceOf(ChunkStoreError);
+  return err as ChunkStoreError;
+}
+
+/** Runs `fn` on every item with at most `limit` at once. */
+async function pool<T>(items: T[], limit: number, fn: (item: T) => Promise<void>): Promise<void> {
+  let next = 0;
+  await Promise.all(
+    Array.from({ length: limit }, async () => {
+      while (next < items.length) await fn(items[next++]!);
+    }),
+  );
+}
+
+describe('chunk store on S3 (Garage, 3 nodes, replication factor 3)', { timeout: 180_000 }, () => {
+  let cluster: S3Cluster;
+  let base: S3StoreOptions;
+  let store: S3ObjectStore;
+
+  beforeAll(async () => {
+    cluster = await startS3Cluster();
+    base = {
+      endpoint: cluster.endpoint,
+      region: cluster.region,
+      bucket: cluster.bucket,
+      prefix: 'stores/one',
+      accessKeyId: cluster.accessKeyId,
+      secretAccessKey: cluster.secretAccessKey,
+      allowHttp: true,
+    };
+    store = new S3ObjectStore(base);
+  }, 120_000);
+  afterAll(async () => {
+    await cluster?.stop();
+  });
+
+  it('puts, gets, heads, lists and deletes objects under the prefix', async () => {
+    const chunk = randomBytes(5 * 2 ** 20 + 7); // several Garage blocks
+    const key = 'chunks/ab/cd/abcd0123';
+    const t0 = Math.floor(Date.now() / 1000);
+    await store.put(key, chunk);
+    await store.put('store.json', Buffer.from('{"version":1}'));
+    expect((await store.get(key))?.equals(chunk)).toBe(true);
+    expect((await store.get('store.json'))?.toString()).toBe('{"version":1}');
+    const head = await store.head(key);
+    expect(head).toMatchObject({ key, size: chunk.length });
+    expect(Math.abs(head!.modified - t0)).toBeLessThan(120);
+    expect(await store.get('chunks/ab/cd/missing')).toBeNull();
+    expect(await store.head('chunks/ab/cd/missing')).toBeNull();
+
+    // the objects are really under the prefix in the bucket, and nothing outside it is listed
+    const raw = await s3Request(cluster, 'GET', `/${cluster.bucket}/stores/one/store.json`);
+    expect(raw.body.toString()).toBe('{"version":1}');
+    expect((await s3Request(cluster, 'PUT', `/${cluster.bucket}/stores/other/x`, { body: Buffer.from('x') })).status).toBe(200);
+    expect((await store.list('')).map((o) => o.key).sort()).toEqual([key, 'store.json']);
+    // a plain string prefix, not a folder
+    expect((await store.list('chunks/a')).map((o) => o.key)).toEqual([key]);
+    expect(await store.list('chunks/b')).toEqual([]);
+    expect((await store.list('chunks/')).map((o) => o.size)).toEqual([chunk.length]);
+
+    // replacing an object
+    await store.put('store.json', Buffer.from('{"version":2}'));
+    expect((await store.get('store.json'))?.toString()).toBe('{"version":2}');
+
+    await store.delete(key);
+    expect(await store.get(key)).toBeNull();
+    await store.delete(key); // a missing object is no error
+    expect(listedKeys(await s3Request(cluster, 'GET', `/${cluster.bucket}`, { query: { 'list-type': '2', prefix: 'stores/' } })).sort()).toEqual([
+      'stores/one/store.json',
+      'stores/other/x',
+    ]);
+  });
+
+  it('lists more than 1000 keys under a prefix (every page)', async () => {
+    const keys = Array.from({ length: 1234 }, (_, i) => `many/${(i % 16).toString(16)}/${String(i).padStart(5, '0')}`);
+    await pool(keys, 32, (k) => store.put(k, Buffer.from(k)));
+    const listed = await store.list('many/');
+    expect(listed.length).toBe(keys.length);
+    expect(listed.map((o) => o.key).sort()).toEqual([...keys].sort());
+    expect(listed.every((o) => o.size === o.key.length)).toBe(true);
+    expect((await store.list('many/3/')).length).toBe(keys.filter((k) => k.startsWith('many/3/')).length);
+  });
+
+  it('refuses wrong credentials with ERR_STORE_ACCESS, saying which', async () => {
+    const unknownId = new S3ObjectStore({ ...base, accessKeyId: `GK${'0'.repeat(24)}` });
+    const e1 = await rejection(unknownId.get('store.json'));
+    expect(e1.code).toBe('ERR_STORE_ACCESS');
+    expect(e1.message).toMatch(/access key id is not known/);
+    expect(e1.message).toContain(`${cluster.endpoint} bucket ${cluster.bucket}`);
+    expect(e1.message).toContain('stores/one/store.json');
+
+    const wrongSecret = new S3ObjectStore({ ...base, secretAccessKey: 'f'.repeat(64) });
+    const e2 = await rejection(wrongSecret.put('chunks/00/00/x', Buffer.from('x')));
+    expect(e2.code).toBe('ERR_STORE_ACCESS');
+    expect(e2.message).toMatch(/signature was refused: wrong secret key/);
+    expect(e2.message).toContain('stores/one/chunks/00/00/x');
+    expect((await rejection(wrongSecret.list(''))).code).toBe('ERR_STORE_ACCESS');
+    expect((await rejection(wrongSecret.head('store.json'))).code).toBe('ERR_STORE_ACCESS');
+  });
+
+  it('reports a missing bucket as ERR_STORE_NOT_FOUND for every operation', async () => {
+    const missing = new S3ObjectStore({ ...base, bucket: 'pbp-no-such-bucket' });
+    for (const [op, p] of [
+      ['put', missing.put('store.json', Buffer.from('x'))],
+      ['get', missing.get('store.json')],
+      ['head', missing.head('store.json')], // a HEAD answer has no body: the bucket is asked
+      ['list', missing.list('')],
+      ['delete', missing.delete('store.json')],
+    ] as const) {
+      const err = await rejection(p);
+      expect(err.code, op).toBe('ERR_STORE_NOT_FOUND');
+      expect(err.message, op).toContain(`bucket pbp-no-such-bucket`);
+      expect(err.message, op).toMatch(/no such bucket/);
+    }
+  });
+
+  it('refuses a put beyond the bucket quota with ERR_STORE_FULL', async () => {
+    await cluster.createBucket('pbp-quota-s3');
+    await cluster.setQuota('pbp-quota-s3', 2 ** 20);
+    const quota = new S3ObjectStore({ ...base, bucket: 'pbp-quota-s3' });
+    await quota.put('chunks/00/00/small', randomBytes(512 * 1024));
+    const err = await rejection(quota.put('chunks/00/01/big', randomBytes(2 * 2 ** 20)));
+    expect(err.code).toBe('ERR_STORE_FULL');
+    expect(err.message).toMatch(/quota/);
+    expect(err.message).toContain('bucket pbp-quota-s3');
+    expect(err.message).toContain('stores/one/chunks/00/01/big');
+    expect(await quota.get('chunks/00/01/big')).toBeNull();
+  });
+
+  it('keeps working with one storage node killed (replication)', async () => {
+    const before = randomBytes(3 * 2 ** 20);
+    await store.put('chunks/11/11/before', before);
+    await cluster.stopNode(2); // SIGKILL
+    try {
+      const during = randomBytes(3 * 2 ** 20);
+      await store.put('chunks/22/22/during', during);
+      expect((await store.get('chunks/11/11/before'))?.equals(before)).toBe(true);
+      expect((await store.get('chunks/22/22/during'))?.equals(during)).toBe(true);
+      expect((await store.list('chunks/')).map((o) => o.key).sort()).toEqual(['chunks/11/11/before', 'chunks/22/22/during']);
+    } finally {
+      await cluster.startNode(2);
+    }
+  });
+
+  it('retries while the gateway is down, then fails with ERR_STORE_UNAVAILABLE within the bounded time', async () => {
+    const bounded = new S3ObjectStore({ ...base, retryTimeoutMs: 2000, initBackoffMs: 100, maxBackoffMs: 400, connectTimeoutMs: 1000 });
+    await bounded.put('g/before', Buffer.from('before')); // a pooled connection to the gateway, too
+    await cluster.stopNode(0, 'SIGTERM');
+    try {
+      const t0 = performance.now();
+      const err = await rejection(bounded.put('g/down', Buffer.from('down')));
+      const elapsed = performance.now() - t0;
+      expect(err.code).toBe('ERR_STORE_UNAVAILABLE');
+      expect(err.message).toContain(`${cluster.endpoint} bucket ${cluster.bucket}`);
+      expect(err.message).toContain('stores/one/g/down');
+      expect(err.message).toMatch(/retries/);
+      // it retried for the retry time, and stopped within one backoff and one connect after it
+      expect(elapsed).toBeGreaterThanOrEqual(2000);
+      expect(elapsed).toBeLessThan(2000 + 400 + 1000 + 1500);
+      expect((await rejection(bounded.get('g/before'))).code).toBe('ERR_STORE_UNAVAILABLE');
+    } finally {
+      await cluster.startNode(0);
+    }
+    expect((await bounded.get('g/before'))?.toString()).toBe('before');
+  });
+
+  it('succeeds when the gateway comes back during the retries', async () => {
+    const patient = new S3ObjectStore({ ...base, retryTimeoutMs: 60_000, initBackoffMs: 100, maxBackoffMs: 1000 });
+    const data = randomBytes(2 * 2 ** 20);
+    await cluster.stopNode(0, 'SIGTERM');
+    let settled = false;
+    const put = patient.put('g/restarted', data).finally(() => (settled = true));
+    const get = patient.get('g/before');
+    await sleep(2000);
+    expect(settled).toBe(false); // still retrying
+    await cluster.startNode(0);
+    await put;
+    expect((await get)?.toString()).toBe('before');
+    expect((await patient.get('g/restarted'))?.equals(data)).toBe(true);
+  });
+});
+
+describe('s3:// store URLs and credentials', () => {
+  it('parses bucket and prefix', () => {
+    expect(parseS3Url('s3://my-bucket')).toEqual({ bucket: 'my-bucket', prefix: '' });
+    expect(parseS3Url('s3://my-bucket/')).toEqual({ bucket: 'my-bucket', prefix: '' });
+    expect(parseS3Url('s3://my.bucket/pve/backups/')).toEqual({ bucket: 'my.bucket', prefix: 'pve/backups' });
+    for (const bad of ['http://b/p', 's3://', 's3://B/p', 's3://ab', 's3://b-ucket/a//b', 's3://bucket/../x', 's3://bucket/p?x=1']) {
+      expect(() => parseS3Url(bad), bad).toThrow(InvalidArgumentError);
+    }
+  });
+
+  it('takes credentials from the environment, or from a file given by path', async () => {
+    const env = { AWS_ACCESS_KEY_ID: 'GKenv', AWS_SECRET_ACCESS_KEY: 'envsecret', AWS_SESSION_TOKEN: 'tok' };
+    expect(await s3StoreOptions('s3://bucket/p', { endpoint: 'https://s3.example', region: 'garage', env })).toEqual({
+      endpoint: 'https://s3.example',
+      region: 'garage',
+      bucket: 'bucket',
+      prefix: 'p',
+      accessKeyId: 'GKenv',
+      secretAccessKey: 'envsecret',
+      sessionToken: 'tok',
+    });
+    await expect(s3StoreOptions('s3://bucket/p', { env: {} })).rejects.toThrow(/AWS_ACCESS_KEY_ID/);
+
+    const dir = mkdtempSync(join(tmpdir(), 'pbp-cred-'));
+    try {
+      const file = join(dir, 'credentials');
+      writeFileSync(
+        file,
+        '# comment\n[default]\naws_access_key_id = GKfile\naws_secret_access_key=filesecret\n\n[other]\naws_access_key_id = GKother\naws_secret_access_key = othersecret\naws_session_token = t2\n',
+        { mode: 0o600 },
+      );
+      // the file wins over the environment
+      expect(await s3StoreOptions('s3://bucket', { credentialsFile: file, env })).toMatchObject({ accessKeyId: 'GKfile', secretAccessKey: 'filesecret' });
+      expect(await readCredentialsFile(file, 'other')).toEqual({ accessKeyId: 'GKother', secretAccessKey: 'othersecret', sessionToken: 't2' });
+      expect(await s3StoreOptions('s3://bucket', { credentialsFile: file, env: { AWS_PROFILE: 'other' } })).toMatchObject({ accessKeyId: 'GKother' });
+      await expect(readCredentialsFile(file, 'none')).rejects.toThrow(/profile \[none\]/);
+      await expect(readCredentialsFile(join(dir, 'missing'))).rejects.toThrow(InvalidArgumentError);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('refuses plain http unless allowed, and a CA file that is not PEM, naming it', async () => {
+    const options = { bucket: 'bucket', accessKeyId: 'a', secretAccessKey: 's' };
+    await expect(new S3ObjectStore({ ...options, endpoint: 'http://127.0.0.1:1' }).get('k')).rejects.toThrow(/plain http/);
+    const dir = mkdtempSync(join(tmpdir(), 'pbp-ca-'));
+    try {
+      const ca = join(dir, 'ca.pem');
+      writeFileSync(ca, 'not a certificate');
+      const err = await new S3ObjectStore({ ...options, endpoint: 'https://127.0.0.1:1', caFile: ca }).get('k').catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(InvalidArgumentError);
+      expect((err as Error).message).toContain(ca);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
