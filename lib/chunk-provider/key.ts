@@ -6,8 +6,8 @@
  *
  * @packageDocumentation
  */
-import { createHmac } from 'node:crypto';
-import { readFile } from 'node:fs/promises';
+import { createHmac, randomBytes } from 'node:crypto';
+import { open, readFile } from 'node:fs/promises';
 
 import { InvalidArgumentError } from '../errors.js';
 import { ChunkStoreError } from './errors.js';
@@ -74,4 +74,31 @@ export function checkFingerprint(recorded: string | null, key: StoreKey | undefi
   if (recorded !== null && key === undefined) throw new ChunkStoreError('ERR_KEY_REQUIRED', `${what} is encrypted (key fingerprint ${recorded}): give its key file`);
   if (recorded === null) throw new ChunkStoreError('ERR_KEY_MISMATCH', `${what} is not encrypted, but a key (fingerprint ${key!.fingerprint}) was given`);
   if (recorded !== key!.fingerprint) throw new ChunkStoreError('ERR_KEY_MISMATCH', `the key given (fingerprint ${key!.fingerprint}) is not the key of ${what} (fingerprint ${recorded})`);
+}
+
+/**
+ * Creates a key file: 32 random bytes, mode 0600 whatever the umask, never over an existing file
+ * (losing a key loses every backup made with it). Keep a copy somewhere safe: it is never
+ * uploaded.
+ * @returns The new key.
+ * @throws InvalidArgumentError when the file exists or cannot be written.
+ */
+export async function createKeyFile(file: string): Promise<StoreKey> {
+  const master = randomBytes(32);
+  const text = `${JSON.stringify({ version: 1, created: Math.floor(Date.now() / 1000), key: master.toString('base64') })}\n`;
+  let fh;
+  try {
+    fh = await open(file, 'wx', 0o600);
+  } catch (err) {
+    const exists = (err as NodeJS.ErrnoException).code === 'EEXIST';
+    throw new InvalidArgumentError(exists ? `key file ${file} exists: a key is never overwritten (every backup made with it needs it)` : `cannot create key file ${file}: ${(err as Error).message}`, { cause: err });
+  }
+  try {
+    await fh.chmod(0o600);
+    await fh.writeFile(text);
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+  return new StoreKey(master);
 }
