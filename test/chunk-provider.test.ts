@@ -22,7 +22,7 @@ import type { ChunkDiskBackup, ChunkDiskRestore, ChunkJobs } from '../lib/chunk-
 import { createKeyFile, readKeyFile } from '../lib/chunk-provider/key.js';
 import { ChunkProvider } from '../lib/chunk-provider/provider.js';
 import { S3ObjectStore, type S3StoreOptions } from '../lib/chunk-provider/s3.js';
-import { ChunkStore, type UnsignedManifest } from '../lib/chunk-provider/store.js';
+import { ChunkStore, chunkKey, type UnsignedManifest } from '../lib/chunk-provider/store.js';
 import { DirectoryStoreError } from '../lib/directory-provider/errors.js';
 import type { LogFunction } from '../lib/provider/api.js';
 import { startS3Cluster, type S3Cluster } from './helpers/s3-cluster.js';
@@ -40,6 +40,16 @@ async function rejection(p: Promise<unknown>): Promise<{ code?: string; message:
 }
 
 const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
+
+/** A fixed index (docs/chunk-store.md) of a disk of `size` bytes naming `digests`. */
+function encodeFidx(size: number, chunkSize: number, digests: Buffer[]): Buffer {
+  const head = Buffer.alloc(24);
+  head.write('PBPFIDX\x01', 0, 'latin1');
+  head.writeBigUInt64LE(BigInt(size), 8);
+  head.writeUInt32LE(chunkSize, 16);
+  const body = Buffer.concat([head, ...digests]);
+  return Buffer.concat([body, createHash('sha256').update(body).digest()]);
+}
 
 describe('chunk provider on S3 (Garage, 3 nodes, replication factor 3)', { timeout: 180_000 }, () => {
   let cluster: S3Cluster;
@@ -67,7 +77,7 @@ describe('chunk provider on S3 (Garage, 3 nodes, replication factor 3)', { timeo
   });
 
   /** A manifest of one VM disk whose index object is `index`. */
-  async function putBackup(store: ChunkStore, volname: string, ctime: number, index = randomBytes(100)): Promise<void> {
+  async function putBackup(store: ChunkStore, volname: string, ctime: number, index = encodeFidx(1 << 30, 4 << 20, Array.from({ length: 256 }, () => Buffer.alloc(32)))): Promise<void> {
     await store.objects.put(store.objectKey(volname, 'drive-scsi0.fidx'), index);
     const conf = await store.putBlob(volname, 'guest.conf.blob', Buffer.from(`name: ${volname}\n`));
     const p = store.parseVolname(volname);
@@ -228,14 +238,19 @@ describe('chunk provider on S3 (Garage, 3 nodes, replication factor 3)', { timeo
   });
 
   /** A stand-in for the native chunk job: writes an index object and reports counters; records its calls. */
-  function standInJobs(): ChunkJobs & { backups: ChunkDiskBackup[]; restores: ChunkDiskRestore[]; fail?: Error } {
-    const jobs: ChunkJobs & { backups: ChunkDiskBackup[]; restores: ChunkDiskRestore[]; fail?: Error } = {
+  function standInJobs(): ChunkJobs & { backups: ChunkDiskBackup[]; restores: ChunkDiskRestore[]; fail?: Error; lastDigests?: Buffer[] } {
+    const jobs: ChunkJobs & { backups: ChunkDiskBackup[]; restores: ChunkDiskRestore[]; fail?: Error; lastDigests?: Buffer[] } = {
       backups: [],
       restores: [],
       async backupDisk(o) {
         jobs.backups.push(o);
-        const index = randomBytes(24 + 32 * Math.ceil(o.size / o.chunkSize) + 32);
-        await new S3ObjectStore(o.store).put(o.indexKey, index);
+        // a stored chunk per disk chunk (content-addressed names; the content does not matter here)
+        const objects = new S3ObjectStore(o.store);
+        const digests = Array.from({ length: Math.ceil(o.size / o.chunkSize) }, () => randomBytes(32));
+        for (const d of digests) await objects.put(chunkKey(d), randomBytes(16));
+        const index = encodeFidx(o.size, o.chunkSize, digests);
+        await objects.put(o.indexKey, index);
+        jobs.lastDigests = digests;
         if (jobs.fail) throw jobs.fail;
         const chunks = Math.ceil(o.size / o.chunkSize);
         const uploaded = o.previousIndexKey ? 1 : chunks;
@@ -306,8 +321,17 @@ describe('chunk provider on S3 (Garage, 3 nodes, replication factor 3)', { timeo
     expect(await store.objects.list('writers/')).toEqual([]);
     expect((await store.listBackups(100)).map((b) => b.volname)).toEqual([full, incr]);
     clock += 86_400_000;
-    await run(make(), 'reuse');
+    const third = await run(make(), 'reuse');
     expect(jobs.backups.at(-1)!.previousIndexKey).toBe(`${incr.replace('backup/', 'backups/')}/drive-scsi0.fidx`);
+
+    // a chunk the last backup's index names is gone (a collection, a lost object): the next
+    // backup does not reference it: it asks QEMU for no incremental and reads every chunk
+    await store.objects.delete(chunkKey(jobs.lastDigests![5]!));
+    clock += 86_400_000;
+    lines.length = 0;
+    await run(make(), 'new');
+    expect(jobs.backups.at(-1)!.previousIndexKey).toBeUndefined();
+    expect(lines.join('\n')).toMatch(new RegExp(`1 chunk\\(s\\) of ${third} drive-scsi0 are missing from the store \\(first: chunks/`));
 
     // restore goes through the core's job with the index checked against the manifest first
     const target = { path: path.join(dir, 'restored.raw'), size, zeroed: true };
@@ -317,6 +341,8 @@ describe('chunk provider on S3 (Garage, 3 nodes, replication factor 3)', { timeo
     const bad = await rejection(make().restoreVmVolumeWrite(incr, 'drive-scsi0', target));
     expect(bad.code).toBe('ERR_BACKUP_CORRUPT');
     expect(bad.message).toContain('drive-scsi0.fidx is not what its manifest records');
+    expect(bad.file).toBe(`${incr.replace('backup/', 'backups/')}/drive-scsi0.fidx`);
+    expect((await rejection(make().restoreVmInit(incr))).code).toBe('ERR_BACKUP_CORRUPT'); // before any target is written
     expect(jobs.restores.length).toBe(1);
 
     // what is not here yet fails with a typed error saying so

@@ -30,7 +30,6 @@
  *
  * @packageDocumentation
  */
-import { createHash } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 
 import { normaliseBandwidthLimit } from '../bandwidth.js';
@@ -245,12 +244,23 @@ export class ChunkProvider extends BackupProviderBase {
       this.log.warn(`QEMU's bitmap for storage ${this.storeid} was last used by the store ${owner.store}: full backup`);
       return undefined;
     }
+    let m: ChunkManifest;
     try {
-      return await store.readManifest(owner.volname, { needKey: true });
+      m = await store.readManifest(owner.volname, { needKey: true });
+      // an incremental backup names the previous index's chunks without reading them: they must
+      // all still be there (a garbage collection, a lost object), else every chunk is read
+      for (const device of Object.keys(m.devices ?? {})) {
+        const missing = await store.missingChunks((await store.readFixedIndex(m, device)).digests);
+        if (missing.length > 0) {
+          this.log.warn(`${missing.length} chunk(s) of ${owner.volname} ${device} are missing from the store (first: ${missing[0]}): full backup`);
+          return undefined;
+        }
+      }
     } catch (err) {
       this.log.warn(`QEMU's bitmap for storage ${this.storeid} counts writes since ${owner.volname}, which cannot be used (${(err as Error).message}): full backup`);
       return undefined;
     }
+    return m;
   }
 
   /** Records, before the first disk is read, that this backup may tell QEMU success. */
@@ -444,7 +454,7 @@ export class ChunkProvider extends BackupProviderBase {
 
   /**
    * The disks and their sizes, after checking the key (before anything of the backup is read)
-   * and that every index is there as the manifest records it.
+   * and every index against the manifest: a damaged backup is refused before a target is written.
    */
   override async restoreVmInit(volname: string): Promise<Record<string, VolumeSize>> {
     const store = await this.openStore();
@@ -452,11 +462,7 @@ export class ChunkProvider extends BackupProviderBase {
     const m = await store.readManifest(volname, { needKey: true });
     const out: Record<string, VolumeSize> = {};
     for (const [device, d] of Object.entries(m.devices ?? {})) {
-      const key = store.objectKey(volname, d.index);
-      const head = await store.objects.head(key);
-      if (!head || head.size !== m.files[d.index]?.size) {
-        throw new ChunkBackupError('ERR_BACKUP_CORRUPT', `backup ${store.volid(volname)} is corrupted: ${store}/${key} is ${head ? 'not the size its manifest records' : 'missing'}`, { volname, file: key });
-      }
+      await store.readFixedIndex(m, device);
       out[device] = { size: d.size };
     }
     return out;
@@ -483,11 +489,8 @@ export class ChunkProvider extends BackupProviderBase {
     const d = m.devices?.[deviceName];
     if (!d) throw new ChunkBackupError('ERR_UNKNOWN_VOLUME', `backup ${store.volid(volname)} has no disk ${deviceName}`, { volname });
     const key = store.objectKey(volname, d.index);
-    const index = await store.objects.get(key);
-    const want = m.files[d.index];
-    if (!index || !want || index.length !== want.size || createHash('sha256').update(index).digest('hex') !== want.sha256) {
-      throw new ChunkBackupError('ERR_BACKUP_CORRUPT', `backup ${store.volid(volname)} is corrupted: ${store}/${key} is ${index ? 'not what its manifest records' : 'missing'}`, { volname, file: key });
-    }
+    // the index as the manifest records it, whole and sound, before the target is touched
+    await store.readFixedIndex(m, deviceName);
     this.log.info(`${deviceName}: restoring from ${d.index} (chunks checked against their digests as they are written)`);
     await this.jobs.restoreDisk({
       store: store.options,

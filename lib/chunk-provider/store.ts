@@ -155,6 +155,42 @@ export function chunkManifestChecksum(m: UnsignedManifest): string {
 
 const sha256 = (data: Buffer): string => createHash('sha256').update(data).digest('hex');
 
+/** The digest of an all-zero chunk in an index (not stored). */
+export const ZERO_DIGEST = Buffer.alloc(32);
+const FIDX_MAGIC = Buffer.from('PBPFIDX\x01', 'latin1');
+
+/** A decoded fixed index. */
+export interface FixedIndex {
+  /** The disk's size. */
+  size: number;
+  chunkSize: number;
+  /** One per chunk; {@link ZERO_DIGEST} for an all-zero chunk. */
+  digests: Buffer[];
+}
+
+/** The key of a chunk: `chunks/<d[0..2]>/<d[2..4]>/<d>` (hex). */
+export function chunkKey(digest: Buffer): string {
+  const d = digest.toString('hex');
+  return `chunks/${d.slice(0, 2)}/${d.slice(2, 4)}/${d}`;
+}
+
+/** Decodes a `.fidx` object (docs/chunk-store.md, "Fixed index"), checking its magic, length and checksum. */
+export function decodeFixedIndex(data: Buffer, corrupt: (why: string) => Error, version: (v: number) => Error): FixedIndex {
+  if (data.length < 24 + 32) throw corrupt('is too short for an index');
+  if (!data.subarray(0, 7).equals(FIDX_MAGIC.subarray(0, 7))) throw corrupt('is not a fixed index (bad magic)');
+  if (data[7]! > FIDX_MAGIC[7]!) throw version(data[7]!);
+  if (data[7] !== FIDX_MAGIC[7]) throw corrupt('is not a fixed index (bad magic)');
+  const size = Number(data.readBigUInt64LE(8));
+  const chunkSize = data.readUInt32LE(16);
+  if (chunkSize === 0 || data.readUInt32LE(20) !== 0) throw corrupt('has a bad header');
+  const n = Math.ceil(size / chunkSize);
+  if (data.length !== 24 + 32 * n + 32) throw corrupt(`holds ${data.length} bytes, ${24 + 32 * n + 32} expected for ${n} chunks`);
+  if (!createHash('sha256').update(data.subarray(0, data.length - 32)).digest().equals(data.subarray(data.length - 32))) throw corrupt('does not match its checksum');
+  const digests: Buffer[] = [];
+  for (let i = 0; i < n; i++) digests.push(data.subarray(24 + 32 * i, 24 + 32 * (i + 1)));
+  return { size, chunkSize, digests };
+}
+
 /** A chunk store. Open one with {@link ChunkStore.open}. */
 export class ChunkStore {
   /** Object access under the store's prefix. */
@@ -385,6 +421,46 @@ export class ChunkStore {
     if (this.fingerprint !== null && m.keyFingerprint !== this.fingerprint) throw corrupt(`names key ${m.keyFingerprint ?? 'none'}, the store's is ${this.fingerprint}`);
     if (m.volname !== volname) throw corrupt(`describes ${m.volname}`);
     return m;
+  }
+
+  // ----- indexes -------------------------------------------------------------------------------
+
+  /**
+   * A VM disk's fixed index (docs/chunk-store.md), checked against the manifest (size, SHA-256)
+   * and its own trailing checksum, and decoded.
+   * @throws {@link ChunkBackupError} `ERR_BACKUP_CORRUPT` naming the object, `ERR_BACKUP_VERSION`.
+   */
+  async readFixedIndex(m: ChunkManifest, device: string): Promise<FixedIndex> {
+    const d = m.devices?.[device];
+    if (!d) throw new ChunkBackupError('ERR_UNKNOWN_VOLUME', `backup ${this.volid(m.volname)} has no disk ${device}`, { volname: m.volname });
+    const key = this.objectKey(m.volname, d.index);
+    const corrupt = (why: string): ChunkBackupError => new ChunkBackupError('ERR_BACKUP_CORRUPT', `backup ${this.volid(m.volname)} is corrupted: ${this}/${key} ${why}`, { volname: m.volname, file: key });
+    const data = await this.objects.get(key);
+    const want = m.files[d.index];
+    if (data === null) throw corrupt('is missing');
+    if (!want || data.length !== want.size || sha256(data) !== want.sha256) throw corrupt('is not what its manifest records');
+    return decodeFixedIndex(data, corrupt, (v) => new ChunkBackupError('ERR_BACKUP_VERSION', `${this}/${key} is of index version ${v}; this version reads 1: upgrade pve-backup-provider`, { volname: m.volname, file: key }));
+  }
+
+  /**
+   * The chunks of `digests` the store does not hold (zero digests and repeats skipped), asked with
+   * `head`, at most `concurrency` at once: before an incremental backup references a previous
+   * index's chunks, they must all still be there.
+   * @returns The missing chunks' keys.
+   */
+  async missingChunks(digests: Buffer[], concurrency = 16): Promise<string[]> {
+    const keys = [...new Set(digests.filter((d) => !d.equals(ZERO_DIGEST)).map(chunkKey))];
+    const missing: string[] = [];
+    let next = 0;
+    await Promise.all(
+      Array.from({ length: Math.min(concurrency, keys.length) }, async () => {
+        while (next < keys.length) {
+          const k = keys[next++]!;
+          if ((await this.objects.head(k)) === null) missing.push(k);
+        }
+      }),
+    );
+    return missing.sort();
   }
 
   // ----- blobs ---------------------------------------------------------------------------------
