@@ -403,6 +403,16 @@ describe('chunk provider on S3 (Garage, 3 nodes, replication factor 3)', { timeo
     expect(w.status).toBe(1);
     expect(w.stderr).toMatch(/\[ERR_KEY_MISMATCH\]/);
     expect(w.stderr).not.toMatch(/\n\s+at /);
+    // restore checks the key before anything of the backup is read or any target written
+    const out = path.join(dir, 'cli-restore');
+    const r1 = cli('restore', `chunks:${v2}`, ...s3, '--key-file', wrongKey, '--to', out);
+    expect(r1.stderr).toMatch(/\[ERR_KEY_MISMATCH\]/);
+    const r2 = cli('restore', `chunks:${v2}`, ...s3, '--to', out);
+    expect(r2.status).toBe(1);
+    expect(r2.stderr.trim().split('\n')).toHaveLength(1);
+    // (the restore runner reports ERR_RESTORE with its cause's message, as for the directory store)
+    expect(r2.stderr).toMatch(/is encrypted \(key fingerprint [0-9a-f]{16}\): give its key file \[ERR_RESTORE\]/);
+    expect(() => statSync(out)).toThrow();
     const u = cli('backup', ...s3, '--vmid', '100', '--disk', '/nonexistent.raw', '--compression', 'zstd');
     expect(u.status).toBe(2);
     expect(u.stderr).toMatch(/--compression is for directory stores/);
