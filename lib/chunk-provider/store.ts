@@ -500,22 +500,34 @@ export class ChunkStore {
       if (!groups.has(volname)) groups.set(volname, new Set());
       groups.get(volname)!.add(parts[3]!);
     }
+    // manifests (and notes) read a few at once: one request each, mostly waiting for the store
+    const found = [...groups].filter(([, names]) => names.has(MANIFEST)); // no manifest: the backup does not exist (running, or failed)
     const out: ChunkBackupInfo[] = [];
-    for (const [volname, names] of groups) {
-      if (!names.has(MANIFEST)) continue; // no manifest: the backup does not exist (running, or failed)
-      const p = this.parseVolname(volname);
-      const notes = names.has('notes') ? (await this.objects.get(this.objectKey(volname, 'notes')))?.toString('utf8') : undefined;
-      const base = { volid: this.volid(volname), volname, vmid: p.vmid, subtype: p.vmtype, protected: names.has('protected'), ...(notes !== undefined ? { notes } : {}) };
-      try {
-        const m = await this.readManifest(volname);
-        const size = m.devices ? Object.values(m.devices).reduce((n, d) => n + d.size, 0) : (m.archive?.size ?? 0);
-        out.push({ ...base, ctime: m.ctime, size, status: 'ok' });
-      } catch (err) {
-        if (!(err instanceof ChunkBackupError) || err.code !== 'ERR_BACKUP_CORRUPT') throw err;
-        out.push({ ...base, ctime: ctimeOfBackupId(p.backupId), size: 0, status: 'corrupt' });
-      }
-    }
+    let next = 0;
+    await Promise.all(
+      Array.from({ length: Math.min(8, found.length) }, async () => {
+        while (next < found.length) {
+          const [volname, names] = found[next++]!;
+          out.push(await this.describe(volname, names));
+        }
+      }),
+    );
     return out.sort((a, b) => a.ctime - b.ctime || (a.volname < b.volname ? -1 : 1));
+  }
+
+  /** A listed backup: its manifest (`corrupt` when it does not check) and attributes. */
+  private async describe(volname: string, names: Set<string>): Promise<ChunkBackupInfo> {
+    const p = this.parseVolname(volname);
+    const notes = names.has('notes') ? (await this.objects.get(this.objectKey(volname, 'notes')))?.toString('utf8') : undefined;
+    const base = { volid: this.volid(volname), volname, vmid: p.vmid, subtype: p.vmtype, protected: names.has('protected'), ...(notes !== undefined ? { notes } : {}) };
+    try {
+      const m = await this.readManifest(volname);
+      const size = m.devices ? Object.values(m.devices).reduce((n, d) => n + d.size, 0) : (m.archive?.size ?? 0);
+      return { ...base, ctime: m.ctime, size, status: 'ok' };
+    } catch (err) {
+      if (!(err instanceof ChunkBackupError) || err.code !== 'ERR_BACKUP_CORRUPT') throw err;
+      return { ...base, ctime: ctimeOfBackupId(p.backupId), size: 0, status: 'corrupt' };
+    }
   }
 
   /** Notes and protected flag of an existing backup. Perl: `get_volume_attribute`. */
