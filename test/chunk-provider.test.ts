@@ -350,6 +350,25 @@ describe('chunk provider on S3 (Garage, 3 nodes, replication factor 3)', { timeo
     expect((await rejection(make().backupGetMechanism(200, 'lxc'))).code).toBe('ERR_MECHANISM');
   });
 
+  it('opens its store from the storage configuration (as Proxmox VE passes it): URL, endpoint, region, credentials file, key file', async () => {
+    const o = fresh();
+    const keyFile = path.join(dir, 'scfg.key');
+    await createKeyFile(keyFile);
+    const creds = path.join(dir, 'credentials');
+    writeFileSync(creds, `[default]\naws_access_key_id = ${cluster.accessKeyId}\naws_secret_access_key = ${cluster.secretAccessKey}\n`, { mode: 0o600 });
+    const scfg = { store: `s3://${o.bucket}/${o.prefix}`, endpoint: cluster.endpoint, region: cluster.region, 'allow-http': 1, 'credentials-file': creds, 'key-file': keyFile };
+    const p = new ChunkProvider({ storeid: 'pbs3', scfg, log: () => undefined }, { stateDir: dir });
+    await p.jobInit(0); // creates store.json with the key's fingerprint
+    const store = await p.openStore();
+    expect(store.fingerprint).toBe((await readKeyFile(keyFile)).fingerprint);
+    await putBackup(store, 'backup/100/qemu-2026_11_01-02_00_00', 1_793_500_000);
+    expect(await p.storage.listBackups!({})).toEqual([{ volname: 'backup/100/qemu-2026_11_01-02_00_00', vmid: 100, vmtype: 'qemu', ctime: 1_793_500_000, size: 1 << 30, protected: false }]);
+    await p.storage.setProtected!('backup/100/qemu-2026_11_01-02_00_00', true);
+    expect(await p.storage.getProtected!('backup/100/qemu-2026_11_01-02_00_00')).toBe(true);
+    expect(() => new ChunkProvider({ storeid: 'x', scfg: {}, log: () => undefined })).toThrow(/needs the store as storage option store/);
+    expect(() => new ChunkProvider({ storeid: 'x', scfg: { store: scfg.store, 'vm-backup-mode': 'sometimes' }, log: () => undefined })).toThrow(/vm-backup-mode must be full or incremental/);
+  });
+
   it('the command line on an s3:// URL: key create, list, protect, notes, prune, delete; one line on errors', async () => {
     const env = { ...process.env, AWS_ACCESS_KEY_ID: cluster.accessKeyId, AWS_SECRET_ACCESS_KEY: cluster.secretAccessKey };
     const cli = (...args: string[]): { status: number | null; stdout: string; stderr: string } => {
