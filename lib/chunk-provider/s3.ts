@@ -32,7 +32,7 @@ export interface S3StoreOptions {
   allowHttp?: boolean;
   /** No retry of a failing request starts after this long (ms, default 60 000); the error follows within one backoff and one request. */
   retryTimeoutMs?: number;
-  /** Retries of one request at most (default 10). */
+  /** Retries of one request at most (default 100: a backstop; {@link S3StoreOptions.retryTimeoutMs} is the bound that matters). */
   maxRetries?: number;
   /** First backoff between retries (ms, default 100), doubling with jitter up to {@link S3StoreOptions.maxBackoffMs}. */
   initBackoffMs?: number;

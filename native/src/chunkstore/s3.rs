@@ -29,7 +29,8 @@ pub struct RetryOptions {
     /// No retry starts after this long since the first attempt. The error then arrives at most
     /// one backoff ([`RetryOptions::max_backoff`]) and one request later.
     pub timeout: Duration,
-    /// Retries of one request at most.
+    /// Retries of one request at most: a backstop, the timeout is the bound that matters (a
+    /// refused connection fails at once, so a few retries would pass in a second or two).
     pub max_retries: usize,
     /// First backoff; each next one is drawn up to twice the previous (with jitter).
     pub init_backoff: Duration,
@@ -41,7 +42,7 @@ impl Default for RetryOptions {
     fn default() -> Self {
         RetryOptions {
             timeout: Duration::from_secs(60),
-            max_retries: 10,
+            max_retries: 100,
             init_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5),
         }
@@ -119,6 +120,7 @@ pub struct S3Objects {
     prefix: String,
     /// Some request succeeded, so the bucket exists: a 404 is then a missing object.
     bucket_seen: AtomicBool,
+    access_key_id: String,
 }
 
 /// What an S3 answer said, read from object_store's error.
@@ -190,8 +192,7 @@ impl S3Objects {
         };
         if let Some(file) = &options.ca_file {
             let pem = std::fs::read(file).map_err(|e| {
-                Error::invalid_argument(format!("reading CA file {}", file.display()))
-                    .caused_by(e)
+                Error::invalid_argument(format!("reading CA file {}", file.display())).caused_by(e)
             })?;
             let certs = Certificate::from_pem_bundle(&pem).map_err(|e| {
                 Error::invalid_argument(format!("CA file {} is not PEM", file.display()))
@@ -216,6 +217,7 @@ impl S3Objects {
             place,
             prefix: options.prefix.trim_matches('/').to_string(),
             bucket_seen: AtomicBool::new(false),
+            access_key_id: options.access_key_id.clone(),
         })
     }
 
@@ -254,6 +256,17 @@ impl S3Objects {
                 .message
                 .as_deref()
                 .is_some_and(|m| m.to_ascii_lowercase().contains("quota"));
+        // Garage answers AccessDenied "No such key: <key id>" and "Invalid signature" where AWS
+        // answers InvalidAccessKeyId and SignatureDoesNotMatch
+        let unknown_key_id = code == "InvalidAccessKeyId"
+            || answer.message.as_deref().is_some_and(|m| {
+                m.to_ascii_lowercase().contains("no such key") && m.contains(&self.access_key_id)
+            });
+        let bad_signature = code == "SignatureDoesNotMatch"
+            || answer
+                .message
+                .as_deref()
+                .is_some_and(|m| m.to_ascii_lowercase().contains("invalid signature"));
         if answer.transport {
             return Error::store_unavailable(format!("{what}: no answer after retries"))
                 .caused_by(err);
@@ -262,17 +275,18 @@ impl S3Objects {
             return Error::invalid_argument(format!("{what}: invalid key")).caused_by(err);
         }
         match answer.status {
-            Some(507) => Error::store_full(format!("{what}: the store is out of space{said}"))
-                .caused_by(err),
+            Some(507) => {
+                Error::store_full(format!("{what}: the store is out of space{said}")).caused_by(err)
+            }
             Some(403 | 400 | 413) if mentions_quota => {
                 Error::store_full(format!("{what}: the bucket quota is exceeded{said}"))
                     .caused_by(err)
             }
-            Some(403 | 400) if code == "InvalidAccessKeyId" => Error::store_access(format!(
+            Some(403 | 400) if unknown_key_id => Error::store_access(format!(
                 "{what}: the access key id is not known to the store{said}"
             ))
             .caused_by(err),
-            Some(403 | 400) if code == "SignatureDoesNotMatch" => Error::store_access(format!(
+            Some(403 | 400) if bad_signature => Error::store_access(format!(
                 "{what}: the signature was refused: wrong secret key for this access key id{said}"
             ))
             .caused_by(err),
@@ -286,8 +300,9 @@ impl S3Objects {
                 "{what}: the store kept failing (HTTP {s}) after retries{said}"
             ))
             .caused_by(err),
-            Some(s) => Error::store_access(format!("{what}: refused with HTTP {s}{said}"))
-                .caused_by(err),
+            Some(s) => {
+                Error::store_access(format!("{what}: refused with HTTP {s}{said}")).caused_by(err)
+            }
             None => Error::store_unavailable(format!("{what}: failed")).caused_by(err),
         }
     }
@@ -522,7 +537,10 @@ mod tests {
     #[test]
     fn reads_code_and_message() {
         let text = "x status code: 403 Forbidden: <Error><Code>AccessDenied</Code><Message>Quota exceeded</Message></Error>";
-        assert_eq!(between(text, "<Code>", "</Code>").as_deref(), Some("AccessDenied"));
+        assert_eq!(
+            between(text, "<Code>", "</Code>").as_deref(),
+            Some("AccessDenied")
+        );
         assert_eq!(
             between(text, "<Message>", "</Message>").as_deref(),
             Some("Quota exceeded")

@@ -39,7 +39,7 @@ pub struct ChunkStoreOptions {
     pub allow_http: Option<bool>,
     /// No retry starts after this long since a request's first attempt (default 60 000).
     pub retry_timeout_ms: Option<i64>,
-    /// Retries of one request at most (default 10).
+    /// Retries of one request at most (default 100; the retry timeout is the bound that matters).
     pub max_retries: Option<u32>,
     /// First backoff between retries (default 100), doubling up to `maxBackoffMs` (default 5000).
     pub init_backoff_ms: Option<i64>,
