@@ -17,6 +17,8 @@ import type { S3StoreOptions } from './s3.js';
 export interface ChunkDiskBackup {
   /** The store (with its key file, when it has a key). */
   store: S3StoreOptions;
+  /** The key fingerprint `store.json` records (the core checks the key file against it too). */
+  storeFingerprint?: string;
   /** The snapshot's NBD export. */
   nbdUri: string;
   /** The disk's size. */
@@ -27,10 +29,11 @@ export interface ChunkDiskBackup {
   chunkSize: number;
   /**
    * The dirty bitmap on the export: only chunks holding dirty data are read, every other digest
-   * comes from `previousIndexKey` (both or neither).
+   * comes from `previousIndexKey` (both or neither). Chunks dirty in part are completed from the
+   * previous backup's chunk (a bitmap finer than a chunk on a restricted snapshot export).
    */
   bitmap?: string;
-  /** Key of the previous backup's index of this disk (incremental). */
+  /** Key of the previous backup's index of this disk (incremental; its chunks checked to exist). */
   previousIndexKey?: string;
   /** TRIM what was taken on the export (the fleecing snapshot). */
   discard: boolean;
@@ -59,6 +62,8 @@ export interface ChunkDiskSummary {
 /** One disk to restore. */
 export interface ChunkDiskRestore {
   store: S3StoreOptions;
+  /** As for a backup. */
+  storeFingerprint?: string;
   /** Key of the disk's `.fidx` object (its size and SHA-256 checked by the caller). */
   indexKey: string;
   /** A regular file or a block device. */
@@ -122,13 +127,14 @@ export const nativeChunkJobs: ChunkJobs = {
         start(
           {
             store: o.store,
+            ...(o.storeFingerprint ? { storeFingerprint: o.storeFingerprint } : {}),
             uri: o.nbdUri,
-            size: o.size,
             indexKey: o.indexKey,
             chunkSize: o.chunkSize,
             discard: o.discard,
-            ...(o.bitmap !== undefined ? { bitmap: o.bitmap } : {}),
-            ...(o.previousIndexKey !== undefined ? { previousIndexKey: o.previousIndexKey } : {}),
+            // a chunk another backup or guest stored already is not uploaded again
+            dedupByHead: true,
+            ...(o.previousIndexKey !== undefined ? { previousIndexKey: o.previousIndexKey, bitmap: o.bitmap, fillFromPrevious: true } : {}),
             ...(o.bandwidthLimit !== undefined ? { bandwidthLimit: o.bandwidthLimit } : {}),
           },
           progress,
@@ -151,7 +157,14 @@ export const nativeChunkJobs: ChunkJobs = {
     await runJob(
       () =>
         start(
-          { store: o.store, indexKey: o.indexKey, target: o.target, zeroed: o.zeroed, ...(o.bandwidthLimit !== undefined ? { bandwidthLimit: o.bandwidthLimit } : {}) },
+          {
+            store: o.store,
+            ...(o.storeFingerprint ? { storeFingerprint: o.storeFingerprint } : {}),
+            indexKey: o.indexKey,
+            target: o.target,
+            zeroed: o.zeroed,
+            ...(o.bandwidthLimit !== undefined ? { bandwidthLimit: o.bandwidthLimit } : {}),
+          },
           o.onProgress as ((p: unknown) => void) | undefined,
         ),
       o.signal,

@@ -320,6 +320,7 @@ export class ChunkProvider extends BackupProviderBase {
     try {
       summary = await this.jobs.backupDisk({
         store: store.options,
+        ...(store.fingerprint ? { storeFingerprint: store.fingerprint } : {}),
         nbdUri: v.nbdUri,
         size: v.size,
         indexKey: store.objectKey(g.volname, index),
@@ -494,6 +495,7 @@ export class ChunkProvider extends BackupProviderBase {
     this.log.info(`${deviceName}: restoring from ${d.index} (chunks checked against their digests as they are written)`);
     await this.jobs.restoreDisk({
       store: store.options,
+      ...(store.fingerprint ? { storeFingerprint: store.fingerprint } : {}),
       indexKey: key,
       target: target.path,
       zeroed: target.zeroed,
