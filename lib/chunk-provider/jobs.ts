@@ -87,21 +87,40 @@ interface NativeJob<T> {
   cancel(): void;
 }
 
-/** Runs a native job, cancelling it on `signal`; the binding's errors become typed ones. */
-async function runJob<T>(start: () => NativeJob<T>, signal: AbortSignal | undefined): Promise<T> {
-  let job: NativeJob<T>;
+/**
+ * Runs a native job, cancelling it on `signal`; the binding's errors become typed ones. The
+ * progress callback runs on the JavaScript thread, where an exception would crash the process:
+ * one that throws cancels the job instead, which then fails with what it threw.
+ */
+async function runJob<T, P>(start: (progress: ((p: P) => void) | undefined) => NativeJob<T>, onProgress: ((p: P) => void) | undefined, signal: AbortSignal | undefined): Promise<T> {
+  let job: NativeJob<T> | undefined;
+  let thrown: { error: unknown } | undefined;
+  const progress =
+    onProgress &&
+    ((p: P): void => {
+      if (thrown) return;
+      try {
+        onProgress(p);
+      } catch (error) {
+        thrown = { error };
+        job?.cancel();
+      }
+    });
   try {
-    job = start();
+    job = start(progress);
   } catch (err) {
     throw fromNative(err);
   }
-  const onAbort = (): void => job.cancel();
+  const started = job;
+  const onAbort = (): void => started.cancel();
   signal?.addEventListener('abort', onAbort, { once: true });
-  if (signal?.aborted) job.cancel();
+  if (signal?.aborted) started.cancel();
   try {
-    return await job.wait();
+    const r = await started.wait();
+    if (thrown) throw thrown.error;
+    return r;
   } catch (err) {
-    throw fromNative(err);
+    throw thrown ? thrown.error : fromNative(err);
   } finally {
     signal?.removeEventListener('abort', onAbort);
   }
@@ -121,9 +140,8 @@ export const nativeChunkJobs: ChunkJobs = {
   async backupDisk(o) {
     const start = (native as unknown as Starters).startChunkBackup;
     if (!start) throw new NotImplementedError('startChunkBackup (the native chunk backup job is not in this build)', 'chunks');
-    const progress = o.onProgress as ((p: unknown) => void) | undefined;
     const s = await runJob(
-      () =>
+      (progress) =>
         start(
           {
             store: o.store,
@@ -137,8 +155,9 @@ export const nativeChunkJobs: ChunkJobs = {
             ...(o.previousIndexKey !== undefined ? { previousIndexKey: o.previousIndexKey, bitmap: o.bitmap, fillFromPrevious: true } : {}),
             ...(o.bandwidthLimit !== undefined ? { bandwidthLimit: o.bandwidthLimit } : {}),
           },
-          progress,
+          progress as ((p: unknown) => void) | undefined,
         ),
+      o.onProgress,
       o.signal,
     );
     return {
@@ -155,7 +174,7 @@ export const nativeChunkJobs: ChunkJobs = {
     const start = (native as unknown as Starters).startChunkRestore;
     if (!start) throw new NotImplementedError('startChunkRestore (the native chunk restore job is not in this build)', 'chunks');
     await runJob(
-      () =>
+      (progress) =>
         start(
           {
             store: o.store,
@@ -165,8 +184,9 @@ export const nativeChunkJobs: ChunkJobs = {
             zeroed: o.zeroed,
             ...(o.bandwidthLimit !== undefined ? { bandwidthLimit: o.bandwidthLimit } : {}),
           },
-          o.onProgress as ((p: unknown) => void) | undefined,
+          progress as ((p: unknown) => void) | undefined,
         ),
+      o.onProgress,
       o.signal,
     );
   },

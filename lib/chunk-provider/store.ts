@@ -205,7 +205,8 @@ export class ChunkStore {
 
   private constructor(options: S3StoreOptions, storeid: string, key: StoreKey | undefined, descriptor: StoreDescriptor | null) {
     this.objects = new S3ObjectStore(options);
-    this.options = options;
+    // the prefix as the object access normalised it, so the native jobs see the same keys
+    this.options = { ...options, prefix: this.objects.prefix };
     this.storeid = storeid;
     this.key = key;
     this.descriptor = descriptor;
