@@ -41,7 +41,7 @@ fi
 # $PVE_BACKUP_GARAGE).
 garage_version=2.5.0
 garage_root=/var/cache/pve-backup-provider/garage-$garage_version
-if ! "$garage_root/bin/garage" --version 2>/dev/null | grep -q "v$garage_version "; then
+if [[ "$("$garage_root/bin/garage" --version 2>/dev/null)" != *" cargo:$garage_version "* ]]; then
   cargo install garage --version "$garage_version" --locked --root "$garage_root"
 fi
 

@@ -80,13 +80,15 @@ describe('S3 test cluster (Garage, 3 nodes, replication factor 3)', { timeout: 1
     expect((await get('g/before')).body.toString()).toBe('before');
   });
 
-  it('refuses wrong credentials with 403', async () => {
+  it('refuses wrong credentials with 403 AccessDenied (Garage uses no InvalidAccessKeyId)', async () => {
     const unknownKey = { ...cluster, accessKeyId: `GK${'0'.repeat(24)}` };
-    const r1 = await s3Request(unknownKey, 'GET', `/${cluster.bucket}/a/one`);
-    expect([r1.status, r1.code]).toEqual([403, 'InvalidAccessKeyId']);
+    const r1 = await s3Request(unknownKey, 'GET', `/${cluster.bucket}/a/two`);
+    expect([r1.status, r1.code]).toEqual([403, 'AccessDenied']);
+    expect(r1.body.toString()).toMatch(/No such key/);
     const wrongSecret = { ...cluster, secretAccessKey: 'f'.repeat(64) };
     const r2 = await s3Request(wrongSecret, 'PUT', `/${cluster.bucket}/c/x`, { body: Buffer.from('x') });
-    expect([r2.status, r2.code]).toEqual([403, 'SignatureDoesNotMatch']);
+    expect([r2.status, r2.code]).toEqual([403, 'AccessDenied']);
+    expect(r2.body.toString()).toMatch(/Invalid signature/);
   });
 
   it('answers NoSuchBucket for a bucket that does not exist', async () => {

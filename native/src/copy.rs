@@ -129,6 +129,57 @@ async fn open_connections(uri: &NbdUri, opts: &RunOptions) -> Result<Vec<NbdClie
     Ok(clients)
 }
 
+/// The read connections of one run, open; the bitmap (if any) already mapped into the run's
+/// `copy.dirty`. What [`run`] and the chunk store's backup (`chunkstore::backup`) share.
+pub struct Connected {
+    clients: Vec<NbdClient>,
+}
+
+impl Connected {
+    /// Parses the URI, maps the dirty bitmap asked for (into `opts.copy.dirty`, on a connection
+    /// of its own) and opens the read connections. Cancellable.
+    pub async fn open(opts: &mut RunOptions, cancel: &CancellationToken) -> Result<Connected> {
+        let uri = NbdUri::parse(&opts.uri)?;
+        let prepared = async {
+            if let Some(bitmap) = &opts.copy.bitmap {
+                opts.copy.dirty = Some(map_bitmap(&uri, bitmap, opts, cancel).await?);
+            }
+            open_connections(&uri, opts).await
+        };
+        let clients = tokio::select! {
+            c = prepared => c,
+            _ = cancel.cancelled() => Err(Error::cancelled()),
+        }?;
+        Ok(Connected { clients })
+    }
+
+    /// The export's size.
+    pub fn size(&self) -> u64 {
+        self.clients[0].info().size
+    }
+
+    /// Runs the engine over these connections into `sink` (see [`engine::copy`]).
+    pub async fn copy(
+        &self,
+        sink: &mut dyn Sink,
+        options: &CopyOptions,
+        progress: &(dyn Fn(Progress) + Send + Sync),
+        cancel: &CancellationToken,
+    ) -> Result<Summary> {
+        let mut summary =
+            engine::copy(self.clients.clone(), sink, options, progress, cancel).await?;
+        summary.connections = self.clients.len();
+        Ok(summary)
+    }
+
+    /// Closes every connection.
+    pub async fn close(self) {
+        for c in &self.clients {
+            let _ = c.disconnect().await;
+        }
+    }
+}
+
 /// Runs one copy. Connections are closed whatever happens.
 pub async fn run(
     opts: RunOptions,
@@ -136,20 +187,9 @@ pub async fn run(
     progress: &(dyn Fn(Progress) + Send + Sync),
     cancel: &CancellationToken,
 ) -> Result<RunSummary> {
-    let uri = NbdUri::parse(&opts.uri)?;
     let mut opts = opts;
-    let prepared = async {
-        if let Some(bitmap) = &opts.copy.bitmap {
-            opts.copy.dirty = Some(map_bitmap(&uri, bitmap, &opts, cancel).await?);
-        }
-        open_connections(&uri, &opts).await
-    };
-    let prepared = tokio::select! {
-        c = prepared => c,
-        _ = cancel.cancelled() => Err(Error::cancelled()),
-    };
-    let clients = match prepared {
-        Ok(clients) => clients,
+    let connected = match Connected::open(&mut opts, cancel).await {
+        Ok(connected) => connected,
         Err(e) => {
             // A caller-built sink (the JS consumer) must hear why nothing will come.
             if let Target::Custom(mut sink) = target {
@@ -158,7 +198,7 @@ pub async fn run(
             return Err(e);
         }
     };
-    let size = clients[0].info().size;
+    let size = connected.size();
     let result = async {
         let mut built = match target {
             Target::RawFile {
@@ -183,8 +223,7 @@ pub async fn run(
             Built::Qcow2(s) => s,
             Built::Other(s) => s.as_mut(),
         };
-        let mut summary = engine::copy(clients.clone(), sink, &opts.copy, progress, cancel).await?;
-        summary.connections = clients.len();
+        let summary = connected.copy(sink, &opts.copy, progress, cancel).await?;
         let digests = match &built {
             Built::Qcow2(s) => s.digests().cloned(),
             Built::Other(_) => None,
@@ -195,8 +234,6 @@ pub async fn run(
         })
     }
     .await;
-    for c in &clients {
-        let _ = c.disconnect().await;
-    }
+    connected.close().await;
     result
 }

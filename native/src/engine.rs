@@ -854,6 +854,6 @@ mod unit_tests {
 }
 
 #[cfg(test)]
-mod memory;
+pub(crate) mod memory;
 #[cfg(test)]
 mod tests;

@@ -129,15 +129,16 @@ impl Chain {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum TargetKind {
+pub(crate) enum TargetKind {
     File,
     BlockDevice,
 }
 
-struct Target {
-    file: File,
-    kind: TargetKind,
-    path: PathBuf,
+/// An open restore target (shared with the chunk store's restore).
+pub(crate) struct Target {
+    pub(crate) file: File,
+    pub(crate) kind: TargetKind,
+    pub(crate) path: PathBuf,
 }
 
 /// State the workers share.
@@ -334,7 +335,7 @@ fn check_chain(layers: Vec<Layer>) -> Result<Chain> {
 }
 
 /// Opens (or creates, private) the target and gives it the disk's size.
-fn open_target(path: &Path, size: u64) -> Result<Target> {
+pub(crate) fn open_target(path: &Path, size: u64) -> Result<Target> {
     let io = |what: &str| {
         let what = format!("{what} {}", path.display());
         move |e| Error::sink_io(what, e)
@@ -623,7 +624,7 @@ fn write_run(shared: &Shared, offset: u64, data: &[u8]) -> Result<(u64, u64)> {
 }
 
 /// Makes a range of the target read as zeros.
-fn zero_range(t: &Target, offset: u64, length: u64) -> Result<()> {
+pub(crate) fn zero_range(t: &Target, offset: u64, length: u64) -> Result<()> {
     let failed = |e| {
         Error::sink_io(
             format!("zeroing {length} bytes at {offset} of {}", t.path.display()),

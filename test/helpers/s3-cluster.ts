@@ -107,7 +107,7 @@ async function waitFor<T>(what: string, probe: () => Promise<T | undefined>, tim
 /**
  * Starts a three-node Garage cluster in a fresh private folder, with a bucket `pbp-test` and a key
  * on it, and returns once the S3 endpoint (node 0) serves the bucket. Call `stop()` in afterAll;
- * the nodes are also killed if the test process exits first.
+ * the nodes are also killed and the folder removed if the test process exits first.
  */
 export async function startS3Cluster(): Promise<S3Cluster> {
   const bin = garageBinary();
@@ -119,7 +119,7 @@ export async function startS3Cluster(): Promise<S3Cluster> {
   const nodes: GarageNode[] = [0, 1, 2].map((index) => {
     const nodeDir = join(dir, `node${index}`);
     const [rpcPort, s3Port, adminPort] = ports.slice(index * 3, index * 3 + 3) as [number, number, number];
-    mkdirSync(nodeDir, { mode: 0o700 });
+    for (const d of [nodeDir, join(nodeDir, 'meta'), join(nodeDir, 'data')]) mkdirSync(d, { mode: 0o700 });
     const config = `metadata_dir = "${nodeDir}/meta"
 data_dir = "${nodeDir}/data"
 db_engine = "lmdb"
@@ -143,6 +143,7 @@ admin_token = "${adminToken}"
 
   const killAll = (): void => {
     for (const node of nodes) node.process?.kill('SIGKILL');
+    rmSync(dir, { recursive: true, force: true });
   };
   process.once('exit', killAll);
 
@@ -228,8 +229,13 @@ admin_token = "${adminToken}"
     nodes,
     stopNode,
     async startNode(i) {
-      if (nodes[i]!.process) return;
-      await spawnNode(nodes[i]!);
+      const node = nodes[i]!;
+      if (node.process) return;
+      await spawnNode(node);
+      // Peers retry a lost node with a growing backoff (up to a minute): have each running peer
+      // connect to it now, rather than wait.
+      const others = nodes.filter((n) => n !== node && n.process);
+      await Promise.all(others.map((n) => admin(n, 'POST', 'ConnectClusterNodes', [`${node.id}@127.0.0.1:${node.rpcPort}`])));
       await waitHealthy();
     },
     async restartGateway(whileDown) {

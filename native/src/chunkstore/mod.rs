@@ -6,7 +6,13 @@
 //! sink (dirty extents in, chunks out); `restore` writes a disk back from its index.
 //! Only `s3` knows about S3.
 
+pub mod backup;
+pub mod format;
+pub mod key;
+pub mod memory;
+pub mod restore;
 pub mod s3;
+pub mod sink;
 
 use async_trait::async_trait;
 use bytes::Bytes;

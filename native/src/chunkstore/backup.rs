@@ -1,0 +1,209 @@
+//! One chunk backup of an NBD export: connects as `copy::run` does (the same
+//! [`Connected`](crate::copy::Connected)), widens the dirty regions to whole chunks, and runs
+//! the engine into a [`ChunkSink`].
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use futures::{StreamExt, TryStreamExt};
+use tokio_util::sync::CancellationToken;
+
+use super::format::{chunk_key, FixedIndex, DEFAULT_CHUNK_SIZE, ZERO_DIGEST};
+use super::key::{Digest, StoreKey};
+use super::sink::{widen_to_chunks, ChunkSink, ChunkSinkOptions, ChunkSummary};
+use super::Objects;
+use crate::copy::{Connected, RunOptions, DEFAULT_CONNECTIONS};
+use crate::engine::{CopyOptions, Progress, Summary};
+use crate::error::{Error, Result};
+use crate::plan::Region;
+
+/// What to back up and how.
+pub struct BackupOptions {
+    /// The NBD export (`nbd+unix:///name?socket=…`).
+    pub uri: String,
+    /// Read only the areas dirty in this bitmap (needs `previous`).
+    pub bitmap: Option<String>,
+    /// Dirty regions given by the caller instead of a bitmap (needs `previous`).
+    pub dirty: Option<Vec<Region>>,
+    /// The previous backup's index of this disk, for an incremental backup.
+    pub previous: Option<FixedIndex>,
+    /// Digests known to exist in the store (usually the previous index's, checked).
+    pub known: HashSet<Digest>,
+    pub key: Option<Arc<StoreKey>>,
+    /// From `store.json` (0: 4 MiB).
+    pub chunk_size: u32,
+    /// TRIM on the source what the sink has taken (a fleecing snapshot only).
+    pub discard: bool,
+    /// Bytes per second read from the source.
+    pub bandwidth_limit: Option<u64>,
+    /// Ask the store for chunks not known to exist before uploading them.
+    pub dedup_by_head: bool,
+    /// Where the index goes, relative to the store's prefix.
+    pub index_key: String,
+    /// Chunks hashed, encoded or uploaded at once (0: the sink's default).
+    pub uploads: usize,
+    /// Read only the dirty regions as they are and complete chunks dirty in part from the
+    /// previous backup's chunks, instead of widening the regions to whole chunks: for a
+    /// bitmap-restricted export whose bitmap is finer than the chunk size (see `sink`).
+    pub fill_from_previous: bool,
+    /// NBD connections (0: the copy's default).
+    pub connections: usize,
+    pub request_timeout: Option<std::time::Duration>,
+}
+
+/// Heads done at once by [`missing_chunks`] when the caller does not say.
+pub const DEFAULT_CHECKS: usize = 16;
+
+/// The chunks of `digests` the store does not hold (asked with `head`, at most `concurrency`
+/// at once; zero digests and repeats skipped), sorted. Before an incremental backup the caller
+/// checks the previous index this way: when something is missing, it backs up in full (with
+/// dedup by hash) instead of referencing a chunk that is gone.
+pub async fn missing_chunks(
+    objects: &dyn Objects,
+    digests: impl IntoIterator<Item = Digest>,
+    concurrency: usize,
+    cancel: &CancellationToken,
+) -> Result<Vec<Digest>> {
+    let distinct: std::collections::BTreeSet<Digest> =
+        digests.into_iter().filter(|d| *d != ZERO_DIGEST).collect();
+    let checks = futures::stream::iter(distinct)
+        .map(|d| async move {
+            let key = chunk_key(&d);
+            Ok::<_, Error>(objects.head(&key).await?.is_none().then_some(d))
+        })
+        .buffered(match concurrency {
+            0 => DEFAULT_CHECKS,
+            n => n,
+        })
+        .try_filter_map(|d| async move { Ok(d) })
+        .try_collect::<Vec<Digest>>();
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => Err(Error::cancelled()),
+        r = checks => r,
+    }
+}
+
+/// What a backup did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackupSummary {
+    pub copy: Summary,
+    pub chunks: ChunkSummary,
+}
+
+/// Runs one backup of `options.uri` into `objects`. On success every chunk and the index are
+/// stored; on failure or cancellation no index is written (chunks already uploaded stay, as
+/// garbage). Connections are closed whatever happens.
+pub async fn backup(
+    options: BackupOptions,
+    objects: Arc<dyn Objects>,
+    progress: &(dyn Fn(Progress) + Send + Sync),
+    cancel: &CancellationToken,
+) -> Result<BackupSummary> {
+    let incremental = options.bitmap.is_some() || options.dirty.is_some();
+    if incremental && options.previous.is_none() {
+        return Err(Error::invalid_argument(
+            "an incremental chunk backup (bitmap or dirty regions) needs the previous index",
+        ));
+    }
+    let chunk_size = match options.chunk_size {
+        0 => DEFAULT_CHUNK_SIZE,
+        n => n,
+    };
+    let mut run = RunOptions {
+        uri: options.uri,
+        connections: match options.connections {
+            0 => DEFAULT_CONNECTIONS,
+            n => n,
+        },
+        request_timeout: options.request_timeout,
+        copy: CopyOptions {
+            bitmap: options.bitmap,
+            dirty: options.dirty,
+            discard: options.discard,
+            bandwidth_limit: options.bandwidth_limit,
+            ..CopyOptions::default()
+        },
+    };
+    let connected = Connected::open(&mut run, cancel).await?;
+    let size = connected.size();
+    let result = async {
+        if let Some(previous) = &options.previous {
+            if previous.chunk_size != chunk_size {
+                return Err(Error::invalid_argument(format!(
+                    "the previous index has chunks of {} bytes, this backup {chunk_size}",
+                    previous.chunk_size
+                )));
+            }
+            if incremental && previous.size != size {
+                return Err(Error::invalid_argument(format!(
+                    "the disk has {size} bytes, the previous backup {}: back up in full",
+                    previous.size
+                )));
+            }
+        }
+        if !options.fill_from_previous {
+            if let Some(dirty) = run.copy.dirty.take() {
+                run.copy.dirty = Some(widen_to_chunks(&dirty, chunk_size, size));
+            }
+        }
+        let mut sink = ChunkSink::new(ChunkSinkOptions {
+            objects,
+            index_key: options.index_key,
+            size,
+            chunk_size,
+            key: options.key,
+            previous: options.previous,
+            known: options.known,
+            dedup_by_head: options.dedup_by_head,
+            uploads: options.uploads,
+            fill_from_previous: options.fill_from_previous,
+        })?;
+        let copy = connected
+            .copy(&mut sink, &run.copy, progress, cancel)
+            .await?;
+        let chunks = sink
+            .summary()
+            .cloned()
+            .ok_or_else(|| Error::sink("the chunk sink finished without a summary"))?;
+        Ok(BackupSummary { copy, chunks })
+    }
+    .await;
+    connected.close().await;
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::chunkstore::memory::MemoryObjects;
+
+    #[tokio::test]
+    async fn missing_chunks_names_what_the_store_lacks() -> Result<()> {
+        let store = MemoryObjects::new();
+        let (a, b, c) = ([1u8; 32], [2u8; 32], [3u8; 32]);
+        store.put(&chunk_key(&a), Bytes::from_static(b"x")).await?;
+        store.put(&chunk_key(&c), Bytes::from_static(b"x")).await?;
+        let cancel = CancellationToken::new();
+        let digests = [c, ZERO_DIGEST, b, a, b];
+        assert_eq!(missing_chunks(&store, digests, 2, &cancel).await?, vec![b]);
+        // one head per distinct, non-zero digest
+        assert_eq!(store.heads(), 3);
+        store.remove(&chunk_key(&a));
+        assert_eq!(
+            missing_chunks(&store, digests, 0, &cancel).await?,
+            vec![a, b]
+        );
+        cancel.cancel();
+        assert_eq!(
+            missing_chunks(&store, digests, 0, &cancel)
+                .await
+                .err()
+                .map(|e| e.code()),
+            Some("ERR_CANCELLED")
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,255 @@
+//! Restore of one disk from its fixed index into a raw target, straight from the chunks.
+//!
+//! Follows `crate::restore`'s conventions for targets: a regular file (created 0600 if missing,
+//! sized to the disk; the caller names it `.partial` and renames it on success) or a block
+//! device of at least the disk's size. Chunks are fetched in parallel (at most `fetches` at
+//! once, each holding one chunk), every one decoded and checked against its digest
+//! (`ERR_BACKUP_CORRUPT` naming the chunk and the index; a missing chunk is corrupt too),
+//! written with `pwrite`; zero chunks (and all-zero 64 KiB blocks of a chunk) stay holes on a
+//! target that reads as zeros (`zeroed`), and are zeroed otherwise. The target is
+//! fdatasync-ed at the end. On error or cancellation the target holds a partial restore, which
+//! the caller removes.
+
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use super::format::{chunk_key, decode_chunk, FixedIndex, ZERO_DIGEST};
+use super::key::StoreKey;
+use super::Objects;
+use crate::engine::Progress;
+use crate::error::{Error, Result};
+use crate::ratelimit::RateLimiter;
+use crate::restore::{open_target, zero_range, RestoreSummary, Target};
+use crate::zero::is_zero;
+
+/// Chunks fetched at once when the caller does not say.
+pub const DEFAULT_FETCHES: usize = 4;
+/// Most fetches accepted.
+pub const MAX_FETCHES: usize = 64;
+/// How often progress is reported.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
+/// Granularity of the holes left inside a chunk on a zeroed target.
+const HOLE_BLOCK: usize = 64 << 10;
+
+/// What to restore where.
+pub struct ChunkRestoreOptions {
+    pub objects: Arc<dyn Objects>,
+    /// The disk's index, decoded (and so checked).
+    pub index: FixedIndex,
+    /// The index's name, for messages (its key in the store).
+    pub index_name: String,
+    /// The store's key, when it has one (the caller checked its fingerprint).
+    pub key: Option<Arc<StoreKey>>,
+    /// A regular file (created 0600 if missing) or a block device.
+    pub target: PathBuf,
+    /// The target already reads as zeros (a fresh file): zero ranges are left alone.
+    pub zeroed: bool,
+    /// Chunks fetched at once (0: [`DEFAULT_FETCHES`]).
+    pub fetches: usize,
+    /// Bytes per second fetched from the store (stored size); `None` or 0: no limit.
+    pub bandwidth_limit: Option<u64>,
+    pub cancel: CancellationToken,
+    /// Called about every 250 ms, and once at the end.
+    pub progress: Option<Box<dyn Fn(Progress) + Send + Sync>>,
+}
+
+/// What one chunk did.
+#[derive(Default)]
+struct Done {
+    plain: u64,
+    data: u64,
+    zero: u64,
+    read: u64,
+}
+
+/// Restores the disk; returns when the target is synced.
+pub async fn restore(options: ChunkRestoreOptions) -> Result<RestoreSummary> {
+    let started = Instant::now();
+    let index = Arc::new(options.index);
+    if index.chunk_size == 0 {
+        return Err(Error::corrupt(format!(
+            "{}: chunk size 0",
+            options.index_name
+        )));
+    }
+    let target = {
+        let path = options.target.clone();
+        let size = index.size;
+        tokio::task::spawn_blocking(move || open_target(&path, size))
+            .await
+            .map_err(|e| Error::sink(format!("opening the target: {e}")))??
+    };
+    let target = Arc::new(target);
+    let fetches = match options.fetches {
+        0 => DEFAULT_FETCHES,
+        n => n.min(MAX_FETCHES),
+    };
+    let limiter = options
+        .bandwidth_limit
+        .filter(|&b| b > 0)
+        .map(|b| Arc::new(RateLimiter::new(b)));
+    let index_name: Arc<str> = options.index_name.into();
+    let n = index.digests.len() as u64;
+    let mut work = futures::stream::iter(0..n)
+        .map(|i| {
+            restore_chunk(
+                options.objects.clone(),
+                index.clone(),
+                index_name.clone(),
+                options.key.clone(),
+                target.clone(),
+                options.zeroed,
+                limiter.clone(),
+                i,
+            )
+        })
+        .buffer_unordered(fetches);
+    let mut total = Done::default();
+    let mut last = Instant::now();
+    let report = |done: u64| {
+        if let Some(p) = &options.progress {
+            let secs = started.elapsed().as_secs_f64();
+            p(Progress {
+                done,
+                total: index.size,
+                bytes_per_second: if secs > 0.0 { done as f64 / secs } else { 0.0 },
+            });
+        }
+    };
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = options.cancel.cancelled() => return Err(Error::cancelled()),
+            next = work.next() => next,
+        };
+        let Some(done) = next else { break };
+        let done = done?;
+        total.plain += done.plain;
+        total.data += done.data;
+        total.zero += done.zero;
+        total.read += done.read;
+        if last.elapsed() >= PROGRESS_INTERVAL {
+            last = Instant::now();
+            report(total.plain);
+        }
+    }
+    drop(work);
+    let t = target.clone();
+    tokio::task::spawn_blocking(move || {
+        t.file
+            .sync_data()
+            .map_err(|e| Error::sink_io(format!("syncing {}", t.path.display()), e))
+    })
+    .await
+    .map_err(|e| Error::sink(format!("syncing the target: {e}")))??;
+    report(total.plain);
+    Ok(RestoreSummary {
+        bytes: index.size,
+        bytes_data: total.data,
+        bytes_zero: total.zero,
+        bytes_read: total.read,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Fetches, checks and writes chunk `i`.
+#[allow(clippy::too_many_arguments)]
+async fn restore_chunk(
+    objects: Arc<dyn Objects>,
+    index: Arc<FixedIndex>,
+    index_name: Arc<str>,
+    key: Option<Arc<StoreKey>>,
+    target: Arc<Target>,
+    zeroed: bool,
+    limiter: Option<Arc<RateLimiter>>,
+    i: u64,
+) -> Result<Done> {
+    let (start, end) = index.chunk_range(i);
+    let len = end - start;
+    let digest = index.digests[i as usize];
+    if digest == ZERO_DIGEST {
+        if !zeroed {
+            blocking(move || zero_range(&target, start, len)).await?;
+        }
+        return Ok(Done {
+            plain: len,
+            zero: len,
+            ..Default::default()
+        });
+    }
+    let name = chunk_key(&digest);
+    let Some(object) = objects.get(&name).await? else {
+        return Err(Error::corrupt(format!(
+            "{name} is missing (chunk {i} of {index_name})"
+        )));
+    };
+    let read = object.len() as u64;
+    if let Some(l) = &limiter {
+        l.acquire(read).await;
+    }
+    blocking(move || {
+        // the error names the chunk object; its code says what is wrong (corrupt, key)
+        let plain = decode_chunk(&object, &digest, key.as_deref())?;
+        if plain.len() as u64 != len {
+            return Err(Error::corrupt(format!(
+                "{name} holds {} bytes, chunk {i} of {index_name} is {len}",
+                plain.len()
+            )));
+        }
+        let (data, zero) = write_chunk(&target, start, &plain, zeroed)?;
+        Ok(Done {
+            plain: len,
+            data,
+            zero,
+            read,
+        })
+    })
+    .await
+}
+
+/// Writes a chunk's content at `offset`: runs of data with one `pwrite` each; all-zero blocks
+/// of [`HOLE_BLOCK`] stay holes on a zeroed target, and are zeroed otherwise.
+fn write_chunk(t: &Target, offset: u64, data: &[u8], zeroed: bool) -> Result<(u64, u64)> {
+    let (mut data_bytes, mut zero_bytes) = (0u64, 0u64);
+    let mut at = 0usize;
+    while at < data.len() {
+        let block = |a: usize| &data[a..(a + HOLE_BLOCK).min(data.len())];
+        let kind = is_zero(block(at));
+        let mut end = (at + HOLE_BLOCK).min(data.len());
+        while end < data.len() && is_zero(block(end)) == kind {
+            end = (end + HOLE_BLOCK).min(data.len());
+        }
+        let pos = offset + at as u64;
+        let n = (end - at) as u64;
+        if kind {
+            if !zeroed {
+                zero_range(t, pos, n)?;
+            }
+            zero_bytes += n;
+        } else {
+            t.file.write_all_at(&data[at..end], pos).map_err(|err| {
+                Error::sink_io(
+                    format!("writing {n} bytes at {pos} of {}", t.path.display()),
+                    err,
+                )
+            })?;
+            data_bytes += n;
+        }
+        at = end;
+    }
+    Ok((data_bytes, zero_bytes))
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::sink(format!("a restore task failed: {e}")))?
+}
+
+#[cfg(test)]
+mod tests;
