@@ -19,7 +19,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { ChunkBackupError, ChunkStoreError } from '../lib/chunk-provider/errors.js';
 import type { ChunkDiskBackup, ChunkDiskRestore, ChunkJobs } from '../lib/chunk-provider/jobs.js';
-import { createKeyFile, readKeyFile } from '../lib/chunk-provider/key.js';
+import { decodeBlob, encodeBlob, contentDigest } from '../lib/chunk-provider/blob.js';
+import { StoreKey, createKeyFile, readKeyFile } from '../lib/chunk-provider/key.js';
 import { ChunkProvider } from '../lib/chunk-provider/provider.js';
 import { S3ObjectStore, type S3StoreOptions } from '../lib/chunk-provider/s3.js';
 import { ChunkStore, chunkKey, type UnsignedManifest } from '../lib/chunk-provider/store.js';
@@ -50,6 +51,36 @@ function encodeFidx(size: number, chunkSize: number, digests: Buffer[]): Buffer 
   const body = Buffer.concat([head, ...digests]);
   return Buffer.concat([body, createHash('sha256').update(body).digest()]);
 }
+
+describe('chunk store keys and blobs (no store)', () => {
+  it('derives the keys as the core does (its fixed vector: master = bytes 0x00..0x1f)', () => {
+    const k = new StoreKey(Buffer.from(Array.from({ length: 32 }, (_, i) => i)));
+    expect(k.fingerprint).toBe('c35d8e65bdf05594');
+    expect(k.idKey.toString('hex')).toBe('1930f83cefd3d702a8c33befd748edf1c7768ed07ce7244c07d75181ae33068c');
+    expect(k.sign('hello')).toBe(contentDigest(Buffer.from('hello'), k).toString('hex'));
+    expect(JSON.stringify(k)).toBe('{"fingerprint":"c35d8e65bdf05594"}'); // never key material
+  });
+
+  it('blobs round-trip, encrypted with a key; any flipped byte, another key or none is a typed error, never data', () => {
+    const key = new StoreKey(randomBytes(32));
+    const data = Buffer.from('name: vm100\nmemory: 2048\n');
+    expect(decodeBlob(encodeBlob(data, undefined), undefined, 'b').equals(data)).toBe(true);
+    const sealed = encodeBlob(data, key);
+    expect(sealed.includes(data)).toBe(false);
+    expect(decodeBlob(sealed, key, 'b').equals(data)).toBe(true);
+    for (let i = 0; i < sealed.length; i += 7) {
+      const bad = Buffer.from(sealed);
+      bad[i]! ^= 0x01;
+      expect(() => decodeBlob(bad, key, 'backups/1/x/guest.conf.blob'), `byte ${i}`).toThrow(ChunkBackupError);
+    }
+    expect(() => decodeBlob(sealed, new StoreKey(randomBytes(32)), 'b')).toThrow(/authentication tag does not match/);
+    expect(() => decodeBlob(sealed, undefined, 'b')).toThrow(ChunkStoreError);
+    expect(() => decodeBlob(encodeBlob(data, undefined), key, 'b')).toThrow(/not encrypted in a store with a key/);
+    const plain = encodeBlob(data, undefined);
+    plain[plain.length - 1]! ^= 1;
+    expect(() => decodeBlob(plain, undefined, 'b')).toThrow(/does not match its digest/);
+  });
+});
 
 describe('chunk provider on S3 (Garage, 3 nodes, replication factor 3)', { timeout: 180_000 }, () => {
   let cluster: S3Cluster;
