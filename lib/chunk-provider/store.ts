@@ -101,6 +101,11 @@ export interface ChunkBackupInfo {
   ctime: number;
   /** The data's size: the disks' sizes (VM), the archive's (container). */
   size: number;
+  /**
+   * The backup whose index gave the digests of the chunks this one did not read (an incremental
+   * backup; informational: every backup is complete on its own, so nothing depends on it).
+   */
+  previous?: string;
   /** `ok`, or `corrupt` (its manifest does not match its checksum or signature: listed so an operator sees it; never pruned). */
   status: 'ok' | 'corrupt';
   protected: boolean;
@@ -524,7 +529,8 @@ export class ChunkStore {
     try {
       const m = await this.readManifest(volname);
       const size = m.devices ? Object.values(m.devices).reduce((n, d) => n + d.size, 0) : (m.archive?.size ?? 0);
-      return { ...base, ctime: m.ctime, size, status: 'ok' };
+      const previous = Object.values(m.devices ?? {}).find((d) => d.previous)?.previous;
+      return { ...base, ctime: m.ctime, size, status: 'ok', ...(previous ? { previous: this.volid(previous) } : {}) };
     } catch (err) {
       if (!(err instanceof ChunkBackupError) || err.code !== 'ERR_BACKUP_CORRUPT') throw err;
       return { ...base, ctime: ctimeOfBackupId(p.backupId), size: 0, status: 'corrupt' };

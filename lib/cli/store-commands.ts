@@ -237,7 +237,7 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
       }
       const info = (await store.list(vmid)).find((b) => b.volname === g.volname);
       if (json) console.log(JSON.stringify({ ...info, warnings: g.warnings, steps: g.steps, copies }, null, 2)); // steps: ms per step (GuestStepTimes); copies: per disk, seconds
-      else console.log(`${info?.volid}: ${info?.format}, ${formatBytes(info?.size ?? 0)}${info?.parent ? `, incremental over ${info.parent}` : ', full'}`);
+      else console.log(`${info?.volid}: ${info?.format}, ${formatBytes(info?.size ?? 0)}${info?.parent ? `, incremental over ${info.parent}` : info?.previous ? `, incremental (unchanged chunks from ${info.previous})` : ', full'}`);
     });
 
   addStoreOptions(

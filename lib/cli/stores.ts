@@ -24,6 +24,8 @@ export interface ListedBackup {
   format?: string;
   /** The backup it builds on (incremental directory-store backups). */
   parent?: string;
+  /** The backup whose index gave the unchanged chunks' digests (incremental chunk-store backups; nothing depends on it). */
+  previous?: string;
   status: string;
   protected: boolean;
   notes?: string;
