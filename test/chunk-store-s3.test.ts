@@ -7,17 +7,19 @@
  * during the retries (the request succeeds), and a killed storage node (replication: no error).
  * The `s3://` URL and credential parsing is tested without the cluster.
  */
-import { randomBytes } from 'node:crypto';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { createHash, randomBytes } from 'node:crypto';
+import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
-import { ChunkStoreError } from '../lib/chunk-provider/errors.js';
+import { ChunkStoreError, fromNative } from '../lib/chunk-provider/errors.js';
 import { S3ObjectStore, parseS3Url, readCredentialsFile, s3StoreOptions, type S3StoreOptions } from '../lib/chunk-provider/s3.js';
 import { InvalidArgumentError } from '../lib/errors.js';
+import { native, type Binding } from '../lib/native.js';
+import { nbdRead, nbdWrite, startStorageDaemon, stopAll } from './helpers/qemu.js';
 import { startS3Cluster, type S3Cluster } from './helpers/s3-cluster.js';
 import { listedKeys, s3Request } from './helpers/s3.js';
 
@@ -29,6 +31,17 @@ async function rejection(p: Promise<unknown>): Promise<ChunkStoreError> {
   );
   expect(err, 'the call should have failed').toBeInstanceOf(ChunkStoreError);
   return err as ChunkStoreError;
+}
+
+const MiB = 2 ** 20;
+
+/** Runs a native chunk job to its end; its errors typed as the package throws them. */
+async function runJob<T>(start: () => { wait(): Promise<T> }): Promise<T> {
+  try {
+    return await start().wait();
+  } catch (err) {
+    throw fromNative(err);
+  }
 }
 
 /** Runs `fn` on every item with at most `limit` at once. */
@@ -155,6 +168,137 @@ describe('chunk store on S3 (Garage, 3 nodes, replication factor 3)', { timeout:
     expect(err.message).toContain('bucket pbp-quota-s3');
     expect(err.message).toContain('stores/one/chunks/00/01/big');
     expect(await quota.get('chunks/00/01/big')).toBeNull();
+  });
+
+  it('backs up a qemu-storage-daemon export in full and incrementally (bitmap), and restores both byte-exact', async () => {
+    try {
+      const q = await startStorageDaemon({ size: 40 * MiB }); // 10 chunks of 4 MiB
+      const live = `nbd+unix:///live0?socket=${q.nbdPath}`;
+      await nbdWrite(live, 0x11, 0, 6 * MiB); // chunks 0, 1
+      await nbdWrite(live, 0x22, 20 * MiB + 4096, 64 * 1024); // chunk 5
+      await q.qmp.execute('block-dirty-bitmap-add', { node: 'disk0', name: 'b0', granularity: 65536 });
+      const opts = { ...base, prefix: 'stores/vm' } as Binding.ChunkStoreOptions;
+      const progress: number[] = [];
+      const full = await runJob(() =>
+        native.startChunkBackup({ store: opts, uri: live, indexKey: 'backups/100/vm-1/drive-scsi0.fidx' }, (p: Binding.NativeProgress) => progress.push(p.done)),
+      );
+      expect(full).toMatchObject({ bytesTotal: 40 * MiB, chunks: 10, uploaded: 3, zero: 7, unchanged: 0, previousIncomplete: false });
+      expect(progress.at(-1)).toBe(40 * MiB);
+      const image1 = await nbdRead(live, q.dir);
+
+      // the guest writes: chunk 8 (was zero), and across the border of chunks 0 and 1
+      await nbdWrite(live, 0x33, 33 * MiB, 100 * 1024);
+      await nbdWrite(live, 0x44, 4 * MiB - 512, 1024);
+      const image2 = await nbdRead(live, q.dir);
+      await q.qmp.execute('block-export-add', {
+        type: 'nbd',
+        id: 'bk',
+        'node-name': 'disk0',
+        name: 'bk',
+        writable: false,
+        bitmaps: [{ node: 'disk0', name: 'b0' }],
+      });
+      const incr = await runJob(() =>
+        native.startChunkBackup({
+          store: opts,
+          uri: `nbd+unix:///bk?socket=${q.nbdPath}`,
+          bitmap: 'b0',
+          previousIndexKey: full.indexKey,
+          indexKey: 'backups/100/vm-2/drive-scsi0.fidx',
+        }),
+      );
+      // only the chunks holding dirty bytes were read and uploaded; the rest came from the index
+      expect(incr).toMatchObject({ chunks: 10, uploaded: 3, unchanged: 7, previousIncomplete: false });
+      expect(incr.bytesRead).toBeGreaterThan(0);
+      expect(incr.bytesRead).toBeLessThanOrEqual(3 * 4 * MiB); // holes inside them are not read
+      const vmStore = new S3ObjectStore({ ...base, prefix: 'stores/vm' });
+      const chunks = await vmStore.list('chunks/');
+      expect(chunks.length).toBe(6); // 3 of the full backup, 3 new
+
+      for (const [indexKey, image] of [
+        [full.indexKey, image1],
+        [incr.indexKey, image2],
+      ] as const) {
+        const target = join(q.dir, `${indexKey.split('/')[2]}.raw`);
+        const restored = await runJob(() => native.startChunkRestore({ store: opts, indexKey, target, zeroed: true }));
+        expect(restored.bytes).toBe(40 * MiB);
+        expect(readFileSync(target).equals(image), `restore of ${indexKey}`).toBe(true);
+      }
+
+      // a chunk of the previous index is gone (chunk 5): the next backup reads everything and
+      // uploads only what the store lacks (dedup by hash), instead of referencing the lost chunk
+      const digest5 = createHash('sha256').update(image2.subarray(20 * MiB, 24 * MiB)).digest('hex');
+      const key5 = `chunks/${digest5.slice(0, 2)}/${digest5.slice(2, 4)}/${digest5}`;
+      expect(chunks.map((c) => c.key)).toContain(key5);
+      await vmStore.delete(key5);
+      await expect(runJob(() => native.startChunkRestore({ store: opts, indexKey: incr.indexKey, target: join(q.dir, 'lost.raw') }))).rejects.toMatchObject({
+        code: 'ERR_BACKUP_CORRUPT',
+        message: expect.stringContaining(digest5),
+      });
+      const healed = await runJob(() =>
+        native.startChunkBackup({ store: opts, uri: live, previousIndexKey: incr.indexKey, indexKey: 'backups/100/vm-3/drive-scsi0.fidx' }),
+      );
+      expect(healed).toMatchObject({ previousIncomplete: true, uploaded: 1, reused: 3, zero: 6, unchanged: 0 });
+      const again = join(q.dir, 'healed.raw');
+      await runJob(() => native.startChunkRestore({ store: opts, indexKey: incr.indexKey, target: again, zeroed: true }));
+      expect(readFileSync(again).equals(image2)).toBe(true);
+
+      // a missing index is a typed error naming it
+      const target = join(q.dir, 'none.raw');
+      await expect(runJob(() => native.startChunkRestore({ store: opts, indexKey: 'backups/100/vm-9/x.fidx', target }))).rejects.toMatchObject({
+        code: 'ERR_BACKUP_CORRUPT',
+        message: expect.stringContaining('backups/100/vm-9/x.fidx'),
+      });
+    } finally {
+      await stopAll();
+    }
+  });
+
+  it('encrypts with a key file; restores with it, refuses another key or none', async () => {
+    try {
+      const q = await startStorageDaemon({ size: 8 * MiB });
+      const live = `nbd+unix:///live0?socket=${q.nbdPath}`;
+      await nbdWrite(live, 0x5a, 1 * MiB, 3 * MiB);
+      const image = await nbdRead(live, q.dir);
+      const keyFile = join(q.dir, 'store.key');
+      const fingerprint = native.createKeyFile(keyFile);
+      expect(fingerprint).toMatch(/^[0-9a-f]{16}$/);
+      expect(native.keyFingerprint(keyFile)).toBe(fingerprint);
+      expect(statSync(keyFile).mode & 0o777).toBe(0o600);
+      expect(() => native.createKeyFile(keyFile)).toThrow(); // never overwrites
+      const otherKey = join(q.dir, 'other.key');
+      native.createKeyFile(otherKey);
+
+      const opts = { ...base, prefix: 'stores/enc', keyFile } as Binding.ChunkStoreOptions;
+      const full = await runJob(() =>
+        native.startChunkBackup({ store: opts, storeFingerprint: fingerprint, uri: live, indexKey: 'backups/101/vm-1/drive-scsi0.fidx' }),
+      );
+      expect(full.uploaded).toBe(1);
+      // the object's name is not the SHA-256 of the content (keyed digest)
+      const plainDigest = createHash('sha256').update(image.subarray(0, 4 * MiB)).digest('hex');
+      const names = (await new S3ObjectStore({ ...base, prefix: 'stores/enc' }).list('chunks/')).map((o) => o.key);
+      expect(names.length).toBe(1);
+      expect(names[0]).not.toContain(plainDigest);
+
+      const target = join(q.dir, 'enc.raw');
+      await runJob(() => native.startChunkRestore({ store: opts, storeFingerprint: fingerprint, indexKey: full.indexKey, target, zeroed: true }));
+      expect(readFileSync(target).equals(image)).toBe(true);
+
+      const other = { ...opts, keyFile: otherKey };
+      await expect(
+        runJob(() => native.startChunkRestore({ store: other, storeFingerprint: fingerprint, indexKey: full.indexKey, target: `${target}.2` })),
+      ).rejects.toMatchObject({ code: 'ERR_KEY_MISMATCH' });
+      const none = { ...base, prefix: 'stores/enc' } as Binding.ChunkStoreOptions;
+      await expect(
+        runJob(() => native.startChunkRestore({ store: none, storeFingerprint: fingerprint, indexKey: full.indexKey, target: `${target}.3` })),
+      ).rejects.toMatchObject({ code: 'ERR_KEY_REQUIRED' });
+      // without the fingerprint check, the other key still never yields data
+      await expect(runJob(() => native.startChunkRestore({ store: other, indexKey: full.indexKey, target: `${target}.4` }))).rejects.toMatchObject({
+        code: 'ERR_BACKUP_CORRUPT',
+      });
+    } finally {
+      await stopAll();
+    }
   });
 
   it('keeps working with one storage node killed (replication)', async () => {

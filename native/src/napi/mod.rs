@@ -4,6 +4,7 @@
 // Exported functions are reached through napi's registration, which test builds do not see.
 #![cfg_attr(test, allow(dead_code))]
 
+mod chunkjob;
 mod chunkstore;
 mod client;
 mod copy;

@@ -1,0 +1,373 @@
+//! Binding of a chunk backup (`chunkstore::backup`) and a chunk restore
+//! (`chunkstore::restore`) as jobs, in the pattern of `copy.rs`: options in, progress out
+//! through a weak threadsafe function, `cancel()` and `wait()` on the returned handle. Plus the
+//! store's key files.
+//!
+//! The key file is loaded here and checked against the fingerprint the caller read from
+//! `store.json` before anything is read or written (`ERR_KEY_REQUIRED`, `ERR_KEY_MISMATCH`).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
+use napi::Status;
+use napi_derive::napi;
+use tokio::sync::{oneshot, Mutex};
+use tokio_util::sync::CancellationToken;
+
+use super::chunkstore::{objects, ChunkStoreOptions};
+use super::copy::NativeProgress;
+use super::error::{to_napi, IntoNapi};
+use super::{to_js, to_u64};
+use crate::chunkstore::backup::{self, BackupOptions, BackupSummary, DEFAULT_CHECKS};
+use crate::chunkstore::format::FixedIndex;
+use crate::chunkstore::key::{self, StoreKey};
+use crate::chunkstore::restore::{self, ChunkRestoreOptions};
+use crate::chunkstore::Objects;
+use crate::engine::Progress;
+use crate::error::{Error, Result};
+use crate::restore::RestoreSummary;
+
+type ProgressFn = ThreadsafeFunction<NativeProgress, (), NativeProgress, Status, false, true>;
+
+#[napi(object)]
+pub struct ChunkBackupOptions {
+    pub store: ChunkStoreOptions,
+    /// The key fingerprint `store.json` records, checked against the key file's before anything
+    /// is read; absent: not checked here (the caller compared them).
+    pub store_fingerprint: Option<String>,
+    /// The NBD export to back up.
+    pub uri: String,
+    /// Where the index goes, relative to the store's prefix (`backups/…/<device>.fidx`).
+    pub index_key: String,
+    /// The previous backup's index of this disk (a key in the store): its chunks are reused.
+    pub previous_index_key: Option<String>,
+    /// With `previousIndexKey`: read only the areas dirty in this bitmap.
+    pub bitmap: Option<String>,
+    /// From `store.json` (default 4 MiB).
+    pub chunk_size: Option<u32>,
+    /// TRIM what the store has taken (a fleecing snapshot only).
+    pub discard: Option<bool>,
+    pub bandwidth_limit: Option<i64>,
+    /// Ask the store for chunks not known to exist before uploading (dedup by hash).
+    pub dedup_by_head: Option<bool>,
+    /// Chunks hashed, encoded or uploaded at once.
+    pub uploads: Option<u32>,
+    /// Complete chunks dirty in part from the previous backup (restricted snapshot exports).
+    pub fill_from_previous: Option<bool>,
+    pub connections: Option<u32>,
+    pub request_timeout_ms: Option<i64>,
+}
+
+#[napi(object)]
+pub struct ChunkBackupSummary {
+    pub bytes_total: i64,
+    pub bytes_read: i64,
+    pub seconds: f64,
+    pub index_key: String,
+    /// SHA-256 of the index object (for the manifest).
+    pub index_sha256: String,
+    pub index_size: i64,
+    pub chunks: i64,
+    pub uploaded: i64,
+    pub reused: i64,
+    pub zero: i64,
+    pub unchanged: i64,
+    pub completed: i64,
+    /// The previous index named chunks the store no longer holds: this backup read everything
+    /// (dedup by hash) instead of referencing them.
+    pub previous_incomplete: bool,
+}
+
+#[napi(object)]
+pub struct ChunkRestoreOptionsJs {
+    pub store: ChunkStoreOptions,
+    /// As for a backup.
+    pub store_fingerprint: Option<String>,
+    /// The disk's index, relative to the store's prefix.
+    pub index_key: String,
+    /// A regular file (created 0600 if missing) or a block device.
+    pub target: String,
+    /// The target already reads as zeros (a fresh file): zero ranges stay holes.
+    pub zeroed: Option<bool>,
+    /// Chunks fetched at once (default 4).
+    pub fetches: Option<u32>,
+    pub bandwidth_limit: Option<i64>,
+}
+
+#[napi(object)]
+pub struct ChunkRestoreSummary {
+    pub bytes: i64,
+    pub bytes_data: i64,
+    pub bytes_zero: i64,
+    pub bytes_read: i64,
+    pub seconds: f64,
+}
+
+/// A running chunk backup: `wait()` resolves with its summary, `cancel()` stops it.
+#[napi]
+pub struct NativeChunkBackupJob {
+    cancel: CancellationToken,
+    handle: Mutex<Option<oneshot::Receiver<Result<(BackupSummary, bool)>>>>,
+}
+
+/// A running chunk restore: `wait()` resolves once the target is synced, `cancel()` stops it.
+#[napi]
+pub struct NativeChunkRestoreJob {
+    cancel: CancellationToken,
+    handle: Mutex<Option<oneshot::Receiver<Result<RestoreSummary>>>>,
+}
+
+/// The key of `options.keyFile`, checked against the store's fingerprint when the caller gives
+/// it (absent: the caller checked `store.json` itself).
+fn store_key(
+    store: &ChunkStoreOptions,
+    fingerprint: Option<&str>,
+) -> Result<Option<Arc<StoreKey>>> {
+    let key = match &store.key_file {
+        Some(path) => Some(key::load_key_file(path.as_ref())?),
+        None => None,
+    };
+    if let Some(fingerprint) = fingerprint {
+        key::check_fingerprint(Some(fingerprint), key.as_ref())?;
+    }
+    Ok(key.map(Arc::new))
+}
+
+/// The index at `key`; a missing one is corrupt (a manifest or the caller named it).
+async fn load_index(objects: &dyn Objects, key: &str) -> Result<FixedIndex> {
+    let data = objects
+        .get(key)
+        .await?
+        .ok_or_else(|| Error::corrupt(format!("index {key} is missing from the store")))?;
+    FixedIndex::decode(key, &data)
+}
+
+fn reporter(on_progress: Option<ProgressFn>) -> impl Fn(Progress) + Send + Sync + 'static {
+    move |p: Progress| {
+        if let Some(f) = &on_progress {
+            let value = NativeProgress {
+                done: to_js(p.done),
+                total: to_js(p.total),
+                bytes_per_second: p.bytes_per_second,
+            };
+            f.call(value, ThreadsafeFunctionCallMode::NonBlocking);
+        }
+    }
+}
+
+/// Runs `work` on napi's tokio runtime; the result arrives on the returned channel.
+fn spawn_work<T, F>(work: F) -> oneshot::Receiver<Result<T>>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = Result<T>> + Send + 'static,
+{
+    let (done, result) = oneshot::channel();
+    napi::bindgen_prelude::spawn(async move {
+        // the receiver is gone only when the JS object was collected: nobody wants the result
+        let _ = done.send(work.await);
+    });
+    result
+}
+
+/// The result of a job's channel, once.
+async fn take<T>(handle: &Mutex<Option<oneshot::Receiver<Result<T>>>>) -> napi::Result<T> {
+    let Some(handle) = handle.lock().await.take() else {
+        return Err(to_napi(Error::invalid_argument(
+            "wait() was already called",
+        )));
+    };
+    match handle.await {
+        Ok(result) => result.napi(),
+        Err(_) => Err(to_napi(Error::sink("chunk job ended without a result"))),
+    }
+}
+
+/// Starts a chunk backup of an NBD export into the store.
+#[napi]
+pub fn start_chunk_backup(
+    options: ChunkBackupOptions,
+    on_progress: Option<ProgressFn>,
+) -> napi::Result<NativeChunkBackupJob> {
+    let objects: Arc<dyn Objects> = objects(&options.store)?;
+    let bandwidth_limit = match options.bandwidth_limit {
+        Some(v) => Some(to_u64(v, "bandwidthLimit")?).filter(|&b| b > 0),
+        None => None,
+    };
+    let request_timeout = match options.request_timeout_ms {
+        None => Some(crate::nbd::DEFAULT_REQUEST_TIMEOUT),
+        Some(ms) => Some(std::time::Duration::from_millis(to_u64(
+            ms,
+            "requestTimeoutMs",
+        )?))
+        .filter(|t| !t.is_zero()),
+    };
+    let key = store_key(&options.store, options.store_fingerprint.as_deref()).napi()?;
+    let cancel = CancellationToken::new();
+    let token = cancel.clone();
+    let report = reporter(on_progress);
+    let work = async move {
+        let mut previous = None;
+        let mut bitmap = options.bitmap;
+        let mut dedup_by_head = options.dedup_by_head.unwrap_or(false);
+        let mut previous_incomplete = false;
+        if let Some(previous_key) = &options.previous_index_key {
+            let index = load_index(&*objects, previous_key).await?;
+            let missing = backup::missing_chunks(
+                &*objects,
+                index.digests.iter().copied(),
+                DEFAULT_CHECKS,
+                &token,
+            )
+            .await?;
+            if missing.is_empty() {
+                previous = Some(index);
+            } else {
+                // a chunk is gone: read everything, upload only what the store lacks
+                previous_incomplete = true;
+                bitmap = None;
+                dedup_by_head = true;
+            }
+        }
+        let known: HashSet<_> = previous
+            .as_ref()
+            .map(|p: &FixedIndex| p.digests.iter().copied().collect())
+            .unwrap_or_default();
+        let summary = backup::backup(
+            BackupOptions {
+                uri: options.uri,
+                bitmap,
+                dirty: None,
+                previous,
+                known,
+                key,
+                chunk_size: options.chunk_size.unwrap_or(0),
+                discard: options.discard.unwrap_or(false),
+                bandwidth_limit,
+                dedup_by_head,
+                index_key: options.index_key,
+                uploads: options.uploads.unwrap_or(0) as usize,
+                fill_from_previous: options.fill_from_previous.unwrap_or(false),
+                connections: options.connections.unwrap_or(0) as usize,
+                request_timeout,
+            },
+            objects,
+            &report,
+            &token,
+        )
+        .await?;
+        Ok((summary, previous_incomplete))
+    };
+    Ok(NativeChunkBackupJob {
+        cancel,
+        handle: Mutex::new(Some(spawn_work(work))),
+    })
+}
+
+/// Starts restoring one disk from its index into a raw target.
+#[napi]
+pub fn start_chunk_restore(
+    options: ChunkRestoreOptionsJs,
+    on_progress: Option<ProgressFn>,
+) -> napi::Result<NativeChunkRestoreJob> {
+    let objects: Arc<dyn Objects> = objects(&options.store)?;
+    let bandwidth_limit = match options.bandwidth_limit {
+        Some(v) => Some(to_u64(v, "bandwidthLimit")?).filter(|&b| b > 0),
+        None => None,
+    };
+    let key = store_key(&options.store, options.store_fingerprint.as_deref()).napi()?;
+    let cancel = CancellationToken::new();
+    let token = cancel.clone();
+    let work = async move {
+        let index = tokio::select! {
+            biased;
+            _ = token.cancelled() => return Err(Error::cancelled()),
+            index = load_index(&*objects, &options.index_key) => index?,
+        };
+        let summary = restore::restore(ChunkRestoreOptions {
+            objects,
+            index,
+            index_name: options.index_key,
+            key,
+            target: options.target.into(),
+            zeroed: options.zeroed.unwrap_or(false),
+            fetches: options.fetches.unwrap_or(0) as usize,
+            bandwidth_limit,
+            cancel: token,
+            progress: Some(Box::new(reporter(on_progress))),
+        })
+        .await?;
+        Ok(summary)
+    };
+    Ok(NativeChunkRestoreJob {
+        cancel,
+        handle: Mutex::new(Some(spawn_work(work))),
+    })
+}
+
+#[napi]
+impl NativeChunkBackupJob {
+    /// Stops the backup (no index is written); `wait()` then rejects with `ERR_CANCELLED`.
+    #[napi]
+    pub fn cancel(&self) {
+        self.cancel.cancel();
+    }
+
+    /// The backup's summary once every chunk and the index are stored; rejects with its error.
+    #[napi]
+    pub async fn wait(&self) -> napi::Result<ChunkBackupSummary> {
+        let (s, previous_incomplete) = take(&self.handle).await?;
+        Ok(ChunkBackupSummary {
+            bytes_total: to_js(s.copy.bytes_total),
+            bytes_read: to_js(s.copy.bytes_read),
+            seconds: s.copy.seconds,
+            index_key: s.chunks.index_key,
+            index_sha256: s.chunks.index_sha256,
+            index_size: to_js(s.chunks.index_size),
+            chunks: to_js(s.chunks.chunks),
+            uploaded: to_js(s.chunks.uploaded),
+            reused: to_js(s.chunks.reused),
+            zero: to_js(s.chunks.zero),
+            unchanged: to_js(s.chunks.unchanged),
+            completed: to_js(s.chunks.completed),
+            previous_incomplete,
+        })
+    }
+}
+
+#[napi]
+impl NativeChunkRestoreJob {
+    /// Stops the restore (the target holds a partial restore); `wait()` then rejects with
+    /// `ERR_CANCELLED`.
+    #[napi]
+    pub fn cancel(&self) {
+        self.cancel.cancel();
+    }
+
+    /// The restore's summary once the target is synced; rejects with its error.
+    #[napi]
+    pub async fn wait(&self) -> napi::Result<ChunkRestoreSummary> {
+        let s = take(&self.handle).await?;
+        Ok(ChunkRestoreSummary {
+            bytes: to_js(s.bytes),
+            bytes_data: to_js(s.bytes_data),
+            bytes_zero: to_js(s.bytes_zero),
+            bytes_read: to_js(s.bytes_read),
+            seconds: s.seconds,
+        })
+    }
+}
+
+/// Creates a key file (mode 0600, never overwriting) with a fresh key; returns its fingerprint.
+#[napi]
+pub fn create_key_file(path: String) -> napi::Result<String> {
+    let key = key::create_key_file(path.as_ref()).napi()?;
+    Ok(key.fingerprint().to_string())
+}
+
+/// The fingerprint of a key file's key (what `store.json` and manifests record).
+#[napi]
+pub fn key_fingerprint(path: String) -> napi::Result<String> {
+    let key = key::load_key_file(path.as_ref()).napi()?;
+    Ok(key.fingerprint().to_string())
+}
