@@ -220,7 +220,10 @@ describe('chunk provider on S3 (Garage, 3 nodes, replication factor 3)', { timeo
     const ka = await createKeyFile(keyA);
     await createKeyFile(keyB);
     expect(statSync(keyA).mode & 0o777).toBe(0o600);
-    expect((await rejection(createKeyFile(keyA))).message).toMatch(/exists: a key is never overwritten/);
+    const exists = await rejection(createKeyFile(keyA)); // never overwritten: every backup made with it needs it
+    expect(exists.code).toBe('ERR_INVALID_ARGUMENT');
+    expect(exists.message).toMatch(/cannot create key file .*a\.key/);
+    expect((await readKeyFile(keyA)).fingerprint).toBe(ka.fingerprint);
     expect((await readKeyFile(keyA)).fingerprint).toBe(ka.fingerprint);
 
     const o = fresh();

@@ -8,8 +8,7 @@
  *
  * @packageDocumentation
  */
-import { native } from '../native.js';
-import { NotImplementedError } from '../provider/errors.js';
+import { native, type Binding } from '../native.js';
 import { fromNative } from './errors.js';
 import type { S3StoreOptions } from './s3.js';
 
@@ -39,7 +38,7 @@ export interface ChunkDiskBackup {
   discard: boolean;
   /** Bytes per second read at most. */
   bandwidthLimit?: number;
-  onProgress?: (p: { done: number; total: number; bytesPerSecond: number }) => void;
+  onProgress?: (p: Binding.NativeProgress) => void;
   signal?: AbortSignal;
 }
 
@@ -57,6 +56,8 @@ export interface ChunkDiskSummary {
   /** The index object written: its size and SHA-256 (for the manifest). */
   indexSize: number;
   indexSha256: string;
+  /** The previous index named chunks the store no longer holds: every chunk was read instead. */
+  previousIncomplete?: boolean;
 }
 
 /** One disk to restore. */
@@ -126,23 +127,12 @@ async function runJob<T, P>(start: (progress: ((p: P) => void) | undefined) => N
   }
 }
 
-/** The binding's job starters, when this build has them. */
-type Starters = {
-  startChunkBackup?: (options: unknown, progress?: (p: unknown) => void) => NativeJob<Record<string, number | string>>;
-  startChunkRestore?: (options: unknown, progress?: (p: unknown) => void) => NativeJob<unknown>;
-};
-
-/**
- * The native core's chunk backup and restore. Until the binding has them, each call fails with
- * `ERR_NOT_IMPLEMENTED` naming the missing job.
- */
+/** The native core's chunk backup and restore (`startChunkBackup`, `startChunkRestore`). */
 export const nativeChunkJobs: ChunkJobs = {
   async backupDisk(o) {
-    const start = (native as unknown as Starters).startChunkBackup;
-    if (!start) throw new NotImplementedError('startChunkBackup (the native chunk backup job is not in this build)', 'chunks');
-    const s = await runJob(
+    const s = await runJob<Binding.ChunkBackupSummary, Binding.NativeProgress>(
       (progress) =>
-        start(
+        native.startChunkBackup(
           {
             store: o.store,
             ...(o.storeFingerprint ? { storeFingerprint: o.storeFingerprint } : {}),
@@ -155,27 +145,27 @@ export const nativeChunkJobs: ChunkJobs = {
             ...(o.previousIndexKey !== undefined ? { previousIndexKey: o.previousIndexKey, bitmap: o.bitmap, fillFromPrevious: true } : {}),
             ...(o.bandwidthLimit !== undefined ? { bandwidthLimit: o.bandwidthLimit } : {}),
           },
-          progress as ((p: unknown) => void) | undefined,
+          progress,
         ),
       o.onProgress,
       o.signal,
     );
     return {
-      bytesRead: Number(s['bytesRead'] ?? 0),
-      chunks: Number(s['chunks'] ?? 0),
-      uploaded: Number(s['uploaded'] ?? 0),
-      reused: Number(s['reused'] ?? 0) + Number(s['unchanged'] ?? 0),
-      zero: Number(s['zero'] ?? 0),
-      indexSize: Number(s['indexSize'] ?? 0),
-      indexSha256: String(s['indexSha256'] ?? ''),
+      bytesRead: s.bytesRead,
+      chunks: s.chunks,
+      uploaded: s.uploaded,
+      // read and found in the store, or taken unread from the previous index
+      reused: s.reused + s.unchanged,
+      zero: s.zero,
+      indexSize: s.indexSize,
+      indexSha256: s.indexSha256,
+      previousIncomplete: s.previousIncomplete,
     };
   },
   async restoreDisk(o) {
-    const start = (native as unknown as Starters).startChunkRestore;
-    if (!start) throw new NotImplementedError('startChunkRestore (the native chunk restore job is not in this build)', 'chunks');
-    await runJob(
+    await runJob<Binding.ChunkRestoreSummary, Binding.NativeProgress>(
       (progress) =>
-        start(
+        native.startChunkRestore(
           {
             store: o.store,
             ...(o.storeFingerprint ? { storeFingerprint: o.storeFingerprint } : {}),
@@ -184,7 +174,7 @@ export const nativeChunkJobs: ChunkJobs = {
             zeroed: o.zeroed,
             ...(o.bandwidthLimit !== undefined ? { bandwidthLimit: o.bandwidthLimit } : {}),
           },
-          progress as ((p: unknown) => void) | undefined,
+          progress,
         ),
       o.onProgress,
       o.signal,

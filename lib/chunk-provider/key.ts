@@ -6,11 +6,12 @@
  *
  * @packageDocumentation
  */
-import { createHmac, randomBytes } from 'node:crypto';
-import { open, readFile } from 'node:fs/promises';
+import { createHmac } from 'node:crypto';
+import { readFile } from 'node:fs/promises';
 
 import { InvalidArgumentError } from '../errors.js';
-import { ChunkStoreError } from './errors.js';
+import { native } from '../native.js';
+import { ChunkStoreError, fromNative } from './errors.js';
 
 /** Labels of the derivations (format v1; never change). */
 const LABEL_ID = 'pbp chunk id v1';
@@ -77,28 +78,20 @@ export function checkFingerprint(recorded: string | null, key: StoreKey | undefi
 }
 
 /**
- * Creates a key file: 32 random bytes, mode 0600 whatever the umask, never over an existing file
- * (losing a key loses every backup made with it). Keep a copy somewhere safe: it is never
- * uploaded.
+ * Creates a key file through the native core: 32 random bytes, mode 0600 whatever the umask,
+ * never over an existing file (losing a key loses every backup made with it). Keep a copy
+ * somewhere safe: it is never uploaded.
  * @returns The new key.
  * @throws InvalidArgumentError when the file exists or cannot be written.
  */
 export async function createKeyFile(file: string): Promise<StoreKey> {
-  const master = randomBytes(32);
-  const text = `${JSON.stringify({ version: 1, created: Math.floor(Date.now() / 1000), key: master.toString('base64') })}\n`;
-  let fh;
+  let fingerprint: string;
   try {
-    fh = await open(file, 'wx', 0o600);
+    fingerprint = native.createKeyFile(file);
   } catch (err) {
-    const exists = (err as NodeJS.ErrnoException).code === 'EEXIST';
-    throw new InvalidArgumentError(exists ? `key file ${file} exists: a key is never overwritten (every backup made with it needs it)` : `cannot create key file ${file}: ${(err as Error).message}`, { cause: err });
+    throw fromNative(err);
   }
-  try {
-    await fh.chmod(0o600);
-    await fh.writeFile(text);
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-  return new StoreKey(master);
+  const key = await readKeyFile(file);
+  if (key.fingerprint !== fingerprint) throw new InvalidArgumentError(`key file ${file}: the core and this module derive different fingerprints (${fingerprint}, ${key.fingerprint})`);
+  return key;
 }
