@@ -42,9 +42,9 @@ describe('chunk provider: VM backup and restore through the native chunk jobs (G
     await cluster?.stop();
   });
 
-  async function backup(provider: ChunkProvider, disk: Disk, scratch: string): Promise<{ volname: string; content: Buffer }> {
+  async function backup(provider: ChunkProvider, disk: Disk, scratch: string, extra: { notesTemplate?: string; protected?: boolean } = {}): Promise<{ volname: string; content: Buffer }> {
     const content = disk.snapshot();
-    const r = await runBackupJob({ provider, storeid: 'chunks', guests: [vmGuest(disk)], tmpdir: scratch });
+    const r = await runBackupJob({ provider, storeid: 'chunks', guests: [vmGuest(disk)], tmpdir: scratch, ...extra });
     expect(r.guests[0]!.error).toBeUndefined();
     return { volname: r.guests[0]!.volname!, content };
   }
@@ -72,7 +72,7 @@ describe('chunk provider: VM backup and restore through the native chunk jobs (G
     expect((await store.objects.list('chunks/')).length).toBe(2);
 
     await disk.write(0x33, 5 * MiB, 64 * 1024); // chunk 1 only
-    const incr = await backup(provider, disk, scratch);
+    const incr = await backup(provider, disk, scratch, { notesTemplate: 'after {{vmid}} wrote' });
     const m2 = await store.readManifest(incr.volname);
     expect(m2.devices!['disk0']).toMatchObject({ bitmapMode: 'reuse', previous: full.volname, chunksUploaded: 1 });
     expect((await store.objects.list('chunks/')).length).toBe(3);
@@ -81,13 +81,46 @@ describe('chunk provider: VM backup and restore through the native chunk jobs (G
     await expectRestores(provider, full.volname, full.content, scratch);
     await expectRestores(provider, incr.volname, incr.content, scratch);
 
-    // pruning the full backup leaves the incremental whole: no chains
+    const listed = await store.listBackups();
+    expect(listed.map((b) => [b.volname, b.notes, b.previous])).toEqual([
+      [full.volname, undefined, undefined],
+      [incr.volname, 'after 100 wrote', `chunks:${full.volname}`],
+    ]);
+    // configuration and task log are in the backup
+    expect(await provider.archiveGetGuestConfig(incr.volname)).toBe('name: vm100\n');
+    expect((await store.getBlob(m2, 'backup.log.blob')).toString()).toMatch(/disk0/); // the runner's task log
+
+    // pruning the full backup leaves the incremental whole: no chains; chunks stay for GC
     await store.pruneBackups({ keep: { keepLast: 1 }, vmid: 100 });
     expect((await store.listBackups()).map((b) => b.volname)).toEqual([incr.volname]);
+    expect((await store.objects.list('chunks/')).length).toBe(3);
     await expectRestores(provider, incr.volname, incr.content, scratch);
     // a backup whose manifest is gone does not exist
     await store.objects.delete(store.objectKey(incr.volname, 'manifest.json'));
     expect(await store.listBackups()).toEqual([]);
+  });
+
+  it('a cancelled backup leaves no manifest, no index and no writer record; the next one is complete', async () => {
+    const disk = await startDisk(32 * MiB);
+    for (let i = 0; i < 8; i++) await disk.write(0x40 + i, i * 4 * MiB, 4 * MiB); // 8 different chunks
+    const scratch = await tempDir();
+    const store = await ChunkStore.open(fresh());
+    const abort = new AbortController();
+    // aborted in the middle of the copy: after a quarter of the disk was read
+    const provider = new ChunkProvider({ storeid: 'chunks', scfg: {}, log: () => {} }, { store, stateDir: scratch, onProgress: (p) => p.done >= 8 * MiB && abort.abort() });
+    const running = runBackupJob({ provider, storeid: 'chunks', guests: [vmGuest(disk)], tmpdir: scratch, bandwidthLimit: 8 * MiB, signal: abort.signal });
+    const err = await running.then(
+      () => undefined,
+      (e: unknown) => e as { code?: string; result?: { guests: Array<{ status: string }> } },
+    );
+    expect(err?.code).toBe('ERR_JOB_ABORTED');
+    expect(err?.result?.guests[0]?.status).toBe('failed');
+    expect((await store.objects.list('chunks/')).length).toBeGreaterThan(0); // it was uploading: those are garbage for GC
+    expect(await store.listBackups()).toEqual([]);
+    expect((await store.objects.list('backups/')).map((o) => o.key)).toEqual([]);
+    expect(await store.objects.list('writers/')).toEqual([]);
+    const b = await backup(new ChunkProvider({ storeid: 'chunks', scfg: {}, log: () => {} }, { store, stateDir: scratch }), disk, scratch);
+    await expectRestores(provider, b.volname, b.content, scratch);
   });
 
   it('an encrypted store: restores with its key; another key is ERR_KEY_MISMATCH, none ERR_KEY_REQUIRED', async () => {
