@@ -384,6 +384,36 @@ describe('chunk provider on S3 (Garage, 3 nodes, replication factor 3)', { timeo
     expect((await rejection(make().backupGetMechanism(200, 'lxc'))).code).toBe('ERR_MECHANISM');
   });
 
+  it('another store that used the bitmap of QEMU (same storage id) makes the next backup full (stand-in data path)', async () => {
+    const a = await ChunkStore.open(fresh());
+    const b = await ChunkStore.open(fresh());
+    const jobs = standInJobs();
+    const stateDir = mkdtempSync(path.join(dir, 'state-'));
+    let clock = Date.UTC(2026, 10, 1, 2, 0, 0);
+    const lines: string[] = [];
+    const size = 8 << 20;
+    const signal = new AbortController().signal;
+    const once = async (store: ChunkStore): Promise<Record<string, string> | undefined> => {
+      clock += 3_600_000;
+      const p = new ChunkProvider({ storeid: 'same', scfg: {}, log: (_l, m) => lines.push(m) }, { store, jobs, stateDir, now: () => new Date(clock) });
+      await p.jobInit(0);
+      const { archiveName } = await p.backupInit(100, 'qemu', 0);
+      const query = await p.backupVmQueryIncremental(100, { 'drive-scsi0': { size } });
+      const mode = query?.['drive-scsi0'] === 'use' ? 'reuse' : 'new';
+      await p.backupVm(100, 'name: vm100\n', { 'drive-scsi0': { size, bitmapMode: mode, bitmapAction: mode === 'reuse' ? 'used' : 'new', nbdUri: 'nbd+unix:///drive-scsi0?socket=/x', bitmapName: 'b' } }, { mechanism: 'nbd', archiveName, signal });
+      await p.backupCleanup(100, 'qemu', true, {});
+      await p.jobCleanup();
+      return query as Record<string, string> | undefined;
+    };
+    expect(await once(a)).toEqual({ 'drive-scsi0': 'new' });
+    expect(await once(a)).toEqual({ 'drive-scsi0': 'use' });
+    expect(await once(b)).toEqual({ 'drive-scsi0': 'new' }); // b has no backup QEMU's bitmap counts from
+    lines.length = 0;
+    expect(await once(a)).toEqual({ 'drive-scsi0': 'new' }); // b cleared the bitmap since a's last backup
+    expect(lines.join('\n')).toMatch(/was last used by the store s3:\/\/.* at http:\/\/.*: full backup/);
+    expect(await once(a)).toEqual({ 'drive-scsi0': 'use' });
+  });
+
   it('opens its store from the storage configuration (as Proxmox VE passes it): URL, endpoint, region, credentials file, key file', async () => {
     const o = fresh();
     const keyFile = path.join(dir, 'scfg.key');

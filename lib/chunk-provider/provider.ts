@@ -337,6 +337,7 @@ export class ChunkProvider extends BackupProviderBase {
     } finally {
       g.copying = false;
     }
+    if (summary.previousIncomplete) this.log.warn(`${device}: chunks of ${g.previous?.volname} went missing since the backup started: every chunk was read`);
     this.log.info(`${device}: read ${summary.bytesRead} bytes; ${summary.chunks} chunks: ${summary.uploaded} uploaded, ${summary.reused} already stored, ${summary.zero} zero`);
     g.devices[device] = {
       index,
