@@ -181,7 +181,8 @@ async function openChunkStore(url: string, o: Record<string, unknown>): Promise<
     storeid: store.storeid,
     name: url,
     volid: (v) => store.volid(v),
-    volnameOf: (v) => store.volnameOf(v),
+    // the URL names the store; a chunk store records no storage id, so any prefix is taken
+    volnameOf: (v) => store.parseVolname(v.includes(':') ? v.slice(v.indexOf(':') + 1) : v).volname,
     list: async (vmid) => (await store.listBackups(vmid)).map((b) => ({ ...b, format: 'chunks' })),
     describe: async (volname) => {
       const m = await store.readManifest(volname);
