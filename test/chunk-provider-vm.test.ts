@@ -18,7 +18,7 @@ import type { S3StoreOptions } from '../lib/chunk-provider/s3.js';
 import { ChunkStore } from '../lib/chunk-provider/store.js';
 import { restoreVm, runBackupJob } from '../lib/index.js';
 import { startDisk, vmGuest, type Disk } from './helpers/directory.js';
-import { expectSameBytes } from './helpers/images.js';
+import { expectSameBytes, qemuIo, rawContent } from './helpers/images.js';
 import { stopAll, tempDir } from './helpers/qemu.js';
 import { startS3Cluster, type S3Cluster } from './helpers/s3-cluster.js';
 
@@ -166,5 +166,16 @@ describe('chunk provider: VM backup and restore through the native chunk jobs (G
     const r = cli('restore', volid, ...s3, '--to', out);
     expect(r.status, r.stderr).toBe(0);
     expectSameBytes(await readFile(path.join(out, 'disk0.raw')), disk.content, volid);
+
+    // the stopped VM's disk changes; the next backup is incremental over the first (QEMU's bitmap persists in the qcow2 image)
+    qemuIo(image, 'qcow2', ['write -P 0x78 6M 64k']);
+    const b2 = cli('backup', ...s3, '--vmid', '100', '--disk', `disk0=${image}`);
+    expect(b2.status, b2.stderr).toBe(0);
+    expect(b2.stdout).toMatch(new RegExp(`: chunks, 8.00 MiB, incremental \\(unchanged chunks from ${volid.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}\\)`));
+    const list2 = JSON.parse(cli('list', ...s3, '--json').stdout) as Array<{ volid: string }>;
+    expect(list2).toHaveLength(2);
+    const out2 = path.join(scratch, 'out2');
+    expect(cli('restore', list2[1]!.volid, ...s3, '--to', out2).status).toBe(0);
+    expectSameBytes(await readFile(path.join(out2, 'disk0.raw')), rawContent(image, 'qcow2', path.join(scratch, 'now.raw')), list2[1]!.volid);
   });
 });
