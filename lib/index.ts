@@ -120,7 +120,18 @@ export {
 } from './directory-provider/index.js';
 
 // The chunk store on S3-compatible object storage (lib/chunk-provider)
-export { ChunkStoreError, type ChunkStoreErrorCode } from './chunk-provider/errors.js';
+export { ChunkStoreError, ChunkBackupError, type ChunkStoreErrorCode } from './chunk-provider/errors.js';
+export {
+  ChunkStore,
+  type ChunkManifest,
+  type ChunkManifestDevice,
+  type ChunkBackupInfo,
+  type ChunkPruneEntry,
+  type StoreDescriptor,
+} from './chunk-provider/store.js';
+export { ChunkProvider, type ChunkProviderOptions, type ChunkDeviceProgress } from './chunk-provider/provider.js';
+export type { ChunkJobs, ChunkDiskBackup, ChunkDiskRestore, ChunkDiskSummary } from './chunk-provider/jobs.js';
+export { StoreKey, createKeyFile, readKeyFile } from './chunk-provider/key.js';
 export {
   S3ObjectStore,
   parseS3Url,

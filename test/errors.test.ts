@@ -9,6 +9,7 @@ import {
   BackupAccessActiveError,
   BackupAccessError,
   CancelledError,
+  ChunkBackupError,
   ChunkStoreError,
   ContainerAbortError,
   ContainerToolError,
@@ -362,6 +363,15 @@ const cases: Case[] = [
   ...storeCases,
   // chunk store
   ...chunkStoreCases,
+  {
+    err: new ChunkBackupError('ERR_BACKUP_CORRUPT', 'backup c:backup/100/qemu-2024_01_01-00_00_00 is corrupted: s3://b/p/backups/100/qemu-2024_01_01-00_00_00/manifest.json does not match its checksum', { volname: 'backup/100/qemu-2024_01_01-00_00_00', file: 'backups/100/qemu-2024_01_01-00_00_00/manifest.json', cause }),
+    cls: ChunkBackupError,
+    name: 'ChunkBackupError',
+    code: 'ERR_BACKUP_CORRUPT',
+    message: /manifest\.json does not match its checksum$/,
+    cause,
+    fields: { volname: 'backup/100/qemu-2024_01_01-00_00_00', file: 'backups/100/qemu-2024_01_01-00_00_00/manifest.json' },
+  },
   // command line
   { err: new UsageError('give --to'), cls: UsageError, name: 'UsageError', code: 'ERR_USAGE', message: /^give --to$/ },
   { err: new TargetExistsError('/x.raw'), cls: TargetExistsError, name: 'TargetExistsError', code: 'ERR_TARGET_EXISTS', message: /^restore target \/x\.raw exists; give --force to replace it$/, fields: { target: '/x.raw' } },
@@ -446,6 +456,10 @@ describe('error table', () => {
       expect(err).toBeInstanceOf(ChunkStoreError);
       expect(err).toMatchObject({ name: 'ChunkStoreError', code, message: `S3 put of k at http://h bucket b: ${code}` });
     }
+    const corrupt = native({ code: 'ERR_BACKUP_CORRUPT', message: 'chunks/ab/cd/abcd: its content does not match its digest' });
+    expect(corrupt).toBeInstanceOf(ChunkBackupError);
+    expect(corrupt).toBeInstanceOf(DirectoryStoreError);
+    expect(corrupt).toMatchObject({ name: 'ChunkBackupError', code: 'ERR_BACKUP_CORRUPT' });
     expect(native({ code: 'ERR_INVALID_ARGUMENT', message: 'bad key' })).toBeInstanceOf(InvalidArgumentError);
     expect(native({ code: 'ERR_CANCELLED', message: 'cancelled' })).toBeInstanceOf(CancelledError);
     const foreign = new Error('not JSON');

@@ -21,7 +21,7 @@ import {
   type PruneEntry,
 } from '../lib/index.js';
 import { currentOwner } from '../lib/owner.js';
-import { BitmapLedger } from '../lib/directory-provider/bitmap-ledger.js';
+import { BitmapLedger } from '../lib/provider/bitmap-ledger.js';
 import { damageImageData, expectRestores, startDisk, vmGuest, type Disk } from './helpers/directory.js';
 import { stopAll, tempDir } from './helpers/qemu.js';
 

@@ -5,7 +5,8 @@
  *
  * @packageDocumentation
  */
-import { PveBackupError, type ChunkStoreErrorCode } from '../errors.js';
+import { PveBackupError, type ChunkStoreErrorCode, type DirectoryStoreErrorCode } from '../errors.js';
+import { DirectoryStoreError } from '../directory-provider/errors.js';
 import { fromNative as nbdFromNative } from '../nbd/errors.js';
 
 export type { ChunkStoreErrorCode } from '../errors.js';
@@ -37,8 +38,21 @@ export class ChunkStoreError extends PveBackupError {
 }
 
 /**
+ * An error of a backup in the chunk store: the codes both reference stores share
+ * (`ERR_BACKUP_CORRUPT`: a manifest, index, blob or chunk that does not match its checksum,
+ * signature or digest; `ERR_BACKUP_VERSION`, `ERR_UNKNOWN_VOLUME`, `ERR_INVALID_VOLID`,
+ * `ERR_BACKUP_PROTECTED`, `ERR_PROVIDER_STATE`). A `DirectoryStoreError`, the family that owns
+ * those codes, so one `catch` handles both stores; `file` is the object's key under the
+ * store's prefix.
+ */
+export class ChunkBackupError extends DirectoryStoreError {}
+
+/** The backup codes the native core's chunk restore and index reader throw. */
+const BACKUP_CODES: ReadonlySet<string> = new Set<DirectoryStoreErrorCode>(['ERR_BACKUP_CORRUPT', 'ERR_BACKUP_VERSION']);
+
+/**
  * Turns an error thrown by the native binding into a {@link ChunkStoreError} for the store's
- * codes, and otherwise as the NBD layer does (`InvalidArgumentError`, `CancelledError`,
+ * codes, a {@link ChunkBackupError} for a corrupt or too new backup, and otherwise as the NBD layer does (`InvalidArgumentError`, `CancelledError`,
  * `NbdError`). The binding puts a JSON object with the stable code into the message (see
  * native/src/napi/error.rs).
  * @internal
@@ -53,6 +67,9 @@ export function fromNative(err: unknown): unknown {
     }
     if (typeof details?.code === 'string' && typeof details.message === 'string' && CODES.has(details.code)) {
       return new ChunkStoreError(details.code as ChunkStoreErrorCode, details.message);
+    }
+    if (typeof details?.code === 'string' && typeof details.message === 'string' && BACKUP_CODES.has(details.code)) {
+      return new ChunkBackupError(details.code as DirectoryStoreErrorCode, details.message);
     }
   }
   return nbdFromNative(err);

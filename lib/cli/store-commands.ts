@@ -1,6 +1,7 @@
 /**
- * The directory store commands: `backup`, `restore`, `list`, `prune`, `delete`, `verify`,
- * `protect`, `notes`. Each prints a table or lines for a person, JSON with `--json`, progress
+ * The store commands: `backup`, `restore`, `list`, `prune`, `delete`, `verify`, `protect`,
+ * `notes`, `key create`, on a directory store (`--store DIR`) or a chunk store (`--store
+ * s3://bucket/prefix`; which one is decided in one place, `openCliStore` in stores.ts). Each prints a table or lines for a person, JSON with `--json`, progress
  * bars on a TTY only, and fails with one line (see `main` in program.ts).
  */
 import { execFile } from 'node:child_process';
@@ -14,33 +15,22 @@ import { CancelledError, InvalidArgumentError as PveInvalidArgumentError } from 
 import { RootdirNotEmptyError } from '../container/errors.js';
 import { BackupFailedError, TargetExistsError, UsageError, VerifyFailedError } from './errors.js';
 import type { Guest } from '../job/types.js';
-import type { BackupProvider, LogFunction, PruneOptions } from '../provider/api.js';
+import type { LogFunction, PruneOptions } from '../provider/api.js';
 import type { QmpClient } from '../qmp/client.js';
 import { requireTool } from '../tools.js';
 import { formatBytes, printTable, progressView, type ProgressView } from './output.js';
+import { addStoreOptions, openCliStore, s3OptionsFromCli } from './stores.js';
+import type { ChunkStore } from '../chunk-provider/store.js';
 
 const execFileP = promisify(execFile);
 
 /**
- * The job runner, the directory provider and the QMP client, loaded when a store command runs:
- * `copy` and `info` start faster (and smaller) without them.
+ * The job runner and the QMP client, loaded when a backup runs (lazily: every module costs
+ * start-up time, ~1 ms each here); the store's modules are loaded by `openCliStore`.
  */
-/** What the backup command loads (lazily: every module costs start-up time, ~1 ms each here). */
 async function backupMachinery() {
-  const [runner, provider, providerV1, store, qmp] = await Promise.all([
-    import('../job/runner.js'),
-    import('../directory-provider/provider.js'),
-    import('../directory-provider/provider-v1.js'),
-    import('../directory-provider/store.js'),
-    import('../qmp/client.js'),
-  ]);
-  return { ...runner, ...provider, ...providerV1, ...store, ...qmp };
-}
-
-/** What the restore command loads. */
-async function restoreMachinery() {
-  const [restore, provider, store] = await Promise.all([import('../job/restore.js'), import('../directory-provider/provider.js'), import('../directory-provider/store.js')]);
-  return { ...restore, ...provider, ...store };
+  const [runner, qmp] = await Promise.all([import('../job/runner.js'), import('../qmp/client.js')]);
+  return { ...runner, ...qmp };
 }
 
 /** Option parsers shared with program.ts. */
@@ -129,10 +119,12 @@ function diskProgress(enabled: boolean): { onProgress: (p: { device: string; don
 }
 
 export function addStoreCommands(program: Command, parse: Parsers): void {
-  program
-    .command('backup')
-    .description('back up a VM (by its QMP socket, or disk images through qemu-storage-daemon) or a container directory into a directory store')
-    .requiredOption('--store <dir>', 'the store (created when missing or empty)')
+  addStoreOptions(
+    program
+      .command('backup')
+      .description('back up a VM (by its QMP socket, or disk images through qemu-storage-daemon) or a container directory into a store (a folder or s3://bucket/prefix)'),
+    'the store (a folder is created when missing or empty)',
+  )
     .requiredOption('--vmid <n>', 'guest id', vmidArg)
     .option('--qmp <socket>', "a running VM's (or qemu-storage-daemon's) QMP socket")
     .option('--devices <list>', 'with --qmp: devices to back up, comma-separated (default: every writable disk)')
@@ -154,7 +146,7 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
     .option('--protected', 'mark the backup protected')
     .option('--json', 'print the result as JSON; no log lines, no progress bars')
     .action(async (o: Record<string, unknown>) => {
-      const { runBackupJob, DirectoryProviderV1, DirectoryProvider, DirectoryStore, QmpClient } = await backupMachinery();
+      const { runBackupJob, QmpClient } = await backupMachinery();
       const json = o.json === true;
       const sources = ['qmp', 'disk', 'rootdir'].filter((k) => o[k] !== undefined);
       if (sources.length !== 1) throw usage('give exactly one of --qmp, --disk, --rootdir');
@@ -168,7 +160,7 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
           await qmp?.close().catch(() => undefined);
           throw err;
         });
-      const store = await closing(DirectoryStore.create(o.store as string, o.storeid ? { storeid: o.storeid as string } : {}));
+      const store = await closing(openCliStore(o, 'create'));
       const readText = async (f: unknown): Promise<string | undefined> => (typeof f === 'string' ? closing(readFile(f, 'utf8')) : undefined);
       const firewallConfig = await readText(o.firewall);
       let guest: Guest;
@@ -206,21 +198,17 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
         };
       }
       const progress = diskProgress(!json);
-      const scfg = {
-        path: store.root,
-        ...(o.mode ? { 'vm-backup-mode': o.mode } : {}),
-        ...(o.lxcMode ? { 'lxc-backup-mode': o.lxcMode } : {}),
-        ...(o.compression ? { compression: o.compression } : {}),
-      };
       const log = logTo(json);
-      const context = { storeid: store.storeid, scfg, log };
       // --json reports each disk's copy (the core's own summary) beside the job's step times
       const copies: Record<string, { bytesRead: number; bytesZero: number; bytesSkipped: number; bytesTrimmed: number; extents: number; seconds: number }> = {};
-      const inner = new DirectoryProvider(context, {
-        onProgress: progress.onProgress,
-        onDeviceDone: (_vmid, device, s) => (copies[device] = { bytesRead: s.bytesRead, bytesZero: s.bytesZero, bytesSkipped: s.bytesSkipped, bytesTrimmed: s.bytesTrimmed, extents: s.extents, seconds: s.seconds }),
-      });
-      const provider: BackupProvider = o.api === '1' ? new DirectoryProviderV1(context, {}, inner) : inner;
+      const provider = await closing(
+        store.backupProvider({
+          log,
+          options: o,
+          onProgress: progress.onProgress,
+          onDeviceDone: (device, s) => (copies[device] = { bytesRead: s.bytesRead, bytesZero: s.bytesZero, bytesSkipped: s.bytesSkipped, bytesTrimmed: s.bytesTrimmed, extents: s.extents, seconds: s.seconds }),
+        }),
+      );
       let result;
       const signal = parse.signal();
       try {
@@ -247,16 +235,17 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
       if (g.status !== 'ok') {
         throw new BackupFailedError(vmid, guest.type, g.error);
       }
-      const info = (await store.listBackups(vmid)).find((b) => b.volname === g.volname);
+      const info = (await store.list(vmid)).find((b) => b.volname === g.volname);
       if (json) console.log(JSON.stringify({ ...info, warnings: g.warnings, steps: g.steps, copies }, null, 2)); // steps: ms per step (GuestStepTimes); copies: per disk, seconds
-      else console.log(`${info?.volid}: ${info?.format}, ${formatBytes(info?.size ?? 0)}${info?.parent ? `, incremental over ${info.parent}` : ', full'}`);
+      else console.log(`${info?.volid}: ${info?.format}, ${formatBytes(info?.size ?? 0)}${info?.parent ? `, incremental over ${info.parent}` : info?.previous ? `, incremental (unchanged chunks from ${info.previous})` : ', full'}`);
     });
 
-  program
-    .command('restore')
-    .description('restore a backup: VM disks to raw images (or any qemu-img target), a container into a directory')
-    .argument('<volid>', 'the backup, e.g. directory:backup/100/qemu-2024_05_01-10_00_00')
-    .requiredOption('--store <dir>', 'the store')
+  addStoreOptions(
+    program
+      .command('restore')
+      .description('restore a backup: VM disks to raw images (or any qemu-img target), a container into a directory')
+      .argument('<volid>', 'the backup, e.g. directory:backup/100/qemu-2024_05_01-10_00_00'),
+  )
     .requiredOption('--to <target>', 'VM: a folder for <device>.raw files, or device=PATH|URI (repeatable); container: the (empty) root directory', collect)
     .option('--config-dir <dir>', 'write the guest (and firewall) configuration here')
     .option('--idmap <entry>', "container: id map entry like 'u 0 100000 65536' (repeatable)", collect)
@@ -265,14 +254,14 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
     .option('--allow-non-empty', 'container: restore into a directory that holds files (existing files are kept)')
     .option('--json', 'print the result as JSON, no progress bars')
     .action(async (volid: string, o: Record<string, unknown>) => {
-      const { restoreContainer, restoreVm, DirectoryProvider, DirectoryStore } = await restoreMachinery();
+      const { restoreContainer, restoreVm } = await import('../job/restore.js');
       const json = o.json === true;
-      const store = await DirectoryStore.open(o.store as string);
+      const store = await openCliStore(o, 'open');
       const volname = store.volnameOf(volid);
-      const manifest = await store.readManifest(volname);
+      const backup = await store.describe(volname);
       // the restore's own error is what main prints: no ERROR line before it
       const log: LogFunction = (level, message) => level !== 'err' && logTo(json)(level, message);
-      const provider = new DirectoryProvider({ storeid: store.storeid, scfg: { path: store.root }, log });
+      const provider = await store.restoreProvider(log);
       const to = o.to as string[];
       if (o.configDir) await mkdir(o.configDir as string, { recursive: true });
       const signal = parse.signal();
@@ -285,7 +274,7 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
         ...(o.configDir ? { configDir: o.configDir as string } : {}),
         bandwidthLimit: o.bwlimit as number | undefined,
       };
-      if (manifest.vmtype === 'lxc') {
+      if (backup.vmtype === 'lxc') {
         if (to.length !== 1) throw usage('a container is restored into one --to directory');
         const r = await restoreContainer({
           ...common,
@@ -316,7 +305,7 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
           await mkdir(dir, { recursive: true });
           return path.join(dir, `${device}.raw`);
         };
-        files = Object.keys(manifest.devices ?? {}).map((device) => path.join(dir, `${device}.raw`));
+        files = backup.devices.map((device) => path.join(dir, `${device}.raw`));
       } else throw usage('--to is one folder, or device=PATH for each device');
       // An existing image is never written into: a smaller backup would leave the old tail
       // behind it. Refused before anything is written, or replaced whole with --force.
@@ -349,16 +338,16 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
       }
     });
 
-  program
-    .command('list')
-    .description("list a store's backups, oldest first; status ok, incomplete, in-progress, corrupt (its manifest), or broken (a backup it builds on is missing or unusable: it cannot be restored)")
-    .requiredOption('--store <dir>', 'the store')
+  addStoreOptions(
+    program
+      .command('list')
+      .description("list a store's backups, oldest first; status ok, incomplete, in-progress, corrupt (its manifest), or broken (a backup it builds on is missing or unusable: it cannot be restored)"),
+  )
     .option('--vmid <n>', 'only this guest', vmidArg)
     .option('--json', 'print JSON')
     .action(async (o: { store: string; vmid?: number; json?: boolean }) => {
-      const { DirectoryStore } = await import('../directory-provider/store.js');
-      const store = await DirectoryStore.open(o.store);
-      const list = await store.listBackups(o.vmid);
+      const store = await openCliStore(o, 'open');
+      const list = await store.list(o.vmid);
       if (o.json) {
         console.log(JSON.stringify(list, null, 2));
         return;
@@ -380,23 +369,23 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
       .option('--keep-monthly <n>', 'keep the newest backup of each of the last n months', keepArg)
       .option('--keep-yearly <n>', 'keep the newest backup of each of the last n years', keepArg);
   keepOptions(
-    program
-      .command('prune')
-      .description('remove backups by retention rules (Proxmox keep-* semantics); bases of kept incremental backups are kept')
-      .requiredOption('--store <dir>', 'the store')
+    addStoreOptions(
+      program
+        .command('prune')
+        .description('remove backups by retention rules (Proxmox keep-* semantics); bases of kept incremental backups are kept; chunk stores: manifests and indexes go, chunks stay for garbage collection'),
+    )
       .option('--vmid <n>', 'only this guest', vmidArg)
       .option('--dry-run', 'only show what would be removed'),
   )
     .option('--json', 'print JSON')
     .action(async (o: Record<string, unknown>) => {
-      const { DirectoryStore } = await import('../directory-provider/store.js');
       const keep: PruneOptions = {};
       for (const k of ['keepAll', 'keepLast', 'keepHourly', 'keepDaily', 'keepWeekly', 'keepMonthly', 'keepYearly'] as const) {
         if (o[k] !== undefined) (keep as Record<string, unknown>)[k] = o[k];
       }
       if (Object.keys(keep).length === 0) throw usage('give at least one --keep-* option');
-      const store = await DirectoryStore.open(o.store as string);
-      const marks = await store.pruneBackups({ keep, ...(o.vmid ? { vmid: o.vmid as number } : {}), dryRun: o.dryRun === true });
+      const store = await openCliStore(o, 'open');
+      const marks = await store.prune({ keep, ...(o.vmid ? { vmid: o.vmid as number } : {}), dryRun: o.dryRun === true });
       if (o.json) {
         console.log(JSON.stringify(marks, null, 2));
         return;
@@ -406,66 +395,91 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
       printTable(rows);
     });
 
-  program
-    .command('delete')
-    .description('delete a backup; a backup others build on is merged into its child first')
-    .argument('<volid>', 'the backup')
-    .requiredOption('--store <dir>', 'the store')
+  addStoreOptions(
+    program
+      .command('delete')
+      .description('delete a backup; directory stores: a backup others build on is merged into its child first; chunk stores: its chunks stay for garbage collection')
+      .argument('<volid>', 'the backup'),
+  )
     .option('--force', 'delete even when protected')
     .option('--json', 'print JSON')
     .action(async (volid: string, o: { store: string; force?: boolean; json?: boolean }) => {
-      const { DirectoryStore } = await import('../directory-provider/store.js');
-      const store = await DirectoryStore.open(o.store);
+      const store = await openCliStore(o, 'open');
       const volname = store.volnameOf(volid);
-      const r = await store.deleteBackup(volname, { force: o.force === true });
+      const r = await store.delete(volname, o.force === true);
       if (o.json) console.log(JSON.stringify({ volid: store.volid(volname), deleted: true, ...(r.merged ? { mergedInto: store.volid(r.merged) } : {}) }));
       else console.log(`deleted ${store.volid(volname)}${r.merged ? ` (merged into ${store.volid(r.merged)})` : ''}`);
     });
 
-  program
-    .command('verify')
-    .description('verify backups: manifest and file checksums, qemu-img check, chain present (exit code 1 when a problem is found)')
-    .argument('[volid]', 'one backup (default: every backup of the store)')
-    .requiredOption('--store <dir>', 'the store')
+  addStoreOptions(
+    program
+      .command('verify')
+      .description('verify backups: manifest and file checksums, qemu-img check, chain present (exit code 1 when a problem is found)')
+      .argument('[volid]', 'one backup (default: every backup of the store)'),
+  )
     .option('--vmid <n>', 'only this guest', vmidArg)
     .option('--json', 'print JSON')
     .action(async (volid: string | undefined, o: { store: string; vmid?: number; json?: boolean }) => {
-      const { DirectoryStore } = await import('../directory-provider/store.js');
-      const store = await DirectoryStore.open(o.store);
-      const volnames = volid ? [store.volnameOf(volid)] : (await store.listBackups(o.vmid)).filter((b) => b.status !== 'in-progress').map((b) => b.volname);
-      if (volid) await store.readManifest(volnames[0]!).catch((err: unknown) => {
-        if ((err as { code?: string }).code === 'ERR_UNKNOWN_VOLUME') throw err;
-      });
-      const results = [];
-      for (const v of volnames) results.push(await store.verifyBackup(v));
+      const store = await openCliStore(o, 'open');
+      const results = await store.verify(volid, o.vmid);
       if (o.json) console.log(JSON.stringify(results, null, 2));
       else for (const r of results) console.log(r.ok ? `${r.volid}: ok` : `${r.volid}: FAILED\n${r.problems.map((p) => `  ${p}`).join('\n')}`);
       const bad = results.filter((r) => !r.ok).length;
       if (bad > 0) throw new VerifyFailedError(bad, results.length);
     });
 
-  program
-    .command('protect')
-    .description('protect a backup from prune and delete (or lift that with --off)')
-    .argument('<volid>', 'the backup')
-    .requiredOption('--store <dir>', 'the store')
+  addStoreOptions(
+    program
+      .command('protect')
+      .description('protect a backup from prune and delete (or lift that with --off)')
+      .argument('<volid>', 'the backup'),
+  )
     .option('--off', 'remove the protection')
     .action(async (volid: string, o: { store: string; off?: boolean }) => {
-      const { DirectoryStore } = await import('../directory-provider/store.js');
-      const store = await DirectoryStore.open(o.store);
+      const store = await openCliStore(o, 'open');
       await store.setProtected(store.volnameOf(volid), !o.off);
       console.log(`${store.volid(store.volnameOf(volid))}: ${o.off ? 'not protected' : 'protected'}`);
     });
 
-  program
-    .command('notes')
-    .description("set a backup's notes (an empty text removes them)")
-    .argument('<volid>', 'the backup')
-    .argument('<text>', 'the notes')
-    .requiredOption('--store <dir>', 'the store')
-    .action(async (volid: string, text: string, o: { store: string }) => {
-      const { DirectoryStore } = await import('../directory-provider/store.js');
-      const store = await DirectoryStore.open(o.store);
+  addStoreOptions(
+    program
+      .command('notes')
+      .description("set a backup's notes (an empty text removes them)")
+      .argument('<volid>', 'the backup')
+      .argument('<text>', 'the notes'),
+  ).action(async (volid: string, text: string, o: { store: string }) => {
+      const store = await openCliStore(o, 'open');
       await store.setNotes(store.volnameOf(volid), text);
+    });
+
+  const key = program.command('key').description('keys of encrypted chunk stores');
+  key
+    .command('create')
+    .description('create a key file (0600; never uploaded: keep a copy, every backup made with it needs it); with --store, create that chunk store encrypted with it')
+    .argument('<path>', 'the new key file (an existing file is never overwritten)')
+    .option('--store <url>', 's3://bucket/prefix: create this (new) store with the key')
+    .option('--endpoint <url>', 'the S3 endpoint')
+    .option('--region <name>', 'the region requests are signed for')
+    .option('--path-style', 'path-style requests (the default)')
+    .option('--no-path-style', 'virtual-hosted requests')
+    .option('--ca-file <pem>', "certificate authorities to trust besides the system's")
+    .option('--credentials-file <file>', 'credentials in the AWS shared format (default: the environment)')
+    .option('--json', 'print JSON')
+    .action(async (file: string, o: Record<string, unknown>) => {
+      const { createKeyFile } = await import('../chunk-provider/key.js');
+      const keyFile = path.resolve(file);
+      let open: ((withKey: boolean) => Promise<ChunkStore>) | undefined;
+      if (o.store !== undefined) {
+        if (!(o.store as string).startsWith('s3://')) throw usage('key create --store takes an s3:// store: directory stores are not encrypted');
+        const { ChunkStore } = await import('../chunk-provider/store.js');
+        open = async (withKey) => ChunkStore.open(await s3OptionsFromCli(o.store as string, { ...o, ...(withKey ? { keyFile } : {}) }));
+        // a store's key is chosen when it is created: checked before a key file is made
+        if ((await open(false)).exists) throw usage(`${o.store as string} exists already (it has a store.json): a store's key is chosen when it is created`);
+      }
+      const k = await createKeyFile(keyFile);
+      if (open) await (await open(true)).ensureCreated();
+      const created = open !== undefined;
+      if (o.json) console.log(JSON.stringify({ keyFile, fingerprint: k.fingerprint, ...(created ? { store: o.store } : {}) }));
+      else console.log(`created key ${keyFile} (fingerprint ${k.fingerprint})${created ? `; store ${o.store as string} is encrypted with it` : ''}: keep a copy in a safe place`);
     });
 }

@@ -22,27 +22,17 @@
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { execFile } from 'node:child_process';
-import { chmod, lstat, mkdir, open, readdir, readlink, rename, rm } from 'node:fs/promises';
+import { lstat, readdir, readlink } from 'node:fs/promises';
 import path from 'node:path';
 
 import type { BitmapMode, GuestType } from '../provider/api.js';
+import { fsyncPath } from '../provider/files.js';
+import { matchVolname, type ParsedVolname } from '../provider/volname.js';
 import { requireTool } from '../tools.js';
 import { DirectoryStoreError } from './errors.js';
 
-/**
- * Mode of every folder of a store (the store itself, each guest's, each backup's): backups hold
- * guest data, and a directory-mode container tree may hold setuid files owned by root, so no
- * other user may enter any of them. Set with `chmod`, never left to the umask.
- */
-export const PRIVATE_DIR_MODE = 0o700;
-/** Mode of every file a store writes (manifests, images, archives, configs, logs, attributes). */
-export const PRIVATE_FILE_MODE = 0o600;
-
-/** Creates a folder (and missing parents) and gives it {@link PRIVATE_DIR_MODE} whatever the umask. */
-export async function mkdirPrivate(dir: string): Promise<void> {
-  await mkdir(dir, { recursive: true, mode: PRIVATE_DIR_MODE });
-  await chmod(dir, PRIVATE_DIR_MODE);
-}
+export { PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, mkdirPrivate, writeFileAtomic } from '../provider/files.js';
+export { backupIdOf, isBackupDirName, volnameOf, type ParsedVolname } from '../provider/volname.js';
 
 /** File marking a folder as a store. */
 export const STORE_MARKER = 'pve-backup-store.json';
@@ -61,49 +51,14 @@ export const MANIFEST_VERSION = 2;
 export const LOCK = '.lock';
 export const PREVIOUS_INFO = 'previous-info';
 
-/** `<vmtype>-YYYY_MM_DD-HH_MM_SS[-N]`: the folder name of a backup. */
-const BACKUP_DIR_RE = /^(qemu|lxc)-(\d{4}_\d\d_\d\d-\d\d_\d\d_\d\d(?:-\d+)?)$/;
-const VOLNAME_RE = /^backup\/([1-9]\d{0,8})\/((?:qemu|lxc)-\d{4}_\d\d_\d\d-\d\d_\d\d_\d\d(?:-\d+)?)$/;
-
-/** What a volume name says. */
-export interface ParsedVolname {
-  /** Always `backup`. */
-  vtype: 'backup';
-  volname: string;
-  vmid: number;
-  vmtype: GuestType;
-  /** `YYYY_MM_DD-HH_MM_SS[-N]`. */
-  backupId: string;
-  /** Folder name, `<vmtype>-<backupId>`. */
-  dirName: string;
-}
-
 /**
  * Parses `backup/<vmid>/<vmtype>-<backup-id>`.
  * @throws {@link DirectoryStoreError} `ERR_INVALID_VOLID`.
  */
 export function parseVolname(volname: string): ParsedVolname {
-  const m = typeof volname === 'string' ? VOLNAME_RE.exec(volname) : null;
-  if (!m) throw new DirectoryStoreError('ERR_INVALID_VOLID', `invalid backup volume name ${JSON.stringify(volname)}: expected backup/<vmid>/<qemu|lxc>-<YYYY_MM_DD-HH_MM_SS>`);
-  const dirName = m[2]!;
-  const d = BACKUP_DIR_RE.exec(dirName)!;
-  return { vtype: 'backup', volname, vmid: Number(m[1]), vmtype: d[1] as GuestType, backupId: d[2]!, dirName };
-}
-
-/** Whether a folder name is a backup folder. */
-export function isBackupDirName(name: string): boolean {
-  return BACKUP_DIR_RE.test(name);
-}
-
-/** `backup/<vmid>/<dirName>`. */
-export function volnameOf(vmid: number, dirName: string): string {
-  return `backup/${vmid}/${dirName}`;
-}
-
-/** Backup id of a time: `YYYY_MM_DD-HH_MM_SS` in UTC. */
-export function backupIdOf(date: Date): string {
-  const p = (n: number): string => String(n).padStart(2, '0');
-  return `${date.getUTCFullYear()}_${p(date.getUTCMonth() + 1)}_${p(date.getUTCDate())}-${p(date.getUTCHours())}_${p(date.getUTCMinutes())}_${p(date.getUTCSeconds())}`;
+  const p = matchVolname(volname);
+  if (!p) throw new DirectoryStoreError('ERR_INVALID_VOLID', `invalid backup volume name ${JSON.stringify(volname)}: expected backup/<vmid>/<qemu|lxc>-<YYYY_MM_DD-HH_MM_SS>`);
+  return p;
 }
 
 /** One disk of a VM backup, as the manifest records it. */
@@ -226,40 +181,6 @@ async function xattrDump(root: string): Promise<Buffer> {
     })
     .sort();
   return Buffer.from(blocks.join('\n\n'), 'latin1');
-}
-
-/** Fsyncs a file or directory. */
-async function fsyncPath(p: string): Promise<void> {
-  const fh = await open(p, 'r');
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}
-
-/**
- * Writes `data` to `file` so that a crash leaves either the old or the new content: write to a
- * temporary name, fsync, rename, fsync the folder.
- */
-export async function writeFileAtomic(file: string, data: string | Buffer): Promise<void> {
-  const tmp = `${file}.tmp-${process.pid}`;
-  const fh = await open(tmp, 'w', PRIVATE_FILE_MODE);
-  try {
-    // explicitly: the umask may have removed bits of the mode, and an existing tmp keeps its own
-    await fh.chmod(PRIVATE_FILE_MODE);
-    await fh.writeFile(data);
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-  try {
-    await rename(tmp, file);
-  } catch (err) {
-    await rm(tmp, { force: true });
-    throw err;
-  }
-  await fsyncPath(path.dirname(file));
 }
 
 /** Fsyncs every file given and then their folder (what an image writer left in the page cache). */

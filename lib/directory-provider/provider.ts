@@ -49,7 +49,7 @@ import type {
 import { BackupProviderBase } from '../provider/base.js';
 import type { FuseExport } from '../qemu/storage-daemon.js';
 import { nbdUriFor } from '../provider/dirty-regions.js';
-import { BitmapLedger } from './bitmap-ledger.js';
+import { BitmapLedger } from '../provider/bitmap-ledger.js';
 import { DirectoryStoreError } from './errors.js';
 import { MANIFEST, MANIFEST_VERSION, PREVIOUS_INFO, hashFile, hashTree, parseVolname, syncFiles, type Manifest, type ManifestDevice, type ManifestFile } from './layout.js';
 import { DirectoryStore, type PreviousInfo } from './store.js';

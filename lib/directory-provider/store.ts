@@ -45,6 +45,7 @@ import {
   type ParsedVolname,
 } from './layout.js';
 import { markBackups, type PruneEntry, type PruneMark } from '../provider/prune.js';
+import { ctimeOfBackupId } from '../provider/volname.js';
 
 const execFileP = promisify(execFile);
 
@@ -371,10 +372,10 @@ export class DirectoryStore {
       return { ...base, ctime: m.ctime, size, format, ...(m.parent ? { parent: this.volid(m.parent) } : {}), status: 'ok' };
     } catch (err) {
       if (err instanceof DirectoryStoreError && err.code === 'ERR_BACKUP_CORRUPT') {
-        return { ...base, ctime: ctimeOf(p.backupId), size: await duBytes(dir), status: 'corrupt' };
+        return { ...base, ctime: ctimeOfBackupId(p.backupId), size: await duBytes(dir), status: 'corrupt' };
       }
       const alive = await writerAlive(path.join(dir, LOCK));
-      return { ...base, ctime: ctimeOf(p.backupId), size: await duBytes(dir), status: alive ? 'in-progress' : 'incomplete' };
+      return { ...base, ctime: ctimeOfBackupId(p.backupId), size: await duBytes(dir), status: alive ? 'in-progress' : 'incomplete' };
     }
   }
 
@@ -687,7 +688,7 @@ export class DirectoryStore {
     const running = await this.runningBases(all);
     for (const list of groups.values()) {
       const entries: PruneEntry[] = list.map((b) => ({ volname: b.volname, ctime: b.ctime, protected: b.protected, ...(b.parent ? { parent: this.volnameOf(b.parent) } : {}) }));
-      for (const [base, writer] of running) if (list.some((b) => b.volname === base)) entries.push({ volname: writer, ctime: ctimeOf(parseVolname(writer).backupId), protected: true, parent: base });
+      for (const [base, writer] of running) if (list.some((b) => b.volname === base)) entries.push({ volname: writer, ctime: ctimeOfBackupId(parseVolname(writer).backupId), protected: true, parent: base });
       const marks = markBackups(entries, o.keep);
       for (const mk of marks) {
         const b = list.find((x) => x.volname === mk.volname);
@@ -821,12 +822,6 @@ export class DirectoryStore {
     const { checksum: _old, ...rest } = c;
     await this.commitManifest({ ...rest, version: MANIFEST_VERSION, devices, files, mode: parent ? 'incremental' : 'full', ...(parent ? { parent } : { parent: undefined }) });
   }
-}
-
-/** Unix time of a backup id (`YYYY_MM_DD-HH_MM_SS`, UTC): the ctime of a backup without manifest. */
-function ctimeOf(backupId: string): number {
-  const [y, mo, d, h, mi, s] = backupId.split(/[_-]/).map(Number) as [number, number, number, number, number, number];
-  return Date.UTC(y, mo - 1, d, h, mi, s) / 1000;
 }
 
 /** Bytes the files under `dir` take (apparent sizes). */

@@ -21,11 +21,11 @@ import { mkdir, readFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 
-import { writeFileAtomic } from './layout.js';
+import { writeFileAtomic } from './files.js';
 
-/** Who last may have told QEMU success for a guest's bitmap: a store (its folder) and a backup in it. */
+/** Who last may have told QEMU success for a guest's bitmap: a store and a backup in it. */
 export interface BitmapOwner {
-  /** Absolute path of the store. */
+  /** The store: a directory store's absolute path, a chunk store's `s3://bucket/prefix` URL with its endpoint. */
   store: string;
   /** Volume name of the backup. */
   volname: string;

@@ -1,0 +1,183 @@
+/**
+ * The two data paths of the chunk provider, one disk each, as the provider calls them: a backup
+ * (the native core reads the NBD export, cuts fixed chunks, hashes, compresses, encrypts and
+ * uploads them, and writes the `.fidx` index) and a restore (the core fetches the chunks an index
+ * names, checks each against its digest and writes the target). The provider only says what to
+ * do; all data flows through the core. {@link nativeChunkJobs} binds them to the native core;
+ * tests may hand the provider others.
+ *
+ * @packageDocumentation
+ */
+import { native, type Binding } from '../native.js';
+import { fromNative } from './errors.js';
+import type { S3StoreOptions } from './s3.js';
+
+/** One disk to back up. */
+export interface ChunkDiskBackup {
+  /** The store (with its key file, when it has a key). */
+  store: S3StoreOptions;
+  /** The key fingerprint `store.json` records (the core checks the key file against it too). */
+  storeFingerprint?: string;
+  /** The snapshot's NBD export. */
+  nbdUri: string;
+  /** The disk's size. */
+  size: number;
+  /** Key of the `.fidx` object to write, relative to the store's prefix. */
+  indexKey: string;
+  /** Fixed chunk size (from `store.json`). */
+  chunkSize: number;
+  /**
+   * The dirty bitmap on the export: only chunks holding dirty data are read, every other digest
+   * comes from `previousIndexKey` (both or neither). Chunks dirty in part are completed from the
+   * previous backup's chunk (a bitmap finer than a chunk on a restricted snapshot export).
+   */
+  bitmap?: string;
+  /** Key of the previous backup's index of this disk (incremental; its chunks checked to exist). */
+  previousIndexKey?: string;
+  /** TRIM what was taken on the export (the fleecing snapshot). */
+  discard: boolean;
+  /** Bytes per second read at most. */
+  bandwidthLimit?: number;
+  onProgress?: (p: Binding.NativeProgress) => void;
+  signal?: AbortSignal;
+}
+
+/** What one disk's backup did (the manifest's counters). */
+export interface ChunkDiskSummary {
+  bytesRead: number;
+  /** Chunks of the disk. */
+  chunks: number;
+  /** Chunks uploaded. */
+  uploaded: number;
+  /** Chunks not uploaded because the store had them (read and found, or taken unread from the previous index). */
+  reused: number;
+  /** All-zero chunks (not stored). */
+  zero: number;
+  /** The index object written: its size and SHA-256 (for the manifest). */
+  indexSize: number;
+  indexSha256: string;
+  /** The previous index named chunks the store no longer holds: every chunk was read instead. */
+  previousIncomplete?: boolean;
+}
+
+/** One disk to restore. */
+export interface ChunkDiskRestore {
+  store: S3StoreOptions;
+  /** As for a backup. */
+  storeFingerprint?: string;
+  /** Key of the disk's `.fidx` object (its size and SHA-256 checked by the caller). */
+  indexKey: string;
+  /** A regular file or a block device. */
+  target: string;
+  /** The target reads as zeros already. */
+  zeroed: boolean;
+  bandwidthLimit?: number;
+  onProgress?: (p: { done: number; total: number }) => void;
+  signal?: AbortSignal;
+}
+
+/** The data paths the provider runs. */
+export interface ChunkJobs {
+  backupDisk(o: ChunkDiskBackup): Promise<ChunkDiskSummary>;
+  restoreDisk(o: ChunkDiskRestore): Promise<void>;
+}
+
+/** A job of the binding: started, then awaited or cancelled. */
+interface NativeJob<T> {
+  wait(): Promise<T>;
+  cancel(): void;
+}
+
+/**
+ * Runs a native job, cancelling it on `signal`; the binding's errors become typed ones. The
+ * progress callback runs on the JavaScript thread, where an exception would crash the process:
+ * one that throws cancels the job instead, which then fails with what it threw.
+ */
+async function runJob<T, P>(start: (progress: ((p: P) => void) | undefined) => NativeJob<T>, onProgress: ((p: P) => void) | undefined, signal: AbortSignal | undefined): Promise<T> {
+  let job: NativeJob<T> | undefined;
+  let thrown: { error: unknown } | undefined;
+  const progress =
+    onProgress &&
+    ((p: P): void => {
+      if (thrown) return;
+      try {
+        onProgress(p);
+      } catch (error) {
+        thrown = { error };
+        job?.cancel();
+      }
+    });
+  try {
+    job = start(progress);
+  } catch (err) {
+    throw fromNative(err);
+  }
+  const started = job;
+  const onAbort = (): void => started.cancel();
+  signal?.addEventListener('abort', onAbort, { once: true });
+  if (signal?.aborted) started.cancel();
+  try {
+    const r = await started.wait();
+    if (thrown) throw thrown.error;
+    return r;
+  } catch (err) {
+    throw thrown ? thrown.error : fromNative(err);
+  } finally {
+    signal?.removeEventListener('abort', onAbort);
+  }
+}
+
+/** The native core's chunk backup and restore (`startChunkBackup`, `startChunkRestore`). */
+export const nativeChunkJobs: ChunkJobs = {
+  async backupDisk(o) {
+    const s = await runJob<Binding.ChunkBackupSummary, Binding.NativeProgress>(
+      (progress) =>
+        native.startChunkBackup(
+          {
+            store: o.store,
+            ...(o.storeFingerprint ? { storeFingerprint: o.storeFingerprint } : {}),
+            uri: o.nbdUri,
+            indexKey: o.indexKey,
+            chunkSize: o.chunkSize,
+            discard: o.discard,
+            // a chunk another backup or guest stored already is not uploaded again
+            dedupByHead: true,
+            ...(o.previousIndexKey !== undefined ? { previousIndexKey: o.previousIndexKey, bitmap: o.bitmap, fillFromPrevious: true } : {}),
+            ...(o.bandwidthLimit !== undefined ? { bandwidthLimit: o.bandwidthLimit } : {}),
+          },
+          progress,
+        ),
+      o.onProgress,
+      o.signal,
+    );
+    return {
+      bytesRead: s.bytesRead,
+      chunks: s.chunks,
+      uploaded: s.uploaded,
+      // read and found in the store, or taken unread from the previous index
+      reused: s.reused + s.unchanged,
+      zero: s.zero,
+      indexSize: s.indexSize,
+      indexSha256: s.indexSha256,
+      previousIncomplete: s.previousIncomplete,
+    };
+  },
+  async restoreDisk(o) {
+    await runJob<Binding.ChunkRestoreSummary, Binding.NativeProgress>(
+      (progress) =>
+        native.startChunkRestore(
+          {
+            store: o.store,
+            ...(o.storeFingerprint ? { storeFingerprint: o.storeFingerprint } : {}),
+            indexKey: o.indexKey,
+            target: o.target,
+            zeroed: o.zeroed,
+            ...(o.bandwidthLimit !== undefined ? { bandwidthLimit: o.bandwidthLimit } : {}),
+          },
+          progress,
+        ),
+      o.onProgress,
+      o.signal,
+    );
+  },
+};

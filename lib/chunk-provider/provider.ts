@@ -1,0 +1,514 @@
+/**
+ * `ChunkProvider`: the second reference provider. It keeps each backup in a {@link ChunkStore}
+ * on S3-compatible object storage: VM disks as fixed 4 MiB content-addressed chunks (shared by
+ * every backup and guest that has them) and one index per disk, written by the native core
+ * straight from the NBD export; the guest's configuration files and the task log as blobs; and
+ * a manifest written last (docs/chunk-store.md).
+ *
+ * Incremental backups form no chains: a backup's index names every chunk of the disk, the
+ * unchanged ones taken from the previous backup's index without reading them. That is right only
+ * when QEMU's dirty bitmap counts the writes since exactly that backup, which the host's
+ * {@link BitmapLedger} records (as for the directory provider): the previous backup is the one
+ * the ledger names for this store, if its manifest is still there.
+ *
+ * Storage configuration (`scfg`, as Proxmox's storage.cfg has it), unless the store is handed
+ * over opened ({@link ChunkProviderOptions.store}):
+ * - `store` (required): `s3://bucket/prefix`;
+ * - `endpoint`, `region`, `path-style` (default true), `ca-file`, `allow-http`;
+ * - `credentials-file` (AWS shared format), else the environment's `AWS_ACCESS_KEY_ID` and
+ *   `AWS_SECRET_ACCESS_KEY`;
+ * - `key-file`: the store's key (an encrypted store; a store created with a key is encrypted);
+ * - `vm-backup-mode`: `incremental` (default) or `full`.
+ *
+ * Not yet here: containers (`backupGetMechanism` fails with `ERR_MECHANISM`), and Proxmox VE's
+ * restore path `restoreVmVolumeInit` (a local raw file over an NBD server serving the chunks:
+ * `ERR_NOT_IMPLEMENTED`); this package's runner restores through `restoreVmVolumeWrite`.
+ *
+ * The task log: `backupHandleLogFile` stores it as `backup.log.blob` after the backup is
+ * complete and rewrites the manifest with it (docs/chunk-store.md: "the log after it, then the
+ * manifest again"), so the log is covered by the manifest's checksum like every other object.
+ *
+ * @packageDocumentation
+ */
+import { readFile } from 'node:fs/promises';
+
+import { normaliseBandwidthLimit } from '../bandwidth.js';
+import type {
+  BackupCleanupResult,
+  BackupInitResult,
+  BackupMechanism,
+  BackupVmInfo,
+  BackupVmVolume,
+  GuestType,
+  IncrementalRequest,
+  ProviderContext,
+  ProviderStorage,
+  RestoreMechanismInfo,
+  RestoreVmVolumeInitResult,
+  RestoreVolumeTarget,
+  VolumeSize,
+} from '../provider/api.js';
+import { BackupProviderBase } from '../provider/base.js';
+import { BitmapLedger } from '../provider/bitmap-ledger.js';
+import { nbdUriFor } from '../provider/dirty-regions.js';
+import { MechanismError, NotImplementedError } from '../provider/errors.js';
+import { ChunkBackupError } from './errors.js';
+import { nativeChunkJobs, type ChunkJobs } from './jobs.js';
+import { s3StoreOptions } from './s3.js';
+import { CHUNK_STORE_FORMAT, CHUNK_STORE_VERSION, ChunkStore, type ChunkManifest, type ChunkManifestDevice, type ChunkManifestFile } from './store.js';
+
+/** Progress of one disk's backup. */
+export interface ChunkDeviceProgress {
+  vmid: number;
+  device: string;
+  done: number;
+  total: number;
+  bytesPerSecond: number;
+}
+
+/** Options beyond the storage configuration. */
+export interface ChunkProviderOptions {
+  /** The store, opened (the command line, tests); otherwise opened from `scfg`. */
+  store?: ChunkStore;
+  /** The data paths (default: the native core's). */
+  jobs?: ChunkJobs;
+  /** The clock: names backups and stamps them. */
+  now?: () => Date;
+  onProgress?: (p: ChunkDeviceProgress) => void;
+  /** The host's state folder, where the {@link BitmapLedger} lives. */
+  stateDir?: string;
+}
+
+/** What the provider knows about a guest's backup while it runs. */
+interface GuestBackup {
+  vmid: number;
+  vmtype: GuestType;
+  volname: string;
+  /** The writer record (`writers/<id>.json`) for garbage collection. */
+  writer: string;
+  ctime: number;
+  /** The backup QEMU's bitmap counts writes since, with its manifest (incremental only). */
+  previous: ChunkManifest | undefined;
+  claimedBitmap?: boolean;
+  devices: Record<string, ChunkManifestDevice>;
+  files: Record<string, ChunkManifestFile>;
+  /** A disk's backup is running now. */
+  copying?: boolean;
+  copyFailed?: boolean;
+  manifest?: ChunkManifest;
+}
+
+/** Every disk was read: QEMU may be (or have been) told success for this backup. */
+function dataCopied(g: GuestBackup): boolean {
+  return Object.keys(g.devices).length > 0 && !g.copyFailed && !g.copying;
+}
+
+const str = (scfg: Record<string, unknown>, key: string): string | undefined => {
+  const v = scfg[key];
+  if (v === undefined) return undefined;
+  if (typeof v !== 'string' || v === '') throw new ChunkBackupError('ERR_PROVIDER_STATE', `storage option ${key} must be a non-empty string`);
+  return v;
+};
+const bool = (scfg: Record<string, unknown>, key: string): boolean | undefined => {
+  const v = scfg[key];
+  if (v === undefined) return undefined;
+  return v === true || v === 1 || v === '1' || v === 'true';
+};
+
+/** The reference provider on a chunk store, Proxmox VE 8.4 shape. See the module documentation. */
+export class ChunkProvider extends BackupProviderBase {
+  readonly vmBackupMode: 'full' | 'incremental';
+  private readonly options: ChunkProviderOptions;
+  private readonly jobs: ChunkJobs;
+  private store?: ChunkStore;
+  private readonly running = new Map<number, GuestBackup>();
+  private readonly ledger: BitmapLedger;
+
+  /**
+   * The storage side (Proxmox's storage-plugin calls; see the directory provider for who calls
+   * them and when). Works on what the store holds only: a backup exists when its manifest does.
+   */
+  readonly storage: ProviderStorage = {
+    listBackups: async (filter = {}) =>
+      (await (await this.openStore()).listBackups(filter.vmid)).map((b) => ({
+        volname: b.volname,
+        vmid: b.vmid,
+        vmtype: b.subtype,
+        ctime: b.ctime,
+        size: b.size,
+        protected: b.protected,
+        ...(b.notes !== undefined ? { notes: b.notes } : {}),
+      })),
+    getNotes: async (volname) => (await (await this.openStore()).attributes(volname)).notes,
+    getProtected: async (volname) => (await (await this.openStore()).attributes(volname)).protected,
+    setNotes: async (volname, notes) => (await this.openStore()).setNotes(volname, notes),
+    setProtected: async (volname, value) => (await this.openStore()).setProtected(volname, value),
+    removeBackup: async (volname) => (await this.openStore()).deleteBackup(volname),
+    prune: async ({ vmid, vmtype, keep, dryRun }) => {
+      const entries = await (await this.openStore()).pruneBackups({ vmid, vmtype, keep, ...(dryRun ? { dryRun } : {}) });
+      const marks = entries.map((e) => ({ volname: e.volname, vmid: e.vmid, vmtype: e.subtype, ctime: e.ctime, mark: e.mark }));
+      return { ...(dryRun ? {} : { removed: marks.filter((m) => m.mark === 'remove').map((m) => m.volname) }), marks };
+    },
+  };
+
+  /**
+   * @param context - Storage id, configuration (see the module documentation) and log.
+   * @param options - The store opened, the data paths, clock, progress.
+   */
+  constructor(context: ProviderContext, options: ChunkProviderOptions = {}) {
+    super(context);
+    const mode = this.scfg['vm-backup-mode'] ?? 'incremental';
+    if (mode !== 'full' && mode !== 'incremental') throw new ChunkBackupError('ERR_PROVIDER_STATE', `storage option vm-backup-mode must be full or incremental, got ${JSON.stringify(mode)}`);
+    this.vmBackupMode = mode;
+    if (!options.store && str(this.scfg, 'store') === undefined) {
+      throw new ChunkBackupError('ERR_PROVIDER_STATE', 'the chunk provider needs the store as storage option store (s3://bucket/prefix)');
+    }
+    this.options = options;
+    this.jobs = options.jobs ?? nativeChunkJobs;
+    this.ledger = new BitmapLedger(this.storeid, options.stateDir);
+  }
+
+  override providerName(): string {
+    return 'chunks';
+  }
+
+  /** The store, opened from the storage configuration on first use. */
+  async openStore(): Promise<ChunkStore> {
+    if (this.options.store) return this.options.store;
+    if (!this.store) {
+      const s = this.scfg;
+      const credentialsFile = str(s, 'credentials-file');
+      const endpoint = str(s, 'endpoint');
+      const region = str(s, 'region');
+      const caFile = str(s, 'ca-file');
+      const keyFile = str(s, 'key-file');
+      const options = await s3StoreOptions(str(s, 'store')!, {
+        ...(endpoint ? { endpoint } : {}),
+        ...(region ? { region } : {}),
+        ...(caFile ? { caFile } : {}),
+        ...(keyFile ? { keyFile } : {}),
+        ...(credentialsFile ? { credentialsFile } : {}),
+        ...(bool(s, 'path-style') === false ? { virtualHosted: true } : {}),
+        ...(bool(s, 'allow-http') ? { allowHttp: true } : {}),
+      });
+      this.store = await ChunkStore.open(options, { storeid: this.storeid });
+    }
+    return this.store;
+  }
+
+  private guest(vmid: number): GuestBackup {
+    const g = this.running.get(vmid);
+    if (!g) throw new ChunkBackupError('ERR_PROVIDER_STATE', `no backup of guest ${vmid} is running`);
+    return g;
+  }
+
+  // ----- job ----------------------------------------------------------------------------------
+
+  /** Opens the store, so that wrong credentials, a missing bucket or a wrong key fail before any guest. */
+  override async jobInit(_startTime: number): Promise<void> {
+    await (await this.openStore()).assertKey({ create: true });
+  }
+
+  /** A guest backup still open here without its manifest failed without cleanup: remove it. */
+  override async jobCleanup(): Promise<void> {
+    for (const g of [...this.running.values()]) {
+      if (g.manifest) await (await this.openStore()).endBackup(g.writer).catch(() => undefined);
+      else await this.discard(g, { forgetPrevious: dataCopied(g) });
+    }
+    this.running.clear();
+  }
+
+  // ----- backup -------------------------------------------------------------------------------
+
+  /** Names the backup (`backup/<vmid>/<vmtype>-<time>`), records it as a writer, finds the previous backup. */
+  override async backupInit(vmid: number, vmtype: GuestType, _startTime: number): Promise<BackupInitResult> {
+    if (vmtype !== 'qemu') throw new MechanismError(`the chunk provider backs up VMs only; containers (guest ${vmid}) are not supported yet`, { mechanism: undefined, vmtype });
+    const store = await this.openStore();
+    await store.assertKey({ create: true });
+    const now = this.options.now?.() ?? new Date();
+    const { volname, writer } = await store.startBackup(vmid, vmtype, now);
+    const previous = this.vmBackupMode === 'incremental' ? await this.trustedPrevious(store, vmid) : undefined;
+    this.running.set(vmid, { vmid, vmtype, volname, writer, ctime: Math.floor(now.getTime() / 1000), previous, devices: {}, files: {} });
+    this.log.info(`backup ${store.volid(volname)} in ${store}${previous ? `, previous backup ${previous.volname}` : ''}`);
+    return { archiveName: volname.slice('backup/'.length) };
+  }
+
+  /**
+   * The backup QEMU's bitmap counts writes since: the one the ledger names for this store, if
+   * its manifest is still there and sound. Otherwise the next backup reads every chunk.
+   */
+  private async trustedPrevious(store: ChunkStore, vmid: number): Promise<ChunkManifest | undefined> {
+    const owner = await this.ledger.read(vmid);
+    if (!owner) return undefined;
+    if (owner.store !== store.identity) {
+      this.log.warn(`QEMU's bitmap for storage ${this.storeid} was last used by the store ${owner.store}: full backup`);
+      return undefined;
+    }
+    let m: ChunkManifest;
+    try {
+      m = await store.readManifest(owner.volname, { needKey: true });
+      // an incremental backup names the previous index's chunks without reading them: they must
+      // all still be there (a garbage collection, a lost object), else every chunk is read
+      for (const device of Object.keys(m.devices ?? {})) {
+        const missing = await store.missingChunks((await store.readFixedIndex(m, device)).digests);
+        if (missing.length > 0) {
+          this.log.warn(`${missing.length} chunk(s) of ${owner.volname} ${device} are missing from the store (first: ${missing[0]}): full backup`);
+          return undefined;
+        }
+      }
+    } catch (err) {
+      this.log.warn(`QEMU's bitmap for storage ${this.storeid} counts writes since ${owner.volname}, which cannot be used (${(err as Error).message}): full backup`);
+      return undefined;
+    }
+    return m;
+  }
+
+  /** Records, before the first disk is read, that this backup may tell QEMU success. */
+  private async claimBitmap(g: GuestBackup): Promise<void> {
+    if (g.claimedBitmap) return;
+    await this.ledger.write(g.vmid, { store: (await this.openStore()).identity, volname: g.volname });
+    g.claimedBitmap = true;
+  }
+
+  /** `nbd` for VMs; containers are not supported yet. */
+  override backupGetMechanism(vmid: number, vmtype: GuestType): Promise<BackupMechanism | undefined> {
+    if (vmtype === 'qemu') return Promise.resolve('nbd');
+    return Promise.reject(new MechanismError(`the chunk provider backs up VMs only; containers (guest ${vmid}) are not supported yet`, { mechanism: undefined, vmtype }));
+  }
+
+  /** `use` for each disk the previous backup has an index of, `new` for the others; nothing in mode `full`. */
+  override async backupVmQueryIncremental(vmid: number, volumes: Record<string, VolumeSize>): Promise<Record<string, IncrementalRequest> | undefined> {
+    if (this.vmBackupMode === 'full') return undefined;
+    const previous = this.guest(vmid).previous;
+    const out: Record<string, IncrementalRequest> = {};
+    for (const device of Object.keys(volumes)) out[device] = previous?.devices?.[device] ? 'use' : 'new';
+    return out;
+  }
+
+  /**
+   * Stores the configuration files as blobs and each disk as chunks and an index, then the
+   * manifest: complete when this returns, before vzdump's storage calls and QEMU's teardown.
+   */
+  override async backupVm(vmid: number, guestConfig: string, volumes: Record<string, BackupVmVolume>, info: BackupVmInfo): Promise<void> {
+    const g = this.guest(vmid);
+    if (info.mechanism !== 'nbd') throw new MechanismError(`mechanism ${info.mechanism} is not used by the chunk provider`, { mechanism: info.mechanism, vmtype: 'qemu' });
+    const store = await this.openStore();
+    g.files['guest.conf.blob'] = await store.putBlob(g.volname, 'guest.conf.blob', Buffer.from(guestConfig, 'utf8'));
+    if (info.firewallConfig !== undefined) g.files['firewall.conf.blob'] = await store.putBlob(g.volname, 'firewall.conf.blob', Buffer.from(info.firewallConfig, 'utf8'));
+    const bandwidthLimit = normaliseBandwidthLimit(info.bandwidthLimit, 'bandwidthLimit');
+    for (const [device, v] of Object.entries(volumes)) {
+      await this.backupDisk(g, store, device, { ...v, nbdUri: v.nbdUri ?? nbdUriFor(device, v.nbdPath!) }, bandwidthLimit, info.signal);
+    }
+    await this.complete(g);
+  }
+
+  /** One disk: every chunk read (bitmap `none` / `new`), or only dirty ones with the rest from the previous index (`reuse`). */
+  private async backupDisk(g: GuestBackup, store: ChunkStore, device: string, v: BackupVmVolume & { nbdUri: string }, bandwidthLimit: number | undefined, signal: AbortSignal): Promise<void> {
+    const index = `${device}.fidx`;
+    const incremental = v.bitmapMode === 'reuse';
+    const prev = g.previous?.devices?.[device];
+    if (incremental && !prev) {
+      throw new ChunkBackupError('ERR_PROVIDER_STATE', `disk ${device}: QEMU offers an incremental backup but the previous backup has no index of it; run a full backup (vm-backup-mode full once)`, { volname: g.volname });
+    }
+    if (incremental && prev!.size !== v.size) {
+      throw new ChunkBackupError('ERR_PROVIDER_STATE', `disk ${device}: its size changed since ${g.previous!.volname} (${prev!.size} -> ${v.size} bytes) while QEMU offers an incremental backup; run a full backup`, { volname: g.volname });
+    }
+    await this.claimBitmap(g);
+    this.log.info(`${device}: ${incremental ? `incremental over ${g.previous!.volname}` : 'full'} backup to ${index}`);
+    g.copying = true;
+    let summary;
+    try {
+      summary = await this.jobs.backupDisk({
+        store: store.options,
+        ...(store.fingerprint ? { storeFingerprint: store.fingerprint } : {}),
+        nbdUri: v.nbdUri,
+        size: v.size,
+        indexKey: store.objectKey(g.volname, index),
+        chunkSize: store.chunkSize,
+        discard: true,
+        ...(incremental ? { bitmap: v.bitmapName!, previousIndexKey: store.objectKey(g.previous!.volname, prev!.index) } : {}),
+        ...(bandwidthLimit !== undefined ? { bandwidthLimit } : {}),
+        ...(this.options.onProgress ? { onProgress: (p: { done: number; total: number; bytesPerSecond: number }) => this.options.onProgress!({ ...p, vmid: g.vmid, device }) } : {}),
+        signal,
+      });
+    } catch (err) {
+      g.copyFailed = true;
+      throw err;
+    } finally {
+      g.copying = false;
+    }
+    if (summary.previousIncomplete) this.log.warn(`${device}: chunks of ${g.previous?.volname} went missing since the backup started: every chunk was read`);
+    this.log.info(`${device}: read ${summary.bytesRead} bytes; ${summary.chunks} chunks: ${summary.uploaded} uploaded, ${summary.reused} already stored, ${summary.zero} zero`);
+    g.devices[device] = {
+      index,
+      size: v.size,
+      bitmapMode: v.bitmapMode,
+      ...(incremental ? { previous: g.previous!.volname } : {}),
+      bytesRead: summary.bytesRead,
+      chunksUploaded: summary.uploaded,
+      chunksReused: summary.reused,
+      chunksZero: summary.zero,
+    };
+    g.files[index] = { size: summary.indexSize, sha256: summary.indexSha256 };
+  }
+
+  /** Writes the manifest (last); on failure it is taken back, and `backupCleanup(false)` removes the rest. */
+  private async complete(g: GuestBackup): Promise<ChunkManifest> {
+    const store = await this.openStore();
+    try {
+      g.manifest = await store.writeManifest({
+        format: CHUNK_STORE_FORMAT,
+        version: CHUNK_STORE_VERSION,
+        volname: g.volname,
+        vmid: g.vmid,
+        vmtype: g.vmtype,
+        ctime: g.ctime,
+        status: 'ok',
+        keyFingerprint: store.key?.fingerprint ?? null,
+        devices: g.devices,
+        archive: null,
+        files: g.files,
+      });
+    } catch (err) {
+      await store.objects.delete(store.objectKey(g.volname, 'manifest.json')).catch(() => undefined);
+      throw err;
+    }
+    this.log.info(`backup ${g.volname} complete (manifest written)`);
+    return g.manifest;
+  }
+
+  /**
+   * Success: the backup was completed by `backupVm`; its writer record goes. Failure: the backup
+   * is removed (manifest first, then indexes and blobs; its chunks are garbage for the next
+   * collection), and the ledger is set as for the directory provider: once every disk was read
+   * QEMU may be told success, so the ledger keeps naming this (removed) backup and the next backup
+   * is full; otherwise it names the previous backup again.
+   */
+  override async backupCleanup(vmid: number, _vmtype: GuestType, success: boolean, info: { error?: string }): Promise<BackupCleanupResult | void> {
+    const g = this.running.get(vmid);
+    if (!g) {
+      if (success) throw new ChunkBackupError('ERR_PROVIDER_STATE', `no backup of guest ${vmid} is running`);
+      return;
+    }
+    if (!success) {
+      this.log.warn(`removing the ${g.manifest ? 'failed' : 'incomplete'} backup ${g.volname}${info.error ? ` (${info.error})` : ''}`);
+      await this.discard(g, { forgetPrevious: g.manifest !== undefined || dataCopied(g) });
+      return;
+    }
+    if (!g.manifest) throw new ChunkBackupError('ERR_PROVIDER_STATE', `the backup ${g.volname} of guest ${vmid} is not complete: its data call did not succeed`, { volname: g.volname });
+    await (await this.openStore()).endBackup(g.writer);
+    return { stats: { archiveSize: Object.values(g.manifest.files).reduce((n, f) => n + f.size, 0) } };
+  }
+
+  /** Stores the task log as `backup.log.blob`, then rewrites the manifest with it (re-read: another process may have removed the backup). */
+  override async backupHandleLogFile(vmid: number, filename: string): Promise<void> {
+    const g = this.running.get(vmid);
+    this.running.delete(vmid);
+    if (!g?.manifest) return;
+    const store = await this.openStore();
+    let m: ChunkManifest;
+    try {
+      m = await store.readManifest(g.volname, { needKey: true });
+    } catch (err) {
+      if (err instanceof ChunkBackupError && err.code === 'ERR_UNKNOWN_VOLUME') {
+        this.log.warn(`backup ${g.volname} was removed before its task log could be added`);
+        return;
+      }
+      throw err;
+    }
+    const log = await store.putBlob(g.volname, 'backup.log.blob', await readFile(filename));
+    const { checksum: _c, signature: _s, ...rest } = m;
+    await store.writeManifest({ ...rest, files: { ...rest.files, 'backup.log.blob': log } });
+  }
+
+  /** Removes a partial or failed backup; see {@link backupCleanup} for the ledger. */
+  private async discard(g: GuestBackup, o: { forgetPrevious?: boolean } = {}): Promise<void> {
+    this.running.delete(g.vmid);
+    const store = await this.openStore();
+    if (!o.forgetPrevious && g.claimedBitmap && g.previous) await this.ledger.write(g.vmid, { store: store.identity, volname: g.previous.volname });
+    await store.removeObjects(g.volname);
+    await store.endBackup(g.writer);
+  }
+
+  // ----- restore ------------------------------------------------------------------------------
+
+  /** `qemu-img` for VMs (this package's runner writes the disks through `restoreVmVolumeWrite`). */
+  override async restoreGetMechanism(volname: string): Promise<RestoreMechanismInfo> {
+    const m = await (await this.openStore()).readManifest(volname);
+    if (m.vmtype !== 'qemu') throw new MechanismError(`backup ${volname} is a container backup, which the chunk provider does not restore yet`, { mechanism: undefined, vmtype: m.vmtype });
+    return { mechanism: 'qemu-img', vmtype: 'qemu' };
+  }
+
+  override async archiveGetGuestConfig(volname: string): Promise<string> {
+    const store = await this.openStore();
+    await store.assertKey();
+    const m = await store.readManifest(volname, { needKey: true });
+    return (await store.getBlob(m, 'guest.conf.blob')).toString('utf8');
+  }
+
+  override async archiveGetFirewallConfig(volname: string): Promise<string | undefined> {
+    const store = await this.openStore();
+    await store.assertKey();
+    const m = await store.readManifest(volname, { needKey: true });
+    if (!m.files['firewall.conf.blob']) return undefined;
+    return (await store.getBlob(m, 'firewall.conf.blob')).toString('utf8');
+  }
+
+  /**
+   * The disks and their sizes, after checking the key (before anything of the backup is read)
+   * and every index against the manifest: a damaged backup is refused before a target is written.
+   */
+  override async restoreVmInit(volname: string): Promise<Record<string, VolumeSize>> {
+    const store = await this.openStore();
+    await store.assertKey();
+    const m = await store.readManifest(volname, { needKey: true });
+    const out: Record<string, VolumeSize> = {};
+    for (const [device, d] of Object.entries(m.devices ?? {})) {
+      await store.readFixedIndex(m, device);
+      out[device] = { size: d.size };
+    }
+    return out;
+  }
+
+  /**
+   * Proxmox VE's path needs a local raw file over the chunks (an NBD server in the core and a
+   * FUSE file on it): not in this version.
+   */
+  override async restoreVmVolumeInit(volname: string, deviceName: string, _info: Record<string, never>): Promise<RestoreVmVolumeInitResult> {
+    this.log.err(`${volname} ${deviceName}: the chunk provider cannot give Proxmox VE a local raw file of a disk yet (it needs an NBD server over the chunks); restore with pve-backup-provider restore`);
+    throw new NotImplementedError('restoreVmVolumeInit', 'chunks');
+  }
+
+  /**
+   * Package extension: writes the disk straight from its chunks through the native core, which
+   * checks every chunk against its digest (`ERR_BACKUP_CORRUPT` naming the chunk). The index is
+   * checked against the manifest first.
+   */
+  async restoreVmVolumeWrite(volname: string, deviceName: string, target: RestoreVolumeTarget): Promise<boolean> {
+    const store = await this.openStore();
+    await store.assertKey();
+    const m = await store.readManifest(volname, { needKey: true });
+    const d = m.devices?.[deviceName];
+    if (!d) throw new ChunkBackupError('ERR_UNKNOWN_VOLUME', `backup ${store.volid(volname)} has no disk ${deviceName}`, { volname });
+    const key = store.objectKey(volname, d.index);
+    // the index as the manifest records it, whole and sound, before the target is touched
+    await store.readFixedIndex(m, deviceName);
+    this.log.info(`${deviceName}: restoring from ${d.index} (chunks checked against their digests as they are written)`);
+    await this.jobs.restoreDisk({
+      store: store.options,
+      ...(store.fingerprint ? { storeFingerprint: store.fingerprint } : {}),
+      indexKey: key,
+      target: target.path,
+      zeroed: target.zeroed,
+      ...(target.bandwidthLimit ? { bandwidthLimit: target.bandwidthLimit } : {}),
+      ...(target.onProgress ? { onProgress: target.onProgress } : {}),
+      ...(target.signal ? { signal: target.signal } : {}),
+    });
+    return true;
+  }
+
+  /** Whether a backup of the guest is running in this object. */
+  isRunning(vmid: number): boolean {
+    return this.running.has(vmid);
+  }
+}

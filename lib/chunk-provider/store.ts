@@ -1,0 +1,616 @@
+/**
+ * The storage side of the chunk provider (docs/chunk-store.md): a store of content-addressed
+ * chunks on S3-compatible object storage, its descriptor (`store.json`), and the backups in it
+ * as manifests, indexes and blobs under `backups/<vmid>/<vmtype>-<backup-id>/`. What Proxmox's
+ * storage plugin does for a backup storage: list, notes, protected flag, prune, delete. The
+ * chunks themselves are written and read by the native core; nothing here removes a chunk
+ * (that is garbage collection's work).
+ *
+ * Invariants:
+ * - a backup exists exactly when its `manifest.json` does (written last; deleted first);
+ * - every manifest read is checked: its checksum, with a key its signature, its volume name,
+ *   its version (`ERR_BACKUP_CORRUPT`, `ERR_BACKUP_VERSION`);
+ * - a key that is not the store's fails with `ERR_KEY_MISMATCH` when the store is opened; an
+ *   encrypted store asked for data (backup, restore, configs) without a key fails with
+ *   `ERR_KEY_REQUIRED` before anything of the backup is read. Listing, notes, prune and delete
+ *   work without the key (manifests are plain; their checksums are checked, their signatures
+ *   only when the key is there).
+ *
+ * @packageDocumentation
+ */
+import { createHash, randomBytes } from 'node:crypto';
+import os from 'node:os';
+
+import type { BitmapMode, GuestType, PruneOptions } from '../provider/api.js';
+import { markBackups, type PruneEntry, type PruneMark } from '../provider/prune.js';
+import { backupIdOf, ctimeOfBackupId, isBackupDirName, matchVolname, volnameOf, type ParsedVolname } from '../provider/volname.js';
+import { decodeBlob, encodeBlob } from './blob.js';
+import { ChunkBackupError } from './errors.js';
+import { checkFingerprint, readKeyFile, type StoreKey } from './key.js';
+import { S3ObjectStore, type S3StoreOptions } from './s3.js';
+
+/** Format name in `store.json` and in every manifest. */
+export const CHUNK_STORE_FORMAT = 'pve-backup-provider/chunks';
+/** Store and manifest version written and read; a newer one is refused. */
+export const CHUNK_STORE_VERSION = 1;
+/** Fixed chunk size of VM disks. */
+export const CHUNK_SIZE = 4 << 20;
+export const STORE_JSON = 'store.json';
+export const MANIFEST = 'manifest.json';
+
+/** `store.json`. */
+export interface StoreDescriptor {
+  format: typeof CHUNK_STORE_FORMAT;
+  version: number;
+  chunkSize: number;
+  created: number;
+  encryption: { cipher: 'aes-256-gcm'; fingerprint: string } | null;
+}
+
+/** One disk of a VM backup in the manifest. */
+export interface ChunkManifestDevice {
+  /** Its fixed index, relative to the backup's prefix (`<device>.fidx`). */
+  index: string;
+  /** The disk's size in bytes. */
+  size: number;
+  /** How QEMU's bitmap was used: `reuse` = only dirty chunks were read, the rest taken from `previous`. */
+  bitmapMode: BitmapMode;
+  /** The backup whose index gave the digests of the chunks not read (`reuse` only). */
+  previous?: string;
+  bytesRead: number;
+  chunksUploaded: number;
+  chunksReused: number;
+  chunksZero: number;
+}
+
+/** An object of the backup recorded in the manifest: its size and SHA-256. */
+export interface ChunkManifestFile {
+  size: number;
+  sha256: string;
+}
+
+/** `manifest.json` (docs/chunk-store.md): written last, its keys in this order. */
+export interface ChunkManifest {
+  format: typeof CHUNK_STORE_FORMAT;
+  version: number;
+  volname: string;
+  vmid: number;
+  vmtype: GuestType;
+  ctime: number;
+  status: 'ok';
+  keyFingerprint: string | null;
+  devices: Record<string, ChunkManifestDevice> | null;
+  archive: { index: string; size: number } | null;
+  files: Record<string, ChunkManifestFile>;
+  checksum: string;
+  /** With a key: HMAC-SHA256 (hex) of the same bytes under the id key. */
+  signature?: string;
+}
+
+/** A manifest before its checksum and signature. */
+export type UnsignedManifest = Omit<ChunkManifest, 'checksum' | 'signature'>;
+
+/** A backup as {@link ChunkStore.listBackups} lists it. */
+export interface ChunkBackupInfo {
+  /** `<storeid>:backup/<vmid>/<vmtype>-<backup-id>`. */
+  volid: string;
+  volname: string;
+  vmid: number;
+  /** Guest type (Proxmox: `subtype`). */
+  subtype: GuestType;
+  ctime: number;
+  /** The data's size: the disks' sizes (VM), the archive's (container). */
+  size: number;
+  /**
+   * The backup whose index gave the digests of the chunks this one did not read (an incremental
+   * backup; informational: every backup is complete on its own, so nothing depends on it).
+   */
+  previous?: string;
+  /** `ok`, or `corrupt` (its manifest does not match its checksum or signature: listed so an operator sees it; never pruned). */
+  status: 'ok' | 'corrupt';
+  protected: boolean;
+  notes?: string;
+}
+
+/** One backup's fate in {@link ChunkStore.pruneBackups}. */
+export interface ChunkPruneEntry extends PruneMark {
+  volid: string;
+  vmid: number;
+  subtype: GuestType;
+}
+
+/** How to open a chunk store. */
+export interface ChunkStoreOpenOptions {
+  /** Storage id used in volume ids (default `chunks`). */
+  storeid?: string;
+}
+
+/** The canonical JSON a manifest's checksum and signature cover: keys in the documented order, no white space. */
+function canonical(m: UnsignedManifest): string {
+  const device = (d: ChunkManifestDevice): ChunkManifestDevice => ({
+    index: d.index,
+    size: d.size,
+    bitmapMode: d.bitmapMode,
+    ...(d.previous !== undefined ? { previous: d.previous } : {}),
+    bytesRead: d.bytesRead,
+    chunksUploaded: d.chunksUploaded,
+    chunksReused: d.chunksReused,
+    chunksZero: d.chunksZero,
+  });
+  const ordered: UnsignedManifest = {
+    format: m.format,
+    version: m.version,
+    volname: m.volname,
+    vmid: m.vmid,
+    vmtype: m.vmtype,
+    ctime: m.ctime,
+    status: m.status,
+    keyFingerprint: m.keyFingerprint,
+    devices: m.devices === null ? null : Object.fromEntries(Object.entries(m.devices).map(([k, d]) => [k, device(d)])),
+    archive: m.archive === null ? null : { index: m.archive.index, size: m.archive.size },
+    files: Object.fromEntries(Object.entries(m.files).map(([k, f]) => [k, { size: f.size, sha256: f.sha256 }])),
+  };
+  return JSON.stringify(ordered);
+}
+
+/** SHA-256 (hex) of the manifest's canonical JSON. */
+export function chunkManifestChecksum(m: UnsignedManifest): string {
+  return createHash('sha256').update(canonical(m)).digest('hex');
+}
+
+const sha256 = (data: Buffer): string => createHash('sha256').update(data).digest('hex');
+
+/** The digest of an all-zero chunk in an index (not stored). */
+export const ZERO_DIGEST = Buffer.alloc(32);
+const FIDX_MAGIC = Buffer.from('PBPFIDX\x01', 'latin1');
+
+/** A decoded fixed index. */
+export interface FixedIndex {
+  /** The disk's size. */
+  size: number;
+  chunkSize: number;
+  /** One per chunk; {@link ZERO_DIGEST} for an all-zero chunk. */
+  digests: Buffer[];
+}
+
+/** The key of a chunk: `chunks/<d[0..2]>/<d[2..4]>/<d>` (hex). */
+export function chunkKey(digest: Buffer): string {
+  const d = digest.toString('hex');
+  return `chunks/${d.slice(0, 2)}/${d.slice(2, 4)}/${d}`;
+}
+
+/** Decodes a `.fidx` object (docs/chunk-store.md, "Fixed index"), checking its magic, length and checksum. */
+export function decodeFixedIndex(data: Buffer, corrupt: (why: string) => Error, version: (v: number) => Error): FixedIndex {
+  if (data.length < 24 + 32) throw corrupt('is too short for an index');
+  if (!data.subarray(0, 7).equals(FIDX_MAGIC.subarray(0, 7))) throw corrupt('is not a fixed index (bad magic)');
+  if (data[7]! > FIDX_MAGIC[7]!) throw version(data[7]!);
+  if (data[7] !== FIDX_MAGIC[7]) throw corrupt('is not a fixed index (bad magic)');
+  const size = Number(data.readBigUInt64LE(8));
+  const chunkSize = data.readUInt32LE(16);
+  if (chunkSize === 0 || data.readUInt32LE(20) !== 0) throw corrupt('has a bad header');
+  const n = Math.ceil(size / chunkSize);
+  if (data.length !== 24 + 32 * n + 32) throw corrupt(`holds ${data.length} bytes, ${24 + 32 * n + 32} expected for ${n} chunks`);
+  if (!createHash('sha256').update(data.subarray(0, data.length - 32)).digest().equals(data.subarray(data.length - 32))) throw corrupt('does not match its checksum');
+  const digests: Buffer[] = [];
+  for (let i = 0; i < n; i++) digests.push(data.subarray(24 + 32 * i, 24 + 32 * (i + 1)));
+  return { size, chunkSize, digests };
+}
+
+/** A chunk store. Open one with {@link ChunkStore.open}. */
+export class ChunkStore {
+  /** Object access under the store's prefix. */
+  readonly objects: S3ObjectStore;
+  /** Where the store is, as opened (for the native jobs). */
+  readonly options: S3StoreOptions;
+  /** Storage id used in volume ids. */
+  readonly storeid: string;
+  /** The store's key, when one was given (checked against `store.json`). */
+  readonly key: StoreKey | undefined;
+  private descriptor: StoreDescriptor | null;
+
+  private constructor(options: S3StoreOptions, storeid: string, key: StoreKey | undefined, descriptor: StoreDescriptor | null) {
+    this.objects = new S3ObjectStore(options);
+    // the prefix as the object access normalised it, so the native jobs see the same keys
+    this.options = { ...options, prefix: this.objects.prefix };
+    this.storeid = storeid;
+    this.key = key;
+    this.descriptor = descriptor;
+  }
+
+  /**
+   * Opens the store (which need not exist yet: the first backup creates `store.json`). Reads the
+   * key file when `options.keyFile` is set and checks it against `store.json`.
+   * @throws {@link ChunkStoreError} `ERR_KEY_MISMATCH`, a store error; {@link ChunkBackupError}
+   *   `ERR_BACKUP_VERSION` for a store of a newer version, `ERR_BACKUP_CORRUPT` for a `store.json` that is not one.
+   */
+  static async open(options: S3StoreOptions, o: ChunkStoreOpenOptions = {}): Promise<ChunkStore> {
+    const key = options.keyFile !== undefined ? await readKeyFile(options.keyFile) : undefined;
+    const store = new ChunkStore(options, o.storeid ?? 'chunks', key, null);
+    store.descriptor = await store.readDescriptor();
+    if (store.descriptor && key) checkFingerprint(store.descriptor.encryption?.fingerprint ?? null, key, `the chunk store ${store}`);
+    return store;
+  }
+
+  /** `s3://bucket/prefix`. */
+  toString(): string {
+    return this.objects.toString();
+  }
+
+  /**
+   * Who the store is for the host's bitmap ledger: its URL and endpoint (two stores with the same
+   * bucket and prefix on different endpoints are different stores).
+   */
+  get identity(): string {
+    return `${this.objects.toString()} at ${this.options.endpoint ?? `aws:${this.options.region ?? 'us-east-1'}`}`;
+  }
+
+  /** Whether `store.json` exists (a first backup creates it). */
+  get exists(): boolean {
+    return this.descriptor !== null;
+  }
+
+  /** The store's fixed chunk size. */
+  get chunkSize(): number {
+    return this.descriptor?.chunkSize ?? CHUNK_SIZE;
+  }
+
+  /** The fingerprint recorded in `store.json`, `null` for a store without a key (or not created yet). */
+  get fingerprint(): string | null {
+    return this.descriptor?.encryption?.fingerprint ?? null;
+  }
+
+  private async readDescriptor(): Promise<StoreDescriptor | null> {
+    const data = await this.objects.get(STORE_JSON);
+    if (data === null) return null;
+    let d: Partial<StoreDescriptor>;
+    try {
+      d = JSON.parse(data.toString('utf8')) as Partial<StoreDescriptor>;
+    } catch {
+      throw new ChunkBackupError('ERR_BACKUP_CORRUPT', `${this}/${STORE_JSON} is not valid JSON`, { file: STORE_JSON });
+    }
+    if (d?.format !== CHUNK_STORE_FORMAT || typeof d.version !== 'number') {
+      throw new ChunkBackupError('ERR_BACKUP_CORRUPT', `${this}/${STORE_JSON} is not a ${CHUNK_STORE_FORMAT} descriptor`, { file: STORE_JSON });
+    }
+    if (d.version > CHUNK_STORE_VERSION) {
+      throw new ChunkBackupError('ERR_BACKUP_VERSION', `${this} is a chunk store of version ${d.version}; this version reads up to ${CHUNK_STORE_VERSION}: upgrade pve-backup-provider`, { file: STORE_JSON });
+    }
+    if (typeof d.chunkSize !== 'number' || d.chunkSize <= 0 || (d.encryption !== null && typeof d.encryption?.fingerprint !== 'string')) {
+      throw new ChunkBackupError('ERR_BACKUP_CORRUPT', `${this}/${STORE_JSON} has no valid chunk size or encryption`, { file: STORE_JSON });
+    }
+    return d as StoreDescriptor;
+  }
+
+  /**
+   * Creates `store.json` if the store has none (the first backup, or `key create --store`):
+   * encrypted when a key was given. Read back afterwards, so that of two first backups racing
+   * with different keys one fails with `ERR_KEY_MISMATCH` instead of writing chunks the store
+   * cannot read.
+   */
+  async ensureCreated(): Promise<void> {
+    if (this.descriptor) return;
+    const d: StoreDescriptor = {
+      format: CHUNK_STORE_FORMAT,
+      version: CHUNK_STORE_VERSION,
+      chunkSize: CHUNK_SIZE,
+      created: Math.floor(Date.now() / 1000),
+      encryption: this.key ? { cipher: 'aes-256-gcm', fingerprint: this.key.fingerprint } : null,
+    };
+    await this.objects.put(STORE_JSON, Buffer.from(`${JSON.stringify(d, null, 2)}\n`));
+    this.descriptor = await this.readDescriptor();
+    checkFingerprint(this.fingerprint, this.key, `the chunk store ${this}`);
+  }
+
+  /**
+   * The check before any backup's data is read or written: the store exists (or is created, for
+   * a backup) and the key matches it.
+   * @throws {@link ChunkStoreError} `ERR_KEY_REQUIRED`, `ERR_KEY_MISMATCH`.
+   */
+  async assertKey(o: { create?: boolean } = {}): Promise<void> {
+    if (o.create) await this.ensureCreated();
+    checkFingerprint(this.fingerprint, this.key, `the chunk store ${this}`);
+  }
+
+  // ----- names ---------------------------------------------------------------------------------
+
+  /** `<storeid>:<volname>`. */
+  volid(volname: string): string {
+    return `${this.storeid}:${volname}`;
+  }
+
+  /**
+   * Parses a volume name.
+   * @throws {@link ChunkBackupError} `ERR_INVALID_VOLID`.
+   */
+  parseVolname(volname: string): ParsedVolname {
+    const p = matchVolname(volname);
+    if (!p) throw new ChunkBackupError('ERR_INVALID_VOLID', `invalid backup volume name ${JSON.stringify(volname)}: expected backup/<vmid>/<qemu|lxc>-<YYYY_MM_DD-HH_MM_SS>`);
+    return p;
+  }
+
+  /**
+   * The volume name of a volume id of this store (a bare volume name is accepted too).
+   * @throws {@link ChunkBackupError} `ERR_INVALID_VOLID`, or `ERR_UNKNOWN_VOLUME` for another store's id.
+   */
+  volnameOf(volid: string): string {
+    const i = volid.indexOf(':');
+    if (i >= 0) {
+      const sid = volid.slice(0, i);
+      if (sid !== this.storeid) throw new ChunkBackupError('ERR_UNKNOWN_VOLUME', `unknown volume ${volid}: this store is '${this.storeid}', not '${sid}'`);
+      volid = volid.slice(i + 1);
+    }
+    return this.parseVolname(volid).volname;
+  }
+
+  /** The key prefix of a backup: `backups/<vmid>/<vmtype>-<backup-id>/`. */
+  backupPrefix(volname: string): string {
+    const p = this.parseVolname(volname);
+    return `backups/${p.vmid}/${p.dirName}/`;
+  }
+
+  /** The key of one object of a backup. */
+  objectKey(volname: string, name: string): string {
+    return `${this.backupPrefix(volname)}${name}`;
+  }
+
+  /**
+   * A new backup's volume name for `date` (a suffix `-N` when a backup of that second has objects
+   * already), and its writer record `writers/<id>.json` (for garbage collection), written first.
+   */
+  async startBackup(vmid: number, vmtype: GuestType, date: Date): Promise<{ volname: string; writer: string }> {
+    const taken = new Set((await this.objects.list(`backups/${vmid}/`)).map((o) => o.key.split('/')[2]));
+    const base = `${vmtype}-${backupIdOf(date)}`;
+    let dirName = base;
+    for (let n = 1; taken.has(dirName); n++) dirName = `${base}-${n}`;
+    const volname = volnameOf(vmid, dirName);
+    const writer = `writers/${randomBytes(8).toString('hex')}.json`;
+    const record = { volname, host: os.hostname(), pid: process.pid, started: Math.floor(Date.now() / 1000) };
+    await this.objects.put(writer, Buffer.from(`${JSON.stringify(record)}\n`));
+    return { volname, writer };
+  }
+
+  /** Removes a writer record (the backup is over, done or not). */
+  async endBackup(writer: string): Promise<void> {
+    await this.objects.delete(writer);
+  }
+
+  // ----- manifests -----------------------------------------------------------------------------
+
+  /**
+   * Writes a backup's manifest with its checksum (and signature, with a key). The last object of
+   * a backup: from then on it exists.
+   */
+  async writeManifest(m: UnsignedManifest): Promise<ChunkManifest> {
+    const text = canonical(m);
+    const full: ChunkManifest = {
+      ...(JSON.parse(text) as UnsignedManifest),
+      checksum: createHash('sha256').update(text).digest('hex'),
+      ...(this.key ? { signature: this.key.sign(text) } : {}),
+    };
+    await this.objects.put(this.objectKey(m.volname, MANIFEST), Buffer.from(JSON.stringify(full)));
+    return full;
+  }
+
+  /**
+   * A backup's manifest, checked: JSON, checksum, signature (with a key; a keyed manifest read
+   * without the key is checked by its checksum alone), volume name, version, and the key's
+   * fingerprint against the one it records when `needKey` (what restore and incremental backups
+   * read).
+   * @throws {@link ChunkBackupError} `ERR_UNKNOWN_VOLUME` (no manifest: the backup does not
+   *   exist), `ERR_BACKUP_CORRUPT`, `ERR_BACKUP_VERSION`; {@link ChunkStoreError} `ERR_KEY_REQUIRED`,
+   *   `ERR_KEY_MISMATCH` (with `needKey`).
+   */
+  async readManifest(volname: string, o: { needKey?: boolean } = {}): Promise<ChunkManifest> {
+    const key = this.objectKey(volname, MANIFEST);
+    const data = await this.objects.get(key);
+    if (data === null) throw new ChunkBackupError('ERR_UNKNOWN_VOLUME', `unknown volume ${this.volid(volname)}: no such backup in ${this}`, { volname });
+    const corrupt = (why: string): ChunkBackupError =>
+      new ChunkBackupError('ERR_BACKUP_CORRUPT', `backup ${this.volid(volname)} is corrupted: ${this}/${key} ${why}`, { volname, file: key });
+    let m: ChunkManifest;
+    try {
+      m = JSON.parse(data.toString('utf8')) as ChunkManifest;
+    } catch {
+      throw corrupt('is not valid JSON');
+    }
+    if (!m || typeof m !== 'object' || m.format !== CHUNK_STORE_FORMAT) throw corrupt(`is not a ${CHUNK_STORE_FORMAT} manifest`);
+    if (typeof m.version !== 'number' || m.version > CHUNK_STORE_VERSION) {
+      throw new ChunkBackupError('ERR_BACKUP_VERSION', `backup ${this.volid(volname)} was written by a newer pve-backup-provider (manifest version ${m.version}; this version reads up to ${CHUNK_STORE_VERSION}): upgrade it`, { volname, file: key });
+    }
+    let text: string;
+    try {
+      text = canonical(m);
+    } catch {
+      throw corrupt('lacks fields');
+    }
+    if (m.checksum !== createHash('sha256').update(text).digest('hex')) throw corrupt('does not match its checksum');
+    if (o.needKey) checkFingerprint(m.keyFingerprint ?? null, this.key, `backup ${this.volid(volname)}`);
+    if (this.key && m.keyFingerprint === this.key.fingerprint && m.signature !== this.key.sign(text)) throw corrupt('does not match its signature (it was changed by someone without the key)');
+    if (this.fingerprint !== null && m.keyFingerprint !== this.fingerprint) throw corrupt(`names key ${m.keyFingerprint ?? 'none'}, the store's is ${this.fingerprint}`);
+    if (m.volname !== volname) throw corrupt(`describes ${m.volname}`);
+    return m;
+  }
+
+  // ----- indexes -------------------------------------------------------------------------------
+
+  /**
+   * A VM disk's fixed index (docs/chunk-store.md), checked against the manifest (size, SHA-256)
+   * and its own trailing checksum, and decoded.
+   * @throws {@link ChunkBackupError} `ERR_BACKUP_CORRUPT` naming the object, `ERR_BACKUP_VERSION`.
+   */
+  async readFixedIndex(m: ChunkManifest, device: string): Promise<FixedIndex> {
+    const d = m.devices?.[device];
+    if (!d) throw new ChunkBackupError('ERR_UNKNOWN_VOLUME', `backup ${this.volid(m.volname)} has no disk ${device}`, { volname: m.volname });
+    const key = this.objectKey(m.volname, d.index);
+    const corrupt = (why: string): ChunkBackupError => new ChunkBackupError('ERR_BACKUP_CORRUPT', `backup ${this.volid(m.volname)} is corrupted: ${this}/${key} ${why}`, { volname: m.volname, file: key });
+    const data = await this.objects.get(key);
+    const want = m.files[d.index];
+    if (data === null) throw corrupt('is missing');
+    if (!want || data.length !== want.size || sha256(data) !== want.sha256) throw corrupt('is not what its manifest records');
+    return decodeFixedIndex(data, corrupt, (v) => new ChunkBackupError('ERR_BACKUP_VERSION', `${this}/${key} is of index version ${v}; this version reads 1: upgrade pve-backup-provider`, { volname: m.volname, file: key }));
+  }
+
+  /**
+   * The chunks of `digests` the store does not hold (zero digests and repeats skipped), asked with
+   * `head`, at most `concurrency` at once: before an incremental backup references a previous
+   * index's chunks, they must all still be there.
+   * @returns The missing chunks' keys.
+   */
+  async missingChunks(digests: Buffer[], concurrency = 16): Promise<string[]> {
+    const keys = [...new Set(digests.filter((d) => !d.equals(ZERO_DIGEST)).map(chunkKey))];
+    const missing: string[] = [];
+    let next = 0;
+    await Promise.all(
+      Array.from({ length: Math.min(concurrency, keys.length) }, async () => {
+        while (next < keys.length) {
+          const k = keys[next++]!;
+          if ((await this.objects.head(k)) === null) missing.push(k);
+        }
+      }),
+    );
+    return missing.sort();
+  }
+
+  // ----- blobs ---------------------------------------------------------------------------------
+
+  /** Stores a small file of a backup as a blob (encrypted with a key); returns how the manifest records it. */
+  async putBlob(volname: string, name: string, data: Buffer): Promise<ChunkManifestFile> {
+    const object = encodeBlob(data, this.key);
+    await this.objects.put(this.objectKey(volname, name), object);
+    return { size: object.length, sha256: sha256(object) };
+  }
+
+  /**
+   * A blob of a backup, checked against the manifest's record and decoded.
+   * @throws {@link ChunkBackupError} `ERR_BACKUP_CORRUPT` (missing, or not what the manifest records).
+   */
+  async getBlob(m: ChunkManifest, name: string): Promise<Buffer> {
+    const key = this.objectKey(m.volname, name);
+    const want = m.files[name];
+    const data = await this.objects.get(key);
+    const corrupt = (why: string): ChunkBackupError => new ChunkBackupError('ERR_BACKUP_CORRUPT', `backup ${this.volid(m.volname)} is corrupted: ${this}/${key} ${why}`, { volname: m.volname, file: key });
+    if (!want) throw corrupt('is not in its manifest');
+    if (data === null) throw corrupt('is missing');
+    if (data.length !== want.size || sha256(data) !== want.sha256) throw corrupt('does not match its manifest');
+    return decodeBlob(data, this.key, key, m.volname);
+  }
+
+  // ----- listing, attributes -------------------------------------------------------------------
+
+  /** Every backup with a manifest, or those of `vmid`, oldest first. Perl: `list_volumes`. */
+  async listBackups(vmid?: number): Promise<ChunkBackupInfo[]> {
+    const objects = await this.objects.list(vmid !== undefined ? `backups/${vmid}/` : 'backups/');
+    const groups = new Map<string, Set<string>>();
+    for (const o of objects) {
+      const parts = o.key.split('/');
+      if (parts.length !== 4 || !/^[1-9]\d*$/.test(parts[1]!) || !isBackupDirName(parts[2]!)) continue;
+      const volname = volnameOf(Number(parts[1]), parts[2]!);
+      if (!groups.has(volname)) groups.set(volname, new Set());
+      groups.get(volname)!.add(parts[3]!);
+    }
+    // manifests (and notes) read a few at once: one request each, mostly waiting for the store
+    const found = [...groups].filter(([, names]) => names.has(MANIFEST)); // no manifest: the backup does not exist (running, or failed)
+    const out: ChunkBackupInfo[] = [];
+    let next = 0;
+    await Promise.all(
+      Array.from({ length: Math.min(8, found.length) }, async () => {
+        while (next < found.length) {
+          const [volname, names] = found[next++]!;
+          out.push(await this.describe(volname, names));
+        }
+      }),
+    );
+    return out.sort((a, b) => a.ctime - b.ctime || (a.volname < b.volname ? -1 : 1));
+  }
+
+  /** A listed backup: its manifest (`corrupt` when it does not check) and attributes. */
+  private async describe(volname: string, names: Set<string>): Promise<ChunkBackupInfo> {
+    const p = this.parseVolname(volname);
+    const notes = names.has('notes') ? (await this.objects.get(this.objectKey(volname, 'notes')))?.toString('utf8') : undefined;
+    const base = { volid: this.volid(volname), volname, vmid: p.vmid, subtype: p.vmtype, protected: names.has('protected'), ...(notes !== undefined ? { notes } : {}) };
+    try {
+      const m = await this.readManifest(volname);
+      const size = m.devices ? Object.values(m.devices).reduce((n, d) => n + d.size, 0) : (m.archive?.size ?? 0);
+      const previous = Object.values(m.devices ?? {}).find((d) => d.previous)?.previous;
+      return { ...base, ctime: m.ctime, size, status: 'ok', ...(previous ? { previous: this.volid(previous) } : {}) };
+    } catch (err) {
+      if (!(err instanceof ChunkBackupError) || err.code !== 'ERR_BACKUP_CORRUPT') throw err;
+      return { ...base, ctime: ctimeOfBackupId(p.backupId), size: 0, status: 'corrupt' };
+    }
+  }
+
+  /** Notes and protected flag of an existing backup. Perl: `get_volume_attribute`. */
+  async attributes(volname: string): Promise<{ protected: boolean; notes?: string }> {
+    await this.assertExists(volname);
+    const prot = (await this.objects.head(this.objectKey(volname, 'protected'))) !== null;
+    const notes = (await this.objects.get(this.objectKey(volname, 'notes')))?.toString('utf8');
+    return { protected: prot, ...(notes !== undefined ? { notes } : {}) };
+  }
+
+  private async assertExists(volname: string): Promise<void> {
+    if ((await this.objects.head(this.objectKey(volname, MANIFEST))) === null) {
+      throw new ChunkBackupError('ERR_UNKNOWN_VOLUME', `unknown volume ${this.volid(volname)}: no such backup in ${this}`, { volname });
+    }
+  }
+
+  /** Sets (or, with an empty string, removes) a backup's notes: an object of its own, so the manifest is never rewritten. */
+  async setNotes(volname: string, notes: string): Promise<void> {
+    await this.assertExists(volname);
+    const key = this.objectKey(volname, 'notes');
+    if (notes === '') await this.objects.delete(key);
+    else await this.objects.put(key, Buffer.from(notes, 'utf8'));
+  }
+
+  /** Sets or clears the protected flag (the object `protected`, present = protected). */
+  async setProtected(volname: string, value: boolean): Promise<void> {
+    await this.assertExists(volname);
+    const key = this.objectKey(volname, 'protected');
+    if (value) await this.objects.put(key, Buffer.alloc(0));
+    else await this.objects.delete(key);
+  }
+
+  // ----- removal -------------------------------------------------------------------------------
+
+  /**
+   * Removes a backup's objects: the manifest first (from then on it does not exist), then its
+   * indexes, blobs and attributes. Its chunks stay for garbage collection (other backups may
+   * name them). Also what a failed backup leaves is removed this way.
+   */
+  async removeObjects(volname: string): Promise<void> {
+    const prefix = this.backupPrefix(volname);
+    await this.objects.delete(`${prefix}${MANIFEST}`);
+    for (const o of await this.objects.list(prefix)) await this.objects.delete(o.key);
+  }
+
+  /**
+   * Deletes a backup: refused for a protected one without `force`. Perl: `free_image`.
+   * @throws {@link ChunkBackupError} `ERR_UNKNOWN_VOLUME`, `ERR_BACKUP_PROTECTED`.
+   */
+  async deleteBackup(volname: string, o: { force?: boolean } = {}): Promise<void> {
+    const attrs = await this.attributes(volname);
+    if (attrs.protected && !o.force) {
+      throw new ChunkBackupError('ERR_BACKUP_PROTECTED', `backup ${this.volid(volname)} is protected: unprotect it first, or delete with force`, { volname });
+    }
+    await this.removeObjects(volname);
+  }
+
+  /**
+   * Applies retention (Proxmox's keep-* rules, `markBackups`) to the backups of one guest or of
+   * every guest. Protected backups are kept and do not count; corrupt ones are neither counted
+   * nor removed. Removing is deleting manifests and indexes; no chunk is touched.
+   * Perl: `prune_backups($scfg, $storeid, $keep, $vmid, $type, $dryrun)`.
+   */
+  async pruneBackups(o: { keep: PruneOptions; vmid?: number; vmtype?: GuestType; dryRun?: boolean }): Promise<ChunkPruneEntry[]> {
+    const all = (await this.listBackups(o.vmid)).filter((b) => b.status === 'ok' && (!o.vmtype || b.subtype === o.vmtype));
+    const groups = new Map<string, ChunkBackupInfo[]>();
+    for (const b of all) groups.set(`${b.vmid}/${b.subtype}`, [...(groups.get(`${b.vmid}/${b.subtype}`) ?? []), b]);
+    const out: ChunkPruneEntry[] = [];
+    for (const list of groups.values()) {
+      const entries: PruneEntry[] = list.map((b) => ({ volname: b.volname, ctime: b.ctime, protected: b.protected }));
+      for (const mk of markBackups(entries, o.keep)) {
+        const b = list.find((x) => x.volname === mk.volname)!;
+        out.push({ ...mk, volid: b.volid, vmid: b.vmid, subtype: b.subtype });
+      }
+    }
+    if (!o.dryRun) for (const e of out) if (e.mark === 'remove') await this.removeObjects(e.volname);
+    return out;
+  }
+}
