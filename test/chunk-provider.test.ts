@@ -10,7 +10,7 @@
  * on an s3:// URL.
  */
 import { spawnSync } from 'node:child_process';
-import { createHash, randomBytes } from 'node:crypto';
+import { createHash, createHmac, randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -19,8 +19,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { ChunkBackupError, ChunkStoreError } from '../lib/chunk-provider/errors.js';
 import type { ChunkDiskBackup, ChunkDiskRestore, ChunkJobs } from '../lib/chunk-provider/jobs.js';
-import { decodeBlob, encodeBlob, contentDigest } from '../lib/chunk-provider/blob.js';
-import { StoreKey, createKeyFile, readKeyFile } from '../lib/chunk-provider/key.js';
+import { decodeBlob, encodeBlob } from '../lib/chunk-provider/blob.js';
+import { createKeyFile, readKeyFile } from '../lib/chunk-provider/key.js';
 import { ChunkProvider } from '../lib/chunk-provider/provider.js';
 import { S3ObjectStore, type S3StoreOptions } from '../lib/chunk-provider/s3.js';
 import { ChunkStore, chunkKey, type UnsignedManifest } from '../lib/chunk-provider/store.js';
@@ -53,16 +53,25 @@ function encodeFidx(size: number, chunkSize: number, digests: Buffer[]): Buffer 
 }
 
 describe('chunk store keys and blobs (no store)', () => {
-  it('derives the keys as the core does (its fixed vector: master = bytes 0x00..0x1f)', () => {
-    const k = new StoreKey(Buffer.from(Array.from({ length: 32 }, (_, i) => i)));
+  /** A key file holding `master`, as `key create` writes it. */
+  function keyFile(master: Buffer): string {
+    const dir = mkdtempSync(path.join(tmpdir(), 'pbp-key-'));
+    const file = path.join(dir, 'key.json');
+    writeFileSync(file, JSON.stringify({ version: 1, created: 0, key: master.toString('base64') }), { mode: 0o600 });
+    return file;
+  }
+
+  it('uses the keys docs/chunk-store.md derives (the core\'s fixed vector: master = bytes 0x00..0x1f)', async () => {
+    const k = await readKeyFile(keyFile(Buffer.from(Array.from({ length: 32 }, (_, i) => i))));
     expect(k.fingerprint).toBe('c35d8e65bdf05594');
-    expect(k.idKey.toString('hex')).toBe('1930f83cefd3d702a8c33befd748edf1c7768ed07ce7244c07d75181ae33068c');
-    expect(k.sign('hello')).toBe(contentDigest(Buffer.from('hello'), k).toString('hex'));
+    // a manifest's signature: HMAC-SHA256 under the id key (HMAC-SHA256(master, "pbp chunk id v1"))
+    const idKey = Buffer.from('1930f83cefd3d702a8c33befd748edf1c7768ed07ce7244c07d75181ae33068c', 'hex');
+    expect(k.sign('hello')).toBe(createHmac('sha256', idKey).update('hello').digest('hex'));
     expect(JSON.stringify(k)).toBe('{"fingerprint":"c35d8e65bdf05594"}'); // never key material
   });
 
-  it('blobs round-trip, encrypted with a key; any flipped byte, another key or none is a typed error, never data', () => {
-    const key = new StoreKey(randomBytes(32));
+  it('blobs round-trip, encrypted with a key; any flipped byte, another key or none is a typed error, never data', async () => {
+    const key = await readKeyFile(keyFile(randomBytes(32)));
     const data = Buffer.from('name: vm100\nmemory: 2048\n');
     expect(decodeBlob(encodeBlob(data, undefined), undefined, 'b').equals(data)).toBe(true);
     const sealed = encodeBlob(data, key);
@@ -73,12 +82,17 @@ describe('chunk store keys and blobs (no store)', () => {
       bad[i]! ^= 0x01;
       expect(() => decodeBlob(bad, key, 'backups/1/x/guest.conf.blob'), `byte ${i}`).toThrow(ChunkBackupError);
     }
-    expect(() => decodeBlob(sealed, new StoreKey(randomBytes(32)), 'b')).toThrow(/authentication tag does not match/);
+    const other = await readKeyFile(keyFile(randomBytes(32)));
+    expect(() => decodeBlob(sealed, other, 'b')).toThrow(/authentication failed/);
     expect(() => decodeBlob(sealed, undefined, 'b')).toThrow(ChunkStoreError);
     expect(() => decodeBlob(encodeBlob(data, undefined), key, 'b')).toThrow(/not encrypted in a store with a key/);
     const plain = encodeBlob(data, undefined);
     plain[plain.length - 1]! ^= 1;
     expect(() => decodeBlob(plain, undefined, 'b')).toThrow(/does not match its digest/);
+    // a large log compresses: the one encoder of chunks and blobs compresses where it saves space
+    const log = Buffer.from('INFO: a task log line\n'.repeat(10_000));
+    expect(encodeBlob(log, undefined).length).toBeLessThan(log.length / 10);
+    expect(decodeBlob(encodeBlob(log, key), key, 'l').equals(log)).toBe(true);
   });
 });
 

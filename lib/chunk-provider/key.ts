@@ -6,43 +6,36 @@
  *
  * @packageDocumentation
  */
-import { createHmac } from 'node:crypto';
-import { readFile } from 'node:fs/promises';
-
 import { InvalidArgumentError } from '../errors.js';
 import { native } from '../native.js';
 import { ChunkStoreError, fromNative } from './errors.js';
 
-/** Labels of the derivations (format v1; never change). */
-const LABEL_ID = 'pbp chunk id v1';
-const LABEL_ENCRYPTION = 'pbp chunk encryption v1';
-const LABEL_FINGERPRINT = 'pbp key fingerprint v1';
-
-const hmac = (key: Buffer, data: string | Buffer): Buffer => createHmac('sha256', key).update(data).digest();
-
-/** The keys derived from a key file's master key. Never printed. */
+/**
+ * A store's key file, as the TypeScript side holds it: its path and fingerprint. Reading the
+ * file, deriving its keys and every use of them (chunk and blob encryption, digests, manifest
+ * signatures) is the native core's (`native/src/chunkstore/key.rs`), so that the format has one
+ * implementation; no key material is held in JavaScript.
+ */
 export class StoreKey {
-  /** First 16 hex digits of HMAC-SHA256(master, "pbp key fingerprint v1"). */
-  readonly fingerprint: string;
-  /** HMAC key of chunk digests and manifest signatures. */
-  readonly idKey: Buffer;
-  /** AES-256-GCM key of chunk and blob payloads. */
-  readonly encryptionKey: Buffer;
+  /**
+   * @param file - The key file.
+   * @param fingerprint - Its key's fingerprint (first 16 hex digits of HMAC-SHA256(master, "pbp key fingerprint v1")).
+   */
+  constructor(
+    readonly file: string,
+    readonly fingerprint: string,
+  ) {}
 
-  /** @param master - The 32-byte master key. */
-  constructor(master: Buffer) {
-    if (master.length !== 32) throw new InvalidArgumentError(`a store key is 32 bytes, not ${master.length}`);
-    this.fingerprint = hmac(master, LABEL_FINGERPRINT).subarray(0, 8).toString('hex');
-    this.idKey = hmac(master, LABEL_ID);
-    this.encryptionKey = hmac(master, LABEL_ENCRYPTION);
-  }
-
-  /** HMAC-SHA256 under the id key, lower-case hex (a manifest's signature). */
+  /** HMAC-SHA256 of `data` under the id key, lower-case hex (a manifest's signature). */
   sign(data: string | Buffer): string {
-    return hmac(this.idKey, data).toString('hex');
+    try {
+      return native.keySign(this.file, Buffer.from(data));
+    } catch (err) {
+      throw fromNative(err);
+    }
   }
 
-  /** Never prints key material. */
+  /** Never prints more than the fingerprint. */
   toJSON(): { fingerprint: string } {
     return { fingerprint: this.fingerprint };
   }
@@ -53,16 +46,12 @@ export class StoreKey {
  * @throws InvalidArgumentError when it cannot be read or is not a key file of version 1.
  */
 export async function readKeyFile(file: string): Promise<StoreKey> {
-  let o: { version?: unknown; key?: unknown };
   try {
-    o = JSON.parse(await readFile(file, 'utf8')) as typeof o;
+    return new StoreKey(file, native.keyFingerprint(file));
   } catch (err) {
-    throw new InvalidArgumentError(`cannot read key file ${file}: ${(err as Error).message}`, { cause: err });
+    const e = fromNative(err);
+    throw e instanceof InvalidArgumentError ? e : new InvalidArgumentError(`cannot read key file ${file}: ${(e as Error).message}`, { cause: e });
   }
-  if (o?.version !== 1 || typeof o.key !== 'string') throw new InvalidArgumentError(`${file} is not a key file of version 1`);
-  const master = Buffer.from(o.key, 'base64');
-  if (master.length !== 32) throw new InvalidArgumentError(`${file}: its key is ${master.length} bytes, not 32`);
-  return new StoreKey(master);
 }
 
 /**
@@ -85,13 +74,9 @@ export function checkFingerprint(recorded: string | null, key: StoreKey | undefi
  * @throws InvalidArgumentError when the file exists or cannot be written.
  */
 export async function createKeyFile(file: string): Promise<StoreKey> {
-  let fingerprint: string;
   try {
-    fingerprint = native.createKeyFile(file);
+    return new StoreKey(file, native.createKeyFile(file));
   } catch (err) {
     throw fromNative(err);
   }
-  const key = await readKeyFile(file);
-  if (key.fingerprint !== fingerprint) throw new InvalidArgumentError(`key file ${file}: the core and this module derive different fingerprints (${fingerprint}, ${key.fingerprint})`);
-  return key;
 }

@@ -122,8 +122,33 @@ pub fn encode_chunk(data: &[u8], digest: &Digest, key: Option<&StoreKey>) -> Res
 /// the plain content. An encrypted chunk needs `key` (`ERR_KEY_REQUIRED`); a plain chunk in a
 /// store with a key is refused as corrupt (it was not written by a client holding the key).
 pub fn decode_chunk(object: &[u8], digest: &Digest, key: Option<&StoreKey>) -> Result<Vec<u8>> {
-    let name = chunk_key(digest);
-    let name = name.as_str();
+    decode_named(&chunk_key(digest), object, digest, key)
+}
+
+/// A small file of a backup (a configuration, the task log) as a chunk object, for the
+/// TypeScript side's blobs: one encoder for chunks and blobs.
+pub fn encode_blob(data: &[u8], key: Option<&StoreKey>) -> Result<Vec<u8>> {
+    encode_chunk(data, &key::digest(key, data), key)
+}
+
+/// Decodes and checks a blob stored under `name`. Blobs are named by their backup, not by their
+/// digest: the digest expected is the one the header records, and the decoded content must
+/// match it (under the key, with a key: nobody without it can forge one).
+pub fn decode_blob(name: &str, object: &[u8], key: Option<&StoreKey>) -> Result<Vec<u8>> {
+    check_magic(name, object, CHUNK_MAGIC, 6)?;
+    let digest: Digest = object
+        .get(16..CHUNK_HEADER)
+        .and_then(|d| d.try_into().ok())
+        .ok_or_else(|| corrupt(name, format!("only {} bytes", object.len())))?;
+    decode_named(name, object, &digest, key)
+}
+
+fn decode_named(
+    name: &str,
+    object: &[u8],
+    digest: &Digest,
+    key: Option<&StoreKey>,
+) -> Result<Vec<u8>> {
     check_magic(name, object, CHUNK_MAGIC, 6)?;
     if object.len() < CHUNK_HEADER {
         return Err(corrupt(name, format!("only {} bytes", object.len())));

@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
+use napi::bindgen_prelude::Buffer;
 use napi::Status;
 use napi_derive::napi;
 use tokio::sync::{oneshot, Mutex};
@@ -20,7 +21,7 @@ use super::copy::NativeProgress;
 use super::error::{to_napi, IntoNapi};
 use super::{to_js, to_u64};
 use crate::chunkstore::backup::{self, BackupOptions, BackupSummary, DEFAULT_CHECKS};
-use crate::chunkstore::format::FixedIndex;
+use crate::chunkstore::format::{self, FixedIndex};
 use crate::chunkstore::key::{self, StoreKey};
 use crate::chunkstore::restore::{self, ChunkRestoreOptions};
 use crate::chunkstore::Objects;
@@ -374,4 +375,33 @@ pub fn create_key_file(path: String) -> napi::Result<String> {
 pub fn key_fingerprint(path: String) -> napi::Result<String> {
     let key = key::load_key_file(path.as_ref()).napi()?;
     Ok(key.fingerprint().to_string())
+}
+
+/// HMAC-SHA256 of `data` under the key file's id key, lower-case hex (a manifest's signature).
+#[napi]
+pub fn key_sign(path: String, data: Buffer) -> napi::Result<String> {
+    let key = key::load_key_file(path.as_ref()).napi()?;
+    Ok(key::hex(&key.sign(&data)))
+}
+
+/// A small file of a backup (a configuration, the task log) as a chunk object: compressed when
+/// that saves space, encrypted with the key file's key when one is given.
+#[napi]
+pub fn encode_blob(data: Buffer, key_file: Option<String>) -> napi::Result<Buffer> {
+    let key = load_optional_key(key_file)?;
+    Ok(format::encode_blob(&data, key.as_ref()).napi()?.into())
+}
+
+/// Decodes and checks a blob written by [`encode_blob`]; `name` (its object key) names it in errors.
+#[napi]
+pub fn decode_blob(object: Buffer, key_file: Option<String>, name: String) -> napi::Result<Buffer> {
+    let key = load_optional_key(key_file)?;
+    Ok(format::decode_blob(&name, &object, key.as_ref()).napi()?.into())
+}
+
+fn load_optional_key(key_file: Option<String>) -> napi::Result<Option<StoreKey>> {
+    key_file
+        .map(|p| key::load_key_file(p.as_ref()))
+        .transpose()
+        .napi()
 }
