@@ -514,7 +514,13 @@ export class ChunkStore {
       Array.from({ length: Math.min(8, found.length) }, async () => {
         while (next < found.length) {
           const [volname, names] = found[next++]!;
-          out.push(await this.describe(volname, names));
+          // deleted between the listing and the read (a prune elsewhere; or a store whose
+          // listing lags its deletes): it does not exist any more
+          const info = await this.describe(volname, names).catch((err: unknown) => {
+            if (err instanceof ChunkBackupError && err.code === 'ERR_UNKNOWN_VOLUME') return undefined;
+            throw err;
+          });
+          if (info) out.push(info);
         }
       }),
     );
