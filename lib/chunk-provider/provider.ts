@@ -49,6 +49,7 @@ import type {
   VolumeSize,
 } from '../provider/api.js';
 import { BackupProviderBase } from '../provider/base.js';
+import { pruneAnswer, storedBackup } from '../provider/storage-side.js';
 import { BitmapLedger } from '../provider/bitmap-ledger.js';
 import { nbdUriFor } from '../provider/dirty-regions.js';
 import { MechanismError, NotImplementedError } from '../provider/errors.js';
@@ -129,16 +130,7 @@ export class ChunkProvider extends BackupProviderBase {
    * them and when). Works on what the store holds only: a backup exists when its manifest does.
    */
   readonly storage: ProviderStorage = {
-    listBackups: async (filter = {}) =>
-      (await (await this.openStore()).listBackups(filter.vmid)).map((b) => ({
-        volname: b.volname,
-        vmid: b.vmid,
-        vmtype: b.subtype,
-        ctime: b.ctime,
-        size: b.size,
-        protected: b.protected,
-        ...(b.notes !== undefined ? { notes: b.notes } : {}),
-      })),
+    listBackups: async (filter = {}) => (await (await this.openStore()).listBackups(filter.vmid)).map(storedBackup),
     getNotes: async (volname) => (await (await this.openStore()).attributes(volname)).notes,
     getProtected: async (volname) => (await (await this.openStore()).attributes(volname)).protected,
     setNotes: async (volname, notes) => (await this.openStore()).setNotes(volname, notes),
@@ -146,8 +138,7 @@ export class ChunkProvider extends BackupProviderBase {
     removeBackup: async (volname) => (await this.openStore()).deleteBackup(volname),
     prune: async ({ vmid, vmtype, keep, dryRun }) => {
       const entries = await (await this.openStore()).pruneBackups({ vmid, vmtype, keep, ...(dryRun ? { dryRun } : {}) });
-      const marks = entries.map((e) => ({ volname: e.volname, vmid: e.vmid, vmtype: e.subtype, ctime: e.ctime, mark: e.mark }));
-      return { ...(dryRun ? {} : { removed: marks.filter((m) => m.mark === 'remove').map((m) => m.volname) }), marks };
+      return pruneAnswer(entries, dryRun);
     },
   };
 

@@ -47,6 +47,7 @@ import type {
   VolumeSize,
 } from '../provider/api.js';
 import { BackupProviderBase } from '../provider/base.js';
+import { pruneAnswer, storedBackup } from '../provider/storage-side.js';
 import type { FuseExport } from '../qemu/storage-daemon.js';
 import { nbdUriFor } from '../provider/dirty-regions.js';
 import { BitmapLedger } from '../provider/bitmap-ledger.js';
@@ -170,7 +171,7 @@ export class DirectoryProvider extends BackupProviderBase {
       const list = await (await this.openStore()).listBackups(filter.vmid);
       return list
         .filter((b) => b.status === 'ok' || b.status === 'broken' || b.status === 'corrupt')
-        .map((b) => ({ volname: b.volname, vmid: b.vmid, vmtype: b.subtype, ctime: b.ctime, size: b.size, protected: b.protected, ...(b.notes !== undefined ? { notes: b.notes } : {}) }));
+        .map(storedBackup);
     },
     getNotes: async (volname) => (await (await this.openStore()).listedAttributes(volname)).notes,
     getProtected: async (volname) => (await (await this.openStore()).listedAttributes(volname)).protected,
@@ -182,8 +183,7 @@ export class DirectoryProvider extends BackupProviderBase {
     },
     prune: async ({ vmid, vmtype, keep, dryRun }) => {
       const entries = await (await this.openStore()).pruneBackups({ vmid, vmtype, keep, ...(dryRun ? { dryRun } : {}) });
-      const marks = entries.map((e) => ({ volname: e.volname, vmid: e.vmid, vmtype: e.subtype, ctime: e.ctime, mark: e.mark }));
-      return { ...(dryRun ? {} : { removed: marks.filter((m) => m.mark === 'remove').map((m) => m.volname) }), marks };
+      return pruneAnswer(entries, dryRun);
     },
   };
 

@@ -592,20 +592,37 @@ fn restore_block(
 /// Writes guest data at `offset` to the target, cluster by cluster: runs of data with one
 /// `pwrite` each, all-zero clusters as zero ranges. Returns the bytes of data and of zeros.
 fn write_run(shared: &Shared, offset: u64, data: &[u8]) -> Result<(u64, u64)> {
-    let t = shared.target;
-    let cs = shared.chain.cluster_size as usize;
+    write_sparse(
+        shared.target,
+        offset,
+        data,
+        shared.chain.cluster_size as usize,
+        shared.zeroed,
+    )
+}
+
+/// Writes `data` at `offset`: runs of data with one `pwrite` each; all-zero blocks of `block`
+/// bytes stay holes on a `zeroed` target and are zeroed otherwise. Returns the bytes of data
+/// and of zeros. (The chain restore and the chunk store's restore both write through this.)
+pub(crate) fn write_sparse(
+    t: &Target,
+    offset: u64,
+    data: &[u8],
+    block: usize,
+    zeroed: bool,
+) -> Result<(u64, u64)> {
     let (mut data_bytes, mut zero_bytes) = (0u64, 0u64);
     let mut at = 0usize;
     while at < data.len() {
-        let kind = is_zero(&data[at..(at + cs).min(data.len())]);
-        let mut end = (at + cs).min(data.len());
-        while end < data.len() && is_zero(&data[end..(end + cs).min(data.len())]) == kind {
-            end = (end + cs).min(data.len());
+        let kind = is_zero(&data[at..(at + block).min(data.len())]);
+        let mut end = (at + block).min(data.len());
+        while end < data.len() && is_zero(&data[end..(end + block).min(data.len())]) == kind {
+            end = (end + block).min(data.len());
         }
         let pos = offset + at as u64;
         let n = (end - at) as u64;
         if kind {
-            if !shared.zeroed {
+            if !zeroed {
                 zero_range(t, pos, n)?;
             }
             zero_bytes += n;

@@ -10,7 +10,6 @@
 //! fdatasync-ed at the end. On error or cancellation the target holds a partial restore, which
 //! the caller removes.
 
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,8 +23,7 @@ use super::Objects;
 use crate::engine::Progress;
 use crate::error::{Error, Result};
 use crate::ratelimit::RateLimiter;
-use crate::restore::{open_target, zero_range, RestoreSummary, Target};
-use crate::zero::is_zero;
+use crate::restore::{open_target, write_sparse, zero_range, RestoreSummary, Target};
 
 /// Chunks fetched at once when the caller does not say.
 pub const DEFAULT_FETCHES: usize = 4;
@@ -201,7 +199,7 @@ async fn restore_chunk(
                 plain.len()
             )));
         }
-        let (data, zero) = write_chunk(&target, start, &plain, zeroed)?;
+        let (data, zero) = write_sparse(&target, start, &plain, HOLE_BLOCK, zeroed)?;
         Ok(Done {
             plain: len,
             data,
@@ -210,39 +208,6 @@ async fn restore_chunk(
         })
     })
     .await
-}
-
-/// Writes a chunk's content at `offset`: runs of data with one `pwrite` each; all-zero blocks
-/// of [`HOLE_BLOCK`] stay holes on a zeroed target, and are zeroed otherwise.
-fn write_chunk(t: &Target, offset: u64, data: &[u8], zeroed: bool) -> Result<(u64, u64)> {
-    let (mut data_bytes, mut zero_bytes) = (0u64, 0u64);
-    let mut at = 0usize;
-    while at < data.len() {
-        let block = |a: usize| &data[a..(a + HOLE_BLOCK).min(data.len())];
-        let kind = is_zero(block(at));
-        let mut end = (at + HOLE_BLOCK).min(data.len());
-        while end < data.len() && is_zero(block(end)) == kind {
-            end = (end + HOLE_BLOCK).min(data.len());
-        }
-        let pos = offset + at as u64;
-        let n = (end - at) as u64;
-        if kind {
-            if !zeroed {
-                zero_range(t, pos, n)?;
-            }
-            zero_bytes += n;
-        } else {
-            t.file.write_all_at(&data[at..end], pos).map_err(|err| {
-                Error::sink_io(
-                    format!("writing {n} bytes at {pos} of {}", t.path.display()),
-                    err,
-                )
-            })?;
-            data_bytes += n;
-        }
-        at = end;
-    }
-    Ok((data_bytes, zero_bytes))
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {

@@ -9,8 +9,8 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::bindgen_prelude::Buffer;
+use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::Status;
 use napi_derive::napi;
 use tokio::sync::{oneshot, Mutex};
@@ -396,7 +396,9 @@ pub fn encode_blob(data: Buffer, key_file: Option<String>) -> napi::Result<Buffe
 #[napi]
 pub fn decode_blob(object: Buffer, key_file: Option<String>, name: String) -> napi::Result<Buffer> {
     let key = load_optional_key(key_file)?;
-    Ok(format::decode_blob(&name, &object, key.as_ref()).napi()?.into())
+    Ok(format::decode_blob(&name, &object, key.as_ref())
+        .napi()?
+        .into())
 }
 
 fn load_optional_key(key_file: Option<String>) -> napi::Result<Option<StoreKey>> {

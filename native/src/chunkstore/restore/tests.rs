@@ -9,6 +9,7 @@ use super::*;
 use crate::chunkstore::format::{encode_chunk, FixedIndex};
 use crate::chunkstore::key;
 use crate::chunkstore::memory::MemoryObjects;
+use crate::zero::is_zero;
 
 const CS: u32 = 256 << 10;
 
