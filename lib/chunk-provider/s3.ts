@@ -121,6 +121,11 @@ export class S3ObjectStore {
   delete(key: string): Promise<void> {
     return call(() => native.chunkStoreDelete(this.inner, key));
   }
+
+  /** Copies `from` to `to` on the store's side (S3 CopyObject), replacing `to`; false when there is no `from`. */
+  copy(from: string, to: string): Promise<boolean> {
+    return call(() => native.chunkStoreCopy(this.inner, from, to));
+  }
 }
 
 /** Bucket names as S3 allows them (3 to 63 of lower-case letters, digits, dots, hyphens). */

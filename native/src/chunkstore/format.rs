@@ -44,6 +44,13 @@ pub fn chunk_key(digest: &Digest) -> String {
     format!("chunks/{}/{}/{d}", &d[0..2], &d[2..4])
 }
 
+/// The prefix of the fossils of the chunk named `digest` (docs/chunk-store.md, "Garbage
+/// collection"): `fossils/<d[0..2]>/<d[2..4]>/<d>.`, followed by the collection's id.
+pub fn fossil_prefix(digest: &Digest) -> String {
+    let d = hex(digest);
+    format!("fossils/{}/{}/{d}.", &d[0..2], &d[2..4])
+}
+
 fn corrupt(name: &str, why: impl std::fmt::Display) -> Error {
     Error::corrupt(format!("{name}: {why}"))
 }

@@ -135,4 +135,13 @@ impl Objects for MemoryObjects {
         self.map()?.remove(key);
         Ok(())
     }
+
+    async fn copy(&self, from: &str, to: &str) -> Result<bool> {
+        let mut map = self.map()?;
+        let Some(data) = map.get(from).cloned() else {
+            return Ok(false);
+        };
+        map.insert(to.to_string(), data);
+        Ok(true)
+    }
 }

@@ -48,4 +48,54 @@ pub trait Objects: Send + Sync {
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>>;
     /// Removes the object; removing a missing object is not an error.
     async fn delete(&self, key: &str) -> Result<()>;
+    /// Copies `from` to `to` on the store's side (S3 `CopyObject`), replacing `to`. `false`
+    /// when there is no object `from`.
+    async fn copy(&self, from: &str, to: &str) -> Result<bool>;
+}
+
+/// The stored object of the chunk named `digest`: `chunks/…`, or, when that is missing, one of
+/// its fossils (`fossils/…`: a garbage collection moved it there and has not yet decided;
+/// docs/chunk-store.md, "Garbage collection"). `None` when neither exists. Every reader of
+/// chunks (restore, verify, the NBD server) fetches through this.
+pub async fn get_chunk(objects: &dyn Objects, digest: &key::Digest) -> Result<Option<Bytes>> {
+    if let Some(object) = objects.get(&format::chunk_key(digest)).await? {
+        return Ok(Some(object));
+    }
+    for fossil in objects.list(&format::fossil_prefix(digest)).await? {
+        if let Some(object) = objects.get(&fossil.key).await? {
+            return Ok(Some(object));
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::format::{chunk_key, fossil_prefix};
+    use super::memory::MemoryObjects;
+    use super::*;
+
+    #[tokio::test]
+    async fn a_chunk_is_read_from_its_fossil_when_it_was_moved() -> Result<()> {
+        let objects = MemoryObjects::new();
+        let (here, moved, gone) = ([1u8; 32], [2u8; 32], [3u8; 32]);
+        objects
+            .put(&chunk_key(&here), Bytes::from_static(b"here"))
+            .await?;
+        let fossil = format!("{}c1", fossil_prefix(&moved));
+        objects.put(&fossil, Bytes::from_static(b"moved")).await?;
+        assert_eq!(
+            get_chunk(&objects, &here).await?.as_deref(),
+            Some(&b"here"[..])
+        );
+        assert_eq!(
+            get_chunk(&objects, &moved).await?.as_deref(),
+            Some(&b"moved"[..])
+        );
+        assert_eq!(get_chunk(&objects, &gone).await?, None);
+        assert!(fossil.starts_with("fossils/02/02/0202"));
+        assert!(objects.copy(&fossil, &chunk_key(&moved)).await?);
+        assert!(!objects.copy(&chunk_key(&gone), "x").await?);
+        Ok(())
+    }
 }

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::format::{chunk_key, decode_chunk, FixedIndex, ZERO_DIGEST};
 use super::key::StoreKey;
-use super::Objects;
+use super::{get_chunk, Objects};
 use crate::engine::Progress;
 use crate::error::{Error, Result};
 use crate::ratelimit::RateLimiter;
@@ -181,7 +181,7 @@ async fn restore_chunk(
         });
     }
     let name = chunk_key(&digest);
-    let Some(object) = objects.get(&name).await? else {
+    let Some(object) = get_chunk(objects.as_ref(), &digest).await? else {
         return Err(Error::corrupt(format!(
             "{name} is missing (chunk {i} of {index_name})"
         )));

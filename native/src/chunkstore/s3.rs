@@ -488,6 +488,21 @@ impl Objects for S3Objects {
             Err(e) => Err(self.error("delete", key, e)),
         }
     }
+
+    async fn copy(&self, from: &str, to: &str) -> Result<bool> {
+        let (source, target) = (self.path(from)?, self.path(to)?);
+        match self.store.copy(&source, &target).await {
+            Ok(()) => {
+                self.seen();
+                Ok(true)
+            }
+            Err(e @ object_store::Error::NotFound { .. }) => {
+                self.missing("copy", from, e).await?;
+                Ok(false)
+            }
+            Err(e) => Err(self.error("copy", from, e)),
+        }
+    }
 }
 
 #[cfg(test)]

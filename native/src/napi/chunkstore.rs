@@ -173,3 +173,14 @@ pub async fn chunk_store_delete(options: ChunkStoreOptions, key: String) -> napi
     let store = objects(&options)?;
     store.delete(&key).await.napi()
 }
+
+/// Copies `from` to `to` on the store's side, replacing `to`; false when `from` does not exist.
+#[napi]
+pub async fn chunk_store_copy(
+    options: ChunkStoreOptions,
+    from: String,
+    to: String,
+) -> napi::Result<bool> {
+    let store = objects(&options)?;
+    store.copy(&from, &to).await.napi()
+}
