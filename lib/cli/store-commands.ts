@@ -430,6 +430,31 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
 
   addStoreOptions(
     program
+      .command('gc')
+      .description('chunk stores: collect garbage, safe while backups run; unused chunks are moved aside first and deleted by a later run once the backups running meanwhile have finished (docs/chunk-store.md)'),
+  )
+    .option('--dry-run', 'report what would be done; change nothing')
+    .option('--json', 'print JSON')
+    .action(async (o: { store: string; dryRun?: boolean; json?: boolean }) => {
+      const store = await openCliStore(o, 'open');
+      const r = await store.gc({ dryRun: o.dryRun === true, log: logTo(o.json === true), signal: parse.signal() });
+      if (o.json) {
+        console.log(JSON.stringify(r, null, 2));
+        return;
+      }
+      const verb = r.dryRun ? 'would be' : 'were';
+      const deleted = r.finalized.reduce((n, c) => n + c.deleted, 0);
+      const bytes = r.finalized.reduce((n, c) => n + c.bytes, 0);
+      console.log(`${r.chunksMarked} chunks in use (named by ${r.indexes} indexes) of ${r.chunks} stored`);
+      console.log(`${deleted} unused chunks (${formatBytes(bytes)}) ${verb} deleted; ${r.finalized.reduce((n, c) => n + c.restored, 0)} ${verb} brought back for backups that named them`);
+      console.log(`${r.fossilized.chunks} unused chunks (${formatBytes(r.fossilized.bytes)}) ${verb} moved aside, to be deleted by a later run`);
+      for (const p of r.pending) console.log(`collection ${p.collection} waits for ${p.waitingFor} running backup(s) before its chunks are deleted`);
+      if (r.removedBackups.length > 0) console.log(`${r.removedBackups.length} incomplete backup folder(s) ${verb} removed: ${r.removedBackups.join(', ')}`);
+      if (r.staleWriters.length > 0) console.log(`${r.staleWriters.length} record(s) of dead backups ${verb} removed`);
+    });
+
+  addStoreOptions(
+    program
       .command('protect')
       .description('protect a backup from prune and delete (or lift that with --off)')
       .argument('<volid>', 'the backup'),

@@ -9,6 +9,7 @@
 import { Command } from 'commander';
 
 import type { BackupProvider, GuestType, LogFunction, PruneOptions } from '../provider/api.js';
+import type { GcReport } from '../chunk-provider/gc.js';
 import type { S3StoreOptions } from '../chunk-provider/s3.js';
 import { UsageError } from './errors.js';
 
@@ -66,6 +67,8 @@ export interface CliStore {
   setNotes(volname: string, notes: string): Promise<void>;
   /** `verify` (directory store only so far). */
   verify(volid: string | undefined, vmid: number | undefined): Promise<Array<{ volid: string; ok: boolean; problems: string[] }>>;
+  /** `gc`: chunk stores only (a directory store's deletions free their space at once). */
+  gc(o: { dryRun: boolean; log: LogFunction; signal: AbortSignal }): Promise<GcReport>;
   /** The provider a backup runs. */
   backupProvider(r: BackupProviderRequest): Promise<BackupProvider>;
   /** The provider a restore reads through. */
@@ -132,6 +135,7 @@ async function openDirectoryStore(name: string, o: Record<string, unknown>, mode
       for (const v of volnames) results.push(await store.verifyBackup(v));
       return results;
     },
+    gc: () => Promise.reject(new UsageError(`gc is for chunk stores: ${store.root} is a directory store, where deleting a backup frees its space`)),
     backupProvider: async (r) => {
       const [{ DirectoryProvider }, { DirectoryProviderV1 }] = await Promise.all([import('../directory-provider/provider.js'), import('../directory-provider/provider-v1.js')]);
       const scfg = {
@@ -196,6 +200,7 @@ async function openChunkStore(url: string, o: Record<string, unknown>): Promise<
     setProtected: (v, value) => store.setProtected(v, value),
     setNotes: (v, notes) => store.setNotes(v, notes),
     verify: () => Promise.reject(new UsageError(`verify of chunk stores (${url}) is not in this version`)),
+    gc: async (g) => (await import('../chunk-provider/gc.js')).collectGarbage(store, g),
     backupProvider: (r) => provider(r.log, r.options.mode ? { 'vm-backup-mode': r.options.mode } : {}, r.onProgress),
     restoreProvider: (log) => provider(log),
   } satisfies CliStore;

@@ -401,6 +401,14 @@ pub fn decode_blob(object: Buffer, key_file: Option<String>, name: String) -> na
         .into())
 }
 
+/// The chunks an index object (`.fidx` or `.didx`) names: its non-zero digests, 32 bytes each,
+/// concatenated. `ERR_BACKUP_CORRUPT` / `ERR_BACKUP_VERSION` for an object that is not a sound index.
+#[napi]
+pub fn chunk_index_digests(object: Buffer, name: String) -> napi::Result<Buffer> {
+    let digests = format::index_digests(&name, &object).napi()?;
+    Ok(digests.concat().into())
+}
+
 fn load_optional_key(key_file: Option<String>) -> napi::Result<Option<StoreKey>> {
     key_file
         .map(|p| key::load_key_file(p.as_ref()))
