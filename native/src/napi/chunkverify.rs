@@ -94,7 +94,7 @@ pub struct NativeChunkVerifyJob {
 }
 
 fn digests(name: &str, data: &[u8]) -> napi::Result<Vec<Digest>> {
-    if data.len() % 32 != 0 {
+    if !data.len().is_multiple_of(32) {
         return Err(to_napi(Error::invalid_argument(format!(
             "the digests of {name} are {} bytes, not a multiple of 32",
             data.len()
