@@ -193,7 +193,7 @@ describe('chunk store verify on S3 (Garage, 3 nodes, replication factor 3)', { t
     const ok = cli('verify', ...s3);
     expect(ok.status, ok.stderr).toBe(0);
     expect(ok.stdout).toBe(`chunks:${A}: ok (10 of 10 chunks checked)\nchunks:${B}: ok (15 of 15 chunks checked)\n`);
-    const json = cli('verify', `chunks:${A}`, ...s3, '--json');
+    const json = cli('verify', `chunks:${A}`, ...s3, '--json', '--bwlimit', '10M');
     expect(json.status, json.stderr).toBe(0);
     expect(JSON.parse(json.stdout)).toEqual([{ volid: `chunks:${A}`, ok: true, problems: [], chunks: { total: 10, checked: 10 } }]);
     const sampled = JSON.parse(cli('verify', ...s3, '--sample', '10', '--json').stdout) as ChunkVerifyResult[];
@@ -229,5 +229,7 @@ describe('chunk store verify on S3 (Garage, 3 nodes, replication factor 3)', { t
     const onFolder = cli('verify', '--store', folder, '--sample', '10');
     expect(onFolder.status).toBe(2);
     expect(onFolder.stderr).toMatch(/--sample is for s3:\/\/ stores/);
+    expect(cli('verify', '--store', folder, '--bwlimit', '1M').stderr).toMatch(/--bwlimit is for s3:\/\/ stores/);
+    expect(cli('verify', '--store', folder, '--json').stdout.trim()).toBe('[]');
   });
 });

@@ -27,7 +27,7 @@ export interface ChunkVerifyResult {
 }
 
 /** What to verify, and how. */
-export interface ChunkVerifyOptions {
+export interface VerifyChunkStoreOptions {
   /** The backups (volume names); none: every backup of the store, or of `vmid`. */
   volnames?: string[];
   vmid?: number;
@@ -53,7 +53,7 @@ function finding(err: unknown): string {
  *   store's errors; {@link ChunkBackupError} `ERR_UNKNOWN_VOLUME` for a named backup that does
  *   not exist; `CancelledError` on `signal`.
  */
-export async function verifyChunkStore(store: ChunkStore, o: ChunkVerifyOptions = {}): Promise<ChunkVerifyResult[]> {
+export async function verifyChunkStore(store: ChunkStore, o: VerifyChunkStoreOptions = {}): Promise<ChunkVerifyResult[]> {
   await store.assertKey();
   const named = o.volnames !== undefined;
   const volnames = o.volnames ?? (await store.listBackups(o.vmid)).map((b) => b.volname);

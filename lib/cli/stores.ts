@@ -142,6 +142,7 @@ async function openDirectoryStore(name: string, o: Record<string, unknown>, mode
     verify: async (volid, vmid, v = {}) => {
       // a directory store's backup is one qcow2 chain checked whole by qemu-img: nothing to sample
       if (v.samplePercent !== undefined && v.samplePercent !== 100) throw new UsageError(`--sample is for s3:// stores; ${name} is a folder`);
+      if (v.bandwidthLimit !== undefined) throw new UsageError(`--bwlimit is for s3:// stores; ${name} is a folder`);
       const volnames = volid ? [store.volnameOf(volid)] : (await store.listBackups(vmid)).filter((b) => b.status !== 'in-progress').map((b) => b.volname);
       if (volid) {
         await store.readManifest(volnames[0]!).catch((err: unknown) => {
