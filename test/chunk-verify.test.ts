@@ -1,6 +1,7 @@
 /**
  * `verify` of a chunk store against a real distributed S3 store (a three-node Garage cluster):
- * a sound store verifies; a chunk with one flipped byte is corrupt and a deleted one missing,
+ * a sound store verifies (backups written directly, and by the provider from a
+ * qemu-storage-daemon disk); a chunk with one flipped byte is corrupt and a deleted one missing,
  * each named with every backup that needs it; a chunk present only as a fossil is sound; a
  * sample checks its share of each backup's chunks; a damaged index, manifest or blob fails its
  * backup by name; an encrypted store is verified with its key and refused without it; the
@@ -12,7 +13,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 
 import { ChunkBackupError, ChunkStoreError } from '../lib/chunk-provider/errors.js';
 import { createKeyFile } from '../lib/chunk-provider/key.js';
@@ -20,10 +21,15 @@ import type { S3StoreOptions } from '../lib/chunk-provider/s3.js';
 import { ChunkStore, chunkKey } from '../lib/chunk-provider/store.js';
 import { verifyChunkStore, type ChunkVerifyResult } from '../lib/chunk-provider/verify.js';
 import { DirectoryStore } from '../lib/directory-provider/store.js';
+import { ChunkProvider } from '../lib/chunk-provider/provider.js';
+import { runBackupJob } from '../lib/index.js';
 import { putBackup, putChunks } from './helpers/chunk-store.js';
+import { startDisk, vmGuest } from './helpers/directory.js';
+import { stopAll, tempDir } from './helpers/qemu.js';
 import { startS3Cluster, type S3Cluster } from './helpers/s3-cluster.js';
 
 const CLI = path.join(import.meta.dirname, '..', 'dist', 'cli', 'main.js');
+const MiB = 2 ** 20;
 
 const A = 'backup/100/qemu-2026_11_01-02_00_00';
 const B = 'backup/100/qemu-2026_11_02-02_00_00';
@@ -64,6 +70,9 @@ describe('chunk store verify on S3 (Garage, 3 nodes, replication factor 3)', { t
     };
     dir = mkdtempSync(path.join(tmpdir(), 'pbp-chunk-verify-'));
   }, 120_000);
+  afterEach(async () => {
+    await stopAll();
+  });
   afterAll(async () => {
     await cluster?.stop();
     if (dir) rmSync(dir, { recursive: true, force: true });
@@ -109,6 +118,44 @@ describe('chunk store verify on S3 (Garage, 3 nodes, replication factor 3)', { t
     const unknown = await rejection(verifyChunkStore(store, { volnames: ['backup/102/qemu-2026_11_02-03_00_00'] }));
     expect(unknown).toBeInstanceOf(ChunkBackupError);
     expect(unknown.code).toBe('ERR_UNKNOWN_VOLUME');
+  });
+
+  it('backups made by the provider: a full and an incremental share their unchanged chunks; one lost fails both, one damaged chunk of the incremental fails it alone', async () => {
+    const store = await ChunkStore.open(fresh());
+    const stateDir = mkdtempSync(path.join(dir, 'state-'));
+    const scratch = await tempDir();
+    let clock = Date.UTC(2026, 10, 1, 2, 0, 0);
+    const provider = (): ChunkProvider => new ChunkProvider({ storeid: 'chunks', scfg: {}, log: () => undefined }, { store, stateDir, now: () => new Date(clock) });
+    const disk = await startDisk(8 * MiB); // 2 chunks of 4 MiB
+    await disk.write(0x41, 0, 4 * MiB);
+    await disk.write(0x42, 4 * MiB, 4 * MiB);
+    const backup = async (): Promise<string> => {
+      const g = (await runBackupJob({ provider: provider(), storeid: 'chunks', guests: [vmGuest(disk)], tmpdir: scratch })).guests[0]!;
+      expect(g.error).toBeUndefined();
+      return g.volname!;
+    };
+    const full = await backup();
+    await disk.write(0x43, 4 * MiB, 4096); // the second chunk changes
+    clock += 86_400_000;
+    const incr = await backup();
+    const digests = async (v: string): Promise<Buffer[]> => (await store.readFixedIndex(await store.readManifest(v), 'disk0')).digests;
+    const [shared, before] = await digests(full);
+    const [same, after] = await digests(incr);
+    expect(same!.equals(shared!)).toBe(true);
+    expect(after!.equals(before!)).toBe(false);
+    expect(await verifyChunkStore(store)).toEqual([
+      { volid: `chunks:${full}`, ok: true, problems: [], chunks: { total: 2, checked: 2 } },
+      { volid: `chunks:${incr}`, ok: true, problems: [], chunks: { total: 2, checked: 2 } },
+    ]);
+    await store.objects.delete(chunkKey(shared!));
+    const object = (await store.objects.get(chunkKey(after!)))!;
+    object[object.length - 1]! ^= 0x01;
+    await store.objects.put(chunkKey(after!), object);
+    const r = byVolname(await verifyChunkStore(store));
+    const lost = `chunk ${store}/${chunkKey(shared!)} is missing; needed by chunks:${full}, chunks:${incr}`;
+    expect(r[full]).toMatchObject({ ok: false, problems: [lost] });
+    expect(r[incr]!.ok).toBe(false);
+    expect(r[incr]!.problems).toEqual([lost, expect.stringMatching(new RegExp(`^chunk .*${chunkKey(after!)} is corrupt: .*; needed by chunks:${incr.replace(/[/]/g, '\\/')}$`))]);
   });
 
   it('a damaged index, manifest or blob fails that backup with the object named', async () => {
