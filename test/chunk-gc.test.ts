@@ -191,7 +191,7 @@ describe('chunk store garbage collection (Garage, 3 nodes)', { timeout: 300_000 
     expect((await keys(store, 'chunks/')).map((k) => k.slice(k.lastIndexOf('/') + 1)).sort()).toEqual([...named].sort());
   });
 
-  it('removes a folder without manifest once its backup is not running (a failed or dead backup), not before', async () => {
+  it('removes a folder without manifest once its backup is not running (failed, or dead: its record stale), not before', async () => {
     const store = await ChunkStore.open(fresh());
     await store.ensureCreated();
     const { volname, writer } = await store.startBackup(100, 'qemu', new Date());
@@ -202,6 +202,18 @@ describe('chunk store garbage collection (Garage, 3 nodes)', { timeout: 300_000 
     await writer.end(); // it ended without its manifest
     const r2 = await gc(store);
     expect(r2.removedBackups).toEqual([volname]);
+    expect(await keys(store, 'backups/')).toEqual([]);
+
+    // a backup that died (its record no longer rewritten): its record and folder go
+    const dead = await store.startBackup(101, 'qemu', new Date());
+    await store.objects.put(store.objectKey(dead.volname, 'guest.conf.blob'), Buffer.from('written first'));
+    await dead.writer.end();
+    await store.objects.put(dead.writer.key, Buffer.from(JSON.stringify(dead.writer.record))); // as it was when its process died
+    await nextSecond();
+    expect((await gc(store)).removedBackups).toEqual([]); // fresh: alive as far as anyone can tell
+    const r3 = await collectGarbage(store, { cutoffMarginSeconds: 0, staleAfterSeconds: 0 });
+    expect(r3).toMatchObject({ staleWriters: [dead.writer.key], removedBackups: [dead.volname] });
+    expect(await keys(store, 'writers/')).toEqual([]);
     expect(await keys(store, 'backups/')).toEqual([]);
   });
 

@@ -43,6 +43,8 @@ export interface GcOptions {
    * (default 600: writers' clocks against the store's). Safety does not depend on it.
    */
   cutoffMarginSeconds?: number;
+  /** @internal Seconds without a heartbeat after which a writer is dead (default {@link WRITER_STALE_SECONDS}). */
+  staleAfterSeconds?: number;
 }
 
 /** A collection's record `gc/<id>.json`. */
@@ -181,7 +183,8 @@ export async function collectGarbage(store: ChunkStore, o: GcOptions = {}): Prom
   const t0 = lock?.started ?? Math.floor(Date.now() / 1000);
   const report: GcReport = { dryRun, indexes: 0, chunksMarked: 0, chunks: 0, fossilized: { collection: null, chunks: 0, bytes: 0 }, finalized: [], pending: [], removedBackups: [], staleWriters: [] };
   try {
-    const live = (ws: StoredWriter[]): StoredWriter[] => ws.filter((w) => t0 - w.modified <= WRITER_STALE_SECONDS);
+    const staleAfter = o.staleAfterSeconds ?? WRITER_STALE_SECONDS;
+    const live = (ws: StoredWriter[]): StoredWriter[] => ws.filter((w) => t0 - w.modified <= staleAfter);
     const dropStale = async (ws: StoredWriter[]): Promise<void> => {
       for (const w of ws.filter((x) => !live([x]).length)) {
         if (!dryRun) await objects.delete(w.key);
