@@ -145,12 +145,23 @@ export const WRITER_HEARTBEAT_MS = 60_000;
 /** A writer record not rewritten for this long (store time) belongs to a dead backup. */
 export const WRITER_STALE_SECONDS = 15 * 60;
 
-/** Runs `fn` on every item, at most `limit` at once (requests to the store, mostly waiting). */
+/**
+ * Runs `fn` on every item, at most `limit` at once (requests to the store, mostly waiting). The
+ * first failure stops it: no item is started after it, and it is what rejects.
+ */
 export async function eachLimit<T>(items: readonly T[], limit: number, fn: (item: T) => Promise<void>): Promise<void> {
   let next = 0;
+  let failed = false;
   await Promise.all(
     Array.from({ length: Math.min(limit, items.length) }, async () => {
-      while (next < items.length) await fn(items[next++]!);
+      while (next < items.length && !failed) {
+        try {
+          await fn(items[next++]!);
+        } catch (err) {
+          failed = true;
+          throw err;
+        }
+      }
     }),
   );
 }
