@@ -5,9 +5,10 @@
  * --store DIR`) and against the ceiling, in one run on one machine:
  *
  * 1. Backup, A/B alternating rounds (odd rounds the chunk store first), medians. Per round a fresh
- *    disk (its own seed: Garage keeps content-addressed blocks and skips writing a block it holds,
- *    so the same bytes a second time would cost it less), a full backup into a fresh store of
- *    each kind, then the guest writes `--changed`% of the disk and both take an incremental backup.
+ *    copy of the disk and a fresh Garage cluster (Garage keeps content-addressed blocks and skips
+ *    writing a block it holds: the same bytes a second time would cost it less; and it frees the
+ *    blocks of deleted objects only minutes later), a full backup into a fresh store of each
+ *    kind, then the guest writes `--changed`% of the disk and both take an incremental backup.
  *    The ceiling of each chunk backup, measured after it on the same machine:
  *    - reading alone: the core (`copy URI - --discard`, the same snapshot export, for the
  *      incremental the same dirty bitmap, a harness-owned one) with no output;
@@ -42,7 +43,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 
-import { CLI, GiB, MiB, NODE, dist, f0, f2, fmtMiB, fmtSize, guestWrites, importTestHelper, median, parseSize, requireTime, rmf, sparseRandomDisk, startDaemonWithJobMonitor, timed, tool } from './common.mjs';
+import { CLI, GiB, MiB, NODE, cpuSeconds, dist, f0, f2, fmtBlock, fmtMiB, fmtSize, guestWrites, importTestHelper, median, parseSize, requireTime, rmf, sparseRandomDisk, startDaemonWithJobMonitor, timed, tool } from './common.mjs';
 import { writeSection } from './results-file.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -113,6 +114,9 @@ function parseArgs(argv) {
 }
 
 const log = (...a) => console.error(...a);
+/** From test/helpers/s3-cluster.ts (compiled at start-up: importTestHelper). */
+let startS3Cluster;
+let garageBinary;
 const secs = (t0) => (performance.now() - t0) / 1000;
 
 /** Runs `fn` over `items`, `n` at once. */
@@ -167,7 +171,23 @@ function stores(cluster, work) {
     }),
     dir: (folder, storeid) => ({ kind: 'dir', folder, args: ['--store', folder, '--storeid', storeid], env }),
     options: (prefix) => ({ ...base, prefix }),
+    garagePids: () => cluster.nodes.map((n) => n.process?.pid).filter(Boolean),
   };
+}
+
+/**
+ * Runs `fn` and adds to its result the CPU seconds the Garage nodes (`cpuGarage`), QEMU
+ * (`cpuQemu`, when `qsd` is given) and this harness process (`cpuHarness`) used meanwhile.
+ */
+async function metered(st, qsd, fn) {
+  const garage = st.garagePids();
+  const qemu = qsd ? [qsd.pid] : [];
+  const g0 = await cpuSeconds(garage);
+  const q0 = await cpuSeconds(qemu);
+  const h0 = process.cpuUsage();
+  const r = await fn();
+  const h = process.cpuUsage(h0);
+  return { ...r, cpuGarage: (await cpuSeconds(garage)) - g0, cpuQemu: qsd ? (await cpuSeconds(qemu)) - q0 : NaN, cpuHarness: (h.user + h.system) / 1e6 };
 }
 
 /**
@@ -175,7 +195,11 @@ function stores(cluster, work) {
  * /usr/bin/time. For the chunk store, the manifest's counters (chunks uploaded, reused, zero;
  * bytes read; bitmap mode); for the directory store, the core's copy summary.
  */
-async function backup(store, qsd, work, vmid) {
+async function backup(st, store, qsd, work, vmid) {
+  return metered(st, qsd, () => backupOnce(store, qsd, work, vmid));
+}
+
+async function backupOnce(store, qsd, work, vmid) {
   const fleecing = path.join(work, 'fleecing');
   await mkdir(fleecing, { recursive: true });
   const args = [CLI, 'backup', ...store.args, '--vmid', String(vmid), '--qmp', qsd.jobQmpSocket, '--devices', 'disk0', '--nbd-server', qsd.nbdSocket, '--fleecing-dir', fleecing, '--json'];
@@ -209,7 +233,11 @@ async function withAccess(qsd, work, targetId, bitmap, fn, success = true) {
 }
 
 /** Reading alone: the core copies the export (the bitmap's dirty areas) to nowhere, TRIMming as the backup does. */
-async function readAlone(dev, work, bitmap) {
+async function readAlone(st, qsd, dev, work, bitmap) {
+  return metered(st, qsd, () => readAloneOnce(dev, work, bitmap));
+}
+
+async function readAloneOnce(dev, work, bitmap) {
   const args = [CLI, 'copy', dev.nbdUri, '-', '--json', '--discard', ...(bitmap ? ['--bitmap', bitmap] : [])];
   const r = await timed(NODE, args, path.join(work, 'time-read.txt'));
   const s = JSON.parse(r.stdout);
@@ -234,29 +262,44 @@ async function dirtyExtents(dev) {
 async function uploadAlone(st, prefix, objects, concurrency) {
   const options = st.options(prefix);
   const data = objects.map((o) => randomBytes(o.size));
-  const t0 = performance.now();
-  await pool(objects, concurrency, (o, i) => native.chunkStorePut(options, o.key, data[i]));
-  const seconds = secs(t0);
+  const r = await metered(st, undefined, async () => {
+    const t0 = performance.now();
+    await pool(objects, concurrency, (o, i) => native.chunkStorePut(options, o.key, data[i]));
+    return { seconds: secs(t0) };
+  });
   await pool(objects, 16, (o) => native.chunkStoreDelete(options, o.key));
-  return { seconds, bytes: objects.reduce((s, o) => s + o.size, 0), objects: objects.length };
+  return { ...r, bytes: objects.reduce((s, o) => s + o.size, 0), objects: objects.length };
 }
 
 /** Fetching alone: GETs the objects, `concurrency` at once, and drops them. */
-async function fetchAlone(options, keys, concurrency) {
+async function fetchAlone(st, options, keys, concurrency) {
   let bytes = 0;
-  const t0 = performance.now();
-  await pool(keys, concurrency, async (k) => {
-    const b = await native.chunkStoreGet(options, k);
-    if (!b) throw new Error(`${k}: missing`);
-    bytes += b.length;
+  return metered(st, undefined, async () => {
+    const t0 = performance.now();
+    await pool(keys, concurrency, async (k) => {
+      const b = await native.chunkStoreGet(options, k);
+      if (!b) throw new Error(`${k}: missing`);
+      bytes += b.length;
+    });
+    return { seconds: secs(t0), bytes, objects: keys.length };
   });
-  return { seconds: secs(t0), bytes, objects: keys.length };
 }
 
-/** Removes every object under the store's prefix (between rounds: keeps the cluster's disks from filling). */
-async function emptyPrefix(options) {
-  const objects = await native.chunkStoreList(options, '');
-  await pool(objects, 16, (o) => native.chunkStoreDelete(options, o.key));
+/**
+ * Runs `fn` with a fresh three-node Garage cluster (test/helpers/s3-cluster.ts) and the stores on
+ * it, then stops the cluster and removes its folders. One per round and per dedup case: Garage
+ * deletes the blocks of deleted objects only minutes later, and a cluster that held the same
+ * bytes before would skip writing their blocks.
+ */
+async function withCluster(work, fn) {
+  const t0 = performance.now();
+  const cluster = await startS3Cluster();
+  log(`Garage cluster (3 nodes) up in ${secs(t0).toFixed(1)} s at ${cluster.endpoint}`);
+  try {
+    return await fn(stores(cluster, work));
+  } finally {
+    await cluster.stop();
+  }
 }
 
 /** A fresh copy of a cached generated disk (the cache stays pristine), served by qemu-storage-daemon. */
@@ -287,82 +330,83 @@ const fmtRow = (r) =>
 // ---------------------------------------------------------------------------------------------
 // 1. backups against the directory store and the ceilings
 
-async function benchBackups(opts, st, work, cacheDir, all) {
-  for (let round = 1; round <= opts.rounds; round++) {
-    const rdir = path.join(work, `round${round}`);
-    const d = await startDisk(cacheDir, rdir, opts.size, 100 + round);
-    const prefix = `r${round}/store`;
-    const chunkStore = st.chunk(prefix, 'chunkbench');
-    const dirStore = st.dir(path.join(rdir, 'dirstore'), 'dirbench');
-    const order = round % 2 ? [chunkStore, dirStore] : [dirStore, chunkStore];
-    try {
-      // untimed: the first read of the image after its copy (the warm-up of every round)
-      await withAccess(d.qsd, rdir, 'bench-read', undefined, (dev) => readAlone(dev, rdir));
-      let previousIndex;
-      for (const phase of ['full', 'incremental']) {
-        const row = (all.backup[phase] ??= { chunk: [], dir: [], read: [], upload: {}, fetch: [], written: [] });
-        let before = [];
-        if (phase === 'incremental') {
-          // the harness's own bitmap (a target of its own) starts here: it sees the same writes as the stores' bitmaps
-          await withAccess(d.qsd, rdir, 'bench-incr', 'ceiling', async () => undefined);
-          row.written.push(await guestWrites(d.live, opts.size, opts.changed, round, { block: opts.writeBlock, random: true }));
-          before = await native.chunkStoreList(chunkStore.options, 'chunks/');
-        }
-        let chunkResult;
-        for (const store of order) {
-          const r = await backup(store, d.qsd, rdir, 100);
-          if (r.incremental !== (phase === 'incremental')) throw new Error(`round ${round} ${store.kind} ${phase}: the backup was ${r.incremental ? 'incremental' : 'full'}`);
-          row[store.kind].push(r);
-          if (store.kind === 'chunk') chunkResult = r;
-          log(`round ${round} ${phase.padEnd(11)} ${store.kind === 'chunk' ? 'chunk store' : 'dir store  '}  ${fmtRow(r)}`);
-        }
-        // the ceilings of the chunk backup just taken
-        const known = new Set(before.map((o) => o.key));
-        const uploaded = (await native.chunkStoreList(chunkStore.options, 'chunks/')).filter((o) => !known.has(o.key));
-        let read;
-        let fetch;
-        if (phase === 'full') {
-          read = await withAccess(d.qsd, rdir, 'bench-read', undefined, (dev) => readAlone(dev, rdir));
-        } else {
-          // the same dirty areas, on a snapshot export of the same disk; the bitmap keeps them (teardown without success)
-          ({ read, fetch } = await withAccess(
-            d.qsd,
-            rdir,
-            'bench-incr',
-            'ceiling',
-            async (dev) => {
-              if (dev.bitmapAction !== 'used') throw new Error(`the harness's bitmap: ${dev.bitmapAction}, expected used`);
-              const dirty = await dirtyExtents(dev);
-              const touched = new Set();
-              for (const e of dirty) for (let c = Math.floor(e.offset / CHUNK); c * CHUNK < e.offset + e.length; c++) touched.add(c);
-              // chunks dirty in part are completed from the previous backup's chunk (fill_from_previous)
-              const partial = [...touched].filter((c) => !dirty.some((e) => e.offset <= c * CHUNK && e.offset + e.length >= Math.min((c + 1) * CHUNK, opts.size)));
-              const digests = fidxDigests(await native.chunkStoreGet(chunkStore.options, previousIndex));
-              const keys = [...new Set(partial.map((c) => digests[c]).filter((x) => x !== ZERO))].map(chunkKey);
-              const readR = await readAlone(dev, rdir, dev.bitmapName);
-              const fetchR = await fetchAlone(chunkStore.options, keys, SINK_UPLOADS);
-              return { read: { ...readR, dirtyBytes: dirty.reduce((s, e) => s + e.length, 0), touched: touched.size, partial: partial.length }, fetch: fetchR };
-            },
-            false,
-          ));
-          row.fetch.push(fetch);
-        }
-        row.read.push(read);
-        for (const c of opts.uploadConcurrency) (row.upload[c] ??= []).push(await uploadAlone(st, `r${round}/ceiling-${phase}-${c}`, uploaded, c));
-        log(
-          `round ${round} ${phase.padEnd(11)} ceiling: read alone ${read.seconds.toFixed(2)} s (${fmtMiB(read.bytesRead)}), ` +
-            opts.uploadConcurrency.map((c) => `upload alone x${c} ${row.upload[c].at(-1).seconds.toFixed(2)} s`).join(', ') +
-            ` (${uploaded.length} objects, ${fmtMiB(uploaded.reduce((s, o) => s + o.size, 0))})` +
-            (fetch ? `, fetch alone ${fetch.seconds.toFixed(2)} s (${fetch.objects} previous chunks, ${fmtMiB(fetch.bytes)}; ${read.partial} of ${read.touched} touched chunks dirty in part)` : ''),
-        );
-        previousIndex = chunkResult.index;
+async function benchBackups(opts, work, cacheDir, all) {
+  for (let round = 1; round <= opts.rounds; round++) await withCluster(work, (st) => benchRound(opts, st, work, cacheDir, all, round));
+}
+
+async function benchRound(opts, st, work, cacheDir, all, round) {
+  const rdir = path.join(work, `round${round}`);
+  const d = await startDisk(cacheDir, rdir, opts.size, 101);
+  const prefix = `r${round}/store`;
+  const chunkStore = st.chunk(prefix, 'chunkbench');
+  const dirStore = st.dir(path.join(rdir, 'dirstore'), 'dirbench');
+  const order = round % 2 ? [chunkStore, dirStore] : [dirStore, chunkStore];
+  try {
+    // untimed: the first read of the image after its copy (the warm-up of every round)
+    await withAccess(d.qsd, rdir, 'bench-read', undefined, (dev) => readAlone(st, d.qsd, dev, rdir));
+    let previousIndex;
+    for (const phase of ['full', 'incremental']) {
+      const row = (all.backup[phase] ??= { chunk: [], dir: [], read: [], upload: {}, fetch: [], written: [] });
+      let before = [];
+      if (phase === 'incremental') {
+        // the harness's own bitmap (a target of its own) starts here: it sees the same writes as the stores' bitmaps
+        await withAccess(d.qsd, rdir, 'bench-incr', 'ceiling', async () => undefined);
+        row.written.push(await guestWrites(d.live, opts.size, opts.changed, round, { block: opts.writeBlock, random: true }));
+        before = await native.chunkStoreList(chunkStore.options, 'chunks/');
       }
-    } finally {
-      await d.stop();
+      let chunkResult;
+      for (const store of order) {
+        const r = await backup(st, store, d.qsd, rdir, 100);
+        if (r.incremental !== (phase === 'incremental')) throw new Error(`round ${round} ${store.kind} ${phase}: the backup was ${r.incremental ? 'incremental' : 'full'}`);
+        row[store.kind].push(r);
+        if (store.kind === 'chunk') chunkResult = r;
+        log(`round ${round} ${phase.padEnd(11)} ${store.kind === 'chunk' ? 'chunk store' : 'dir store  '}  ${fmtRow(r)}`);
+      }
+      // the ceilings of the chunk backup just taken
+      const known = new Set(before.map((o) => o.key));
+      const uploaded = (await native.chunkStoreList(chunkStore.options, 'chunks/')).filter((o) => !known.has(o.key));
+      let read;
+      let fetch;
+      if (phase === 'full') {
+        read = await withAccess(d.qsd, rdir, 'bench-read', undefined, (dev) => readAlone(st, d.qsd, dev, rdir));
+      } else {
+        // the same dirty areas, on a snapshot export of the same disk; the bitmap keeps them (teardown without success)
+        ({ read, fetch } = await withAccess(
+          d.qsd,
+          rdir,
+          'bench-incr',
+          'ceiling',
+          async (dev) => {
+            if (dev.bitmapAction !== 'used') throw new Error(`the harness's bitmap: ${dev.bitmapAction}, expected used`);
+            const dirty = await dirtyExtents(dev);
+            const touched = new Set();
+            for (const e of dirty) for (let c = Math.floor(e.offset / CHUNK); c * CHUNK < e.offset + e.length; c++) touched.add(c);
+            // chunks dirty in part are completed from the previous backup's chunk (fill_from_previous)
+            const partial = [...touched].filter((c) => !dirty.some((e) => e.offset <= c * CHUNK && e.offset + e.length >= Math.min((c + 1) * CHUNK, opts.size)));
+            const digests = fidxDigests(await native.chunkStoreGet(chunkStore.options, previousIndex));
+            const keys = [...new Set(partial.map((c) => digests[c]).filter((x) => x !== ZERO))].map(chunkKey);
+            const readR = await readAlone(st, d.qsd, dev, rdir, dev.bitmapName);
+            const fetchR = await fetchAlone(st, chunkStore.options, keys, SINK_UPLOADS);
+            return { read: { ...readR, dirtyBytes: dirty.reduce((s, e) => s + e.length, 0), touched: touched.size, partial: partial.length }, fetch: fetchR };
+          },
+          false,
+        ));
+        row.fetch.push(fetch);
+      }
+      row.read.push(read);
+      for (const c of opts.uploadConcurrency) (row.upload[c] ??= []).push(await uploadAlone(st, `r${round}/ceiling-${phase}-${c}`, uploaded, c));
+      log(
+        `round ${round} ${phase.padEnd(11)} ceiling: read alone ${read.seconds.toFixed(2)} s (${fmtMiB(read.bytesRead)}), ` +
+          opts.uploadConcurrency.map((c) => `upload alone x${c} ${row.upload[c].at(-1).seconds.toFixed(2)} s`).join(', ') +
+          ` (${uploaded.length} objects, ${fmtMiB(uploaded.reduce((s, o) => s + o.size, 0))})` +
+          (fetch ? `, fetch alone ${fetch.seconds.toFixed(2)} s (${fetch.objects} previous chunks, ${fmtMiB(fetch.bytes)}; ${read.partial} of ${read.touched} touched chunks dirty in part)` : ''),
+      );
+      previousIndex = chunkResult.index;
     }
-    await emptyPrefix(st.options(`r${round}`));
-    await rmf(rdir);
+  } finally {
+    await d.stop();
   }
+  await rmf(rdir);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -378,13 +422,13 @@ async function benchChain(opts, st, work, cacheDir, block, k, all, restore) {
   try {
     for (let i = 0; i <= opts.chain; i++) {
       const written = i === 0 ? 0 : await guestWrites(d.live, opts.size, opts.changed, 1000 * k + i, { block, random: true });
-      const c = await backup(chunkStore, d.qsd, cdir, 100);
-      const r = await backup(dirStore, d.qsd, cdir, 100);
+      const c = await backup(st, chunkStore, d.qsd, cdir, 100);
+      const r = await backup(st, dirStore, d.qsd, cdir, 100);
       if (c.incremental !== i > 0 || r.incremental !== i > 0) throw new Error(`chain ${k} backup ${i}: expected ${i ? 'incremental' : 'full'} backups`);
       const stored = await bucketBytes(chunkStore.options);
       const row = { backups: i + 1, written, chunk: c, dir: r, chunkStored: stored.bytes, objects: stored.objects, dirStored: await treeBytes(dirStore.folder) };
       rows.push(row);
-      log(`chain ${fmtMiB(block)} writes, backup ${i + 1}: chunk ${fmtRow(c)}; dir ${r.seconds.toFixed(2)} s; stored chunk ${fmtMiB(row.chunkStored)} (${row.objects} objects), dir ${fmtMiB(row.dirStored)}`);
+      log(`chain ${fmtBlock(block)} writes, backup ${i + 1}: chunk ${fmtRow(c)}; dir ${r.seconds.toFixed(2)} s; stored chunk ${fmtMiB(row.chunkStored)} (${row.objects} objects), dir ${fmtMiB(row.dirStored)}`);
       last = { chunk: c, dir: r };
     }
   } finally {
@@ -392,7 +436,6 @@ async function benchChain(opts, st, work, cacheDir, block, k, all, restore) {
   }
   all.chains.push({ block, rows });
   if (restore) await benchRestore(opts, st, cdir, d.disk, chunkStore, dirStore, last, all);
-  await emptyPrefix(chunkStore.options);
   await rmf(cdir);
 }
 
@@ -413,8 +456,8 @@ async function benchClones(opts, st, work, cacheDir, all) {
     const qsd = await startDaemonWithJobMonitor(path.join(gdir, 'qsd'), disk, 'qcow2', { liveExports: false });
     try {
       const vmid = 201 + i;
-      const c = await backup(chunkStore, qsd, gdir, vmid);
-      const r = await backup(dirStore, qsd, gdir, vmid);
+      const c = await backup(st, chunkStore, qsd, gdir, vmid);
+      const r = await backup(st, dirStore, qsd, gdir, vmid);
       const stored = await bucketBytes(chunkStore.options);
       rows.push({ guests: i + 1, chunk: c, dir: r, chunkStored: stored.bytes, objects: stored.objects, dirStored: await treeBytes(dirStore.folder) });
       log(`clone ${i + 1}: chunk ${fmtRow(c)}; dir ${r.seconds.toFixed(2)} s; stored chunk ${fmtMiB(rows.at(-1).chunkStored)}, dir ${fmtMiB(rows.at(-1).dirStored)}`);
@@ -423,7 +466,6 @@ async function benchClones(opts, st, work, cacheDir, all) {
     }
   }
   all.clones = rows;
-  await emptyPrefix(chunkStore.options);
   await rmf(cdir);
 }
 
@@ -448,10 +490,10 @@ async function benchRestore(opts, st, cdir, disk, chunkStore, dirStore, last, al
     for (const c of order) {
       await rmf(out);
       await execFileP('sync');
-      const r = await timed(NODE, [CLI, 'restore', c.volid, ...c.store.args.filter((a, i, l) => a !== '--storeid' && l[i - 1] !== '--storeid'), '--to', `disk0=${out}`, '--json'], path.join(cdir, 'time-restore.txt'), { env: c.store.env });
+      const r = await metered(st, undefined, () => timed(NODE, [CLI, 'restore', c.volid, ...c.store.args.filter((a, i, l) => a !== '--storeid' && l[i - 1] !== '--storeid'), '--to', `disk0=${out}`, '--json'], path.join(cdir, 'time-restore.txt'), { env: c.store.env }));
       const t1 = performance.now();
       await fsyncFile(out); // time to a durable image, for both
-      const row = { round, name: c.name, seconds: r.seconds + secs(t1), rssMiB: r.rssKiB / 1024, cpu: r.cpu };
+      const row = { round, name: c.name, seconds: r.seconds + secs(t1), rssMiB: r.rssKiB / 1024, cpu: r.cpu, cpuGarage: r.cpuGarage };
       if (round === 1) {
         row.verify = await execFileP('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'qcow2', out, disk]).then(
           () => 'identical',
@@ -467,7 +509,7 @@ async function benchRestore(opts, st, cdir, disk, chunkStore, dirStore, last, al
   const digests = fidxDigests(await native.chunkStoreGet(chunkStore.options, last.chunk.index));
   const keys = [...new Set(digests.filter((x) => x !== ZERO))].map(chunkKey);
   const fetches = [];
-  for (let round = 1; round <= opts.restoreRounds; round++) fetches.push(await fetchAlone(chunkStore.options, keys, RESTORE_FETCHES));
+  for (let round = 1; round <= opts.restoreRounds; round++) fetches.push(await fetchAlone(st, chunkStore.options, keys, RESTORE_FETCHES));
   log(`restore ceiling: fetch alone ${median(fetches.map((f) => f.seconds)).toFixed(2)} s (${keys.length} chunks, ${fmtMiB(fetches[0].bytes)})`);
   all.restore = { rows, fetches, chunks: keys.length, zeroChunks: digests.filter((x) => x === ZERO).length, backups: opts.chain + 1 };
 }
@@ -488,7 +530,7 @@ function render(opts, all, meta) {
       'Everything shares the two cores: QEMU, the three Garage nodes (replication factor 3: every object is written to the one local disk three times), the CLI and the kernel.',
     '',
     `Disk: ${fmtSize(opts.size)} qcow2, ${DATA_PERCENT}% random (incompressible) data in runs of 4 MiB on average, holes elsewhere (\`nbdkit sparse-random runlength=4194304 random-content=true\`), ` +
-      'a fresh one per round (Garage skips writing blocks it already holds), served by qemu-storage-daemon (stock QEMU: the dirty bitmap has its default granularity, finer than a chunk). ' +
+      'a fresh copy per round and a fresh Garage cluster per round and per dedup case (Garage skips writing blocks it already holds), served by qemu-storage-daemon (stock QEMU: the dirty bitmap has its default granularity, finer than a chunk). ' +
       `Backups through the CLI as users run them: \`node dist/cli/main.js backup --store s3://BUCKET/PREFIX --endpoint URL --qmp SOCK --devices disk0 --nbd-server SOCK --fleecing-dir DIR --json\` (chunk store, chunks of 4 MiB, no key) ` +
       'and the same with `--store DIR` (directory store: qcow2 images), each a child process from spawn to exit under `/usr/bin/time`.',
     '',
@@ -499,11 +541,11 @@ function render(opts, all, meta) {
   if (B.full) {
     L.push('### Backup: chunk store vs directory store vs the ceiling', '');
     L.push(
-      `${opts.rounds} round${opts.rounds === 1 ? '' : 's'}, A/B alternating (odd rounds the chunk store first), medians. Incremental: the guest wrote ${opts.changed}% of the disk in ${fmtMiB(opts.writeBlock)} blocks ` +
+      `${opts.rounds} round${opts.rounds === 1 ? '' : 's'}, A/B alternating (odd rounds the chunk store first), medians. Incremental: the guest wrote ${opts.changed}% of the disk in ${fmtBlock(opts.writeBlock)} blocks ` +
         '(random offsets and bytes) through a live export before it. "Copy step" is the job\'s `provider` step (the core\'s copy, index, manifest); the rest of a backup is node\'s start-up, QMP backup access set-up and teardown, and the task log.',
       '',
-      '| backup | chunk store s | directory store s | chunk / dir | chunk copy step s | dir copy step s | chunk MiB/s (of data read) | read | chunks uploaded / reused / zero | peak RSS chunk / dir | CPU s chunk / dir |',
-      '|---|---|---|---|---|---|---|---|---|---|---|',
+      '| backup | chunk store s | directory store s | chunk / dir | chunk copy step s | dir copy step s | read by the chunk backup | uploaded (objects) | chunk MiB/s uploaded | chunks uploaded / reused / zero | peak RSS chunk / dir | CPU s chunk / dir |',
+      '|---|---|---|---|---|---|---|---|---|---|---|---|',
     );
     for (const phase of ['full', 'incremental']) {
       const p = B[phase];
@@ -511,8 +553,9 @@ function render(opts, all, meta) {
       const c = med(p.chunk.map((x) => x.seconds));
       const r = med(p.dir.map((x) => x.seconds));
       const read = med(p.chunk.map((x) => x.bytesRead));
+      const up = med(p.upload[SINK_UPLOADS].map((x) => x.bytes));
       L.push(
-        `| ${phase} | ${f2(c)} | ${f2(r)} | **${f2(c / r)}x** | ${f2(med(p.chunk.map((x) => x.steps.provider)))} | ${f2(med(p.dir.map((x) => x.steps.provider)))} | ${mib(read, c)} | ${fmtMiB(read)} | ` +
+        `| ${phase} | ${f2(c)} | ${f2(r)} | **${f2(c / r)}x** | ${f2(med(p.chunk.map((x) => x.steps.provider)))} | ${f2(med(p.dir.map((x) => x.steps.provider)))} | ${fmtMiB(read)} | ${fmtMiB(up)} | ${mib(up, c)} | ` +
           `${f0(med(p.chunk.map((x) => x.uploaded)))} / ${f0(med(p.chunk.map((x) => x.reused)))} / ${f0(med(p.chunk.map((x) => x.zero)))} | ` +
           `${f0(med(p.chunk.map((x) => x.rssMiB)))} / ${f0(med(p.dir.map((x) => x.rssMiB)))} MiB | ${f2(med(p.chunk.map((x) => x.cpu)))} / ${f2(med(p.dir.map((x) => x.cpu)))} |`,
       );
@@ -547,6 +590,27 @@ function render(opts, all, meta) {
         : []),
       '',
     );
+    // CPU
+    L.push(`Where the CPU goes (medians; core-seconds; ${os.cpus().length} cores, so "busy" = the sum / (wall x ${os.cpus().length}); the rest of the machine's load is not counted):`, '');
+    L.push('| run | wall s | client CPU s (CLI, or the harness) | Garage CPU s (3 nodes) | QEMU CPU s | busy |', '|---|---|---|---|---|---|');
+    const cpuRow = (name, xs, client) => {
+      if (!xs?.length) return;
+      const w = med(xs.map((x) => x.seconds));
+      const c = med(xs.map(client));
+      const g = med(xs.map((x) => x.cpuGarage));
+      const q = med(xs.map((x) => x.cpuQemu));
+      L.push(`| ${name} | ${f2(w)} | ${f2(c)} | ${f2(g)} | ${f2(q)} | ${f0((100 * (c + g + (Number.isFinite(q) ? q : 0))) / (w * os.cpus().length))}% |`);
+    };
+    for (const phase of ['full', 'incremental']) {
+      const p = B[phase];
+      if (!p) continue;
+      cpuRow(`${phase}: chunk backup`, p.chunk, (x) => x.cpu);
+      cpuRow(`${phase}: uploading alone x${SINK_UPLOADS}`, p.upload[SINK_UPLOADS], (x) => x.cpuHarness);
+      cpuRow(`${phase}: fetching alone x${SINK_UPLOADS}`, p.fetch, (x) => x.cpuHarness);
+      cpuRow(`${phase}: reading alone`, p.read, (x) => x.cpu);
+      cpuRow(`${phase}: directory backup`, p.dir, (x) => x.cpu);
+    }
+    L.push('');
     // steps
     const stepNames = [...new Set(['full', 'incremental'].flatMap((ph) => (B[ph] ? [...B[ph].chunk, ...B[ph].dir].flatMap((x) => Object.keys(x.steps)) : [])))].filter((s) => s !== 'total');
     L.push('Where the time goes (the job\'s own steps, medians, s):', '', `| step | ${['full', 'incremental'].filter((p) => B[p]).flatMap((p) => [`${p} chunk`, `${p} dir`]).join(' | ')} |`, `|---|${['full', 'incremental'].filter((p) => B[p]).flatMap(() => ['---', '---']).join('|')}|`);
@@ -566,7 +630,7 @@ function render(opts, all, meta) {
       '',
     );
     for (const ch of all.chains) {
-      L.push(`**A chain: 1 full + ${opts.chain} incremental backups, the guest writing ${opts.changed}% of the disk in ${fmtMiB(ch.block)} blocks (random offsets, block-aligned, random bytes) before each.**`, '');
+      L.push(`**A chain: 1 full + ${opts.chain} incremental backups, the guest writing ${opts.changed}% of the disk in ${fmtBlock(ch.block)} blocks (random offsets, block-aligned, random bytes) before each.**`, '');
       L.push('| backups | guest wrote | chunk store: stored | stored / logical | chunks uploaded | backup s | directory store: stored | stored / logical | backup s |', '|---|---|---|---|---|---|---|---|---|');
       for (const r of ch.rows) {
         const logical = opts.size * r.backups;
@@ -596,15 +660,15 @@ function render(opts, all, meta) {
       `The last backup of the first chain (backup ${R.backups}: the chunk store reads one index; the directory store a chain of ${R.backups} qcow2 layers), restored by the CLI (\`node dist/cli/main.js restore VOLID --store ... --to disk0=OUT --json\`) into a new raw file, fsync'd after (time to a durable image). ` +
         `${opts.restoreRounds} round${opts.restoreRounds === 1 ? '' : 's'}, A/B alternating, medians; round 1 compared byte for byte with the disk (\`qemu-img compare\`). The index names ${R.chunks} distinct data chunks and ${R.zeroChunks} zero chunks.`,
       '',
-      '| restore | median s | MiB/s (disk size) | MiB/s (data) | peak RSS | CPU s | round 1 |',
+      '| restore | median s | MiB/s (disk size) | MiB/s (data) | peak RSS | CPU s: client / Garage | round 1 |',
       '|---|---|---|---|---|---|---|',
     );
     for (const n of ['chunk', 'dir']) {
       const v = R.rows.filter((x) => x.name === n);
-      L.push(`| ${n === 'chunk' ? 'chunk store' : 'directory store'} | ${f2(t(n))} | ${mib(opts.size, t(n))} | ${mib(R.fetches[0].bytes, t(n))} | ${f0(med(v.map((x) => x.rssMiB)))} MiB | ${f2(med(v.map((x) => x.cpu)))} | ${v.find((x) => x.round === 1)?.verify ?? '-'} |`);
+      L.push(`| ${n === 'chunk' ? 'chunk store' : 'directory store'} | ${f2(t(n))} | ${mib(opts.size, t(n))} | ${mib(R.fetches[0].bytes, t(n))} | ${f0(med(v.map((x) => x.rssMiB)))} MiB | ${f2(med(v.map((x) => x.cpu)))} / ${f2(med(v.map((x) => x.cpuGarage)))} | ${v.find((x) => x.round === 1)?.verify ?? '-'} |`);
     }
     L.push(
-      `| ceiling: fetching alone (GET of the ${R.chunks} chunks, x${RESTORE_FETCHES}, in the harness) | ${f2(fetch)} | ${mib(opts.size, fetch)} | ${mib(R.fetches[0].bytes, fetch)} | | | |`,
+      `| ceiling: fetching alone (GET of the ${R.chunks} chunks, x${RESTORE_FETCHES}, in the harness) | ${f2(fetch)} | ${mib(opts.size, fetch)} | ${mib(R.fetches[0].bytes, fetch)} | | ${f2(med(R.fetches.map((x) => x.cpuHarness)))} / ${f2(med(R.fetches.map((x) => x.cpuGarage)))} | |`,
       '',
       `Chunk store / directory store: **${f2(t('chunk') / t('dir'))}x** the time; chunk restore / fetching alone: ${f2(t('chunk') / fetch)}x. Per round (s): ${R.rows.map((x) => `${x.name} ${x.seconds.toFixed(2)}`).join(', ')}.`,
       '',
@@ -634,23 +698,18 @@ async function main() {
   const started = Date.now();
   const loadStart = os.loadavg().map((x) => x.toFixed(2)).join(' ');
   const busyStart = await busyNow();
-  const { startS3Cluster, garageBinary } = await importTestHelper('s3-cluster');
+  ({ startS3Cluster, garageBinary } = await importTestHelper('s3-cluster'));
   const garage = (await execFileP(garageBinary(), ['--version']).catch((e) => ({ stdout: e.message }))).stdout.trim().split('\n')[0];
   const work = opts.work ?? (await mkdtemp(path.join(os.tmpdir(), 'pvebp-bench-chunks-')));
   await mkdir(work, { recursive: true });
   const cacheDir = path.join(here, 'work', 'images');
   log(`chunks bench: ${fmtSize(opts.size)} disk, ${opts.rounds} rounds, work ${work}; load ${loadStart}; ${busyStart}`);
-  const t0 = performance.now();
-  const cluster = await startS3Cluster();
-  log(`Garage cluster (3 nodes) up in ${secs(t0).toFixed(1)} s at ${cluster.endpoint}`);
-  const st = stores(cluster, work);
   const all = { backup: {}, chains: [], clones: undefined, restore: undefined };
   try {
-    await benchBackups(opts, st, work, cacheDir, all);
-    if (opts.chain > 0) for (const [k, block] of opts.dedupBlocks.entries()) await benchChain(opts, st, work, cacheDir, block, k, all, k === 0);
-    if (opts.clones > 0) await benchClones(opts, st, work, cacheDir, all);
+    await benchBackups(opts, work, cacheDir, all);
+    if (opts.chain > 0) for (const [k, block] of opts.dedupBlocks.entries()) await withCluster(work, (st) => benchChain(opts, st, work, cacheDir, block, k, all, k === 0));
+    if (opts.clones > 0) await withCluster(work, (st) => benchClones(opts, st, work, cacheDir, all));
   } finally {
-    await cluster.stop();
     if (!opts.work) await rmf(work);
   }
   const meta = {

@@ -46,9 +46,25 @@ export function parseSize(v, unit = GiB) {
 
 export const fmtSize = (b) => (b >= GiB && b % GiB === 0 ? `${b / GiB} GiB` : `${(b / MiB).toFixed(0)} MiB`);
 export const fmtMiB = (b) => `${(b / MiB).toFixed(0)} MiB`;
+/** A block size: KiB below 1 MiB. */
+export const fmtBlock = (b) => (b < MiB ? `${b / 1024} KiB` : fmtMiB(b));
 export const f2 = (x) => (Number.isFinite(x) ? x.toFixed(2) : '-');
 export const f3 = (x) => (Number.isFinite(x) ? x.toFixed(3) : '-');
 export const f0 = (x) => (Number.isFinite(x) ? x.toFixed(0) : '-');
+
+const CLK_TCK = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout.trim()) || 100;
+
+/** CPU seconds (user + system) the processes `pids` have used so far (/proc/PID/stat; a process gone counts 0). */
+export async function cpuSeconds(pids) {
+  let ticks = 0;
+  for (const pid of pids) {
+    const s = await readFile(`/proc/${pid}/stat`, 'utf8').catch(() => undefined);
+    if (!s) continue;
+    const f = s.slice(s.lastIndexOf(')') + 2).split(' '); // fields from the 3rd (state) on
+    ticks += Number(f[11]) + Number(f[12]); // utime, stime
+  }
+  return ticks / CLK_TCK;
+}
 
 export function median(xs) {
   const v = xs.filter((x) => Number.isFinite(x)).sort((a, b) => a - b);
@@ -143,6 +159,8 @@ export async function startDaemonWithJobMonitor(dir, disk, format = 'qcow2', { l
   }
   return {
     qmp,
+    /** the daemon's process id (for its CPU time) */
+    pid: child.pid,
     qmpSocket,
     jobQmpSocket,
     nbdSocket,
