@@ -37,7 +37,7 @@
  */
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdir, mkdtemp, open, readdir, stat } from 'node:fs/promises';
+import { mkdir, mkdtemp, open, readdir, stat, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -561,8 +561,8 @@ function render(opts, all, meta) {
       );
     }
     L.push('', '**The ceiling** (what the chunk backup must do at least, each part measured alone on the same machine right after it):', '');
-    L.push(`| backup | reading alone s (MiB) | ${opts.uploadConcurrency.map((c) => `uploading alone x${c} s`).join(' | ')} | objects uploaded (MiB) | fetching previous chunks alone x${SINK_UPLOADS} s (chunks) | ceiling s | chunk copy step / ceiling | chunk backup / ceiling |`);
-    L.push(`|---|---|${opts.uploadConcurrency.map(() => '---').join('|')}|---|---|---|---|---|`);
+    L.push(`| backup | reading alone s (MiB) | ${opts.uploadConcurrency.map((c) => `uploading alone x${c} s`).join(' | ')} | objects uploaded (MiB) | fetching previous chunks alone x${SINK_UPLOADS} s (chunks) | ceiling s | chunk copy step / ceiling | chunk backup / ceiling | uploading + fetching s | chunk copy step / that |`);
+    L.push(`|---|---|${opts.uploadConcurrency.map(() => '---').join('|')}|---|---|---|---|---|---|---|`);
     for (const phase of ['full', 'incremental']) {
       const p = B[phase];
       if (!p) continue;
@@ -570,10 +570,12 @@ function render(opts, all, meta) {
       const up = med(p.upload[SINK_UPLOADS].map((x) => x.seconds));
       const fetch = p.fetch.length ? med(p.fetch.map((x) => x.seconds)) : NaN;
       const ceiling = Math.max(read, up, Number.isFinite(fetch) ? fetch : 0);
+      const serverBound = up + (Number.isFinite(fetch) ? fetch : 0);
+      const step = med(p.chunk.map((x) => x.steps.provider));
       L.push(
         `| ${phase} | ${f2(read)} (${fmtMiB(med(p.read.map((x) => x.bytesRead)))}) | ${opts.uploadConcurrency.map((c) => f2(med(p.upload[c].map((x) => x.seconds)))).join(' | ')} | ` +
           `${f0(med(p.upload[SINK_UPLOADS].map((x) => x.objects)))} (${fmtMiB(med(p.upload[SINK_UPLOADS].map((x) => x.bytes)))}) | ${p.fetch.length ? `${f2(fetch)} (${f0(med(p.fetch.map((x) => x.objects)))})` : '-'} | ` +
-          `${f2(ceiling)} | **${f2(med(p.chunk.map((x) => x.steps.provider)) / ceiling)}x** | ${f2(med(p.chunk.map((x) => x.seconds)) / ceiling)}x |`,
+          `${f2(ceiling)} | **${f2(step / ceiling)}x** | ${f2(med(p.chunk.map((x) => x.seconds)) / ceiling)}x | ${p.fetch.length ? `${f2(serverBound)} | ${f2(step / serverBound)}x` : '- | -'} |`,
       );
     }
     const inc = B.incremental;
@@ -581,7 +583,8 @@ function render(opts, all, meta) {
       '',
       `- Reading alone: \`node dist/cli/main.js copy URI - --json --discard\` on a snapshot export of the same disk set up by the harness (incremental: \`--bitmap\`, the harness's own bitmap started with the stores' ones, so the same dirty areas), node's start-up included. ` +
         `Uploading alone: PUT of as many objects as the backup uploaded, the same keys and sizes, fresh random bytes, through the core's S3 client (\`chunkStorePut\`), x4 = the chunk sink's uploads at once; in the harness process (no start-up). ` +
-        `Fetching alone (incremental): GET of the previous backup's chunks that the incremental completes, x4. Ceiling = the slowest of them: a backup that overlapped them perfectly would take that long.`,
+        `Fetching alone (incremental): GET of the previous backup's chunks that the incremental completes, x4. Ceiling = the slowest of them: a backup that overlapped them perfectly would take that long. ` +
+        'Uploading and fetching both load the same Garage nodes, whose CPU is the bottleneck here (below): when the server is the limit, their sum is the bound that counts.',
       ...(inc
         ? [
             `- Incremental: the guest wrote ${fmtMiB(med(inc.written))}; the bitmap marked ${fmtMiB(med(inc.read.map((x) => x.dirtyBytes)))} dirty in ${f0(med(inc.read.map((x) => x.touched)))} of ${opts.size / CHUNK} chunks, ` +
@@ -722,6 +725,8 @@ async function main() {
     busyStart,
     took: ((Date.now() - started) / 1000).toFixed(0),
   };
+  await mkdir(path.join(here, 'work'), { recursive: true });
+  await writeFile(path.join(here, 'work', 'chunks-last.json'), JSON.stringify({ opts, meta, all }, null, 1)); // every sample, for a closer look
   const section = render(opts, all, meta);
   console.log(section);
   await writeSection(opts.results, 'chunks', section);
