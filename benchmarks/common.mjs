@@ -1,11 +1,13 @@
 // Helpers shared by the whole-stack benchmarks (provider.mjs, restore.mjs): a qemu-storage-daemon
 // with a second QMP monitor for the job's CLI, a timed child process under /usr/bin/time, the
 // guest's writes, medians. Plain Node ESM over dist/ (npm run build first).
-import { spawn, spawnSync } from 'node:child_process';
+import { execFile, spawn, spawnSync } from 'node:child_process';
+import { createCipheriv, createHash } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { open, readFile, rm } from 'node:fs/promises';
+import { mkdir, open, readFile, rename, rm } from 'node:fs/promises';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+import { promisify } from 'node:util';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 export const root = path.resolve(here, '..');
@@ -44,9 +46,25 @@ export function parseSize(v, unit = GiB) {
 
 export const fmtSize = (b) => (b >= GiB && b % GiB === 0 ? `${b / GiB} GiB` : `${(b / MiB).toFixed(0)} MiB`);
 export const fmtMiB = (b) => `${(b / MiB).toFixed(0)} MiB`;
+/** A block size: KiB below 1 MiB. */
+export const fmtBlock = (b) => (b < MiB ? `${b / 1024} KiB` : fmtMiB(b));
 export const f2 = (x) => (Number.isFinite(x) ? x.toFixed(2) : '-');
 export const f3 = (x) => (Number.isFinite(x) ? x.toFixed(3) : '-');
 export const f0 = (x) => (Number.isFinite(x) ? x.toFixed(0) : '-');
+
+const CLK_TCK = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout.trim()) || 100;
+
+/** CPU seconds (user + system) the processes `pids` have used so far (/proc/PID/stat; a process gone counts 0). */
+export async function cpuSeconds(pids) {
+  let ticks = 0;
+  for (const pid of pids) {
+    const s = await readFile(`/proc/${pid}/stat`, 'utf8').catch(() => undefined);
+    if (!s) continue;
+    const f = s.slice(s.lastIndexOf(')') + 2).split(' '); // fields from the 3rd (state) on
+    ticks += Number(f[11]) + Number(f[12]); // utime, stime
+  }
+  return ticks / CLK_TCK;
+}
 
 export function median(xs) {
   const v = xs.filter((x) => Number.isFinite(x)).sort((a, b) => a - b);
@@ -141,6 +159,8 @@ export async function startDaemonWithJobMonitor(dir, disk, format = 'qcow2', { l
   }
   return {
     qmp,
+    /** the daemon's process id (for its CPU time) */
+    pid: child.pid,
     qmpSocket,
     jobQmpSocket,
     nbdSocket,
@@ -179,12 +199,14 @@ export async function makeChunkDisk(file, size, run) {
 }
 
 /**
- * The guest changes `percent`% of the disk: distinct 64 KiB blocks at pseudo-random offsets
- * (the same sequence for the same `seed`), written through the live NBD export `live`.
+ * The guest changes `percent`% of the disk: distinct blocks of `block` bytes (default 64 KiB) at
+ * pseudo-random block-aligned offsets (the same sequence for the same `seed`), written through the
+ * live NBD export `live`. Each block is one repeated byte, or with `random` pseudo-random bytes
+ * (incompressible and unique: what a store that compresses and deduplicates has to keep).
  * Returns the bytes written.
  */
-export async function guestWrites(live, size, percent, seed) {
-  const B = 64 * 1024;
+export async function guestWrites(live, size, percent, seed, { block = 64 * 1024, random = false } = {}) {
+  const B = block;
   const blocks = Math.floor(size / B);
   const want = Math.max(1, Math.round((blocks * percent) / 100));
   let state = (12345 + seed) >>> 0;
@@ -195,12 +217,61 @@ export async function guestWrites(live, size, percent, seed) {
     const b = ((state ^ (state >>> 13)) >>> 0) % blocks;
     if (touched.has(b)) continue;
     touched.add(b);
-    pending.push(live.write(b * B, Buffer.alloc(B, ((state >>> 16) & 0xff) || 1)));
+    pending.push(live.write(b * B, random ? pseudoRandomBytes(`guest-${seed}`, b * B, B) : Buffer.alloc(B, ((state >>> 16) & 0xff) || 1)));
     if (pending.length >= 16) await Promise.all(pending.splice(0));
   }
   await Promise.all(pending);
   await live.flush();
   return want * B;
+}
+
+/**
+ * `length` pseudo-random bytes, a function of (`seed`, `offset`): AES-128-CTR of zeros, keyed by
+ * the seed, the offset as the counter's start. Incompressible, and different at every offset.
+ */
+export function pseudoRandomBytes(seed, offset, length) {
+  const key = createHash('sha256').update(`bench-${seed}`).digest().subarray(0, 16);
+  const iv = Buffer.alloc(16);
+  iv.writeBigUInt64BE(BigInt(offset), 0);
+  return createCipheriv('aes-128-ctr', key, iv).update(Buffer.alloc(length));
+}
+
+/**
+ * A sparse disk image of `size` bytes in `dir` (cached there by its parameters): `percent`% random
+ * data in runs of `runlength` bytes on average, holes elsewhere (`nbdkit sparse-random ...
+ * random-content=true` converted by `qemu-img convert`, which leaves zeros unallocated), the same
+ * bytes for the same `seed`. `format` qcow2 or raw. Returns its path.
+ */
+export async function sparseRandomDisk(dir, { size, percent, seed, runlength = MiB, format = 'qcow2' }) {
+  const suffix = runlength === MiB ? '' : runlength === 4 * MiB ? '-4m' : `-r${runlength}`;
+  const file = path.join(dir, `disk-${size}-${percent}-${seed}${suffix}.${format}`);
+  if (existsSync(file)) return file;
+  await mkdir(dir, { recursive: true });
+  const tmp = `${file}.tmp`;
+  await rmf(tmp);
+  console.error(`  generating ${path.basename(file)} (${fmtSize(size)}, ${percent}% data in runs of ${fmtMiB(runlength)}) ...`);
+  await promisify(execFile)(tool('nbdkit', 'nbdkit'), [
+    '-U', '-', 'sparse-random', `size=${size}`, `percent=${percent}`, `seed=${seed}`, `runlength=${runlength}`, 'random-content=true',
+    '--run', `${tool('qemu-img', 'qemu-utils')} convert -f raw -O ${format} "$uri" ${JSON.stringify(tmp)}`,
+  ]);
+  await rename(tmp, file);
+  return file;
+}
+
+/**
+ * Imports a helper of the tests (`test/helpers/NAME.ts`: TypeScript, where it lives, e.g. the
+ * Garage cluster) into a benchmark: compiles it and what it imports with the project's
+ * TypeScript under `benchmarks/work/test-helpers/` (git-ignored; ~2 s), then imports the output.
+ */
+export async function importTestHelper(name) {
+  const out = path.join(here, 'work', 'test-helpers');
+  await rmf(out);
+  const tsc = path.join(root, 'node_modules', 'typescript', 'bin', 'tsc');
+  const src = path.join(root, 'test', 'helpers', `${name}.ts`);
+  await promisify(execFile)(NODE, [tsc, '--outDir', out, '--rootDir', root, '--module', 'NodeNext', '--moduleResolution', 'NodeNext', '--target', 'ES2022', '--types', 'node', '--skipLibCheck', '--strict', src]).catch((e) => {
+    throw new Error(`compiling ${src} for the benchmark failed: ${(e.stdout || e.stderr || e.message).trim()}`);
+  });
+  return import(pathToFileURL(path.join(out, 'test', 'helpers', `${name}.js`)).href);
 }
 
 export async function rmf(p) {

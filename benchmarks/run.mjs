@@ -12,12 +12,12 @@
 // Needs `npm run build` first (uses dist/), qemu-storage-daemon, qemu-img, nbdkit, nbdcopy and
 // python3-libnbd (for the seed baseline).
 import { execFile, spawn, spawnSync } from 'node:child_process';
-import { createCipheriv, createHash } from 'node:crypto';
 import { existsSync, promises as fs, statSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
+import { pseudoRandomBytes, sparseRandomDisk } from './common.mjs';
 import { writeSection } from './results-file.mjs';
 
 const execFileP = promisify(execFile);
@@ -243,14 +243,6 @@ function prng(seed) {
   };
 }
 
-/** Deterministic incompressible bytes for `offset` (AES-CTR keystream). */
-function pseudoRandomBytes(seed, offset, length) {
-  const key = createHash('sha256').update(`bench-${seed}`).digest().subarray(0, 16);
-  const iv = Buffer.alloc(16);
-  iv.writeBigUInt64BE(BigInt(offset), 0);
-  return createCipheriv('aes-128-ctr', key, iv).update(Buffer.alloc(length));
-}
-
 /** Order of the contenders in round `r`: rotated, so each takes each position equally often. */
 function rotate(list, r) {
   const k = r % list.length;
@@ -260,44 +252,11 @@ function rotate(list, r) {
 // ---------------------------------------------------------------------------------------------
 // Disks
 
-/**
- * A qcow2 disk of `size` bytes with `percent`% random data in runs (nbdkit sparse-random,
- * fixed seed, runs of 1 MiB on average) and holes elsewhere. Cached in `dir`.
- */
-async function makeDisk(dir, size, percent, seed) {
-  const file = path.join(dir, `disk-${size}-${percent}-${seed}.qcow2`);
-  if (existsSync(file)) return file;
-  const nbdkit = tool('nbdkit', 'nbdkit');
-  const qemuImg = tool('qemu-img', 'qemu-utils');
-  const tmp = `${file}.tmp`;
-  await rmf(tmp);
-  log(`  generating ${path.basename(file)} (${fmtSize(size)}, ${percent}% data) ...`);
-  await execFileP(nbdkit, [
-    '-U', '-', 'sparse-random', `size=${size}`, `percent=${percent}`, `seed=${seed}`, 'runlength=1048576', 'random-content=true',
-    '--run', `${qemuImg} convert -f raw -O qcow2 "$uri" ${JSON.stringify(tmp)}`,
-  ]);
-  await fs.rename(tmp, file);
-  return file;
-}
+/** A qcow2 disk of `size` bytes, `percent`% random data in runs of 1 MiB on average, holes elsewhere (cached in `dir`). */
+const makeDisk = (dir, size, percent, seed) => sparseRandomDisk(dir, { size, percent, seed, runlength: MiB, format: 'qcow2' });
 
-/**
- * A raw sparse disk of `size` bytes with `percent`% random data in runs of 4 MiB on average
- * (nbdkit sparse-random runlength=4194304, fixed seed), holes elsewhere (`qemu-img convert`
- * leaves zeros unallocated). Cached in `dir`.
- */
-async function makeRawDisk(dir, size, percent, seed) {
-  const file = path.join(dir, `disk-${size}-${percent}-${seed}-4m.raw`);
-  if (existsSync(file)) return file;
-  const tmp = `${file}.tmp`;
-  await rmf(tmp);
-  log(`  generating ${path.basename(file)} (${fmtSize(size)}, ${percent}% data in 4 MiB runs) ...`);
-  await execFileP(tool('nbdkit', 'nbdkit'), [
-    '-U', '-', 'sparse-random', `size=${size}`, `percent=${percent}`, `seed=${seed}`, 'runlength=4194304', 'random-content=true',
-    '--run', `${tool('qemu-img', 'qemu-utils')} convert -f raw -O raw "$uri" ${JSON.stringify(tmp)}`,
-  ]);
-  await fs.rename(tmp, file);
-  return file;
-}
+/** A raw sparse disk of `size` bytes, `percent`% random data in runs of 4 MiB on average (cached in `dir`). */
+const makeRawDisk = (dir, size, percent, seed) => sparseRandomDisk(dir, { size, percent, seed, runlength: 4 * MiB, format: 'raw' });
 
 /**
  * One qemu-storage-daemon serving `file` (qcow2, or `format` raw) as node `disk0`; stopped by `stop()` (and on exit).
