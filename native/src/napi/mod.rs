@@ -10,6 +10,7 @@ mod client;
 mod copy;
 mod digests;
 mod error;
+mod nbdserver;
 mod restore;
 
 use napi_derive::napi;

@@ -1226,10 +1226,7 @@ mod tests {
         let mut o = BytesMut::new();
         let go = encode_go_data("drive-scsi0", &[INFO_BLOCK_SIZE, INFO_NAME]);
         encode_option(OPT_GO, &go, &mut o);
-        assert_eq!(
-            decode_option_header(&o).unwrap(),
-            (OPT_GO, go.len() as u32)
-        );
+        assert_eq!(decode_option_header(&o).unwrap(), (OPT_GO, go.len() as u32));
         assert_eq!(
             decode_go_data(&o[OPTION_HEADER_LEN..]).unwrap(),
             ("drive-scsi0".to_string(), vec![INFO_BLOCK_SIZE, INFO_NAME])
@@ -1264,14 +1261,20 @@ mod tests {
         for (bad, want) in [
             (&[0u8, 0, 0][..], "export name is truncated"),
             (&[0, 0, 0, 9, b'a'][..], "export name is truncated"),
-            (&[0, 0, 0, 0, 0, 2, 0, 1][..], "2 information requests in 2 bytes"),
+            (
+                &[0, 0, 0, 0, 0, 2, 0, 1][..],
+                "2 information requests in 2 bytes",
+            ),
             (&[0, 0, 0, 1, 0xff, 0, 0][..], "not valid UTF-8"),
         ] {
             let e = decode_go_data(bad).unwrap_err();
             assert!(e.is_protocol() && e.to_string().contains(want), "{e}");
         }
         for (bad, want) in [
-            (&[0u8, 0, 0, 0, 0xff, 0xff, 0xff, 0xff][..], "queries in 0 bytes"),
+            (
+                &[0u8, 0, 0, 0, 0xff, 0xff, 0xff, 0xff][..],
+                "queries in 0 bytes",
+            ),
             (&[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 5, b'a'][..], "truncated"),
             (&[0, 0, 0, 0, 0, 0, 0, 0, 7][..], "1 stray bytes"),
         ] {

@@ -77,10 +77,13 @@ impl NbdServer {
         log: ServerLog,
     ) -> Result<NbdServer> {
         if exports.is_empty() {
-            return Err(Error::invalid_argument("an NBD server needs at least one export"));
+            return Err(Error::invalid_argument(
+                "an NBD server needs at least one export",
+            ));
         }
         let listener = bind(socket)?;
-        let exports: Arc<Vec<Arc<Export<D>>>> = Arc::new(exports.into_iter().map(Arc::new).collect());
+        let exports: Arc<Vec<Arc<Export<D>>>> =
+            Arc::new(exports.into_iter().map(Arc::new).collect());
         let stop = CancellationToken::new();
         let task = tokio::spawn(accept_loop(listener, exports, log, stop.clone()));
         Ok(NbdServer {

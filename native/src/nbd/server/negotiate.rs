@@ -128,7 +128,11 @@ impl<'a> Negotiation<'a> {
             }
             OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
-                    error(out, REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data");
+                    error(
+                        out,
+                        REP_ERR_INVALID,
+                        "NBD_OPT_STRUCTURED_REPLY takes no data",
+                    );
                     return Next::Option;
                 }
                 self.structured = true;
@@ -360,7 +364,14 @@ mod tests {
         let (_, r) = answer(&mut n, OPT_SET_META_CONTEXT, &other);
         assert_eq!(r.iter().map(|x| x.1).collect::<Vec<_>>(), vec![REP_ACK]);
         let (next, _) = answer(&mut n, OPT_GO, &encode_go_data("", &[]));
-        assert!(matches!(next, Next::Transmit(Session { export: 0, allocation: false, .. })));
+        assert!(matches!(
+            next,
+            Next::Transmit(Session {
+                export: 0,
+                allocation: false,
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -383,7 +394,11 @@ mod tests {
         assert_eq!(next, Next::Option);
         assert_eq!(r[0].1, REP_ERR_UNKNOWN);
         assert!(String::from_utf8_lossy(&r[0].2).contains("\"nope\""));
-        let (_, r) = answer(&mut n, OPT_LIST_META_CONTEXT, &encode_meta_context_data("x", &[]));
+        let (_, r) = answer(
+            &mut n,
+            OPT_LIST_META_CONTEXT,
+            &encode_meta_context_data("x", &[]),
+        );
         assert_eq!(r[0].1, REP_ERR_UNKNOWN);
         // LIST without queries (or the namespace alone) lists base:allocation, structured or not
         for q in [vec![], vec!["base:".to_string()]] {
@@ -426,7 +441,10 @@ mod tests {
         assert_eq!(&out[8..10], &EXPORT_FLAGS.to_be_bytes());
         let mut n = Negotiation::new(&e, FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).unwrap();
         let mut out = BytesMut::new();
-        assert!(matches!(n.option(OPT_EXPORT_NAME, b"", &mut out), Next::Transmit(_)));
+        assert!(matches!(
+            n.option(OPT_EXPORT_NAME, b"", &mut out),
+            Next::Transmit(_)
+        ));
         assert_eq!(out.len(), 10);
         let mut out = BytesMut::new();
         assert_eq!(n.option(OPT_EXPORT_NAME, b"nope", &mut out), Next::Close);

@@ -54,10 +54,14 @@ impl ReadOnlyDisk for Arc<MemDisk> {
         let end = offset + u64::from(length);
         if let Some((a, b)) = self.bad {
             if offset < b && a < end {
-                return Err(Error::corrupt(format!("chunks/ab/cd/abcd is damaged (at {a})")));
+                return Err(Error::corrupt(format!(
+                    "chunks/ab/cd/abcd is damaged (at {a})"
+                )));
             }
         }
-        Ok(Bytes::copy_from_slice(&self.data[offset as usize..end as usize]))
+        Ok(Bytes::copy_from_slice(
+            &self.data[offset as usize..end as usize],
+        ))
     }
 
     async fn allocation(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
@@ -66,7 +70,9 @@ impl ReadOnlyDisk for Arc<MemDisk> {
         let mut pos = offset;
         while pos < end {
             let block_end = ((pos / BLOCK + 1) * BLOCK).min(self.size());
-            let zero = self.data[pos as usize..block_end as usize].iter().all(|&b| b == 0);
+            let zero = self.data[pos as usize..block_end as usize]
+                .iter()
+                .all(|&b| b == 0);
             out.push(Extent {
                 offset: pos,
                 length: block_end - pos,
@@ -80,7 +86,9 @@ impl ReadOnlyDisk for Arc<MemDisk> {
 
 /// 1 MiB + 512: data, a zero area [256 KiB, 512 KiB), data to the odd end.
 fn content() -> Vec<u8> {
-    let mut d: Vec<u8> = (0..(1 << 20) + 512).map(|i: usize| (i % 251) as u8 | 1).collect();
+    let mut d: Vec<u8> = (0..(1 << 20) + 512)
+        .map(|i: usize| (i % 251) as u8 | 1)
+        .collect();
     d[256 << 10..512 << 10].fill(0);
     d
 }
@@ -132,7 +140,10 @@ async fn serves_reads_and_allocation_read_only_with_multi_conn() {
         let disk = Arc::new(MemDisk::new(data.clone()));
         let r = start(vec![("drive-scsi0", disk.clone())]).await;
         let mode = std::fs::metadata(&r.socket).unwrap();
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777, 0o600);
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+            0o600
+        );
         let c = client(&r.socket, "drive-scsi0").await.unwrap();
         let info = c.info().clone();
         assert_eq!(info.size, data.len() as u64);
@@ -141,7 +152,10 @@ async fn serves_reads_and_allocation_read_only_with_multi_conn() {
         assert!(info.context_id(CONTEXT_ALLOCATION).is_some());
         // the odd tail, a read across data and zeros, the whole disk
         assert_eq!(&c.read(1 << 20, 512).await.unwrap()[..], &data[1 << 20..]);
-        assert_eq!(&c.read(200 << 10, 100 << 10).await.unwrap()[..], &data[200 << 10..300 << 10]);
+        assert_eq!(
+            &c.read(200 << 10, 100 << 10).await.unwrap()[..],
+            &data[200 << 10..300 << 10]
+        );
         assert_eq!(&c.read(0, data.len() as u32).await.unwrap()[..], &data[..]);
         let map = c
             .block_status_all(0, data.len() as u64, CONTEXT_ALLOCATION)
@@ -169,7 +183,11 @@ async fn serves_reads_and_allocation_read_only_with_multi_conn() {
         d.disconnect().await.unwrap();
         r.server.stop().await;
         assert!(!r.socket.exists());
-        assert!(r.log.lock().unwrap().is_empty(), "{:?}", r.log.lock().unwrap());
+        assert!(
+            r.log.lock().unwrap().is_empty(),
+            "{:?}",
+            r.log.lock().unwrap()
+        );
     })
     .await
     .unwrap();
@@ -187,14 +205,17 @@ async fn several_connections_with_many_requests_in_flight() {
             for i in 0..32u64 {
                 let c = c.clone();
                 let offset = (i * 31 * 1024) % ((1 << 20) - 4096);
-                reads.push(tokio::spawn(async move {
-                    (offset, c.read(offset, 4096).await)
-                }));
+                reads.push(tokio::spawn(
+                    async move { (offset, c.read(offset, 4096).await) },
+                ));
             }
         }
         for t in reads {
             let (offset, got) = t.await.unwrap();
-            assert_eq!(&got.unwrap()[..], &data[offset as usize..offset as usize + 4096]);
+            assert_eq!(
+                &got.unwrap()[..],
+                &data[offset as usize..offset as usize + 4096]
+            );
         }
         assert_eq!(disk.reads.load(Ordering::SeqCst), 96);
         // requests overlapped: more than one connection's worth, and several per connection
@@ -215,12 +236,21 @@ async fn a_failing_read_is_eio_for_that_read_alone_and_logged() {
         let e = c.read(512 << 10, 256 << 10).await.unwrap_err();
         let s = e.server_error().expect("a server error");
         assert_eq!((s.errno, s.command), (NBD_EIO, "READ"));
-        assert!(s.message.as_deref().unwrap_or("").contains("chunks/ab/cd/abcd is damaged"), "{e}");
+        assert!(
+            s.message
+                .as_deref()
+                .unwrap_or("")
+                .contains("chunks/ab/cd/abcd is damaged"),
+            "{e}"
+        );
         // the connection goes on
         assert_eq!(c.read(0, 512).await.unwrap().len(), 512);
         let log = r.log.lock().unwrap().clone();
         assert_eq!(log.len(), 1);
-        assert!(log[0].contains("READ at 524288 length 262144 of export d failed"), "{log:?}");
+        assert!(
+            log[0].contains("READ at 524288 length 262144 of export d failed"),
+            "{log:?}"
+        );
         assert!(log[0].contains("chunks/ab/cd/abcd"), "{log:?}");
         r.server.stop().await;
     })
@@ -248,7 +278,9 @@ async fn export_name_simple_replies_and_refused_writes_keep_the_stream_in_step()
                 flags: FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES
             }
         );
-        s.write_u32(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).await.unwrap();
+        s.write_u32(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
+            .await
+            .unwrap();
         let mut o = BytesMut::new();
         encode_option(OPT_EXPORT_NAME, b"d", &mut o);
         s.write_all(&o).await.unwrap();
@@ -288,7 +320,10 @@ async fn export_name_simple_replies_and_refused_writes_keep_the_stream_in_step()
         s.write_all(&request(CMD_READ, 4, 8, 16)).await.unwrap();
         assert_eq!(
             decode_reply_header(&take(&mut s, SIMPLE_REPLY_LEN).await).unwrap(),
-            ReplyHeader::Simple { error: 0, cookie: 4 }
+            ReplyHeader::Simple {
+                error: 0,
+                cookie: 4
+            }
         );
         assert_eq!(take(&mut s, 16).await, &data[8..24]);
         s.write_all(&request(CMD_DISC, 5, 0, 0)).await.unwrap();

@@ -32,8 +32,15 @@ const MAX_WRITE_PAYLOAD: u64 = MAX_READ as u64;
 /// What to do with a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
-    Read { offset: u64, length: u32 },
-    BlockStatus { offset: u64, length: u32, one: bool },
+    Read {
+        offset: u64,
+        length: u32,
+    },
+    BlockStatus {
+        offset: u64,
+        length: u32,
+        one: bool,
+    },
     /// Answer success at once (FLUSH: nothing is ever written).
     Ok,
     /// Answer this NBD error at once.
@@ -43,7 +50,11 @@ pub enum Action {
 
 /// Decides what a request gets, from the export's size and the session alone.
 pub fn check(req: &Request, size: u64, session: &Session) -> Action {
-    let in_bounds = || req.offset.checked_add(req.length).is_some_and(|end| end <= size);
+    let in_bounds = || {
+        req.offset
+            .checked_add(req.length)
+            .is_some_and(|end| end <= size)
+    };
     match req.command {
         CMD_READ => {
             if req.length == 0 || req.length > u64::from(MAX_READ) {
@@ -70,7 +81,9 @@ pub fn check(req: &Request, size: u64, session: &Session) -> Action {
                 }
             }
         }
-        CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES => Action::Refuse(NBD_EPERM, "the export is read-only"),
+        CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES => {
+            Action::Refuse(NBD_EPERM, "the export is read-only")
+        }
         CMD_FLUSH => Action::Ok,
         CMD_DISC => Action::Disconnect,
         _ => Action::Refuse(NBD_EINVAL, "unknown command"),
@@ -80,7 +93,12 @@ pub fn check(req: &Request, size: u64, session: &Session) -> Action {
 /// `base:allocation` descriptors for `[offset, offset + length)` from a disk's extents: clipped
 /// to the range, neighbours with the same flags merged, only the first with `one`
 /// (`NBD_CMD_FLAG_REQ_ONE`). `None` when the extents do not start at `offset` (the disk's bug).
-pub fn descriptors(extents: &[Extent], offset: u64, length: u32, one: bool) -> Option<Vec<BlockDescriptor>> {
+pub fn descriptors(
+    extents: &[Extent],
+    offset: u64,
+    length: u32,
+    one: bool,
+) -> Option<Vec<BlockDescriptor>> {
     let end = offset + u64::from(length);
     let mut out: Vec<BlockDescriptor> = Vec::new();
     let mut pos = offset;
@@ -200,7 +218,11 @@ pub(super) async fn serve<D: ReadOnlyDisk>(
         match check(&req, export.disk.size(), &session) {
             Action::Disconnect => break Ok(()),
             Action::Ok => {
-                if tx.send(vec![status_reply(req.cookie, 0, "", structured)]).await.is_err() {
+                if tx
+                    .send(vec![status_reply(req.cookie, 0, "", structured)])
+                    .await
+                    .is_err()
+                {
                     break Ok(());
                 }
             }
@@ -261,7 +283,9 @@ async fn answer<D: ReadOnlyDisk>(
     };
     match action {
         Action::Read { offset, length } => match export.disk.read(offset, length).await {
-            Ok(data) if data.len() == length as usize => read_reply(cookie, offset, data, structured),
+            Ok(data) if data.len() == length as usize => {
+                read_reply(cookie, offset, data, structured)
+            }
             Ok(data) => failed(
                 format!("READ at {offset} length {length}"),
                 Error::protocol(format!("the disk returned {} bytes", data.len())),
@@ -277,12 +301,20 @@ async fn answer<D: ReadOnlyDisk>(
             match export.disk.allocation(offset, u64::from(length)).await {
                 Ok(extents) => match descriptors(&extents, offset, length, one) {
                     Some(d) => vec![block_status_reply(cookie, d)],
-                    None => failed(what, Error::protocol("the disk's extents do not start at the offset")),
+                    None => failed(
+                        what,
+                        Error::protocol("the disk's extents do not start at the offset"),
+                    ),
                 },
                 Err(e) => failed(what, e),
             }
         }
-        _ => vec![status_reply(cookie, NBD_EINVAL, "unexpected request", structured)],
+        _ => vec![status_reply(
+            cookie,
+            NBD_EINVAL,
+            "unexpected request",
+            structured,
+        )],
     }
 }
 
@@ -310,7 +342,9 @@ async fn discard(rd: &mut OwnedReadHalf, n: u64) -> Result<()> {
         .await
         .map_err(|e| Error::io("reading a refused WRITE's payload", e))?;
     if copied != n {
-        return Err(Error::closed("client closed the connection inside a WRITE payload"));
+        return Err(Error::closed(
+            "client closed the connection inside a WRITE payload",
+        ));
     }
     Ok(())
 }
@@ -406,7 +440,12 @@ mod tests {
             flags,
         };
         let zero = FLAG_HOLE | FLAG_ZERO;
-        let extents = [e(0, 100, 0), e(100, 100, 0), e(200, 100, zero), e(300, 100, 0)];
+        let extents = [
+            e(0, 100, 0),
+            e(100, 100, 0),
+            e(200, 100, zero),
+            e(300, 100, 0),
+        ];
         let d = descriptors(&extents[1..], 150, 200, false).unwrap();
         assert_eq!(
             d,
@@ -457,7 +496,10 @@ mod tests {
         let simple: Vec<u8> = read_reply(9, 0, Bytes::from_static(b"xy"), false).concat();
         assert_eq!(
             decode_reply_header(&simple).unwrap(),
-            ReplyHeader::Simple { error: 0, cookie: 9 }
+            ReplyHeader::Simple {
+                error: 0,
+                cookie: 9
+            }
         );
         assert_eq!(&simple[SIMPLE_REPLY_LEN..], b"xy");
 
@@ -465,7 +507,9 @@ mod tests {
         let ReplyHeader::Chunk { header, .. } = decode_reply_header(&e).unwrap() else {
             panic!("not a chunk")
         };
-        let Chunk::Error(err) = decode_chunk(header.chunk_type, &e[STRUCTURED_REPLY_LEN..]).unwrap() else {
+        let Chunk::Error(err) =
+            decode_chunk(header.chunk_type, &e[STRUCTURED_REPLY_LEN..]).unwrap()
+        else {
             panic!("not an error")
         };
         assert_eq!((err.error, err.message.len()), (NBD_EIO, 4096));
