@@ -16,6 +16,7 @@ import { QmpClient } from '../qmp/client.js';
 import { QmpClosedError } from '../qmp/errors.js';
 import { currentOwner, ownerIsDead } from '../owner.js';
 import { requireTool, tiedToParent } from '../tools.js';
+import { nbdUnixUri } from '../vocabulary.js';
 
 /** One disk image served by the daemon. */
 export interface StorageDaemonDisk {
@@ -179,8 +180,11 @@ export async function isMountPoint(path: string): Promise<boolean> {
   return text.split('\n').some((line) => line.split(' ')[4] === escaped);
 }
 
+/** What a FUSE export serves: an image file (with its backing chain), or an export of an NBD server on a unix socket. */
+export type FuseImage = string | { nbdSocket: string; export: string };
+
 /**
- * Serves `image` (with its backing chain) as a raw regular file, for a consumer that accepts only
+ * Serves `image` (with its backing chain, or an NBD export) as a raw regular file, for a consumer that accepts only
  * a local file: qemu-server's `restore_vm_volume_init` check `file_size_info($path, undef, 'raw', 1)`
  * (pve-storage `src/PVE/Storage/Plugin.pm` `file_size_info`: stat, no directory, `qemu-img info -f raw`
  * without a backing file) rejects `json:` and NBD paths. The mount point is a file in a private
@@ -189,7 +193,7 @@ export async function isMountPoint(path: string): Promise<boolean> {
  * daemon would leave a dead mount behind). The folder of an export whose process died that way is
  * removed by the next export started in the same place (its `owner.json` names the dead process).
  */
-export async function startFuseExport(image: string, format: 'qcow2' | 'raw', options: { dir?: string } = {}): Promise<FuseExport> {
+export async function startFuseExport(image: FuseImage, format: 'qcow2' | 'raw', options: { dir?: string } = {}): Promise<FuseExport> {
   const binary = requireTool('qemu-storage-daemon', 'qemu-system-common');
   if (!(await stat('/dev/fuse').then(() => true, () => false))) {
     throw new QemuStartError('qemu-storage-daemon', 'no /dev/fuse: load the fuse module (modprobe fuse) or give the container the device; apt-get install fuse3');
@@ -202,8 +206,13 @@ export async function startFuseExport(image: string, format: 'qcow2' | 'raw', op
   const log = join(dir, 'qemu-storage-daemon.log');
   await writeFile(path, '', { mode: 0o600 });
   const quote = (p: string): string => p.replaceAll(',', ',,');
+  const source =
+    typeof image === 'string'
+      ? `driver=file,filename=${quote(image)},aio=threads`
+      : `driver=nbd,server.type=unix,server.path=${quote(image.nbdSocket)},export=${quote(image.export)}`;
+  const what = typeof image === 'string' ? image : nbdUnixUri(image.export, image.nbdSocket);
   const args = [
-    '--blockdev', `driver=file,filename=${quote(image)},aio=threads,read-only=on,node-name=f`,
+    '--blockdev', `${source},read-only=on,node-name=f`,
     '--blockdev', `driver=${format},file=f,read-only=on,node-name=fmt`,
     '--export', `type=fuse,id=e,node-name=fmt,mountpoint=${quote(path)},writable=off`,
   ];
@@ -232,9 +241,9 @@ export async function startFuseExport(image: string, format: 'qcow2' | 'raw', op
     while (!(await isMountPoint(path))) {
       if (child.exitCode !== null || child.signalCode !== null) {
         const text = await readFile(log, 'utf8').catch(() => '');
-        throw new QemuStartError('qemu-storage-daemon', `qemu-storage-daemon exited before it mounted ${image}: ${text.trim()}`);
+        throw new QemuStartError('qemu-storage-daemon', `qemu-storage-daemon exited before it mounted ${what}: ${text.trim()}`);
       }
-      if (Date.now() > deadline) throw new QemuStartError('qemu-storage-daemon', `qemu-storage-daemon did not mount ${image} within 20 s`);
+      if (Date.now() > deadline) throw new QemuStartError('qemu-storage-daemon', `qemu-storage-daemon did not mount ${what} within 20 s`);
       await sleep(step);
       step = Math.min(20, step * 1.5);
     }
