@@ -1,17 +1,13 @@
 //! The chunk disk on the memory store: reads across chunks and zero chunks, allocation from
-//! the index, the cache and read-ahead, damaged / missing / fossil chunks, a key; and the NBD
-//! server over it read back through the project's client.
+//! the index, the cache and read-ahead, damaged / missing / fossil chunks, a key. The NBD server
+//! over it is tested in `tests/chunk_disk_nbd.rs` (only `nbd/` may name the client here).
 
-use std::sync::Mutex;
 use std::time::Duration;
 
 use super::*;
 use crate::chunkstore::format::{encode_chunk, fossil_prefix};
 use crate::chunkstore::key;
 use crate::chunkstore::memory::MemoryObjects;
-use crate::nbd::server::{Export, NbdServer};
-use crate::nbd::{ConnectOptions, NbdClient, NbdUri};
-use crate::source::CONTEXT_ALLOCATION;
 use crate::zero::is_zero;
 
 const CS: u32 = 64 << 10;
@@ -235,58 +231,5 @@ async fn an_encrypted_store_reads_with_its_key_only() -> Result<()> {
         NO_READAHEAD,
     )?;
     assert!(other.read(0, 4096).await.is_err());
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_nbd_server_serves_the_chunk_disk_byte_exact_with_allocation() -> Result<()> {
-    let objects = Arc::new(MemoryObjects::new());
-    let data = pattern();
-    let index = store(&objects, &data, None).await?;
-    let d = disk(&objects, index, ChunkDiskOptions::default());
-    let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
-    let socket = dir.path().join("s");
-    let log = Arc::new(Mutex::new(Vec::<String>::new()));
-    let sink = log.clone();
-    let server = NbdServer::start(
-        &socket,
-        vec![Export {
-            name: "drive-scsi0".into(),
-            disk: d,
-        }],
-        Arc::new(move |m: &str| sink.lock().unwrap().push(m.into())),
-    )
-    .await?;
-    let mut o = ConnectOptions::new(NbdUri::unix(&socket, "drive-scsi0"));
-    o.meta_contexts = vec![CONTEXT_ALLOCATION.into()];
-    let c = NbdClient::connect(&o).await?;
-    // reads of 48 KiB in flight together, as a copy tool sends them
-    let step = 48u64 << 10;
-    let reads = (0..data.len() as u64).step_by(step as usize).map(|offset| {
-        let c = c.clone();
-        let len = step.min(data.len() as u64 - offset) as u32;
-        async move { c.read(offset, len).await.map(|b| (offset, b)) }
-    });
-    let mut copy = vec![0u8; data.len()];
-    for r in futures::future::try_join_all(reads).await? {
-        let (offset, b) = r;
-        copy[offset as usize..offset as usize + b.len()].copy_from_slice(&b);
-    }
-    assert!(copy == data);
-    let map = c
-        .block_status_all(0, data.len() as u64, CONTEXT_ALLOCATION)
-        .await?;
-    let zero: Vec<_> = map
-        .iter()
-        .filter(|e| e.flags == FLAG_HOLE | FLAG_ZERO)
-        .collect();
-    assert_eq!(zero.len(), 1);
-    assert_eq!(
-        (zero[0].offset, zero[0].length),
-        (2 * u64::from(CS), 2 * u64::from(CS))
-    );
-    c.disconnect().await?;
-    server.stop().await;
-    assert!(log.lock().unwrap().is_empty());
     Ok(())
 }
