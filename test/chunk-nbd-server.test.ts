@@ -27,6 +27,7 @@ import { expectSameBytes } from './helpers/images.js';
 import { execFileP, stopAll, tempDir } from './helpers/qemu.js';
 import { startS3Cluster, type S3Cluster } from './helpers/s3-cluster.js';
 import { requireTool } from './helpers/tools.js';
+import { FILE_SIZE_INFO } from './helpers/pve-checks.js';
 
 const MiB = 2 ** 20;
 const CLI = path.join(import.meta.dirname, '..', 'dist', 'cli', 'main.js');
@@ -137,6 +138,7 @@ describe('NBD server over the chunk store (Garage, 3 nodes)', { timeout: 300_000
       const st = statSync(qemuImgPath);
       expect(st.isFile()).toBe(true);
       expect(st.size).toBe(24 * MiB);
+      expect((await execFileP(requireTool('perl', 'perl'), ['-e', FILE_SIZE_INFO, qemuImgPath])).stdout.trim()).toBe(`${24 * MiB} raw ${24 * MiB}`);
       const info = JSON.parse((await execFileP('qemu-img', ['info', '--output=json', '-f', 'raw', qemuImgPath])).stdout) as Record<string, unknown>;
       expect(info['format']).toBe('raw');
       expect(info['virtual-size']).toBe(24 * MiB);
