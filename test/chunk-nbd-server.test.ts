@@ -238,6 +238,11 @@ describe('NBD server over the chunk store (Garage, 3 nodes)', { timeout: 300_000
     expect(await exited).toBe(0);
     expect(existsSync(socket)).toBe(false);
 
+    const noDisk = spawnSync(process.execPath, [CLI, 'serve', `chunks:${volname}`, ...s3, '--socket', socket, '--device', 'disk9'], { encoding: 'utf8', env });
+    expect(noDisk.status).toBe(1);
+    expect(noDisk.stderr).toMatch(/has no disk disk9 .*\[ERR_UNKNOWN_VOLUME\]/);
+    expect(existsSync(socket)).toBe(false);
+
     const dirStore = spawnSync(process.execPath, [CLI, 'serve', 'dir:backup/100/qemu-2026_12_01-02_00_00', '--store', scratch, '--socket', socket], { encoding: 'utf8', env });
     expect(dirStore.status).toBe(2);
     expect(dirStore.stderr).toMatch(/serve needs a chunk store/);
