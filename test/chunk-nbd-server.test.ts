@@ -6,7 +6,8 @@
  * (`restoreVmVolumeInit`) gives a local raw file (qemu-storage-daemon's FUSE export over the
  * server) that `qemu-img info` calls raw without backing file, byte-exact, unmounted by the
  * cleanup; a damaged chunk is a read error (EIO) naming the chunk, never data; and
- * `pve-backup-provider serve` end to end with nbdinfo, stopped by SIGTERM.
+ * `pve-backup-provider serve` end to end with nbdinfo, stopped by SIGTERM, on a chunk store and
+ * on a directory store (its qcow2 chain through qemu-storage-daemon).
  */
 import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, statSync } from 'node:fs';
@@ -17,6 +18,7 @@ import { createInterface } from 'node:readline';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 
 import { ChunkProvider } from '../lib/chunk-provider/provider.js';
+import { DirectoryProvider } from '../lib/directory-provider/provider.js';
 import { serveBackup } from '../lib/chunk-provider/nbd-server.js';
 import type { S3StoreOptions } from '../lib/chunk-provider/s3.js';
 import { ChunkStore, chunkKey } from '../lib/chunk-provider/store.js';
@@ -209,7 +211,7 @@ describe('NBD server over the chunk store (Garage, 3 nodes)', { timeout: 300_000
     }
   });
 
-  it('pve-backup-provider serve: prints the URI, serves it to nbdinfo, stops on SIGTERM; a directory store is a usage error', async () => {
+  it('pve-backup-provider serve: prints the URI, serves it to nbdinfo, stops on SIGTERM; an unknown disk is refused', async () => {
     const { o, volname, content, scratch } = await backedUp();
     const env = { ...process.env, AWS_ACCESS_KEY_ID: cluster.accessKeyId, AWS_SECRET_ACCESS_KEY: cluster.secretAccessKey };
     const socket = path.join(scratch, 'serve.sock');
@@ -243,8 +245,48 @@ describe('NBD server over the chunk store (Garage, 3 nodes)', { timeout: 300_000
     expect(noDisk.stderr).toMatch(/has no disk disk9 .*\[ERR_UNKNOWN_VOLUME\]/);
     expect(existsSync(socket)).toBe(false);
 
-    const dirStore = spawnSync(process.execPath, [CLI, 'serve', 'dir:backup/100/qemu-2026_12_01-02_00_00', '--store', scratch, '--socket', socket], { encoding: 'utf8', env });
-    expect(dirStore.status).toBe(2);
-    expect(dirStore.stderr).toMatch(/serve needs a chunk store/);
+  });
+
+});
+
+describe('serve on a directory store', { timeout: 120_000 }, () => {
+  afterEach(async () => {
+    await stopAll();
+  });
+
+  it('pve-backup-provider serve on a directory store: its qcow2 chain over qemu-storage-daemon, byte-exact', async () => {
+    const disk = await startDisk(8 * MiB);
+    await disk.write(0x44, MiB, 2 * MiB);
+    const root = await tempDir();
+    const provider = new DirectoryProvider({ storeid: 'dir1', scfg: { path: root }, log: () => {} });
+    await runBackupJob({ provider, storeid: 'dir1', guests: [vmGuest(disk)], tmpdir: root });
+    await disk.write(0x55, 6 * MiB, MiB);
+    const r = await runBackupJob({ provider, storeid: 'dir1', guests: [vmGuest(disk)], tmpdir: root }); // incremental: a chain of two
+    const volname = r.guests[0]!.volname!;
+    const content = disk.snapshot();
+    const scratch = await tempDir('pbp-serve-');
+    const socket = path.join(scratch, 'dir.sock');
+    const child = spawn(process.execPath, [CLI, 'serve', `dir1:${volname}`, '--store', root, '--socket', socket], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stderr = '';
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+    try {
+      const line = await new Promise<string>((resolve, reject) => {
+        createInterface({ input: child.stdout }).once('line', resolve);
+        void exited.then((code) => reject(new Error(`serve exited with ${code}: ${stderr}`)));
+      });
+      const uri = `nbd+unix:///disk0?socket=${socket}`;
+      expect(line).toBe(`disk0: ${uri}`);
+      expect((statSync(socket).mode & 0o777).toString(8)).toBe('600');
+      const info = JSON.parse((await execFileP('nbdinfo', ['--json', uri])).stdout) as { exports: Array<Record<string, unknown>> };
+      expect(info.exports[0]).toMatchObject({ 'export-size': 8 * MiB, is_read_only: true });
+      const out = path.join(scratch, 'served.raw');
+      await execFileP('nbdcopy', [uri, out]);
+      expectSameBytes(await readFile(out), content, 'served from the directory store');
+    } finally {
+      child.kill('SIGTERM');
+    }
+    expect(await exited).toBe(0);
+    expect(existsSync(socket)).toBe(false);
   });
 });
