@@ -154,6 +154,7 @@ describe('NBD server over the chunk store (Garage, 3 nodes)', { timeout: 300_000
     }
     expect(await isMountPoint(qemuImgPath)).toBe(false);
     expect(existsSync(path.dirname(qemuImgPath))).toBe(false);
+    expect(log.filter((l) => !l.startsWith('info: '))).toEqual([]); // no read failed, no connection broke
     const err = await provider.restoreVmVolumeInit(volname, 'disk9', {}).then(
       () => undefined,
       (e: unknown) => e as { code?: string },

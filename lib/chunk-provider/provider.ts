@@ -469,10 +469,10 @@ export class ChunkProvider extends BackupProviderBase {
 
   /**
    * The disk as a local raw file, for Proxmox VE's restore path: the native core's NBD server
-   * serves it from its chunks on a private socket ({@link serveBackup}: key, manifest and index
+   * serves it from its chunks on a private socket (`serveBackup`: key, manifest and index
    * checked first; every chunk checked against its digest as it is read, a damaged one is a read
    * error, never data), and qemu-storage-daemon's FUSE export puts a raw regular file on it (the
-   * directory provider's {@link startFuseExport}). qemu-server checks the path with
+   * directory provider's `startFuseExport`). qemu-server checks the path with
    * `file_size_info($path, undef, 'raw', 1)` before `qemu-img convert -f raw` (qemu-server
    * `src/PVE/QemuServer.pm` `restore_external_archive`): it must `stat()` as a file and show no
    * backing file, so neither an NBD URI nor a `json:` filename passes. Both live until

@@ -2,6 +2,8 @@
  * Runs qemu-storage-daemon on disk images: the QEMU that backs up a disk when no VM runs it (a
  * stopped guest, the demo, benchmarks). Each disk becomes a node stack `<id>-file` -> `<id>-fmt`
  * -> `<id>` (raw on top, the node to back up); QMP and an NBD server listen on private sockets.
+ * It also serves stored images read-only for restores: as a raw FUSE file (`startFuseExport`,
+ * Proxmox VE's restore path) or as NBD exports (`startNbdImageExports`, `serve`).
  */
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { chmod, mkdtemp, open, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';

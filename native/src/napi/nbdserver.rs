@@ -11,10 +11,9 @@ use tokio::sync::Mutex;
 
 use super::chunkjob::store_key;
 use super::chunkstore::{objects, ChunkStoreOptions};
-use super::error::{to_napi, IntoNapi};
+use super::error::IntoNapi;
 use crate::chunkstore::disk::{ChunkDisk, ChunkDiskOptions};
 use crate::chunkstore::{load_fixed_index, Objects};
-use crate::error::Error;
 use crate::nbd::server::{Export, NbdServer, ServerLog};
 
 type LogFn = ThreadsafeFunction<String, (), String, Status, false, true>;
@@ -98,14 +97,5 @@ impl NativeNbdServer {
             server.stop().await;
         }
         Ok(())
-    }
-
-    /// The socket the server listens on (empty once stopped).
-    #[napi]
-    pub async fn socket(&self) -> napi::Result<String> {
-        match &*self.server.lock().await {
-            Some(s) => Ok(s.socket().display().to_string()),
-            None => Err(to_napi(Error::closed("the NBD server was stopped"))),
-        }
     }
 }
