@@ -5,18 +5,21 @@
  * all-zero chunks are holes that read as zeros; Proxmox VE's restore path
  * (`restoreVmVolumeInit`) gives a local raw file (qemu-storage-daemon's FUSE export over the
  * server) that `qemu-img info` calls raw without backing file, byte-exact, unmounted by the
- * cleanup; a damaged chunk is a read error (EIO) naming the chunk, never data; and
+ * cleanup; a damaged chunk is a read error (EIO) naming the chunk, never data; an encrypted
+ * store is served with its key only; and
  * `pve-backup-provider serve` end to end with nbdinfo, stopped by SIGTERM, on a chunk store and
  * on a directory store (its qcow2 chain through qemu-storage-daemon).
  */
 import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, statSync } from 'node:fs';
-import { open, readFile, rm } from 'node:fs/promises';
+import { mkdtemp, open, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
 
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 
+import { createKeyFile } from '../lib/chunk-provider/key.js';
 import { ChunkProvider } from '../lib/chunk-provider/provider.js';
 import { DirectoryProvider } from '../lib/directory-provider/provider.js';
 import { serveBackup } from '../lib/chunk-provider/nbd-server.js';
@@ -209,6 +212,40 @@ describe('NBD server over the chunk store (Garage, 3 nodes)', { timeout: 300_000
       expectSameBytes(head, content.subarray(0, 4 * MiB), 'chunk 0 through the FUSE file');
     } finally {
       await provider.restoreVmVolumeCleanup(volname, 'disk0', {});
+    }
+  });
+
+  it('an encrypted store is served with its key; without it serveBackup fails with ERR_KEY_REQUIRED before a socket exists', async () => {
+    const disk = await startDisk(8 * MiB);
+    await disk.write(0x66, 0, 3 * MiB);
+    const scratch = await tempDir();
+    const keyDir = await mkdtemp(path.join(tmpdir(), 'pbp-key-')); // outlives stopAll, which removes the test folders
+    const keyFile = path.join(keyDir, 'store.key');
+    await createKeyFile(keyFile);
+    const o = fresh();
+    const store = await ChunkStore.open({ ...o, keyFile });
+    const provider = new ChunkProvider({ storeid: 'chunks', scfg: {}, log: () => {} }, { store, stateDir: scratch });
+    const content = disk.snapshot();
+    const r = await runBackupJob({ provider, storeid: 'chunks', guests: [vmGuest(disk)], tmpdir: scratch });
+    const volname = r.guests[0]!.volname!;
+    await stopAll();
+    const work = await tempDir();
+    const socket = path.join(work, 'k.sock');
+    const keyless = await ChunkStore.open(o);
+    const err = await serveBackup(keyless, volname, { socket }).then(
+      () => undefined,
+      (e: unknown) => e as { code?: string },
+    );
+    expect(err?.code).toBe('ERR_KEY_REQUIRED');
+    expect(existsSync(socket)).toBe(false);
+    const server = await serveBackup(store, volname, { socket });
+    try {
+      const out = path.join(work, 'k.raw');
+      await execFileP('nbdcopy', [server.uri('disk0'), out]);
+      expectSameBytes(await readFile(out), content, 'encrypted store served');
+    } finally {
+      await server.stop();
+      await rm(keyDir, { recursive: true, force: true });
     }
   });
 
