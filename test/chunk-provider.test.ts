@@ -377,8 +377,9 @@ describe('chunk provider on S3 (Garage, 3 nodes, replication factor 3)', { timeo
     expect((await rejection(make().restoreVmInit(incr.volname!))).code).toBe('ERR_BACKUP_CORRUPT');
     expect(readFileSync(damaged).equals(Buffer.alloc(size, 0xee))).toBe(true); // refused before the target was written
 
+    // Proxmox VE's path refuses the damaged index too, before any server or file is started
+    expect((await rejection(make().restoreVmVolumeInit(incr.volname!, 'disk0', {}))).code).toBe('ERR_BACKUP_CORRUPT');
     // what is not here yet fails with a typed error saying so
-    expect((await rejection(make().restoreVmVolumeInit(incr.volname!, 'disk0', {}))).code).toBe('ERR_NOT_IMPLEMENTED');
     expect((await rejection(make().backupGetMechanism(200, 'lxc'))).code).toBe('ERR_MECHANISM');
   });
 

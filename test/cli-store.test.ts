@@ -188,7 +188,7 @@ describe('pve-backup-provider backup / list / restore / prune / delete / verify'
     expect(cli('backup', '--vmid', 'abc', '--store', 'x').status).toBe(2);
     expectOneLine(cli('prune', '--store', '/tmp/x'), 2, /give at least one --keep-\* option/);
     expect(cli('restore').status).toBe(2);
-    for (const c of ['backup', 'restore', 'list', 'prune', 'delete', 'verify', 'protect', 'notes', 'info', 'copy', 'demo']) {
+    for (const c of ['backup', 'restore', 'list', 'prune', 'delete', 'verify', 'protect', 'notes', 'serve', 'info', 'copy', 'demo']) {
       const r = cli(c, '--help');
       expect(r.status, c).toBe(0);
       expect(r.stdout, c).toMatch(new RegExp(`^Usage: pve-backup-provider ${c}`));

@@ -21,28 +21,11 @@ import { startDisk, vmGuest } from './helpers/directory.js';
 import { expectSameBytes, run } from './helpers/images.js';
 import { stopAll, tempDir } from './helpers/qemu.js';
 import { requireTool } from './helpers/tools.js';
+import { FILE_SIZE_INFO } from './helpers/pve-checks.js';
 
 const MiB = 2 ** 20;
 const DIST = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../dist/index.js');
 
-// pve-storage src/PVE/Storage/Plugin.pm file_size_info($filename, undef, 'raw', 1) ("untrusted"),
-// as qemu-server's restore_external_archive calls it on the provider's qemu-img-path
-const FILE_SIZE_INFO = String.raw`
-use strict; use warnings;
-use File::stat (); use JSON::PP;
-my $f = shift;
-my $st = File::stat::stat($f) or die "failed to stat '$f'\n";
-die "can't use directory '$f'\n" if -d $f;
-die "not a regular file or block device '$f'\n" if !(-f $f || -b $f);
-open(my $fh, '-|', '/usr/bin/qemu-img', 'info', '--output=json', $f, '-f', 'raw') or die "qemu-img: $!\n";
-my $json = do { local $/; <$fh> }; close($fh) or die "qemu-img info failed\n";
-die "no output from qemu-img info\n" if !$json;
-my $info = decode_json($json);
-die "$f: backing file not allowed\n" if exists $info->{'backing-filename'};
-die "bad virtual-size\n" if ($info->{'virtual-size'} // '') !~ /^\d+$/;
-die "bad actual-size\n" if ($info->{'actual-size'} // '') !~ /^\d+$/;
-print $info->{'virtual-size'}, ' ', $info->{format}, ' ', $st->size, "\n";
-`;
 
 afterEach(async () => {
   await stopAll();

@@ -20,9 +20,9 @@
  * - `key-file`: the store's key (an encrypted store; a store created with a key is encrypted);
  * - `vm-backup-mode`: `incremental` (default) or `full`.
  *
- * Not yet here: containers (`backupGetMechanism` fails with `ERR_MECHANISM`), and Proxmox VE's
- * restore path `restoreVmVolumeInit` (a local raw file over an NBD server serving the chunks:
- * `ERR_NOT_IMPLEMENTED`); this package's runner restores through `restoreVmVolumeWrite`.
+ * Not yet here: containers (`backupGetMechanism` fails with `ERR_MECHANISM`). VM disks restore
+ * through `restoreVmVolumeWrite` (this package's runner) or, on Proxmox VE's path, through
+ * `restoreVmVolumeInit`: a local raw file over the native NBD server that serves the chunks.
  *
  * The task log: `backupHandleLogFile` stores it as `backup.log.blob` after the backup is
  * complete and rewrites the manifest with it (docs/chunk-store.md: "the log after it, then the
@@ -30,7 +30,9 @@
  *
  * @packageDocumentation
  */
-import { readFile } from 'node:fs/promises';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
 
 import { normaliseBandwidthLimit } from '../bandwidth.js';
 import type {
@@ -52,9 +54,11 @@ import { BackupProviderBase } from '../provider/base.js';
 import { pruneAnswer, storedBackup } from '../provider/storage-side.js';
 import { BitmapLedger } from '../provider/bitmap-ledger.js';
 import { nbdUriFor } from '../provider/dirty-regions.js';
-import { MechanismError, NotImplementedError } from '../provider/errors.js';
+import { MechanismError } from '../provider/errors.js';
+import type { FuseExport } from '../qemu/storage-daemon.js';
 import { ChunkBackupError } from './errors.js';
 import { nativeChunkJobs, type ChunkJobs } from './jobs.js';
+import type { ChunkNbdServer } from './nbd-server.js';
 import { s3StoreOptions } from './s3.js';
 import { CHUNK_STORE_FORMAT, CHUNK_STORE_VERSION, ChunkStore, type BackupWriter, type ChunkManifest, type ChunkManifestDevice, type ChunkManifestFile } from './store.js';
 
@@ -124,6 +128,8 @@ export class ChunkProvider extends BackupProviderBase {
   private store?: ChunkStore;
   private readonly running = new Map<number, GuestBackup>();
   private readonly ledger: BitmapLedger;
+  /** The NBD servers and FUSE files of the VM volumes being restored, by `[volname, device]` as JSON. */
+  private readonly restoreExports = new Map<string, { server: ChunkNbdServer; fuse: FuseExport; dir: string }>();
 
   /**
    * The storage side (Proxmox's storage-plugin calls; see the directory provider for who calls
@@ -469,12 +475,60 @@ export class ChunkProvider extends BackupProviderBase {
   }
 
   /**
-   * Proxmox VE's path needs a local raw file over the chunks (an NBD server in the core and a
-   * FUSE file on it): not in this version.
+   * The disk as a local raw file, for Proxmox VE's restore path: the native core's NBD server
+   * serves it from its chunks on a private socket (`serveBackup`: key, manifest and index
+   * checked first; every chunk checked against its digest as it is read, a damaged one is a read
+   * error, never data), and qemu-storage-daemon's FUSE export puts a raw regular file on it (the
+   * directory provider's `startFuseExport`). qemu-server checks the path with
+   * `file_size_info($path, undef, 'raw', 1)` before `qemu-img convert -f raw` (qemu-server
+   * `src/PVE/QemuServer.pm` `restore_external_archive`): it must `stat()` as a file and show no
+   * backing file, so neither an NBD URI nor a `json:` filename passes. Both live until
+   * `restoreVmVolumeCleanup`, or `restoreVmCleanup` (qemu-server skips the volume cleanup when
+   * this method or its check dies), or the end of this process.
    */
   override async restoreVmVolumeInit(volname: string, deviceName: string, _info: Record<string, never>): Promise<RestoreVmVolumeInitResult> {
-    this.log.err(`${volname} ${deviceName}: the chunk provider cannot give Proxmox VE a local raw file of a disk yet (it needs an NBD server over the chunks); restore with pve-backup-provider restore`);
-    throw new NotImplementedError('restoreVmVolumeInit', 'chunks');
+    const store = await this.openStore();
+    const key = JSON.stringify([volname, deviceName]);
+    // a second init of the same volume replaces the first export rather than leaking it
+    await this.stopRestoreExport(key);
+    const [{ serveBackup }, { startFuseExport }] = await Promise.all([import('./nbd-server.js'), import('../qemu/storage-daemon.js')]);
+    const dir = await mkdtemp(path.join(tmpdir(), 'pbp-nbd-')); // 0700
+    let server: ChunkNbdServer | undefined;
+    try {
+      server = await serveBackup(store, volname, { socket: path.join(dir, 'nbd.sock'), devices: [deviceName], onError: (m) => this.log.err(m) });
+      const fuse = await startFuseExport({ nbdSocket: server.socket, export: deviceName }, 'raw');
+      this.restoreExports.set(key, { server, fuse, dir });
+      this.log.info(`${deviceName}: served from its chunks as ${fuse.path} (each chunk checked against its digest as it is read)`);
+      return { qemuImgPath: fuse.path };
+    } catch (err) {
+      await server?.stop().catch(() => undefined);
+      await rm(dir, { recursive: true, force: true });
+      throw err;
+    }
+  }
+
+  /** Unmounts the volume's file, stops its NBD server. */
+  override async restoreVmVolumeCleanup(volname: string, deviceName: string, _info: Record<string, never>): Promise<void> {
+    await this.stopRestoreExport(JSON.stringify([volname, deviceName]));
+  }
+
+  /** Stops what `restoreVmVolumeCleanup` did not (qemu-server skips it when a volume's init or check fails). */
+  override async restoreVmCleanup(volname: string): Promise<void> {
+    for (const key of [...this.restoreExports.keys()]) {
+      if ((JSON.parse(key) as string[])[0] === volname) await this.stopRestoreExport(key);
+    }
+  }
+
+  private async stopRestoreExport(key: string): Promise<void> {
+    const e = this.restoreExports.get(key);
+    if (!e) return;
+    this.restoreExports.delete(key);
+    try {
+      await e.fuse.stop();
+    } finally {
+      await e.server.stop();
+      await rm(e.dir, { recursive: true, force: true });
+    }
   }
 
   /**

@@ -12,6 +12,7 @@ import { BackupFailedError } from './errors.js';
 import { NbdClient, listBitmaps } from '../nbd/client.js';
 import { copyExtents } from '../nbd/copy.js';
 import { addStoreCommands } from './store-commands.js';
+import { addServeCommand } from './serve-command.js';
 import { addProviderHostCommand } from './provider-host.js';
 import { addPvePluginCommands } from './pve-plugin.js';
 import { EXIT, formatBytes, printTable, progressView } from './output.js';
@@ -156,6 +157,7 @@ export function buildProgram(): Command {
     });
 
   addStoreCommands(program, { size: parseSize, bandwidth: parseBandwidth, count: parseCount, signal: interruptSignal });
+  addServeCommand(program, { size: parseSize, bandwidth: parseBandwidth, count: parseCount, signal: interruptSignal });
 
   program
     .command('recover')

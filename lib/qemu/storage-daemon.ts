@@ -2,9 +2,11 @@
  * Runs qemu-storage-daemon on disk images: the QEMU that backs up a disk when no VM runs it (a
  * stopped guest, the demo, benchmarks). Each disk becomes a node stack `<id>-file` -> `<id>-fmt`
  * -> `<id>` (raw on top, the node to back up); QMP and an NBD server listen on private sockets.
+ * It also serves stored images read-only for restores: as a raw FUSE file (`startFuseExport`,
+ * Proxmox VE's restore path) or as NBD exports (`startNbdImageExports`, `serve`).
  */
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
-import { mkdtemp, open, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { chmod, mkdtemp, open, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -16,6 +18,7 @@ import { QmpClient } from '../qmp/client.js';
 import { QmpClosedError } from '../qmp/errors.js';
 import { currentOwner, ownerIsDead } from '../owner.js';
 import { requireTool, tiedToParent } from '../tools.js';
+import { nbdUnixUri } from '../vocabulary.js';
 
 /** One disk image served by the daemon. */
 export interface StorageDaemonDisk {
@@ -179,8 +182,11 @@ export async function isMountPoint(path: string): Promise<boolean> {
   return text.split('\n').some((line) => line.split(' ')[4] === escaped);
 }
 
+/** What a FUSE export serves: an image file (with its backing chain), or an export of an NBD server on a unix socket. */
+export type FuseImage = string | { nbdSocket: string; export: string };
+
 /**
- * Serves `image` (with its backing chain) as a raw regular file, for a consumer that accepts only
+ * Serves `image` (with its backing chain, or an NBD export) as a raw regular file, for a consumer that accepts only
  * a local file: qemu-server's `restore_vm_volume_init` check `file_size_info($path, undef, 'raw', 1)`
  * (pve-storage `src/PVE/Storage/Plugin.pm` `file_size_info`: stat, no directory, `qemu-img info -f raw`
  * without a backing file) rejects `json:` and NBD paths. The mount point is a file in a private
@@ -189,7 +195,7 @@ export async function isMountPoint(path: string): Promise<boolean> {
  * daemon would leave a dead mount behind). The folder of an export whose process died that way is
  * removed by the next export started in the same place (its `owner.json` names the dead process).
  */
-export async function startFuseExport(image: string, format: 'qcow2' | 'raw', options: { dir?: string } = {}): Promise<FuseExport> {
+export async function startFuseExport(image: FuseImage, format: 'qcow2' | 'raw', options: { dir?: string } = {}): Promise<FuseExport> {
   const binary = requireTool('qemu-storage-daemon', 'qemu-system-common');
   if (!(await stat('/dev/fuse').then(() => true, () => false))) {
     throw new QemuStartError('qemu-storage-daemon', 'no /dev/fuse: load the fuse module (modprobe fuse) or give the container the device; apt-get install fuse3');
@@ -202,45 +208,130 @@ export async function startFuseExport(image: string, format: 'qcow2' | 'raw', op
   const log = join(dir, 'qemu-storage-daemon.log');
   await writeFile(path, '', { mode: 0o600 });
   const quote = (p: string): string => p.replaceAll(',', ',,');
+  const source =
+    typeof image === 'string'
+      ? `driver=file,filename=${quote(image)},aio=threads`
+      : `driver=nbd,server.type=unix,server.path=${quote(image.nbdSocket)},export=${quote(image.export)}`;
+  const what = typeof image === 'string' ? image : nbdUnixUri(image.export, image.nbdSocket);
   const args = [
-    '--blockdev', `driver=file,filename=${quote(image)},aio=threads,read-only=on,node-name=f`,
+    '--blockdev', `${source},read-only=on,node-name=f`,
     '--blockdev', `driver=${format},file=f,read-only=on,node-name=fmt`,
     '--export', `type=fuse,id=e,node-name=fmt,mountpoint=${quote(path)},writable=off`,
   ];
+  const cleanUp = async (): Promise<void> => {
+    // a daemon that died without unmounting leaves a dead mount: detach it (we are root here)
+    if (await isMountPoint(path)) await promisify(execFile)('umount', ['-l', path]).catch(() => undefined);
+    await rm(dir, { recursive: true, force: true });
+  };
+  let daemon: ServingDaemon;
+  try {
+    daemon = await startServingDaemon(binary, args, log, `mount ${what}`, () => isMountPoint(path));
+  } catch (err) {
+    await cleanUp();
+    throw err;
+  }
+  let stopped: Promise<void> | undefined;
+  const stop = (): Promise<void> => (stopped ??= daemon.stop().then(cleanUp));
+  return { path, stop };
+}
+
+/** A qemu-storage-daemon that serves something (a FUSE file, NBD exports). */
+interface ServingDaemon {
+  /** SIGTERM (the daemon unmounts and closes its sockets), SIGKILL after 5 s; waits for the exit. */
+  stop(): Promise<void>;
+}
+
+/**
+ * Starts qemu-storage-daemon with `args`, tied to this process (SIGTERM when it dies, even by
+ * SIGKILL), its output in `log`, and waits until `ready()` (polled soon, then less and less
+ * often, as {@link connectStartingQemu}); fails with the log when the daemon exits first, or
+ * after 20 s.
+ */
+async function startServingDaemon(binary: string, args: string[], log: string, what: string, ready: () => Promise<boolean>): Promise<ServingDaemon> {
   const out = await open(log, 'w');
   const cmd = tiedToParent(binary, args, 'TERM');
   const child = spawn(cmd.file, cmd.args, { stdio: ['ignore', out.fd, out.fd] });
   await out.close();
   const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
-  let stopped = false;
   const stop = async (): Promise<void> => {
-    if (stopped) return;
-    stopped = true;
     if (child.exitCode === null && child.signalCode === null) {
       child.kill('SIGTERM');
       const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
       await exited;
       clearTimeout(timer);
     }
-    // a daemon that died without unmounting leaves a dead mount: detach it (we are root here)
-    if (await isMountPoint(path)) await promisify(execFile)('umount', ['-l', path]).catch(() => undefined);
-    await rm(dir, { recursive: true, force: true });
   };
   try {
     const deadline = Date.now() + 20_000;
-    let step = 1; // as connectStartingQemu: soon, then less and less often
-    while (!(await isMountPoint(path))) {
+    let step = 1;
+    while (!(await ready())) {
       if (child.exitCode !== null || child.signalCode !== null) {
         const text = await readFile(log, 'utf8').catch(() => '');
-        throw new QemuStartError('qemu-storage-daemon', `qemu-storage-daemon exited before it mounted ${image}: ${text.trim()}`);
+        throw new QemuStartError('qemu-storage-daemon', `qemu-storage-daemon exited before it could ${what}: ${text.trim()}`);
       }
-      if (Date.now() > deadline) throw new QemuStartError('qemu-storage-daemon', `qemu-storage-daemon did not mount ${image} within 20 s`);
+      if (Date.now() > deadline) throw new QemuStartError('qemu-storage-daemon', `qemu-storage-daemon did not ${what} within 20 s`);
       await sleep(step);
       step = Math.min(20, step * 1.5);
     }
-    return { path, stop };
+    return { stop };
   } catch (err) {
     await stop();
     throw err;
   }
+}
+
+/** One image served as a read-only NBD export by {@link startNbdImageExports}. */
+export interface NbdImageExport {
+  /** The export's name. */
+  name: string;
+  /** The image file (with its backing chain). */
+  image: string;
+  format: 'qcow2' | 'raw';
+}
+
+/** Read-only NBD exports of image files on a unix socket. */
+export interface NbdImageServer {
+  readonly socket: string;
+  /** Ends the daemon (its socket goes with it); safe to call twice. */
+  stop(): Promise<void>;
+}
+
+/**
+ * Serves image files (qcow2 chains, raw) as read-only NBD exports on a new unix socket, with
+ * qemu-storage-daemon's NBD server: a directory store's backups for `pve-backup-provider serve`.
+ * An existing file at `socket` is refused (QEMU would unlink it). The daemon dies with this process.
+ */
+export async function startNbdImageExports(exports: NbdImageExport[], socket: string): Promise<NbdImageServer> {
+  const binary = requireTool('qemu-storage-daemon', 'qemu-system-common');
+  if (exports.length === 0) throw new InvalidArgumentError('no image to export');
+  if (await stat(socket).then(() => true, () => false)) throw new InvalidArgumentError(`${socket} exists: give a path where the socket can be created`);
+  const quote = (p: string): string => p.replaceAll(',', ',,');
+  const args: string[] = [];
+  exports.forEach((e, i) => {
+    args.push('--blockdev', `driver=file,filename=${quote(e.image)},aio=threads,read-only=on,node-name=f${i}`);
+    args.push('--blockdev', `driver=${e.format},file=f${i},read-only=on,node-name=fmt${i}`);
+  });
+  args.push('--nbd-server', `addr.type=unix,addr.path=${quote(socket)},max-connections=0`);
+  exports.forEach((e, i) => args.push('--export', `type=nbd,id=e${i},node-name=fmt${i},name=${quote(e.name)},writable=off`));
+  const dir = await mkdtemp(join(tmpdir(), 'pbp-nbd-')); // 0700, for the log
+  let daemon: ServingDaemon;
+  try {
+    daemon = await startServingDaemon(binary, args, join(dir, 'qemu-storage-daemon.log'), `listen on ${socket}`, () => stat(socket).then((st) => st.isSocket(), () => false));
+  } catch (err) {
+    await rm(dir, { recursive: true, force: true });
+    throw err;
+  }
+  let stopped: Promise<void> | undefined;
+  // QEMU leaves its socket behind: it was made for this server (nothing was there), so it goes
+  const stop = (): Promise<void> =>
+    (stopped ??= daemon.stop().then(async () => {
+      await rm(socket, { force: true });
+      await rm(dir, { recursive: true, force: true });
+    }));
+  // QEMU creates it with the umask's mode: only its owner may connect
+  await chmod(socket, 0o600).catch(async (err: unknown) => {
+    await stop();
+    throw err;
+  });
+  return { socket, stop };
 }

@@ -193,6 +193,18 @@ impl Error {
         self.with_source(source)
     }
 
+    /// A copy for another caller of an error several share (one chunk fetch awaited by many
+    /// reads): the same code and details, the cause's text kept in the message.
+    pub fn duplicate(&self) -> Self {
+        Error {
+            kind: self.kind,
+            message: self.to_string(),
+            server: self.server.clone(),
+            request: self.request,
+            source: None,
+        }
+    }
+
     /// A sink failure caused by an I/O error.
     pub fn sink_io(what: impl Into<String>, err: std::io::Error) -> Self {
         Error::new(Kind::Sink, what).with_source(err)

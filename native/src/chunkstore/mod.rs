@@ -4,10 +4,11 @@
 //! its derived keys; `objects` is the one storage trait the rest sees, with `s3` (object storage
 //! through the `object_store` crate) and `memory` (unit tests) behind it; `sink` is the backup
 //! sink (dirty extents in, chunks out); `restore` writes a disk back from its index; `verify`
-//! checks the chunks backups need.
+//! checks the chunks backups need; `disk` reads one from its chunks for the NBD server.
 //! Only `s3` knows about S3.
 
 pub mod backup;
+pub mod disk;
 pub mod format;
 pub mod key;
 pub mod memory;
@@ -69,6 +70,15 @@ pub async fn get_chunk(objects: &dyn Objects, digest: &key::Digest) -> Result<Op
         }
     }
     Ok(None)
+}
+
+/// The fixed index stored at `key`, decoded (and so checked); a missing one is corrupt (a
+/// manifest or the caller named it).
+pub async fn load_fixed_index(objects: &dyn Objects, key: &str) -> Result<format::FixedIndex> {
+    let data = objects.get(key).await?.ok_or_else(|| {
+        crate::error::Error::corrupt(format!("index {key} is missing from the store"))
+    })?;
+    format::FixedIndex::decode(key, &data)
 }
 
 #[cfg(test)]

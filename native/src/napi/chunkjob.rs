@@ -24,7 +24,7 @@ use crate::chunkstore::backup::{self, BackupOptions, BackupSummary, DEFAULT_CHEC
 use crate::chunkstore::format::{self, FixedIndex};
 use crate::chunkstore::key::{self, StoreKey};
 use crate::chunkstore::restore::{self, ChunkRestoreOptions};
-use crate::chunkstore::Objects;
+use crate::chunkstore::{load_fixed_index, Objects};
 use crate::engine::Progress;
 use crate::error::{Error, Result};
 use crate::restore::RestoreSummary;
@@ -139,15 +139,6 @@ pub(super) fn store_key(
     Ok(key.map(Arc::new))
 }
 
-/// The index at `key`; a missing one is corrupt (a manifest or the caller named it).
-async fn load_index(objects: &dyn Objects, key: &str) -> Result<FixedIndex> {
-    let data = objects
-        .get(key)
-        .await?
-        .ok_or_else(|| Error::corrupt(format!("index {key} is missing from the store")))?;
-    FixedIndex::decode(key, &data)
-}
-
 fn reporter(on_progress: Option<ProgressFn>) -> impl Fn(Progress) + Send + Sync + 'static {
     move |p: Progress| {
         if let Some(f) = &on_progress {
@@ -217,7 +208,7 @@ pub fn start_chunk_backup(
         let mut dedup_by_head = options.dedup_by_head.unwrap_or(false);
         let mut previous_incomplete = false;
         if let Some(previous_key) = &options.previous_index_key {
-            let index = load_index(&*objects, previous_key).await?;
+            let index = load_fixed_index(&*objects, previous_key).await?;
             let missing = backup::missing_chunks(
                 &*objects,
                 index.digests.iter().copied(),
@@ -287,7 +278,7 @@ pub fn start_chunk_restore(
         let index = tokio::select! {
             biased;
             _ = token.cancelled() => return Err(Error::cancelled()),
-            index = load_index(&*objects, &options.index_key) => index?,
+            index = load_fixed_index(&*objects, &options.index_key) => index?,
         };
         let summary = restore::restore(ChunkRestoreOptions {
             objects,

@@ -11,6 +11,7 @@ mod client;
 mod copy;
 mod digests;
 mod error;
+mod nbdserver;
 mod restore;
 
 use napi_derive::napi;

@@ -392,6 +392,97 @@ pub fn encode_meta_context(id: u32, name: &str, dst: &mut BytesMut) {
     dst.put_slice(name.as_bytes());
 }
 
+// ---- Handshake, server side -------------------------------------------------------------------
+
+/// Length of a client option header: `IHAVEOPT`(8) option(4) length(4).
+pub const OPTION_HEADER_LEN: usize = 16;
+
+/// The server's greeting: `NBDMAGIC`, `IHAVEOPT`, handshake flags.
+pub fn encode_greeting(flags: u16, dst: &mut BytesMut) {
+    dst.put_u64(NBDMAGIC);
+    dst.put_u64(IHAVEOPT);
+    dst.put_u16(flags);
+}
+
+/// Header of a client option: the option and the length of its data.
+pub fn decode_option_header(mut buf: &[u8]) -> Result<(u32, u32)> {
+    need(buf, OPTION_HEADER_LEN, "option header")?;
+    let magic = buf.get_u64();
+    if magic != IHAVEOPT {
+        return Err(Error::protocol(format!(
+            "bad option magic 0x{magic:016x} instead of IHAVEOPT"
+        )));
+    }
+    Ok((buf.get_u32(), buf.get_u32()))
+}
+
+/// A length-prefixed (u32) string: an export name or a meta context query.
+fn get_string(buf: &mut &[u8], what: &str) -> Result<String> {
+    need(buf, 4, what)?;
+    let len = buf.get_u32() as usize;
+    need(buf, len, what)?;
+    let s = utf8(&buf[..len], what)?;
+    buf.advance(len);
+    Ok(s)
+}
+
+/// Decodes the data of `NBD_OPT_GO` / `NBD_OPT_INFO` ([`encode_go_data`]): the export name and
+/// the information types requested.
+pub fn decode_go_data(mut buf: &[u8]) -> Result<(String, Vec<u16>)> {
+    let export = get_string(&mut buf, "export name")?;
+    need(buf, 2, "information request count")?;
+    let n = usize::from(buf.get_u16());
+    if buf.len() != 2 * n {
+        return Err(Error::protocol(format!(
+            "{n} information requests in {} bytes",
+            buf.len()
+        )));
+    }
+    Ok((export, (0..n).map(|_| buf.get_u16()).collect()))
+}
+
+/// Decodes the data of `NBD_OPT_SET_META_CONTEXT` / `NBD_OPT_LIST_META_CONTEXT`
+/// ([`encode_meta_context_data`]): the export name and the queries.
+pub fn decode_meta_context_data(mut buf: &[u8]) -> Result<(String, Vec<String>)> {
+    let export = get_string(&mut buf, "export name")?;
+    need(buf, 4, "meta context query count")?;
+    let n = buf.get_u32() as usize;
+    // every query takes at least its 4-byte length: a count the data cannot hold is a lie
+    if n > buf.len() / 4 {
+        return Err(Error::protocol(format!(
+            "{n} meta context queries in {} bytes",
+            buf.len()
+        )));
+    }
+    let mut queries = Vec::with_capacity(n);
+    for _ in 0..n {
+        queries.push(get_string(&mut buf, "meta context query")?);
+    }
+    if !buf.is_empty() {
+        return Err(Error::protocol(format!(
+            "{} stray bytes after the meta context queries",
+            buf.len()
+        )));
+    }
+    Ok((export, queries))
+}
+
+/// The answer to `NBD_OPT_EXPORT_NAME`: size, transmission flags, and 124 zero bytes unless
+/// the client set `NBD_FLAG_C_NO_ZEROES`.
+pub fn encode_export_name_reply(size: u64, flags: u16, no_zeroes: bool, dst: &mut BytesMut) {
+    dst.put_u64(size);
+    dst.put_u16(flags);
+    if !no_zeroes {
+        dst.put_bytes(0, 124);
+    }
+}
+
+/// Payload of an `NBD_REP_SERVER` reply (`NBD_OPT_LIST`): the export's name.
+pub fn encode_server_entry(name: &str, dst: &mut BytesMut) {
+    dst.put_u32(name.len() as u32);
+    dst.put_slice(name.as_bytes());
+}
+
 // ---- Requests --------------------------------------------------------------------------------
 
 /// A transmission request header. `length` is 64 bits wide; compact headers hold 32.
@@ -1120,5 +1211,75 @@ mod tests {
         assert_eq!(&o[12..16], &(4u32 + 5 + 2 + 2).to_be_bytes());
         let q = encode_meta_context_data("e", &["base:allocation".to_string()]);
         assert_eq!(q.len(), 4 + 1 + 4 + 4 + 15);
+    }
+
+    #[test]
+    fn server_side_handshake_messages_round_trip_with_the_client_encoders() {
+        let mut g = BytesMut::new();
+        encode_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES, &mut g);
+        assert_eq!(g.len(), GREETING_LEN);
+        assert_eq!(
+            decode_greeting(&g).unwrap(),
+            Greeting::Newstyle { flags: 3 }
+        );
+
+        let mut o = BytesMut::new();
+        let go = encode_go_data("drive-scsi0", &[INFO_BLOCK_SIZE, INFO_NAME]);
+        encode_option(OPT_GO, &go, &mut o);
+        assert_eq!(decode_option_header(&o).unwrap(), (OPT_GO, go.len() as u32));
+        assert_eq!(
+            decode_go_data(&o[OPTION_HEADER_LEN..]).unwrap(),
+            ("drive-scsi0".to_string(), vec![INFO_BLOCK_SIZE, INFO_NAME])
+        );
+        assert!(decode_option_header(&[0; 16])
+            .unwrap_err()
+            .to_string()
+            .contains("IHAVEOPT"));
+
+        let queries = vec!["base:allocation".to_string(), "qemu:".to_string()];
+        let m = encode_meta_context_data("", &queries);
+        assert_eq!(
+            decode_meta_context_data(&m).unwrap(),
+            (String::new(), queries)
+        );
+
+        let mut r = BytesMut::new();
+        encode_export_name_reply(1 << 40, FLAG_HAS_FLAGS | FLAG_READ_ONLY, false, &mut r);
+        assert_eq!(r.len(), 8 + 2 + 124);
+        assert_eq!(&r[..8], &(1u64 << 40).to_be_bytes());
+        let mut r = BytesMut::new();
+        encode_export_name_reply(1, 3, true, &mut r);
+        assert_eq!(r.len(), 10);
+
+        let mut e = BytesMut::new();
+        encode_server_entry("disk0", &mut e);
+        assert_eq!(&e[..], b"\0\0\0\x05disk0");
+    }
+
+    #[test]
+    fn malformed_option_data_is_a_protocol_error() {
+        for (bad, want) in [
+            (&[0u8, 0, 0][..], "export name is truncated"),
+            (&[0, 0, 0, 9, b'a'][..], "export name is truncated"),
+            (
+                &[0, 0, 0, 0, 0, 2, 0, 1][..],
+                "2 information requests in 2 bytes",
+            ),
+            (&[0, 0, 0, 1, 0xff, 0, 0][..], "not valid UTF-8"),
+        ] {
+            let e = decode_go_data(bad).unwrap_err();
+            assert!(e.is_protocol() && e.to_string().contains(want), "{e}");
+        }
+        for (bad, want) in [
+            (
+                &[0u8, 0, 0, 0, 0xff, 0xff, 0xff, 0xff][..],
+                "queries in 0 bytes",
+            ),
+            (&[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 5, b'a'][..], "truncated"),
+            (&[0, 0, 0, 0, 0, 0, 0, 0, 7][..], "1 stray bytes"),
+        ] {
+            let e = decode_meta_context_data(bad).unwrap_err();
+            assert!(e.is_protocol() && e.to_string().contains(want), "{e}");
+        }
     }
 }

@@ -3,12 +3,14 @@
 //! `handshake` negotiates, `connection` owns the socket and routes replies by cookie, and
 //! `client` is the cheap handle callers use. `source` makes the client the copy engine's
 //! [`crate::source::Source`], so that only this folder knows the engine reads from NBD.
+//! `server` is the other side: a read-only NBD server over any disk, on the same codec.
 
 mod client;
 pub mod codec;
 mod connection;
 mod handshake;
 mod info;
+pub mod server;
 mod source;
 mod uri;
 
