@@ -299,9 +299,10 @@ impl S3Objects {
                 .message
                 .as_deref()
                 .is_some_and(|m| m.to_ascii_lowercase().contains("invalid signature"));
-        if let Some(m) = &answer.mismatch {
+        if answer.mismatch.is_some() {
+            // the cause says which fingerprint the server presented and which was pinned
             return Error::store_certificate(format!(
-                "{what}: TLS: {m}; nothing was sent (if the server's certificate was replaced, check it and pin the new fingerprint)"
+                "{what}: TLS: not the pinned certificate, nothing was sent (if the server's certificate was replaced, check it and pin the new fingerprint)"
             ))
             .caused_by(err);
         }
