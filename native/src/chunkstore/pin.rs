@@ -1,14 +1,16 @@
 //! Pinning the S3 endpoint's TLS certificate by its SHA-256 fingerprint, as Proxmox VE's storage
 //! plugins pin a Proxmox Backup Server (pve-storage `src/PVE/Storage/PBSPlugin.pm`, option
-//! `fingerprint`; format `fingerprint-sha256` of pve-common `src/PVE/JSONSchema.pm`: 32
-//! colon-separated hex bytes, either case).
+//! `fingerprint`; format `fingerprint-sha256` of pve-common `src/PVE/JSONSchema.pm`: the pattern
+//! `([A-Fa-f0-9]{2}:){31}[A-Fa-f0-9]{2}`; read at pve-storage 0c56bad, pve-common f665029).
 //!
 //! With a pin, the certificate the server presents (the leaf) is accepted if and only if its
 //! SHA-256 is the pinned one, whatever its names, issuer or dates: a self-signed certificate
-//! works, and a certificate a public CA signed does not unless it is the pinned one (stricter
-//! than PBS's client, which also accepts a chain the system trusts). Only chain and name checks
-//! are replaced: the handshake's signatures are still verified with the crypto provider's
-//! algorithms, so the server must hold the pinned certificate's private key.
+//! works, and a certificate a public CA signed does not unless it is the pinned one. That is what
+//! PBSPlugin's API connection does with the fingerprint (`cached_fingerprints`: pve-apiclient
+//! `src/PVE/APIClient/LWP.pm` then turns hostname verification off and "purely trust[s] the
+//! configured fingerprints", checking only the leaf). Only chain and name checks are replaced:
+//! the handshake's signatures are still verified with the crypto provider's algorithms, so the
+//! server must hold the pinned certificate's private key.
 //!
 //! A mismatch is not retried (it is not transient): [`PinnedConnector`] hands object_store a
 //! client whose TLS errors for a mismatch are final, carrying [`PinMismatch`] with the
@@ -227,7 +229,9 @@ pub fn pinned_tls_config(pin: Fingerprint) -> Result<rustls::ClientConfig> {
 
 /// object_store's HTTP client for a pinned endpoint: reqwest with [`pinned_tls_config`], https
 /// only, the same timeouts and no compression as object_store's own client for the options
-/// `S3Objects` sets (object_store builds its reqwest client privately, so those are repeated).
+/// `S3Objects` sets (object_store builds its reqwest client privately, so those are repeated;
+/// its shuffling of DNS answers is not, its resolver being private: connections go to the
+/// addresses in the system resolver's order).
 #[derive(Debug)]
 pub struct PinnedConnector {
     pub pin: Fingerprint,
