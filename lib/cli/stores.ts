@@ -1,8 +1,8 @@
 /**
  * The one place where the store commands learn which kind of store `--store` names: a folder
  * (the directory store) or an `s3://bucket/prefix` URL (the chunk store, with `--endpoint`,
- * `--region`, `--path-style`, `--ca-file`, `--fingerprint`, `--key-file`, `--credentials-file`, credentials
- * otherwise from `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`). Both are opened into a
+ * `--region`, `--path-style`, `--ca-file`, `--fingerprint`, `--key-file`, `--credentials-file`,
+ * credentials otherwise from `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`). Both are opened into a
  * {@link CliStore}, which the commands use without asking which it is. Each store's modules are
  * loaded only when it is used.
  */
