@@ -77,6 +77,12 @@ export type ChunkStoreErrorCode =
   | 'ERR_STORE_NOT_FOUND'
   /** The object store refused a write for lack of space (a bucket quota). */
   | 'ERR_STORE_FULL'
+  /**
+   * TLS refused the object store's certificate: it is not the pinned one (a `fingerprint` was
+   * given: the message names the fingerprint the server presented; never retried), or no CA
+   * trusted here signed it.
+   */
+  | 'ERR_STORE_CERTIFICATE'
   /** The store is encrypted and no key was given. */
   | 'ERR_KEY_REQUIRED'
   /** The key given is not the store's key. */

@@ -15,6 +15,7 @@ packages=(
   time                  # /usr/bin/time: peak RSS and CPU of benchmark runs
   tar rsync acl attr    # container backup and restore
   perl                  # the Perl bridge (perl/) and its tests: perl -T, JSON::PP, IO::Select
+  openssl               # test certificates for the TLS endpoint in front of Garage (CA-signed, self-signed)
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -4,8 +4,8 @@
  * listings page past 1000 keys, and every failure is a typed `ChunkStoreError` naming endpoint,
  * bucket and key: wrong credentials (which one), a missing bucket, a bucket quota, a gateway
  * that is down (retries, then ERR_STORE_UNAVAILABLE within the bounded time) or comes back during
- * the retries (the request succeeds), a killed storage node (replication: no error), an https
- * endpoint trusted through a CA file (and named when untrusted). Jobs: a qemu-storage-daemon
+ * the retries (the request succeeds), a killed storage node (replication: no error). TLS (a CA
+ * file, a pinned fingerprint) is in chunk-store-tls.test.ts. Jobs: a qemu-storage-daemon
  * export backed up full and incrementally (dirty bitmap) and restored byte-exact, a lost chunk
  * healed by the next backup, an encrypted store (right key, another key, none), a cancelled
  * backup (no index), a backup through a node kill and a gateway restart. The `s3://` URL and
@@ -15,9 +15,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { connect, type AddressInfo } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { createServer as createTlsServer } from 'node:tls';
 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
@@ -326,43 +324,6 @@ describe('chunk store on S3 (Garage, 3 nodes, replication factor 3)', { timeout:
       await expect(job.wait()).rejects.toThrow(/already called/);
     } finally {
       await stopAll();
-    }
-  });
-
-  it('reaches an https endpoint through the CA file given, and names an untrusted certificate', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'pbp-tls-'));
-    // TLS in front of the gateway, with a certificate signed by a CA of our own
-    const ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes'];
-    await execFileP('openssl', ['req', '-x509', ...ec, '-days', '1', '-subj', '/CN=pbp test CA', '-keyout', join(dir, 'ca.key'), '-out', join(dir, 'ca.pem')]);
-    await execFileP('openssl', ['req', ...ec, '-subj', '/CN=127.0.0.1', '-keyout', join(dir, 'key.pem'), '-out', join(dir, 'leaf.csr')]);
-    writeFileSync(join(dir, 'leaf.ext'), 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n');
-    await execFileP('openssl', [
-      'x509', '-req', '-in', join(dir, 'leaf.csr'), '-CA', join(dir, 'ca.pem'), '-CAkey', join(dir, 'ca.key'), '-CAcreateserial',
-      '-days', '1', '-extfile', join(dir, 'leaf.ext'), '-out', join(dir, 'cert.pem'),
-    ]);
-    const gateway = new URL(cluster.endpoint);
-    const proxy = createTlsServer({ key: readFileSync(join(dir, 'key.pem')), cert: readFileSync(join(dir, 'cert.pem')) }, (tls) => {
-      const plain = connect(Number(gateway.port), gateway.hostname);
-      tls.pipe(plain).pipe(tls);
-      tls.on('error', () => plain.destroy());
-      plain.on('error', () => tls.destroy());
-    });
-    await new Promise<void>((resolve) => proxy.listen(0, '127.0.0.1', resolve));
-    try {
-      const endpoint = `https://127.0.0.1:${(proxy.address() as AddressInfo).port}`;
-      const { allowHttp: _plain, ...tlsBase } = base;
-      const trusted = new S3ObjectStore({ ...tlsBase, endpoint, caFile: join(dir, 'ca.pem') });
-      await trusted.put('tls/x', Buffer.from('over tls'));
-      expect((await trusted.get('tls/x'))?.toString()).toBe('over tls');
-
-      const untrusted = new S3ObjectStore({ ...tlsBase, endpoint, retryTimeoutMs: 500 });
-      const err = await rejection(untrusted.get('tls/x'));
-      expect(err.code).toBe('ERR_STORE_UNAVAILABLE');
-      expect(err.message).toMatch(/certificate is not trusted/);
-      expect(err.message).toContain(`${endpoint} bucket ${cluster.bucket}`);
-    } finally {
-      proxy.close();
-      rmSync(dir, { recursive: true, force: true });
     }
   });
 

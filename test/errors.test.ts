@@ -94,6 +94,7 @@ const OWNER = {
   ERR_STORE_ACCESS: ChunkStoreError,
   ERR_STORE_NOT_FOUND: ChunkStoreError,
   ERR_STORE_FULL: ChunkStoreError,
+  ERR_STORE_CERTIFICATE: ChunkStoreError,
   ERR_KEY_REQUIRED: ChunkStoreError,
   ERR_KEY_MISMATCH: ChunkStoreError,
   ERR_WRITER_EXPIRED: ChunkStoreError,
@@ -154,7 +155,7 @@ const storeCases: Case[] = storeCodes.map((code) => ({
   fields: { volname: 'backup/100/qemu-2024_01_01-00_00_00', file: 'manifest.json' },
 }));
 
-const chunkStoreCodes = ['ERR_STORE_UNAVAILABLE', 'ERR_STORE_ACCESS', 'ERR_STORE_NOT_FOUND', 'ERR_STORE_FULL', 'ERR_KEY_REQUIRED', 'ERR_KEY_MISMATCH', 'ERR_WRITER_EXPIRED', 'ERR_GC_RUNNING'] as const;
+const chunkStoreCodes = ['ERR_STORE_UNAVAILABLE', 'ERR_STORE_ACCESS', 'ERR_STORE_NOT_FOUND', 'ERR_STORE_FULL', 'ERR_STORE_CERTIFICATE', 'ERR_KEY_REQUIRED', 'ERR_KEY_MISMATCH', 'ERR_WRITER_EXPIRED', 'ERR_GC_RUNNING'] as const;
 const chunkStoreCases: Case[] = chunkStoreCodes.map((code) => ({
   err: new ChunkStoreError(code, 'S3 get of p/store.json at http://h bucket b: failed', { cause }),
   cls: ChunkStoreError,

@@ -16,6 +16,7 @@ const CODES: ReadonlySet<string> = new Set<ChunkStoreErrorCode>([
   'ERR_STORE_ACCESS',
   'ERR_STORE_NOT_FOUND',
   'ERR_STORE_FULL',
+  'ERR_STORE_CERTIFICATE',
   'ERR_KEY_REQUIRED',
   'ERR_KEY_MISMATCH',
   'ERR_WRITER_EXPIRED',

@@ -15,6 +15,8 @@
  * over opened ({@link ChunkProviderOptions.store}):
  * - `store` (required): `s3://bucket/prefix`;
  * - `endpoint`, `region`, `path-style` (default true), `ca-file`, `allow-http`;
+ * - `fingerprint`: trust exactly the endpoint's certificate with this SHA-256 (`AB:CD:…`, as
+ *   for a Proxmox Backup Server), instead of CAs;
  * - `credentials-file` (AWS shared format), else the environment's `AWS_ACCESS_KEY_ID` and
  *   `AWS_SECRET_ACCESS_KEY`;
  * - `key-file`: the store's key (an encrypted store; a store created with a key is encrypted);
@@ -178,11 +180,13 @@ export class ChunkProvider extends BackupProviderBase {
       const endpoint = str(s, 'endpoint');
       const region = str(s, 'region');
       const caFile = str(s, 'ca-file');
+      const fingerprint = str(s, 'fingerprint');
       const keyFile = str(s, 'key-file');
       const options = await s3StoreOptions(str(s, 'store')!, {
         ...(endpoint ? { endpoint } : {}),
         ...(region ? { region } : {}),
         ...(caFile ? { caFile } : {}),
+        ...(fingerprint ? { fingerprint } : {}),
         ...(keyFile ? { keyFile } : {}),
         ...(credentialsFile ? { credentialsFile } : {}),
         ...(bool(s, 'path-style') === false ? { virtualHosted: true } : {}),

@@ -28,6 +28,15 @@ export interface S3StoreOptions {
   sessionToken?: string;
   /** PEM file of certificate authorities to trust besides the system's (a self-signed endpoint). */
   caFile?: string;
+  /**
+   * Trust exactly the server certificate whose SHA-256 fingerprint this is, and nothing else
+   * (not the system's CAs; not with {@link S3StoreOptions.caFile}): 32 hex bytes separated by
+   * colons, as Proxmox VE pins a Proxmox Backup Server (storage option `fingerprint`) and as
+   * `openssl x509 -noout -fingerprint -sha256 -in cert.pem` prints it. A self-signed
+   * certificate with any name works. Another certificate fails with `ERR_STORE_CERTIFICATE`
+   * naming the fingerprint the server presented, before any request is sent. Needs `https://`.
+   */
+  fingerprint?: string;
   /** Plain HTTP: required for an `http://` endpoint (requests are signed, but data travels in clear). */
   allowHttp?: boolean;
   /** No retry of a failing request starts after this long (ms, default 60 000); the error follows within one backoff and one request. */
@@ -69,7 +78,8 @@ async function call<T>(fn: () => Promise<T>): Promise<T> {
  * are retried with exponential backoff; then a `ChunkStoreError`: `ERR_STORE_UNAVAILABLE`,
  * `ERR_STORE_ACCESS` (credentials refused: the message says whether the key id is unknown or
  * the secret wrong), `ERR_STORE_NOT_FOUND` (no such bucket), `ERR_STORE_FULL` (quota),
- * each naming the endpoint, the bucket and the key.
+ * `ERR_STORE_CERTIFICATE` (TLS refused the server's certificate: not the pinned one, or not
+ * trusted), each naming the endpoint, the bucket and the key.
  */
 export class S3ObjectStore {
   /** The options as the binding takes them (one native client per distinct options, cached). */
@@ -78,6 +88,7 @@ export class S3ObjectStore {
   /** @param options - Where the store is and how to reach it. */
   constructor(options: S3StoreOptions) {
     checkBucket(options.bucket);
+    if (options.fingerprint !== undefined) checkFingerprint(options.fingerprint, options.caFile);
     this.inner = { ...options, prefix: normalisePrefix(options.prefix ?? '') };
   }
 
@@ -132,6 +143,18 @@ export class S3ObjectStore {
 function checkBucket(bucket: string): void {
   if (!/^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$/.test(bucket) || bucket.includes('..')) {
     throw new InvalidArgumentError(`invalid S3 bucket name ${JSON.stringify(bucket)}: 3 to 63 lower-case letters, digits, dots and hyphens`);
+  }
+}
+
+/** A certificate's SHA-256 as Proxmox VE writes it (pve-common `fingerprint-sha256`). */
+const FINGERPRINT = /^(?:[0-9A-Fa-f]{2}:){31}[0-9A-Fa-f]{2}$/;
+
+function checkFingerprint(fingerprint: string, caFile: string | undefined): void {
+  if (!FINGERPRINT.test(fingerprint)) {
+    throw new InvalidArgumentError(`invalid certificate fingerprint ${JSON.stringify(fingerprint)}: a SHA-256 fingerprint is 32 hex bytes separated by colons (AB:CD:…)`);
+  }
+  if (caFile !== undefined) {
+    throw new InvalidArgumentError('give a CA file or a certificate fingerprint, not both: a fingerprint trusts exactly one certificate');
   }
 }
 

@@ -508,6 +508,7 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
     .option('--path-style', 'path-style requests (the default)')
     .option('--no-path-style', 'virtual-hosted requests')
     .option('--ca-file <pem>', "certificate authorities to trust besides the system's")
+    .option('--fingerprint <sha256>', 'trust exactly the endpoint certificate with this SHA-256 fingerprint (AB:CD:…), instead of CAs')
     .option('--credentials-file <file>', 'credentials in the AWS shared format (default: the environment)')
     .option('--json', 'print JSON')
     .action(async (file: string, o: Record<string, unknown>) => {

@@ -1,8 +1,8 @@
 /**
  * The one place where the store commands learn which kind of store `--store` names: a folder
  * (the directory store) or an `s3://bucket/prefix` URL (the chunk store, with `--endpoint`,
- * `--region`, `--path-style`, `--ca-file`, `--key-file`, `--credentials-file`, credentials
- * otherwise from `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`). Both are opened into a
+ * `--region`, `--path-style`, `--ca-file`, `--fingerprint`, `--key-file`, `--credentials-file`,
+ * credentials otherwise from `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`). Both are opened into a
  * {@link CliStore}, which the commands use without asking which it is. Each store's modules are
  * loaded only when it is used.
  */
@@ -102,11 +102,12 @@ export function addStoreOptions(c: Command, what = 'the store'): Command {
     .option('--path-style', 's3:// stores: path-style requests, host/bucket (the default)')
     .option('--no-path-style', 's3:// stores: virtual-hosted requests, bucket.host')
     .option('--ca-file <pem>', 's3:// stores: certificate authorities to trust besides the system\'s')
+    .option('--fingerprint <sha256>', 's3:// stores: trust exactly the endpoint certificate with this SHA-256 fingerprint (AB:CD:…), instead of CAs')
     .option('--key-file <file>', 's3:// stores: the store\'s key file (encrypted stores; a store created with a key is encrypted)')
     .option('--credentials-file <file>', 's3:// stores: credentials in the AWS shared format (default: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)');
 }
 
-const S3_ONLY = ['endpoint', 'region', 'caFile', 'keyFile', 'credentialsFile'] as const;
+const S3_ONLY = ['endpoint', 'region', 'caFile', 'fingerprint', 'keyFile', 'credentialsFile'] as const;
 
 /**
  * Opens the store `--store` names.
@@ -189,6 +190,7 @@ export async function s3OptionsFromCli(url: string, o: Record<string, unknown>):
     ...(o.region ? { region: o.region as string } : {}),
     ...(o.pathStyle === false ? { virtualHosted: true } : {}),
     ...(o.caFile ? { caFile: o.caFile as string } : {}),
+    ...(o.fingerprint ? { fingerprint: o.fingerprint as string } : {}),
     ...(o.keyFile ? { keyFile: o.keyFile as string } : {}),
     ...(o.credentialsFile ? { credentialsFile: o.credentialsFile as string } : {}),
   });

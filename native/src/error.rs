@@ -38,6 +38,8 @@ enum Kind {
     StoreNotFound,
     /// The object store refused a write for lack of space (a bucket quota).
     StoreFull,
+    /// TLS refused the object store's certificate: not the pinned one, or not trusted.
+    StoreCertificate,
     /// The store is encrypted and no key was given.
     KeyRequired,
     /// The key given is not the store's key.
@@ -176,6 +178,10 @@ impl Error {
         Error::new(Kind::StoreFull, message)
     }
 
+    pub fn store_certificate(message: impl Into<String>) -> Self {
+        Error::new(Kind::StoreCertificate, message)
+    }
+
     pub fn key_required(message: impl Into<String>) -> Self {
         Error::new(Kind::KeyRequired, message)
     }
@@ -227,6 +233,7 @@ impl Error {
             Kind::StoreAccess => "ERR_STORE_ACCESS",
             Kind::StoreNotFound => "ERR_STORE_NOT_FOUND",
             Kind::StoreFull => "ERR_STORE_FULL",
+            Kind::StoreCertificate => "ERR_STORE_CERTIFICATE",
             Kind::KeyRequired => "ERR_KEY_REQUIRED",
             Kind::KeyMismatch => "ERR_KEY_MISMATCH",
             Kind::Version => "ERR_BACKUP_VERSION",

@@ -12,6 +12,7 @@ pub mod disk;
 pub mod format;
 pub mod key;
 pub mod memory;
+pub mod pin;
 pub mod restore;
 pub mod s3;
 pub mod sink;
@@ -38,7 +39,8 @@ pub struct ObjectMeta {
 /// backoff, then fail with a typed error: `ERR_STORE_UNAVAILABLE` (the endpoint does not answer
 /// or keeps failing), `ERR_STORE_ACCESS` (credentials refused, 403), `ERR_STORE_NOT_FOUND`
 /// (a missing bucket; a missing object is `Ok(None)` from `get`/`head`), `ERR_STORE_FULL`
-/// (quota exceeded).
+/// (quota exceeded), `ERR_STORE_CERTIFICATE` (TLS refused the server's certificate: not the
+/// pinned one, at once, or not trusted).
 #[async_trait]
 pub trait Objects: Send + Sync {
     /// Stores `data` under `key`, replacing what was there. Returns when the store acknowledged it.

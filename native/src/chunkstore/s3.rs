@@ -7,6 +7,9 @@
 //! object_store does not expose an error's HTTP status or S3 error code as values, so they are
 //! read from its error chain's text (`status code: 403 …`, `<Code>…</Code>`): pinned to the
 //! crate's 0.14 series and checked against a real Garage cluster by `test/chunk-store-s3.test.ts`.
+//!
+//! TLS trusts the system's roots plus a CA file, or, with a pinned fingerprint, exactly one
+//! certificate (`pin.rs`).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,6 +23,7 @@ use object_store::list::{PaginatedListOptions, PaginatedListStore};
 use object_store::path::Path;
 use object_store::{BackoffConfig, Certificate, ClientOptions, ObjectStoreExt, RetryConfig};
 
+use super::pin::{Fingerprint, PinMismatch, PinnedConnector};
 use super::{ObjectMeta, Objects};
 use crate::error::{Error, Result};
 
@@ -66,6 +70,10 @@ pub struct S3Options {
     pub session_token: Option<String>,
     /// PEM file of the certificate authorities to trust besides the system's.
     pub ca_file: Option<PathBuf>,
+    /// Trust exactly the server certificate with this SHA-256 (`AB:CD:…`, PVE's `fingerprint`),
+    /// and nothing else: neither the system's roots nor a CA file (the two options exclude
+    /// each other).
+    pub fingerprint: Option<String>,
     /// Plain HTTP: required for an `http://` endpoint, never used for an `https://` one.
     pub allow_http: bool,
     pub retry: RetryOptions,
@@ -84,6 +92,7 @@ impl std::fmt::Debug for S3Options {
             .field("virtual_hosted", &self.virtual_hosted)
             .field("access_key_id", &self.access_key_id)
             .field("ca_file", &self.ca_file)
+            .field("fingerprint", &self.fingerprint)
             .field("allow_http", &self.allow_http)
             .field("retry", &self.retry)
             .finish_non_exhaustive()
@@ -102,6 +111,7 @@ impl Default for S3Options {
             secret_access_key: String::new(),
             session_token: None,
             ca_file: None,
+            fingerprint: None,
             allow_http: false,
             retry: RetryOptions::default(),
             request_timeout: Duration::from_secs(120),
@@ -135,6 +145,8 @@ struct Answer {
     transport: bool,
     /// The TLS handshake refused the server's certificate.
     certificate: bool,
+    /// The server's certificate is not the pinned one.
+    mismatch: Option<PinMismatch>,
 }
 
 impl S3Objects {
@@ -176,6 +188,11 @@ impl S3Objects {
             Some(endpoint) => {
                 let endpoint = endpoint.trim_end_matches('/');
                 if endpoint.starts_with("http://") {
+                    if options.fingerprint.is_some() {
+                        return Err(Error::invalid_argument(format!(
+                            "S3 endpoint {endpoint} is plain http: a certificate fingerprint needs https"
+                        )));
+                    }
                     if !options.allow_http {
                         return Err(Error::invalid_argument(format!(
                             "S3 endpoint {endpoint} is plain http: allow it explicitly (allowHttp) or use https"
@@ -192,6 +209,19 @@ impl S3Objects {
             }
             None => format!("https://s3.{}.amazonaws.com", options.region),
         };
+        if let Some(fingerprint) = &options.fingerprint {
+            let pin: Fingerprint = fingerprint.parse()?;
+            if options.ca_file.is_some() {
+                return Err(Error::invalid_argument(format!(
+                    "S3 endpoint {endpoint}: give a CA file or a certificate fingerprint, not both (a fingerprint trusts exactly one certificate)"
+                )));
+            }
+            builder = builder.with_http_connector(PinnedConnector {
+                pin,
+                request_timeout: options.request_timeout,
+                connect_timeout: options.connect_timeout,
+            });
+        }
         if let Some(file) = &options.ca_file {
             let pem = std::fs::read(file).map_err(|e| {
                 Error::invalid_argument(format!("reading CA file {}", file.display())).caused_by(e)
@@ -269,9 +299,16 @@ impl S3Objects {
                 .message
                 .as_deref()
                 .is_some_and(|m| m.to_ascii_lowercase().contains("invalid signature"));
+        if answer.mismatch.is_some() {
+            // the cause says which fingerprint the server presented and which was pinned
+            return Error::store_certificate(format!(
+                "{what}: TLS: not the pinned certificate, nothing was sent (if the server's certificate was replaced, check it and pin the new fingerprint)"
+            ))
+            .caused_by(err);
+        }
         if answer.transport && answer.certificate {
-            return Error::store_unavailable(format!(
-                "{what}: TLS: the endpoint's certificate is not trusted (give the CA that signed it as a CA file)"
+            return Error::store_certificate(format!(
+                "{what}: TLS: the endpoint's certificate is not trusted (give the CA that signed it as a CA file, or pin its fingerprint)"
             ))
             .caused_by(err);
         }
@@ -348,6 +385,9 @@ fn read_answer(err: &object_store::Error) -> Answer {
     while let Some(e) = current {
         if e.downcast_ref::<HttpError>().is_some() {
             answer.transport = true;
+        }
+        if answer.mismatch.is_none() {
+            answer.mismatch = PinMismatch::find(e).cloned();
         }
         text.push_str(&e.to_string());
         text.push('\n');
@@ -561,6 +601,39 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.code(), "ERR_INVALID_ARGUMENT");
         assert!(e.to_string().contains(&*file.to_string_lossy()), "{e}");
+    }
+
+    #[test]
+    fn a_fingerprint_needs_https_the_pve_format_and_no_ca_file() {
+        let fp = "EE:75:2E:C5:65:CA:B3:80:54:F4:5A:A2:E7:E2:64:7D:34:61:D0:8D:EF:A8:47:15:CE:EB:9E:2C:D5:44:34:78";
+        let pinned = S3Options {
+            endpoint: Some("https://127.0.0.1:1".into()),
+            allow_http: false,
+            fingerprint: Some(fp.into()),
+            ..options()
+        };
+        assert!(S3Objects::new(&pinned).is_ok());
+        let e = S3Objects::new(&S3Options {
+            fingerprint: Some(fp.into()),
+            ..options()
+        })
+        .unwrap_err();
+        assert_eq!(e.code(), "ERR_INVALID_ARGUMENT");
+        assert!(e.to_string().contains("needs https"), "{e}");
+        let e = S3Objects::new(&S3Options {
+            fingerprint: Some(fp[3..].into()),
+            ..pinned.clone()
+        })
+        .unwrap_err();
+        assert_eq!(e.code(), "ERR_INVALID_ARGUMENT");
+        assert!(e.to_string().contains(&fp[3..]), "{e}");
+        let e = S3Objects::new(&S3Options {
+            ca_file: Some("/nonexistent/ca.pem".into()),
+            ..pinned
+        })
+        .unwrap_err();
+        assert_eq!(e.code(), "ERR_INVALID_ARGUMENT");
+        assert!(e.to_string().contains("not both"), "{e}");
     }
 
     #[test]

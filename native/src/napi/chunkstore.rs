@@ -35,6 +35,9 @@ pub struct ChunkStoreOptions {
     pub session_token: Option<String>,
     /// PEM file of certificate authorities to trust besides the system's.
     pub ca_file: Option<String>,
+    /// Trust exactly the server certificate with this SHA-256 fingerprint (`AB:CD:…`, 32 bytes),
+    /// nothing else; excludes `caFile`.
+    pub fingerprint: Option<String>,
     /// Required for an `http://` endpoint.
     pub allow_http: Option<bool>,
     /// No retry starts after this long since a request's first attempt (default 60 000).
@@ -82,6 +85,7 @@ fn s3_options(o: &ChunkStoreOptions) -> napi::Result<S3Options> {
         secret_access_key: o.secret_access_key.clone(),
         session_token: o.session_token.clone(),
         ca_file: o.ca_file.clone().map(Into::into),
+        fingerprint: o.fingerprint.clone(),
         allow_http: o.allow_http.unwrap_or(false),
         retry: RetryOptions {
             timeout: millis(o.retry_timeout_ms, r.timeout, "retryTimeoutMs")?,
