@@ -13,6 +13,7 @@ pub mod memory;
 pub mod restore;
 pub mod s3;
 pub mod sink;
+pub mod stream;
 
 use async_trait::async_trait;
 use bytes::Bytes;

@@ -362,6 +362,9 @@ impl Objects for SlowObjects {
     async fn delete(&self, key: &str) -> Result<()> {
         self.inner.delete(key).await
     }
+    async fn copy(&self, from: &str, to: &str) -> Result<bool> {
+        self.inner.copy(from, to).await
+    }
 }
 
 fn slow() -> Arc<SlowObjects> {
