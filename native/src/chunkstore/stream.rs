@@ -22,6 +22,7 @@
 //! reader's to say (tar's exit status).
 
 use std::collections::HashSet;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -478,6 +479,38 @@ async fn fetch_chunk(
     })
     .await
     .map_err(|e| Error::sink(format!("a restore task failed: {e}")))?
+}
+
+/// A readable stream over a file descriptor this process owns: a pipe's read end (read
+/// without blocking a thread) or a regular file. Must be called inside the runtime.
+pub fn fd_reader(fd: OwnedFd) -> Result<Box<dyn AsyncRead + Unpin + Send>> {
+    let file = std::fs::File::from(fd);
+    if is_fifo(&file)? {
+        let pipe = tokio::net::unix::pipe::Receiver::from_file(file)
+            .map_err(|e| Error::io("opening the stream's pipe", e))?;
+        return Ok(Box::new(pipe));
+    }
+    Ok(Box::new(tokio::fs::File::from_std(file)))
+}
+
+/// A writable stream over a file descriptor this process owns: a pipe's write end or a
+/// regular file. Must be called inside the runtime.
+pub fn fd_writer(fd: OwnedFd) -> Result<Box<dyn AsyncWrite + Unpin + Send>> {
+    let file = std::fs::File::from(fd);
+    if is_fifo(&file)? {
+        let pipe = tokio::net::unix::pipe::Sender::from_file(file)
+            .map_err(|e| Error::sink_io("opening the stream's pipe", e))?;
+        return Ok(Box::new(pipe));
+    }
+    Ok(Box::new(tokio::fs::File::from_std(file)))
+}
+
+fn is_fifo(file: &std::fs::File) -> Result<bool> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::io("inspecting the stream's file descriptor", e))?;
+    Ok(meta.file_type().is_fifo())
 }
 
 #[cfg(test)]

@@ -87,8 +87,10 @@ pub struct NativeChunk {
 type ProgressFn = ThreadsafeFunction<NativeProgress, (), NativeProgress, Status, false, true>;
 
 fn run_options(o: &NativeCopyOptions) -> napi::Result<RunOptions> {
-    let mut copy = CopyOptions::default();
-    copy.bitmap = o.bitmap.clone();
+    let mut copy = CopyOptions {
+        bitmap: o.bitmap.clone(),
+        ..CopyOptions::default()
+    };
     if let Some(v) = o.use_allocation {
         copy.use_allocation = v;
     }

@@ -344,3 +344,63 @@ async fn an_empty_stream_has_an_empty_index() -> Result<()> {
     assert!(out.is_empty());
     Ok(())
 }
+
+/// A pipe: (read end, write end).
+fn pipe() -> Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 fills two fds on success, which we then own
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(Error::io("pipe2", std::io::Error::last_os_error()));
+    }
+    Ok(unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_real_pipes_and_files() -> Result<()> {
+    let store = Arc::new(MemoryObjects::new());
+    let data = noise(3 << 20, 9);
+    // backup: a writer thread feeds the pipe, the backup reads its other end
+    let (r, w) = pipe()?;
+    let feed = data.clone();
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        std::fs::File::from(w).write_all(&feed)
+    });
+    let s = backup_stream(fd_reader(r)?, backup_options(&store, "f.didx", None)).await?;
+    writer
+        .join()
+        .map_err(|_| Error::sink("writer thread panicked"))?
+        .map_err(|e| Error::io("feeding the pipe", e))?;
+    assert_eq!(s.length, data.len() as u64);
+    let index = index_of(&store, "f.didx").await?;
+    // restore into a pipe, read by a thread
+    let (r, w) = pipe()?;
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut out = Vec::new();
+        std::fs::File::from(r).read_to_end(&mut out).map(|_| out)
+    });
+    restore_stream(fd_writer(w)?, restore_options(&store, index.clone(), None)).await?;
+    let out = reader
+        .join()
+        .map_err(|_| Error::sink("reader thread panicked"))?
+        .map_err(|e| Error::io("reading the pipe", e))?;
+    assert!(out == data);
+    // and into a regular file
+    let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+    let path = dir.path().join("root.tar");
+    let file = std::fs::File::create(&path).map_err(|e| Error::io("create", e))?;
+    restore_stream(
+        fd_writer(file.into())?,
+        restore_options(&store, index, None),
+    )
+    .await?;
+    assert!(std::fs::read(&path).map_err(|e| Error::io("read", e))? == data);
+    Ok(())
+}
