@@ -252,6 +252,15 @@ export async function createTarArchive(o: CreateTarArchiveOptions): Promise<{ by
   }
 }
 
+/**
+ * Left out of a stream's pax headers: GNU tar writes `atime` and `ctime` records for every
+ * member once `--acls`/`--xattrs` make the archive pax, and reading a file for a backup changes
+ * its atime, so every header, and every chunk holding one, would change from one backup to the
+ * next. Without them an unchanged file gives the same bytes (the reproducible-builds recipe);
+ * a restore sets the mtime as from any archive, and Proxmox VE's containers need no atime back.
+ */
+const STABLE_HEADER_FLAGS: readonly string[] = ['--pax-option=delete=atime,delete=ctime'];
+
 /** Options of {@link writeTarStream}. */
 export interface WriteTarStreamOptions extends Omit<CreateTarArchiveOptions, 'archive' | 'bandwidthLimit'> {
   /**
@@ -264,7 +273,8 @@ export interface WriteTarStreamOptions extends Omit<CreateTarArchiveOptions, 'ar
 
 /**
  * Writes the container archive of `source` that {@link createTarArchive} would write (the same
- * tar command and id mapping) into a file descriptor: without an id map tar writes into it
+ * tar command and id mapping, but no atime and ctime records: {@link STABLE_HEADER_FLAGS}, so
+ * that an unchanged file streams the same bytes each time) into a file descriptor: without an id map tar writes into it
  * itself (no byte passes through JavaScript); with one, tar's output passes
  * {@link TarIdRewriter} on its way. The chunk store's container backup reads the other end.
  *
@@ -283,6 +293,7 @@ export async function writeTarStream(o: WriteTarStreamOptions): Promise<void> {
   try {
     const plan = await planTarCreate(o, what);
     try {
+      plan.args.splice(plan.args.indexOf('--totals') + 1, 0, ...STABLE_HEADER_FLAGS);
       if (!plan.rewriter) {
         const tar = startTool({ tool: 'tar', code: 'ERR_TAR', what, args: plan.args, stdio: ['ignore', o.fd, 'pipe'], signal: o.signal });
         closeFd(); // tar holds its own copy: the reader sees the end when tar exits
