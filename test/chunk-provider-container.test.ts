@@ -228,6 +228,23 @@ describe('containers in the chunk store (Garage, 3 nodes; real tar)', { timeout:
     }
   });
 
+  it('the job signal stops a container backup (bandwidth-limited): no backup, no index, no writer record is left', async () => {
+    const work = await tempDir();
+    const src = path.join(work, 'src');
+    mkdirSync(src);
+    writeFileSync(path.join(src, 'big'), randomBytes(16 * MiB)); // 16 s at 1 MiB/s
+    const store = await ChunkStore.open(fresh(), { storeid: 'chunks' });
+    const controller = new AbortController();
+    setTimeout(() => controller.abort(new Error('cancelled by the test')), 1000);
+    const t0 = performance.now();
+    const job = runBackupJob({ provider: provider(store), storeid: 'chunks', tmpdir: work, bandwidthLimit: 1 * MiB, signal: controller.signal, guests: [{ vmid: 200, type: 'lxc', rootdir: src, config: 'hostname: ct200\n' }] });
+    await expect(job).rejects.toMatchObject({ code: 'ERR_JOB_ABORTED' });
+    expect((performance.now() - t0) / 1000).toBeLessThan(10); // stopped, not run to its end
+    expect(await store.listBackups(200)).toEqual([]);
+    expect((await store.objects.list('backups/')).map((o) => o.key)).toEqual([]);
+    expect(await store.objects.list('writers/')).toEqual([]);
+  });
+
   it('an encrypted store: chunks encrypted and keyed, restore byte-exact; without the key nothing is read', async () => {
     const work = await tempDir();
     const src = path.join(work, 'src');
