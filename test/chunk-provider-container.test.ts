@@ -7,6 +7,7 @@
  * backup of a big tree after one file changed uploads only the chunks around it; a damaged
  * chunk fails the restore naming it and leaves no tar file behind; an encrypted store.
  */
+import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { closeSync, existsSync, lchownSync, mkdirSync, mkdtempSync, openSync, readdirSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -26,6 +27,7 @@ import { startS3Cluster, type S3Cluster } from './helpers/s3-cluster.js';
 import { buildTree, requireContainerTools, snapshotTree, TEST_MAP_LINES } from './helpers/tree.js';
 
 const MiB = 2 ** 20;
+const CLI = path.join(import.meta.dirname, '..', 'dist', 'cli', 'main.js');
 
 /** The rejection of `p`, failing the test if it resolves. */
 async function rejection(p: Promise<unknown>): Promise<{ code?: string; message: string; cause?: unknown }> {
@@ -243,6 +245,28 @@ describe('containers in the chunk store (Garage, 3 nodes; real tar)', { timeout:
     expect(await store.listBackups(200)).toEqual([]);
     expect((await store.objects.list('backups/')).map((o) => o.key)).toEqual([]);
     expect(await store.objects.list('writers/')).toEqual([]);
+  });
+
+  it('the command line: a container backed up to and restored from an s3:// URL', async () => {
+    const work = await tempDir();
+    const src = path.join(work, 'src');
+    mkdirSync(src);
+    buildTree(src, { idBase: 100000 });
+    const before = snapshotTree(src);
+    const o = fresh();
+    const env = { ...process.env, AWS_ACCESS_KEY_ID: cluster.accessKeyId, AWS_SECRET_ACCESS_KEY: cluster.secretAccessKey, PVE_BACKUP_PROVIDER_STATE_DIR: work };
+    const cli = (...args: string[]): ReturnType<typeof spawnSync> => spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', env });
+    const s3 = ['--store', `s3://${o.bucket}/${o.prefix}`, '--endpoint', cluster.endpoint, '--region', cluster.region];
+    const idmap = TEST_MAP_LINES.flatMap((l) => ['--idmap', l]);
+    const b = cli('backup', ...s3, '--vmid', '200', '--rootdir', src, ...idmap, '--json');
+    expect(b.status, String(b.stderr)).toBe(0);
+    const { volid } = JSON.parse(String(b.stdout)) as { volid: string };
+    expect(volid).toMatch(/:backup\/200\/lxc-/);
+    const dst = path.join(work, 'dst');
+    mkdirSync(dst);
+    const r = cli('restore', volid, ...s3, '--to', dst, ...idmap);
+    expect(r.status, String(r.stderr)).toBe(0);
+    expect(snapshotTree(dst)).toEqual(before);
   });
 
   it('an encrypted store: chunks encrypted and keyed, restore byte-exact; without the key nothing is read', async () => {
