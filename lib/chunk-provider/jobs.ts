@@ -1,8 +1,11 @@
 /**
- * The two data paths of the chunk provider, one disk each, as the provider calls them: a backup
- * (the native core reads the NBD export, cuts fixed chunks, hashes, compresses, encrypts and
- * uploads them, and writes the `.fidx` index) and a restore (the core fetches the chunks an index
- * names, checks each against its digest and writes the target). The provider only says what to
+ * The data paths of the chunk provider as the provider calls them. A VM disk's backup (the
+ * native core reads the NBD export, cuts fixed chunks, hashes, compresses, encrypts and uploads
+ * them, and writes the `.fidx` index) and restore (the core fetches the chunks an index names,
+ * checks each against its digest and writes the target); a container's tar stream's backup (the
+ * core reads a pipe, cuts content-defined chunks, uploads what the store lacks, writes the
+ * `.didx`) and restore (the chunks, checked, written in order into a pipe or a file). The
+ * provider only says what to
  * do; all data flows through the core. {@link nativeChunkJobs} binds them to the native core;
  * tests may hand the provider others.
  *

@@ -68,11 +68,17 @@ pub struct Chunker {
 impl Chunker {
     /// The store's chunker (average 4 MiB, minimum 1 MiB, maximum 16 MiB).
     pub fn new() -> Chunker {
-        Chunker::with_sizes(MINIMUM_CHUNK, AVERAGE_CHUNK, MAXIMUM_CHUNK)
+        Chunker::sized(MINIMUM_CHUNK, AVERAGE_CHUNK, MAXIMUM_CHUNK)
     }
 
-    /// Other sizes (tests): within the crate's bounds, each even.
+    /// Other sizes (tests): within the crate's bounds (`fastcdc::v2020::MINIMUM_MIN` …), each
+    /// even; the crate's mask table has no entry for others.
+    #[cfg(test)]
     pub fn with_sizes(min: u32, avg: u32, max: u32) -> Chunker {
+        Chunker::sized(min, avg, max)
+    }
+
+    fn sized(min: u32, avg: u32, max: u32) -> Chunker {
         use fastcdc::v2020::{select_masks, Normalization};
         let (min, avg, max) = (min as usize, avg as usize, max as usize);
         let (mask_s, mask_l) = select_masks(avg, Normalization::Level1);
