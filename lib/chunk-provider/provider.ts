@@ -102,7 +102,10 @@ interface GuestBackup {
   /** The writer record (`writers/<id>.json`) for garbage collection. */
   writer: string;
   ctime: number;
-  /** The backup QEMU's bitmap counts writes since, with its manifest (incremental only). */
+  /**
+   * VMs: the backup QEMU's bitmap counts writes since, with its manifest (incremental only).
+   * Containers: the guest's newest backup, whose chunks are taken as stored (deduplication).
+   */
   previous: ChunkManifest | undefined;
   claimedBitmap?: boolean;
   devices: Record<string, ChunkManifestDevice>;
@@ -235,8 +238,8 @@ export class ChunkProvider extends BackupProviderBase {
     await store.assertKey({ create: true });
     const now = this.options.now?.() ?? new Date();
     const { volname, writer } = await store.startBackup(vmid, vmtype, now);
-    // a container's previous backup is found when its tree is read (deduplication only)
-    const previous = vmtype === 'qemu' && this.vmBackupMode === 'incremental' ? await this.trustedPrevious(store, vmid) : undefined;
+    // a VM's: the backup QEMU's bitmap counts from; a container's: its newest (deduplication only)
+    const previous = vmtype === 'lxc' ? await this.previousArchive(store, vmid) : this.vmBackupMode === 'incremental' ? await this.trustedPrevious(store, vmid) : undefined;
     this.running.set(vmid, { vmid, vmtype, volname, writer, ctime: Math.floor(now.getTime() / 1000), previous, devices: {}, files: {} });
     this.log.info(`backup ${store.volid(volname)} in ${store}${previous ? `, previous backup ${previous.volname}` : ''}`);
     return { archiveName: volname.slice('backup/'.length) };
@@ -374,7 +377,7 @@ export class ChunkProvider extends BackupProviderBase {
     const store = await this.openStore();
     g.files['guest.conf.blob'] = await store.putBlob(g.volname, 'guest.conf.blob', Buffer.from(guestConfig ?? '', 'utf8'));
     if (info.firewallConfig !== undefined) g.files['firewall.conf.blob'] = await store.putBlob(g.volname, 'firewall.conf.blob', Buffer.from(info.firewallConfig, 'utf8'));
-    const previous = await this.previousArchive(store, vmid);
+    const previous = g.previous;
     const index = 'root.didx';
     this.log.info(`container tree to ${index}${previous ? `, chunks of ${previous.volname} not uploaded again` : ''}`);
     g.copying = true;
