@@ -80,7 +80,15 @@ export type ChunkStoreErrorCode =
   /** The store is encrypted and no key was given. */
   | 'ERR_KEY_REQUIRED'
   /** The key given is not the store's key. */
-  | 'ERR_KEY_MISMATCH';
+  | 'ERR_KEY_MISMATCH'
+  /**
+   * A running backup's writer record was removed by a garbage collection that took the backup
+   * for dead (no heartbeat for 15 minutes): the backup is not completed, as the collection may
+   * have moved chunks it names.
+   */
+  | 'ERR_WRITER_EXPIRED'
+  /** Another garbage collection of the store is running. */
+  | 'ERR_GC_RUNNING';
 
 /** Codes of `DemoError`: the command line's demo. */
 export type DemoErrorCode =

@@ -132,6 +132,7 @@ export {
 } from './chunk-provider/store.js';
 export { ChunkProvider, type ChunkProviderOptions, type ChunkDeviceProgress } from './chunk-provider/provider.js';
 export type { ChunkJobs, ChunkDiskBackup, ChunkDiskRestore, ChunkDiskSummary } from './chunk-provider/jobs.js';
+export { verifyChunkStore, type ChunkVerifyResult, type VerifyChunkStoreOptions } from './chunk-provider/verify.js';
 export { StoreKey, createKeyFile, readKeyFile } from './chunk-provider/key.js';
 export {
   S3ObjectStore,

@@ -22,10 +22,11 @@ import { decodeBlob, encodeBlob } from '../lib/chunk-provider/blob.js';
 import { createKeyFile, readKeyFile } from '../lib/chunk-provider/key.js';
 import { ChunkProvider } from '../lib/chunk-provider/provider.js';
 import { S3ObjectStore, type S3StoreOptions } from '../lib/chunk-provider/s3.js';
-import { ChunkStore, chunkKey, type UnsignedManifest } from '../lib/chunk-provider/store.js';
+import { ChunkStore, chunkKey } from '../lib/chunk-provider/store.js';
 import { DirectoryStoreError } from '../lib/directory-provider/errors.js';
 import { runBackupJob } from '../lib/index.js';
 import type { LogFunction } from '../lib/provider/api.js';
+import { putBackup } from './helpers/chunk-store.js';
 import { startDisk, vmGuest } from './helpers/directory.js';
 import { expectSameBytes } from './helpers/images.js';
 import { stopAll, tempDir } from './helpers/qemu.js';
@@ -117,33 +118,6 @@ describe('chunk provider on S3 (Garage, 3 nodes, replication factor 3)', { timeo
     await cluster?.stop();
     if (dir) rmSync(dir, { recursive: true, force: true });
   });
-
-  /** A manifest of one VM disk of 1 GiB, all zeros (its fixed index, docs/chunk-store.md, names 256 zero chunks). */
-  async function putBackup(store: ChunkStore, volname: string, ctime: number): Promise<void> {
-    const head = Buffer.alloc(24);
-    head.write('PBPFIDX\x01', 0, 'latin1');
-    head.writeBigUInt64LE(BigInt(1 << 30), 8);
-    head.writeUInt32LE(4 << 20, 16);
-    const body = Buffer.concat([head, Buffer.alloc(256 * 32)]);
-    const index = Buffer.concat([body, createHash('sha256').update(body).digest()]);
-    await store.objects.put(store.objectKey(volname, 'drive-scsi0.fidx'), index);
-    const conf = await store.putBlob(volname, 'guest.conf.blob', Buffer.from(`name: ${volname}\n`));
-    const p = store.parseVolname(volname);
-    const m: UnsignedManifest = {
-      format: 'pve-backup-provider/chunks',
-      version: 1,
-      volname,
-      vmid: p.vmid,
-      vmtype: p.vmtype,
-      ctime,
-      status: 'ok',
-      keyFingerprint: store.key?.fingerprint ?? null,
-      devices: { 'drive-scsi0': { index: 'drive-scsi0.fidx', size: 1 << 30, bitmapMode: 'new', bytesRead: 0, chunksUploaded: 1, chunksReused: 0, chunksZero: 255 } },
-      archive: null,
-      files: { 'drive-scsi0.fidx': { size: index.length, sha256: sha(index) }, 'guest.conf.blob': conf },
-    };
-    await store.writeManifest(m);
-  }
 
   it('creates store.json on first use and refuses a store of a newer version', async () => {
     const o = fresh();

@@ -96,6 +96,8 @@ const OWNER = {
   ERR_STORE_FULL: ChunkStoreError,
   ERR_KEY_REQUIRED: ChunkStoreError,
   ERR_KEY_MISMATCH: ChunkStoreError,
+  ERR_WRITER_EXPIRED: ChunkStoreError,
+  ERR_GC_RUNNING: ChunkStoreError,
   ERR_USAGE: UsageError,
   ERR_TARGET_EXISTS: TargetExistsError,
   ERR_VERIFY_FAILED: VerifyFailedError,
@@ -152,7 +154,7 @@ const storeCases: Case[] = storeCodes.map((code) => ({
   fields: { volname: 'backup/100/qemu-2024_01_01-00_00_00', file: 'manifest.json' },
 }));
 
-const chunkStoreCodes = ['ERR_STORE_UNAVAILABLE', 'ERR_STORE_ACCESS', 'ERR_STORE_NOT_FOUND', 'ERR_STORE_FULL', 'ERR_KEY_REQUIRED', 'ERR_KEY_MISMATCH'] as const;
+const chunkStoreCodes = ['ERR_STORE_UNAVAILABLE', 'ERR_STORE_ACCESS', 'ERR_STORE_NOT_FOUND', 'ERR_STORE_FULL', 'ERR_KEY_REQUIRED', 'ERR_KEY_MISMATCH', 'ERR_WRITER_EXPIRED', 'ERR_GC_RUNNING'] as const;
 const chunkStoreCases: Case[] = chunkStoreCodes.map((code) => ({
   err: new ChunkStoreError(code, 'S3 get of p/store.json at http://h bucket b: failed', { cause }),
   cls: ChunkStoreError,

@@ -18,6 +18,8 @@ const CODES: ReadonlySet<string> = new Set<ChunkStoreErrorCode>([
   'ERR_STORE_FULL',
   'ERR_KEY_REQUIRED',
   'ERR_KEY_MISMATCH',
+  'ERR_WRITER_EXPIRED',
+  'ERR_GC_RUNNING',
 ]);
 
 /**

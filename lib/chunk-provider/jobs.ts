@@ -296,3 +296,42 @@ export const nativeChunkJobs: ChunkJobs = {
     return { length: s.length, written: s.written, readerClosed: s.readerClosed };
   },
 };
+
+/** The chunks of some backups to verify (`verify` of a chunk store; see verify.ts). */
+export interface ChunkVerify {
+  store: S3StoreOptions;
+  /** As for a backup. */
+  storeFingerprint?: string;
+  /** Who needs which chunks: a name (the backup's volume name) and the digests of its indexes. */
+  sources: Array<{ name: string; digests: Buffer[] }>;
+  /** Share of each source's distinct chunks to check, in (0, 100] (default 100: all), chosen at random per run. */
+  samplePercent?: number;
+  /** Bytes per second fetched at most. */
+  bandwidthLimit?: number;
+  onProgress?: (p: Binding.NativeVerifyProgress) => void;
+  signal?: AbortSignal;
+}
+
+/**
+ * Verifies chunks with the native core (`startChunkVerify`): each distinct chunk fetched once
+ * (a fossil counts as present), decoded and checked against its digest. Missing and corrupt
+ * chunks are results, each naming the sources that need it; the promise rejects only when the
+ * store fails or the verify is cancelled.
+ */
+export async function nativeVerifyChunks(o: ChunkVerify): Promise<Binding.ChunkVerifySummary> {
+  return runJob<Binding.ChunkVerifySummary, Binding.NativeVerifyProgress>(
+    (progress) =>
+      native.startChunkVerify(
+        {
+          store: o.store,
+          ...(o.storeFingerprint ? { storeFingerprint: o.storeFingerprint } : {}),
+          sources: o.sources.map((s) => ({ name: s.name, digests: Buffer.concat(s.digests) })),
+          ...(o.samplePercent !== undefined ? { samplePercent: o.samplePercent } : {}),
+          ...(o.bandwidthLimit !== undefined ? { bandwidthLimit: o.bandwidthLimit } : {}),
+        },
+        progress,
+      ),
+    o.onProgress,
+    o.signal,
+  );
+}

@@ -70,7 +70,7 @@ import { ChunkBackupError } from './errors.js';
 import { extractTarStream, writeTarStream } from '../container/tar.js';
 import { createPipe, nativeChunkJobs, type ChunkJobs, type ChunkStreamSummary } from './jobs.js';
 import { s3StoreOptions } from './s3.js';
-import { CHUNK_STORE_FORMAT, CHUNK_STORE_VERSION, ChunkStore, type ChunkManifest, type ChunkManifestArchive, type ChunkManifestDevice, type ChunkManifestFile } from './store.js';
+import { CHUNK_STORE_FORMAT, CHUNK_STORE_VERSION, ChunkStore, type BackupWriter, type ChunkManifest, type ChunkManifestArchive, type ChunkManifestDevice, type ChunkManifestFile } from './store.js';
 
 /** Progress of one disk's backup. */
 export interface ChunkDeviceProgress {
@@ -99,8 +99,8 @@ interface GuestBackup {
   vmid: number;
   vmtype: GuestType;
   volname: string;
-  /** The writer record (`writers/<id>.json`) for garbage collection. */
-  writer: string;
+  /** The writer record (`writers/<id>.json`) for garbage collection and deletion. */
+  writer: BackupWriter;
   ctime: number;
   /**
    * VMs: the backup QEMU's bitmap counts writes since, with its manifest (incremental only).
@@ -224,7 +224,7 @@ export class ChunkProvider extends BackupProviderBase {
   /** A guest backup still open here without its manifest failed without cleanup: remove it. */
   override async jobCleanup(): Promise<void> {
     for (const g of [...this.running.values()]) {
-      if (g.manifest) await (await this.openStore()).endBackup(g.writer).catch(() => undefined);
+      if (g.manifest) await g.writer.end().catch(() => undefined);
       else await this.discard(g, { forgetPrevious: dataCopied(g) });
     }
     this.running.clear();
@@ -247,7 +247,8 @@ export class ChunkProvider extends BackupProviderBase {
 
   /**
    * The backup QEMU's bitmap counts writes since: the one the ledger names for this store, if
-   * its manifest is still there and sound. Otherwise the next backup reads every chunk.
+   * its manifest is still there and sound and every chunk it names is stored (a fossil counts as
+   * missing). Otherwise the next backup reads every chunk.
    */
   private async trustedPrevious(store: ChunkStore, vmid: number): Promise<ChunkManifest | undefined> {
     const owner = await this.ledger.read(vmid);
@@ -256,20 +257,21 @@ export class ChunkProvider extends BackupProviderBase {
       this.log.warn(`QEMU's bitmap for storage ${this.storeid} was last used by the store ${owner.store}: full backup`);
       return undefined;
     }
+    const volname = owner.volname;
     let m: ChunkManifest;
     try {
-      m = await store.readManifest(owner.volname, { needKey: true });
+      m = await store.readManifest(volname, { needKey: true });
       // an incremental backup names the previous index's chunks without reading them: they must
       // all still be there (a garbage collection, a lost object), else every chunk is read
       for (const device of Object.keys(m.devices ?? {})) {
         const missing = await store.missingChunks((await store.readFixedIndex(m, device)).digests);
         if (missing.length > 0) {
-          this.log.warn(`${missing.length} chunk(s) of ${owner.volname} ${device} are missing from the store (first: ${missing[0]}): full backup`);
+          this.log.warn(`${missing.length} chunk(s) of ${volname} ${device} are missing from the store (first: ${missing[0]}): full backup`);
           return undefined;
         }
       }
     } catch (err) {
-      this.log.warn(`QEMU's bitmap for storage ${this.storeid} counts writes since ${owner.volname}, which cannot be used (${(err as Error).message}): full backup`);
+      this.log.warn(`QEMU's bitmap for storage ${this.storeid} counts writes since ${volname}, which cannot be used (${(err as Error).message}): full backup`);
       return undefined;
     }
     return m;
@@ -465,6 +467,9 @@ export class ChunkProvider extends BackupProviderBase {
   private async complete(g: GuestBackup): Promise<ChunkManifest> {
     const store = await this.openStore();
     try {
+      // before and after: a collection that took this backup for dead removes its record before
+      // it deletes anything, so a record still there after the write means nothing was deleted
+      await g.writer.assertAlive();
       g.manifest = await store.writeManifest({
         format: CHUNK_STORE_FORMAT,
         version: CHUNK_STORE_VERSION,
@@ -478,7 +483,9 @@ export class ChunkProvider extends BackupProviderBase {
         archive: g.archive ?? null,
         files: g.files,
       });
+      await g.writer.assertAlive();
     } catch (err) {
+      g.manifest = undefined;
       await store.objects.delete(store.objectKey(g.volname, 'manifest.json')).catch(() => undefined);
       throw err;
     }
@@ -505,7 +512,7 @@ export class ChunkProvider extends BackupProviderBase {
       return;
     }
     if (!g.manifest) throw new ChunkBackupError('ERR_PROVIDER_STATE', `the backup ${g.volname} of guest ${vmid} is not complete: its data call did not succeed`, { volname: g.volname });
-    await (await this.openStore()).endBackup(g.writer);
+    await g.writer.end();
     return { stats: { archiveSize: Object.values(g.manifest.files).reduce((n, f) => n + f.size, 0) } };
   }
 
@@ -536,7 +543,7 @@ export class ChunkProvider extends BackupProviderBase {
     const store = await this.openStore();
     if (!o.forgetPrevious && g.claimedBitmap && g.previous) await this.ledger.write(g.vmid, { store: store.identity, volname: g.previous.volname });
     await store.removeObjects(g.volname);
-    await store.endBackup(g.writer);
+    await g.writer.end();
   }
 
   // ----- restore ------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import type { BitmapMode, GuestType, PruneOptions } from '../provider/api.js';
 import { markBackups, type PruneEntry, type PruneMark } from '../provider/prune.js';
 import { backupIdOf, ctimeOfBackupId, isBackupDirName, matchVolname, volnameOf, type ParsedVolname } from '../provider/volname.js';
 import { decodeBlob, encodeBlob } from './blob.js';
-import { ChunkBackupError } from './errors.js';
+import { ChunkBackupError, ChunkStoreError } from './errors.js';
 import { checkFingerprint, readKeyFile, type StoreKey } from './key.js';
 import { S3ObjectStore, type S3StoreOptions } from './s3.js';
 
@@ -130,6 +130,99 @@ export interface ChunkPruneEntry extends PruneMark {
   volid: string;
   vmid: number;
   subtype: GuestType;
+}
+
+/**
+ * A running backup's record `writers/<id>.json` (docs/chunk-store.md, "Garbage collection"):
+ * what garbage collection and deletion must not pull from under it.
+ */
+export interface WriterRecord {
+  /** The backup it writes. */
+  volname: string;
+  host: string;
+  pid: number;
+  /** Unix seconds, the writer's clock. */
+  started: number;
+}
+
+/** A writer record as listed: its key, content and the store's time of its last rewrite. */
+export interface StoredWriter {
+  key: string;
+  record: WriterRecord;
+  /** `LastModified`, Unix seconds, the store's clock. */
+  modified: number;
+}
+
+/** How often a running backup rewrites its writer record. */
+export const WRITER_HEARTBEAT_MS = 60_000;
+/** A writer record not rewritten for this long (store time) belongs to a dead backup. */
+export const WRITER_STALE_SECONDS = 15 * 60;
+
+/**
+ * Runs `fn` on every item, at most `limit` at once (requests to the store, mostly waiting). The
+ * first failure stops it: no item is started after it, and it is what rejects.
+ */
+export async function eachLimit<T>(items: readonly T[], limit: number, fn: (item: T) => Promise<void>): Promise<void> {
+  let next = 0;
+  let failed = false;
+  await Promise.all(
+    Array.from({ length: Math.min(limit, items.length) }, async () => {
+      while (next < items.length && !failed) {
+        try {
+          await fn(items[next++]!);
+        } catch (err) {
+          failed = true;
+          throw err;
+        }
+      }
+    }),
+  );
+}
+
+/**
+ * A running backup's writer record, rewritten every {@link WRITER_HEARTBEAT_MS} so that garbage
+ * collection knows the backup is alive. Created by {@link ChunkStore.startBackup}.
+ */
+export class BackupWriter {
+  private timer: NodeJS.Timeout | undefined;
+
+  /** @internal */
+  constructor(
+    /** The record's key, `writers/<id>.json`. */
+    readonly key: string,
+    readonly record: WriterRecord,
+    private readonly store: ChunkStore,
+  ) {}
+
+  private body(): Buffer {
+    return Buffer.from(`${JSON.stringify(this.record)}\n`);
+  }
+
+  /** @internal Writes the record and starts the heartbeat. */
+  async begin(): Promise<void> {
+    await this.store.objects.put(this.key, this.body());
+    // a failed rewrite is retried by the next beat; `assertAlive` is what decides
+    this.timer = setInterval(() => void this.store.objects.put(this.key, this.body()).catch(() => undefined), WRITER_HEARTBEAT_MS);
+    this.timer.unref();
+  }
+
+  /**
+   * Checks, before the backup's manifest is written, that the record is still there: a garbage
+   * collection that took the backup for dead removed it and may have moved chunks it names.
+   * @throws {@link ChunkStoreError} `ERR_WRITER_EXPIRED`.
+   */
+  async assertAlive(): Promise<void> {
+    if ((await this.store.objects.head(this.key)) === null) {
+      throw new ChunkStoreError('ERR_WRITER_EXPIRED', `backup ${this.store.volid(this.record.volname)}: its writer record ${this.store}/${this.key} was removed by a garbage collection that took the backup for dead; it is not completed`);
+    }
+  }
+
+  /** Stops the heartbeat and removes the record (the backup is over, done or not). */
+  async end(): Promise<void> {
+    clearInterval(this.timer);
+    this.timer = undefined;
+    await this.store.objects.delete(this.key);
+  }
 }
 
 /** How to open a chunk store. */
@@ -377,23 +470,40 @@ export class ChunkStore {
 
   /**
    * A new backup's volume name for `date` (a suffix `-N` when a backup of that second has objects
-   * already), and its writer record `writers/<id>.json` (for garbage collection), written first.
+   * already), and its writer record (for garbage collection), written before anything else of
+   * the backup. End it with {@link BackupWriter.end}.
    */
-  async startBackup(vmid: number, vmtype: GuestType, date: Date): Promise<{ volname: string; writer: string }> {
+  async startBackup(vmid: number, vmtype: GuestType, date: Date): Promise<{ volname: string; writer: BackupWriter }> {
     const taken = new Set((await this.objects.list(`backups/${vmid}/`)).map((o) => o.key.split('/')[2]));
     const base = `${vmtype}-${backupIdOf(date)}`;
     let dirName = base;
     for (let n = 1; taken.has(dirName); n++) dirName = `${base}-${n}`;
     const volname = volnameOf(vmid, dirName);
-    const writer = `writers/${randomBytes(8).toString('hex')}.json`;
-    const record = { volname, host: os.hostname(), pid: process.pid, started: Math.floor(Date.now() / 1000) };
-    await this.objects.put(writer, Buffer.from(`${JSON.stringify(record)}\n`));
+    const record: WriterRecord = { volname, host: os.hostname(), pid: process.pid, started: Math.floor(Date.now() / 1000) };
+    const writer = new BackupWriter(`writers/${randomBytes(8).toString('hex')}.json`, record, this);
+    await writer.begin();
     return { volname, writer };
   }
 
-  /** Removes a writer record (the backup is over, done or not). */
-  async endBackup(writer: string): Promise<void> {
-    await this.objects.delete(writer);
+  /**
+   * Every writer record (running backups, and dead ones not yet collected). A record that is
+   * not valid JSON counts, naming nothing, until it goes stale.
+   */
+  async writers(): Promise<StoredWriter[]> {
+    const out: StoredWriter[] = [];
+    await eachLimit(await this.objects.list('writers/'), 8, async (o) => {
+      const data = await this.objects.get(o.key);
+      if (data === null) return; // ended between the listing and the read
+      let record: WriterRecord;
+      try {
+        const r = JSON.parse(data.toString('utf8')) as Partial<WriterRecord>;
+        record = { volname: String(r.volname ?? ''), host: String(r.host ?? ''), pid: Number(r.pid ?? 0), started: Number(r.started ?? 0) };
+      } catch {
+        record = { volname: '', host: '', pid: 0, started: 0 };
+      }
+      out.push({ key: o.key, record, modified: o.modified });
+    });
+    return out;
   }
 
   // ----- manifests -----------------------------------------------------------------------------
@@ -498,15 +608,9 @@ export class ChunkStore {
   async missingChunks(digests: Buffer[], concurrency = 16): Promise<string[]> {
     const keys = [...new Set(digests.filter((d) => !d.equals(ZERO_DIGEST)).map(chunkKey))];
     const missing: string[] = [];
-    let next = 0;
-    await Promise.all(
-      Array.from({ length: Math.min(concurrency, keys.length) }, async () => {
-        while (next < keys.length) {
-          const k = keys[next++]!;
-          if ((await this.objects.head(k)) === null) missing.push(k);
-        }
-      }),
-    );
+    await eachLimit(keys, concurrency, async (k) => {
+      if ((await this.objects.head(k)) === null) missing.push(k);
+    });
     return missing.sort();
   }
 
@@ -550,21 +654,15 @@ export class ChunkStore {
     // manifests (and notes) read a few at once: one request each, mostly waiting for the store
     const found = [...groups].filter(([, names]) => names.has(MANIFEST)); // no manifest: the backup does not exist (running, or failed)
     const out: ChunkBackupInfo[] = [];
-    let next = 0;
-    await Promise.all(
-      Array.from({ length: Math.min(8, found.length) }, async () => {
-        while (next < found.length) {
-          const [volname, names] = found[next++]!;
-          // deleted between the listing and the read (a prune elsewhere; or a store whose
-          // listing lags its deletes): it does not exist any more
-          const info = await this.describe(volname, names).catch((err: unknown) => {
-            if (err instanceof ChunkBackupError && err.code === 'ERR_UNKNOWN_VOLUME') return undefined;
-            throw err;
-          });
-          if (info) out.push(info);
-        }
-      }),
-    );
+    await eachLimit(found, 8, async ([volname, names]) => {
+      // deleted between the listing and the read (a prune elsewhere; or a store whose
+      // listing lags its deletes): it does not exist any more
+      const info = await this.describe(volname, names).catch((err: unknown) => {
+        if (err instanceof ChunkBackupError && err.code === 'ERR_UNKNOWN_VOLUME') return undefined;
+        throw err;
+      });
+      if (info) out.push(info);
+    });
     return out.sort((a, b) => a.ctime - b.ctime || (a.volname < b.volname ? -1 : 1));
   }
 
@@ -619,7 +717,8 @@ export class ChunkStore {
   /**
    * Removes a backup's objects: the manifest first (from then on it does not exist), then its
    * indexes, blobs and attributes. Its chunks stay for garbage collection (other backups may
-   * name them). Also what a failed backup leaves is removed this way.
+   * name them; a running incremental backup may take chunks from its index: the collector's
+   * fossils cover that, docs/chunk-store.md). Also what a failed backup leaves is removed this way.
    */
   async removeObjects(volname: string): Promise<void> {
     const prefix = this.backupPrefix(volname);

@@ -57,6 +57,12 @@ const vmidArg = (v: string): number => {
   if (!/^[1-9][0-9]{2,8}$/.test(v)) throw new InvalidArgumentError(`not a guest id: ${JSON.stringify(v)} (a whole number from 100 to 999999999)`);
   return Number(v);
 };
+/** A share in percent: a number in (0, 100]. */
+const percentArg = (v: string): number => {
+  const n = Number(v);
+  if (!/^\d+(\.\d+)?$/.test(v) || !(n > 0 && n <= 100)) throw new InvalidArgumentError(`not a share in percent: ${JSON.stringify(v)} (a number above 0, at most 100)`);
+  return n;
+};
 const keepArg = (v: string): number => {
   const n = Number(v);
   if (!Number.isInteger(n) || n < 0) throw new InvalidArgumentError(`not a whole number >= 0: ${v}`);
@@ -414,18 +420,57 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
   addStoreOptions(
     program
       .command('verify')
-      .description('verify backups: manifest and file checksums, qemu-img check, chain present (exit code 1 when a problem is found)')
+      .description('verify backups: manifest and file checksums; directory stores: qemu-img check, chain present; chunk stores: indexes, blobs, and every chunk fetched and checked against its digest (exit code 1 when a problem is found)')
       .argument('[volid]', 'one backup (default: every backup of the store)'),
   )
     .option('--vmid <n>', 'only this guest', vmidArg)
+    .option('--sample <percent>', "s3:// stores: check this share of each backup's chunks, chosen at random per run (default 100: all)", percentArg)
+    .option('--bwlimit <bytes>', 's3:// stores: bandwidth limit in bytes/s (K, M, G suffixes)', parse.bandwidth)
     .option('--json', 'print JSON')
-    .action(async (volid: string | undefined, o: { store: string; vmid?: number; json?: boolean }) => {
+    .action(async (volid: string | undefined, o: { store: string; vmid?: number; sample?: number; bwlimit?: number; json?: boolean }) => {
       const store = await openCliStore(o, 'open');
-      const results = await store.verify(volid, o.vmid);
+      const signal = parse.signal();
+      const results = await store
+        .verify(volid, o.vmid, {
+          ...(o.sample !== undefined ? { samplePercent: o.sample } : {}),
+          ...(o.bwlimit !== undefined ? { bandwidthLimit: o.bwlimit } : {}),
+          signal,
+        })
+        .catch((err: unknown) => {
+          if (signal.aborted) throw cancelled(err);
+          throw err;
+        });
       if (o.json) console.log(JSON.stringify(results, null, 2));
-      else for (const r of results) console.log(r.ok ? `${r.volid}: ok` : `${r.volid}: FAILED\n${r.problems.map((p) => `  ${p}`).join('\n')}`);
+      // chunk stores: how much of the backup's data was read (all of it unless --sample)
+      const read = (r: (typeof results)[number]): string => (r.chunks ? ` (${r.chunks.checked} of ${r.chunks.total} chunks checked)` : '');
+      if (!o.json) for (const r of results) console.log(r.ok ? `${r.volid}: ok${read(r)}` : `${r.volid}: FAILED${read(r)}\n${r.problems.map((p) => `  ${p}`).join('\n')}`);
       const bad = results.filter((r) => !r.ok).length;
       if (bad > 0) throw new VerifyFailedError(bad, results.length);
+    });
+
+  addStoreOptions(
+    program
+      .command('gc')
+      .description('chunk stores: collect garbage, safe while backups run; unused chunks are moved aside first and deleted by a later run once the backups running meanwhile have finished (docs/chunk-store.md)'),
+  )
+    .option('--dry-run', 'report what would be done; change nothing')
+    .option('--json', 'print JSON')
+    .action(async (o: { store: string; dryRun?: boolean; json?: boolean }) => {
+      const store = await openCliStore(o, 'open');
+      const r = await store.gc({ dryRun: o.dryRun === true, log: logTo(o.json === true), signal: parse.signal() });
+      if (o.json) {
+        console.log(JSON.stringify(r, null, 2));
+        return;
+      }
+      const verb = r.dryRun ? 'would be' : 'were';
+      const deleted = r.finalized.reduce((n, c) => n + c.deleted, 0);
+      const bytes = r.finalized.reduce((n, c) => n + c.bytes, 0);
+      console.log(`${r.chunksMarked} chunks in use (named by ${r.indexes} indexes) of ${r.chunks} stored`);
+      console.log(`${deleted} unused chunks (${formatBytes(bytes)}) ${verb} deleted; ${r.finalized.reduce((n, c) => n + c.restored, 0)} ${verb} brought back for backups that named them`);
+      console.log(`${r.fossilized.chunks} unused chunks (${formatBytes(r.fossilized.bytes)}) ${verb} moved aside, to be deleted by a later run`);
+      for (const p of r.pending) console.log(`collection ${p.collection} waits for ${p.waitingFor} running backup(s) before its chunks are deleted`);
+      if (r.removedBackups.length > 0) console.log(`${r.removedBackups.length} incomplete backup folder(s) ${verb} removed: ${r.removedBackups.join(', ')}`);
+      if (r.staleWriters.length > 0) console.log(`${r.staleWriters.length} record(s) of dead backups ${verb} removed`);
     });
 
   addStoreOptions(

@@ -9,6 +9,7 @@
 import { Command } from 'commander';
 
 import type { BackupProvider, GuestType, LogFunction, PruneOptions } from '../provider/api.js';
+import type { GcReport } from '../chunk-provider/gc.js';
 import type { S3StoreOptions } from '../chunk-provider/s3.js';
 import { UsageError } from './errors.js';
 
@@ -40,6 +41,24 @@ export interface PrunedBackup {
   neededBy?: string;
 }
 
+/** One backup's verdict in `verify` (both stores). */
+export interface VerifiedBackup {
+  volid: string;
+  ok: boolean;
+  problems: string[];
+  /** Chunk stores: the backup's distinct chunks, and how many were checked (`--sample`). */
+  chunks?: { total: number; checked: number };
+}
+
+/** How `verify` checks (chunk stores). */
+export interface VerifyRequest {
+  /** Share of each backup's distinct chunks to check, in (0, 100]; 100 (the default) = all. */
+  samplePercent?: number;
+  /** Bytes per second fetched at most. */
+  bandwidthLimit?: number;
+  signal?: AbortSignal;
+}
+
 /** What `backup` asks of a store for its provider. */
 export interface BackupProviderRequest {
   log: LogFunction;
@@ -64,8 +83,10 @@ export interface CliStore {
   delete(volname: string, force: boolean): Promise<{ merged?: string }>;
   setProtected(volname: string, value: boolean): Promise<void>;
   setNotes(volname: string, notes: string): Promise<void>;
-  /** `verify` (directory store only so far). */
-  verify(volid: string | undefined, vmid: number | undefined): Promise<Array<{ volid: string; ok: boolean; problems: string[] }>>;
+  /** `verify`: one backup, or every backup (of `vmid`); a problem is a result, not an error. */
+  verify(volid: string | undefined, vmid: number | undefined, o?: VerifyRequest): Promise<VerifiedBackup[]>;
+  /** `gc`: chunk stores only (a directory store's deletions free their space at once). */
+  gc(o: { dryRun: boolean; log: LogFunction; signal: AbortSignal }): Promise<GcReport>;
   /** The provider a backup runs. */
   backupProvider(r: BackupProviderRequest): Promise<BackupProvider>;
   /** The provider a restore reads through. */
@@ -121,7 +142,10 @@ async function openDirectoryStore(name: string, o: Record<string, unknown>, mode
     delete: async (volname, force) => store.deleteBackup(volname, { force }),
     setProtected: (v, value) => store.setProtected(v, value),
     setNotes: (v, notes) => store.setNotes(v, notes),
-    verify: async (volid, vmid) => {
+    verify: async (volid, vmid, v = {}) => {
+      // a directory store's backup is one qcow2 chain checked whole by qemu-img: nothing to sample
+      if (v.samplePercent !== undefined && v.samplePercent !== 100) throw new UsageError(`--sample is for s3:// stores; ${name} is a folder`);
+      if (v.bandwidthLimit !== undefined) throw new UsageError(`--bwlimit is for s3:// stores; ${name} is a folder`);
       const volnames = volid ? [store.volnameOf(volid)] : (await store.listBackups(vmid)).filter((b) => b.status !== 'in-progress').map((b) => b.volname);
       if (volid) {
         await store.readManifest(volnames[0]!).catch((err: unknown) => {
@@ -132,6 +156,7 @@ async function openDirectoryStore(name: string, o: Record<string, unknown>, mode
       for (const v of volnames) results.push(await store.verifyBackup(v));
       return results;
     },
+    gc: () => Promise.reject(new UsageError(`gc is for chunk stores: ${store.root} is a directory store, where deleting a backup frees its space`)),
     backupProvider: async (r) => {
       const [{ DirectoryProvider }, { DirectoryProviderV1 }] = await Promise.all([import('../directory-provider/provider.js'), import('../directory-provider/provider-v1.js')]);
       const scfg = {
@@ -195,7 +220,17 @@ async function openChunkStore(url: string, o: Record<string, unknown>): Promise<
     },
     setProtected: (v, value) => store.setProtected(v, value),
     setNotes: (v, notes) => store.setNotes(v, notes),
-    verify: () => Promise.reject(new UsageError(`verify of chunk stores (${url}) is not in this version`)),
+    verify: async (volid, vmid, v = {}) => {
+      const { verifyChunkStore } = await import('../chunk-provider/verify.js');
+      return verifyChunkStore(store, {
+        ...(volid !== undefined ? { volnames: [store.parseVolname(volid.includes(':') ? volid.slice(volid.indexOf(':') + 1) : volid).volname] } : {}),
+        ...(vmid !== undefined ? { vmid } : {}),
+        ...(v.samplePercent !== undefined ? { samplePercent: v.samplePercent } : {}),
+        ...(v.bandwidthLimit !== undefined ? { bandwidthLimit: v.bandwidthLimit } : {}),
+        ...(v.signal ? { signal: v.signal } : {}),
+      });
+    },
+    gc: async (g) => (await import('../chunk-provider/gc.js')).collectGarbage(store, g),
     backupProvider: (r) => provider(r.log, r.options.mode ? { 'vm-backup-mode': r.options.mode } : {}, r.onProgress),
     restoreProvider: (log) => provider(log),
   } satisfies CliStore;

@@ -299,6 +299,21 @@ impl FixedIndex {
     }
 }
 
+/// The stored chunks an index object names (a `.fidx` or `.didx`, told apart by its magic):
+/// every non-zero digest, in order, repeats included. What garbage collection marks.
+pub fn index_digests(name: &str, data: &[u8]) -> Result<Vec<Digest>> {
+    let digests = if data.starts_with(&DIDX_MAGIC[..7]) {
+        DynamicIndex::decode(name, data)?
+            .entries
+            .into_iter()
+            .map(|(_, d)| d)
+            .collect()
+    } else {
+        FixedIndex::decode(name, data)?.digests
+    };
+    Ok(digests.into_iter().filter(|d| *d != ZERO_DIGEST).collect())
+}
+
 /// The dynamic index of a stream: each chunk's end offset and digest, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DynamicIndex {
@@ -566,6 +581,35 @@ mod tests {
         let mut short = idx.clone();
         short.digests.pop();
         assert!(FixedIndex::decode("a.fidx", &short.encode()).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn index_digests_names_the_stored_chunks_of_either_index() -> Result<()> {
+        let mut fixed = fidx();
+        fixed.digests[1] = ZERO_DIGEST;
+        let want: Vec<Digest> = fixed
+            .digests
+            .iter()
+            .filter(|d| **d != ZERO_DIGEST)
+            .copied()
+            .collect();
+        assert_eq!(index_digests("a.fidx", &fixed.encode())?, want);
+        let dynamic = DynamicIndex {
+            length: 3000,
+            average_chunk_size: 4 << 20,
+            entries: vec![(1000, [7; 32]), (2000, [7; 32]), (3000, [8; 32])],
+        };
+        assert_eq!(
+            index_digests("root.didx", &dynamic.encode())?,
+            vec![[7; 32], [7; 32], [8; 32]]
+        );
+        let mut bad = dynamic.encode();
+        bad[30] ^= 1;
+        assert_eq!(
+            index_digests("root.didx", &bad).err().map(|e| e.code()),
+            Some("ERR_BACKUP_CORRUPT")
+        );
         Ok(())
     }
 

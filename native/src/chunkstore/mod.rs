@@ -3,7 +3,8 @@
 //! `format` encodes and checks chunk objects and indexes (pure); `key` holds a store key and
 //! its derived keys; `objects` is the one storage trait the rest sees, with `s3` (object storage
 //! through the `object_store` crate) and `memory` (unit tests) behind it; `sink` is the backup
-//! sink (dirty extents in, chunks out); `restore` writes a disk back from its index.
+//! sink (dirty extents in, chunks out); `restore` writes a disk back from its index; `verify`
+//! checks the chunks backups need.
 //! Only `s3` knows about S3.
 
 pub mod backup;
@@ -14,6 +15,7 @@ pub mod restore;
 pub mod s3;
 pub mod sink;
 pub mod stream;
+pub mod verify;
 
 use async_trait::async_trait;
 use bytes::Bytes;

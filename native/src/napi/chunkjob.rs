@@ -110,7 +110,7 @@ pub struct ChunkRestoreSummary {
 }
 
 /// Where a job's result arrives, taken once by `wait()`.
-type Handle<T> = Mutex<Option<oneshot::Receiver<Result<T>>>>;
+pub(super) type Handle<T> = Mutex<Option<oneshot::Receiver<Result<T>>>>;
 
 /// A running chunk backup: `wait()` resolves with its summary, `cancel()` stops it.
 #[napi]
@@ -129,7 +129,7 @@ pub struct NativeChunkRestoreJob {
 
 /// The key of `options.keyFile`, checked against the store's fingerprint when the caller gives
 /// it (absent: the caller checked `store.json` itself).
-fn store_key(
+pub(super) fn store_key(
     store: &ChunkStoreOptions,
     fingerprint: Option<&str>,
 ) -> Result<Option<Arc<StoreKey>>> {
@@ -166,7 +166,7 @@ fn reporter(on_progress: Option<ProgressFn>) -> impl Fn(Progress) + Send + Sync 
 }
 
 /// Runs `work` on napi's tokio runtime; the result arrives on the returned channel.
-fn spawn_work<T, F>(work: F) -> oneshot::Receiver<Result<T>>
+pub(super) fn spawn_work<T, F>(work: F) -> oneshot::Receiver<Result<T>>
 where
     T: Send + 'static,
     F: std::future::Future<Output = Result<T>> + Send + 'static,
@@ -180,7 +180,7 @@ where
 }
 
 /// The result of a job's channel, once.
-async fn take<T>(handle: &Handle<T>) -> napi::Result<T> {
+pub(super) async fn take<T>(handle: &Handle<T>) -> napi::Result<T> {
     let Some(handle) = handle.lock().await.take() else {
         return Err(to_napi(Error::invalid_argument(
             "wait() was already called",
@@ -403,6 +403,14 @@ pub fn decode_blob(object: Buffer, key_file: Option<String>, name: String) -> na
     Ok(format::decode_blob(&name, &object, key.as_ref())
         .napi()?
         .into())
+}
+
+/// The chunks an index object (`.fidx` or `.didx`) names: its non-zero digests, 32 bytes each,
+/// concatenated. `ERR_BACKUP_CORRUPT` / `ERR_BACKUP_VERSION` for an object that is not a sound index.
+#[napi]
+pub fn chunk_index_digests(object: Buffer, name: String) -> napi::Result<Buffer> {
+    let digests = format::index_digests(&name, &object).napi()?;
+    Ok(digests.concat().into())
 }
 
 fn load_optional_key(key_file: Option<String>) -> napi::Result<Option<StoreKey>> {

@@ -6,6 +6,7 @@
 
 mod chunkjob;
 mod chunkstore;
+mod chunkverify;
 mod client;
 mod copy;
 mod digests;

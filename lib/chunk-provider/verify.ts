@@ -1,0 +1,120 @@
+/**
+ * `verify` of a chunk store (docs/chunk-store.md, "Verify"): for each selected backup, its
+ * manifest (checksum; with the key its signature), its indexes and blobs (against the sizes and
+ * SHA-256 the manifest records; blobs decoded), then the chunks of all selected backups in one
+ * native pass: each distinct chunk fetched once (a fossil counts as present), decoded and checked
+ * against its digest, all of them or a random share of each backup's (`samplePercent`). A missing
+ * or corrupt chunk is a problem of every selected backup whose indexes name it.
+ *
+ * An encrypted store needs its key: without it a chunk's content cannot be checked (only its tag
+ * proves it), and a verify that checked manifests alone would report sound backups it never
+ * read. It fails with `ERR_KEY_REQUIRED` before anything is read.
+ *
+ * @packageDocumentation
+ */
+import { ChunkBackupError, ChunkStoreError } from './errors.js';
+import { nativeVerifyChunks, type ChunkVerify } from './jobs.js';
+import type { ChunkStore } from './store.js';
+
+/** One backup's verdict: the shape both stores' `verify` prints. */
+export interface ChunkVerifyResult {
+  volid: string;
+  ok: boolean;
+  /** One line each, naming the object (and, for a chunk, every backup that needs it). */
+  problems: string[];
+  /** Its distinct chunks (zero chunks are not stored), and how many of them were checked. */
+  chunks: { total: number; checked: number };
+}
+
+/** What to verify, and how. */
+export interface VerifyChunkStoreOptions {
+  /** The backups (volume names); none: every backup of the store, or of `vmid`. */
+  volnames?: string[];
+  vmid?: number;
+  /** Share of each backup's distinct chunks to check, in (0, 100] (default 100: all), chosen at random per run. */
+  samplePercent?: number;
+  /** Bytes per second fetched at most. */
+  bandwidthLimit?: number;
+  onProgress?: (p: { checked: number; total: number; bytesRead: number; bytesPerSecond: number }) => void;
+  signal?: AbortSignal;
+}
+
+/** Codes that are a finding about one backup's object; any other error (the store failed) ends the verify. */
+const FINDINGS: ReadonlySet<string> = new Set(['ERR_BACKUP_CORRUPT', 'ERR_BACKUP_VERSION', 'ERR_KEY_MISMATCH', 'ERR_KEY_REQUIRED']);
+
+function finding(err: unknown): string {
+  if ((err instanceof ChunkBackupError || err instanceof ChunkStoreError) && FINDINGS.has(err.code)) return err.message;
+  throw err;
+}
+
+/**
+ * Verifies backups of a chunk store.
+ * @throws {@link ChunkStoreError} `ERR_KEY_REQUIRED` (an encrypted store without its key), the
+ *   store's errors; {@link ChunkBackupError} `ERR_UNKNOWN_VOLUME` for a named backup that does
+ *   not exist; `CancelledError` on `signal`.
+ */
+export async function verifyChunkStore(store: ChunkStore, o: VerifyChunkStoreOptions = {}): Promise<ChunkVerifyResult[]> {
+  await store.assertKey();
+  const named = o.volnames !== undefined;
+  const volnames = o.volnames ?? (await store.listBackups(o.vmid)).map((b) => b.volname);
+  const backups: Array<{ volname: string; problems: string[]; digests: Buffer[] }> = [];
+  for (const volname of volnames) {
+    const problems: string[] = [];
+    const digests: Buffer[] = [];
+    let m;
+    try {
+      m = await store.readManifest(volname, { needKey: true });
+    } catch (err) {
+      if (err instanceof ChunkBackupError && err.code === 'ERR_UNKNOWN_VOLUME') {
+        if (named) throw err;
+        continue; // deleted since the listing (a prune elsewhere): not a backup any more
+      }
+      backups.push({ volname, problems: [finding(err)], digests });
+      continue;
+    }
+    for (const device of Object.keys(m.devices ?? {})) {
+      try {
+        digests.push(...(await store.readFixedIndex(m, device)).digests);
+      } catch (err) {
+        problems.push(finding(err));
+      }
+    }
+    if (m.archive) {
+      // this version writes no container backups, and reads no dynamic index: never "ok" unread
+      problems.push(`${store}/${store.objectKey(volname, m.archive.index)}: a container backup's dynamic index; this version does not verify it`);
+    }
+    for (const name of Object.keys(m.files).filter((f) => f.endsWith('.blob'))) {
+      try {
+        await store.getBlob(m, name);
+      } catch (err) {
+        problems.push(finding(err));
+      }
+    }
+    backups.push({ volname, problems, digests });
+  }
+
+  const job: ChunkVerify = {
+    store: store.options,
+    ...(store.fingerprint ? { storeFingerprint: store.fingerprint } : {}),
+    sources: backups.map((b) => ({ name: b.volname, digests: b.digests })),
+    ...(o.samplePercent !== undefined ? { samplePercent: o.samplePercent } : {}),
+    ...(o.bandwidthLimit !== undefined ? { bandwidthLimit: o.bandwidthLimit } : {}),
+    ...(o.onProgress ? { onProgress: o.onProgress } : {}),
+    ...(o.signal ? { signal: o.signal } : {}),
+  };
+  const s = await nativeVerifyChunks(job);
+  const byName = new Map(backups.map((b) => [b.volname, b]));
+  const neededBy = (names: string[]): string => names.map((v) => store.volid(v)).join(', ');
+  for (const p of s.missing) {
+    for (const v of p.neededBy) byName.get(v)?.problems.push(`chunk ${store}/${p.key} is missing; needed by ${neededBy(p.neededBy)}`);
+  }
+  for (const p of s.corrupt) {
+    for (const v of p.neededBy) byName.get(v)?.problems.push(`chunk ${store}/${p.key} is corrupt: ${p.error}; needed by ${neededBy(p.neededBy)}`);
+  }
+  return backups.map((b, i) => ({
+    volid: store.volid(b.volname),
+    ok: b.problems.length === 0,
+    problems: b.problems,
+    chunks: { total: s.sources[i]?.chunks ?? 0, checked: s.sources[i]?.checked ?? 0 },
+  }));
+}
