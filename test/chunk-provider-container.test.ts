@@ -5,7 +5,8 @@
  * with an id map, and restored byte-exact both ways (straight from the chunks into tar, and as
  * the tar file Proxmox VE reads); the manifest (archive, no devices) and the listing; a second
  * backup of a big tree after one file changed uploads only the chunks around it; a damaged
- * chunk fails the restore naming it and leaves no tar file behind; an encrypted store.
+ * chunk fails the restore naming it and leaves no tar file behind (verify names it too); garbage
+ * collection keeps what a container index names; the command line; an encrypted store.
  */
 import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
@@ -18,6 +19,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { extractTarArchive } from '../lib/container/tar.js';
 import { collectGarbage } from '../lib/chunk-provider/gc.js';
 import { createKeyFile } from '../lib/chunk-provider/key.js';
+import { verifyChunkStore } from '../lib/chunk-provider/verify.js';
 import { ChunkProvider } from '../lib/chunk-provider/provider.js';
 import type { S3StoreOptions } from '../lib/chunk-provider/s3.js';
 import { ChunkStore, chunkKey } from '../lib/chunk-provider/store.js';
@@ -207,11 +209,16 @@ describe('containers in the chunk store (Garage, 3 nodes; real tar)', { timeout:
     const volname = await backup(p, src, false, work);
     const digests = didxDigests((await store.objects.get(store.objectKey(volname, 'root.didx')))!);
     expect(digests.length).toBeGreaterThanOrEqual(2);
+    // verify reads the dynamic index and checks every chunk it names
+    expect(await verifyChunkStore(store)).toEqual([{ volid: store.volid(volname), ok: true, problems: [], chunks: { total: new Set(digests.map((d) => d.toString('hex'))).size, checked: new Set(digests.map((d) => d.toString('hex'))).size } }]);
     const victim = chunkKey(digests[1]!);
     const object = (await store.objects.get(victim))!;
     object[object.length - 1]! ^= 1;
     await store.objects.put(victim, object);
 
+    const [found] = await verifyChunkStore(store);
+    expect(found!.ok).toBe(false);
+    expect(found!.problems.join('\n')).toContain(victim);
     const dst = path.join(work, 'dst');
     mkdirSync(dst);
     const err = await rejection(restoreContainer({ provider: p, volname, storeid: 'chunks', rootdir: dst }));

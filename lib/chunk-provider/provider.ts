@@ -415,7 +415,7 @@ export class ChunkProvider extends BackupProviderBase {
     if (!newest) return undefined;
     try {
       const m = await store.readManifest(newest.volname, { needKey: true });
-      await store.checkArchiveIndex(m);
+      await store.readArchiveIndex(m);
       return m;
     } catch (err) {
       this.log.warn(`the previous backup ${newest.volname} cannot be used for deduplication (${(err as Error).message}): every chunk is checked with the store`);
@@ -633,7 +633,7 @@ export class ChunkProvider extends BackupProviderBase {
     await store.assertKey();
     const m = await store.readManifest(volname, { needKey: true });
     if (!m.archive) throw new MechanismError(`backup ${store.volid(volname)} is not a container backup`, { mechanism: 'tar', vmtype: m.vmtype });
-    return { store, m, indexKey: await store.checkArchiveIndex(m) };
+    return { store, m, indexKey: (await store.readArchiveIndex(m)).key };
   }
 
   /**

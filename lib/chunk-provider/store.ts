@@ -25,7 +25,8 @@ import type { BitmapMode, GuestType, PruneOptions } from '../provider/api.js';
 import { markBackups, type PruneEntry, type PruneMark } from '../provider/prune.js';
 import { backupIdOf, ctimeOfBackupId, isBackupDirName, matchVolname, volnameOf, type ParsedVolname } from '../provider/volname.js';
 import { decodeBlob, encodeBlob } from './blob.js';
-import { ChunkBackupError, ChunkStoreError } from './errors.js';
+import { native } from '../native.js';
+import { ChunkBackupError, ChunkStoreError, fromNative } from './errors.js';
 import { checkFingerprint, readKeyFile, type StoreKey } from './key.js';
 import { S3ObjectStore, type S3StoreOptions } from './s3.js';
 
@@ -582,12 +583,12 @@ export class ChunkStore {
   }
 
   /**
-   * A container backup's dynamic index, checked against the manifest (present, size, SHA-256;
-   * the core checks its own trailing checksum and entries as it reads it).
-   * @returns Its key, relative to the store's prefix.
-   * @throws {@link ChunkBackupError} `ERR_UNKNOWN_VOLUME` (not a container backup), `ERR_BACKUP_CORRUPT` naming the object.
+   * A container backup's dynamic index, checked against the manifest (present, size, SHA-256)
+   * and decoded by the core (its trailing checksum, its entries).
+   * @returns Its key, relative to the store's prefix, and the chunks it names in stream order.
+   * @throws {@link ChunkBackupError} `ERR_UNKNOWN_VOLUME` (not a container backup), `ERR_BACKUP_CORRUPT` naming the object, `ERR_BACKUP_VERSION`.
    */
-  async checkArchiveIndex(m: ChunkManifest): Promise<string> {
+  async readArchiveIndex(m: ChunkManifest): Promise<{ key: string; digests: Buffer[] }> {
     const a = m.archive;
     if (!a) throw new ChunkBackupError('ERR_UNKNOWN_VOLUME', `backup ${this.volid(m.volname)} has no container archive`, { volname: m.volname });
     const key = this.objectKey(m.volname, a.index);
@@ -596,7 +597,16 @@ export class ChunkStore {
     const corrupt = (why: string): ChunkBackupError => new ChunkBackupError('ERR_BACKUP_CORRUPT', `backup ${this.volid(m.volname)} is corrupted: ${this}/${key} ${why}`, { volname: m.volname, file: key });
     if (data === null) throw corrupt('is missing');
     if (!want || data.length !== want.size || sha256(data) !== want.sha256) throw corrupt('is not what its manifest records');
-    return key;
+    let all: Buffer;
+    try {
+      all = native.chunkIndexDigests(data, key);
+    } catch (err) {
+      const e = fromNative(err) as Error & { code?: string };
+      throw new ChunkBackupError(e.code === 'ERR_BACKUP_VERSION' ? 'ERR_BACKUP_VERSION' : 'ERR_BACKUP_CORRUPT', `backup ${this.volid(m.volname)}: ${this}/${e.message}`, { volname: m.volname, file: key, cause: e });
+    }
+    const digests: Buffer[] = [];
+    for (let i = 0; i < all.length; i += 32) digests.push(all.subarray(i, i + 32));
+    return { key, digests };
   }
 
   /**
