@@ -66,6 +66,7 @@ export {
   type ContainerBackupInfo,
   type RestoreVmVolumeInitResult,
   type RestoreContainerInitResult,
+  type RestoreContainerTarget,
   type Awaitable,
 } from './provider/api.js';
 export { BackupProviderBase, BackupProviderBaseV1 } from './provider/base.js';

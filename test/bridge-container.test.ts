@@ -12,14 +12,15 @@
  * - `pct restore` builds a fresh provider per phase and extracts with pve-container's tar pipe
  *   (`directory`) or its checked tar extract (`tar`), the extracting tar in the container's user
  *   namespace as `lxc-usernsexec` runs it, so owners end up shifted by the id map.
- * Also: two jobs at once on one store (a VM and a container), and qmrestore's process shape.
+ * Also: two jobs at once on one store (a VM and a container), qmrestore's process shape, and the
+ * same container backup and pct restore with the ChunkProvider on a Garage cluster.
  * Needs root and `npm run build:ts` (the host runs from dist/).
  */
 import { execFileSync } from 'node:child_process';
 import { chmodSync, chownSync, lchownSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
-import { afterEach, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, describe, expect, it } from 'vitest';
 
 import { PassThrough } from 'node:stream';
 import { createInterface } from 'node:readline';
@@ -32,6 +33,7 @@ import { DirectoryStore } from '../lib/directory-provider/store.js';
 import { bridgeOptions, drive, qemuPart, type Msg, type Run } from './helpers/bridge-driver.js';
 import { nbdRead, nbdWrite, startStorageDaemon, stopAll, tempDir } from './helpers/qemu.js';
 import { gone, requireTool } from './helpers/tools.js';
+import { startS3Cluster, type S3Cluster } from './helpers/s3-cluster.js';
 import { buildTree, shiftSnapshot, snapshotTree, TEST_MAP_LINES, type TreeEntry } from './helpers/tree.js';
 
 const MiB = 1024 * 1024;
@@ -108,6 +110,8 @@ interface CtJob {
   config: string;
   mode: 'tar' | 'directory';
   provider?: string;
+  /** The storage configuration (default: a directory store under `work`). */
+  scfg?: Record<string, unknown>;
   vmid?: string;
   pause?: boolean;
   onMessage?: (m: Msg) => Promise<object | undefined> | object | undefined;
@@ -123,7 +127,7 @@ async function ctBackup(j: CtJob): Promise<Run> {
     {
       mode: 'ct-backup',
       storeid: STOREID,
-      scfg: { path: path.join(j.work, 'store'), 'lxc-backup-mode': j.mode },
+      scfg: j.scfg ?? { path: path.join(j.work, 'store'), 'lxc-backup-mode': j.mode },
       bridge: bridgeOptions(j.provider ?? 'directory.mjs', path.join(j.work, 'state')),
       vmid: j.vmid ?? '200',
       config: j.config,
@@ -138,7 +142,7 @@ async function ctBackup(j: CtJob): Promise<Run> {
 }
 
 /** pct restore of `volname` into a fresh root directory owned by the container's root, as pve-container creates it. */
-async function ctRestore(work: string, volname: string, name: string): Promise<{ run: Run; rootdir: string }> {
+async function ctRestore(work: string, volname: string, name: string, o: { scfg?: Record<string, unknown>; provider?: string } = {}): Promise<{ run: Run; rootdir: string }> {
   // the extracting tar runs as host uid 100000: the folders above the root must be searchable
   chmodSync(work, 0o755);
   const rootdir = path.join(work, name);
@@ -148,8 +152,8 @@ async function ctRestore(work: string, volname: string, name: string): Promise<{
   const run = await drive({
     mode: 'ct-restore',
     storeid: STOREID,
-    scfg: { path: path.join(work, 'store') },
-    bridge: bridgeOptions('directory.mjs', path.join(work, 'state')),
+    scfg: o.scfg ?? { path: path.join(work, 'store') },
+    bridge: bridgeOptions(o.provider ?? 'directory.mjs', path.join(work, 'state')),
     volname,
     rootdir,
     config: 'arch: amd64\nhostname: restored\nunprivileged: 1\n',
@@ -449,5 +453,32 @@ describe("the provider host's part of a container backup", () => {
     }
     input.end();
     await served;
+  });
+});
+
+describe('a container through the Perl bridge into the chunk store (Garage, 3 nodes)', { timeout: 300_000 }, () => {
+  let cluster: S3Cluster | undefined;
+  afterAll(async () => {
+    await cluster?.stop();
+  });
+
+  it('vzdump backs up an unprivileged container (user-namespace child) into chunks; pct restores it exactly from the tar file the provider writes', async () => {
+    requireRoot();
+    cluster = await startS3Cluster();
+    const work = await tempDir();
+    const credentials = path.join(work, 'credentials');
+    writeFileSync(credentials, `[default]\naws_access_key_id = ${cluster.accessKeyId}\naws_secret_access_key = ${cluster.secretAccessKey}\n`, { mode: 0o600 });
+    const scfg = { store: `s3://${cluster.bucket}/bridge-ct`, endpoint: cluster.endpoint, region: cluster.region, 'allow-http': 1, 'credentials-file': credentials };
+    const rootfs = containerTree(work, 100000);
+    const source = snapshotTree(rootfs);
+
+    const run = await ctBackup({ work, rootfs, config: CT_CONFIG, mode: 'tar', provider: 'chunks.mjs', scfg });
+    expectClean(run);
+    expect(run.messages.some((m) => m.phase === 'in_userns')).toBe(true);
+    const { run: r, rootdir } = await ctRestore(work, `backup/${run.done.archive!}`, 'restored', { scfg, provider: 'chunks.mjs' });
+    expectClean(r);
+    expect(r.done.mechanism).toBe('tar');
+    expect(r.messages.find((m) => m.phase === 'configs')).toMatchObject({ config: CT_CONFIG, firewall: FIREWALL });
+    expectRestored(snapshotTree(rootdir), source);
   });
 });

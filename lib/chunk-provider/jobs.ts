@@ -1,8 +1,11 @@
 /**
- * The two data paths of the chunk provider, one disk each, as the provider calls them: a backup
- * (the native core reads the NBD export, cuts fixed chunks, hashes, compresses, encrypts and
- * uploads them, and writes the `.fidx` index) and a restore (the core fetches the chunks an index
- * names, checks each against its digest and writes the target). The provider only says what to
+ * The data paths of the chunk provider as the provider calls them. A VM disk's backup (the
+ * native core reads the NBD export, cuts fixed chunks, hashes, compresses, encrypts and uploads
+ * them, and writes the `.fidx` index) and restore (the core fetches the chunks an index names,
+ * checks each against its digest and writes the target); a container's tar stream's backup (the
+ * core reads a pipe, cuts content-defined chunks, uploads what the store lacks, writes the
+ * `.didx`) and restore (the chunks, checked, written in order into a pipe or a file). The
+ * provider only says what to
  * do; all data flows through the core. {@link nativeChunkJobs} binds them to the native core;
  * tests may hand the provider others.
  *
@@ -76,10 +79,71 @@ export interface ChunkDiskRestore {
   signal?: AbortSignal;
 }
 
+/** A stream (a container's tar stream) to back up. */
+export interface ChunkStreamBackup {
+  store: S3StoreOptions;
+  /** As for a disk. */
+  storeFingerprint?: string;
+  /**
+   * The stream: a pipe's read end, read by the core until its end. The job owns it from the
+   * call on (it is closed whatever happens): the caller must not close it.
+   */
+  fd: number;
+  /** Key of the `.didx` object to write, relative to the store's prefix. */
+  indexKey: string;
+  /** Key of the previous backup's `.didx`: its chunks that the store still holds are not uploaded again. */
+  previousIndexKey?: string;
+  /** Bytes per second read from the stream at most. */
+  bandwidthLimit?: number;
+  onProgress?: (p: Binding.NativeProgress) => void;
+  signal?: AbortSignal;
+}
+
+/** What a stream's backup did (the manifest's counters). */
+export interface ChunkStreamSummary {
+  /** The stream's length in bytes. */
+  length: number;
+  chunks: number;
+  uploaded: number;
+  /** Chunks the store had already (the previous index's, found by `head`, or repeated in the stream). */
+  reused: number;
+  indexSize: number;
+  indexSha256: string;
+  /** Chunks of the previous index the store no longer holds. */
+  previousMissing: number;
+}
+
+/** A stream to restore. */
+export interface ChunkStreamRestore {
+  store: S3StoreOptions;
+  storeFingerprint?: string;
+  /** Key of the `.didx` (its size and SHA-256 checked by the caller). */
+  indexKey: string;
+  /**
+   * Where the stream goes: a pipe's write end (the tar extractor's stdin) or a file opened for
+   * writing. The job owns it from the call on and closes it at the end (the reader sees the
+   * stream's end), also on failure (the reader sees it end early).
+   */
+  fd: number;
+  bandwidthLimit?: number;
+  onProgress?: (p: { done: number; total: number }) => void;
+  signal?: AbortSignal;
+}
+
+/** What a stream's restore did. */
+export interface ChunkStreamRestoreSummary {
+  length: number;
+  written: number;
+  /** The reader closed its end before the stream's end (tar stops at the end-of-archive blocks). */
+  readerClosed: boolean;
+}
+
 /** The data paths the provider runs. */
 export interface ChunkJobs {
   backupDisk(o: ChunkDiskBackup): Promise<ChunkDiskSummary>;
   restoreDisk(o: ChunkDiskRestore): Promise<void>;
+  backupStream(o: ChunkStreamBackup): Promise<ChunkStreamSummary>;
+  restoreStream(o: ChunkStreamRestore): Promise<ChunkStreamRestoreSummary>;
 }
 
 /** A job of the binding: started, then awaited or cancelled. */
@@ -127,7 +191,13 @@ async function runJob<T, P>(start: (progress: ((p: P) => void) | undefined) => N
   }
 }
 
-/** The native core's chunk backup and restore (`startChunkBackup`, `startChunkRestore`). */
+/** A pipe `[readEnd, writeEnd]` (both close-on-exec) for {@link ChunkJobs.backupStream} and {@link ChunkJobs.restoreStream}. */
+export function createPipe(): [number, number] {
+  const [r, w] = native.createPipe();
+  return [r!, w!];
+}
+
+/** The native core's chunk jobs (`startChunkBackup`, `startChunkRestore`, `startChunkStreamBackup`, `startChunkStreamRestore`). */
 export const nativeChunkJobs: ChunkJobs = {
   async backupDisk(o) {
     const s = await runJob<Binding.ChunkBackupSummary, Binding.NativeProgress>(
@@ -179,6 +249,51 @@ export const nativeChunkJobs: ChunkJobs = {
       o.onProgress,
       o.signal,
     );
+  },
+  async backupStream(o) {
+    const s = await runJob<Binding.ChunkStreamBackupSummary, Binding.NativeProgress>(
+      (progress) =>
+        native.startChunkStreamBackup(
+          {
+            store: o.store,
+            ...(o.storeFingerprint ? { storeFingerprint: o.storeFingerprint } : {}),
+            fd: o.fd,
+            indexKey: o.indexKey,
+            ...(o.previousIndexKey !== undefined ? { previousIndexKey: o.previousIndexKey } : {}),
+            ...(o.bandwidthLimit !== undefined ? { bandwidthLimit: o.bandwidthLimit } : {}),
+          },
+          progress,
+        ),
+      o.onProgress,
+      o.signal,
+    );
+    return {
+      length: s.length,
+      chunks: s.chunks,
+      uploaded: s.uploaded,
+      reused: s.reused,
+      indexSize: s.indexSize,
+      indexSha256: s.indexSha256,
+      previousMissing: s.previousMissing,
+    };
+  },
+  async restoreStream(o) {
+    const s = await runJob<Binding.ChunkStreamRestoreSummary, Binding.NativeProgress>(
+      (progress) =>
+        native.startChunkStreamRestore(
+          {
+            store: o.store,
+            ...(o.storeFingerprint ? { storeFingerprint: o.storeFingerprint } : {}),
+            indexKey: o.indexKey,
+            fd: o.fd,
+            ...(o.bandwidthLimit !== undefined ? { bandwidthLimit: o.bandwidthLimit } : {}),
+          },
+          progress,
+        ),
+      o.onProgress,
+      o.signal,
+    );
+    return { length: s.length, written: s.written, readerClosed: s.readerClosed };
   },
 };
 

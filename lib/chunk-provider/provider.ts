@@ -22,9 +22,16 @@
  * - `key-file`: the store's key (an encrypted store; a store created with a key is encrypted);
  * - `vm-backup-mode`: `incremental` (default) or `full`.
  *
- * Not yet here: containers (`backupGetMechanism` fails with `ERR_MECHANISM`). VM disks restore
- * through `restoreVmVolumeWrite` (this package's runner) or, on Proxmox VE's path, through
- * `restoreVmVolumeInit`: a local raw file over the native NBD server that serves the chunks.
+ * Containers: the tree as a GNU tar stream (the directory provider's tar command and id mapping,
+ * `lib/container/tar.ts`) that the core reads from a pipe and cuts into content-defined chunks
+ * (FastCDC, about 4 MiB), so an unchanged file keeps its chunks and a second backup uploads only
+ * what changed; one `.didx` index per backup. Restored through `restoreContainerInit` as a tar
+ * file (Proxmox VE's path: a regular `.tar` read twice) or, in this package's runner, straight from
+ * the chunks into tar's stdin (`restoreContainerWrite`).
+ *
+ * VM disks restore through `restoreVmVolumeWrite` (this package's runner) or, on Proxmox VE's
+ * path, through `restoreVmVolumeInit`: a local raw file over the native NBD server that serves the
+ * chunks.
  *
  * The task log: `backupHandleLogFile` stores it as `backup.log.blob` after the backup is
  * complete and rewrites the manifest with it (docs/chunk-store.md: "the log after it, then the
@@ -32,7 +39,8 @@
  *
  * @packageDocumentation
  */
-import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { closeSync, openSync } from 'node:fs';
+import { mkdtemp, readFile, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 
@@ -43,10 +51,13 @@ import type {
   BackupMechanism,
   BackupVmInfo,
   BackupVmVolume,
+  ContainerBackupInfo,
   GuestType,
   IncrementalRequest,
   ProviderContext,
   ProviderStorage,
+  RestoreContainerInitResult,
+  RestoreContainerTarget,
   RestoreMechanismInfo,
   RestoreVmVolumeInitResult,
   RestoreVolumeTarget,
@@ -59,10 +70,11 @@ import { nbdUriFor } from '../provider/dirty-regions.js';
 import { MechanismError } from '../provider/errors.js';
 import type { FuseExport } from '../qemu/storage-daemon.js';
 import { ChunkBackupError } from './errors.js';
-import { nativeChunkJobs, type ChunkJobs } from './jobs.js';
+import { extractTarStream, writeTarStream } from '../container/tar.js';
+import { createPipe, nativeChunkJobs, type ChunkJobs, type ChunkStreamSummary } from './jobs.js';
 import type { ChunkNbdServer } from './nbd-server.js';
 import { s3StoreOptions } from './s3.js';
-import { CHUNK_STORE_FORMAT, CHUNK_STORE_VERSION, ChunkStore, type BackupWriter, type ChunkManifest, type ChunkManifestDevice, type ChunkManifestFile } from './store.js';
+import { CHUNK_STORE_FORMAT, CHUNK_STORE_VERSION, ChunkStore, type BackupWriter, type ChunkManifest, type ChunkManifestArchive, type ChunkManifestDevice, type ChunkManifestFile } from './store.js';
 
 /** Progress of one disk's backup. */
 export interface ChunkDeviceProgress {
@@ -94,10 +106,15 @@ interface GuestBackup {
   /** The writer record (`writers/<id>.json`) for garbage collection and deletion. */
   writer: BackupWriter;
   ctime: number;
-  /** The backup QEMU's bitmap counts writes since, with its manifest (incremental only). */
+  /**
+   * VMs: the backup QEMU's bitmap counts writes since, with its manifest (incremental only).
+   * Containers: the guest's newest backup, whose chunks are taken as stored (deduplication).
+   */
   previous: ChunkManifest | undefined;
   claimedBitmap?: boolean;
   devices: Record<string, ChunkManifestDevice>;
+  /** A container's tar stream, once stored. */
+  archive?: ChunkManifestArchive;
   files: Record<string, ChunkManifestFile>;
   /** A disk's backup is running now. */
   copying?: boolean;
@@ -132,6 +149,8 @@ export class ChunkProvider extends BackupProviderBase {
   private readonly ledger: BitmapLedger;
   /** The NBD servers and FUSE files of the VM volumes being restored, by `[volname, device]` as JSON. */
   private readonly restoreExports = new Map<string, { server: ChunkNbdServer; fuse: FuseExport; dir: string }>();
+  /** Tar files `restoreContainerInit` wrote, by volume name, until `restoreContainerCleanup`. */
+  private readonly restoreTars = new Map<string, string>();
 
   /**
    * The storage side (Proxmox's storage-plugin calls; see the directory provider for who calls
@@ -223,12 +242,12 @@ export class ChunkProvider extends BackupProviderBase {
 
   /** Names the backup (`backup/<vmid>/<vmtype>-<time>`), records it as a writer, finds the previous backup. */
   override async backupInit(vmid: number, vmtype: GuestType, _startTime: number): Promise<BackupInitResult> {
-    if (vmtype !== 'qemu') throw new MechanismError(`the chunk provider backs up VMs only; containers (guest ${vmid}) are not supported yet`, { mechanism: undefined, vmtype });
     const store = await this.openStore();
     await store.assertKey({ create: true });
     const now = this.options.now?.() ?? new Date();
     const { volname, writer } = await store.startBackup(vmid, vmtype, now);
-    const previous = this.vmBackupMode === 'incremental' ? await this.trustedPrevious(store, vmid) : undefined;
+    // a VM's: the backup QEMU's bitmap counts from; a container's: its newest (deduplication only)
+    const previous = vmtype === 'lxc' ? await this.previousArchive(store, vmid) : this.vmBackupMode === 'incremental' ? await this.trustedPrevious(store, vmid) : undefined;
     this.running.set(vmid, { vmid, vmtype, volname, writer, ctime: Math.floor(now.getTime() / 1000), previous, devices: {}, files: {} });
     this.log.info(`backup ${store.volid(volname)} in ${store}${previous ? `, previous backup ${previous.volname}` : ''}`);
     return { archiveName: volname.slice('backup/'.length) };
@@ -273,10 +292,9 @@ export class ChunkProvider extends BackupProviderBase {
     g.claimedBitmap = true;
   }
 
-  /** `nbd` for VMs; containers are not supported yet. */
-  override backupGetMechanism(vmid: number, vmtype: GuestType): Promise<BackupMechanism | undefined> {
-    if (vmtype === 'qemu') return Promise.resolve('nbd');
-    return Promise.reject(new MechanismError(`the chunk provider backs up VMs only; containers (guest ${vmid}) are not supported yet`, { mechanism: undefined, vmtype }));
+  /** `nbd` for VMs, `directory` for containers (the only mechanism Proxmox VE has for them). */
+  override backupGetMechanism(_vmid: number, vmtype: GuestType): Promise<BackupMechanism | undefined> {
+    return Promise.resolve(vmtype === 'qemu' ? 'nbd' : vmtype === 'lxc' ? 'directory' : undefined);
   }
 
   /** `use` for each disk the previous backup has an index of, `new` for the others; nothing in mode `full`. */
@@ -355,6 +373,104 @@ export class ChunkProvider extends BackupProviderBase {
     g.files[index] = { size: summary.indexSize, sha256: summary.indexSha256 };
   }
 
+  /**
+   * Stores the configuration files as blobs and the container's tree as a tar stream cut into
+   * chunks (`root.didx`), then the manifest: complete when this returns, as for VMs. The tar
+   * command, the id mapping (host owners stored as container ids, as vzdump stores them) and the
+   * exclusions are the directory provider's (`lib/container/tar.ts`); this process reads the tree
+   * as the bridge hands it over (`/proc/<pid>/root<directory>`, docs/pve-bridge-notes.md §7.7 (a)),
+   * like the directory provider. Chunks named by the guest's previous backup in this store (those
+   * the store still holds) and chunks the store has (`head`) are not uploaded again.
+   */
+  override async backupContainer(vmid: number, guestConfig: string, excludePatterns: string[], info: ContainerBackupInfo): Promise<void> {
+    const g = this.guest(vmid);
+    const store = await this.openStore();
+    g.files['guest.conf.blob'] = await store.putBlob(g.volname, 'guest.conf.blob', Buffer.from(guestConfig ?? '', 'utf8'));
+    if (info.firewallConfig !== undefined) g.files['firewall.conf.blob'] = await store.putBlob(g.volname, 'firewall.conf.blob', Buffer.from(info.firewallConfig, 'utf8'));
+    const previous = g.previous;
+    const index = 'root.didx';
+    this.log.info(`container tree to ${index}${previous ? `, chunks of ${previous.volname} not uploaded again` : ''}`);
+    g.copying = true;
+    let summary: ChunkStreamSummary;
+    try {
+      summary = await this.backupTree(store, g, index, previous, excludePatterns, info);
+    } catch (err) {
+      g.copyFailed = true;
+      throw err;
+    } finally {
+      g.copying = false;
+    }
+    if (summary.previousMissing > 0) this.log.warn(`${summary.previousMissing} chunk(s) of ${previous?.volname} are missing from the store: uploaded again where needed`);
+    this.log.info(`${index}: ${summary.length} bytes of tar stream; ${summary.chunks} chunks: ${summary.uploaded} uploaded, ${summary.reused} already stored`);
+    g.archive = {
+      index,
+      size: summary.length,
+      ...(previous ? { previous: previous.volname } : {}),
+      chunks: summary.chunks,
+      chunksUploaded: summary.uploaded,
+      chunksReused: summary.reused,
+    };
+    g.files[index] = { size: summary.indexSize, sha256: summary.indexSha256 };
+    await this.complete(g);
+  }
+
+  /**
+   * The newest container backup of the guest in this store, if sound: its index names chunks
+   * the store most likely holds. Deduplication only: nothing of the new backup depends on it.
+   */
+  private async previousArchive(store: ChunkStore, vmid: number): Promise<ChunkManifest | undefined> {
+    const newest = (await store.listBackups(vmid)).filter((b) => b.subtype === 'lxc' && b.status === 'ok').pop();
+    if (!newest) return undefined;
+    try {
+      const m = await store.readManifest(newest.volname, { needKey: true });
+      await store.readArchiveIndex(m);
+      return m;
+    } catch (err) {
+      this.log.warn(`the previous backup ${newest.volname} cannot be used for deduplication (${(err as Error).message}): every chunk is checked with the store`);
+      return undefined;
+    }
+  }
+
+  /**
+   * tar writes the tree into a pipe whose other end the core reads. A failure of either ends
+   * both: tar's stops the core before it writes an index (a short stream must never look
+   * complete); the core's closes the pipe, and tar then fails on it.
+   */
+  private async backupTree(store: ChunkStore, g: GuestBackup, index: string, previous: ChunkManifest | undefined, excludePatterns: string[], info: ContainerBackupInfo): Promise<ChunkStreamSummary> {
+    const [readEnd, writeEnd] = createPipe();
+    const stop = new AbortController();
+    const signal = info.signal ? AbortSignal.any([info.signal, stop.signal]) : stop.signal;
+    const bandwidthLimit = normaliseBandwidthLimit(info.bandwidthLimit, 'bandwidthLimit');
+    let upload: Promise<ChunkStreamSummary>;
+    try {
+      upload = this.jobs.backupStream({
+        store: store.options,
+        ...(store.fingerprint ? { storeFingerprint: store.fingerprint } : {}),
+        fd: readEnd,
+        indexKey: store.objectKey(g.volname, index),
+        ...(previous?.archive ? { previousIndexKey: store.objectKey(previous.volname, previous.archive.index) } : {}),
+        ...(bandwidthLimit !== undefined ? { bandwidthLimit } : {}),
+        ...(this.options.onProgress ? { onProgress: (p: { done: number; total: number; bytesPerSecond: number }) => this.options.onProgress!({ ...p, vmid: g.vmid, device: index }) } : {}),
+        signal,
+      });
+    } catch (err) {
+      closeQuietly(writeEnd);
+      throw err;
+    }
+    const tar = writeTarStream({
+      source: info.directory,
+      fd: writeEnd,
+      idMap: info.idMap,
+      excludePaths: excludePatterns,
+      sources: info.sources,
+      ...(info.signal ? { signal: info.signal } : {}),
+    }).catch((err: unknown) => {
+      stop.abort(err);
+      throw err;
+    });
+    return preferCore(await Promise.allSettled([upload, tar]));
+  }
+
   /** Writes the manifest (last); on failure it is taken back, and `backupCleanup(false)` removes the rest. */
   private async complete(g: GuestBackup): Promise<ChunkManifest> {
     const store = await this.openStore();
@@ -371,8 +487,8 @@ export class ChunkProvider extends BackupProviderBase {
         ctime: g.ctime,
         status: 'ok',
         keyFingerprint: store.key?.fingerprint ?? null,
-        devices: g.devices,
-        archive: null,
+        devices: g.vmtype === 'lxc' ? null : g.devices,
+        archive: g.archive ?? null,
         files: g.files,
       });
       await g.writer.assertAlive();
@@ -440,10 +556,14 @@ export class ChunkProvider extends BackupProviderBase {
 
   // ----- restore ------------------------------------------------------------------------------
 
-  /** `qemu-img` for VMs (this package's runner writes the disks through `restoreVmVolumeWrite`). */
+  /**
+   * `qemu-img` for VMs (this package's runner writes the disks through `restoreVmVolumeWrite`);
+   * `tar` for containers (this package's runner extracts straight from the chunks through
+   * `restoreContainerWrite`).
+   */
   override async restoreGetMechanism(volname: string): Promise<RestoreMechanismInfo> {
     const m = await (await this.openStore()).readManifest(volname);
-    if (m.vmtype !== 'qemu') throw new MechanismError(`backup ${volname} is a container backup, which the chunk provider does not restore yet`, { mechanism: undefined, vmtype: m.vmtype });
+    if (m.vmtype === 'lxc') return { mechanism: 'tar', vmtype: 'lxc' };
     return { mechanism: 'qemu-img', vmtype: 'qemu' };
   }
 
@@ -563,8 +683,116 @@ export class ChunkProvider extends BackupProviderBase {
     return true;
   }
 
+  /** A container backup's manifest and index key, the key checked and the index against the manifest. */
+  private async containerArchive(volname: string): Promise<{ store: ChunkStore; m: ChunkManifest; indexKey: string }> {
+    const store = await this.openStore();
+    await store.assertKey();
+    const m = await store.readManifest(volname, { needKey: true });
+    if (!m.archive) throw new MechanismError(`backup ${store.volid(volname)} is not a container backup`, { mechanism: 'tar', vmtype: m.vmtype });
+    return { store, m, indexKey: (await store.readArchiveIndex(m)).key };
+  }
+
+  /**
+   * Proxmox VE's path (pve-container `src/PVE/LXC/Create.pm` `restore_external_archive`): a
+   * regular `*.tar` file, which it reads twice (`tar -tvf` first, then the extract). The core
+   * writes the stream from its chunks, each checked against its digest, into `root.tar` (0600) in
+   * a private temporary folder (0700, under `TMPDIR`: room for the whole stream is needed
+   * there); `restoreContainerCleanup` removes it. A failure removes it here (Proxmox VE skips the
+   * cleanup when the init dies).
+   */
+  override async restoreContainerInit(volname: string, _storeid: string, _info: Record<string, never>): Promise<RestoreContainerInitResult> {
+    const { store, m, indexKey } = await this.containerArchive(volname);
+    await this.restoreContainerCleanup(volname, _storeid, _info);
+    const dir = await mkdtemp(path.join(tmpdir(), 'pbp-ct-restore-'));
+    const tarPath = path.join(dir, 'root.tar');
+    try {
+      this.log.info(`writing ${m.archive!.index} (${m.archive!.size} bytes) to ${tarPath}, chunks checked against their digests`);
+      const fd = openSync(tarPath, 'wx', 0o600);
+      const r = await this.jobs.restoreStream({ store: store.options, ...(store.fingerprint ? { storeFingerprint: store.fingerprint } : {}), indexKey, fd });
+      const size = (await stat(tarPath)).size;
+      if (r.readerClosed || size !== m.archive!.size) {
+        throw new ChunkBackupError('ERR_BACKUP_CORRUPT', `backup ${store.volid(volname)}: ${tarPath} holds ${size} bytes, its manifest records ${m.archive!.size}`, { volname });
+      }
+    } catch (err) {
+      await rm(dir, { recursive: true, force: true });
+      throw err;
+    }
+    this.restoreTars.set(volname, dir);
+    return { tarPath };
+  }
+
+  /** Removes the tar file `restoreContainerInit` wrote. */
+  override async restoreContainerCleanup(volname: string, _storeid: string, _info: Record<string, never>): Promise<void> {
+    const dir = this.restoreTars.get(volname);
+    this.restoreTars.delete(volname);
+    if (dir) await rm(dir, { recursive: true, force: true });
+  }
+
+  /**
+   * Package extension: extracts a container backup into `target.rootdir` straight from its
+   * chunks, with no tar file between: the core writes the stream (chunks fetched in parallel,
+   * each checked against its digest, written in order) into a pipe that tar (the directory
+   * provider's extract command and id mapping, `lib/container/tar.ts`) reads. A damaged or
+   * missing chunk fails the restore with `ERR_BACKUP_CORRUPT` naming it (tar then sees the stream
+   * end early and fails too): what was extracted until then stays, and the restore is an error.
+   */
+  async restoreContainerWrite(volname: string, target: RestoreContainerTarget): Promise<boolean> {
+    const { store, m, indexKey } = await this.containerArchive(volname);
+    this.log.info(`extracting ${m.archive!.index} (${m.archive!.size} bytes) into ${target.rootdir}, chunks checked against their digests`);
+    const [readEnd, writeEnd] = createPipe();
+    const stop = new AbortController();
+    const signal = target.signal ? AbortSignal.any([target.signal, stop.signal]) : stop.signal;
+    let write: Promise<unknown>;
+    try {
+      write = this.jobs.restoreStream({
+        store: store.options,
+        ...(store.fingerprint ? { storeFingerprint: store.fingerprint } : {}),
+        indexKey,
+        fd: writeEnd,
+        ...(target.bandwidthLimit ? { bandwidthLimit: target.bandwidthLimit } : {}),
+        signal,
+      });
+    } catch (err) {
+      closeQuietly(readEnd);
+      throw err;
+    }
+    const extract = extractTarStream({
+      fd: readEnd,
+      rootdir: target.rootdir,
+      ...(target.idMap ? { idMap: target.idMap } : {}),
+      ...(target.allowNonEmpty ? { allowNonEmpty: true } : {}),
+      ...(target.signal ? { signal: target.signal } : {}),
+    }).catch((err: unknown) => {
+      stop.abort(err);
+      throw err;
+    });
+    preferCore(await Promise.allSettled([write, extract]));
+    return true;
+  }
+
   /** Whether a backup of the guest is running in this object. */
   isRunning(vmid: number): boolean {
     return this.running.has(vmid);
+  }
+}
+
+/**
+ * The outcome of the core's stream job (first) and tar's side (second), run together over a
+ * pipe: the core's own error names what failed (a chunk, the store) and wins; its cancellation,
+ * caused by tar's failure, gives way to tar's error.
+ */
+function preferCore<T>([core, tar]: [PromiseSettledResult<T>, PromiseSettledResult<unknown>]): T {
+  if (core.status === 'rejected' && (core.reason as { code?: string } | undefined)?.code !== 'ERR_CANCELLED') throw core.reason;
+  if (tar.status === 'rejected') throw tar.reason;
+  if (core.status === 'rejected') throw core.reason;
+  return core.value;
+}
+
+/** Closes a descriptor that no job took over. */
+function closeQuietly(fd: number): void {
+  try {
+    closeSync(fd);
+  } catch {
+    // closed already
   }
 }

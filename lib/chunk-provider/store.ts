@@ -25,7 +25,8 @@ import type { BitmapMode, GuestType, PruneOptions } from '../provider/api.js';
 import { markBackups, type PruneEntry, type PruneMark } from '../provider/prune.js';
 import { backupIdOf, ctimeOfBackupId, isBackupDirName, matchVolname, volnameOf, type ParsedVolname } from '../provider/volname.js';
 import { decodeBlob, encodeBlob } from './blob.js';
-import { ChunkBackupError, ChunkStoreError } from './errors.js';
+import { native } from '../native.js';
+import { ChunkBackupError, ChunkStoreError, fromNative } from './errors.js';
 import { checkFingerprint, readKeyFile, type StoreKey } from './key.js';
 import { S3ObjectStore, type S3StoreOptions } from './s3.js';
 
@@ -63,6 +64,19 @@ export interface ChunkManifestDevice {
   chunksZero: number;
 }
 
+/** A container's tar stream in the manifest (a container backup has this and no devices). */
+export interface ChunkManifestArchive {
+  /** Its dynamic index, relative to the backup's prefix (`root.didx`). */
+  index: string;
+  /** The stream's length in bytes. */
+  size: number;
+  /** The backup whose index named chunks not uploaded again (deduplication only: nothing depends on it). */
+  previous?: string;
+  chunks: number;
+  chunksUploaded: number;
+  chunksReused: number;
+}
+
 /** An object of the backup recorded in the manifest: its size and SHA-256. */
 export interface ChunkManifestFile {
   size: number;
@@ -80,7 +94,7 @@ export interface ChunkManifest {
   status: 'ok';
   keyFingerprint: string | null;
   devices: Record<string, ChunkManifestDevice> | null;
-  archive: { index: string; size: number } | null;
+  archive: ChunkManifestArchive | null;
   files: Record<string, ChunkManifestFile>;
   checksum: string;
   /** With a key: HMAC-SHA256 (hex) of the same bytes under the id key. */
@@ -240,7 +254,17 @@ function canonical(m: UnsignedManifest): string {
     status: m.status,
     keyFingerprint: m.keyFingerprint,
     devices: m.devices === null ? null : Object.fromEntries(Object.entries(m.devices).map(([k, d]) => [k, device(d)])),
-    archive: m.archive === null ? null : { index: m.archive.index, size: m.archive.size },
+    archive:
+      m.archive === null
+        ? null
+        : {
+            index: m.archive.index,
+            size: m.archive.size,
+            ...(m.archive.previous !== undefined ? { previous: m.archive.previous } : {}),
+            chunks: m.archive.chunks,
+            chunksUploaded: m.archive.chunksUploaded,
+            chunksReused: m.archive.chunksReused,
+          },
     files: Object.fromEntries(Object.entries(m.files).map(([k, f]) => [k, { size: f.size, sha256: f.sha256 }])),
   };
   return JSON.stringify(ordered);
@@ -559,6 +583,33 @@ export class ChunkStore {
   }
 
   /**
+   * A container backup's dynamic index, checked against the manifest (present, size, SHA-256)
+   * and decoded by the core (its trailing checksum, its entries).
+   * @returns Its key, relative to the store's prefix, and the chunks it names in stream order.
+   * @throws {@link ChunkBackupError} `ERR_UNKNOWN_VOLUME` (not a container backup), `ERR_BACKUP_CORRUPT` naming the object, `ERR_BACKUP_VERSION`.
+   */
+  async readArchiveIndex(m: ChunkManifest): Promise<{ key: string; digests: Buffer[] }> {
+    const a = m.archive;
+    if (!a) throw new ChunkBackupError('ERR_UNKNOWN_VOLUME', `backup ${this.volid(m.volname)} has no container archive`, { volname: m.volname });
+    const key = this.objectKey(m.volname, a.index);
+    const data = await this.objects.get(key);
+    const want = m.files[a.index];
+    const corrupt = (why: string): ChunkBackupError => new ChunkBackupError('ERR_BACKUP_CORRUPT', `backup ${this.volid(m.volname)} is corrupted: ${this}/${key} ${why}`, { volname: m.volname, file: key });
+    if (data === null) throw corrupt('is missing');
+    if (!want || data.length !== want.size || sha256(data) !== want.sha256) throw corrupt('is not what its manifest records');
+    let all: Buffer;
+    try {
+      all = native.chunkIndexDigests(data, key);
+    } catch (err) {
+      const e = fromNative(err) as Error & { code?: string };
+      throw new ChunkBackupError(e.code === 'ERR_BACKUP_VERSION' ? 'ERR_BACKUP_VERSION' : 'ERR_BACKUP_CORRUPT', `backup ${this.volid(m.volname)}: ${this}/${e.message}`, { volname: m.volname, file: key, cause: e });
+    }
+    const digests: Buffer[] = [];
+    for (let i = 0; i < all.length; i += 32) digests.push(all.subarray(i, i + 32));
+    return { key, digests };
+  }
+
+  /**
    * The chunks of `digests` the store does not hold (zero digests and repeats skipped), asked with
    * `head`, at most `concurrency` at once: before an incremental backup references a previous
    * index's chunks, they must all still be there.
@@ -633,7 +684,7 @@ export class ChunkStore {
     try {
       const m = await this.readManifest(volname);
       const size = m.devices ? Object.values(m.devices).reduce((n, d) => n + d.size, 0) : (m.archive?.size ?? 0);
-      const previous = Object.values(m.devices ?? {}).find((d) => d.previous)?.previous;
+      const previous = Object.values(m.devices ?? {}).find((d) => d.previous)?.previous ?? m.archive?.previous;
       return { ...base, ctime: m.ctime, size, status: 'ok', ...(previous ? { previous: this.volid(previous) } : {}) };
     } catch (err) {
       if (!(err instanceof ChunkBackupError) || err.code !== 'ERR_BACKUP_CORRUPT') throw err;

@@ -34,7 +34,7 @@
  * @packageDocumentation
  */
 import { createHash } from 'node:crypto';
-import { createReadStream, createWriteStream } from 'node:fs';
+import { closeSync, createReadStream, createWriteStream } from 'node:fs';
 import { chmod, lstat, mkdtemp, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -160,6 +160,51 @@ async function settle(p: Promise<unknown>): Promise<unknown> {
   }
 }
 
+/** What {@link planTarCreate} prepared: tar's arguments and, with an id map, the filter its output passes. */
+interface TarCreatePlan {
+  args: string[];
+  /** Refuses owners the map does not cover and maps ACL qualifiers (absent without an id map). */
+  rewriter?: TarIdRewriter;
+  /** Removes the map files. */
+  cleanup(): Promise<void>;
+}
+
+/** Checks the options and builds the tar command of a container archive (see the module documentation). */
+async function planTarCreate(o: Omit<CreateTarArchiveOptions, 'archive' | 'bandwidthLimit'>, what: string): Promise<TarCreatePlan> {
+  checkAborted(o.signal, what);
+  const idMap = checkIdMap(o.idMap);
+  const sources = normaliseSources(o.sources);
+  const mapped = !isIdentityMap(idMap);
+  const excludes = tarExcludeArgs(o.excludePaths ?? [], { skipLostAndFound: mapped });
+  const st = await stat(o.source).catch(() => undefined);
+  if (!st?.isDirectory()) throw new InvalidArgumentError(`backup source ${o.source} is not a directory`);
+  if (!mapped) {
+    return { args: ['-c', '-f', '-', '--totals', ...COMMON_TAR_FLAGS, ...EXTRA_XATTR_FLAGS, `--directory=${o.source}`, ...excludes, '--', ...sources], cleanup: async () => {} };
+  }
+  const mapDir = await mkdtemp(join(tmpdir(), 'pve-tar-map-'));
+  const cleanup = (): Promise<void> => rm(mapDir, { recursive: true, force: true });
+  try {
+    await writeMapFile(join(mapDir, 'owner-map'), idMap, 'u');
+    await writeMapFile(join(mapDir, 'group-map'), idMap, 'g');
+    const sentinel = { u: sentinelFor(idMap, 'u'), g: sentinelFor(idMap, 'g') };
+    // `--owner=N` (not `+N`: tar 1.34 ignores the `+` form here) is tar's fallback for ids
+    // missing from the map file.
+    const mapArgs = [`--owner-map=${join(mapDir, 'owner-map')}`, `--group-map=${join(mapDir, 'group-map')}`, `--owner=${sentinel.u}`, `--group=${sentinel.g}`];
+    const toContainer = hostToContainer(idMap, 'ACL entry');
+    const rewriter = new TarIdRewriter({
+      mapOwner: (type, id, path) => {
+        if (id !== sentinel[type]) return id;
+        throw new IdMapError(`${path}: owner ${type === 'u' ? 'uid' : 'gid'} is not covered by the id map`, { idType: type, path });
+      },
+      mapAcl: toContainer,
+    });
+    return { args: ['-c', '-f', '-', '--totals', ...COMMON_TAR_FLAGS, ...EXTRA_XATTR_FLAGS, ...mapArgs, `--directory=${o.source}`, ...excludes, '--', ...sources], rewriter, cleanup };
+  } catch (err) {
+    await cleanup();
+    throw err;
+  }
+}
+
 /**
  * Writes a container archive of `source` to `archive` (see the module documentation for the exact
  * tar command). Returns the archive's size in bytes and its SHA-256, computed as it is written.
@@ -172,49 +217,13 @@ export async function createTarArchive(o: CreateTarArchiveOptions): Promise<{ by
   const what = `tar archive of ${o.source}`;
   checkAborted(o.signal, what);
   if (typeof o.archive !== 'string' || o.archive === '') throw new InvalidArgumentError('archive must be a file path');
-  const idMap = checkIdMap(o.idMap);
   const limit = normaliseBandwidthLimit(o.bandwidthLimit, 'bandwidthLimit');
-  const sources = normaliseSources(o.sources);
-  const mapped = !isIdentityMap(idMap);
-  const excludes = tarExcludeArgs(o.excludePaths ?? [], { skipLostAndFound: mapped });
-  const st = await stat(o.source).catch(() => undefined);
-  if (!st?.isDirectory()) throw new InvalidArgumentError(`backup source ${o.source} is not a directory`);
-
-  let mapDir: string | undefined;
-  const mapArgs: string[] = [];
-  const sentinel = { u: 0, g: 0 };
+  const plan = await planTarCreate(o, what);
   try {
-    if (mapped) {
-      mapDir = await mkdtemp(join(tmpdir(), 'pve-tar-map-'));
-      await writeMapFile(join(mapDir, 'owner-map'), idMap, 'u');
-      await writeMapFile(join(mapDir, 'group-map'), idMap, 'g');
-      sentinel.u = sentinelFor(idMap, 'u');
-      sentinel.g = sentinelFor(idMap, 'g');
-      // `--owner=N` (not `+N`: tar 1.34 ignores the `+` form here) is tar's fallback for ids
-      // missing from the map file.
-      mapArgs.push(
-        `--owner-map=${join(mapDir, 'owner-map')}`,
-        `--group-map=${join(mapDir, 'group-map')}`,
-        `--owner=${sentinel.u}`,
-        `--group=${sentinel.g}`,
-      );
-    }
-    const args = ['-c', '-f', '-', '--totals', ...COMMON_TAR_FLAGS, ...EXTRA_XATTR_FLAGS, ...mapArgs, `--directory=${o.source}`, ...excludes, '--', ...sources];
-    const tar = startTool({ tool: 'tar', code: 'ERR_TAR', what, args, stdio: ['ignore', 'pipe', 'pipe'], signal: o.signal });
+    const tar = startTool({ tool: 'tar', code: 'ERR_TAR', what, args: plan.args, stdio: ['ignore', 'pipe', 'pipe'], signal: o.signal });
     const throttle = new ThrottleStream(limit);
     const stages: (Readable | Writable)[] = [tar.child.stdout!];
-    if (mapped) {
-      const toContainer = hostToContainer(idMap, 'ACL entry');
-      stages.push(
-        new TarIdRewriter({
-          mapOwner: (type, id, path) => {
-            if (id !== sentinel[type]) return id;
-            throw new IdMapError(`${path}: owner ${type === 'u' ? 'uid' : 'gid'} is not covered by the id map`, { idType: type, path });
-          },
-          mapAcl: toContainer,
-        }),
-      );
-    }
+    if (plan.rewriter) stages.push(plan.rewriter);
     // the archive's SHA-256 as it is written: no second read of it to record its checksum
     const sha256 = createHash('sha256');
     const digest = new Transform({
@@ -239,7 +248,73 @@ export async function createTarArchive(o: CreateTarArchiveOptions): Promise<{ by
     await chmod(o.archive, 0o600);
     return { bytes: throttle.bytes, sha256: sha256.digest('hex') };
   } finally {
-    if (mapDir) await rm(mapDir, { recursive: true, force: true });
+    await plan.cleanup();
+  }
+}
+
+/**
+ * Left out of a stream's pax headers: GNU tar writes `atime` and `ctime` records for every
+ * member once `--acls`/`--xattrs` make the archive pax, and reading a file for a backup changes
+ * its atime, so every header, and every chunk holding one, would change from one backup to the
+ * next. Without them an unchanged file gives the same bytes (the reproducible-builds recipe);
+ * a restore sets the mtime as from any archive, and Proxmox VE's containers need no atime back.
+ */
+const STABLE_HEADER_FLAGS: readonly string[] = ['--pax-option=delete=atime,delete=ctime'];
+
+/** Options of {@link writeTarStream}. */
+export interface WriteTarStreamOptions extends Omit<CreateTarArchiveOptions, 'archive' | 'bandwidthLimit'> {
+  /**
+   * Where the archive stream goes: a file descriptor (a pipe's write end) this call takes over
+   * and closes when tar is done, so that the reader sees the stream's end. No bandwidth limit
+   * here: the reader applies one.
+   */
+  fd: number;
+}
+
+/**
+ * Writes the container archive of `source` that {@link createTarArchive} would write (the same
+ * tar command and id mapping, but no atime and ctime records: {@link STABLE_HEADER_FLAGS}, so
+ * that an unchanged file streams the same bytes each time) into a file descriptor: without an id map tar writes into it
+ * itself (no byte passes through JavaScript); with one, tar's output passes
+ * {@link TarIdRewriter} on its way. The chunk store's container backup reads the other end.
+ *
+ * @throws As {@link createTarArchive}; the descriptor is closed whatever happens (a failure
+ * before the end closes it early, so the reader sees a short stream: the caller must fail the
+ * backup on this call's error whatever the reader says).
+ */
+export async function writeTarStream(o: WriteTarStreamOptions): Promise<void> {
+  const what = `tar archive of ${o.source}`;
+  let fdOpen = true;
+  const closeFd = (): void => {
+    if (!fdOpen) return;
+    fdOpen = false;
+    closeSync(o.fd);
+  };
+  try {
+    const plan = await planTarCreate(o, what);
+    try {
+      plan.args.splice(plan.args.indexOf('--totals') + 1, 0, ...STABLE_HEADER_FLAGS);
+      if (!plan.rewriter) {
+        const tar = startTool({ tool: 'tar', code: 'ERR_TAR', what, args: plan.args, stdio: ['ignore', o.fd, 'pipe'], signal: o.signal });
+        closeFd(); // tar holds its own copy: the reader sees the end when tar exits
+        const tarErr = await settle(tar.done);
+        if (tarErr !== undefined) throw await withHostId(pickError(o.signal, what, [tarErr]), o.source);
+        return;
+      }
+      const tar = startTool({ tool: 'tar', code: 'ERR_TAR', what, args: plan.args, stdio: ['ignore', 'pipe', 'pipe'], signal: o.signal });
+      fdOpen = false; // the write stream closes it
+      const out = createWriteStream('', { fd: o.fd, autoClose: true });
+      const piped = pipeline(tar.child.stdout!, plan.rewriter, out).catch((err: unknown) => {
+        tar.kill();
+        throw err;
+      });
+      const [pipeErr, tarErr] = await Promise.all([settle(piped), settle(tar.done)]);
+      if (pipeErr !== undefined || tarErr !== undefined) throw await withHostId(pickError(o.signal, what, [pipeErr, tarErr]), o.source);
+    } finally {
+      await plan.cleanup();
+    }
+  } finally {
+    closeFd();
   }
 }
 
@@ -347,13 +422,44 @@ export async function extractDirectoryWithTar(o: ExtractDirectoryOptions): Promi
   }
 }
 
+/** Options of {@link extractTarStream}. */
+export interface ExtractTarStreamOptions extends Omit<ExtractTarArchiveOptions, 'archive' | 'bandwidthLimit'> {
+  /**
+   * The uncompressed archive stream: a file descriptor (a pipe's read end) this call takes over
+   * and closes. No bandwidth limit here: the writer applies one.
+   */
+  fd: number;
+}
+
+/**
+ * Extracts an archive stream as {@link extractTarArchive} extracts a file (the same tar command,
+ * ids shifted by `idMap`): without an id map tar reads the descriptor itself; with one the
+ * stream passes {@link TarIdRewriter} first. The chunk store's container restore writes the
+ * other end.
+ *
+ * @throws As {@link extractTarArchive}; the descriptor is closed whatever happens.
+ */
+export async function extractTarStream(o: ExtractTarStreamOptions): Promise<void> {
+  const what = `tar extract of a stream into ${o.rootdir}`;
+  let handedOver = false;
+  try {
+    checkAborted(o.signal, what);
+    const idMap = checkIdMap(o.idMap);
+    await checkRestoreTarget(o.rootdir, o.allowNonEmpty);
+    handedOver = true;
+    await extractStream(what, { fd: o.fd }, [], idMap, o);
+  } finally {
+    if (!handedOver) closeSync(o.fd);
+  }
+}
+
 /**
  * Pipes `stages` (the archive bytes) into `tar -x` under `o.rootdir`, through the id rewriter when
  * `idMap` is not the identity; `producer` is a tar writing the stream, whose failure counts too.
  */
 async function extractStream(
   what: string,
-  stages: Readable[],
+  input: Readable[] | { fd: number },
   extraArgs: string[],
   idMap: IdMapEntry[],
   o: { rootdir: string; allowNonEmpty?: boolean; signal?: AbortSignal },
@@ -366,6 +472,27 @@ async function extractStream(
   args.push('-C', o.rootdir);
   if (o.allowNonEmpty) args.push('--skip-old-files');
   args.push('--anchored', '--exclude', './dev/*');
+  if (!Array.isArray(input)) {
+    if (!isIdentityMap(idMap)) {
+      const source = createReadStream('', { fd: input.fd, autoClose: true });
+      try {
+        return await extractStream(what, [source], extraArgs, idMap, o);
+      } finally {
+        source.destroy(); // closes the descriptor (if the pipeline did not)
+      }
+    }
+    let tar: ReturnType<typeof startTool>;
+    try {
+      // nothing to rewrite: tar reads the descriptor itself
+      tar = startTool({ tool: 'tar', code: 'ERR_TAR', what, args, stdio: [input.fd, 'ignore', 'pipe'], signal: o.signal });
+    } finally {
+      closeSync(input.fd); // tar holds its own copy
+    }
+    const tarErr = await settle(tar.done);
+    if (tarErr !== undefined) throw pickError(o.signal, what, [tarErr]);
+    return;
+  }
+  const stages = input;
   const tar = startTool({ tool: 'tar', code: 'ERR_TAR', what, args, stdio: ['pipe', 'ignore', 'pipe'], signal: o.signal });
   const all: (Readable | Writable)[] = [...stages];
   if (!isIdentityMap(idMap)) {

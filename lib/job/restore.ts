@@ -417,6 +417,11 @@ export async function restoreContainer(o: RestoreContainerOptions): Promise<Rest
     const config = await driver.guestConfig(volname, storeid);
     const firewallConfig = await driver.firewallConfig(volname, storeid);
     const files = await writeConfigs(o.configDir, 'pct', config, firewallConfig);
+    // a provider that extracts the backup itself (package extension): no archive, no cleanup
+    const target = { rootdir: o.rootdir, ...(idMap ? { idMap } : {}), ...(o.allowNonEmpty ? { allowNonEmpty: true } : {}), ...(bandwidthLimit ? { bandwidthLimit } : {}), ...(o.signal ? { signal: o.signal } : {}) };
+    if (await driver.containerWrite(volname, target)) {
+      return { mechanism, config, ...(firewallConfig !== undefined ? { firewallConfig } : {}), ...files };
+    }
     // As pve-container (src/PVE/LXC/Create.pm restore_external_archive): the init runs outside
     // the eval, so an init that dies gets no cleanup; after a good init the cleanup always runs.
     const source = await driver.containerInit(volname, storeid, mechanism);

@@ -21,6 +21,7 @@ import {
   type IncrementalRequest,
   type ProviderStorage,
   type RestoreHookInfo,
+  type RestoreContainerTarget,
   type RestoreVolumeTarget,
   type RestoreMechanism,
   type RestoreMechanismInfo,
@@ -114,6 +115,8 @@ export interface ProviderDriver {
   vmVolumeWrite(volname: string, device: string, target: RestoreVolumeTarget): Promise<boolean>;
   vmVolumeCleanup(volname: string, storeid: string, device: string): Promise<void>;
   containerInit(volname: string, storeid: string, mechanism: 'tar' | 'directory'): Promise<string>;
+  /** V2 package extension `restoreContainerWrite`: `false` when the provider declines (or lacks it). */
+  containerWrite(volname: string, target: RestoreContainerTarget): Promise<boolean>;
   containerCleanup(volname: string, storeid: string, mechanism: 'tar' | 'directory'): Promise<void>;
   restoreStart(volname: string, info: RestoreHookInfo): Promise<void>;
   restoreEnd(volname: string, info: RestoreHookInfo): Promise<void>;
@@ -322,6 +325,7 @@ export function adaptProvider(provider: BackupProvider): ProviderDriver {
         return path;
       },
       containerCleanup: (volname, storeid, mechanism) => run(call1(mechanism === 'tar' ? 'restoreTarCleanup' : 'restoreDirectoryCleanup', volname, storeid)),
+      containerWrite: async () => false,
     };
     return driver;
   }
@@ -421,6 +425,10 @@ export function adaptProvider(provider: BackupProvider): ProviderDriver {
       return path;
     },
     containerCleanup: (volname, storeid) => run(call2('restoreContainerCleanup', volname, storeid, {})),
+    containerWrite: async (volname, target) => {
+      if (typeof (provider as Partial<BackupProviderV2>).restoreContainerWrite !== 'function') return false;
+      return (await callAny('restoreContainerWrite', [volname, target])) === true;
+    },
   };
   return driver;
 }

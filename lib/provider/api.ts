@@ -486,6 +486,19 @@ export interface RestoreVolumeTarget {
   signal?: AbortSignal;
 }
 
+/** Where {@link BackupProviderV2.restoreContainerWrite} extracts a container backup. */
+export interface RestoreContainerTarget {
+  /** The container's (empty, mounted) root directory. */
+  rootdir: string;
+  /** The container's id map: the archive's container ids become host ids. Absent: unchanged. */
+  idMap?: IdMapEntry[];
+  /** Restore into a root directory that holds files (kept: tar's `--skip-old-files`). */
+  allowNonEmpty?: boolean;
+  /** Bytes per second to read at most; absent: no limit. */
+  bandwidthLimit?: number;
+  signal?: AbortSignal;
+}
+
 /** Answer of {@link BackupProviderV2.restoreContainerInit}: `tarPath` for `tar`, `archiveDirectory` for `directory`. */
 export interface RestoreContainerInitResult {
   /** Perl: `tar-path`. */
@@ -573,6 +586,14 @@ export interface BackupProviderV2 extends ProviderCommon {
    * `storeid` may declare fewer parameters.
    */
   restoreContainerInit(volname: string, storeid: string, info: Record<string, never>): Awaitable<RestoreContainerInitResult>;
+  /**
+   * Package extension, not called by Proxmox VE: extracts the container backup into
+   * `target.rootdir` itself, with Proxmox's tar flags and id mapping (`lib/container/tar.ts`), so
+   * that a provider whose store is not a tar file (the chunk provider: the stream straight from
+   * its chunks) needs no `restoreContainerInit`. Called instead of `restoreContainerInit`, with no
+   * cleanup after it; resolve `false`, before writing anything, to take the standard path.
+   */
+  restoreContainerWrite?(volname: string, target: RestoreContainerTarget): Awaitable<boolean>;
   /** Always called after `restoreContainerInit` was called (also when it or the extraction failed). Perl: `restore_container_cleanup($volname, $storeid, $info)`. */
   restoreContainerCleanup(volname: string, storeid: string, info: Record<string, never>): Awaitable<void>;
 }

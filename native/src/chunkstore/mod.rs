@@ -16,6 +16,7 @@ pub mod pin;
 pub mod restore;
 pub mod s3;
 pub mod sink;
+pub mod stream;
 pub mod verify;
 
 use async_trait::async_trait;

@@ -142,8 +142,10 @@ pub struct ChunkSummary {
     pub bytes_plain_uploaded: u64,
 }
 
-/// The state upload tasks share.
-struct Shared {
+/// The one upload path of chunks, shared by the fixed-chunk sink and the stream backup
+/// (`stream.rs`): deduplication (digests known to exist, chunks this run sent, `head`),
+/// encoding (compressed, encrypted) and the `put`. Upload tasks of one backup share it.
+pub struct ChunkUploader {
     objects: Arc<dyn Objects>,
     key: Option<Arc<StoreKey>>,
     /// Known to exist, or being uploaded by this run.
@@ -151,12 +153,67 @@ struct Shared {
     dedup_by_head: bool,
 }
 
-enum Outcome {
-    Uploaded {
-        stored: u64,
-        plain: u64,
-    },
+/// What [`ChunkUploader::store`] did with a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// Encoded and put: `stored` bytes of object for `plain` bytes of content.
+    Uploaded { stored: u64, plain: u64 },
+    /// The store has it already (known, sent earlier in this run, or found by `head`).
     Reused,
+}
+
+impl ChunkUploader {
+    /// `known`: digests known to exist in the store (not uploaded again); `dedup_by_head`: ask
+    /// the store for the others before uploading them.
+    pub fn new(
+        objects: Arc<dyn Objects>,
+        key: Option<Arc<StoreKey>>,
+        known: HashSet<Digest>,
+        dedup_by_head: bool,
+    ) -> ChunkUploader {
+        ChunkUploader {
+            objects,
+            key,
+            known: Mutex::new(known),
+            dedup_by_head,
+        }
+    }
+
+    /// The store's key, when it has one.
+    pub fn key(&self) -> Option<&Arc<StoreKey>> {
+        self.key.as_ref()
+    }
+
+    /// Stores the chunk of plain content `data` named `digest` (computed by the caller with
+    /// [`key::digest`] under this store's key), unless the store has it. Returns when the store
+    /// acknowledged the upload.
+    pub async fn store(&self, digest: Digest, data: Vec<u8>) -> Result<Stored> {
+        let first = self
+            .known
+            .lock()
+            .map_err(|_| Error::sink("chunk set poisoned"))?
+            .insert(digest);
+        if !first {
+            return Ok(Stored::Reused);
+        }
+        let name = chunk_key(&digest);
+        if self.dedup_by_head && self.objects.head(&name).await?.is_some() {
+            return Ok(Stored::Reused);
+        }
+        let key = self.key.clone();
+        let plain = data.len() as u64;
+        let object =
+            tokio::task::spawn_blocking(move || encode_chunk(&data, &digest, key.as_deref()))
+                .await
+                .map_err(|e| Error::sink(format!("encoding chunk {}: {e}", key::hex(&digest))))??;
+        let stored = object.len() as u64;
+        self.objects.put(&name, Bytes::from(object)).await?;
+        Ok(Stored::Uploaded { stored, plain })
+    }
+}
+
+enum Outcome {
+    Stored(Stored),
     /// All zero once completed from the previous chunk.
     Zero,
 }
@@ -182,7 +239,7 @@ struct Current {
 
 /// The chunk store's backup sink (see the module documentation).
 pub struct ChunkSink {
-    shared: Arc<Shared>,
+    shared: Arc<ChunkUploader>,
     objects: Arc<dyn Objects>,
     index_key: String,
     size: u64,
@@ -214,12 +271,12 @@ impl ChunkSink {
         let n = usize::try_from(n)
             .map_err(|_| Error::invalid_argument("disk too large for its chunk size"))?;
         Ok(ChunkSink {
-            shared: Arc::new(Shared {
-                objects: options.objects.clone(),
-                key: options.key,
-                known: Mutex::new(options.known),
-                dedup_by_head: options.dedup_by_head,
-            }),
+            shared: Arc::new(ChunkUploader::new(
+                options.objects.clone(),
+                options.key,
+                options.known,
+                options.dedup_by_head,
+            )),
             objects: options.objects,
             index_key: options.index_key,
             size: options.size,
@@ -414,12 +471,12 @@ impl ChunkSink {
             joined.map_err(|e| Error::sink(format!("a chunk upload task failed: {e}")))??;
         self.digests[i as usize] = Some(digest);
         match outcome {
-            Outcome::Uploaded { stored, plain } => {
+            Outcome::Stored(Stored::Uploaded { stored, plain }) => {
                 self.summary.uploaded += 1;
                 self.summary.bytes_uploaded += stored;
                 self.summary.bytes_plain_uploaded += plain;
             }
-            Outcome::Reused => self.summary.reused += 1,
+            Outcome::Stored(Stored::Reused) => self.summary.reused += 1,
             Outcome::Zero => self.summary.zero += 1,
         }
         Ok(())
@@ -436,7 +493,7 @@ impl ChunkSink {
 
 /// Hashes, deduplicates, encodes and uploads one chunk.
 async fn upload(
-    shared: Arc<Shared>,
+    shared: Arc<ChunkUploader>,
     index: u64,
     data: Vec<u8>,
     fill: Option<Fill>,
@@ -482,26 +539,8 @@ async fn upload(
     let Some(data) = data else {
         return Ok((index, digest, Outcome::Zero));
     };
-    let first = shared
-        .known
-        .lock()
-        .map_err(|_| Error::sink("chunk set poisoned"))?
-        .insert(digest);
-    if !first {
-        return Ok((index, digest, Outcome::Reused));
-    }
-    let name = chunk_key(&digest);
-    if shared.dedup_by_head && shared.objects.head(&name).await?.is_some() {
-        return Ok((index, digest, Outcome::Reused));
-    }
-    let key = shared.key.clone();
-    let plain = data.len() as u64;
-    let object = tokio::task::spawn_blocking(move || encode_chunk(&data, &digest, key.as_deref()))
-        .await
-        .map_err(|e| Error::sink(format!("encoding chunk {index}: {e}")))??;
-    let stored = object.len() as u64;
-    shared.objects.put(&name, Bytes::from(object)).await?;
-    Ok((index, digest, Outcome::Uploaded { stored, plain }))
+    let stored = shared.store(digest, data).await?;
+    Ok((index, digest, Outcome::Stored(stored)))
 }
 
 #[async_trait]

@@ -21,9 +21,13 @@ use super::copy::NativeProgress;
 use super::error::{to_napi, IntoNapi};
 use super::{to_js, to_u64};
 use crate::chunkstore::backup::{self, BackupOptions, BackupSummary, DEFAULT_CHECKS};
-use crate::chunkstore::format::{self, FixedIndex};
+use crate::chunkstore::format::{self, DynamicIndex, FixedIndex};
 use crate::chunkstore::key::{self, StoreKey};
 use crate::chunkstore::restore::{self, ChunkRestoreOptions};
+use crate::chunkstore::stream::{
+    self, Chunker, StreamBackupOptions, StreamBackupSummary, StreamRestoreOptions,
+    StreamRestoreSummary,
+};
 use crate::chunkstore::{load_fixed_index, Objects};
 use crate::engine::Progress;
 use crate::error::{Error, Result};
@@ -405,4 +409,277 @@ fn load_optional_key(key_file: Option<String>) -> napi::Result<Option<StoreKey>>
         .map(|p| key::load_key_file(p.as_ref()))
         .transpose()
         .napi()
+}
+
+// ----- streams (container tar streams, `.didx`) -------------------------------------------------
+
+#[napi(object)]
+pub struct ChunkStreamBackupOptions {
+    pub store: ChunkStoreOptions,
+    /// As for a disk backup.
+    pub store_fingerprint: Option<String>,
+    /// The stream to read until its end: a pipe's read end (or a file). Owned by the job from
+    /// this call on (closed when it ends, also on an error here): the caller must not close it.
+    pub fd: i32,
+    /// Where the `.didx` goes, relative to the store's prefix.
+    pub index_key: String,
+    /// The previous backup's index of this stream: its chunks that the store still holds are
+    /// not uploaded again (checked with `head` first).
+    pub previous_index_key: Option<String>,
+    /// Ask the store for the other chunks before uploading them (default true).
+    pub dedup_by_head: Option<bool>,
+    /// Chunks hashed, encoded or uploaded at once.
+    pub uploads: Option<u32>,
+    /// Bytes per second read from the stream.
+    pub bandwidth_limit: Option<i64>,
+}
+
+#[napi(object)]
+pub struct ChunkStreamBackupSummary {
+    /// The stream's length.
+    pub length: i64,
+    pub seconds: f64,
+    pub index_key: String,
+    pub index_sha256: String,
+    pub index_size: i64,
+    pub chunks: i64,
+    pub uploaded: i64,
+    pub reused: i64,
+    pub bytes_uploaded: i64,
+    /// Chunks of the previous index the store no longer holds (uploaded again if needed).
+    pub previous_missing: i64,
+}
+
+#[napi(object)]
+pub struct ChunkStreamRestoreOptions {
+    pub store: ChunkStoreOptions,
+    pub store_fingerprint: Option<String>,
+    /// The stream's `.didx`, relative to the store's prefix.
+    pub index_key: String,
+    /// Where the stream goes: a pipe's write end (the tar extractor's stdin) or a file. Owned by
+    /// the job from this call on (closed when it ends): the caller must not close it.
+    pub fd: i32,
+    /// Chunks fetched at once (default 4).
+    pub fetches: Option<u32>,
+    pub bandwidth_limit: Option<i64>,
+}
+
+#[napi(object)]
+pub struct ChunkStreamRestoreSummary {
+    pub length: i64,
+    pub written: i64,
+    pub bytes_read: i64,
+    /// The reader closed its end before the stream's end (tar stops at the end-of-archive
+    /// blocks): whether that was complete is the reader's exit status to say.
+    pub reader_closed: bool,
+    pub seconds: f64,
+}
+
+/// A running stream backup: `wait()` resolves with its summary, `cancel()` stops it.
+#[napi]
+pub struct NativeChunkStreamBackupJob {
+    cancel: CancellationToken,
+    handle: Handle<(StreamBackupSummary, u64)>,
+}
+
+/// A running stream restore: `wait()` resolves once the stream is written, `cancel()` stops it.
+#[napi]
+pub struct NativeChunkStreamRestoreJob {
+    cancel: CancellationToken,
+    handle: Handle<StreamRestoreSummary>,
+}
+
+/// Takes ownership of a file descriptor handed over by JavaScript.
+fn owned_fd(fd: i32) -> napi::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: F_GETFD only asks whether `fd` is open
+    if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(to_napi(Error::invalid_argument(format!(
+            "fd {fd} is not an open file descriptor"
+        ))));
+    }
+    // SAFETY: the caller hands the descriptor over (documented on the options): nothing else
+    // closes it from now on
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// The `.didx` at `key`; a missing one is corrupt (a manifest or the caller named it).
+async fn load_dynamic_index(objects: &dyn Objects, key: &str) -> Result<DynamicIndex> {
+    let data = objects
+        .get(key)
+        .await?
+        .ok_or_else(|| Error::corrupt(format!("index {key} is missing from the store")))?;
+    DynamicIndex::decode(key, &data)
+}
+
+fn bandwidth(v: Option<i64>) -> napi::Result<Option<u64>> {
+    match v {
+        Some(v) => Ok(Some(to_u64(v, "bandwidthLimit")?).filter(|&b| b > 0)),
+        None => Ok(None),
+    }
+}
+
+/// Starts backing up a stream (read from `options.fd` until its end) into a `.didx`.
+#[napi]
+pub fn start_chunk_stream_backup(
+    options: ChunkStreamBackupOptions,
+    on_progress: Option<ProgressFn>,
+) -> napi::Result<NativeChunkStreamBackupJob> {
+    let fd = owned_fd(options.fd)?;
+    let objects: Arc<dyn Objects> = objects(&options.store)?;
+    let bandwidth_limit = bandwidth(options.bandwidth_limit)?;
+    let key = store_key(&options.store, options.store_fingerprint.as_deref()).napi()?;
+    let cancel = CancellationToken::new();
+    let token = cancel.clone();
+    let report = reporter(on_progress);
+    let work = async move {
+        let reader = stream::fd_reader(fd)?;
+        let mut known = HashSet::new();
+        let mut previous_missing = 0;
+        if let Some(previous_key) = &options.previous_index_key {
+            let index = load_dynamic_index(&*objects, previous_key).await?;
+            let missing: HashSet<_> = backup::missing_chunks(
+                &*objects,
+                index.entries.iter().map(|e| e.1),
+                DEFAULT_CHECKS,
+                &token,
+            )
+            .await?
+            .into_iter()
+            .collect();
+            previous_missing = missing.len() as u64;
+            known = index
+                .entries
+                .iter()
+                .map(|e| e.1)
+                .filter(|d| !missing.contains(d))
+                .collect();
+        }
+        let summary = stream::backup_stream(
+            reader,
+            StreamBackupOptions {
+                objects,
+                key,
+                index_key: options.index_key,
+                known,
+                dedup_by_head: options.dedup_by_head.unwrap_or(true),
+                uploads: options.uploads.unwrap_or(0) as usize,
+                bandwidth_limit,
+                chunker: Chunker::new(),
+                cancel: token,
+                progress: Some(Box::new(report)),
+            },
+        )
+        .await?;
+        Ok((summary, previous_missing))
+    };
+    Ok(NativeChunkStreamBackupJob {
+        cancel,
+        handle: Mutex::new(Some(spawn_work(work))),
+    })
+}
+
+/// Starts writing the stream of a `.didx` into `options.fd`, chunks checked as they come.
+#[napi]
+pub fn start_chunk_stream_restore(
+    options: ChunkStreamRestoreOptions,
+    on_progress: Option<ProgressFn>,
+) -> napi::Result<NativeChunkStreamRestoreJob> {
+    let fd = owned_fd(options.fd)?;
+    let objects: Arc<dyn Objects> = objects(&options.store)?;
+    let bandwidth_limit = bandwidth(options.bandwidth_limit)?;
+    let key = store_key(&options.store, options.store_fingerprint.as_deref()).napi()?;
+    let cancel = CancellationToken::new();
+    let token = cancel.clone();
+    let work = async move {
+        let writer = stream::fd_writer(fd)?;
+        let index = tokio::select! {
+            biased;
+            _ = token.cancelled() => return Err(Error::cancelled()),
+            index = load_dynamic_index(&*objects, &options.index_key) => index?,
+        };
+        stream::restore_stream(
+            writer,
+            StreamRestoreOptions {
+                objects,
+                index,
+                index_name: options.index_key,
+                key,
+                fetches: options.fetches.unwrap_or(0) as usize,
+                bandwidth_limit,
+                cancel: token,
+                progress: Some(Box::new(reporter(on_progress))),
+            },
+        )
+        .await
+    };
+    Ok(NativeChunkStreamRestoreJob {
+        cancel,
+        handle: Mutex::new(Some(spawn_work(work))),
+    })
+}
+
+#[napi]
+impl NativeChunkStreamBackupJob {
+    /// Stops the backup (no index is written); `wait()` then rejects with `ERR_CANCELLED`.
+    #[napi]
+    pub fn cancel(&self) {
+        self.cancel.cancel();
+    }
+
+    /// The summary once every chunk and the index are stored; rejects with the error.
+    #[napi]
+    pub async fn wait(&self) -> napi::Result<ChunkStreamBackupSummary> {
+        let (s, previous_missing) = take(&self.handle).await?;
+        Ok(ChunkStreamBackupSummary {
+            length: to_js(s.length),
+            seconds: s.seconds,
+            index_key: s.index_key,
+            index_sha256: s.index_sha256,
+            index_size: to_js(s.index_size),
+            chunks: to_js(s.chunks),
+            uploaded: to_js(s.uploaded),
+            reused: to_js(s.reused),
+            bytes_uploaded: to_js(s.bytes_uploaded),
+            previous_missing: to_js(previous_missing),
+        })
+    }
+}
+
+#[napi]
+impl NativeChunkStreamRestoreJob {
+    /// Stops the restore (the writer's end is closed: the reader sees the stream end early);
+    /// `wait()` then rejects with `ERR_CANCELLED`.
+    #[napi]
+    pub fn cancel(&self) {
+        self.cancel.cancel();
+    }
+
+    /// The summary once the stream is written and its fd closed; rejects with the error.
+    #[napi]
+    pub async fn wait(&self) -> napi::Result<ChunkStreamRestoreSummary> {
+        let s = take(&self.handle).await?;
+        Ok(ChunkStreamRestoreSummary {
+            length: to_js(s.length),
+            written: to_js(s.written),
+            bytes_read: to_js(s.bytes_read),
+            reader_closed: s.reader_closed,
+            seconds: s.seconds,
+        })
+    }
+}
+
+/// A pipe `[readEnd, writeEnd]`, both close-on-exec (a child gets an end only as its stdin or
+/// stdout, where it is duplicated). Hand one end to a stream job and the other to tar.
+#[napi]
+pub fn create_pipe() -> napi::Result<Vec<i32>> {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 writes two descriptors into `fds` on success
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(to_napi(Error::io(
+            "creating a pipe",
+            std::io::Error::last_os_error(),
+        )));
+    }
+    Ok(fds.to_vec())
 }
