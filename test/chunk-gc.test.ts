@@ -24,7 +24,7 @@ import { restoreVm, runBackupJob } from '../lib/index.js';
 import { startDisk, vmGuest, type Disk } from './helpers/directory.js';
 import { expectSameBytes } from './helpers/images.js';
 import { stopAll, tempDir } from './helpers/qemu.js';
-import { startS3Cluster, type S3Cluster } from './helpers/s3-cluster.js';
+import { clusterStoreOptions, startS3Cluster, type S3Cluster } from './helpers/s3-cluster.js';
 
 const MiB = 2 ** 20;
 const CLI = path.join(import.meta.dirname, '..', 'dist', 'cli', 'main.js');
@@ -41,7 +41,7 @@ describe('chunk store garbage collection (Garage, 3 nodes)', { timeout: 300_000 
 
   beforeAll(async () => {
     cluster = await startS3Cluster();
-    base = { endpoint: cluster.endpoint, region: cluster.region, bucket: cluster.bucket, accessKeyId: cluster.accessKeyId, secretAccessKey: cluster.secretAccessKey, allowHttp: true };
+    base = clusterStoreOptions(cluster);
   }, 120_000);
   afterEach(async () => {
     await stopAll();

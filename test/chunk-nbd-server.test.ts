@@ -30,7 +30,7 @@ import { runBackupJob } from '../lib/index.js';
 import { startDisk, vmGuest } from './helpers/directory.js';
 import { expectSameBytes } from './helpers/images.js';
 import { execFileP, stopAll, tempDir } from './helpers/qemu.js';
-import { startS3Cluster, type S3Cluster } from './helpers/s3-cluster.js';
+import { clusterStoreOptions, startS3Cluster, type S3Cluster } from './helpers/s3-cluster.js';
 import { requireTool } from './helpers/tools.js';
 import { FILE_SIZE_INFO } from './helpers/pve-checks.js';
 
@@ -63,7 +63,7 @@ describe('NBD server over the chunk store (Garage, 3 nodes)', { timeout: 300_000
 
   beforeAll(async () => {
     cluster = await startS3Cluster();
-    base = { endpoint: cluster.endpoint, region: cluster.region, bucket: cluster.bucket, accessKeyId: cluster.accessKeyId, secretAccessKey: cluster.secretAccessKey, allowHttp: true };
+    base = clusterStoreOptions(cluster);
   }, 120_000);
   afterEach(async () => {
     await stopAll();

@@ -26,7 +26,7 @@ import { ChunkStore, chunkKey } from '../lib/chunk-provider/store.js';
 import { parseIdMap } from '../lib/container/idmap.js';
 import { restoreContainer, runBackupJob } from '../lib/index.js';
 import { tempDir } from './helpers/qemu.js';
-import { startS3Cluster, type S3Cluster } from './helpers/s3-cluster.js';
+import { clusterStoreOptions, startS3Cluster, type S3Cluster } from './helpers/s3-cluster.js';
 import { buildTree, requireContainerTools, snapshotTree, TEST_MAP_LINES } from './helpers/tree.js';
 
 const MiB = 2 ** 20;
@@ -60,14 +60,7 @@ describe('containers in the chunk store (Garage, 3 nodes; real tar)', { timeout:
   beforeAll(async () => {
     requireContainerTools();
     cluster = await startS3Cluster();
-    base = {
-      endpoint: cluster.endpoint,
-      region: cluster.region,
-      bucket: cluster.bucket,
-      accessKeyId: cluster.accessKeyId,
-      secretAccessKey: cluster.secretAccessKey,
-      allowHttp: true,
-    };
+    base = clusterStoreOptions(cluster);
     dir = mkdtempSync(path.join(tmpdir(), 'pbp-chunk-ct-'));
   }, 120_000);
   afterAll(async () => {

@@ -20,7 +20,7 @@ import { restoreVm, runBackupJob } from '../lib/index.js';
 import { startDisk, vmGuest, type Disk } from './helpers/directory.js';
 import { expectSameBytes, qemuIo, rawContent } from './helpers/images.js';
 import { stopAll, tempDir } from './helpers/qemu.js';
-import { startS3Cluster, type S3Cluster } from './helpers/s3-cluster.js';
+import { clusterStoreOptions, startS3Cluster, type S3Cluster } from './helpers/s3-cluster.js';
 
 const MiB = 2 ** 20;
 const CLI = path.join(import.meta.dirname, '..', 'dist', 'cli', 'main.js');
@@ -33,7 +33,7 @@ describe('chunk provider: VM backup and restore through the native chunk jobs (G
 
   beforeAll(async () => {
     cluster = await startS3Cluster();
-    base = { endpoint: cluster.endpoint, region: cluster.region, bucket: cluster.bucket, accessKeyId: cluster.accessKeyId, secretAccessKey: cluster.secretAccessKey, allowHttp: true };
+    base = clusterStoreOptions(cluster);
   }, 120_000);
   afterEach(async () => {
     await stopAll();

@@ -30,7 +30,7 @@ import { putBackup } from './helpers/chunk-store.js';
 import { startDisk, vmGuest } from './helpers/directory.js';
 import { expectSameBytes } from './helpers/images.js';
 import { stopAll, tempDir } from './helpers/qemu.js';
-import { startS3Cluster, type S3Cluster } from './helpers/s3-cluster.js';
+import { clusterStoreOptions, startS3Cluster, type S3Cluster } from './helpers/s3-cluster.js';
 
 const CLI = path.join(import.meta.dirname, '..', 'dist', 'cli', 'main.js');
 const MiB = 2 ** 20;
@@ -101,14 +101,7 @@ describe('chunk provider on S3 (Garage, 3 nodes, replication factor 3)', { timeo
 
   beforeAll(async () => {
     cluster = await startS3Cluster();
-    base = {
-      endpoint: cluster.endpoint,
-      region: cluster.region,
-      bucket: cluster.bucket,
-      accessKeyId: cluster.accessKeyId,
-      secretAccessKey: cluster.secretAccessKey,
-      allowHttp: true,
-    };
+    base = clusterStoreOptions(cluster);
     dir = mkdtempSync(path.join(tmpdir(), 'pbp-chunk-provider-'));
   }, 120_000);
   afterEach(async () => {

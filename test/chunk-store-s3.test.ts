@@ -24,7 +24,7 @@ import { S3ObjectStore, parseS3Url, readCredentialsFile, s3StoreOptions, type S3
 import { InvalidArgumentError } from '../lib/errors.js';
 import { native, type Binding } from '../lib/native.js';
 import { execFileP, nbdRead, nbdWrite, startStorageDaemon, stopAll } from './helpers/qemu.js';
-import { startS3Cluster, type S3Cluster } from './helpers/s3-cluster.js';
+import { clusterStoreOptions, startS3Cluster, type S3Cluster } from './helpers/s3-cluster.js';
 import { listedKeys, s3Request } from './helpers/s3.js';
 
 /** The rejection of `p`, failing the test if it resolves. */
@@ -65,15 +65,7 @@ describe('chunk store on S3 (Garage, 3 nodes, replication factor 3)', { timeout:
 
   beforeAll(async () => {
     cluster = await startS3Cluster();
-    base = {
-      endpoint: cluster.endpoint,
-      region: cluster.region,
-      bucket: cluster.bucket,
-      prefix: 'stores/one',
-      accessKeyId: cluster.accessKeyId,
-      secretAccessKey: cluster.secretAccessKey,
-      allowHttp: true,
-    };
+    base = clusterStoreOptions(cluster, 'stores/one');
     store = new S3ObjectStore(base);
   }, 120_000);
   afterAll(async () => {

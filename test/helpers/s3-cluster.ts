@@ -53,6 +53,14 @@ export interface S3Cluster extends S3Target {
   stop(): Promise<void>;
 }
 
+/**
+ * The chunk store's options (`S3StoreOptions`) for the cluster's bucket, plain http as the
+ * cluster serves it. (Typed here without importing lib/: benchmarks compile this file alone.)
+ */
+export function clusterStoreOptions(cluster: S3Cluster, prefix?: string): S3Target & { bucket: string; prefix?: string; allowHttp: true } {
+  return { endpoint: cluster.endpoint, region: cluster.region, bucket: cluster.bucket, ...(prefix !== undefined ? { prefix } : {}), accessKeyId: cluster.accessKeyId, secretAccessKey: cluster.secretAccessKey, allowHttp: true };
+}
+
 /** The Garage binary, or an error saying how to install it. */
 export function garageBinary(): string {
   const bin = process.env['PVE_BACKUP_GARAGE'] ?? CACHED_GARAGE;
