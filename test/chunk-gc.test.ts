@@ -126,8 +126,9 @@ describe('chunk store garbage collection (Garage, 3 nodes)', { timeout: 300_000 
     // guest 200, a clone of the same disk: a full backup that finds each chunk stored (HEAD) and
     // uploads nothing, slowed down; half-way a collection moves every chunk aside
     let collecting: Promise<GcReport> | undefined;
-    const p = provider(store, scratch, { onProgress: (x) => void (x.done >= 12 * MiB && (collecting ??= gc(store))) });
-    const clone = await backup(p, disk, scratch, 200, 6 * MiB);
+    // (early and slow enough that the run moves chunks while the backup reads, even on a busy machine)
+    const p = provider(store, scratch, { onProgress: (x) => void (x.done >= 4 * MiB && (collecting ??= gc(store))) });
+    const clone = await backup(p, disk, scratch, 200, 4 * MiB);
     const run1 = await collecting!;
     expect(run1).toMatchObject({ chunksMarked: 0, fossilized: { chunks: 8 } });
     const m = await store.readManifest(clone.volname);
