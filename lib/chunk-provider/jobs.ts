@@ -37,7 +37,7 @@ export interface ChunkDiskBackup {
   bitmap?: string;
   /** Key of the previous backup's index of this disk (incremental; its chunks checked to exist). */
   previousIndexKey?: string;
-  /** TRIM what was taken on the export (the fleecing snapshot). */
+  /** TRIM on the export (the fleecing snapshot) what the store holds: each range once its chunk is uploaded. */
   discard: boolean;
   /** Bytes per second read at most. */
   bandwidthLimit?: number;

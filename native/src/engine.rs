@@ -44,10 +44,10 @@ pub struct CopyOptions {
     pub requests_in_flight: usize,
     /// Copy-before-write cluster size of the snapshot (at least 64 KiB with QEMU).
     pub cluster_size: u64,
-    /// TRIM taken ranges on the source once the sink has them. Off by default: TRIM destroys
-    /// the source's data, which is wanted only on a fleecing snapshot (the snapshot-access
-    /// export of backup access) and never on a plain disk export. Refused when the source does
-    /// not accept TRIM.
+    /// TRIM taken ranges on the source (see [`Sink::durable_until`]). Off by default: TRIM
+    /// destroys the source's data, which is wanted only on a fleecing snapshot (the
+    /// snapshot-access export of backup access) and never on a plain disk export. Refused when
+    /// the source does not accept TRIM.
     pub discard: bool,
     /// Bytes per second read from the source; `None` = unlimited.
     pub bandwidth_limit: Option<u64>,
@@ -108,7 +108,8 @@ pub struct Summary {
 ///
 /// On success the sink is finished and every TRIM has completed. On any error or on
 /// cancellation, in-flight requests are abandoned, `sink.abort(reason)` is called and the first
-/// error is returned unchanged (a server error keeps its command, offset and errno).
+/// error is returned unchanged (a server error keeps its command, offset and errno); what the
+/// sink had not made its own (see [`Sink::durable_until`]) is not trimmed.
 pub async fn copy<S: Source>(
     sources: Vec<S>,
     sink: &mut dyn Sink,
@@ -121,8 +122,16 @@ pub async fn copy<S: Source>(
         // Not cancellable: finishing is bounded work (flush, fsync, rename into place), and
         // stopping it half-way could leave a complete-looking image behind a failed copy. A
         // failed finish is the sink's own failure: abort is not called after it (the Sink
-        // contract is one or the other).
-        Ok(summary) => sink.finish().await.map(|()| summary),
+        // contract is one or the other), nor after a TRIM that fails once it finished.
+        Ok((summary, trims)) => {
+            sink.finish().await?;
+            // The ranges the sink held back (its last uploads) are its own now.
+            let bytes_trimmed = trims.finish(&sources, cancel).await?;
+            Ok(Summary {
+                bytes_trimmed,
+                ..summary
+            })
+        }
         Err(e) => {
             let reason = if e.is_cancelled() {
                 "cancelled".to_string()
@@ -555,21 +564,74 @@ impl Reads {
     }
 }
 
-/// The TRIMs running on the source (at most `limit` at once) and the bytes those that completed
-/// discarded. A failed TRIM fails the copy.
+/// The TRIMs running on the source (at most `limit` at once), the bytes those that completed
+/// discarded, and the ranges waiting for the sink to make them its own. A failed TRIM fails the
+/// copy.
 struct Trims {
     tasks: JoinSet<Result<u64>>,
     limit: usize,
     trimmed: u64,
+    /// Discard ranges of delivered units not yet below the sink's [`Sink::durable_until`],
+    /// ascending (units are delivered in order).
+    held: VecDeque<Region>,
+    cluster_size: u64,
 }
 
 impl Trims {
-    fn new(limit: usize) -> Trims {
+    fn new(limit: usize, cluster_size: u64) -> Trims {
         Trims {
             tasks: JoinSet::new(),
             limit: limit.max(1),
             trimmed: 0,
+            held: VecDeque::new(),
+            cluster_size,
         }
+    }
+
+    /// A unit was delivered: queues its discard ranges, then starts the TRIMs of every range
+    /// queued below `durable` (the sink's [`Sink::durable_until`]; `None`: all of them).
+    async fn taken<S: Source>(
+        &mut self,
+        discard: &[Region],
+        durable: Option<u64>,
+        connections: &mut Connections<'_, S>,
+        cancel: &CancellationToken,
+    ) -> Result<()> {
+        self.held.extend(discard);
+        self.release(durable.unwrap_or(u64::MAX), connections, cancel)
+            .await
+    }
+
+    /// Starts the TRIMs of the queued ranges below `durable`. A range the watermark falls into
+    /// is cut at the cluster boundary below it (its clusters below are taken), so that
+    /// discard follows the sink's progress however long a unit is; the rest stays queued,
+    /// starting on a cluster boundary.
+    async fn release<S: Source>(
+        &mut self,
+        durable: u64,
+        connections: &mut Connections<'_, S>,
+        cancel: &CancellationToken,
+    ) -> Result<()> {
+        while let Some(front) = self.held.front_mut() {
+            let end = if front.end() <= durable {
+                front.end()
+            } else {
+                durable / self.cluster_size * self.cluster_size
+            };
+            if end <= front.offset {
+                break;
+            }
+            let offset = front.offset;
+            if end == front.end() {
+                self.held.pop_front();
+            } else {
+                front.length -= end - offset;
+                front.offset = end;
+            }
+            self.start(connections.next(), offset, end - offset, cancel)
+                .await?;
+        }
+        Ok(())
     }
 
     /// Counts a TRIM that completed.
@@ -630,8 +692,11 @@ impl Trims {
         }
     }
 
-    /// Waits for every TRIM; returns the bytes discarded in all.
-    async fn finish(mut self, cancel: &CancellationToken) -> Result<u64> {
+    /// The sink finished, so every range is taken: starts the TRIMs still queued and waits for
+    /// every TRIM; returns the bytes discarded in all.
+    async fn finish<S: Source>(mut self, sources: &[S], cancel: &CancellationToken) -> Result<u64> {
+        let mut connections = Connections { sources, next: 0 };
+        self.release(u64::MAX, &mut connections, cancel).await?;
         self.wait_until(0, cancel).await?;
         Ok(self.trimmed)
     }
@@ -708,14 +773,16 @@ impl Reporter<'_> {
 }
 
 /// The copy without the sink's last step: check, plan, then per unit in order wait for its
-/// reads, deliver it to the sink and TRIM what the sink took; finally wait for every TRIM.
+/// reads, deliver it to the sink and TRIM what the sink took; finally wait for every TRIM
+/// started. Returns the summary without `bytes_trimmed` and the ranges the sink still holds
+/// back, to trim once it finished.
 async fn run<S: Source>(
     sources: &[S],
     sink: &mut dyn Sink,
     options: &CopyOptions,
     progress: &(dyn Fn(Progress) + Send + Sync),
     cancel: &CancellationToken,
-) -> Result<Summary> {
+) -> Result<(Summary, Trims)> {
     let started = Instant::now();
     let max_request = check_options(sources, options)?;
     let Planned {
@@ -731,7 +798,7 @@ async fn run<S: Source>(
     let hole_granularity = sink.hole_granularity().max(1);
     let mut connections = Connections { sources, next: 0 };
     let mut reads = Reads::new(plan.units, options, max_request)?;
-    let mut trims = Trims::new(options.requests_in_flight);
+    let mut trims = Trims::new(options.requests_in_flight, options.cluster_size);
     let mut done = 0u64;
     let mut bytes_zero_detected = 0u64;
 
@@ -749,34 +816,38 @@ async fn run<S: Source>(
         done += pending.unit.read_bytes() + pending.unit.zero_bytes();
         reads.delivered(&pending);
 
-        // The sink has taken the whole unit: its clusters may go.
+        // The sink has the whole unit: its clusters may go once they are taken.
         if options.discard {
-            for d in &pending.unit.discard {
-                trims
-                    .start(connections.next(), d.offset, d.length, cancel)
-                    .await?;
-            }
+            trims
+                .taken(
+                    &pending.unit.discard,
+                    sink.durable_until(),
+                    &mut connections,
+                    cancel,
+                )
+                .await?;
         }
         trims.reap()?;
         reporter.tick(done);
     }
 
-    // Every TRIM must have completed before the copy counts as done.
-    let bytes_trimmed = trims.finish(cancel).await?;
+    // Every TRIM started must have completed before the sink finishes.
+    trims.wait_until(0, cancel).await?;
     reporter.report(done);
 
-    Ok(Summary {
+    let summary = Summary {
         bytes_total: plan.size,
         bytes_read: plan.bytes_read,
         bytes_zero: plan.bytes_zero,
         bytes_zero_detected,
         bytes_skipped: plan.bytes_skipped,
-        bytes_trimmed,
+        bytes_trimmed: 0,
         extents: plan.extents,
         seconds: started.elapsed().as_secs_f64(),
         connections: sources.len(),
         allocation_fallback,
-    })
+    };
+    Ok((summary, trims))
 }
 
 #[cfg(test)]

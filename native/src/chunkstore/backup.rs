@@ -32,7 +32,8 @@ pub struct BackupOptions {
     pub key: Option<Arc<StoreKey>>,
     /// From `store.json` (0: 4 MiB).
     pub chunk_size: u32,
-    /// TRIM on the source what the sink has taken (a fleecing snapshot only).
+    /// TRIM on the source what the store holds, each range once its chunk is uploaded (a
+    /// fleecing snapshot only).
     pub discard: bool,
     /// Bytes per second read from the source.
     pub bandwidth_limit: Option<u64>,

@@ -9,10 +9,14 @@
 //! buffer: memory stays within about (`uploads` + 1) × `chunk_size` (plus an encoded copy per
 //! upload). `finish` waits for every upload, then writes the `.fidx` object.
 //!
-//! **Taken.** A range is taken (the engine may then TRIM it on the source) when it is in the
-//! chunk buffer, before the chunk is uploaded. Any later failure of the upload fails the whole
-//! backup: the next call or `finish` returns it, the caller then writes no manifest, and the
-//! backup does not exist (its chunks already uploaded are garbage for the next collection).
+//! **Taken.** `write_at` and `zero` return once the range is in the chunk buffer, but a range is
+//! taken (the engine may then TRIM it on the source) only once its chunk is stored: uploaded
+//! (or found in the store), all zero, or unchanged from the previous backup.
+//! [`Sink::durable_until`] reports the start of the lowest chunk not stored yet (the disk's end
+//! once all are), so discard follows the uploads while they keep running concurrently with the
+//! copy. A failed upload fails the whole backup: the next call or `finish` returns it, its chunk
+//! and everything after it stay untrimmed, the caller writes no manifest, and the backup does
+//! not exist (its chunks already uploaded are garbage for the next collection).
 //!
 //! **Incremental.** Chunks the engine never touches take their digest from the previous
 //! backup's index (`previous`). That is exact only when every chunk holding a dirty byte is
@@ -31,12 +35,13 @@
 //! bytes of the previous backup's chunk (fetched, decoded and checked), which are exactly the
 //! clean bytes, since the bitmap records every write since that backup.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::format::{chunk_key, decode_chunk, encode_chunk, FixedIndex, ZERO_DIGEST};
@@ -148,8 +153,9 @@ pub struct ChunkSummary {
 pub struct ChunkUploader {
     objects: Arc<dyn Objects>,
     key: Option<Arc<StoreKey>>,
-    /// Known to exist, or being uploaded by this run.
-    known: Mutex<HashSet<Digest>>,
+    /// Known to exist (`None`), or being stored by a task of this run: it exists once that
+    /// task's channel says `true` (closed without: the task failed).
+    known: Mutex<HashMap<Digest, Option<watch::Receiver<bool>>>>,
     dedup_by_head: bool,
 }
 
@@ -158,7 +164,7 @@ pub struct ChunkUploader {
 pub enum Stored {
     /// Encoded and put: `stored` bytes of object for `plain` bytes of content.
     Uploaded { stored: u64, plain: u64 },
-    /// The store has it already (known, sent earlier in this run, or found by `head`).
+    /// The store has it already (known, sent by another task of this run, or found by `head`).
     Reused,
 }
 
@@ -174,7 +180,7 @@ impl ChunkUploader {
         ChunkUploader {
             objects,
             key,
-            known: Mutex::new(known),
+            known: Mutex::new(known.into_iter().map(|d| (d, None)).collect()),
             dedup_by_head,
         }
     }
@@ -186,29 +192,63 @@ impl ChunkUploader {
 
     /// Stores the chunk of plain content `data` named `digest` (computed by the caller with
     /// [`key::digest`] under this store's key), unless the store has it. Returns when the store
-    /// acknowledged the upload.
+    /// acknowledged the upload (this one's, or that of another task storing the same content).
     pub async fn store(&self, digest: Digest, data: Vec<u8>) -> Result<Stored> {
-        let first = self
-            .known
-            .lock()
-            .map_err(|_| Error::sink("chunk set poisoned"))?
-            .insert(digest);
-        if !first {
-            return Ok(Stored::Reused);
-        }
+        // Ok: this task stores it, and says so on the channel; Err: another task does.
+        let claim = {
+            let mut known = self.lock_known()?;
+            match known.get(&digest) {
+                Some(None) => return Ok(Stored::Reused),
+                Some(Some(other)) => Err(other.clone()),
+                None => {
+                    let (tx, rx) = watch::channel(false);
+                    known.insert(digest, Some(rx));
+                    Ok(tx)
+                }
+            }
+        };
+        let stored_tx = match claim {
+            Ok(tx) => tx,
+            Err(mut other) => {
+                // Another task of this run stores the same content: this chunk is stored when
+                // that one is (the sink discards a chunk's range on the source only then).
+                drop(data);
+                return match other.wait_for(|&stored| stored).await {
+                    Ok(_) => Ok(Stored::Reused),
+                    Err(_) => Err(Error::store_unavailable(format!(
+                        "storing chunk {} failed",
+                        key::hex(&digest)
+                    ))),
+                };
+            }
+        };
         let name = chunk_key(&digest);
-        if self.dedup_by_head && self.objects.head(&name).await?.is_some() {
-            return Ok(Stored::Reused);
-        }
-        let key = self.key.clone();
-        let plain = data.len() as u64;
-        let object =
-            tokio::task::spawn_blocking(move || encode_chunk(&data, &digest, key.as_deref()))
-                .await
-                .map_err(|e| Error::sink(format!("encoding chunk {}: {e}", key::hex(&digest))))??;
-        let stored = object.len() as u64;
-        self.objects.put(&name, Bytes::from(object)).await?;
-        Ok(Stored::Uploaded { stored, plain })
+        let outcome = if self.dedup_by_head && self.objects.head(&name).await?.is_some() {
+            Stored::Reused
+        } else {
+            let key = self.key.clone();
+            let plain = data.len() as u64;
+            let object =
+                tokio::task::spawn_blocking(move || encode_chunk(&data, &digest, key.as_deref()))
+                    .await
+                    .map_err(|e| {
+                        Error::sink(format!("encoding chunk {}: {e}", key::hex(&digest)))
+                    })??;
+            let stored = object.len() as u64;
+            self.objects.put(&name, Bytes::from(object)).await?;
+            Stored::Uploaded { stored, plain }
+        };
+        self.lock_known()?.insert(digest, None);
+        let _ = stored_tx.send(true);
+        Ok(outcome)
+    }
+
+    fn lock_known(
+        &self,
+    ) -> Result<std::sync::MutexGuard<'_, HashMap<Digest, Option<watch::Receiver<bool>>>>> {
+        self.known
+            .lock()
+            .map_err(|_| Error::sink("chunk set poisoned"))
     }
 }
 
@@ -255,6 +295,11 @@ pub struct ChunkSink {
     /// End of the last range taken.
     position: u64,
     tasks: JoinSet<Result<(u64, Digest, Outcome)>>,
+    /// Chunks whose upload task started and has not succeeded yet (one that failed stays): at
+    /// most `uploads`, below `current` and `next_chunk`. A chunk that ends as `Reused` because an
+    /// earlier chunk of this run is uploading the same content leaves while that one stays, so
+    /// the lowest still bounds what is stored.
+    uploading: BTreeSet<u64>,
     summary: ChunkSummary,
     finished: bool,
 }
@@ -293,6 +338,7 @@ impl ChunkSink {
             next_chunk: 0,
             position: 0,
             tasks: JoinSet::new(),
+            uploading: BTreeSet::new(),
             summary: ChunkSummary {
                 chunks: n as u64,
                 ..Default::default()
@@ -447,6 +493,7 @@ impl ChunkSink {
                 self.settle(joined)?;
             }
         }
+        self.uploading.insert(cur.index);
         self.tasks
             .spawn(upload(self.shared.clone(), cur.index, data, fill));
         Ok(())
@@ -470,6 +517,7 @@ impl ChunkSink {
         let (i, digest, outcome) =
             joined.map_err(|e| Error::sink(format!("a chunk upload task failed: {e}")))??;
         self.digests[i as usize] = Some(digest);
+        self.uploading.remove(&i);
         match outcome {
             Outcome::Stored(Stored::Uploaded { stored, plain }) => {
                 self.summary.uploaded += 1;
@@ -557,6 +605,18 @@ impl Sink for ChunkSink {
 
     async fn zero(&mut self, offset: u64, length: u64) -> Result<()> {
         self.take(offset, length, None).await
+    }
+
+    /// The start of the lowest chunk not stored yet: one uploading (or whose upload failed),
+    /// else the one being assembled, else the first not handed over. Uploads that completed
+    /// count once settled, at the next call (it settles them first).
+    fn durable_until(&self) -> Option<u64> {
+        let lowest = match (self.uploading.first(), &self.current) {
+            (Some(&i), _) => i,
+            (None, Some(cur)) => cur.index,
+            (None, None) => self.next_chunk,
+        };
+        Some(lowest.saturating_mul(self.chunk_size).min(self.size))
     }
 
     /// Uploads are acknowledged by the store when their task ends; nothing else to flush.

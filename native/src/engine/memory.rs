@@ -56,7 +56,10 @@ impl Default for Config {
 #[derive(Debug, Default)]
 pub struct Log {
     pub reads: Vec<(u64, u32)>,
+    /// Trims completed.
     pub trims: Vec<(u64, u64)>,
+    /// Trims sent (completed or not).
+    pub trims_started: Vec<(u64, u64)>,
     pub block_status: Vec<(u64, u64, String)>,
     /// Cluster-aligned spans of reads and trims in flight, with an id.
     in_flight: Vec<(u64, u64, u64)>,
@@ -145,6 +148,10 @@ impl MemorySource {
         self.log.lock().unwrap().trims.clone()
     }
 
+    pub fn trims_started(&self) -> Vec<(u64, u64)> {
+        self.log.lock().unwrap().trims_started.clone()
+    }
+
     /// Requests in flight right now.
     pub fn in_flight(&self) -> usize {
         self.log.lock().unwrap().in_flight.len()
@@ -207,6 +214,11 @@ impl Source for MemorySource {
         if !self.config.can_trim || length == 0 || offset + length > self.size() {
             return Err(einval("TRIM", offset, length));
         }
+        self.log
+            .lock()
+            .unwrap()
+            .trims_started
+            .push((offset, length));
         let _guard = self.enter(offset, length);
         match self.config.trim_delay {
             Some(d) => tokio::time::sleep(d).await,

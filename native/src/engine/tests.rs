@@ -750,3 +750,160 @@ async fn more_requests_go_to_small_units_within_the_same_buffer_budget() {
     let small = reads_in_flight(Some(dirty), 64 * M).await;
     assert!((17..=32).contains(&small), "small units in flight: {small}");
 }
+
+/// A sink that makes ranges its own `lag` bytes behind what it was handed (as the chunk sink's
+/// uploads do) and checks at every call that no TRIM was sent beyond what it had reported.
+struct LaggingSink {
+    inner: VecSink,
+    lag: u64,
+    /// End of the last range handed over.
+    position: u64,
+    probe: MemorySource,
+    fail_finish: bool,
+    /// The trims sent when `finish` was called.
+    trims_at_finish: Option<Vec<(u64, u64)>>,
+}
+
+impl LaggingSink {
+    fn new(probe: &MemorySource, lag: u64) -> Self {
+        LaggingSink {
+            inner: VecSink::new(probe.size(), 0xEE),
+            lag,
+            position: 0,
+            probe: probe.clone(),
+            fail_finish: false,
+            trims_at_finish: None,
+        }
+    }
+
+    fn durable(&self) -> u64 {
+        self.position.saturating_sub(self.lag)
+    }
+
+    /// Every trim sent so far lies below the watermark the engine last saw.
+    fn check_trims(&self) -> Vec<(u64, u64)> {
+        let sent = self.probe.trims_started();
+        for &(o, l) in &sent {
+            assert!(
+                o + l <= self.durable(),
+                "trim {o}+{l} sent while only {} was durable",
+                self.durable()
+            );
+        }
+        sent
+    }
+}
+
+#[async_trait]
+impl Sink for LaggingSink {
+    async fn write_at(&mut self, offset: u64, data: Bytes) -> crate::error::Result<()> {
+        self.check_trims();
+        self.position = offset + data.len() as u64;
+        self.inner.write_at(offset, data).await
+    }
+    async fn zero(&mut self, offset: u64, length: u64) -> crate::error::Result<()> {
+        self.check_trims();
+        self.position = offset + length;
+        self.inner.zero(offset, length).await
+    }
+    fn durable_until(&self) -> Option<u64> {
+        Some(self.durable())
+    }
+    async fn flush(&mut self) -> crate::error::Result<()> {
+        Ok(())
+    }
+    async fn finish(&mut self) -> crate::error::Result<()> {
+        self.trims_at_finish = Some(self.check_trims());
+        if self.fail_finish {
+            return Err(Error::sink("injected finish failure"));
+        }
+        self.inner.finish().await
+    }
+    async fn abort(&mut self, reason: &str) {
+        self.inner.abort(reason).await
+    }
+}
+
+#[tokio::test]
+async fn trims_follow_the_sinks_watermark_and_the_rest_its_finish() {
+    // The watermark lags 1 MiB + 4 KiB + 5 behind: never on a cluster boundary.
+    let size = 6 * M + 777;
+    let data = content(size, 21, &[r(1 * M, 1 * M)]);
+    let src = MemorySource::new(data.clone(), Config::default());
+    let mut sink = LaggingSink::new(&src, 1 * M + 4 * K + 5);
+    let options = CopyOptions {
+        max_request: 512 * 1024,
+        discard: true,
+        ..CopyOptions::default()
+    };
+    let s = run(&src, 2, &mut sink, &options).await.unwrap();
+    assert_eq!(sink.inner.image, data);
+    // Trims ran while copying, within the watermark (checked at every call and at finish)...
+    let before = sink.trims_at_finish.expect("finished");
+    assert_eq!(merged(before.iter().copied()), vec![(0, 5 * M - 64 * K)]);
+    // ... and the rest once the sink finished: every byte, as without a watermark.
+    assert_eq!(merged(src.trims()), vec![(0, size)]);
+    assert_eq!(s.bytes_trimmed, size);
+    assert_trims_aligned(&src, 64 * K);
+    assert_eq!(src.overlaps(), 0);
+}
+
+#[tokio::test]
+async fn incremental_trims_behind_a_watermark_are_the_same_in_the_end() {
+    let size = 6 * M + 1000;
+    let dirty = scattered_dirty(size);
+    let config = Config {
+        dirty: Some(dirty.clone()),
+        ..Config::default()
+    };
+    let src = MemorySource::new(content(size, 22, &[r(2 * M, 1 * M)]), config);
+    let mut sink = LaggingSink::new(&src, 2 * M + 100);
+    let options = CopyOptions {
+        bitmap: Some("backup".into()),
+        discard: true,
+        ..CopyOptions::default()
+    };
+    let s = run(&src, 3, &mut sink, &options).await.unwrap();
+    let taken: Vec<(u64, u64)> = dirty.iter().map(|d| (d.offset, d.length)).collect();
+    let expected = inward(&taken, 64 * K, size);
+    assert_eq!(merged(src.trims()), expected);
+    assert_eq!(s.bytes_trimmed, expected.iter().map(|e| e.1).sum::<u64>());
+    assert_trims_aligned(&src, 64 * K);
+    assert_eq!(src.overlaps(), 0);
+}
+
+#[tokio::test]
+async fn nothing_is_trimmed_before_a_sink_that_stores_only_in_finishing() {
+    let size = 3 * M + 5;
+    let src = MemorySource::new(content(size, 23, &[]), Config::default());
+    let mut sink = LaggingSink::new(&src, u64::MAX);
+    let options = CopyOptions {
+        max_request: 256 * 1024,
+        discard: true,
+        ..CopyOptions::default()
+    };
+    let s = run(&src, 2, &mut sink, &options).await.unwrap();
+    assert_eq!(sink.trims_at_finish, Some(vec![]));
+    assert_eq!(merged(src.trims()), vec![(0, size)]);
+    assert_eq!(s.bytes_trimmed, size);
+    assert_eq!(src.in_flight(), 0);
+}
+
+#[tokio::test]
+async fn a_failed_finish_leaves_what_the_sink_held_back_untrimmed() {
+    let size = 4 * M;
+    let src = MemorySource::new(content(size, 24, &[]), Config::default());
+    let mut sink = LaggingSink::new(&src, 1 * M);
+    sink.fail_finish = true;
+    let options = CopyOptions {
+        max_request: 256 * 1024,
+        discard: true,
+        ..CopyOptions::default()
+    };
+    let err = run(&src, 2, &mut sink, &options).await.unwrap_err();
+    assert_eq!(err.to_string(), "injected finish failure");
+    // Abort is not called after a failed finish; nothing was trimmed after it.
+    assert!(sink.inner.aborted.is_none());
+    assert_eq!(sink.trims_at_finish, Some(src.trims_started()));
+    assert_eq!(merged(src.trims()), vec![(0, 3 * M)]);
+}

@@ -51,7 +51,7 @@ pub struct ChunkBackupOptions {
     pub bitmap: Option<String>,
     /// From `store.json` (default 4 MiB).
     pub chunk_size: Option<u32>,
-    /// TRIM what the store has taken (a fleecing snapshot only).
+    /// TRIM what the store holds, each range once its chunk is uploaded (a fleecing snapshot only).
     pub discard: Option<bool>,
     pub bandwidth_limit: Option<i64>,
     /// Ask the store for chunks not known to exist before uploading (dedup by hash).

@@ -20,9 +20,10 @@ use crate::error::Result;
 /// A destination for the extents of one export.
 ///
 /// The engine calls these methods from one task, one at a time, in ascending offset order, with
-/// ranges that never overlap. A range is "taken" when the call returns `Ok`: only then may the
-/// engine discard it on the source export, so a sink must not return before it can guarantee
-/// the data is its own (written to its file, handed to its consumer).
+/// ranges that never overlap. A range is "taken" when the call returns `Ok` and it lies below
+/// [`Sink::durable_until`]: only then may the engine discard it on the source export, so a sink
+/// must not count a range as taken before it can guarantee the data is its own (written to its
+/// file, handed to its consumer, stored by its uploads).
 #[async_trait]
 pub trait Sink: Send {
     /// Store `data` at `offset`. `data` is never empty and never all zero when zero detection is on.
@@ -39,6 +40,17 @@ pub trait Sink: Send {
     /// a copy of the previous full image) must overwrite or punch the old content; a sink
     /// writing a fresh sparse target may leave a hole.
     async fn zero(&mut self, offset: u64, length: u64) -> Result<()>;
+
+    /// Where the ranges this sink has made its own end, for a sink that returns from `write_at`
+    /// and `zero` before that (uploads still running): every range handed over below this offset
+    /// is taken. It only grows, and never passes a range the sink failed to store (the failure
+    /// surfaces from a later call or from `finish`). After `finish` succeeded every range is
+    /// taken. `None` (the default): a range is taken as soon as its call returns `Ok`.
+    ///
+    /// Asked once per unit the engine delivers (with discard on): it must be O(1).
+    fn durable_until(&self) -> Option<u64> {
+        None
+    }
 
     /// Make everything taken so far durable (fsync, upload commit). May be a no-op.
     async fn flush(&mut self) -> Result<()>;

@@ -566,3 +566,239 @@ async fn chunks_dirty_in_part_are_completed_from_the_previous_backup() -> Result
     assert!(index(&store).is_err());
     Ok(())
 }
+
+#[tokio::test]
+async fn durable_until_is_the_lowest_chunk_not_stored() -> Result<()> {
+    let cs = CS as u64;
+    let size = 6 * cs + 1000; // 7 chunks, the last short
+    let store = slow(); // puts take 30 ms
+    let mut sink = ChunkSink::new(slow_options(&store, size, 2))?;
+    assert_eq!(sink.durable_until(), Some(0));
+    // zero chunks are stored at once
+    sink.zero(0, 2 * cs).await?;
+    assert_eq!(sink.durable_until(), Some(2 * cs));
+    // a data chunk is not, until its upload completed; nor is the chunk being assembled
+    sink.write_at(2 * cs, Bytes::from(vec![1u8; CSU])).await?;
+    sink.zero(3 * cs, cs / 2).await?;
+    assert_eq!(sink.durable_until(), Some(2 * cs));
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // the next call settles the upload
+    sink.zero(3 * cs + cs / 2, cs / 2).await?;
+    assert_eq!(sink.durable_until(), Some(4 * cs));
+    sink.write_at(4 * cs, Bytes::from(vec![2u8; CSU])).await?;
+    sink.zero(5 * cs, size - 5 * cs).await?;
+    assert_eq!(sink.durable_until(), Some(4 * cs));
+    sink.finish().await?;
+    assert_eq!(sink.durable_until(), Some(size));
+
+    // chunks unchanged since the previous backup are stored already
+    let previous = FixedIndex {
+        size,
+        chunk_size: CS,
+        digests: vec![[7u8; 32]; 7],
+    };
+    let mut opts = slow_options(&store, size, 2);
+    opts.previous = Some(previous);
+    let mut sink = ChunkSink::new(opts)?;
+    sink.write_at(3 * cs, Bytes::from(vec![3u8; CSU])).await?;
+    assert_eq!(sink.durable_until(), Some(3 * cs));
+    sink.finish().await?;
+    assert_eq!(sink.durable_until(), Some(size));
+    Ok(())
+}
+
+/// A store whose puts take 20 ms and fail for chunk `fail`, checking as each chunk's upload
+/// completes that no TRIM was sent on its range before.
+struct WatchedObjects {
+    inner: MemoryObjects,
+    source: MemorySource,
+    /// Chunk index by object key.
+    chunks: std::collections::HashMap<String, u64>,
+    fail: Option<u64>,
+    /// (chunk, trim) for each trim sent on a chunk before its upload completed.
+    early: std::sync::Mutex<Vec<(u64, (u64, u64))>>,
+    /// Most trims sent when an upload completed.
+    trims_seen: std::sync::atomic::AtomicUsize,
+}
+
+impl WatchedObjects {
+    fn new(source: &MemorySource, fail: Option<u64>) -> Arc<WatchedObjects> {
+        let data = &source.data;
+        let chunks = data
+            .chunks(CSU)
+            .enumerate()
+            .filter(|(_, c)| !is_zero(c))
+            .map(|(i, c)| (chunk_key(&key::digest(None, c)), i as u64))
+            .collect();
+        Arc::new(WatchedObjects {
+            inner: MemoryObjects::new(),
+            source: source.clone(),
+            chunks,
+            fail,
+            early: Default::default(),
+            trims_seen: Default::default(),
+        })
+    }
+}
+
+#[async_trait]
+impl Objects for WatchedObjects {
+    async fn put(&self, key: &str, data: Bytes) -> Result<()> {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        if let Some(&i) = self.chunks.get(key) {
+            let (start, end) = (i * CS as u64, (i + 1) * CS as u64);
+            let sent = self.source.trims_started();
+            self.trims_seen
+                .fetch_max(sent.len(), std::sync::atomic::Ordering::SeqCst);
+            let mut early = self.early.lock().map_err(|_| Error::sink("poisoned"))?;
+            for (o, l) in sent {
+                if o < end && start < o + l {
+                    early.push((i, (o, l)));
+                }
+            }
+            if self.fail == Some(i) {
+                return Err(Error::store_unavailable(format!(
+                    "put of chunk {i} (injected)"
+                )));
+            }
+        }
+        self.inner.put(key, data).await
+    }
+    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        self.inner.get(key).await
+    }
+    async fn head(&self, key: &str) -> Result<Option<super::super::ObjectMeta>> {
+        self.inner.head(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<super::super::ObjectMeta>> {
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, key: &str) -> Result<()> {
+        self.inner.delete(key).await
+    }
+    async fn copy(&self, from: &str, to: &str) -> Result<bool> {
+        self.inner.copy(from, to).await
+    }
+}
+
+/// Backs `data` up with discard through the engine into a [`WatchedObjects`] store.
+async fn backup_discarding(
+    data: Vec<u8>,
+    fail: Option<u64>,
+) -> (Result<engine::Summary>, MemorySource, Arc<WatchedObjects>) {
+    let size = data.len() as u64;
+    let source = MemorySource::new(data, Config::default());
+    let store = WatchedObjects::new(&source, fail);
+    let mut opts = options(&Arc::new(MemoryObjects::new()), size);
+    let objects: Arc<dyn Objects> = store.clone();
+    opts.objects = objects;
+    opts.uploads = 3;
+    let sink = ChunkSink::new(opts);
+    let copy = CopyOptions {
+        max_request: 48 << 10, // units that straddle chunk boundaries
+        discard: true,
+        ..CopyOptions::default()
+    };
+    let result = match sink {
+        Ok(mut sink) => {
+            engine::copy(
+                vec![source.clone()],
+                &mut sink,
+                &copy,
+                &|_| {},
+                &CancellationToken::new(),
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    };
+    (result, source, store)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_is_trimmed_only_after_its_chunk_is_uploaded() -> Result<()> {
+    let data = disk(24, &[5, 6, 13]);
+    let size = data.len() as u64;
+    let (result, source, store) = backup_discarding(data, None).await;
+    let s = result?;
+    let early = store.early.lock().map(|e| e.clone()).unwrap_or_default();
+    assert!(early.is_empty(), "trimmed before uploaded: {early:?}");
+    // discard ran during the copy, not only at its end...
+    assert!(store.trims_seen.load(std::sync::atomic::Ordering::SeqCst) > 0);
+    // ... and in the end covers every byte, as before
+    let mut trims = source.trims();
+    trims.sort_unstable();
+    let mut end = 0;
+    for (o, l) in trims {
+        assert_eq!(o, end, "trims leave a gap or overlap");
+        end = o + l;
+    }
+    assert_eq!((end, s.bytes_trimmed), (size, size));
+    assert_eq!(source.overlaps(), 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_upload_leaves_its_chunk_and_the_rest_untrimmed() -> Result<()> {
+    let (result, source, store) = backup_discarding(disk(24, &[]), Some(8)).await;
+    assert_eq!(
+        result.err().map(|e| e.code()),
+        Some("ERR_STORE_UNAVAILABLE")
+    );
+    let early = store.early.lock().map(|e| e.clone()).unwrap_or_default();
+    assert!(early.is_empty(), "trimmed before uploaded: {early:?}");
+    let trims = source.trims_started();
+    assert!(!trims.is_empty());
+    for (o, l) in trims {
+        assert!(
+            o + l <= 8 * CS as u64,
+            "trim {o}+{l} at or after the failed chunk"
+        );
+    }
+    assert!(store
+        .inner
+        .get("backups/100/vm-1/drive-scsi0.fidx")
+        .await?
+        .is_none());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_chunk_another_task_stores_is_reused_only_once_that_upload_completed() -> Result<()> {
+    let data = vec![9u8; 1000];
+    let digest = key::digest(None, &data);
+    for fail in [false, true] {
+        let store = slow(); // puts take 30 ms
+        if fail {
+            store.inner.fail_puts_after(0);
+        }
+        let uploader = ChunkUploader::new(store.clone(), None, HashSet::new(), false);
+        let (uploader, puts) = (&uploader, &store.inner);
+        let store_one = |data: Vec<u8>| async move {
+            let r = uploader.store(digest, data).await;
+            (r.map_err(|e| e.code()), puts.puts())
+        };
+        let (a, b) = tokio::join!(store_one(data.clone()), store_one(data.clone()));
+        if fail {
+            let err = Err("ERR_STORE_UNAVAILABLE");
+            assert_eq!((a.0, b.0), (err, err));
+            continue;
+        }
+        assert_eq!(
+            (a.1, b.1),
+            (1, 1),
+            "both return once the one upload completed"
+        );
+        let outcomes = [a.0, b.0];
+        let uploaded = outcomes
+            .iter()
+            .filter(|o| matches!(o, Ok(Stored::Uploaded { plain: 1000, .. })))
+            .count();
+        let reused = outcomes
+            .iter()
+            .filter(|o| matches!(o, Ok(Stored::Reused)))
+            .count();
+        assert_eq!((uploaded, reused), (1, 1));
+    }
+    Ok(())
+}
