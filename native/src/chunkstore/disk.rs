@@ -17,9 +17,9 @@ use bytes::{Bytes, BytesMut};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use tokio::sync::Semaphore;
 
-use super::format::{chunk_key, decode_chunk, FixedIndex, ZERO_DIGEST};
+use super::format::{FixedIndex, ZERO_DIGEST};
 use super::key::StoreKey;
-use super::{get_chunk, Objects};
+use super::{fetch_chunk, Objects};
 use crate::error::{Error, Result};
 use crate::nbd::server::ReadOnlyDisk;
 use crate::source::{Extent, FLAG_HOLE, FLAG_ZERO};
@@ -210,29 +210,16 @@ async fn fetch(source: Arc<Source>, i: u64) -> Result<Bytes, Arc<Error>> {
             .map_err(|_| Error::cancelled())?;
         let digest = source.index.digests[i as usize];
         let (start, end) = source.index.chunk_range(i);
-        let name = chunk_key(&digest);
-        let Some(object) = get_chunk(source.objects.as_ref(), &digest).await? else {
-            return Err(Error::corrupt(format!(
-                "{name} is missing (chunk {i} of {})",
-                source.index_name
-            )));
-        };
-        let s = source.clone();
-        tokio::task::spawn_blocking(move || {
-            // the error names the chunk object; its code says what is wrong (corrupt, key)
-            let plain = decode_chunk(&object, &digest, s.key.as_deref())?;
-            if plain.len() as u64 != end - start {
-                return Err(Error::corrupt(format!(
-                    "{name} holds {} bytes, chunk {i} of {} is {}",
-                    plain.len(),
-                    s.index_name,
-                    end - start
-                )));
-            }
-            Ok(Bytes::from(plain))
-        })
-        .await
-        .map_err(|e| Error::sink(format!("decoding chunk {i}: {e}")))?
+        let (plain, _) = fetch_chunk(
+            source.objects.as_ref(),
+            digest,
+            end - start,
+            source.key.clone(),
+            None,
+            format!("chunk {i} of {}", source.index_name),
+        )
+        .await?;
+        Ok(Bytes::from(plain))
     };
     run.await.map_err(Arc::new)
 }

@@ -145,3 +145,34 @@ impl Objects for MemoryObjects {
         Ok(true)
     }
 }
+
+#[cfg(test)]
+impl MemoryObjects {
+    /// Stores the disk `data` as the backup sink does (chunks of `chunk_size`, keyed digests
+    /// with `k`, all-zero chunks not stored) and returns its index: the fixture of the readers'
+    /// tests (restore, the NBD server's disk).
+    pub async fn put_disk(
+        &self,
+        data: &[u8],
+        chunk_size: u32,
+        k: Option<&super::key::StoreKey>,
+    ) -> Result<super::format::FixedIndex> {
+        use super::format::{chunk_key, encode_chunk, FixedIndex, ZERO_DIGEST};
+        let mut digests = Vec::new();
+        for c in data.chunks(chunk_size as usize) {
+            if crate::zero::is_zero(c) {
+                digests.push(ZERO_DIGEST);
+                continue;
+            }
+            let d = super::key::digest(k, c);
+            self.put(&chunk_key(&d), Bytes::from(encode_chunk(c, &d, k)?))
+                .await?;
+            digests.push(d);
+        }
+        Ok(FixedIndex {
+            size: data.len() as u64,
+            chunk_size,
+            digests,
+        })
+    }
+}

@@ -19,10 +19,13 @@ pub mod sink;
 pub mod stream;
 pub mod verify;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::ratelimit::RateLimiter;
 
 /// One object of a listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +76,45 @@ pub async fn get_chunk(objects: &dyn Objects, digest: &key::Digest) -> Result<Op
         }
     }
     Ok(None)
+}
+
+/// A chunk a reader needs, whole and checked: fetched through [`get_chunk`] (a fossil too), the
+/// bytes fetched paid to `limiter`, then decoded off the runtime (header, tag, digest) and its
+/// plain length checked against `len`. `what` names it in errors (`chunk 3 of <index>`); a
+/// missing or damaged chunk is `ERR_BACKUP_CORRUPT` naming its object, a wrong key the key's
+/// code. Returns the plain content and the bytes fetched. Restore, the stream restore and the
+/// NBD server's disk read chunks through this; verify, which reports instead of failing, uses
+/// [`get_chunk`] and `decode_chunk` itself.
+pub async fn fetch_chunk(
+    objects: &dyn Objects,
+    digest: key::Digest,
+    len: u64,
+    key: Option<Arc<key::StoreKey>>,
+    limiter: Option<&RateLimiter>,
+    what: String,
+) -> Result<(Vec<u8>, u64)> {
+    let name = format::chunk_key(&digest);
+    let Some(object) = get_chunk(objects, &digest).await? else {
+        return Err(Error::corrupt(format!("{name} is missing ({what})")));
+    };
+    let read = object.len() as u64;
+    if let Some(l) = limiter {
+        l.acquire(read).await;
+    }
+    let failed = format!("decoding {name}");
+    tokio::task::spawn_blocking(move || {
+        // the error names the chunk object; its code says what is wrong (corrupt, key)
+        let plain = format::decode_chunk(&object, &digest, key.as_deref())?;
+        if plain.len() as u64 != len {
+            return Err(Error::corrupt(format!(
+                "{name} holds {} bytes, {what} is {len}",
+                plain.len()
+            )));
+        }
+        Ok((plain, read))
+    })
+    .await
+    .map_err(|e| Error::sink(format!("{failed}: {e}")))?
 }
 
 /// The fixed index stored at `key`, decoded (and so checked); a missing one is corrupt (a

@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::format::{chunk_key, decode_chunk, FixedIndex, ZERO_DIGEST};
+use super::format::{FixedIndex, ZERO_DIGEST};
 use super::key::StoreKey;
-use super::{get_chunk, Objects};
+use super::{fetch_chunk, Objects};
 use crate::engine::Progress;
 use crate::error::{Error, Result};
 use crate::ratelimit::RateLimiter;
@@ -180,25 +180,16 @@ async fn restore_chunk(
             ..Default::default()
         });
     }
-    let name = chunk_key(&digest);
-    let Some(object) = get_chunk(objects.as_ref(), &digest).await? else {
-        return Err(Error::corrupt(format!(
-            "{name} is missing (chunk {i} of {index_name})"
-        )));
-    };
-    let read = object.len() as u64;
-    if let Some(l) = &limiter {
-        l.acquire(read).await;
-    }
+    let (plain, read) = fetch_chunk(
+        objects.as_ref(),
+        digest,
+        len,
+        key,
+        limiter.as_deref(),
+        format!("chunk {i} of {index_name}"),
+    )
+    .await?;
     blocking(move || {
-        // the error names the chunk object; its code says what is wrong (corrupt, key)
-        let plain = decode_chunk(&object, &digest, key.as_deref())?;
-        if plain.len() as u64 != len {
-            return Err(Error::corrupt(format!(
-                "{name} holds {} bytes, chunk {i} of {index_name} is {len}",
-                plain.len()
-            )));
-        }
         let (data, zero) = write_sparse(&target, start, &plain, HOLE_BLOCK, zeroed)?;
         Ok(Done {
             plain: len,

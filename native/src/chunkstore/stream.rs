@@ -33,10 +33,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::format::{chunk_key, decode_chunk, DynamicIndex};
+use super::format::DynamicIndex;
 use super::key::{self, Digest, StoreKey};
 use super::sink::{ChunkUploader, Stored, DEFAULT_UPLOADS};
-use super::{get_chunk, Objects};
+use super::{fetch_chunk, Objects};
 use crate::engine::Progress;
 use crate::error::{Error, Result};
 use crate::ratelimit::RateLimiter;
@@ -380,7 +380,7 @@ pub async fn restore_stream<W: AsyncWrite + Unpin>(
     };
     let mut work = futures::stream::iter(0..index.entries.len())
         .map(|i| {
-            fetch_chunk(
+            fetch_entry(
                 options.objects.clone(),
                 index.clone(),
                 name.clone(),
@@ -451,7 +451,7 @@ fn report_restore(
 }
 
 /// Fetches chunk `i` of the index and checks it: its plain content and the bytes fetched.
-async fn fetch_chunk(
+async fn fetch_entry(
     objects: Arc<dyn Objects>,
     index: Arc<DynamicIndex>,
     index_name: Arc<str>,
@@ -461,30 +461,15 @@ async fn fetch_chunk(
 ) -> Result<(Vec<u8>, u64)> {
     let (end, digest) = index.entries[i];
     let start = if i == 0 { 0 } else { index.entries[i - 1].0 };
-    let len = end - start;
-    let name = chunk_key(&digest);
-    let Some(object) = get_chunk(objects.as_ref(), &digest).await? else {
-        return Err(Error::corrupt(format!(
-            "{name} is missing (chunk {i} of {index_name})"
-        )));
-    };
-    let read = object.len() as u64;
-    if let Some(l) = &limiter {
-        l.acquire(read).await;
-    }
-    tokio::task::spawn_blocking(move || {
-        // the error names the chunk object; its code says what is wrong (corrupt, key)
-        let plain = decode_chunk(&object, &digest, key.as_deref())?;
-        if plain.len() as u64 != len {
-            return Err(Error::corrupt(format!(
-                "{name} holds {} bytes, chunk {i} of {index_name} [{start}, {end}) is {len}",
-                plain.len()
-            )));
-        }
-        Ok((plain, read))
-    })
+    fetch_chunk(
+        objects.as_ref(),
+        digest,
+        end - start,
+        key,
+        limiter.as_deref(),
+        format!("chunk {i} of {index_name} [{start}, {end})"),
+    )
     .await
-    .map_err(|e| Error::sink(format!("a restore task failed: {e}")))?
 }
 
 /// A readable stream over a file descriptor this process owns: a pipe's read end (read

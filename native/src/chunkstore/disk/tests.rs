@@ -5,32 +5,14 @@
 use std::time::Duration;
 
 use super::*;
-use crate::chunkstore::format::{encode_chunk, fossil_prefix};
-use crate::chunkstore::key;
+use crate::chunkstore::format::{chunk_key, fossil_prefix};
 use crate::chunkstore::memory::MemoryObjects;
-use crate::zero::is_zero;
 
 const CS: u32 = 64 << 10;
 
 /// Stores `data` as chunks the way the sink does; returns the index.
 async fn store(objects: &MemoryObjects, data: &[u8], k: Option<&StoreKey>) -> Result<FixedIndex> {
-    let mut digests = Vec::new();
-    for c in data.chunks(CS as usize) {
-        if is_zero(c) {
-            digests.push(ZERO_DIGEST);
-            continue;
-        }
-        let d = key::digest(k, c);
-        objects
-            .put(&chunk_key(&d), Bytes::from(encode_chunk(c, &d, k)?))
-            .await?;
-        digests.push(d);
-    }
-    Ok(FixedIndex {
-        size: data.len() as u64,
-        chunk_size: CS,
-        digests,
-    })
+    objects.put_disk(data, CS, k).await
 }
 
 /// 10 chunks and 1000 bytes; chunks 2 and 3 all zero.

@@ -6,32 +6,14 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::*;
-use crate::chunkstore::format::{encode_chunk, FixedIndex};
-use crate::chunkstore::key;
+use crate::chunkstore::format::{chunk_key, FixedIndex};
 use crate::chunkstore::memory::MemoryObjects;
-use crate::zero::is_zero;
 
 const CS: u32 = 256 << 10;
 
 /// Stores `data` as chunks the way the sink does; returns the index.
 async fn store(objects: &MemoryObjects, data: &[u8], k: Option<&StoreKey>) -> Result<FixedIndex> {
-    let mut digests = Vec::new();
-    for c in data.chunks(CS as usize) {
-        if is_zero(c) {
-            digests.push(ZERO_DIGEST);
-            continue;
-        }
-        let d = key::digest(k, c);
-        objects
-            .put(&chunk_key(&d), Bytes::from(encode_chunk(c, &d, k)?))
-            .await?;
-        digests.push(d);
-    }
-    Ok(FixedIndex {
-        size: data.len() as u64,
-        chunk_size: CS,
-        digests,
-    })
+    objects.put_disk(data, CS, k).await
 }
 
 fn pattern(len: usize) -> Vec<u8> {

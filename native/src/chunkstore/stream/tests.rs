@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use super::*;
-use crate::chunkstore::format::fossil_prefix;
+use crate::chunkstore::format::{chunk_key, fossil_prefix};
 use crate::chunkstore::memory::MemoryObjects;
 
 /// Small chunks keep the tests fast (min 16 KiB, average 64 KiB, max 256 KiB).
