@@ -176,7 +176,7 @@ describe('chunk store over TLS with a pinned certificate (Garage behind a TLS en
     const list = await run('list', ...s3, ...pin, '--json');
     expect(list.status, list.stderr).toBe(0);
     const [listed] = JSON.parse(list.stdout) as { volid: string }[];
-    expect(listed).toBeDefined();
+    expect(listed?.volid).toMatch(/^chunks:backup\/100\/qemu-\d{4}_\d{2}_\d{2}-\d{2}_\d{2}_\d{2}$/);
     const to = path.join(scratch, 'cli-restore');
     const restore = await run('restore', listed!.volid, ...s3, ...pin, '--key-file', keyFile, '--to', to);
     expect(restore.status, restore.stderr).toBe(0);
