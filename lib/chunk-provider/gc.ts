@@ -25,7 +25,7 @@ import { CancelledError } from '../errors.js';
 import { native } from '../native.js';
 import type { LogFunction } from '../provider/api.js';
 import { ChunkBackupError, ChunkStoreError, fromNative } from './errors.js';
-import { eachLimit, MANIFEST, WRITER_HEARTBEAT_MS, WRITER_STALE_SECONDS, type ChunkStore, type StoredWriter } from './store.js';
+import { chunkKey, eachLimit, MANIFEST, WRITER_HEARTBEAT_MS, WRITER_STALE_SECONDS, type ChunkStore, type StoredWriter } from './store.js';
 
 const RUNNING = 'gc/running.json';
 /** How far before the oldest running backup's start a chunk must be to become a fossil (clocks differ). */
@@ -184,9 +184,10 @@ export async function collectGarbage(store: ChunkStore, o: GcOptions = {}): Prom
   const report: GcReport = { dryRun, indexes: 0, chunksMarked: 0, chunks: 0, fossilized: { collection: null, chunks: 0, bytes: 0 }, finalized: [], pending: [], removedBackups: [], staleWriters: [] };
   try {
     const staleAfter = o.staleAfterSeconds ?? WRITER_STALE_SECONDS;
-    const live = (ws: StoredWriter[]): StoredWriter[] => ws.filter((w) => t0 - w.modified <= staleAfter);
+    const isLive = (w: StoredWriter): boolean => t0 - w.modified <= staleAfter;
+    const live = (ws: StoredWriter[]): StoredWriter[] => ws.filter(isLive);
     const dropStale = async (ws: StoredWriter[]): Promise<void> => {
-      for (const w of ws.filter((x) => !live([x]).length)) {
+      for (const w of ws.filter((x) => !isLive(x))) {
         if (!dryRun) await objects.delete(w.key);
         if (!report.staleWriters.includes(w.key)) report.staleWriters.push(w.key);
       }
@@ -227,7 +228,7 @@ export async function collectGarbage(store: ChunkStore, o: GcOptions = {}): Prom
         if (marked.has(hex)) {
           // a backup running when it was moved took it by its existence: it goes back
           if (!dryRun) {
-            await objects.copy(f.key, `chunks/${hex.slice(0, 2)}/${hex.slice(2, 4)}/${hex}`);
+            await objects.copy(f.key, chunkKey(Buffer.from(hex, 'hex')));
             await objects.delete(f.key);
           }
           done.restored++;
