@@ -415,6 +415,8 @@ async function runCase(opts, work, c, all) {
               `${r.skipped ? `  skipped zero ${fmtMiB(r.skipped)}` : ''}  [${steps}]\n`,
           );
         }
+        const floor = all[key].floor?.at(-1);
+        if (floor && floor.bytes !== all[key].provider.at(-1).bytes) throw new Error(`${key}: the floor read ${floor.bytes} bytes, the provider ${all[key].provider.at(-1).bytes}: not the same dirty data`);
       }
       if (round === 1 && opts.verify) {
         // both chains hold the same point in time
