@@ -656,6 +656,18 @@ export class ChunkStore {
     return out.sort((a, b) => a.ctime - b.ctime || (a.volname < b.volname ? -1 : 1));
   }
 
+  /**
+   * One backup as {@link listBackups} lists it, from one listing of its own objects (not of every
+   * backup of its guest).
+   * @throws {@link ChunkBackupError} `ERR_UNKNOWN_VOLUME` (no manifest: no such backup), `ERR_BACKUP_VERSION`.
+   */
+  async backupInfo(volname: string): Promise<ChunkBackupInfo> {
+    const prefix = this.backupPrefix(volname);
+    const names = new Set((await this.objects.list(prefix)).map((o) => o.key.slice(prefix.length)));
+    if (!names.has(MANIFEST)) throw new ChunkBackupError('ERR_UNKNOWN_VOLUME', `unknown volume ${this.volid(volname)}: no such backup in ${this}`, { volname });
+    return this.describe(volname, names);
+  }
+
   /** A listed backup: its manifest (`corrupt` when it does not check) and attributes. */
   private async describe(volname: string, names: Set<string>): Promise<ChunkBackupInfo> {
     const p = this.parseVolname(volname);
