@@ -162,6 +162,9 @@ describe('chunk provider: VM backup and restore through the native chunk jobs (G
     const { volid } = JSON.parse(b.stdout) as { volid: string };
     const list = JSON.parse(cli('list', ...s3, '--json').stdout) as Array<{ volid: string }>;
     expect(list.map((x) => x.volid)).toEqual([volid]);
+    // what backup --json reported (one backup looked up alone) is what list says of it, field by field in order
+    const { warnings: _w, steps: _s, copies: _c, ...reported } = JSON.parse(b.stdout) as Record<string, unknown>;
+    expect(JSON.stringify(reported)).toBe(JSON.stringify(list[0]));
     const out = path.join(scratch, 'out');
     const r = cli('restore', volid, ...s3, '--to', out);
     expect(r.status, r.stderr).toBe(0);

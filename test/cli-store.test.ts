@@ -53,6 +53,9 @@ describe('pve-backup-provider backup / list / restore / prune / delete / verify'
     const list = JSON.parse(cli('list', '--store', store, '--json').stdout) as Array<{ volid: string; parent?: string; notes?: string }>;
     expect(list).toHaveLength(2);
     expect(list[1]).toMatchObject({ parent: list[0]!.volid, notes: 'after the update' });
+    // what backup --json reported (one backup looked up alone) is what list says of it, field by field in order
+    const { warnings: _w, steps: _s, copies: _c, ...reported } = JSON.parse(b1.stdout) as Record<string, unknown>;
+    expect(JSON.stringify(reported)).toBe(JSON.stringify(list[0]));
     expect(cli('list', '--store', store).stdout).toMatch(/^volid\s+type\s+created\s+size/);
 
     for (const [i, expected] of [first, second].entries()) {

@@ -5,10 +5,10 @@
  */
 import { spawnSync } from 'node:child_process';
 import { open } from 'node:fs/promises';
-import { chmodSync, lstatSync, readFileSync, readdirSync, rmSync, writeFileSync, mkdirSync, existsSync } from 'node:fs';
+import { chmodSync, lstatSync, readFileSync, readdirSync, rmSync, utimesSync, writeFileSync, mkdirSync, existsSync } from 'node:fs';
 import path from 'node:path';
 
-import { afterEach, describe, expect, it } from 'vitest';
+import { afterEach, describe, expect, it, vi } from 'vitest';
 
 import {
   DirectoryProvider,
@@ -20,6 +20,7 @@ import {
   runBackupJob,
   type PruneEntry,
 } from '../lib/index.js';
+import { MANIFEST_VERSION, STORE_FORMAT, manifestChecksum, type Manifest } from '../lib/directory-provider/layout.js';
 import { currentOwner } from '../lib/owner.js';
 import { BitmapLedger } from '../lib/provider/bitmap-ledger.js';
 import { damageImageData, expectRestores, startDisk, vmGuest, type Disk } from './helpers/directory.js';
@@ -423,5 +424,97 @@ describe('who is writing a backup', () => {
     expect(statuses).toEqual({ [live]: 'in-progress', [reused]: 'incomplete', [legacyDead]: 'incomplete' });
     expect((await s.removeIncomplete(100)).sort()).toEqual([reused, legacyDead].sort());
     expect((await s.listBackups(100)).map((b) => b.volname)).toEqual([live]);
+  });
+});
+
+describe('work per backup does not grow with the backups a guest has', () => {
+  /** A store of one guest with `n` complete backups (a chain), without QEMU: manifests written through the store. */
+  const storeWith = async (n: number): Promise<{ s: DirectoryStore; complete: string[] }> => {
+    const s = await DirectoryStore.create(path.join(await tempDir(), 'store'), { storeid: 'dir1' });
+    const complete: string[] = [];
+    for (let i = 0; i < n; i++) {
+      const date = new Date(Date.UTC(2024, 0, 1 + i));
+      const { volname } = await s.createBackupDir(100, 'qemu', date);
+      const parent = complete.at(-1);
+      await s.commitManifest({
+        format: STORE_FORMAT,
+        version: MANIFEST_VERSION,
+        volname,
+        vmid: 100,
+        vmtype: 'qemu',
+        ctime: date.getTime() / 1000,
+        status: 'ok',
+        mode: parent ? 'incremental' : 'full',
+        ...(parent ? { parent } : {}),
+        files: {},
+      });
+      complete.push(volname);
+    }
+    return { s, complete };
+  };
+  /** A backup folder of guest `vmid` whose writer died before its manifest (a lock naming no live process). */
+  const leftover = async (s: DirectoryStore, vmid: number, when: string): Promise<string> => {
+    const { volname, dir } = await s.createBackupDir(vmid, 'qemu', new Date(when));
+    writeFileSync(path.join(dir, '.lock'), `${JSON.stringify(2 ** 22 + 1)}\n`); // above pid_max: no such process
+    writeFileSync(path.join(dir, 'disk0.qcow2'), 'partial');
+    return volname;
+  };
+
+  it('removeIncomplete removes exactly the incomplete backups the listing names, without reading a manifest', async () => {
+    const { s, complete } = await storeWith(6);
+    const incomplete = await leftover(s, 100, '2024-02-01T00:00:00Z');
+    const otherGuest = await leftover(s, 101, '2024-02-01T00:00:00Z');
+    const running = (await s.createBackupDir(100, 'qemu', new Date('2024-02-03T00:00:00Z'))).volname; // its lock names this process
+    // a manifest that does not match its checksum: corrupt, left for an operator, never a leftover
+    const corrupt = complete[2]!;
+    const file = path.join(s.backupDir(corrupt), 'manifest.json');
+    writeFileSync(file, readFileSync(file, 'utf8').replace('"ctime": ', '"ctime": 1'));
+    const before = Object.fromEntries((await s.listBackups(100)).map((b) => [b.volname, b.status]));
+    expect(before).toEqual({
+      ...Object.fromEntries(complete.map((v, i) => [v, i < 2 ? 'ok' : i === 2 ? 'corrupt' : 'broken'])),
+      [incomplete]: 'incomplete',
+      [running]: 'in-progress',
+    });
+
+    const reads = vi.spyOn(s, 'readManifest');
+    expect(await s.removeIncomplete(100)).toEqual([incomplete]);
+    // the point: one look at each folder for its manifest, not a description of every backup
+    expect(reads).not.toHaveBeenCalled();
+    reads.mockRestore();
+
+    const { [incomplete]: _gone, ...after } = before;
+    expect(Object.fromEntries((await s.listBackups(100)).map((b) => [b.volname, b.status]))).toEqual(after);
+    expect(existsSync(s.backupDir(incomplete))).toBe(false);
+    expect((await s.listBackups(101)).map((b) => [b.volname, b.status])).toEqual([[otherGuest, 'incomplete']]); // another guest's: not this run's business
+  });
+
+  it('a manifest of a newer version is neither incomplete nor removed: listing it is an error saying to upgrade', async () => {
+    const { s, complete } = await storeWith(2);
+    const file = path.join(s.backupDir(complete[1]!), 'manifest.json');
+    const { checksum: _c, ...rest } = JSON.parse(readFileSync(file, 'utf8')) as Manifest;
+    const newer = { ...rest, version: MANIFEST_VERSION + 1 };
+    writeFileSync(file, JSON.stringify({ ...newer, checksum: manifestChecksum(newer) }));
+    const hourAgo = new Date(Date.now() - 3_600_000);
+    utimesSync(s.backupDir(complete[1]!), hourAgo, hourAgo); // written a while ago: its lock is long gone
+    expect(await s.removeIncomplete(100)).toEqual([]);
+    await expect(s.listBackups(100)).rejects.toMatchObject({ code: 'ERR_BACKUP_VERSION', message: expect.stringContaining('upgrade') });
+    await expect(s.pruneBackups({ keep: { keepLast: 1 } })).rejects.toMatchObject({ code: 'ERR_BACKUP_VERSION' });
+    expect(existsSync(file)).toBe(true);
+  });
+
+  it('backupInfo of one backup is what the listing says of it, broken chains included', async () => {
+    const { s, complete } = await storeWith(4);
+    await leftover(s, 100, '2024-02-01T00:00:00Z');
+    await s.setNotes(complete[3]!, 'last');
+    await s.setProtected(complete[0]!, true);
+    const check = async (): Promise<void> => {
+      const listed = await s.listBackups(100);
+      for (const b of listed) expect(await s.backupInfo(b.volname)).toStrictEqual(b);
+    };
+    await check();
+    rmSync(s.backupDir(complete[1]!), { recursive: true }); // the rest of the chain is broken now
+    await check();
+    expect((await s.backupInfo(complete[3]!)).status).toBe('broken');
+    await expect(s.backupInfo(complete[1]!)).rejects.toMatchObject({ code: 'ERR_UNKNOWN_VOLUME' });
   });
 });

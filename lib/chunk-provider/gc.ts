@@ -21,11 +21,12 @@
 import { randomBytes } from 'node:crypto';
 import os from 'node:os';
 
+import { eachLimit } from '../concurrency.js';
 import { CancelledError } from '../errors.js';
 import { native } from '../native.js';
 import type { LogFunction } from '../provider/api.js';
 import { ChunkBackupError, ChunkStoreError, fromNative } from './errors.js';
-import { chunkKey, eachLimit, MANIFEST, WRITER_HEARTBEAT_MS, WRITER_STALE_SECONDS, type ChunkStore, type StoredWriter } from './store.js';
+import { chunkKey, MANIFEST, WRITER_HEARTBEAT_MS, WRITER_STALE_SECONDS, type ChunkStore, type StoredWriter } from './store.js';
 
 const RUNNING = 'gc/running.json';
 /** How far before the oldest running backup's start a chunk must be to become a fossil (clocks differ). */

@@ -25,6 +25,7 @@ import type { BitmapMode, GuestType, PruneOptions } from '../provider/api.js';
 import { markBackups, type PruneEntry, type PruneMark } from '../provider/prune.js';
 import { backupIdOf, ctimeOfBackupId, isBackupDirName, matchVolname, volnameOf, type ParsedVolname } from '../provider/volname.js';
 import { decodeBlob, encodeBlob } from './blob.js';
+import { eachLimit } from '../concurrency.js';
 import { native } from '../native.js';
 import { ChunkBackupError, ChunkStoreError, fromNative } from './errors.js';
 import { checkFingerprint, readKeyFile, type StoreKey } from './key.js';
@@ -158,27 +159,6 @@ export interface StoredWriter {
 export const WRITER_HEARTBEAT_MS = 60_000;
 /** A writer record not rewritten for this long (store time) belongs to a dead backup. */
 export const WRITER_STALE_SECONDS = 15 * 60;
-
-/**
- * Runs `fn` on every item, at most `limit` at once (requests to the store, mostly waiting). The
- * first failure stops it: no item is started after it, and it is what rejects.
- */
-export async function eachLimit<T>(items: readonly T[], limit: number, fn: (item: T) => Promise<void>): Promise<void> {
-  let next = 0;
-  let failed = false;
-  await Promise.all(
-    Array.from({ length: Math.min(limit, items.length) }, async () => {
-      while (next < items.length && !failed) {
-        try {
-          await fn(items[next++]!);
-        } catch (err) {
-          failed = true;
-          throw err;
-        }
-      }
-    }),
-  );
-}
 
 /**
  * A running backup's writer record, rewritten every {@link WRITER_HEARTBEAT_MS} so that garbage
@@ -674,6 +654,18 @@ export class ChunkStore {
       if (info) out.push(info);
     });
     return out.sort((a, b) => a.ctime - b.ctime || (a.volname < b.volname ? -1 : 1));
+  }
+
+  /**
+   * One backup as {@link listBackups} lists it, from one listing of its own objects (not of every
+   * backup of its guest).
+   * @throws {@link ChunkBackupError} `ERR_UNKNOWN_VOLUME` (no manifest: no such backup), `ERR_BACKUP_VERSION`.
+   */
+  async backupInfo(volname: string): Promise<ChunkBackupInfo> {
+    const prefix = this.backupPrefix(volname);
+    const names = new Set((await this.objects.list(prefix)).map((o) => o.key.slice(prefix.length)));
+    if (!names.has(MANIFEST)) throw new ChunkBackupError('ERR_UNKNOWN_VOLUME', `unknown volume ${this.volid(volname)}: no such backup in ${this}`, { volname });
+    return this.describe(volname, names);
   }
 
   /** A listed backup: its manifest (`corrupt` when it does not check) and attributes. */

@@ -241,9 +241,10 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
       if (g.status !== 'ok') {
         throw new BackupFailedError(vmid, guest.type, g.error);
       }
-      const info = (await store.list(vmid)).find((b) => b.volname === g.volname);
+      // the one new backup, looked up alone: listing the guest's backups grows with how many it has
+      const info = await store.info(g.volname!); // an `ok` guest has its volume name
       if (json) console.log(JSON.stringify({ ...info, warnings: g.warnings, steps: g.steps, copies }, null, 2)); // steps: ms per step (GuestStepTimes); copies: per disk, seconds
-      else console.log(`${info?.volid}: ${info?.format}, ${formatBytes(info?.size ?? 0)}${info?.parent ? `, incremental over ${info.parent}` : info?.previous ? `, incremental (unchanged chunks from ${info.previous})` : ', full'}`);
+      else console.log(`${info.volid}: ${info.format}, ${formatBytes(info.size)}${info.parent ? `, incremental over ${info.parent}` : info.previous ? `, incremental (unchanged chunks from ${info.previous})` : ', full'}`);
     });
 
   addStoreOptions(

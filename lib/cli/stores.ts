@@ -77,6 +77,8 @@ export interface CliStore {
   volid(volname: string): string;
   volnameOf(volid: string): string;
   list(vmid?: number): Promise<ListedBackup[]>;
+  /** One backup as `list` shows it, looked up alone (not by listing its guest's backups). */
+  info(volname: string): Promise<ListedBackup>;
   /** Guest type and disks of a backup (checks it exists; restore uses it to place targets). */
   describe(volname: string): Promise<{ vmtype: GuestType; devices: string[] }>;
   prune(o: { keep: PruneOptions; vmid?: number; dryRun: boolean }): Promise<PrunedBackup[]>;
@@ -135,6 +137,7 @@ async function openDirectoryStore(name: string, o: Record<string, unknown>, mode
     volid: (v) => store.volid(v),
     volnameOf: (v) => store.volnameOf(v),
     list: async (vmid) => store.listBackups(vmid),
+    info: async (volname) => store.backupInfo(volname),
     describe: async (volname) => {
       const m = await store.readManifest(volname);
       return { vmtype: m.vmtype, devices: Object.keys(m.devices ?? {}) };
@@ -211,6 +214,7 @@ async function openChunkStore(url: string, o: Record<string, unknown>): Promise<
     // the URL names the store; a chunk store records no storage id, so any prefix is taken
     volnameOf: (v) => store.parseVolname(v.includes(':') ? v.slice(v.indexOf(':') + 1) : v).volname,
     list: async (vmid) => (await store.listBackups(vmid)).map((b) => ({ ...b, format: 'chunks' })),
+    info: async (volname) => ({ ...(await store.backupInfo(volname)), format: 'chunks' }),
     describe: async (volname) => {
       const m = await store.readManifest(volname);
       return { vmtype: m.vmtype, devices: Object.keys(m.devices ?? {}) };

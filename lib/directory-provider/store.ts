@@ -13,11 +13,12 @@
  * @packageDocumentation
  */
 import { execFile } from 'node:child_process';
-import { chmod, lstat, mkdir, open, readFile, readdir, rename, rm, stat, statfs } from 'node:fs/promises';
+import { access, chmod, lstat, mkdir, open, readFile, readdir, rename, rm, stat, statfs } from 'node:fs/promises';
 import path from 'node:path';
 import { promisify } from 'node:util';
 
 import type { GuestType, PruneOptions } from '../provider/api.js';
+import { mapLimit } from '../concurrency.js';
 import { currentOwner, ownerIsDead } from '../owner.js';
 import { checkImageDigests, digestImage } from './digests.js';
 import { requireTool } from '../tools.js';
@@ -154,6 +155,33 @@ async function writerAlive(lockFile: string): Promise<boolean> {
   if (typeof owner === 'number') return pidAlive(owner);
   return owner !== undefined && !ownerIsDead(owner);
 }
+
+/**
+ * The one definition of an unfinished backup (what {@link BackupInfo} calls `incomplete` and
+ * `in-progress`): a backup folder without its `manifest.json`, which is written last. It is
+ * `in-progress` while its writer may still be writing, `incomplete` once it is gone. A folder
+ * with a manifest is neither (`undefined`), whatever the manifest holds: one that does not check
+ * is `corrupt`, left for an operator, never removed as a leftover. One `access` of the manifest,
+ * and the lock file when there is none: no manifest is read.
+ */
+async function unfinishedStatus(dir: string): Promise<'in-progress' | 'incomplete' | undefined> {
+  const hasManifest = await access(path.join(dir, MANIFEST)).then(
+    () => true,
+    (err: NodeJS.ErrnoException) => {
+      // ENOTDIR: the "folder" is a file (or gone and replaced by one): no manifest there either
+      if (err.code === 'ENOENT' || err.code === 'ENOTDIR') return false;
+      throw err;
+    },
+  );
+  if (hasManifest) return undefined;
+  return (await writerAlive(path.join(dir, LOCK))) ? 'in-progress' : 'incomplete';
+}
+
+/** How many backup folders are looked at at once when listing (a few stats and small reads each). */
+const DESCRIBE_CONCURRENCY = 8;
+
+/** The order backups are listed and removed in: oldest first, then by volume name. */
+const oldestFirst = (a: { ctime: number; volname: string }, b: { ctime: number; volname: string }): number => a.ctime - b.ctime || (a.volname < b.volname ? -1 : 1);
 
 /** A directory backup store. Open one with {@link DirectoryStore.open} or {@link DirectoryStore.create}. */
 export class DirectoryStore {
@@ -344,15 +372,18 @@ export class DirectoryStore {
     return m;
   }
 
-  /** Every backup, or those of `vmid`, oldest first; incomplete ones included (status `incomplete`). Perl: `list_volumes`. */
+  /**
+   * Every backup, or those of `vmid`, oldest first; incomplete ones included (status `incomplete`). Perl: `list_volumes`.
+   * @throws {@link DirectoryStoreError} `ERR_BACKUP_VERSION` for a backup written by a newer
+   *   version (it is complete: neither listed as unfinished nor pruned as such).
+   */
   async listBackups(vmid?: number): Promise<BackupInfo[]> {
-    const out: BackupInfo[] = [];
-    const vmids = vmid !== undefined ? [String(vmid)] : (await readdir(this.root).catch(() => [] as string[])).filter((n) => /^[1-9]\d*$/.test(n));
-    for (const v of vmids) {
-      const names = (await readdir(path.join(this.root, v)).catch(() => [] as string[])).filter(isBackupDirName);
-      for (const name of names) out.push(await this.describe(volnameOf(Number(v), name)));
-    }
-    out.sort((a, b) => a.ctime - b.ctime || (a.volname < b.volname ? -1 : 1));
+    const vmids = vmid !== undefined ? [vmid] : (await readdir(this.root).catch(() => [] as string[])).filter((n) => /^[1-9]\d*$/.test(n)).map(Number);
+    const volnames: string[] = [];
+    for (const v of vmids) volnames.push(...(await this.backupVolnames(v)));
+    // a few at once: each is a handful of small reads, mostly waiting for the file system
+    const out = await mapLimit(volnames, DESCRIBE_CONCURRENCY, (v) => this.describe(v));
+    out.sort(oldestFirst);
     // A chain is only as good as its oldest link: oldest first, so a parent's status is final
     // when its children are looked at (a parent is always older than what builds on it).
     const byVolid = new Map(out.map((b) => [b.volid, b]));
@@ -360,7 +391,33 @@ export class DirectoryStore {
     return out;
   }
 
-  private async describe(volname: string): Promise<BackupInfo> {
+  /**
+   * One backup as {@link listBackups} lists it, without listing the others: its `broken` status is
+   * judged along its chain ({@link chain}: the manifests of the backups it builds on), which is
+   * what the listing's pass over every backup decides for it.
+   * @throws {@link DirectoryStoreError} `ERR_UNKNOWN_VOLUME`, `ERR_BACKUP_VERSION`.
+   */
+  async backupInfo(volname: string): Promise<BackupInfo> {
+    if (!(await stat(this.backupDir(volname)).then((s) => s.isDirectory(), () => false))) {
+      throw new DirectoryStoreError('ERR_UNKNOWN_VOLUME', `unknown volume ${this.volid(volname)}: no such backup in ${this.root}`, { volname });
+    }
+    const b = await this.describe(volname);
+    if (b.status === 'ok' && b.parent && !(await this.chain(volname).then(() => true, () => false))) b.status = 'broken';
+    return b;
+  }
+
+  /** The volume names of the backup folders of one guest, in no particular order. */
+  private async backupVolnames(vmid: number): Promise<string[]> {
+    return (await readdir(path.join(this.root, String(vmid))).catch(() => [] as string[])).filter(isBackupDirName).map((name) => volnameOf(vmid, name));
+  }
+
+  /**
+   * A backup folder as listed: `ok` with what its manifest says, `corrupt`, or unfinished (see
+   * {@link unfinishedStatus}).
+   * @throws {@link DirectoryStoreError} `ERR_BACKUP_VERSION` (a manifest this version cannot read
+   *   is no unfinished backup), or the error reading a manifest that is there.
+   */
+  private async describe(volname: string, again = false): Promise<BackupInfo> {
     const p = parseVolname(volname);
     const dir = this.backupDir(volname);
     const attrs = await this.attributes(volname);
@@ -374,8 +431,13 @@ export class DirectoryStore {
       if (err instanceof DirectoryStoreError && err.code === 'ERR_BACKUP_CORRUPT') {
         return { ...base, ctime: ctimeOfBackupId(p.backupId), size: await duBytes(dir), status: 'corrupt' };
       }
-      const alive = await writerAlive(path.join(dir, LOCK));
-      return { ...base, ctime: ctimeOfBackupId(p.backupId), size: await duBytes(dir), status: alive ? 'in-progress' : 'incomplete' };
+      const status = await unfinishedStatus(dir);
+      if (status === undefined) {
+        // its writer committed it since the read above: describe it as it is now (once)
+        if (!again && err instanceof DirectoryStoreError && err.code === 'ERR_BACKUP_INCOMPLETE') return this.describe(volname, true);
+        throw err;
+      }
+      return { ...base, ctime: ctimeOfBackupId(p.backupId), size: await duBytes(dir), status };
     }
   }
 
@@ -709,9 +771,17 @@ export class DirectoryStore {
    * @returns The volume names removed.
    */
   async removeIncomplete(vmid: number): Promise<string[]> {
-    const stale = (await this.listBackups(vmid)).filter((b) => b.status === 'incomplete');
-    for (const b of stale) await rm(this.backupDir(b.volname), { recursive: true, force: true });
-    return stale.map((b) => b.volname);
+    // the same verdict as the listing's, from the manifest's absence alone: no manifest is read,
+    // so the cost grows with the folders, not with what the complete backups hold
+    const volnames = await this.backupVolnames(vmid);
+    const statuses = await mapLimit(volnames, DESCRIBE_CONCURRENCY, (v) => unfinishedStatus(this.backupDir(v)));
+    const stale = volnames
+      .filter((_, i) => statuses[i] === 'incomplete')
+      .map((volname) => ({ volname, ctime: ctimeOfBackupId(parseVolname(volname).backupId) }))
+      .sort(oldestFirst)
+      .map((b) => b.volname);
+    for (const v of stale) await rm(this.backupDir(v), { recursive: true, force: true });
+    return stale;
   }
 
   /**
