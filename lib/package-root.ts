@@ -1,8 +1,8 @@
 /**
  * Where the package's own files are (`package.json`, `native/`, `perl/`, `dist/cli/main.js`),
- * found from the running module rather than from a fixed number of `../`: the build bundles
- * `dist/` (scripts/bundle.mjs), so a module's code may run from `dist/`, from `dist/cli/` or from
- * a shared chunk in `dist/chunks/`, and under vitest from `lib/`. The one home of that question.
+ * found from the running module rather than from a fixed number of `../`: a module's code runs
+ * from `dist/bundle.js` (scripts/bundle.mjs), from the module tsc wrote at its depth in `dist/`, or
+ * under vitest from `lib/`. The one home of that question.
  *
  * @packageDocumentation
  */

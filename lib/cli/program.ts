@@ -2,7 +2,6 @@
  * The `pve-backup-provider` command line. Each command prints one clear line on failure (never a
  * stack trace) and exits with a documented code: 0 ok, 1 failed, 2 bad usage, 130 cancelled.
  */
-
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 
 import { normaliseBandwidthLimit } from '../bandwidth.js';
