@@ -38,19 +38,21 @@
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdir, mkdtemp, open, readdir, stat, writeFile } from 'node:fs/promises';
+import { createRequire } from 'node:module';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 
-import { CLI, GiB, MiB, NODE, cpuSeconds, dist, f0, f2, fmtBlock, fmtMiB, fmtSize, guestWrites, importTestHelper, median, parseSize, requireTime, rmf, sparseRandomDisk, startDaemonWithJobMonitor, timed, tool } from './common.mjs';
+import { CLI, GiB, MiB, NODE, cpuSeconds, f0, f2, fmtBlock, fmtMiB, fmtSize, guestWrites, importTestHelper, median, parseSize, pkg, requireTime, rmf, root, sparseRandomDisk, startDaemonWithJobMonitor, timed, tool } from './common.mjs';
 import { writeSection } from './results-file.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const execFileP = promisify(execFile);
-const { NbdClient } = await import(path.join(dist, 'index.js'));
-const { setupBackupAccess, teardownBackupAccess } = await import(path.join(dist, 'qemu', 'backup-access.js'));
-const { native } = await import(path.join(dist, 'native.js'));
+const { NbdClient, setupBackupAccess, teardownBackupAccess } = pkg;
+// the core's binding itself (no part of the package's API): the one instance Node's require cache
+// holds for native/index.cjs, which the package uses too
+const native = createRequire(import.meta.url)(path.join(root, 'native', 'index.cjs'));
 
 const CHUNK = 4 * MiB; // the chunk store's chunk size (store.json's default)
 const SINK_UPLOADS = 4; // native/src/chunkstore/sink.rs DEFAULT_UPLOADS: chunks hashed, encoded or uploaded at once

@@ -17,10 +17,17 @@ export const NODE = process.execPath;
 export const MiB = 2 ** 20;
 export const GiB = 2 ** 30;
 
-const { QmpClient } = await import(path.join(dist, 'index.js')).catch((e) => {
+/**
+ * The package as its users import it (dist/index.js, over the bundle dist/bundle.js). Every
+ * benchmark takes the library from here and never from dist/'s internal modules as well: those
+ * are other copies of the same classes, and an object of one copy fails the `instanceof` checks
+ * of the other.
+ */
+export const pkg = await import(path.join(dist, 'index.js')).catch((e) => {
   console.error(`bench: cannot load dist/ (run \`npm run build\` first): ${e.message}`);
   process.exit(2);
 });
+const { QmpClient } = pkg;
 
 /** `/usr/bin/time` (Debian package `time`), required: peak RSS is part of every report here. */
 export function requireTime() {

@@ -41,12 +41,11 @@ import path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { promisify } from 'node:util';
 
-import { CLI, GiB, MiB, NODE, dist, f2, f3, fmtMiB, fmtSize, guestWrites, makeChunkDisk, median, parseSize, requireTime, rmf, startDaemonWithJobMonitor, timed, tool } from './common.mjs';
+import { CLI, GiB, MiB, NODE, dist, f2, f3, fmtMiB, fmtSize, guestWrites, makeChunkDisk, median, parseSize, pkg, requireTime, rmf, startDaemonWithJobMonitor, timed, tool } from './common.mjs';
 import { writeSection } from './results-file.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
-const { NbdClient } = await import(path.join(dist, 'index.js'));
-const { setupBackupAccess, teardownBackupAccess } = await import(path.join(dist, 'qemu', 'backup-access.js'));
+const { NbdClient, setupBackupAccess, teardownBackupAccess } = pkg;
 
 const execFileP = promisify(execFile);
 const CHUNK = 4 * MiB; // seed_baseline.CHUNK: the layout is built of these so the seed's zero skip lines up

@@ -18,12 +18,12 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 
-import { CLI, GiB, MiB, NODE, f0, f2, fmtMiB, fmtSize, guestWrites, makeChunkDisk, median, parseSize, requireTime, rmf, startDaemonWithJobMonitor, timed, tool } from './common.mjs';
+import { CLI, GiB, MiB, NODE, f0, f2, fmtMiB, fmtSize, guestWrites, makeChunkDisk, median, parseSize, pkg, requireTime, rmf, startDaemonWithJobMonitor, timed, tool } from './common.mjs';
 import { writeSection } from './results-file.mjs';
 
 const execFileP = promisify(execFile);
 const here = path.dirname(fileURLToPath(import.meta.url));
-const { NbdClient } = await import(path.join(here, '..', 'dist', 'index.js'));
+const { NbdClient } = pkg;
 
 const USAGE = `usage: node benchmarks/restore.mjs [options]   (npm run bench:restore -- [options]; after npm run build)
   --size SIZE       disk size (default 1G; a bare number is GiB; a multiple of 4 MiB)

@@ -17,7 +17,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
-import { pseudoRandomBytes, sparseRandomDisk } from './common.mjs';
+import { pkg, pseudoRandomBytes, sparseRandomDisk } from './common.mjs';
 import { writeSection } from './results-file.mjs';
 
 const execFileP = promisify(execFile);
@@ -25,12 +25,7 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 const root = path.resolve(here, '..');
 const dist = (p) => path.join(root, 'dist', p);
 
-const { startStorageDaemon } = await import(dist('qemu/storage-daemon.js')).catch((e) => {
-  console.error(`bench: cannot load dist/ (run \`npm run build\` first): ${e.message}`);
-  process.exit(2);
-});
-const { setupBackupAccess, teardownBackupAccess } = await import(dist('qemu/index.js'));
-const { NbdClient } = await import(dist('nbd/client.js'));
+const { NbdClient, setupBackupAccess, startStorageDaemon, teardownBackupAccess } = pkg;
 
 // ---------------------------------------------------------------------------------------------
 // Options

@@ -4,10 +4,15 @@
  * @internal
  */
 import { createRequire } from 'node:module';
-import type * as Binding from '../native/index.cjs';
+import path from 'node:path';
 
-const require = createRequire(import.meta.url);
+import type * as Binding from '../native/index.cjs';
+import { packageRoot } from './package-root.js';
+
+// Found from the package's root, not relative to this module: bundled, this code runs from a
+// chunk of dist/ at another depth (lib/package-root.ts).
+const requireCjs = createRequire(import.meta.url);
 
 /** The native binding; its types are generated from the Rust sources by `napi build`. */
-export const native: typeof Binding = require('../native/index.cjs');
+export const native: typeof Binding = requireCjs(path.join(packageRoot(), 'native', 'index.cjs'));
 export type { Binding };

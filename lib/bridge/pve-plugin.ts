@@ -26,16 +26,14 @@
  * @packageDocumentation
  */
 import { spawnSync } from 'node:child_process';
-import { accessSync, constants, existsSync, promises as fs, readFileSync, statSync } from 'node:fs';
+import { accessSync, constants, existsSync, promises as fs, statSync } from 'node:fs';
 import path from 'node:path';
-import { fileURLToPath, pathToFileURL } from 'node:url';
+import { pathToFileURL } from 'node:url';
 
 import { InvalidArgumentError } from '../errors.js';
+import { packageRoot, packageVersion } from '../package-root.js';
 import type { PveStorageProperty, PveStorageSchema } from '../provider/api.js';
 import { PluginFileExistsError } from './errors.js';
-
-/** The package's root (two levels above `dist/bridge/` and `lib/bridge/`). */
-const PACKAGE_ROOT = fileURLToPath(new URL('../../', import.meta.url));
 
 /** Storage types pve-storage registers itself (`Storage.pm`): a custom plugin must not take one. */
 const BUILTIN_TYPES = ['dir', 'lvm', 'lvmthin', 'nfs', 'cifs', 'iscsi', 'rbd', 'cephfs', 'iscsidirect', 'zfspool', 'zfs', 'pbs', 'btrfs', 'esxi', 'glusterfs'];
@@ -191,15 +189,6 @@ export interface GeneratedPlugin {
   restart: string;
 }
 
-function packageVersion(): string {
-  try {
-    const pkg = JSON.parse(readFileSync(path.join(PACKAGE_ROOT, 'package.json'), 'utf8')) as { version?: unknown };
-    return typeof pkg.version === 'string' ? pkg.version : 'unknown';
-  } catch {
-    return 'unknown';
-  }
-}
-
 function absoluteFile(p: string, what: string, executable = false): string {
   if (!path.isAbsolute(p)) throw new InvalidArgumentError(`${what} must be an absolute path: ${p}`);
   if (/[\0\n]/.test(p)) throw new InvalidArgumentError(`${what} holds a NUL or a newline`);
@@ -236,7 +225,7 @@ export async function generatePvePlugin(opts: GenerateOptions): Promise<Generate
   const names = pvePluginNames(opts.type);
   const provider = absoluteFile(path.resolve(opts.provider), 'the provider module');
   const node = absoluteFile(opts.node ?? process.execPath, 'node', true);
-  const cli = absoluteFile(opts.cli ?? path.join(PACKAGE_ROOT, 'dist', 'cli', 'main.js'), "pve-backup-provider's dist/cli/main.js");
+  const cli = absoluteFile(opts.cli ?? path.join(packageRoot(), 'dist', 'cli', 'main.js'), "pve-backup-provider's dist/cli/main.js");
 
   let mod: { default?: unknown; pveStorage?: unknown };
   try {
@@ -264,7 +253,7 @@ export async function generatePvePlugin(opts: GenerateOptions): Promise<Generate
   const sensitive = `(${(schema.sensitive ?? []).map(perlString).join(', ')})`;
   const name = names.providerPackage.split('::').pop()!;
 
-  const template = await fs.readFile(path.join(PACKAGE_ROOT, 'perl', 'templates', 'StoragePlugin.pm.in'), 'utf8');
+  const template = await fs.readFile(path.join(packageRoot(), 'perl', 'templates', 'StoragePlugin.pm.in'), 'utf8');
   const values: Record<string, string> = {
     PACKAGE: names.storagePackage.split('::').pop()!,
     TYPE: names.type,
@@ -286,7 +275,7 @@ export async function generatePvePlugin(opts: GenerateOptions): Promise<Generate
     return v;
   });
 
-  const bridge = await fs.readFile(path.join(PACKAGE_ROOT, 'perl', 'PVE', 'BackupProvider', 'Plugin', 'NodeBridge.pm'), 'utf8');
+  const bridge = await fs.readFile(path.join(packageRoot(), 'perl', 'PVE', 'BackupProvider', 'Plugin', 'NodeBridge.pm'), 'utf8');
   const packageLine = 'package PVE::BackupProvider::Plugin::NodeBridge;';
   if (!bridge.startsWith(packageLine)) throw new InvalidArgumentError('perl/PVE/BackupProvider/Plugin/NodeBridge.pm does not start with its package line');
   const providerClass =

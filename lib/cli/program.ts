@@ -2,12 +2,11 @@
  * The `pve-backup-provider` command line. Each command prints one clear line on failure (never a
  * stack trace) and exits with a documented code: 0 ok, 1 failed, 2 bad usage, 130 cancelled.
  */
-import { readFileSync } from 'node:fs';
-
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 
 import { normaliseBandwidthLimit } from '../bandwidth.js';
 import { PveBackupError } from '../errors.js';
+import { packageVersion } from '../package-root.js';
 import { BackupFailedError } from './errors.js';
 import { NbdClient, listBitmaps } from '../nbd/client.js';
 import { copyExtents } from '../nbd/copy.js';
@@ -48,19 +47,6 @@ function interruptSignal(): AbortSignal {
   process.once('SIGINT', onSignal);
   process.once('SIGTERM', onSignal);
   return controller.signal;
-}
-
-/**
- * The package's version, from its package.json (two levels above dist/cli/ and lib/cli/). Read
- * for every command, so a relocated install without it must not break them: 'unknown' then.
- */
-function packageVersion(): string {
-  try {
-    const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version?: unknown };
-    return typeof pkg.version === 'string' ? pkg.version : 'unknown';
-  } catch {
-    return 'unknown';
-  }
 }
 
 export function buildProgram(): Command {
