@@ -9,8 +9,8 @@ import path from 'node:path';
 import type * as Binding from '../native/index.cjs';
 import { packageRoot } from './package-root.js';
 
-// Found from the package's root, not relative to this module: bundled, this code runs from a
-// chunk of dist/ at another depth (lib/package-root.ts).
+// Found from the package's root, not relative to this module: bundled, this code runs from
+// dist/bundle.js, at another depth than dist/native.js (lib/package-root.ts).
 const requireCjs = createRequire(import.meta.url);
 
 /** The native binding; its types are generated from the Rust sources by `napi build`. */
