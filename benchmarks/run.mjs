@@ -52,7 +52,8 @@ const USAGE = `usage: node benchmarks/run.mjs [options]
   --inc-size SIZE       incremental disk size (default 4G)
   --data-percent N      data share of the disks (default 60; the rest are holes)
   --dirty-percent N     dirty share of the incremental disk (default 10)
-  --settings LIST       extra connections x requests settings of ours in the full run (default 1x16,4x8,2x8; ours = 2x16)
+  --settings LIST       extra connections x requests [x request size] settings of ours in the full run
+                        (default 1x16,4x8,2x8; ours = 2x16x4M; e.g. 4x16x256K)
   --no-verify           skip the byte comparison of round 1's outputs with the disk
   --results PATH        the report's file: rewrites only its section between <!-- begin core --> and <!-- end core --> (default benchmarks/RESULTS.md; --quick: benchmarks/work/RESULTS-quick.md)
   --work DIR            scratch folder (default benchmarks/work, git-ignored); images are cached there
@@ -133,7 +134,7 @@ function parseArgs(argv) {
   const setups = (caches) => caches.flatMap((c) => (c === 'remote' ? o.latencies.map((l) => ({ key: `remote ${l}`, storage: c, latency: l })) : [{ key: c, storage: c }]));
   o.storages = setups(o.caches);
   o.rawStorages = setups(o.rawCaches);
-  for (const s of o.settings) if (!/^\d+x\d+$/.test(s)) throw new Error(`setting ${s}: expected CONNECTIONSxREQUESTS, e.g. 2x16`);
+  for (const s of o.settings) if (!/^\d+x\d+(x\d+[KM]?)?$/.test(s)) throw new Error(`setting ${s}: expected CONNECTIONSxREQUESTS[xREQUEST-SIZE], e.g. 2x16 or 4x16x256K`);
   if (!Number.isInteger(o.rounds) || o.rounds < 1) throw new Error('--rounds must be a positive integer');
   if (o.candidate && !existsSync(path.join(o.candidate, 'dist', 'cli', 'main.js'))) throw new Error(`--candidate ${o.candidate}: no dist/cli/main.js (build it first)`);
   o.results ??= o.quick ? path.join(o.work, 'RESULTS-quick.md') : path.join(here, 'RESULTS.md');
@@ -491,8 +492,8 @@ async function benchFull(opts, report, st) {
     { ...oursFull('ours --discard', []), command: (uri, out) => [NODE, [CLI, 'copy', uri, out, '--json', '--discard']] },
     { name: 'nbdcopy --flush', command: (uri, out) => [nbdcopy, ['--flush', uri, out]] },
     ...opts.settings.map((s) => {
-      const [c, r] = s.split('x');
-      return oursFull(`ours ${s}`, ['--connections', c, '--requests', r]);
+      const [c, r, size] = s.split('x');
+      return oursFull(`ours ${s}`, ['--connections', c, '--requests', r, ...(size ? ['--max-request', size] : [])]);
     }),
     ...(opts.candidate ? [oursFull('candidate', [], opts.candidate)] : []),
     // reading alone, no output: how fast any copy to a file could be on this machine
@@ -1039,7 +1040,7 @@ function render(opts, m, report, loadAfter, commandLine) {
         L.push(`- ours with discard on vs nbdcopy --flush (issue 15): **${f2(d)}x** (per-round ${f2(pairedRatio(F.rows, 'nbdcopy --flush', 'ours --discard', (r) => r.total))}x). Goal >= 1.0x: **${d >= 1 ? 'met' : 'not met'}**.`);
       }
       L.push(`- ours vs qemu-img convert: ${f2(stats(F.rows, 'qemu-img', (r) => r.total).median / stats(F.rows, 'ours', (r) => r.total).median)}x (per-round ${f2(pairedRatio(F.rows, 'qemu-img', 'ours', (r) => r.total))}x).`);
-      const settings = F.contenders.filter((c) => /^ours( \d+x\d+)?$/.test(c));
+      const settings = F.contenders.filter((c) => /^ours( \d+x\d+(x\d+[KM]?)?)?$/.test(c));
       const best = settings.map((c) => [c, stats(F.rows, c, (r) => r.total).median]).sort((a, b) => a[1] - b[1]);
       L.push(`- our connections x requests, fastest first (median s): ${best.map(([c, t]) => `${c === 'ours' ? 'default' : c.slice(5)} ${f2(t)}`).join(', ')}.`);
       L.push(ceilingLine(x.ceiling, 1.2, 'nbdcopy'));
