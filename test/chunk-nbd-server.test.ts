@@ -11,7 +11,7 @@
  * on a directory store (its qcow2 chain through qemu-storage-daemon).
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, statSync } from 'node:fs';
+import { existsSync, readdirSync, statSync, watch } from 'node:fs';
 import { mkdtemp, open, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -304,6 +304,10 @@ describe('serve on a directory store', { timeout: 120_000 }, () => {
     const content = disk.snapshot();
     const scratch = await tempDir('pbp-serve-');
     const socket = path.join(scratch, 'dir.sock');
+    // what happens to the socket's name in its folder (inotify): it must appear private, never be
+    // chmod-ed there ('change'), so no other user can connect before its mode is 0600
+    const seen: string[] = [];
+    const watcher = watch(scratch, (event, name) => seen.push(`${event} ${name}`));
     const child = spawn(process.execPath, [CLI, 'serve', `dir1:${volname}`, '--store', root, '--socket', socket], { stdio: ['ignore', 'pipe', 'pipe'] });
     let stderr = '';
     child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
@@ -316,6 +320,11 @@ describe('serve on a directory store', { timeout: 120_000 }, () => {
       const uri = `nbd+unix:///disk0?socket=${socket}`;
       expect(line).toBe(`disk0: ${uri}`);
       expect((statSync(socket).mode & 0o777).toString(8)).toBe('600');
+      await new Promise((r) => setTimeout(r, 200)); // the watcher's events of the start-up, delivered
+      watcher.close();
+      expect(seen).toContain('rename dir.sock');
+      expect(seen).not.toContain('change dir.sock');
+      expect(readdirSync(scratch)).toEqual(['dir.sock']); // the private folder it was made in is gone
       const info = JSON.parse((await execFileP('nbdinfo', ['--json', uri])).stdout) as { exports: Array<Record<string, unknown>> };
       expect(info.exports[0]).toMatchObject({ 'export-size': 8 * MiB, is_read_only: true });
       const out = path.join(scratch, 'served.raw');

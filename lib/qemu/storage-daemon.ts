@@ -6,9 +6,9 @@
  * Proxmox VE's restore path) or as NBD exports (`startNbdImageExports`, `serve`).
  */
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
-import { chmod, mkdtemp, open, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { chmod, link, mkdtemp, open, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 import { promisify } from 'node:util';
 import { setTimeout as sleep } from 'node:timers/promises';
 
@@ -300,6 +300,11 @@ export interface NbdImageServer {
  * Serves image files (qcow2 chains, raw) as read-only NBD exports on a new unix socket, with
  * qemu-storage-daemon's NBD server: a directory store's backups for `pve-backup-provider serve`.
  * An existing file at `socket` is refused (QEMU would unlink it). The daemon dies with this process.
+ *
+ * QEMU creates its socket with the umask's mode, and a chmod afterwards leaves a moment in which
+ * another user may connect and read the guest's disks. So QEMU listens in a private (0700) folder
+ * beside `socket`; the socket is made 0600 there and only then linked to `socket` (a link never
+ * replaces a file), as the core's own NBD server does (native/src/nbd/server/mod.rs `bind`).
  */
 export async function startNbdImageExports(exports: NbdImageExport[], socket: string): Promise<NbdImageServer> {
   const binary = requireTool('qemu-storage-daemon', 'qemu-system-common');
@@ -311,13 +316,17 @@ export async function startNbdImageExports(exports: NbdImageExport[], socket: st
     args.push('--blockdev', `driver=file,filename=${quote(e.image)},aio=threads,read-only=on,node-name=f${i}`);
     args.push('--blockdev', `driver=${e.format},file=f${i},read-only=on,node-name=fmt${i}`);
   });
-  args.push('--nbd-server', `addr.type=unix,addr.path=${quote(socket)},max-connections=0`);
+  // beside `socket`: the same file system, so the socket made inside can be linked to it
+  const privateDir = await mkdtemp(join(dirname(socket), `.${basename(socket)}.`)); // 0700
+  const inside = join(privateDir, 'socket');
+  args.push('--nbd-server', `addr.type=unix,addr.path=${quote(inside)},max-connections=0`);
   exports.forEach((e, i) => args.push('--export', `type=nbd,id=e${i},node-name=fmt${i},name=${quote(e.name)},writable=off`));
   const dir = await mkdtemp(join(tmpdir(), 'pbp-nbd-')); // 0700, for the log
   let daemon: ServingDaemon;
   try {
-    daemon = await startServingDaemon(binary, args, join(dir, 'qemu-storage-daemon.log'), `listen on ${socket}`, () => stat(socket).then((st) => st.isSocket(), () => false));
+    daemon = await startServingDaemon(binary, args, join(dir, 'qemu-storage-daemon.log'), `listen on ${socket}`, () => stat(inside).then((st) => st.isSocket(), () => false));
   } catch (err) {
+    await rm(privateDir, { recursive: true, force: true });
     await rm(dir, { recursive: true, force: true });
     throw err;
   }
@@ -328,10 +337,18 @@ export async function startNbdImageExports(exports: NbdImageExport[], socket: st
       await rm(socket, { force: true });
       await rm(dir, { recursive: true, force: true });
     }));
-  // QEMU creates it with the umask's mode: only its owner may connect
-  await chmod(socket, 0o600).catch(async (err: unknown) => {
-    await stop();
+  try {
+    await chmod(inside, 0o600);
+    await link(inside, socket).catch((err: NodeJS.ErrnoException) => {
+      throw err.code === 'EEXIST' ? new InvalidArgumentError(`${socket} exists: give a path where the socket can be created`) : err;
+    });
+  } catch (err) {
+    // the socket at `socket` is not ours unless the link made it: only the daemon and the folder go
+    stopped ??= daemon.stop().then(() => rm(dir, { recursive: true, force: true }));
+    await stopped;
     throw err;
-  });
+  } finally {
+    await rm(privateDir, { recursive: true, force: true });
+  }
   return { socket, stop };
 }

@@ -116,13 +116,56 @@ impl Drop for NbdServer {
     }
 }
 
+/// Listens on `socket`, which appears at its path already 0600. A socket is created with the
+/// umask's mode, and a chmod after `bind` leaves a moment in which another user may connect and
+/// read a guest's disks. So it is bound in a private (0700) folder beside its path, made 0600
+/// there, and only then linked into place; a link never replaces a file, so one already at
+/// `socket` is refused. The folder goes when this returns.
 fn bind(socket: &Path) -> Result<UnixListener> {
     use std::os::unix::fs::PermissionsExt;
-    let listener = UnixListener::bind(socket)
-        .map_err(|e| Error::io(format!("listening on {}", socket.display()), e))?;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| Error::io(format!("setting the mode of {}", socket.display()), e))?;
+    let at = |what: &str| {
+        let what = format!("{what} {}", socket.display());
+        move |e| Error::io(what, e)
+    };
+    let private = PrivateDir::beside(socket).map_err(at("making a private folder beside"))?;
+    let inside = private.0.join("socket");
+    let listener = UnixListener::bind(&inside).map_err(at("listening on"))?;
+    std::fs::set_permissions(&inside, std::fs::Permissions::from_mode(0o600))
+        .map_err(at("setting the mode of"))?;
+    std::fs::hard_link(&inside, socket).map_err(at("listening on"))?;
     Ok(listener)
+}
+
+/// A folder only its owner can enter, removed with what is in it when dropped.
+struct PrivateDir(PathBuf);
+
+impl PrivateDir {
+    /// A new folder beside `path` (same file system, so a link from inside it can reach `path`).
+    fn beside(path: &Path) -> std::io::Result<PrivateDir> {
+        use std::os::unix::fs::DirBuilderExt;
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+        let parent = parent.unwrap_or(Path::new("."));
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        let name = name.unwrap_or_default();
+        let mut attempt = 0u32;
+        loop {
+            let dir = parent.join(format!(".{name}.{}.{attempt}", std::process::id()));
+            match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+                Ok(()) => return Ok(PrivateDir(dir)),
+                // left by a killed run of a process with the same id: take the next name
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 100 => {
+                    attempt += 1
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 async fn accept_loop<D: ReadOnlyDisk>(

@@ -357,3 +357,71 @@ async fn stop_ends_open_connections_and_refuses_an_existing_socket() {
     .await
     .unwrap();
 }
+
+/// The socket's name appears in its folder only once it is 0600: its mode is never changed
+/// there (no IN_ATTRIB for it), so no other user can connect in between. inotify on the folder
+/// sees every step in order, so this does not depend on timing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_socket_appears_private_and_is_never_chmod_ed_in_place() {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("nbd.sock");
+    // SAFETY: plain inotify calls on a descriptor this test owns; the path is NUL-terminated.
+    let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+    assert!(fd >= 0);
+    let cpath = std::ffi::CString::new(dir.path().as_os_str().as_bytes()).unwrap();
+    let wd =
+        unsafe { libc::inotify_add_watch(fd, cpath.as_ptr(), libc::IN_CREATE | libc::IN_ATTRIB) };
+    assert!(wd >= 0);
+    let server = NbdServer::start(
+        &socket,
+        vec![Export {
+            name: "d".into(),
+            disk: Arc::new(MemDisk::new(content())),
+        }],
+        Arc::new(|_: &str| {}),
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 64 << 10];
+    // SAFETY: reads into a buffer of the length given.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    unsafe { libc::close(fd) };
+    assert!(n > 0, "no inotify event at all");
+    let mut events = Vec::new();
+    let mut at = 0usize;
+    while at < n as usize {
+        let mask = u32::from_ne_bytes(buf[at + 4..at + 8].try_into().unwrap());
+        let len = u32::from_ne_bytes(buf[at + 12..at + 16].try_into().unwrap()) as usize;
+        let name = &buf[at + 16..at + 16 + len];
+        let name = String::from_utf8_lossy(name)
+            .trim_end_matches('\0')
+            .to_string();
+        events.push((name, mask));
+        at += 16 + len;
+    }
+    let on_socket: Vec<u32> = events
+        .iter()
+        .filter(|(name, _)| name == "nbd.sock")
+        .map(|(_, m)| *m)
+        .collect();
+    assert!(
+        on_socket.iter().any(|m| m & libc::IN_CREATE != 0),
+        "the socket was created in its folder: {events:?}"
+    );
+    assert!(
+        on_socket.iter().all(|m| m & libc::IN_ATTRIB == 0),
+        "the socket's mode was changed after it appeared (others could connect before): {events:?}"
+    );
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // the private folder it was made in is gone
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("nbd.sock")]);
+    client(&socket, "d").await.unwrap();
+    server.stop().await;
+}
