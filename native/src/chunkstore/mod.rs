@@ -117,6 +117,27 @@ pub async fn fetch_chunk(
     .map_err(|e| Error::sink(format!("{failed}: {e}")))?
 }
 
+/// Most chunks a reader (restore, stream restore, verify) fetches at once, whatever it is asked.
+pub const MAX_FETCHES: usize = 64;
+
+/// How a reader of chunks paces its fetches: `fetches` at once (0: the reader's `default`; at
+/// most [`MAX_FETCHES`]), and a limiter of `bandwidth_limit` bytes per second of stored size
+/// (`None` or 0: none), shared by its fetches.
+pub fn fetch_pacing(
+    fetches: usize,
+    default: usize,
+    bandwidth_limit: Option<u64>,
+) -> (usize, Option<Arc<RateLimiter>>) {
+    let fetches = match fetches {
+        0 => default,
+        n => n.min(MAX_FETCHES),
+    };
+    let limiter = bandwidth_limit
+        .filter(|&b| b > 0)
+        .map(|b| Arc::new(RateLimiter::new(b)));
+    (fetches, limiter)
+}
+
 /// The fixed index stored at `key`, decoded (and so checked); a missing one is corrupt (a
 /// manifest or the caller named it).
 pub async fn load_fixed_index(objects: &dyn Objects, key: &str) -> Result<format::FixedIndex> {

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::format::{FixedIndex, ZERO_DIGEST};
 use super::key::StoreKey;
-use super::{fetch_chunk, Objects};
+use super::{fetch_chunk, fetch_pacing, Objects};
 use crate::engine::Progress;
 use crate::error::{Error, Result};
 use crate::ratelimit::RateLimiter;
@@ -27,8 +27,6 @@ use crate::restore::{open_target, write_sparse, zero_range, RestoreSummary, Targ
 
 /// Chunks fetched at once when the caller does not say.
 pub const DEFAULT_FETCHES: usize = 4;
-/// Most fetches accepted.
-pub const MAX_FETCHES: usize = 64;
 /// How often progress is reported.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 /// Granularity of the holes left inside a chunk on a zeroed target.
@@ -83,14 +81,8 @@ pub async fn restore(options: ChunkRestoreOptions) -> Result<RestoreSummary> {
             .map_err(|e| Error::sink(format!("opening the target: {e}")))??
     };
     let target = Arc::new(target);
-    let fetches = match options.fetches {
-        0 => DEFAULT_FETCHES,
-        n => n.min(MAX_FETCHES),
-    };
-    let limiter = options
-        .bandwidth_limit
-        .filter(|&b| b > 0)
-        .map(|b| Arc::new(RateLimiter::new(b)));
+    let (fetches, limiter) =
+        fetch_pacing(options.fetches, DEFAULT_FETCHES, options.bandwidth_limit);
     let index_name: Arc<str> = options.index_name.into();
     let n = index.digests.len() as u64;
     let mut work = futures::stream::iter(0..n)

@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use super::format::DynamicIndex;
 use super::key::{self, Digest, StoreKey};
 use super::sink::{ChunkUploader, Stored, DEFAULT_UPLOADS};
-use super::{fetch_chunk, Objects};
+use super::{fetch_chunk, fetch_pacing, Objects};
 use crate::engine::Progress;
 use crate::error::{Error, Result};
 use crate::ratelimit::RateLimiter;
@@ -49,8 +49,6 @@ pub const MINIMUM_CHUNK: u32 = 1 << 20;
 pub const MAXIMUM_CHUNK: u32 = super::format::MAX_CHUNK_SIZE;
 /// Chunks fetched at once by a restore when the caller does not say.
 pub const DEFAULT_FETCHES: usize = 4;
-/// Most fetches accepted.
-pub const MAX_FETCHES: usize = 64;
 /// How often progress is reported.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -365,14 +363,8 @@ pub async fn restore_stream<W: AsyncWrite + Unpin>(
 ) -> Result<StreamRestoreSummary> {
     let started = Instant::now();
     let index = Arc::new(options.index);
-    let fetches = match options.fetches {
-        0 => DEFAULT_FETCHES,
-        n => n.min(MAX_FETCHES),
-    };
-    let limiter = options
-        .bandwidth_limit
-        .filter(|&b| b > 0)
-        .map(|b| Arc::new(RateLimiter::new(b)));
+    let (fetches, limiter) =
+        fetch_pacing(options.fetches, DEFAULT_FETCHES, options.bandwidth_limit);
     let name: Arc<str> = options.index_name.into();
     let mut summary = StreamRestoreSummary {
         length: index.length,

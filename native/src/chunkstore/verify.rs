@@ -19,14 +19,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::format::{chunk_key, decode_chunk, ZERO_DIGEST};
 use super::key::{self, Digest, StoreKey};
-use super::{get_chunk, Objects};
+use super::{fetch_pacing, get_chunk, Objects};
 use crate::error::{Error, Result};
 use crate::ratelimit::RateLimiter;
 
 /// Chunks fetched at once when the caller does not say.
 pub const DEFAULT_FETCHES: usize = 8;
-/// Most fetches accepted.
-pub const MAX_FETCHES: usize = 64;
 /// How often progress is reported.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -168,14 +166,8 @@ pub async fn verify(options: VerifyOptions) -> Result<VerifySummary> {
         })
         .collect();
 
-    let fetches = match options.fetches {
-        0 => DEFAULT_FETCHES,
-        n => n.min(MAX_FETCHES),
-    };
-    let limiter = options
-        .bandwidth_limit
-        .filter(|&b| b > 0)
-        .map(|b| Arc::new(RateLimiter::new(b)));
+    let (fetches, limiter) =
+        fetch_pacing(options.fetches, DEFAULT_FETCHES, options.bandwidth_limit);
     let mut work = futures::stream::iter(chosen)
         .map(|digest| {
             let objects = options.objects.clone();
