@@ -10,7 +10,7 @@
  * `pve-backup-provider serve` end to end with nbdinfo, stopped by SIGTERM, on a chunk store and
  * on a directory store (its qcow2 chain through qemu-storage-daemon).
  */
-import { spawn, spawnSync } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { existsSync, readdirSync, statSync, watch } from 'node:fs';
 import { mkdtemp, open, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -55,6 +55,19 @@ async function allocationMap(uri: string): Promise<Array<[number, number, number
     .map((l) => l.trim().split(/\s+/).slice(0, 3).map(Number) as [number, number, number]);
 }
 
+
+/** `pve-backup-provider serve ARGS` in a child: its exit code, and the first line it prints (it fails if serve exits first). */
+function serve(args: string[], env?: NodeJS.ProcessEnv): { child: ChildProcess; exited: Promise<number | null>; firstLine: Promise<string> } {
+  const child = spawn(process.execPath, [CLI, 'serve', ...args], { ...(env ? { env } : {}), stdio: ['ignore', 'pipe', 'pipe'] });
+  let stderr = '';
+  child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  const firstLine = new Promise<string>((resolve, reject) => {
+    createInterface({ input: child.stdout! }).once('line', resolve);
+    void exited.then((code) => reject(new Error(`serve exited with ${code}: ${stderr}`)));
+  });
+  return { child, exited, firstLine };
+}
 describe('NBD server over the chunk store (Garage, 3 nodes)', { timeout: 300_000 }, () => {
   let cluster: S3Cluster;
   let base: S3StoreOptions;
@@ -254,15 +267,9 @@ describe('NBD server over the chunk store (Garage, 3 nodes)', { timeout: 300_000
     const env = { ...process.env, AWS_ACCESS_KEY_ID: cluster.accessKeyId, AWS_SECRET_ACCESS_KEY: cluster.secretAccessKey };
     const socket = path.join(scratch, 'serve.sock');
     const s3 = ['--store', `s3://${o.bucket}/${o.prefix}`, '--endpoint', cluster.endpoint, '--region', cluster.region];
-    const child = spawn(process.execPath, [CLI, 'serve', `chunks:${volname}`, ...s3, '--socket', socket, '--json'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
-    let stderr = '';
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+    const { child, exited, firstLine } = serve([`chunks:${volname}`, ...s3, '--socket', socket, '--json'], env);
     try {
-      const line = await new Promise<string>((resolve, reject) => {
-        createInterface({ input: child.stdout }).once('line', resolve);
-        void exited.then((code) => reject(new Error(`serve exited with ${code}: ${stderr}`)));
-      });
+      const line = await firstLine;
       const printed = JSON.parse(line) as { volid: string; socket: string; exports: Array<{ name: string; uri: string }> };
       const uri = `nbd+unix:///disk0?socket=${socket}`;
       expect(printed).toEqual({ volid: `chunks:${volname}`, socket, exports: [{ name: 'disk0', uri }] });
@@ -308,15 +315,9 @@ describe('serve on a directory store', { timeout: 120_000 }, () => {
     // chmod-ed there ('change'), so no other user can connect before its mode is 0600
     const seen: string[] = [];
     const watcher = watch(scratch, (event, name) => seen.push(`${event} ${name}`));
-    const child = spawn(process.execPath, [CLI, 'serve', `dir1:${volname}`, '--store', root, '--socket', socket], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stderr = '';
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+    const { child, exited, firstLine } = serve([`dir1:${volname}`, '--store', root, '--socket', socket]);
     try {
-      const line = await new Promise<string>((resolve, reject) => {
-        createInterface({ input: child.stdout }).once('line', resolve);
-        void exited.then((code) => reject(new Error(`serve exited with ${code}: ${stderr}`)));
-      });
+      const line = await firstLine;
       const uri = `nbd+unix:///disk0?socket=${socket}`;
       expect(line).toBe(`disk0: ${uri}`);
       expect((statSync(socket).mode & 0o777).toString(8)).toBe('600');
