@@ -44,12 +44,12 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 
-import { CLI, GiB, MiB, NODE, cpuSeconds, f0, f2, fmtBlock, fmtMiB, fmtSize, guestWrites, importTestHelper, median, parseSize, pkg, requireTime, rmf, root, sparseRandomDisk, startDaemonWithJobMonitor, timed, tool } from './common.mjs';
+import { CLI, GiB, MiB, NODE, cpuSeconds, f0, f2, fmtBlock, fmtMiB, fmtSize, guestWrites, importTestHelper, median, parseSize, pkg, requireTime, rmf, root, sparseRandomDisk, startDaemonWithJobMonitor, timed, tool, withBackupAccess } from './common.mjs';
 import { writeSection } from './results-file.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const execFileP = promisify(execFile);
-const { NbdClient, setupBackupAccess, teardownBackupAccess } = pkg;
+const { NbdClient } = pkg;
 // the core's binding itself (no part of the package's API): the one instance Node's require cache
 // holds for native/index.cjs, which the package uses too
 const native = createRequire(import.meta.url)(path.join(root, 'native', 'index.cjs'));
@@ -223,15 +223,7 @@ async function backupOnce(store, qsd, work, vmid) {
 async function withAccess(qsd, work, targetId, bitmap, fn, success = true) {
   const fleecing = path.join(work, 'fleecing-harness');
   await mkdir(fleecing, { recursive: true });
-  const access = await setupBackupAccess(qsd.qmp, { targetId, devices: ['disk0'], ...(bitmap ? { bitmap } : {}), fleecing: { dir: fleecing }, nbdServer: { path: qsd.nbdSocket } });
-  let ok = false;
-  try {
-    const r = await fn(access.devices[0]);
-    ok = true;
-    return r;
-  } finally {
-    await teardownBackupAccess(qsd.qmp, { targetId, success: ok && success });
-  }
+  return withBackupAccess(qsd.qmp, { targetId, ...(bitmap ? { bitmap } : {}), fleecing: { dir: fleecing }, nbdServer: { path: qsd.nbdSocket } }, fn, success);
 }
 
 /** Reading alone: the core copies the export (the bitmap's dirty areas) to nowhere, TRIMming as the backup does. */

@@ -29,6 +29,22 @@ export const pkg = await import(path.join(dist, 'index.js')).catch((e) => {
 });
 const { QmpClient } = pkg;
 
+/**
+ * `fn` on the export of a backup access the harness sets up for disk0 (`options`: those of
+ * setupBackupAccess, devices aside); its teardown reports success when `fn` returned and `success`.
+ */
+export async function withBackupAccess(qmp, options, fn, success = true) {
+  const access = await pkg.setupBackupAccess(qmp, { devices: ['disk0'], ...options });
+  let ok = false;
+  try {
+    const r = await fn(access.devices[0]);
+    ok = true;
+    return r;
+  } finally {
+    await pkg.teardownBackupAccess(qmp, { targetId: options.targetId, success: ok && success });
+  }
+}
+
 /** `/usr/bin/time` (Debian package `time`), required: peak RSS is part of every report here. */
 export function requireTime() {
   if (!existsSync('/usr/bin/time')) throw new Error('/usr/bin/time not found: apt-get install time');

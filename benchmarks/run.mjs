@@ -17,7 +17,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
-import { pkg, pseudoRandomBytes, sparseRandomDisk } from './common.mjs';
+import { pkg, pseudoRandomBytes, sparseRandomDisk, withBackupAccess } from './common.mjs';
 import { writeSection } from './results-file.mjs';
 
 const execFileP = promisify(execFile);
@@ -25,7 +25,7 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 const root = path.resolve(here, '..');
 const dist = (p) => path.join(root, 'dist', p);
 
-const { NbdClient, setupBackupAccess, startStorageDaemon, teardownBackupAccess } = pkg;
+const { NbdClient, startStorageDaemon } = pkg;
 
 // ---------------------------------------------------------------------------------------------
 // Options
@@ -359,21 +359,7 @@ for (const sig of ['SIGINT', 'SIGTERM']) {
 const TARGET_ID = 'bench';
 
 async function withAccess(daemon, fleeceDir, bitmap, fn, success = true) {
-  const access = await setupBackupAccess(daemon.qmp, {
-    targetId: TARGET_ID,
-    devices: ['disk0'],
-    ...(bitmap ? { bitmap } : {}),
-    fleecing: { dir: fleeceDir, format: 'qcow2' },
-    nbdServer: { path: daemon.nbdSocket },
-  });
-  let ok = false;
-  try {
-    const r = await fn(access.devices[0]);
-    ok = true;
-    return r;
-  } finally {
-    await teardownBackupAccess(daemon.qmp, { targetId: TARGET_ID, success: ok && success });
-  }
+  return withBackupAccess(daemon.qmp, { targetId: TARGET_ID, ...(bitmap ? { bitmap } : {}), fleecing: { dir: fleeceDir, format: 'qcow2' }, nbdServer: { path: daemon.nbdSocket } }, fn, success);
 }
 
 /** Byte comparison of an output (raw, or qcow2 by its magic) with the daemon's disk (read-only, shared). */
