@@ -15,7 +15,8 @@
 //
 // Every module tsc wrote stays in dist/ as it is, with the .d.ts files (the types, and the tests
 // and benchmarks that import an internal module directly): a process uses either those or the
-// entry points, never both, which would give it two copies of the same classes.
+// entry points, never both, which would give it two copies of the same classes. The package
+// ships only this file, the two entries and the .d.ts files (package.json `files`).
 import { readFileSync, rmSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';

@@ -19,6 +19,8 @@ describe('npm pack', () => {
     expect(files).toContain('native/index.cjs');
     expect(files.some((f) => f.endsWith('.node'))).toBe(true);
     expect(files).toContain('dist/index.js');
+    // the code ships once, in the bundle with its two entries; tsc's modules stay out (types aside)
+    expect(files.filter((f) => f.startsWith('dist/') && !f.endsWith('.d.ts')).sort()).toEqual(['dist/bundle.js', 'dist/bundle.js.map', 'dist/cli/main.js', 'dist/index.js']);
     expect(files).toContain('perl/PVE/BackupProvider/Plugin/NodeBridge.pm'); // the Perl half of the bridge
     expect(files).toContain('perl/templates/StoragePlugin.pm.in'); // what pve-plugin generate fills in
     expect(files.some((f) => f.startsWith('test/') || f.startsWith('native/src/'))).toBe(false);
