@@ -255,10 +255,11 @@ export class ChunkProvider extends BackupProviderBase {
 
   /**
    * The backup QEMU's bitmap counts writes since: the one the ledger names for this store, if
-   * its manifest and indexes are still there and sound and its last verify (if any) did not
-   * fail. Otherwise the next backup reads every chunk. Whether the chunks it names are still
-   * stored is the core's check (one listing of the fossils, `missing_chunks`), in the disk's
-   * job: when one is not, that disk is read whole (`previousIncomplete`).
+   * its manifest and indexes are still there and sound, none of the chunks they name is a fossil
+   * (a collection may delete it: {@link ChunkStore.missingChunks}, one listing, after the writer
+   * record `startBackup` wrote) and its last verify (if any) did not fail. Otherwise the next
+   * backup reads every chunk. Decided here, before QEMU is asked for an incremental export:
+   * such an export can only be read where it is dirty.
    */
   private async trustedPrevious(store: ChunkStore, vmid: number): Promise<ChunkManifest | undefined> {
     const owner = await this.ledger.read(vmid);
@@ -271,8 +272,14 @@ export class ChunkProvider extends BackupProviderBase {
     let m: ChunkManifest;
     try {
       m = await store.readManifest(volname, { needKey: true });
-      for (const device of Object.keys(m.devices ?? {})) await store.readFixedIndex(m, device);
       await this.assertNotFailedVerify(store, volname);
+      for (const device of Object.keys(m.devices ?? {})) {
+        const missing = await store.missingChunks((await store.readFixedIndex(m, device)).digests);
+        if (missing.length > 0) {
+          this.log.warn(`${missing.length} chunk(s) of ${volname} ${device} were moved aside by a garbage collection (first: ${missing[0]}): full backup`);
+          return undefined;
+        }
+      }
     } catch (err) {
       this.log.warn(`QEMU's bitmap for storage ${this.storeid} counts writes since ${volname}, which cannot be used (${(err as Error).message}): full backup`);
       return undefined;
@@ -366,7 +373,6 @@ export class ChunkProvider extends BackupProviderBase {
     } finally {
       g.copying = false;
     }
-    if (summary.previousIncomplete) this.log.warn(`${device}: chunks of ${g.previous?.volname} went missing since the backup started: every chunk was read`);
     this.log.info(`${device}: read ${summary.bytesRead} bytes; ${summary.chunks} chunks: ${summary.uploaded} uploaded, ${summary.reused} already stored, ${summary.zero} zero`);
     g.devices[device] = {
       index,

@@ -605,6 +605,22 @@ export class ChunkStore {
     return { key, digests };
   }
 
+  /**
+   * The chunks of a previous backup's index (`digests`) an incremental backup must not take as
+   * stored: those a garbage collection moved aside (fossils, which a later run may delete). One
+   * listing of `fossils/`, not a request per chunk (docs/chunk-store.md, "The check of the
+   * previous index"); sound only after the backup's writer record is written
+   * ({@link ChunkStore.startBackup} does that first). A chunk lost outside the store's
+   * operations is not seen here: `verify` finds it (see {@link ChunkStore.readVerifyState}).
+   * @returns Their keys, sorted.
+   */
+  async missingChunks(digests: Buffer[]): Promise<string[]> {
+    const missing = await this.objects.missingChunks(Buffer.concat(digests));
+    const keys: string[] = [];
+    for (let i = 0; i < missing.length; i += 32) keys.push(chunkKey(missing.subarray(i, i + 32)));
+    return keys.sort();
+  }
+
   // ----- verify state -------------------------------------------------------------------------
 
   /** Records a backup's verify verdict (`verify.json`). */
