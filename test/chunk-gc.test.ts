@@ -3,7 +3,8 @@
  * real distributed S3 store (Garage, three nodes, replication factor 3) and real backups of
  * qemu-storage-daemon disks through the job runner: unused chunks become fossils and are
  * deleted one run later; a backup that found a chunk by its existence just before the chunk
- * became a fossil restores byte-exact (from the fossil) and the next run brings the chunk back;
+ * became a fossil restores byte-exact (from the fossil) and the next run brings the chunk back,
+ * and the guest's next backup, with fossils among its previous index's chunks, is a full one;
  * collections, prunes and backups of three guests (two of them clones) running at once leave
  * every finished backup restorable byte-exact; a failed backup's folder goes once it is not
  * running; a collected writer record fails its backup; a damaged index stops a run before it

@@ -7,7 +7,8 @@
  * ERR_KEY_REQUIRED, before anything of the backup is read; blobs are encrypted), the provider's
  * backup flow through the native chunk jobs on a qemu-storage-daemon disk (manifest last,
  * counters, the task log, incremental through the bitmap ledger, cleanup of a failed backup,
- * restore byte-exact, a damaged index refused), and the command line on an s3:// URL.
+ * a chunk lost by hand: verify records the failure and the next backup is full, restore
+ * byte-exact, a damaged index refused), and the command line on an s3:// URL.
  */
 import { spawnSync } from 'node:child_process';
 import { createHash, createHmac, randomBytes } from 'node:crypto';
