@@ -107,7 +107,7 @@ export interface ChunkStreamSummary {
   reused: number;
   indexSize: number;
   indexSha256: string;
-  /** Chunks of the previous index the store no longer holds. */
+  /** Chunks of the previous index that are fossils (a garbage collection moved them aside): not taken as known. */
   previousMissing: number;
 }
 

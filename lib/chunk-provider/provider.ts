@@ -414,7 +414,7 @@ export class ChunkProvider extends BackupProviderBase {
     } finally {
       g.copying = false;
     }
-    if (summary.previousMissing > 0) this.log.warn(`${summary.previousMissing} chunk(s) of ${previous?.volname} are missing from the store: uploaded again where needed`);
+    if (summary.previousMissing > 0) this.log.warn(`${summary.previousMissing} chunk(s) of ${previous?.volname} were moved aside by a garbage collection: uploaded again where needed`);
     this.log.info(`${index}: ${summary.length} bytes of tar stream; ${summary.chunks} chunks: ${summary.uploaded} uploaded, ${summary.reused} already stored`);
     g.archive = {
       index,

@@ -425,7 +425,7 @@ pub struct ChunkStreamBackupSummary {
     pub uploaded: i64,
     pub reused: i64,
     pub bytes_uploaded: i64,
-    /// Chunks of the previous index the store no longer holds (uploaded again if needed).
+    /// Chunks of the previous index that are fossils (not taken as known; uploaded again if needed).
     pub previous_missing: i64,
 }
 
