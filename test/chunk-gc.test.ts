@@ -157,7 +157,7 @@ describe('chunk store garbage collection (Garage, 3 nodes)', { timeout: 300_000 
     const mi = await store.readManifest(incr.volname);
     expect(mi.devices!['disk0']).toMatchObject({ bitmapMode: 'new', bytesRead: 32 * MiB });
     expect(mi.devices!['disk0']!.previous).toBeUndefined();
-    expect(lines.join('\n')).toMatch(new RegExp(`\\d chunk\\(s\\) of ${clone.volname} disk0 were moved aside by a garbage collection \\(first: chunks/.*: full backup`));
+    expect(lines.join('\n')).toMatch(new RegExp(`\\d chunk\\(s\\) of ${clone.volname} were moved aside by a garbage collection \\(first: chunks/.*: full backup`));
     const named = (await store.readFixedIndex(mi, 'disk0')).digests;
     for (const d of named) expect(await store.objects.head(chunkKey(d)), chunkKey(d)).not.toBeNull();
     await expectRestores(p, incr.volname, incr.content, scratch);

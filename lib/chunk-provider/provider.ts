@@ -273,12 +273,13 @@ export class ChunkProvider extends BackupProviderBase {
     try {
       m = await store.readManifest(volname, { needKey: true });
       await this.assertNotFailedVerify(store, volname);
-      for (const device of Object.keys(m.devices ?? {})) {
-        const missing = await store.missingChunks((await store.readFixedIndex(m, device)).digests);
-        if (missing.length > 0) {
-          this.log.warn(`${missing.length} chunk(s) of ${volname} ${device} were moved aside by a garbage collection (first: ${missing[0]}): full backup`);
-          return undefined;
-        }
+      // every disk's chunks in one check: one listing of the fossils, however many disks
+      const digests: Buffer[] = [];
+      for (const device of Object.keys(m.devices ?? {})) digests.push(...(await store.readFixedIndex(m, device)).digests);
+      const missing = await store.missingChunks(digests);
+      if (missing.length > 0) {
+        this.log.warn(`${missing.length} chunk(s) of ${volname} were moved aside by a garbage collection (first: ${missing[0]}): full backup`);
+        return undefined;
       }
     } catch (err) {
       this.log.warn(`QEMU's bitmap for storage ${this.storeid} counts writes since ${volname}, which cannot be used (${(err as Error).message}): full backup`);
