@@ -70,7 +70,7 @@ const LIST_PAGE: usize = 1000;
 /// disk. The caller must have written its writer record before (a fossil made after the
 /// listing then waits for it). When `fossils/` holds more than `ceil(distinct / 1000) + 1`
 /// pages, the listing stops there and each chunk is asked for with `head` instead (at most
-/// `concurrency` at once), so the check never costs more than one `head` per chunk and a page.
+/// `concurrency` at once): at worst the `head`s alone plus those few pages.
 pub async fn missing_chunks(
     objects: &dyn Objects,
     digests: impl IntoIterator<Item = Digest>,
