@@ -3,7 +3,8 @@
  * real distributed S3 store (Garage, three nodes, replication factor 3) and real backups of
  * qemu-storage-daemon disks through the job runner: unused chunks become fossils and are
  * deleted one run later; a backup that found a chunk by its existence just before the chunk
- * became a fossil restores byte-exact (from the fossil) and the next run brings the chunk back;
+ * became a fossil restores byte-exact (from the fossil) and the next run brings the chunk back,
+ * and the guest's next backup, with fossils among its previous index's chunks, is a full one;
  * collections, prunes and backups of three guests (two of them clones) running at once leave
  * every finished backup restorable byte-exact; a failed backup's folder goes once it is not
  * running; a collected writer record fails its backup; a damaged index stops a run before it
@@ -18,7 +19,8 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { collectGarbage, type GcReport } from '../lib/chunk-provider/gc.js';
 import { ChunkProvider } from '../lib/chunk-provider/provider.js';
 import type { S3StoreOptions } from '../lib/chunk-provider/s3.js';
-import { ChunkStore } from '../lib/chunk-provider/store.js';
+import { ChunkStore, chunkKey } from '../lib/chunk-provider/store.js';
+import { verifyChunkStore } from '../lib/chunk-provider/verify.js';
 import { DirectoryStore } from '../lib/directory-provider/store.js';
 import { restoreVm, runBackupJob } from '../lib/index.js';
 import { startDisk, vmGuest, type Disk } from './helpers/directory.js';
@@ -81,6 +83,8 @@ describe('chunk store garbage collection (Garage, 3 nodes)', { timeout: 300_000 
     const second = await backup(p, disk, scratch);
     await store.deleteBackup(first.volname); // its chunk 0 is named by nothing now
     expect(await keys(store, 'chunks/')).toHaveLength(5);
+    // a verdict beside a manifest (verify.json) is neither an index nor garbage
+    expect((await verifyChunkStore(store)).map((r) => r.ok)).toEqual([true]);
     await nextSecond();
 
     const dry = await gc(store, { dryRun: true });
@@ -104,14 +108,18 @@ describe('chunk store garbage collection (Garage, 3 nodes)', { timeout: 300_000 
     expect(await keys(store, 'gc/')).toEqual([]);
     expect(await keys(store, 'chunks/')).toHaveLength(4);
     await expectRestores(p, second.volname, second.content, scratch);
+    expect(await store.readVerifyState(second.volname)).toMatchObject({ state: 'ok' });
 
-    // the last backup gone: two runs empty the store
+    // the last backup gone: two runs empty the store; a verdict a verify wrote after the delete
+    // (it raced it) is a folder without a manifest, removed
     await store.deleteBackup(second.volname);
+    await store.writeVerifyState(second.volname, { state: 'ok', time: 0, missing: 0, bad: 0 });
     await nextSecond();
     await gc(store);
     await gc(store);
     expect(await keys(store, 'chunks/')).toEqual([]);
     expect(await keys(store, 'fossils/')).toEqual([]);
+    expect(await keys(store, 'backups/')).toEqual([]);
   });
 
   it('a backup that found chunks by their existence just before they became fossils restores byte-exact; the next run brings them back', async () => {
@@ -139,11 +147,27 @@ describe('chunk store garbage collection (Garage, 3 nodes)', { timeout: 300_000 
     // what the backup took by existence is only a fossil now: restore reads it from there
     await expectRestores(p, clone.volname, clone.content, scratch);
 
+    // the next backup of the clone, while chunks its index names are fossils: the check of the
+    // previous index (one listing of fossils/) finds them, so it is not incremental over it:
+    // every chunk is read and the fossils' content is in chunks/ again, a key no collection
+    // deletes in its second step
+    const lines: string[] = [];
+    await disk.write(0x99, 0, 64 * 1024);
+    const incr = await backup(provider(store, scratch, { log: (_l, m) => lines.push(m) }), disk, scratch, 200);
+    const mi = await store.readManifest(incr.volname);
+    expect(mi.devices!['disk0']).toMatchObject({ bitmapMode: 'new', bytesRead: 32 * MiB });
+    expect(mi.devices!['disk0']!.previous).toBeUndefined();
+    expect(lines.join('\n')).toMatch(new RegExp(`\\d chunk\\(s\\) of ${clone.volname} were moved aside by a garbage collection \\(first: chunks/.*: full backup`));
+    const named = (await store.readFixedIndex(mi, 'disk0')).digests;
+    for (const d of named) expect(await store.objects.head(chunkKey(d)), chunkKey(d)).not.toBeNull();
+    await expectRestores(p, incr.volname, incr.content, scratch);
+
     const run2 = await gc(store);
     expect(run2.finalized).toEqual([{ collection: run1.fossilized.collection, restored: 8, deleted: 0, bytes: 0 }]);
     expect(await keys(store, 'fossils/')).toEqual([]);
-    expect(await keys(store, 'chunks/')).toHaveLength(8);
+    expect(await keys(store, 'chunks/')).toHaveLength(9);
     await expectRestores(p, clone.volname, clone.content, scratch);
+    await expectRestores(p, incr.volname, incr.content, scratch);
   });
 
   it('collections, prunes and backups of three guests running at once: every backup that finishes restores byte-exact', async () => {

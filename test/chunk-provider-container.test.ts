@@ -191,7 +191,7 @@ describe('containers in the chunk store (Garage, 3 nodes; real tar)', { timeout:
     expect(snapshotTree(dst)).toEqual(before);
   });
 
-  it('a damaged chunk fails the restore naming it; the tar file of the Proxmox VE path is not left behind', async () => {
+  it('a damaged chunk fails the restore naming it; the tar file of the Proxmox VE path is not left behind; after a failed verify the next backup does not take its chunks as known', async () => {
     const work = await tempDir();
     const src = path.join(work, 'src');
     mkdirSync(src);
@@ -231,6 +231,25 @@ describe('containers in the chunk store (Garage, 3 nodes; real tar)', { timeout:
       if (saved === undefined) delete process.env.TMPDIR;
       else process.env.TMPDIR = saved;
     }
+
+    // repaired; then a chunk lost by hand: a full verify records the failure, and the next backup
+    // does not take that backup's chunks as known: it asks the store for each (HEAD) and uploads
+    // the lost one again
+    object[object.length - 1]! ^= 1;
+    await store.objects.put(victim, object);
+    const lost = chunkKey(digests[0]!);
+    await store.objects.delete(lost);
+    expect((await verifyChunkStore(store))[0]!.ok).toBe(false);
+    expect(await store.readVerifyState(volname)).toMatchObject({ state: 'failed', missing: 1, bad: 0 });
+    const lines: string[] = [];
+    const next = await backup(provider(store, lines, () => Date.now() + 3_600_000), src, false, work);
+    expect(lines.join('\n')).toContain(`the previous backup ${volname} cannot be used for deduplication (its last verify failed (1 chunk(s) missing, 0 damaged))`);
+    expect((await store.readManifest(next)).archive!.previous).toBeUndefined();
+    expect(await store.objects.head(lost)).not.toBeNull();
+    const healed = path.join(work, 'healed');
+    mkdirSync(healed);
+    await restoreContainer({ provider: p, volname: next, storeid: 'chunks', rootdir: healed });
+    expect(snapshotTree(healed)).toEqual(snapshotTree(src));
   });
 
   it('the job signal stops a container backup (bandwidth-limited): no backup, no index, no writer record is left', async () => {

@@ -7,7 +7,8 @@
  * ERR_KEY_REQUIRED, before anything of the backup is read; blobs are encrypted), the provider's
  * backup flow through the native chunk jobs on a qemu-storage-daemon disk (manifest last,
  * counters, the task log, incremental through the bitmap ledger, cleanup of a failed backup,
- * restore byte-exact, a damaged index refused), and the command line on an s3:// URL.
+ * a chunk lost by hand: verify records the failure and the next backup is full, restore
+ * byte-exact, a damaged index refused), and the command line on an s3:// URL.
  */
 import { spawnSync } from 'node:child_process';
 import { createHash, createHmac, randomBytes } from 'node:crypto';
@@ -23,6 +24,7 @@ import { createKeyFile, readKeyFile } from '../lib/chunk-provider/key.js';
 import { ChunkProvider } from '../lib/chunk-provider/provider.js';
 import { S3ObjectStore, type S3StoreOptions } from '../lib/chunk-provider/s3.js';
 import { ChunkStore, chunkKey } from '../lib/chunk-provider/store.js';
+import { verifyChunkStore } from '../lib/chunk-provider/verify.js';
 import { DirectoryStoreError } from '../lib/directory-provider/errors.js';
 import { runBackupJob } from '../lib/index.js';
 import type { LogFunction } from '../lib/provider/api.js';
@@ -340,19 +342,32 @@ describe('chunk provider on S3 (Garage, 3 nodes, replication factor 3)', { timeo
     expect(m3.devices!['disk0']!.chunksUploaded + m3.devices!['disk0']!.chunksReused).toBe(8);
     expect(m3.devices!['disk0']!.bytesRead).toBeLessThanOrEqual(16 * MiB); // the four chunks written since incr, not the whole disk
 
-    // a chunk the last backup's index names is gone (a collection, a lost object): the next
-    // backup does not reference it: it asks QEMU for no incremental and reads every chunk
+    // a chunk the last backup's index names is lost outside the store's operations (deleted by
+    // hand): the check of the previous index lists fossils and does not see it; verify does, and
+    // records it; the next backup does not take the failed backup as its base: it asks QEMU for
+    // no incremental, reads every chunk and uploads the lost one again
     const digests = (await store.readFixedIndex(m3, 'disk0')).digests;
     await store.objects.delete(chunkKey(digests[5]!));
+    const [verdict] = await verifyChunkStore(store, { volnames: [third.volname!] });
+    expect(verdict).toMatchObject({ ok: false, problems: [expect.stringContaining(`${chunkKey(digests[5]!)} is missing`)] });
+    expect(await store.readVerifyState(third.volname!)).toEqual({ state: 'failed', time: expect.any(Number), missing: 1, bad: 0 });
     clock += 86_400_000;
     lines.length = 0;
     const after = await run(make());
     expect(after.error).toBeUndefined();
-    expect(lines.join('\n')).toMatch(new RegExp(`1 chunk\\(s\\) of ${third.volname} disk0 are missing from the store \\(first: chunks/`));
+    expect(lines.join('\n')).toContain(`counts writes since ${third.volname}, which cannot be used (its last verify failed (1 chunk(s) missing, 0 damaged)): full backup`);
     const m4 = await store.readManifest(after.volname!);
     expect(m4.devices!['disk0']).toMatchObject({ bitmapMode: 'new', bytesRead: size });
     expect(m4.devices!['disk0']!.previous).toBeUndefined();
     expect(await store.objects.head(chunkKey(digests[5]!))).not.toBeNull(); // read and stored again
+    const healed = path.join(scratch, 'healed.raw');
+    writeFileSync(healed, Buffer.alloc(0));
+    truncateSync(healed, size);
+    expect(await make().restoreVmVolumeWrite(after.volname!, 'disk0', { path: healed, size, zeroed: true })).toBe(true);
+    expectSameBytes(readFileSync(healed), after.content, after.volname!);
+    // the verdict goes with its backup
+    await store.deleteBackup(third.volname!);
+    expect(await store.objects.list(`backups/${third.volname!.slice('backup/'.length)}/`)).toEqual([]);
 
     // restore goes through the core's job with the index checked against the manifest first
     const target = { path: path.join(scratch, 'restored.raw'), size, zeroed: true };

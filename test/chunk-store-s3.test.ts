@@ -119,6 +119,25 @@ describe('chunk store on S3 (Garage, 3 nodes, replication factor 3)', { timeout:
     expect((await store.list('many/3/')).length).toBe(keys.filter((k) => k.startsWith('many/3/')).length);
   });
 
+  it('the check of a previous index: its fossils by one listing; with more fossils than its pages, a HEAD per chunk instead', async () => {
+    const s = new S3ObjectStore({ ...base, prefix: 'stores/fossil-check' });
+    const digest = (i: number): Buffer => createHash('sha256').update(`chunk ${i}`).digest();
+    const key = (d: Buffer, dir = 'chunks'): string => `${dir}/${d.toString('hex').slice(0, 2)}/${d.toString('hex').slice(2, 4)}/${d.toString('hex')}`;
+    const [a, b, c] = [digest(1), digest(2), digest(3)];
+    await s.put(key(b), Buffer.from('b'));
+    await s.put(`${key(a, 'fossils')}.c1`, Buffer.from('a')); // moved aside by a collection
+    // c is lost outside the store's operations: not a fossil, so the listing does not name it
+    const missing = async (): Promise<string[]> => {
+      const m = await s.missingChunks(Buffer.concat([a, b, c, a, Buffer.alloc(32)]));
+      return Array.from({ length: m.length / 32 }, (_, i) => m.subarray(i * 32, i * 32 + 32).toString('hex'));
+    };
+    expect(await missing()).toEqual([a.toString('hex')]);
+    // 3 distinct chunks: a budget of 2 pages (2000 keys); 2001 more fossils of other chunks
+    const others = Array.from({ length: 2001 }, (_, i) => `${key(digest(100 + i), 'fossils')}.c1`);
+    await pool(others, 32, (k) => s.put(k, Buffer.alloc(0)));
+    expect(await missing()).toEqual([a, c].map((d) => d.toString('hex')).sort());
+  });
+
   it('refuses wrong credentials with ERR_STORE_ACCESS, saying which', async () => {
     const unknownId = new S3ObjectStore({ ...base, accessKeyId: `GK${'0'.repeat(24)}` });
     const e1 = await rejection(unknownId.get('store.json'));
@@ -178,7 +197,7 @@ describe('chunk store on S3 (Garage, 3 nodes, replication factor 3)', { timeout:
       const full = await runJob(() =>
         native.startChunkBackup({ store: opts, uri: live, indexKey: 'backups/100/vm-1/drive-scsi0.fidx' }, (p: Binding.NativeProgress) => progress.push(p.done)),
       );
-      expect(full).toMatchObject({ bytesTotal: 40 * MiB, chunks: 10, uploaded: 3, zero: 7, unchanged: 0, previousIncomplete: false });
+      expect(full).toMatchObject({ bytesTotal: 40 * MiB, chunks: 10, uploaded: 3, zero: 7, unchanged: 0 });
       expect(progress.at(-1)).toBe(40 * MiB);
       const image1 = await nbdRead(live, q.dir);
 
@@ -204,7 +223,7 @@ describe('chunk store on S3 (Garage, 3 nodes, replication factor 3)', { timeout:
         }),
       );
       // only the chunks holding dirty bytes were read and uploaded; the rest came from the index
-      expect(incr).toMatchObject({ chunks: 10, uploaded: 3, unchanged: 7, previousIncomplete: false });
+      expect(incr).toMatchObject({ chunks: 10, uploaded: 3, unchanged: 7 });
       expect(incr.bytesRead).toBeGreaterThan(0);
       expect(incr.bytesRead).toBeLessThanOrEqual(3 * 4 * MiB); // holes inside them are not read
       const vmStore = new S3ObjectStore({ ...base, prefix: 'stores/vm' });
@@ -221,20 +240,29 @@ describe('chunk store on S3 (Garage, 3 nodes, replication factor 3)', { timeout:
         expect(readFileSync(target).equals(image), `restore of ${indexKey}`).toBe(true);
       }
 
-      // a chunk of the previous index is gone (chunk 5): the next backup reads everything and
-      // uploads only what the store lacks (dedup by hash), instead of referencing the lost chunk
+      // a collection moved chunk 5 aside (a fossil, which a later run may delete): the check of
+      // the previous index (one listing of fossils/) names it, so the caller asks for no
+      // incremental; a chunk lost outside the store's operations is not named (verify finds it)
       const digest5 = createHash('sha256').update(image2.subarray(20 * MiB, 24 * MiB)).digest('hex');
       const key5 = `chunks/${digest5.slice(0, 2)}/${digest5.slice(2, 4)}/${digest5}`;
       expect(chunks.map((c) => c.key)).toContain(key5);
+      const previous = native.chunkIndexDigests((await vmStore.get(incr.indexKey))!, incr.indexKey);
+      expect(await vmStore.missingChunks(previous)).toEqual(Buffer.alloc(0));
+      expect(await vmStore.copy(key5, `fossils/${key5.slice('chunks/'.length)}.c1`)).toBe(true);
       await vmStore.delete(key5);
+      expect((await vmStore.missingChunks(previous)).toString('hex')).toBe(digest5);
+      await vmStore.delete(`fossils/${key5.slice('chunks/'.length)}.c1`); // and then deleted
+      expect(await vmStore.missingChunks(previous)).toEqual(Buffer.alloc(0));
+      await expect(vmStore.missingChunks(Buffer.alloc(33))).rejects.toMatchObject({ code: 'ERR_INVALID_ARGUMENT' });
       await expect(runJob(() => native.startChunkRestore({ store: opts, indexKey: incr.indexKey, target: join(q.dir, 'lost.raw') }))).rejects.toMatchObject({
         code: 'ERR_BACKUP_CORRUPT',
         message: expect.stringContaining(digest5),
       });
+      // a full backup with dedup by hash uploads only what the store lacks
       const healed = await runJob(() =>
-        native.startChunkBackup({ store: opts, uri: live, previousIndexKey: incr.indexKey, indexKey: 'backups/100/vm-3/drive-scsi0.fidx' }),
+        native.startChunkBackup({ store: opts, uri: live, dedupByHead: true, indexKey: 'backups/100/vm-3/drive-scsi0.fidx' }),
       );
-      expect(healed).toMatchObject({ previousIncomplete: true, uploaded: 1, reused: 3, zero: 6, unchanged: 0 });
+      expect(healed).toMatchObject({ uploaded: 1, reused: 3, zero: 6, unchanged: 0 });
       const again = join(q.dir, 'healed.raw');
       await runJob(() => native.startChunkRestore({ store: opts, indexKey: incr.indexKey, target: again, zeroed: true }));
       expect(readFileSync(again).equals(image2)).toBe(true);

@@ -187,10 +187,30 @@ describe('chunk store verify on S3 (Garage, 3 nodes, replication factor 3)', { t
       expect(r[A]).toMatchObject({ ok: true, chunks: { total: 40, checked: 4 } });
       expect(r[C]).toMatchObject({ ok: true, chunks: { total: 7, checked: 1 } });
     }
+    // a sample that found nothing proves little: no verdict recorded
+    expect(await store.readVerifyState(A)).toBeUndefined();
+    expect(await store.readVerifyState(C)).toBeUndefined();
     // a corrupt chunk is found by a sample that picks it: at 100% always
+    const original = (await store.objects.get(chunkKey(c[45]!)))!;
     await store.objects.put(chunkKey(c[45]!), randomBytes(100));
     const all = byVolname(await verifyChunkStore(store, { samplePercent: 100 }));
     expect(all[C]!.problems).toEqual([expect.stringMatching(new RegExp(`^chunk .*${chunkKey(c[45]!)} is corrupt: .*bad magic; needed by s3v:${C}$`))]);
+    // a full verify records its verdicts (verify.json beside the manifest)
+    expect(await store.readVerifyState(A)).toEqual({ state: 'ok', time: expect.any(Number), missing: 0, bad: 0 });
+    expect(await store.readVerifyState(C)).toEqual({ state: 'failed', time: expect.any(Number), missing: 0, bad: 1 });
+    // repaired: a sample that finds nothing leaves the failed verdict, a full verify clears it
+    await store.objects.put(chunkKey(c[45]!), original);
+    expect(byVolname(await verifyChunkStore(store, { volnames: [C], samplePercent: 10 }))[C]!.ok).toBe(true);
+    expect(await store.readVerifyState(C)).toMatchObject({ state: 'failed' });
+    await verifyChunkStore(store, { volnames: [C] });
+    expect(await store.readVerifyState(C)).toMatchObject({ state: 'ok' });
+    // a sample that finds something records it
+    for (const d of c.slice(40)) await store.objects.delete(chunkKey(d));
+    expect(byVolname(await verifyChunkStore(store, { volnames: [C], samplePercent: 10 }))[C]!.ok).toBe(false);
+    expect(await store.readVerifyState(C)).toMatchObject({ state: 'failed', missing: 1, bad: 0 });
+    // the verdict goes with its backup
+    await store.deleteBackup(C);
+    expect(await store.objects.list(`backups/101/`)).toEqual([]);
     expect((await rejection(verifyChunkStore(store, { samplePercent: 0 }))).code).toBe('ERR_INVALID_ARGUMENT');
   });
 

@@ -35,7 +35,7 @@ export interface ChunkDiskBackup {
    * previous backup's chunk (a bitmap finer than a chunk on a restricted snapshot export).
    */
   bitmap?: string;
-  /** Key of the previous backup's index of this disk (incremental; its chunks checked to exist). */
+  /** Key of the previous backup's index of this disk (incremental): its chunks are taken as stored, checked by the caller (`ChunkStore.missingChunks`). */
   previousIndexKey?: string;
   /** TRIM on the export (the fleecing snapshot) what the store holds: each range once its chunk is uploaded. */
   discard: boolean;
@@ -59,8 +59,6 @@ export interface ChunkDiskSummary {
   /** The index object written: its size and SHA-256 (for the manifest). */
   indexSize: number;
   indexSha256: string;
-  /** The previous index named chunks the store no longer holds: every chunk was read instead. */
-  previousIncomplete?: boolean;
 }
 
 /** One disk to restore. */
@@ -91,7 +89,7 @@ export interface ChunkStreamBackup {
   fd: number;
   /** Key of the `.didx` object to write, relative to the store's prefix. */
   indexKey: string;
-  /** Key of the previous backup's `.didx`: its chunks that the store still holds are not uploaded again. */
+  /** Key of the previous backup's `.didx`: its chunks are not uploaded again, less those that are fossils (the core checks, one listing). */
   previousIndexKey?: string;
   /** Bytes per second read from the stream at most. */
   bandwidthLimit?: number;
@@ -109,7 +107,7 @@ export interface ChunkStreamSummary {
   reused: number;
   indexSize: number;
   indexSha256: string;
-  /** Chunks of the previous index the store no longer holds. */
+  /** Chunks of the previous index that are fossils (a garbage collection moved them aside): not taken as known. */
   previousMissing: number;
 }
 
@@ -229,7 +227,6 @@ export const nativeChunkJobs: ChunkJobs = {
       zero: s.zero,
       indexSize: s.indexSize,
       indexSha256: s.indexSha256,
-      previousIncomplete: s.previousIncomplete,
     };
   },
   async restoreDisk(o) {

@@ -255,8 +255,11 @@ export class ChunkProvider extends BackupProviderBase {
 
   /**
    * The backup QEMU's bitmap counts writes since: the one the ledger names for this store, if
-   * its manifest is still there and sound and every chunk it names is stored (a fossil counts as
-   * missing). Otherwise the next backup reads every chunk.
+   * its manifest and indexes are still there and sound, none of the chunks they name is a fossil
+   * (a collection may delete it: {@link ChunkStore.missingChunks}, one listing, after the writer
+   * record `startBackup` wrote) and its last verify (if any) did not fail. Otherwise the next
+   * backup reads every chunk. Decided here, before QEMU is asked for an incremental export:
+   * such an export can only be read where it is dirty.
    */
   private async trustedPrevious(store: ChunkStore, vmid: number): Promise<ChunkManifest | undefined> {
     const owner = await this.ledger.read(vmid);
@@ -269,20 +272,33 @@ export class ChunkProvider extends BackupProviderBase {
     let m: ChunkManifest;
     try {
       m = await store.readManifest(volname, { needKey: true });
-      // an incremental backup names the previous index's chunks without reading them: they must
-      // all still be there (a garbage collection, a lost object), else every chunk is read
-      for (const device of Object.keys(m.devices ?? {})) {
-        const missing = await store.missingChunks((await store.readFixedIndex(m, device)).digests);
-        if (missing.length > 0) {
-          this.log.warn(`${missing.length} chunk(s) of ${volname} ${device} are missing from the store (first: ${missing[0]}): full backup`);
-          return undefined;
-        }
+      await this.assertNotFailedVerify(store, volname);
+      // every disk's chunks in one check: one listing of the fossils, however many disks
+      const digests: Buffer[] = [];
+      for (const device of Object.keys(m.devices ?? {})) digests.push(...(await store.readFixedIndex(m, device)).digests);
+      const missing = await store.missingChunks(digests);
+      if (missing.length > 0) {
+        this.log.warn(`${missing.length} chunk(s) of ${volname} were moved aside by a garbage collection (first: ${missing[0]}): full backup`);
+        return undefined;
       }
     } catch (err) {
       this.log.warn(`QEMU's bitmap for storage ${this.storeid} counts writes since ${volname}, which cannot be used (${(err as Error).message}): full backup`);
       return undefined;
     }
     return m;
+  }
+
+  /**
+   * A backup whose last verify failed names a chunk lost outside the store's operations (the
+   * check of the previous index sees only fossils): it is not a base, so the next backup reads
+   * everything and uploads the lost chunk again. Proxmox Backup Server does the same with a
+   * previous snapshot whose `verify_state` is failed (proxmox-backup `src/api2/backup/mod.rs`).
+   */
+  private async assertNotFailedVerify(store: ChunkStore, volname: string): Promise<void> {
+    const v = await store.readVerifyState(volname);
+    if (v?.state === 'failed') {
+      throw new ChunkBackupError('ERR_BACKUP_CORRUPT', `its last verify failed (${v.missing} chunk(s) missing, ${v.bad} damaged)`, { volname });
+    }
   }
 
   /** Records, before the first disk is read, that this backup may tell QEMU success. */
@@ -358,7 +374,6 @@ export class ChunkProvider extends BackupProviderBase {
     } finally {
       g.copying = false;
     }
-    if (summary.previousIncomplete) this.log.warn(`${device}: chunks of ${g.previous?.volname} went missing since the backup started: every chunk was read`);
     this.log.info(`${device}: read ${summary.bytesRead} bytes; ${summary.chunks} chunks: ${summary.uploaded} uploaded, ${summary.reused} already stored, ${summary.zero} zero`);
     g.devices[device] = {
       index,
@@ -400,7 +415,7 @@ export class ChunkProvider extends BackupProviderBase {
     } finally {
       g.copying = false;
     }
-    if (summary.previousMissing > 0) this.log.warn(`${summary.previousMissing} chunk(s) of ${previous?.volname} are missing from the store: uploaded again where needed`);
+    if (summary.previousMissing > 0) this.log.warn(`${summary.previousMissing} chunk(s) of ${previous?.volname} were moved aside by a garbage collection: uploaded again where needed`);
     this.log.info(`${index}: ${summary.length} bytes of tar stream; ${summary.chunks} chunks: ${summary.uploaded} uploaded, ${summary.reused} already stored`);
     g.archive = {
       index,
@@ -424,6 +439,7 @@ export class ChunkProvider extends BackupProviderBase {
     try {
       const m = await store.readManifest(newest.volname, { needKey: true });
       await store.readArchiveIndex(m);
+      await this.assertNotFailedVerify(store, newest.volname);
       return m;
     } catch (err) {
       this.log.warn(`the previous backup ${newest.volname} cannot be used for deduplication (${(err as Error).message}): every chunk is checked with the store`);

@@ -128,6 +128,16 @@ export class S3ObjectStore {
     return call(() => native.chunkStoreList(this.inner, prefix));
   }
 
+  /**
+   * Of the chunks a previous backup's index names (`digests`: 32 bytes each, concatenated), those
+   * an incremental backup must not take as stored, concatenated the same way: the fossils among
+   * them, by one listing of `fossils/` in the core (docs/chunk-store.md, "The check of the
+   * previous index"). Call it after the backup's writer record is written.
+   */
+  missingChunks(digests: Buffer): Promise<Buffer> {
+    return call(() => native.chunkStoreMissingChunks(this.inner, digests));
+  }
+
   /** Removes the object; a missing object is not an error. */
   delete(key: string): Promise<void> {
     return call(() => native.chunkStoreDelete(this.inner, key));

@@ -39,6 +39,8 @@ export const CHUNK_STORE_VERSION = 1;
 export const CHUNK_SIZE = 4 << 20;
 export const STORE_JSON = 'store.json';
 export const MANIFEST = 'manifest.json';
+/** A backup's last verify verdict, beside its manifest (docs/chunk-store.md, "Verify"). */
+export const VERIFY_STATE = 'verify.json';
 
 /** `store.json`. */
 export interface StoreDescriptor {
@@ -100,6 +102,20 @@ export interface ChunkManifest {
   checksum: string;
   /** With a key: HMAC-SHA256 (hex) of the same bytes under the id key. */
   signature?: string;
+}
+
+/**
+ * `verify.json`: the verdict of the last verify that decided one (a full verify; a sampled one
+ * only when it found something). Outside the signed manifest: it only ever makes a backup less
+ * trusted (a backup whose last verify failed is not the base of the next one).
+ */
+export interface ChunkVerifyState {
+  state: 'ok' | 'failed';
+  /** Unix seconds. */
+  time: number;
+  /** Chunks missing, and objects found damaged (chunks, manifest, indexes, blobs). */
+  missing: number;
+  bad: number;
 }
 
 /** A manifest before its checksum and signature. */
@@ -590,18 +606,42 @@ export class ChunkStore {
   }
 
   /**
-   * The chunks of `digests` the store does not hold (zero digests and repeats skipped), asked with
-   * `head`, at most `concurrency` at once: before an incremental backup references a previous
-   * index's chunks, they must all still be there.
-   * @returns The missing chunks' keys.
+   * The chunks of a previous backup's index (`digests`) an incremental backup must not take as
+   * stored: those a garbage collection moved aside (fossils, which a later run may delete). One
+   * listing of `fossils/`, not a request per chunk (docs/chunk-store.md, "The check of the
+   * previous index"); sound only after the backup's writer record is written
+   * ({@link ChunkStore.startBackup} does that first). A chunk lost outside the store's
+   * operations is not seen here: `verify` finds it (see {@link ChunkStore.readVerifyState}).
+   * @returns Their keys, sorted.
    */
-  async missingChunks(digests: Buffer[], concurrency = 16): Promise<string[]> {
-    const keys = [...new Set(digests.filter((d) => !d.equals(ZERO_DIGEST)).map(chunkKey))];
-    const missing: string[] = [];
-    await eachLimit(keys, concurrency, async (k) => {
-      if ((await this.objects.head(k)) === null) missing.push(k);
-    });
-    return missing.sort();
+  async missingChunks(digests: Buffer[]): Promise<string[]> {
+    const missing = await this.objects.missingChunks(Buffer.concat(digests));
+    const keys: string[] = [];
+    for (let i = 0; i < missing.length; i += 32) keys.push(chunkKey(missing.subarray(i, i + 32)));
+    return keys.sort();
+  }
+
+  // ----- verify state -------------------------------------------------------------------------
+
+  /** Records a backup's verify verdict (`verify.json`). */
+  async writeVerifyState(volname: string, v: ChunkVerifyState): Promise<void> {
+    await this.objects.put(this.objectKey(volname, VERIFY_STATE), Buffer.from(JSON.stringify(v), 'utf8'));
+  }
+
+  /**
+   * A backup's last verify verdict, if one was recorded. One that does not parse counts as
+   * `failed`: the object only ever lowers trust, so damage to it must not raise it.
+   */
+  async readVerifyState(volname: string): Promise<ChunkVerifyState | undefined> {
+    const data = await this.objects.get(this.objectKey(volname, VERIFY_STATE));
+    if (data === null) return undefined;
+    try {
+      const v = JSON.parse(data.toString('utf8')) as Partial<ChunkVerifyState>;
+      if (v.state === 'ok' || v.state === 'failed') return { state: v.state, time: Number(v.time ?? 0), missing: Number(v.missing ?? 0), bad: Number(v.bad ?? 0) };
+    } catch {
+      // below
+    }
+    return { state: 'failed', time: 0, missing: 0, bad: 0 };
   }
 
   // ----- blobs ---------------------------------------------------------------------------------
@@ -718,7 +758,7 @@ export class ChunkStore {
 
   /**
    * Removes a backup's objects: the manifest first (from then on it does not exist), then its
-   * indexes, blobs and attributes. Its chunks stay for garbage collection (other backups may
+   * indexes, blobs, attributes and verify verdict. Its chunks stay for garbage collection (other backups may
    * name them; a running incremental backup may take chunks from its index: the collector's
    * fossils cover that, docs/chunk-store.md). Also what a failed backup leaves is removed this way.
    */

@@ -6,6 +6,14 @@
  * against its digest, all of them or a random share of each backup's (`samplePercent`). A missing
  * or corrupt chunk is a problem of every selected backup whose indexes name it.
  *
+ * Each verdict is recorded beside the backup's manifest (`verify.json`, {@link ChunkVerifyState}):
+ * `ok` only after a full verify, `failed` whenever something was found (sampled or not); a
+ * sampled verify that found nothing leaves the previous verdict. A backup whose last verify
+ * failed is not the base of the next incremental or deduplicated backup (the chunk provider's
+ * `trustedPrevious`, `previousArchive`), as Proxmox Backup Server skips a previous snapshot whose
+ * `verify_state` is failed (proxmox-backup `src/api2/backup/mod.rs`): that next backup reads
+ * everything and uploads what is lost.
+ *
  * An encrypted store needs its key: without it a chunk's content cannot be checked (only its tag
  * proves it), and a verify that checked manifests alone would report sound backups it never
  * read. It fails with `ERR_KEY_REQUIRED` before anything is read.
@@ -14,7 +22,7 @@
  */
 import { ChunkBackupError, ChunkStoreError } from './errors.js';
 import { nativeVerifyChunks, type ChunkVerify } from './jobs.js';
-import type { ChunkStore } from './store.js';
+import type { ChunkStore, ChunkVerifyState } from './store.js';
 
 /** One backup's verdict: the shape both stores' `verify` prints. */
 export interface ChunkVerifyResult {
@@ -107,12 +115,22 @@ export async function verifyChunkStore(store: ChunkStore, o: VerifyChunkStoreOpt
   };
   const s = await nativeVerifyChunks(job);
   const byName = new Map(backups.map((b) => [b.volname, b]));
+  const missing = new Map<string, number>();
+  for (const p of s.missing) for (const v of p.neededBy) missing.set(v, (missing.get(v) ?? 0) + 1);
   const neededBy = (names: string[]): string => names.map((v) => store.volid(v)).join(', ');
   for (const p of s.missing) {
     for (const v of p.neededBy) byName.get(v)?.problems.push(`chunk ${store}/${p.key} is missing; needed by ${neededBy(p.neededBy)}`);
   }
   for (const p of s.corrupt) {
     for (const v of p.neededBy) byName.get(v)?.problems.push(`chunk ${store}/${p.key} is corrupt: ${p.error}; needed by ${neededBy(p.neededBy)}`);
+  }
+  const sampled = o.samplePercent !== undefined && o.samplePercent < 100;
+  const time = Math.floor(Date.now() / 1000);
+  for (const b of backups) {
+    const lost = missing.get(b.volname) ?? 0;
+    const state: ChunkVerifyState = { state: b.problems.length === 0 ? 'ok' : 'failed', time, missing: lost, bad: b.problems.length - lost };
+    // a sample that found nothing proves little: it leaves the previous verdict
+    if (state.state === 'failed' || !sampled) await store.writeVerifyState(b.volname, state);
   }
   return backups.map((b, i) => ({
     volid: store.volid(b.volname),

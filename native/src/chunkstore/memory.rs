@@ -18,6 +18,7 @@ pub struct MemoryObjects {
     puts: AtomicU64,
     gets: AtomicU64,
     heads: AtomicU64,
+    lists: AtomicU64,
     /// Puts still allowed before every put fails (`u64::MAX`: never).
     puts_left: AtomicU64,
 }
@@ -47,6 +48,11 @@ impl MemoryObjects {
 
     pub fn heads(&self) -> u64 {
         self.heads.load(Ordering::SeqCst)
+    }
+
+    /// Listings done so far (`list` and `list_limited` calls).
+    pub fn lists(&self) -> u64 {
+        self.lists.load(Ordering::SeqCst)
     }
 
     /// After `n` more successful puts, every put fails with `ERR_STORE_UNAVAILABLE`.
@@ -123,12 +129,28 @@ impl Objects for MemoryObjects {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
+        self.lists.fetch_add(1, Ordering::SeqCst);
         Ok(self
             .map()?
             .range(prefix.to_string()..)
             .take_while(|(k, _)| k.starts_with(prefix))
             .map(|(k, d)| meta(k, d))
             .collect())
+    }
+
+    async fn list_limited(&self, prefix: &str, max_keys: usize) -> Result<(Vec<ObjectMeta>, bool)> {
+        self.lists.fetch_add(1, Ordering::SeqCst);
+        let map = self.map()?;
+        let mut matching = map
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix));
+        let out: Vec<_> = matching
+            .by_ref()
+            .take(max_keys)
+            .map(|(k, d)| meta(k, d))
+            .collect();
+        let complete = matching.next().is_none();
+        Ok((out, complete))
     }
 
     async fn delete(&self, key: &str) -> Result<()> {

@@ -55,6 +55,10 @@ pub trait Objects: Send + Sync {
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>>;
     /// Every object whose key starts with `prefix`, in any order (paginated internally).
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>>;
+    /// At most `max_keys` objects whose key starts with `prefix` (S3: pages of at most 1000,
+    /// stopping once `max_keys` are listed), and whether that was every one of them (`false`:
+    /// the listing stopped at the bound). For a listing whose cost must stay bounded.
+    async fn list_limited(&self, prefix: &str, max_keys: usize) -> Result<(Vec<ObjectMeta>, bool)>;
     /// Removes the object; removing a missing object is not an error.
     async fn delete(&self, key: &str) -> Result<()>;
     /// Copies `from` to `to` on the store's side (S3 `CopyObject`), replacing `to`. `false`

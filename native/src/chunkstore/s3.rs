@@ -447,6 +447,51 @@ fn to_meta(prefix: &str, meta: object_store::ObjectMeta) -> ObjectMeta {
     }
 }
 
+impl S3Objects {
+    /// The objects under `prefix` (a plain string prefix, no trailing delimiter added), page by
+    /// page, stopping after `max_keys` when given; `true` when that was every one.
+    async fn list_pages(
+        &self,
+        prefix: &str,
+        max_keys: Option<usize>,
+    ) -> Result<(Vec<ObjectMeta>, bool)> {
+        let full = self.full_key(prefix);
+        let mut out = Vec::new();
+        let mut page_token = None;
+        loop {
+            let left = max_keys.map(|m| m.saturating_sub(out.len()));
+            if left == Some(0) {
+                return Ok((out, false));
+            }
+            let options = PaginatedListOptions {
+                page_token: page_token.take(),
+                // S3 answers at most 1000 keys a page whatever is asked
+                max_keys: left.map(|l| l.min(S3_PAGE)),
+                ..PaginatedListOptions::default()
+            };
+            let page = self
+                .store
+                .list_paginated((!full.is_empty()).then_some(full.as_str()), options)
+                .await
+                .map_err(|e| self.error("list", prefix, e))?;
+            self.seen();
+            out.extend(
+                page.result
+                    .objects
+                    .into_iter()
+                    .map(|m| to_meta(&self.prefix, m)),
+            );
+            match page.page_token {
+                Some(token) => page_token = Some(token),
+                None => return Ok((out, true)),
+            }
+        }
+    }
+}
+
+/// The most keys one S3 `ListObjectsV2` page holds.
+const S3_PAGE: usize = 1000;
+
 #[async_trait]
 impl Objects for S3Objects {
     async fn put(&self, key: &str, data: Bytes) -> Result<()> {
@@ -495,32 +540,11 @@ impl Objects for S3Objects {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
-        // a plain string prefix (no trailing delimiter added), every page
-        let full = self.full_key(prefix);
-        let mut out = Vec::new();
-        let mut page_token = None;
-        loop {
-            let options = PaginatedListOptions {
-                page_token: page_token.take(),
-                ..PaginatedListOptions::default()
-            };
-            let page = self
-                .store
-                .list_paginated((!full.is_empty()).then_some(full.as_str()), options)
-                .await
-                .map_err(|e| self.error("list", prefix, e))?;
-            self.seen();
-            out.extend(
-                page.result
-                    .objects
-                    .into_iter()
-                    .map(|m| to_meta(&self.prefix, m)),
-            );
-            match page.page_token {
-                Some(token) => page_token = Some(token),
-                None => return Ok(out),
-            }
-        }
+        Ok(self.list_pages(prefix, None).await?.0)
+    }
+
+    async fn list_limited(&self, prefix: &str, max_keys: usize) -> Result<(Vec<ObjectMeta>, bool)> {
+        self.list_pages(prefix, Some(max_keys)).await
     }
 
     async fn delete(&self, key: &str) -> Result<()> {

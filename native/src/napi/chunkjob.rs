@@ -45,7 +45,10 @@ pub struct ChunkBackupOptions {
     pub uri: String,
     /// Where the index goes, relative to the store's prefix (`backups/…/<device>.fidx`).
     pub index_key: String,
-    /// The previous backup's index of this disk (a key in the store): its chunks are reused.
+    /// The previous backup's index of this disk (a key in the store): its chunks are reused as
+    /// they are. The caller checked them (`chunkStoreMissingChunks`, after its writer record was
+    /// written: docs/chunk-store.md, "The check of the previous index") before it asked QEMU for
+    /// an incremental export, which can only be read where it is dirty.
     pub previous_index_key: Option<String>,
     /// With `previousIndexKey`: read only the areas dirty in this bitmap.
     pub bitmap: Option<String>,
@@ -79,9 +82,6 @@ pub struct ChunkBackupSummary {
     pub zero: i64,
     pub unchanged: i64,
     pub completed: i64,
-    /// The previous index named chunks the store no longer holds: this backup read everything
-    /// (dedup by hash) instead of referencing them.
-    pub previous_incomplete: bool,
 }
 
 #[napi(object)]
@@ -116,8 +116,7 @@ pub(super) type Handle<T> = Mutex<Option<oneshot::Receiver<Result<T>>>>;
 #[napi]
 pub struct NativeChunkBackupJob {
     cancel: CancellationToken,
-    /// The summary, and whether the previous index was found incomplete.
-    handle: Handle<(BackupSummary, bool)>,
+    handle: Handle<BackupSummary>,
 }
 
 /// A running chunk restore: `wait()` resolves once the target is synced, `cancel()` stops it.
@@ -207,36 +206,18 @@ pub fn start_chunk_backup(
     let token = cancel.clone();
     let report = reporter(on_progress);
     let work = async move {
-        let mut previous = None;
-        let mut bitmap = options.bitmap;
-        let mut dedup_by_head = options.dedup_by_head.unwrap_or(false);
-        let mut previous_incomplete = false;
-        if let Some(previous_key) = &options.previous_index_key {
-            let index = load_fixed_index(&*objects, previous_key).await?;
-            let missing = backup::missing_chunks(
-                &*objects,
-                index.digests.iter().copied(),
-                DEFAULT_CHECKS,
-                &token,
-            )
-            .await?;
-            if missing.is_empty() {
-                previous = Some(index);
-            } else {
-                // a chunk is gone: read everything, upload only what the store lacks
-                previous_incomplete = true;
-                bitmap = None;
-                dedup_by_head = true;
-            }
-        }
+        let previous = match &options.previous_index_key {
+            Some(key) => Some(load_fixed_index(&*objects, key).await?),
+            None => None,
+        };
         let known: HashSet<_> = previous
             .as_ref()
             .map(|p: &FixedIndex| p.digests.iter().copied().collect())
             .unwrap_or_default();
-        let summary = backup::backup(
+        backup::backup(
             BackupOptions {
                 uri: options.uri,
-                bitmap,
+                bitmap: options.bitmap,
                 dirty: None,
                 previous,
                 known,
@@ -244,7 +225,7 @@ pub fn start_chunk_backup(
                 chunk_size: options.chunk_size.unwrap_or(0),
                 discard: options.discard.unwrap_or(false),
                 bandwidth_limit,
-                dedup_by_head,
+                dedup_by_head: options.dedup_by_head.unwrap_or(false),
                 index_key: options.index_key,
                 uploads: options.uploads.unwrap_or(0) as usize,
                 fill_from_previous: options.fill_from_previous.unwrap_or(false),
@@ -255,8 +236,7 @@ pub fn start_chunk_backup(
             &report,
             &token,
         )
-        .await?;
-        Ok((summary, previous_incomplete))
+        .await
     };
     Ok(NativeChunkBackupJob {
         cancel,
@@ -316,7 +296,7 @@ impl NativeChunkBackupJob {
     /// The backup's summary once every chunk and the index are stored; rejects with its error.
     #[napi]
     pub async fn wait(&self) -> napi::Result<ChunkBackupSummary> {
-        let (s, previous_incomplete) = take(&self.handle).await?;
+        let s = take(&self.handle).await?;
         Ok(ChunkBackupSummary {
             bytes_total: to_js(s.copy.bytes_total),
             bytes_read: to_js(s.copy.bytes_read),
@@ -330,7 +310,6 @@ impl NativeChunkBackupJob {
             zero: to_js(s.chunks.zero),
             unchanged: to_js(s.chunks.unchanged),
             completed: to_js(s.chunks.completed),
-            previous_incomplete,
         })
     }
 }
@@ -446,7 +425,7 @@ pub struct ChunkStreamBackupSummary {
     pub uploaded: i64,
     pub reused: i64,
     pub bytes_uploaded: i64,
-    /// Chunks of the previous index the store no longer holds (uploaded again if needed).
+    /// Chunks of the previous index that are fossils (not taken as known; uploaded again if needed).
     pub previous_missing: i64,
 }
 

@@ -171,6 +171,36 @@ pub async fn chunk_store_list(
     Ok(list.into_iter().map(object_to_js).collect())
 }
 
+/// Of the chunks a previous backup's index names (`digests`: 32 bytes each, concatenated), those
+/// an incremental backup must not take as stored, concatenated the same way: the fossils among
+/// them, found by one listing of `fossils/` (a `head` per chunk when there are too many
+/// fossils). Call it after the backup's writer record is written (docs/chunk-store.md, "The
+/// check of the previous index").
+#[napi]
+pub async fn chunk_store_missing_chunks(
+    options: ChunkStoreOptions,
+    digests: Buffer,
+) -> napi::Result<Buffer> {
+    if !digests.len().is_multiple_of(32) {
+        return Err(crate::error::Error::invalid_argument(format!(
+            "digests: {} bytes is not a whole number of 32-byte digests",
+            digests.len()
+        )))
+        .napi();
+    }
+    let store = objects(&options)?;
+    let all = digests.chunks_exact(32).filter_map(|d| d.try_into().ok());
+    let missing = crate::chunkstore::backup::missing_chunks(
+        &*store,
+        all,
+        0,
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .napi()?;
+    Ok(Buffer::from(missing.concat()))
+}
+
 /// Removes the object; a missing object is not an error.
 #[napi]
 pub async fn chunk_store_delete(options: ChunkStoreOptions, key: String) -> napi::Result<()> {

@@ -359,6 +359,13 @@ impl Objects for SlowObjects {
     async fn list(&self, prefix: &str) -> Result<Vec<super::super::ObjectMeta>> {
         self.inner.list(prefix).await
     }
+    async fn list_limited(
+        &self,
+        prefix: &str,
+        max_keys: usize,
+    ) -> Result<(Vec<super::super::ObjectMeta>, bool)> {
+        self.inner.list_limited(prefix, max_keys).await
+    }
     async fn delete(&self, key: &str) -> Result<()> {
         self.inner.delete(key).await
     }
@@ -672,6 +679,13 @@ impl Objects for WatchedObjects {
     }
     async fn list(&self, prefix: &str) -> Result<Vec<super::super::ObjectMeta>> {
         self.inner.list(prefix).await
+    }
+    async fn list_limited(
+        &self,
+        prefix: &str,
+        max_keys: usize,
+    ) -> Result<(Vec<super::super::ObjectMeta>, bool)> {
+        self.inner.list_limited(prefix, max_keys).await
     }
     async fn delete(&self, key: &str) -> Result<()> {
         self.inner.delete(key).await
