@@ -18,7 +18,6 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 
 import { collectGarbage, type GcReport } from '../lib/chunk-provider/gc.js';
 import { ChunkProvider } from '../lib/chunk-provider/provider.js';
-import type { S3StoreOptions } from '../lib/chunk-provider/s3.js';
 import { ChunkStore, chunkKey } from '../lib/chunk-provider/store.js';
 import { verifyChunkStore } from '../lib/chunk-provider/verify.js';
 import { DirectoryStore } from '../lib/directory-provider/store.js';
@@ -26,7 +25,7 @@ import { restoreVm, runBackupJob } from '../lib/index.js';
 import { startDisk, vmGuest, type Disk } from './helpers/directory.js';
 import { expectSameBytes } from './helpers/images.js';
 import { stopAll, tempDir } from './helpers/qemu.js';
-import { clusterStoreOptions, startS3Cluster, type S3Cluster } from './helpers/s3-cluster.js';
+import { useS3Cluster } from './helpers/use-s3-cluster.js';
 
 const MiB = 2 ** 20;
 const CLI = path.join(import.meta.dirname, '..', 'dist', 'cli', 'main.js');
@@ -34,22 +33,17 @@ const CLI = path.join(import.meta.dirname, '..', 'dist', 'cli', 'main.js');
 const nextSecond = (): Promise<void> => new Promise((r) => setTimeout(r, 1100));
 
 describe('chunk store garbage collection (Garage, 3 nodes)', { timeout: 300_000 }, () => {
-  let cluster: S3Cluster;
-  let base: S3StoreOptions;
-  let n = 0;
-  const fresh = (): S3StoreOptions => ({ ...base, prefix: `gc${++n}/store` });
+  const garage = useS3Cluster('gc');
+  const fresh = garage.fresh;
   /** Tests make fossils of chunks seconds old; the default margin (10 minutes) is for writers' clocks. */
   const gc = (store: ChunkStore, o: { dryRun?: boolean } = {}): Promise<GcReport> => collectGarbage(store, { cutoffMarginSeconds: 0, ...o });
 
   beforeAll(async () => {
-    cluster = await startS3Cluster();
-    base = clusterStoreOptions(cluster);
   }, 120_000);
   afterEach(async () => {
     await stopAll();
   });
   afterAll(async () => {
-    await cluster?.stop();
   });
 
   const provider = (store: ChunkStore, stateDir: string, o: { onProgress?: (p: { done: number }) => void; log?: (l: string, m: string) => void } = {}): ChunkProvider =>
@@ -281,15 +275,15 @@ describe('chunk store garbage collection (Garage, 3 nodes)', { timeout: 300_000 
     await store.ensureCreated();
     await store.objects.put('chunks/11/11/' + '11'.repeat(32), Buffer.from('unused'));
     await nextSecond();
-    const env = { ...process.env, AWS_ACCESS_KEY_ID: base.accessKeyId, AWS_SECRET_ACCESS_KEY: base.secretAccessKey };
-    const url = `s3://${base.bucket}/${store.options.prefix}`;
+    const env = { ...process.env, AWS_ACCESS_KEY_ID: garage.cluster.accessKeyId, AWS_SECRET_ACCESS_KEY: garage.cluster.secretAccessKey };
+    const url = `s3://${garage.cluster.bucket}/${store.options.prefix}`;
     const run = (...args: string[]) => spawnSync('node', [CLI, ...args], { env, encoding: 'utf8' });
-    const dry = run('gc', '--store', url, '--endpoint', base.endpoint!, '--region', base.region!, '--dry-run');
+    const dry = run('gc', '--store', url, '--endpoint', garage.cluster.endpoint, '--region', garage.cluster.region, '--dry-run');
     expect(dry.status, dry.stderr).toBe(0);
     // the CLI's cutoff has the default margin of 10 minutes: a chunk seconds old stays
     expect(dry.stdout).toMatch(/0 chunks in use \(named by 0 indexes\) of 1 stored/);
     expect(dry.stdout).toMatch(/0 unused chunks .* would be moved aside/);
-    const real = run('gc', '--store', url, '--endpoint', base.endpoint!, '--region', base.region!, '--json');
+    const real = run('gc', '--store', url, '--endpoint', garage.cluster.endpoint, '--region', garage.cluster.region, '--json');
     expect(real.status, real.stderr).toBe(0);
     expect(JSON.parse(real.stdout)).toMatchObject({ dryRun: false, chunks: 1, fossilized: { chunks: 0 } });
     const dir = run('gc', '--store', (await DirectoryStore.create(await tempDir())).root);

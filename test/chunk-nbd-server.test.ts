@@ -30,7 +30,7 @@ import { runBackupJob } from '../lib/index.js';
 import { startDisk, vmGuest } from './helpers/directory.js';
 import { expectSameBytes } from './helpers/images.js';
 import { execFileP, stopAll, tempDir } from './helpers/qemu.js';
-import { clusterStoreOptions, startS3Cluster, type S3Cluster } from './helpers/s3-cluster.js';
+import { useS3Cluster } from './helpers/use-s3-cluster.js';
 import { requireTool } from './helpers/tools.js';
 import { FILE_SIZE_INFO } from './helpers/pve-checks.js';
 
@@ -69,20 +69,15 @@ function serve(args: string[], env?: NodeJS.ProcessEnv): { child: ChildProcess; 
   return { child, exited, firstLine };
 }
 describe('NBD server over the chunk store (Garage, 3 nodes)', { timeout: 300_000 }, () => {
-  let cluster: S3Cluster;
-  let base: S3StoreOptions;
-  let n = 0;
-  const fresh = (): S3StoreOptions => ({ ...base, prefix: `nbd${++n}/store` });
+  const garage = useS3Cluster('nbd');
+  const fresh = garage.fresh;
 
   beforeAll(async () => {
-    cluster = await startS3Cluster();
-    base = clusterStoreOptions(cluster);
   }, 120_000);
   afterEach(async () => {
     await stopAll();
   });
   afterAll(async () => {
-    await cluster?.stop();
   });
 
   /** A 24 MiB disk backed up: chunks 0, 1, 4 hold data; 2, 3, 5 are all zero. */
@@ -264,9 +259,9 @@ describe('NBD server over the chunk store (Garage, 3 nodes)', { timeout: 300_000
 
   it('pve-backup-provider serve: prints the URI, serves it to nbdinfo, stops on SIGTERM; an unknown disk is refused', async () => {
     const { o, volname, content, scratch } = await backedUp();
-    const env = { ...process.env, AWS_ACCESS_KEY_ID: cluster.accessKeyId, AWS_SECRET_ACCESS_KEY: cluster.secretAccessKey };
+    const env = { ...process.env, AWS_ACCESS_KEY_ID: garage.cluster.accessKeyId, AWS_SECRET_ACCESS_KEY: garage.cluster.secretAccessKey };
     const socket = path.join(scratch, 'serve.sock');
-    const s3 = ['--store', `s3://${o.bucket}/${o.prefix}`, '--endpoint', cluster.endpoint, '--region', cluster.region];
+    const s3 = ['--store', `s3://${o.bucket}/${o.prefix}`, '--endpoint', garage.cluster.endpoint, '--region', garage.cluster.region];
     const { child, exited, firstLine } = serve([`chunks:${volname}`, ...s3, '--socket', socket, '--json'], env);
     try {
       const line = await firstLine;

@@ -21,12 +21,11 @@ import { collectGarbage } from '../lib/chunk-provider/gc.js';
 import { createKeyFile } from '../lib/chunk-provider/key.js';
 import { verifyChunkStore } from '../lib/chunk-provider/verify.js';
 import { ChunkProvider } from '../lib/chunk-provider/provider.js';
-import type { S3StoreOptions } from '../lib/chunk-provider/s3.js';
 import { ChunkStore, chunkKey } from '../lib/chunk-provider/store.js';
 import { parseIdMap } from '../lib/container/idmap.js';
 import { restoreContainer, runBackupJob } from '../lib/index.js';
 import { tempDir } from './helpers/qemu.js';
-import { clusterStoreOptions, startS3Cluster, type S3Cluster } from './helpers/s3-cluster.js';
+import { useS3Cluster } from './helpers/use-s3-cluster.js';
 import { buildTree, requireContainerTools, snapshotTree, TEST_MAP_LINES } from './helpers/tree.js';
 
 const MiB = 2 ** 20;
@@ -51,20 +50,15 @@ function didxDigests(data: Buffer): Buffer[] {
 }
 
 describe('containers in the chunk store (Garage, 3 nodes; real tar)', { timeout: 300_000 }, () => {
-  let cluster: S3Cluster;
-  let base: S3StoreOptions;
   let dir: string;
-  let n = 0;
-  const fresh = (extra: Partial<S3StoreOptions> = {}): S3StoreOptions => ({ ...base, prefix: `ct${++n}/store`, ...extra });
+  const garage = useS3Cluster('ct');
+  const fresh = garage.fresh;
 
   beforeAll(async () => {
     requireContainerTools();
-    cluster = await startS3Cluster();
-    base = clusterStoreOptions(cluster);
     dir = mkdtempSync(path.join(tmpdir(), 'pbp-chunk-ct-'));
   }, 120_000);
   afterAll(async () => {
-    await cluster?.stop();
     if (dir) rmSync(dir, { recursive: true, force: true });
   });
 
@@ -305,9 +299,9 @@ describe('containers in the chunk store (Garage, 3 nodes; real tar)', { timeout:
     buildTree(src, { idBase: 100000 });
     const before = snapshotTree(src);
     const o = fresh();
-    const env = { ...process.env, AWS_ACCESS_KEY_ID: cluster.accessKeyId, AWS_SECRET_ACCESS_KEY: cluster.secretAccessKey, PVE_BACKUP_PROVIDER_STATE_DIR: work };
+    const env = { ...process.env, AWS_ACCESS_KEY_ID: garage.cluster.accessKeyId, AWS_SECRET_ACCESS_KEY: garage.cluster.secretAccessKey, PVE_BACKUP_PROVIDER_STATE_DIR: work };
     const cli = (...args: string[]): ReturnType<typeof spawnSync> => spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', env });
-    const s3 = ['--store', `s3://${o.bucket}/${o.prefix}`, '--endpoint', cluster.endpoint, '--region', cluster.region];
+    const s3 = ['--store', `s3://${o.bucket}/${o.prefix}`, '--endpoint', garage.cluster.endpoint, '--region', garage.cluster.region];
     const idmap = TEST_MAP_LINES.flatMap((l) => ['--idmap', l]);
     const b = cli('backup', ...s3, '--vmid', '200', '--rootdir', src, ...idmap, '--json');
     expect(b.status, String(b.stderr)).toBe(0);

@@ -14,32 +14,26 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 
 import { createKeyFile } from '../lib/chunk-provider/key.js';
 import { ChunkProvider } from '../lib/chunk-provider/provider.js';
-import type { S3StoreOptions } from '../lib/chunk-provider/s3.js';
 import { ChunkStore } from '../lib/chunk-provider/store.js';
 import { restoreVm, runBackupJob } from '../lib/index.js';
 import { startDisk, vmGuest, type Disk } from './helpers/directory.js';
 import { expectSameBytes, qemuIo, rawContent } from './helpers/images.js';
 import { stopAll, tempDir } from './helpers/qemu.js';
-import { clusterStoreOptions, startS3Cluster, type S3Cluster } from './helpers/s3-cluster.js';
+import { useS3Cluster } from './helpers/use-s3-cluster.js';
 
 const MiB = 2 ** 20;
 const CLI = path.join(import.meta.dirname, '..', 'dist', 'cli', 'main.js');
 
 describe('chunk provider: VM backup and restore through the native chunk jobs (Garage, 3 nodes)', { timeout: 300_000 }, () => {
-  let cluster: S3Cluster;
-  let base: S3StoreOptions;
-  let n = 0;
-  const fresh = (extra: Partial<S3StoreOptions> = {}): S3StoreOptions => ({ ...base, prefix: `vm${++n}/store`, ...extra });
+  const garage = useS3Cluster('vm');
+  const fresh = garage.fresh;
 
   beforeAll(async () => {
-    cluster = await startS3Cluster();
-    base = clusterStoreOptions(cluster);
   }, 120_000);
   afterEach(async () => {
     await stopAll();
   });
   afterAll(async () => {
-    await cluster?.stop();
   });
 
   async function backup(provider: ChunkProvider, disk: Disk, scratch: string, extra: { notesTemplate?: string; protected?: boolean } = {}): Promise<{ volname: string; content: Buffer }> {
@@ -154,9 +148,9 @@ describe('chunk provider: VM backup and restore through the native chunk jobs (G
     const image = disk.q.images['disk0']!;
     const scratch = await tempDir();
     const o = fresh();
-    const env = { ...process.env, AWS_ACCESS_KEY_ID: cluster.accessKeyId, AWS_SECRET_ACCESS_KEY: cluster.secretAccessKey, PVE_BACKUP_PROVIDER_STATE_DIR: scratch };
+    const env = { ...process.env, AWS_ACCESS_KEY_ID: garage.cluster.accessKeyId, AWS_SECRET_ACCESS_KEY: garage.cluster.secretAccessKey, PVE_BACKUP_PROVIDER_STATE_DIR: scratch };
     const cli = (...args: string[]) => spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', env });
-    const s3 = ['--store', `s3://${o.bucket}/${o.prefix}`, '--endpoint', cluster.endpoint, '--region', cluster.region];
+    const s3 = ['--store', `s3://${o.bucket}/${o.prefix}`, '--endpoint', garage.cluster.endpoint, '--region', garage.cluster.region];
     const b = cli('backup', ...s3, '--vmid', '100', '--disk', `disk0=${image}`, '--json');
     expect(b.status, b.stderr).toBe(0);
     const { volid } = JSON.parse(b.stdout) as { volid: string };

@@ -22,7 +22,7 @@ import { ChunkBackupError, ChunkStoreError } from '../lib/chunk-provider/errors.
 import { decodeBlob, encodeBlob } from '../lib/chunk-provider/blob.js';
 import { createKeyFile, readKeyFile } from '../lib/chunk-provider/key.js';
 import { ChunkProvider } from '../lib/chunk-provider/provider.js';
-import { S3ObjectStore, type S3StoreOptions } from '../lib/chunk-provider/s3.js';
+import { S3ObjectStore } from '../lib/chunk-provider/s3.js';
 import { ChunkStore, chunkKey } from '../lib/chunk-provider/store.js';
 import { verifyChunkStore } from '../lib/chunk-provider/verify.js';
 import { DirectoryStoreError } from '../lib/directory-provider/errors.js';
@@ -32,7 +32,7 @@ import { putBackup } from './helpers/chunk-store.js';
 import { startDisk, vmGuest } from './helpers/directory.js';
 import { expectSameBytes } from './helpers/images.js';
 import { stopAll, tempDir } from './helpers/qemu.js';
-import { clusterStoreOptions, startS3Cluster, type S3Cluster } from './helpers/s3-cluster.js';
+import { useS3Cluster } from './helpers/use-s3-cluster.js';
 
 const CLI = path.join(import.meta.dirname, '..', 'dist', 'cli', 'main.js');
 const MiB = 2 ** 20;
@@ -94,23 +94,17 @@ describe('chunk store keys and blobs (no store)', () => {
 });
 
 describe('chunk provider on S3 (Garage, 3 nodes, replication factor 3)', { timeout: 180_000 }, () => {
-  let cluster: S3Cluster;
-  let base: S3StoreOptions;
   let dir: string;
-  let n = 0;
-  /** A store under a fresh prefix. */
-  const fresh = (extra: Partial<S3StoreOptions> = {}): S3StoreOptions => ({ ...base, prefix: `t${++n}/store`, ...extra });
+  const garage = useS3Cluster('t');
+  const fresh = garage.fresh;
 
   beforeAll(async () => {
-    cluster = await startS3Cluster();
-    base = clusterStoreOptions(cluster);
     dir = mkdtempSync(path.join(tmpdir(), 'pbp-chunk-provider-'));
   }, 120_000);
   afterEach(async () => {
     await stopAll();
   });
   afterAll(async () => {
-    await cluster?.stop();
     if (dir) rmSync(dir, { recursive: true, force: true });
   });
 
@@ -431,8 +425,8 @@ describe('chunk provider on S3 (Garage, 3 nodes, replication factor 3)', { timeo
     const keyFile = path.join(dir, 'scfg.key');
     await createKeyFile(keyFile);
     const creds = path.join(dir, 'credentials');
-    writeFileSync(creds, `[default]\naws_access_key_id = ${cluster.accessKeyId}\naws_secret_access_key = ${cluster.secretAccessKey}\n`, { mode: 0o600 });
-    const scfg = { store: `s3://${o.bucket}/${o.prefix}`, endpoint: cluster.endpoint, region: cluster.region, 'allow-http': 1, 'credentials-file': creds, 'key-file': keyFile };
+    writeFileSync(creds, `[default]\naws_access_key_id = ${garage.cluster.accessKeyId}\naws_secret_access_key = ${garage.cluster.secretAccessKey}\n`, { mode: 0o600 });
+    const scfg = { store: `s3://${o.bucket}/${o.prefix}`, endpoint: garage.cluster.endpoint, region: garage.cluster.region, 'allow-http': 1, 'credentials-file': creds, 'key-file': keyFile };
     const p = new ChunkProvider({ storeid: 'pbs3', scfg, log: () => undefined }, { stateDir: dir });
     await p.jobInit(0); // creates store.json with the key's fingerprint
     const store = await p.openStore();
@@ -446,14 +440,14 @@ describe('chunk provider on S3 (Garage, 3 nodes, replication factor 3)', { timeo
   });
 
   it('the command line on an s3:// URL: key create, list, protect, notes, prune, delete; one line on errors', async () => {
-    const env = { ...process.env, AWS_ACCESS_KEY_ID: cluster.accessKeyId, AWS_SECRET_ACCESS_KEY: cluster.secretAccessKey };
+    const env = { ...process.env, AWS_ACCESS_KEY_ID: garage.cluster.accessKeyId, AWS_SECRET_ACCESS_KEY: garage.cluster.secretAccessKey };
     const cli = (...args: string[]): { status: number | null; stdout: string; stderr: string } => {
       const r = spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', env });
       return { status: r.status, stdout: r.stdout, stderr: r.stderr };
     };
     const o = fresh();
     const url = `s3://${o.bucket}/${o.prefix}`;
-    const s3 = ['--store', url, '--endpoint', cluster.endpoint, '--region', cluster.region];
+    const s3 = ['--store', url, '--endpoint', garage.cluster.endpoint, '--region', garage.cluster.region];
     const keyFile = path.join(dir, 'cli.key');
     const k = cli('key', 'create', keyFile, ...s3, '--json');
     expect(k.status, k.stderr).toBe(0);

@@ -17,7 +17,6 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 
 import { ChunkBackupError, ChunkStoreError } from '../lib/chunk-provider/errors.js';
 import { createKeyFile } from '../lib/chunk-provider/key.js';
-import type { S3StoreOptions } from '../lib/chunk-provider/s3.js';
 import { ChunkStore, chunkKey } from '../lib/chunk-provider/store.js';
 import { verifyChunkStore, type ChunkVerifyResult } from '../lib/chunk-provider/verify.js';
 import { DirectoryStore } from '../lib/directory-provider/store.js';
@@ -26,7 +25,7 @@ import { runBackupJob } from '../lib/index.js';
 import { putBackup, putChunks } from './helpers/chunk-store.js';
 import { startDisk, vmGuest } from './helpers/directory.js';
 import { stopAll, tempDir } from './helpers/qemu.js';
-import { clusterStoreOptions, startS3Cluster, type S3Cluster } from './helpers/s3-cluster.js';
+import { useS3Cluster } from './helpers/use-s3-cluster.js';
 
 const CLI = path.join(import.meta.dirname, '..', 'dist', 'cli', 'main.js');
 const MiB = 2 ** 20;
@@ -52,22 +51,17 @@ const contents = (n: number, size = 8192): Buffer[] => Array.from({ length: n },
 const byVolname = (results: ChunkVerifyResult[]): Record<string, ChunkVerifyResult> => Object.fromEntries(results.map((r) => [r.volid.slice(r.volid.indexOf(':') + 1), r]));
 
 describe('chunk store verify on S3 (Garage, 3 nodes, replication factor 3)', { timeout: 180_000 }, () => {
-  let cluster: S3Cluster;
-  let base: S3StoreOptions;
   let dir: string;
-  let n = 0;
-  const fresh = (): S3StoreOptions => ({ ...base, prefix: `v${++n}/store` });
+  const garage = useS3Cluster('v');
+  const fresh = garage.fresh;
 
   beforeAll(async () => {
-    cluster = await startS3Cluster();
-    base = clusterStoreOptions(cluster);
     dir = mkdtempSync(path.join(tmpdir(), 'pbp-chunk-verify-'));
   }, 120_000);
   afterEach(async () => {
     await stopAll();
   });
   afterAll(async () => {
-    await cluster?.stop();
     if (dir) rmSync(dir, { recursive: true, force: true });
   });
 
@@ -237,7 +231,7 @@ describe('chunk store verify on S3 (Garage, 3 nodes, replication factor 3)', { t
   });
 
   it('the command line: exit code 0 when sound, 1 with problems; --json in the shape of the directory store; --sample', async () => {
-    const env = { ...process.env, AWS_ACCESS_KEY_ID: cluster.accessKeyId, AWS_SECRET_ACCESS_KEY: cluster.secretAccessKey };
+    const env = { ...process.env, AWS_ACCESS_KEY_ID: garage.cluster.accessKeyId, AWS_SECRET_ACCESS_KEY: garage.cluster.secretAccessKey };
     const cli = (...args: string[]): { status: number | null; stdout: string; stderr: string } => {
       const r = spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', env });
       return { status: r.status, stdout: r.stdout, stderr: r.stderr };
@@ -248,7 +242,7 @@ describe('chunk store verify on S3 (Garage, 3 nodes, replication factor 3)', { t
     const c = await putChunks(store, contents(20, 1024));
     await putBackup(store, A, 1_793_500_000, c.slice(0, 10));
     await putBackup(store, B, 1_793_586_400, c.slice(5));
-    const s3 = ['--store', `s3://${o.bucket}/${o.prefix}`, '--endpoint', cluster.endpoint, '--region', cluster.region];
+    const s3 = ['--store', `s3://${o.bucket}/${o.prefix}`, '--endpoint', garage.cluster.endpoint, '--region', garage.cluster.region];
 
     const ok = cli('verify', ...s3);
     expect(ok.status, ok.stderr).toBe(0);
