@@ -145,6 +145,31 @@ describe('chunk store verify on S3 (Garage, 3 nodes, replication factor 3)', { t
     expect(r[incr]!.problems).toEqual([lost, expect.stringMatching(new RegExp(`^chunk .*${chunkKey(after!)} is corrupt: .*; needed by chunks:${incr.replace(/[/]/g, '\\/')}$`))]);
   });
 
+  it('credentials that may only read: verify answers, and warns that the store refused to record its verdicts', async () => {
+    const o = fresh();
+    const store = await ChunkStore.open(o, { storeid: 's3v' });
+    await store.ensureCreated();
+    const c = await putChunks(store, contents(2));
+    await putBackup(store, A, 1_793_500_000, c);
+    await putBackup(store, B, 1_793_586_400, [c[1]!]);
+    const readOnly = await ChunkStore.open({ ...o, ...(await garage.cluster.createReadOnlyKey(o.bucket)) }, { storeid: 's3v' });
+    const warnings: string[] = [];
+    const log = (level: string, message: string): number => warnings.push(`${level}: ${message}`);
+    expect((await verifyChunkStore(readOnly, { log })).map((r) => r.ok)).toEqual([true, true]);
+    expect(warnings).toEqual([
+      expect.stringMatching(new RegExp(`^warn: s3v:${A.replace(/[/]/g, '\\/')}: the store refused to record the verdict .*: nothing changes for the next backup$`)),
+      expect.stringMatching(/: nothing changes for the next backup$/),
+    ]);
+    await store.objects.delete(chunkKey(c[0]!));
+    warnings.length = 0;
+    expect(byVolname(await verifyChunkStore(readOnly, { log }))[A]!.ok).toBe(false);
+    expect(warnings[0]).toMatch(/: the next backup may still build on it$/);
+    expect(await store.readVerifyState(A)).toBeUndefined();
+    // with credentials that may write, the verdict is recorded
+    await verifyChunkStore(store);
+    expect(await store.readVerifyState(A)).toMatchObject({ state: 'failed', missing: 1 });
+  });
+
   it('a damaged index, manifest or blob fails that backup with the object named', async () => {
     const store = await ChunkStore.open(fresh(), { storeid: 's3v' });
     await store.ensureCreated();

@@ -20,6 +20,7 @@
  *
  * @packageDocumentation
  */
+import type { LogFunction } from '../provider/api.js';
 import { ChunkBackupError, ChunkStoreError } from './errors.js';
 import { nativeVerifyChunks, type ChunkVerify } from './jobs.js';
 import type { ChunkStore, ChunkVerifyState } from './store.js';
@@ -45,6 +46,8 @@ export interface VerifyChunkStoreOptions {
   bandwidthLimit?: number;
   onProgress?: (p: { checked: number; total: number; bytesRead: number; bytesPerSecond: number }) => void;
   signal?: AbortSignal;
+  /** Warnings: a verdict the store refused to record (credentials that may only read). */
+  log?: LogFunction;
 }
 
 /** Codes that are a finding about one backup's object; any other error (the store failed) ends the verify. */
@@ -53,6 +56,21 @@ const FINDINGS: ReadonlySet<string> = new Set(['ERR_BACKUP_CORRUPT', 'ERR_BACKUP
 function finding(err: unknown): string {
   if ((err instanceof ChunkBackupError || err instanceof ChunkStoreError) && FINDINGS.has(err.code)) return err.message;
   throw err;
+}
+
+/**
+ * Records `state` as the backup's last verdict. Credentials that may only read (an auditor's) are
+ * refused: the verdicts are what verify answers, and recording them only steers the next backups,
+ * so that refusal is a warning. Any other store error ends the verify.
+ */
+async function recordVerdict(store: ChunkStore, volname: string, state: ChunkVerifyState, log: LogFunction | undefined): Promise<void> {
+  try {
+    await store.writeVerifyState(volname, state);
+  } catch (err) {
+    if (!(err instanceof ChunkStoreError) || err.code !== 'ERR_STORE_ACCESS') throw err;
+    const next = state.state === 'failed' ? 'the next backup may still build on it' : 'nothing changes for the next backup';
+    log?.('warn', `${store.volid(volname)}: the store refused to record the verdict (${err.message}): ${next}`);
+  }
 }
 
 /**
@@ -130,7 +148,7 @@ export async function verifyChunkStore(store: ChunkStore, o: VerifyChunkStoreOpt
     const lost = missing.get(b.volname) ?? 0;
     const state: ChunkVerifyState = { state: b.problems.length === 0 ? 'ok' : 'failed', time, missing: lost, bad: b.problems.length - lost };
     // a sample that found nothing proves little: it leaves the previous verdict
-    if (state.state === 'failed' || !sampled) await store.writeVerifyState(b.volname, state);
+    if (state.state === 'failed' || !sampled) await recordVerdict(store, b.volname, state, o.log);
   }
   return backups.map((b, i) => ({
     volid: store.volid(b.volname),

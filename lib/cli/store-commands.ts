@@ -436,6 +436,7 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
           ...(o.sample !== undefined ? { samplePercent: o.sample } : {}),
           ...(o.bwlimit !== undefined ? { bandwidthLimit: o.bwlimit } : {}),
           signal,
+          log: logTo(o.json === true),
         })
         .catch((err: unknown) => {
           if (signal.aborted) throw cancelled(err);

@@ -57,6 +57,8 @@ export interface VerifyRequest {
   /** Bytes per second fetched at most. */
   bandwidthLimit?: number;
   signal?: AbortSignal;
+  /** Warnings (chunk stores: a verdict the store refused to record). */
+  log?: LogFunction;
 }
 
 /** What `backup` asks of a store for its provider. */
@@ -234,6 +236,7 @@ async function openChunkStore(url: string, o: Record<string, unknown>): Promise<
         ...(v.samplePercent !== undefined ? { samplePercent: v.samplePercent } : {}),
         ...(v.bandwidthLimit !== undefined ? { bandwidthLimit: v.bandwidthLimit } : {}),
         ...(v.signal ? { signal: v.signal } : {}),
+        ...(v.log ? { log: v.log } : {}),
       });
     },
     gc: async (g) => (await import('../chunk-provider/gc.js')).collectGarbage(store, g),

@@ -47,6 +47,8 @@ export interface S3Cluster extends S3Target {
   restartGateway(whileDown?: () => Promise<void>): Promise<void>;
   /** Creates a bucket that the cluster's key can read and write. */
   createBucket(name: string): Promise<void>;
+  /** A new key that may only read `bucket` (a verifier's or an auditor's credentials). */
+  createReadOnlyKey(bucket: string): Promise<{ accessKeyId: string; secretAccessKey: string }>;
   /** Sets the bucket's size quota in bytes (null: none); puts beyond it are refused with 403. */
   setQuota(bucket: string, maxBytes: number | null): Promise<void>;
   /** Kills every node and removes the cluster's folder; safe to call twice. */
@@ -258,6 +260,12 @@ admin_token = "${adminToken}"
         accessKeyId: key.accessKeyId,
         permissions: { read: true, write: true, owner: true },
       });
+    },
+    async createReadOnlyKey(bucket) {
+      const created = await admin<{ accessKeyId: string; secretAccessKey: string }>(gateway, 'POST', 'CreateKey', { name: `pbp-read-${randomBytes(4).toString('hex')}` });
+      const { id } = await admin<{ id: string }>(gateway, 'GET', `GetBucketInfo?globalAlias=${encodeURIComponent(bucket)}`);
+      await admin(gateway, 'POST', 'AllowBucketKey', { bucketId: id, accessKeyId: created.accessKeyId, permissions: { read: true, write: false, owner: false } });
+      return { accessKeyId: created.accessKeyId, secretAccessKey: created.secretAccessKey };
     },
     async setQuota(bucket, maxBytes) {
       const { id } = await admin<{ id: string }>(gateway, 'GET', `GetBucketInfo?globalAlias=${encodeURIComponent(bucket)}`);
