@@ -9,7 +9,7 @@
  */
 import { spawn } from 'node:child_process';
 import { readdirSync, readFileSync } from 'node:fs';
-import { readFile, rm, stat } from 'node:fs/promises';
+import { open, readFile, rm, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
@@ -159,6 +159,23 @@ describe('DirectoryProvider: a restore path qemu-server accepts', () => {
     expect(processesMentioning(tmp)).toEqual([]);
     expect(seen).toHaveLength(2);
     expect(readdirSync(tmp)).toEqual([]);
+  });
+
+  it('restore_vm_volume_init refuses a layer whose qcow2 header lost its backing file: qemu-img would restore another point in time without an error', async () => {
+    const { provider, points } = await twoBackups();
+    const tmp = await tempDir();
+    // the header is outside the content digests (they cover the image's own clusters); zero its
+    // backing_file_offset (bytes 8..16): the incremental then reads as if nothing were below it
+    const image = path.join((await provider.openStore()).backupDir(points[1]!.volname), 'disk0.qcow2');
+    const fh = await open(image, 'r+');
+    await fh.write(Buffer.alloc(8), 0, 8, 8);
+    await fh.close();
+    const init = withTmpdir(tmp, () => provider.restoreVmVolumeInit(points[1]!.volname, 'disk0', {}));
+    await expect(init).rejects.toMatchObject({ code: 'ERR_BACKUP_CORRUPT', file: image });
+    await expect(init).rejects.toThrow(/backing file is none, expected \.\.\/qemu-/);
+    expect(mountsUnder(tmp)).toEqual([]);
+    expect(readdirSync(tmp)).toEqual([]);
+    await provider.restoreVmCleanup(points[1]!.volname);
   });
 
   it('a restoring process that is SIGKILLed leaves no mount and no daemon', async () => {

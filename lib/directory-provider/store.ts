@@ -641,11 +641,42 @@ export class DirectoryStore {
     for (const m of await this.chain(volname)) {
       const d = m.devices?.[device];
       const want = d && m.files[d.file];
-      if (want && 'digests' in want) problems.push(...(await this.checkImage(m, d.file, want)));
+      if (!want || !('digests' in want)) continue;
+      problems.push(...(await this.checkImage(m, d.file, want)));
+      // qemu-img follows each layer's header to its backing file, which no digest covers
+      const backing = await this.backingProblem(m, device);
+      if (backing) problems.push(backing);
     }
     if (problems.length > 0) {
       throw this.unrestorable(volname, problems);
     }
+  }
+
+  /**
+   * The problem with the backing file an image's qcow2 header names, if it is not the base its
+   * manifest records (`../<base folder>/<file>`, or none for a full image). The header is outside
+   * what the content digests cover (they record the image's own clusters), yet `qemu-img` and the
+   * FUSE export follow it: a damaged header that names another backup, or no backing file, would
+   * restore another point in time without any error. The native restore reads the chain the
+   * manifests name instead and does not depend on it.
+   * @returns `<file>: <what>`, or `undefined` when the header names the recorded base.
+   */
+  private async backingProblem(m: Manifest, device: string): Promise<string | undefined> {
+    const d = m.devices?.[device];
+    if (!d) return undefined;
+    const file = path.join(this.backupDir(m.volname), d.file);
+    const want = d.base ? `../${parseVolname(d.base).dirName}/${d.file}` : undefined;
+    const qemuImg = requireTool('qemu-img', 'qemu-utils');
+    let backing: string | undefined;
+    try {
+      const r = await execFileP(qemuImg, ['info', '--output=json', '-U', '-f', 'qcow2', file]);
+      backing = (JSON.parse(r.stdout) as { 'backing-filename'?: string })['backing-filename'];
+    } catch (err) {
+      const e = err as { stderr?: string; message: string };
+      return `${file}: qemu-img info failed: ${(e.stderr || e.message).trim().split('\n')[0]}`;
+    }
+    if (backing !== want) return `${file}: backing file is ${backing ?? 'none'}, expected ${want ?? 'none'} (device ${device})`;
+    return undefined;
   }
 
   /**
@@ -675,12 +706,8 @@ export class DirectoryStore {
           problems.push(`${file}: qemu-img check failed: ${(e.stderr || e.stdout || e.message).trim().split('\n')[0]}`);
           continue;
         }
-        const want = d.base ? `../${parseVolname(d.base).dirName}/${d.file}` : undefined;
-        const info = await execFileP(qemuImg, ['info', '--output=json', '-U', '-f', 'qcow2', file]).then(
-          (r) => JSON.parse(r.stdout) as { 'backing-filename'?: string },
-          () => undefined,
-        );
-        if (info && info['backing-filename'] !== want) problems.push(`${file}: backing file is ${info['backing-filename'] ?? 'none'}, expected ${want ?? 'none'} (device ${device})`);
+        const backing = await this.backingProblem(m, device);
+        if (backing) problems.push(backing);
       }
     }
     try {
