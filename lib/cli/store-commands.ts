@@ -270,7 +270,9 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
       const log: LogFunction = (level, message) => level !== 'err' && logTo(json)(level, message);
       const provider = await store.restoreProvider(log);
       const to = o.to as string[];
-      if (o.configDir) await mkdir(o.configDir as string, { recursive: true });
+      // folders this command creates hold a guest's disks and configuration: 0700 (the umask can
+      // only take bits off it), never 0777 less the umask; an existing folder keeps its mode
+      if (o.configDir) await mkdir(o.configDir as string, { recursive: true, mode: 0o700 });
       const signal = parse.signal();
       const common = {
         provider,
@@ -309,7 +311,7 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
       } else if (to.length === 1) {
         const dir = path.resolve(to[0]!);
         targets = async (device) => {
-          await mkdir(dir, { recursive: true });
+          await mkdir(dir, { recursive: true, mode: 0o700 });
           return path.join(dir, `${device}.raw`);
         };
         files = backup.devices.map((device) => path.join(dir, `${device}.raw`));

@@ -10,7 +10,7 @@
  * @packageDocumentation
  */
 import { constants } from 'node:fs';
-import { open, rename, stat, unlink, writeFile } from 'node:fs/promises';
+import { open, rename, stat, unlink } from 'node:fs/promises';
 import path from 'node:path';
 
 import { normaliseBandwidthLimit } from '../bandwidth.js';
@@ -49,7 +49,7 @@ export interface RestoreVmOptions {
    * missing target and renames it over the old one on success.
    */
   overwrite?: 'in-place' | 'replace';
-  /** Writes `qemu-server.conf` (and `qemu-server.fw` if the backup has one) here. */
+  /** Writes `qemu-server.conf` (and `qemu-server.fw` if the backup has one) here, mode 0600. */
   configDir?: string;
   /** Bytes per second for `qemu-img convert` (0, `Infinity` or absent: none; negative: `ERR_INVALID_ARGUMENT`). */
   bandwidthLimit?: number;
@@ -87,7 +87,7 @@ export interface RestoreContainerOptions {
   allowNonEmpty?: boolean;
   /** Id map to shift owners into (entries or `lxc.idmap` values); absent: privileged. */
   idMap?: IdMapEntry[] | string[];
-  /** Writes `pct.conf` (and `pct.fw`) here. */
+  /** Writes `pct.conf` (and `pct.fw`) here, mode 0600. */
   configDir?: string;
   /** Bytes per second for tar or rsync (0, `Infinity` or absent: none; negative: `ERR_INVALID_ARGUMENT`). */
   bandwidthLimit?: number;
@@ -158,13 +158,29 @@ async function withCleanup<T>(fn: () => Promise<T>, cleanup: () => Promise<void>
   return result;
 }
 
+/**
+ * Writes a restored configuration file, mode 0600 whatever the umask and whatever mode a file of
+ * that name had: a guest's configuration may hold secrets (cloud-init passwords, keys), and
+ * `writeFile`'s default (0666 less the umask) left it readable by others, or writable under
+ * umask 000.
+ */
+async function writePrivateFile(file: string, data: string): Promise<void> {
+  const fh = await open(file, 'w', 0o600);
+  try {
+    await fh.chmod(0o600);
+    await fh.writeFile(data);
+  } finally {
+    await fh.close();
+  }
+}
+
 async function writeConfigs(dir: string | undefined, base: string, config: string, firewall: string | undefined): Promise<{ configFile?: string; firewallFile?: string }> {
   if (!dir) return {};
   const configFile = path.join(dir, `${base}.conf`);
-  await writeFile(configFile, config);
+  await writePrivateFile(configFile, config);
   if (firewall === undefined) return { configFile };
   const firewallFile = path.join(dir, `${base}.fw`);
-  await writeFile(firewallFile, firewall);
+  await writePrivateFile(firewallFile, firewall);
   return { configFile, firewallFile };
 }
 
