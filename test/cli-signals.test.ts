@@ -106,7 +106,7 @@ describe('restore: interrupted, killed, existing targets', () => {
       const out = path.join(dir, 'out');
       // 24 MiB of data at 2 MiB/s: about 12 s, interrupted after the copy started
       const run = startCli(['restore', volid, '--store', store, '--to', out, '--bwlimit', '2M']);
-      await waitFor(() => existsSync(path.join(out, 'disk0.raw.partial')), 'the restore to start writing');
+      await waitFor(() => (existsSync(out) && readdirSync(out).some((f) => f.startsWith('disk0.raw.partial-'))), 'the restore to start writing');
       await new Promise((r) => setTimeout(r, 1000));
       run.kill(sig);
       const r = await run.done;
@@ -120,10 +120,35 @@ describe('restore: interrupted, killed, existing targets', () => {
     const { dir, store, volid } = await vmBackup();
     const out = path.join(dir, 'out');
     const run = startCli(['restore', volid, '--store', store, '--to', out, '--bwlimit', '2M']);
-    await waitFor(() => existsSync(path.join(out, 'disk0.raw.partial')), 'the restore to start writing');
+    await waitFor(() => (existsSync(out) && readdirSync(out).some((f) => f.startsWith('disk0.raw.partial-'))), 'the restore to start writing');
     run.kill('SIGKILL');
     await run.done;
     expect(existsSync(path.join(out, 'disk0.raw'))).toBe(false);
+    // the next restore into the same place removes what the killed one left
+    const again = cli('restore', volid, '--store', store, '--to', out);
+    expect(again.status, again.stderr).toBe(0);
+    expect(readdirSync(out)).toEqual(['disk0.raw']);
+  });
+
+  it('two restores of different backups into one target at once: each renames what it wrote, both succeed, the target is the last one whole', async () => {
+    const { dir, store, volid: first, content: firstContent } = await vmBackup();
+    const disk = path.join(dir, 'disk0.qcow2');
+    qemuIo(disk, 'qcow2', ['write -P 0x33 0 32M']);
+    const b = cli('backup', '--store', store, '--vmid', '100', '--disk', `disk0=${disk}`, '--mode', 'full', '--json');
+    expect(b.status, b.stderr).toBe(0);
+    const second = (JSON.parse(b.stdout) as { volid: string }).volid;
+    const out = path.join(dir, 'out');
+    mkdirSync(out);
+    const target = path.join(out, 'disk0.raw');
+    // the first (24 MiB at 8 MiB/s) is still writing when the second starts and completes
+    const slow = startCli(['restore', first, '--store', store, '--to', `disk0=${target}`, '--bwlimit', '8M']);
+    await waitFor(() => readdirSync(out).some((f) => f.startsWith('disk0.raw.partial-')), 'the first restore to start writing');
+    const fast = cli('restore', second, '--store', store, '--to', `disk0=${target}`, '--force');
+    expect(fast.status, fast.stderr).toBe(0);
+    const r = await slow.done;
+    expect(r.status, r.stderr).toBe(0);
+    expect(readFileSync(target).equals(firstContent)).toBe(true);
+    expect(readdirSync(out)).toEqual(['disk0.raw']);
   });
 
   it('SIGKILL of a restore through qemu-img (a backup of manifest version 1) kills its qemu-img too', async () => {
