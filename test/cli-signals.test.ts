@@ -3,10 +3,11 @@
  * during `backup` and `restore` (exit 130, nothing partial left that looks complete), SIGKILL of
  * a restore (a qemu-img it runs dies too), existing images (refused, or replaced whole with --force),
  * the mode of restored images, strict guest ids, unknown devices, non-empty container targets,
- * and where progress bars and log lines go.
+ * where progress bars and log lines go, two restores into one target at once, and a `delete`
+ * SIGKILLed while it merges a base into its child.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { cpSync, existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, watch, writeFileSync } from 'node:fs';
 import path from 'node:path';
 
 import { afterEach, describe, expect, it } from 'vitest';
@@ -372,6 +373,62 @@ describe('progress: a bar on a terminal (stderr), log lines when piped, only JSO
       expect(x.status, x.stderr).toBe(0);
       expect(() => JSON.parse(x.stdout)).not.toThrow();
       expect(x.stderr).toBe('');
+    }
+  });
+});
+
+describe('delete: killed while it merges a base into its child', () => {
+  /** SIGKILLs `delete <volid>` as soon as `name` is renamed (to or from) in `dir`. */
+  async function deleteKilledAt(store: string, volid: string, dir: string, name: string): Promise<boolean> {
+    const run = startCli(['delete', volid, '--store', store]);
+    let killed = false;
+    const watcher = watch(dir, (_event, file) => {
+      if (file === name && !killed) {
+        killed = true;
+        run.kill('SIGKILL');
+      }
+    });
+    await run.done;
+    watcher.close();
+    return killed;
+  }
+
+  it('at every rename of the merge the child stays restorable, byte-exact, and the next delete finishes', async () => {
+    const dir = await tempDir();
+    const disk = path.join(dir, 'disk0.qcow2');
+    const pristine = path.join(dir, 'pristine');
+    createImage(disk, 16 * MiB, 'qcow2');
+    const points: Array<{ volid: string; content: Buffer }> = [];
+    for (const [i, at] of [0, 4, 8].entries()) {
+      qemuIo(disk, 'qcow2', [`write -P 0x${i + 1}${i + 1} ${at}M 2M`]);
+      const b = cli('backup', '--store', pristine, '--vmid', '100', '--disk', `disk0=${disk}`, '--json');
+      expect(b.status, b.stderr).toBe(0);
+      points.push({ volid: (JSON.parse(b.stdout) as { volid: string }).volid, content: rawContent(disk, 'qcow2', path.join(dir, `c${i}.raw`)) });
+      await new Promise((r) => setTimeout(r, 1100)); // a later backup id
+    }
+    const [first, middle, last] = points as [(typeof points)[0], (typeof points)[0], (typeof points)[0]];
+    // before the commit point (the copy being made), at it (the next manifest), and each move after it
+    for (const name of ['disk0.qcow2.merge', 'manifest.json.next', 'disk0.qcow2.digests', 'disk0.qcow2', 'manifest.json']) {
+      const store = path.join(dir, 'store');
+      rmSync(store, { recursive: true, force: true });
+      cpSync(pristine, store, { recursive: true });
+      const lastDir = path.join(store, '100', last.volid.split('/').pop()!);
+      expect(await deleteKilledAt(store, middle.volid, lastDir, name), name).toBe(true);
+      for (const p of [first, last]) {
+        const target = path.join(dir, 'r.raw');
+        const r = cli('restore', p.volid, '--store', store, '--to', `disk0=${target}`, '--force');
+        expect(r.status, `killed at ${name}: ${r.stderr}`).toBe(0);
+        expectSameBytes(readFileSync(target), p.content, `${p.volid} after a delete killed at ${name}`);
+      }
+      const v = cli('verify', last.volid, '--store', store);
+      expect(v.status, `killed at ${name}: ${v.stdout}`).toBe(0);
+      // the delete is done again, or was done: the middle backup goes either way
+      cli('delete', middle.volid, '--store', store);
+      const list = JSON.parse(cli('list', '--store', store, '--json').stdout) as Array<{ volid: string; status: string }>;
+      expect(list.map((b) => [b.volid, b.status])).toEqual([[first.volid, 'ok'], [last.volid, 'ok']]);
+      const r = cli('restore', last.volid, '--store', store, '--to', `disk0=${path.join(dir, 'r.raw')}`, '--force');
+      expect(r.status, r.stderr).toBe(0);
+      expectSameBytes(readFileSync(path.join(dir, 'r.raw')), last.content, `${last.volid} after the delete was finished`);
     }
   });
 });

@@ -47,8 +47,20 @@ import {
 } from './layout.js';
 import { markBackups, type PruneEntry, type PruneMark } from '../provider/prune.js';
 import { ctimeOfBackupId } from '../provider/volname.js';
+import { fsyncPath } from '../provider/files.js';
 
 const execFileP = promisify(execFile);
+
+/**
+ * A merge into a backup (see {@link DirectoryStore.deleteBackup}) replaces three of its files,
+ * image, digest file and manifest, which no single rename can do. The merged files are made under
+ * `<file>.merge` names, then the backup's next manifest is written as `manifest.json.next`: the
+ * merge is committed from then on, and whoever reads the backup next finishes it (moves the merged
+ * files and the next manifest into place; {@link DirectoryStore.finishMerge}). So a crash at any
+ * point leaves the backup either as it was or merged, never with a manifest its files do not match.
+ */
+const NEXT_MANIFEST = `${MANIFEST}.next`;
+const MERGED = '.merge';
 
 /** A backup as {@link DirectoryStore.listBackups} lists it (Proxmox's `list_volumes` fields, plus chain and status). */
 export interface BackupInfo {
@@ -343,6 +355,7 @@ export class DirectoryStore {
    */
   async readManifest(volname: string): Promise<Manifest> {
     const dir = this.backupDir(volname);
+    await this.finishMerge(volname);
     const file = path.join(dir, MANIFEST);
     let text: string;
     try {
@@ -882,8 +895,10 @@ export class DirectoryStore {
   /** Rebases each image of `child` backed by `base` onto base's own base, then rewrites child's manifest. */
   private async mergeInto(base: Manifest, child: string): Promise<void> {
     const qemuImg = requireTool('qemu-img', 'qemu-utils');
-    const c = await this.readManifest(child);
+    const c = await this.readManifest(child); // finishes a committed merge, if one was left
     const cdir = this.backupDir(child);
+    // what is left under merge names now is from a merge that crashed before its commit point
+    for (const name of await readdir(cdir)) if (name.endsWith(MERGED) || name.endsWith(`${MERGED}.digests`)) await rm(path.join(cdir, name), { force: true });
     const changed: string[] = [];
     const devices = { ...c.devices };
     for (const [device, d] of Object.entries(c.devices ?? {})) {
@@ -891,7 +906,7 @@ export class DirectoryStore {
       const newBase = base.devices?.[device]?.base;
       const backing = newBase ? `../${parseVolname(newBase).dirName}/${d.file}` : '';
       const file = path.join(cdir, d.file);
-      const tmp = `${file}.merge`;
+      const tmp = `${file}${MERGED}`;
       // work on a copy (same folder, so the relative backing path holds): a crash leaves the child intact
       await execFileP('cp', ['--reflink=auto', '--sparse=always', '--', file, tmp]);
       try {
@@ -908,16 +923,52 @@ export class DirectoryStore {
     }
     const files = { ...c.files };
     for (const f of changed) {
+      const merged = path.join(cdir, `${f}${MERGED}`);
+      // durable before the next manifest names it (the digest file is written durably)
+      await fsyncPath(merged);
       // the merged image holds other clusters: its content digests are taken anew (one read)
-      const digests = await digestImage(path.join(cdir, `${f}.merge`));
-      await rename(digests.digestsFile, path.join(cdir, `${f}.digests`));
-      await rename(path.join(cdir, `${f}.merge`), path.join(cdir, f));
-      files[f] = { size: (await stat(path.join(cdir, f))).size, digests: `${f}.digests` };
-      files[`${f}.digests`] = { size: (await stat(path.join(cdir, `${f}.digests`))).size, sha256: digests.digestsSha256 };
+      const digests = await digestImage(merged);
+      files[f] = { size: (await stat(merged)).size, digests: `${f}.digests` };
+      files[`${f}.digests`] = { size: (await stat(digests.digestsFile)).size, sha256: digests.digestsSha256 };
     }
     const parent = Object.values(devices).find((d) => d.base)?.base;
     const { checksum: _old, ...rest } = c;
-    await this.commitManifest({ ...rest, version: MANIFEST_VERSION, devices, files, mode: parent ? 'incremental' : 'full', ...(parent ? { parent } : { parent: undefined }) });
+    const next: Omit<Manifest, 'checksum'> = { ...rest, version: MANIFEST_VERSION, devices, files, mode: parent ? 'incremental' : 'full', ...(parent ? { parent } : { parent: undefined }) };
+    // the commit point: from here on the child is merged, whoever finishes moving the files
+    await writeFileAtomic(path.join(cdir, NEXT_MANIFEST), `${JSON.stringify({ ...next, checksum: manifestChecksum(next) }, null, 2)}\n`);
+    await this.finishMerge(child);
+  }
+
+  /**
+   * Finishes a committed merge into `volname` (see {@link NEXT_MANIFEST}): each merged image and
+   * its digest file over the old ones, then the next manifest over the manifest. Nothing to do
+   * without a next manifest. Every step may have been done already (by a run that crashed, or by
+   * another process finishing it at the same time): a file already moved is skipped.
+   */
+  private async finishMerge(volname: string): Promise<void> {
+    const dir = this.backupDir(volname);
+    let next: Manifest;
+    try {
+      next = JSON.parse(await readFile(path.join(dir, NEXT_MANIFEST), 'utf8')) as Manifest;
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === 'ENOENT' || code === 'ENOTDIR') return;
+      throw err;
+    }
+    // written atomically; one that does not check is damage, left for verify to report
+    if (!next || typeof next !== 'object' || next.checksum !== manifestChecksum(next) || next.volname !== volname) return;
+    const moveIfThere = (from: string, to: string): Promise<void> =>
+      rename(path.join(dir, from), path.join(dir, to)).catch((err: NodeJS.ErrnoException) => {
+        if (err.code !== 'ENOENT') throw err;
+      });
+    for (const [name, entry] of Object.entries(next.files)) {
+      if (!('digests' in entry)) continue;
+      await moveIfThere(`${name}${MERGED}.digests`, entry.digests);
+      await moveIfThere(`${name}${MERGED}`, name);
+    }
+    await fsyncPath(dir);
+    await moveIfThere(NEXT_MANIFEST, MANIFEST);
+    await fsyncPath(dir);
   }
 }
 
