@@ -657,8 +657,8 @@ export class DirectoryStore {
       if (!want || !('digests' in want)) continue;
       problems.push(...(await this.checkImage(m, d.file, want)));
       // qemu-img follows each layer's header to its backing file, which no digest covers
-      const backing = await this.backingProblem(m, device);
-      if (backing) problems.push(backing);
+      const header = await this.headerProblem(m, device);
+      if (header) problems.push(header);
     }
     if (problems.length > 0) {
       throw this.unrestorable(volname, problems);
@@ -666,29 +666,33 @@ export class DirectoryStore {
   }
 
   /**
-   * The problem with the backing file an image's qcow2 header names, if it is not the base its
-   * manifest records (`../<base folder>/<file>`, or none for a full image). The header is outside
-   * what the content digests cover (they record the image's own clusters), yet `qemu-img` and the
-   * FUSE export follow it: a damaged header that names another backup, or no backing file, would
-   * restore another point in time without any error. The native restore reads the chain the
-   * manifests name instead and does not depend on it.
-   * @returns `<file>: <what>`, or `undefined` when the header names the recorded base.
+   * The problem with what an image's qcow2 header tells a reader to read besides the image's own
+   * clusters, if it is not what its manifest records: the backing file (`../<base folder>/<file>`,
+   * or none for a full image), the backing file's format (qcow2), and no external data file. The
+   * header is outside what the content digests cover (they record the image's own clusters), yet
+   * `qemu-img` and the FUSE export follow it: a damaged header that names another backup, no
+   * backing file, or reads the base as raw, would restore another content without any error. The
+   * native restore reads the chain the manifests name instead and does not depend on it.
+   * @returns `<file>: <what>`, or `undefined` when the header is as recorded.
    */
-  private async backingProblem(m: Manifest, device: string): Promise<string | undefined> {
+  private async headerProblem(m: Manifest, device: string): Promise<string | undefined> {
     const d = m.devices?.[device];
     if (!d) return undefined;
     const file = path.join(this.backupDir(m.volname), d.file);
     const want = d.base ? `../${parseVolname(d.base).dirName}/${d.file}` : undefined;
     const qemuImg = requireTool('qemu-img', 'qemu-utils');
-    let backing: string | undefined;
+    let info: { 'backing-filename'?: string; 'backing-filename-format'?: string; 'format-specific'?: { data?: { 'data-file'?: string } } };
     try {
-      const r = await execFileP(qemuImg, ['info', '--output=json', '-U', '-f', 'qcow2', file]);
-      backing = (JSON.parse(r.stdout) as { 'backing-filename'?: string })['backing-filename'];
+      info = JSON.parse((await execFileP(qemuImg, ['info', '--output=json', '-U', '-f', 'qcow2', file])).stdout) as typeof info;
     } catch (err) {
       const e = err as { stderr?: string; message: string };
       return `${file}: qemu-img info failed: ${(e.stderr || e.message).trim().split('\n')[0]}`;
     }
+    const backing = info['backing-filename'];
     if (backing !== want) return `${file}: backing file is ${backing ?? 'none'}, expected ${want ?? 'none'} (device ${device})`;
+    if (want && info['backing-filename-format'] !== 'qcow2') return `${file}: backing file format is ${info['backing-filename-format'] ?? 'not recorded'}, expected qcow2 (device ${device})`;
+    const dataFile = info['format-specific']?.data?.['data-file'];
+    if (dataFile !== undefined) return `${file}: its data is in an external file ${dataFile} (device ${device})`;
     return undefined;
   }
 
@@ -719,8 +723,8 @@ export class DirectoryStore {
           problems.push(`${file}: qemu-img check failed: ${(e.stderr || e.stdout || e.message).trim().split('\n')[0]}`);
           continue;
         }
-        const backing = await this.backingProblem(m, device);
-        if (backing) problems.push(backing);
+        const header = await this.headerProblem(m, device);
+        if (header) problems.push(header);
       }
     }
     try {
