@@ -4,7 +4,7 @@
  * JSON output; bad input gets one line and a non-zero exit, never a stack trace.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { appendFileSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { appendFileSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 
@@ -12,6 +12,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 
 import { createImage, qemuIo, rawContent } from './helpers/images.js';
 import { stopAll, tempDir } from './helpers/qemu.js';
+import { manifestChecksum, type Manifest } from '../lib/directory-provider/layout.js';
 
 const CLI = path.join(import.meta.dirname, '..', 'dist', 'cli', 'main.js');
 
@@ -185,6 +186,24 @@ describe('pve-backup-provider backup / list / restore / prune / delete / verify'
       'qemu-server.conf': '600',
     });
     expect(readFileSync(path.join(dir, 'out', 'qemu-server.conf'), 'utf8')).toBe('name: vm100\n');
+  });
+
+  it('restore --to FOLDER refuses a disk whose name is not a plain file name (a crafted manifest): nothing is written outside the folder', async () => {
+    const dir = await tempDir();
+    const disk = path.join(dir, 'disk0.qcow2');
+    const store = path.join(dir, 'store');
+    createImage(disk, '4M', 'qcow2');
+    const b = cli('backup', '--store', store, '--vmid', '100', '--disk', `disk0=${disk}`, '--json');
+    expect(b.status, b.stderr).toBe(0);
+    const { volid } = JSON.parse(b.stdout) as { volid: string };
+    // the manifest's checksum guards against damage, not against whoever can write the store
+    const file = path.join(store, '100', volid.split('/').pop()!, 'manifest.json');
+    const { checksum: _c, ...m } = JSON.parse(readFileSync(file, 'utf8')) as Record<string, unknown> & { devices: Record<string, unknown> };
+    const crafted = { ...m, devices: { '../escaped': m.devices['disk0'] } };
+    writeFileSync(file, JSON.stringify({ ...crafted, checksum: manifestChecksum(crafted as unknown as Manifest) }));
+    mkdirSync(path.join(dir, 'a'));
+    expectOneLine(cli('restore', volid, '--store', store, '--to', path.join(dir, 'a', 'out')), 1, /has a disk named "\.\.\/escaped", which cannot be a file name in .*\[ERR_INVALID_ARGUMENT\]$/);
+    expect(readdirSync(path.join(dir, 'a'))).toEqual([]);
   });
 
   it('bad input: one line, non-zero exit, never a stack trace', async () => {

@@ -310,6 +310,12 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
         files = Object.values(targets);
       } else if (to.length === 1) {
         const dir = path.resolve(to[0]!);
+        // a device name becomes a file name in the folder: one that is not a plain name (a
+        // damaged or crafted manifest, e.g. on shared storage) would write outside the folder
+        const unsafe = backup.devices.find((device) => device === '' || device === '.' || device === '..' || device.includes('/') || device.includes('\0'));
+        if (unsafe !== undefined) {
+          throw new PveInvalidArgumentError(`backup ${store.volid(volname)} has a disk named ${JSON.stringify(unsafe)}, which cannot be a file name in ${dir}; restore it with --to DEVICE=PATH`);
+        }
         targets = async (device) => {
           await mkdir(dir, { recursive: true, mode: 0o700 });
           return path.join(dir, `${device}.raw`);
