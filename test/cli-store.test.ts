@@ -188,7 +188,7 @@ describe('pve-backup-provider backup / list / restore / prune / delete / verify'
     expect(readFileSync(path.join(dir, 'out', 'qemu-server.conf'), 'utf8')).toBe('name: vm100\n');
   });
 
-  it('restore --to FOLDER refuses a disk whose name is not a plain file name (a crafted manifest): nothing is written outside the folder', async () => {
+  it('a crafted manifest naming a disk or a file outside the backup folder is refused: nothing is written outside the folder restore was given', async () => {
     const dir = await tempDir();
     const disk = path.join(dir, 'disk0.qcow2');
     const store = path.join(dir, 'store');
@@ -202,7 +202,16 @@ describe('pve-backup-provider backup / list / restore / prune / delete / verify'
     const crafted = { ...m, devices: { '../escaped': m.devices['disk0'] } };
     writeFileSync(file, JSON.stringify({ ...crafted, checksum: manifestChecksum(crafted as unknown as Manifest) }));
     mkdirSync(path.join(dir, 'a'));
-    expectOneLine(cli('restore', volid, '--store', store, '--to', path.join(dir, 'a', 'out')), 1, /has a disk named "\.\.\/escaped", which cannot be a file name in .*\[ERR_INVALID_ARGUMENT\]$/);
+    // refused by the store as a corrupted manifest (the command line refuses such a disk name for
+    // any store before it makes a file name of it)
+    expectOneLine(cli('restore', volid, '--store', store, '--to', path.join(dir, 'a', 'out')), 1, /names "\.\.\/escaped", which is not a file of its folder.*\]$/);
+    expect(readdirSync(path.join(dir, 'a'))).toEqual([]);
+    // the store reads, merges and restores by the manifest's file names: one naming a file
+    // elsewhere is taken for a corrupted manifest
+    const other = { ...m, files: { ...(m.files as Record<string, unknown>), '../../outside': { size: 1, sha256: '0' } } };
+    writeFileSync(file, JSON.stringify({ ...other, checksum: manifestChecksum(other as unknown as Manifest) }));
+    expectOneLine(cli('restore', volid, '--store', store, '--to', `disk0=${path.join(dir, 'a', 'x.raw')}`), 1, /names "\.\.\/\.\.\/outside", which is not a file of its folder.*\]$/);
+    expect(JSON.parse(cli('list', '--store', store, '--json').stdout)).toMatchObject([{ volid, status: 'corrupt' }]);
     expect(readdirSync(path.join(dir, 'a'))).toEqual([]);
   });
 

@@ -379,6 +379,10 @@ export class DirectoryStore {
     if (m.volname !== volname) {
       throw new DirectoryStoreError('ERR_BACKUP_CORRUPT', `backup ${this.volid(volname)} is corrupted: ${file} describes ${m.volname}`, { volname, file });
     }
+    const foreign = nameOutsideFolder(m);
+    if (foreign !== undefined) {
+      throw new DirectoryStoreError('ERR_BACKUP_CORRUPT', `backup ${this.volid(volname)} is corrupted: ${file} names ${JSON.stringify(foreign)}, which is not a file of its folder`, { volname, file });
+    }
     if (typeof m.version !== 'number' || m.version > MANIFEST_VERSION) {
       throw new DirectoryStoreError('ERR_BACKUP_VERSION', `backup ${this.volid(volname)} was written by a newer pve-backup-provider (manifest version ${m.version}; this version reads up to ${MANIFEST_VERSION}): upgrade it`, { volname, file });
     }
@@ -974,6 +978,20 @@ export class DirectoryStore {
     await moveIfThere(NEXT_MANIFEST, MANIFEST);
     await fsyncPath(dir);
   }
+}
+
+/**
+ * The first name in a manifest that is not one plain file name (the files of the backup, their
+ * digest files, the disks and their images), if any. Reads, merges and restores join these names
+ * to folders: a manifest's checksum guards against damage, not against whoever can write the store
+ * (another node of a shared store), and a name like `../x` would have them read or write outside.
+ */
+function nameOutsideFolder(m: Manifest): string | undefined {
+  const plain = (n: unknown): boolean => typeof n === 'string' && n !== '' && n !== '.' && n !== '..' && !n.includes('/') && !n.includes('\0');
+  const names: unknown[] = [...Object.keys(m.files ?? {}), ...Object.values(m.files ?? {}).flatMap((f) => (f && 'digests' in f ? [f.digests] : []))];
+  for (const [device, d] of Object.entries(m.devices ?? {})) names.push(device, d?.file);
+  const i = names.findIndex((n) => !plain(n));
+  return i < 0 ? undefined : String(names[i]);
 }
 
 /** Bytes the files under `dir` take (apparent sizes). */
