@@ -3,10 +3,11 @@
  * during `backup` and `restore` (exit 130, nothing partial left that looks complete), SIGKILL of
  * a restore (a qemu-img it runs dies too), existing images (refused, or replaced whole with --force),
  * the mode of restored images, strict guest ids, unknown devices, non-empty container targets,
- * and where progress bars and log lines go.
+ * where progress bars and log lines go, two restores into one target at once, and a `delete`
+ * SIGKILLed while it merges a base into its child.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { cpSync, existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, watch, writeFileSync } from 'node:fs';
 import path from 'node:path';
 
 import { afterEach, describe, expect, it } from 'vitest';
@@ -106,7 +107,7 @@ describe('restore: interrupted, killed, existing targets', () => {
       const out = path.join(dir, 'out');
       // 24 MiB of data at 2 MiB/s: about 12 s, interrupted after the copy started
       const run = startCli(['restore', volid, '--store', store, '--to', out, '--bwlimit', '2M']);
-      await waitFor(() => existsSync(path.join(out, 'disk0.raw.partial')), 'the restore to start writing');
+      await waitFor(() => (existsSync(out) && readdirSync(out).some((f) => f.startsWith('disk0.raw.partial-'))), 'the restore to start writing');
       await new Promise((r) => setTimeout(r, 1000));
       run.kill(sig);
       const r = await run.done;
@@ -120,10 +121,35 @@ describe('restore: interrupted, killed, existing targets', () => {
     const { dir, store, volid } = await vmBackup();
     const out = path.join(dir, 'out');
     const run = startCli(['restore', volid, '--store', store, '--to', out, '--bwlimit', '2M']);
-    await waitFor(() => existsSync(path.join(out, 'disk0.raw.partial')), 'the restore to start writing');
+    await waitFor(() => (existsSync(out) && readdirSync(out).some((f) => f.startsWith('disk0.raw.partial-'))), 'the restore to start writing');
     run.kill('SIGKILL');
     await run.done;
     expect(existsSync(path.join(out, 'disk0.raw'))).toBe(false);
+    // the next restore into the same place removes what the killed one left
+    const again = cli('restore', volid, '--store', store, '--to', out);
+    expect(again.status, again.stderr).toBe(0);
+    expect(readdirSync(out)).toEqual(['disk0.raw']);
+  });
+
+  it('two restores of different backups into one target at once: each renames what it wrote, both succeed, the target is the last one whole', async () => {
+    const { dir, store, volid: first, content: firstContent } = await vmBackup();
+    const disk = path.join(dir, 'disk0.qcow2');
+    qemuIo(disk, 'qcow2', ['write -P 0x33 0 32M']);
+    const b = cli('backup', '--store', store, '--vmid', '100', '--disk', `disk0=${disk}`, '--mode', 'full', '--json');
+    expect(b.status, b.stderr).toBe(0);
+    const second = (JSON.parse(b.stdout) as { volid: string }).volid;
+    const out = path.join(dir, 'out');
+    mkdirSync(out);
+    const target = path.join(out, 'disk0.raw');
+    // the first (24 MiB at 8 MiB/s) is still writing when the second starts and completes
+    const slow = startCli(['restore', first, '--store', store, '--to', `disk0=${target}`, '--bwlimit', '8M']);
+    await waitFor(() => readdirSync(out).some((f) => f.startsWith('disk0.raw.partial-')), 'the first restore to start writing');
+    const fast = cli('restore', second, '--store', store, '--to', `disk0=${target}`, '--force');
+    expect(fast.status, fast.stderr).toBe(0);
+    const r = await slow.done;
+    expect(r.status, r.stderr).toBe(0);
+    expect(readFileSync(target).equals(firstContent)).toBe(true);
+    expect(readdirSync(out)).toEqual(['disk0.raw']);
   });
 
   it('SIGKILL of a restore through qemu-img (a backup of manifest version 1) kills its qemu-img too', async () => {
@@ -347,6 +373,62 @@ describe('progress: a bar on a terminal (stderr), log lines when piped, only JSO
       expect(x.status, x.stderr).toBe(0);
       expect(() => JSON.parse(x.stdout)).not.toThrow();
       expect(x.stderr).toBe('');
+    }
+  });
+});
+
+describe('delete: killed while it merges a base into its child', () => {
+  /** SIGKILLs `delete <volid>` as soon as `name` is renamed (to or from) in `dir`. */
+  async function deleteKilledAt(store: string, volid: string, dir: string, name: string): Promise<boolean> {
+    const run = startCli(['delete', volid, '--store', store]);
+    let killed = false;
+    const watcher = watch(dir, (_event, file) => {
+      if (file === name && !killed) {
+        killed = true;
+        run.kill('SIGKILL');
+      }
+    });
+    await run.done;
+    watcher.close();
+    return killed;
+  }
+
+  it('at every rename of the merge the child stays restorable, byte-exact, and the next delete finishes', async () => {
+    const dir = await tempDir();
+    const disk = path.join(dir, 'disk0.qcow2');
+    const pristine = path.join(dir, 'pristine');
+    createImage(disk, 16 * MiB, 'qcow2');
+    const points: Array<{ volid: string; content: Buffer }> = [];
+    for (const [i, at] of [0, 4, 8].entries()) {
+      qemuIo(disk, 'qcow2', [`write -P 0x${i + 1}${i + 1} ${at}M 2M`]);
+      const b = cli('backup', '--store', pristine, '--vmid', '100', '--disk', `disk0=${disk}`, '--json');
+      expect(b.status, b.stderr).toBe(0);
+      points.push({ volid: (JSON.parse(b.stdout) as { volid: string }).volid, content: rawContent(disk, 'qcow2', path.join(dir, `c${i}.raw`)) });
+      await new Promise((r) => setTimeout(r, 1100)); // a later backup id
+    }
+    const [first, middle, last] = points as [(typeof points)[0], (typeof points)[0], (typeof points)[0]];
+    // before the commit point (the copy being made), at it (the next manifest), and each move after it
+    for (const name of ['disk0.qcow2.merge', 'manifest.json.next', 'disk0.qcow2.digests', 'disk0.qcow2', 'manifest.json']) {
+      const store = path.join(dir, 'store');
+      rmSync(store, { recursive: true, force: true });
+      cpSync(pristine, store, { recursive: true });
+      const lastDir = path.join(store, '100', last.volid.split('/').pop()!);
+      expect(await deleteKilledAt(store, middle.volid, lastDir, name), name).toBe(true);
+      for (const p of [first, last]) {
+        const target = path.join(dir, 'r.raw');
+        const r = cli('restore', p.volid, '--store', store, '--to', `disk0=${target}`, '--force');
+        expect(r.status, `killed at ${name}: ${r.stderr}`).toBe(0);
+        expectSameBytes(readFileSync(target), p.content, `${p.volid} after a delete killed at ${name}`);
+      }
+      const v = cli('verify', last.volid, '--store', store);
+      expect(v.status, `killed at ${name}: ${v.stdout}`).toBe(0);
+      // the delete is done again, or was done: the middle backup goes either way
+      cli('delete', middle.volid, '--store', store);
+      const list = JSON.parse(cli('list', '--store', store, '--json').stdout) as Array<{ volid: string; status: string }>;
+      expect(list.map((b) => [b.volid, b.status])).toEqual([[first.volid, 'ok'], [last.volid, 'ok']]);
+      const r = cli('restore', last.volid, '--store', store, '--to', `disk0=${path.join(dir, 'r.raw')}`, '--force');
+      expect(r.status, r.stderr).toBe(0);
+      expectSameBytes(readFileSync(path.join(dir, 'r.raw')), last.content, `${last.volid} after the delete was finished`);
     }
   });
 });

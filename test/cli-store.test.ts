@@ -4,7 +4,7 @@
  * JSON output; bad input gets one line and a non-zero exit, never a stack trace.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { appendFileSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { appendFileSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 
@@ -12,6 +12,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 
 import { createImage, qemuIo, rawContent } from './helpers/images.js';
 import { stopAll, tempDir } from './helpers/qemu.js';
+import { manifestChecksum, type Manifest } from '../lib/directory-provider/layout.js';
 
 const CLI = path.join(import.meta.dirname, '..', 'dist', 'cli', 'main.js');
 
@@ -155,6 +156,63 @@ describe('pve-backup-provider backup / list / restore / prune / delete / verify'
       expect(readFileSync(path.join(to, 'etc', 'hostname'), 'utf8')).toBe('ct200\n');
       expect(() => readFileSync(path.join(to, 'skip.log'))).toThrow();
     }
+  });
+
+  it('a restore under umask 000 leaves nothing open to other users: the disk, the configuration files, the folders it creates', async () => {
+    const dir = await tempDir();
+    const disk = path.join(dir, 'disk0.qcow2');
+    const store = path.join(dir, 'store');
+    createImage(disk, '4M', 'qcow2');
+    qemuIo(disk, 'qcow2', ['write -P 0x11 0 1M']);
+    writeFileSync(path.join(dir, 'fw'), '[OPTIONS]\nenable: 1\n');
+    const b = cli('backup', '--store', store, '--vmid', '100', '--disk', `disk0=${disk}`, '--firewall', path.join(dir, 'fw'), '--json');
+    expect(b.status, b.stderr).toBe(0);
+    const { volid } = JSON.parse(b.stdout) as { volid: string };
+    // an existing configuration file of the same name does not keep its own, open mode either
+    mkdirSync(path.join(dir, 'out'));
+    writeFileSync(path.join(dir, 'out', 'qemu-server.conf'), 'old\n', { mode: 0o666 });
+    const r = spawnSync('sh', ['-c', 'umask 000; exec "$0" "$@"', process.execPath, CLI, 'restore', volid, '--store', store, '--to', path.join(dir, 'out', 'disks'), '--config-dir', path.join(dir, 'out', 'conf', 'vm')], { encoding: 'utf8' });
+    expect(r.status, r.stderr).toBe(0);
+    const r2 = spawnSync('sh', ['-c', 'umask 000; exec "$0" "$@"', process.execPath, CLI, 'restore', volid, '--store', store, '--to', path.join(dir, 'out', 'disks2'), '--config-dir', path.join(dir, 'out')], { encoding: 'utf8' });
+    expect(r2.status, r2.stderr).toBe(0);
+    const mode = (p: string): string => (statSync(path.join(dir, 'out', p)).mode & 0o777).toString(8);
+    expect(Object.fromEntries(['disks', 'disks/disk0.raw', 'conf', 'conf/vm', 'conf/vm/qemu-server.conf', 'conf/vm/qemu-server.fw', 'qemu-server.conf'].map((p) => [p, mode(p)]))).toEqual({
+      disks: '700',
+      'disks/disk0.raw': '600',
+      conf: '700',
+      'conf/vm': '700',
+      'conf/vm/qemu-server.conf': '600',
+      'conf/vm/qemu-server.fw': '600',
+      'qemu-server.conf': '600',
+    });
+    expect(readFileSync(path.join(dir, 'out', 'qemu-server.conf'), 'utf8')).toBe('name: vm100\n');
+  });
+
+  it('a crafted manifest naming a disk or a file outside the backup folder is refused: nothing is written outside the folder restore was given', async () => {
+    const dir = await tempDir();
+    const disk = path.join(dir, 'disk0.qcow2');
+    const store = path.join(dir, 'store');
+    createImage(disk, '4M', 'qcow2');
+    const b = cli('backup', '--store', store, '--vmid', '100', '--disk', `disk0=${disk}`, '--json');
+    expect(b.status, b.stderr).toBe(0);
+    const { volid } = JSON.parse(b.stdout) as { volid: string };
+    // the manifest's checksum guards against damage, not against whoever can write the store
+    const file = path.join(store, '100', volid.split('/').pop()!, 'manifest.json');
+    const { checksum: _c, ...m } = JSON.parse(readFileSync(file, 'utf8')) as Record<string, unknown> & { devices: Record<string, unknown> };
+    const crafted = { ...m, devices: { '../escaped': m.devices['disk0'] } };
+    writeFileSync(file, JSON.stringify({ ...crafted, checksum: manifestChecksum(crafted as unknown as Manifest) }));
+    mkdirSync(path.join(dir, 'a'));
+    // refused by the store as a corrupted manifest (the command line refuses such a disk name for
+    // any store before it makes a file name of it)
+    expectOneLine(cli('restore', volid, '--store', store, '--to', path.join(dir, 'a', 'out')), 1, /names "\.\.\/escaped", which is not a file of its folder.*\]$/);
+    expect(readdirSync(path.join(dir, 'a'))).toEqual([]);
+    // the store reads, merges and restores by the manifest's file names: one naming a file
+    // elsewhere is taken for a corrupted manifest
+    const other = { ...m, files: { ...(m.files as Record<string, unknown>), '../../outside': { size: 1, sha256: '0' } } };
+    writeFileSync(file, JSON.stringify({ ...other, checksum: manifestChecksum(other as unknown as Manifest) }));
+    expectOneLine(cli('restore', volid, '--store', store, '--to', `disk0=${path.join(dir, 'a', 'x.raw')}`), 1, /names "\.\.\/\.\.\/outside", which is not a file of its folder.*\]$/);
+    expect(JSON.parse(cli('list', '--store', store, '--json').stdout)).toMatchObject([{ volid, status: 'corrupt' }]);
+    expect(readdirSync(path.join(dir, 'a'))).toEqual([]);
   });
 
   it('bad input: one line, non-zero exit, never a stack trace', async () => {

@@ -9,7 +9,7 @@
  */
 import { spawn } from 'node:child_process';
 import { readdirSync, readFileSync } from 'node:fs';
-import { readFile, rm, stat } from 'node:fs/promises';
+import { open, readFile, rm, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
@@ -159,6 +159,35 @@ describe('DirectoryProvider: a restore path qemu-server accepts', () => {
     expect(processesMentioning(tmp)).toEqual([]);
     expect(seen).toHaveLength(2);
     expect(readdirSync(tmp)).toEqual([]);
+  });
+
+  // The header is outside the content digests (they cover the image's own clusters), yet
+  // qemu-img follows it: each damage below restores another content through the FUSE export
+  // without any error unless the header is checked against the manifest.
+  it.each([
+    // backing_file_offset (bytes 8..16) zeroed: the incremental reads as if nothing were below it
+    ['lost its backing file', /backing file is none, expected \.\.\/qemu-/, (header: Buffer): number => header.fill(0, 8, 16) && 8],
+    // the backing format extension's "qcow2" made "raw": the base image is read as raw bytes
+    ['reads its backing file as raw', /backing file format is raw, expected qcow2/, (header: Buffer): number => header.write('raw\0\0', header.indexOf('qcow2', header.indexOf(Buffer.from([0xe2, 0x79, 0x2a, 0xca]))), 'latin1')],
+  ] as const)('restore_vm_volume_init refuses a layer whose qcow2 header %s', async (_what, message, damage) => {
+    const { provider, points } = await twoBackups();
+    const tmp = await tempDir();
+    const image = path.join((await provider.openStore()).backupDir(points[1]!.volname), 'disk0.qcow2');
+    const fh = await open(image, 'r+');
+    const header = Buffer.alloc(4096);
+    await fh.read(header, 0, header.length, 0);
+    expect(damage(header)).toBeGreaterThan(0);
+    await fh.write(header, 0, header.length, 0);
+    await fh.close();
+    const init = withTmpdir(tmp, () => provider.restoreVmVolumeInit(points[1]!.volname, 'disk0', {}));
+    await expect(init).rejects.toMatchObject({ code: 'ERR_BACKUP_CORRUPT', file: image });
+    await expect(init).rejects.toThrow(message);
+    expect(mountsUnder(tmp)).toEqual([]);
+    expect(readdirSync(tmp)).toEqual([]);
+    // verify names it too
+    const v = await (await provider.openStore()).verifyBackup(points[1]!.volname);
+    expect(v.problems.join('\n')).toMatch(message);
+    await provider.restoreVmCleanup(points[1]!.volname);
   });
 
   it('a restoring process that is SIGKILLed leaves no mount and no daemon', async () => {

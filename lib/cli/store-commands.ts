@@ -270,7 +270,9 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
       const log: LogFunction = (level, message) => level !== 'err' && logTo(json)(level, message);
       const provider = await store.restoreProvider(log);
       const to = o.to as string[];
-      if (o.configDir) await mkdir(o.configDir as string, { recursive: true });
+      // folders this command creates hold a guest's disks and configuration: 0700 (the umask can
+      // only take bits off it), never 0777 less the umask; an existing folder keeps its mode
+      if (o.configDir) await mkdir(o.configDir as string, { recursive: true, mode: 0o700 });
       const signal = parse.signal();
       const common = {
         provider,
@@ -308,8 +310,14 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
         files = Object.values(targets);
       } else if (to.length === 1) {
         const dir = path.resolve(to[0]!);
+        // a device name becomes a file name in the folder: one that is not a plain name (a
+        // damaged or crafted manifest, e.g. on shared storage) would write outside the folder
+        const unsafe = backup.devices.find((device) => device === '' || device === '.' || device === '..' || device.includes('/') || device.includes('\0'));
+        if (unsafe !== undefined) {
+          throw new PveInvalidArgumentError(`backup ${store.volid(volname)} has a disk named ${JSON.stringify(unsafe)}, which cannot be a file name in ${dir}; restore it with --to DEVICE=PATH`);
+        }
         targets = async (device) => {
-          await mkdir(dir, { recursive: true });
+          await mkdir(dir, { recursive: true, mode: 0o700 });
           return path.join(dir, `${device}.raw`);
         };
         files = backup.devices.map((device) => path.join(dir, `${device}.raw`));

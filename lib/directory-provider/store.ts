@@ -47,8 +47,20 @@ import {
 } from './layout.js';
 import { markBackups, type PruneEntry, type PruneMark } from '../provider/prune.js';
 import { ctimeOfBackupId } from '../provider/volname.js';
+import { fsyncPath } from '../provider/files.js';
 
 const execFileP = promisify(execFile);
+
+/**
+ * A merge into a backup (see {@link DirectoryStore.deleteBackup}) replaces three of its files,
+ * image, digest file and manifest, which no single rename can do. The merged files are made under
+ * `<file>.merge` names, then the backup's next manifest is written as `manifest.json.next`: the
+ * merge is committed from then on, and whoever reads the backup next finishes it (moves the merged
+ * files and the next manifest into place; {@link DirectoryStore.finishMerge}). So a crash at any
+ * point leaves the backup either as it was or merged, never with a manifest its files do not match.
+ */
+const NEXT_MANIFEST = `${MANIFEST}.next`;
+const MERGED = '.merge';
 
 /** A backup as {@link DirectoryStore.listBackups} lists it (Proxmox's `list_volumes` fields, plus chain and status). */
 export interface BackupInfo {
@@ -343,6 +355,7 @@ export class DirectoryStore {
    */
   async readManifest(volname: string): Promise<Manifest> {
     const dir = this.backupDir(volname);
+    await this.finishMerge(volname);
     const file = path.join(dir, MANIFEST);
     let text: string;
     try {
@@ -365,6 +378,10 @@ export class DirectoryStore {
     }
     if (m.volname !== volname) {
       throw new DirectoryStoreError('ERR_BACKUP_CORRUPT', `backup ${this.volid(volname)} is corrupted: ${file} describes ${m.volname}`, { volname, file });
+    }
+    const foreign = nameOutsideFolder(m);
+    if (foreign !== undefined) {
+      throw new DirectoryStoreError('ERR_BACKUP_CORRUPT', `backup ${this.volid(volname)} is corrupted: ${file} names ${JSON.stringify(foreign)}, which is not a file of its folder`, { volname, file });
     }
     if (typeof m.version !== 'number' || m.version > MANIFEST_VERSION) {
       throw new DirectoryStoreError('ERR_BACKUP_VERSION', `backup ${this.volid(volname)} was written by a newer pve-backup-provider (manifest version ${m.version}; this version reads up to ${MANIFEST_VERSION}): upgrade it`, { volname, file });
@@ -641,11 +658,46 @@ export class DirectoryStore {
     for (const m of await this.chain(volname)) {
       const d = m.devices?.[device];
       const want = d && m.files[d.file];
-      if (want && 'digests' in want) problems.push(...(await this.checkImage(m, d.file, want)));
+      if (!want || !('digests' in want)) continue;
+      problems.push(...(await this.checkImage(m, d.file, want)));
+      // qemu-img follows each layer's header to its backing file, which no digest covers
+      const header = await this.headerProblem(m, device);
+      if (header) problems.push(header);
     }
     if (problems.length > 0) {
       throw this.unrestorable(volname, problems);
     }
+  }
+
+  /**
+   * The problem with what an image's qcow2 header tells a reader to read besides the image's own
+   * clusters, if it is not what its manifest records: the backing file (`../<base folder>/<file>`,
+   * or none for a full image), the backing file's format (qcow2), and no external data file. The
+   * header is outside what the content digests cover (they record the image's own clusters), yet
+   * `qemu-img` and the FUSE export follow it: a damaged header that names another backup, no
+   * backing file, or reads the base as raw, would restore another content without any error. The
+   * native restore reads the chain the manifests name instead and does not depend on it.
+   * @returns `<file>: <what>`, or `undefined` when the header is as recorded.
+   */
+  private async headerProblem(m: Manifest, device: string): Promise<string | undefined> {
+    const d = m.devices?.[device];
+    if (!d) return undefined;
+    const file = path.join(this.backupDir(m.volname), d.file);
+    const want = d.base ? `../${parseVolname(d.base).dirName}/${d.file}` : undefined;
+    const qemuImg = requireTool('qemu-img', 'qemu-utils');
+    let info: { 'backing-filename'?: string; 'backing-filename-format'?: string; 'format-specific'?: { data?: { 'data-file'?: string } } };
+    try {
+      info = JSON.parse((await execFileP(qemuImg, ['info', '--output=json', '-U', '-f', 'qcow2', file])).stdout) as typeof info;
+    } catch (err) {
+      const e = err as { stderr?: string; message: string };
+      return `${file}: qemu-img info failed: ${(e.stderr || e.message).trim().split('\n')[0]}`;
+    }
+    const backing = info['backing-filename'];
+    if (backing !== want) return `${file}: backing file is ${backing ?? 'none'}, expected ${want ?? 'none'} (device ${device})`;
+    if (want && info['backing-filename-format'] !== 'qcow2') return `${file}: backing file format is ${info['backing-filename-format'] ?? 'not recorded'}, expected qcow2 (device ${device})`;
+    const dataFile = info['format-specific']?.data?.['data-file'];
+    if (dataFile !== undefined) return `${file}: its data is in an external file ${dataFile} (device ${device})`;
+    return undefined;
   }
 
   /**
@@ -675,12 +727,8 @@ export class DirectoryStore {
           problems.push(`${file}: qemu-img check failed: ${(e.stderr || e.stdout || e.message).trim().split('\n')[0]}`);
           continue;
         }
-        const want = d.base ? `../${parseVolname(d.base).dirName}/${d.file}` : undefined;
-        const info = await execFileP(qemuImg, ['info', '--output=json', '-U', '-f', 'qcow2', file]).then(
-          (r) => JSON.parse(r.stdout) as { 'backing-filename'?: string },
-          () => undefined,
-        );
-        if (info && info['backing-filename'] !== want) problems.push(`${file}: backing file is ${info['backing-filename'] ?? 'none'}, expected ${want ?? 'none'} (device ${device})`);
+        const header = await this.headerProblem(m, device);
+        if (header) problems.push(header);
       }
     }
     try {
@@ -855,8 +903,10 @@ export class DirectoryStore {
   /** Rebases each image of `child` backed by `base` onto base's own base, then rewrites child's manifest. */
   private async mergeInto(base: Manifest, child: string): Promise<void> {
     const qemuImg = requireTool('qemu-img', 'qemu-utils');
-    const c = await this.readManifest(child);
+    const c = await this.readManifest(child); // finishes a committed merge, if one was left
     const cdir = this.backupDir(child);
+    // what is left under merge names now is from a merge that crashed before its commit point
+    for (const name of await readdir(cdir)) if (name.endsWith(MERGED) || name.endsWith(`${MERGED}.digests`)) await rm(path.join(cdir, name), { force: true });
     const changed: string[] = [];
     const devices = { ...c.devices };
     for (const [device, d] of Object.entries(c.devices ?? {})) {
@@ -864,7 +914,7 @@ export class DirectoryStore {
       const newBase = base.devices?.[device]?.base;
       const backing = newBase ? `../${parseVolname(newBase).dirName}/${d.file}` : '';
       const file = path.join(cdir, d.file);
-      const tmp = `${file}.merge`;
+      const tmp = `${file}${MERGED}`;
       // work on a copy (same folder, so the relative backing path holds): a crash leaves the child intact
       await execFileP('cp', ['--reflink=auto', '--sparse=always', '--', file, tmp]);
       try {
@@ -881,17 +931,67 @@ export class DirectoryStore {
     }
     const files = { ...c.files };
     for (const f of changed) {
+      const merged = path.join(cdir, `${f}${MERGED}`);
+      // durable before the next manifest names it (the digest file is written durably)
+      await fsyncPath(merged);
       // the merged image holds other clusters: its content digests are taken anew (one read)
-      const digests = await digestImage(path.join(cdir, `${f}.merge`));
-      await rename(digests.digestsFile, path.join(cdir, `${f}.digests`));
-      await rename(path.join(cdir, `${f}.merge`), path.join(cdir, f));
-      files[f] = { size: (await stat(path.join(cdir, f))).size, digests: `${f}.digests` };
-      files[`${f}.digests`] = { size: (await stat(path.join(cdir, `${f}.digests`))).size, sha256: digests.digestsSha256 };
+      const digests = await digestImage(merged);
+      files[f] = { size: (await stat(merged)).size, digests: `${f}.digests` };
+      files[`${f}.digests`] = { size: (await stat(digests.digestsFile)).size, sha256: digests.digestsSha256 };
     }
     const parent = Object.values(devices).find((d) => d.base)?.base;
     const { checksum: _old, ...rest } = c;
-    await this.commitManifest({ ...rest, version: MANIFEST_VERSION, devices, files, mode: parent ? 'incremental' : 'full', ...(parent ? { parent } : { parent: undefined }) });
+    const next: Omit<Manifest, 'checksum'> = { ...rest, version: MANIFEST_VERSION, devices, files, mode: parent ? 'incremental' : 'full', ...(parent ? { parent } : { parent: undefined }) };
+    // the commit point: from here on the child is merged, whoever finishes moving the files
+    await writeFileAtomic(path.join(cdir, NEXT_MANIFEST), `${JSON.stringify({ ...next, checksum: manifestChecksum(next) }, null, 2)}\n`);
+    await this.finishMerge(child);
   }
+
+  /**
+   * Finishes a committed merge into `volname` (see {@link NEXT_MANIFEST}): each merged image and
+   * its digest file over the old ones, then the next manifest over the manifest. Nothing to do
+   * without a next manifest. Every step may have been done already (by a run that crashed, or by
+   * another process finishing it at the same time): a file already moved is skipped.
+   */
+  private async finishMerge(volname: string): Promise<void> {
+    const dir = this.backupDir(volname);
+    let next: Manifest;
+    try {
+      next = JSON.parse(await readFile(path.join(dir, NEXT_MANIFEST), 'utf8')) as Manifest;
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === 'ENOENT' || code === 'ENOTDIR') return;
+      throw err;
+    }
+    // written atomically; one that does not check is damage, left for verify to report
+    if (!next || typeof next !== 'object' || next.checksum !== manifestChecksum(next) || next.volname !== volname) return;
+    const moveIfThere = (from: string, to: string): Promise<void> =>
+      rename(path.join(dir, from), path.join(dir, to)).catch((err: NodeJS.ErrnoException) => {
+        if (err.code !== 'ENOENT') throw err;
+      });
+    for (const [name, entry] of Object.entries(next.files)) {
+      if (!('digests' in entry)) continue;
+      await moveIfThere(`${name}${MERGED}.digests`, entry.digests);
+      await moveIfThere(`${name}${MERGED}`, name);
+    }
+    await fsyncPath(dir);
+    await moveIfThere(NEXT_MANIFEST, MANIFEST);
+    await fsyncPath(dir);
+  }
+}
+
+/**
+ * The first name in a manifest that is not one plain file name (the files of the backup, their
+ * digest files, the disks and their images), if any. Reads, merges and restores join these names
+ * to folders: a manifest's checksum guards against damage, not against whoever can write the store
+ * (another node of a shared store), and a name like `../x` would have them read or write outside.
+ */
+function nameOutsideFolder(m: Manifest): string | undefined {
+  const plain = (n: unknown): boolean => typeof n === 'string' && n !== '' && n !== '.' && n !== '..' && !n.includes('/') && !n.includes('\0');
+  const names: unknown[] = [...Object.keys(m.files ?? {}), ...Object.values(m.files ?? {}).flatMap((f) => (f && 'digests' in f ? [f.digests] : []))];
+  for (const [device, d] of Object.entries(m.devices ?? {})) names.push(device, d?.file);
+  const i = names.findIndex((n) => !plain(n));
+  return i < 0 ? undefined : String(names[i]);
 }
 
 /** Bytes the files under `dir` take (apparent sizes). */

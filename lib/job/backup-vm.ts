@@ -6,7 +6,7 @@
  */
 import { NbdClient } from '../nbd/client.js';
 import { markSnapshotExport } from '../nbd/snapshot-exports.js';
-import { explainFleecingFailure, setupBackupAccess, teardownBackupAccess } from '../qemu/backup-access.js';
+import { explainFleecingFailure, recoverDeadAccess, setupBackupAccess, teardownBackupAccess } from '../qemu/backup-access.js';
 import { bitmapsDirtyBytes, dropDeviceBitmap, resolveDevicesWithInfo } from '../qemu/devices.js';
 import { storageTargetId } from '../qemu/names.js';
 import { openQemuTarget } from '../qemu/qemu-target.js';
@@ -61,6 +61,10 @@ export async function backupVmGuest(
   let qga: GuestAgentClient | undefined;
   try {
     if (target.started) tlog.info(`VM ${guest.vmid} is not running: serving its disks with qemu-storage-daemon for the backup`);
+    // A killed run's access first: its filter hides the disks' nodes (and their bitmaps) from the
+    // lookup below, so a bitmap dropped for the provider would come back with its recovery.
+    const { recovered } = await timer.time('setup', () => recoverDeadAccess(target.qmp));
+    for (const r of recovered) tlog.warn(`removed a stale backup access: ${r}`);
     // One lookup of QEMU's devices and nodes for the job: the sizes the provider is told, the
     // bitmaps dropped below, and backup access setup (handed on as blockInfo) all read it.
     const { devices: sources, info: blockInfo } = await timer.time('setup', () => resolveDevicesWithInfo(target.qmp, target.devices));

@@ -10,7 +10,7 @@
  * @packageDocumentation
  */
 import { constants } from 'node:fs';
-import { open, rename, stat, unlink, writeFile } from 'node:fs/promises';
+import { open, readdir, rename, stat, unlink } from 'node:fs/promises';
 import path from 'node:path';
 
 import { normaliseBandwidthLimit } from '../bandwidth.js';
@@ -20,6 +20,7 @@ import type { BackupProvider, GuestType, IdMapEntry, LogFunction, RestoreHookInf
 import { MechanismError, RestoreError } from '../provider/errors.js';
 import { createLogger, type ProviderLogger } from '../provider/logger.js';
 import { parseIdMap } from '../container/idmap.js';
+import { currentOwner, ownerIsDead } from '../owner.js';
 import { extractDirectoryWithTar, extractTarArchive } from '../container/tar.js';
 import { isUri, qemuImgConvert, type ConvertProgress } from './qemu-img.js';
 
@@ -39,8 +40,8 @@ export interface RestoreVmOptions {
    * URI, or a callback allocating a target of the given size (called for every device before any
    * data is copied). A map naming a device the backup does not have is refused. URIs and
    * existing targets other than regular files (block devices) are written in place; a missing
-   * file is written under a temporary name (`<target>.partial`, mode 0600) and renamed when
-   * complete; an existing regular file as `overwrite` says.
+   * file is written under a temporary name of this process (`<target>.partial-<pid>-<start>`,
+   * mode 0600) and renamed when complete; an existing regular file as `overwrite` says.
    */
   targets: Record<string, string> | ((device: string, size: number) => string | Promise<string>);
   /**
@@ -49,7 +50,7 @@ export interface RestoreVmOptions {
    * missing target and renames it over the old one on success.
    */
   overwrite?: 'in-place' | 'replace';
-  /** Writes `qemu-server.conf` (and `qemu-server.fw` if the backup has one) here. */
+  /** Writes `qemu-server.conf` (and `qemu-server.fw` if the backup has one) here, mode 0600. */
   configDir?: string;
   /** Bytes per second for `qemu-img convert` (0, `Infinity` or absent: none; negative: `ERR_INVALID_ARGUMENT`). */
   bandwidthLimit?: number;
@@ -87,7 +88,7 @@ export interface RestoreContainerOptions {
   allowNonEmpty?: boolean;
   /** Id map to shift owners into (entries or `lxc.idmap` values); absent: privileged. */
   idMap?: IdMapEntry[] | string[];
-  /** Writes `pct.conf` (and `pct.fw`) here. */
+  /** Writes `pct.conf` (and `pct.fw`) here, mode 0600. */
   configDir?: string;
   /** Bytes per second for tar or rsync (0, `Infinity` or absent: none; negative: `ERR_INVALID_ARGUMENT`). */
   bandwidthLimit?: number;
@@ -158,13 +159,29 @@ async function withCleanup<T>(fn: () => Promise<T>, cleanup: () => Promise<void>
   return result;
 }
 
+/**
+ * Writes a restored configuration file, mode 0600 whatever the umask and whatever mode a file of
+ * that name had: a guest's configuration may hold secrets (cloud-init passwords, keys), and
+ * `writeFile`'s default (0666 less the umask) left it readable by others, or writable under
+ * umask 000.
+ */
+async function writePrivateFile(file: string, data: string): Promise<void> {
+  const fh = await open(file, 'w', 0o600);
+  try {
+    await fh.chmod(0o600);
+    await fh.writeFile(data);
+  } finally {
+    await fh.close();
+  }
+}
+
 async function writeConfigs(dir: string | undefined, base: string, config: string, firewall: string | undefined): Promise<{ configFile?: string; firewallFile?: string }> {
   if (!dir) return {};
   const configFile = path.join(dir, `${base}.conf`);
-  await writeFile(configFile, config);
+  await writePrivateFile(configFile, config);
   if (firewall === undefined) return { configFile };
   const firewallFile = path.join(dir, `${base}.fw`);
-  await writeFile(firewallFile, firewall);
+  await writePrivateFile(firewallFile, firewall);
   return { configFile, firewallFile };
 }
 
@@ -187,9 +204,31 @@ interface PlacedTarget {
   discard(): Promise<void>;
 }
 
+/** The temporary name of a restore into `target` by `owner`: see {@link placeTarget}. */
+const partialName = (target: string, owner: { pid: number; start: string | undefined }): string => `${target}.partial-${owner.pid}-${owner.start ?? 0}`;
+
 /**
- * A restore into a file goes to `<target>.partial` and is renamed only once complete, so an
- * interrupted restore never leaves a full-size file that looks restored. The file is created
+ * Removes the temporary files that restores into `target` left when they were killed (SIGKILL
+ * leaves no chance to remove them): those named after a process of this host that no longer runs.
+ * A file of a restore still running is left alone, and so is anything else in the folder.
+ */
+async function removeDeadPartials(target: string): Promise<void> {
+  const me = currentOwner();
+  const base = path.basename(target);
+  for (const name of await readdir(path.dirname(target)).catch(() => [] as string[])) {
+    if (!name.startsWith(`${base}.partial-`)) continue;
+    const m = /^(\d+)-(\d+)$/.exec(name.slice(base.length + '.partial-'.length));
+    if (!m) continue;
+    if (ownerIsDead({ ...me, pid: Number(m[1]), start: m[2] })) await unlink(path.join(path.dirname(target), name)).catch(() => undefined);
+  }
+}
+
+/**
+ * A restore into a file goes to `<target>.partial-<pid>-<start>` and is renamed only once
+ * complete, so an interrupted restore never leaves a full-size file that looks restored. The name
+ * is this process's own: a second restore into the same target at the same time writes a file of
+ * its own instead of taking over (or removing) this one, so each restore renames exactly what it
+ * wrote and the target is always one whole backup (the last to complete). The file is created
  * 0600 whatever the umask: it holds a guest's disk. Block devices, other special files, URIs and
  * (with `overwrite: 'in-place'`) existing regular files are written in place.
  */
@@ -201,9 +240,8 @@ async function placeTarget(target: string, size: number, overwrite: 'in-place' |
     throw err;
   });
   if (st && (!st.isFile() || overwrite === 'in-place')) return inPlace;
-  const partial = `${target}.partial`;
-  // one left by a restore that was killed (SIGKILL leaves no chance to remove it)
-  await unlink(partial).catch(() => undefined);
+  await removeDeadPartials(target);
+  const partial = partialName(target, currentOwner());
   const fh = await open(partial, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, 0o600);
   try {
     await fh.chmod(0o600); // the umask may have taken bits off the mode passed to open

@@ -56,6 +56,22 @@ export function bitmapModeFor(action: BitmapAction): BitmapMode {
 }
 
 /**
+ * Removes the backup access a dead process left (see {@link recoverBackupAccess}); an access
+ * whose owner is alive, or none, is left as it is. {@link setupBackupAccess} does this first; a
+ * caller that looks at the devices' bitmaps before setting up (the job runner drops a bitmap the
+ * provider wants new) must do it before that look: while a killed run's filter sits above a disk,
+ * the disk's node and its bitmaps are not where a lookup of the device finds them, and the
+ * recovery merges the killed run's bitmaps back afterwards.
+ *
+ * @returns The access record as read (`undefined`: none) and what was removed (empty: nothing).
+ */
+export async function recoverDeadAccess(qmp: QmpClient): Promise<{ stale: AccessState | undefined; recovered: string[] }> {
+  const stale = await readState(qmp);
+  const recovered = stale && ownerIsDead(stale.owner) ? await recoverBackupAccess(qmp) : [];
+  return { stale, recovered };
+}
+
+/**
  * Sets up backup access: per device a fleecing image, a copy-before-write filter, a
  * snapshot-access node exported writable over NBD on a unix socket, and the target's dirty
  * bitmap frozen for the export while a background bitmap records new writes.
@@ -89,8 +105,7 @@ export async function setupBackupAccess(qmp: QmpClient, opts: SetupBackupAccessO
   // An access whose owner died (killed mid-copy) would block every later backup and let its
   // fleecing image grow with each guest write: remove it first. A live owner is left alone
   // (the backend then refuses with ERR_BACKUP_ACCESS_ACTIVE).
-  const stale = await readState(qmp);
-  const recovered = stale && ownerIsDead(stale.owner) ? await recoverBackupAccess(qmp) : [];
+  const { stale, recovered } = await recoverDeadAccess(qmp);
   // What the backends would read again: the record just read (gone once recovered), and the
   // caller's block lookup unless the recovery changed the nodes and bitmaps since.
   const known = recovered.length > 0 ? { state: undefined } : { state: stale, ...(opts.blockInfo ? { blockInfo: opts.blockInfo } : {}) };
