@@ -63,7 +63,7 @@ export async function backupVmGuest(
     if (target.started) tlog.info(`VM ${guest.vmid} is not running: serving its disks with qemu-storage-daemon for the backup`);
     // A killed run's access first: its filter hides the disks' nodes (and their bitmaps) from the
     // lookup below, so a bitmap dropped for the provider would come back with its recovery.
-    const { recovered } = await timer.time('setup', () => recoverDeadAccess(target.qmp));
+    const { stale, recovered } = await timer.time('setup', () => recoverDeadAccess(target.qmp));
     for (const r of recovered) tlog.warn(`removed a stale backup access: ${r}`);
     // One lookup of QEMU's devices and nodes for the job: the sizes the provider is told, the
     // bitmaps dropped below, and backup access setup (handed on as blockInfo) all read it.
@@ -106,6 +106,7 @@ export async function backupVmGuest(
         ...(target.nbdServer ? { nbdServer: target.nbdServer } : {}),
         ...(opts.backend ? { backend: opts.backend } : {}),
         blockInfo,
+        accessRecord: { state: recovered.length > 0 ? undefined : stale },
       });
     });
     if (qga) tlog.info("issuing guest-agent 'fs-thaw' command");

@@ -105,7 +105,7 @@ export async function setupBackupAccess(qmp: QmpClient, opts: SetupBackupAccessO
   // An access whose owner died (killed mid-copy) would block every later backup and let its
   // fleecing image grow with each guest write: remove it first. A live owner is left alone
   // (the backend then refuses with ERR_BACKUP_ACCESS_ACTIVE).
-  const { stale, recovered } = await recoverDeadAccess(qmp);
+  const { stale, recovered } = opts.accessRecord ? { stale: opts.accessRecord.state, recovered: [] } : await recoverDeadAccess(qmp);
   // What the backends would read again: the record just read (gone once recovered), and the
   // caller's block lookup unless the recovery changed the nodes and bitmaps since.
   const known = recovered.length > 0 ? { state: undefined } : { state: stale, ...(opts.blockInfo ? { blockInfo: opts.blockInfo } : {}) };

@@ -5,6 +5,7 @@
  */
 import type { GuestAgentClient } from '../qmp/guest-agent.js';
 import type { BlockInfo } from './devices.js';
+import type { AccessState } from './state.js';
 import type { BitmapAction, BitmapMode } from '../vocabulary.js';
 
 export type { BitmapAction, BitmapMode } from '../vocabulary.js';
@@ -91,4 +92,10 @@ export interface SetupBackupAccessOptions {
    * not query them again. Ignored when setup first removes a stale access.
    */
   blockInfo?: BlockInfo;
+  /**
+   * The access record as the caller found it with `recoverDeadAccess`, run before its device
+   * lookup (`state: undefined`: none, or the dead one removed): setup does not read it again. A
+   * live access claimed since is still refused when setup claims the record.
+   */
+  accessRecord?: { state: AccessState | undefined };
 }
