@@ -4,6 +4,7 @@
  * `qemu-img convert` into new and existing targets.
  */
 import { existsSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { hostname } from 'node:os';
 import path from 'node:path';
 
 import { afterEach, describe, expect, it } from 'vitest';
@@ -107,6 +108,18 @@ describe('restoreVm, seed-generation provider (V1)', () => {
     expectSameBytes(readFileSync(targets.disk1), disks.disk1, 'disk1');
     for (const t of Object.values(targets)) expect(statSync(t).mode & 0o777).toBe(0o600);
     expect(readdirSync(dir).filter((f) => f.includes('.partial'))).toEqual([]);
+  });
+
+  it("leftover partial files: a dead restore's of this host is removed; another host's (a shared folder) is left alone", async () => {
+    const { p, dir, disks } = await fixture((s) => new RecordingProviderV1(ctx, { storeDir: s }));
+    const targets = { disk0: path.join(dir, 't0.raw'), disk1: path.join(dir, 't1.raw') };
+    // pid 2^22 + 1 lies above Linux's largest pid: no such process runs
+    const dead = `t0.raw.partial-${hostname()}-4194305-1`;
+    const elsewhere = 't0.raw.partial-other-node.example-4194305-1';
+    for (const f of [dead, elsewhere]) writeFileSync(path.join(dir, f), 'left');
+    await restoreVm({ provider: p, volname: VOL, storeid: 'store1', targets });
+    expectSameBytes(readFileSync(targets.disk0), disks.disk0, 'disk0');
+    expect(readdirSync(dir).filter((f) => f.includes('.partial')).sort()).toEqual([elsewhere]);
   });
 
   it('a cancelled convert removes the partial file and leaves no file under the target name', async () => {

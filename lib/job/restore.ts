@@ -20,7 +20,7 @@ import type { BackupProvider, GuestType, IdMapEntry, LogFunction, RestoreHookInf
 import { MechanismError, RestoreError } from '../provider/errors.js';
 import { createLogger, type ProviderLogger } from '../provider/logger.js';
 import { parseIdMap } from '../container/idmap.js';
-import { currentOwner, ownerIsDead } from '../owner.js';
+import { currentOwner, ownerIsDead, type AccessOwner } from '../owner.js';
 import { extractDirectoryWithTar, extractTarArchive } from '../container/tar.js';
 import { isUri, qemuImgConvert, type ConvertProgress } from './qemu-img.js';
 
@@ -40,7 +40,7 @@ export interface RestoreVmOptions {
    * URI, or a callback allocating a target of the given size (called for every device before any
    * data is copied). A map naming a device the backup does not have is refused. URIs and
    * existing targets other than regular files (block devices) are written in place; a missing
-   * file is written under a temporary name of this process (`<target>.partial-<pid>-<start>`,
+   * file is written under a temporary name of this process (`<target>.partial-<host>-<pid>-<start>`,
    * mode 0600) and renamed when complete; an existing regular file as `overwrite` says.
    */
   targets: Record<string, string> | ((device: string, size: number) => string | Promise<string>);
@@ -205,26 +205,27 @@ interface PlacedTarget {
 }
 
 /** The temporary name of a restore into `target` by `owner`: see {@link placeTarget}. */
-const partialName = (target: string, owner: { pid: number; start: string | undefined }): string => `${target}.partial-${owner.pid}-${owner.start ?? 0}`;
+const partialName = (target: string, owner: AccessOwner): string => `${target}.partial-${owner.host}-${owner.pid}-${owner.start ?? 0}`;
 
 /**
  * Removes the temporary files that restores into `target` left when they were killed (SIGKILL
  * leaves no chance to remove them): those named after a process of this host that no longer runs.
- * A file of a restore still running is left alone, and so is anything else in the folder.
+ * A file of a restore still running, or of another host (a shared folder), is left alone, and so
+ * is anything else in the folder.
  */
 async function removeDeadPartials(target: string): Promise<void> {
   const me = currentOwner();
   const base = path.basename(target);
   for (const name of await readdir(path.dirname(target)).catch(() => [] as string[])) {
     if (!name.startsWith(`${base}.partial-`)) continue;
-    const m = /^(\d+)-(\d+)$/.exec(name.slice(base.length + '.partial-'.length));
-    if (!m) continue;
-    if (ownerIsDead({ ...me, pid: Number(m[1]), start: m[2] })) await unlink(path.join(path.dirname(target), name)).catch(() => undefined);
+    const m = /^(.+)-(\d+)-(\d+)$/.exec(name.slice(base.length + '.partial-'.length));
+    if (!m || m[1] !== me.host) continue;
+    if (ownerIsDead({ ...me, pid: Number(m[2]), start: m[3] })) await unlink(path.join(path.dirname(target), name)).catch(() => undefined);
   }
 }
 
 /**
- * A restore into a file goes to `<target>.partial-<pid>-<start>` and is renamed only once
+ * A restore into a file goes to `<target>.partial-<host>-<pid>-<start>` and is renamed only once
  * complete, so an interrupted restore never leaves a full-size file that looks restored. The name
  * is this process's own: a second restore into the same target at the same time writes a file of
  * its own instead of taking over (or removing) this one, so each restore renames exactly what it
