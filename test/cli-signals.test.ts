@@ -431,4 +431,23 @@ describe('delete: killed while it merges a base into its child', () => {
       expectSameBytes(readFileSync(path.join(dir, 'r.raw')), last.content, `${last.volid} after the delete was finished`);
     }
   });
+
+  it('a damaged next manifest (not a committed merge) leaves the backup as it was: listed ok, restored byte-exact', async () => {
+    const dir = await tempDir();
+    const disk = path.join(dir, 'disk0.qcow2');
+    const store = path.join(dir, 'store');
+    createImage(disk, 8 * MiB, 'qcow2');
+    qemuIo(disk, 'qcow2', ['write -P 0x5a 1M 2M']);
+    const b = cli('backup', '--store', store, '--vmid', '100', '--disk', `disk0=${disk}`, '--json');
+    expect(b.status, b.stderr).toBe(0);
+    const volid = (JSON.parse(b.stdout) as { volid: string }).volid;
+    const content = rawContent(disk, 'qcow2', path.join(dir, 'c.raw'));
+    writeFileSync(path.join(store, '100', volid.split('/').pop()!, 'manifest.json.next'), '{"volname": "torn');
+    const list = JSON.parse(cli('list', '--store', store, '--json').stdout) as Array<{ volid: string; status: string }>;
+    expect(list.map((x) => [x.volid, x.status])).toEqual([[volid, 'ok']]);
+    const target = path.join(dir, 'r.raw');
+    const r = cli('restore', volid, '--store', store, '--to', `disk0=${target}`);
+    expect(r.status, r.stderr).toBe(0);
+    expectSameBytes(readFileSync(target), content, volid);
+  });
 });

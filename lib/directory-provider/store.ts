@@ -955,15 +955,21 @@ export class DirectoryStore {
    */
   private async finishMerge(volname: string): Promise<void> {
     const dir = this.backupDir(volname);
-    let next: Manifest;
+    let text: string;
     try {
-      next = JSON.parse(await readFile(path.join(dir, NEXT_MANIFEST), 'utf8')) as Manifest;
+      text = await readFile(path.join(dir, NEXT_MANIFEST), 'utf8');
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;
       if (code === 'ENOENT' || code === 'ENOTDIR') return;
       throw err;
     }
-    // written atomically; one that does not check is damage, left for verify to report
+    // written atomically; one that does not parse or check is damage: the backup stays as it was
+    let next: Manifest;
+    try {
+      next = JSON.parse(text) as Manifest;
+    } catch {
+      return;
+    }
     if (!next || typeof next !== 'object' || next.checksum !== manifestChecksum(next) || next.volname !== volname) return;
     const moveIfThere = (from: string, to: string): Promise<void> =>
       rename(path.join(dir, from), path.join(dir, to)).catch((err: NodeJS.ErrnoException) => {
