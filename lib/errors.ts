@@ -64,6 +64,8 @@ export type DirectoryStoreErrorCode =
   | 'ERR_BACKUP_PROTECTED'
   /** Reading or writing a file of the store failed (a full disk, an I/O error); `file` names it. */
   | 'ERR_STORE_IO'
+  /** Another process is deleting or pruning backups of the same guest: try again when it is done. */
+  | 'ERR_STORE_BUSY'
   /** The provider was asked for something its state does not allow (e.g. no backup started). */
   | 'ERR_PROVIDER_STATE';
 

@@ -6,6 +6,7 @@
 import { spawn, spawnSync } from 'node:child_process';
 import { appendFileSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
+import { open } from 'node:fs/promises';
 import path from 'node:path';
 
 import { afterEach, describe, expect, it } from 'vitest';
@@ -13,6 +14,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { createImage, qemuIo, rawContent } from './helpers/images.js';
 import { stopAll, tempDir } from './helpers/qemu.js';
 import { manifestChecksum, type Manifest } from '../lib/directory-provider/layout.js';
+import { native } from '../lib/native.js';
 
 const CLI = path.join(import.meta.dirname, '..', 'dist', 'cli', 'main.js');
 
@@ -34,6 +36,30 @@ function expectOneLine(r: { status: number | null; stderr: string }, status: num
 }
 
 describe('pve-backup-provider backup / list / restore / prune / delete / verify', () => {
+  it("a delete or prune while another process changes the guest's backups is refused (ERR_STORE_BUSY); the lock goes with its holder", async () => {
+    const dir = await tempDir();
+    const disk = path.join(dir, 'disk0.qcow2');
+    const store = path.join(dir, 'store');
+    createImage(disk, '8M', 'qcow2');
+    for (const p of ['0x11', '0x22']) {
+      qemuIo(disk, 'qcow2', [`write -P ${p} 0 1M`]);
+      expect(cli('backup', '--store', store, '--vmid', '100', '--disk', `disk0=${disk}`).status).toBe(0);
+    }
+    const [base, child] = (JSON.parse(cli('list', '--store', store, '--json').stdout) as Array<{ volid: string }>).map((b) => b.volid) as [string, string];
+    // another process (this test) holds the lock, as a delete merging into the child would
+    const held = await open(path.join(store, '100', '.changing'), 'a');
+    try {
+      expect(native.tryLockFile(held.fd)).toBe(true);
+      expectOneLine(cli('delete', base, '--store', store), 1, /being deleted or pruned by another process.*\[ERR_STORE_BUSY\]$/);
+      expectOneLine(cli('prune', '--store', store, '--keep-last', '1'), 1, /\[ERR_STORE_BUSY\]$/);
+      expect(cli('prune', '--store', store, '--keep-last', '1', '--dry-run').status).toBe(0);
+    } finally {
+      await held.close();
+    }
+    expect(statSync(path.join(store, '100', '.changing')).mode & 0o777).toBe(0o600);
+    expect(cli('delete', base, '--store', store).stdout.trim()).toBe(`deleted ${base} (merged into ${child})`);
+  });
+
   it('a VM from its disk image: full, incremental, restore both, prune, delete, verify', async () => {
     const dir = await tempDir();
     const disk = path.join(dir, 'disk0.qcow2');

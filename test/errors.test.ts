@@ -89,6 +89,7 @@ const OWNER = {
   ERR_CHAIN_DELETE: DirectoryStoreError,
   ERR_BACKUP_PROTECTED: DirectoryStoreError,
   ERR_STORE_IO: DirectoryStoreError,
+  ERR_STORE_BUSY: DirectoryStoreError,
   ERR_PROVIDER_STATE: DirectoryStoreError,
   ERR_STORE_UNAVAILABLE: ChunkStoreError,
   ERR_STORE_ACCESS: ChunkStoreError,
@@ -143,6 +144,7 @@ const storeCodes = [
   'ERR_CHAIN_DELETE',
   'ERR_BACKUP_PROTECTED',
   'ERR_STORE_IO',
+  'ERR_STORE_BUSY',
   'ERR_PROVIDER_STATE',
 ] as const;
 const storeCases: Case[] = storeCodes.map((code) => ({

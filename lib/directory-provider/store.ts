@@ -47,7 +47,7 @@ import {
 } from './layout.js';
 import { markBackups, type PruneEntry, type PruneMark } from '../provider/prune.js';
 import { ctimeOfBackupId } from '../provider/volname.js';
-import { fsyncPath } from '../provider/files.js';
+import { fsyncPath, withFileLock } from '../provider/files.js';
 
 const execFileP = promisify(execFile);
 
@@ -60,6 +60,8 @@ const execFileP = promisify(execFile);
  * point leaves the backup either as it was or merged, never with a manifest its files do not match.
  */
 const NEXT_MANIFEST = `${MANIFEST}.next`;
+/** The lock of changes to a guest's backups, in its folder (see {@link DirectoryStore.withGuestLocks}). */
+const CHANGING = '.changing';
 const MERGED = '.merge';
 
 /** A backup as {@link DirectoryStore.listBackups} lists it (Proxmox's `list_volumes` fields, plus chain and status). */
@@ -395,7 +397,7 @@ export class DirectoryStore {
    *   version (it is complete: neither listed as unfinished nor pruned as such).
    */
   async listBackups(vmid?: number): Promise<BackupInfo[]> {
-    const vmids = vmid !== undefined ? [vmid] : (await readdir(this.root).catch(() => [] as string[])).filter((n) => /^[1-9]\d*$/.test(n)).map(Number);
+    const vmids = await this.guests(vmid);
     const volnames: string[] = [];
     for (const v of vmids) volnames.push(...(await this.backupVolnames(v)));
     // a few at once: each is a handful of small reads, mostly waiting for the file system
@@ -424,6 +426,28 @@ export class DirectoryStore {
   }
 
   /** The volume names of the backup folders of one guest, in no particular order. */
+  /** `[vmid]`, or every guest with a folder in the store. */
+  private async guests(vmid?: number): Promise<number[]> {
+    return vmid !== undefined ? [vmid] : (await readdir(this.root).catch(() => [] as string[])).filter((n) => /^[1-9]\d*$/.test(n)).map(Number);
+  }
+
+  /**
+   * Runs `fn` holding the locks of changes to the backups of `vmids` (`<vmid>/.changing`): a delete
+   * merges a backup into its child, replacing the child's files, and two at once (a `delete` while
+   * a prune or another `delete` of the same guest runs, from this node or another of a shared
+   * store) would each take the other's files for leftovers. Backups being written are guarded by
+   * their own lock files, not this one.
+   * @throws {@link DirectoryStoreError} `ERR_STORE_BUSY` while another process holds one.
+   */
+  private async withGuestLocks<T>(vmids: number[], fn: () => Promise<T>): Promise<T> {
+    const [vmid, ...rest] = vmids;
+    if (vmid === undefined) return fn();
+    const dir = path.join(this.root, String(vmid));
+    await mkdirPrivate(dir);
+    const busy = (): Error => new DirectoryStoreError('ERR_STORE_BUSY', `backups of guest ${vmid} in ${this.root} are being deleted or pruned by another process: try again when it is done`);
+    return withFileLock(path.join(dir, CHANGING), busy, () => this.withGuestLocks(rest, fn));
+  }
+
   private async backupVolnames(vmid: number): Promise<string[]> {
     return (await readdir(path.join(this.root, String(vmid))).catch(() => [] as string[])).filter(isBackupDirName).map((name) => volnameOf(vmid, name));
   }
@@ -780,6 +804,10 @@ export class DirectoryStore {
    * @returns Every backup considered with its mark; with `dryRun` nothing is removed.
    */
   async pruneBackups(o: { keep: PruneOptions; vmid?: number; vmtype?: GuestType; dryRun?: boolean }): Promise<PruneResultEntry[]> {
+    return o.dryRun ? this.pruneLocked(o) : this.withGuestLocks(await this.guests(o.vmid), () => this.pruneLocked(o));
+  }
+
+  private async pruneLocked(o: { keep: PruneOptions; vmid?: number; vmtype?: GuestType; dryRun?: boolean }): Promise<PruneResultEntry[]> {
     const all = (await this.listBackups(o.vmid)).filter((b) => !o.vmtype || b.subtype === o.vmtype);
     const out: PruneResultEntry[] = [];
     const groups = new Map<string, BackupInfo[]>();
@@ -849,6 +877,10 @@ export class DirectoryStore {
     if (!(await stat(dir).then((s) => s.isDirectory(), () => false))) {
       throw new DirectoryStoreError('ERR_UNKNOWN_VOLUME', `unknown volume ${this.volid(volname)}: no such backup in ${this.root}`, { volname });
     }
+    return this.withGuestLocks([parseVolname(volname).vmid], () => this.deleteLocked(volname, dir, options));
+  }
+
+  private async deleteLocked(volname: string, dir: string, options: { force?: boolean }): Promise<{ merged?: string }> {
     const attrs = await this.attributes(volname);
     if (attrs.protected && !options.force) {
       throw new DirectoryStoreError('ERR_BACKUP_PROTECTED', `backup ${this.volid(volname)} is protected: unprotect it first, or delete with force`, { volname });

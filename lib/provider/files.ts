@@ -7,6 +7,8 @@
 import { chmod, mkdir, open, rename, rm } from 'node:fs/promises';
 import path from 'node:path';
 
+import { native } from '../native.js';
+
 /**
  * Mode of every folder of a store (the store itself, each guest's, each backup's): backups hold
  * guest data, and a directory-mode container tree may hold setuid files owned by root, so no
@@ -54,4 +56,21 @@ export async function writeFileAtomic(file: string, data: string | Buffer): Prom
     throw err;
   }
   await fsyncPath(path.dirname(file));
+}
+
+/**
+ * Runs `fn` holding an exclusive lock on `file` (created 0600 if missing, never removed): a
+ * `flock` through the core, which the kernel drops when this process exits however it exits, so
+ * a crash never leaves the lock behind and none has to be judged stale. Never waits: while
+ * another process holds it, `busy()` is thrown.
+ */
+export async function withFileLock<T>(file: string, busy: () => Error, fn: () => Promise<T>): Promise<T> {
+  const fh = await open(file, 'a', PRIVATE_FILE_MODE);
+  try {
+    await fh.chmod(PRIVATE_FILE_MODE);
+    if (!native.tryLockFile(fh.fd)) throw busy();
+    return await fn();
+  } finally {
+    await fh.close();
+  }
 }

@@ -10,6 +10,7 @@ pub mod copy;
 pub mod digests;
 pub mod engine;
 pub mod error;
+pub mod lock;
 pub mod nbd;
 pub mod plan;
 pub mod ratelimit;

@@ -11,6 +11,7 @@ mod client;
 mod copy;
 mod digests;
 mod error;
+mod lock;
 mod nbdserver;
 mod restore;
 
