@@ -245,7 +245,12 @@ describe('pve-backup-provider backup / list / restore / prune / delete / verify'
     const dir = await tempDir();
     writeFileSync(path.join(dir, 'file'), 'x');
     const store = path.join(dir, 'store');
-    expect(cli('backup', '--store', store, '--vmid', '101', '--rootdir', dir, '--json').status).toBe(0); // makes a store
+    // makes a store (of a tree beside it: a tree holding the store changes while tar reads it)
+    const tree = path.join(dir, 'tree');
+    mkdirSync(tree);
+    writeFileSync(path.join(tree, 'file'), 'x');
+    const made = cli('backup', '--store', store, '--vmid', '101', '--rootdir', tree, '--json');
+    expect(made.status, made.stderr).toBe(0);
     expectOneLine(cli('list', '--store', dir), 1, /^pve-backup-provider: .* is not a backup store: pve-backup-store.json is missing \[ERR_NOT_A_STORE\]$/);
     expectOneLine(cli('backup', '--store', dir, '--vmid', '101', '--rootdir', dir), 1, /is not a backup store: it has other content.*\[ERR_NOT_A_STORE\]$/);
     expectOneLine(cli('restore', 'directory:backup/100/qemu-2024_01_01-00_00_00', '--store', store, '--to', dir), 1, /unknown volume .*: no such backup in .*\[ERR_UNKNOWN_VOLUME\]$/);
