@@ -23,7 +23,7 @@ import os from 'node:os';
 
 import type { BitmapMode, GuestType, PruneOptions } from '../provider/api.js';
 import { markBackups, type PruneEntry, type PruneMark } from '../provider/prune.js';
-import { backupIdOf, ctimeOfBackupId, isBackupDirName, matchVolname, volnameOf, type ParsedVolname } from '../provider/volname.js';
+import { backupIdOf, ctimeOfBackupId, isBackupDirName, matchVolname, oldestFirst, volnameOf, type ParsedVolname } from '../provider/volname.js';
 import { decodeBlob, encodeBlob } from './blob.js';
 import { eachLimit } from '../concurrency.js';
 import { native } from '../native.js';
@@ -693,7 +693,7 @@ export class ChunkStore {
       });
       if (info) out.push(info);
     });
-    return out.sort((a, b) => a.ctime - b.ctime || (a.volname < b.volname ? -1 : 1));
+    return out.sort(oldestFirst);
   }
 
   /**

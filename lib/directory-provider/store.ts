@@ -46,7 +46,7 @@ import {
   type ParsedVolname,
 } from './layout.js';
 import { markBackups, type PruneEntry, type PruneMark } from '../provider/prune.js';
-import { ctimeOfBackupId } from '../provider/volname.js';
+import { ctimeOfBackupId, oldestFirst } from '../provider/volname.js';
 import { fsyncPath, withFileLock } from '../provider/files.js';
 
 const execFileP = promisify(execFile);
@@ -193,9 +193,6 @@ async function unfinishedStatus(dir: string): Promise<'in-progress' | 'incomplet
 
 /** How many backup folders are looked at at once when listing (a few stats and small reads each). */
 const DESCRIBE_CONCURRENCY = 8;
-
-/** The order backups are listed and removed in: oldest first, then by volume name. */
-const oldestFirst = (a: { ctime: number; volname: string }, b: { ctime: number; volname: string }): number => a.ctime - b.ctime || (a.volname < b.volname ? -1 : 1);
 
 /** A directory backup store. Open one with {@link DirectoryStore.open} or {@link DirectoryStore.create}. */
 export class DirectoryStore {
@@ -425,7 +422,6 @@ export class DirectoryStore {
     return b;
   }
 
-  /** The volume names of the backup folders of one guest, in no particular order. */
   /** `[vmid]`, or every guest with a folder in the store. */
   private async guests(vmid?: number): Promise<number[]> {
     return vmid !== undefined ? [vmid] : (await readdir(this.root).catch(() => [] as string[])).filter((n) => /^[1-9]\d*$/.test(n)).map(Number);
@@ -448,6 +444,7 @@ export class DirectoryStore {
     return withFileLock(path.join(dir, CHANGING), busy, () => this.withGuestLocks(rest, fn));
   }
 
+  /** The volume names of the backup folders of one guest, in no particular order. */
   private async backupVolnames(vmid: number): Promise<string[]> {
     return (await readdir(path.join(this.root, String(vmid))).catch(() => [] as string[])).filter(isBackupDirName).map((name) => volnameOf(vmid, name));
   }

@@ -55,3 +55,8 @@ export function ctimeOfBackupId(backupId: string): number {
   const [y, mo, d, h, mi, s] = backupId.split(/[_-]/).map(Number) as [number, number, number, number, number, number];
   return Date.UTC(y, mo - 1, d, h, mi, s) / 1000;
 }
+
+/** The order both stores list (and remove) backups in: oldest first, then by volume name. */
+export function oldestFirst(a: { ctime: number; volname: string }, b: { ctime: number; volname: string }): number {
+  return a.ctime - b.ctime || (a.volname < b.volname ? -1 : 1);
+}
