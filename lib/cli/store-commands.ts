@@ -16,6 +16,7 @@ import { RootdirNotEmptyError } from '../container/errors.js';
 import { BackupFailedError, TargetExistsError, UsageError, VerifyFailedError } from './errors.js';
 import type { Guest } from '../job/types.js';
 import type { LogFunction, PruneOptions } from '../provider/api.js';
+import { isPlainFileName } from '../provider/files.js';
 import type { QmpClient } from '../qmp/client.js';
 import { requireTool } from '../tools.js';
 import { formatBytes, printTable, progressView, type ProgressView } from './output.js';
@@ -312,7 +313,7 @@ export function addStoreCommands(program: Command, parse: Parsers): void {
         const dir = path.resolve(to[0]!);
         // a device name becomes a file name in the folder: one that is not a plain name (a
         // damaged or crafted manifest, e.g. on shared storage) would write outside the folder
-        const unsafe = backup.devices.find((device) => device === '' || device === '.' || device === '..' || device.includes('/') || device.includes('\0'));
+        const unsafe = backup.devices.find((device) => !isPlainFileName(device));
         if (unsafe !== undefined) {
           throw new PveInvalidArgumentError(`backup ${store.volid(volname)} has a disk named ${JSON.stringify(unsafe)}, which cannot be a file name in ${dir}; restore it with --to DEVICE=PATH`);
         }

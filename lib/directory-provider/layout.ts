@@ -61,6 +61,15 @@ export function parseVolname(volname: string): ParsedVolname {
   return p;
 }
 
+/**
+ * The backing file an incremental image records for its layer of `base` (the backup it builds
+ * on): `../<base folder>/<file>`, relative, so a store can be moved whole. Written into the image
+ * on backup and merge, and checked against its header.
+ */
+export function backingFileOf(base: string, file: string): string {
+  return `../${parseVolname(base).dirName}/${file}`;
+}
+
 /** One disk of a VM backup, as the manifest records it. */
 export interface ManifestDevice {
   /** Image file in the backup folder, `<device>.qcow2`. */

@@ -52,7 +52,7 @@ import type { FuseExport } from '../qemu/storage-daemon.js';
 import { nbdUriFor } from '../provider/dirty-regions.js';
 import { BitmapLedger } from '../provider/bitmap-ledger.js';
 import { DirectoryStoreError } from './errors.js';
-import { MANIFEST, MANIFEST_VERSION, PREVIOUS_INFO, hashFile, hashTree, parseVolname, syncFiles, type Manifest, type ManifestDevice, type ManifestFile } from './layout.js';
+import { MANIFEST, MANIFEST_VERSION, PREVIOUS_INFO, backingFileOf, hashFile, hashTree, parseVolname, syncFiles, type Manifest, type ManifestDevice, type ManifestFile } from './layout.js';
 import { DirectoryStore, type PreviousInfo } from './store.js';
 
 /** Progress of one disk's copy, for a progress bar. */
@@ -343,7 +343,7 @@ export class DirectoryProvider extends BackupProviderBase {
       path: path.join(g.dir, file),
       discard: true, // the snapshot-access export backup access set up: frees fleecing space
       ...(v.bitmapName ? { bitmap: v.bitmapName } : {}),
-      ...(base ? { backingFile: `../${parseVolname(base).dirName}/${file}`, backingFormat: 'qcow2' as const } : {}),
+      ...(base ? { backingFile: backingFileOf(base, file), backingFormat: 'qcow2' as const } : {}),
       compression: this.compression,
       digests: true, // content digests recorded as the image is written (manifest version 2)
       ...(bandwidthLimit !== undefined ? { bandwidthLimit } : {}),

@@ -33,6 +33,7 @@ import {
   STORE_MARKER,
   STORE_VERSION,
   MANIFEST_VERSION,
+  backingFileOf,
   backupIdOf,
   hashFile,
   hashTree,
@@ -47,7 +48,7 @@ import {
 } from './layout.js';
 import { markBackups, type PruneEntry, type PruneMark } from '../provider/prune.js';
 import { ctimeOfBackupId, oldestFirst } from '../provider/volname.js';
-import { fsyncPath, withFileLock } from '../provider/files.js';
+import { fsyncPath, isPlainFileName, withFileLock } from '../provider/files.js';
 
 const execFileP = promisify(execFile);
 
@@ -704,7 +705,7 @@ export class DirectoryStore {
     const d = m.devices?.[device];
     if (!d) return undefined;
     const file = path.join(this.backupDir(m.volname), d.file);
-    const want = d.base ? `../${parseVolname(d.base).dirName}/${d.file}` : undefined;
+    const want = d.base ? backingFileOf(d.base, d.file) : undefined;
     const qemuImg = requireTool('qemu-img', 'qemu-utils');
     let info: { 'backing-filename'?: string; 'backing-filename-format'?: string; 'format-specific'?: { data?: { 'data-file'?: string } } };
     try {
@@ -941,7 +942,7 @@ export class DirectoryStore {
     for (const [device, d] of Object.entries(c.devices ?? {})) {
       if (d.base !== base.volname) continue;
       const newBase = base.devices?.[device]?.base;
-      const backing = newBase ? `../${parseVolname(newBase).dirName}/${d.file}` : '';
+      const backing = newBase ? backingFileOf(newBase, d.file) : '';
       const file = path.join(cdir, d.file);
       const tmp = `${file}${MERGED}`;
       // work on a copy (same folder, so the relative backing path holds): a crash leaves the child intact
@@ -1022,10 +1023,9 @@ export class DirectoryStore {
  * (another node of a shared store), and a name like `../x` would have them read or write outside.
  */
 function nameOutsideFolder(m: Manifest): string | undefined {
-  const plain = (n: unknown): boolean => typeof n === 'string' && n !== '' && n !== '.' && n !== '..' && !n.includes('/') && !n.includes('\0');
   const names: unknown[] = [...Object.keys(m.files ?? {}), ...Object.values(m.files ?? {}).flatMap((f) => (f && 'digests' in f ? [f.digests] : []))];
   for (const [device, d] of Object.entries(m.devices ?? {})) names.push(device, d?.file);
-  const i = names.findIndex((n) => !plain(n));
+  const i = names.findIndex((n) => !isPlainFileName(n));
   return i < 0 ? undefined : String(names[i]);
 }
 

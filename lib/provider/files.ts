@@ -24,6 +24,16 @@ export async function mkdirPrivate(dir: string): Promise<void> {
   await chmod(dir, PRIVATE_DIR_MODE);
 }
 
+/**
+ * Whether `name` is one plain file name, which joined to a folder stays in it (not empty, `.`,
+ * `..`, and without `/` or NUL). Names read from a backup (a manifest's files, its disks) are
+ * joined to folders: a damaged or crafted one (whoever can write a shared store) must not reach
+ * outside.
+ */
+export function isPlainFileName(name: unknown): name is string {
+  return typeof name === 'string' && name !== '' && name !== '.' && name !== '..' && !name.includes('/') && !name.includes('\0');
+}
+
 /** Fsyncs a file or directory. */
 export async function fsyncPath(p: string): Promise<void> {
   const fh = await open(p, 'r');
