@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::format::{chunk_key, FixedIndex, DEFAULT_CHUNK_SIZE, ZERO_DIGEST};
 use super::key::{hex, Digest, StoreKey};
 use super::sink::{widen_to_chunks, ChunkSink, ChunkSinkOptions, ChunkSummary};
-use super::Objects;
+use super::{Objects, LIST_PAGE};
 use crate::copy::{Connected, RunOptions, DEFAULT_CONNECTIONS};
 use crate::engine::{CopyOptions, Progress, Summary};
 use crate::error::{Error, Result};
@@ -55,9 +55,6 @@ pub struct BackupOptions {
 /// Heads done at once by [`missing_chunks`] when it falls back to them and the caller does not
 /// say.
 pub const DEFAULT_CHECKS: usize = 16;
-
-/// The keys one listing page holds (S3's most).
-const LIST_PAGE: usize = 1000;
 
 /// The chunks of `digests` (a previous backup's index; zero digests and repeats skipped) that
 /// a backup must not take as stored, sorted: those that are fossils. Before an incremental

@@ -37,6 +37,10 @@ pub struct ObjectMeta {
     pub modified: i64,
 }
 
+/// The most keys one listing page holds (S3 `ListObjectsV2` answers at most 1000 whatever is
+/// asked): how [`Objects::list_limited`] pages, and how its callers count a listing's cost.
+pub const LIST_PAGE: usize = 1000;
+
 /// Object storage under one prefix: every key is relative to it.
 ///
 /// Implementations retry what is worth retrying (connection errors, 5xx, throttling) with

@@ -24,7 +24,7 @@ use object_store::path::Path;
 use object_store::{BackoffConfig, Certificate, ClientOptions, ObjectStoreExt, RetryConfig};
 
 use super::pin::{Fingerprint, PinMismatch, PinnedConnector};
-use super::{ObjectMeta, Objects};
+use super::{ObjectMeta, Objects, LIST_PAGE};
 use crate::error::{Error, Result};
 
 /// How long and how often a failing request is retried.
@@ -465,8 +465,7 @@ impl S3Objects {
             }
             let options = PaginatedListOptions {
                 page_token: page_token.take(),
-                // S3 answers at most 1000 keys a page whatever is asked
-                max_keys: left.map(|l| l.min(S3_PAGE)),
+                max_keys: left.map(|l| l.min(LIST_PAGE)),
                 ..PaginatedListOptions::default()
             };
             let page = self
@@ -488,9 +487,6 @@ impl S3Objects {
         }
     }
 }
-
-/// The most keys one S3 `ListObjectsV2` page holds.
-const S3_PAGE: usize = 1000;
 
 #[async_trait]
 impl Objects for S3Objects {
