@@ -9,13 +9,14 @@
  * `backupVm` and `backupCleanup` (vzdump's order), or in the middle of another backup.
  */
 import { execFileSync, spawn } from 'node:child_process';
-import { mkdir, utimes, writeFile } from 'node:fs/promises';
+import { mkdir, open, utimes, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 import { afterEach, describe, expect, it } from 'vitest';
 
 import { DirectoryProvider, DirectoryProviderV1, DirectoryStore, runBackupJob, type BackupProvider, type GuestType, type StoredBackup } from '../lib/index.js';
+import { native } from '../lib/native.js';
 import { expectRestores, startDisk, vmGuest, type Disk } from './helpers/directory.js';
 import { stopAll, tempDir } from './helpers/qemu.js';
 
@@ -164,6 +165,39 @@ describe('the storage side from a fresh provider in another process', () => {
     const b4 = await backup(provider, disk, scratch);
     expect((await store.readManifest(b4.volname)).parent).toBe(b3.volname);
     await expectRestores(provider, b4.volname, b4.content, scratch);
+  });
+
+  it('the task log waits for a delete or prune of the guest (the merge rewrites the same manifest), then is added; a lock that stays taken refuses', async () => {
+    const disk = await startDisk(4 * MiB);
+    const scratch = await tempDir();
+    const root = path.join(scratch, 'store');
+    const seen: { whileHeld?: string[]; refused?: unknown } = {};
+    class HeldAtLog extends DirectoryProvider {
+      override async backupHandleLogFile(vmid: number, filename: string): Promise<void> {
+        // a delete of another process holds the guest's lock while the job adds its log
+        const held = await open(path.join(root, String(vmid), '.changing'), 'a');
+        try {
+          expect(native.tryLockFile(held.fd)).toBe(true);
+          const adding = super.backupHandleLogFile(vmid, filename);
+          await sleep(500);
+          const store = await DirectoryStore.open(root);
+          const [volname] = (await store.listBackups(vmid)).map((b) => b.volname);
+          seen.whileHeld = Object.keys((await store.readManifest(volname!)).files);
+          seen.refused = await store.amendManifest(volname!, async (m) => m, { waitMs: 200 }).catch((err: unknown) => err);
+          await held.close();
+          await adding;
+        } finally {
+          await held.close().catch(() => undefined);
+        }
+      }
+    }
+    await disk.write(0x41, 0, MiB);
+    const b = await backup(new HeldAtLog(context(root)), disk, scratch);
+    expect(seen.whileHeld).not.toContain('backup.log');
+    expect(seen.refused).toMatchObject({ code: 'ERR_STORE_BUSY' });
+    const store = await DirectoryStore.open(root);
+    expect(Object.keys((await store.readManifest(b.volname)).files)).toContain('backup.log');
+    expect(await store.verifyBackup(b.volname)).toMatchObject({ ok: true, problems: [] });
   });
 
   it.each([2, 1] as const)('API generation %i: backupCleanup(false) after a completed backup removes it (no longer listed) and the next backup is full', async (generation) => {

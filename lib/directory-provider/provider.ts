@@ -55,6 +55,12 @@ import { DirectoryStoreError } from './errors.js';
 import { MANIFEST, MANIFEST_VERSION, PREVIOUS_INFO, backingFileOf, hashFile, hashTree, parseVolname, syncFiles, type Manifest, type ManifestDevice, type ManifestFile } from './layout.js';
 import { DirectoryStore, type PreviousInfo } from './store.js';
 
+/**
+ * How long the task log waits for a delete or prune of the same guest's backups (which may merge
+ * a large image) before the backup is left without it: a job should not stall for long on a log.
+ */
+const LOG_LOCK_WAIT_MS = 60_000;
+
 /** Progress of one disk's copy, for a progress bar. */
 export interface DeviceProgress extends CopyProgress {
   vmid: number;
@@ -438,26 +444,30 @@ export class DirectoryProvider extends BackupProviderBase {
    * Keeps the task log as `backup.log` (its checksum is added to the manifest), then forgets the
    * guest. The manifest is read back from disk, not taken from memory: between the data call and
    * now, other processes may have changed the backup (a merge when the backup it builds on was
-   * deleted rewrites its manifest) or removed it (then there is nothing to add the log to).
+   * deleted rewrites its manifest) or removed it (then there is nothing to add the log to); and a
+   * delete or prune running now is waited for, up to {@link LOG_LOCK_WAIT_MS}.
    */
   override async backupHandleLogFile(vmid: number, filename: string): Promise<void> {
     const g = this.running.get(vmid);
     this.running.delete(vmid);
     if (!g?.manifest) return;
     const store = await this.openStore();
-    let m: Manifest;
+    const log = path.join(g.dir, 'backup.log');
     try {
-      m = await store.readManifest(g.volname);
+      await store.amendManifest(
+        g.volname,
+        async (m) => {
+          await storeIo(g, 'writing', log, (f) => copyFile(filename, f));
+          return { ...m, files: { ...m.files, 'backup.log': await hashFile(log) } };
+        },
+        { waitMs: LOG_LOCK_WAIT_MS },
+      );
     } catch (err) {
-      if (err instanceof DirectoryStoreError && err.code === 'ERR_UNKNOWN_VOLUME') {
-        this.log.warn(`backup ${g.volname} was removed before its task log could be added`);
-        return;
-      }
-      throw err;
+      // the backup itself is complete and stays as it is: only its task log is missing
+      if (err instanceof DirectoryStoreError && err.code === 'ERR_UNKNOWN_VOLUME') this.log.warn(`backup ${g.volname} was removed before its task log could be added`);
+      else if (err instanceof DirectoryStoreError && err.code === 'ERR_STORE_BUSY') this.log.warn(`the task log was not added to backup ${g.volname}: ${err.message}`);
+      else throw err;
     }
-    await storeIo(g, 'writing', path.join(g.dir, 'backup.log'), (f) => copyFile(filename, f));
-    const { checksum: _old, ...rest } = m;
-    await store.commitManifest({ ...rest, files: { ...rest.files, 'backup.log': await hashFile(path.join(g.dir, 'backup.log')) } });
   }
 
   private async saveConfigs(g: GuestBackup, config: string, firewall: string | undefined): Promise<void> {

@@ -434,15 +434,36 @@ export class DirectoryStore {
    * a prune or another `delete` of the same guest runs, from this node or another of a shared
    * store) would each take the other's files for leftovers. Backups being written are guarded by
    * their own lock files, not this one.
-   * @throws {@link DirectoryStoreError} `ERR_STORE_BUSY` while another process holds one.
+   * @param waitMs - How long to wait for a lock another holder has (default: not at all).
+   * @throws {@link DirectoryStoreError} `ERR_STORE_BUSY` while another holder keeps one.
    */
-  private async withGuestLocks<T>(vmids: number[], fn: () => Promise<T>): Promise<T> {
+  private async withGuestLocks<T>(vmids: number[], fn: () => Promise<T>, waitMs?: number): Promise<T> {
     const [vmid, ...rest] = vmids;
     if (vmid === undefined) return fn();
     const dir = path.join(this.root, String(vmid));
     await mkdirPrivate(dir);
     const busy = (): Error => new DirectoryStoreError('ERR_STORE_BUSY', `backups of guest ${vmid} in ${this.root} are being deleted or pruned by another process: try again when it is done`);
-    return withFileLock(path.join(dir, CHANGING), busy, () => this.withGuestLocks(rest, fn));
+    return withFileLock(path.join(dir, CHANGING), busy, () => this.withGuestLocks(rest, fn, waitMs), { waitMs });
+  }
+
+  /**
+   * Rewrites the manifest of a complete backup (`change` gets it without its checksum and may
+   * write files into the backup first), holding its guest's lock: a delete merging the backup it
+   * builds on into it rewrites the same manifest, and a prune may remove the backup; read and
+   * written outside the lock, the merge's manifest could be overwritten by the one it replaced.
+   * @param waitMs - How long to wait while a delete or prune holds the lock.
+   * @throws {@link DirectoryStoreError} `ERR_STORE_BUSY` when the lock stayed taken, `ERR_UNKNOWN_VOLUME`
+   *   when the backup is gone, or what {@link readManifest} throws.
+   */
+  async amendManifest(volname: string, change: (m: Omit<Manifest, 'checksum'>) => Promise<Omit<Manifest, 'checksum'>>, o: { waitMs?: number } = {}): Promise<Manifest> {
+    return this.withGuestLocks(
+      [parseVolname(volname).vmid],
+      async () => {
+        const { checksum: _old, ...m } = await this.readManifest(volname);
+        return this.commitManifest(await change(m));
+      },
+      o.waitMs,
+    );
   }
 
   /** The volume names of the backup folders of one guest, in no particular order. */

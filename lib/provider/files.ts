@@ -6,6 +6,7 @@
  */
 import { chmod, mkdir, open, rename, rm } from 'node:fs/promises';
 import path from 'node:path';
+import { setTimeout } from 'node:timers/promises';
 
 import { native } from '../native.js';
 
@@ -68,17 +69,25 @@ export async function writeFileAtomic(file: string, data: string | Buffer): Prom
   await fsyncPath(path.dirname(file));
 }
 
+/** How often a lock that is waited for is tried again. */
+const LOCK_RETRY_MS = 100;
+
 /**
  * Runs `fn` holding an exclusive lock on `file` (created 0600 if missing, never removed): a
  * `flock` through the core, which the kernel drops when this process exits however it exits, so
- * a crash never leaves the lock behind and none has to be judged stale. Never waits: while
- * another process holds it, `busy()` is thrown.
+ * a crash never leaves the lock behind and none has to be judged stale. While another holder has
+ * it, waits up to `waitMs` (default 0: not at all), then throws `busy()`. The core only tries
+ * (a blocking `flock` would stall the event loop), so waiting is trying again.
  */
-export async function withFileLock<T>(file: string, busy: () => Error, fn: () => Promise<T>): Promise<T> {
+export async function withFileLock<T>(file: string, busy: () => Error, fn: () => Promise<T>, o: { waitMs?: number } = {}): Promise<T> {
   const fh = await open(file, 'a', PRIVATE_FILE_MODE);
   try {
     await fh.chmod(PRIVATE_FILE_MODE);
-    if (!native.tryLockFile(fh.fd)) throw busy();
+    const giveUp = Date.now() + (o.waitMs ?? 0);
+    while (!native.tryLockFile(fh.fd)) {
+      if (Date.now() >= giveUp) throw busy();
+      await setTimeout(LOCK_RETRY_MS);
+    }
     return await fn();
   } finally {
     await fh.close();
