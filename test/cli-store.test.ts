@@ -3,7 +3,7 @@
  * qemu-storage-daemon, a container directory), list, restore, prune, delete, verify, protect;
  * JSON output; bad input gets one line and a non-zero exit, never a stack trace.
  */
-import { spawn, spawnSync } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { appendFileSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import { open } from 'node:fs/promises';
@@ -58,6 +58,39 @@ describe('pve-backup-provider backup / list / restore / prune / delete / verify'
     }
     expect(statSync(path.join(store, '100', '.changing')).mode & 0o777).toBe(0o600);
     expect(cli('delete', base, '--store', store).stdout.trim()).toBe(`deleted ${base} (merged into ${child})`);
+  });
+
+  it('a removal cut short leaves nothing listed that is not whole; the next prune removes what is left', async () => {
+    const dir = await tempDir();
+    const disk = path.join(dir, 'disk0.qcow2');
+    const store = path.join(dir, 'store');
+    createImage(disk, '8M', 'qcow2');
+    const contents: Buffer[] = [];
+    for (const p of ['0x31', '0x32']) {
+      qemuIo(disk, 'qcow2', [`write -P ${p} 0 1M`]);
+      expect(cli('backup', '--store', store, '--vmid', '100', '--disk', `disk0=${disk}`).status).toBe(0);
+      contents.push(rawContent(disk, 'qcow2', path.join(dir, 'c.raw')));
+    }
+    const [base, child] = (JSON.parse(cli('list', '--store', store, '--json').stdout) as Array<{ volid: string }>).map((b) => b.volid) as [string, string];
+    // the child's removal stops part-way with its manifest still there, as a crash between two
+    // unlinks can leave it: here the kernel refuses to remove the manifest (immutable)
+    const name = child.split('/').pop()!;
+    const pinned = [path.join(store, '100', name, 'manifest.json'), path.join(store, '100', `.removing-${name}`, 'manifest.json')];
+    execFileSync('chattr', ['+i', pinned[0]!]);
+    try {
+      const d = cli('delete', child, '--store', store);
+      expect(d.status, d.stdout).toBe(1);
+      expect(d.stderr).toMatch(/manifest\.json/);
+      const list = JSON.parse(cli('list', '--store', store, '--json').stdout) as Array<{ volid: string; status: string }>;
+      expect(list.map((b) => [b.volid, b.status])).toEqual([[base, 'ok']]);
+    } finally {
+      for (const f of pinned) spawnSync('chattr', ['-i', f]);
+    }
+    const r = cli('restore', base, '--store', store, '--to', `disk0=${path.join(dir, 'r.raw')}`);
+    expect(r.status, r.stderr).toBe(0);
+    expect(readFileSync(path.join(dir, 'r.raw')).equals(contents[0]!)).toBe(true);
+    expect(cli('prune', '--store', store, '--keep-last', '5').status).toBe(0);
+    expect(readdirSync(path.join(store, '100')).filter((n) => n !== '.changing' && n !== 'previous-info')).toEqual([base.split('/').pop()]);
   });
 
   it('a VM from its disk image: full, incremental, restore both, prune, delete, verify', async () => {

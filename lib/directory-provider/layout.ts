@@ -4,6 +4,8 @@
  * ```
  * <root>/pve-backup-store.json                  marks the folder as a store (format, version, storeid)
  * <root>/<vmid>/previous-info                   last complete VM backup (for incremental backups)
+ * <root>/<vmid>/.changing                       lock held by a delete or prune of the guest's backups
+ * <root>/<vmid>/.removing-<vmtype>-<backup-id>/ a backup whose removal was cut short (not listed)
  * <root>/<vmid>/<vmtype>-<backup-id>/           one backup, e.g. qemu-2024_05_01-10_00_00
  *     guest.conf  firewall.conf                 the guest's configuration files
  *     <device>.qcow2                            VM: one image per disk (incremental: backed by the parent's)

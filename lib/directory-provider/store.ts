@@ -61,6 +61,12 @@ const execFileP = promisify(execFile);
  * point leaves the backup either as it was or merged, never with a manifest its files do not match.
  */
 const NEXT_MANIFEST = `${MANIFEST}.next`;
+/**
+ * Prefix a backup folder is renamed to before its files are removed ({@link DirectoryStore.removeBackupDir}):
+ * one rename takes it out of the listing, so a crash while its files go never leaves it listed as
+ * complete with some of them missing.
+ */
+const REMOVING = '.removing-';
 /** The lock of changes to a guest's backups, in its folder (see {@link DirectoryStore.withGuestLocks}). */
 const CHANGING = '.changing';
 const MERGED = '.merge';
@@ -854,7 +860,8 @@ export class DirectoryStore {
     }
     if (!o.dryRun) {
       // newest first: a removed backup's children are removed before it
-      for (const e of out.filter((x) => x.mark === 'remove').sort((a, b) => b.ctime - a.ctime)) await rm(this.backupDir(e.volname), { recursive: true, force: true });
+      for (const e of out.filter((x) => x.mark === 'remove').sort((a, b) => b.ctime - a.ctime)) await this.removeBackupDir(e.volname);
+      for (const vmid of await this.guests(o.vmid)) await this.removeLeftovers(vmid);
     }
     return out;
   }
@@ -896,10 +903,10 @@ export class DirectoryStore {
     if (!(await stat(dir).then((s) => s.isDirectory(), () => false))) {
       throw new DirectoryStoreError('ERR_UNKNOWN_VOLUME', `unknown volume ${this.volid(volname)}: no such backup in ${this.root}`, { volname });
     }
-    return this.withGuestLocks([parseVolname(volname).vmid], () => this.deleteLocked(volname, dir, options));
+    return this.withGuestLocks([parseVolname(volname).vmid], () => this.deleteLocked(volname, options));
   }
 
-  private async deleteLocked(volname: string, dir: string, options: { force?: boolean }): Promise<{ merged?: string }> {
+  private async deleteLocked(volname: string, options: { force?: boolean }): Promise<{ merged?: string }> {
     const attrs = await this.attributes(volname);
     if (attrs.protected && !options.force) {
       throw new DirectoryStoreError('ERR_BACKUP_PROTECTED', `backup ${this.volid(volname)} is protected: unprotect it first, or delete with force`, { volname });
@@ -929,8 +936,34 @@ export class DirectoryStore {
       await this.assertMergeable(own, merged);
       await this.mergeInto(own, merged);
     }
-    await rm(dir, { recursive: true, force: true });
+    await this.removeBackupDir(volname);
+    await this.removeLeftovers(p.vmid);
     return merged ? { merged } : {};
+  }
+
+  /**
+   * Removes a backup's folder: renamed to `.removing-<name>` first (durably), which takes it out of
+   * the listing in one step, then its files. A crash or error while they go leaves only the hidden
+   * folder, which the next prune or delete of the guest removes ({@link removeLeftovers}).
+   */
+  private async removeBackupDir(volname: string): Promise<void> {
+    const dir = this.backupDir(volname);
+    const hidden = path.join(path.dirname(dir), `${REMOVING}${path.basename(dir)}`);
+    await rm(hidden, { recursive: true, force: true }); // a crashed removal of a backup of the same name
+    try {
+      await rename(dir, hidden);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+      throw err;
+    }
+    await fsyncPath(path.dirname(dir));
+    await rm(hidden, { recursive: true, force: true });
+  }
+
+  /** Removes what crashed removals of a guest's backups left (see {@link removeBackupDir}); called holding its lock. */
+  private async removeLeftovers(vmid: number): Promise<void> {
+    const dir = path.join(this.root, String(vmid));
+    for (const name of await readdir(dir).catch(() => [] as string[])) if (name.startsWith(REMOVING)) await rm(path.join(dir, name), { recursive: true, force: true });
   }
 
   /**
