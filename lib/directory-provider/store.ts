@@ -860,8 +860,8 @@ export class DirectoryStore {
     }
     if (!o.dryRun) {
       // newest first: a removed backup's children are removed before it
-      for (const e of out.filter((x) => x.mark === 'remove').sort((a, b) => b.ctime - a.ctime)) await this.removeBackupDir(e.volname);
       for (const vmid of await this.guests(o.vmid)) await this.removeLeftovers(vmid);
+      for (const e of out.filter((x) => x.mark === 'remove').sort((a, b) => b.ctime - a.ctime)) await this.removeBackupDir(e.volname);
     }
     return out;
   }
@@ -936,20 +936,19 @@ export class DirectoryStore {
       await this.assertMergeable(own, merged);
       await this.mergeInto(own, merged);
     }
-    await this.removeBackupDir(volname);
     await this.removeLeftovers(p.vmid);
+    await this.removeBackupDir(volname);
     return merged ? { merged } : {};
   }
 
   /**
    * Removes a backup's folder: renamed to `.removing-<name>` first (durably), which takes it out of
    * the listing in one step, then its files. A crash or error while they go leaves only the hidden
-   * folder, which the next prune or delete of the guest removes ({@link removeLeftovers}).
+   * folder, which the next prune or delete of the guest removes first ({@link removeLeftovers}).
    */
   private async removeBackupDir(volname: string): Promise<void> {
     const dir = this.backupDir(volname);
     const hidden = path.join(path.dirname(dir), `${REMOVING}${path.basename(dir)}`);
-    await rm(hidden, { recursive: true, force: true }); // a crashed removal of a backup of the same name
     try {
       await rename(dir, hidden);
     } catch (err) {
