@@ -200,6 +200,40 @@ describe('the storage side from a fresh provider in another process', () => {
     expect(await store.verifyBackup(b.volname)).toMatchObject({ ok: true, problems: [] });
   });
 
+  it("the job's prune while another process deletes or prunes the guest waits, then is skipped with a warning: the new backup stays (vzdump fails a guest whose prune dies)", async () => {
+    const disk = await startDisk(4 * MiB);
+    const scratch = await tempDir();
+    const root = path.join(scratch, 'store');
+    const warnings: string[] = [];
+    // full backups: no chain keeps the older ones from a prune
+    const provider = new DirectoryProvider({ ...context(root, { 'vm-backup-mode': 'full' }), log: (level, message) => void (level === 'warn' && warnings.push(message)) }, { guestLockWaitMs: 300 });
+    await disk.write(0x51, 0, MiB);
+    const first = await backup(provider, disk, scratch);
+    await disk.write(0x52, MiB, 64 * KiB);
+    const content = disk.snapshot();
+    const held = await open(path.join(root, '100', '.changing'), 'a');
+    let r: Awaited<ReturnType<typeof runBackupJob>>;
+    try {
+      expect(native.tryLockFile(held.fd)).toBe(true);
+      r = await runBackupJob({ provider, storeid: 'dir1', guests: [vmGuest(disk)], tmpdir: scratch, prune: { keepLast: 1 } });
+    } finally {
+      await held.close();
+    }
+    expect(r.guests[0]!.error).toBeUndefined();
+    expect(r.guests[0]!.status).toBe('ok');
+    const second = r.guests[0]!.volname!;
+    const store = await DirectoryStore.open(root);
+    expect((await store.listBackups(100)).map((b) => [b.volname, b.status])).toEqual([[first.volname, 'ok'], [second, 'ok']]);
+    expect(warnings.join('\n')).toMatch(/prune skipped: backups of guest 100 .* are being deleted or pruned by another process/);
+    expect(warnings.join('\n')).toMatch(/the task log was not added to backup/);
+    await expectRestores(provider, second, content, scratch);
+    // the lock released, the next job's prune removes what this one skipped
+    await disk.write(0x53, 2 * MiB, 64 * KiB);
+    const third = await runBackupJob({ provider, storeid: 'dir1', guests: [vmGuest(disk)], tmpdir: scratch, prune: { keepLast: 1 } });
+    expect(third.guests[0]!.status).toBe('ok');
+    expect((await store.listBackups(100)).map((b) => b.volname)).toEqual([third.guests[0]!.volname]);
+  });
+
   it.each([2, 1] as const)('API generation %i: backupCleanup(false) after a completed backup removes it (no longer listed) and the next backup is full', async (generation) => {
     const disk = await startDisk(4 * MiB);
     const scratch = await tempDir();

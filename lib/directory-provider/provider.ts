@@ -56,10 +56,11 @@ import { MANIFEST, MANIFEST_VERSION, PREVIOUS_INFO, backingFileOf, hashFile, has
 import { DirectoryStore, type PreviousInfo } from './store.js';
 
 /**
- * How long the task log waits for a delete or prune of the same guest's backups (which may merge
- * a large image) before the backup is left without it: a job should not stall for long on a log.
+ * How long the job's own changes of a guest's backups (adding the task log, pruning) wait for a
+ * delete or prune of them by another process (which may merge a large image) before they are
+ * skipped: a job should not stall for long on housekeeping.
  */
-const LOG_LOCK_WAIT_MS = 60_000;
+const GUEST_LOCK_WAIT_MS = 60_000;
 
 /** Progress of one disk's copy, for a progress bar. */
 export interface DeviceProgress extends CopyProgress {
@@ -77,6 +78,11 @@ export interface DirectoryProviderOptions {
   onDeviceDone?: (vmid: number, device: string, summary: CopySummary) => void;
   /** The host's state folder, where the {@link BitmapLedger} lives (default: see `defaultStateDir`). */
   stateDir?: string;
+  /**
+   * How long adding the task log and pruning wait while another process deletes or prunes the
+   * same guest's backups, before they are skipped with a warning; default 60 000 ms.
+   */
+  guestLockWaitMs?: number;
 }
 
 /** What the provider knows about a guest's backup while it runs. */
@@ -188,8 +194,18 @@ export class DirectoryProvider extends BackupProviderBase {
       if (merged) this.log.info(`merged ${volname} into ${merged}, which builds on it`);
     },
     prune: async ({ vmid, vmtype, keep, dryRun }) => {
-      const entries = await (await this.openStore()).pruneBackups({ vmid, vmtype, keep, ...(dryRun ? { dryRun } : {}) });
-      return pruneAnswer(entries, dryRun);
+      const store = await this.openStore();
+      try {
+        return pruneAnswer(await store.pruneBackups({ vmid, vmtype, keep, ...(dryRun ? { dryRun } : {}), waitMs: this.options.guestLockWaitMs ?? GUEST_LOCK_WAIT_MS }), dryRun);
+      } catch (err) {
+        if (!(err instanceof DirectoryStoreError && err.code === 'ERR_STORE_BUSY')) throw err;
+        // vzdump prunes after each guest's backup, before backup_cleanup(..., 1), and fails the
+        // guest when the prune dies: its complete new backup would be removed over housekeeping
+        // (pve-manager PVE/VZDump.pm, exec_backup_task). Skipped, nothing is lost: the next
+        // prune removes what this one would have.
+        this.log.warn(`prune skipped: ${err.message}`);
+        return pruneAnswer([], dryRun);
+      }
     },
   };
 
@@ -445,7 +461,7 @@ export class DirectoryProvider extends BackupProviderBase {
    * guest. The manifest is read back from disk, not taken from memory: between the data call and
    * now, other processes may have changed the backup (a merge when the backup it builds on was
    * deleted rewrites its manifest) or removed it (then there is nothing to add the log to); and a
-   * delete or prune running now is waited for, up to {@link LOG_LOCK_WAIT_MS}.
+   * delete or prune running now is waited for (see {@link DirectoryProviderOptions.guestLockWaitMs}).
    */
   override async backupHandleLogFile(vmid: number, filename: string): Promise<void> {
     const g = this.running.get(vmid);
@@ -460,7 +476,7 @@ export class DirectoryProvider extends BackupProviderBase {
           await storeIo(g, 'writing', log, (f) => copyFile(filename, f));
           return { ...m, files: { ...m.files, 'backup.log': await hashFile(log) } };
         },
-        { waitMs: LOG_LOCK_WAIT_MS },
+        { waitMs: this.options.guestLockWaitMs ?? GUEST_LOCK_WAIT_MS },
       );
     } catch (err) {
       // the backup itself is complete and stays as it is: only its task log is missing

@@ -828,8 +828,8 @@ export class DirectoryStore {
    *
    * @returns Every backup considered with its mark; with `dryRun` nothing is removed.
    */
-  async pruneBackups(o: { keep: PruneOptions; vmid?: number; vmtype?: GuestType; dryRun?: boolean }): Promise<PruneResultEntry[]> {
-    return o.dryRun ? this.pruneLocked(o) : this.withGuestLocks(await this.guests(o.vmid), () => this.pruneLocked(o));
+  async pruneBackups(o: { keep: PruneOptions; vmid?: number; vmtype?: GuestType; dryRun?: boolean; waitMs?: number }): Promise<PruneResultEntry[]> {
+    return o.dryRun ? this.pruneLocked(o) : this.withGuestLocks(await this.guests(o.vmid), () => this.pruneLocked(o), o.waitMs);
   }
 
   private async pruneLocked(o: { keep: PruneOptions; vmid?: number; vmtype?: GuestType; dryRun?: boolean }): Promise<PruneResultEntry[]> {
