@@ -28,6 +28,7 @@ async function perlT(provider: string, body: string): Promise<{ out: Record<stri
   const script = `
 use strict; use warnings;
 use Time::HiRes qw(time sleep);
+use POSIX ();
 use PVE::BackupProvider::Plugin::NodeBridge;
 die "not in taint mode\\n" if !\${^TAINT};
 $ENV{PATH} = '/sbin:/bin:/usr/sbin:/usr/bin';
@@ -193,6 +194,26 @@ out('log', join('|', @log));
     // the host's log lines of the interrupted call still reach the log function; the host's
     // CancelledError is the one the provider module imports (one copy of the package's classes)
     expect(r.out.log).toContain("info: backup_vm saw the cancellation (the package's CancelledError: true)");
+  });
+
+  it("ends the host when its input ends, though the provider keeps a timer: fork_worker leaves with POSIX::_exit, no DESTROY", async () => {
+    // pve-common RESTEnvironment.pm fork_worker ends every task (vzdump, qmrestore, pct restore)
+    // with POSIX::_exit: no DESTROY closes the host down, its input only ends
+    const r = await perlT('timer.mjs', `
+$| = 1;
+open(STDERR, '>', '/dev/null');    # the host's stderr: a host left behind must not hold the test's pipe
+out('name', $p->provider_name);
+out('pid', $p->host_pid);
+POSIX::_exit(0);
+`);
+    expect(r.out.name).toBe('directory');
+    const pid = Number(r.out.pid);
+    expect(pid).toBeGreaterThan(0);
+    const until = Date.now() + 5000;
+    while (!gone(pid) && Date.now() < until) await new Promise((resolve) => setTimeout(resolve, 100));
+    const left = !gone(pid);
+    if (left) process.kill(pid, 'SIGKILL');
+    expect(left, 'the host outlived its Perl side').toBe(false);
   });
 
   it('refuses a file-handle volume in backup_vm before anything crosses the pipe', async () => {

@@ -7,11 +7,19 @@ import { ProviderHost, loadProviderModule } from './host.js';
 import { CancelledError } from '../errors.js';
 
 /**
- * Serves `moduleSpec`'s provider on stdin/stdout until stdin ends. SIGTERM and SIGINT cancel
- * the running call but do not end the process: a stopped vzdump task still calls
- * `backup_cleanup` and `job_cleanup` through the same host (docs/pve-bridge-notes.md §6.3).
+ * Serves `moduleSpec`'s provider on stdin/stdout until stdin ends, then ends the process. SIGTERM
+ * and SIGINT cancel the running call but do not end the process: a stopped vzdump task still
+ * calls `backup_cleanup` and `job_cleanup` through the same host (docs/pve-bridge-notes.md §6.3).
  * Anything the provider prints with `console.log` goes to stderr (the task log), never into
  * the protocol.
+ *
+ * The end of stdin is the end: once the last call settled, the process exits even when the
+ * provider still holds timers, sockets or child processes (a token refresh, a keep-alive agent).
+ * Nobody can call it any more, and nobody may be left to end it: Proxmox VE's tasks (vzdump,
+ * qmrestore, pct restore) end with `POSIX::_exit` (pve-common `RESTEnvironment.pm`
+ * `fork_worker`), so the bridge object's DESTROY never runs; only the input ends. Child
+ * processes the provider tied to this one (`tiedToParent`: qemu-storage-daemon's FUSE export
+ * unmounts on its SIGTERM) go with it.
  */
 export async function runProviderHost(moduleSpec: string): Promise<void> {
   const output = process.stdout;
@@ -28,4 +36,7 @@ export async function runProviderHost(moduleSpec: string): Promise<void> {
     process.off('SIGTERM', onSignal);
     process.off('SIGINT', onSignal);
   }
+  // what was written reaches the pipe first (an empty write calls back after the ones before it)
+  await new Promise<void>((resolve) => output.write('', () => resolve()));
+  process.exit(0);
 }
