@@ -216,6 +216,58 @@ POSIX::_exit(0);
     expect(left, 'the host outlived its Perl side').toBe(false);
   });
 
+  it('carries text as UTF-8 both ways: PVE\'s byte strings (a config from file_get_contents) reach the provider as text, its text returns as bytes', async () => {
+    // Proxmox VE reads a guest config with file_get_contents (UTF-8 bytes, no decoding) and writes
+    // the restored one with file_set_contents (print without a layer: characters below U+0100 are
+    // written as single bytes); API parameters (notes) are Perl characters (docs/pve-bridge-notes.md §6.2)
+    const r = await perlT('scripted.mjs', `
+my $record = "$ARGV[3].record";
+my $answers = {
+    backupInit => { archiveName => '100/x' },
+    archiveGetGuestConfig => "description: caf\\x{e9}\\n",
+    archiveGetFirewallConfig => "# \\x{fc}ber \\x{20ac}\\n",
+    restoreContainerInit => { tarPath => "/mnt/b\\x{fc}ro/root.tar" },
+    providerName => "Caf\\x{e9} backup",
+};
+# storage.cfg as pmxcfs gives it: bytes
+my $s = PVE::BackupProvider::Plugin::NodeBridge->new(undef, { answers => $answers, record => $record, path => "/mnt/b\\xc3\\xbcro" }, 'dir1', sub { push @log, "$_[0]: $_[1]" },
+    provider => $mod, node => $node, cli => $cli);
+$s->backup_init(100, 'qemu', time());
+# the config as bytes, as file_get_contents gives them; the firewall config as characters, as an API parameter is
+$s->backup_vm(100, "description: caf\\xc3\\xa9\\n", { disk0 => { size => 1, 'nbd-path' => '/x', 'bitmap-mode' => 'none' } }, { 'firewall-config' => "# \\x{fc}ber\\n" });
+out('guest', unpack('H*', $s->archive_get_guest_config('backup/100/x')));
+out('firewall', unpack('H*', $s->archive_get_firewall_config('backup/100/x')));
+out('name', unpack('H*', $s->provider_name()));
+out('tar', unpack('H*', $s->restore_container_init('backup/100/x', 'dir1', {})->{'tar-path'}));
+open(my $fh, '<', $record) or die;
+my @calls = <$fh>;
+out('vm', (grep { /"backupVm"/ } @calls)[0]);
+`);
+    expect(r.stderr).not.toMatch(/Insecure|Wide character/);
+    expect(r.status).toBe(0);
+    const vm = JSON.parse(r.out.vm!) as { args: [number, string, unknown, { firewallConfig: string }]; path: string };
+    // a store path read as Latin-1 would be another folder (/mnt/bÃ¼ro), one nobody handed over
+    expect(vm.path).toBe('/mnt/büro');
+    expect(vm.args[1]).toBe('description: café\n');
+    expect(vm.args[3].firewallConfig).toBe('# über\n');
+    expect(Buffer.from(r.out.guest!, 'hex').toString('utf8')).toBe('description: café\n');
+    expect(Buffer.from(r.out.firewall!, 'hex').toString('utf8')).toBe('# über €\n');
+    expect(Buffer.from(r.out.name!, 'hex').toString('utf8')).toBe('Café backup');
+    expect(Buffer.from(r.out.tar!, 'hex').toString('utf8')).toBe('/mnt/büro/root.tar');
+  });
+
+  it("refuses an archive name with a trailing newline, which Perl's $ would have dropped from the name vzdump uses", async () => {
+    const r = await perlT('scripted.mjs', `
+my $s = PVE::BackupProvider::Plugin::NodeBridge->new(undef, { answers => { backupInit => { archiveName => "100/x\\n" } } }, 'dir1', sub { },
+    provider => $mod, node => $node, cli => $cli);
+my $res = eval { $s->backup_init(100, 'qemu', time()) };
+out('err', $@);
+out('name', $res ? $res->{'archive-name'} : undef);
+`);
+    expect(r.status).toBe(0);
+    expect(r.out.err).toMatch(/^backup provider returned an archive name with illegal characters/);
+  });
+
   it('refuses a file-handle volume in backup_vm before anything crosses the pipe', async () => {
     const r = await perlT('directory.mjs', `
 eval { $p->backup_vm(100, '', { 'drive-scsi0' => { size => 1, 'bitmap-mode' => 'none', 'file-handle' => \\*STDIN, 'next-dirty-region' => sub { () } } }, {}) };

@@ -38,11 +38,47 @@ BEGIN { eval { require PVE::BackupProvider::Plugin::Base; 1 } }
 
 use constant PROTOCOL_VERSION => 1;
 # what vzdump accepts as an archive name (pve-manager VZDump.pm exec_backup_task,
-# PVE::Storage::SAFE_CHAR_CLASS_RE)
-my $ARCHIVE_NAME_RE = qr/^((?:[a-zA-Z0-9\-\.\+\=\_]|\/|:)+)$/;
+# PVE::Storage::SAFE_CHAR_CLASS_RE); \z, not $: with $ a name ending in a newline would pass
+# and lose the newline, so vzdump's volume would not be the one the provider names
+my $ARCHIVE_NAME_RE = qr/^((?:[a-zA-Z0-9\-\.\+\=\_]|\/|:)+)\z/;
 my $SAFE_PATH = '/sbin:/bin:/usr/sbin:/usr/bin';
 
-my $JSON = JSON::PP->new->utf8->canonical->allow_nonref->allow_blessed;
+# Text crosses the pipe as UTF-8. Proxmox VE's strings are mostly bytes: a guest or firewall
+# config from file_get_contents holds UTF-8 bytes, undecoded, and what it writes back goes through
+# file_set_contents, which prints without a layer (characters below U+0100 become single bytes);
+# API parameters (notes, exclude paths) are Perl characters (pve-common PVE/File.pm). So requests
+# are encoded over bytes (character strings encoded to UTF-8 first: _bytes) and the text of
+# replies (configs, log lines, errors) is handed to Proxmox VE as UTF-8 bytes again (_utf8).
+my $JSON = JSON::PP->new->utf8->canonical->allow_nonref->allow_blessed;    # replies
+my $JSON_BYTES = JSON::PP->new->canonical->allow_nonref->allow_blessed;    # requests, over _bytes
+
+# A copy of a request's data in which every string is UTF-8 bytes, so that bytes and characters
+# both reach the host as the text they are: a character string (UTF8 flag, as JSON and the API
+# decode them) is encoded; a byte string is taken as UTF-8 when it is valid UTF-8, else as
+# Latin-1 characters (a string of characters below U+0100 may lack the flag), never replaced.
+sub _bytes {
+    my ($v) = @_;
+    my $r = ref($v);
+    return { map { (_bytes($_) => _bytes($v->{$_})) } keys %$v } if $r eq 'HASH';
+    return [ map { _bytes($_) } @$v ] if $r eq 'ARRAY';
+    return $v if $r || !defined($v) || $v !~ /[^\x00-\x7f]/;
+    my $b = $v;
+    if (!utf8::is_utf8($b)) {
+        my $check = $b;
+        return $b if utf8::decode($check);
+        utf8::upgrade($b);
+    }
+    utf8::encode($b);
+    return $b;
+}
+
+# A decoded reply's text as the UTF-8 bytes Proxmox VE prints and writes.
+sub _utf8 {
+    my ($v) = @_;
+    return $v if !defined($v) || ref($v);
+    utf8::encode($v);
+    return $v;
+}
 
 # Calls that move data have no time limit (a backup may take hours); the others must answer
 # within the setup timeout. A dead host fails every call within about a second either way.
@@ -230,7 +266,7 @@ sub _request {
     # inherited channel with its own copy of the counter. Its reply, if the child was killed
     # before reading it, must not pass for the answer to the parent's next call.
     my $id = "$$." . ++$h->{next_id};
-    $self->_write($JSON->encode({ id => $id, method => $method, params => \@params }) . "\n", $method);
+    $self->_write($JSON_BYTES->encode(_bytes({ id => $id, method => $method, params => \@params })) . "\n", $method);
     my $deadline = defined($timeout) ? time() + $timeout : undef;
 
     while (1) {
@@ -241,7 +277,7 @@ sub _request {
             die "backup provider host sent something that is not JSON: " . substr($line, 0, 80) . "\n"
                 if ref($msg) ne 'HASH';
             if (ref($msg->{log}) eq 'HASH') {
-                $self->_log($msg->{log}->{level}, $msg->{log}->{message} // '');
+                $self->_log($msg->{log}->{level}, _utf8($msg->{log}->{message} // ''));
                 next;
             }
             # a reply to a call interrupted earlier (a die from a signal handler) is dropped
@@ -251,7 +287,7 @@ sub _request {
                 my $code = ref($err) eq 'HASH' && defined($err->{code}) && $err->{code} =~ /^([A-Za-z0-9_]{1,64})$/ ? $1 : 'ERR_PROVIDER';
                 $text =~ s/\s+$//;
                 $self->{last_error_code} = $code;
-                die "$text [$code]\n";
+                die _utf8($text) . " [$code]\n";
             }
             return $msg->{result};
         }
@@ -329,29 +365,31 @@ sub DESTROY {
 
 # ---- validation and untainting of replies (docs/pve-bridge-notes.md §6.2, §7.5) ----
 
+# text for Proxmox VE to write (a config): untainted, as UTF-8 bytes
 sub _text {
     my ($v, $what) = @_;
     die "backup provider returned no $what\n" if !defined($v) || ref($v);
-    $v =~ /^(.*)$/s;
-    return $1;
+    $v =~ /^(.*)\z/s;
+    return _utf8($1);
 }
 
 sub _uint {
     my ($v, $what) = @_;
-    die "backup provider returned an invalid $what\n" if !defined($v) || ref($v) || $v !~ /^(\d+)$/;
+    die "backup provider returned an invalid $what\n" if !defined($v) || ref($v) || $v !~ /^(\d+)\z/;
     return $1 + 0;
 }
 
 sub _device {
     my ($v) = @_;
-    die "backup provider returned an invalid device name\n" if !defined($v) || $v !~ /^([a-zA-Z0-9][a-zA-Z0-9_.\-]*)$/;
+    die "backup provider returned an invalid device name\n" if !defined($v) || $v !~ /^([a-zA-Z0-9][a-zA-Z0-9_.\-]*)\z/;
     return $1;
 }
 
+# a path for Proxmox VE to open: untainted, as the UTF-8 bytes of its name
 sub _abs_path {
     my ($v, $what) = @_;
-    die "backup provider returned an invalid $what\n" if !defined($v) || ref($v) || $v !~ m!^(/[^\0]+)$!;
-    return $1;
+    die "backup provider returned an invalid $what\n" if !defined($v) || ref($v) || $v !~ m!^(/[^\0]+)\z!;
+    return _utf8($1);
 }
 
 # ---- the API (PVE::BackupProvider::Plugin::Base of pve-storage, PVE 8.4+) ----
@@ -360,8 +398,8 @@ sub _abs_path {
 sub provider_name {
     my ($self) = @_;
     my $name = $self->_call('provider_name');
-    die "backup provider returned an invalid name\n" if !defined($name) || ref($name) || $name !~ /^([^\0\n]{1,200})$/;
-    return $1;
+    die "backup provider returned an invalid name\n" if !defined($name) || ref($name) || $name !~ /^([^\0\n]{1,200})\z/;
+    return _utf8($1);
 }
 
 sub job_init {
@@ -514,8 +552,8 @@ sub restore_vm_volume_init {
     # upstream checks the path with file_size_info($path, undef, 'raw', 1) and needs a local raw
     # file or block device (qemu-server QemuServer.pm restore_external_archive): a URI or a
     # `json:` filename would only fail later, inside qemu-server
-    die "backup provider returned an invalid qemu-img-path (not an absolute path)\n" if ref($p) || $p !~ m!^(/[^\0]+)$!;
-    return { 'qemu-img-path' => $1 };
+    die "backup provider returned an invalid qemu-img-path (not an absolute path)\n" if ref($p) || $p !~ m!^(/[^\0]+)\z!;
+    return { 'qemu-img-path' => _utf8($1) };
 }
 
 sub restore_vm_volume_cleanup {

@@ -1,0 +1,27 @@
+// A provider module for the bridge tests: answers what the storage configuration scripts and
+// records what it is called with. scfg `answers`: {method: value} (a value, returned as is);
+// scfg `record`: a file that gets one JSON line per call, {method, args, path} (path: scfg's). Default export: a factory.
+import { appendFileSync } from 'node:fs';
+
+const METHODS = [
+  'providerName', 'jobInit', 'jobCleanup', 'backupInit', 'backupCleanup', 'backupGetMechanism',
+  'backupHandleLogFile', 'backupVmQueryIncremental', 'backupVm', 'backupContainerPrepare',
+  'backupContainer', 'restoreGetMechanism', 'archiveGetGuestConfig', 'archiveGetFirewallConfig',
+  'restoreVmInit', 'restoreVmCleanup', 'restoreVmVolumeInit', 'restoreVmVolumeCleanup',
+  'restoreContainerInit', 'restoreContainerCleanup',
+];
+
+export default (context) => {
+  const answers = context.scfg.answers ?? {};
+  const provider = { apiVersion: 2 };
+  for (const m of METHODS) {
+    provider[m] = async (...args) => {
+      if (context.scfg.record) {
+        const plain = args.map((a) => (a && typeof a === 'object' && 'signal' in a ? { ...a, signal: undefined } : a));
+        appendFileSync(context.scfg.record, `${JSON.stringify({ method: m, args: plain, path: context.scfg.path })}\n`);
+      }
+      return answers[m];
+    };
+  }
+  return provider;
+};
