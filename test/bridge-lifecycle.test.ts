@@ -268,6 +268,34 @@ out('name', $res ? $res->{'archive-name'} : undef);
     expect(r.out.err).toMatch(/^backup provider returned an archive name with illegal characters/);
   });
 
+  it('keeps the channel in step after a signal cut a request short: the next call is answered', async () => {
+    // the host's event loop is blocked (a provider's synchronous call outlived the setup timeout),
+    // so a large request fills the pipe; a signal (a task stop: vzdump's handlers die) ends the
+    // write half way, and the next request would be glued to the torn one; for backup_cleanup,
+    // which has no time limit, that was a hang
+    const r = await perlT('scripted.mjs', `
+my $s = PVE::BackupProvider::Plugin::NodeBridge->new(undef, { block => { jobInit => 3000 }, answers => { providerName => 'scripted', backupInit => { archiveName => '100/x' } } }, 'dir1', sub { },
+    provider => $mod, node => $node, cli => $cli, setup_timeout => 1);
+$s->backup_init(100, 'qemu', time());
+eval { $s->job_init(time()) };
+out('init-err', $@);
+eval {
+    local $SIG{ALRM} = sub { die "interrupted by signal\\n" };
+    alarm(1);
+    $s->backup_vm(100, 'x' x 4_000_000, { disk0 => { size => 1, 'nbd-path' => '/x', 'bitmap-mode' => 'none' } }, {});
+};
+alarm(0);
+out('vm-err', $@);
+sleep(2.5);    # the host's synchronous call ends; it reads what is in the pipe
+$s->{setup_timeout} = 5;
+out('name', eval { $s->provider_name() } // $@);
+`);
+    expect(r.status).toBe(0);
+    expect(r.out['init-err']).toBe('backup provider host did not answer job_init within 1 s ');
+    expect(r.out['vm-err']).toBe('interrupted by signal ');
+    expect(r.out.name).toBe('scripted');
+  });
+
   it('refuses a file-handle volume in backup_vm before anything crosses the pipe', async () => {
     const r = await perlT('directory.mjs', `
 eval { $p->backup_vm(100, '', { 'drive-scsi0' => { size => 1, 'bitmap-mode' => 'none', 'file-handle' => \\*STDIN, 'next-dirty-region' => sub { () } } }, {}) };

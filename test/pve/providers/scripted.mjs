@@ -1,5 +1,6 @@
 // A provider module for the bridge tests: answers what the storage configuration scripts and
 // records what it is called with. scfg `answers`: {method: value} (a value, returned as is);
+// scfg `block`: {method: ms}, the method blocks the whole process that long (a synchronous call);
 // scfg `record`: a file that gets one JSON line per call, {method, args, path} (path: scfg's). Default export: a factory.
 import { appendFileSync } from 'node:fs';
 
@@ -16,6 +17,8 @@ export default (context) => {
   const provider = { apiVersion: 2 };
   for (const m of METHODS) {
     provider[m] = async (...args) => {
+      const ms = context.scfg.block?.[m];
+      if (ms) Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, Number(ms));
       if (context.scfg.record) {
         const plain = args.map((a) => (a && typeof a === 'object' && 'signal' in a ? { ...a, signal: undefined } : a));
         appendFileSync(context.scfg.record, `${JSON.stringify({ method: m, args: plain, path: context.scfg.path })}\n`);

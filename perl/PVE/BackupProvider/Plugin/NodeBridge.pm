@@ -245,6 +245,11 @@ sub _write {
     my $h = $self->{host};
     # vzdump's SIGPIPE handler would abort the whole job (docs/pve-bridge-notes.md §6.3)
     local $SIG{PIPE} = 'IGNORE';
+    # A die from a signal handler (a task stop) can end a write half way when the pipe is full,
+    # here or in a forked container child sharing the pipe: every request starts a line of its own,
+    # so a torn one is one bad line the host answers with id null (dropped in _request), not the
+    # start of this request, which would never be answered. The host skips empty lines.
+    $data = "\n$data";
     my $off = 0;
     while ($off < length($data)) {
         my $n = syswrite($h->{in}, $data, length($data) - $off, $off);
