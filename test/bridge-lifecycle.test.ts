@@ -256,16 +256,17 @@ out('vm', (grep { /"backupVm"/ } @calls)[0]);
     expect(Buffer.from(r.out.tar!, 'hex').toString('utf8')).toBe('/mnt/büro/root.tar');
   });
 
-  it("refuses an archive name with a trailing newline, which Perl's $ would have dropped from the name vzdump uses", async () => {
-    const r = await perlT('scripted.mjs', `
-my $s = PVE::BackupProvider::Plugin::NodeBridge->new(undef, { answers => { backupInit => { archiveName => "100/x\\n" } } }, 'dir1', sub { },
+  it("refuses an archive name with a trailing newline (Perl's $ would have dropped it from the name vzdump uses) or a '.', '..' or empty segment", async () => {
+    const names = ['100/x\\n', '100/../../x', '100/./x', '/100/x', '100//x'];
+    const r = await perlT('scripted.mjs', names.map((n, i) => `
+my $s${i} = PVE::BackupProvider::Plugin::NodeBridge->new(undef, { answers => { backupInit => { archiveName => "${n}" } } }, 'dir1', sub { },
     provider => $mod, node => $node, cli => $cli);
-my $res = eval { $s->backup_init(100, 'qemu', time()) };
-out('err', $@);
-out('name', $res ? $res->{'archive-name'} : undef);
-`);
+my $res${i} = eval { $s${i}->backup_init(100, 'qemu', time()) };
+out('err${i}', $@ || $res${i}->{'archive-name'});
+`).join(''));
     expect(r.status).toBe(0);
-    expect(r.out.err).toMatch(/^backup provider returned an archive name with illegal characters/);
+    expect(r.out.err0).toMatch(/^backup provider returned an archive name with illegal characters/);
+    for (const i of [1, 2, 3, 4]) expect(r.out[`err${i}`]).toMatch(/^backup provider returned an archive name with a '.', '..' or empty path segment/);
   });
 
   it('keeps the channel in step after a signal cut a request short: the next call is answered', async () => {

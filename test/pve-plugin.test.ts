@@ -276,7 +276,9 @@ describe('the generated storage plugin under perl -T (jsonstore fixture)', () =>
     const perl5 = await generate('jsonstore', JSONSTORE);
     const f = await fixture();
     const names = ['backup/guest=101/2026-11-01T10:00:00Z', 'backup/guest=7/a+b.c_d-e', 'backup/other:1/x'];
-    const bad = ['backup/', 'backup/a b', 'images/guest=1/x', 'backup/guest=1/x\n', 'guest=1/x', 'backup/a;b'];
+    // a '.', '..' or empty segment: a provider may make paths of names, and Proxmox VE passes a
+    // user's name here with only VM.Backup on the vmid it yields checked (check_volume_access)
+    const bad = ['backup/', 'backup/a b', 'images/guest=1/x', 'backup/guest=1/x\n', 'guest=1/x', 'backup/a;b', 'backup/guest=101/../../../etc/passwd', 'backup/guest=101/./x', 'backup//etc/passwd', 'backup/guest=101/x/', 'backup/..'];
     const d = drive({ perl5, type: 'jsonstore', scfg: f.scfg, settings: f.settings, ops: [...names, ...bad].map((volname) => ({ op: 'parse', volname })) });
     expect(d.ops.slice(0, 3).map((o) => o.result)).toEqual([
       ['backup', 'guest=101/2026-11-01T10:00:00Z', '101', null, null, null, 'backup-provider'],
@@ -634,6 +636,7 @@ describe('the host\'s storage calls (lib/bridge/storage-calls.ts) on in-memory s
     ]);
     expect((await h.call('list_volumes', null, ['iso'])).result).toEqual([]);
     expect((await h.call('get_volume_attribute', '../etc/passwd', 'notes')).error).toMatchObject({ code: 'ERR_BRIDGE' });
+    expect((await h.call('get_volume_attribute', 'backup/100/../../etc', 'notes')).error).toMatchObject({ code: 'ERR_BRIDGE', message: expect.stringContaining('not a backup volume name') });
     expect((await h.call('get_volume_attribute', 'backup/100/a', 'size')).result).toBeNull();
     listed.push({ volname: 'not-a-backup', vmid: 1, vmtype: 'qemu', ctime: 1, size: 1 });
     expect((await h.call('list_volumes', null, ['backup'])).error).toMatchObject({ code: 'ERR_BRIDGE', message: expect.stringContaining('without a volume name backup/<archive-name>') });

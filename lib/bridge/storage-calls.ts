@@ -74,6 +74,15 @@ export const BACKUP_VOLUME_FORMAT = 'backup-provider';
 /** The volname pattern vzdump builds (`backup/<archive-name>`, pve-manager `VZDump.pm` L1218-1224). */
 const VOLNAME_RE = /^backup\/(?:[a-zA-Z0-9\-.+=_]|\/|:)+$/;
 
+/**
+ * A volume name as the generated plugin's `parse_volname` accepts it: {@link VOLNAME_RE}, and no
+ * `.`, `..` or empty segment (a provider may make paths of names; Proxmox VE hands a user's name
+ * over with only VM.Backup on its vmid checked, pve-storage `Storage.pm` `check_volume_access`).
+ */
+function isVolname(v: unknown): v is string {
+  return typeof v === 'string' && VOLNAME_RE.test(v) && !v.slice('backup/'.length).split('/').some((s) => s === '' || s === '.' || s === '..');
+}
+
 /** Perl's `keep-last`... hash to {@link PruneOptions}. */
 const KEEP_KEYS: Record<string, keyof PruneOptions> = {
   'keep-all': 'keepAll',
@@ -86,7 +95,7 @@ const KEEP_KEYS: Record<string, keyof PruneOptions> = {
 };
 
 function volnameArg(v: unknown, method: string): string {
-  if (typeof v !== 'string' || !VOLNAME_RE.test(v)) throw new BridgeError(`${method}: not a backup volume name: ${JSON.stringify(v)}`, { method });
+  if (!isVolname(v)) throw new BridgeError(`${method}: not a backup volume name: ${JSON.stringify(v)}`, { method });
   return v;
 }
 
@@ -135,7 +144,7 @@ function hook<K extends keyof NonNullable<BackupProviderV2['storage']>>(pr: Back
 }
 
 function checkBackup(b: StoredBackup, method: string): StoredBackup {
-  if (!b || typeof b !== 'object' || typeof b.volname !== 'string' || !VOLNAME_RE.test(b.volname)) {
+  if (!b || typeof b !== 'object' || !isVolname(b.volname)) {
     throw new BridgeError(`${method}: the provider listed a backup without a volume name backup/<archive-name>: ${JSON.stringify(b)}`, { method });
   }
   if (!Number.isInteger(b.vmid) || (b.vmtype !== 'qemu' && b.vmtype !== 'lxc') || !Number.isFinite(b.ctime) || !Number.isFinite(b.size)) {

@@ -425,7 +425,13 @@ sub backup_init {
     die "backup provider returned no archive name\n" if ref($r) ne 'HASH' || !defined($r->{'archive-name'});
     my $name = $r->{'archive-name'};
     die "backup provider returned an archive name with illegal characters: '$name'\n" if $name !~ $ARCHIVE_NAME_RE;
-    return { 'archive-name' => $1 };
+    $name = $1;
+    # the generated storage plugin's parse_volname refuses these (a user's volume name must not
+    # climb out of a provider's paths): a backup named so could not be annotated, protected or
+    # pruned by vzdump afterwards
+    die "backup provider returned an archive name with a '.', '..' or empty path segment: '$name'\n"
+        if grep { $_ eq '' || $_ eq '.' || $_ eq '..' } split(m!/!, $name, -1);
+    return { 'archive-name' => $name };
 }
 
 sub backup_cleanup {
