@@ -160,6 +160,20 @@ out('elapsed', time() - $t);
     expect(Number(r.out.elapsed)).toBeLessThan(4);
   });
 
+  it('gives restore_vm_init no time limit, as the other restore inits: a provider may check the whole backup there', async () => {
+    // the DirectoryProvider hashes every image of a backup recorded by SHA-256 (manifest version
+    // 1) in restoreVmInit, minutes for a large disk; qemu-server waits as long as it takes
+    const r = await perlT('scripted.mjs', `
+my $s = PVE::BackupProvider::Plugin::NodeBridge->new(undef, { delay => { restoreVmInit => 3000 }, answers => { restoreVmInit => { disk0 => { size => 4096 } } } }, 'dir1', sub { },
+    provider => $mod, node => $node, cli => $cli, setup_timeout => 1);
+my $r = eval { $s->restore_vm_init('backup/100/x') };
+out('err', $@);
+out('size', $r ? $r->{disk0}->{size} : undef);
+`);
+    expect(r.status).toBe(0);
+    expect(r.out).toMatchObject({ err: '', size: '4096' });
+  });
+
   it('fails within seconds when the host cannot start (a module that does not load)', async () => {
     const r = await perlT('/nonexistent/provider.mjs', `
 my $t = time();

@@ -1,6 +1,7 @@
 // A provider module for the bridge tests: answers what the storage configuration scripts and
 // records what it is called with. scfg `answers`: {method: value} (a value, returned as is);
 // scfg `block`: {method: ms}, the method blocks the whole process that long (a synchronous call);
+// scfg `delay`: {method: ms}, the method answers that much later (a slow store);
 // scfg `record`: a file that gets one JSON line per call, {method, args, path} (path: scfg's). Default export: a factory.
 import { appendFileSync } from 'node:fs';
 
@@ -19,6 +20,8 @@ export default (context) => {
     provider[m] = async (...args) => {
       const ms = context.scfg.block?.[m];
       if (ms) Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, Number(ms));
+      const later = context.scfg.delay?.[m];
+      if (later) await new Promise((resolve) => setTimeout(resolve, Number(later)));
       if (context.scfg.record) {
         const plain = args.map((a) => (a && typeof a === 'object' && 'signal' in a ? { ...a, signal: undefined } : a));
         appendFileSync(context.scfg.record, `${JSON.stringify({ method: m, args: plain, path: context.scfg.path })}\n`);

@@ -80,11 +80,13 @@ sub _utf8 {
     return $v;
 }
 
-# Calls that move data have no time limit (a backup may take hours); the others must answer
-# within the setup timeout. A dead host fails every call within about a second either way.
+# Calls that move or check data have no time limit (a backup may take hours; a provider may check
+# a whole backup before a restore writes anything, as the DirectoryProvider does in
+# restore_vm_init for images recorded by SHA-256); the others must answer within the setup
+# timeout. A dead host fails every call within about a second either way.
 my %NO_TIMEOUT = map { $_ => 1 } qw(
     backup_vm backup_container backup_container_prepare backup_cleanup
-    restore_vm_volume_init restore_container_init
+    restore_vm_init restore_vm_volume_init restore_container_init
 );
 
 # new($class, $storage_plugin, $scfg, $storeid, $log_function, %options), the constructor
