@@ -160,6 +160,22 @@ out('elapsed', time() - $t);
     expect(Number(r.out.elapsed)).toBeLessThan(4);
   });
 
+  it('keeps a log line cut in the middle of a surrogate pair from failing the call it belongs to', async () => {
+    // message.slice(0, n) in a provider can keep half of a character outside the BMP; JSON.stringify
+    // writes it as a lone \\ud83d escape, which JSON::PP refuses: the running call (backup_vm) died
+    const r = await perlT('scripted.mjs', `
+my $s = PVE::BackupProvider::Plugin::NodeBridge->new(undef, { logs => { backupInit => ['info', "archive \\x{1F418} ready", 9] }, answers => { backupInit => { archiveName => '100/x' } } }, 'dir1', sub { push @log, "$_[0]: $_[1]" },
+    provider => $mod, node => $node, cli => $cli);
+my $res = eval { $s->backup_init(100, 'qemu', time()) };
+out('err', $@);
+out('name', $res ? $res->{'archive-name'} : undef);
+out('log', unpack('H*', join('|', @log)));
+`);
+    expect(r.status).toBe(0);
+    expect(r.out).toMatchObject({ err: '', name: '100/x' });
+    expect(Buffer.from(r.out.log!, 'hex').toString('utf8')).toBe('info: archive \uFFFD');
+  });
+
   it('gives restore_vm_init no time limit, as the other restore inits: a provider may check the whole backup there', async () => {
     // the DirectoryProvider hashes every image of a backup recorded by SHA-256 (manifest version
     // 1) in restoreVmInit, minutes for a large disk; qemu-server waits as long as it takes

@@ -205,7 +205,7 @@ export class ProviderHost {
   }
 
   private send(message: Record<string, Json>): void {
-    this.opts.output.write(`${JSON.stringify(message)}\n`);
+    this.opts.output.write(`${JSON.stringify(message, wellFormed)}\n`);
   }
 
   private log = (level: LogLevel, message: string): void => {
@@ -431,6 +431,19 @@ export class ProviderHost {
     if (name === undefined) throw new BridgeError(`${method}: no backup_init for VM ${vmid} in this job`, { method });
     return name;
   }
+}
+
+/** Half of a surrogate pair, alone (code units, no `u` flag). */
+const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/g;
+
+/**
+ * `JSON.stringify` replacer: strings with a lone surrogate get U+FFFD in its place. JSON.stringify
+ * writes a lone surrogate as a `\ud83d` escape, which the Perl side's JSON::PP refuses, failing
+ * the running call: a provider's `message.slice(0, n)` that cuts a character outside the BMP in
+ * half would have failed a backup over a log line.
+ */
+function wellFormed(_key: string, value: unknown): unknown {
+  return typeof value === 'string' ? value.replace(LONE_SURROGATE, '\uFFFD') : value;
 }
 
 /** An error as the protocol carries it: message and a stable code (`ERR_PROVIDER` for a plain Error). */

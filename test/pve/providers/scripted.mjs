@@ -2,6 +2,8 @@
 // records what it is called with. scfg `answers`: {method: value} (a value, returned as is);
 // scfg `block`: {method: ms}, the method blocks the whole process that long (a synchronous call);
 // scfg `delay`: {method: ms}, the method answers that much later (a slow store);
+// scfg `logs`: {method: [level, message, cut]}, the method logs the message cut after `cut` UTF-16
+// code units first, as `message.slice(0, cut)` in a provider would (possibly half a surrogate pair);
 // scfg `record`: a file that gets one JSON line per call, {method, args, path} (path: scfg's). Default export: a factory.
 import { appendFileSync } from 'node:fs';
 
@@ -20,6 +22,8 @@ export default (context) => {
     provider[m] = async (...args) => {
       const ms = context.scfg.block?.[m];
       if (ms) Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, Number(ms));
+      const line = context.scfg.logs?.[m];
+      if (line) context.log(line[0], line[1].slice(0, Number(line[2] ?? line[1].length)));
       const later = context.scfg.delay?.[m];
       if (later) await new Promise((resolve) => setTimeout(resolve, Number(later)));
       if (context.scfg.record) {
