@@ -176,6 +176,20 @@ out('log', unpack('H*', join('|', @log)));
     expect(Buffer.from(r.out.log!, 'hex').toString('utf8')).toBe('info: archive \uFFFD');
   });
 
+  it("sends what a provider writes to stdout itself (process.stdout.write, console.dir) to the task log, not into the protocol", async () => {
+    const r = await perlT('scripted.mjs', `
+my $s = PVE::BackupProvider::Plugin::NodeBridge->new(undef, { stdout => { backupInit => "copied 50%\\r" }, answers => { backupInit => { archiveName => '100/x' }, providerName => 'scripted' } }, 'dir1', sub { },
+    provider => $mod, node => $node, cli => $cli);
+my $res = eval { $s->backup_init(100, 'qemu', time()) };
+out('err', $@);
+out('name', eval { $s->provider_name() } // $@);
+`);
+    expect(r.status).toBe(0);
+    expect(r.out).toMatchObject({ err: '', name: 'scripted' });
+    expect(r.stderr).toContain('copied 50%');
+    expect(r.stderr).toContain("method: 'backupInit'");
+  });
+
   it('gives restore_vm_init no time limit, as the other restore inits: a provider may check the whole backup there', async () => {
     // the DirectoryProvider hashes every image of a backup recorded by SHA-256 (manifest version
     // 1) in restoreVmInit, minutes for a large disk; qemu-server waits as long as it takes

@@ -3,6 +3,9 @@
  *
  * @packageDocumentation
  */
+import { Console } from 'node:console';
+import { Writable } from 'node:stream';
+
 import { ProviderHost, loadProviderModule } from './host.js';
 import { CancelledError } from '../errors.js';
 
@@ -22,9 +25,14 @@ import { CancelledError } from '../errors.js';
  * unmounts on its SIGTERM) go with it.
  */
 export async function runProviderHost(moduleSpec: string): Promise<void> {
-  const output = process.stdout;
-  // the protocol owns stdout: console output of the provider goes to the task log instead
-  for (const k of ['log', 'info', 'debug', 'trace'] as const) console[k] = console.error;
+  // The protocol owns stdout: whatever else writes there (console.log or console.dir,
+  // process.stdout.write of a progress line) goes to stderr, the task log, instead; a stray line
+  // in the protocol would fail the call running then. Only the protocol keeps stdout's own write.
+  const stdout = process.stdout;
+  const protocolWrite = stdout.write.bind(stdout) as (chunk: Buffer | string, callback: (err?: Error | null) => void) => boolean;
+  const output = new Writable({ write: (chunk: Buffer, _encoding, callback) => void protocolWrite(chunk, callback) });
+  stdout.write = process.stderr.write.bind(process.stderr) as typeof stdout.write;
+  globalThis.console = new Console({ stdout: process.stderr, stderr: process.stderr });
   const factory = await loadProviderModule(moduleSpec);
   const host = new ProviderHost({ factory, input: process.stdin, output });
   const onSignal = (sig: NodeJS.Signals): void => host.cancel(new CancelledError(`cancelled by ${sig}`));
@@ -37,6 +45,7 @@ export async function runProviderHost(moduleSpec: string): Promise<void> {
     process.off('SIGINT', onSignal);
   }
   // what was written reaches the pipe first (an empty write calls back after the ones before it)
-  await new Promise<void>((resolve) => output.write('', () => resolve()));
+  await new Promise<void>((resolve) => output.end(() => resolve()));
+  await new Promise<void>((resolve) => protocolWrite('', () => resolve()));
   process.exit(0);
 }

@@ -4,6 +4,8 @@
 // scfg `delay`: {method: ms}, the method answers that much later (a slow store);
 // scfg `logs`: {method: [level, message, cut]}, the method logs the message cut after `cut` UTF-16
 // code units first, as `message.slice(0, cut)` in a provider would (possibly half a surrogate pair);
+// scfg `stdout`: {method: text}, the method writes the text with process.stdout.write and dumps an
+// object with console.dir (a progress line, a debugging aid);
 // scfg `record`: a file that gets one JSON line per call, {method, args, path} (path: scfg's). Default export: a factory.
 import { appendFileSync } from 'node:fs';
 
@@ -24,6 +26,11 @@ export default (context) => {
       if (ms) Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, Number(ms));
       const line = context.scfg.logs?.[m];
       if (line) context.log(line[0], line[1].slice(0, Number(line[2] ?? line[1].length)));
+      const text = context.scfg.stdout?.[m];
+      if (text) {
+        process.stdout.write(text);
+        console.dir({ method: m });
+      }
       const later = context.scfg.delay?.[m];
       if (later) await new Promise((resolve) => setTimeout(resolve, Number(later)));
       if (context.scfg.record) {
