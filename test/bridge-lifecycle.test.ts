@@ -260,6 +260,26 @@ POSIX::_exit(0);
     expect(left, 'the host outlived its Perl side').toBe(false);
   });
 
+  it('ends the host a few seconds after its input ended even when a call never settles (a hung provider)', async () => {
+    const r = await perlT('scripted.mjs', `
+$| = 1;
+open(STDERR, '>', '/dev/null');    # the host's stderr: a host left behind must not hold the test's pipe
+my $s = PVE::BackupProvider::Plugin::NodeBridge->new(undef, { delay => { jobInit => 120000 } }, 'dir1', sub { },
+    provider => $mod, node => $node, cli => $cli, setup_timeout => 1);
+eval { $s->job_init(time()) };
+out('err', $@);
+out('pid', $s->host_pid);
+POSIX::_exit(0);
+`);
+    expect(r.out.err).toBe('backup provider host did not answer job_init within 1 s ');
+    const pid = Number(r.out.pid);
+    const until = Date.now() + 10_000;
+    while (!gone(pid) && Date.now() < until) await new Promise((resolve) => setTimeout(resolve, 100));
+    const left = !gone(pid);
+    if (left) process.kill(pid, 'SIGKILL');
+    expect(left, 'the host outlived its Perl side').toBe(false);
+  });
+
   it('carries text as UTF-8 both ways: PVE\'s byte strings (a config from file_get_contents) reach the provider as text, its text returns as bytes', async () => {
     // Proxmox VE reads a guest config with file_get_contents (UTF-8 bytes, no decoding) and writes
     // the restored one with file_set_contents (print without a layer: characters below U+0100 are

@@ -9,15 +9,19 @@ import { Writable } from 'node:stream';
 import { ProviderHost, loadProviderModule } from './host.js';
 import { CancelledError } from '../errors.js';
 
+/** How long a call may go on after the host's input ended (see {@link runProviderHost}). */
+const HUNG_CALL_GRACE_MS = 5000;
+
 /**
  * Serves `moduleSpec`'s provider on stdin/stdout until stdin ends, then ends the process. SIGTERM
  * and SIGINT cancel the running call but do not end the process: a stopped vzdump task still
  * calls `backup_cleanup` and `job_cleanup` through the same host (docs/pve-bridge-notes.md §6.3).
- * Anything the provider prints with `console.log` goes to stderr (the task log), never into
- * the protocol.
+ * Anything the provider writes to stdout itself (`console.log`, `console.dir`,
+ * `process.stdout.write`) goes to stderr (the task log), never into the protocol.
  *
- * The end of stdin is the end: once the last call settled, the process exits even when the
- * provider still holds timers, sockets or child processes (a token refresh, a keep-alive agent).
+ * The end of stdin is the end: once the last call settled (or, cancelled, failed to settle
+ * within {@link HUNG_CALL_GRACE_MS}), the process exits even when the provider still holds
+ * timers, sockets or child processes (a token refresh, a keep-alive agent).
  * Nobody can call it any more, and nobody may be left to end it: Proxmox VE's tasks (vzdump,
  * qmrestore, pct restore) end with `POSIX::_exit` (pve-common `RESTEnvironment.pm`
  * `fork_worker`), so the bridge object's DESTROY never runs; only the input ends. Child
@@ -38,8 +42,12 @@ export async function runProviderHost(moduleSpec: string): Promise<void> {
   const onSignal = (sig: NodeJS.Signals): void => host.cancel(new CancelledError(`cancelled by ${sig}`));
   process.on('SIGTERM', onSignal);
   process.on('SIGINT', onSignal);
+  // the input's end cancels the running call; one that does not settle (a hung provider) gets
+  // as long as Proxmox VE gives a stopped task before SIGKILL (pve-common RESTEnvironment.pm
+  // kill_process_group: TERM, 5 s, KILL), then the process ends without it
+  const inputEnded = new Promise<void>((resolve) => process.stdin.once('end', () => resolve()));
   try {
-    await host.serve();
+    await Promise.race([host.serve(), inputEnded.then(() => new Promise((resolve) => setTimeout(resolve, HUNG_CALL_GRACE_MS)))]);
   } finally {
     process.off('SIGTERM', onSignal);
     process.off('SIGINT', onSignal);
