@@ -485,7 +485,7 @@ describe('the generated storage plugin under perl -T (jsonstore fixture)', () =>
         { op: 'free', volname: 'backup/bad name' },
       ],
     });
-    expect(d.ops[0]!.result).toBe(1);
+    expect(d.ops[0]!.result).toBe('worker');
     expect(d.ops[1]!.error).toBe('backup/guest=101/2026-11-01T10:00:00Z is protected [ERR_BACKUP_PROTECTED]\n');
     expect(d.ops[2]!.error).toMatch(/^unable to parse backup volume name/);
     expect((await f.read()).backups.map((b) => b.volname)).toEqual([
@@ -493,6 +493,18 @@ describe('the generated storage plugin under perl -T (jsonstore fixture)', () =>
       'backup/guest=101/2026-11-03T10:00:00Z',
       'backup/guest=102/2026-11-02T10:00:00Z',
     ]);
+  });
+
+  it('free_image deletes in a worker of its own, with no time bound: a delete may take longer than a storage call may', async () => {
+    // the DirectoryProvider merges a backup others build on into its child first, minutes for a
+    // large disk; vdisk_free runs a code ref free_image returns as a worker task (pve-storage
+    // Storage.pm vdisk_free), outside the storage lock cfs_lock_storage bounds to 60 s
+    const perl5 = await generate('jsonstore', JSONSTORE);
+    const f = await fixture({ slow: { removeBackup: 2500 } });
+    const d = drive({ perl5, type: 'jsonstore', scfg: f.scfg, settings: { ...f.settings, CALL_TIMEOUT: 1 }, ops: [{ op: 'free', volname: 'backup/guest=101/2026-11-02T10:00:00Z' }] });
+    expect(d.ops[0]!.error).toBeUndefined();
+    expect(d.ops[0]!.result).toBe('worker');
+    expect((await f.read()).backups.map((b) => b.volname)).not.toContain('backup/guest=101/2026-11-02T10:00:00Z');
   });
 
   it('a hook that throws makes the Perl call die with its message and code; a missing hook names itself', async () => {

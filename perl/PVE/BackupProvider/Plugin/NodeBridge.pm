@@ -594,16 +594,17 @@ sub restore_container_cleanup {
 # (status every 10 s), pvedaemon (every listing of the GUI) and pvesm (docs/pve-bridge-notes.md
 # §1.4, §7.10). Each such call builds a bridge, starts a host, makes the one call and ends the
 # host, everything within $timeout seconds (plus a short kill), so a hung provider never holds its
-# caller longer than that. Returns the reply as the host sent it (tainted: the caller validates).
+# caller longer than that; $timeout 0 sets no bound on the call (a worker task of its own, as
+# free_image's). Returns the reply as the host sent it (tainted: the caller validates).
 sub storage_call {
     my ($self, $method, $timeout, @params) = @_;
-    my $deadline = time() + $timeout;
-    local $self->{setup_timeout} = $timeout;
+    my $deadline = $timeout ? time() + $timeout : undef;
+    local $self->{setup_timeout} = $timeout || $self->{setup_timeout};
     local $self->{shutdown_grace} = 0.5;
     my $res = eval {
         $self->_start_host() if !$self->{host};
-        my $left = $deadline - time();
-        die "backup provider host did not answer $method within $timeout s\n" if $left <= 0;
+        my $left = defined($deadline) ? $deadline - time() : undef;
+        die "backup provider host did not answer $method within $timeout s\n" if defined($left) && $left <= 0;
         $self->_request($method, $left, @params);
     };
     my $err = $@;
