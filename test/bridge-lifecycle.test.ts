@@ -190,6 +190,27 @@ out('name', eval { $s->provider_name() } // $@);
     expect(r.stderr).toContain("method: 'backupInit'");
   });
 
+  it("lets a task stop's die through backup_handle_log_file, which swallows only the provider's failures", async () => {
+    // vzdump calls it outside any eval (pve-manager VZDump.pm exec_backup_task), so a provider's
+    // failure must not die; a signal handler's die must: it is how a stopped job stops
+    const r = await perlT('scripted.mjs', `
+my $s = PVE::BackupProvider::Plugin::NodeBridge->new(undef, { delay => { backupHandleLogFile => 3000 } }, 'dir1', sub { push @log, "$_[0]: $_[1]" },
+    provider => $mod, node => $node, cli => $cli);
+$s->job_init(time());
+eval {
+    local $SIG{ALRM} = sub { die "interrupted by signal\\n" };    # vzdump's handlers die like this
+    alarm(1);
+    $s->backup_handle_log_file(100, '/tmp/task.log');
+};
+alarm(0);
+out('err', $@);
+out('log', join('|', @log));
+`);
+    expect(r.status).toBe(0);
+    expect(r.out.err).toBe('interrupted by signal ');
+    expect(r.out.log).toBe('');
+  });
+
   it('gives restore_vm_init no time limit, as the other restore inits: a provider may check the whole backup there', async () => {
     // the DirectoryProvider hashes every image of a backup recorded by SHA-256 (manifest version
     // 1) in restoreVmInit, minutes for a large disk; qemu-server waits as long as it takes

@@ -458,9 +458,15 @@ sub backup_get_mechanism {
 
 sub backup_handle_log_file {
     my ($self, $vmid, $filename) = @_;
-    # vzdump calls this outside any eval: a die would abort the whole job (§3.3 step 7)
+    # vzdump calls this outside any eval: a die would abort the whole job (§3.3 step 7); the
+    # provider's failure only warns. A signal handler's die (a task stop or Ctrl-C: qemu-server's
+    # "interrupted by signal", fork_worker's "received interrupt") goes on: stopping the job is
+    # what it is for.
     eval { $self->_call('backup_handle_log_file', $vmid, $filename) };
-    $self->_log('warn', "backup provider failed to handle the log file - $@") if $@;
+    if (my $err = $@) {
+        die $err if $err =~ /^(?:interrupted by signal|received interrupt)\n\z/;
+        $self->_log('warn', "backup provider failed to handle the log file - $err");
+    }
     return;
 }
 
