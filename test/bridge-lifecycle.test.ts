@@ -211,6 +211,23 @@ out('log', join('|', @log));
     expect(r.out.log).toBe('');
   });
 
+  it("lets a task stop's die out of the log function (a slow task log) end the call, instead of swallowing it", async () => {
+    const r = await perlT('scripted.mjs', `
+my $s = PVE::BackupProvider::Plugin::NodeBridge->new(undef, { logs => { backupInit => ['info', 'starting'] }, delay => { backupInit => 2000 }, answers => { backupInit => { archiveName => '100/x' } } }, 'dir1', sub { sleep(3) },
+    provider => $mod, node => $node, cli => $cli);
+$s->job_init(time());
+my $res = eval {
+    local $SIG{ALRM} = sub { die "interrupted by signal\\n" };    # vzdump's handlers die like this
+    alarm(1);
+    $s->backup_init(100, 'qemu', time());
+};
+alarm(0);
+out('err', $@);
+`);
+    expect(r.status).toBe(0);
+    expect(r.out.err).toBe('interrupted by signal ');
+  });
+
   it('gives restore_vm_init no time limit, as the other restore inits: a provider may check the whole backup there', async () => {
     // the DirectoryProvider hashes every image of a backup recorded by SHA-256 (manifest version
     // 1) in restoreVmInit, minutes for a large disk; qemu-server waits as long as it takes

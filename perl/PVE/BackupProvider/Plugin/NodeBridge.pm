@@ -143,11 +143,20 @@ sub _untaint_arg {
     return $1;
 }
 
+# Whether an error is a signal handler's die: a task stop or Ctrl-C (qemu-server's and vzdump's
+# "interrupted by signal", fork_worker's "received interrupt"). Such a die must reach Proxmox VE
+# wherever it strikes: stopping the job is what it is for (VZDump.pm exec_backup_task rethrows it).
+sub _interrupt {
+    my ($err) = @_;
+    return defined($err) && $err =~ /^(?:interrupted by signal|received interrupt)\n\z/;
+}
+
 sub _log {
     my ($self, $level, $message) = @_;
     my $fn = $self->{log_function} or return;
     $level = 'err' if !defined($level) || $level !~ /^(info|warn|err)$/;
     eval { $fn->($level, $message) };    # a broken log function must not break the call
+    die $@ if _interrupt($@);            # but a task stop striking while it writes must
 }
 
 # ---- the host process ----
@@ -464,7 +473,7 @@ sub backup_handle_log_file {
     # what it is for.
     eval { $self->_call('backup_handle_log_file', $vmid, $filename) };
     if (my $err = $@) {
-        die $err if $err =~ /^(?:interrupted by signal|received interrupt)\n\z/;
+        die $err if _interrupt($err);
         $self->_log('warn', "backup provider failed to handle the log file - $err");
     }
     return;
