@@ -228,6 +228,25 @@ out('err', $@);
     expect(r.out.err).toBe('interrupted by signal ');
   });
 
+  it("does not fail a backup over its statistics: backup_cleanup's archive size is rounded down, or left out with a warning", async () => {
+    // vzdump only shows the size (VZDump.pm exec_backup_task: $task->{size}); a die in
+    // backup_cleanup(..., 1) fails the guest, and the provider then removes a complete backup
+    const cases = [1234.9, -5, 'big', null];
+    const r = await perlT('scripted.mjs', cases.map((size, i) => `
+my $s${i} = PVE::BackupProvider::Plugin::NodeBridge->new(undef, { answers => { backupCleanup => { stats => { archiveSize => ${JSON.stringify(size).replace('null', 'undef')} } } } }, 'dir1', sub { push @log, "$_[0]: $_[1]" },
+    provider => $mod, node => $node, cli => $cli);
+my $r${i} = eval { $s${i}->backup_cleanup(100, 'qemu', 1, {}) };
+out('err${i}', $@);
+out('size${i}', $r${i} && $r${i}->{stats} ? $r${i}->{stats}->{'archive-size'} : 'none');
+`).join('') + `
+out('log', join('|', @log));
+`);
+    expect(r.status).toBe(0);
+    expect(r.out).toMatchObject({ err0: '', size0: '1234', err1: '', size1: 'none', err2: '', size2: 'none', err3: '', size3: 'none' });
+    expect(r.out.log).toMatch(/warn: .*archive size -5/);
+    expect(r.out.log).toMatch(/warn: .*archive size "big"/);
+  });
+
   it('gives restore_vm_init no time limit, as the other restore inits: a provider may check the whole backup there', async () => {
     // the DirectoryProvider hashes every image of a backup recorded by SHA-256 (manifest version
     // 1) in restoreVmInit, minutes for a large disk; qemu-server waits as long as it takes

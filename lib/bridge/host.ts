@@ -294,8 +294,15 @@ export class ProviderHost {
         const info = hash(p[3], 'info', method);
         const error = optStr(info.error, 'info error', method);
         const r = await pr.backupCleanup(num(p[0], 'vmid', method), guestType(p[1], method), perlTrue(p[2]), error !== undefined ? { error } : {});
-        const size = r ? r.stats?.archiveSize : undefined;
-        return size !== undefined ? { stats: { 'archive-size': size } } : {};
+        const size: unknown = r ? r.stats?.archiveSize : undefined;
+        if (size === undefined || size === null) return {};
+        // vzdump only shows the size (pve-manager VZDump.pm exec_backup_task); a size Perl refuses
+        // would fail backup_cleanup(..., 1), the guest, and so remove a complete backup
+        if (typeof size !== 'number' || !Number.isFinite(size) || size < 0 || size > Number.MAX_SAFE_INTEGER) {
+          this.log('warn', `${method}: the provider reported an invalid archive size ${JSON.stringify(size)}; left out`);
+          return {};
+        }
+        return { stats: { 'archive-size': Math.floor(size) } };
       }
       case 'backup_get_mechanism': {
         const r = await pr.backupGetMechanism(num(p[0], 'vmid', method), guestType(p[1], method));
