@@ -270,6 +270,22 @@ POSIX::_exit(0);    # gone without a word, as a killed worker
     expect(run.exitCode).toBe(0);
   });
 
+  it.each(['SIGHUP', 'SIGQUIT'] as const)('takes %s as a task stop too: the running call is cancelled, the cleanup calls served', async (signal) => {
+    // qemu-server's archive_external dies "interrupted by signal" on INT, TERM, QUIT, HUP and
+    // PIPE; a terminal hangup sends HUP to a CLI vzdump's process group, the host included
+    const q = await startStorageDaemon({ size: 8 * MiB });
+    const dir = await tempDir();
+    let hostPid = 0;
+    const run = await backupJob(q, dir, 'slow.mjs', (m) => {
+      if (m.phase === 'backup_vm') hostPid = m.host_pid as number;
+      if (m.log?.[1] === 'backup_vm of VM 100 started') process.kill(hostPid, signal);
+      return undefined;
+    });
+    expect(run.done.error).toMatch(/^backup cancelled \[ERR_CANCELLED\]/);
+    expect(run.logs.some(([, msg]) => /backup cleanup for external provider failed/.test(msg))).toBe(false);
+    expect(run.done.job_error ?? null).toBeNull();
+  });
+
   it('cancels the running call on SIGTERM to the host, which keeps serving the cleanup calls', async () => {
     const q = await startStorageDaemon({ size: 8 * MiB });
     const dir = await tempDir();

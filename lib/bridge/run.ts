@@ -9,13 +9,22 @@ import { Writable } from 'node:stream';
 import { ProviderHost, loadProviderModule } from './host.js';
 import { CancelledError } from '../errors.js';
 
+/**
+ * The signals that stop a task: qemu-server's `archive_external` and `restore_external_archive`
+ * die "interrupted by signal" on INT, TERM, QUIT and HUP (and PIPE, which Node ignores); a task
+ * stop sends TERM to the process group, a terminal's Ctrl-C INT, its hangup HUP. The host cancels
+ * the running call and lives on for the cleanup calls that follow.
+ */
+const STOP_SIGNALS = ['SIGTERM', 'SIGINT', 'SIGHUP', 'SIGQUIT'] as const;
+
 /** How long a call may go on after the host's input ended (see {@link runProviderHost}). */
 const HUNG_CALL_GRACE_MS = 5000;
 
 /**
- * Serves `moduleSpec`'s provider on stdin/stdout until stdin ends, then ends the process. SIGTERM
- * and SIGINT cancel the running call but do not end the process: a stopped vzdump task still
- * calls `backup_cleanup` and `job_cleanup` through the same host (docs/pve-bridge-notes.md §6.3).
+ * Serves `moduleSpec`'s provider on stdin/stdout until stdin ends, then ends the process.
+ * SIGTERM, SIGINT, SIGHUP and SIGQUIT ({@link STOP_SIGNALS}) cancel the running call but do not
+ * end the process: a stopped vzdump task still calls `backup_cleanup` and `job_cleanup` through
+ * the same host (docs/pve-bridge-notes.md §6.3).
  * Anything the provider writes to stdout itself (`console.log`, `console.dir`,
  * `process.stdout.write`) goes to stderr (the task log), never into the protocol.
  *
@@ -40,8 +49,7 @@ export async function runProviderHost(moduleSpec: string): Promise<void> {
   const factory = await loadProviderModule(moduleSpec);
   const host = new ProviderHost({ factory, input: process.stdin, output });
   const onSignal = (sig: NodeJS.Signals): void => host.cancel(new CancelledError(`cancelled by ${sig}`));
-  process.on('SIGTERM', onSignal);
-  process.on('SIGINT', onSignal);
+  for (const sig of STOP_SIGNALS) process.on(sig, onSignal);
   // the input's end cancels the running call; one that does not settle (a hung provider) gets
   // as long as Proxmox VE gives a stopped task before SIGKILL (pve-common RESTEnvironment.pm
   // kill_process_group: TERM, 5 s, KILL), then the process ends without it
@@ -49,8 +57,7 @@ export async function runProviderHost(moduleSpec: string): Promise<void> {
   try {
     await Promise.race([host.serve(), inputEnded.then(() => new Promise((resolve) => setTimeout(resolve, HUNG_CALL_GRACE_MS)))]);
   } finally {
-    process.off('SIGTERM', onSignal);
-    process.off('SIGINT', onSignal);
+    for (const sig of STOP_SIGNALS) process.off(sig, onSignal);
   }
   // what was written reaches the pipe first (an empty write calls back after the ones before it)
   await new Promise<void>((resolve) => output.end(() => resolve()));
