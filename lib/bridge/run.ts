@@ -44,6 +44,10 @@ export async function runProviderHost(moduleSpec: string): Promise<void> {
   const stdout = process.stdout;
   const protocolWrite = stdout.write.bind(stdout) as (chunk: Buffer | string, callback: (err?: Error | null) => void) => boolean;
   const output = new Writable({ write: (chunk: Buffer, _encoding, callback) => void protocolWrite(chunk, callback) });
+  // a write that fails (EPIPE: the Perl side is gone) or comes after the end (a hung call settling
+  // while the process ends) has nobody to tell; the input's end follows and ends the process
+  output.on('error', () => undefined);
+  stdout.on('error', () => undefined);
   stdout.write = process.stderr.write.bind(process.stderr) as typeof stdout.write;
   globalThis.console = new Console({ stdout: process.stderr, stderr: process.stderr });
   const factory = await loadProviderModule(moduleSpec);
