@@ -273,7 +273,7 @@ export class ProviderHost {
     if (method === 'hello') return this.hello(p[0]);
     const pr = this.need(method);
     // the storage plugin's calls (status, list_volumes...): served on a fresh host, no job
-    if (isStorageCall(method)) return serveStorageCall(pr, this.storeid, method, p);
+    if (isStorageCall(method)) return serveStorageCall(pr, this.storeid, method, p, this.log);
     switch (method) {
       case 'provider_name':
         return String(await pr.providerName());
