@@ -28,6 +28,7 @@ async function perlT(provider: string, body: string): Promise<{ out: Record<stri
   const script = `
 use strict; use warnings;
 use Time::HiRes qw(time sleep);
+use POSIX ();
 use PVE::BackupProvider::Plugin::NodeBridge;
 die "not in taint mode\\n" if !\${^TAINT};
 $ENV{PATH} = '/sbin:/bin:/usr/sbin:/usr/bin';
@@ -159,6 +160,107 @@ out('elapsed', time() - $t);
     expect(Number(r.out.elapsed)).toBeLessThan(4);
   });
 
+  it('keeps a log line cut in the middle of a surrogate pair from failing the call it belongs to', async () => {
+    // message.slice(0, n) in a provider can keep half of a character outside the BMP; JSON.stringify
+    // writes it as a lone \\ud83d escape, which JSON::PP refuses: the running call (backup_vm) died
+    const r = await perlT('scripted.mjs', `
+my $s = PVE::BackupProvider::Plugin::NodeBridge->new(undef, { logs => { backupInit => ['info', "archive \\x{1F418} ready", 9] }, answers => { backupInit => { archiveName => '100/x' } } }, 'dir1', sub { push @log, "$_[0]: $_[1]" },
+    provider => $mod, node => $node, cli => $cli);
+my $res = eval { $s->backup_init(100, 'qemu', time()) };
+out('err', $@);
+out('name', $res ? $res->{'archive-name'} : undef);
+out('log', unpack('H*', join('|', @log)));
+`);
+    expect(r.status).toBe(0);
+    expect(r.out).toMatchObject({ err: '', name: '100/x' });
+    expect(Buffer.from(r.out.log!, 'hex').toString('utf8')).toBe('info: archive \uFFFD');
+  });
+
+  it("sends what a provider writes to stdout itself (process.stdout.write, console.dir) to the task log, not into the protocol", async () => {
+    const r = await perlT('scripted.mjs', `
+my $s = PVE::BackupProvider::Plugin::NodeBridge->new(undef, { stdout => { backupInit => "copied 50%\\r" }, answers => { backupInit => { archiveName => '100/x' }, providerName => 'scripted' } }, 'dir1', sub { },
+    provider => $mod, node => $node, cli => $cli);
+my $res = eval { $s->backup_init(100, 'qemu', time()) };
+out('err', $@);
+out('name', eval { $s->provider_name() } // $@);
+`);
+    expect(r.status).toBe(0);
+    expect(r.out).toMatchObject({ err: '', name: 'scripted' });
+    expect(r.stderr).toContain('copied 50%');
+    expect(r.stderr).toContain("method: 'backupInit'");
+  });
+
+  it("lets a task stop's die through backup_handle_log_file, which swallows only the provider's failures", async () => {
+    // vzdump calls it outside any eval (pve-manager VZDump.pm exec_backup_task), so a provider's
+    // failure must not die; a signal handler's die must: it is how a stopped job stops
+    const r = await perlT('scripted.mjs', `
+my $s = PVE::BackupProvider::Plugin::NodeBridge->new(undef, { delay => { backupHandleLogFile => 3000 } }, 'dir1', sub { push @log, "$_[0]: $_[1]" },
+    provider => $mod, node => $node, cli => $cli);
+$s->job_init(time());
+eval {
+    local $SIG{ALRM} = sub { die "interrupted by signal\\n" };    # vzdump's handlers die like this
+    alarm(1);
+    $s->backup_handle_log_file(100, '/tmp/task.log');
+};
+alarm(0);
+out('err', $@);
+out('log', join('|', @log));
+`);
+    expect(r.status).toBe(0);
+    expect(r.out.err).toBe('interrupted by signal ');
+    expect(r.out.log).toBe('');
+  });
+
+  it("lets a task stop's die out of the log function (a slow task log) end the call, instead of swallowing it", async () => {
+    const r = await perlT('scripted.mjs', `
+my $s = PVE::BackupProvider::Plugin::NodeBridge->new(undef, { logs => { backupInit => ['info', 'starting'] }, delay => { backupInit => 2000 }, answers => { backupInit => { archiveName => '100/x' } } }, 'dir1', sub { sleep(3) },
+    provider => $mod, node => $node, cli => $cli);
+$s->job_init(time());
+my $res = eval {
+    local $SIG{ALRM} = sub { die "interrupted by signal\\n" };    # vzdump's handlers die like this
+    alarm(1);
+    $s->backup_init(100, 'qemu', time());
+};
+alarm(0);
+out('err', $@);
+`);
+    expect(r.status).toBe(0);
+    expect(r.out.err).toBe('interrupted by signal ');
+  });
+
+  it("does not fail a backup over its statistics: backup_cleanup's archive size is rounded down, or left out with a warning", async () => {
+    // vzdump only shows the size (VZDump.pm exec_backup_task: $task->{size}); a die in
+    // backup_cleanup(..., 1) fails the guest, and the provider then removes a complete backup
+    const cases = [1234.9, -5, 'big', null];
+    const r = await perlT('scripted.mjs', cases.map((size, i) => `
+my $s${i} = PVE::BackupProvider::Plugin::NodeBridge->new(undef, { answers => { backupCleanup => { stats => { archiveSize => ${JSON.stringify(size).replace('null', 'undef')} } } } }, 'dir1', sub { push @log, "$_[0]: $_[1]" },
+    provider => $mod, node => $node, cli => $cli);
+my $r${i} = eval { $s${i}->backup_cleanup(100, 'qemu', 1, {}) };
+out('err${i}', $@);
+out('size${i}', $r${i} && $r${i}->{stats} ? $r${i}->{stats}->{'archive-size'} : 'none');
+`).join('') + `
+out('log', join('|', @log));
+`);
+    expect(r.status).toBe(0);
+    expect(r.out).toMatchObject({ err0: '', size0: '1234', err1: '', size1: 'none', err2: '', size2: 'none', err3: '', size3: 'none' });
+    expect(r.out.log).toMatch(/warn: .*archive size -5/);
+    expect(r.out.log).toMatch(/warn: .*archive size "big"/);
+  });
+
+  it('gives restore_vm_init no time limit, as the other restore inits: a provider may check the whole backup there', async () => {
+    // the DirectoryProvider hashes every image of a backup recorded by SHA-256 (manifest version
+    // 1) in restoreVmInit, minutes for a large disk; qemu-server waits as long as it takes
+    const r = await perlT('scripted.mjs', `
+my $s = PVE::BackupProvider::Plugin::NodeBridge->new(undef, { delay => { restoreVmInit => 3000 }, answers => { restoreVmInit => { disk0 => { size => 4096 } } } }, 'dir1', sub { },
+    provider => $mod, node => $node, cli => $cli, setup_timeout => 1);
+my $r = eval { $s->restore_vm_init('backup/100/x') };
+out('err', $@);
+out('size', $r ? $r->{disk0}->{size} : undef);
+`);
+    expect(r.status).toBe(0);
+    expect(r.out).toMatchObject({ err: '', size: '4096' });
+  });
+
   it('fails within seconds when the host cannot start (a module that does not load)', async () => {
     const r = await perlT('/nonexistent/provider.mjs', `
 my $t = time();
@@ -193,6 +295,127 @@ out('log', join('|', @log));
     // the host's log lines of the interrupted call still reach the log function; the host's
     // CancelledError is the one the provider module imports (one copy of the package's classes)
     expect(r.out.log).toContain("info: backup_vm saw the cancellation (the package's CancelledError: true)");
+  });
+
+  it("ends the host when its input ends, though the provider keeps a timer: fork_worker leaves with POSIX::_exit, no DESTROY", async () => {
+    // pve-common RESTEnvironment.pm fork_worker ends every task (vzdump, qmrestore, pct restore)
+    // with POSIX::_exit: no DESTROY closes the host down, its input only ends
+    const r = await perlT('timer.mjs', `
+$| = 1;
+open(STDERR, '>', '/dev/null');    # the host's stderr: a host left behind must not hold the test's pipe
+out('name', $p->provider_name);
+out('pid', $p->host_pid);
+POSIX::_exit(0);
+`);
+    expect(r.out.name).toBe('directory');
+    const pid = Number(r.out.pid);
+    expect(pid).toBeGreaterThan(0);
+    const until = Date.now() + 5000;
+    while (!gone(pid) && Date.now() < until) await new Promise((resolve) => setTimeout(resolve, 100));
+    const left = !gone(pid);
+    if (left) process.kill(pid, 'SIGKILL');
+    expect(left, 'the host outlived its Perl side').toBe(false);
+  });
+
+  it('ends the host a few seconds after its input ended even when a call never settles (a hung provider)', async () => {
+    const r = await perlT('scripted.mjs', `
+$| = 1;
+open(STDERR, '>', '/dev/null');    # the host's stderr: a host left behind must not hold the test's pipe
+my $s = PVE::BackupProvider::Plugin::NodeBridge->new(undef, { delay => { jobInit => 120000 } }, 'dir1', sub { },
+    provider => $mod, node => $node, cli => $cli, setup_timeout => 1);
+eval { $s->job_init(time()) };
+out('err', $@);
+out('pid', $s->host_pid);
+POSIX::_exit(0);
+`);
+    expect(r.out.err).toBe('backup provider host did not answer job_init within 1 s ');
+    const pid = Number(r.out.pid);
+    const until = Date.now() + 10_000;
+    while (!gone(pid) && Date.now() < until) await new Promise((resolve) => setTimeout(resolve, 100));
+    const left = !gone(pid);
+    if (left) process.kill(pid, 'SIGKILL');
+    expect(left, 'the host outlived its Perl side').toBe(false);
+  });
+
+  it('carries text as UTF-8 both ways: PVE\'s byte strings (a config from file_get_contents) reach the provider as text, its text returns as bytes', async () => {
+    // Proxmox VE reads a guest config with file_get_contents (UTF-8 bytes, no decoding) and writes
+    // the restored one with file_set_contents (print without a layer: characters below U+0100 are
+    // written as single bytes); API parameters (notes) are Perl characters (docs/pve-bridge-notes.md §6.2)
+    const r = await perlT('scripted.mjs', `
+my $record = "$ARGV[3].record";
+my $answers = {
+    backupInit => { archiveName => '100/x' },
+    archiveGetGuestConfig => "description: caf\\x{e9}\\n",
+    archiveGetFirewallConfig => "# \\x{fc}ber \\x{20ac}\\n",
+    restoreContainerInit => { tarPath => "/mnt/b\\x{fc}ro/root.tar" },
+    providerName => "Caf\\x{e9} backup",
+};
+# storage.cfg as pmxcfs gives it: bytes
+my $s = PVE::BackupProvider::Plugin::NodeBridge->new(undef, { answers => $answers, record => $record, path => "/mnt/b\\xc3\\xbcro" }, 'dir1', sub { push @log, "$_[0]: $_[1]" },
+    provider => $mod, node => $node, cli => $cli);
+$s->backup_init(100, 'qemu', time());
+# the config as bytes, as file_get_contents gives them; the firewall config as characters, as an API parameter is
+$s->backup_vm(100, "description: caf\\xc3\\xa9\\n", { disk0 => { size => 1, 'nbd-path' => '/x', 'bitmap-mode' => 'none' } }, { 'firewall-config' => "# \\x{fc}ber\\n" });
+out('guest', unpack('H*', $s->archive_get_guest_config('backup/100/x')));
+out('firewall', unpack('H*', $s->archive_get_firewall_config('backup/100/x')));
+out('name', unpack('H*', $s->provider_name()));
+out('tar', unpack('H*', $s->restore_container_init('backup/100/x', 'dir1', {})->{'tar-path'}));
+open(my $fh, '<', $record) or die;
+my @calls = <$fh>;
+out('vm', (grep { /"backupVm"/ } @calls)[0]);
+`);
+    expect(r.stderr).not.toMatch(/Insecure|Wide character/);
+    expect(r.status).toBe(0);
+    const vm = JSON.parse(r.out.vm!) as { args: [number, string, unknown, { firewallConfig: string }]; path: string };
+    // a store path read as Latin-1 would be another folder (/mnt/bÃ¼ro), one nobody handed over
+    expect(vm.path).toBe('/mnt/büro');
+    expect(vm.args[1]).toBe('description: café\n');
+    expect(vm.args[3].firewallConfig).toBe('# über\n');
+    expect(Buffer.from(r.out.guest!, 'hex').toString('utf8')).toBe('description: café\n');
+    expect(Buffer.from(r.out.firewall!, 'hex').toString('utf8')).toBe('# über €\n');
+    expect(Buffer.from(r.out.name!, 'hex').toString('utf8')).toBe('Café backup');
+    expect(Buffer.from(r.out.tar!, 'hex').toString('utf8')).toBe('/mnt/büro/root.tar');
+  });
+
+  it("refuses an archive name with a trailing newline (Perl's $ would have dropped it from the name vzdump uses) or a '.', '..' or empty segment", async () => {
+    const names = ['100/x\\n', '100/../../x', '100/./x', '/100/x', '100//x'];
+    const r = await perlT('scripted.mjs', names.map((n, i) => `
+my $s${i} = PVE::BackupProvider::Plugin::NodeBridge->new(undef, { answers => { backupInit => { archiveName => "${n}" } } }, 'dir1', sub { },
+    provider => $mod, node => $node, cli => $cli);
+my $res${i} = eval { $s${i}->backup_init(100, 'qemu', time()) };
+out('err${i}', $@ || $res${i}->{'archive-name'});
+`).join(''));
+    expect(r.status).toBe(0);
+    expect(r.out.err0).toMatch(/^backup provider returned an archive name with illegal characters/);
+    for (const i of [1, 2, 3, 4]) expect(r.out[`err${i}`]).toMatch(/^backup provider returned an archive name with a '.', '..' or empty path segment/);
+  });
+
+  it('keeps the channel in step after a signal cut a request short: the next call is answered', async () => {
+    // the host's event loop is blocked (a provider's synchronous call outlived the setup timeout),
+    // so a large request fills the pipe; a signal (a task stop: vzdump's handlers die) ends the
+    // write half way, and the next request would be glued to the torn one; for backup_cleanup,
+    // which has no time limit, that was a hang
+    const r = await perlT('scripted.mjs', `
+my $s = PVE::BackupProvider::Plugin::NodeBridge->new(undef, { block => { jobInit => 3000 }, answers => { providerName => 'scripted', backupInit => { archiveName => '100/x' } } }, 'dir1', sub { },
+    provider => $mod, node => $node, cli => $cli, setup_timeout => 1);
+$s->backup_init(100, 'qemu', time());
+eval { $s->job_init(time()) };
+out('init-err', $@);
+eval {
+    local $SIG{ALRM} = sub { die "interrupted by signal\\n" };
+    alarm(1);
+    $s->backup_vm(100, 'x' x 4_000_000, { disk0 => { size => 1, 'nbd-path' => '/x', 'bitmap-mode' => 'none' } }, {});
+};
+alarm(0);
+out('vm-err', $@);
+sleep(2.5);    # the host's synchronous call ends; it reads what is in the pipe
+$s->{setup_timeout} = 5;
+out('name', eval { $s->provider_name() } // $@);
+`);
+    expect(r.status).toBe(0);
+    expect(r.out['init-err']).toBe('backup provider host did not answer job_init within 1 s ');
+    expect(r.out['vm-err']).toBe('interrupted by signal ');
+    expect(r.out.name).toBe('scripted');
   });
 
   it('refuses a file-handle volume in backup_vm before anything crosses the pipe', async () => {

@@ -6,13 +6,14 @@
  * `setupBackupAccess` on a real qemu-storage-daemon, and handed over as qemu-server does.
  * Needs `npm run build:ts` (the host runs from dist/).
  */
+import { spawnSync } from 'node:child_process';
 import { promises as fs } from 'node:fs';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 
 import type { Manifest } from '../lib/directory-provider/layout.js';
-import { bridgeOptions as bridge, drive, qemuPart, type Msg, type Run } from './helpers/bridge-driver.js';
-import { gone } from './helpers/tools.js';
+import { bridgeOptions as bridge, drive, qemuPart, ROOT, type Msg, type Run } from './helpers/bridge-driver.js';
+import { gone, requireTool } from './helpers/tools.js';
 import { nbdRead, nbdWrite, startStorageDaemon, stopAll, tempDir, type QemuInstance } from './helpers/qemu.js';
 
 const MiB = 1024 * 1024;
@@ -171,6 +172,44 @@ describe('the Perl bridge under perl -T (stand-ins for vzdump and qmrestore)', (
     expect([incr2.expected[1 * MiB], again.expected[1 * MiB]]).toEqual([0x11, 0x77]);
   }, 180_000);
 
+  it('leaves no FUSE export and no host when the restore worker vanishes after restore_vm_volume_init', async () => {
+    // the qmrestore worker killed alone (OOM, kill -9): no cleanup call comes, the host's input ends
+    const q = await startStorageDaemon({ size: 8 * MiB });
+    const dir = await tempDir();
+    await nbdWrite(`nbd+unix:///live0?socket=${q.nbdPath!}`, 0x11, 0, 1 * MiB);
+    const backup = await vmBackup(q, dir);
+    const script = path.join(dir, 'vanish.pl');
+    await fs.writeFile(script, `
+use strict; use warnings; use POSIX ();
+use PVE::BackupProvider::Plugin::NodeBridge;
+$ENV{PATH} = '/sbin:/bin:/usr/sbin:/usr/bin';
+$| = 1;
+open(STDERR, '>', '/dev/null');    # the host's stderr: one left behind must not hold the test's pipe
+my ($node, $cli, $mod, $store, $state, $vol) = map { /^(.*)$/ ? $1 : die } @ARGV;
+my $p = PVE::BackupProvider::Plugin::NodeBridge->new(undef, { path => $store }, '${STOREID}', sub { },
+    provider => $mod, node => $node, cli => $cli, env => { PVE_BACKUP_PROVIDER_STATE_DIR => $state });
+$p->restore_get_mechanism($vol);
+$p->restore_vm_init($vol);
+print "path=", $p->restore_vm_volume_init($vol, 'disk0', {})->{'qemu-img-path'}, "\n";
+print "host=", $p->host_pid, "\n";
+POSIX::_exit(0);    # gone without a word, as a killed worker
+`);
+    const r = spawnSync(
+      requireTool('perl', 'perl'),
+      ['-T', '-I', path.join(ROOT, 'test/pve'), '-I', path.join(ROOT, 'perl'), script, process.execPath, path.join(ROOT, 'dist/cli/main.js'), path.join(ROOT, 'test/pve/providers/directory.mjs'), path.join(dir, 'store'), path.join(dir, 'state'), backup.volname],
+      { encoding: 'utf8', timeout: 30_000 },
+    );
+    const file = /^path=(\/.+)$/m.exec(r.stdout)?.[1];
+    const host = Number(/^host=(\d+)$/m.exec(r.stdout)?.[1]);
+    expect(file, r.stdout).toBeDefined();
+    const mounted = async (): Promise<boolean> => (await fs.readFile('/proc/mounts', 'utf8')).split('\n').some((l) => l.split(' ')[1] === file);
+    const until = Date.now() + 5000;
+    while ((!gone(host) || (await mounted())) && Date.now() < until) await new Promise((resolve) => setTimeout(resolve, 100));
+    const left = { host: !gone(host), mounted: await mounted() };
+    if (left.host) process.kill(host, 'SIGKILL');
+    expect(left).toEqual({ host: false, mounted: false });
+  });
+
   it("makes a provider's error in a hook a die of the matching Perl call, with its message and code", async () => {
     const dir = await tempDir();
     const run = await drive({
@@ -229,6 +268,22 @@ describe('the Perl bridge under perl -T (stand-ins for vzdump and qmrestore)', (
     expect(run.stderr).not.toMatch(/interrupted by signal|Insecure/);
     expect(gone(hostPid)).toBe(true);
     expect(run.exitCode).toBe(0);
+  });
+
+  it.each(['SIGHUP', 'SIGQUIT'] as const)('takes %s as a task stop too: the running call is cancelled, the cleanup calls served', async (signal) => {
+    // qemu-server's archive_external dies "interrupted by signal" on INT, TERM, QUIT, HUP and
+    // PIPE; a terminal hangup sends HUP to a CLI vzdump's process group, the host included
+    const q = await startStorageDaemon({ size: 8 * MiB });
+    const dir = await tempDir();
+    let hostPid = 0;
+    const run = await backupJob(q, dir, 'slow.mjs', (m) => {
+      if (m.phase === 'backup_vm') hostPid = m.host_pid as number;
+      if (m.log?.[1] === 'backup_vm of VM 100 started') process.kill(hostPid, signal);
+      return undefined;
+    });
+    expect(run.done.error).toMatch(/^backup cancelled \[ERR_CANCELLED\]/);
+    expect(run.logs.some(([, msg]) => /backup cleanup for external provider failed/.test(msg))).toBe(false);
+    expect(run.done.job_error ?? null).toBeNull();
   });
 
   it('cancels the running call on SIGTERM to the host, which keeps serving the cleanup calls', async () => {

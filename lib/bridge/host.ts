@@ -205,7 +205,7 @@ export class ProviderHost {
   }
 
   private send(message: Record<string, Json>): void {
-    this.opts.output.write(`${JSON.stringify(message)}\n`);
+    this.opts.output.write(`${JSON.stringify(message, wellFormed)}\n`);
   }
 
   private log = (level: LogLevel, message: string): void => {
@@ -273,7 +273,7 @@ export class ProviderHost {
     if (method === 'hello') return this.hello(p[0]);
     const pr = this.need(method);
     // the storage plugin's calls (status, list_volumes...): served on a fresh host, no job
-    if (isStorageCall(method)) return serveStorageCall(pr, this.storeid, method, p);
+    if (isStorageCall(method)) return serveStorageCall(pr, this.storeid, method, p, this.log);
     switch (method) {
       case 'provider_name':
         return String(await pr.providerName());
@@ -294,8 +294,15 @@ export class ProviderHost {
         const info = hash(p[3], 'info', method);
         const error = optStr(info.error, 'info error', method);
         const r = await pr.backupCleanup(num(p[0], 'vmid', method), guestType(p[1], method), perlTrue(p[2]), error !== undefined ? { error } : {});
-        const size = r ? r.stats?.archiveSize : undefined;
-        return size !== undefined ? { stats: { 'archive-size': size } } : {};
+        const size: unknown = r ? r.stats?.archiveSize : undefined;
+        if (size === undefined || size === null) return {};
+        // vzdump only shows the size (pve-manager VZDump.pm exec_backup_task); a size Perl refuses
+        // would fail backup_cleanup(..., 1), the guest, and so remove a complete backup
+        if (typeof size !== 'number' || !Number.isFinite(size) || size < 0 || size > Number.MAX_SAFE_INTEGER) {
+          this.log('warn', `${method}: the provider reported an invalid archive size ${JSON.stringify(size)}; left out`);
+          return {};
+        }
+        return { stats: { 'archive-size': Math.floor(size) } };
       }
       case 'backup_get_mechanism': {
         const r = await pr.backupGetMechanism(num(p[0], 'vmid', method), guestType(p[1], method));
@@ -431,6 +438,19 @@ export class ProviderHost {
     if (name === undefined) throw new BridgeError(`${method}: no backup_init for VM ${vmid} in this job`, { method });
     return name;
   }
+}
+
+/** Half of a surrogate pair, alone (code units, no `u` flag). */
+const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/g;
+
+/**
+ * `JSON.stringify` replacer: strings with a lone surrogate get U+FFFD in its place. JSON.stringify
+ * writes a lone surrogate as a `\ud83d` escape, which the Perl side's JSON::PP refuses, failing
+ * the running call: a provider's `message.slice(0, n)` that cuts a character outside the BMP in
+ * half would have failed a backup over a log line.
+ */
+function wellFormed(_key: string, value: unknown): unknown {
+  return typeof value === 'string' ? value.replace(LONE_SURROGATE, '\uFFFD') : value;
 }
 
 /** An error as the protocol carries it: message and a stable code (`ERR_PROVIDER` for a plain Error). */

@@ -38,6 +38,9 @@ export const STORAGE_CALLS = [
 /** One of {@link STORAGE_CALLS}. */
 export type StorageCall = (typeof STORAGE_CALLS)[number];
 
+/** Where a storage call's warnings go: the host's log events (Proxmox VE's log function). */
+export type StorageCallLog = (level: 'info' | 'warn' | 'err', message: string) => void;
+
 /** Whether `method` is a storage call (the host's dispatch hands it to {@link serveStorageCall}). */
 export function isStorageCall(method: string): method is StorageCall {
   return (STORAGE_CALLS as readonly string[]).includes(method);
@@ -74,6 +77,15 @@ export const BACKUP_VOLUME_FORMAT = 'backup-provider';
 /** The volname pattern vzdump builds (`backup/<archive-name>`, pve-manager `VZDump.pm` L1218-1224). */
 const VOLNAME_RE = /^backup\/(?:[a-zA-Z0-9\-.+=_]|\/|:)+$/;
 
+/**
+ * A volume name as the generated plugin's `parse_volname` accepts it: {@link VOLNAME_RE}, and no
+ * `.`, `..` or empty segment (a provider may make paths of names; Proxmox VE hands a user's name
+ * over with only VM.Backup on its vmid checked, pve-storage `Storage.pm` `check_volume_access`).
+ */
+function isVolname(v: unknown): v is string {
+  return typeof v === 'string' && VOLNAME_RE.test(v) && !v.slice('backup/'.length).split('/').some((s) => s === '' || s === '.' || s === '..');
+}
+
 /** Perl's `keep-last`... hash to {@link PruneOptions}. */
 const KEEP_KEYS: Record<string, keyof PruneOptions> = {
   'keep-all': 'keepAll',
@@ -86,7 +98,7 @@ const KEEP_KEYS: Record<string, keyof PruneOptions> = {
 };
 
 function volnameArg(v: unknown, method: string): string {
-  if (typeof v !== 'string' || !VOLNAME_RE.test(v)) throw new BridgeError(`${method}: not a backup volume name: ${JSON.stringify(v)}`, { method });
+  if (!isVolname(v)) throw new BridgeError(`${method}: not a backup volume name: ${JSON.stringify(v)}`, { method });
   return v;
 }
 
@@ -134,20 +146,27 @@ function hook<K extends keyof NonNullable<BackupProviderV2['storage']>>(pr: Back
   return fn.bind(pr.storage) as NonNullable<NonNullable<BackupProviderV2['storage']>[K]>;
 }
 
-function checkBackup(b: StoredBackup, method: string): StoredBackup {
-  if (!b || typeof b !== 'object' || typeof b.volname !== 'string' || !VOLNAME_RE.test(b.volname)) {
-    throw new BridgeError(`${method}: the provider listed a backup without a volume name backup/<archive-name>: ${JSON.stringify(b)}`, { method });
-  }
-  if (!Number.isInteger(b.vmid) || (b.vmtype !== 'qemu' && b.vmtype !== 'lxc') || !Number.isFinite(b.ctime) || !Number.isFinite(b.size)) {
-    throw new BridgeError(`${method}: the provider listed ${b.volname} without vmid, vmtype, ctime and size`, { method });
-  }
-  return b;
+/** What is wrong with a listed backup, or `undefined` when it is one Proxmox VE can take. */
+function backupProblem(b: StoredBackup): string | undefined {
+  if (!b || typeof b !== 'object' || !isVolname(b.volname)) return `without a valid volume name backup/<archive-name>: ${JSON.stringify(b)}`;
+  if (!Number.isInteger(b.vmid) || (b.vmtype !== 'qemu' && b.vmtype !== 'lxc') || !Number.isFinite(b.ctime) || !Number.isFinite(b.size)) return `${b.volname} without vmid, vmtype, ctime and size`;
+  return undefined;
 }
 
-async function listed(pr: BackupProviderV2, vmid: number | undefined, method: string): Promise<StoredBackup[]> {
+/**
+ * The provider's backups (of `vmid`), each checked. One it lists malformed is left out with a
+ * warning, as upstream's own listings skip what they cannot parse (pve-storage `Plugin.pm`
+ * `list_volumes`): failing the whole call would break the GUI's listing of every backup, and the
+ * prune vzdump runs after each backup of the guest, which then fails and removes that backup.
+ */
+async function listed(pr: BackupProviderV2, vmid: number | undefined, method: string, log: StorageCallLog): Promise<StoredBackup[]> {
   const list = await hook(pr, 'listBackups')(vmid !== undefined ? { vmid } : {});
   if (!Array.isArray(list)) throw new BridgeError(`${method}: listBackups returned no list`, { method });
-  return list.map((b) => checkBackup(b, method)).filter((b) => vmid === undefined || b.vmid === vmid);
+  return list.filter((b: StoredBackup) => {
+    const problem = backupProblem(b);
+    if (problem) log('warn', `${method}: skipped a backup it lists ${problem}`);
+    return !problem && (vmid === undefined || b.vmid === vmid);
+  });
 }
 
 function item(storeid: string, b: StoredBackup): PveVolumeItem {
@@ -174,7 +193,7 @@ function groups(list: StoredBackup[]): Map<string, StoredBackup[]> {
   return g;
 }
 
-async function pruneBackups(pr: BackupProviderV2, storeid: string, p: unknown[]): Promise<PvePruneItem[]> {
+async function pruneBackups(pr: BackupProviderV2, storeid: string, p: unknown[], log: StorageCallLog): Promise<PvePruneItem[]> {
   const method = 'prune_backups';
   const keep = keepFromPerl(p[0], method);
   const vmid = optVmid(p[1], method);
@@ -195,11 +214,11 @@ async function pruneBackups(pr: BackupProviderV2, storeid: string, p: unknown[])
     let guests: Array<{ vmid: number; vmtype: GuestType }>;
     if (vmid !== undefined && vmtype !== undefined) guests = [{ vmid, vmtype }];
     else {
-      const all = await listed(pr, vmid, method);
+      const all = await listed(pr, vmid, method, log);
       guests = [...groups(all.filter((b) => vmtype === undefined || b.vmtype === vmtype)).values()].map((g) => ({ vmid: g[0]!.vmid, vmtype: g[0]!.vmtype }));
     }
     for (const g of guests) {
-      const before = typeof pr.storage?.listBackups === 'function' ? await listed(pr, g.vmid, method) : [];
+      const before = typeof pr.storage?.listBackups === 'function' ? await listed(pr, g.vmid, method, log) : [];
       const r = await prune.call(pr.storage, { vmid: g.vmid, vmtype: g.vmtype, keep, dryRun });
       if (r && Array.isArray(r.marks)) {
         for (const m of r.marks) out.push(toItem(m));
@@ -220,7 +239,7 @@ async function pruneBackups(pr: BackupProviderV2, storeid: string, p: unknown[])
   if (typeof pr.storage?.listBackups !== 'function' || typeof pr.storage?.removeBackup !== 'function') {
     throw new NotImplementedError('storage.prune (or storage.listBackups and storage.removeBackup)');
   }
-  const all = (await listed(pr, vmid, method)).filter((b) => vmtype === undefined || b.vmtype === vmtype);
+  const all = (await listed(pr, vmid, method, log)).filter((b) => vmtype === undefined || b.vmtype === vmtype);
   const remove: string[] = [];
   for (const group of groups(all).values()) {
     const byName = new Map(group.map((b) => [b.volname, b]));
@@ -244,10 +263,11 @@ async function pruneBackups(pr: BackupProviderV2, storeid: string, p: unknown[])
  * @param storeid - The storage id from `hello`.
  * @param method - A {@link StorageCall}.
  * @param p - The Perl arguments after `$class, $scfg, $storeid`.
+ * @param log - Where warnings go (a backup the provider lists malformed is skipped with one).
  * @throws {@link NotImplementedError} when the provider lacks the hook; {@link BridgeError} on
  *   arguments or answers of the wrong shape; whatever the provider's hook throws.
  */
-export async function serveStorageCall(pr: BackupProviderV2, storeid: string, method: StorageCall, p: unknown[]): Promise<unknown> {
+export async function serveStorageCall(pr: BackupProviderV2, storeid: string, method: StorageCall, p: unknown[], log: StorageCallLog = () => undefined): Promise<unknown> {
   switch (method) {
     case 'status': {
       const s = await hook(pr, 'status')();
@@ -261,7 +281,7 @@ export async function serveStorageCall(pr: BackupProviderV2, storeid: string, me
       // content types: only backups live here (the Perl side already answers [] otherwise)
       const content = Array.isArray(p[1]) ? p[1] : undefined;
       if (content && !content.includes('backup')) return [];
-      return (await listed(pr, optVmid(p[0], method), method)).map((b) => item(storeid, b));
+      return (await listed(pr, optVmid(p[0], method), method, log)).map((b) => item(storeid, b));
     }
     case 'get_volume_attribute': {
       const volname = volnameArg(p[0], method);
@@ -281,11 +301,11 @@ export async function serveStorageCall(pr: BackupProviderV2, storeid: string, me
       await hook(pr, 'removeBackup')(volnameArg(p[0], method));
       return null;
     case 'prune_backups':
-      return pruneBackups(pr, storeid, p);
+      return pruneBackups(pr, storeid, p, log);
     case 'volume_size_info': {
       // the Perl side passes the vmid parse_volname found, to list one guest only
       const volname = volnameArg(p[0], method);
-      const found = (await listed(pr, optVmid(p[1], method), method)).find((b) => b.volname === volname);
+      const found = (await listed(pr, optVmid(p[1], method), method, log)).find((b) => b.volname === volname);
       if (!found) throw new BridgeError(`${method}: no backup ${volname} on this storage`, { method });
       return Math.floor(found.size);
     }

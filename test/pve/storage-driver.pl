@@ -16,7 +16,7 @@
 #   get {volname, attr}     get_volume_attribute
 #   set {volid, attr, value} PVE::Storage::update_volume_attribute (max-protected-backups check)
 #   prune {keep, vmid?, type?, dryrun}  prune_backups with a log function
-#   free {volname}          parse_volname then free_image (vdisk_free)
+#   free {volname}          parse_volname then free_image, and the code ref it returns (vdisk_free)
 #   size {volname}          volume_size_info
 #   path {volname}          path
 #   add {sensitive} / update {sensitive} / delete   on_add_hook / on_update_hook / on_delete_hook
@@ -119,8 +119,11 @@ my %ops = (
     free => sub {
         my ($o) = @_;
         my (undef, undef, undef, undef, undef, undef, $format) = $plugin->parse_volname($o->{volname});
-        $plugin->free_image($storeid, $scfg, $o->{volname}, 0, $format);
-        return 1;
+        my $worker = $plugin->free_image($storeid, $scfg, $o->{volname}, 0, $format);
+        return 1 if !$worker;
+        # vdisk_free runs a returned code ref as a worker task of its own (fork_worker 'imgdel')
+        $worker->();
+        return 'worker';
     },
     size => sub { my ($o) = @_; return [ $plugin->volume_size_info($scfg, $storeid, $o->{volname}, 5) ] },
     path => sub { my ($o) = @_; return [ $plugin->path($scfg, $o->{volname}, $storeid) ] },

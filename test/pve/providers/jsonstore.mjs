@@ -1,7 +1,7 @@
 // A provider module for the storage-plugin tests (test/pve-plugin.test.ts): only the storage side
 // (ProviderStorage), over one JSON file named by the storage option `jsonstore-file`:
 //   {backups: [{volname, vmid, vmtype, ctime, size, notes?, protected?}],
-//    status: {total, free, used}, fail: {hook: message}, hang: [hook], without: [hook],
+//    status: {total, free, used}, fail: {hook: message}, hang: [hook], slow: {hook: ms}, without: [hook],
 //    ownPrune: 'marks' | 'removed', blockConstruct: true}
 // With ownPrune it has its own prune, which keeps only the newest backup whatever the keep
 // options say, answering its marks or only what it removed.
@@ -45,6 +45,8 @@ export default class JsonStoreProvider {
           // a provider stuck on its network: a live handle keeps the process up
           await new Promise(() => setInterval(() => undefined, 1000));
         }
+        // a provider taking its time (a delete that first merges a large image into another)
+        if (d.slow?.[hook]) await new Promise((resolve) => setTimeout(resolve, d.slow[hook]));
         if (d.fail?.[hook]) {
           const err = new Error(d.fail[hook]);
           err.code = 'ERR_VENDOR_STORE';

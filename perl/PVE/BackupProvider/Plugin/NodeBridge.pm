@@ -38,17 +38,55 @@ BEGIN { eval { require PVE::BackupProvider::Plugin::Base; 1 } }
 
 use constant PROTOCOL_VERSION => 1;
 # what vzdump accepts as an archive name (pve-manager VZDump.pm exec_backup_task,
-# PVE::Storage::SAFE_CHAR_CLASS_RE)
-my $ARCHIVE_NAME_RE = qr/^((?:[a-zA-Z0-9\-\.\+\=\_]|\/|:)+)$/;
+# PVE::Storage::SAFE_CHAR_CLASS_RE); \z, not $: with $ a name ending in a newline would pass
+# and lose the newline, so vzdump's volume would not be the one the provider names
+my $ARCHIVE_NAME_RE = qr/^((?:[a-zA-Z0-9\-\.\+\=\_]|\/|:)+)\z/;
 my $SAFE_PATH = '/sbin:/bin:/usr/sbin:/usr/bin';
 
-my $JSON = JSON::PP->new->utf8->canonical->allow_nonref->allow_blessed;
+# Text crosses the pipe as UTF-8. Proxmox VE's strings are mostly bytes: a guest or firewall
+# config from file_get_contents holds UTF-8 bytes, undecoded, and what it writes back goes through
+# file_set_contents, which prints without a layer (characters below U+0100 become single bytes);
+# API parameters (notes, exclude paths) are Perl characters (pve-common PVE/File.pm). So requests
+# are encoded over bytes (character strings encoded to UTF-8 first: _bytes) and the text of
+# replies (configs, log lines, errors) is handed to Proxmox VE as UTF-8 bytes again (_utf8).
+my $JSON = JSON::PP->new->utf8->canonical->allow_nonref->allow_blessed;    # replies
+my $JSON_BYTES = JSON::PP->new->canonical->allow_nonref->allow_blessed;    # requests, over _bytes
 
-# Calls that move data have no time limit (a backup may take hours); the others must answer
-# within the setup timeout. A dead host fails every call within about a second either way.
+# A copy of a request's data in which every string is UTF-8 bytes, so that bytes and characters
+# both reach the host as the text they are: a character string (UTF8 flag, as JSON and the API
+# decode them) is encoded; a byte string is taken as UTF-8 when it is valid UTF-8, else as
+# Latin-1 characters (a string of characters below U+0100 may lack the flag), never replaced.
+sub _bytes {
+    my ($v) = @_;
+    my $r = ref($v);
+    return { map { (_bytes($_) => _bytes($v->{$_})) } keys %$v } if $r eq 'HASH';
+    return [ map { _bytes($_) } @$v ] if $r eq 'ARRAY';
+    return $v if $r || !defined($v) || $v !~ /[^\x00-\x7f]/;
+    my $b = $v;
+    if (!utf8::is_utf8($b)) {
+        my $check = $b;
+        return $b if utf8::decode($check);
+        utf8::upgrade($b);
+    }
+    utf8::encode($b);
+    return $b;
+}
+
+# A decoded reply's text as the UTF-8 bytes Proxmox VE prints and writes.
+sub _utf8 {
+    my ($v) = @_;
+    return $v if !defined($v) || ref($v);
+    utf8::encode($v);
+    return $v;
+}
+
+# Calls that move or check data have no time limit (a backup may take hours; a provider may check
+# a whole backup before a restore writes anything, as the DirectoryProvider does in
+# restore_vm_init for images recorded by SHA-256); the others must answer within the setup
+# timeout. A dead host fails every call within about a second either way.
 my %NO_TIMEOUT = map { $_ => 1 } qw(
     backup_vm backup_container backup_container_prepare backup_cleanup
-    restore_vm_volume_init restore_container_init
+    restore_vm_init restore_vm_volume_init restore_container_init
 );
 
 # new($class, $storage_plugin, $scfg, $storeid, $log_function, %options), the constructor
@@ -105,11 +143,20 @@ sub _untaint_arg {
     return $1;
 }
 
+# Whether an error is a signal handler's die: a task stop or Ctrl-C (qemu-server's and vzdump's
+# "interrupted by signal", fork_worker's "received interrupt"). Such a die must reach Proxmox VE
+# wherever it strikes: stopping the job is what it is for (VZDump.pm exec_backup_task rethrows it).
+sub _interrupt {
+    my ($err) = @_;
+    return defined($err) && $err =~ /^(?:interrupted by signal|received interrupt)\n\z/;
+}
+
 sub _log {
     my ($self, $level, $message) = @_;
     my $fn = $self->{log_function} or return;
     $level = 'err' if !defined($level) || $level !~ /^(info|warn|err)$/;
     eval { $fn->($level, $message) };    # a broken log function must not break the call
+    die $@ if _interrupt($@);            # but a task stop striking while it writes must
 }
 
 # ---- the host process ----
@@ -209,6 +256,11 @@ sub _write {
     my $h = $self->{host};
     # vzdump's SIGPIPE handler would abort the whole job (docs/pve-bridge-notes.md §6.3)
     local $SIG{PIPE} = 'IGNORE';
+    # A die from a signal handler (a task stop) can end a write half way when the pipe is full,
+    # here or in a forked container child sharing the pipe: every request starts a line of its own,
+    # so a torn one is one bad line the host answers with id null (dropped in _request), not the
+    # start of this request, which would never be answered. The host skips empty lines.
+    $data = "\n$data";
     my $off = 0;
     while ($off < length($data)) {
         my $n = syswrite($h->{in}, $data, length($data) - $off, $off);
@@ -230,7 +282,7 @@ sub _request {
     # inherited channel with its own copy of the counter. Its reply, if the child was killed
     # before reading it, must not pass for the answer to the parent's next call.
     my $id = "$$." . ++$h->{next_id};
-    $self->_write($JSON->encode({ id => $id, method => $method, params => \@params }) . "\n", $method);
+    $self->_write($JSON_BYTES->encode(_bytes({ id => $id, method => $method, params => \@params })) . "\n", $method);
     my $deadline = defined($timeout) ? time() + $timeout : undef;
 
     while (1) {
@@ -241,7 +293,7 @@ sub _request {
             die "backup provider host sent something that is not JSON: " . substr($line, 0, 80) . "\n"
                 if ref($msg) ne 'HASH';
             if (ref($msg->{log}) eq 'HASH') {
-                $self->_log($msg->{log}->{level}, $msg->{log}->{message} // '');
+                $self->_log($msg->{log}->{level}, _utf8($msg->{log}->{message} // ''));
                 next;
             }
             # a reply to a call interrupted earlier (a die from a signal handler) is dropped
@@ -251,7 +303,7 @@ sub _request {
                 my $code = ref($err) eq 'HASH' && defined($err->{code}) && $err->{code} =~ /^([A-Za-z0-9_]{1,64})$/ ? $1 : 'ERR_PROVIDER';
                 $text =~ s/\s+$//;
                 $self->{last_error_code} = $code;
-                die "$text [$code]\n";
+                die _utf8($text) . " [$code]\n";
             }
             return $msg->{result};
         }
@@ -329,29 +381,31 @@ sub DESTROY {
 
 # ---- validation and untainting of replies (docs/pve-bridge-notes.md §6.2, §7.5) ----
 
+# text for Proxmox VE to write (a config): untainted, as UTF-8 bytes
 sub _text {
     my ($v, $what) = @_;
     die "backup provider returned no $what\n" if !defined($v) || ref($v);
-    $v =~ /^(.*)$/s;
-    return $1;
+    $v =~ /^(.*)\z/s;
+    return _utf8($1);
 }
 
 sub _uint {
     my ($v, $what) = @_;
-    die "backup provider returned an invalid $what\n" if !defined($v) || ref($v) || $v !~ /^(\d+)$/;
+    die "backup provider returned an invalid $what\n" if !defined($v) || ref($v) || $v !~ /^(\d+)\z/;
     return $1 + 0;
 }
 
 sub _device {
     my ($v) = @_;
-    die "backup provider returned an invalid device name\n" if !defined($v) || $v !~ /^([a-zA-Z0-9][a-zA-Z0-9_.\-]*)$/;
+    die "backup provider returned an invalid device name\n" if !defined($v) || $v !~ /^([a-zA-Z0-9][a-zA-Z0-9_.\-]*)\z/;
     return $1;
 }
 
+# a path for Proxmox VE to open: untainted, as the UTF-8 bytes of its name
 sub _abs_path {
     my ($v, $what) = @_;
-    die "backup provider returned an invalid $what\n" if !defined($v) || ref($v) || $v !~ m!^(/[^\0]+)$!;
-    return $1;
+    die "backup provider returned an invalid $what\n" if !defined($v) || ref($v) || $v !~ m!^(/[^\0]+)\z!;
+    return _utf8($1);
 }
 
 # ---- the API (PVE::BackupProvider::Plugin::Base of pve-storage, PVE 8.4+) ----
@@ -360,8 +414,8 @@ sub _abs_path {
 sub provider_name {
     my ($self) = @_;
     my $name = $self->_call('provider_name');
-    die "backup provider returned an invalid name\n" if !defined($name) || ref($name) || $name !~ /^([^\0\n]{1,200})$/;
-    return $1;
+    die "backup provider returned an invalid name\n" if !defined($name) || ref($name) || $name !~ /^([^\0\n]{1,200})\z/;
+    return _utf8($1);
 }
 
 sub job_init {
@@ -382,7 +436,13 @@ sub backup_init {
     die "backup provider returned no archive name\n" if ref($r) ne 'HASH' || !defined($r->{'archive-name'});
     my $name = $r->{'archive-name'};
     die "backup provider returned an archive name with illegal characters: '$name'\n" if $name !~ $ARCHIVE_NAME_RE;
-    return { 'archive-name' => $1 };
+    $name = $1;
+    # the generated storage plugin's parse_volname refuses these (a user's volume name must not
+    # climb out of a provider's paths): a backup named so could not be annotated, protected or
+    # pruned by vzdump afterwards
+    die "backup provider returned an archive name with a '.', '..' or empty path segment: '$name'\n"
+        if grep { $_ eq '' || $_ eq '.' || $_ eq '..' } split(m!/!, $name, -1);
+    return { 'archive-name' => $name };
 }
 
 sub backup_cleanup {
@@ -407,9 +467,15 @@ sub backup_get_mechanism {
 
 sub backup_handle_log_file {
     my ($self, $vmid, $filename) = @_;
-    # vzdump calls this outside any eval: a die would abort the whole job (§3.3 step 7)
+    # vzdump calls this outside any eval: a die would abort the whole job (§3.3 step 7); the
+    # provider's failure only warns. A signal handler's die (a task stop or Ctrl-C: qemu-server's
+    # "interrupted by signal", fork_worker's "received interrupt") goes on: stopping the job is
+    # what it is for.
     eval { $self->_call('backup_handle_log_file', $vmid, $filename) };
-    $self->_log('warn', "backup provider failed to handle the log file - $@") if $@;
+    if (my $err = $@) {
+        die $err if _interrupt($err);
+        $self->_log('warn', "backup provider failed to handle the log file - $err");
+    }
     return;
 }
 
@@ -514,8 +580,8 @@ sub restore_vm_volume_init {
     # upstream checks the path with file_size_info($path, undef, 'raw', 1) and needs a local raw
     # file or block device (qemu-server QemuServer.pm restore_external_archive): a URI or a
     # `json:` filename would only fail later, inside qemu-server
-    die "backup provider returned an invalid qemu-img-path (not an absolute path)\n" if ref($p) || $p !~ m!^(/[^\0]+)$!;
-    return { 'qemu-img-path' => $1 };
+    die "backup provider returned an invalid qemu-img-path (not an absolute path)\n" if ref($p) || $p !~ m!^(/[^\0]+)\z!;
+    return { 'qemu-img-path' => _utf8($1) };
 }
 
 sub restore_vm_volume_cleanup {
@@ -543,16 +609,17 @@ sub restore_container_cleanup {
 # (status every 10 s), pvedaemon (every listing of the GUI) and pvesm (docs/pve-bridge-notes.md
 # §1.4, §7.10). Each such call builds a bridge, starts a host, makes the one call and ends the
 # host, everything within $timeout seconds (plus a short kill), so a hung provider never holds its
-# caller longer than that. Returns the reply as the host sent it (tainted: the caller validates).
+# caller longer than that; $timeout 0 sets no bound on the call (a worker task of its own, as
+# free_image's). Returns the reply as the host sent it (tainted: the caller validates).
 sub storage_call {
     my ($self, $method, $timeout, @params) = @_;
-    my $deadline = time() + $timeout;
-    local $self->{setup_timeout} = $timeout;
+    my $deadline = $timeout ? time() + $timeout : undef;
+    local $self->{setup_timeout} = $timeout || $self->{setup_timeout};
     local $self->{shutdown_grace} = 0.5;
     my $res = eval {
         $self->_start_host() if !$self->{host};
-        my $left = $deadline - time();
-        die "backup provider host did not answer $method within $timeout s\n" if $left <= 0;
+        my $left = defined($deadline) ? $deadline - time() : undef;
+        die "backup provider host did not answer $method within $timeout s\n" if defined($left) && $left <= 0;
         $self->_request($method, $left, @params);
     };
     my $err = $@;
