@@ -177,11 +177,32 @@ export const WRITER_HEARTBEAT_MS = 60_000;
 export const WRITER_STALE_SECONDS = 15 * 60;
 
 /**
+ * How long a writer may go without a heartbeat that reached the store before it takes itself for
+ * dead: a minute short of {@link WRITER_STALE_SECONDS}, for the time a request takes to arrive
+ * (the store stamps a record when it receives it; the writer counts from when it sent it).
+ */
+const WRITER_SELF_EXPIRY_MS = (WRITER_STALE_SECONDS - 60) * 1000;
+
+/**
  * A running backup's writer record, rewritten every {@link WRITER_HEARTBEAT_MS} so that garbage
  * collection knows the backup is alive. Created by {@link ChunkStore.startBackup}.
+ *
+ * Once a collection took the backup for dead (its record not rewritten for 15 minutes: the
+ * process was stopped, its host suspended, the store out of reach), it may have deleted chunks
+ * the backup names, so the backup must never complete: the writer then counts as expired for
+ * good. A heartbeat never writes a removed record back (it would hide the removal from
+ * {@link BackupWriter.assertAlive}: an overdue timer fires first when a stopped process resumes),
+ * and the writer notices by itself when its heartbeats were missing long enough for any
+ * collection to take it for dead, whether or not one did.
  */
 export class BackupWriter {
   private timer: NodeJS.Timeout | undefined;
+  /** The heartbeat in flight, awaited by {@link end} so that it cannot write the record back after it. */
+  private beating: Promise<void> | undefined;
+  /** Why the writer counts as dead (for good), once it does. */
+  private expired: string | undefined;
+  /** When the last rewrite that reached the store was sent: `Date.now()` and `performance.now()` (which stops while the host sleeps). */
+  private lastBeat = { wall: 0, mono: 0 };
 
   /** @internal */
   constructor(
@@ -195,22 +216,52 @@ export class BackupWriter {
     return Buffer.from(`${JSON.stringify(this.record)}\n`);
   }
 
+  /** Marks the writer dead when no heartbeat reached the store for {@link WRITER_SELF_EXPIRY_MS}, by either clock. */
+  private checkGap(): void {
+    const gap = Math.max(Date.now() - this.lastBeat.wall, performance.now() - this.lastBeat.mono);
+    if (gap > WRITER_SELF_EXPIRY_MS) this.expired ??= `no heartbeat reached the store for ${Math.round(gap / 1000)} s, long enough for a garbage collection to take the backup for dead`;
+  }
+
+  /** A rewrite of the record, unless it was removed (then the writer is expired) or the writer is. */
+  private async beat(): Promise<void> {
+    this.checkGap();
+    if (this.expired) return;
+    const sent = { wall: Date.now(), mono: performance.now() };
+    if ((await this.store.objects.head(this.key)) === null) {
+      this.expired ??= 'a garbage collection that took the backup for dead removed it';
+      return;
+    }
+    await this.store.objects.put(this.key, this.body());
+    this.lastBeat = sent;
+  }
+
   /** @internal Writes the record and starts the heartbeat. */
   async begin(): Promise<void> {
+    const sent = { wall: Date.now(), mono: performance.now() };
     await this.store.objects.put(this.key, this.body());
-    // a failed rewrite is retried by the next beat; `assertAlive` is what decides
-    this.timer = setInterval(() => void this.store.objects.put(this.key, this.body()).catch(() => undefined), WRITER_HEARTBEAT_MS);
+    this.lastBeat = sent;
+    // a failed rewrite is retried by the next beat; the gap between those that succeed decides
+    this.timer = setInterval(() => {
+      if (this.beating) return; // the previous one still waits for the store
+      this.beating = this.beat()
+        .catch(() => undefined)
+        .finally(() => (this.beating = undefined));
+    }, WRITER_HEARTBEAT_MS);
     this.timer.unref();
   }
 
   /**
-   * Checks, before the backup's manifest is written, that the record is still there: a garbage
-   * collection that took the backup for dead removed it and may have moved chunks it names.
+   * Checks, before and after the backup's manifest is written, that the writer is alive: its
+   * record is still there and was never removed, and its heartbeats never stopped long enough
+   * for a garbage collection to take the backup for dead (which may then have deleted chunks
+   * it names).
    * @throws {@link ChunkStoreError} `ERR_WRITER_EXPIRED`.
    */
   async assertAlive(): Promise<void> {
-    if ((await this.store.objects.head(this.key)) === null) {
-      throw new ChunkStoreError('ERR_WRITER_EXPIRED', `backup ${this.store.volid(this.record.volname)}: its writer record ${this.store}/${this.key} was removed by a garbage collection that took the backup for dead; it is not completed`);
+    this.checkGap();
+    if (!this.expired && (await this.store.objects.head(this.key)) === null) this.expired = 'a garbage collection that took the backup for dead removed it';
+    if (this.expired) {
+      throw new ChunkStoreError('ERR_WRITER_EXPIRED', `backup ${this.store.volid(this.record.volname)}: its writer record ${this.store}/${this.key} expired (${this.expired}); it is not completed`);
     }
   }
 
@@ -218,6 +269,7 @@ export class BackupWriter {
   async end(): Promise<void> {
     clearInterval(this.timer);
     this.timer = undefined;
+    await this.beating;
     await this.store.objects.delete(this.key);
   }
 }

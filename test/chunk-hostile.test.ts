@@ -1,0 +1,111 @@
+/**
+ * The chunk store under hostile conditions, from an operator's side, against a real distributed
+ * S3 store (Garage, three nodes) and real qemu-storage-daemon disks: what a backup that a garbage
+ * collection took for dead may do when it wakes up.
+ */
+import { readFile, rm } from 'node:fs/promises';
+import path from 'node:path';
+
+import { afterAll, afterEach, describe, expect, it, vi } from 'vitest';
+
+import { collectGarbage } from '../lib/chunk-provider/gc.js';
+import { ChunkProvider } from '../lib/chunk-provider/provider.js';
+import { ChunkStore, WRITER_HEARTBEAT_MS } from '../lib/chunk-provider/store.js';
+import { restoreVm, runBackupJob } from '../lib/index.js';
+import { startDisk, vmGuest, type Disk } from './helpers/directory.js';
+import { expectSameBytes } from './helpers/images.js';
+import { stopAll, tempDir } from './helpers/qemu.js';
+import { useS3Cluster } from './helpers/use-s3-cluster.js';
+
+const MiB = 2 ** 20;
+/** S3 times have whole seconds: a chunk is older than a run only in an earlier second. */
+const nextSecond = (): Promise<void> => new Promise((r) => setTimeout(r, 1100));
+
+describe('chunk store, hostile runs (Garage, 3 nodes)', { timeout: 300_000 }, () => {
+  const garage = useS3Cluster('hostile');
+  afterEach(async () => {
+    vi.useRealTimers();
+    await stopAll();
+  });
+  afterAll(() => undefined);
+
+  const provider = (store: ChunkStore, stateDir: string, onProgress?: (p: { done: number }) => void): ChunkProvider =>
+    new ChunkProvider({ storeid: 'chunks', scfg: {}, log: () => undefined }, { store, stateDir, ...(onProgress ? { onProgress } : {}) });
+
+  async function backup(p: ChunkProvider, disk: Disk, scratch: string, bandwidthLimit?: number): Promise<{ volname?: string; error?: { code?: string }; content: Buffer }> {
+    const content = disk.snapshot();
+    const r = await runBackupJob({ provider: p, storeid: 'chunks', guests: [vmGuest(disk)], tmpdir: scratch, ...(bandwidthLimit ? { bandwidthLimit } : {}) }).catch(
+      (e: { result?: Awaited<ReturnType<typeof runBackupJob>> }) => e.result!,
+    );
+    const g = r.guests[0]!;
+    return { ...(g.volname ? { volname: g.volname } : {}), ...(g.error ? { error: g.error as { code?: string } } : {}), content };
+  }
+
+  it('a backup taken for dead (its record stale, removed) whose heartbeat comes back later fails with ERR_WRITER_EXPIRED, not as a backup naming deleted chunks', async () => {
+    // The scenario: an incremental backup is paused (host suspended, network cut, process
+    // stopped) for longer than the 15 minutes a writer record lives without a heartbeat. Two
+    // collections run meanwhile: the first takes the backup for dead (its record removed),
+    // and with the previous backup pruned, moves the chunks the backup took from the previous
+    // index aside; the second deletes them. Then the backup wakes up: its heartbeat timer fires
+    // first. It must not write its record back and complete: its index names deleted chunks.
+    const disk = await startDisk(32 * MiB);
+    for (let i = 0; i < 8; i++) await disk.write(0x40 + i, i * 4 * MiB, 4 * MiB);
+    const scratch = await tempDir();
+    const store = await ChunkStore.open(garage.fresh());
+    const first = await backup(provider(store, scratch), disk, scratch);
+    expect(first.error).toBeUndefined();
+    await disk.write(0x99, 0, 16 * MiB); // four chunks change: the incremental reads 16 MiB, at 1 MiB/s
+    await nextSecond();
+
+    // only the heartbeat's timer is faked: the test decides when the backup "wakes up"
+    vi.useFakeTimers({ toFake: ['setInterval', 'clearInterval'] });
+    let paused: Promise<void> | undefined;
+    const whilePaused = async (): Promise<void> => {
+      await store.deleteBackup(first.volname!); // pruned: nothing else names its chunks
+      const run1 = await collectGarbage(store, { cutoffMarginSeconds: 0, staleAfterSeconds: -1 });
+      expect(run1.staleWriters).toHaveLength(1);
+      expect(run1.fossilized.chunks).toBeGreaterThan(0);
+      const run2 = await collectGarbage(store, { cutoffMarginSeconds: 0, staleAfterSeconds: -1 });
+      expect(run2.finalized[0]!.deleted).toBeGreaterThan(0);
+      // the backup wakes up: its overdue heartbeat fires before anything else
+      vi.advanceTimersByTime(WRITER_HEARTBEAT_MS);
+      await new Promise((r) => setTimeout(r, 1000));
+    };
+    const second = await backup(
+      provider(store, scratch, () => void (paused ??= whilePaused())),
+      disk,
+      scratch,
+      1 * MiB,
+    );
+    await paused;
+    vi.useRealTimers();
+
+    if (second.error === undefined) {
+      // what main did: a backup listed as complete whose unchanged chunks are gone
+      const target = path.join(scratch, 'second.raw');
+      const restored = await restoreVm({ provider: provider(store, scratch), volname: second.volname!, storeid: 'chunks', targets: { disk0: target } })
+        .then(async () => expectSameBytes(await readFile(target), second.content, 'second'))
+        .catch((e: Error) => e);
+      await rm(target, { force: true });
+      expect.fail(`the backup completed although a collection took it for dead; its restore: ${restored instanceof Error ? restored.message : 'byte-exact'}`);
+    }
+    expect(second.error).toMatchObject({ code: 'ERR_WRITER_EXPIRED' });
+    expect(await store.listBackups()).toEqual([]);
+    expect(await store.objects.list('writers/')).toEqual([]);
+  });
+
+  it('a writer whose heartbeats did not reach the store for 15 minutes (host asleep, store out of reach) takes itself for dead, whether or not a collection did', async () => {
+    const store = await ChunkStore.open(garage.fresh());
+    await store.ensureCreated();
+    const { writer } = await store.startBackup(100, 'qemu', new Date());
+    await writer.assertAlive();
+    // only the wall clock is faked: it jumps as it does when a suspended host wakes up
+    vi.useFakeTimers({ toFake: ['Date'] });
+    vi.setSystemTime(Date.now() + 15 * 60_000);
+    await expect(writer.assertAlive()).rejects.toMatchObject({ code: 'ERR_WRITER_EXPIRED', message: expect.stringMatching(/no heartbeat reached the store for 900 s/) });
+    vi.useRealTimers();
+    await expect(writer.assertAlive()).rejects.toMatchObject({ code: 'ERR_WRITER_EXPIRED' }); // for good
+    await writer.end();
+    expect(await store.objects.list('writers/')).toEqual([]);
+  });
+});
