@@ -29,8 +29,8 @@ describe('chunk store, hostile runs (Garage, 3 nodes)', { timeout: 300_000 }, ()
   });
   afterAll(() => undefined);
 
-  const provider = (store: ChunkStore, stateDir: string, onProgress?: (p: { done: number }) => void): ChunkProvider =>
-    new ChunkProvider({ storeid: 'chunks', scfg: {}, log: () => undefined }, { store, stateDir, ...(onProgress ? { onProgress } : {}) });
+  const provider = (store: ChunkStore, stateDir: string, onProgress?: (p: { done: number }) => void, now?: () => Date): ChunkProvider =>
+    new ChunkProvider({ storeid: 'chunks', scfg: {}, log: () => undefined }, { store, stateDir, ...(onProgress ? { onProgress } : {}), ...(now ? { now } : {}) });
 
   async function backup(p: ChunkProvider, disk: Disk, scratch: string, bandwidthLimit?: number): Promise<{ volname?: string; error?: { code?: string }; content: Buffer }> {
     const content = disk.snapshot();
@@ -107,5 +107,27 @@ describe('chunk store, hostile runs (Garage, 3 nodes)', { timeout: 300_000 }, ()
     await expect(writer.assertAlive()).rejects.toMatchObject({ code: 'ERR_WRITER_EXPIRED' }); // for good
     await writer.end();
     expect(await store.objects.list('writers/')).toEqual([]);
+  });
+
+  it('two hosts sharing a store back up a guest of the same id in the same second: two backups, each restoring its own disk', async () => {
+    // Two clusters (or a cluster and the command line) given the same bucket and prefix: VM 100
+    // is the first id of every cluster, and schedules fire on the minute. The name of a backup
+    // is chosen from a listing of backups/100/, and its folder gets its first object only
+    // after QEMU is set up: two backups starting in the same second must not share it.
+    const disks = await Promise.all([startDisk(16 * MiB), startDisk(16 * MiB)]);
+    for (const [h, d] of disks.entries()) for (let i = 0; i < 4; i++) await d.write(0x10 * (h + 1) + i, i * 4 * MiB, 4 * MiB);
+    const store = await ChunkStore.open(garage.fresh());
+    await store.ensureCreated();
+    const at = new Date();
+    const hosts = await Promise.all([tempDir(), tempDir()]);
+    const runs = await Promise.all(disks.map((d, h) => backup(provider(store, hosts[h]!, undefined, () => at), d, hosts[h]!)));
+    for (const r of runs) expect(r.error).toBeUndefined();
+    for (const [h, r] of runs.entries()) {
+      const target = path.join(hosts[h]!, 'restored.raw');
+      await restoreVm({ provider: provider(store, hosts[h]!), volname: r.volname!, storeid: 'chunks', targets: { disk0: target } });
+      expectSameBytes(await readFile(target), r.content, `host ${h}: ${r.volname}`);
+      await rm(target, { force: true });
+    }
+    expect(new Set(runs.map((r) => r.volname)).size).toBe(2);
   });
 });

@@ -171,6 +171,9 @@ export interface StoredWriter {
   modified: number;
 }
 
+/** How often {@link ChunkStore.startBackup} chooses a name again when other backups took it at the same time. */
+const START_ATTEMPTS = 8;
+
 /** How often a running backup rewrites its writer record. */
 export const WRITER_HEARTBEAT_MS = 60_000;
 /** A writer record not rewritten for this long (store time) belongs to a dead backup. */
@@ -519,19 +522,42 @@ export class ChunkStore {
 
   /**
    * A new backup's volume name for `date` (a suffix `-N` when a backup of that second has objects
-   * already), and its writer record (for garbage collection), written before anything else of
-   * the backup. End it with {@link BackupWriter.end}.
+   * already, or another backup holds that name), and its writer record (for garbage collection),
+   * written before anything else of the backup. End it with {@link BackupWriter.end}.
+   *
+   * The name is the backup's alone. Two hosts that share a store (two clusters given the same
+   * bucket and prefix: guest ids repeat, and schedules fire on the minute) can start a backup of
+   * the same guest id in the same second, and a backup's folder gets its first object only after
+   * QEMU is set up: both would choose the same free name, and the manifest written last would
+   * make the other's backup restore a different guest's disks without an error. S3 has no
+   * create-if-absent here (Garage ignores `If-None-Match` on a `PUT`), so the writer record
+   * claims the name: each backup writes its record, then reads the others; as each reads after
+   * its own write, of two backups that chose the same name at least one sees the other, and one
+   * that sees another record naming its backup gives the name up and chooses again.
    */
   async startBackup(vmid: number, vmtype: GuestType, date: Date): Promise<{ volname: string; writer: BackupWriter }> {
-    const taken = new Set((await this.objects.list(`backups/${vmid}/`)).map((o) => o.key.split('/')[2]));
     const base = `${vmtype}-${backupIdOf(date)}`;
-    let dirName = base;
-    for (let n = 1; taken.has(dirName); n++) dirName = `${base}-${n}`;
-    const volname = volnameOf(vmid, dirName);
-    const record: WriterRecord = { volname, host: os.hostname(), pid: process.pid, started: Math.floor(Date.now() / 1000) };
-    const writer = new BackupWriter(`writers/${randomBytes(8).toString('hex')}.json`, record, this);
-    await writer.begin();
-    return { volname, writer };
+    for (let attempt = 1; ; attempt++) {
+      const taken = new Set((await this.objects.list(`backups/${vmid}/`)).map((o) => o.key.split('/')[2]));
+      for (const w of await this.writers()) {
+        const p = matchVolname(w.record.volname);
+        if (p?.vmid === vmid) taken.add(p.dirName);
+      }
+      let dirName = base;
+      for (let n = 1; taken.has(dirName); n++) dirName = `${base}-${n}`;
+      const volname = volnameOf(vmid, dirName);
+      const record: WriterRecord = { volname, host: os.hostname(), pid: process.pid, started: Math.floor(Date.now() / 1000) };
+      const writer = new BackupWriter(`writers/${randomBytes(8).toString('hex')}.json`, record, this);
+      await writer.begin();
+      const rival = (await this.writers()).find((w) => w.key !== writer.key && w.record.volname === volname);
+      if (!rival) return { volname, writer };
+      await writer.end();
+      if (attempt === START_ATTEMPTS) {
+        throw new ChunkBackupError('ERR_PROVIDER_STATE', `backup of guest ${vmid} in ${this}: ${START_ATTEMPTS} names were taken at once by other backups (the last, ${this.volid(volname)}, by ${rival.record.host} pid ${rival.record.pid}); try again`, { volname });
+      }
+      // both may have given the name up: a random pause keeps them from meeting again
+      await new Promise((r) => setTimeout(r, 100 + Math.floor(Math.random() * 900)));
+    }
   }
 
   /**
