@@ -10,7 +10,8 @@ import { afterAll, afterEach, describe, expect, it, vi } from 'vitest';
 
 import { collectGarbage } from '../lib/chunk-provider/gc.js';
 import { ChunkProvider } from '../lib/chunk-provider/provider.js';
-import { ChunkStore, WRITER_HEARTBEAT_MS } from '../lib/chunk-provider/store.js';
+import { createKeyFile, readKeyFile } from '../lib/chunk-provider/key.js';
+import { ChunkStore, STORE_JSON, WRITER_HEARTBEAT_MS } from '../lib/chunk-provider/store.js';
 import { restoreVm, runBackupJob } from '../lib/index.js';
 import { startDisk, vmGuest, type Disk } from './helpers/directory.js';
 import { expectSameBytes } from './helpers/images.js';
@@ -129,5 +130,35 @@ describe('chunk store, hostile runs (Garage, 3 nodes)', { timeout: 300_000 }, ()
       await rm(target, { force: true });
     }
     expect(new Set(runs.map((r) => r.volname)).size).toBe(2);
+  });
+
+  it('two first backups with different keys: neither replaces the store.json the other created; one that lost the race fails, not at its restore', async () => {
+    const dir = await tempDir();
+    const [keyA, keyB] = [path.join(dir, 'a.key'), path.join(dir, 'b.key')];
+    await createKeyFile(keyA);
+    await createKeyFile(keyB);
+    const o = garage.fresh();
+    // both opened before either created the store (two hosts' first jobs)
+    const a = await ChunkStore.open({ ...o, keyFile: keyA });
+    const b = await ChunkStore.open({ ...o, keyFile: keyB });
+    await a.ensureCreated();
+    await expect(b.ensureCreated()).rejects.toMatchObject({ code: 'ERR_KEY_MISMATCH' });
+    expect(JSON.parse((await a.objects.get(STORE_JSON))!.toString('utf8'))).toMatchObject({ encryption: { fingerprint: a.fingerprint } });
+
+    // the race S3 cannot prevent: each read back its own store.json before the other's landed;
+    // B's lands while A's backup runs
+    const disk = await startDisk(8 * MiB);
+    await disk.write(0x5a, 0, 8 * MiB);
+    const bDescriptor = JSON.stringify({ format: 'pve-backup-provider/chunks', version: 1, chunkSize: 4 * MiB, created: 0, encryption: { cipher: 'aes-256-gcm', fingerprint: (await readKeyFile(keyB)).fingerprint } });
+    let replaced: Promise<void> | undefined;
+    const r = await backup(
+      provider(a, dir, () => void (replaced ??= a.objects.put(STORE_JSON, Buffer.from(bDescriptor)))),
+      disk,
+      dir,
+      4 * MiB,
+    );
+    await replaced;
+    expect(r.error).toMatchObject({ code: 'ERR_KEY_MISMATCH' });
+    expect(await a.listBackups()).toEqual([]);
   });
 });

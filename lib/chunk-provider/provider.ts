@@ -494,6 +494,7 @@ export class ChunkProvider extends BackupProviderBase {
       // before and after: a collection that took this backup for dead removes its record before
       // it deletes anything, so a record still there after the write means nothing was deleted
       await g.writer.assertAlive();
+      await store.assertDescriptorUnchanged();
       g.manifest = await store.writeManifest({
         format: CHUNK_STORE_FORMAT,
         version: CHUNK_STORE_VERSION,

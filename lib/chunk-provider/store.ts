@@ -456,6 +456,13 @@ export class ChunkStore {
    */
   async ensureCreated(): Promise<void> {
     if (this.descriptor) return;
+    // another host may have created it since this store was opened: a plain PUT would replace
+    // it, and every backup written with its key would then be refused (ERR_KEY_MISMATCH)
+    this.descriptor = await this.readDescriptor();
+    if (this.descriptor) {
+      checkFingerprint(this.fingerprint, this.key, `the chunk store ${this}`);
+      return;
+    }
     const d: StoreDescriptor = {
       format: CHUNK_STORE_FORMAT,
       version: CHUNK_STORE_VERSION,
@@ -466,6 +473,22 @@ export class ChunkStore {
     await this.objects.put(STORE_JSON, Buffer.from(`${JSON.stringify(d, null, 2)}\n`));
     this.descriptor = await this.readDescriptor();
     checkFingerprint(this.fingerprint, this.key, `the chunk store ${this}`);
+  }
+
+  /**
+   * Reads `store.json` again, before a backup is completed: two first backups with different
+   * keys (or none) can each create it and read back their own before the other's lands (S3
+   * has no create-if-absent `PUT` here), and the one whose descriptor was replaced wrote chunks
+   * and blobs under a key that is not the store's: its backup must fail now, not be refused
+   * at its restore.
+   * @throws {@link ChunkStoreError} `ERR_KEY_MISMATCH`, `ERR_KEY_REQUIRED`; {@link ChunkBackupError}
+   *   `ERR_BACKUP_CORRUPT` when `store.json` is gone or damaged.
+   */
+  async assertDescriptorUnchanged(): Promise<void> {
+    const now = await this.readDescriptor();
+    if (now === null) throw new ChunkBackupError('ERR_BACKUP_CORRUPT', `${this}/${STORE_JSON} is gone since this backup started`, { file: STORE_JSON });
+    const recorded = now.encryption?.fingerprint ?? null;
+    checkFingerprint(recorded, this.key, `the chunk store ${this} (its ${STORE_JSON} was replaced since this backup started)`);
   }
 
   /**
