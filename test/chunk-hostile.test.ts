@@ -11,7 +11,8 @@ import { afterAll, afterEach, describe, expect, it, vi } from 'vitest';
 import { collectGarbage } from '../lib/chunk-provider/gc.js';
 import { ChunkProvider } from '../lib/chunk-provider/provider.js';
 import { createKeyFile, readKeyFile } from '../lib/chunk-provider/key.js';
-import { ChunkStore, STORE_JSON, WRITER_HEARTBEAT_MS } from '../lib/chunk-provider/store.js';
+import { ChunkStore, chunkKey, STORE_JSON, WRITER_HEARTBEAT_MS } from '../lib/chunk-provider/store.js';
+import { verifyChunkStore } from '../lib/chunk-provider/verify.js';
 import { restoreVm, runBackupJob } from '../lib/index.js';
 import { startDisk, vmGuest, type Disk } from './helpers/directory.js';
 import { expectSameBytes } from './helpers/images.js';
@@ -160,5 +161,34 @@ describe('chunk store, hostile runs (Garage, 3 nodes)', { timeout: 300_000 }, ()
     await replaced;
     expect(r.error).toMatchObject({ code: 'ERR_KEY_MISMATCH' });
     expect(await a.listBackups()).toEqual([]);
+  });
+
+  it('a damaged fossil of a chunk stored again meanwhile is never copied over the sound chunk when a collection brings it back', async () => {
+    const disk = await startDisk(8 * MiB);
+    await disk.write(0x61, 0, 8 * MiB);
+    const scratch = await tempDir();
+    const store = await ChunkStore.open(garage.fresh());
+    const first = await backup(provider(store, scratch), disk, scratch);
+    const digests = (await store.readFixedIndex(await store.readManifest(first.volname!), 'disk0')).digests;
+    await store.deleteBackup(first.volname!);
+    await nextSecond();
+    const run1 = await collectGarbage(store, { cutoffMarginSeconds: 0 });
+    expect(run1.fossilized.chunks).toBe(1); // both 4 MiB halves are the same chunk
+    // the next backup of the same content does not see the fossil: it stores the chunk again
+    const again = await backup(provider(store, await tempDir()), disk, scratch);
+    expect(await store.objects.head(chunkKey(digests[0]!))).not.toBeNull();
+    // the fossil rots (a damaged disk of a storage node, a stray write)
+    const [fossil] = await store.objects.list('fossils/');
+    const bytes = (await store.objects.get(fossil!.key))!;
+    bytes[bytes.length - 1]! ^= 0xff;
+    await store.objects.put(fossil!.key, bytes);
+
+    const run2 = await collectGarbage(store, { cutoffMarginSeconds: 0 });
+    expect(run2.finalized).toMatchObject([{ collection: run1.fossilized.collection, deleted: 0 }]);
+    expect(await store.objects.list('fossils/')).toEqual([]);
+    expect((await verifyChunkStore(store)).map((r) => r.ok)).toEqual([true]);
+    const target = path.join(scratch, 'again.raw');
+    await restoreVm({ provider: provider(store, scratch), volname: again.volname!, storeid: 'chunks', targets: { disk0: target } });
+    expectSameBytes(await readFile(target), again.content, 'again');
   });
 });
