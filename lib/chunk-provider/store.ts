@@ -722,6 +722,29 @@ export class ChunkStore {
     return keys.sort();
   }
 
+  /**
+   * Moves a chunk that verify found damaged (twice) out of the readers' and the backups' way:
+   * `chunks/…/<d>` and its fossils to `bad/<d[0..2]>/<d[2..4]>/<d>.<unix seconds>`, kept for
+   * whoever wants to look at them and never read again. Left where it was, a backup would take
+   * it as stored (`HEAD` says present) and name it again, so no backup after the damage could be
+   * restored; gone, the next backup that reads its content stores it again, and every backup
+   * naming it restores again. Proxmox Backup Server renames a corrupt chunk to `<digest>.0.bad`
+   * for the same reason (proxmox-backup `src/backup/verify.rs`, `rename_corrupted_chunk`).
+   * @returns The keys moved.
+   */
+  async setAsideDamagedChunk(digest: Buffer): Promise<string[]> {
+    const hex = digest.toString('hex');
+    const aside = `bad/${hex.slice(0, 2)}/${hex.slice(2, 4)}/${hex}.${Math.floor(Date.now() / 1000)}`;
+    const moved: string[] = [];
+    const keys = [chunkKey(digest), ...(await this.objects.list(`fossils/${hex.slice(0, 2)}/${hex.slice(2, 4)}/${hex}.`)).map((o) => o.key)];
+    for (const [i, key] of keys.entries()) {
+      if (!(await this.objects.copy(key, i === 0 ? aside : `${aside}.${i}`))) continue; // not there
+      await this.objects.delete(key);
+      moved.push(key);
+    }
+    return moved;
+  }
+
   // ----- verify state -------------------------------------------------------------------------
 
   /** Records a backup's verify verdict (`verify.json`). */
