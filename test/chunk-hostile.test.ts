@@ -222,4 +222,25 @@ describe('chunk store, hostile runs (Garage, 3 nodes)', { timeout: 300_000 }, ()
     await restore(first.volname!, first.content); // its chunk is sound again
     expect((await verifyChunkStore(store)).map((r) => r.ok)).toEqual([true, true]);
   });
+
+  it('a guest backed up from another host meanwhile (live migration carries QEMU\'s bitmap): the next backup on the first host is not incremental over its own older backup', async () => {
+    // QEMU migrates named dirty bitmaps (qemu-server enables the dirty-bitmaps capability when
+    // pve-qemu reports pbs-dirty-bitmap-migration: QemuMigrate/Helpers.pm), so the bitmap
+    // `snapshot-access:<storeid>` goes with the guest; each host's ledger stays behind. Here one
+    // qemu-storage-daemon is the guest, and two state folders are the two hosts.
+    const disk = await startDisk(16 * MiB);
+    for (let i = 0; i < 4; i++) await disk.write(0x30 + i, i * 4 * MiB, 4 * MiB);
+    const store = await ChunkStore.open(garage.fresh());
+    const [hostA, hostB] = await Promise.all([tempDir(), tempDir()]);
+    const p1 = await backup(provider(store, hostA), disk, hostA); // on A
+    await disk.write(0x41, 0, 4 * MiB);
+    const p2 = await backup(provider(store, hostB), disk, hostB); // migrated to B: a full backup there; the bitmap now counts since p2
+    expect(p2.error).toBeUndefined();
+    await disk.write(0x42, 4 * MiB, 4 * MiB);
+    const p3 = await backup(provider(store, hostA), disk, hostA); // migrated back to A
+    expect(p3.error).toBeUndefined();
+    const target = path.join(hostA, 'p3.raw');
+    await restoreVm({ provider: provider(store, hostA), volname: p3.volname!, storeid: 'chunks', targets: { disk0: target } });
+    expectSameBytes(await readFile(target), p3.content, `${p3.volname} (after ${p1.volname} on A, ${p2.volname} on B)`);
+  });
 });

@@ -745,6 +745,35 @@ export class ChunkStore {
     return moved;
   }
 
+  // ----- bitmap owner -------------------------------------------------------------------------
+
+  /**
+   * The store's side of the bitmap ledger: the backup of guest `vmid` that last may have told
+   * QEMU success for its bitmap, from whichever host (`bitmaps/<vmid>.json`). The host's ledger
+   * (`BitmapLedger`, lib/provider/bitmap-ledger.ts) stays on its host, but QEMU's bitmap goes
+   * with the guest: a live migration carries it (qemu-server enables the `dirty-bitmaps`
+   * capability when pve-qemu reports `pbs-dirty-bitmap-migration`: `QemuMigrate/Helpers.pm`).
+   * After a backup on another host the bitmap counts writes since that backup, while this
+   * host's ledger still names its own older one; an incremental backup over that would miss
+   * every write in between, silently. So a backup is incremental only when both name it.
+   * @returns The volume name, or `undefined` when none is recorded or the record does not parse.
+   */
+  async bitmapOwner(vmid: number): Promise<string | undefined> {
+    const data = await this.objects.get(`bitmaps/${vmid}.json`);
+    if (data === null) return undefined;
+    try {
+      const v = (JSON.parse(data.toString('utf8')) as { volname?: unknown }).volname;
+      return typeof v === 'string' ? v : undefined;
+    } catch {
+      return undefined;
+    }
+  }
+
+  /** Records {@link bitmapOwner}: written with the host's ledger, before a backup reads a disk. */
+  async setBitmapOwner(vmid: number, volname: string): Promise<void> {
+    await this.objects.put(`bitmaps/${vmid}.json`, Buffer.from(`${JSON.stringify({ volname, host: os.hostname(), time: Math.floor(Date.now() / 1000) })}\n`));
+  }
+
   // ----- verify state -------------------------------------------------------------------------
 
   /** Records a backup's verify verdict (`verify.json`). */
