@@ -1,12 +1,17 @@
 /**
  * The chunk store under hostile conditions, from an operator's side, against a real distributed
- * S3 store (Garage, three nodes) and real qemu-storage-daemon disks: what a backup that a garbage
- * collection took for dead may do when it wakes up.
+ * S3 store (Garage, three nodes) and real qemu-storage-daemon disks. Each test is a way a backup
+ * was lost or restored wrong without an error: a backup a garbage collection took for dead
+ * completing when it woke up (its heartbeat wrote its removed record back); two hosts sharing a
+ * store naming two backups alike in the same second; two first backups with different keys each
+ * creating `store.json`; a damaged fossil copied over a sound chunk; a damaged chunk taken as
+ * present by every later backup; a guest backed up on another host (QEMU's bitmap migrates with
+ * it, the host's ledger does not).
  */
 import { readFile, rm } from 'node:fs/promises';
 import path from 'node:path';
 
-import { afterAll, afterEach, describe, expect, it, vi } from 'vitest';
+import { afterEach, describe, expect, it, vi } from 'vitest';
 
 import { collectGarbage } from '../lib/chunk-provider/gc.js';
 import { ChunkProvider } from '../lib/chunk-provider/provider.js';
@@ -29,7 +34,6 @@ describe('chunk store, hostile runs (Garage, 3 nodes)', { timeout: 300_000 }, ()
     vi.useRealTimers();
     await stopAll();
   });
-  afterAll(() => undefined);
 
   const provider = (store: ChunkStore, stateDir: string, onProgress?: (p: { done: number }) => void, now?: () => Date): ChunkProvider =>
     new ChunkProvider({ storeid: 'chunks', scfg: {}, log: () => undefined }, { store, stateDir, ...(onProgress ? { onProgress } : {}), ...(now ? { now } : {}) });
