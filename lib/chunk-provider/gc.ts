@@ -227,9 +227,12 @@ export async function collectGarbage(store: ChunkStore, o: GcOptions = {}): Prom
         checkSignal(o.signal);
         const hex = digestOf(f.key);
         if (marked.has(hex)) {
-          // a backup running when it was moved took it by its existence: it goes back
+          // a backup running when it was moved took it by its existence: it goes back, unless a
+          // later backup stored it again: that copy is sound as far as anyone knows, the fossil
+          // was never checked (a damaged one copied over it would be the only copy left)
           if (!dryRun) {
-            await objects.copy(f.key, chunkKey(Buffer.from(hex, 'hex')));
+            const chunk = chunkKey(Buffer.from(hex, 'hex'));
+            if ((await objects.head(chunk)) === null) await objects.copy(f.key, chunk);
             await objects.delete(f.key);
           }
           done.restored++;

@@ -269,6 +269,12 @@ export class ChunkProvider extends BackupProviderBase {
       return undefined;
     }
     const volname = owner.volname;
+    // the bitmap goes with the guest (live migration), this host's ledger does not
+    const recorded = await store.bitmapOwner(vmid);
+    if (recorded !== volname) {
+      this.log.warn(`QEMU's bitmap for storage ${this.storeid} was last handed to ${recorded ?? 'a backup this store has no record of'} (another host, e.g. before a migration), not to ${volname}: full backup`);
+      return undefined;
+    }
     let m: ChunkManifest;
     try {
       m = await store.readManifest(volname, { needKey: true });
@@ -304,7 +310,9 @@ export class ChunkProvider extends BackupProviderBase {
   /** Records, before the first disk is read, that this backup may tell QEMU success. */
   private async claimBitmap(g: GuestBackup): Promise<void> {
     if (g.claimedBitmap) return;
-    await this.ledger.write(g.vmid, { store: (await this.openStore()).identity, volname: g.volname });
+    const store = await this.openStore();
+    await this.ledger.write(g.vmid, { store: store.identity, volname: g.volname });
+    await store.setBitmapOwner(g.vmid, g.volname);
     g.claimedBitmap = true;
   }
 
@@ -494,6 +502,7 @@ export class ChunkProvider extends BackupProviderBase {
       // before and after: a collection that took this backup for dead removes its record before
       // it deletes anything, so a record still there after the write means nothing was deleted
       await g.writer.assertAlive();
+      await store.assertDescriptorUnchanged();
       g.manifest = await store.writeManifest({
         format: CHUNK_STORE_FORMAT,
         version: CHUNK_STORE_VERSION,
@@ -565,7 +574,10 @@ export class ChunkProvider extends BackupProviderBase {
   private async discard(g: GuestBackup, o: { forgetPrevious?: boolean } = {}): Promise<void> {
     this.running.delete(g.vmid);
     const store = await this.openStore();
-    if (!o.forgetPrevious && g.claimedBitmap && g.previous) await this.ledger.write(g.vmid, { store: store.identity, volname: g.previous.volname });
+    if (!o.forgetPrevious && g.claimedBitmap && g.previous) {
+      await this.ledger.write(g.vmid, { store: store.identity, volname: g.previous.volname });
+      await store.setBitmapOwner(g.vmid, g.previous.volname);
+    }
     await store.removeObjects(g.volname);
     await g.writer.end();
   }

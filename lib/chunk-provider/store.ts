@@ -171,17 +171,41 @@ export interface StoredWriter {
   modified: number;
 }
 
+/** How often {@link ChunkStore.startBackup} chooses a name again when other backups took it at the same time. */
+const START_ATTEMPTS = 8;
+
 /** How often a running backup rewrites its writer record. */
 export const WRITER_HEARTBEAT_MS = 60_000;
 /** A writer record not rewritten for this long (store time) belongs to a dead backup. */
 export const WRITER_STALE_SECONDS = 15 * 60;
 
 /**
+ * How long a writer may go without a heartbeat that reached the store before it takes itself for
+ * dead: a minute short of {@link WRITER_STALE_SECONDS}, for the time a request takes to arrive
+ * (the store stamps a record when it receives it; the writer counts from when it sent it).
+ */
+const WRITER_SELF_EXPIRY_MS = (WRITER_STALE_SECONDS - 60) * 1000;
+
+/**
  * A running backup's writer record, rewritten every {@link WRITER_HEARTBEAT_MS} so that garbage
  * collection knows the backup is alive. Created by {@link ChunkStore.startBackup}.
+ *
+ * Once a collection took the backup for dead (its record not rewritten for 15 minutes: the
+ * process was stopped, its host suspended, the store out of reach), it may have deleted chunks
+ * the backup names, so the backup must never complete: the writer then counts as expired for
+ * good. A heartbeat never writes a removed record back (it would hide the removal from
+ * {@link BackupWriter.assertAlive}: an overdue timer fires first when a stopped process resumes),
+ * and the writer notices by itself when its heartbeats were missing long enough for any
+ * collection to take it for dead, whether or not one did.
  */
 export class BackupWriter {
   private timer: NodeJS.Timeout | undefined;
+  /** The heartbeat in flight, awaited by {@link end} so that it cannot write the record back after it. */
+  private beating: Promise<void> | undefined;
+  /** Why the writer counts as dead (for good), once it does. */
+  private expired: string | undefined;
+  /** When the last rewrite that reached the store was sent: `Date.now()` and `performance.now()` (which stops while the host sleeps). */
+  private lastBeat = { wall: 0, mono: 0 };
 
   /** @internal */
   constructor(
@@ -195,22 +219,52 @@ export class BackupWriter {
     return Buffer.from(`${JSON.stringify(this.record)}\n`);
   }
 
+  /** Marks the writer dead when no heartbeat reached the store for {@link WRITER_SELF_EXPIRY_MS}, by either clock. */
+  private checkGap(): void {
+    const gap = Math.max(Date.now() - this.lastBeat.wall, performance.now() - this.lastBeat.mono);
+    if (gap > WRITER_SELF_EXPIRY_MS) this.expired ??= `no heartbeat reached the store for ${Math.round(gap / 1000)} s, long enough for a garbage collection to take the backup for dead`;
+  }
+
+  /** A rewrite of the record, unless it was removed (then the writer is expired) or the writer is. */
+  private async beat(): Promise<void> {
+    this.checkGap();
+    if (this.expired) return;
+    const sent = { wall: Date.now(), mono: performance.now() };
+    if ((await this.store.objects.head(this.key)) === null) {
+      this.expired ??= 'a garbage collection that took the backup for dead removed it';
+      return;
+    }
+    await this.store.objects.put(this.key, this.body());
+    this.lastBeat = sent;
+  }
+
   /** @internal Writes the record and starts the heartbeat. */
   async begin(): Promise<void> {
+    const sent = { wall: Date.now(), mono: performance.now() };
     await this.store.objects.put(this.key, this.body());
-    // a failed rewrite is retried by the next beat; `assertAlive` is what decides
-    this.timer = setInterval(() => void this.store.objects.put(this.key, this.body()).catch(() => undefined), WRITER_HEARTBEAT_MS);
+    this.lastBeat = sent;
+    // a failed rewrite is retried by the next beat; the gap between those that succeed decides
+    this.timer = setInterval(() => {
+      if (this.beating) return; // the previous one still waits for the store
+      this.beating = this.beat()
+        .catch(() => undefined)
+        .finally(() => (this.beating = undefined));
+    }, WRITER_HEARTBEAT_MS);
     this.timer.unref();
   }
 
   /**
-   * Checks, before the backup's manifest is written, that the record is still there: a garbage
-   * collection that took the backup for dead removed it and may have moved chunks it names.
+   * Checks, before and after the backup's manifest is written, that the writer is alive: its
+   * record is still there and was never removed, and its heartbeats never stopped long enough
+   * for a garbage collection to take the backup for dead (which may then have deleted chunks
+   * it names).
    * @throws {@link ChunkStoreError} `ERR_WRITER_EXPIRED`.
    */
   async assertAlive(): Promise<void> {
-    if ((await this.store.objects.head(this.key)) === null) {
-      throw new ChunkStoreError('ERR_WRITER_EXPIRED', `backup ${this.store.volid(this.record.volname)}: its writer record ${this.store}/${this.key} was removed by a garbage collection that took the backup for dead; it is not completed`);
+    this.checkGap();
+    if (!this.expired && (await this.store.objects.head(this.key)) === null) this.expired = 'a garbage collection that took the backup for dead removed it';
+    if (this.expired) {
+      throw new ChunkStoreError('ERR_WRITER_EXPIRED', `backup ${this.store.volid(this.record.volname)}: its writer record ${this.store}/${this.key} expired (${this.expired}); it is not completed`);
     }
   }
 
@@ -218,6 +272,7 @@ export class BackupWriter {
   async end(): Promise<void> {
     clearInterval(this.timer);
     this.timer = undefined;
+    await this.beating;
     await this.store.objects.delete(this.key);
   }
 }
@@ -401,6 +456,13 @@ export class ChunkStore {
    */
   async ensureCreated(): Promise<void> {
     if (this.descriptor) return;
+    // another host may have created it since this store was opened: a plain PUT would replace
+    // it, and every backup written with its key would then be refused (ERR_KEY_MISMATCH)
+    this.descriptor = await this.readDescriptor();
+    if (this.descriptor) {
+      checkFingerprint(this.fingerprint, this.key, `the chunk store ${this}`);
+      return;
+    }
     const d: StoreDescriptor = {
       format: CHUNK_STORE_FORMAT,
       version: CHUNK_STORE_VERSION,
@@ -411,6 +473,22 @@ export class ChunkStore {
     await this.objects.put(STORE_JSON, Buffer.from(`${JSON.stringify(d, null, 2)}\n`));
     this.descriptor = await this.readDescriptor();
     checkFingerprint(this.fingerprint, this.key, `the chunk store ${this}`);
+  }
+
+  /**
+   * Reads `store.json` again, before a backup is completed: two first backups with different
+   * keys (or none) can each create it and read back their own before the other's lands (S3
+   * has no create-if-absent `PUT` here), and the one whose descriptor was replaced wrote chunks
+   * and blobs under a key that is not the store's: its backup must fail now, not be refused
+   * at its restore.
+   * @throws {@link ChunkStoreError} `ERR_KEY_MISMATCH`, `ERR_KEY_REQUIRED`; {@link ChunkBackupError}
+   *   `ERR_BACKUP_CORRUPT` when `store.json` is gone or damaged.
+   */
+  async assertDescriptorUnchanged(): Promise<void> {
+    const now = await this.readDescriptor();
+    if (now === null) throw new ChunkBackupError('ERR_BACKUP_CORRUPT', `${this}/${STORE_JSON} is gone since this backup started`, { file: STORE_JSON });
+    const recorded = now.encryption?.fingerprint ?? null;
+    checkFingerprint(recorded, this.key, `the chunk store ${this} (its ${STORE_JSON} was replaced since this backup started)`);
   }
 
   /**
@@ -467,19 +545,42 @@ export class ChunkStore {
 
   /**
    * A new backup's volume name for `date` (a suffix `-N` when a backup of that second has objects
-   * already), and its writer record (for garbage collection), written before anything else of
-   * the backup. End it with {@link BackupWriter.end}.
+   * already, or another backup holds that name), and its writer record (for garbage collection),
+   * written before anything else of the backup. End it with {@link BackupWriter.end}.
+   *
+   * The name is the backup's alone. Two hosts that share a store (two clusters given the same
+   * bucket and prefix: guest ids repeat, and schedules fire on the minute) can start a backup of
+   * the same guest id in the same second, and a backup's folder gets its first object only after
+   * QEMU is set up: both would choose the same free name, and the manifest written last would
+   * make the other's backup restore a different guest's disks without an error. S3 has no
+   * create-if-absent here (Garage ignores `If-None-Match` on a `PUT`), so the writer record
+   * claims the name: each backup writes its record, then reads the others; as each reads after
+   * its own write, of two backups that chose the same name at least one sees the other, and one
+   * that sees another record naming its backup gives the name up and chooses again.
    */
   async startBackup(vmid: number, vmtype: GuestType, date: Date): Promise<{ volname: string; writer: BackupWriter }> {
-    const taken = new Set((await this.objects.list(`backups/${vmid}/`)).map((o) => o.key.split('/')[2]));
     const base = `${vmtype}-${backupIdOf(date)}`;
-    let dirName = base;
-    for (let n = 1; taken.has(dirName); n++) dirName = `${base}-${n}`;
-    const volname = volnameOf(vmid, dirName);
-    const record: WriterRecord = { volname, host: os.hostname(), pid: process.pid, started: Math.floor(Date.now() / 1000) };
-    const writer = new BackupWriter(`writers/${randomBytes(8).toString('hex')}.json`, record, this);
-    await writer.begin();
-    return { volname, writer };
+    for (let attempt = 1; ; attempt++) {
+      const taken = new Set((await this.objects.list(`backups/${vmid}/`)).map((o) => o.key.split('/')[2]));
+      for (const w of await this.writers()) {
+        const p = matchVolname(w.record.volname);
+        if (p?.vmid === vmid) taken.add(p.dirName);
+      }
+      let dirName = base;
+      for (let n = 1; taken.has(dirName); n++) dirName = `${base}-${n}`;
+      const volname = volnameOf(vmid, dirName);
+      const record: WriterRecord = { volname, host: os.hostname(), pid: process.pid, started: Math.floor(Date.now() / 1000) };
+      const writer = new BackupWriter(`writers/${randomBytes(8).toString('hex')}.json`, record, this);
+      await writer.begin();
+      const rival = (await this.writers()).find((w) => w.key !== writer.key && w.record.volname === volname);
+      if (!rival) return { volname, writer };
+      await writer.end();
+      if (attempt === START_ATTEMPTS) {
+        throw new ChunkBackupError('ERR_PROVIDER_STATE', `backup of guest ${vmid} in ${this}: ${START_ATTEMPTS} names were taken at once by other backups (the last, ${this.volid(volname)}, by ${rival.record.host} pid ${rival.record.pid}); try again`, { volname });
+      }
+      // both may have given the name up: a random pause keeps them from meeting again
+      await new Promise((r) => setTimeout(r, 100 + Math.floor(Math.random() * 900)));
+    }
   }
 
   /**
@@ -619,6 +720,58 @@ export class ChunkStore {
     const keys: string[] = [];
     for (let i = 0; i < missing.length; i += 32) keys.push(chunkKey(missing.subarray(i, i + 32)));
     return keys.sort();
+  }
+
+  /**
+   * Moves a chunk that verify found damaged (twice) out of the readers' and the backups' way:
+   * `chunks/…/<d>` and its fossils to `bad/<d[0..2]>/<d[2..4]>/<d>.<unix seconds>`, kept for
+   * whoever wants to look at them and never read again. Left where it was, a backup would take
+   * it as stored (`HEAD` says present) and name it again, so no backup after the damage could be
+   * restored; gone, the next backup that reads its content stores it again, and every backup
+   * naming it restores again. Proxmox Backup Server renames a corrupt chunk to `<digest>.0.bad`
+   * for the same reason (proxmox-backup `src/backup/verify.rs`, `rename_corrupted_chunk`).
+   * @returns The keys moved.
+   */
+  async setAsideDamagedChunk(digest: Buffer): Promise<string[]> {
+    const hex = digest.toString('hex');
+    const aside = `bad/${hex.slice(0, 2)}/${hex.slice(2, 4)}/${hex}.${Math.floor(Date.now() / 1000)}`;
+    const moved: string[] = [];
+    const keys = [chunkKey(digest), ...(await this.objects.list(`fossils/${hex.slice(0, 2)}/${hex.slice(2, 4)}/${hex}.`)).map((o) => o.key)];
+    for (const [i, key] of keys.entries()) {
+      if (!(await this.objects.copy(key, i === 0 ? aside : `${aside}.${i}`))) continue; // not there
+      await this.objects.delete(key);
+      moved.push(key);
+    }
+    return moved;
+  }
+
+  // ----- bitmap owner -------------------------------------------------------------------------
+
+  /**
+   * The store's side of the bitmap ledger: the backup of guest `vmid` that last may have told
+   * QEMU success for its bitmap, from whichever host (`bitmaps/<vmid>.json`). The host's ledger
+   * (`BitmapLedger`, lib/provider/bitmap-ledger.ts) stays on its host, but QEMU's bitmap goes
+   * with the guest: a live migration carries it (qemu-server enables the `dirty-bitmaps`
+   * capability when pve-qemu reports `pbs-dirty-bitmap-migration`: `QemuMigrate/Helpers.pm`).
+   * After a backup on another host the bitmap counts writes since that backup, while this
+   * host's ledger still names its own older one; an incremental backup over that would miss
+   * every write in between, silently. So a backup is incremental only when both name it.
+   * @returns The volume name, or `undefined` when none is recorded or the record does not parse.
+   */
+  async bitmapOwner(vmid: number): Promise<string | undefined> {
+    const data = await this.objects.get(`bitmaps/${vmid}.json`);
+    if (data === null) return undefined;
+    try {
+      const v = (JSON.parse(data.toString('utf8')) as { volname?: unknown }).volname;
+      return typeof v === 'string' ? v : undefined;
+    } catch {
+      return undefined;
+    }
+  }
+
+  /** Records {@link bitmapOwner}: written with the host's ledger, before a backup reads a disk. */
+  async setBitmapOwner(vmid: number, volname: string): Promise<void> {
+    await this.objects.put(`bitmaps/${vmid}.json`, Buffer.from(`${JSON.stringify({ volname, host: os.hostname(), time: Math.floor(Date.now() / 1000) })}\n`));
   }
 
   // ----- verify state -------------------------------------------------------------------------

@@ -74,6 +74,30 @@ async function recordVerdict(store: ChunkStore, volname: string, state: ChunkVer
 }
 
 /**
+ * Moves the chunks found damaged out of the way ({@link ChunkStore.setAsideDamagedChunk}), so
+ * that the next backup that reads their content stores them again instead of taking them as
+ * present: without that, no backup made after the damage could be restored. Each is checked a
+ * second time first (a damaged read is moved only when it is damaged again). Credentials that
+ * may only read cannot move them: a warning, as for the verdicts.
+ */
+async function setAsideDamaged(store: ChunkStore, corrupt: Array<{ key: string; code: string }>, job: ChunkVerify, log: LogFunction | undefined): Promise<void> {
+  const digests = corrupt.filter((p) => p.code === 'ERR_BACKUP_CORRUPT').map((p) => Buffer.from(p.key.slice(p.key.lastIndexOf('/') + 1), 'hex'));
+  if (digests.length === 0) return;
+  const { onProgress: _p, samplePercent: _s, ...rest } = job;
+  const again = await nativeVerifyChunks({ ...rest, sources: [{ name: 'again', digests }] });
+  for (const p of again.corrupt.filter((c) => c.code === 'ERR_BACKUP_CORRUPT')) {
+    const digest = Buffer.from(p.key.slice(p.key.lastIndexOf('/') + 1), 'hex');
+    try {
+      const moved = await store.setAsideDamagedChunk(digest);
+      if (moved.length > 0) log?.('warn', `chunk ${store}/${p.key} is damaged: moved to ${store}/bad/ (${moved.join(', ')}), so that the next backup holding its content stores it again`);
+    } catch (err) {
+      if (!(err instanceof ChunkStoreError) || err.code !== 'ERR_STORE_ACCESS') throw err;
+      log?.('warn', `chunk ${store}/${p.key} is damaged, and the store refused to move it aside (${err.message}): backups will keep taking it as stored until it is removed`);
+    }
+  }
+}
+
+/**
  * Verifies backups of a chunk store.
  * @throws {@link ChunkStoreError} `ERR_KEY_REQUIRED` (an encrypted store without its key), the
  *   store's errors; {@link ChunkBackupError} `ERR_UNKNOWN_VOLUME` for a named backup that does
@@ -142,6 +166,7 @@ export async function verifyChunkStore(store: ChunkStore, o: VerifyChunkStoreOpt
   for (const p of s.corrupt) {
     for (const v of p.neededBy) byName.get(v)?.problems.push(`chunk ${store}/${p.key} is corrupt: ${p.error}; needed by ${neededBy(p.neededBy)}`);
   }
+  await setAsideDamaged(store, s.corrupt, job, o.log);
   const sampled = o.samplePercent !== undefined && o.samplePercent < 100;
   const time = Math.floor(Date.now() / 1000);
   for (const b of backups) {
