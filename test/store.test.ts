@@ -22,7 +22,7 @@ import {
 } from '../lib/index.js';
 import { MANIFEST_VERSION, STORE_FORMAT, manifestChecksum, type Manifest } from '../lib/directory-provider/layout.js';
 import { currentOwner } from '../lib/owner.js';
-import { BitmapLedger } from '../lib/provider/bitmap-ledger.js';
+import { BitmapLedger, defaultStateDir, hasPveClusterFs } from '../lib/provider/bitmap-ledger.js';
 import { damageImageData, expectRestores, startDisk, vmGuest, type Disk } from './helpers/directory.js';
 import { stopAll, tempDir } from './helpers/qemu.js';
 
@@ -378,6 +378,29 @@ function modes(dir: string, skip: (p: string) => boolean = () => false): Array<[
   walk(dir);
   return out;
 }
+
+describe('the bitmap ledger is seen wherever the bitmap goes', () => {
+  it('on a Proxmox VE node (pmxcfs at /etc/pve) it lives in the cluster file system, the same on every node; elsewhere on the host', () => {
+    const pmxcfs = '/dev/fuse /etc/pve fuse rw,nosuid,nodev,relatime,user_id=0,group_id=0,default_permissions,allow_other 0 0';
+    const plain = 'proc /proc proc rw,nosuid,nodev,noexec,relatime 0 0\n/dev/vda1 / ext4 rw,relatime 0 0';
+    expect(hasPveClusterFs(`${plain}\n${pmxcfs}\n`)).toBe(true);
+    expect(hasPveClusterFs(plain)).toBe(false);
+    expect(hasPveClusterFs('/dev/fuse /etc/pve/sub fuse rw 0 0\n/dev/vda2 /etc/pve ext4 rw 0 0')).toBe(false);
+    const env = process.env['PVE_BACKUP_PROVIDER_STATE_DIR'];
+    delete process.env['PVE_BACKUP_PROVIDER_STATE_DIR'];
+    try {
+      if (process.getuid?.() === 0) {
+        expect(defaultStateDir(pmxcfs)).toBe('/etc/pve/priv/pve-backup-provider');
+        expect(defaultStateDir(plain)).toBe('/var/lib/pve-backup-provider');
+      } else {
+        expect(defaultStateDir(pmxcfs)).toMatch(/\/pve-backup-provider$/);
+      }
+    } finally {
+      process.env['PVE_BACKUP_PROVIDER_STATE_DIR'] = env;
+    }
+    expect(defaultStateDir(pmxcfs)).toBe(path.resolve(env!));
+  });
+});
 
 describe('a store is private to its owner', () => {
   it('with umask 0, every folder is 0700 and every file 0600; nobody cannot read an image; verify reports an open store', async () => {

@@ -10,13 +10,25 @@
  * here: outside every store, so that all stores of the host see it. The next backup is incremental
  * only when this record names exactly the store and backup it builds on.
  *
+ * The record must be seen wherever the bitmap goes. QEMU's bitmap goes with the guest: a live
+ * migration carries it (qemu-server enables the `dirty-bitmaps` migration capability when pve-qemu
+ * reports `pbs-dirty-bitmap-migration`, `QemuMigrate/Helpers.pm`), and a backup on the other node
+ * clears it. With a record on each node, a guest backed up on node A, then on node B, then on A
+ * again would get an incremental over A's own older backup holding only the writes since B's:
+ * a restore without the writes in between, and no error (when each node has its own store under
+ * one storage id; a shared store shows B's backup as the newest and catches it). So on a Proxmox
+ * VE node the records live in the cluster file system, the same files on every node.
+ *
  * Layout: `<stateDir>/bitmaps/<storeid>/<vmid>.json` = `{ store, volname }`; folders 0700, files 0600.
- * `stateDir` is `$PVE_BACKUP_PROVIDER_STATE_DIR`, else `/var/lib/pve-backup-provider` (root) or
- * `$XDG_STATE_HOME/pve-backup-provider` (`~/.local/state`). A persistent place on purpose: QEMU
- * keeps bitmaps of qcow2 disks across restarts.
+ * `stateDir` is `$PVE_BACKUP_PROVIDER_STATE_DIR`, else, as root, `/etc/pve/priv/pve-backup-provider`
+ * where `/etc/pve` is Proxmox VE's cluster file system (pmxcfs; `priv/` is root's alone there, and
+ * it takes a 0600 file's `fchmod`, an atomic rename and `fsync`) or `/var/lib/pve-backup-provider`;
+ * as another user `$XDG_STATE_HOME/pve-backup-provider` (`~/.local/state`). A persistent place on
+ * purpose: QEMU keeps bitmaps of qcow2 disks across restarts.
  *
  * @packageDocumentation
  */
+import { readFileSync } from 'node:fs';
 import { mkdir, readFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -31,11 +43,37 @@ export interface BitmapOwner {
   volname: string;
 }
 
-/** The default state folder (see the module documentation). */
-export function defaultStateDir(): string {
+/** Where Proxmox VE's cluster file system is mounted. */
+const PVE_CLUSTER_FS = '/etc/pve';
+
+/** Whether the mount table `mounts` (`/proc/self/mounts`) has Proxmox VE's cluster file system (pmxcfs, a FUSE mount) at `/etc/pve`. */
+export function hasPveClusterFs(mounts: string): boolean {
+  return mounts.split('\n').some((line) => {
+    const [, mountPoint, type] = line.split(' ');
+    return mountPoint === PVE_CLUSTER_FS && type === 'fuse';
+  });
+}
+
+/** `/proc/self/mounts`, or nothing where it cannot be read. */
+function readMountTable(): string {
+  try {
+    return readFileSync('/proc/self/mounts', 'utf8');
+  } catch {
+    return '';
+  }
+}
+
+/**
+ * The default state folder (see the module documentation).
+ * @param mounts - The mount table (default: `/proc/self/mounts`).
+ */
+export function defaultStateDir(mounts?: string): string {
   const env = process.env['PVE_BACKUP_PROVIDER_STATE_DIR'];
   if (env) return path.resolve(env);
-  if (process.getuid?.() === 0) return '/var/lib/pve-backup-provider';
+  if (process.getuid?.() === 0) {
+    const table = mounts ?? readMountTable();
+    return hasPveClusterFs(table) ? path.join(PVE_CLUSTER_FS, 'priv', 'pve-backup-provider') : '/var/lib/pve-backup-provider';
+  }
   return path.join(process.env['XDG_STATE_HOME'] ?? path.join(os.homedir(), '.local', 'state'), 'pve-backup-provider');
 }
 
