@@ -67,6 +67,23 @@ export function ownerIsDead(owner: unknown): boolean {
   return start === undefined || start !== o.start;
 }
 
+/**
+ * `<host>-<pid>-<start>` of the current process: a file or folder it leaves while it works is
+ * named with it, so that a later run can remove the ones a killed process left
+ * ({@link nameTagOwnerIsDead}).
+ */
+export function ownerNameTag(): string {
+  const me = currentOwner();
+  return `${me.host}-${me.pid}-${me.start ?? 0}`;
+}
+
+/** Whether `tag` (as {@link ownerNameTag} made it) names a process of this host that is gone. */
+export function nameTagOwnerIsDead(tag: string): boolean {
+  const m = /^(.+)-(\d+)-(\d+)$/.exec(tag);
+  const me = currentOwner();
+  return m !== null && m[1] === me.host && ownerIsDead({ ...me, pid: Number(m[2]), start: m[3] });
+}
+
 /** `pid N on HOST` for messages. */
 export function describeOwner(owner: unknown): string {
   const o = (owner ?? {}) as Partial<AccessOwner>;

@@ -11,7 +11,7 @@
 import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { closeSync, existsSync, lchownSync, mkdirSync, mkdtempSync, openSync, readdirSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { hostname, tmpdir } from 'node:os';
 import path from 'node:path';
 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -23,6 +23,7 @@ import { verifyChunkStore } from '../lib/chunk-provider/verify.js';
 import { ChunkProvider } from '../lib/chunk-provider/provider.js';
 import { ChunkStore, chunkKey } from '../lib/chunk-provider/store.js';
 import { parseIdMap } from '../lib/container/idmap.js';
+import { ownerNameTag } from '../lib/owner.js';
 import { restoreContainer, runBackupJob } from '../lib/index.js';
 import { tempDir } from './helpers/qemu.js';
 import { useS3Cluster } from './helpers/use-s3-cluster.js';
@@ -109,8 +110,24 @@ describe('containers in the chunk store (Garage, 3 nodes; real tar)', { timeout:
     expect(res).toMatchObject({ mechanism: 'tar', config: 'hostname: ct200\n' });
     expect(snapshotTree(dst)).toEqual(before);
 
-    // Proxmox VE's path: a regular .tar file (read twice), extracted with Proxmox's flags, then removed
+    // Proxmox VE's path: a regular .tar file (read twice), extracted with Proxmox's flags, then removed.
+    // What restores killed before their cleanup left goes first: only a dead process's of this host
+    const gone = spawnSync('true').pid!;
+    const left = {
+      dead: path.join(tmpdir(), `pbp-ct-restore-${hostname()}-${gone}-1-aaaaaa`),
+      alive: path.join(tmpdir(), `pbp-ct-restore-${ownerNameTag()}-bbbbbb`),
+      otherHost: path.join(tmpdir(), `pbp-ct-restore-${hostname()}x-${gone}-1-cccccc`),
+    };
+    for (const d of Object.values(left)) {
+      mkdirSync(d, { mode: 0o700 });
+      writeFileSync(path.join(d, 'root.tar'), 'left behind');
+    }
     const { tarPath } = await p.restoreContainerInit(volname, 'chunks', {});
+    try {
+      expect(Object.fromEntries(Object.entries(left).map(([k, d]) => [k, existsSync(d)]))).toEqual({ dead: false, alive: true, otherHost: true });
+    } finally {
+      for (const d of Object.values(left)) rmSync(d, { recursive: true, force: true });
+    }
     expect(tarPath).toMatch(/\/root\.tar$/);
     expect({ mode: statSync(tarPath!).mode & 0o777, size: statSync(tarPath!).size }).toEqual({ mode: 0o600, size: m.archive!.size });
     expect(statSync(path.dirname(tarPath!)).mode & 0o777).toBe(0o700);

@@ -40,7 +40,7 @@
  * @packageDocumentation
  */
 import { closeSync, openSync } from 'node:fs';
-import { mkdtemp, readFile, rm, stat } from 'node:fs/promises';
+import { mkdtemp, readFile, readdir, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 
@@ -68,6 +68,7 @@ import { pruneAnswer, storedBackup } from '../provider/storage-side.js';
 import { BitmapLedger } from '../provider/bitmap-ledger.js';
 import { nbdUriFor } from '../provider/dirty-regions.js';
 import { MechanismError } from '../provider/errors.js';
+import { nameTagOwnerIsDead, ownerNameTag } from '../owner.js';
 import type { FuseExport } from '../qemu/storage-daemon.js';
 import { ChunkBackupError } from './errors.js';
 import { extractTarStream, writeTarStream } from '../container/tar.js';
@@ -121,6 +122,9 @@ interface GuestBackup {
   copyFailed?: boolean;
   manifest?: ChunkManifest;
 }
+
+/** Start of the name of the private folder a container restore for Proxmox VE writes its tar into (see {@link ChunkProvider.restoreContainerInit}). */
+const CT_RESTORE_PREFIX = 'pbp-ct-restore-';
 
 /** Every disk was read: QEMU may be (or have been) told success for this backup. */
 function dataCopied(g: GuestBackup): boolean {
@@ -726,12 +730,18 @@ export class ChunkProvider extends BackupProviderBase {
    * writes the stream from its chunks, each checked against its digest, into `root.tar` (0600) in
    * a private temporary folder (0700, under `TMPDIR`: room for the whole stream is needed
    * there); `restoreContainerCleanup` removes it. A failure removes it here (Proxmox VE skips the
-   * cleanup when the init dies).
+   * cleanup when the init dies). The folder is named after this process: the folders of restores
+   * whose process was killed before their cleanup (a whole container's data each) are removed
+   * by the next one on this host.
    */
   override async restoreContainerInit(volname: string, _storeid: string, _info: Record<string, never>): Promise<RestoreContainerInitResult> {
     const { store, m, indexKey } = await this.containerArchive(volname);
     await this.restoreContainerCleanup(volname, _storeid, _info);
-    const dir = await mkdtemp(path.join(tmpdir(), 'pbp-ct-restore-'));
+    for (const name of await readdir(tmpdir()).catch(() => [] as string[])) {
+      // mkdtemp appends 6 characters to the prefix
+      if (name.startsWith(CT_RESTORE_PREFIX) && nameTagOwnerIsDead(name.slice(CT_RESTORE_PREFIX.length, -7))) await rm(path.join(tmpdir(), name), { recursive: true, force: true });
+    }
+    const dir = await mkdtemp(path.join(tmpdir(), `${CT_RESTORE_PREFIX}${ownerNameTag()}-`));
     const tarPath = path.join(dir, 'root.tar');
     try {
       this.log.info(`writing ${m.archive!.index} (${m.archive!.size} bytes) to ${tarPath}, chunks checked against their digests`);

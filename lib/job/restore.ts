@@ -20,7 +20,7 @@ import type { BackupProvider, GuestType, IdMapEntry, LogFunction, RestoreHookInf
 import { MechanismError, RestoreError } from '../provider/errors.js';
 import { createLogger, type ProviderLogger } from '../provider/logger.js';
 import { parseIdMap } from '../container/idmap.js';
-import { currentOwner, ownerIsDead, type AccessOwner } from '../owner.js';
+import { nameTagOwnerIsDead, ownerNameTag } from '../owner.js';
 import { extractDirectoryWithTar, extractTarArchive } from '../container/tar.js';
 import { isUri, qemuImgConvert, type ConvertProgress } from './qemu-img.js';
 
@@ -204,8 +204,8 @@ interface PlacedTarget {
   discard(): Promise<void>;
 }
 
-/** The temporary name of a restore into `target` by `owner`: see {@link placeTarget}. */
-const partialName = (target: string, owner: AccessOwner): string => `${target}.partial-${owner.host}-${owner.pid}-${owner.start ?? 0}`;
+/** The temporary name of a restore into `target` by this process: see {@link placeTarget}. */
+const partialName = (target: string): string => `${target}.partial-${ownerNameTag()}`;
 
 /**
  * Removes the temporary files that restores into `target` left when they were killed (SIGKILL
@@ -214,13 +214,9 @@ const partialName = (target: string, owner: AccessOwner): string => `${target}.p
  * is anything else in the folder.
  */
 async function removeDeadPartials(target: string): Promise<void> {
-  const me = currentOwner();
   const base = path.basename(target);
   for (const name of await readdir(path.dirname(target)).catch(() => [] as string[])) {
-    if (!name.startsWith(`${base}.partial-`)) continue;
-    const m = /^(.+)-(\d+)-(\d+)$/.exec(name.slice(base.length + '.partial-'.length));
-    if (!m || m[1] !== me.host) continue;
-    if (ownerIsDead({ ...me, pid: Number(m[2]), start: m[3] })) await unlink(path.join(path.dirname(target), name)).catch(() => undefined);
+    if (name.startsWith(`${base}.partial-`) && nameTagOwnerIsDead(name.slice(base.length + '.partial-'.length))) await unlink(path.join(path.dirname(target), name)).catch(() => undefined);
   }
 }
 
@@ -242,7 +238,7 @@ async function placeTarget(target: string, size: number, overwrite: 'in-place' |
   });
   if (st && (!st.isFile() || overwrite === 'in-place')) return inPlace;
   await removeDeadPartials(target);
-  const partial = partialName(target, currentOwner());
+  const partial = partialName(target);
   const fh = await open(partial, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, 0o600);
   try {
     await fh.chmod(0o600); // the umask may have taken bits off the mode passed to open
