@@ -8,19 +8,12 @@
 // object with console.dir (a progress line, a debugging aid);
 // scfg `record`: a file that gets one JSON line per call, {method, args, path} (path: scfg's). Default export: a factory.
 import { appendFileSync } from 'node:fs';
-
-const METHODS = [
-  'providerName', 'jobInit', 'jobCleanup', 'backupInit', 'backupCleanup', 'backupGetMechanism',
-  'backupHandleLogFile', 'backupVmQueryIncremental', 'backupVm', 'backupContainerPrepare',
-  'backupContainer', 'restoreGetMechanism', 'archiveGetGuestConfig', 'archiveGetFirewallConfig',
-  'restoreVmInit', 'restoreVmCleanup', 'restoreVmVolumeInit', 'restoreVmVolumeCleanup',
-  'restoreContainerInit', 'restoreContainerCleanup',
-];
+import { API2_METHODS } from './api-methods.mjs';
 
 export default (context) => {
   const answers = context.scfg.answers ?? {};
   const provider = { apiVersion: 2 };
-  for (const m of METHODS) {
+  for (const m of API2_METHODS) {
     provider[m] = async (...args) => {
       const ms = context.scfg.block?.[m];
       if (ms) Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, Number(ms));
