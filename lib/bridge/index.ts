@@ -5,7 +5,7 @@
  */
 export { ProviderHost, loadProviderModule, BRIDGE_PROTOCOL_VERSION, type ProviderHostOptions, type ProviderModuleExport } from './host.js';
 export { BridgeError, PluginFileExistsError } from './errors.js';
-export { STORAGE_CALLS, isStorageCall, serveStorageCall, keepFromPerl, BACKUP_VOLUME_FORMAT, type StorageCall, type StorageCallLog, type PveVolumeItem, type PvePruneItem } from './storage-calls.js';
+export { STORAGE_CALLS, isStorageCall, serveStorageCall, keepFromPerl, BACKUP_VOLUME_FORMAT, type StorageCall, type PveVolumeItem, type PvePruneItem } from './storage-calls.js';
 export {
   generatePvePlugin,
   writePvePlugin,

@@ -19,7 +19,7 @@
  *
  * @packageDocumentation
  */
-import type { BackupProviderV2, GuestType, PruneOptions, StoredBackup, StoragePruneMark } from '../provider/api.js';
+import type { BackupProviderV2, GuestType, LogFunction, PruneOptions, StoredBackup, StoragePruneMark } from '../provider/api.js';
 import { NotImplementedError } from '../provider/errors.js';
 import { markBackups } from '../provider/prune.js';
 import { BridgeError } from './errors.js';
@@ -37,9 +37,6 @@ export const STORAGE_CALLS = [
 
 /** One of {@link STORAGE_CALLS}. */
 export type StorageCall = (typeof STORAGE_CALLS)[number];
-
-/** Where a storage call's warnings go: the host's log events (Proxmox VE's log function). */
-export type StorageCallLog = (level: 'info' | 'warn' | 'err', message: string) => void;
 
 /** Whether `method` is a storage call (the host's dispatch hands it to {@link serveStorageCall}). */
 export function isStorageCall(method: string): method is StorageCall {
@@ -159,7 +156,7 @@ function backupProblem(b: StoredBackup): string | undefined {
  * `list_volumes`): failing the whole call would break the GUI's listing of every backup, and the
  * prune vzdump runs after each backup of the guest, which then fails and removes that backup.
  */
-async function listed(pr: BackupProviderV2, vmid: number | undefined, method: string, log: StorageCallLog): Promise<StoredBackup[]> {
+async function listed(pr: BackupProviderV2, vmid: number | undefined, method: string, log: LogFunction): Promise<StoredBackup[]> {
   const list = await hook(pr, 'listBackups')(vmid !== undefined ? { vmid } : {});
   if (!Array.isArray(list)) throw new BridgeError(`${method}: listBackups returned no list`, { method });
   return list.filter((b: StoredBackup) => {
@@ -193,7 +190,7 @@ function groups(list: StoredBackup[]): Map<string, StoredBackup[]> {
   return g;
 }
 
-async function pruneBackups(pr: BackupProviderV2, storeid: string, p: unknown[], log: StorageCallLog): Promise<PvePruneItem[]> {
+async function pruneBackups(pr: BackupProviderV2, storeid: string, p: unknown[], log: LogFunction): Promise<PvePruneItem[]> {
   const method = 'prune_backups';
   const keep = keepFromPerl(p[0], method);
   const vmid = optVmid(p[1], method);
@@ -263,11 +260,11 @@ async function pruneBackups(pr: BackupProviderV2, storeid: string, p: unknown[],
  * @param storeid - The storage id from `hello`.
  * @param method - A {@link StorageCall}.
  * @param p - The Perl arguments after `$class, $scfg, $storeid`.
- * @param log - Where warnings go (a backup the provider lists malformed is skipped with one).
+ * @param log - Where warnings go, the host's log events (a backup the provider lists malformed is skipped with one).
  * @throws {@link NotImplementedError} when the provider lacks the hook; {@link BridgeError} on
  *   arguments or answers of the wrong shape; whatever the provider's hook throws.
  */
-export async function serveStorageCall(pr: BackupProviderV2, storeid: string, method: StorageCall, p: unknown[], log: StorageCallLog = () => undefined): Promise<unknown> {
+export async function serveStorageCall(pr: BackupProviderV2, storeid: string, method: StorageCall, p: unknown[], log: LogFunction = () => undefined): Promise<unknown> {
   switch (method) {
     case 'status': {
       const s = await hook(pr, 'status')();
