@@ -26,7 +26,7 @@ import { CancelledError } from '../errors.js';
 import { native } from '../native.js';
 import type { LogFunction } from '../provider/api.js';
 import { ChunkBackupError, ChunkStoreError, fromNative } from './errors.js';
-import { chunkKey, MANIFEST, WRITER_HEARTBEAT_MS, WRITER_STALE_SECONDS, type ChunkStore, type StoredWriter } from './store.js';
+import { chunkKey, digestOfKey, MANIFEST, WRITER_HEARTBEAT_MS, WRITER_STALE_SECONDS, type ChunkStore, type StoredWriter } from './store.js';
 
 const RUNNING = 'gc/running.json';
 /** How far before the oldest running backup's start a chunk must be to become a fossil (clocks differ). */
@@ -84,9 +84,6 @@ export interface GcReport {
 function fossilKey(hex: string, collection: string): string {
   return `fossils/${hex.slice(0, 2)}/${hex.slice(2, 4)}/${hex}.${collection}`;
 }
-
-/** The digest (hex) of a `chunks/…/<hex>` or `fossils/…/<hex>.<id>` key. */
-const digestOf = (key: string): string => key.slice(key.lastIndexOf('/') + 1).split('.')[0]!;
 
 function checkSignal(signal: AbortSignal | undefined): void {
   if (signal?.aborted) throw new CancelledError('garbage collection cancelled', { cause: signal.reason });
@@ -225,7 +222,7 @@ export async function collectGarbage(store: ChunkStore, o: GcOptions = {}): Prom
       const mine = fossils.filter((f) => f.key.endsWith(`.${c.id}`));
       await eachLimit(mine, CONCURRENCY, async (f) => {
         checkSignal(o.signal);
-        const hex = digestOf(f.key);
+        const hex = digestOfKey(f.key);
         if (marked.has(hex)) {
           // a backup running when it was moved took it by its existence: it goes back, unless a
           // later backup stored it again: that copy is sound as far as anyone knows, the fossil
@@ -273,7 +270,7 @@ export async function collectGarbage(store: ChunkStore, o: GcOptions = {}): Prom
     const cutoff = Math.min(t0, ...liveA.map((w) => w.record.started)) - (o.cutoffMarginSeconds ?? CUTOFF_MARGIN_SECONDS);
     const chunks = await objects.list('chunks/');
     report.chunks = chunks.length;
-    const unused = chunks.filter((c) => !marked.has(digestOf(c.key)) && c.modified < cutoff);
+    const unused = chunks.filter((c) => !marked.has(digestOfKey(c.key)) && c.modified < cutoff);
     report.fossilized.chunks = unused.length;
     report.fossilized.bytes = unused.reduce((n, c) => n + c.size, 0);
     if (unused.length > 0 && !dryRun) {
@@ -282,7 +279,7 @@ export async function collectGarbage(store: ChunkStore, o: GcOptions = {}): Prom
       await writeCollection(store, c);
       await eachLimit(unused, CONCURRENCY, async (chunk) => {
         checkSignal(o.signal);
-        if (await objects.copy(chunk.key, fossilKey(digestOf(chunk.key), c.id))) await objects.delete(chunk.key);
+        if (await objects.copy(chunk.key, fossilKey(digestOfKey(chunk.key), c.id))) await objects.delete(chunk.key);
       });
       // a backup that started during the moves may have found a chunk just before it moved
       const end = live(await store.writers());

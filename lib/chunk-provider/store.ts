@@ -347,6 +347,11 @@ export function chunkKey(digest: Buffer): string {
   return `chunks/${d.slice(0, 2)}/${d.slice(2, 4)}/${d}`;
 }
 
+/** The digest (hex) of a chunk's key: `chunks/…/<hex>`, a fossil's `fossils/…/<hex>.<id>`, or a verify report's. */
+export function digestOfKey(key: string): string {
+  return key.slice(key.lastIndexOf('/') + 1).split('.')[0]!;
+}
+
 /** Decodes a `.fidx` object (docs/chunk-store.md, "Fixed index"), checking its magic, length and checksum. */
 export function decodeFixedIndex(data: Buffer, corrupt: (why: string) => Error, version: (v: number) => Error): FixedIndex {
   if (data.length < 24 + 32) throw corrupt('is too short for an index');

@@ -23,7 +23,7 @@
 import type { LogFunction } from '../provider/api.js';
 import { ChunkBackupError, ChunkStoreError } from './errors.js';
 import { nativeVerifyChunks, type ChunkVerify } from './jobs.js';
-import type { ChunkStore, ChunkVerifyState } from './store.js';
+import { digestOfKey, type ChunkStore, type ChunkVerifyState } from './store.js';
 
 /** One backup's verdict: the shape both stores' `verify` prints. */
 export interface ChunkVerifyResult {
@@ -81,12 +81,12 @@ async function recordVerdict(store: ChunkStore, volname: string, state: ChunkVer
  * may only read cannot move them: a warning, as for the verdicts.
  */
 async function setAsideDamaged(store: ChunkStore, corrupt: Array<{ key: string; code: string }>, job: ChunkVerify, log: LogFunction | undefined): Promise<void> {
-  const digests = corrupt.filter((p) => p.code === 'ERR_BACKUP_CORRUPT').map((p) => Buffer.from(p.key.slice(p.key.lastIndexOf('/') + 1), 'hex'));
+  const digests = corrupt.filter((p) => p.code === 'ERR_BACKUP_CORRUPT').map((p) => Buffer.from(digestOfKey(p.key), 'hex'));
   if (digests.length === 0) return;
   const { onProgress: _p, samplePercent: _s, ...rest } = job;
   const again = await nativeVerifyChunks({ ...rest, sources: [{ name: 'again', digests }] });
   for (const p of again.corrupt.filter((c) => c.code === 'ERR_BACKUP_CORRUPT')) {
-    const digest = Buffer.from(p.key.slice(p.key.lastIndexOf('/') + 1), 'hex');
+    const digest = Buffer.from(digestOfKey(p.key), 'hex');
     try {
       const moved = await store.setAsideDamagedChunk(digest);
       if (moved.length > 0) log?.('warn', `chunk ${store}/${p.key} is damaged: moved to ${store}/bad/ (${moved.join(', ')}), so that the next backup holding its content stores it again`);
