@@ -491,7 +491,7 @@ describe('the generated storage plugin under perl -T (jsonstore fixture)', () =>
     expect((await f.read()).backups.map((b) => b.volname)).toEqual(['backup/guest=101/2026-11-03T10:00:00Z', 'backup/guest=102/2026-11-02T10:00:00Z']);
   });
 
-  it('free_image deletes a backup; a protected one is refused by the provider, its message and code in the die', async () => {
+  it("free_image deletes a backup; a protected one is refused in the caller's task, not only in the delete's worker", async () => {
     const perl5 = await generate('jsonstore', JSONSTORE);
     const f = await fixture();
     const data = await f.read();
@@ -509,7 +509,7 @@ describe('the generated storage plugin under perl -T (jsonstore fixture)', () =>
       ],
     });
     expect(d.ops[0]!.result).toBe('worker');
-    expect(d.ops[1]!.error).toBe('backup/guest=101/2026-11-01T10:00:00Z is protected [ERR_BACKUP_PROTECTED]\n');
+    expect(d.ops[1]!.error).toBe("backup 'backup/guest=101/2026-11-01T10:00:00Z' is protected: unprotect it first\n");
     expect(d.ops[2]!.error).toMatch(/^unable to parse backup volume name/);
     expect((await f.read()).backups.map((b) => b.volname)).toEqual([
       'backup/guest=101/2026-11-01T10:00:00Z',

@@ -121,8 +121,10 @@ my %ops = (
         my (undef, undef, undef, undef, undef, undef, $format) = $plugin->parse_volname($o->{volname});
         my $worker = $plugin->free_image($storeid, $scfg, $o->{volname}, 0, $format);
         return 1 if !$worker;
-        # vdisk_free runs a returned code ref as a worker task of its own (fork_worker 'imgdel')
-        $worker->();
+        # vdisk_free runs a returned code ref as a worker task of its own (fork_worker 'imgdel'),
+        # whose failure shows in that task, not in the caller's
+        eval { $worker->() };
+        die "in the worker task: $@" if $@;
         return 'worker';
     },
     size => sub { my ($o) = @_; return [ $plugin->volume_size_info($scfg, $storeid, $o->{volname}, 5) ] },
