@@ -58,9 +58,11 @@ import { DirectoryStore, type PreviousInfo } from './store.js';
 /**
  * How long the job's own changes of a guest's backups (adding the task log, pruning) wait for a
  * delete or prune of them by another process (which may merge a large image) before they are
- * skipped: a job should not stall for long on housekeeping.
+ * skipped: a job should not stall for long on housekeeping. Well below the 60 s the generated
+ * storage plugin gives a storage call such as vzdump's prune (`$CALL_TIMEOUT`,
+ * perl/templates/StoragePlugin.pm.in), whose end would fail the prune, and so the guest, anyway.
  */
-const GUEST_LOCK_WAIT_MS = 60_000;
+const GUEST_LOCK_WAIT_MS = 30_000;
 
 /** Progress of one disk's copy, for a progress bar. */
 export interface DeviceProgress extends CopyProgress {
@@ -80,7 +82,7 @@ export interface DirectoryProviderOptions {
   stateDir?: string;
   /**
    * How long adding the task log and pruning wait while another process deletes or prunes the
-   * same guest's backups, before they are skipped with a warning; default 60 000 ms.
+   * same guest's backups, before they are skipped with a warning; default 30 000 ms.
    */
   guestLockWaitMs?: number;
 }
