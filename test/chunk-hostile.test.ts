@@ -22,7 +22,7 @@ import { restoreVm, runBackupJob } from '../lib/index.js';
 import { startDisk, vmGuest, type Disk } from './helpers/directory.js';
 import { expectSameBytes } from './helpers/images.js';
 import { stopAll, tempDir } from './helpers/qemu.js';
-import { useS3Cluster } from './helpers/use-s3-cluster.js';
+import { listedNow, useS3Cluster } from './helpers/use-s3-cluster.js';
 
 const MiB = 2 ** 20;
 /** S3 times have whole seconds: a chunk is older than a run only in an earlier second. */
@@ -97,7 +97,7 @@ describe('chunk store, hostile runs (Garage, 3 nodes)', { timeout: 300_000 }, ()
     }
     expect(second.error).toMatchObject({ code: 'ERR_WRITER_EXPIRED' });
     expect(await store.listBackups()).toEqual([]);
-    expect(await store.objects.list('writers/')).toEqual([]);
+    expect(await listedNow(store.objects, 'writers/')).toEqual([]);
   });
 
   it('a writer whose heartbeats did not reach the store for 15 minutes (host asleep, store out of reach) takes itself for dead, whether or not a collection did', async () => {
@@ -112,7 +112,7 @@ describe('chunk store, hostile runs (Garage, 3 nodes)', { timeout: 300_000 }, ()
     vi.useRealTimers();
     await expect(writer.assertAlive()).rejects.toMatchObject({ code: 'ERR_WRITER_EXPIRED' }); // for good
     await writer.end();
-    expect(await store.objects.list('writers/')).toEqual([]);
+    expect(await listedNow(store.objects, 'writers/')).toEqual([]);
   });
 
   it('two hosts sharing a store back up a guest of the same id in the same second: two backups, each restoring its own disk', async () => {
@@ -189,7 +189,7 @@ describe('chunk store, hostile runs (Garage, 3 nodes)', { timeout: 300_000 }, ()
 
     const run2 = await collectGarbage(store, { cutoffMarginSeconds: 0 });
     expect(run2.finalized).toMatchObject([{ collection: run1.fossilized.collection, deleted: 0 }]);
-    expect(await store.objects.list('fossils/')).toEqual([]);
+    expect(await listedNow(store.objects, 'fossils/')).toEqual([]);
     expect((await verifyChunkStore(store)).map((r) => r.ok)).toEqual([true]);
     const target = path.join(scratch, 'again.raw');
     await restoreVm({ provider: provider(store, scratch), volname: again.volname!, storeid: 'chunks', targets: { disk0: target } });

@@ -26,7 +26,7 @@ import { parseIdMap } from '../lib/container/idmap.js';
 import { ownerNameTag } from '../lib/owner.js';
 import { restoreContainer, runBackupJob } from '../lib/index.js';
 import { tempDir } from './helpers/qemu.js';
-import { useS3Cluster } from './helpers/use-s3-cluster.js';
+import { listedNow, useS3Cluster } from './helpers/use-s3-cluster.js';
 import { buildTree, requireContainerTools, snapshotTree, TEST_MAP_LINES } from './helpers/tree.js';
 
 const MiB = 2 ** 20;
@@ -276,8 +276,8 @@ describe('containers in the chunk store (Garage, 3 nodes; real tar)', { timeout:
     await expect(job).rejects.toMatchObject({ code: 'ERR_JOB_ABORTED' });
     expect((performance.now() - t0) / 1000).toBeLessThan(10); // stopped, not run to its end
     expect(await store.listBackups(200)).toEqual([]);
-    expect((await store.objects.list('backups/')).map((o) => o.key)).toEqual([]);
-    expect(await store.objects.list('writers/')).toEqual([]);
+    expect((await listedNow(store.objects, 'backups/')).map((o) => o.key)).toEqual([]);
+    expect(await listedNow(store.objects, 'writers/')).toEqual([]);
   });
 
   it('garbage collection keeps the chunks a container index names and deletes the others one run later', async () => {

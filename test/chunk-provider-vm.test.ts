@@ -19,7 +19,7 @@ import { restoreVm, runBackupJob } from '../lib/index.js';
 import { startDisk, vmGuest, type Disk } from './helpers/directory.js';
 import { expectSameBytes, qemuIo, rawContent } from './helpers/images.js';
 import { stopAll, tempDir } from './helpers/qemu.js';
-import { useS3Cluster } from './helpers/use-s3-cluster.js';
+import { listedNow, useS3Cluster } from './helpers/use-s3-cluster.js';
 
 const MiB = 2 ** 20;
 const CLI = path.join(import.meta.dirname, '..', 'dist', 'cli', 'main.js');
@@ -111,8 +111,8 @@ describe('chunk provider: VM backup and restore through the native chunk jobs (G
     expect(err?.result?.guests[0]?.status).toBe('failed');
     expect((await store.objects.list('chunks/')).length).toBeGreaterThan(0); // it was uploading: those are garbage for GC
     expect(await store.listBackups()).toEqual([]);
-    expect((await store.objects.list('backups/')).map((o) => o.key)).toEqual([]);
-    expect(await store.objects.list('writers/')).toEqual([]);
+    expect((await listedNow(store.objects, 'backups/')).map((o) => o.key)).toEqual([]);
+    expect(await listedNow(store.objects, 'writers/')).toEqual([]);
     const b = await backup(new ChunkProvider({ storeid: 'chunks', scfg: {}, log: () => {} }, { store, stateDir: scratch }), disk, scratch);
     await expectRestores(provider, b.volname, b.content, scratch);
   });

@@ -32,7 +32,7 @@ import { putBackup } from './helpers/chunk-store.js';
 import { startDisk, vmGuest } from './helpers/directory.js';
 import { expectSameBytes } from './helpers/images.js';
 import { stopAll, tempDir } from './helpers/qemu.js';
-import { useS3Cluster } from './helpers/use-s3-cluster.js';
+import { listedNow, useS3Cluster } from './helpers/use-s3-cluster.js';
 
 const CLI = path.join(import.meta.dirname, '..', 'dist', 'cli', 'main.js');
 const MiB = 2 ** 20;
@@ -166,7 +166,7 @@ describe('chunk provider on S3 (Garage, 3 nodes, replication factor 3)', { timeo
 
     // delete: the manifest first, then everything of the backup
     await store.deleteBackup(b);
-    expect(await store.objects.list(store.backupPrefix(b))).toEqual([]);
+    expect(await listedNow(store.objects, store.backupPrefix(b))).toEqual([]);
     expect((await store.listBackups(100)).map((x) => x.volname)).toEqual([a]);
     expect((await rejection(store.deleteBackup(b))).code).toBe('ERR_UNKNOWN_VOLUME');
     expect((await rejection(store.setNotes(b, 'x'))).code).toBe('ERR_UNKNOWN_VOLUME');
@@ -190,7 +190,7 @@ describe('chunk provider on S3 (Garage, 3 nodes, replication factor 3)', { timeo
     expect((await store.listBackups(100)).length).toBe(4); // dry run: nothing removed
     await store.pruneBackups({ keep: { keepLast: 2 }, vmid: 100 });
     expect((await store.listBackups(100)).map((x) => x.volname)).toEqual([names[0], names[2], names[3]]);
-    expect(await store.objects.list(store.backupPrefix(names[1]!))).toEqual([]);
+    expect(await listedNow(store.objects, store.backupPrefix(names[1]!))).toEqual([]);
     expect(await store.objects.head(chunk)).not.toBeNull();
   });
 
@@ -289,7 +289,7 @@ describe('chunk provider on S3 (Garage, 3 nodes, replication factor 3)', { timeo
     expect(m1.files['disk0.fidx']).toEqual({ size: (await store.objects.get(indexKey(full.volname!)))!.length, sha256: sha((await store.objects.get(indexKey(full.volname!)))!) });
     expect((await store.readFixedIndex(m1, 'disk0')).digests).toHaveLength(8);
     expect((await store.getBlob(m1, 'backup.log.blob')).toString()).toMatch(/disk0/); // the runner's task log
-    expect(await store.objects.list('writers/')).toEqual([]); // the writer record is gone
+    expect(await listedNow(store.objects, 'writers/')).toEqual([]); // the writer record is gone
     expect(await make().archiveGetGuestConfig(full.volname!)).toBe('name: vm100\n');
     expect(await make().archiveGetFirewallConfig(full.volname!)).toBe('[OPTIONS]\nenable: 1\n');
     expect(lines.join('\n')).toMatch(/disk0: full backup to disk0\.fidx/);
@@ -323,8 +323,8 @@ describe('chunk provider on S3 (Garage, 3 nodes, replication factor 3)', { timeo
     expect(lines.join('\n')).toContain(`disk0: incremental over ${incr.volname}`);
     expect(lines.join('\n')).toMatch(/removing the incomplete backup backup\/100\/qemu-.* \(.*upload failed/);
     expect(lines.join('\n')).not.toMatch(/disk0: read \d+ bytes/);
-    expect(await store.objects.list(`backups/${failed.archiveName}/`)).toEqual([]);
-    expect(await store.objects.list('writers/')).toEqual([]);
+    expect(await listedNow(store.objects, `backups/${failed.archiveName}/`)).toEqual([]);
+    expect(await listedNow(store.objects, 'writers/')).toEqual([]);
     expect((await store.listBackups(100)).map((b) => b.volname)).toEqual([full.volname, incr.volname]);
     clock += 86_400_000;
     lines.length = 0;
@@ -361,7 +361,7 @@ describe('chunk provider on S3 (Garage, 3 nodes, replication factor 3)', { timeo
     expectSameBytes(readFileSync(healed), after.content, after.volname!);
     // the verdict goes with its backup
     await store.deleteBackup(third.volname!);
-    expect(await store.objects.list(`backups/${third.volname!.slice('backup/'.length)}/`)).toEqual([]);
+    expect(await listedNow(store.objects, `backups/${third.volname!.slice('backup/'.length)}/`)).toEqual([]);
 
     // restore goes through the core's job with the index checked against the manifest first
     const target = { path: path.join(scratch, 'restored.raw'), size, zeroed: true };

@@ -248,7 +248,7 @@ describe('chunk store on S3 (Garage, 3 nodes, replication factor 3)', { timeout:
       expect(chunks.map((c) => c.key)).toContain(key5);
       const previous = native.chunkIndexDigests((await vmStore.get(incr.indexKey))!, incr.indexKey);
       expect(await vmStore.missingChunks(previous)).toEqual(Buffer.alloc(0));
-      // A listing may show a change a moment late (it did once after a DELETE, under load): each
+      // Garage's listing may show an object for a moment after its DELETE (listedNow): each
       // answer is awaited for a few seconds. A late one is safe for the product either way: a
       // fossil still listed makes a full backup, and one not listed yet is a fossil made after the
       // listing, which the collection's protocol covers (docs/chunk-store.md).

@@ -25,7 +25,7 @@ import { runBackupJob } from '../lib/index.js';
 import { putBackup, putChunks } from './helpers/chunk-store.js';
 import { startDisk, vmGuest } from './helpers/directory.js';
 import { stopAll, tempDir } from './helpers/qemu.js';
-import { useS3Cluster } from './helpers/use-s3-cluster.js';
+import { listedNow, useS3Cluster } from './helpers/use-s3-cluster.js';
 
 const CLI = path.join(import.meta.dirname, '..', 'dist', 'cli', 'main.js');
 const MiB = 2 ** 20;
@@ -229,7 +229,7 @@ describe('chunk store verify on S3 (Garage, 3 nodes, replication factor 3)', { t
     expect(await store.readVerifyState(C)).toMatchObject({ state: 'failed', missing: 1, bad: 0 });
     // the verdict goes with its backup
     await store.deleteBackup(C);
-    expect(await store.objects.list(`backups/101/`)).toEqual([]);
+    expect(await listedNow(store.objects, `backups/101/`)).toEqual([]);
     expect((await rejection(verifyChunkStore(store, { samplePercent: 0 }))).code).toBe('ERR_INVALID_ARGUMENT');
   });
 

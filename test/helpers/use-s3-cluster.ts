@@ -5,7 +5,7 @@
  */
 import { afterAll, beforeAll } from 'vitest';
 
-import type { S3StoreOptions } from '../../lib/chunk-provider/s3.js';
+import type { S3StoreOptions, StoredObject } from '../../lib/chunk-provider/s3.js';
 import { clusterStoreOptions, startS3Cluster, type S3Cluster } from './s3-cluster.js';
 
 /** What {@link useS3Cluster} gives a describe block; read inside its tests and hooks only. */
@@ -36,4 +36,16 @@ export function useS3Cluster(tag: string): UsedS3Cluster {
     },
     fresh: (extra = {}) => ({ ...clusterStoreOptions(started()), prefix: `${tag}${++n}/store`, ...extra }),
   };
+}
+
+/**
+ * The objects under `prefix` that exist now: a listing, less what a HEAD no longer finds. Garage's
+ * listing may show an object for a moment after its DELETE (19 of 300 right after a delete, under
+ * load), while a HEAD is read-after-delete consistent; the store itself already takes a listed
+ * manifest that is gone for a deleted backup. For tests that check what a delete left.
+ */
+export async function listedNow(objects: { list(prefix: string): Promise<StoredObject[]>; head(key: string): Promise<StoredObject | null> }, prefix: string): Promise<StoredObject[]> {
+  const listed = await objects.list(prefix);
+  const there = await Promise.all(listed.map(async (o) => (await objects.head(o.key)) !== null));
+  return listed.filter((_, i) => there[i]);
 }
