@@ -25,7 +25,7 @@ import { restoreVm, runBackupJob } from '../lib/index.js';
 import { startDisk, vmGuest, type Disk } from './helpers/directory.js';
 import { expectSameBytes } from './helpers/images.js';
 import { stopAll, tempDir } from './helpers/qemu.js';
-import { useS3Cluster } from './helpers/use-s3-cluster.js';
+import { listedNow, useS3Cluster } from './helpers/use-s3-cluster.js';
 
 const MiB = 2 ** 20;
 const CLI = path.join(import.meta.dirname, '..', 'dist', 'cli', 'main.js');
@@ -64,7 +64,7 @@ describe('chunk store garbage collection (Garage, 3 nodes)', { timeout: 300_000 
     await rm(target, { force: true });
   }
 
-  const keys = async (store: ChunkStore, prefix: string): Promise<string[]> => (await store.objects.list(prefix)).map((o) => o.key).sort();
+  const keys = async (store: ChunkStore, prefix: string): Promise<string[]> => (await listedNow(store.objects, prefix)).map((o) => o.key).sort();
 
   it('moves unused chunks aside, deletes them one run later, never touches a chunk a backup names; --dry-run changes nothing', async () => {
     const disk = await startDisk(16 * MiB);
