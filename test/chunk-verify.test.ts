@@ -261,6 +261,11 @@ describe('chunk store verify on S3 (Garage, 3 nodes, replication factor 3)', { t
       const r = spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', env });
       return { status: r.status, stdout: r.stdout, stderr: r.stderr };
     };
+    const readOnlyCli = async (...args: string[]): Promise<{ status: number | null; stdout: string; stderr: string }> => {
+      const key = await garage.cluster.createReadOnlyKey(o.bucket);
+      const r = spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', env: { ...env, AWS_ACCESS_KEY_ID: key.accessKeyId, AWS_SECRET_ACCESS_KEY: key.secretAccessKey } });
+      return { status: r.status, stdout: r.stdout, stderr: r.stderr };
+    };
     const o = fresh();
     const store = await ChunkStore.open(o);
     await store.ensureCreated();
@@ -275,6 +280,12 @@ describe('chunk store verify on S3 (Garage, 3 nodes, replication factor 3)', { t
     const json = cli('verify', `chunks:${A}`, ...s3, '--json', '--bwlimit', '10M');
     expect(json.status, json.stderr).toBe(0);
     expect(JSON.parse(json.stdout)).toEqual([{ volid: `chunks:${A}`, ok: true, problems: [], chunks: { total: 10, checked: 10 } }]);
+    // with --json, stdout is the JSON alone and a warning still reaches stderr: here that
+    // credentials that may only read could not record the verdict
+    const readOnly = await readOnlyCli('verify', `chunks:${A}`, ...s3, '--json');
+    expect(readOnly.status, readOnly.stderr).toBe(0);
+    expect(JSON.parse(readOnly.stdout)).toEqual([{ volid: `chunks:${A}`, ok: true, problems: [], chunks: { total: 10, checked: 10 } }]);
+    expect(readOnly.stderr).toMatch(/^WARN: chunks:backup\/.*: the store refused to record the verdict .*: nothing changes for the next backup\n$/);
     const sampled = JSON.parse(cli('verify', ...s3, '--sample', '10', '--json').stdout) as ChunkVerifyResult[];
     expect(sampled.map((r) => r.chunks.total)).toEqual([10, 15]);
     // 1 of A's 10 and 2 of B's 15 chosen (10%, rounded up); a chosen chunk both need counts for both

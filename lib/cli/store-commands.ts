@@ -77,10 +77,14 @@ const choice =
   };
 const date = (t: number): string => new Date(t * 1000).toISOString().replace('T', ' ').replace(/\.\d+Z$/, 'Z');
 
-/** Task log lines on stderr for a person; nothing with `--json`. */
+/**
+ * Task log lines on stderr for a person. With `--json` only warnings and errors: stdout is the
+ * JSON alone, and what a machine reading it cannot see there (a verdict the store refused to
+ * record, a damaged chunk moved aside) must not vanish.
+ */
 function logTo(json: boolean): LogFunction {
   return (level, message) => {
-    if (!json) process.stderr.write(`${level === 'info' ? 'INFO' : level === 'warn' ? 'WARN' : 'ERROR'}: ${message}\n`);
+    if (!json || level !== 'info') process.stderr.write(`${level === 'info' ? 'INFO' : level === 'warn' ? 'WARN' : 'ERROR'}: ${message}\n`);
   };
 }
 
