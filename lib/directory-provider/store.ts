@@ -829,7 +829,16 @@ export class DirectoryStore {
    * @returns Every backup considered with its mark; with `dryRun` nothing is removed.
    */
   async pruneBackups(o: { keep: PruneOptions; vmid?: number; vmtype?: GuestType; dryRun?: boolean; waitMs?: number }): Promise<PruneResultEntry[]> {
-    return o.dryRun ? this.pruneLocked(o) : this.withGuestLocks(await this.guests(o.vmid), () => this.pruneLocked(o), o.waitMs);
+    if (o.dryRun) return this.pruneLocked(o);
+    const vmids = await this.guests(o.vmid);
+    return this.withGuestLocks(
+      vmids,
+      async () => {
+        for (const vmid of vmids) await this.removeLeftovers(vmid);
+        return this.pruneLocked(o);
+      },
+      o.waitMs,
+    );
   }
 
   private async pruneLocked(o: { keep: PruneOptions; vmid?: number; vmtype?: GuestType; dryRun?: boolean }): Promise<PruneResultEntry[]> {
@@ -860,7 +869,6 @@ export class DirectoryStore {
     }
     if (!o.dryRun) {
       // newest first: a removed backup's children are removed before it
-      for (const vmid of await this.guests(o.vmid)) await this.removeLeftovers(vmid);
       for (const e of out.filter((x) => x.mark === 'remove').sort((a, b) => b.ctime - a.ctime)) await this.removeBackupDir(e.volname);
     }
     return out;
